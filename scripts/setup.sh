@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what vmkeep needs on Debian 12 (as root) and makes the virtualenv .venv.
+#   scripts/setup.sh          what the demo needs
+#   scripts/setup.sh --test   plus the real tools the tests and benchmark use
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(python3-venv python3-pip e2fsprogs)
+if [[ "${1:-}" == "--test" ]]; then
+    packages+=(qemu-utils fdisk restic borgbackup git)
+fi
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "error: missing Debian packages: ${missing[*]} (run as root, or install them)" >&2
+        exit 1
+    fi
+    echo "installing Debian packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Debian's own python3 (libvirt and libnbd bindings come from Debian for it: DESIGN.md).
+python=/usr/bin/python3
+[[ -x $python ]] || python=$(command -v python3)
+if [[ ! -x .venv/bin/python ]]; then
+    "$python" -m venv --system-site-packages .venv
+fi
+extras=""
+[[ "${1:-}" == "--test" ]] && extras="[test]"
+stamp=".venv/.installed$extras"
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>/dev/null || true
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras"
+    touch "$stamp"
+fi

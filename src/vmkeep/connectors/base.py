@@ -1,0 +1,104 @@
+"""The one interface every hypervisor connector implements."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A byte range of a disk. `data` False means a hole: it reads as zeros."""
+
+    offset: int
+    length: int
+    data: bool = True
+
+
+@dataclass
+class DiskInfo:
+    """What the repository records about one disk of a VM."""
+
+    name: str  # stable key inside the VM, e.g. "disk0" or "vda"
+    size: int  # virtual size in bytes
+    format: str = "raw"  # on-hypervisor format: "raw" or "qcow2"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VmConfig:
+    """Hypervisor-neutral description of a VM; `metadata` carries the connector's own fields."""
+
+    name: str
+    uuid: str
+    vcpus: int
+    memory: int  # bytes
+    disks: list[DiskInfo]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class DiskReader(Protocol):
+    """A point-in-time read view of one disk."""
+
+    size: int
+
+    def extents(self) -> Iterator[Extent]:
+        """Cover [0, size) in order; holes may be reported coarsely but never data as a hole."""
+        ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read `length` bytes (fewer only at the end of the disk). Safe to call from threads."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DiskWriter(Protocol):
+    """A disk being restored. Regions never written stay holes (read as zeros)."""
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write `data` at `offset`. Called from one thread at a time, offsets in any order."""
+        ...
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make the range read as zeros, as a hole where the format allows (punch/unmap).
+        On a freshly created disk the restore never calls it: new disks start all zeros."""
+        ...
+
+    def close(self) -> None:
+        """Flush and make the disk durable."""
+        ...
+
+
+class Connector(Protocol):
+    """Lists VMs, reads them for backup, creates them on restore."""
+
+    def list_vms(self) -> list[VmConfig]: ...
+
+    def get_vm(self, ref: str) -> VmConfig:
+        """Find a VM by name, uuid or location; raises NotFoundError."""
+        ...
+
+    def open_disk(self, vm: VmConfig, disk: DiskInfo) -> DiskReader: ...
+
+    def create_vm(self, config: VmConfig, target: str) -> VmSink:
+        """Start creating a VM at `target` (connector-specific: a directory, a storage pool).
+        `config` already carries the new name and uuid; disks start all zeros."""
+        ...
+
+    def overwrite_vm(self, vm: VmConfig) -> VmSink:
+        """Restore in place over an existing VM: its disks are opened for writing as they are."""
+        ...
+
+
+class VmSink(Protocol):
+    """A VM under construction by a restore; `commit` makes it appear, `abort` removes it."""
+
+    location: str
+
+    def open_disk(self, disk: DiskInfo) -> DiskWriter: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...

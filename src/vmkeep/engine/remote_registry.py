@@ -1,0 +1,73 @@
+"""Named remotes, kept in the user's vmkeep configuration directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from vmkeep.errors import NotFoundError, UsageError
+
+
+class RemoteEntry(BaseModel):
+    name: str
+    location: str
+
+
+class RemoteFile(BaseModel):
+    remotes: list[RemoteEntry] = []
+
+
+def config_dir() -> Path:
+    base = os.environ.get("VMKEEP_CONFIG_DIR") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "vmkeep")
+    return Path(base)
+
+
+class RemoteRegistry:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or config_dir() / "remotes.json"
+
+    def load(self) -> list[RemoteEntry]:
+        try:
+            return RemoteFile.model_validate_json(self.path.read_bytes()).remotes
+        except FileNotFoundError:
+            return []
+        except (ValidationError, ValueError) as exc:
+            raise UsageError(f"{self.path} is malformed; fix or remove it ({exc.__class__.__name__})") from exc
+
+    def save(self, entries: list[RemoteEntry]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(RemoteFile(remotes=entries).model_dump(), indent=2))
+        os.replace(tmp, self.path)
+
+    def add(self, name: str, location: str) -> None:
+        entries = self.load()
+        if any(e.name == name for e in entries):
+            raise UsageError(f"a remote named {name!r} already exists")
+        if not name or "/" in name or name.startswith("."):
+            raise UsageError(f"invalid remote name {name!r}")
+        self.save([*entries, RemoteEntry(name=name, location=location)])
+
+    def remove(self, name: str) -> None:
+        entries = self.load()
+        if not any(e.name == name for e in entries):
+            raise NotFoundError(f"no remote named {name!r}")
+        self.save([e for e in entries if e.name != name])
+
+    def resolve(self, ref: str | None) -> str:
+        """A remote name, a path or URL; with none given, the only configured remote."""
+        entries = self.load()
+        if ref is None:
+            if len(entries) == 1:
+                return entries[0].location
+            raise UsageError("which remote? give --remote NAME|PATH (see `vmkeep remote list`)")
+        for entry in entries:
+            if entry.name == ref:
+                return entry.location
+        if "/" in ref or "://" in ref or ref.startswith("."):
+            return ref
+        raise NotFoundError(f"no remote named {ref!r} (see `vmkeep remote list`)")

@@ -1,0 +1,60 @@
+"""Error types. Each carries a one-line message meant for the user; the CLI prints it and exits."""
+
+from __future__ import annotations
+
+
+class VmkeepError(Exception):
+    """Base of every error a user can cause or meet. `exit_code` is what the CLI returns."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(VmkeepError):
+    """Bad arguments or configuration."""
+
+    exit_code = 2
+
+
+class NotFoundError(VmkeepError):
+    """A VM, restore point, disk, remote or object that does not exist."""
+
+
+class ConnectorError(VmkeepError):
+    """The hypervisor side failed: unreadable image, malformed vm.json, unsupported format."""
+
+
+class RemoteError(VmkeepError):
+    """The storage side failed: permission denied, no space, unreachable."""
+
+
+class ObjectExistsError(RemoteError):
+    """An object that must not be overwritten already exists."""
+
+
+class RemoteFullError(RemoteError):
+    """The remote has no space left."""
+
+
+class RepositoryError(VmkeepError):
+    """The repository is missing, of an unknown format, or inconsistent."""
+
+
+class WrongPassphraseError(RepositoryError):
+    """No wrapped key opens with the given passphrase."""
+
+
+class IntegrityError(RepositoryError):
+    """An object failed its authentication or hash check: corruption or tampering."""
+
+    exit_code = 3
+
+
+class LockedError(RepositoryError):
+    """Another process holds a conflicting lock on the repository."""

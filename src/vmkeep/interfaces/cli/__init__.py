@@ -1,0 +1,1 @@
+"""The `vmkeep` command line."""

@@ -1,0 +1,88 @@
+"""Commands that move VM data: backup, restore, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vmkeep.connectors.files import FilesConnector
+from vmkeep.operations.backup import BackupOptions, backup_vm
+from vmkeep.operations.export import export_disk
+from vmkeep.operations.restore import restore_vm
+
+from .context import state
+from .output import RichProgress, console, human_bytes, print_json
+from .repo_commands import JsonOpt, RemoteOpt
+
+
+def backup(
+    vm: str = typer.Argument(..., help="The VM: for the files connector, its directory."),
+    remote: str | None = RemoteOpt,
+    mode: str = typer.Option("full", "--mode", help="full or delta."),
+    schedule: str = typer.Option("", "--schedule", help="Schedule tag (retention is per tag)."),
+    compression_level: int = typer.Option(3, "--compression-level", help="zstd level, 0 = off."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Back up a VM into a repository."""
+    repo = state.open_repository(remote)
+    options = BackupOptions(mode=mode, schedule=schedule, compression_level=compression_level)
+    report = backup_vm(repo, FilesConnector(), vm, options, RichProgress(not json_out))
+    if json_out:
+        print_json(report.to_json())
+        return
+    j = report.to_json()
+    console.print(
+        f"restore point [bold]{report.restore_point}[/] of {report.vm} ({report.mode}): "
+        f"read {human_bytes(j['bytes_read'])} in {j['duration']:.1f} s "
+        f"({j['read_mb_per_s'] or 0:.0f} MB/s), stored {human_bytes(j['bytes_written'])} new; "
+        f"dedup {j['dedup_ratio'] or '-'}x, compression {j['compression_ratio'] or '-'}x",
+        highlight=False,
+    )
+
+
+def restore(
+    point: str = typer.Argument(..., help="Restore point id (or a unique prefix)."),
+    to: Path = typer.Option(..., "--to", help="Parent directory of the new VM; with --in-place, "
+                            "the existing VM's directory."),
+    name: str | None = typer.Option(None, "--name", help="Name of the new VM."),
+    in_place: bool = typer.Option(False, "--in-place", help="Overwrite the original VM, writing "
+                                  "only chunks that differ; it keeps its identity."),
+    force: bool = typer.Option(False, "--force", help="In place over a VM of another uuid."),
+    remote: str | None = RemoteOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Restore a VM from a restore point, as a new VM (new uuid) or in place."""
+    repo = state.open_repository(remote)
+    report = restore_vm(repo, FilesConnector(), point, str(to), RichProgress(not json_out),
+                        name=name, in_place=in_place, force=force)
+    if json_out:
+        print_json(report.to_json())
+        return
+    console.print(f"restored {report.restore_point} to {report.location}: "
+                  f"{human_bytes(report.bytes_written)} written in {report.duration:.1f} s",
+                  highlight=False)
+
+
+def export(
+    point: str = typer.Argument(..., help="Restore point id (or a unique prefix)."),
+    disk: str = typer.Argument(..., help="Disk name, as `vmkeep list --json` shows it."),
+    output: Path = typer.Argument(..., help="Image file to write (must not exist)."),
+    fmt: str = typer.Option("raw", "--format", help="raw or qcow2."),
+    remote: str | None = RemoteOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Write one disk of a restore point as a portable image, usable without vmkeep."""
+    repo = state.open_repository(remote)
+    report = export_disk(repo, point, disk, fmt, output, RichProgress(not json_out))
+    if json_out:
+        print_json(report.to_json())
+    else:
+        console.print(f"exported {report.disk} of {report.restore_point} to {report.path} "
+                      f"({fmt}, {human_bytes(report.size)})", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("backup")(backup)
+    app.command("restore")(restore)
+    app.command("export")(export)

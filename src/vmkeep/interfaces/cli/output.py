@@ -1,0 +1,112 @@
+"""Rendering for the CLI: JSON, tables, progress bars, and the passphrase sources."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from vmkeep.errors import UsageError
+
+console = Console(stderr=True)
+stdout = Console()
+
+
+def print_error(message: str) -> None:
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class RichProgress:
+    """Progress bar with throughput and ETA, on stderr so --json output stays clean."""
+
+    def __init__(self, enabled: bool = True, unit_bytes: bool = True) -> None:
+        self.enabled = enabled and console.is_terminal
+        self.unit_bytes = unit_bytes
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def start(self, description: str, total: int) -> None:
+        self.finish()
+        if not self.enabled:
+            return
+        columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
+        if self.unit_bytes and description not in ("verify", "gc"):
+            columns += [DownloadColumn(binary_units=True), TransferSpeedColumn()]
+        else:
+            columns += [TextColumn("{task.completed}/{task.total}")]
+        columns.append(TimeRemainingColumn())
+        self._bar = Progress(*columns, console=console, transient=False)
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total)
+
+    def advance(self, amount: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, amount)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def note(self, message: str) -> None:
+        console.print(f"[yellow]note:[/] {message}")
+
+
+class PassphraseSource:
+    """The passphrase from a file, VMKEEP_PASSPHRASE, or a prompt — never from an argument."""
+
+    def __init__(self, file: Path | None) -> None:
+        self.file = file
+        self._cached: bytes | None = None
+
+    def __call__(self, confirm: bool = False) -> bytes:
+        if self._cached is None:
+            self._cached = self._read(confirm)
+        return self._cached
+
+    def _read(self, confirm: bool) -> bytes:
+        if self.file is not None:
+            try:
+                return self.file.read_bytes().rstrip(b"\r\n")
+            except OSError as exc:
+                raise UsageError(f"cannot read passphrase file {self.file}: {exc.strerror}") from exc
+        env = os.environ.get("VMKEEP_PASSPHRASE")
+        if env is not None:
+            return env.encode()
+        if not sys.stdin.isatty():
+            raise UsageError("no passphrase: set VMKEEP_PASSPHRASE, use --passphrase-file, "
+                             "or run in a terminal")
+        first = getpass.getpass("Repository passphrase: ")
+        if confirm and getpass.getpass("Repeat passphrase: ") != first:
+            raise UsageError("the passphrases do not match")
+        if not first:
+            raise UsageError("empty passphrase")
+        return first.encode()

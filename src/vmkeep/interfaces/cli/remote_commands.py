@@ -1,0 +1,76 @@
+"""`vmkeep remote`: name remotes, and check them before relying on them."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from vmkeep.errors import RepositoryError
+from vmkeep.operations.remote_probe import probe_remote
+from vmkeep.remotes.location import open_remote
+from vmkeep.repository.repository import Repository
+
+from .context import state
+from .output import console, human_bytes, print_json, stdout
+from .repo_commands import JsonOpt
+
+remote_app = typer.Typer(help="Named remotes: where repositories live.", no_args_is_help=True)
+
+
+@remote_app.command("add")
+def add(name: str, location: str = typer.Argument(..., help="Path or URL."),
+        encryption: str = typer.Option("aes-256-gcm", help="For a new repository: "
+                                       "aes-256-gcm or none."),
+        init: bool = typer.Option(True, help="Create the repository when there is none.")) -> None:
+    """Register a remote; creates its repository if there is none, else checks the passphrase."""
+    remote = open_remote(location)
+    try:
+        Repository.open(remote, state.passphrase)
+        what = "existing repository opened"
+    except RepositoryError as exc:
+        if not init or "no vmkeep repository" not in str(exc):
+            raise
+        Repository.init(remote, encryption, lambda: state.passphrase(confirm=True))
+        what = f"new repository created (encryption: {encryption})"
+    state.registry.add(name, location)
+    console.print(f"remote {name}: {remote.url}: {what}")
+
+
+@remote_app.command("list")
+def list_remotes(json_out: bool = JsonOpt) -> None:
+    """List the configured remotes."""
+    entries = state.registry.load()
+    if json_out:
+        print_json([{"name": e.name, "location": e.location} for e in entries])
+        return
+    table = Table("name", "location")
+    for e in entries:
+        table.add_row(e.name, e.location)
+    stdout.print(table)
+
+
+@remote_app.command("remove")
+def remove(name: str) -> None:
+    """Forget a remote's name (its repository is not touched)."""
+    state.registry.remove(name)
+    console.print(f"removed remote {name}")
+
+
+@remote_app.command("test")
+def test(remote: str = typer.Argument(..., help="Remote name, path or URL."),
+         size_mib: int = typer.Option(64, "--size", help="MiB written and read back."),
+         json_out: bool = JsonOpt) -> None:
+    """Check permissions (create, read, list, delete) and measure throughput."""
+    report = probe_remote(open_remote(state.registry.resolve(remote)), size_mib * 1024 * 1024)
+    if json_out:
+        print_json(report.to_json())
+    else:
+        table = Table("check", "result", title=report.url)
+        for name, result in report.checks.items():
+            table.add_row(name, "[green]ok[/]" if result == "ok" else f"[red]{result}[/]")
+        stdout.print(table)
+        stdout.print(f"write {report.write_mb_per_s or '-'} MB/s, read {report.read_mb_per_s or '-'}"
+                     f" MB/s, latency {report.latency_ms or '-'} ms, "
+                     f"free {human_bytes(report.free_bytes)}")
+    if not report.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,208 @@
+"""Repository commands: init, list, verify, gc, prune, forget, key."""
+
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from vmkeep.engine.retention import PointRef, RetentionPolicy, prune_plan
+from vmkeep.errors import UsageError
+from vmkeep.operations.prune import apply_prune
+from vmkeep.remotes.location import open_remote
+from vmkeep.repository.gc import collect_garbage
+from vmkeep.repository.repository import Repository
+from vmkeep.repository.verify import verify
+
+from .context import state
+from .output import RichProgress, console, human_bytes, print_json, stdout
+
+RemoteOpt = typer.Option(None, "--remote", "-r", help="Remote name, path or URL.")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
+
+
+def init(
+    location: str = typer.Argument(..., help="Path or URL of the new repository."),
+    encryption: str = typer.Option("aes-256-gcm", help="aes-256-gcm (default) or none."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Create a repository (encrypted by default: you will be asked for a passphrase)."""
+    repo = Repository.init(open_remote(state.registry.resolve(location)), encryption,
+                           lambda: state.passphrase(confirm=True))
+    if json_out:
+        print_json({"location": repo.remote.url, "id": repo.config["id"], "encryption": encryption})
+    else:
+        console.print(f"created repository {repo.config['id'][:8]} at {repo.remote.url} "
+                      f"(encryption: {encryption})")
+
+
+def list_points(
+    remote: str | None = RemoteOpt,
+    vm: str | None = typer.Option(None, "--vm", help="Only this VM (name or uuid)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """List the VMs and restore points in a repository."""
+    repo = state.open_repository(remote)
+    manifests, problems = repo.load_manifests()
+    if vm:
+        manifests = [m for m in manifests if vm in (m.vm_name, m.vm_uuid)]
+    manifests.sort(key=lambda m: (m.vm_name, m.created))
+    rows = [{
+        "restore_point": m.id, "vm": m.vm_name, "vm_uuid": m.vm_uuid, "mode": m.mode,
+        "created": m.created.isoformat(), "schedule": m.schedule,
+        "disks": [d.name for d in m.disks],
+        "size": sum(d.size for d in m.disks),
+        "data_bytes": sum(d.nonzero_bytes() for d in m.disks),
+        "new_bytes_written": m.stats.get("bytes_written"),
+    } for m in manifests]
+    if json_out:
+        print_json({"restore_points": rows,
+                    "unreadable": [p.__dict__ for p in problems]})
+        return
+    table = Table("restore point", "vm", "created (UTC)", "mode", "schedule", "disk size",
+                  "data", "new stored", title=f"{repo.remote.url}")
+    for r in rows:
+        table.add_row(r["restore_point"], r["vm"], str(r["created"])[:19], r["mode"],
+                      r["schedule"], human_bytes(r["size"]), human_bytes(r["data_bytes"]),
+                      human_bytes(r["new_bytes_written"]))
+    stdout.print(table)
+    for p in problems:
+        console.print(f"[red]unreadable restore point[/] {p.point_id}: {p.error}")
+
+
+def verify_cmd(
+    point: str | None = typer.Argument(None, help="A restore point; default: all."),
+    remote: str | None = RemoteOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Re-read every chunk and check its authentication and hash. Exit 3 on corruption."""
+    repo = state.open_repository(remote)
+    ids = [repo.resolve_point(point)] if point else None
+    report = verify(repo, ids, RichProgress(not json_out, unit_bytes=False))
+    if json_out:
+        print_json(report.to_json())
+    else:
+        for m in report.corrupt_manifests:
+            console.print(f"[red]corrupt restore point[/] {m.point_id}: {m.error}")
+        for c in report.corrupt_chunks:
+            console.print(f"[red]corrupt chunk[/] {c.chunk_id[:16]}: {c.error}; "
+                          f"affects {', '.join(c.points)}")
+        console.print(f"checked {report.points_checked} restore points, {report.chunks_checked} "
+                      f"chunks ({human_bytes(report.bytes_checked)}): "
+                      + ("[green]no errors[/]" if report.ok else "[red]CORRUPTION FOUND[/]"))
+    if not report.ok:
+        raise typer.Exit(3)
+
+
+def gc(remote: str | None = RemoteOpt,
+       dry_run: bool = typer.Option(False, "--dry-run", help="Only count what would be freed."),
+       json_out: bool = JsonOpt) -> None:
+    """Delete chunks no restore point references (refuses while a backup runs)."""
+    repo = state.open_repository(remote)
+    report = collect_garbage(repo, RichProgress(not json_out, unit_bytes=False), dry_run)
+    if json_out:
+        print_json(report.to_json())
+    else:
+        verb = "would free" if dry_run else "freed"
+        console.print(f"{report.points} restore points reference {report.chunks_kept} chunks; "
+                      f"{verb} {report.chunks_deleted} chunks ({human_bytes(report.bytes_freed)})")
+
+
+def prune(
+    remote: str | None = RemoteOpt,
+    keep_last: int = typer.Option(0, help="Keep the N newest restore points."),
+    keep_daily: int = typer.Option(0, help="Keep the newest point of each of the last N days."),
+    keep_weekly: int = typer.Option(0, help="... of each of the last N ISO weeks."),
+    keep_monthly: int = typer.Option(0, help="... of each of the last N months."),
+    keep_yearly: int = typer.Option(0, help="... of each of the last N years."),
+    timezone: str = typer.Option("UTC", help="Time zone of the day/week/month boundaries."),
+    vm: str | None = typer.Option(None, "--vm", help="Only this VM (name or uuid)."),
+    schedule: str | None = typer.Option(None, "--schedule", help="Only this schedule tag."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would go; delete nothing."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Forget restore points by retention policy, per VM and schedule (run gc to free space)."""
+    policy = RetentionPolicy(keep_last, keep_daily, keep_weekly, keep_monthly, keep_yearly,
+                             timezone)
+    if policy.is_empty():
+        raise UsageError("no retention given: use --keep-last/--keep-daily/... "
+                         "(an empty policy would delete everything)")
+    repo = state.open_repository(remote)
+    manifests, _ = repo.load_manifests()
+    chosen = [m for m in manifests if (vm is None or vm in (m.vm_name, m.vm_uuid))
+              and (schedule is None or m.schedule == schedule)]
+    names = {m.id: m.vm_name for m in chosen}
+    plan = prune_plan([PointRef(m.id, m.vm_uuid, m.schedule, m.created) for m in chosen], policy)
+    removed = apply_prune(repo, plan, dry_run)
+    if json_out:
+        print_json({"dry_run": dry_run, "decisions": [
+            {"restore_point": d.point.id, "vm": names[d.point.id], "schedule": d.point.schedule,
+             "created": d.point.time.isoformat(), "keep": d.keep, "reasons": d.reasons}
+            for d in plan], "removed": removed})
+        return
+    table = Table("restore point", "vm", "schedule", "created (UTC)", "action", "why")
+    for d in plan:
+        action = "keep" if d.keep else ("would remove" if dry_run else "removed")
+        table.add_row(d.point.id, names[d.point.id], d.point.schedule,
+                      d.point.time.isoformat()[:19], action, ", ".join(d.reasons))
+    stdout.print(table)
+
+
+def forget(point: str = typer.Argument(..., help="Restore point to delete."),
+           remote: str | None = RemoteOpt) -> None:
+    """Delete one restore point (its chunks go at the next gc)."""
+    repo = state.open_repository(remote)
+    point_id = repo.resolve_point(point)
+    repo.delete_manifest(point_id)
+    console.print(f"forgot {point_id}")
+
+
+key_app = typer.Typer(help="Passphrases of an encrypted repository.", no_args_is_help=True)
+
+
+@key_app.command("list")
+def key_list(remote: str | None = RemoteOpt, json_out: bool = JsonOpt) -> None:
+    """List the wrapped copies of the repository key."""
+    repo = state.open_repository(remote)
+    keys = [{k: e.get(k) for k in ("id", "label", "kdf", "memory_kib", "time_cost")}
+            for e in repo.config["keys"]]
+    if json_out:
+        print_json(keys)
+        return
+    table = Table("id", "label", "kdf", "memory", "passes")
+    for k in keys:
+        table.add_row(str(k["id"]), str(k["label"]), str(k["kdf"]),
+                      human_bytes(int(k["memory_kib"] or 0) * 1024), str(k["time_cost"]))
+    stdout.print(table)
+
+
+@key_app.command("add")
+def key_add(remote: str | None = RemoteOpt,
+            label: str = typer.Option("added", help="A name for the new passphrase."),
+            new_passphrase_file: str = typer.Option(..., help="File holding the new passphrase.")
+            ) -> None:
+    """Add a passphrase (e.g. a recovery key); the data is not rewritten."""
+    from pathlib import Path
+
+    from .output import PassphraseSource
+
+    repo = state.open_repository(remote)
+    key_id = repo.add_key(PassphraseSource(Path(new_passphrase_file))(), label)
+    console.print(f"added key {key_id}")
+
+
+@key_app.command("remove")
+def key_remove(key_id: str, remote: str | None = RemoteOpt) -> None:
+    """Remove a passphrase; the one you opened the repository with must stay."""
+    repo = state.open_repository(remote)
+    repo.remove_key(key_id, state.passphrase())
+    console.print(f"removed key {key_id}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.command("list")(list_points)
+    app.command("verify")(verify_cmd)
+    app.command("gc")(gc)
+    app.command("prune")(prune)
+    app.command("forget")(forget)
+    app.add_typer(key_app, name="key")

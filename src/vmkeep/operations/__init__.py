@@ -1,0 +1,1 @@
+"""Operations: backup, restore, export, prune — one module each, over repository and connectors."""

@@ -1,0 +1,211 @@
+"""Backup: read a VM's disks through its connector, store new chunks, write the manifest last."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from vmkeep.connectors.base import Connector, DiskInfo, DiskReader, VmConfig
+from vmkeep.errors import ConnectorError, UsageError
+from vmkeep.parallel import ordered_map
+from vmkeep.progress import Progress
+from vmkeep.repository.format import CHUNK_SIZE, ID_SIZE, ZERO_CHUNK, ZERO_ID
+from vmkeep.repository.locks import RepositoryLock
+from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
+from vmkeep.repository.repository import Repository
+
+MODES = ("full", "delta")
+
+
+@dataclass
+class BackupOptions:
+    mode: str = "full"
+    schedule: str = ""
+    job: str = ""
+    tags: list[str] = field(default_factory=list)
+    compression_level: int = 3
+    workers: int | None = None
+
+
+@dataclass
+class BackupStats:
+    bytes_read: int = 0  # bytes read from the VM's disks
+    bytes_zero: int = 0  # of those, in all-zero chunks (not stored)
+    bytes_new: int = 0  # plaintext of chunks the repository did not hold
+    bytes_written: int = 0  # what those chunks take on the remote (compressed, encrypted)
+    chunks: int = 0
+    chunks_new: int = 0
+
+    def add(self, other: BackupStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class BackupReport:
+    restore_point: str
+    vm: str
+    vm_uuid: str
+    mode: str
+    stats: BackupStats
+    duration: float
+    notes: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.stats
+        data = s.bytes_read - s.bytes_zero
+        return {
+            "restore_point": self.restore_point,
+            "vm": self.vm,
+            "vm_uuid": self.vm_uuid,
+            "mode": self.mode,
+            **s.__dict__,
+            "dedup_ratio": round(data / s.bytes_new, 3) if s.bytes_new else None,
+            "compression_ratio": round(s.bytes_new / s.bytes_written, 3) if s.bytes_written else None,
+            "duration": round(self.duration, 3),
+            "read_mb_per_s": round(s.bytes_read / 1e6 / self.duration, 1) if self.duration else None,
+            "notes": self.notes,
+        }
+
+
+def chunks_with_data(reader: DiskReader) -> bytearray:
+    """One flag per chunk: does any data extent touch it? Chunks without data are never read."""
+    count = -(-reader.size // CHUNK_SIZE)
+    flags = bytearray(count)
+    for ext in reader.extents():
+        if ext.data and ext.length > 0:
+            first = ext.offset // CHUNK_SIZE
+            last = min(count - 1, (ext.offset + ext.length - 1) // CHUNK_SIZE)
+            flags[first : last + 1] = b"\x01" * (last - first + 1)
+    return flags
+
+
+class ChunkUploader:
+    """Hashes chunks and stores the ones the repository lacks; safe to call from many threads."""
+
+    def __init__(self, repo: Repository, known: set[bytes], level: int) -> None:
+        self.repo = repo
+        self.known = known
+        self.level = level
+        self._lock = threading.Lock()
+
+    def store(self, data: bytes) -> tuple[bytes, BackupStats]:
+        stats = BackupStats(bytes_read=len(data), chunks=1)
+        if data == (ZERO_CHUNK if len(data) == CHUNK_SIZE else bytes(len(data))):
+            stats.bytes_zero = len(data)
+            return ZERO_ID, stats
+        chunk_id = self.repo.chunk_id(data)
+        with self._lock:
+            new = chunk_id not in self.known
+            self.known.add(chunk_id)  # a twin in flight is stored by the first thread only
+        if new:
+            try:
+                stats.bytes_written = self.repo.put_chunk(chunk_id, data, self.level)
+            except BaseException:
+                with self._lock:
+                    self.known.discard(chunk_id)
+                raise
+            stats.bytes_new = len(data)
+            stats.chunks_new = 1
+        return chunk_id, stats
+
+
+def backup_disk(reader: DiskReader, uploader: ChunkUploader, label: str, progress: Progress,
+                workers: int | None) -> tuple[bytes, BackupStats]:
+    size = reader.size
+    flags = chunks_with_data(reader)
+    to_read = [i for i, flag in enumerate(flags) if flag]
+    ids = bytearray(len(flags) * ID_SIZE)  # all ZERO_ID until filled in
+    progress.start(label, sum(min(CHUNK_SIZE, size - i * CHUNK_SIZE) for i in to_read))
+
+    def work(index: int) -> tuple[int, bytes, BackupStats]:
+        offset = index * CHUNK_SIZE
+        want = min(CHUNK_SIZE, size - offset)
+        data = reader.read(offset, want)
+        if len(data) != want:
+            raise ConnectorError(f"{label}: short read at offset {offset} ({len(data)} of {want})")
+        chunk_id, stats = uploader.store(data)
+        return index, chunk_id, stats
+
+    total = BackupStats()
+    for index, chunk_id, stats in ordered_map(work, to_read, workers):
+        ids[index * ID_SIZE : (index + 1) * ID_SIZE] = chunk_id
+        total.add(stats)
+        progress.advance(stats.bytes_read)
+    progress.finish()
+    return bytes(ids), total
+
+
+def previous_point(repo: Repository, vm_uuid: str) -> Manifest | None:
+    mine = [m for m in repo.load_manifests()[0] if m.vm_uuid == vm_uuid]
+    return max(mine, key=lambda m: (m.created, m.id)) if mine else None
+
+
+def reuse_unchanged(disk: DiskInfo, token: str | None, previous: Manifest | None,
+                    known: set[bytes]) -> tuple[DiskIndex | None, str]:
+    """Delta without reading: the connector proves the disk did not change since `previous`."""
+    if previous is None:
+        return None, "no previous restore point of this VM: full read"
+    old = next((d for d in previous.disks if d.name == disk.name), None)
+    if old is None:
+        return None, f"disk {disk.name} is new since {previous.id}: full read"
+    if token is None or old.change_token != token or old.size != disk.size:
+        return None, ""
+    if not old.stored_ids() <= known:
+        return None, f"disk {disk.name}: chunks of {previous.id} are missing: full read"
+    return old, f"disk {disk.name} unchanged since {previous.id}: nothing read"
+
+
+def vm_record(vm: VmConfig, connector_name: str) -> dict[str, Any]:
+    return {"name": vm.name, "uuid": vm.uuid, "vcpus": vm.vcpus, "memory": vm.memory,
+            "metadata": vm.metadata, "connector": connector_name}
+
+
+def backup_vm(repo: Repository, connector: Connector, vm_ref: str, options: BackupOptions,
+              progress: Progress, connector_name: str = "files") -> BackupReport:
+    if options.mode not in MODES:
+        raise UsageError(f"unknown mode {options.mode!r}: choose full or delta")
+    if not 0 <= options.compression_level <= 22:
+        raise UsageError("compression level must be between 0 (off) and 22")
+    vm = connector.get_vm(vm_ref)
+    began = time.monotonic()
+    with RepositoryLock(repo.remote, "shared", f"backup of {vm.name}"):
+        started = datetime.now(UTC)
+        known = {chunk_id for chunk_id, _ in repo.list_chunks()}
+        previous = previous_point(repo, vm.uuid)
+        uploader = ChunkUploader(repo, known, options.compression_level)
+        notes: list[str] = []
+        stats = BackupStats()
+        indexes = []
+        for disk in vm.disks:
+            reader = connector.open_disk(vm, disk)
+            try:
+                token = getattr(reader, "change_token", None)
+                reused, note = (reuse_unchanged(disk, token, previous, known)
+                                if options.mode == "delta" else (None, ""))
+                if note:
+                    notes.append(note)
+                    progress.note(note)
+                if reused is not None:
+                    ids = reused.chunk_ids
+                else:
+                    ids, disk_stats = backup_disk(reader, uploader, f"{vm.name}/{disk.name}",
+                                                  progress, options.workers)
+                    stats.add(disk_stats)
+            finally:
+                reader.close()
+            indexes.append(DiskIndex(disk.name, disk.size, disk.format, ids, dict(disk.extra), token))
+        finished = datetime.now(UTC)
+        manifest = Manifest(
+            id=new_point_id(started), vm=vm_record(vm, connector_name), disks=indexes,
+            mode=options.mode, created=started, finished=finished, schedule=options.schedule,
+            job=options.job, parent=previous.id if previous else None, tags=list(options.tags),
+            stats={"bytes_read": stats.bytes_read, "bytes_new": stats.bytes_new,
+                   "bytes_written": stats.bytes_written},
+        )
+        repo.save_manifest(manifest)
+    return BackupReport(manifest.id, vm.name, vm.uuid, options.mode, stats,
+                        time.monotonic() - began, notes)

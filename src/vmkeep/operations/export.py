@@ -1,0 +1,65 @@
+"""Export: one disk of a restore point as a standalone raw or qcow2 image."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmkeep.connectors.base import DiskWriter
+from vmkeep.connectors.files.qcow2 import Qcow2DiskWriter
+from vmkeep.connectors.files.raw import RawDiskWriter
+from vmkeep.errors import NotFoundError, UsageError, VmkeepError
+from vmkeep.progress import Progress
+from vmkeep.repository.repository import Repository
+
+from .restore import restore_disk
+
+FORMATS = ("raw", "qcow2")
+
+
+@dataclass
+class ExportReport:
+    restore_point: str
+    disk: str
+    path: str
+    format: str
+    size: int
+    bytes_written: int
+    duration: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__, duration=round(self.duration, 3))
+
+
+def export_disk(repo: Repository, point_ref: str, disk_name: str, fmt: str, output: Path,
+                progress: Progress) -> ExportReport:
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}: choose raw or qcow2")
+    if output.exists() or output.is_symlink():
+        raise UsageError(f"{output} exists: refusing to overwrite it")
+    if not output.parent.is_dir():
+        raise UsageError(f"{output.parent} is not a directory")
+    began = time.monotonic()
+    manifest = repo.load_manifest(repo.resolve_point(point_ref))
+    index = next((d for d in manifest.disks if d.name == disk_name), None)
+    if index is None:
+        names = ", ".join(d.name for d in manifest.disks)
+        raise NotFoundError(f"restore point {manifest.id} has no disk {disk_name!r} (it has {names})")
+    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    writer: DiskWriter = (Qcow2DiskWriter(partial, index.size) if fmt == "qcow2"
+                          else RawDiskWriter(partial, index.size))
+    try:
+        try:
+            _, written = restore_disk(repo, index, writer, None, progress, f"export {disk_name}")
+        finally:
+            writer.close()
+        os.link(partial, output)  # never replaces a file that appeared meanwhile
+    except (VmkeepError, OSError, KeyboardInterrupt):
+        partial.unlink(missing_ok=True)
+        raise
+    partial.unlink()
+    return ExportReport(manifest.id, disk_name, str(output), fmt, index.size, written,
+                        time.monotonic() - began)

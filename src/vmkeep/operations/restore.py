@@ -1,0 +1,141 @@
+"""Restore: rebuild a VM from one restore point, as a new VM or in place (writing only what differs)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from vmkeep.connectors.base import Connector, DiskInfo, DiskReader, DiskWriter, VmConfig
+from vmkeep.errors import UsageError, VmkeepError
+from vmkeep.parallel import ordered_map
+from vmkeep.progress import Progress
+from vmkeep.repository.format import CHUNK_SIZE, ZERO_ID
+from vmkeep.repository.manifest import DiskIndex, Manifest
+from vmkeep.repository.repository import Repository
+
+SPARSE_BLOCK = 4096  # zero runs of this granularity become holes in the restored disk
+_ZERO_BLOCK = bytes(SPARSE_BLOCK)
+
+
+@dataclass
+class RestoreReport:
+    restore_point: str
+    vm: str
+    location: str
+    bytes_restored: int  # logical bytes of non-zero chunks in the restore point
+    bytes_written: int  # bytes actually written to the target
+    duration: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__, duration=round(self.duration, 3))
+
+
+def write_sparse(writer: DiskWriter, offset: int, data: bytes) -> int:
+    """Write the non-zero runs of `data`; zero runs stay holes. Returns bytes written."""
+    written = 0
+    view = memoryview(data)
+    run_start = -1
+    pos = 0
+    while pos <= len(data):
+        block_is_data = pos < len(data) and view[pos : pos + SPARSE_BLOCK] != _ZERO_BLOCK[
+            : min(SPARSE_BLOCK, len(data) - pos)]
+        if block_is_data and run_start < 0:
+            run_start = pos
+        elif not block_is_data and run_start >= 0:
+            writer.write(offset + run_start, bytes(view[run_start:pos]))
+            written += pos - run_start
+            run_start = -1
+        pos += SPARSE_BLOCK
+    return written
+
+
+def vm_config_from(manifest: Manifest, name: str | None, new_identity: bool) -> VmConfig:
+    vm = manifest.vm
+    return VmConfig(
+        name=name or str(vm["name"]),
+        uuid=str(uuid.uuid4()) if new_identity else str(vm["uuid"]),
+        vcpus=int(vm.get("vcpus", 1)),
+        memory=int(vm.get("memory", 0)),
+        disks=[DiskInfo(d.name, d.size, d.format, dict(d.extra)) for d in manifest.disks],
+        metadata=dict(vm.get("metadata") or {}),
+    )
+
+
+def restore_disk(repo: Repository, index: DiskIndex, writer: DiskWriter,
+                 current: DiskReader | None, progress: Progress, label: str) -> tuple[int, int]:
+    """Write one disk. With `current` (in-place), chunks that already match are skipped."""
+    count = index.chunk_count
+    wanted = range(count) if current is not None else [
+        i for i in range(count) if index.chunk_id(i) != ZERO_ID]
+    progress.start(label, sum(min(CHUNK_SIZE, index.size - i * CHUNK_SIZE) for i in wanted))
+
+    def fetch(i: int) -> tuple[int, bytes | None, int]:
+        chunk_id = index.chunk_id(i)
+        length = min(CHUNK_SIZE, index.size - i * CHUNK_SIZE)
+        if current is not None:
+            now = current.read(i * CHUNK_SIZE, length)
+            same = (not any(now)) if chunk_id == ZERO_ID else repo.chunk_id(now) == chunk_id
+            if same:
+                return i, None, length
+        return i, (repo.get_chunk(chunk_id) if chunk_id != ZERO_ID else b""), length
+
+    restored = written = 0
+    for i, data, length in ordered_map(fetch, wanted):
+        if index.chunk_id(i) != ZERO_ID:
+            restored += length
+        if data is None:
+            pass
+        elif not data:
+            writer.zero(i * CHUNK_SIZE, length)
+            written += length
+        elif current is not None:
+            writer.write(i * CHUNK_SIZE, data)
+            written += length
+        else:
+            written += write_sparse(writer, i * CHUNK_SIZE, data)
+        progress.advance(length)
+    progress.finish()
+    return restored, written
+
+
+def restore_vm(repo: Repository, connector: Connector, point_ref: str, target: str,
+               progress: Progress, name: str | None = None, in_place: bool = False,
+               force: bool = False) -> RestoreReport:
+    began = time.monotonic()
+    manifest = repo.load_manifest(repo.resolve_point(point_ref))
+    if in_place:
+        existing = connector.get_vm(target)
+        if existing.uuid != manifest.vm_uuid and not force:
+            raise UsageError(f"refusing to restore in place: {target} is VM {existing.uuid}, the "
+                             f"restore point is of VM {manifest.vm_uuid} (--force overrides)")
+        sizes = {d.name: d.size for d in existing.disks}
+        if sizes != {d.name: d.size for d in manifest.disks}:
+            raise UsageError("refusing to restore in place: the VM's disks changed since the "
+                             "restore point (restore it as a new VM instead)")
+        sink = connector.overwrite_vm(existing)
+    else:
+        existing = None
+        sink = connector.create_vm(vm_config_from(manifest, name, new_identity=True), target)
+    restored = written = 0
+    try:
+        for index in manifest.disks:
+            info = DiskInfo(index.name, index.size, index.format, dict(index.extra))
+            current = connector.open_disk(existing, info) if existing else None
+            writer = sink.open_disk(info)
+            try:
+                r, w = restore_disk(repo, index, writer, current, progress,
+                                    f"{manifest.vm_name}/{index.name}")
+            finally:
+                writer.close()
+                if current:
+                    current.close()
+            restored += r
+            written += w
+        sink.commit()
+    except (VmkeepError, OSError, KeyboardInterrupt):
+        sink.abort()
+        raise
+    return RestoreReport(manifest.id, name or manifest.vm_name, sink.location, restored, written,
+                         time.monotonic() - began)

@@ -1,0 +1,50 @@
+"""The small interface every remote implements (DESIGN.md: get/put/list/delete/stat, ranged get)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    name: str
+    size: int
+    mtime: float  # seconds since the epoch
+
+
+class Remote(Protocol):
+    """Object names use "/" separators, e.g. "chunks/ab/ab12...". Writes are atomic: an object
+    is either absent or complete, never partial, whatever happens to the writer."""
+
+    url: str
+
+    def put(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
+        """Store `data` atomically. With overwrite=False, raise ExistsError if `name` exists."""
+        ...
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Read an object, or a range of it; raises NotFoundError."""
+        ...
+
+    def stat(self, name: str) -> ObjectStat | None:
+        """None when the object does not exist."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[ObjectStat]:
+        """Every complete object whose name starts with `prefix`, in no particular order."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Delete; deleting a missing object is not an error."""
+        ...
+
+    def free_space(self) -> int | None:
+        """Bytes available, or None when the remote cannot tell."""
+        ...
+
+    def purge_incomplete(self, older_than: float) -> int:
+        """Remove what dead writers left half-done (temp files, unfinished multipart uploads)
+        older than `older_than` seconds; returns how many. Only `gc` calls it."""
+        ...

@@ -1,0 +1,151 @@
+"""A repository in a local directory (also NFS or SMB mounted by the system)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from vmkeep.errors import NotFoundError, ObjectExistsError, RemoteError, RemoteFullError
+
+from .base import ObjectStat
+
+TEMP_PREFIX = ".tmp-"
+
+
+def _os_error(exc: OSError, action: str, path: Path) -> RemoteError:
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        return RemoteFullError(f"remote is full: no space left {action} {path}")
+    if exc.errno == errno.EROFS:
+        return RemoteError(f"remote is read-only: cannot {action.split()[0]} {path}")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return RemoteError(f"permission denied {action} {path}")
+    return RemoteError(f"{exc.strerror or exc} {action} {path}")
+
+
+class LocalRemote:
+    """Objects are files; writes go to a temp file in the same directory, fsync, then rename."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).absolute()
+        self.url = str(self.root)
+
+    def _path(self, name: str) -> Path:
+        parts = name.split("/")
+        if not name or any(p in ("", ".", "..") or p.startswith(TEMP_PREFIX) for p in parts):
+            raise RemoteError(f"invalid object name {name!r}")
+        return self.root.joinpath(*parts)
+
+    def put(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
+        path = self._path(name)
+        tmp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)  # fails when the name exists: an atomic create-if-absent
+                os.unlink(tmp)
+            self._sync_dir(path.parent)
+        except FileExistsError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ObjectExistsError(f"object {name} already exists") from exc
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise _os_error(exc, "writing", path) from exc
+
+    @staticmethod
+    def _sync_dir(path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                if offset:
+                    f.seek(offset)
+                return f.read() if length is None else f.read(length)
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"object {name} not found in {self.url}") from exc
+        except IsADirectoryError as exc:
+            raise NotFoundError(f"object {name} not found in {self.url}") from exc
+        except OSError as exc:
+            raise _os_error(exc, "reading", path) from exc
+
+    def stat(self, name: str) -> ObjectStat | None:
+        try:
+            st = self._path(name).stat()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _os_error(exc, "reading", self._path(name)) from exc
+        return ObjectStat(name, st.st_size, st.st_mtime)
+
+    def list(self, prefix: str) -> Iterator[ObjectStat]:
+        """Walks only the directories the prefix can match, skipping temp files."""
+        head, _, _ = prefix.rpartition("/")
+        start = self.root.joinpath(*head.split("/")) if head else self.root
+        if not start.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(start):
+            rel = os.path.relpath(dirpath, self.root)
+            base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            dirnames[:] = [d for d in dirnames if (base + d + "/").startswith(prefix)
+                           or prefix.startswith(base + d + "/")]
+            for fn in filenames:
+                name = base + fn
+                if fn.startswith(TEMP_PREFIX) or not name.startswith(prefix):
+                    continue
+                try:
+                    st = os.stat(os.path.join(dirpath, fn))
+                except FileNotFoundError:
+                    continue
+                yield ObjectStat(name, st.st_size, st.st_mtime)
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, "deleting", path) from exc
+
+    def purge_incomplete(self, older_than: float) -> int:
+        """Remove temp files of writers that died; only those older than `older_than` seconds."""
+        removed = 0
+        limit = time.time() - older_than
+        for dirpath, _dirs, filenames in os.walk(self.root):
+            for fn in filenames:
+                path = Path(dirpath, fn)
+                try:
+                    if fn.startswith(TEMP_PREFIX) and path.stat().st_mtime < limit:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise _os_error(exc, "deleting", path) from exc
+        return removed
+
+    def free_space(self) -> int | None:
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize

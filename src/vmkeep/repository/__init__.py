@@ -1,0 +1,1 @@
+"""The repository: chunks, manifests, keys on a remote. The format is docs/FORMAT.md."""

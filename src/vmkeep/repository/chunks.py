@@ -1,0 +1,43 @@
+"""Chunk objects: header, optional zstd, optional AES-256-GCM (docs/FORMAT.md, "Chunk object")."""
+
+from __future__ import annotations
+
+from vmkeep.errors import IntegrityError
+
+from .compression import compress_if_smaller, decompress
+from .crypto import Sealer
+from .format import (
+    CHUNK_MAGIC,
+    FLAG_ENCRYPTED,
+    FLAG_ZSTD,
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    header,
+)
+
+
+def encode_chunk(sealer: Sealer, chunk_id: bytes, data: bytes, level: int) -> bytes:
+    payload, compressed = compress_if_smaller(data, level) if level > 0 else (data, False)
+    flags = (FLAG_ZSTD if compressed else 0) | (FLAG_ENCRYPTED if sealer.encrypted else 0)
+    head = header(CHUNK_MAGIC, flags)
+    if sealer.encrypted:
+        return head + sealer.seal(payload, head + chunk_id)
+    return head + payload
+
+
+def decode_chunk(sealer: Sealer, chunk_id: bytes, blob: bytes) -> bytes:
+    """Return the plaintext, or raise IntegrityError: the stored bytes must hash to `chunk_id`."""
+    what = f"chunk {chunk_id.hex()[:16]}"
+    head = blob[:HEADER_SIZE]
+    if len(head) < HEADER_SIZE or head[:4] != CHUNK_MAGIC or head[4] != FORMAT_VERSION:
+        raise IntegrityError(f"{what} is corrupt: bad header")
+    flags = head[5]
+    if bool(flags & FLAG_ENCRYPTED) != sealer.encrypted or flags & ~(FLAG_ZSTD | FLAG_ENCRYPTED):
+        raise IntegrityError(f"{what} is corrupt: unexpected flags {flags:#x}")
+    payload = blob[HEADER_SIZE:]
+    if sealer.encrypted:
+        payload = sealer.open(payload, head + chunk_id, what)
+    data = decompress(payload, what) if flags & FLAG_ZSTD else payload
+    if sealer.chunk_id(data) != chunk_id:
+        raise IntegrityError(f"{what} is corrupt: content does not match its ID")
+    return data

@@ -1,0 +1,39 @@
+"""zstd compression, kept only when it makes the object smaller."""
+
+from __future__ import annotations
+
+import threading
+
+import zstandard
+
+from vmkeep.errors import IntegrityError
+
+MAX_DECOMPRESSED = 64 * 1024 * 1024  # no object of format v1 is larger; bounds hostile input
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # Compressor objects are not thread-safe; one per thread and level avoids re-creating them.
+    cache: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("compressors", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level)
+    return cache[level]
+
+
+def compress(data: bytes, level: int) -> bytes:
+    return bytes(_compressor(level).compress(data))
+
+
+def compress_if_smaller(data: bytes, level: int) -> tuple[bytes, bool]:
+    packed = compress(data, level)
+    if len(packed) < len(data):
+        return packed, True
+    return data, False
+
+
+def decompress(packed: bytes, what: str) -> bytes:
+    try:
+        return zstandard.ZstdDecompressor().decompress(packed, max_output_size=MAX_DECOMPRESSED)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{what} is corrupt: cannot decompress ({exc})") from exc

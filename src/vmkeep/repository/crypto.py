@@ -1,0 +1,142 @@
+"""Keys and authenticated encryption: a random repository key wrapped by passphrases."""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+from argon2.low_level import Type, hash_secret_raw
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from vmkeep.errors import IntegrityError, RepositoryError, WrongPassphraseError
+
+from .format import NONCE_SIZE
+
+KEY_AAD_PREFIX = b"vmkeep-key-v1:"
+# Argon2id defaults: 64 MiB, 3 passes. VMKEEP_KDF_MEMORY_KIB lowers it for tests only.
+DEFAULT_TIME_COST = 3
+DEFAULT_MEMORY_KIB = 65536
+DEFAULT_PARALLELISM = 2
+
+
+@dataclass(frozen=True)
+class RepositoryKey:
+    """The secret of an encrypted repository: one key encrypts, the other keys chunk IDs."""
+
+    data_key: bytes  # AES-256-GCM key for chunks and manifests
+    id_key: bytes  # BLAKE3 key for chunk IDs, so IDs reveal nothing about plaintext
+
+    @classmethod
+    def generate(cls) -> RepositoryKey:
+        return cls(os.urandom(32), os.urandom(32))
+
+    def to_bytes(self) -> bytes:
+        return self.data_key + self.id_key
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> RepositoryKey:
+        if len(raw) != 64:
+            raise RepositoryError("repository key has the wrong length")
+        return cls(raw[:32], raw[32:])
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _unb64(text: Any) -> bytes:
+    if not isinstance(text, str):
+        raise RepositoryError("repository config: malformed key entry")
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise RepositoryError("repository config: malformed key entry") from exc
+
+
+def derive_kek(passphrase: bytes, salt: bytes, time_cost: int, memory_kib: int, lanes: int) -> bytes:
+    return hash_secret_raw(
+        passphrase, salt, time_cost=time_cost, memory_cost=memory_kib,
+        parallelism=lanes, hash_len=32, type=Type.ID,
+    )
+
+
+def wrap_key(key: RepositoryKey, passphrase: bytes, repo_id: str, label: str) -> dict[str, Any]:
+    """One entry of the config's "keys" list: the repository key sealed by a passphrase."""
+    salt = os.urandom(16)
+    memory_kib = int(os.environ.get("VMKEEP_KDF_MEMORY_KIB", DEFAULT_MEMORY_KIB))
+    kek = derive_kek(passphrase, salt, DEFAULT_TIME_COST, memory_kib, DEFAULT_PARALLELISM)
+    nonce = os.urandom(NONCE_SIZE)
+    sealed = AESGCM(kek).encrypt(nonce, key.to_bytes(), KEY_AAD_PREFIX + repo_id.encode())
+    return {
+        "id": os.urandom(4).hex(),
+        "label": label,
+        "kdf": "argon2id",
+        "time_cost": DEFAULT_TIME_COST,
+        "memory_kib": memory_kib,
+        "parallelism": DEFAULT_PARALLELISM,
+        "salt": _b64(salt),
+        "nonce": _b64(nonce),
+        "wrapped": _b64(sealed),
+    }
+
+
+def unwrap_key(entries: list[dict[str, Any]], passphrase: bytes, repo_id: str) -> tuple[RepositoryKey, str]:
+    """Try every wrapped copy; returns the key and the id of the entry that opened."""
+    for entry in entries:
+        if entry.get("kdf") != "argon2id":
+            continue
+        try:
+            cost = (int(entry["time_cost"]), int(entry["memory_kib"]), int(entry["parallelism"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RepositoryError("repository config: malformed key entry") from exc
+        if not (1 <= cost[0] <= 64 and 8 <= cost[1] <= 4 * 1024 * 1024 and 1 <= cost[2] <= 64):
+            raise RepositoryError("repository config: key entry has out-of-range KDF parameters")
+        kek = derive_kek(passphrase, _unb64(entry.get("salt")), *cost)
+        try:
+            raw = AESGCM(kek).decrypt(
+                _unb64(entry.get("nonce")), _unb64(entry.get("wrapped")),
+                KEY_AAD_PREFIX + repo_id.encode(),
+            )
+        except InvalidTag:
+            continue
+        return RepositoryKey.from_bytes(raw), str(entry.get("id", ""))
+    raise WrongPassphraseError("wrong passphrase: no key of this repository opens with it")
+
+
+class Sealer:
+    """Encrypts and authenticates objects, or (unencrypted repository) only checksums them."""
+
+    def __init__(self, key: RepositoryKey | None) -> None:
+        self.key = key
+        self._aead = AESGCM(key.data_key) if key else None
+
+    @property
+    def encrypted(self) -> bool:
+        return self._aead is not None
+
+    def chunk_id(self, data: bytes) -> bytes:
+        if self.key is None:
+            return blake3.blake3(data).digest()
+        return blake3.blake3(data, key=self.key.id_key).digest()
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        """Encrypted: nonce || ciphertext || tag. Unencrypted: plaintext || BLAKE3(aad || plaintext)."""
+        if self._aead is None:
+            return plaintext + blake3.blake3(aad + plaintext).digest()
+        nonce = os.urandom(NONCE_SIZE)
+        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, sealed: bytes, aad: bytes, what: str) -> bytes:
+        if self._aead is None:
+            body, check = sealed[:-32], sealed[-32:]
+            if len(sealed) < 32 or blake3.blake3(aad + body).digest() != check:
+                raise IntegrityError(f"{what} is corrupt: checksum mismatch")
+            return body
+        try:
+            return self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
+        except (InvalidTag, ValueError) as exc:
+            raise IntegrityError(f"{what} is corrupt: authentication failed") from exc

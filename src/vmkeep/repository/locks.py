@@ -1,0 +1,133 @@
+"""Repository locks: backups hold shared locks, gc and prune an exclusive one (docs/FORMAT.md).
+
+A lock is an object under locks/; its holder refreshes it while it runs. A lock is stale when
+it was not refreshed within the lease, or at once when its holder is a dead process on this
+host. Acquiring writes the lock first and then looks for conflicts, so of two racing
+processes at least one sees the other."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from vmkeep.errors import LockedError, NotFoundError
+from vmkeep.remotes.base import Remote
+
+from .format import LOCKS_PREFIX
+
+REFRESH_SECONDS = 30.0
+
+
+def lease_seconds() -> float:
+    return float(os.environ.get("VMKEEP_LOCK_LEASE_SECONDS", "300"))
+
+
+@dataclass
+class LockInfo:
+    name: str
+    kind: str  # "shared" or "exclusive"
+    host: str
+    pid: int
+    operation: str
+    refreshed: float
+
+    def describe(self) -> str:
+        since = datetime.fromtimestamp(self.refreshed, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"{self.operation} (pid {self.pid} on {self.host}, alive at {since})"
+
+    def is_stale(self, now: float) -> bool:
+        if self.host == socket.gethostname() and not _pid_alive(self.pid):
+            return True
+        return now - self.refreshed > lease_seconds()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_lock(remote: Remote, name: str) -> LockInfo | None:
+    try:
+        doc: dict[str, Any] = json.loads(remote.get(name))
+        return LockInfo(name, str(doc["kind"]), str(doc["host"]), int(doc["pid"]),
+                        str(doc.get("operation", "")), float(doc["refreshed"]))
+    except NotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        return LockInfo(name, "exclusive", "?", 0, "unreadable lock", 0.0)
+
+
+class RepositoryLock:
+    """Context manager: `with RepositoryLock(remote, "shared", "backup web01"):`."""
+
+    def __init__(self, remote: Remote, kind: str, operation: str) -> None:
+        self.remote = remote
+        self.kind = kind
+        self.operation = operation
+        self.name = f"{LOCKS_PREFIX}{kind}-{os.urandom(8).hex()}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self) -> None:
+        doc = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(),
+               "operation": self.operation, "refreshed": time.time()}
+        self.remote.put(self.name, json.dumps(doc).encode())
+
+    def conflicts(self) -> list[LockInfo]:
+        now = time.time()
+        found = []
+        for obj in self.remote.list(LOCKS_PREFIX):
+            if obj.name == self.name:
+                continue
+            info = _read_lock(self.remote, obj.name)
+            if info is None or info.is_stale(now):
+                continue
+            if self.kind == "exclusive" or info.kind == "exclusive":
+                found.append(info)
+        return found
+
+    def __enter__(self) -> RepositoryLock:
+        self._write()
+        conflicts = self.conflicts()
+        if conflicts:
+            self.remote.delete(self.name)
+            raise LockedError(f"repository is busy: {conflicts[0].describe()}; try again later")
+        self._thread = threading.Thread(target=self._refresh, daemon=True, name="lock-refresh")
+        self._thread.start()
+        return self
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(min(REFRESH_SECONDS, lease_seconds() / 3)):
+            try:
+                self._write()
+            except Exception:  # the operation itself will meet the same remote failure
+                pass
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.remote.delete(self.name)
+
+
+def remove_stale_locks(remote: Remote) -> int:
+    """Delete locks whose holders are gone; gc calls it under its own exclusive lock."""
+    now = time.time()
+    removed = 0
+    for obj in remote.list(LOCKS_PREFIX):
+        info = _read_lock(remote, obj.name)
+        if info is not None and info.is_stale(now):
+            remote.delete(obj.name)
+            removed += 1
+    return removed

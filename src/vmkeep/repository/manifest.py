@@ -1,0 +1,167 @@
+"""Restore point manifests: VM config plus one chunk index per disk (docs/FORMAT.md)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from vmkeep.errors import IntegrityError
+
+from .compression import compress, decompress
+from .crypto import Sealer
+from .format import (
+    CHUNK_SIZE,
+    FLAG_ENCRYPTED,
+    FLAG_ZSTD,
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    ID_SIZE,
+    MANIFEST_MAGIC,
+    ZERO_ID,
+    header,
+    manifest_object_name,
+)
+
+
+def new_point_id(when: datetime) -> str:
+    """Sorts by time; the random tail keeps two points of the same second apart."""
+    return when.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + os.urandom(3).hex()
+
+
+@dataclass
+class DiskIndex:
+    name: str
+    size: int
+    format: str
+    chunk_ids: bytes  # concatenated 32-byte IDs; ZERO_ID marks an all-zero chunk
+    extra: dict[str, Any] = field(default_factory=dict)
+    change_token: str | None = None  # connector's proof the disk did not change, if it has one
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunk_ids) // ID_SIZE
+
+    def chunk_id(self, index: int) -> bytes:
+        return self.chunk_ids[index * ID_SIZE : (index + 1) * ID_SIZE]
+
+    def stored_ids(self) -> set[bytes]:
+        ids = {self.chunk_id(i) for i in range(self.chunk_count)}
+        ids.discard(ZERO_ID)
+        return ids
+
+    def nonzero_bytes(self) -> int:
+        total = 0
+        for i in range(self.chunk_count):
+            if self.chunk_id(i) != ZERO_ID:
+                total += min(CHUNK_SIZE, self.size - i * CHUNK_SIZE)
+        return total
+
+
+@dataclass
+class Manifest:
+    id: str
+    vm: dict[str, Any]  # name, uuid, vcpus, memory, metadata, connector
+    disks: list[DiskIndex]
+    mode: str
+    created: datetime  # the consistency point: when the backup started reading
+    finished: datetime
+    schedule: str = ""
+    job: str = ""
+    parent: str | None = None
+    tags: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vm_name(self) -> str:
+        return str(self.vm.get("name", ""))
+
+    @property
+    def vm_uuid(self) -> str:
+        return str(self.vm.get("uuid", ""))
+
+    def referenced_ids(self) -> set[bytes]:
+        ids: set[bytes] = set()
+        for disk in self.disks:
+            ids |= disk.stored_ids()
+        return ids
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": FORMAT_VERSION,
+            "id": self.id,
+            "vm": self.vm,
+            "mode": self.mode,
+            "created": self.created.astimezone(UTC).isoformat(),
+            "finished": self.finished.astimezone(UTC).isoformat(),
+            "schedule": self.schedule,
+            "job": self.job,
+            "parent": self.parent,
+            "tags": self.tags,
+            "stats": self.stats,
+            "disks": [
+                {
+                    "name": d.name,
+                    "size": d.size,
+                    "format": d.format,
+                    "extra": d.extra,
+                    "change_token": d.change_token,
+                    "chunk_size": CHUNK_SIZE,
+                    "chunks": base64.b64encode(d.chunk_ids).decode("ascii"),
+                }
+                for d in self.disks
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Manifest:
+        disks = []
+        for d in doc["disks"]:
+            ids = base64.b64decode(d["chunks"], validate=True)
+            size = int(d["size"])
+            if int(d["chunk_size"]) != CHUNK_SIZE or len(ids) != -(-size // CHUNK_SIZE) * ID_SIZE:
+                raise ValueError("chunk index does not match the disk size")
+            disks.append(DiskIndex(str(d["name"]), size, str(d["format"]), ids,
+                                   dict(d.get("extra") or {}), d.get("change_token")))
+        return cls(
+            id=str(doc["id"]),
+            vm=dict(doc["vm"]),
+            disks=disks,
+            mode=str(doc["mode"]),
+            created=datetime.fromisoformat(doc["created"]),
+            finished=datetime.fromisoformat(doc["finished"]),
+            schedule=str(doc.get("schedule") or ""),
+            job=str(doc.get("job") or ""),
+            parent=doc.get("parent"),
+            tags=list(doc.get("tags") or []),
+            stats=dict(doc.get("stats") or {}),
+        )
+
+
+def encode_manifest(sealer: Sealer, manifest: Manifest) -> bytes:
+    body = json.dumps(manifest.to_json(), separators=(",", ":")).encode()
+    packed = compress(body, 3)  # always zstd: the index of IDs is what makes manifests big
+    flags = FLAG_ZSTD | (FLAG_ENCRYPTED if sealer.encrypted else 0)
+    head = header(MANIFEST_MAGIC, flags)
+    return head + sealer.seal(packed, head + manifest_object_name(manifest.id).encode())
+
+
+def decode_manifest(sealer: Sealer, point_id: str, blob: bytes) -> Manifest:
+    what = f"manifest {point_id}"
+    head = blob[:HEADER_SIZE]
+    if len(head) < HEADER_SIZE or head[:4] != MANIFEST_MAGIC or head[4] != FORMAT_VERSION:
+        raise IntegrityError(f"{what} is corrupt: bad header")
+    if head[5] != FLAG_ZSTD | (FLAG_ENCRYPTED if sealer.encrypted else 0):
+        raise IntegrityError(f"{what} is corrupt: unexpected flags {head[5]:#x}")
+    packed = sealer.open(blob[HEADER_SIZE:], head + manifest_object_name(point_id).encode(), what)
+    try:
+        manifest = Manifest.from_json(json.loads(decompress(packed, what)))
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise IntegrityError(f"{what} is malformed: {exc}") from exc
+    if manifest.id != point_id:
+        raise IntegrityError(f"{what} is corrupt: it names itself {manifest.id}")
+    return manifest

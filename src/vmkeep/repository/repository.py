@@ -1,0 +1,211 @@
+"""Opening, creating and using a repository on a remote."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from vmkeep.errors import (
+    IntegrityError,
+    NotFoundError,
+    ObjectExistsError,
+    RepositoryError,
+    UsageError,
+    WrongPassphraseError,
+)
+from vmkeep.remotes.base import Remote
+
+from .chunks import decode_chunk, encode_chunk
+from .crypto import RepositoryKey, Sealer, unwrap_key, wrap_key
+from .format import (
+    CHUNK_SIZE,
+    CHUNKS_PREFIX,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    ID_SIZE,
+    MANIFESTS_PREFIX,
+    chunk_object_name,
+    manifest_object_name,
+)
+from .manifest import Manifest, decode_manifest, encode_manifest
+
+ENCRYPTIONS = ("aes-256-gcm", "none")
+PassphraseSource = Callable[[], bytes]
+
+
+@dataclass
+class ManifestProblem:
+    point_id: str
+    error: str
+
+
+class Repository:
+    def __init__(self, remote: Remote, config: dict[str, Any], key: RepositoryKey | None) -> None:
+        self.remote = remote
+        self.config = config
+        self.sealer = Sealer(key)
+        self.key = key
+
+    # -- creation and opening -------------------------------------------------
+
+    @classmethod
+    def init(cls, remote: Remote, encryption: str, passphrase: PassphraseSource) -> Repository:
+        if encryption not in ENCRYPTIONS:
+            raise UsageError(f"unknown encryption {encryption!r}: choose {' or '.join(ENCRYPTIONS)}")
+        repo_id = uuid.uuid4().hex
+        key = RepositoryKey.generate() if encryption != "none" else None
+        config: dict[str, Any] = {
+            "format": "vmkeep-repository",
+            "version": FORMAT_VERSION,
+            "id": repo_id,
+            "created": datetime.now(UTC).isoformat(),
+            "chunk_size": CHUNK_SIZE,
+            "chunk_id": "blake3-keyed" if key else "blake3",
+            "encryption": encryption,
+            "keys": [wrap_key(key, passphrase(), repo_id, "initial")] if key else [],
+        }
+        try:
+            remote.put(CONFIG_NAME, json.dumps(config, indent=1).encode(), overwrite=False)
+        except ObjectExistsError as exc:
+            raise RepositoryError(f"a repository already exists at {remote.url}") from exc
+        return cls(remote, config, key)
+
+    @classmethod
+    def open(cls, remote: Remote, passphrase: PassphraseSource) -> Repository:
+        """`passphrase` is only called for an encrypted repository."""
+        try:
+            raw = remote.get(CONFIG_NAME)
+        except NotFoundError as exc:
+            raise RepositoryError(f"no vmkeep repository at {remote.url} (run `vmkeep init`)") from exc
+        config = parse_config(raw, remote.url)
+        if config["encryption"] == "none":
+            return cls(remote, config, None)
+        key, _ = unwrap_key(config["keys"], passphrase(), config["id"])
+        return cls(remote, config, key)
+
+    @property
+    def encrypted(self) -> bool:
+        return self.key is not None
+
+    # -- keys -----------------------------------------------------------------
+
+    def add_key(self, passphrase: bytes, label: str) -> str:
+        if self.key is None:
+            raise UsageError("this repository is not encrypted: it has no keys")
+        entry = wrap_key(self.key, passphrase, self.config["id"], label)
+        self.config["keys"].append(entry)
+        self._save_config()
+        return str(entry["id"])
+
+    def remove_key(self, key_id: str, current_passphrase: bytes) -> None:
+        keys = self.config["keys"]
+        if key_id not in {k.get("id") for k in keys}:
+            raise NotFoundError(f"no key {key_id} in this repository")
+        remaining = [k for k in keys if k.get("id") != key_id]
+        try:  # never remove the last key that the caller can still open
+            unwrap_key(remaining, current_passphrase, self.config["id"])
+        except WrongPassphraseError as exc:
+            raise UsageError("refusing to remove the key you opened the repository with") from exc
+        self.config["keys"] = remaining
+        self._save_config()
+
+    def _save_config(self) -> None:
+        self.remote.put(CONFIG_NAME, json.dumps(self.config, indent=1).encode())
+
+    # -- chunks ---------------------------------------------------------------
+
+    def chunk_id(self, data: bytes) -> bytes:
+        return self.sealer.chunk_id(data)
+
+    def put_chunk(self, chunk_id: bytes, data: bytes, level: int) -> int:
+        blob = encode_chunk(self.sealer, chunk_id, data, level)
+        self.remote.put(chunk_object_name(chunk_id), blob)
+        return len(blob)
+
+    def get_chunk(self, chunk_id: bytes) -> bytes:
+        try:
+            blob = self.remote.get(chunk_object_name(chunk_id))
+        except NotFoundError as exc:
+            raise IntegrityError(f"chunk {chunk_id.hex()[:16]} is missing from the repository") from exc
+        return decode_chunk(self.sealer, chunk_id, blob)
+
+    def list_chunks(self) -> Iterator[tuple[bytes, int]]:
+        """(chunk id, stored size) of every chunk object."""
+        for obj in self.remote.list(CHUNKS_PREFIX):
+            hexid = obj.name.rsplit("/", 1)[-1]
+            try:
+                chunk_id = bytes.fromhex(hexid)
+            except ValueError:
+                continue
+            if len(chunk_id) == ID_SIZE:
+                yield chunk_id, obj.size
+
+    def delete_chunk(self, chunk_id: bytes) -> None:
+        self.remote.delete(chunk_object_name(chunk_id))
+
+    # -- manifests ------------------------------------------------------------
+
+    def point_ids(self) -> list[str]:
+        return sorted(o.name[len(MANIFESTS_PREFIX):] for o in self.remote.list(MANIFESTS_PREFIX))
+
+    def save_manifest(self, manifest: Manifest) -> None:
+        """The last write of a backup: from here on the restore point exists."""
+        blob = encode_manifest(self.sealer, manifest)
+        self.remote.put(manifest_object_name(manifest.id), blob, overwrite=False)
+
+    def load_manifest(self, point_id: str) -> Manifest:
+        try:
+            blob = self.remote.get(manifest_object_name(point_id))
+        except NotFoundError as exc:
+            raise NotFoundError(f"no restore point {point_id}") from exc
+        return decode_manifest(self.sealer, point_id, blob)
+
+    def load_manifests(self) -> tuple[list[Manifest], list[ManifestProblem]]:
+        """Every restore point that verifies, and the ones that do not (corrupt, unreadable)."""
+        good: list[Manifest] = []
+        bad: list[ManifestProblem] = []
+        for point_id in self.point_ids():
+            try:
+                good.append(self.load_manifest(point_id))
+            except (IntegrityError, NotFoundError) as exc:
+                bad.append(ManifestProblem(point_id, str(exc)))
+        return good, bad
+
+    def delete_manifest(self, point_id: str) -> None:
+        self.remote.delete(manifest_object_name(point_id))
+
+    def resolve_point(self, ref: str) -> str:
+        """A restore point by its full id or a unique prefix."""
+        ids = self.point_ids()
+        if ref in ids:
+            return ref
+        matches = [i for i in ids if i.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise NotFoundError(f"no restore point {ref!r} in {self.remote.url}")
+        raise UsageError(f"restore point {ref!r} is ambiguous: {len(matches)} match")
+
+
+def parse_config(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        config = json.loads(raw)
+        if not isinstance(config, dict) or config.get("format") != "vmkeep-repository":
+            raise ValueError("not a vmkeep repository config")
+    except ValueError as exc:
+        raise RepositoryError(f"{where}: repository config is unreadable ({exc})") from exc
+    if config.get("version") != FORMAT_VERSION:
+        raise RepositoryError(
+            f"{where}: repository format version {config.get('version')} is not supported "
+            f"(this vmkeep reads version {FORMAT_VERSION})"
+        )
+    if config.get("chunk_size") != CHUNK_SIZE or config.get("encryption") not in ENCRYPTIONS:
+        raise RepositoryError(f"{where}: repository config has unsupported parameters")
+    if not isinstance(config.get("keys"), list) or not isinstance(config.get("id"), str):
+        raise RepositoryError(f"{where}: repository config is malformed")
+    return config
+

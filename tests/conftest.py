@@ -1,0 +1,30 @@
+"""Shared fixtures: a throw-away repository on a local remote."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository.repository import Repository
+
+PASSPHRASE = b"correct horse battery staple"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("VMKEEP_CONFIG_DIR", str(tmp_path / "vmkeep-config"))
+    monkeypatch.delenv("VMKEEP_PASSPHRASE", raising=False)
+    yield
+
+
+@pytest.fixture(params=["aes-256-gcm", "none"])
+def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Repository:
+    return Repository.init(LocalRemote(tmp_path / "repo"), request.param, lambda: PASSPHRASE)
+
+
+@pytest.fixture
+def encrypted_repo(tmp_path: Path) -> Repository:
+    return Repository.init(LocalRemote(tmp_path / "repo"), "aes-256-gcm", lambda: PASSPHRASE)

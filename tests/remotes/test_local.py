@@ -1,0 +1,82 @@
+"""The local remote: atomic writes, listing without temp files, clear errors on faults."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmkeep.errors import NotFoundError, ObjectExistsError, RemoteError, RemoteFullError
+from vmkeep.remotes.local import LocalRemote
+
+
+def test_put_get_list_delete_ranges(tmp_path: Path) -> None:
+    r = LocalRemote(tmp_path)
+    r.put("a/b/c", b"hello world")
+    r.put("a/x", b"1")
+    assert r.get("a/b/c") == b"hello world"
+    assert r.get("a/b/c", 6, 3) == b"wor"
+    assert sorted(o.name for o in r.list("a/")) == ["a/b/c", "a/x"]
+    assert [o.name for o in r.list("a/b")] == ["a/b/c"]
+    with pytest.raises(ObjectExistsError):
+        r.put("a/x", b"2", overwrite=False)
+    assert r.get("a/x") == b"1"
+    r.delete("a/x")
+    r.delete("a/x")  # missing is fine
+    with pytest.raises(NotFoundError):
+        r.get("a/x")
+    assert r.stat("a/x") is None
+
+
+def test_temp_files_are_invisible_and_purged(tmp_path: Path) -> None:
+    r = LocalRemote(tmp_path)
+    r.put("chunks/ab/abcd", b"x")
+    (tmp_path / "chunks" / "ab" / ".tmp-1-dead").write_bytes(b"partial")
+    assert [o.name for o in r.list("chunks/")] == ["chunks/ab/abcd"]
+    assert r.purge_incomplete(older_than=0) == 1
+    assert not (tmp_path / "chunks" / "ab" / ".tmp-1-dead").exists()
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "", "a//b", ".tmp-x"])
+def test_names_cannot_escape(tmp_path: Path, name: str) -> None:
+    with pytest.raises(RemoteError):
+        LocalRemote(tmp_path / "root").put(name, b"x")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_directory(tmp_path: Path) -> None:
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    with pytest.raises(RemoteError, match="permission denied"):
+        LocalRemote(tmp_path / "ro").put("x", b"1")
+
+
+def _mount_tmpfs(path: Path, size: str, ro: bool = False) -> None:
+    path.mkdir()
+    opts = f"size={size}" + (",ro" if ro else "")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}): needs root")
+
+
+def test_full_and_read_only_remotes(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    _mount_tmpfs(full, "1m")
+    try:
+        r = LocalRemote(full)
+        with pytest.raises(RemoteFullError, match="no space"):
+            r.put("big", os.urandom(2 * 1024 * 1024))
+        assert list(r.list("")) == []  # no partial object left behind, no temp file either
+        assert os.listdir(full) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+    ro = tmp_path / "ro"
+    _mount_tmpfs(ro, "1m", ro=True)
+    try:
+        with pytest.raises(RemoteError, match="read-only"):
+            LocalRemote(ro).put("x", b"1")
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)

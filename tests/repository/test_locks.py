@@ -1,0 +1,53 @@
+"""Shared/exclusive locks: gc never runs while a backup is between its listing and manifest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vmkeep.errors import LockedError
+from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository.locks import RepositoryLock, remove_stale_locks
+
+
+def test_shared_locks_coexist_exclusive_conflicts(tmp_path: Path) -> None:
+    r = LocalRemote(tmp_path)
+    with RepositoryLock(r, "shared", "backup a"), RepositoryLock(r, "shared", "backup b"):
+        with pytest.raises(LockedError, match="backup"):
+            RepositoryLock(r, "exclusive", "gc").__enter__()
+        assert len(list(r.list("locks/"))) == 2  # the failed attempt removed its own lock
+    with RepositoryLock(r, "exclusive", "gc"), pytest.raises(LockedError, match="gc"):
+        RepositoryLock(r, "shared", "backup").__enter__()
+    assert list(r.list("locks/")) == []
+
+
+def test_dead_holder_on_this_host_is_stale(tmp_path: Path) -> None:
+    r = LocalRemote(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(proc.stdout)
+    import socket
+
+    r.put("locks/shared-dead", json.dumps({"kind": "shared", "host": socket.gethostname(),
+                                           "pid": dead_pid, "operation": "backup",
+                                           "refreshed": time.time()}).encode())
+    with RepositoryLock(r, "exclusive", "gc"):
+        assert remove_stale_locks(r) == 1
+
+
+def test_lease_expiry_of_a_remote_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = LocalRemote(tmp_path)
+    lock = {"kind": "shared", "host": "other-host", "pid": 1, "operation": "backup elsewhere",
+            "refreshed": time.time()}
+    r.put("locks/shared-x", json.dumps(lock).encode())
+    with pytest.raises(LockedError, match="other-host"):
+        RepositoryLock(r, "exclusive", "gc").__enter__()
+    monkeypatch.setenv("VMKEEP_LOCK_LEASE_SECONDS", "0.5")
+    time.sleep(0.6)
+    with RepositoryLock(r, "exclusive", "gc"):
+        pass
