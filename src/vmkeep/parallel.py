@@ -19,8 +19,9 @@ def default_workers() -> int:
     return int(os.environ.get("VMKEEP_WORKERS", 0)) or max(2, (os.cpu_count() or 2) * 2)
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None,
-                window: int | None = None) -> Iterator[R]:
+def ordered_map(
+    fn: Callable[[T], R], items: Iterable[T], workers: int | None = None, window: int | None = None
+) -> Iterator[R]:
     workers = workers or default_workers()
     window = window or workers * 2
     pool = ThreadPoolExecutor(workers, thread_name_prefix="vmkeep")

@@ -56,8 +56,9 @@ def test_read_only_directory(tmp_path: Path) -> None:
 def _mount_tmpfs(path: Path, size: str, ro: bool = False) -> None:
     path.mkdir()
     opts = f"size={size}" + (",ro" if ro else "")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True
+    )
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}): needs root")
 

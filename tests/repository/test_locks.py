@@ -28,22 +28,40 @@ def test_shared_locks_coexist_exclusive_conflicts(tmp_path: Path) -> None:
 
 def test_dead_holder_on_this_host_is_stale(tmp_path: Path) -> None:
     r = LocalRemote(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     dead_pid = int(proc.stdout)
     import socket
 
-    r.put("locks/shared-dead", json.dumps({"kind": "shared", "host": socket.gethostname(),
-                                           "pid": dead_pid, "operation": "backup",
-                                           "refreshed": time.time()}).encode())
+    r.put(
+        "locks/shared-dead",
+        json.dumps(
+            {
+                "kind": "shared",
+                "host": socket.gethostname(),
+                "pid": dead_pid,
+                "operation": "backup",
+                "refreshed": time.time(),
+            }
+        ).encode(),
+    )
     with RepositoryLock(r, "exclusive", "gc"):
         assert remove_stale_locks(r) == 1
 
 
 def test_lease_expiry_of_a_remote_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     r = LocalRemote(tmp_path)
-    lock = {"kind": "shared", "host": "other-host", "pid": 1, "operation": "backup elsewhere",
-            "refreshed": time.time()}
+    lock = {
+        "kind": "shared",
+        "host": "other-host",
+        "pid": 1,
+        "operation": "backup elsewhere",
+        "refreshed": time.time(),
+    }
     r.put("locks/shared-x", json.dumps(lock).encode())
     with pytest.raises(LockedError, match="other-host"):
         RepositoryLock(r, "exclusive", "gc").__enter__()

@@ -20,9 +20,14 @@ MARKER = b"VMKEEP-PLAINTEXT-MARKER-0123456789"
 
 def _manifest(ids: list[bytes], size: int) -> Manifest:
     now = datetime.now(UTC)
-    return Manifest(id=new_point_id(now), vm={"name": "vm1", "uuid": "u-1"},
-                    disks=[DiskIndex("disk0", size, "raw", b"".join(ids))], mode="full",
-                    created=now, finished=now)
+    return Manifest(
+        id=new_point_id(now),
+        vm={"name": "vm1", "uuid": "u-1"},
+        disks=[DiskIndex("disk0", size, "raw", b"".join(ids))],
+        mode="full",
+        created=now,
+        finished=now,
+    )
 
 
 def _all_bytes(root: Path) -> bytes:
@@ -64,8 +69,9 @@ def test_compression_kept_only_when_smaller(repo: Repository, tmp_path: Path) ->
     assert repo.get_chunk(repo.chunk_id(random)) == random
 
 
-def test_reopen_with_passphrase_and_wrong_passphrase(encrypted_repo: Repository,
-                                                     tmp_path: Path) -> None:
+def test_reopen_with_passphrase_and_wrong_passphrase(
+    encrypted_repo: Repository, tmp_path: Path
+) -> None:
     data = os.urandom(5000)
     cid = encrypted_repo.chunk_id(data)
     encrypted_repo.put_chunk(cid, data, 3)
@@ -107,8 +113,7 @@ def test_flipped_byte_in_chunk_is_detected(repo: Repository, tmp_path: Path, whe
 
 
 @pytest.mark.parametrize("where", [3, 5, 20, -1, -20])
-def test_flipped_byte_in_manifest_is_detected(repo: Repository, tmp_path: Path,
-                                              where: int) -> None:
+def test_flipped_byte_in_manifest_is_detected(repo: Repository, tmp_path: Path, where: int) -> None:
     m = _manifest([ZERO_ID], 100)
     repo.save_manifest(m)
     path = tmp_path / "repo" / "manifests" / m.id

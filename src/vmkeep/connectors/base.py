@@ -42,6 +42,9 @@ class DiskReader(Protocol):
     """A point-in-time read view of one disk."""
 
     size: int
+    # Proof of "unchanged since": equal tokens mean equal content, so a delta may reuse the
+    # previous index without reading. None when the connector cannot prove it.
+    change_token: str | None
 
     def extents(self) -> Iterator[Extent]:
         """Cover [0, size) in order; holes may be reported coarsely but never data as a hole."""

@@ -22,7 +22,8 @@ class RemoteFile(BaseModel):
 
 def config_dir() -> Path:
     base = os.environ.get("VMKEEP_CONFIG_DIR") or os.path.join(
-        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "vmkeep")
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "vmkeep"
+    )
     return Path(base)
 
 
@@ -36,7 +37,9 @@ class RemoteRegistry:
         except FileNotFoundError:
             return []
         except (ValidationError, ValueError) as exc:
-            raise UsageError(f"{self.path} is malformed; fix or remove it ({exc.__class__.__name__})") from exc
+            raise UsageError(
+                f"{self.path} is malformed; fix or remove it ({exc.__class__.__name__})"
+            ) from exc
 
     def save(self, entries: list[RemoteEntry]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

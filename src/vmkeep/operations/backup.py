@@ -64,9 +64,13 @@ class BackupReport:
             "mode": self.mode,
             **s.__dict__,
             "dedup_ratio": round(data / s.bytes_new, 3) if s.bytes_new else None,
-            "compression_ratio": round(s.bytes_new / s.bytes_written, 3) if s.bytes_written else None,
+            "compression_ratio": round(s.bytes_new / s.bytes_written, 3)
+            if s.bytes_written
+            else None,
             "duration": round(self.duration, 3),
-            "read_mb_per_s": round(s.bytes_read / 1e6 / self.duration, 1) if self.duration else None,
+            "read_mb_per_s": round(s.bytes_read / 1e6 / self.duration, 1)
+            if self.duration
+            else None,
             "notes": self.notes,
         }
 
@@ -113,8 +117,9 @@ class ChunkUploader:
         return chunk_id, stats
 
 
-def backup_disk(reader: DiskReader, uploader: ChunkUploader, label: str, progress: Progress,
-                workers: int | None) -> tuple[bytes, BackupStats]:
+def backup_disk(
+    reader: DiskReader, uploader: ChunkUploader, label: str, progress: Progress, workers: int | None
+) -> tuple[bytes, BackupStats]:
     size = reader.size
     flags = chunks_with_data(reader)
     to_read = [i for i, flag in enumerate(flags) if flag]
@@ -144,8 +149,9 @@ def previous_point(repo: Repository, vm_uuid: str) -> Manifest | None:
     return max(mine, key=lambda m: (m.created, m.id)) if mine else None
 
 
-def reuse_unchanged(disk: DiskInfo, token: str | None, previous: Manifest | None,
-                    known: set[bytes]) -> tuple[DiskIndex | None, str]:
+def reuse_unchanged(
+    disk: DiskInfo, token: str | None, previous: Manifest | None, known: set[bytes]
+) -> tuple[DiskIndex | None, str]:
     """Delta without reading: the connector proves the disk did not change since `previous`."""
     if previous is None:
         return None, "no previous restore point of this VM: full read"
@@ -160,12 +166,24 @@ def reuse_unchanged(disk: DiskInfo, token: str | None, previous: Manifest | None
 
 
 def vm_record(vm: VmConfig, connector_name: str) -> dict[str, Any]:
-    return {"name": vm.name, "uuid": vm.uuid, "vcpus": vm.vcpus, "memory": vm.memory,
-            "metadata": vm.metadata, "connector": connector_name}
+    return {
+        "name": vm.name,
+        "uuid": vm.uuid,
+        "vcpus": vm.vcpus,
+        "memory": vm.memory,
+        "metadata": vm.metadata,
+        "connector": connector_name,
+    }
 
 
-def backup_vm(repo: Repository, connector: Connector, vm_ref: str, options: BackupOptions,
-              progress: Progress, connector_name: str = "files") -> BackupReport:
+def backup_vm(
+    repo: Repository,
+    connector: Connector,
+    vm_ref: str,
+    options: BackupOptions,
+    progress: Progress,
+    connector_name: str = "files",
+) -> BackupReport:
     if options.mode not in MODES:
         raise UsageError(f"unknown mode {options.mode!r}: choose full or delta")
     if not 0 <= options.compression_level <= 22:
@@ -183,29 +201,46 @@ def backup_vm(repo: Repository, connector: Connector, vm_ref: str, options: Back
         for disk in vm.disks:
             reader = connector.open_disk(vm, disk)
             try:
-                token = getattr(reader, "change_token", None)
-                reused, note = (reuse_unchanged(disk, token, previous, known)
-                                if options.mode == "delta" else (None, ""))
+                token = reader.change_token
+                reused, note = (
+                    reuse_unchanged(disk, token, previous, known)
+                    if options.mode == "delta"
+                    else (None, "")
+                )
                 if note:
                     notes.append(note)
                     progress.note(note)
                 if reused is not None:
                     ids = reused.chunk_ids
                 else:
-                    ids, disk_stats = backup_disk(reader, uploader, f"{vm.name}/{disk.name}",
-                                                  progress, options.workers)
+                    ids, disk_stats = backup_disk(
+                        reader, uploader, f"{vm.name}/{disk.name}", progress, options.workers
+                    )
                     stats.add(disk_stats)
             finally:
                 reader.close()
-            indexes.append(DiskIndex(disk.name, disk.size, disk.format, ids, dict(disk.extra), token))
+            indexes.append(
+                DiskIndex(disk.name, disk.size, disk.format, ids, dict(disk.extra), token)
+            )
         finished = datetime.now(UTC)
         manifest = Manifest(
-            id=new_point_id(started), vm=vm_record(vm, connector_name), disks=indexes,
-            mode=options.mode, created=started, finished=finished, schedule=options.schedule,
-            job=options.job, parent=previous.id if previous else None, tags=list(options.tags),
-            stats={"bytes_read": stats.bytes_read, "bytes_new": stats.bytes_new,
-                   "bytes_written": stats.bytes_written},
+            id=new_point_id(started),
+            vm=vm_record(vm, connector_name),
+            disks=indexes,
+            mode=options.mode,
+            created=started,
+            finished=finished,
+            schedule=options.schedule,
+            job=options.job,
+            parent=previous.id if previous else None,
+            tags=list(options.tags),
+            stats={
+                "bytes_read": stats.bytes_read,
+                "bytes_new": stats.bytes_new,
+                "bytes_written": stats.bytes_written,
+            },
         )
         repo.save_manifest(manifest)
-    return BackupReport(manifest.id, vm.name, vm.uuid, options.mode, stats,
-                        time.monotonic() - began, notes)
+    return BackupReport(
+        manifest.id, vm.name, vm.uuid, options.mode, stats, time.monotonic() - began, notes
+    )

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.connectors.base import DiskWriter
-from vmkeep.connectors.files.qcow2 import Qcow2DiskWriter
+from vmkeep.connectors.files.qcow2_writer import Qcow2DiskWriter
 from vmkeep.connectors.files.raw import RawDiskWriter
-from vmkeep.errors import NotFoundError, UsageError, VmkeepError
+from vmkeep.errors import NotFoundError, UsageError
 from vmkeep.progress import Progress
 from vmkeep.repository.repository import Repository
 
@@ -34,8 +34,9 @@ class ExportReport:
         return dict(self.__dict__, duration=round(self.duration, 3))
 
 
-def export_disk(repo: Repository, point_ref: str, disk_name: str, fmt: str, output: Path,
-                progress: Progress) -> ExportReport:
+def export_disk(
+    repo: Repository, point_ref: str, disk_name: str, fmt: str, output: Path, progress: Progress
+) -> ExportReport:
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}: choose raw or qcow2")
     if output.exists() or output.is_symlink():
@@ -47,19 +48,25 @@ def export_disk(repo: Repository, point_ref: str, disk_name: str, fmt: str, outp
     index = next((d for d in manifest.disks if d.name == disk_name), None)
     if index is None:
         names = ", ".join(d.name for d in manifest.disks)
-        raise NotFoundError(f"restore point {manifest.id} has no disk {disk_name!r} (it has {names})")
+        raise NotFoundError(
+            f"restore point {manifest.id} has no disk {disk_name!r} (it has {names})"
+        )
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    writer: DiskWriter = (Qcow2DiskWriter(partial, index.size) if fmt == "qcow2"
-                          else RawDiskWriter(partial, index.size))
+    writer: DiskWriter = (
+        Qcow2DiskWriter(partial, index.size)
+        if fmt == "qcow2"
+        else RawDiskWriter(partial, index.size)
+    )
     try:
         try:
             _, written = restore_disk(repo, index, writer, None, progress, f"export {disk_name}")
         finally:
             writer.close()
         os.link(partial, output)  # never replaces a file that appeared meanwhile
-    except (VmkeepError, OSError, KeyboardInterrupt):
+    except BaseException:  # whatever went wrong, leave nothing half-written
         partial.unlink(missing_ok=True)
         raise
     partial.unlink()
-    return ExportReport(manifest.id, disk_name, str(output), fmt, index.size, written,
-                        time.monotonic() - began)
+    return ExportReport(
+        manifest.id, disk_name, str(output), fmt, index.size, written, time.monotonic() - began
+    )

@@ -70,7 +70,9 @@ def probe_remote(remote: Remote, size: int = 64 * 1024 * 1024) -> ProbeReport:
         began = time.monotonic()
         for _ in ordered_map(lambda n: remote.put(n, payload), names):
             pass
-        report.write_mb_per_s = round(len(names) * OBJECT_SIZE / 1e6 / (time.monotonic() - began), 1)
+        report.write_mb_per_s = round(
+            len(names) * OBJECT_SIZE / 1e6 / (time.monotonic() - began), 1
+        )
         began = time.monotonic()
         for data in ordered_map(remote.get, names):
             if len(data) != OBJECT_SIZE:

@@ -1,4 +1,4 @@
-"""Restore: rebuild a VM from one restore point, as a new VM or in place (writing only what differs)."""
+"""Restore: rebuild a VM from one restore point, as a new VM or in place (writing what differs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmkeep.connectors.base import Connector, DiskInfo, DiskReader, DiskWriter, VmConfig
-from vmkeep.errors import UsageError, VmkeepError
+from vmkeep.errors import UsageError
 from vmkeep.parallel import ordered_map
 from vmkeep.progress import Progress
 from vmkeep.repository.format import CHUNK_SIZE, ZERO_ID
@@ -35,19 +35,17 @@ class RestoreReport:
 def write_sparse(writer: DiskWriter, offset: int, data: bytes) -> int:
     """Write the non-zero runs of `data`; zero runs stay holes. Returns bytes written."""
     written = 0
-    view = memoryview(data)
     run_start = -1
-    pos = 0
-    while pos <= len(data):
-        block_is_data = pos < len(data) and view[pos : pos + SPARSE_BLOCK] != _ZERO_BLOCK[
-            : min(SPARSE_BLOCK, len(data) - pos)]
-        if block_is_data and run_start < 0:
+    for pos in range(0, len(data) + SPARSE_BLOCK, SPARSE_BLOCK):
+        block = data[pos : pos + SPARSE_BLOCK]
+        is_data = bool(block) and block != _ZERO_BLOCK[: len(block)]
+        if is_data and run_start < 0:
             run_start = pos
-        elif not block_is_data and run_start >= 0:
-            writer.write(offset + run_start, bytes(view[run_start:pos]))
-            written += pos - run_start
+        elif not is_data and run_start >= 0:
+            end = min(pos, len(data))
+            writer.write(offset + run_start, data[run_start:end])
+            written += end - run_start
             run_start = -1
-        pos += SPARSE_BLOCK
     return written
 
 
@@ -63,12 +61,21 @@ def vm_config_from(manifest: Manifest, name: str | None, new_identity: bool) -> 
     )
 
 
-def restore_disk(repo: Repository, index: DiskIndex, writer: DiskWriter,
-                 current: DiskReader | None, progress: Progress, label: str) -> tuple[int, int]:
+def restore_disk(
+    repo: Repository,
+    index: DiskIndex,
+    writer: DiskWriter,
+    current: DiskReader | None,
+    progress: Progress,
+    label: str,
+) -> tuple[int, int]:
     """Write one disk. With `current` (in-place), chunks that already match are skipped."""
     count = index.chunk_count
-    wanted = range(count) if current is not None else [
-        i for i in range(count) if index.chunk_id(i) != ZERO_ID]
+    wanted = (
+        range(count)
+        if current is not None
+        else [i for i in range(count) if index.chunk_id(i) != ZERO_ID]
+    )
     progress.start(label, sum(min(CHUNK_SIZE, index.size - i * CHUNK_SIZE) for i in wanted))
 
     def fetch(i: int) -> tuple[int, bytes | None, int]:
@@ -100,20 +107,31 @@ def restore_disk(repo: Repository, index: DiskIndex, writer: DiskWriter,
     return restored, written
 
 
-def restore_vm(repo: Repository, connector: Connector, point_ref: str, target: str,
-               progress: Progress, name: str | None = None, in_place: bool = False,
-               force: bool = False) -> RestoreReport:
+def restore_vm(
+    repo: Repository,
+    connector: Connector,
+    point_ref: str,
+    target: str,
+    progress: Progress,
+    name: str | None = None,
+    in_place: bool = False,
+    force: bool = False,
+) -> RestoreReport:
     began = time.monotonic()
     manifest = repo.load_manifest(repo.resolve_point(point_ref))
     if in_place:
         existing = connector.get_vm(target)
         if existing.uuid != manifest.vm_uuid and not force:
-            raise UsageError(f"refusing to restore in place: {target} is VM {existing.uuid}, the "
-                             f"restore point is of VM {manifest.vm_uuid} (--force overrides)")
+            raise UsageError(
+                f"refusing to restore in place: {target} is VM {existing.uuid}, the "
+                f"restore point is of VM {manifest.vm_uuid} (--force overrides)"
+            )
         sizes = {d.name: d.size for d in existing.disks}
         if sizes != {d.name: d.size for d in manifest.disks}:
-            raise UsageError("refusing to restore in place: the VM's disks changed since the "
-                             "restore point (restore it as a new VM instead)")
+            raise UsageError(
+                "refusing to restore in place: the VM's disks changed since the "
+                "restore point (restore it as a new VM instead)"
+            )
         sink = connector.overwrite_vm(existing)
     else:
         existing = None
@@ -125,8 +143,9 @@ def restore_vm(repo: Repository, connector: Connector, point_ref: str, target: s
             current = connector.open_disk(existing, info) if existing else None
             writer = sink.open_disk(info)
             try:
-                r, w = restore_disk(repo, index, writer, current, progress,
-                                    f"{manifest.vm_name}/{index.name}")
+                r, w = restore_disk(
+                    repo, index, writer, current, progress, f"{manifest.vm_name}/{index.name}"
+                )
             finally:
                 writer.close()
                 if current:
@@ -134,8 +153,14 @@ def restore_vm(repo: Repository, connector: Connector, point_ref: str, target: s
             restored += r
             written += w
         sink.commit()
-    except (VmkeepError, OSError, KeyboardInterrupt):
+    except BaseException:  # whatever went wrong, leave nothing half-written
         sink.abort()
         raise
-    return RestoreReport(manifest.id, name or manifest.vm_name, sink.location, restored, written,
-                         time.monotonic() - began)
+    return RestoreReport(
+        manifest.id,
+        name or manifest.vm_name,
+        sink.location,
+        restored,
+        written,
+        time.monotonic() - began,
+    )

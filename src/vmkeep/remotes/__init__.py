@@ -1,1 +1,1 @@
-"""Remotes: where repositories live. A remote stores opaque named objects and knows nothing of VMs."""
+"""Remotes: where repositories live. A remote stores opaque named objects; it knows no VMs."""

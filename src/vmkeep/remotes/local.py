@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import time
@@ -61,10 +62,8 @@ class LocalRemote:
             tmp.unlink(missing_ok=True)
             raise ObjectExistsError(f"object {name} already exists") from exc
         except OSError as exc:
-            try:
+            with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             raise _os_error(exc, "writing", path) from exc
 
     @staticmethod
@@ -107,8 +106,11 @@ class LocalRemote:
         for dirpath, dirnames, filenames in os.walk(start):
             rel = os.path.relpath(dirpath, self.root)
             base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-            dirnames[:] = [d for d in dirnames if (base + d + "/").startswith(prefix)
-                           or prefix.startswith(base + d + "/")]
+            dirnames[:] = [
+                d
+                for d in dirnames
+                if (base + d + "/").startswith(prefix) or prefix.startswith(base + d + "/")
+            ]
             for fn in filenames:
                 name = base + fn
                 if fn.startswith(TEMP_PREFIX) or not name.startswith(prefix):

@@ -16,4 +16,6 @@ def open_remote(location: str) -> Remote:
     url = urlparse(location)
     if url.scheme == "file":
         return LocalRemote(url.path)
-    raise UsageError(f"remote kind {url.scheme!r} is not supported yet (local paths and file:// are)")
+    raise UsageError(
+        f"remote kind {url.scheme!r} is not supported yet (local paths and file:// are)"
+    )

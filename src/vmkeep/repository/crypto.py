@@ -57,10 +57,17 @@ def _unb64(text: Any) -> bytes:
         raise RepositoryError("repository config: malformed key entry") from exc
 
 
-def derive_kek(passphrase: bytes, salt: bytes, time_cost: int, memory_kib: int, lanes: int) -> bytes:
+def derive_kek(
+    passphrase: bytes, salt: bytes, time_cost: int, memory_kib: int, lanes: int
+) -> bytes:
     return hash_secret_raw(
-        passphrase, salt, time_cost=time_cost, memory_cost=memory_kib,
-        parallelism=lanes, hash_len=32, type=Type.ID,
+        passphrase,
+        salt,
+        time_cost=time_cost,
+        memory_cost=memory_kib,
+        parallelism=lanes,
+        hash_len=32,
+        type=Type.ID,
     )
 
 
@@ -84,7 +91,9 @@ def wrap_key(key: RepositoryKey, passphrase: bytes, repo_id: str, label: str) ->
     }
 
 
-def unwrap_key(entries: list[dict[str, Any]], passphrase: bytes, repo_id: str) -> tuple[RepositoryKey, str]:
+def unwrap_key(
+    entries: list[dict[str, Any]], passphrase: bytes, repo_id: str
+) -> tuple[RepositoryKey, str]:
     """Try every wrapped copy; returns the key and the id of the entry that opened."""
     for entry in entries:
         if entry.get("kdf") != "argon2id":
@@ -98,7 +107,8 @@ def unwrap_key(entries: list[dict[str, Any]], passphrase: bytes, repo_id: str) -
         kek = derive_kek(passphrase, _unb64(entry.get("salt")), *cost)
         try:
             raw = AESGCM(kek).decrypt(
-                _unb64(entry.get("nonce")), _unb64(entry.get("wrapped")),
+                _unb64(entry.get("nonce")),
+                _unb64(entry.get("wrapped")),
                 KEY_AAD_PREFIX + repo_id.encode(),
             )
         except InvalidTag:
@@ -124,7 +134,7 @@ class Sealer:
         return blake3.blake3(data, key=self.key.id_key).digest()
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
-        """Encrypted: nonce || ciphertext || tag. Unencrypted: plaintext || BLAKE3(aad || plaintext)."""
+        """Encrypted: nonce || ciphertext || tag. Else: plaintext || BLAKE3(aad || plaintext)."""
         if self._aead is None:
             return plaintext + blake3.blake3(aad + plaintext).digest()
         nonce = os.urandom(NONCE_SIZE)

@@ -52,5 +52,12 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
         progress.finish()
         # No live writer exists while we hold the exclusive lock: every temp object is dead.
         partial = 0 if dry_run else repo.remote.purge_incomplete(older_than=0)
-    return GcReport(len(manifests), len(referenced), len(garbage), sum(s for _, s in garbage),
-                    partial, stale, dry_run)
+    return GcReport(
+        len(manifests),
+        len(referenced),
+        len(garbage),
+        sum(s for _, s in garbage),
+        partial,
+        stale,
+        dry_run,
+    )

@@ -7,6 +7,7 @@ processes at least one sees the other."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -60,8 +61,14 @@ def _pid_alive(pid: int) -> bool:
 def _read_lock(remote: Remote, name: str) -> LockInfo | None:
     try:
         doc: dict[str, Any] = json.loads(remote.get(name))
-        return LockInfo(name, str(doc["kind"]), str(doc["host"]), int(doc["pid"]),
-                        str(doc.get("operation", "")), float(doc["refreshed"]))
+        return LockInfo(
+            name,
+            str(doc["kind"]),
+            str(doc["host"]),
+            int(doc["pid"]),
+            str(doc.get("operation", "")),
+            float(doc["refreshed"]),
+        )
     except NotFoundError:
         return None
     except (ValueError, KeyError, TypeError):
@@ -80,8 +87,13 @@ class RepositoryLock:
         self._thread: threading.Thread | None = None
 
     def _write(self) -> None:
-        doc = {"kind": self.kind, "host": socket.gethostname(), "pid": os.getpid(),
-               "operation": self.operation, "refreshed": time.time()}
+        doc = {
+            "kind": self.kind,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "operation": self.operation,
+            "refreshed": time.time(),
+        }
         self.remote.put(self.name, json.dumps(doc).encode())
 
     def conflicts(self) -> list[LockInfo]:
@@ -109,10 +121,8 @@ class RepositoryLock:
 
     def _refresh(self) -> None:
         while not self._stop.wait(min(REFRESH_SECONDS, lease_seconds() / 3)):
-            try:
+            with contextlib.suppress(Exception):  # the operation will meet the same failure
                 self._write()
-            except Exception:  # the operation itself will meet the same remote failure
-                pass
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()

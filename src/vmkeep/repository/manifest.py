@@ -125,8 +125,16 @@ class Manifest:
             size = int(d["size"])
             if int(d["chunk_size"]) != CHUNK_SIZE or len(ids) != -(-size // CHUNK_SIZE) * ID_SIZE:
                 raise ValueError("chunk index does not match the disk size")
-            disks.append(DiskIndex(str(d["name"]), size, str(d["format"]), ids,
-                                   dict(d.get("extra") or {}), d.get("change_token")))
+            disks.append(
+                DiskIndex(
+                    str(d["name"]),
+                    size,
+                    str(d["format"]),
+                    ids,
+                    dict(d.get("extra") or {}),
+                    d.get("change_token"),
+                )
+            )
         return cls(
             id=str(doc["id"]),
             vm=dict(doc["vm"]),

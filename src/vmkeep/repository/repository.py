@@ -55,7 +55,9 @@ class Repository:
     @classmethod
     def init(cls, remote: Remote, encryption: str, passphrase: PassphraseSource) -> Repository:
         if encryption not in ENCRYPTIONS:
-            raise UsageError(f"unknown encryption {encryption!r}: choose {' or '.join(ENCRYPTIONS)}")
+            raise UsageError(
+                f"unknown encryption {encryption!r}: choose {' or '.join(ENCRYPTIONS)}"
+            )
         repo_id = uuid.uuid4().hex
         key = RepositoryKey.generate() if encryption != "none" else None
         config: dict[str, Any] = {
@@ -80,7 +82,9 @@ class Repository:
         try:
             raw = remote.get(CONFIG_NAME)
         except NotFoundError as exc:
-            raise RepositoryError(f"no vmkeep repository at {remote.url} (run `vmkeep init`)") from exc
+            raise RepositoryError(
+                f"no vmkeep repository at {remote.url} (run `vmkeep init`)"
+            ) from exc
         config = parse_config(raw, remote.url)
         if config["encryption"] == "none":
             return cls(remote, config, None)
@@ -130,7 +134,9 @@ class Repository:
         try:
             blob = self.remote.get(chunk_object_name(chunk_id))
         except NotFoundError as exc:
-            raise IntegrityError(f"chunk {chunk_id.hex()[:16]} is missing from the repository") from exc
+            raise IntegrityError(
+                f"chunk {chunk_id.hex()[:16]} is missing from the repository"
+            ) from exc
         return decode_chunk(self.sealer, chunk_id, blob)
 
     def list_chunks(self) -> Iterator[tuple[bytes, int]]:
@@ -150,7 +156,7 @@ class Repository:
     # -- manifests ------------------------------------------------------------
 
     def point_ids(self) -> list[str]:
-        return sorted(o.name[len(MANIFESTS_PREFIX):] for o in self.remote.list(MANIFESTS_PREFIX))
+        return sorted(o.name[len(MANIFESTS_PREFIX) :] for o in self.remote.list(MANIFESTS_PREFIX))
 
     def save_manifest(self, manifest: Manifest) -> None:
         """The last write of a backup: from here on the restore point exists."""
@@ -208,4 +214,3 @@ def parse_config(raw: bytes, where: str) -> dict[str, Any]:
     if not isinstance(config.get("keys"), list) or not isinstance(config.get("id"), str):
         raise RepositoryError(f"{where}: repository config is malformed")
     return config
-

@@ -71,7 +71,9 @@ def verify(repo: Repository, point_ids: list[str] | None, progress: Progress) ->
         report.chunks_checked += 1
         report.bytes_checked += size
         if error is not None:
-            report.corrupt_chunks.append(CorruptChunk(chunk_id.hex(), error, sorted(users[chunk_id])))
+            report.corrupt_chunks.append(
+                CorruptChunk(chunk_id.hex(), error, sorted(users[chunk_id]))
+            )
         progress.advance(1)
     progress.finish()
     return report

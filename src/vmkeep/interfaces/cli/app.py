@@ -6,7 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-import click
 import typer
 
 from vmkeep.errors import VmkeepError
@@ -45,17 +44,20 @@ app.add_typer(vm_commands.vm_app, name="vm")
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns typer.Exit's code instead of raising
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except VmkeepError as exc:
         print_error(exc.message)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         print_error("aborted")
         sys.exit(130)
-    except click.ClickException as exc:
-        print_error(exc.format_message())
+    except typer.TyperException as exc:  # bad usage, parsed by typer
+        format_message = getattr(exc, "format_message", None)
+        print_error(f"{format_message() if format_message else exc.message} (see --help)")
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print_error("interrupted")
@@ -67,8 +69,10 @@ def main() -> None:
     except Exception as exc:
         if os.environ.get("VMKEEP_DEBUG"):
             raise
-        print_error(f"internal error: {exc.__class__.__name__}: {exc} "
-                    "(set VMKEEP_DEBUG=1 for a traceback, and please report it)")
+        print_error(
+            f"internal error: {exc.__class__.__name__}: {exc} "
+            "(set VMKEEP_DEBUG=1 for a traceback, and please report it)"
+        )
         sys.exit(70)
 
 

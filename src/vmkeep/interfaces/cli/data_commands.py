@@ -43,25 +43,43 @@ def backup(
 
 def restore(
     point: str = typer.Argument(..., help="Restore point id (or a unique prefix)."),
-    to: Path = typer.Option(..., "--to", help="Parent directory of the new VM; with --in-place, "
-                            "the existing VM's directory."),
+    to: Path = typer.Option(
+        ...,
+        "--to",
+        help="Parent directory of the new VM; with --in-place, the existing VM's directory.",
+    ),
     name: str | None = typer.Option(None, "--name", help="Name of the new VM."),
-    in_place: bool = typer.Option(False, "--in-place", help="Overwrite the original VM, writing "
-                                  "only chunks that differ; it keeps its identity."),
+    in_place: bool = typer.Option(
+        False,
+        "--in-place",
+        help="Overwrite the original VM, writing only chunks that differ; it keeps its identity.",
+    ),
     force: bool = typer.Option(False, "--force", help="In place over a VM of another uuid."),
     remote: str | None = RemoteOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Restore a VM from a restore point, as a new VM (new uuid) or in place."""
     repo = state.open_repository(remote)
-    report = restore_vm(repo, FilesConnector(), point, str(to), RichProgress(not json_out),
-                        name=name, in_place=in_place, force=force)
+    if not in_place:
+        to.mkdir(parents=True, exist_ok=True)
+    report = restore_vm(
+        repo,
+        FilesConnector(),
+        point,
+        str(to),
+        RichProgress(not json_out),
+        name=name,
+        in_place=in_place,
+        force=force,
+    )
     if json_out:
         print_json(report.to_json())
         return
-    console.print(f"restored {report.restore_point} to {report.location}: "
-                  f"{human_bytes(report.bytes_written)} written in {report.duration:.1f} s",
-                  highlight=False)
+    console.print(
+        f"restored {report.restore_point} to {report.location}: "
+        f"{human_bytes(report.bytes_written)} written in {report.duration:.1f} s",
+        highlight=False,
+    )
 
 
 def export(
@@ -78,8 +96,11 @@ def export(
     if json_out:
         print_json(report.to_json())
     else:
-        console.print(f"exported {report.disk} of {report.restore_point} to {report.path} "
-                      f"({fmt}, {human_bytes(report.size)})", highlight=False)
+        console.print(
+            f"exported {report.disk} of {report.restore_point} to {report.path} "
+            f"({fmt}, {human_bytes(report.size)})",
+            highlight=False,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.text import Text
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -19,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from vmkeep.errors import UsageError
 
@@ -97,13 +97,16 @@ class PassphraseSource:
             try:
                 return self.file.read_bytes().rstrip(b"\r\n")
             except OSError as exc:
-                raise UsageError(f"cannot read passphrase file {self.file}: {exc.strerror}") from exc
+                raise UsageError(
+                    f"cannot read passphrase file {self.file}: {exc.strerror}"
+                ) from exc
         env = os.environ.get("VMKEEP_PASSPHRASE")
         if env is not None:
             return env.encode()
         if not sys.stdin.isatty():
-            raise UsageError("no passphrase: set VMKEEP_PASSPHRASE, use --passphrase-file, "
-                             "or run in a terminal")
+            raise UsageError(
+                "no passphrase: set VMKEEP_PASSPHRASE, use --passphrase-file, or run in a terminal"
+            )
         first = getpass.getpass("Repository passphrase: ")
         if confirm and getpass.getpass("Repeat passphrase: ") != first:
             raise UsageError("the passphrases do not match")

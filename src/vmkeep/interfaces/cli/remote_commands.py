@@ -18,10 +18,14 @@ remote_app = typer.Typer(help="Named remotes: where repositories live.", no_args
 
 
 @remote_app.command("add")
-def add(name: str, location: str = typer.Argument(..., help="Path or URL."),
-        encryption: str = typer.Option("aes-256-gcm", help="For a new repository: "
-                                       "aes-256-gcm or none."),
-        init: bool = typer.Option(True, help="Create the repository when there is none.")) -> None:
+def add(
+    name: str,
+    location: str = typer.Argument(..., help="Path or URL."),
+    encryption: str = typer.Option(
+        "aes-256-gcm", help="For a new repository: aes-256-gcm or none."
+    ),
+    init: bool = typer.Option(True, help="Create the repository when there is none."),
+) -> None:
     """Register a remote; creates its repository if there is none, else checks the passphrase."""
     remote = open_remote(location)
     try:
@@ -57,9 +61,11 @@ def remove(name: str) -> None:
 
 
 @remote_app.command("test")
-def test(remote: str = typer.Argument(..., help="Remote name, path or URL."),
-         size_mib: int = typer.Option(64, "--size", help="MiB written and read back."),
-         json_out: bool = JsonOpt) -> None:
+def test(
+    remote: str = typer.Argument(..., help="Remote name, path or URL."),
+    size_mib: int = typer.Option(64, "--size", help="MiB written and read back."),
+    json_out: bool = JsonOpt,
+) -> None:
     """Check permissions (create, read, list, delete) and measure throughput."""
     report = probe_remote(open_remote(state.registry.resolve(remote)), size_mib * 1024 * 1024)
     if json_out:
@@ -69,8 +75,10 @@ def test(remote: str = typer.Argument(..., help="Remote name, path or URL."),
         for name, result in report.checks.items():
             table.add_row(name, "[green]ok[/]" if result == "ok" else f"[red]{result}[/]")
         stdout.print(table)
-        stdout.print(f"write {report.write_mb_per_s or '-'} MB/s, read {report.read_mb_per_s or '-'}"
-                     f" MB/s, latency {report.latency_ms or '-'} ms, "
-                     f"free {human_bytes(report.free_bytes)}")
+        stdout.print(
+            f"write {report.write_mb_per_s or '-'} MB/s, read {report.read_mb_per_s or '-'}"
+            f" MB/s, latency {report.latency_ms or '-'} ms, "
+            f"free {human_bytes(report.free_bytes)}"
+        )
     if not report.ok:
         raise typer.Exit(1)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.table import Table
 
-from vmkeep.engine.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.errors import UsageError
-from vmkeep.operations.prune import apply_prune
 from vmkeep.remotes.location import open_remote
 from vmkeep.repository.gc import collect_garbage
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.verify import verify
 
 from .context import state
-from .output import RichProgress, console, human_bytes, print_json, stdout
+from .output import RichProgress, console, human_bytes, print_error, print_json, stdout
 
 RemoteOpt = typer.Option(None, "--remote", "-r", help="Remote name, path or URL.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
@@ -26,13 +26,18 @@ def init(
     json_out: bool = JsonOpt,
 ) -> None:
     """Create a repository (encrypted by default: you will be asked for a passphrase)."""
-    repo = Repository.init(open_remote(state.registry.resolve(location)), encryption,
-                           lambda: state.passphrase(confirm=True))
+    repo = Repository.init(
+        open_remote(state.registry.resolve(location)),
+        encryption,
+        lambda: state.passphrase(confirm=True),
+    )
     if json_out:
         print_json({"location": repo.remote.url, "id": repo.config["id"], "encryption": encryption})
     else:
-        console.print(f"created repository {repo.config['id'][:8]} at {repo.remote.url} "
-                      f"(encryption: {encryption})")
+        console.print(
+            f"created repository {repo.config['id'][:8]} at {repo.remote.url} "
+            f"(encryption: {encryption})"
+        )
 
 
 def list_points(
@@ -46,24 +51,46 @@ def list_points(
     if vm:
         manifests = [m for m in manifests if vm in (m.vm_name, m.vm_uuid)]
     manifests.sort(key=lambda m: (m.vm_name, m.created))
-    rows = [{
-        "restore_point": m.id, "vm": m.vm_name, "vm_uuid": m.vm_uuid, "mode": m.mode,
-        "created": m.created.isoformat(), "schedule": m.schedule,
-        "disks": [d.name for d in m.disks],
-        "size": sum(d.size for d in m.disks),
-        "data_bytes": sum(d.nonzero_bytes() for d in m.disks),
-        "new_bytes_written": m.stats.get("bytes_written"),
-    } for m in manifests]
+    rows: list[dict[str, Any]] = [
+        {
+            "restore_point": m.id,
+            "vm": m.vm_name,
+            "vm_uuid": m.vm_uuid,
+            "mode": m.mode,
+            "created": m.created.isoformat(),
+            "schedule": m.schedule,
+            "disks": [d.name for d in m.disks],
+            "size": sum(d.size for d in m.disks),
+            "data_bytes": sum(d.nonzero_bytes() for d in m.disks),
+            "new_bytes_written": m.stats.get("bytes_written"),
+        }
+        for m in manifests
+    ]
     if json_out:
-        print_json({"restore_points": rows,
-                    "unreadable": [p.__dict__ for p in problems]})
+        print_json({"restore_points": rows, "unreadable": [p.__dict__ for p in problems]})
         return
-    table = Table("restore point", "vm", "created (UTC)", "mode", "schedule", "disk size",
-                  "data", "new stored", title=f"{repo.remote.url}")
+    table = Table(
+        "restore point",
+        "vm",
+        "created (UTC)",
+        "mode",
+        "schedule",
+        "disk size",
+        "data",
+        "new stored",
+        title=f"{repo.remote.url}",
+    )
     for r in rows:
-        table.add_row(r["restore_point"], r["vm"], str(r["created"])[:19], r["mode"],
-                      r["schedule"], human_bytes(r["size"]), human_bytes(r["data_bytes"]),
-                      human_bytes(r["new_bytes_written"]))
+        table.add_row(
+            r["restore_point"],
+            r["vm"],
+            str(r["created"])[:19],
+            r["mode"],
+            r["schedule"],
+            human_bytes(r["size"]),
+            human_bytes(r["data_bytes"]),
+            human_bytes(r["new_bytes_written"]),
+        )
     stdout.print(table)
     for p in problems:
         console.print(f"[red]unreadable restore point[/] {p.point_id}: {p.error}")
@@ -84,18 +111,27 @@ def verify_cmd(
         for m in report.corrupt_manifests:
             console.print(f"[red]corrupt restore point[/] {m.point_id}: {m.error}")
         for c in report.corrupt_chunks:
-            console.print(f"[red]corrupt chunk[/] {c.chunk_id[:16]}: {c.error}; "
-                          f"affects {', '.join(c.points)}")
-        console.print(f"checked {report.points_checked} restore points, {report.chunks_checked} "
-                      f"chunks ({human_bytes(report.bytes_checked)}): "
-                      + ("[green]no errors[/]" if report.ok else "[red]CORRUPTION FOUND[/]"))
+            console.print(
+                f"[red]corrupt chunk[/] {c.chunk_id[:16]}: {c.error}; affects {', '.join(c.points)}"
+            )
+        console.print(
+            f"checked {report.points_checked} restore points, {report.chunks_checked} "
+            f"chunks ({human_bytes(report.bytes_checked)}): "
+            + ("[green]no errors[/]" if report.ok else "[red]CORRUPTION FOUND[/]")
+        )
     if not report.ok:
+        print_error(
+            f"corruption found: {len(report.corrupt_chunks)} chunks, "
+            f"{len(report.corrupt_manifests)} restore points unreadable"
+        )
         raise typer.Exit(3)
 
 
-def gc(remote: str | None = RemoteOpt,
-       dry_run: bool = typer.Option(False, "--dry-run", help="Only count what would be freed."),
-       json_out: bool = JsonOpt) -> None:
+def gc(
+    remote: str | None = RemoteOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only count what would be freed."),
+    json_out: bool = JsonOpt,
+) -> None:
     """Delete chunks no restore point references (refuses while a backup runs)."""
     repo = state.open_repository(remote)
     report = collect_garbage(repo, RichProgress(not json_out, unit_bytes=False), dry_run)
@@ -103,8 +139,10 @@ def gc(remote: str | None = RemoteOpt,
         print_json(report.to_json())
     else:
         verb = "would free" if dry_run else "freed"
-        console.print(f"{report.points} restore points reference {report.chunks_kept} chunks; "
-                      f"{verb} {report.chunks_deleted} chunks ({human_bytes(report.bytes_freed)})")
+        console.print(
+            f"{report.points} restore points reference {report.chunks_kept} chunks; "
+            f"{verb} {report.chunks_deleted} chunks ({human_bytes(report.bytes_freed)})"
+        )
 
 
 def prune(
@@ -121,34 +159,65 @@ def prune(
     json_out: bool = JsonOpt,
 ) -> None:
     """Forget restore points by retention policy, per VM and schedule (run gc to free space)."""
-    policy = RetentionPolicy(keep_last, keep_daily, keep_weekly, keep_monthly, keep_yearly,
-                             timezone)
+    from vmkeep.engine.retention import PointRef, RetentionPolicy, prune_plan
+    from vmkeep.operations.prune import apply_prune
+
+    policy = RetentionPolicy(
+        keep_last, keep_daily, keep_weekly, keep_monthly, keep_yearly, timezone
+    )
     if policy.is_empty():
-        raise UsageError("no retention given: use --keep-last/--keep-daily/... "
-                         "(an empty policy would delete everything)")
+        raise UsageError(
+            "no retention given: use --keep-last/--keep-daily/... "
+            "(an empty policy would delete everything)"
+        )
     repo = state.open_repository(remote)
     manifests, _ = repo.load_manifests()
-    chosen = [m for m in manifests if (vm is None or vm in (m.vm_name, m.vm_uuid))
-              and (schedule is None or m.schedule == schedule)]
+    chosen = [
+        m
+        for m in manifests
+        if (vm is None or vm in (m.vm_name, m.vm_uuid))
+        and (schedule is None or m.schedule == schedule)
+    ]
     names = {m.id: m.vm_name for m in chosen}
     plan = prune_plan([PointRef(m.id, m.vm_uuid, m.schedule, m.created) for m in chosen], policy)
     removed = apply_prune(repo, plan, dry_run)
     if json_out:
-        print_json({"dry_run": dry_run, "decisions": [
-            {"restore_point": d.point.id, "vm": names[d.point.id], "schedule": d.point.schedule,
-             "created": d.point.time.isoformat(), "keep": d.keep, "reasons": d.reasons}
-            for d in plan], "removed": removed})
+        print_json(
+            {
+                "dry_run": dry_run,
+                "decisions": [
+                    {
+                        "restore_point": d.point.id,
+                        "vm": names[d.point.id],
+                        "schedule": d.point.schedule,
+                        "created": d.point.time.isoformat(),
+                        "keep": d.keep,
+                        "reasons": d.reasons,
+                    }
+                    for d in plan
+                ],
+                "removed": removed,
+            }
+        )
         return
     table = Table("restore point", "vm", "schedule", "created (UTC)", "action", "why")
     for d in plan:
         action = "keep" if d.keep else ("would remove" if dry_run else "removed")
-        table.add_row(d.point.id, names[d.point.id], d.point.schedule,
-                      d.point.time.isoformat()[:19], action, ", ".join(d.reasons))
+        table.add_row(
+            d.point.id,
+            names[d.point.id],
+            d.point.schedule,
+            d.point.time.isoformat()[:19],
+            action,
+            ", ".join(d.reasons),
+        )
     stdout.print(table)
 
 
-def forget(point: str = typer.Argument(..., help="Restore point to delete."),
-           remote: str | None = RemoteOpt) -> None:
+def forget(
+    point: str = typer.Argument(..., help="Restore point to delete."),
+    remote: str | None = RemoteOpt,
+) -> None:
     """Delete one restore point (its chunks go at the next gc)."""
     repo = state.open_repository(remote)
     point_id = repo.resolve_point(point)
@@ -163,23 +232,31 @@ key_app = typer.Typer(help="Passphrases of an encrypted repository.", no_args_is
 def key_list(remote: str | None = RemoteOpt, json_out: bool = JsonOpt) -> None:
     """List the wrapped copies of the repository key."""
     repo = state.open_repository(remote)
-    keys = [{k: e.get(k) for k in ("id", "label", "kdf", "memory_kib", "time_cost")}
-            for e in repo.config["keys"]]
+    keys = [
+        {k: e.get(k) for k in ("id", "label", "kdf", "memory_kib", "time_cost")}
+        for e in repo.config["keys"]
+    ]
     if json_out:
         print_json(keys)
         return
     table = Table("id", "label", "kdf", "memory", "passes")
     for k in keys:
-        table.add_row(str(k["id"]), str(k["label"]), str(k["kdf"]),
-                      human_bytes(int(k["memory_kib"] or 0) * 1024), str(k["time_cost"]))
+        table.add_row(
+            str(k["id"]),
+            str(k["label"]),
+            str(k["kdf"]),
+            human_bytes(int(k["memory_kib"] or 0) * 1024),
+            str(k["time_cost"]),
+        )
     stdout.print(table)
 
 
 @key_app.command("add")
-def key_add(remote: str | None = RemoteOpt,
-            label: str = typer.Option("added", help="A name for the new passphrase."),
-            new_passphrase_file: str = typer.Option(..., help="File holding the new passphrase.")
-            ) -> None:
+def key_add(
+    remote: str | None = RemoteOpt,
+    label: str = typer.Option("added", help="A name for the new passphrase."),
+    new_passphrase_file: str = typer.Option(..., help="File holding the new passphrase."),
+) -> None:
     """Add a passphrase (e.g. a recovery key); the data is not rewritten."""
     from pathlib import Path
 

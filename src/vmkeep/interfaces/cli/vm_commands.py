@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -13,35 +14,52 @@ from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
 from .output import console, human_bytes, print_json, stdout
 from .repo_commands import JsonOpt
 
-vm_app = typer.Typer(help="VMs of the files connector (a directory with vm.json and disks).",
-                     no_args_is_help=True)
+vm_app = typer.Typer(
+    help="VMs of the files connector (a directory with vm.json and disks).", no_args_is_help=True
+)
 
 
 @vm_app.command("list")
-def list_vms(root: Path = typer.Argument(Path("."), help="Directory holding VM directories."),
-             json_out: bool = JsonOpt) -> None:
+def list_vms(
+    root: Path = typer.Argument(Path("."), help="Directory holding VM directories."),
+    json_out: bool = JsonOpt,
+) -> None:
     """List the VMs found in a directory."""
     vms = FilesConnector(root).list_vms()
-    rows = [{"name": v.name, "uuid": v.uuid, "vcpus": v.vcpus, "memory": v.memory,
-             "disks": [{"name": d.name, "size": d.size, "format": d.format} for d in v.disks]}
-            for v in vms]
+    rows: list[dict[str, Any]] = [
+        {
+            "name": v.name,
+            "uuid": v.uuid,
+            "vcpus": v.vcpus,
+            "memory": v.memory,
+            "disks": [{"name": d.name, "size": d.size, "format": d.format} for d in v.disks],
+        }
+        for v in vms
+    ]
     if json_out:
         print_json(rows)
         return
     table = Table("name", "uuid", "vcpus", "memory", "disks")
     for r in rows:
-        table.add_row(r["name"], r["uuid"], str(r["vcpus"]), human_bytes(r["memory"]),
-                      ", ".join(f"{d['name']} ({human_bytes(d['size'])} {d['format']})"
-                                for d in r["disks"]))
+        table.add_row(
+            r["name"],
+            r["uuid"],
+            str(r["vcpus"]),
+            human_bytes(r["memory"]),
+            ", ".join(f"{d['name']} ({human_bytes(d['size'])} {d['format']})" for d in r["disks"]),
+        )
     stdout.print(table)
 
 
 @vm_app.command("create-demo")
-def create_demo(parent: Path = typer.Argument(..., help="Where to create the VM directory."),
-                name: str = typer.Option("demo", help="VM name (and directory name)."),
-                size_mib: int = typer.Option(256, "--size", help="Disk size in MiB."),
-                fmt: str = typer.Option("raw", "--format", help="raw or qcow2.")) -> None:
+def create_demo(
+    parent: Path = typer.Argument(..., help="Where to create the VM directory."),
+    name: str = typer.Option("demo", help="VM name (and directory name)."),
+    size_mib: int = typer.Option(256, "--size", help="Disk size in MiB."),
+    fmt: str = typer.Option("raw", "--format", help="raw or qcow2."),
+) -> None:
     """Make a demo VM: a disk with a partition table and an ext4 file system with files."""
+    parent.mkdir(parents=True, exist_ok=True)
     path = create_demo_vm(parent, name, size_mib * 1024 * 1024, fmt)
     console.print(f"created demo VM {name} in {path}")
 

@@ -1,0 +1,139 @@
+"""Small file helpers shared by the readers and writers: opening images with one-line errors,
+punching holes, durable renames. Kept apart so every module reports failures the same way."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from vmkeep.errors import ConnectorError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_ZERO_PIECE = 1 << 20
+
+
+def open_image(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """Open a disk image file and return its descriptor; only regular files are accepted.
+
+    Every failure becomes a ConnectorError naming the file, so the CLI prints one clear line."""
+    name = os.fspath(path)
+    try:
+        fd = os.open(name, flags | os.O_CLOEXEC, mode)
+    except FileNotFoundError:
+        raise ConnectorError(f"disk image {name} does not exist") from None
+    except PermissionError:
+        raise ConnectorError(f"permission denied opening disk image {name}") from None
+    except IsADirectoryError:
+        raise ConnectorError(f"disk image {name} is a directory, not a file") from None
+    except OSError as exc:
+        raise ConnectorError(f"cannot open disk image {name}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise ConnectorError(f"cannot stat disk image {name}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ConnectorError(f"disk image {name} is {kind}")
+    return fd
+
+
+def _load_fallocate() -> Callable[..., int] | None:
+    """libc's fallocate(2): Python's os module has no way to pass PUNCH_HOLE."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        func = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    func.restype = ctypes.c_int
+    fallocate: Callable[..., int] = func
+    return fallocate
+
+
+_fallocate = _load_fallocate()
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate [offset, offset+length) keeping the file size; False if unsupported here."""
+    if length <= 0:
+        return True
+    if _fallocate is None:
+        return False
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def write_zeros(fd: int, offset: int, length: int) -> None:
+    """Make a range read as zeros: a hole where the file system can, written zeros otherwise."""
+    if punch_hole(fd, offset, length):
+        return
+    zeros = bytes(min(length, _ZERO_PIECE))
+    end = offset + length
+    while offset < end:
+        n = min(len(zeros), end - offset)
+        pwrite_all(fd, zeros[:n], offset)
+        offset += n
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """os.pwrite until everything is written (it may write less on some file systems)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def pread_full(fd: int, length: int, offset: int) -> bytes:
+    """os.pread until `length` bytes or end of file; returns fewer bytes only at end of file."""
+    parts: list[bytes] = []
+    while length > 0:
+        chunk = os.pread(fd, length, offset)
+        if not chunk:
+            break
+        parts.append(chunk)
+        length -= len(chunk)
+        offset += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def fsync_dir(path: Path | str) -> None:
+    """Make a rename or file creation in `path` durable."""
+    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mkdir_unique(parent: Path, prefix: str) -> Path:
+    """A new directory `parent/prefix<random>`; unlike mkdtemp it honours the umask, so the
+    directory keeps normal permissions once renamed into place."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"cannot find a free temporary name in {parent}")
+
+
+def change_token(fd: int) -> str:
+    """Identity and change time of an open image. Any write changes st_ctime (which no user
+    call can set back), so an equal token proves the image is unchanged since the last backup."""
+    st = os.fstat(fd)
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"

@@ -1,0 +1,132 @@
+"""Raw disk images: sparse-aware reading (SEEK_DATA/SEEK_HOLE) and sparse writing, so backups
+read only allocated data and restores leave holes where the disk was never written."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from vmkeep.connectors.base import Extent
+from vmkeep.connectors.files.fileio import (
+    change_token,
+    open_image,
+    pread_full,
+    pwrite_all,
+    write_zeros,
+)
+from vmkeep.errors import ConnectorError
+
+
+class RawDiskReader:
+    """Read view of a raw image; the disk size is the file size. `read` is thread-safe (pread)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._fd = open_image(self.path)
+        self.size = os.fstat(self._fd).st_size
+        self.change_token: str | None = "raw:" + change_token(self._fd)
+
+    def extents(self) -> Iterator[Extent]:
+        """Data and hole extents covering [0, size); one data extent if the FS cannot tell."""
+        pos = 0
+        while pos < self.size:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                    yield Extent(pos, self.size - pos, data=False)
+                    return
+                if pos == 0:  # SEEK_DATA unsupported: report everything as data
+                    yield Extent(0, self.size, data=True)
+                    return
+                raise ConnectorError(f"cannot map {self.path}: {exc.strerror}") from None
+            data = min(data, self.size)
+            if data > pos:
+                yield Extent(pos, data - pos, data=False)
+            if data >= self.size:
+                return
+            try:
+                hole = os.lseek(self._fd, data, os.SEEK_HOLE)
+            except OSError as exc:
+                raise ConnectorError(f"cannot map {self.path}: {exc.strerror}") from None
+            hole = min(hole, self.size)
+            yield Extent(data, hole - data, data=True)
+            pos = hole
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes at [offset, offset+length), fewer only at the end of the disk."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        length = max(0, min(length, self.size - offset))
+        if length == 0:
+            return b""
+        try:
+            data = pread_full(self._fd, length, offset)
+        except OSError as exc:
+            raise ConnectorError(f"cannot read {self.path}: {exc.strerror}") from None
+        if len(data) < length:  # the file shrank under us: the missing tail reads as zeros
+            data += bytes(length - len(data))
+        return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class RawDiskWriter:
+    """Writes a raw image of `size` bytes. A created file starts as one hole (all zeros);
+    with `create=False` an existing file is written in place, its data kept."""
+
+    def __init__(self, path: Path | str, size: int, *, create: bool = True) -> None:
+        if size < 0:
+            raise ValueError("negative disk size")
+        self.path = Path(path)
+        self.size = size
+        flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
+        self._fd = open_image(self.path, flags)
+        try:
+            if os.fstat(self._fd).st_size != size:
+                os.ftruncate(self._fd, size)
+        except OSError as exc:
+            os.close(self._fd)
+            raise ConnectorError(f"cannot resize {self.path}: {exc.strerror}") from None
+
+    def _check(self, offset: int, length: int) -> None:
+        if self._fd < 0:
+            raise ConnectorError(f"{self.path} is already closed")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ConnectorError(
+                f"write of {length} bytes at {offset} is outside the disk {self.path} "
+                f"({self.size} bytes)"
+            )
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._check(offset, len(data))
+        try:
+            pwrite_all(self._fd, data, offset)
+        except OSError as exc:
+            raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def zero(self, offset: int, length: int) -> None:
+        """Punch a hole (the range reads as zeros); writes zeros where punching is unsupported."""
+        length = max(0, min(length, self.size - offset))
+        self._check(offset, length)
+        try:
+            write_zeros(self._fd, offset, length)
+        except OSError as exc:
+            raise ConnectorError(f"cannot zero {self.path}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        """fsync and close; calling it again does nothing."""
+        if self._fd < 0:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise ConnectorError(f"cannot flush {self.path}: {exc.strerror}") from None
+        finally:
+            os.close(self._fd)
+            self._fd = -1

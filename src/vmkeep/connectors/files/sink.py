@@ -1,0 +1,206 @@
+"""Restore targets of the files connector. A new VM is built in a hidden directory and appears
+only on commit (one rename), so an interrupted restore never leaves a VM that looks complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from vmkeep.connectors.base import DiskInfo, DiskWriter, VmConfig
+from vmkeep.connectors.files.fileio import fsync_dir, mkdir_unique
+from vmkeep.connectors.files.images import ClosableWriter, copy_data, new_writer
+from vmkeep.connectors.files.qcow2 import Qcow2Reader
+from vmkeep.connectors.files.qcow2_writer import Qcow2DiskWriter
+from vmkeep.connectors.files.raw import RawDiskWriter
+from vmkeep.connectors.files.vmdir import (
+    DiskEntry,
+    check_vm_name,
+    disk_format,
+    from_vm_config,
+    load_vm_json,
+    safe_disk_filename,
+    save_vm_json,
+)
+from vmkeep.errors import ConnectorError
+
+
+def _close_all(writers: list[ClosableWriter]) -> None:
+    for writer in writers:
+        writer.close()
+
+
+class NewVmSink:
+    """A new VM directory `target/<config.name>`, built in `target/.vmkeep-new-*` meanwhile.
+    Disk file names come from the config but are sanitised; disks start as holes."""
+
+    def __init__(self, config: VmConfig, target: Path) -> None:
+        self._config = config
+        self._target = target
+        name = check_vm_name(config.name)
+        if not target.is_dir():
+            raise ConnectorError(f"restore target {target} is not a directory")
+        self._final = target / name
+        if self._final.exists() or self._final.is_symlink():
+            raise ConnectorError(f"{self._final} already exists: choose another VM name")
+        try:
+            self._tmp = mkdir_unique(target, f".vmkeep-new-{name}-")
+        except OSError as exc:
+            raise ConnectorError(f"cannot create a VM in {target}: {exc.strerror}") from None
+        self.location = str(self._final)
+        self._entries: dict[str, DiskEntry] = {}
+        self._writers: list[ClosableWriter] = []
+        self._taken: set[str] = set()
+        self._done = False
+        self._reserved = False
+
+    def open_disk(self, disk: DiskInfo) -> DiskWriter:
+        if self._done:
+            raise ConnectorError(f"restore of {self.location} is already finished")
+        if disk.name in self._entries:
+            raise ConnectorError(f"disk {disk.name!r} opened twice")
+        fmt = disk_format(disk)
+        filename = safe_disk_filename(disk, self._taken)
+        writer = new_writer(self._tmp / filename, fmt, disk.size)
+        self._writers.append(writer)
+        self._entries[disk.name] = DiskEntry(name=disk.name, file=filename, format=fmt)
+        return writer
+
+    def commit(self) -> None:
+        """Close the disks, write vm.json, then rename the directory into place."""
+        if self._done:
+            raise ConnectorError(f"restore of {self.location} is already finished")
+        try:
+            for disk in self._config.disks:  # disks never written are still part of the VM
+                if disk.name not in self._entries:
+                    self.open_disk(disk)
+            _close_all(self._writers)
+            ordered = [self._entries[d.name] for d in self._config.disks]
+            ordered += [e for e in self._entries.values() if e not in ordered]
+            save_vm_json(self._tmp, from_vm_config(self._config, ordered))
+            try:
+                os.mkdir(self._final)  # reserve the name: fails if anything took it meanwhile
+            except FileExistsError:
+                raise ConnectorError(f"{self._final} already exists: restore aborted") from None
+            self._reserved = True
+            os.rename(self._tmp, self._final)  # replaces our own empty reservation
+        except OSError as exc:
+            self.abort()
+            raise ConnectorError(f"cannot create {self._final}: {exc.strerror}") from None
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        try:
+            fsync_dir(self._target)
+        except OSError as exc:
+            raise ConnectorError(f"cannot flush {self._target}: {exc.strerror}") from None
+
+    def abort(self) -> None:
+        """Remove everything this restore created; harmless after commit or a second call."""
+        if self._done:
+            return
+        self._done = True
+        for writer in self._writers:
+            with contextlib.suppress(Exception):
+                writer.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._reserved:
+            with contextlib.suppress(OSError):
+                self._final.rmdir()  # our empty reservation, if commit got that far
+
+
+class OverwriteSink:
+    """Restore in place over an existing VM. Raw disks are written where they are (abort cannot
+    undo those writes). A qcow2 disk is copied to a new image beside it that receives the writes
+    and replaces the original on commit, so abort leaves the original untouched."""
+
+    def __init__(self, vm: VmConfig, vm_dir: Path) -> None:
+        self._config = vm
+        self._dir = vm_dir
+        self._doc = load_vm_json(vm_dir)
+        self.location = str(vm_dir)
+        self._entries = {e.name: e for e in self._doc.disks}
+        self._taken = {e.file for e in self._doc.disks}
+        self._writers: list[ClosableWriter] = []
+        self._replace: list[tuple[Path, Path]] = []  # (new image, original)
+        self._opened: set[str] = set()
+        self._done = False
+
+    def open_disk(self, disk: DiskInfo) -> DiskWriter:
+        if self._done:
+            raise ConnectorError(f"restore of {self.location} is already finished")
+        if disk.name in self._opened:
+            raise ConnectorError(f"disk {disk.name!r} opened twice")
+        entry = self._entries.get(disk.name)
+        writer: ClosableWriter
+        if entry is None:  # a disk the VM does not have yet: add it
+            fmt = disk_format(disk)
+            filename = safe_disk_filename(disk, self._taken)
+            writer = new_writer(self._dir / filename, fmt, disk.size)
+            self._entries[disk.name] = DiskEntry(name=disk.name, file=filename, format=fmt)
+        elif entry.format == "raw":
+            writer = RawDiskWriter(self._dir / entry.file, disk.size, create=False)
+        else:
+            writer = self._qcow2_copy(self._dir / entry.file, disk.size)
+        self._opened.add(disk.name)
+        self._writers.append(writer)
+        return writer
+
+    def _qcow2_copy(self, original: Path, size: int) -> ClosableWriter:
+        reader = Qcow2Reader(original)
+        try:
+            if reader.header.nb_snapshots:
+                raise ConnectorError(
+                    f"{original} has internal snapshots that an in-place restore would lose: "
+                    "restore as a new VM instead"
+                )
+            fd, name = tempfile.mkstemp(prefix=f".{original.name}.", dir=original.parent)
+            os.close(fd)
+            new = Path(name)
+            self._replace.append((new, original))
+            writer = Qcow2DiskWriter(new, size)
+            try:
+                copy_data(reader, writer, writer.size)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    writer.close()
+                raise
+        finally:
+            reader.close()
+        return writer
+
+    def commit(self) -> None:
+        """Close the disks, swap in rewritten qcow2 images, and rewrite vm.json."""
+        if self._done:
+            raise ConnectorError(f"restore of {self.location} is already finished")
+        try:
+            _close_all(self._writers)
+            for new, original in self._replace:
+                with contextlib.suppress(OSError):
+                    os.chmod(new, stat.S_IMODE(os.stat(original).st_mode))
+                os.replace(new, original)
+                fsync_dir(original.parent)
+            disks = list(self._entries.values())
+            save_vm_json(self._dir, from_vm_config(self._config, disks))
+        except OSError as exc:
+            self.abort()
+            raise ConnectorError(f"cannot finish restore in {self._dir}: {exc.strerror}") from None
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+
+    def abort(self) -> None:
+        """Drop the qcow2 copies; raw disks keep what was already written."""
+        if self._done:
+            return
+        self._done = True
+        for writer in self._writers:
+            with contextlib.suppress(Exception):
+                writer.close()
+        for new, _ in self._replace:
+            new.unlink(missing_ok=True)

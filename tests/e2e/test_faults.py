@@ -1,0 +1,227 @@
+"""Bad input and faults: one clear line, non-zero exit, nothing lost, no partial restore point."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import VMKEEP, Cli, disk_hashes
+
+
+def random_vm(parent: Path, name: str, size: int, seed: int) -> Path:
+    """A VM whose disk is mostly random data: every chunk is new, so writes take time."""
+    vm = parent / name
+    vm.mkdir(parents=True)
+    rng = random.Random(seed)
+    with open(vm / "disk0.img", "wb") as f:
+        f.truncate(size)
+        for offset in range(0, size, 1 << 20):
+            if rng.random() < 0.8:
+                f.seek(offset)
+                f.write(rng.randbytes(1 << 20))
+    (vm / "vm.json").write_text(
+        json.dumps(
+            {
+                "name": name,
+                "uuid": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                "vcpus": 1,
+                "memory_mib": 512,
+                "metadata": {},
+                "disks": [{"name": "disk0", "file": "disk0.img", "format": "raw"}],
+            }
+        )
+    )
+    return vm
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        path.mkdir()
+        res = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if res.returncode:
+            pytest.skip(f"cannot mount a tmpfs ({res.stderr.strip()}): these tests need root")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_wrong_passphrase_touches_nothing(
+    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path
+) -> None:
+    vm = make_vm()
+    cli("backup", str(vm), "--remote", str(repo_dir))
+    before = {p: p.stat().st_mtime_ns for p in repo_dir.rglob("*")}
+    for args in (["backup", str(vm)], ["list"], ["gc"], ["verify"]):
+        run = cli(*args, "--remote", str(repo_dir), ok=False, env={"VMKEEP_PASSPHRASE": "nope"})
+        assert "wrong passphrase" in run.err
+    assert {p: p.stat().st_mtime_ns for p in repo_dir.rglob("*")} == before
+
+
+def test_passphrase_file_and_missing_passphrase(
+    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "pw").write_text("e2e passphrase\n")
+    env = dict(cli.env)
+    env.pop("VMKEEP_PASSPHRASE")
+    res = subprocess.run(
+        [
+            VMKEEP,
+            "--passphrase-file",
+            str(tmp_path / "pw"),
+            "list",
+            "--remote",
+            str(repo_dir),
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run(
+        [VMKEEP, "list", "--remote", str(repo_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    assert res.returncode != 0 and "VMKEEP_PASSPHRASE" in res.stderr
+
+
+def test_unknown_vm_point_disk_and_remote(
+    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path
+) -> None:
+    cli("backup", str(tmp_path / "no-such-vm"), "--remote", str(repo_dir), ok=False)
+    cli("restore", "19990101", "--remote", str(repo_dir), "--to", str(tmp_path), ok=False)
+    cli("list", "--remote", str(tmp_path / "not-a-repo"), ok=False)
+    cli("list", "--remote", "nosuchname", ok=False)
+    cli("backup", str(make_vm()), "--remote", str(repo_dir), "--mode", "weekly", ok=False)
+    point = cli("backup", str(make_vm("x")), "--remote", str(repo_dir), "--json").json()[
+        "restore_point"
+    ]
+    cli("export", point, "nodisk", str(tmp_path / "o.img"), "--remote", str(repo_dir), ok=False)
+    assert not (tmp_path / "o.img").exists()
+
+
+def test_unreadable_images(cli: Cli, repo_dir: Path, tmp_path: Path) -> None:
+    vm = random_vm(tmp_path, "broken", 8 << 20, 1)
+    (vm / "disk0.img").unlink()
+    (vm / "disk0.img").mkdir()
+    run = cli("backup", str(vm), "--remote", str(repo_dir), ok=False)
+    assert "disk0.img" in run.err
+    (vm / "disk0.img").rmdir()
+    (vm / "disk0.img").write_bytes(b"QFI\xfb" + os.urandom(500))  # garbage qcow2
+    doc = json.loads((vm / "vm.json").read_text())
+    doc["disks"][0]["format"] = "qcow2"
+    (vm / "vm.json").write_text(json.dumps(doc))
+    cli("backup", str(vm), "--remote", str(repo_dir), ok=False)
+    (vm / "vm.json").write_text("{not json")
+    cli("backup", str(vm), "--remote", str(repo_dir), ok=False)
+    assert cli("list", "--remote", str(repo_dir), "--json").json()["restore_points"] == []
+
+
+def test_full_remote_and_full_restore_target(
+    cli: Cli, tmp_path: Path, tmpfs: Callable[[str], Path]
+) -> None:
+    small = tmpfs("24m")
+    cli("init", str(small / "repo"))
+    vm = random_vm(tmp_path, "big", 64 << 20, 2)
+    run = cli("backup", str(vm), "--remote", str(small / "repo"), ok=False)
+    assert "no space" in run.err
+    assert cli("list", "--remote", str(small / "repo"), "--json").json()["restore_points"] == []
+    assert cli("verify", "--remote", str(small / "repo"), "--json").json()["ok"]
+    cli("gc", "--remote", str(small / "repo"))
+    assert not [p for p in (small / "repo").rglob(".tmp-*")]
+
+    repo = tmp_path / "repo"
+    cli("init", str(repo))
+    point = cli("backup", str(vm), "--remote", str(repo), "--json").json()["restore_point"]
+    target = tmpfs("16m")
+    run = cli("restore", point, "--remote", str(repo), "--to", str(target), ok=False)
+    assert "space" in run.err
+    assert os.listdir(target) == []  # the half-written VM was removed
+
+
+def test_read_only_remote(
+    cli: Cli, make_vm: Callable[..., Path], tmp_path: Path, tmpfs: Callable[[str], Path]
+) -> None:
+    ro = tmpfs("16m")
+    cli("init", str(ro / "repo"))
+    subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+    run = cli("backup", str(make_vm()), "--remote", str(ro / "repo"), ok=False)
+    assert "read-only" in run.err
+
+
+def test_kill_9_at_random_instants(cli: Cli, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    cli("init", str(repo))
+    vm = random_vm(tmp_path, "victim", 96 << 20, 3)
+    cli("backup", str(vm), "--remote", str(repo))
+    rng = random.Random(1234)
+    disk = vm / "disk0.img"
+
+    def change() -> None:  # new data, so every run has chunks to write
+        with open(disk, "r+b") as f:
+            f.seek(rng.randrange(0, 80) << 20)
+            f.write(rng.randbytes(8 << 20))
+
+    change()
+    began = time.monotonic()
+    cli("backup", str(vm), "--remote", str(repo))
+    duration = time.monotonic() - began  # of a run like the ones we kill
+    kills = runs = 0
+    while kills < 20 and runs < 60:
+        runs += 1
+        change()
+        proc = subprocess.Popen(
+            [VMKEEP, "backup", str(vm), "--remote", str(repo)],
+            env=cli.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.02, duration))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        listed = cli("list", "--remote", str(repo), "--json").json()
+        assert listed["unreadable"] == [], f"run {runs} left a broken manifest"
+    assert kills >= 20, f"only {kills} runs were killed mid-way"
+    assert cli("verify", "--remote", str(repo), "--json").json()["ok"]
+    expected = disk_hashes(vm)
+    point = cli("backup", str(vm), "--remote", str(repo), "--json").json()["restore_point"]
+    report = cli("gc", "--remote", str(repo), "--json").json()
+    assert report["chunks_deleted"] > 0  # leftovers of killed runs
+    assert not list(repo.rglob(".tmp-*")) and not list((repo / "locks").iterdir())
+    from vmkeep.remotes.local import LocalRemote
+    from vmkeep.repository.repository import Repository
+
+    opened = Repository.open(LocalRemote(repo), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+    referenced: set[bytes] = set()
+    for m in opened.load_manifests()[0]:
+        referenced |= m.referenced_ids()
+    assert {cid for cid, _ in opened.list_chunks()} == referenced  # nothing else is left
+    out = cli("restore", point, "--remote", str(repo), "--to", str(tmp_path / "r"), "--json").json()
+    assert disk_hashes(Path(out["location"])) == expected
