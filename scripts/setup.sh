@@ -34,7 +34,12 @@ extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"
 stamp=".venv/.installed$extras"
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
-    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>/dev/null || true
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras"
+    log=.venv/pip-install.log
+    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip >"$log" 2>&1 || true
+    if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e ".$extras" >>"$log" 2>&1; then
+        cat "$log" >&2
+        echo "error: pip install failed (log above, also in $log)" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi

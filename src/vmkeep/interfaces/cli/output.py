@@ -18,12 +18,13 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 from vmkeep.errors import UsageError
 
 console = Console(stderr=True)
-stdout = Console()
+stdout = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def print_error(message: str) -> None:
@@ -42,6 +43,14 @@ def human_bytes(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def table(*columns: str, title: str | None = None) -> Table:
+    """A listing table; the first column (an ID to copy) never wraps or truncates."""
+    result = Table(title=title)
+    for i, name in enumerate(columns):
+        result.add_column(name, no_wrap=i == 0, overflow="fold" if i else "ignore")
+    return result
 
 
 class RichProgress:

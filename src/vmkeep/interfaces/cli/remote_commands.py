@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
 
 from vmkeep.errors import RepositoryError
 from vmkeep.operations.remote_probe import probe_remote
@@ -11,7 +10,7 @@ from vmkeep.remotes.location import open_remote
 from vmkeep.repository.repository import Repository
 
 from .context import state
-from .output import console, human_bytes, print_json, stdout
+from .output import console, human_bytes, print_json, stdout, table
 from .repo_commands import JsonOpt
 
 remote_app = typer.Typer(help="Named remotes: where repositories live.", no_args_is_help=True)
@@ -47,10 +46,10 @@ def list_remotes(json_out: bool = JsonOpt) -> None:
     if json_out:
         print_json([{"name": e.name, "location": e.location} for e in entries])
         return
-    table = Table("name", "location")
+    listing = table("name", "location")
     for e in entries:
-        table.add_row(e.name, e.location)
-    stdout.print(table)
+        listing.add_row(e.name, e.location)
+    stdout.print(listing)
 
 
 @remote_app.command("remove")
@@ -71,10 +70,10 @@ def test(
     if json_out:
         print_json(report.to_json())
     else:
-        table = Table("check", "result", title=report.url)
+        listing = table("check", "result", title=report.url)
         for name, result in report.checks.items():
-            table.add_row(name, "[green]ok[/]" if result == "ok" else f"[red]{result}[/]")
-        stdout.print(table)
+            listing.add_row(name, "[green]ok[/]" if result == "ok" else f"[red]{result}[/]")
+        stdout.print(listing)
         stdout.print(
             f"write {report.write_mb_per_s or '-'} MB/s, read {report.read_mb_per_s or '-'}"
             f" MB/s, latency {report.latency_ms or '-'} ms, "

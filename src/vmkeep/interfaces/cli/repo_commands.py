@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from vmkeep.errors import UsageError
 from vmkeep.remotes.location import open_remote
@@ -14,7 +13,7 @@ from vmkeep.repository.repository import Repository
 from vmkeep.repository.verify import verify
 
 from .context import state
-from .output import RichProgress, console, human_bytes, print_error, print_json, stdout
+from .output import RichProgress, console, human_bytes, print_error, print_json, stdout, table
 
 RemoteOpt = typer.Option(None, "--remote", "-r", help="Remote name, path or URL.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
@@ -69,7 +68,7 @@ def list_points(
     if json_out:
         print_json({"restore_points": rows, "unreadable": [p.__dict__ for p in problems]})
         return
-    table = Table(
+    listing = table(
         "restore point",
         "vm",
         "created (UTC)",
@@ -81,7 +80,7 @@ def list_points(
         title=f"{repo.remote.url}",
     )
     for r in rows:
-        table.add_row(
+        listing.add_row(
             r["restore_point"],
             r["vm"],
             str(r["created"])[:19],
@@ -91,7 +90,7 @@ def list_points(
             human_bytes(r["data_bytes"]),
             human_bytes(r["new_bytes_written"]),
         )
-    stdout.print(table)
+    stdout.print(listing)
     for p in problems:
         console.print(f"[red]unreadable restore point[/] {p.point_id}: {p.error}")
 
@@ -200,10 +199,10 @@ def prune(
             }
         )
         return
-    table = Table("restore point", "vm", "schedule", "created (UTC)", "action", "why")
+    listing = table("restore point", "vm", "schedule", "created (UTC)", "action", "why")
     for d in plan:
         action = "keep" if d.keep else ("would remove" if dry_run else "removed")
-        table.add_row(
+        listing.add_row(
             d.point.id,
             names[d.point.id],
             d.point.schedule,
@@ -211,7 +210,7 @@ def prune(
             action,
             ", ".join(d.reasons),
         )
-    stdout.print(table)
+    stdout.print(listing)
 
 
 def forget(
@@ -239,16 +238,16 @@ def key_list(remote: str | None = RemoteOpt, json_out: bool = JsonOpt) -> None:
     if json_out:
         print_json(keys)
         return
-    table = Table("id", "label", "kdf", "memory", "passes")
+    listing = table("id", "label", "kdf", "memory", "passes")
     for k in keys:
-        table.add_row(
+        listing.add_row(
             str(k["id"]),
             str(k["label"]),
             str(k["kdf"]),
             human_bytes(int(k["memory_kib"] or 0) * 1024),
             str(k["time_cost"]),
         )
-    stdout.print(table)
+    stdout.print(listing)
 
 
 @key_app.command("add")

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
 
-from .output import console, human_bytes, print_json, stdout
+from .output import console, human_bytes, print_json, stdout, table
 from .repo_commands import JsonOpt
 
 vm_app = typer.Typer(
@@ -39,16 +38,16 @@ def list_vms(
     if json_out:
         print_json(rows)
         return
-    table = Table("name", "uuid", "vcpus", "memory", "disks")
+    listing = table("name", "uuid", "vcpus", "memory", "disks")
     for r in rows:
-        table.add_row(
+        listing.add_row(
             r["name"],
             r["uuid"],
             str(r["vcpus"]),
             human_bytes(r["memory"]),
             ", ".join(f"{d['name']} ({human_bytes(d['size'])} {d['format']})" for d in r["disks"]),
         )
-    stdout.print(table)
+    stdout.print(listing)
 
 
 @vm_app.command("create-demo")

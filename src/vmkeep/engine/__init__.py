@@ -1,0 +1,1 @@
+"""The engine: decision logic between the interfaces and the repository (e.g. `retention`)."""
