@@ -6,7 +6,9 @@ from typing import Any
 
 import typer
 
+from vmkeep.engine.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.errors import UsageError
+from vmkeep.operations.prune import apply_prune
 from vmkeep.remotes.location import open_remote
 from vmkeep.repository.gc import collect_garbage
 from vmkeep.repository.repository import Repository
@@ -158,9 +160,6 @@ def prune(
     json_out: bool = JsonOpt,
 ) -> None:
     """Forget restore points by retention policy, per VM and schedule (run gc to free space)."""
-    from vmkeep.engine.retention import PointRef, RetentionPolicy, prune_plan
-    from vmkeep.operations.prune import apply_prune
-
     policy = RetentionPolicy(
         keep_last, keep_daily, keep_weekly, keep_monthly, keep_yearly, timezone
     )
