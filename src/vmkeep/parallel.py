@@ -5,14 +5,29 @@ hashing, zstd, AES-GCM and file I/O release the GIL, so threads keep both cores 
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def reuse_chunk_buffers() -> None:
+    """Ask glibc to keep freed 4 MiB buffers instead of unmapping them. By default every chunk
+    buffer is a fresh mmap whose pages the kernel must fault in and zero: measured here, that
+    doubled the CPU cost of reading and encrypting a chunk. Process-wide; a no-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 512 * 1024 * 1024)
+    except (OSError, AttributeError):
+        pass
 
 
 def default_workers() -> int:

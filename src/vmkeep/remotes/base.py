@@ -21,7 +21,12 @@ class Remote(Protocol):
     url: str
 
     def put(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
-        """Store `data` atomically. With overwrite=False, raise ExistsError if `name` exists."""
+        """Store `data` atomically. With overwrite=False, raise ObjectExistsError if `name`
+        exists. The object may become durable only at the next `flush`."""
+        ...
+
+    def flush(self) -> None:
+        """Make every completed put durable (a barrier: backups call it before the manifest)."""
         ...
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -32,6 +32,7 @@ class LocalRemote:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()
         self.url = str(self.root)
+        self._unsynced_dirs: set[Path] = set()  # directories whose new entries flush() syncs
 
     def _path(self, name: str) -> Path:
         parts = name.split("/")
@@ -57,7 +58,7 @@ class LocalRemote:
             else:
                 os.link(tmp, path)  # fails when the name exists: an atomic create-if-absent
                 os.unlink(tmp)
-            self._sync_dir(path.parent)
+            self._unsynced_dirs.add(path.parent)
         except FileExistsError as exc:
             tmp.unlink(missing_ok=True)
             raise ObjectExistsError(f"object {name} already exists") from exc
@@ -65,6 +66,15 @@ class LocalRemote:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             raise _os_error(exc, "writing", path) from exc
+
+    def flush(self) -> None:
+        """Directory fsyncs are batched here: one per directory, not one per object."""
+        while self._unsynced_dirs:
+            path = self._unsynced_dirs.pop()
+            try:
+                self._sync_dir(path)
+            except OSError as exc:
+                raise _os_error(exc, "syncing", path) from exc
 
     @staticmethod
     def _sync_dir(path: Path) -> None:

@@ -8,7 +8,8 @@ import zstandard
 
 from vmkeep.errors import IntegrityError
 
-MAX_DECOMPRESSED = 64 * 1024 * 1024  # no object of format v1 is larger; bounds hostile input
+MAX_DECOMPRESSED = 64 * 1024 * 1024
+SAMPLE_SIZE = 32 * 1024  # no object of format v1 is larger; bounds hostile input
 
 _local = threading.local()
 
@@ -25,7 +26,20 @@ def compress(data: bytes, level: int) -> bytes:
     return bytes(_compressor(level).compress(data))
 
 
+def looks_incompressible(data: bytes) -> bool:
+    """Three 32 KiB samples at level 1: encrypted or already-compressed data (a large part of
+    real disks) then skips the full compression, which would cost CPU only to be discarded."""
+    if len(data) < 1024 * 1024:
+        return False
+    step = SAMPLE_SIZE
+    mid = len(data) // 2
+    sample = data[:step] + data[mid : mid + step] + data[-step:]
+    return len(_compressor(1).compress(sample)) > len(sample) * 0.97
+
+
 def compress_if_smaller(data: bytes, level: int) -> tuple[bytes, bool]:
+    if looks_incompressible(data):
+        return data, False
     packed = compress(data, level)
     if len(packed) < len(data):
         return packed, True

@@ -72,6 +72,7 @@ class Repository:
         }
         try:
             remote.put(CONFIG_NAME, json.dumps(config, indent=1).encode(), overwrite=False)
+            remote.flush()
         except ObjectExistsError as exc:
             raise RepositoryError(f"a repository already exists at {remote.url}") from exc
         return cls(remote, config, key)
@@ -119,6 +120,7 @@ class Repository:
 
     def _save_config(self) -> None:
         self.remote.put(CONFIG_NAME, json.dumps(self.config, indent=1).encode())
+        self.remote.flush()
 
     # -- chunks ---------------------------------------------------------------
 
@@ -161,7 +163,9 @@ class Repository:
     def save_manifest(self, manifest: Manifest) -> None:
         """The last write of a backup: from here on the restore point exists."""
         blob = encode_manifest(self.sealer, manifest)
+        self.remote.flush()  # every chunk durable before the manifest that references it
         self.remote.put(manifest_object_name(manifest.id), blob, overwrite=False)
+        self.remote.flush()
 
     def load_manifest(self, point_id: str) -> Manifest:
         try:

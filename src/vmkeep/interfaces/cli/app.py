@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from vmkeep.errors import VmkeepError
+from vmkeep.parallel import reuse_chunk_buffers
 
 from . import data_commands, remote_commands, repo_commands, vm_commands
 from .context import set_passphrase_file
@@ -43,6 +44,7 @@ app.add_typer(vm_commands.vm_app, name="vm")
 
 
 def main() -> None:
+    reuse_chunk_buffers()
     try:
         code = app(standalone_mode=False)  # returns typer.Exit's code instead of raising
         if isinstance(code, int) and code:
