@@ -261,8 +261,8 @@ def ratios(tools: dict[str, Tool]) -> list[dict[str, Any]]:
         num, den = seconds(peer, peer_step), seconds("vmkeep", vmkeep_step)
         return num / den if num is not None and den else None
 
-    def repo_ratio(peer: str) -> float | None:
-        mine, theirs = (tools[t].repo_bytes.get("second") for t in ("vmkeep", peer))
+    def repo_ratio(peer: str, after: str) -> float | None:
+        mine, theirs = (tools[t].repo_bytes.get(after) for t in ("vmkeep", peer))
         ok = not tools["vmkeep"].reason and not tools[peer].reason
         return mine / theirs if ok and mine is not None and theirs else None
 
@@ -280,11 +280,23 @@ def ratios(tools: dict[str, Tool]) -> list[dict[str, Any]]:
             return text if targeted else ""
 
         full, delta = speedup(peer, "first", "first"), speedup(peer, "second", "second")
-        restore, repo = speedup(peer, "restore", "restore"), repo_ratio(peer)
+        restore, repo = speedup(peer, "restore", "restore"), repo_ratio(peer, "second")
+        repo_full = repo_ratio(peer, "first")
         add(f"full backup speedup vs {peer} 1st", full, target(">= 3x"), (full or 0) >= 3)
         add(f"delta backup speedup vs {peer} 2nd", delta)
         add(f"restore speedup vs {peer}", restore, target(">= 2x"), (restore or 0) >= 2)
-        add(f"repo size vmkeep / {peer}", repo, target("<= 1"), repo is not None and repo <= 1)
+        add(
+            f"repo size vmkeep / {peer}, after full",
+            repo_full,
+            target("<= 1"),
+            repo_full is not None and repo_full <= 1,
+        )
+        add(
+            f"repo size vmkeep / {peer}, after delta",
+            repo,
+            target("<= 1"),
+            repo is not None and repo <= 1,
+        )
     vk = tools["vmkeep"]
     rss = None if vk.reason or not vk.runs else max(r.rss_mib for r in vk.runs.values())
     add("vmkeep peak RSS (MiB)", rss, "< 300", rss is not None and rss < 300)
