@@ -11,6 +11,7 @@ from vmkeep.errors import UsageError
 from vmkeep.operations.prune import apply_prune
 from vmkeep.remotes.location import open_remote
 from vmkeep.repository.gc import collect_garbage
+from vmkeep.repository.manifest import Manifest
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.verify import verify
 
@@ -177,6 +178,9 @@ def prune(
         and (schedule is None or m.schedule == schedule)
     ]
     names = {m.id: m.vm_name for m in chosen}
+    long_term = keep_daily or keep_weekly or keep_monthly or keep_yearly
+    if keep_daily or keep_weekly or keep_monthly or keep_yearly:
+        warn_several_schedules(chosen)
     plan = prune_plan([PointRef(m.id, m.vm_uuid, m.schedule, m.created) for m in chosen], policy)
     removed = apply_prune(repo, plan, dry_run)
     if json_out:
@@ -210,6 +214,21 @@ def prune(
             ", ".join(d.reasons),
         )
     stdout.print(listing)
+
+
+def warn_several_schedules(manifests: list[Manifest]) -> None:
+    """SPEC §3: long-term retention over several schedules of one VM duplicates history."""
+    tags: dict[str, set[str]] = {}
+    for m in manifests:
+        tags.setdefault(m.vm_name, set()).add(m.schedule)
+    for vm_name, schedules in sorted(tags.items()):
+        if len(schedules) > 1:
+            console.print(
+                f"[yellow]warning:[/] VM {vm_name} has restore points of {len(schedules)} "
+                f"schedules ({', '.join(sorted(map(repr, schedules)))}): long-term retention "
+                "applies to each separately and keeps duplicate history (docs/RETENTION.md)",
+                highlight=False,
+            )
 
 
 def forget(
