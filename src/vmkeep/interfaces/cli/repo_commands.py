@@ -178,7 +178,6 @@ def prune(
         and (schedule is None or m.schedule == schedule)
     ]
     names = {m.id: m.vm_name for m in chosen}
-    long_term = keep_daily or keep_weekly or keep_monthly or keep_yearly
     if keep_daily or keep_weekly or keep_monthly or keep_yearly:
         warn_several_schedules(chosen)
     plan = prune_plan([PointRef(m.id, m.vm_uuid, m.schedule, m.created) for m in chosen], policy)
