@@ -23,13 +23,17 @@ JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
 
 
 def init(
-    location: str = typer.Argument(..., help="Path or URL of the new repository."),
+    location: str = typer.Argument(
+        ...,
+        help="Path or URL of the new repository "
+        "(`vmkeep remote add` names it and creates it in one step).",
+    ),
     encryption: str = typer.Option("aes-256-gcm", help="aes-256-gcm (default) or none."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Create a repository (encrypted by default: you will be asked for a passphrase)."""
     repo = Repository.init(
-        open_remote(state.registry.resolve(location)),
+        open_remote(location),
         encryption,
         lambda: state.passphrase(confirm=True),
     )
