@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from vmkeep.connectors.files import FilesConnector
+from vmkeep.errors import UsageError
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.export import export_disk
 from vmkeep.operations.restore import restore_vm
@@ -61,6 +62,8 @@ def restore(
     """Restore a VM from a restore point, as a new VM (new uuid) or in place."""
     repo = state.open_repository(remote)
     if not in_place:
+        if to.exists() and not to.is_dir():
+            raise UsageError(f"restore target {to} is not a directory")
         to.mkdir(parents=True, exist_ok=True)
     report = restore_vm(
         repo,
