@@ -17,6 +17,7 @@ PASSPHRASE = b"correct horse battery staple"
 def _isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("VMKEEP_CONFIG_DIR", str(tmp_path / "vmkeep-config"))
     monkeypatch.delenv("VMKEEP_PASSPHRASE", raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never probe 169.254.169.254
     yield
 
 

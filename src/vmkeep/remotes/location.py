@@ -16,6 +16,14 @@ def open_remote(location: str) -> Remote:
     url = urlparse(location)
     if url.scheme == "file":
         return LocalRemote(url.path)
+    if url.scheme == "s3":
+        from .s3 import open_s3  # boto3 is imported only when an S3 remote is used
+
+        return open_s3(location)
+    if url.scheme == "azure":
+        from .azure import open_azure  # the Azure SDK too
+
+        return open_azure(location)
     raise UsageError(
         f"remote kind {url.scheme!r} is not supported yet (local paths and file:// are)"
     )

@@ -1,0 +1,548 @@
+"""A repository in an S3-compatible bucket (AWS, MinIO, SeaweedFS, Wasabi, B2, Ceph RGW).
+
+Every object is written by one PutObject, which S3 makes atomic: readers see the old object,
+the new one or nothing, never a partial one. Objects are at most a chunk (4 MiB) plus a header,
+so multipart uploads are never needed.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse
+
+import boto3
+import boto3.session
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ProfileNotFound,
+    ReadTimeoutError,
+    SSLError,
+)
+
+from vmkeep.errors import NotFoundError, ObjectExistsError, RemoteError, RemoteFullError, UsageError
+
+from .base import ObjectStat
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+T = TypeVar("T")
+
+# Error codes that say the credentials themselves are wrong (not a missing permission).
+AUTH_CODES = frozenset(
+    {
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "InvalidToken",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "InvalidClientTokenId",
+        "AuthFailure",
+        "UnrecognizedClientException",
+    }
+)
+# Error codes worth another attempt: throttling and the server's own transient trouble.
+TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "TooManyRequestsException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "BandwidthLimitExceeded",
+        "PriorRequestNotComplete",
+        "ConditionalRequestConflict",  # AWS: a concurrent conditional write; retry decides
+        "OperationAborted",
+    }
+)
+FULL_CODES = frozenset(
+    {
+        "QuotaExceeded",
+        "XMinioStorageFull",
+        "InsufficientStorage",
+        "StorageFull",
+        "StorageQuotaExceeded",
+    }
+)
+REGION_CODES = frozenset(
+    {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"}
+)
+DEFAULT_TIMEOUTS = (10.0, 60.0)  # connect, read (seconds of silence, not of a whole transfer)
+URL_PARAMS = frozenset(
+    {"endpoint", "region", "path_style", "checksums", "conditional_put", "timeout"}
+)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _is_transient(exc: Exception) -> bool:
+    """Throttling, 5xx and broken connections are retried; everything else fails at once."""
+    if isinstance(exc, ClientError):
+        status, code = _status(exc), _code(exc)
+        if code in TRANSIENT_CODES or status == 429:
+            return True
+        return status >= 500 and status not in (501, 505, 507) and code not in FULL_CODES
+    if isinstance(exc, SSLError):
+        return False  # a certificate problem does not heal by retrying
+    return isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError)
+
+
+def _check_name(name: str) -> str:
+    parts = name.split("/")
+    if not name or any(p in ("", ".", "..") for p in parts):
+        raise RemoteError(f"invalid object name {name!r}")
+    return name
+
+
+def _flag(value: str, param: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"S3 URL parameter {param}={value!r} must be 1 or 0")
+
+
+class S3Remote:
+    """Objects live under `prefix` in `bucket`. One boto3 client serves every thread: clients
+    are thread-safe (sessions are not), and its connection pool is sized for the upload pool."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+        path_style: bool | None = None,
+        checksums: bool = True,
+        conditional_put: bool = True,
+        connect_timeout: float = DEFAULT_TIMEOUTS[0],
+        read_timeout: float = DEFAULT_TIMEOUTS[1],
+        retry_time: float = 30.0,
+        max_attempts: int = 5,
+        page_size: int = 1000,
+        max_pool_connections: int = 32,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+    ) -> None:
+        if not bucket:
+            raise UsageError("an S3 location needs a bucket: s3://BUCKET[/PREFIX]")
+        prefix = prefix.strip("/")
+        if prefix:
+            _check_name(prefix)
+        self.bucket = bucket
+        self.prefix = prefix + "/" if prefix else ""
+        self.endpoint = endpoint
+        self.region = region
+        default_style = endpoint is not None  # self-hosted servers rarely do virtual hosts
+        if path_style is None:
+            path_style = default_style
+        self._conditional_put = conditional_put
+        self._retry_time = retry_time
+        self._max_attempts = max(1, max_attempts)
+        self._page_size = page_size
+        self._bucket_seen = False  # a request on the bucket succeeded: a 404 is then the key's
+        self._lock = threading.Lock()
+        # The stored location: every setting that differs from its default, never a secret.
+        params = {
+            "endpoint": endpoint,
+            "region": region,
+            "path_style": str(int(path_style)) if endpoint or path_style != default_style else None,
+            "checksums": None if checksums else "0",
+            "conditional_put": None if conditional_put else "0",
+            "timeout": f"{connect_timeout:g}"
+            if connect_timeout == read_timeout and connect_timeout != DEFAULT_TIMEOUTS[0]
+            else None,
+        }
+        query = urlencode({k: v for k, v in params.items() if v is not None}, safe=":/")
+        self.url = f"s3://{bucket}/{self.prefix}" + (f"?{query}" if query else "")
+        self._where = f"bucket {bucket!r}" + (f" at {endpoint}" if endpoint else "")
+        config = Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=max_pool_connections,
+            retries={"mode": "standard", "total_max_attempts": 1},  # our own loop retries
+            s3={"addressing_style": "path" if path_style else "auto"},
+            request_checksum_calculation="when_supported" if checksums else "when_required",
+            response_checksum_validation="when_supported" if checksums else "when_required",
+        )
+        try:
+            session = boto3.session.Session(
+                aws_access_key_id=access_key, aws_secret_access_key=secret_key
+            )
+            self._client: S3Client = session.client(
+                "s3", endpoint_url=endpoint, region_name=region, config=config
+            )
+        except ProfileNotFound as exc:
+            raise RemoteError(f"S3 credentials: {_one_line(exc)} (check AWS_PROFILE)") from exc
+        except (BotoCoreError, ValueError) as exc:
+            raise RemoteError(f"cannot set up S3 client for {self.url}: {_one_line(exc)}") from exc
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        return self.prefix + _check_name(name)
+
+    def _retry(self, fn: Callable[[], T]) -> T:
+        """Runs `fn` until it succeeds, fails for good, or ~retry_time seconds have passed;
+        exponential backoff with full jitter so that parallel writers do not retry in step."""
+        began = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                result = fn()
+            except (ClientError, BotoCoreError) as exc:
+                attempt += 1
+                delay = random.uniform(0, min(8.0, 0.25 * 2**attempt))
+                elapsed = time.monotonic() - began
+                if (
+                    not _is_transient(exc)
+                    or attempt >= self._max_attempts
+                    or elapsed + delay > self._retry_time
+                ):
+                    raise
+                time.sleep(delay)
+            else:
+                self._bucket_seen = True
+                return result
+
+    def _run(self, action: str, name: str, fn: Callable[[], T]) -> T:
+        try:
+            return self._retry(fn)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, action, name) from exc
+
+    def _error(self, exc: Exception, action: str, name: str) -> RemoteError:
+        """One clear line for the user; the SDK's exception stays chained for debugging."""
+        what = f"{action} {name}" if name else action
+        if isinstance(exc, ClientError):
+            code, status = _code(exc), _status(exc)
+            message = _one_line(exc.response.get("Error", {}).get("Message", "") or code)
+            if code in AUTH_CODES:
+                return RemoteError(
+                    f"S3 authentication failed for {self._where}: {message} "
+                    "(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+                )
+            if code == "NoSuchBucket":
+                return RemoteError(f"S3 {self._where} does not exist")
+            if code in FULL_CODES or status == 507:
+                return RemoteFullError(f"S3 remote is full {what} in {self.url}: {message}")
+            if code in REGION_CODES or status == 301:
+                return RemoteError(
+                    f"S3 {self._where} is in another region than {self.region or 'the default'}"
+                    f" ({message}): set region= in the URL"
+                )
+            if code == "AccessDenied" or status == 403:
+                return RemoteError(f"S3 permission denied {what} in {self.url}: {message}")
+            if code == "InvalidBucketName":
+                return RemoteError(f"S3 bucket name {self.bucket!r} is not valid")
+            return RemoteError(f"S3 error {what} in {self.url}: {code or status} {message}")
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            return RemoteError(
+                "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                " (or AWS_PROFILE)"
+            )
+        endpoint = self.endpoint or "AWS S3"
+        if isinstance(exc, SSLError):
+            return RemoteError(f"TLS error talking to {endpoint}: {_one_line(exc)}")
+        if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
+            return RemoteError(f"cannot reach S3 endpoint {endpoint} {what}: {_one_line(exc)}")
+        if isinstance(exc, ReadTimeoutError):
+            return RemoteError(f"S3 endpoint {endpoint} did not answer in time {what}")
+        if isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError):
+            return RemoteError(
+                f"connection to S3 endpoint {endpoint} failed {what}: {_one_line(exc)}"
+            )
+        return RemoteError(f"S3 error {what} in {self.url}: {_one_line(exc)}")
+
+    def _check_bucket(self) -> None:
+        """HEAD answers carry no error code, so a 404 or 403 on HEAD is ambiguous: a listing
+        says whether the bucket is missing or the credentials are wrong."""
+        self._run(
+            "listing",
+            self.prefix,
+            lambda: self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1),
+        )
+
+    # -- the Remote interface --------------------------------------------------------------
+
+    def put(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
+        key = self._key(name)
+        if overwrite:
+            self._run("writing", name, lambda: self._put(key, data, None))
+            return
+        if not self._conditional_put:
+            if self.stat(name) is not None:  # not race-free: documented in REMOTES-S3.md
+                raise ObjectExistsError(f"object {name} already exists")
+            self._run("writing", name, lambda: self._put(key, data, None))
+            return
+        failed_once = False
+
+        def attempt() -> None:
+            nonlocal failed_once
+            try:
+                self._put(key, data, "*")
+            except (ClientError, BotoCoreError) as exc:
+                failed_once = failed_once or _is_transient(exc)
+                raise
+
+        try:
+            self._retry(attempt)
+        except ClientError as exc:
+            code, status = _code(exc), _status(exc)
+            if code == "PreconditionFailed" or status == 412:
+                if failed_once and self._holds(key, data):
+                    return  # our own earlier attempt landed before its answer was lost
+                raise ObjectExistsError(f"object {name} already exists") from exc
+            if code == "NotImplemented" or status == 501:
+                with self._lock:
+                    self._conditional_put = False  # the server cannot: check, then write
+                self.put(name, data, overwrite=False)
+                return
+            raise self._error(exc, "writing", name) from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, "writing", name) from exc
+
+    def _put(self, key: str, data: bytes, if_none_match: str | None) -> None:
+        if if_none_match is None:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=data)
+        else:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        """Whether the object's ETag is the MD5 of `data` (true for single-part plain PUTs)."""
+        try:
+            head = self._retry(lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        except (ClientError, BotoCoreError):
+            return False
+        etag = str(head.get("ETag", "")).strip('"')
+        return etag == hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    def flush(self) -> None:
+        """A PutObject is durable when it returns: nothing to do."""
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        key = self._key(name)
+        if offset < 0 or (length is not None and length < 0):
+            raise RemoteError(f"invalid range {offset}+{length} for {name}")
+        if length == 0:
+            if self.stat(name) is None:
+                raise NotFoundError(f"object {name} not found in {self.url}")
+            return b""
+        ranged = offset > 0 or length is not None
+        if length is None:
+            byte_range = f"bytes={offset}-"
+        else:
+            byte_range = f"bytes={offset}-{offset + length - 1}"
+
+        def fetch() -> bytes:
+            if ranged:
+                resp = self._client.get_object(Bucket=self.bucket, Key=key, Range=byte_range)
+            else:
+                resp = self._client.get_object(Bucket=self.bucket, Key=key)
+            with closing(resp["Body"]) as body:
+                data = body.read()
+            if ranged and resp["ResponseMetadata"]["HTTPStatusCode"] == 200:
+                end = None if length is None else offset + length
+                data = data[offset:end]  # the server ignored Range and sent it whole
+            return data
+
+        try:
+            return self._retry(fetch)
+        except ClientError as exc:
+            code, status = _code(exc), _status(exc)
+            if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
+                raise NotFoundError(f"object {name} not found in {self.url}") from exc
+            if code == "InvalidRange" or status == 416:
+                if self.stat(name) is None:  # past the end: like reading past a file's end
+                    raise NotFoundError(f"object {name} not found in {self.url}") from exc
+                return b""
+            raise self._error(exc, "reading", name) from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, "reading", name) from exc
+
+    def stat(self, name: str) -> ObjectStat | None:
+        key = self._key(name)
+        try:
+            head = self._retry(lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        except ClientError as exc:
+            status = _status(exc)
+            if status == 404:
+                if not self._bucket_seen:
+                    self._check_bucket()
+                return None
+            if status in (401, 403):
+                self._check_bucket()  # names the cause when it is the credentials
+            raise self._error(exc, "reading", name) from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, "reading", name) from exc
+        return ObjectStat(name, int(head["ContentLength"]), head["LastModified"].timestamp())
+
+    def list(self, prefix: str) -> Iterator[ObjectStat]:
+        """ListObjectsV2, one page of `page_size` keys per request, each page retried."""
+        full = self.prefix + prefix
+        cut = len(self.prefix)
+        token: str | None = None
+        while True:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full}
+            args["MaxKeys"] = self._page_size
+            if token:
+                args["ContinuationToken"] = token
+            page = self._run(
+                "listing", prefix or "/", functools.partial(self._client.list_objects_v2, **args)
+            )
+            for obj in page.get("Contents", []):
+                key = obj.get("Key", "")
+                if not key.startswith(full) or key.endswith("/"):
+                    continue  # directory markers some servers and tools create
+                yield ObjectStat(
+                    key[cut:], int(obj.get("Size", 0)), obj["LastModified"].timestamp()
+                )
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def delete(self, name: str) -> None:
+        key = self._key(name)
+        try:
+            self._retry(lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+        except ClientError as exc:
+            if _code(exc) == "NoSuchKey":
+                return
+            raise self._error(exc, "deleting", name) from exc
+        except BotoCoreError as exc:
+            raise self._error(exc, "deleting", name) from exc
+
+    def free_space(self) -> int | None:
+        """S3 has no notion of free space (quotas, where they exist, are not exposed)."""
+        return None
+
+    def purge_incomplete(self, older_than: float) -> int:
+        """Aborts multipart uploads under the prefix begun more than `older_than` seconds ago:
+        their parts are billed and invisible, and vmkeep itself never starts one."""
+        limit = time.time() - older_than
+        removed = 0
+        key_marker: str | None = None
+        upload_marker: str | None = None
+        while True:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix}
+            if key_marker:
+                args["KeyMarker"] = key_marker
+            if upload_marker:
+                args["UploadIdMarker"] = upload_marker
+            page = self._run(
+                "listing uploads",
+                "",
+                functools.partial(self._client.list_multipart_uploads, **args),
+            )
+            for upload in page.get("Uploads", []):
+                initiated = upload.get("Initiated")
+                if initiated is None or initiated.timestamp() >= limit:
+                    continue
+                key, upload_id = upload.get("Key", ""), upload.get("UploadId", "")
+                try:
+                    self._retry(
+                        functools.partial(
+                            self._client.abort_multipart_upload,
+                            Bucket=self.bucket,
+                            Key=key,
+                            UploadId=upload_id,
+                        )
+                    )
+                except ClientError as exc:
+                    if _code(exc) == "NoSuchUpload":
+                        continue  # finished or aborted meanwhile
+                    raise self._error(exc, "aborting upload of", key) from exc
+                except BotoCoreError as exc:
+                    raise self._error(exc, "aborting upload of", key) from exc
+                removed += 1
+            if not page.get("IsTruncated"):
+                return removed
+            key_marker = page.get("NextKeyMarker")
+            upload_marker = page.get("NextUploadIdMarker")
+            if not key_marker and not upload_marker:
+                return removed
+
+
+def open_s3(url: str) -> S3Remote:
+    """`s3://BUCKET[/PREFIX]?endpoint=URL&region=NAME&path_style=1`; credentials come from the
+    environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE: boto3's usual chain),
+    never from the URL, so that the stored location holds no secret."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3":
+        raise UsageError(f"not an S3 location: {url!r} (expected s3://BUCKET[/PREFIX])")
+    if "@" in parsed.netloc or parsed.password is not None:
+        raise UsageError(
+            "S3 credentials must not be in the URL: set AWS_ACCESS_KEY_ID and"
+            " AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) instead"
+        )
+    bucket = parsed.netloc
+    if not bucket:
+        raise UsageError(f"S3 location {url!r} has no bucket: s3://BUCKET[/PREFIX]")
+    params: dict[str, str] = {}
+    for k, v in parse_qsl(parsed.query, keep_blank_values=True):
+        if k not in URL_PARAMS:
+            known = ", ".join(sorted(URL_PARAMS))
+            raise UsageError(f"unknown S3 URL parameter {k!r} (known: {known})")
+        params[k] = v
+    endpoint = params.get("endpoint") or None
+    if endpoint is not None:
+        ep = urlparse(endpoint)
+        if ep.scheme not in ("http", "https") or not ep.netloc:
+            raise UsageError(f"S3 endpoint {endpoint!r} must be an http:// or https:// URL")
+        if ep.username or ep.password:
+            raise UsageError("S3 credentials must not be in the endpoint URL")
+    connect_timeout, read_timeout = DEFAULT_TIMEOUTS
+    if "timeout" in params:
+        try:
+            connect_timeout = read_timeout = float(params["timeout"])
+        except ValueError:
+            connect_timeout = 0.0
+        if not connect_timeout > 0:
+            raise UsageError("S3 URL parameter timeout must be a positive number of seconds")
+    path_style = _flag(params["path_style"], "path_style") if "path_style" in params else None
+    prefix = unquote(parsed.path).strip("/")
+    if prefix and any(p in ("", ".", "..") for p in prefix.split("/")):
+        raise UsageError(f"S3 prefix {prefix!r} must not have empty, '.' or '..' parts")
+    return S3Remote(
+        bucket,
+        prefix,
+        endpoint=endpoint,
+        region=params.get("region") or None,
+        path_style=path_style,
+        checksums=_flag(params.get("checksums", "1"), "checksums"),
+        conditional_put=_flag(params.get("conditional_put", "1"), "conditional_put"),
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+    )
