@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 packages=(python3-venv python3-pip e2fsprogs)
 if [[ "${1:-}" == "--test" ]]; then
-    packages+=(qemu-utils fdisk restic borgbackup git)
+    packages+=(qemu-utils fdisk restic borgbackup git samba)
+    command -v npm >/dev/null || packages+=(nodejs npm)  # Azurite, the Azure Blob emulator
 fi
 missing=()
 for p in "${packages[@]}"; do
@@ -42,4 +43,14 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
         exit 1
     fi
     touch "$stamp"
+fi
+
+if [[ "${1:-}" == "--test" ]]; then
+    if ! command -v azurite-blob >/dev/null; then
+        echo "installing Azurite (npm)" >&2
+        npm install -g --silent azurite >/dev/null
+    fi
+    if [[ -x scripts/install-libvirt.sh ]]; then
+        scripts/install-libvirt.sh
+    fi
 fi
