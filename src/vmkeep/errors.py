@@ -58,3 +58,8 @@ class IntegrityError(RepositoryError):
 
 class LockedError(RepositoryError):
     """Another process holds a conflicting lock on the repository."""
+
+    def __init__(self, message: str, holder: str = "", scope: str = "") -> None:
+        super().__init__(message)
+        self.holder = holder
+        self.scope = scope

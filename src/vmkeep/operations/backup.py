@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vmkeep.connectors.base import Connector, DiskInfo, DiskReader, VmConfig
-from vmkeep.errors import ConnectorError, UsageError
+from vmkeep.errors import ConnectorError, LockedError, UsageError
 from vmkeep.parallel import ordered_map
 from vmkeep.progress import Progress
 from vmkeep.repository.format import CHUNK_SIZE, ID_SIZE, ZERO_CHUNK, ZERO_ID
@@ -176,6 +176,20 @@ def vm_record(vm: VmConfig, connector_name: str) -> dict[str, Any]:
     }
 
 
+def vm_backup_lock(repo: Repository, vm: VmConfig) -> RepositoryLock:
+    """One backup per VM at a time, across installations (a lease on the remote). The scope is
+    keyed like chunk IDs, so lock objects do not reveal which VMs a repository holds."""
+    scope = "vm-" + repo.chunk_id(vm.uuid.encode()).hex()[:24]
+    lock = RepositoryLock(repo.remote, "shared", "backup", scope)
+    try:
+        lock.acquire()
+    except LockedError as exc:
+        if exc.scope == scope:
+            raise LockedError(f"VM {vm.name} is already being backed up: {exc.holder}") from exc
+        raise
+    return lock
+
+
 def backup_vm(
     repo: Repository,
     connector: Connector,
@@ -190,7 +204,7 @@ def backup_vm(
         raise UsageError("compression level must be between 0 (off) and 22")
     vm = connector.get_vm(vm_ref)
     began = time.monotonic()
-    with RepositoryLock(repo.remote, "shared", f"backup of {vm.name}"):
+    with vm_backup_lock(repo, vm):
         started = datetime.now(UTC)
         known = {chunk_id for chunk_id, _ in repo.list_chunks()}
         previous = previous_point(repo, vm.uuid)

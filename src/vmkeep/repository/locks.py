@@ -37,6 +37,7 @@ class LockInfo:
     pid: int
     operation: str
     refreshed: float
+    scope: str = ""  # e.g. a VM key: two locks of the same scope conflict even when shared
 
     def describe(self) -> str:
         since = datetime.fromtimestamp(self.refreshed, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -68,6 +69,7 @@ def _read_lock(remote: Remote, name: str) -> LockInfo | None:
             int(doc["pid"]),
             str(doc.get("operation", "")),
             float(doc["refreshed"]),
+            str(doc.get("scope", "")),
         )
     except NotFoundError:
         return None
@@ -78,9 +80,10 @@ def _read_lock(remote: Remote, name: str) -> LockInfo | None:
 class RepositoryLock:
     """Context manager: `with RepositoryLock(remote, "shared", "backup web01"):`."""
 
-    def __init__(self, remote: Remote, kind: str, operation: str) -> None:
+    def __init__(self, remote: Remote, kind: str, operation: str, scope: str = "") -> None:
         self.remote = remote
         self.kind = kind
+        self.scope = scope
         self.operation = operation
         self.name = f"{LOCKS_PREFIX}{kind}-{os.urandom(8).hex()}"
         self._stop = threading.Event()
@@ -89,6 +92,7 @@ class RepositoryLock:
     def _write(self) -> None:
         doc = {
             "kind": self.kind,
+            "scope": self.scope,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "operation": self.operation,
@@ -105,18 +109,28 @@ class RepositoryLock:
             info = _read_lock(self.remote, obj.name)
             if info is None or info.is_stale(now):
                 continue
-            if self.kind == "exclusive" or info.kind == "exclusive":
+            same_scope = bool(self.scope) and info.scope == self.scope
+            if self.kind == "exclusive" or info.kind == "exclusive" or same_scope:
                 found.append(info)
         return found
 
-    def __enter__(self) -> RepositoryLock:
+    def acquire(self) -> None:
         self._write()
         conflicts = self.conflicts()
         if conflicts:
             self.remote.delete(self.name)
-            raise LockedError(f"repository is busy: {conflicts[0].describe()}; try again later")
+            first = conflicts[0]
+            raise LockedError(
+                f"repository is busy: {first.describe()}; try again later",
+                holder=first.describe(),
+                scope=first.scope,
+            )
         self._thread = threading.Thread(target=self._refresh, daemon=True, name="lock-refresh")
         self._thread.start()
+
+    def __enter__(self) -> RepositoryLock:
+        if self._thread is None:  # `with` on a lock already acquired keeps it
+            self.acquire()
         return self
 
     def _refresh(self) -> None:
