@@ -251,6 +251,7 @@ def test_one_backup_per_vm_across_installations(cli: Cli, tmp_path: Path) -> Non
         for path in (repo / "locks").glob("shared-*") if (repo / "locks").exists() else []:
             lock_doc = json.loads(path.read_text())
         time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)  # frozen while it holds its lock: no race with its end
     assert lock_doc and str(lock_doc["scope"]).startswith("vm-")
     assert "big" not in json.dumps(lock_doc)  # the lock does not name the VM
     began = time.monotonic()
@@ -258,6 +259,7 @@ def test_one_backup_per_vm_across_installations(cli: Cli, tmp_path: Path) -> Non
     assert time.monotonic() - began < 10 and first.poll() is None
     assert "big is already being backed up" in run.err and f"pid {first.pid}" in run.err
     second_install("backup", str(other), "--remote", str(repo))  # another VM: no conflict
+    first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0, first.stderr.read() if first.stderr else ""
     # a holder on another host that stopped refreshing is taken over once its lease expires
     stale = dict(lock_doc, host="another-host", pid=1, refreshed=time.time() - 3600)

@@ -24,6 +24,10 @@ def open_remote(location: str) -> Remote:
         from .azure import open_azure  # the Azure SDK too
 
         return open_azure(location)
+    if url.scheme in ("smb", "cifs"):
+        from .smb import open_smb  # and smbprotocol
+
+        return open_smb(location)
     raise UsageError(
-        f"remote kind {url.scheme!r} is not supported yet (local paths and file:// are)"
+        f"unknown remote kind {url.scheme!r}: use a path, file://, s3://, azure:// or smb://"
     )

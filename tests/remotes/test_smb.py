@@ -1,0 +1,360 @@
+"""The SMB remote against a real Samba on 127.0.0.1: the local remote's contract, concurrency,
+clear errors (credentials, share, permissions, full disk, dead or frozen server) and a whole
+backup/restore/verify/gc run of the repository layer on it."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from vmkeep.errors import (
+    NotFoundError,
+    ObjectExistsError,
+    RemoteError,
+    RemoteFullError,
+    UsageError,
+)
+
+from .smb_server import READ_ONLY_SHARE, SambaServer, ServerUnavailable
+
+smb = pytest.importorskip("vmkeep.remotes.smb", reason="smbprotocol is not installed")
+SmbRemote = smb.SmbRemote
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[SambaServer]:
+    srv = SambaServer()
+    try:
+        srv.start()
+    except ServerUnavailable as exc:
+        srv.cleanup()
+        pytest.skip(f"no Samba server: {exc}")
+    yield srv
+    srv.cleanup()
+
+
+def _remote(srv: SambaServer, path: str | None = None, **kw: object) -> SmbRemote:
+    opts: dict[str, object] = {"retry_time": 5.0, "connect_timeout": 5.0}
+    opts.update(kw)
+    return SmbRemote(
+        srv.host,
+        str(opts.pop("share", srv.share)),
+        username=str(opts.pop("username", srv.user)),
+        password=str(opts.pop("password", srv.password)),
+        port=srv.port,
+        path=f"t-{uuid.uuid4().hex[:8]}" if path is None else path,
+        **opts,
+    )
+
+
+@pytest.fixture
+def remote(server: SambaServer) -> Iterator[SmbRemote]:
+    r = _remote(server)
+    yield r
+    r.close()
+
+
+def _disk(remote: SmbRemote, server: SambaServer) -> Path:
+    """The repository's directory as smbd sees it on the server's disk."""
+    return server.share_dir / remote.url.rsplit("/", 1)[1]
+
+
+def test_put_get_list_delete_ranges(remote: SmbRemote) -> None:
+    remote.put("a/b/c", b"hello world")
+    remote.put("a/x", b"1")
+    assert remote.get("a/b/c") == b"hello world"
+    assert remote.get("a/b/c", 6, 3) == b"wor"
+    assert remote.get("a/b/c", 6) == b"world"
+    assert remote.get("a/b/c", 50) == b""
+    st = remote.stat("a/b/c")
+    assert st is not None and st.size == 11 and abs(st.mtime - time.time()) < 300
+    assert sorted(o.name for o in remote.list("a/")) == ["a/b/c", "a/x"]
+    assert [o.name for o in remote.list("a/b")] == ["a/b/c"]
+    assert [o.name for o in remote.list("a/b/")] == ["a/b/c"]
+    assert [o.name for o in remote.list("a/x")] == ["a/x"]
+    assert list(remote.list("zz/")) == []
+    with pytest.raises(ObjectExistsError):
+        remote.put("a/x", b"2", overwrite=False)
+    assert remote.get("a/x") == b"1"
+    remote.put("a/x", b"3")  # overwrite=True replaces
+    assert remote.get("a/x") == b"3"
+    remote.put("empty", b"")
+    assert remote.get("empty") == b"" and remote.stat("empty") is not None
+    remote.delete("a/x")
+    remote.delete("a/x")  # missing is fine
+    with pytest.raises(NotFoundError):
+        remote.get("a/x")
+    with pytest.raises(NotFoundError):
+        remote.get("a/b")  # a directory is not an object
+    assert remote.stat("a/x") is None and remote.stat("a/b") is None
+    remote.flush()
+    free = remote.free_space()
+    assert free is not None and free > 0
+
+
+def test_large_objects_and_ranges(remote: SmbRemote) -> None:
+    data = os.urandom(20 << 20)  # larger than Samba's 8 MiB max read/write: several requests
+    remote.put("big", data)
+    assert hashlib.sha256(remote.get("big")).digest() == hashlib.sha256(data).digest()
+    assert remote.get("big", (9 << 20) + 7, 5 << 20) == data[(9 << 20) + 7 : (14 << 20) + 7]
+
+
+def test_temp_files_are_invisible_and_purged(remote: SmbRemote, server: SambaServer) -> None:
+    remote.put("chunks/ab/abcd", b"x")
+    dead = _disk(remote, server) / "chunks" / "ab" / ".tmp-1-dead"
+    dead.write_bytes(b"partial")
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
+    fresh = dead.with_name(".tmp-2-busy")
+    fresh.write_bytes(b"being written")
+    assert [o.name for o in remote.list("chunks/")] == ["chunks/ab/abcd"]
+    assert remote.purge_incomplete(older_than=600) == 1
+    assert not dead.exists() and fresh.exists()
+    assert sorted(p.name for p in dead.parent.iterdir()) == [".tmp-2-busy", "abcd"]
+
+
+@pytest.mark.parametrize(
+    "name", ["../x", "/etc/passwd", "a/../../b", "", "a//b", ".tmp-x", "a\\b", "a:b", "c*"]
+)
+def test_names_cannot_escape(remote: SmbRemote, name: str) -> None:
+    with pytest.raises(RemoteError):
+        remote.put(name, b"x")
+
+
+def test_list_pages_through_many_entries(server: SambaServer) -> None:
+    r = _remote(server, list_page_bytes=1024)  # a few entries per QUERY_DIRECTORY page
+    try:
+        names = {f"chunks/{i % 3:02x}/{uuid.uuid4().hex}{i:04d}" for i in range(240)}
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: r.put(n, n.encode()), names))
+        r.put("manifests/p1", b"m")
+        before = r.list_pages
+        listed = {o.name: o.size for o in r.list("chunks/")}
+        assert listed == {n: len(n) for n in names}
+        assert r.list_pages - before > 20  # really paged, not one big answer
+        assert {o.name for o in r.list("chunks/01/")} == {
+            n for n in names if n.startswith("chunks/01/")
+        }
+        assert [o.name for o in r.list("manifests/")] == ["manifests/p1"]
+        assert len(list(r.list(""))) == 241
+    finally:
+        r.close()
+
+
+def test_concurrent_puts_and_gets_from_8_threads(remote: SmbRemote) -> None:
+    blobs = {f"chunks/{i:02x}/{i:064x}": os.urandom(256 << 10) for i in range(64)}
+    digests = {k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()}
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda kv: remote.put(kv[0], kv[1], overwrite=False), blobs.items()))
+        got = dict(pool.map(lambda k: (k, hashlib.sha256(remote.get(k)).hexdigest()), blobs))
+        ranges = list(pool.map(lambda k: remote.get(k, 1000, 5000) == blobs[k][1000:6000], blobs))
+    assert got == digests and all(ranges)
+    assert {o.name for o in remote.list("chunks/")} == set(blobs)
+
+
+def test_create_if_absent_has_exactly_one_winner(remote: SmbRemote) -> None:
+    barrier = threading.Barrier(8)
+
+    def attempt(i: int) -> bool:
+        barrier.wait()
+        try:
+            remote.put("locks/exclusive", f"writer {i}".encode(), overwrite=False)
+            return True
+        except ObjectExistsError:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(attempt, range(8)))
+    assert wins.count(True) == 1
+    assert remote.get("locks/exclusive") == f"writer {wins.index(True)}".encode()
+    assert [o.name for o in remote.list("locks/")] == ["locks/exclusive"]
+
+
+def test_wrong_password_fails_clearly(server: SambaServer) -> None:
+    r = _remote(server, password="not-the-password")
+    began = time.monotonic()
+    with pytest.raises(RemoteError, match="authentication failed for vmkeeptest"):
+        r.put("x", b"1")
+    assert time.monotonic() - began < 5  # not retried
+
+
+def test_unknown_user_fails_clearly(server: SambaServer) -> None:
+    with pytest.raises(RemoteError, match="authentication failed for nobody-here"):
+        _remote(server, username="nobody-here").stat("x")
+
+
+def test_missing_share_fails_clearly(server: SambaServer) -> None:
+    with pytest.raises(RemoteError, match="share 'no-such-share' does not exist"):
+        _remote(server, share="no-such-share").get("config")
+
+
+def test_read_only_share_refuses_writes(server: SambaServer) -> None:
+    r = _remote(server, share=READ_ONLY_SHARE, path="")
+    assert list(r.list("")) == []
+    with pytest.raises(RemoteError, match=r"permission denied|read-only") as info:
+        r.put("x", b"1")
+    assert not isinstance(info.value, RemoteFullError)
+
+
+def test_full_share_fails_cleanly(server: SambaServer, tmp_path: Path) -> None:
+    """A 1 MiB tmpfs mounted in the share: no space -> RemoteFullError, nothing left over."""
+    mnt = server.share_dir / f"full-{uuid.uuid4().hex[:6]}"
+    mnt.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        mnt.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}): needs root")
+    try:
+        os.chown(mnt, *server.owner())
+        r = _remote(server, path=mnt.name)
+        with pytest.raises(RemoteFullError, match="no space"):
+            r.put("big", os.urandom(2 << 20))
+        assert list(r.list("")) == []
+        assert os.listdir(mnt) == []  # not even a temp file
+        r.put("small", b"fits")
+        assert r.get("small") == b"fits"
+        r.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        with contextlib.suppress(OSError):
+            mnt.rmdir()
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (smbd forks one per client connection)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def test_stopped_or_frozen_server_fails_without_hanging() -> None:
+    srv = SambaServer()
+    try:
+        try:
+            srv.start()
+        except ServerUnavailable as exc:
+            pytest.skip(f"no Samba server: {exc}")
+        r = _remote(srv, connect_timeout=1.0, request_timeout=2.0, retry_time=2.0)
+        r.put("x", b"1")  # a pooled connection now exists
+        # A reset connection (its smbd child killed) is replaced transparently.
+        children = _children(srv.pid())
+        assert children
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+        assert r.get("x") == b"1"
+        # A server that restarts within the retry time is waited for.
+        srv.stop()
+        restart = threading.Timer(1.0, srv.start)
+        restart.start()
+        slow = _remote(srv, path=r.url.rsplit("/", 1)[1], retry_time=20.0)
+        assert slow.get("x") == b"1"
+        restart.join()
+        slow.close()
+        # Frozen: TCP still accepts, nothing answers -> request and connect timeouts.
+        os.killpg(srv.pid(), signal.SIGSTOP)
+        began = time.monotonic()
+        try:
+            with pytest.raises(RemoteError, match="timed out"):
+                r.get("x")
+        finally:
+            os.killpg(srv.pid(), signal.SIGCONT)
+        assert time.monotonic() - began < 20
+        # Stopped: connection lost, then refused.
+        srv.stop()
+        began = time.monotonic()
+        with pytest.raises(RemoteError, match=r"connection refused|connection lost"):
+            r.put("y", b"2")
+        with pytest.raises(RemoteError, match="connection refused"):
+            list(r.list(""))
+        assert time.monotonic() - began < 15
+        r.close()
+    finally:
+        srv.cleanup()
+
+
+def test_open_smb_url(monkeypatch: pytest.MonkeyPatch, server: SambaServer) -> None:
+    monkeypatch.delenv(smb.PASSWORD_ENV, raising=False)
+    with pytest.raises(UsageError, match=smb.PASSWORD_ENV):
+        smb.open_smb(server.url("repo"))
+    monkeypatch.setenv(smb.PASSWORD_ENV, server.password)
+    with pytest.raises(UsageError, match="password in the URL"):
+        smb.open_smb(f"smb://{server.user}:secret@{server.host}/{server.share}")
+    for bad in ("smb://host/share", f"smb://u@{server.host}", "s3://u@h/share"):
+        with pytest.raises(UsageError):
+            smb.open_smb(bad)
+    r = smb.open_smb(server.url("repo/sub"))
+    assert r.url == server.url("repo/sub") and server.password not in r.url
+    r.put("config", b"{}")
+    assert (server.share_dir / "repo" / "sub" / "config").read_bytes() == b"{}"
+    r.close()
+    d = smb.open_smb("smb://CORP;alice@files.example:1445/backups")
+    assert d.url == "smb://CORP;alice@files.example:1445/backups"
+    assert smb.open_smb("smb://bob@nas/b").url == "smb://bob@nas/b"  # port 445 is implied
+
+
+def test_repository_end_to_end(server: SambaServer, tmp_path: Path) -> None:
+    from vmkeep.connectors.files import FilesConnector
+    from vmkeep.connectors.files.demo import DEMO_MARKER, create_demo_vm
+    from vmkeep.operations.backup import BackupOptions, backup_vm
+    from vmkeep.operations.restore import restore_vm
+    from vmkeep.progress import SilentProgress
+    from vmkeep.repository.gc import collect_garbage
+    from vmkeep.repository.repository import Repository
+    from vmkeep.repository.verify import verify
+
+    remote = _remote(server)
+    repo = Repository.init(remote, "aes-256-gcm", lambda: b"pw")
+    (tmp_path / "vms").mkdir()
+    vm_dir = create_demo_vm(tmp_path / "vms", "vm1", 64 * 1024 * 1024)
+    report = backup_vm(repo, FilesConnector(), str(vm_dir), BackupOptions(), SilentProgress())
+    (tmp_path / "restored").mkdir()
+    restored = restore_vm(
+        repo, FilesConnector(), report.restore_point, str(tmp_path / "restored"), SilentProgress()
+    )
+
+    def disk_sha(vm: Path) -> str:
+        disk = json.loads((vm / "vm.json").read_text())["disks"][0]["file"]
+        return hashlib.sha256((vm / disk).read_bytes()).hexdigest()
+
+    assert disk_sha(Path(restored.location)) == disk_sha(vm_dir)
+    assert verify(repo, None, SilentProgress()).ok
+    collect_garbage(repo, SilentProgress())
+    assert verify(repo, None, SilentProgress()).ok
+
+    # The stored bytes, read back with smbprotocol's plain client: no plaintext anywhere.
+    import smbclient
+
+    cache: dict[str, object] = {}
+    kw = {"port": server.port, "connection_cache": cache}
+    smbclient.register_session(server.host, username=server.user, password=server.password, **kw)
+    root = rf"\\{server.host}\{server.share}\{remote.url.rsplit('/', 1)[1]}"
+    seen = 0
+    try:
+        for dirpath, _dirs, files in smbclient.walk(root, **kw):
+            for fn in files:
+                with smbclient.open_file(rf"{dirpath}\{fn}", "rb", **kw) as f:
+                    raw = f.read()
+                assert DEMO_MARKER.encode() not in raw, fn
+                seen += 1
+    finally:
+        smbclient.reset_connection_cache(connection_cache=cache)
+    assert seen > 3  # config, a manifest, chunks
+    remote.close()
