@@ -270,3 +270,15 @@ def test_one_backup_per_vm_across_installations(cli: Cli, tmp_path: Path) -> Non
     assert "another-host" in run.err
     (repo / "locks" / "shared-cafe").unlink()
     second_install("backup", str(big), "--remote", str(repo))
+
+
+def test_backup_that_cannot_fit_fails_before_it_starts(
+    cli: Cli, tmp_path: Path, tmpfs: Callable[[str], Path]
+) -> None:
+    tiny = tmpfs("4m")
+    cli("init", str(tiny / "repo"))
+    vm = random_vm(tmp_path, "big", 64 << 20, 6)  # ~51 MiB of data: a tenth does not fit
+    began = time.monotonic()
+    run = cli("backup", str(vm), "--remote", str(tiny / "repo"), ok=False)
+    assert "needs at least" in run.err and time.monotonic() - began < 10
+    assert not [p for p in (tiny / "repo").rglob("*") if p.is_file() and p.name != "config"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vmkeep.connectors.base import Connector, DiskInfo, DiskReader, VmConfig
-from vmkeep.errors import ConnectorError, LockedError, UsageError
+from vmkeep.errors import ConnectorError, LockedError, RemoteFullError, UsageError
 from vmkeep.parallel import ordered_map
 from vmkeep.progress import Progress
 from vmkeep.repository.format import CHUNK_SIZE, ID_SIZE, ZERO_CHUNK, ZERO_ID
@@ -144,9 +145,29 @@ def backup_disk(
     return bytes(ids), total
 
 
-def previous_point(repo: Repository, vm_uuid: str) -> Manifest | None:
+def vm_history(repo: Repository, vm_uuid: str) -> list[Manifest]:
+    """The VM's restore points, oldest first."""
     mine = [m for m in repo.load_manifests()[0] if m.vm_uuid == vm_uuid]
-    return max(mine, key=lambda m: (m.created, m.id)) if mine else None
+    return sorted(mine, key=lambda m: (m.created, m.id))
+
+
+def check_capacity(
+    repo: Repository, vm: VmConfig, readers: list[DiskReader], history: list[Manifest]
+) -> None:
+    """Fail before reading when the remote obviously cannot take the backup: below a tenth of
+    the VM's allocated data on its first backup, or below the least any earlier run stored."""
+    free = repo.remote.free_space()
+    if free is None:
+        return
+    if history:
+        need = min(int(m.stats.get("bytes_written", 0)) for m in history)
+    else:
+        need = sum(sum(chunks_with_data(r)) for r in readers) * CHUNK_SIZE // 10
+    if free < need:
+        raise RemoteFullError(
+            f"remote has {free // 2**20} MiB free; a backup of {vm.name} needs at least "
+            f"{need // 2**20} MiB: free space first"
+        )
 
 
 def reuse_unchanged(
@@ -204,35 +225,36 @@ def backup_vm(
         raise UsageError("compression level must be between 0 (off) and 22")
     vm = connector.get_vm(vm_ref)
     began = time.monotonic()
-    with vm_backup_lock(repo, vm):
+    with vm_backup_lock(repo, vm), contextlib.ExitStack() as closing:
         started = datetime.now(UTC)
+        readers = [connector.open_disk(vm, disk) for disk in vm.disks]
+        for reader in readers:
+            closing.callback(reader.close)
+        history = vm_history(repo, vm.uuid)
+        previous = history[-1] if history else None
+        check_capacity(repo, vm, readers, history)
         known = {chunk_id for chunk_id, _ in repo.list_chunks()}
-        previous = previous_point(repo, vm.uuid)
         uploader = ChunkUploader(repo, known, options.compression_level)
         notes: list[str] = []
         stats = BackupStats()
         indexes = []
-        for disk in vm.disks:
-            reader = connector.open_disk(vm, disk)
-            try:
-                token = reader.change_token
-                reused, note = (
-                    reuse_unchanged(disk, token, previous, known)
-                    if options.mode == "delta"
-                    else (None, "")
+        for disk, reader in zip(vm.disks, readers, strict=True):
+            token = reader.change_token
+            reused, note = (
+                reuse_unchanged(disk, token, previous, known)
+                if options.mode == "delta"
+                else (None, "")
+            )
+            if note:
+                notes.append(note)
+                progress.note(note)
+            if reused is not None:
+                ids = reused.chunk_ids
+            else:
+                ids, disk_stats = backup_disk(
+                    reader, uploader, f"{vm.name}/{disk.name}", progress, options.workers
                 )
-                if note:
-                    notes.append(note)
-                    progress.note(note)
-                if reused is not None:
-                    ids = reused.chunk_ids
-                else:
-                    ids, disk_stats = backup_disk(
-                        reader, uploader, f"{vm.name}/{disk.name}", progress, options.workers
-                    )
-                    stats.add(disk_stats)
-            finally:
-                reader.close()
+                stats.add(disk_stats)
             indexes.append(
                 DiskIndex(disk.name, disk.size, disk.format, ids, dict(disk.extra), token)
             )
