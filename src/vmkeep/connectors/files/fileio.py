@@ -137,3 +137,13 @@ def change_token(fd: int) -> str:
     call can set back), so an equal token proves the image is unchanged since the last backup."""
     st = os.fstat(fd)
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def check_write(path: Path, fd: int, size: int, offset: int, length: int) -> None:
+    """Writers refuse writes past the disk end: a hostile index must not grow an image."""
+    if fd < 0:
+        raise ConnectorError(f"{path} is already closed")
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ConnectorError(
+            f"write of {length} bytes at {offset} is outside the disk {path} ({size} bytes)"
+        )

@@ -11,7 +11,7 @@ import os
 from array import array
 from pathlib import Path
 
-from vmkeep.connectors.files.fileio import open_image, punch_hole, pwrite_all
+from vmkeep.connectors.files.fileio import check_write, open_image, punch_hole, pwrite_all
 from vmkeep.connectors.files.qcow2 import (
     HEADER_V2,
     HEADER_V3_EXTRA,
@@ -71,13 +71,7 @@ class Qcow2DiskWriter:
         table[index] = value
 
     def _check(self, offset: int, length: int) -> None:
-        if self._fd < 0:
-            raise ConnectorError(f"{self.path} is already closed")
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise ConnectorError(
-                f"write of {length} bytes at {offset} is outside the disk {self.path} "
-                f"({self.size} bytes)"
-            )
+        check_write(self.path, self._fd, self.size, offset, length)
 
     def write(self, offset: int, data: bytes) -> None:
         """Write anywhere; partial clusters keep their other bytes (zeros if new)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 from vmkeep.connectors.base import Extent
 from vmkeep.connectors.files.fileio import (
     change_token,
+    check_write,
     open_image,
     pread_full,
     pwrite_all,
@@ -95,13 +96,7 @@ class RawDiskWriter:
             raise ConnectorError(f"cannot resize {self.path}: {exc.strerror}") from None
 
     def _check(self, offset: int, length: int) -> None:
-        if self._fd < 0:
-            raise ConnectorError(f"{self.path} is already closed")
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise ConnectorError(
-                f"write of {length} bytes at {offset} is outside the disk {self.path} "
-                f"({self.size} bytes)"
-            )
+        check_write(self.path, self._fd, self.size, offset, length)
 
     def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
