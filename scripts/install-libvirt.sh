@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Installs and starts libvirt + QEMU for the libvirt connector's tests (Debian 12, as root).
+# Idempotent: installs only the missing packages, starts virtlogd/libvirtd only when they are
+# not running (there is no systemd on the test machines), then waits for libvirtd to answer.
+#
+#   scripts/install-libvirt.sh            install + start + check the venv sees the bindings
+#   VMKEEP_VENV=/path/to/venv scripts/install-libvirt.sh
+#
+# Exit status: 0 when `virsh -c qemu:///system list` answers and the venv imports libvirt + nbd.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf 'install-libvirt: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libnbd-bin
+          python3-libvirt python3-libnbd)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    [[ $(id -u) -eq 0 ]] || die "missing Debian packages: ${missing[*]} (run as root)"
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # No --no-install-recommends: libvirt-daemon-system's recommends are what a qemu:///system
+    # host normally has (dnsmasq-base, iptables, ...); harmless and closer to a real host.
+    # Package postinst scripts try to start services through invoke-rc.d and fail softly
+    # without systemd; that is fine, we start the daemons ourselves below.
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+[[ $(id -u) -eq 0 ]] || die "libvirtd/virtlogd must be started as root"
+
+# Runtime directories that systemd would otherwise create.
+mkdir -p /run/libvirt /var/lib/libvirt/qemu /var/lib/libvirt/images /var/log/libvirt/qemu
+
+# Not zombies: a just-killed daemon stays <defunct> until init reaps it.
+running() { pgrep -x -r R,S,D "$1" >/dev/null 2>&1; }
+
+if ! running virtlogd; then
+    log "starting virtlogd -d"
+    virtlogd -d
+fi
+if ! running libvirtd; then
+    # A stale pid file from a killed daemon makes libvirtd refuse to start.
+    rm -f /run/libvirtd.pid
+    log "starting libvirtd -d"
+    libvirtd -d
+fi
+
+ok=""
+for _ in $(seq 1 150); do     # up to 30 s
+    if virsh -c qemu:///system list >/dev/null 2>&1; then ok=1; break; fi
+    sleep 0.2
+done
+[[ -n $ok ]] || { virsh -c qemu:///system list || true; die "libvirtd does not answer on qemu:///system"; }
+log "libvirtd answers: $(virsh -c qemu:///system version --daemon 2>/dev/null | tr '\n' ' ' | sed 's/  */ /g')"
+
+venv=${VMKEEP_VENV:-.venv}
+if [[ -x $venv/bin/python ]]; then
+    if "$venv/bin/python" -c "import libvirt, nbd" 2>/dev/null; then
+        log "$venv/bin/python imports libvirt and nbd"
+    else
+        die "$venv/bin/python cannot import libvirt/nbd: make the venv from /usr/bin/python3 with --system-site-packages"
+    fi
+else
+    /usr/bin/python3 -c "import libvirt, nbd" || die "/usr/bin/python3 cannot import libvirt/nbd"
+    log "no venv at $venv yet; /usr/bin/python3 imports libvirt and nbd"
+fi
