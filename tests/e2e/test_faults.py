@@ -181,6 +181,9 @@ def test_kill_9_at_random_instants(cli: Cli, tmp_path: Path) -> None:
     rng = random.Random(1234)
     disk = vm / "disk0.img"
 
+    def chunk_objects() -> int:  # stored chunks and chunks being written
+        return sum(1 for p in (repo / "chunks").rglob("*") if p.is_file())
+
     def change() -> None:  # new data, so every run has chunks to write
         with open(disk, "r+b") as f:
             f.seek(rng.randrange(0, 80) << 20)
@@ -201,7 +204,13 @@ def test_kill_9_at_random_instants(cli: Cli, tmp_path: Path) -> None:
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
         )
-        time.sleep(rng.uniform(0.02, duration))
+        if runs % 2:  # half the kills land anywhere, start-up included
+            time.sleep(rng.uniform(0.02, duration))
+        else:  # the other half while chunks are being written
+            before = chunk_objects()
+            while proc.poll() is None and chunk_objects() == before:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, duration / 4))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

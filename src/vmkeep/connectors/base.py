@@ -42,12 +42,19 @@ class DiskReader(Protocol):
     """A point-in-time read view of one disk."""
 
     size: int
-    # Proof of "unchanged since": equal tokens mean equal content, so a delta may reuse the
-    # previous index without reading. None when the connector cannot prove it.
+    # Names the state this reader shows (files: image identity + ctime; libvirt: the checkpoint
+    # this backup creates); the manifest records it so the next delta can name its base.
     change_token: str | None
+    # The token dirty_extents() is relative to; None when the connector cannot tell what
+    # changed, and then the engine reads every allocated chunk.
+    dirty_since: str | None
 
     def extents(self) -> Iterator[Extent]:
         """Cover [0, size) in order; holes may be reported coarsely but never data as a hole."""
+        ...
+
+    def dirty_extents(self) -> Iterator[Extent]:
+        """Ranges changed since `dirty_since` (a superset is fine, a subset is corruption)."""
         ...
 
     def read(self, offset: int, length: int) -> bytes:
@@ -74,6 +81,18 @@ class DiskWriter(Protocol):
         ...
 
 
+class BackupSession(Protocol):
+    """One consistent point-in-time read of all a VM's disks (a snapshot, a backup job)."""
+
+    readers: dict[str, DiskReader]  # by disk name
+    notes: list[str]  # e.g. why a disk is read in full although a delta was asked for
+
+    def finish(self, ok: bool) -> None:
+        """End the read. Not ok: forget the state this session created, so no later delta
+        takes it as a base (its restore point was never written)."""
+        ...
+
+
 class Connector(Protocol):
     """Lists VMs, reads them for backup, creates them on restore."""
 
@@ -83,7 +102,14 @@ class Connector(Protocol):
         """Find a VM by name, uuid or location; raises NotFoundError."""
         ...
 
-    def open_disk(self, vm: VmConfig, disk: DiskInfo) -> DiskReader: ...
+    def open_disk(self, vm: VmConfig, disk: DiskInfo) -> DiskReader:
+        """A reader of the disk as it is now (in-place restore compares with it)."""
+        ...
+
+    def begin_backup(self, vm: VmConfig, previous: dict[str, str | None]) -> BackupSession:
+        """Read all disks at one instant. `previous` maps disk names to the change tokens of
+        the VM's previous restore point, the base a delta may report dirty extents against."""
+        ...
 
     def create_vm(self, config: VmConfig, target: str) -> VmSink:
         """Start creating a VM at `target` (connector-specific: a directory, a storage pool).

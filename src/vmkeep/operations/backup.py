@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from vmkeep.connectors.base import Connector, DiskInfo, DiskReader, VmConfig
+from vmkeep.connectors.base import (
+    BackupSession,
+    Connector,
+    DiskInfo,
+    DiskReader,
+    Extent,
+    VmConfig,
+)
 from vmkeep.errors import ConnectorError, LockedError, RemoteFullError, UsageError
 from vmkeep.parallel import ordered_map
 from vmkeep.progress import Progress
@@ -76,16 +83,21 @@ class BackupReport:
         }
 
 
-def chunks_with_data(reader: DiskReader) -> bytearray:
-    """One flag per chunk: does any data extent touch it? Chunks without data are never read."""
-    count = -(-reader.size // CHUNK_SIZE)
+def chunk_flags(size: int, extents: Iterable[Extent]) -> bytearray:
+    """One flag per chunk: does any of the (data) extents touch it?"""
+    count = -(-size // CHUNK_SIZE)
     flags = bytearray(count)
-    for ext in reader.extents():
+    for ext in extents:
         if ext.data and ext.length > 0:
             first = ext.offset // CHUNK_SIZE
             last = min(count - 1, (ext.offset + ext.length - 1) // CHUNK_SIZE)
             flags[first : last + 1] = b"\x01" * (last - first + 1)
     return flags
+
+
+def chunks_with_data(reader: DiskReader) -> bytearray:
+    """Chunks without data are never read."""
+    return chunk_flags(reader.size, reader.extents())
 
 
 class ChunkUploader:
@@ -119,12 +131,26 @@ class ChunkUploader:
 
 
 def backup_disk(
-    reader: DiskReader, uploader: ChunkUploader, label: str, progress: Progress, workers: int | None
+    reader: DiskReader,
+    uploader: ChunkUploader,
+    label: str,
+    progress: Progress,
+    workers: int | None,
+    base: DiskIndex | None = None,
 ) -> tuple[bytes, BackupStats]:
+    """Store one disk. With a `base` (the previous index, which the reader's dirty extents
+    are relative to) only dirty chunks are read; the others keep their previous IDs."""
     size = reader.size
     flags = chunks_with_data(reader)
-    to_read = [i for i, flag in enumerate(flags) if flag]
-    ids = bytearray(len(flags) * ID_SIZE)  # all ZERO_ID until filled in
+    if base is None:
+        ids = bytearray(len(flags) * ID_SIZE)  # all ZERO_ID until filled in
+        to_read = [i for i, flag in enumerate(flags) if flag]
+    else:
+        ids = bytearray(base.chunk_ids)
+        dirty = chunk_flags(size, reader.dirty_extents())
+        for i in (i for i, d in enumerate(dirty) if d and not flags[i]):
+            ids[i * ID_SIZE : (i + 1) * ID_SIZE] = ZERO_ID  # dirty and now a hole: discarded
+        to_read = [i for i, d in enumerate(dirty) if d and flags[i]]
     progress.start(label, sum(min(CHUNK_SIZE, size - i * CHUNK_SIZE) for i in to_read))
 
     def work(index: int) -> tuple[int, bytes, BackupStats]:
@@ -170,20 +196,22 @@ def check_capacity(
         )
 
 
-def reuse_unchanged(
-    disk: DiskInfo, token: str | None, previous: Manifest | None, known: set[bytes]
+def delta_base(
+    disk: DiskInfo, reader: DiskReader, previous: Manifest | None, known: set[bytes]
 ) -> tuple[DiskIndex | None, str]:
-    """Delta without reading: the connector proves the disk did not change since `previous`."""
+    """The previous index a delta may build on, or None (full read) and the reason why."""
     if previous is None:
         return None, "no previous restore point of this VM: full read"
     old = next((d for d in previous.disks if d.name == disk.name), None)
     if old is None:
         return None, f"disk {disk.name} is new since {previous.id}: full read"
-    if token is None or old.change_token != token or old.size != disk.size:
-        return None, ""
+    if reader.dirty_since is None or reader.dirty_since != old.change_token:
+        return None, ""  # the connector cannot tell what changed: reading is the delta
+    if old.size != reader.size:
+        return None, f"disk {disk.name} was resized since {previous.id}: full read"
     if not old.stored_ids() <= known:
         return None, f"disk {disk.name}: chunks of {previous.id} are missing: full read"
-    return old, f"disk {disk.name} unchanged since {previous.id}: nothing read"
+    return old, ""
 
 
 def vm_record(vm: VmConfig, connector_name: str) -> dict[str, Any]:
@@ -211,6 +239,36 @@ def vm_backup_lock(repo: Repository, vm: VmConfig) -> RepositoryLock:
     return lock
 
 
+def store_disks(
+    repo: Repository,
+    vm: VmConfig,
+    session: BackupSession,
+    previous: Manifest | None,
+    options: BackupOptions,
+    progress: Progress,
+) -> tuple[list[DiskIndex], BackupStats, list[str]]:
+    """Every disk of the session into the repository: its index, the totals, the notes."""
+    known = {chunk_id for chunk_id, _ in repo.list_chunks()}
+    uploader = ChunkUploader(repo, known, options.compression_level)
+    stats = BackupStats()
+    indexes: list[DiskIndex] = []
+    notes: list[str] = []
+    for disk in vm.disks:
+        reader = session.readers[disk.name]
+        base, note = (
+            delta_base(disk, reader, previous, known) if options.mode == "delta" else (None, "")
+        )
+        label = f"{vm.name}/{disk.name}"
+        ids, disk_stats = backup_disk(reader, uploader, label, progress, options.workers, base)
+        if base is not None and disk_stats.bytes_read == 0 and previous is not None:
+            note = f"disk {disk.name} unchanged since {previous.id}: nothing read"
+        notes += [note] if note else []
+        stats.add(disk_stats)
+        token = reader.change_token
+        indexes.append(DiskIndex(disk.name, reader.size, disk.format, ids, dict(disk.extra), token))
+    return indexes, stats, notes
+
+
 def backup_vm(
     repo: Repository,
     connector: Connector,
@@ -225,58 +283,42 @@ def backup_vm(
         raise UsageError("compression level must be between 0 (off) and 22")
     vm = connector.get_vm(vm_ref)
     began = time.monotonic()
-    with vm_backup_lock(repo, vm), contextlib.ExitStack() as closing:
+    with vm_backup_lock(repo, vm):
         started = datetime.now(UTC)
-        readers = [connector.open_disk(vm, disk) for disk in vm.disks]
-        for reader in readers:
-            closing.callback(reader.close)
         history = vm_history(repo, vm.uuid)
         previous = history[-1] if history else None
-        check_capacity(repo, vm, readers, history)
-        known = {chunk_id for chunk_id, _ in repo.list_chunks()}
-        uploader = ChunkUploader(repo, known, options.compression_level)
-        notes: list[str] = []
-        stats = BackupStats()
-        indexes = []
-        for disk, reader in zip(vm.disks, readers, strict=True):
-            token = reader.change_token
-            reused, note = (
-                reuse_unchanged(disk, token, previous, known)
-                if options.mode == "delta"
-                else (None, "")
-            )
-            if note:
-                notes.append(note)
+        tokens = {d.name: d.change_token for d in previous.disks} if previous else {}
+        session = connector.begin_backup(vm, tokens if options.mode == "delta" else {})
+        ok = False
+        try:
+            notes = list(session.notes)
+            check_capacity(repo, vm, list(session.readers.values()), history)
+            indexes, stats, disk_notes = store_disks(repo, vm, session, previous, options, progress)
+            notes += disk_notes
+            for note in notes:
                 progress.note(note)
-            if reused is not None:
-                ids = reused.chunk_ids
-            else:
-                ids, disk_stats = backup_disk(
-                    reader, uploader, f"{vm.name}/{disk.name}", progress, options.workers
-                )
-                stats.add(disk_stats)
-            indexes.append(
-                DiskIndex(disk.name, disk.size, disk.format, ids, dict(disk.extra), token)
+            finished = datetime.now(UTC)
+            manifest = Manifest(
+                id=new_point_id(started),
+                vm=vm_record(vm, connector_name),
+                disks=indexes,
+                mode=options.mode,
+                created=started,
+                finished=finished,
+                schedule=options.schedule,
+                job=options.job,
+                parent=previous.id if previous else None,
+                tags=list(options.tags),
+                stats={
+                    "bytes_read": stats.bytes_read,
+                    "bytes_new": stats.bytes_new,
+                    "bytes_written": stats.bytes_written,
+                },
             )
-        finished = datetime.now(UTC)
-        manifest = Manifest(
-            id=new_point_id(started),
-            vm=vm_record(vm, connector_name),
-            disks=indexes,
-            mode=options.mode,
-            created=started,
-            finished=finished,
-            schedule=options.schedule,
-            job=options.job,
-            parent=previous.id if previous else None,
-            tags=list(options.tags),
-            stats={
-                "bytes_read": stats.bytes_read,
-                "bytes_new": stats.bytes_new,
-                "bytes_written": stats.bytes_written,
-            },
-        )
-        repo.save_manifest(manifest)
+            repo.save_manifest(manifest)
+            ok = True
+        finally:
+            session.finish(ok)
     return BackupReport(
         manifest.id, vm.name, vm.uuid, options.mode, stats, time.monotonic() - began, notes
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmkeep.connectors.base import DiskInfo, DiskReader, VmConfig
+from vmkeep.connectors.files.backup_session import FilesBackupSession
 from vmkeep.connectors.files.images import open_reader
 from vmkeep.connectors.files.sink import NewVmSink, OverwriteSink
 from vmkeep.connectors.files.vmdir import (
@@ -89,6 +90,17 @@ class FilesConnector:
             if entry.name == disk.name:
                 return open_reader(vm_dir / entry.file, entry.format)
         raise NotFoundError(f"VM {vm.name!r} has no disk {disk.name!r}")
+
+    def begin_backup(self, vm: VmConfig, previous: dict[str, str | None]) -> FilesBackupSession:
+        readers: dict[str, DiskReader] = {}
+        try:
+            for disk in vm.disks:
+                readers[disk.name] = self.open_disk(vm, disk)
+        except BaseException:
+            for reader in readers.values():
+                reader.close()
+            raise
+        return FilesBackupSession(vm, readers, previous)
 
     def create_vm(self, config: VmConfig, target: str) -> NewVmSink:
         """Build the VM in a hidden directory of `target`; commit renames it to target/<name>."""

@@ -140,6 +140,7 @@ class Qcow2Reader:
         try:
             self._file_size = os.fstat(self._fd).st_size
             self.change_token: str | None = "qcow2:" + change_token(self._fd)
+            self.dirty_since: str | None = None  # set by FilesBackupSession when unchanged
             self.header = read_header(self._fd, self.path, self._file_size)
             self._load_l1()
         except OSError as exc:
@@ -240,6 +241,10 @@ class Qcow2Reader:
                     start, is_data = pos, data
         if self.size > start:
             yield Extent(start, self.size - start, is_data)
+
+    def dirty_extents(self) -> Iterator[Extent]:
+        """Images carry no change tracking: a delta base exists only when nothing changed."""
+        return iter(())
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes at [offset, offset+length), fewer only at the end of the disk."""

@@ -28,6 +28,7 @@ class RawDiskReader:
         self._fd = open_image(self.path)
         self.size = os.fstat(self._fd).st_size
         self.change_token: str | None = "raw:" + change_token(self._fd)
+        self.dirty_since: str | None = None  # set by FilesBackupSession when unchanged
 
     def extents(self) -> Iterator[Extent]:
         """Data and hole extents covering [0, size); one data extent if the FS cannot tell."""
@@ -55,6 +56,10 @@ class RawDiskReader:
             hole = min(hole, self.size)
             yield Extent(data, hole - data, data=True)
             pos = hole
+
+    def dirty_extents(self) -> Iterator[Extent]:
+        """Images carry no change tracking: a delta base exists only when nothing changed."""
+        return iter(())
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes at [offset, offset+length), fewer only at the end of the disk."""
