@@ -93,8 +93,8 @@ class BackupSession(Protocol):
         ...
 
 
-class Connector(Protocol):
-    """Lists VMs, reads them for backup, creates them on restore."""
+class BackupSource(Protocol):
+    """What a backup needs from a hypervisor: find VMs and read their disks at one instant."""
 
     def list_vms(self) -> list[VmConfig]: ...
 
@@ -102,13 +102,17 @@ class Connector(Protocol):
         """Find a VM by name, uuid or location; raises NotFoundError."""
         ...
 
-    def open_disk(self, vm: VmConfig, disk: DiskInfo) -> DiskReader:
-        """A reader of the disk as it is now (in-place restore compares with it)."""
-        ...
-
     def begin_backup(self, vm: VmConfig, previous: dict[str, str | None]) -> BackupSession:
         """Read all disks at one instant. `previous` maps disk names to the change tokens of
         the VM's previous restore point, the base a delta may report dirty extents against."""
+        ...
+
+
+class Connector(BackupSource, Protocol):
+    """A full connector: backups, and restores that create or overwrite VMs."""
+
+    def open_disk(self, vm: VmConfig, disk: DiskInfo) -> DiskReader:
+        """A reader of the disk as it is now (in-place restore compares with it)."""
         ...
 
     def create_vm(self, config: VmConfig, target: str) -> VmSink:

@@ -11,7 +11,7 @@ from typing import Any
 
 from vmkeep.connectors.base import (
     BackupSession,
-    Connector,
+    BackupSource,
     DiskInfo,
     DiskReader,
     Extent,
@@ -271,7 +271,7 @@ def store_disks(
 
 def backup_vm(
     repo: Repository,
-    connector: Connector,
+    connector: BackupSource,
     vm_ref: str,
     options: BackupOptions,
     progress: Progress,
