@@ -62,7 +62,8 @@ class SmbRemote:
         host_part = f"[{host}]" if ":" in host else host
         port_part = "" if port == DEFAULT_PORT else f":{port}"
         tail = "/" + "/".join(parts) if parts else ""
-        self.url = f"smb://{username}@{host_part}{port_part}/{share}{tail}"
+        self._share_url = f"smb://{username}@{host_part}{port_part}/{share}"
+        self.url = self._share_url + tail
         self._pool = Pool(self._target, retry_time)
         self._finalizer = weakref.finalize(self, self._pool.close)
 
@@ -82,7 +83,8 @@ class SmbRemote:
         return join(self._root, "\\".join(parts))
 
     def _where(self, path: str) -> str:
-        return f"{self.url}/{path.replace(chr(92), '/')}" if path else self.url
+        """`path` is relative to the share (it already includes the repository folder)."""
+        return f"{self._share_url}/{path.replace(chr(92), '/')}" if path else self.url
 
     # --- running on a borrowed connection ---------------------------------------------------
 
