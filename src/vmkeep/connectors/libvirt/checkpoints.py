@@ -1,0 +1,184 @@
+"""vmkeep's libvirt checkpoints: naming, choosing the base of an incremental job, deleting and
+pruning. A checkpoint is per domain (one dirty bitmap per disk), and its name is the change
+token the repository records, so the next run can name its base (LIBVIRT-NOTES §5-6, §10)."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import subprocess
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
+from vmkeep.connectors.libvirt.domxml import DomainDisk
+from vmkeep.connectors.libvirt.jobxml import checkpoint_disks, creation_time
+
+# Only checkpoints with this prefix are ever pruned: other tools' checkpoints (and future
+# replication checkpoints, which must outlive backup runs) are left alone.
+PREFIX = "vmkeep-backup-"
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+def new_name() -> str:
+    """Unique, and sorting by name sorts by creation (UTC, microseconds)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{PREFIX}{stamp}-{secrets.token_hex(2)}"
+
+
+def qcow2_version(path: str) -> int | None:
+    """The qcow2 header version of a local image (2 = compat 0.10, 3 = compat 1.1); None when
+    the file cannot be read here (then libvirt's own check decides)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if len(head) < 8 or head[:4] != QCOW2_MAGIC:
+        return None
+    return int.from_bytes(head[4:8], "big")
+
+
+def why_no_checkpoint(disks: Iterable[DomainDisk], local: bool) -> list[str]:
+    """Reasons a checkpoint cannot cover every disk (empty = it can)."""
+    reasons = []
+    for d in disks:
+        if d.fmt != "qcow2":
+            reasons.append(f"disk {d.target} is {d.fmt}: only qcow2 images keep dirty bitmaps")
+        elif local and d.source and qcow2_version(d.source) == 2:
+            reasons.append(
+                f"disk {d.target} is qcow2 v2 (compat 0.10), which cannot store dirty bitmaps; "
+                f"upgrade it with 'qemu-img amend -o compat=1.1 {d.source}' while the VM is off"
+            )
+    return reasons
+
+
+def _lookup(dom: Any, name: str) -> Any | None:
+    lv = libvirt()
+    try:
+        return dom.checkpointLookupByName(name, 0)
+    except lv.libvirtError as exc:
+        if error_code(exc) == lv.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+            return None
+        raise
+
+
+def choose_base(
+    dom: Any, disks: list[DomainDisk], previous: Mapping[str, str | None]
+) -> tuple[str | None, str | None]:
+    """(checkpoint to run incrementally against, None) or (None, why the job is full)."""
+    lv = libvirt()
+    if not previous:
+        return None, "no previous restore point: full read"
+    current = {d.target for d in disks}
+    added = sorted(current - previous.keys())
+    removed = sorted(previous.keys() - current)
+    if added:
+        return None, f"disk {', '.join(added)} added since the previous restore point: full read"
+    if removed:
+        return (
+            None,
+            f"disk {', '.join(removed)} removed since the previous restore point: full read",
+        )
+    tokens = {previous[t] for t in current}
+    if tokens == {None}:
+        return (
+            None,
+            "the previous restore point has no checkpoint (full or offline read): full read",
+        )
+    if len(tokens) != 1 or None in tokens:
+        return None, "the previous restore point's disks name different checkpoints: full read"
+    name = next(iter(tokens))
+    assert name is not None
+    if not name.startswith(PREFIX):
+        return None, f"previous change token {name!r} is not a vmkeep checkpoint: full read"
+    try:
+        cp = _lookup(dom, name)
+        if cp is None:
+            return None, f"checkpoint {name} no longer exists on the domain: full read"
+        cp_disks = checkpoint_disks(cp.getXMLDesc(lv.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+    except lv.libvirtError as exc:
+        return None, f"checkpoint {name} cannot be read ({one_line(exc)}): full read"
+    uncovered = sorted(t for t in current if cp_disks.get(t) != "bitmap")
+    if uncovered:
+        return None, f"checkpoint {name} has no bitmap for {', '.join(uncovered)}: full read"
+    return name, None
+
+
+def delete(dom: Any, name: str, disks: Iterable[DomainDisk] = ()) -> str | None:
+    """Delete a checkpoint and its bitmaps; None when done (or already gone), else a note.
+
+    A checkpoint whose bitmap is gone (crash) cannot be deleted normally, and a shut-off domain
+    refuses the normal delete: then only libvirt's metadata is dropped, and for a shut-off
+    domain the bitmaps are removed from the images with qemu-img."""
+    lv = libvirt()
+    try:
+        cp = _lookup(dom, name)
+        if cp is None:
+            return None
+        try:
+            cp.delete(0)
+            return None
+        except lv.libvirtError as exc:
+            first = one_line(exc)
+        cp.delete(lv.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    except lv.libvirtError as exc:
+        return f"could not delete checkpoint {name}: {one_line(exc)}"
+    left = []
+    active = True
+    with contextlib.suppress(lv.libvirtError):
+        active = bool(dom.isActive())
+    if not active:
+        for d in disks:
+            if d.fmt == "qcow2" and d.source and not _remove_bitmap(d.source, name):
+                left.append(d.target)
+    note = f"checkpoint {name}: only its metadata was deleted ({first})"
+    if left:
+        note += f"; bitmap left in the image of {', '.join(left)}"
+    return note
+
+
+def _remove_bitmap(image: str, bitmap: str) -> bool:
+    """True when the image no longer has the bitmap (removed now or never there)."""
+    try:
+        res = subprocess.run(
+            ["qemu-img", "bitmap", "--remove", image, bitmap],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return res.returncode == 0 or "not found" in res.stderr.lower()
+
+
+def vmkeep_checkpoints(dom: Any) -> list[str]:
+    """Names of this domain's vmkeep backup checkpoints, oldest first."""
+    lv = libvirt()
+    found = []
+    for cp in dom.listAllCheckpoints(0):
+        name = cp.getName()
+        if name.startswith(PREFIX):
+            try:
+                created = creation_time(cp.getXMLDesc(lv.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+            except lv.libvirtError:
+                created = 0
+            found.append((created, name))
+    return [name for _, name in sorted(found)]
+
+
+def prune(dom: Any, keep: int, disks: Iterable[DomainDisk] = ()) -> list[str]:
+    """Delete all but the newest `keep` (at least 1) vmkeep checkpoints; notes on trouble."""
+    lv = libvirt()
+    try:
+        names = vmkeep_checkpoints(dom)
+    except lv.libvirtError as exc:
+        return [f"could not list checkpoints to prune: {one_line(exc)}"]
+    disks = list(disks)
+    notes = []
+    for name in names[: max(0, len(names) - max(1, keep))]:
+        note = delete(dom, name, disks)
+        if note:
+            notes.append(note)
+    return notes

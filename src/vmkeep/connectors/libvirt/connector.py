@@ -1,0 +1,124 @@
+"""LibvirtConnector: VMs are libvirt domains at a URI (qemu:///system by default). Running
+domains are backed up live through pull-mode backup jobs over NBD with checkpoints for deltas;
+shut-off domains by reading their images directly."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from vmkeep.connectors.base import DiskInfo, DiskReader, VmConfig
+from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.domxml import is_active, parse_disks, vm_config
+from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
+from vmkeep.connectors.libvirt.offline import ImageDiskReader, OfflineBackupSession
+from vmkeep.errors import ConnectorError, NotFoundError
+
+if TYPE_CHECKING:
+    from vmkeep.connectors.base import BackupSession, BackupSource, Connector, VmSink
+
+log = logging.getLogger(__name__)
+
+
+class LibvirtConnector:
+    """Domains of one libvirt URI. `keep_checkpoints`: how many vmkeep backup checkpoints a
+    successful backup leaves on the domain (the newest; at least 1, the base of the next delta).
+    `max_connections`: NBD connections per disk reader (the engine reads from several threads)."""
+
+    def __init__(
+        self, uri: str = "qemu:///system", *, keep_checkpoints: int = 1, max_connections: int = 8
+    ) -> None:
+        self.uri = uri
+        self.keep_checkpoints = max(1, keep_checkpoints)
+        self.max_connections = max_connections
+        self._conn = Connection(uri)
+
+    @property
+    def local(self) -> bool:
+        """True for a URI of this host, where the job's unix socket can be reached."""
+        parts = urlsplit(self.uri)
+        return not parts.hostname and "+" not in parts.scheme.replace("+unix", "")
+
+    def list_vms(self) -> list[VmConfig]:
+        """Every defined or running domain; one that vanishes or cannot be read is skipped."""
+        vms = []
+        for dom in self._conn.list_domains():
+            try:
+                vms.append(vm_config(dom))
+            except ConnectorError as exc:
+                log.warning("skipping domain: %s", exc)
+        return sorted(vms, key=lambda vm: vm.name)
+
+    def get_vm(self, ref: str) -> VmConfig:
+        """A domain by name or uuid; NotFoundError otherwise."""
+        return vm_config(self._conn.lookup(ref))
+
+    def _domain(self, vm: VmConfig) -> Any:
+        try:
+            return self._conn.lookup(vm.uuid)
+        except NotFoundError:
+            return self._conn.lookup(vm.name)
+
+    def begin_backup(
+        self, vm: VmConfig, previous: Mapping[str, str | None]
+    ) -> LiveBackupSession | OfflineBackupSession:
+        """Live job for a running (or paused) domain, direct image reads for a shut-off one."""
+        dom = self._domain(vm)
+        if is_active(dom):
+            if not self.local:
+                raise ConnectorError(
+                    f"live backup over {self.uri} is not supported yet (the NBD socket would be "
+                    "on the remote host); run vmkeep on the hypervisor host"
+                )
+            return begin_live_backup(
+                self._conn,
+                dom,
+                previous,
+                keep_checkpoints=self.keep_checkpoints,
+                max_connections=self.max_connections,
+            )
+        return OfflineBackupSession(dom.name(), parse_disks(_inactive_xml(dom)))
+
+    def open_disk(self, vm: VmConfig, disk: DiskInfo) -> DiskReader:
+        """A reader of a shut-off domain's disk image (a running one is read via begin_backup)."""
+        dom = self._domain(vm)
+        if is_active(dom):
+            raise ConnectorError(
+                f"domain {vm.name} is running: its disks are read through a backup job only"
+            )
+        for d in parse_disks(_inactive_xml(dom)):
+            if d.target == disk.name:
+                return ImageDiskReader(d)
+        raise NotFoundError(f"domain {vm.name} has no disk {disk.name!r}")
+
+    def create_vm(self, config: VmConfig, target: str) -> VmSink:
+        raise ConnectorError("restoring to libvirt is not supported yet")
+
+    def overwrite_vm(self, vm: VmConfig) -> VmSink:
+        raise ConnectorError("restoring to libvirt is not supported yet")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _inactive_xml(dom: Any) -> str:
+    from vmkeep.connectors.libvirt.bindings import libvirt, one_line
+
+    lv = libvirt()
+    try:
+        return str(dom.XMLDesc(0))
+    except lv.libvirtError as exc:
+        raise ConnectorError(f"cannot read domain {dom.name()}: {one_line(exc)}") from None
+
+
+if TYPE_CHECKING:  # mypy proves the classes satisfy the protocols of connectors/base.py
+
+    def _conforms(
+        connector: LibvirtConnector,
+        live: LiveBackupSession,
+        offline: OfflineBackupSession,
+        readers: tuple[ImageDiskReader],
+    ) -> tuple[BackupSource, Connector, BackupSession, BackupSession, DiskReader]:
+        return connector, connector, live, offline, readers[0]

@@ -1,0 +1,115 @@
+"""Reading a libvirt domain: its XML (disks, vcpus, memory, guest agent channel), state and disk
+sizes, turned into the hypervisor-neutral VmConfig the repository records."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Any
+
+from vmkeep.connectors.base import DiskInfo, VmConfig
+from vmkeep.connectors.libvirt.bindings import libvirt, one_line
+from vmkeep.errors import ConnectorError
+
+DOMAIN_XML_KEY = "libvirt.domain_xml"
+STATE_KEY = "libvirt.state"
+
+_UNITS = {
+    "b": 1, "bytes": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2,
+    "mb": 1000**2, "g": 1024**3, "gib": 1024**3, "gb": 1000**3, "t": 1024**4, "tib": 1024**4,
+    "tb": 1000**4,
+}  # fmt: skip
+
+# virsh's words for virDomainState, so users see what `virsh list` shows.
+_STATES = {
+    0: "no state", 1: "running", 2: "idle", 3: "paused", 4: "in shutdown", 5: "shut off",
+    6: "crashed", 7: "pmsuspended",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DomainDisk:
+    """One `<disk device='disk'>` of a domain."""
+
+    target: str  # vda, sdb, ...
+    source: str  # file or block device path; "" when the disk has no local source
+    source_type: str  # file, block, network, volume
+    fmt: str  # driver type: qcow2, raw, ...
+
+
+def parse_disks(xml: str) -> list[DomainDisk]:
+    """The domain's hard disks (cdroms and floppies are not backed up)."""
+    root = ET.fromstring(xml)
+    disks = []
+    for el in root.iterfind("./devices/disk"):
+        if el.get("device", "disk") != "disk":
+            continue
+        target = el.find("target")
+        if target is None or not target.get("dev"):
+            continue
+        src = el.find("source")
+        path = ""
+        if src is not None:
+            path = src.get("file") or src.get("dev") or ""
+        driver = el.find("driver")
+        fmt = (driver.get("type") if driver is not None else None) or "raw"
+        disks.append(DomainDisk(target.get("dev", ""), path, el.get("type", "file"), fmt))
+    return disks
+
+
+def has_guest_agent(xml: str) -> bool:
+    """True when the domain has a connected QEMU guest agent channel (worth a freeze)."""
+    root = ET.fromstring(xml)
+    for ch in root.iterfind("./devices/channel/target"):
+        if ch.get("name") == "org.qemu.guest_agent.0" and ch.get("state") == "connected":
+            return True
+    return False
+
+
+def _memory_bytes(root: ET.Element) -> int:
+    el = root.find("memory")
+    if el is None or not (el.text or "").strip():
+        return 0
+    unit = el.get("unit", "KiB").lower()
+    return int(el.text or "0") * _UNITS.get(unit, 1024)
+
+
+def state_name(dom: Any) -> str:
+    try:
+        return _STATES.get(int(dom.state()[0]), "unknown")
+    except libvirt().libvirtError as exc:
+        raise ConnectorError(f"cannot read the state of {dom.name()}: {one_line(exc)}") from None
+
+
+def is_active(dom: Any) -> bool:
+    try:
+        return bool(dom.isActive())
+    except libvirt().libvirtError as exc:
+        raise ConnectorError(f"cannot read the state of {dom.name()}: {one_line(exc)}") from None
+
+
+def vm_config(dom: Any) -> VmConfig:
+    """The VmConfig of a domain: live XML when it runs, disk sizes from blockInfo."""
+    lv = libvirt()
+    try:
+        xml = dom.XMLDesc(0)
+        root = ET.fromstring(xml)
+        name = dom.name()
+        uuid = dom.UUIDString()
+        disks = []
+        for d in parse_disks(xml):
+            capacity = int(dom.blockInfo(d.target, 0)[0])
+            disks.append(DiskInfo(name=d.target, size=capacity, format=d.fmt,
+                                  extra={"source": d.source}))  # fmt: skip
+    except lv.libvirtError as exc:
+        raise ConnectorError(f"cannot read domain {dom.name()}: {one_line(exc)}") from None
+    vcpu = root.find("vcpu")
+    vcpus = int((vcpu.text or "1").strip()) if vcpu is not None else 1
+    return VmConfig(
+        name=name,
+        uuid=uuid.lower(),
+        vcpus=vcpus,
+        memory=_memory_bytes(root),
+        disks=disks,
+        metadata={DOMAIN_XML_KEY: xml, STATE_KEY: state_name(dom)},
+    )

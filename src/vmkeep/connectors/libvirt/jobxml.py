@@ -1,0 +1,86 @@
+"""The XML documents of a pull-mode backup job and its checkpoint (LIBVIRT-NOTES §4-5), and
+the filled-in job description libvirt returns (export names, exported dirty bitmaps)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+CHECKPOINT_DESCRIPTION = "vmkeep backup"
+
+
+def checkpoint_xml(name: str, targets: Iterable[str]) -> str:
+    """A checkpoint with a persistent dirty bitmap on each of `targets`."""
+    disks = "".join(f"<disk name={quoteattr(t)} checkpoint='bitmap'/>" for t in targets)
+    return (
+        f"<domaincheckpoint><name>{escape(name)}</name>"
+        f"<description>{CHECKPOINT_DESCRIPTION}</description>"
+        f"<disks>{disks}</disks></domaincheckpoint>"
+    )
+
+
+def scratch_path(workdir: Path, target: str) -> Path:
+    """Explicit scratch files: without them libvirt puts them into the storage pool."""
+    return workdir / f"scratch-{target}.qcow2"
+
+
+def backup_xml(
+    socket: Path, workdir: Path, targets: Iterable[str], incremental: str | None = None
+) -> str:
+    """A pull-mode job exporting `targets` over a unix socket, incremental when asked."""
+    inc = f"<incremental>{escape(incremental)}</incremental>" if incremental else ""
+    disks = "".join(
+        f"<disk name={quoteattr(t)} backup='yes' type='file'>"
+        f"<scratch file={quoteattr(str(scratch_path(workdir, t)))}/></disk>"
+        for t in targets
+    )
+    return (
+        f"<domainbackup mode='pull'>{inc}"
+        f"<server transport='unix' socket={quoteattr(str(socket))}/>"
+        f"<disks>{disks}</disks></domainbackup>"
+    )
+
+
+@dataclass(frozen=True)
+class JobDisk:
+    """One disk of a running job as libvirt describes it."""
+
+    target: str
+    export: str  # NBD export name
+    bitmap: str | None  # exported dirty bitmap (incremental jobs): qemu:dirty-bitmap:<bitmap>
+    mode: str  # "full" or "incremental"
+
+
+def parse_job(xml: str) -> dict[str, JobDisk]:
+    """The disks of `dom.backupGetXMLDesc()` that are backed up, by target."""
+    out: dict[str, JobDisk] = {}
+    for d in ET.fromstring(xml).iterfind("./disks/disk"):
+        if d.get("backup") != "yes":
+            continue
+        name = d.get("name", "")
+        out[name] = JobDisk(
+            target=name,
+            export=d.get("exportname") or name,
+            bitmap=d.get("exportbitmap") or None,
+            mode=d.get("backupmode", "full"),
+        )
+    return out
+
+
+def checkpoint_disks(xml: str) -> dict[str, str]:
+    """target -> checkpoint mode ('bitmap' or 'no') of a checkpoint's XML."""
+    return {
+        d.get("name", ""): d.get("checkpoint", "bitmap")
+        for d in ET.fromstring(xml).iterfind("./disks/disk")
+    }
+
+
+def creation_time(xml: str) -> int:
+    el = ET.fromstring(xml).find("creationTime")
+    try:
+        return int((el.text or "0") if el is not None else "0")
+    except ValueError:
+        return 0

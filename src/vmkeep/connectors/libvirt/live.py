@@ -1,0 +1,271 @@
+"""A live backup of a running domain: one libvirt pull-mode backup job for all its disks, with
+a new checkpoint (its name is every reader's change token), incremental against the previous
+restore point's checkpoint when that one is still valid, full otherwise (LIBVIRT-NOTES §4-6)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from vmkeep.connectors.base import DiskReader
+from vmkeep.connectors.libvirt import checkpoints
+from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
+from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.domxml import DomainDisk, has_guest_agent, parse_disks
+from vmkeep.connectors.libvirt.jobxml import backup_xml, checkpoint_xml, parse_job, scratch_path
+from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader
+from vmkeep.connectors.libvirt.workdir import make_workdir, remove_workdir
+from vmkeep.errors import ConnectorError
+
+log = logging.getLogger(__name__)
+
+JOB_END_TIMEOUT = 15.0
+
+
+class LiveBackupSession:
+    """The running backup job; `finish` ends it on every path (a pull job never ends alone)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        dom: Any,
+        disks: list[DomainDisk],
+        workdir: Path,
+        checkpoint: str | None,
+        base: str | None,
+        keep_checkpoints: int,
+        notes: list[str],
+    ) -> None:
+        self._conn = conn
+        self._dom = dom
+        self.domain_name: str = dom.name()
+        self._uuid: str = dom.UUIDString()
+        self.disks = disks
+        self.workdir = workdir
+        self.socket = workdir / "nbd.sock"
+        self.checkpoint = checkpoint  # created by this job (None: no checkpoint possible)
+        self.base = base  # the incremental job's base checkpoint (None: full)
+        self.keep_checkpoints = keep_checkpoints
+        self.notes = notes
+        self.readers: dict[str, DiskReader] = {}
+        self._finished = False
+
+    def domain(self) -> Any:
+        """The domain object, looked up again on a new connection after a libvirtd restart."""
+        if not self._conn.alive():
+            self._conn.reconnect()
+            self._dom = self._conn.lookup(self._uuid)
+        return self._dom
+
+    def finish(self, ok: bool) -> None:
+        """Close the readers, end the job, remove socket and scratch files; not ok: delete the
+        checkpoint this job made; ok: prune older vmkeep checkpoints. Idempotent; trouble while
+        cleaning up is logged and added to `notes`, never raised over the caller's own error."""
+        if self._finished:
+            return
+        self._finished = True
+        for reader in self.readers.values():
+            with contextlib.suppress(Exception):
+                reader.close()
+        try:
+            dom = self.domain()
+        except ConnectorError as exc:
+            self._note(f"cannot reach libvirt to end the backup job of {self.domain_name}: {exc}")
+            remove_workdir(self.workdir, [])
+            return
+        self._note_if(end_job(dom))
+        scratch = [scratch_path(self.workdir, d.target) for d in self.disks]
+        if not remove_workdir(self.workdir, scratch):
+            self._note(f"could not remove {self.workdir}")
+        if self.checkpoint is None:
+            return
+        if not ok:
+            self._note_if(checkpoints.delete(dom, self.checkpoint, self.disks))
+        else:
+            for note in checkpoints.prune(dom, self.keep_checkpoints, self.disks):
+                self._note(note)
+
+    def _note(self, text: str) -> None:
+        log.warning("%s: %s", self.domain_name, text)
+        self.notes.append(text)
+
+    def _note_if(self, text: str | None) -> None:
+        if text:
+            self._note(text)
+
+    def __enter__(self) -> LiveBackupSession:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.finish(ok=et is None)
+
+
+def end_job(dom: Any, timeout: float = JOB_END_TIMEOUT) -> str | None:
+    """abortJob() is how a pull backup ends; wait until libvirt reports no job. A note on
+    trouble (the VM stopped: the job is already gone, which is fine)."""
+    lv = libvirt()
+    try:
+        dom.abortJob()
+    except lv.libvirtError as exc:
+        if error_code(exc) not in (lv.VIR_ERR_OPERATION_INVALID, lv.VIR_ERR_NO_DOMAIN):
+            return f"could not abort the backup job: {one_line(exc)}"
+    deadline = time.monotonic() + timeout
+    while _job_active(dom):
+        if time.monotonic() > deadline:
+            return f"the backup job did not end within {timeout:.0f} s"
+        time.sleep(0.05)
+    return None
+
+
+def _job_active(dom: Any) -> bool:
+    lv = libvirt()
+    try:
+        return bool(dom.jobInfo()[0] != lv.VIR_DOMAIN_JOB_NONE)
+    except lv.libvirtError:
+        return False
+
+
+def refuse_if_busy(dom: Any) -> None:
+    """A second backupBegin would block 30 s on libvirt's state lock and then fail: refuse now."""
+    lv = libvirt()
+    try:
+        stats = dom.jobStats(0)
+    except lv.libvirtError as exc:
+        raise ConnectorError(f"cannot query jobs of domain {dom.name()}: {one_line(exc)}") from None
+    if stats.get("type", lv.VIR_DOMAIN_JOB_NONE) == lv.VIR_DOMAIN_JOB_NONE:
+        return
+    if stats.get("operation") == lv.VIR_DOMAIN_JOB_OPERATION_BACKUP:
+        raise ConnectorError(
+            f"domain {dom.name()} already has a backup job running (another vmkeep run, or one "
+            f"left by a crashed run: end it with 'virsh domjobabort {dom.name()}')"
+        )
+    raise ConnectorError(f"domain {dom.name()} is busy with another job; try again later")
+
+
+def begin_live_backup(
+    conn: Connection,
+    dom: Any,
+    previous: Mapping[str, str | None],
+    *,
+    keep_checkpoints: int = 1,
+    max_connections: int = 8,
+    local: bool = True,
+) -> LiveBackupSession:
+    """Start the job and open one NBD reader per disk. On any failure nothing is left behind:
+    no job, no new checkpoint, no work directory."""
+    lv = libvirt()
+    name = dom.name()
+    try:
+        xml = dom.XMLDesc(0)
+    except lv.libvirtError as exc:
+        raise ConnectorError(f"cannot read domain {name}: {one_line(exc)}") from None
+    disks = parse_disks(xml)
+    if not disks:
+        raise ConnectorError(f"domain {name} has no disks to back up")
+    refuse_if_busy(dom)
+    notes: list[str] = []
+    checkpoint: str | None = checkpoints.new_name()
+    base: str | None = None
+    reasons = checkpoints.why_no_checkpoint(disks, local)
+    if reasons:
+        notes.extend(reasons)
+        notes.append("no checkpoint is made: this and the next backup read every disk in full")
+        checkpoint = None
+    else:
+        base, why = checkpoints.choose_base(dom, disks, previous)
+        if why:
+            notes.append(why)
+    workdir = make_workdir()
+    session = LiveBackupSession(
+        conn, dom, disks, workdir, checkpoint, base, keep_checkpoints, notes
+    )
+    try:
+        _start_job(session, dom, xml)
+        job = parse_job(dom.backupGetXMLDesc(0))
+        for d in disks:
+            jd = job.get(d.target)
+            if jd is None:
+                raise ConnectorError(f"the backup job of {name} does not export disk {d.target}")
+            session.readers[d.target] = NbdDiskReader(
+                str(session.socket),
+                jd.export,
+                name=d.target,
+                change_token=session.checkpoint,
+                dirty_bitmap=jd.bitmap if session.base else None,
+                dirty_since=session.base,
+                max_connections=max_connections,
+            )
+    except BaseException as exc:
+        session.finish(ok=False)
+        if isinstance(exc, lv.libvirtError):
+            raise ConnectorError(f"backup of domain {name} failed: {one_line(exc)}") from None
+        raise
+    for note in notes:
+        log.info("%s: %s", name, note)
+    return session
+
+
+def _start_job(session: LiveBackupSession, dom: Any, xml: str) -> None:
+    """backupBegin, falling back to a full job when the base checkpoint turns out missing or
+    inconsistent, and to no checkpoint when QEMU cannot store bitmaps in an image. The file
+    systems are frozen around the start when a guest agent answers."""
+    lv = libvirt()
+    targets = [d.target for d in session.disks]
+    frozen = _freeze(dom, xml, session.notes)
+    try:
+        while True:
+            bxml = backup_xml(session.socket, session.workdir, targets, session.base)
+            cxml = checkpoint_xml(session.checkpoint, targets) if session.checkpoint else None
+            try:
+                dom.backupBegin(bxml, cxml, 0)
+                return
+            except lv.libvirtError as exc:
+                code = error_code(exc)
+                if session.base and code in (
+                    lv.VIR_ERR_NO_DOMAIN_CHECKPOINT,
+                    lv.VIR_ERR_CHECKPOINT_INCONSISTENT,
+                ):
+                    session.notes.append(
+                        f"checkpoint {session.base} unusable ({one_line(exc)}): full read"
+                    )
+                    if code == lv.VIR_ERR_CHECKPOINT_INCONSISTENT:
+                        stale = checkpoints.delete(dom, session.base, session.disks)
+                        if stale:
+                            session.notes.append(stale)
+                    session.base = None
+                    continue
+                if session.checkpoint and "Cannot store dirty bitmaps" in one_line(exc):
+                    session.notes.append(
+                        f"no checkpoint possible ({one_line(exc)}): full read, and the next "
+                        "backup reads in full too"
+                    )
+                    session.checkpoint = session.base = None
+                    continue
+                raise
+    finally:
+        if frozen:
+            try:
+                dom.fsThaw(None, 0)
+            except lv.libvirtError as exc:
+                session.notes.append(f"guest file systems could not be thawed: {one_line(exc)}")
+
+
+def _freeze(dom: Any, xml: str, notes: list[str]) -> bool:
+    """Freeze guest file systems when a guest agent is connected; else crash-consistent."""
+    lv = libvirt()
+    if not has_guest_agent(xml):
+        notes.append("no guest agent connected: crash-consistent backup (no fs freeze)")
+        return False
+    try:
+        dom.fsFreeze(None, 0)
+        return True
+    except lv.libvirtError as exc:
+        notes.append(f"guest agent did not freeze the file systems ({one_line(exc)})")
+        return False
