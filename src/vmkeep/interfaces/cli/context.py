@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmkeep.connectors.base import BackupSource
+from vmkeep.connectors.files import FilesConnector
 from vmkeep.engine.remote_registry import RemoteRegistry
+from vmkeep.errors import UsageError
 from vmkeep.remotes.location import open_remote
 from vmkeep.repository.repository import Repository
 
@@ -23,6 +26,19 @@ class CliState:
 
 
 state = CliState()
+
+CONNECTORS = ("files", "libvirt")
+
+
+def backup_source(connector: str, uri: str | None) -> BackupSource:
+    """The connector a backup reads from; libvirt is imported only when asked for."""
+    if connector == "files":
+        return FilesConnector()
+    if connector == "libvirt":
+        from vmkeep.connectors.libvirt import LibvirtConnector
+
+        return LibvirtConnector(uri or "qemu:///system")
+    raise UsageError(f"unknown connector {connector!r}: choose {' or '.join(CONNECTORS)}")
 
 
 def set_passphrase_file(path: Path | None) -> None:

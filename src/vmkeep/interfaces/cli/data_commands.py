@@ -12,23 +12,26 @@ from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.export import export_disk
 from vmkeep.operations.restore import restore_vm
 
-from .context import state
+from .context import backup_source, state
 from .output import RichProgress, console, human_bytes, print_json
 from .repo_commands import JsonOpt, RemoteOpt
 
 
 def backup(
-    vm: str = typer.Argument(..., help="The VM: for the files connector, its directory."),
+    vm: str = typer.Argument(..., help="The VM: its directory (files), or domain name/uuid."),
     remote: str | None = RemoteOpt,
     mode: str = typer.Option("full", "--mode", help="full or delta."),
     schedule: str = typer.Option("", "--schedule", help="Schedule tag (retention is per tag)."),
     compression_level: int = typer.Option(3, "--compression-level", help="zstd level, 0 = off."),
+    connector: str = typer.Option("files", "--connector", help="files or libvirt."),
+    uri: str | None = typer.Option(None, "--uri", help="libvirt URI (default qemu:///system)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Back up a VM into a repository."""
     repo = state.open_repository(remote)
     options = BackupOptions(mode=mode, schedule=schedule, compression_level=compression_level)
-    report = backup_vm(repo, FilesConnector(), vm, options, RichProgress(not json_out))
+    source = backup_source(connector, uri)
+    report = backup_vm(repo, source, vm, options, RichProgress(not json_out), connector)
     if json_out:
         print_json(report.to_json())
         return

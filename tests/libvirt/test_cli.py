@@ -1,0 +1,41 @@
+"""A running libvirt domain backed up and restored through the `vmkeep` command."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from tests.e2e.conftest import Cli, disk_hashes
+from tests.libvirt import libvirt_env as lv
+from tests.libvirt.conftest import LibvirtEnv
+
+MiB = 1024 * 1024
+
+
+def test_cli_full_and_delta_of_a_running_domain(libvirt_env: LibvirtEnv, tmp_path: Path) -> None:
+    cli = Cli(tmp_path)
+    repo = tmp_path / "repo"
+    cli("init", str(repo))
+    d = lv.TestDomain(libvirt_env.conn, libvirt_env.pool, (32 * MiB,))
+    try:
+        d.guest_write("vda", 0, os.urandom(3 * MiB))
+        args = ("--connector", "libvirt", "--remote", str(repo), "--json")
+        full = cli("backup", d.name, *args).json()
+        full_model = bytes(d.disks[0].model)
+        d.guest_write("vda", 20 * MiB, os.urandom(4096))
+        delta = cli("backup", d.name, "--mode", "delta", *args).json()
+        assert full["bytes_read"] >= 3 * MiB and delta["bytes_read"] == 4 * MiB, delta["notes"]
+        for point, model in (
+            (full["restore_point"], full_model),
+            (delta["restore_point"], bytes(d.disks[0].model)),
+        ):
+            out = cli(
+                "restore", point, "--remote", str(repo), "--to", str(tmp_path / point), "--json"
+            ).json()
+            restored = disk_hashes(Path(out["location"]))  # qcow2 read through qemu-img
+            assert restored == {"vda": hashlib.sha256(model).hexdigest()}
+        missing = cli("backup", "no-such-domain", *args, ok=False)
+        assert "no-such-domain" in missing.err
+    finally:
+        d.destroy()
