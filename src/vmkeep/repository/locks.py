@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from vmkeep.errors import LockedError, NotFoundError
+from vmkeep.errors import LockedError, NotFoundError, VmkeepError
 from vmkeep.remotes.base import Remote
 
 from .format import LOCKS_PREFIX
@@ -142,7 +142,10 @@ class RepositoryLock:
         self._stop.set()
         if self._thread:
             self._thread.join()
-        self.remote.delete(self.name)
+        # Best effort: when the remote is down, the error the operation met is the one to
+        # report, and a lock left behind goes stale by itself (dead pid, or lease expiry).
+        with contextlib.suppress(VmkeepError):
+            self.remote.delete(self.name)
 
 
 def remove_stale_locks(remote: Remote) -> int:

@@ -10,7 +10,7 @@ from vmkeep.remotes.location import open_remote
 from vmkeep.repository.repository import Repository
 
 from .context import state
-from .output import console, human_bytes, print_json, stdout, table
+from .output import console, human_bytes, print_error, print_json, stdout, table
 from .repo_commands import JsonOpt
 
 remote_app = typer.Typer(help="Named remotes: where repositories live.", no_args_is_help=True)
@@ -80,4 +80,6 @@ def test(
             f"free {human_bytes(report.free_bytes)}"
         )
     if not report.ok:
+        failed = next((name, result) for name, result in report.checks.items() if result != "ok")
+        print_error(f"remote test failed: {failed[0]}: {failed[1]}")
         raise typer.Exit(1)
