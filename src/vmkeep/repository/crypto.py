@@ -17,7 +17,7 @@ from vmkeep.errors import IntegrityError, RepositoryError, WrongPassphraseError
 from .format import NONCE_SIZE
 
 KEY_AAD_PREFIX = b"vmkeep-key-v1:"
-# Argon2id defaults: 64 MiB, 3 passes. VMKEEP_KDF_MEMORY_KIB lowers it for tests only.
+# Argon2id: 64 MiB, 3 passes, 2 lanes (about 0.2 s here).
 DEFAULT_TIME_COST = 3
 DEFAULT_MEMORY_KIB = 65536
 DEFAULT_PARALLELISM = 2
@@ -74,7 +74,7 @@ def derive_kek(
 def wrap_key(key: RepositoryKey, passphrase: bytes, repo_id: str, label: str) -> dict[str, Any]:
     """One entry of the config's "keys" list: the repository key sealed by a passphrase."""
     salt = os.urandom(16)
-    memory_kib = int(os.environ.get("VMKEEP_KDF_MEMORY_KIB", DEFAULT_MEMORY_KIB))
+    memory_kib = DEFAULT_MEMORY_KIB
     kek = derive_kek(passphrase, salt, DEFAULT_TIME_COST, memory_kib, DEFAULT_PARALLELISM)
     nonce = os.urandom(NONCE_SIZE)
     sealed = AESGCM(kek).encrypt(nonce, key.to_bytes(), KEY_AAD_PREFIX + repo_id.encode())
