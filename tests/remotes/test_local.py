@@ -45,12 +45,37 @@ def test_names_cannot_escape(tmp_path: Path, name: str) -> None:
         LocalRemote(tmp_path / "root").put(name, b"x")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_read_only_directory(tmp_path: Path) -> None:
-    (tmp_path / "ro").mkdir()
-    (tmp_path / "ro").chmod(0o500)
-    with pytest.raises(RemoteError, match="permission denied"):
-        LocalRemote(tmp_path / "ro").put("x", b"1")
+def test_read_only_directory() -> None:
+    """As root the check runs in a child as `nobody`: root itself ignores file permissions."""
+    import shutil
+    import sys
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="vmkeep-ro-"))
+    try:
+        base.chmod(0o755)
+        (base / "ro").mkdir(mode=0o555)
+        (base / "ro").chmod(0o555)
+        code = (
+            "import sys\n"
+            "from vmkeep.errors import RemoteError\n"
+            "from vmkeep.remotes.local import LocalRemote\n"
+            "try:\n"
+            f"    LocalRemote({str(base / 'ro')!r}).put('x', b'1')\n"
+            "except RemoteError as exc:\n"
+            "    print(exc)\n"
+            "    sys.exit(0)\n"
+            "sys.exit(3)\n"
+        )
+        user = 65534 if os.geteuid() == 0 else None
+        res = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, user=user, cwd=base
+        )
+        assert res.returncode == 0, res.stderr
+        assert "permission denied" in res.stdout
+        assert os.listdir(base / "ro") == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _mount_tmpfs(path: Path, size: str, ro: bool = False) -> None:
