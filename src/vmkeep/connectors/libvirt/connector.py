@@ -14,6 +14,7 @@ from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import is_active, parse_disks, vm_config
 from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
 from vmkeep.connectors.libvirt.offline import ImageDiskReader, OfflineBackupSession
+from vmkeep.connectors.libvirt.restore import NewDomainSink
 from vmkeep.errors import ConnectorError, NotFoundError
 
 if TYPE_CHECKING:
@@ -94,7 +95,14 @@ class LibvirtConnector:
         raise NotFoundError(f"domain {vm.name} has no disk {disk.name!r}")
 
     def create_vm(self, config: VmConfig, target: str) -> VmSink:
-        raise ConnectorError("restoring to libvirt is not supported yet")
+        """A new domain `config.name` (defined on commit, not started) whose disks are new
+        qcow2 volumes in the file-based storage pool `target` ("" = the pool "default")."""
+        if not self.local:
+            raise ConnectorError(
+                f"restoring over {self.uri} is not supported yet (the volumes are written "
+                "through their local paths); run vmkeep on the hypervisor host"
+            )
+        return NewDomainSink(self._conn, config, target)
 
     def overwrite_vm(self, vm: VmConfig) -> VmSink:
         raise ConnectorError("restoring to libvirt is not supported yet")
