@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 from tests.e2e.conftest import Cli, disk_hashes
 from tests.libvirt import libvirt_env as lv
 from tests.libvirt.conftest import LibvirtEnv
+from tests.libvirt.test_restore import remove_domain
 
 MiB = 1024 * 1024
 
@@ -35,6 +37,39 @@ def test_cli_full_and_delta_of_a_running_domain(libvirt_env: LibvirtEnv, tmp_pat
             ).json()
             restored = disk_hashes(Path(out["location"]))  # qcow2 read through qemu-img
             assert restored == {"vda": hashlib.sha256(model).hexdigest()}
+        copy = lv.unique_name("cli-restore")
+        try:
+            out = cli(
+                "restore",
+                delta["restore_point"],
+                "--connector",
+                "libvirt",
+                "--to",
+                libvirt_env.pool.name,
+                "--name",
+                copy,
+                "--remote",
+                str(repo),
+                "--json",
+            ).json()
+            assert out["location"] == copy
+            dom = libvirt_env.conn.lookupByName(copy)
+            assert not dom.isActive() and dom.UUIDString() != d.dom.UUIDString()
+            (volume,) = (
+                v
+                for v in libvirt_env.pool.pool.listAllVolumes(0)
+                if v.name().startswith(copy + "-")
+            )
+            raw = tmp_path / "restored.raw"
+            subprocess.run(
+                ["qemu-img", "convert", "-O", "raw", volume.path(), str(raw)], check=True
+            )
+            assert (
+                hashlib.sha256(raw.read_bytes()).hexdigest()
+                == hashlib.sha256(bytes(d.disks[0].model)).hexdigest()
+            )
+        finally:
+            remove_domain(libvirt_env, copy)
         missing = cli("backup", "no-such-domain", *args, ok=False)
         assert "no-such-domain" in missing.err
     finally:

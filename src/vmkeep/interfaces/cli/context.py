@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmkeep.connectors.base import BackupSource
+from vmkeep.connectors.base import Connector
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.engine.remote_registry import RemoteRegistry
 from vmkeep.errors import UsageError
@@ -30,8 +30,8 @@ state = CliState()
 CONNECTORS = ("files", "libvirt")
 
 
-def backup_source(connector: str, uri: str | None) -> BackupSource:
-    """The connector a backup reads from; libvirt is imported only when asked for."""
+def connector_for(connector: str, uri: str | None) -> Connector:
+    """The connector named on the command line; libvirt is imported only when asked for."""
     if connector == "files":
         return FilesConnector()
     if connector == "libvirt":

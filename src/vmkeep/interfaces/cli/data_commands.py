@@ -6,13 +6,12 @@ from pathlib import Path
 
 import typer
 
-from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import UsageError
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.export import export_disk
 from vmkeep.operations.restore import restore_vm
 
-from .context import backup_source, state
+from .context import connector_for, state
 from .output import RichProgress, console, human_bytes, print_json
 from .repo_commands import JsonOpt, RemoteOpt
 
@@ -30,7 +29,7 @@ def backup(
     """Back up a VM into a repository."""
     repo = state.open_repository(remote)
     options = BackupOptions(mode=mode, schedule=schedule, compression_level=compression_level)
-    source = backup_source(connector, uri)
+    source = connector_for(connector, uri)
     report = backup_vm(repo, source, vm, options, RichProgress(not json_out), connector)
     if json_out:
         print_json(report.to_json())
@@ -47,10 +46,11 @@ def backup(
 
 def restore(
     point: str = typer.Argument(..., help="Restore point id (or a unique prefix)."),
-    to: Path = typer.Option(
+    to: str = typer.Option(
         ...,
         "--to",
-        help="Parent directory of the new VM; with --in-place, the existing VM's directory.",
+        help="files: parent directory of the new VM (with --in-place, the VM's directory); "
+        "libvirt: the storage pool of the new domain's volumes.",
     ),
     name: str | None = typer.Option(None, "--name", help="Name of the new VM."),
     in_place: bool = typer.Option(
@@ -59,20 +59,23 @@ def restore(
         help="Overwrite the original VM, writing only chunks that differ; it keeps its identity.",
     ),
     force: bool = typer.Option(False, "--force", help="In place over a VM of another uuid."),
+    connector: str = typer.Option("files", "--connector", help="files or libvirt."),
+    uri: str | None = typer.Option(None, "--uri", help="libvirt URI (default qemu:///system)."),
     remote: str | None = RemoteOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Restore a VM from a restore point, as a new VM (new uuid) or in place."""
     repo = state.open_repository(remote)
-    if not in_place:
-        if to.exists() and not to.is_dir():
+    if connector == "files" and not in_place:
+        folder = Path(to)
+        if folder.exists() and not folder.is_dir():
             raise UsageError(f"restore target {to} is not a directory")
-        to.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     report = restore_vm(
         repo,
-        FilesConnector(),
+        connector_for(connector, uri),
         point,
-        str(to),
+        to,
         RichProgress(not json_out),
         name=name,
         in_place=in_place,
