@@ -20,7 +20,7 @@ from vmkeep.connectors.base import (
 from vmkeep.errors import ConnectorError, LockedError, RemoteFullError, UsageError
 from vmkeep.parallel import ordered_map
 from vmkeep.progress import Progress
-from vmkeep.repository.format import CHUNK_SIZE, ID_SIZE, ZERO_CHUNK, ZERO_ID
+from vmkeep.repository.format import CHUNK_SIZE, ID_SIZE, ZERO_ID, is_zero
 from vmkeep.repository.locks import RepositoryLock
 from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
 from vmkeep.repository.repository import Repository
@@ -111,7 +111,7 @@ class ChunkUploader:
 
     def store(self, data: bytes) -> tuple[bytes, BackupStats]:
         stats = BackupStats(bytes_read=len(data), chunks=1)
-        if data == (ZERO_CHUNK if len(data) == CHUNK_SIZE else bytes(len(data))):
+        if is_zero(data):
             stats.bytes_zero = len(data)
             return ZERO_ID, stats
         chunk_id = self.repo.chunk_id(data)
@@ -136,12 +136,13 @@ def backup_disk(
     label: str,
     progress: Progress,
     workers: int | None,
+    flags: bytearray,
     base: DiskIndex | None = None,
 ) -> tuple[bytes, BackupStats]:
     """Store one disk. With a `base` (the previous index, which the reader's dirty extents
-    are relative to) only dirty chunks are read; the others keep their previous IDs."""
+    are relative to) only dirty chunks are read; the others keep their previous IDs.
+    `flags` are the reader's chunks_with_data, computed once per backup."""
     size = reader.size
-    flags = chunks_with_data(reader)
     if base is None:
         ids = bytearray(len(flags) * ID_SIZE)  # all ZERO_ID until filled in
         to_read = [i for i, flag in enumerate(flags) if flag]
@@ -178,7 +179,7 @@ def vm_history(repo: Repository, vm_uuid: str) -> list[Manifest]:
 
 
 def check_capacity(
-    repo: Repository, vm: VmConfig, readers: list[DiskReader], history: list[Manifest]
+    repo: Repository, vm: VmConfig, data_flags: list[bytearray], history: list[Manifest]
 ) -> None:
     """Fail before reading when the remote obviously cannot take the backup: below a tenth of
     the VM's allocated data on its first backup, or below the least any earlier run stored."""
@@ -188,7 +189,7 @@ def check_capacity(
     if history:
         need = min(int(m.stats.get("bytes_written", 0)) for m in history)
     else:
-        need = sum(sum(chunks_with_data(r)) for r in readers) * CHUNK_SIZE // 10
+        need = sum(sum(flags) for flags in data_flags) * CHUNK_SIZE // 10
     if free < need:
         raise RemoteFullError(
             f"remote has {free // 2**20} MiB free; a backup of {vm.name} needs at least "
@@ -244,6 +245,7 @@ def store_disks(
     vm: VmConfig,
     session: BackupSession,
     previous: Manifest | None,
+    data_flags: dict[str, bytearray],
     options: BackupOptions,
     progress: Progress,
 ) -> tuple[list[DiskIndex], BackupStats, list[str]]:
@@ -259,7 +261,10 @@ def store_disks(
             delta_base(disk, reader, previous, known) if options.mode == "delta" else (None, "")
         )
         label = f"{vm.name}/{disk.name}"
-        ids, disk_stats = backup_disk(reader, uploader, label, progress, options.workers, base)
+        flags = data_flags[disk.name]
+        ids, disk_stats = backup_disk(
+            reader, uploader, label, progress, options.workers, flags, base
+        )
         if base is not None and disk_stats.bytes_read == 0 and previous is not None:
             note = f"disk {disk.name} unchanged since {previous.id}: nothing read"
         notes += [note] if note else []
@@ -292,8 +297,12 @@ def backup_vm(
         ok = False
         try:
             notes = list(session.notes)
-            check_capacity(repo, vm, list(session.readers.values()), history)
-            indexes, stats, disk_notes = store_disks(repo, vm, session, previous, options, progress)
+            # One extent walk per disk (an NBD block-status round trip per extent for libvirt).
+            data_flags = {n: chunks_with_data(r) for n, r in session.readers.items()}
+            check_capacity(repo, vm, list(data_flags.values()), history)
+            indexes, stats, disk_notes = store_disks(
+                repo, vm, session, previous, data_flags, options, progress
+            )
             notes += disk_notes
             for note in notes:
                 progress.note(note)

@@ -11,7 +11,7 @@ from vmkeep.connectors.base import Connector, DiskInfo, DiskReader, DiskWriter, 
 from vmkeep.errors import UsageError
 from vmkeep.parallel import ordered_map
 from vmkeep.progress import Progress
-from vmkeep.repository.format import CHUNK_SIZE, ZERO_ID
+from vmkeep.repository.format import CHUNK_SIZE, ZERO_ID, is_zero
 from vmkeep.repository.manifest import DiskIndex, Manifest
 from vmkeep.repository.repository import Repository
 
@@ -83,7 +83,7 @@ def restore_disk(
         length = min(CHUNK_SIZE, index.size - i * CHUNK_SIZE)
         if current is not None:
             now = current.read(i * CHUNK_SIZE, length)
-            same = (not any(now)) if chunk_id == ZERO_ID else repo.chunk_id(now) == chunk_id
+            same = is_zero(now) if chunk_id == ZERO_ID else repo.chunk_id(now) == chunk_id
             if same:
                 return i, None, length
         return i, (repo.get_chunk(chunk_id) if chunk_id != ZERO_ID else b""), length

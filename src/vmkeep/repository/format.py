@@ -8,6 +8,12 @@ ID_SIZE = 32
 ZERO_ID = bytes(ID_SIZE)  # index entry of an all-zero chunk, which is never stored
 ZERO_CHUNK = bytes(CHUNK_SIZE)
 
+
+def is_zero(data: bytes) -> bool:
+    """One memcmp against a shared zero buffer (chunks are at most CHUNK_SIZE long)."""
+    return data == (ZERO_CHUNK if len(data) == CHUNK_SIZE else bytes(len(data)))
+
+
 CONFIG_NAME = "config"
 CHUNKS_PREFIX = "chunks/"
 MANIFESTS_PREFIX = "manifests/"
