@@ -3,6 +3,8 @@ restore sinks agree on what "raw" and "qcow2" mean."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +29,14 @@ class ClosableWriter(Protocol):
 def open_reader(path: Path, fmt: str) -> DiskReader:
     """A reader for an image in format `fmt` ("raw" or "qcow2")."""
     return Qcow2Reader(path) if fmt == "qcow2" else RawDiskReader(path)
+
+
+def close_quietly(writers: Iterable[ClosableWriter]) -> None:
+    """Close writers of a restore being aborted: the error that caused the abort is the one
+    to report, not a second failure while closing."""
+    for writer in writers:
+        with contextlib.suppress(Exception):
+            writer.close()
 
 
 def new_writer(path: Path, fmt: str, size: int) -> ClosableWriter:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vmkeep.connectors.base import DiskInfo, DiskWriter, VmConfig
 from vmkeep.connectors.files.fileio import fsync_dir, mkdir_unique
-from vmkeep.connectors.files.images import ClosableWriter, copy_data, new_writer
+from vmkeep.connectors.files.images import ClosableWriter, close_quietly, copy_data, new_writer
 from vmkeep.connectors.files.qcow2 import Qcow2Reader
 from vmkeep.connectors.files.qcow2_writer import Qcow2DiskWriter
 from vmkeep.connectors.files.raw import RawDiskWriter
@@ -104,9 +104,7 @@ class NewVmSink:
         if self._done:
             return
         self._done = True
-        for writer in self._writers:
-            with contextlib.suppress(Exception):
-                writer.close()
+        close_quietly(self._writers)
         shutil.rmtree(self._tmp, ignore_errors=True)
         if self._reserved:
             with contextlib.suppress(OSError):
@@ -199,8 +197,6 @@ class OverwriteSink:
         if self._done:
             return
         self._done = True
-        for writer in self._writers:
-            with contextlib.suppress(Exception):
-                writer.close()
+        close_quietly(self._writers)
         for new, _ in self._replace:
             new.unlink(missing_ok=True)

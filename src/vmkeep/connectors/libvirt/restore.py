@@ -14,6 +14,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from vmkeep.connectors.base import DiskInfo, DiskWriter, VmConfig
+from vmkeep.connectors.files.images import close_quietly
 from vmkeep.connectors.files.qcow2_writer import Qcow2DiskWriter
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
@@ -204,9 +205,7 @@ class NewDomainSink:
         if self._done:
             return
         self._done = True
-        for writer in self._writers:
-            with contextlib.suppress(Exception):
-                writer.close()
+        close_quietly(self._writers)
         for vol in self._volumes:
             with contextlib.suppress(Exception):
                 vol.delete(0)
