@@ -15,16 +15,19 @@ from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.domxml import DomainDisk
 from vmkeep.connectors.libvirt.jobxml import checkpoint_disks, creation_time
 
-# Only checkpoints with this prefix are ever pruned: other tools' checkpoints (and future
-# replication checkpoints, which must outlive backup runs) are left alone.
+# Backup and replication checkpoints live side by side on a domain, each kind pruned only by
+# its own runs: a backup never deletes a replication checkpoint (the base of the next
+# replication) and a replication never deletes a backup one. Other tools' checkpoints are never
+# touched. Neither prefix is a prefix of the other.
 PREFIX = "vmkeep-backup-"
+REPLICATION_PREFIX = "vmkeep-repl-"
 QCOW2_MAGIC = b"QFI\xfb"
 
 
-def new_name() -> str:
+def new_name(prefix: str = PREFIX) -> str:
     """Unique, and sorting by name sorts by creation (UTC, microseconds)."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    return f"{PREFIX}{stamp}-{secrets.token_hex(2)}"
+    return f"{prefix}{stamp}-{secrets.token_hex(2)}"
 
 
 def qcow2_version(path: str) -> int | None:
@@ -65,9 +68,13 @@ def _lookup(dom: Any, name: str) -> Any | None:
 
 
 def choose_base(
-    dom: Any, disks: list[DomainDisk], previous: Mapping[str, str | None]
+    dom: Any,
+    disks: list[DomainDisk],
+    previous: Mapping[str, str | None],
+    prefix: str = PREFIX,
 ) -> tuple[str | None, str | None]:
-    """(checkpoint to run incrementally against, None) or (None, why the job is full)."""
+    """(checkpoint to run incrementally against, None) or (None, why the job is full).
+    Only a checkpoint of the `prefix` kind is a valid base."""
     lv = libvirt()
     if not previous:
         return None, "no previous restore point: full read"
@@ -91,8 +98,11 @@ def choose_base(
         return None, "the previous restore point's disks name different checkpoints: full read"
     name = next(iter(tokens))
     assert name is not None
-    if not name.startswith(PREFIX):
-        return None, f"previous change token {name!r} is not a vmkeep checkpoint: full read"
+    if not name.startswith(prefix):
+        return (
+            None,
+            f"previous change token {name!r} is not a vmkeep checkpoint ({prefix}*): full read",
+        )
     try:
         cp = _lookup(dom, name)
         if cp is None:
@@ -153,13 +163,13 @@ def _remove_bitmap(image: str, bitmap: str) -> bool:
     return res.returncode == 0 or "not found" in res.stderr.lower()
 
 
-def vmkeep_checkpoints(dom: Any) -> list[str]:
-    """Names of this domain's vmkeep backup checkpoints, oldest first."""
+def vmkeep_checkpoints(dom: Any, prefix: str = PREFIX) -> list[str]:
+    """Names of this domain's checkpoints of one vmkeep kind (`prefix`), oldest first."""
     lv = libvirt()
     found = []
     for cp in dom.listAllCheckpoints(0):
         name = cp.getName()
-        if name.startswith(PREFIX):
+        if name.startswith(prefix):
             try:
                 created = creation_time(cp.getXMLDesc(lv.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
             except lv.libvirtError:
@@ -168,11 +178,12 @@ def vmkeep_checkpoints(dom: Any) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def prune(dom: Any, keep: int, disks: Iterable[DomainDisk] = ()) -> list[str]:
-    """Delete all but the newest `keep` (at least 1) vmkeep checkpoints; notes on trouble."""
+def prune(dom: Any, keep: int, disks: Iterable[DomainDisk] = (), prefix: str = PREFIX) -> list[str]:
+    """Delete all but the newest `keep` (at least 1) checkpoints of the `prefix` kind; notes on
+    trouble. Checkpoints of the other kind and of other tools are left alone."""
     lv = libvirt()
     try:
-        names = vmkeep_checkpoints(dom)
+        names = vmkeep_checkpoints(dom, prefix)
     except lv.libvirtError as exc:
         return [f"could not list checkpoints to prune: {one_line(exc)}"]
     disks = list(disks)

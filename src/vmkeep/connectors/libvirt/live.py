@@ -40,6 +40,7 @@ class LiveBackupSession:
         base: str | None,
         keep_checkpoints: int,
         notes: list[str],
+        checkpoint_prefix: str = checkpoints.PREFIX,
     ) -> None:
         self._conn = conn
         self._dom = dom
@@ -51,6 +52,7 @@ class LiveBackupSession:
         self.checkpoint = checkpoint  # created by this job (None: no checkpoint possible)
         self.base = base  # the incremental job's base checkpoint (None: full)
         self.keep_checkpoints = keep_checkpoints
+        self.checkpoint_prefix = checkpoint_prefix  # the kind of checkpoint this job prunes
         self.notes = notes
         self.readers: dict[str, DiskReader] = {}
         self._finished = False
@@ -87,7 +89,9 @@ class LiveBackupSession:
         if not ok:
             self._note_if(checkpoints.delete(dom, self.checkpoint, self.disks))
         else:
-            for note in checkpoints.prune(dom, self.keep_checkpoints, self.disks):
+            for note in checkpoints.prune(
+                dom, self.keep_checkpoints, self.disks, self.checkpoint_prefix
+            ):
                 self._note(note)
 
     def _note(self, text: str) -> None:
@@ -157,9 +161,12 @@ def begin_live_backup(
     keep_checkpoints: int = 1,
     max_connections: int = 8,
     local: bool = True,
+    checkpoint_prefix: str | None = checkpoints.PREFIX,
 ) -> LiveBackupSession:
     """Start the job and open one NBD reader per disk. On any failure nothing is left behind:
-    no job, no new checkpoint, no work directory."""
+    no job, no new checkpoint, no work directory. `checkpoint_prefix`: the kind of checkpoint
+    the job creates, bases on and prunes (backup or replication); None: a full job with no
+    checkpoint (a one-off copy)."""
     lv = libvirt()
     name = dom.name()
     try:
@@ -171,20 +178,23 @@ def begin_live_backup(
         raise ConnectorError(f"domain {name} has no disks to back up")
     refuse_if_busy(dom)
     notes: list[str] = []
-    checkpoint: str | None = checkpoints.new_name()
+    prefix = checkpoint_prefix or checkpoints.PREFIX
+    checkpoint: str | None = checkpoints.new_name(prefix)
     base: str | None = None
     reasons = checkpoints.why_no_checkpoint(disks, local)
-    if reasons:
+    if checkpoint_prefix is None:
+        checkpoint = None
+    elif reasons:
         notes.extend(reasons)
         notes.append("no checkpoint is made: this and the next backup read every disk in full")
         checkpoint = None
     else:
-        base, why = checkpoints.choose_base(dom, disks, previous)
+        base, why = checkpoints.choose_base(dom, disks, previous, prefix)
         if why:
             notes.append(why)
     workdir = make_workdir()
     session = LiveBackupSession(
-        conn, dom, disks, workdir, checkpoint, base, keep_checkpoints, notes
+        conn, dom, disks, workdir, checkpoint, base, keep_checkpoints, notes, prefix
     )
     try:
         _start_job(session, dom, xml)

@@ -93,7 +93,10 @@ class _VolumeWriter:
 class NewDomainSink:
     """A new domain `config.name` with its disks as new volumes of `pool`."""
 
-    def __init__(self, conn: Connection, config: VmConfig, target: str) -> None:
+    def __init__(
+        self, conn: Connection, config: VmConfig, target: str, *, volume_stem: str = ""
+    ) -> None:
+        """`volume_stem`: volumes are named `<stem>-<disk>.qcow2` (default: the VM name)."""
         self._conn = conn
         self._config = config
         name = check_domain_name(config.name)
@@ -111,7 +114,8 @@ class NewDomainSink:
         self._check_name_free(name)
         self._pool = lookup_pool(conn.ensure(), target)
         self._pool_name = target or DEFAULT_POOL
-        self._vol_names = {d.name: volume_name(name, d.name) for d in config.disks}
+        self._stem = volume_stem or name
+        self._vol_names = {d.name: volume_name(self._stem, d.name) for d in config.disks}
         if len(set(self._vol_names.values())) != len(self._vol_names):
             raise ConnectorError(f"disk names of {name} collide as volume names")
         with contextlib.suppress(Exception):
@@ -154,7 +158,7 @@ class NewDomainSink:
         if disk.name in self._paths:
             raise ConnectorError(f"disk {disk.name!r} opened twice")
         lv = libvirt()
-        vol_name = self._vol_names.get(disk.name) or volume_name(self.location, disk.name)
+        vol_name = self._vol_names.get(disk.name) or volume_name(self._stem, disk.name)
         vol_xml = (
             f"<volume><name>{escape(vol_name)}</name>"
             f"<capacity unit='bytes'>{int(disk.size)}</capacity>"
