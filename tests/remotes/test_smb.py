@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -179,6 +180,67 @@ def test_create_if_absent_has_exactly_one_winner(remote: SmbRemote) -> None:
     assert wins.count(True) == 1
     assert remote.get("locks/exclusive") == f"writer {wins.index(True)}".encode()
     assert [o.name for o in remote.list("locks/")] == ["locks/exclusive"]
+
+
+def _burn_cpu(seconds: float) -> subprocess.Popen[bytes]:
+    """A busy process: smbd's children then get preempted between the steps of a request."""
+    code = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_create_if_absent_has_one_winner_under_cpu_load(
+    remote: SmbRemote, server: SambaServer
+) -> None:
+    """60 rounds of 16 racing create-if-absent puts, one smbd process per connection, both
+    cores busy. A rename without "replace if exists" let 2 to 8 writers win in 4% of such
+    rounds (Samba stats the target, then renames); the hard link must never."""
+    writers, rounds = 16, 60
+    burners = [_burn_cpu(60) for _ in range(2)]
+    try:
+        with ThreadPoolExecutor(writers) as pool:
+            list(pool.map(lambda i: remote.put(f"warm/{i}", b"w"), range(2 * writers)))
+            for k in range(rounds):
+                barrier = threading.Barrier(writers)
+
+                def attempt(i: int, k: int = k, barrier: threading.Barrier = barrier) -> bool:
+                    barrier.wait()
+                    try:
+                        remote.put(f"locks/l{k}", f"writer {i}".encode(), overwrite=False)
+                        return True
+                    except ObjectExistsError:
+                        return False
+
+                wins = list(pool.map(attempt, range(writers)))
+                assert wins.count(True) == 1, f"round {k}: {wins.count(True)} winners"
+                assert remote.get(f"locks/l{k}") == f"writer {wins.index(True)}".encode()
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+    assert remote._links  # the hard links were used, not the rename fallback
+    locks = _disk(remote, server) / "locks"
+    assert sorted(p.name for p in locks.iterdir()) == sorted(f"l{k}" for k in range(rounds))
+    assert {p.stat().st_nlink for p in locks.iterdir()} == {1}  # temp names all gone
+
+
+def test_create_if_absent_without_hard_links_falls_back_to_rename(
+    remote: SmbRemote, server: SambaServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A share that cannot link (here: Samba refusing the info class we send instead of
+    FileLinkInformation) still gets create-if-absent, by the rename."""
+    from smbprotocol.file_info import FileInformationClass
+
+    monkeypatch.setattr(
+        smb.files.FileLinkInformation,
+        "INFO_CLASS",
+        FileInformationClass.FILE_PIPE_REMOTE_INFORMATION,
+    )
+    remote.put("manifests/m", b"first", overwrite=False)
+    assert not remote._links
+    with pytest.raises(ObjectExistsError):
+        remote.put("manifests/m", b"second", overwrite=False)
+    assert remote.get("manifests/m") == b"first"
+    assert os.listdir(_disk(remote, server) / "manifests") == ["m"]
 
 
 def test_wrong_password_fails_clearly(server: SambaServer) -> None:

@@ -3,7 +3,8 @@ directories, write a file atomically, read, stat, list a directory, delete, ask 
 
 Puts are built from the few SMB commands that make them atomic and durable: CREATE a temp
 file, WRITE, FLUSH (Samba fsyncs), then rename it over the final name with
-SET_INFO(FileRenameInformation)."""
+SET_INFO(FileRenameInformation), or, for create-if-absent, hard-link it to the final name with
+SET_INFO(FileLinkInformation) and delete the temp name."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 from smbprotocol.exceptions import SMBResponseException  # type: ignore[import-untyped]
 from smbprotocol.file_info import (  # type: ignore[import-untyped]
     FileDispositionInformation,
+    FileLinkInformation,
     FileRenameInformation,
 )
 from smbprotocol.header import NtStatus  # type: ignore[import-untyped]
@@ -32,6 +34,13 @@ from .connection import Conn
 from .errors import RECONNECT, check, fail, has_status, missing
 
 TEMP_PREFIX = ".tmp-"
+# Answers to a hard link from a server or file system without them: fall back to a rename.
+LINK_UNSUPPORTED = {
+    NtStatus.STATUS_NOT_SUPPORTED,
+    NtStatus.STATUS_INVALID_DEVICE_REQUEST,
+    NtStatus.STATUS_INVALID_INFO_CLASS,
+    NtStatus.STATUS_INVALID_PARAMETER,
+}
 
 
 def join(a: str, b: str) -> str:
@@ -56,9 +65,10 @@ class ShareFiles:
     operation. A refused request becomes the user's error, which names the path with
     `where(path)`."""
 
-    def __init__(self, conn: Conn, where: Callable[[str], str]) -> None:
+    def __init__(self, conn: Conn, where: Callable[[str], str], links: bool = True) -> None:
         self.conn = conn
         self.where = where
+        self.links = links  # whether create-if-absent may use hard links (see `_link`)
 
     def _check(self, result: bytes | SMBResponseException, action: str, path: str) -> bytes:
         return check(result, action, self.where(path))
@@ -97,12 +107,11 @@ class ShareFiles:
         self._check(res[0], "creating directory", path)
 
     def discard_open(self, file_id: bytes) -> None:
-        """Delete a temp file through its open handle and close it; best effort."""
-        with contextlib.suppress(SMBResponseException):
-            info = FileDispositionInformation()
-            info["delete_pending"] = True
-            self.conn.call(m.set_info(file_id, info))
-        close_quietly(self.conn, file_id)
+        """Delete a temp file through its open handle and close it, in one round trip; best
+        effort."""
+        info = FileDispositionInformation()
+        info["delete_pending"] = True
+        self.conn.compound([m.set_info(file_id, info), m.close(file_id)])
 
     def unlink(self, path: str) -> bool:
         """Delete a file by path; False when it was not there."""
@@ -123,11 +132,20 @@ class ShareFiles:
         overwrite: bool,
         state: dict[str, bool],
     ) -> None:
-        """One attempt at putting object `name` at `path`: [CREATE temp + WRITE] in one round
-        trip, more WRITEs, FLUSH, then [rename + CLOSE]. `state["renamed"]` stays True when
-        the rename was sent but its answer lost."""
+        """One attempt at putting object `name` at `path`: the data goes to a temp file, which
+        then gets its final name. `state["sent"]` stays True when the request that gives it
+        its name was sent but its answer lost."""
         parent = path.rpartition("\\")[0]
         tmp = join(parent, f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}")
+        fid = self._write_temp(tmp, path, data)
+        if overwrite or not self.links:
+            self._rename(fid, tmp, path, name, overwrite, state)
+        else:
+            self._link(fid, tmp, path, name, state)
+
+    def _write_temp(self, tmp: str, path: str, data: bytes) -> bytes:
+        """[CREATE temp + WRITE] in one round trip, more WRITEs, FLUSH (the server fsyncs);
+        returns the temp file's open handle."""
         view = memoryview(data)
         first = self.conn.span(len(view), self.conn.max_write, spare=1)
         create = m.create(
@@ -137,6 +155,7 @@ class ShareFiles:
             | FilePipePrinterAccessMask.DELETE,
             CreateDisposition.FILE_CREATE,
         )
+        parent = tmp.rpartition("\\")[0]
         res = self._making_parents([create, m.write(m.RELATED_FID, 0, bytes(view[:first]))], parent)
         fid = m.parse_create(self._check(res[0], "writing", path)).file_id
         try:
@@ -153,13 +172,20 @@ class ShareFiles:
             if self.conn.alive():
                 self.discard_open(fid)
             raise
+        return fid
+
+    def _rename(
+        self, fid: bytes, tmp: str, path: str, name: str, overwrite: bool, state: dict[str, bool]
+    ) -> None:
+        """[rename + CLOSE] of the temp file. Replacing is atomic (rename(2) on Samba); without
+        `overwrite` it is only as atomic as the server makes it: Samba checks, then renames."""
         rename = FileRenameInformation()
         rename["replace_if_exists"] = overwrite
         rename["root_directory"] = 0
         rename["file_name"] = path
-        state["renamed"] = True
+        state["sent"] = True
         res = self.conn.compound([m.set_info(fid, rename), m.close(fid)])
-        state["renamed"] = False  # answered: the rename did happen, or did not
+        state["sent"] = False  # answered: the rename did happen, or did not
         if not isinstance(res[0], SMBResponseException):
             return
         # The rename failed: the temp file must go. Whether the CLOSE ran after a failed
@@ -174,6 +200,30 @@ class ShareFiles:
                 raise RemoteError(f"cannot write {self.where(path)}: it is a directory")
             raise ObjectExistsError(f"object {name} already exists")
         self._check(res[0], "writing", path)
+
+    def _link(self, fid: bytes, tmp: str, path: str, name: str, state: dict[str, bool]) -> None:
+        """Create-if-absent: hard-link the temp file to the final name without "replace if
+        exists", then delete the temp name. Samba turns the link into link(2), which refuses
+        an existing name atomically (its rename checks, then renames: two writers can win)."""
+        link = FileLinkInformation()
+        link["replace_if_exists"] = False
+        link["root_directory"] = 0
+        link["file_name"] = path
+        state["sent"] = True
+        try:
+            self.conn.call(m.set_info(fid, link))
+        except SMBResponseException as exc:
+            state["sent"] = False
+            if exc.status in LINK_UNSUPPORTED:  # no hard links on this share: rename instead
+                self.links = False
+                self._rename(fid, tmp, path, name, False, state)
+                return
+            self.discard_open(fid)
+            if exc.status == NtStatus.STATUS_OBJECT_NAME_COLLISION:
+                raise ObjectExistsError(f"object {name} already exists") from exc
+            fail(exc, "writing", self.where(path))
+        state["sent"] = False
+        self.discard_open(fid)  # a temp name left behind is invisible, and gc removes it
 
     def read(self, path: str, offset: int, length: int | None) -> bytes | None:
         """A file or a range of it, None when there is no such file: [CREATE + READ] in one

@@ -65,6 +65,7 @@ class SmbRemote:
         self._share_url = f"smb://{username}@{host_part}{port_part}/{share}"
         self.url = self._share_url + tail
         self._pool = Pool(self._target, retry_time)
+        self._links = True  # False once the share refused a hard link (see ShareFiles._link)
         self._finalizer = weakref.finalize(self, self._pool.close)
 
     def close(self) -> None:
@@ -115,20 +116,24 @@ class SmbRemote:
     # --- the Remote interface ---------------------------------------------------------------
 
     def put(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
-        """Temp file, FLUSH (the server fsyncs), then rename: readers never see a partial
-        object. Without `overwrite` the rename refuses an existing name atomically."""
+        """Temp file, FLUSH (the server fsyncs), then rename (or, without `overwrite`, hard
+        link): readers never see a partial object, and an existing name is refused
+        atomically."""
         path = self._path(name)
-        state = {"renamed": False}  # a rename whose answer was lost may have happened
+        state = {"sent": False}  # a rename or link whose answer was lost may have happened
 
         def attempt(files: ShareFiles) -> None:
-            maybe_done = state["renamed"]
+            maybe_done = state["sent"]
+            files.links = self._links
             try:
                 files.write(path, name, data, overwrite, state)
             except ObjectExistsError:
-                # Our own earlier attempt may have renamed before the connection broke.
+                # Our own earlier attempt may have succeeded before the connection broke.
                 if maybe_done and self._read(files, path, name, 0, None) == data:
                     return
                 raise
+            finally:
+                self._links = self._links and files.links
 
         self._run(attempt)
 
