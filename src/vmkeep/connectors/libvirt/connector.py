@@ -12,9 +12,11 @@ from urllib.parse import urlsplit
 from vmkeep.connectors.base import DiskInfo, DiskReader, VmConfig
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import is_active, parse_disks, vm_config
+from vmkeep.connectors.libvirt.image_nbd import open_image
+from vmkeep.connectors.libvirt.inplace_restore import InPlaceSink, disk_images
 from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
 from vmkeep.connectors.libvirt.offline import ImageDiskReader, OfflineBackupSession
-from vmkeep.connectors.libvirt.restore import NewDomainSink
+from vmkeep.connectors.libvirt.restore import KEEP_MACS_KEY, NewDomainSink
 from vmkeep.errors import ConnectorError, NotFoundError
 
 if TYPE_CHECKING:
@@ -82,30 +84,48 @@ class LibvirtConnector:
             )
         return OfflineBackupSession(dom.name(), parse_disks(_inactive_xml(dom)))
 
+    # Restore settings, set by the CLI (restore --keep-macs / --force).
+    keep_macs = False  # new domains keep the recorded MAC addresses instead of new ones
+    power_off_running = False  # in-place restore destroys a running target domain first
+    _in_place: InPlaceSink | None = None  # the in-place restore in progress, if any
+
     def open_disk(self, vm: VmConfig, disk: DiskInfo) -> DiskReader:
-        """A reader of a shut-off domain's disk image (a running one is read via begin_backup)."""
+        """The disk as it is now: during an in-place restore of `vm`, read through the
+        restore's own read-write connection; otherwise a shut-off domain's image read-only."""
+        sink = self._in_place
+        if sink is not None and sink.uuid == vm.uuid and not sink.finished:
+            return sink.reader(disk.name)
         dom = self._domain(vm)
         if is_active(dom):
             raise ConnectorError(
                 f"domain {vm.name} is running: its disks are read through a backup job only"
             )
-        for d in parse_disks(_inactive_xml(dom)):
-            if d.target == disk.name:
-                return ImageDiskReader(d)
-        raise NotFoundError(f"domain {vm.name} has no disk {disk.name!r}")
+        where = disk_images(self._conn.ensure(), dom).get(disk.name)
+        if where is None:
+            raise NotFoundError(f"domain {vm.name} has no disk {disk.name!r}")
+        return open_image(where.path, where.fmt, writable=False, name=disk.name)
 
     def create_vm(self, config: VmConfig, target: str) -> VmSink:
         """A new domain `config.name` (defined on commit, not started) whose disks are new
-        qcow2 volumes in the file-based storage pool `target` ("" = the pool "default")."""
-        if not self.local:
-            raise ConnectorError(
-                f"restoring over {self.uri} is not supported yet (the volumes are written "
-                "through their local paths); run vmkeep on the hypervisor host"
-            )
-        return NewDomainSink(self._conn, config, target)
+        qcow2 volumes in the file-based storage pool `target` ("" = the pool "default").
+        On a remote URI the volumes are written through libvirt upload streams."""
+        if self.keep_macs:
+            config.metadata[KEEP_MACS_KEY] = True
+        return NewDomainSink(self._conn, config, target, upload=not self.local)
 
     def overwrite_vm(self, vm: VmConfig) -> VmSink:
-        raise ConnectorError("restoring to libvirt is not supported yet")
+        """The existing domain's disks, written where they differ (inplace_restore.py)."""
+        if not self.local:
+            raise ConnectorError(
+                f"in-place restore over {self.uri} is not supported (the disks are written "
+                "through their local paths): run vmkeep on the hypervisor host, or restore as "
+                "a new domain"
+            )
+        sink = InPlaceSink(
+            self._conn.ensure(), self._domain(vm), vm, stop_running=self.power_off_running
+        )
+        self._in_place = sink
+        return sink
 
     def close(self) -> None:
         self._conn.close()

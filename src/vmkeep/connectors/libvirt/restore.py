@@ -1,6 +1,7 @@
 """Restoring a VM as a new libvirt domain: one new qcow2 (v3) volume per disk in a file-based
-storage pool, written directly at the volume's path, and on commit a new domain defined (not
-started) from the domain XML recorded at backup, with a new name, uuid, disk sources and MACs.
+storage pool, written directly at the volume's path (local URI) or uploaded through a libvirt
+stream (remote URI, volume_upload.py), and on commit a new domain defined (not started) from the
+domain XML recorded at backup, with a new name, uuid, disk sources and MACs.
 
 Nothing is defined before commit, so abort only deletes the volumes this restore created."""
 
@@ -14,11 +15,11 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from vmkeep.connectors.base import DiskInfo, DiskWriter, VmConfig
-from vmkeep.connectors.files.images import close_quietly
 from vmkeep.connectors.files.qcow2_writer import Qcow2DiskWriter
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DOMAIN_XML_KEY
+from vmkeep.connectors.libvirt.volume_upload import UploadingVolumeWriter
 from vmkeep.errors import ConnectorError
 
 KEEP_MACS_KEY = "vmkeep.keep_macs"
@@ -89,15 +90,27 @@ class _VolumeWriter:
         with contextlib.suppress(Exception):
             self._pool.refresh(0)
 
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
 
 class NewDomainSink:
     """A new domain `config.name` with its disks as new volumes of `pool`."""
 
     def __init__(
-        self, conn: Connection, config: VmConfig, target: str, *, volume_stem: str = ""
+        self,
+        conn: Connection,
+        config: VmConfig,
+        target: str,
+        *,
+        volume_stem: str = "",
+        upload: bool = False,
     ) -> None:
-        """`volume_stem`: volumes are named `<stem>-<disk>.qcow2` (default: the VM name)."""
+        """`volume_stem`: volumes are named `<stem>-<disk>.qcow2` (default: the VM name).
+        `upload`: write the volumes through libvirt streams (the pool is on another host)."""
         self._conn = conn
+        self._upload = upload
         self._config = config
         name = check_domain_name(config.name)
         self.location = name
@@ -128,7 +141,7 @@ class NewDomainSink:
                 )
         self._volumes: list[Any] = []  # created by us, deleted by abort
         self._paths: dict[str, str] = {}  # disk name -> volume path
-        self._writers: list[_VolumeWriter] = []
+        self._writers: list[_VolumeWriter | UploadingVolumeWriter] = []
         self._done = False
 
     def _check_name_free(self, name: str) -> None:
@@ -159,11 +172,7 @@ class NewDomainSink:
             raise ConnectorError(f"disk {disk.name!r} opened twice")
         lv = libvirt()
         vol_name = self._vol_names.get(disk.name) or volume_name(self._stem, disk.name)
-        vol_xml = (
-            f"<volume><name>{escape(vol_name)}</name>"
-            f"<capacity unit='bytes'>{int(disk.size)}</capacity>"
-            "<target><format type='qcow2'/><compat>1.1</compat></target></volume>"
-        )
+        vol_xml = _volume_xml(vol_name, disk.size, self._upload)
         try:
             vol = self._pool.createXML(vol_xml, 0)
         except lv.libvirtError as exc:
@@ -175,7 +184,12 @@ class NewDomainSink:
             path = str(vol.path())
         except lv.libvirtError as exc:
             raise ConnectorError(f"cannot read volume {vol_name}: {one_line(exc)}") from None
-        writer = _VolumeWriter(Qcow2DiskWriter(path, disk.size), self._pool)
+        writer: _VolumeWriter | UploadingVolumeWriter
+        if self._upload:
+            label = f"volume {vol_name} of pool {self._pool_name!r}"
+            writer = UploadingVolumeWriter(self._conn.ensure(), vol, disk.size, label)
+        else:
+            writer = _VolumeWriter(Qcow2DiskWriter(path, disk.size), self._pool)
         self._paths[disk.name] = path
         self._writers.append(writer)
         return writer
@@ -209,12 +223,26 @@ class NewDomainSink:
         if self._done:
             return
         self._done = True
-        close_quietly(self._writers)
+        for writer in self._writers:
+            writer.discard()
         for vol in self._volumes:
             with contextlib.suppress(Exception):
                 vol.delete(0)
         with contextlib.suppress(Exception):
             self._pool.refresh(0)
+
+
+def _volume_xml(name: str, size: int, upload: bool) -> str:
+    """A qcow2 v3 volume of `size`; for an upload an empty one (volume_upload.py says why)."""
+    if upload:
+        return (
+            f"<volume><name>{escape(name)}</name><capacity unit='bytes'>0</capacity>"
+            "<target><format type='raw'/></target></volume>"
+        )
+    return (
+        f"<volume><name>{escape(name)}</name><capacity unit='bytes'>{int(size)}</capacity>"
+        "<target><format type='qcow2'/><compat>1.1</compat></target></volume>"
+    )
 
 
 def domain_xml_for(root: ET.Element, config: VmConfig, paths: dict[str, str]) -> str:

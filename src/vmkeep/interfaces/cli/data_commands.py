@@ -46,11 +46,12 @@ def backup(
 
 def restore(
     point: str = typer.Argument(..., help="Restore point id (or a unique prefix)."),
-    to: str = typer.Option(
-        ...,
+    to: str | None = typer.Option(
+        None,
         "--to",
         help="files: parent directory of the new VM (with --in-place, the VM's directory); "
-        "libvirt: the storage pool of the new domain's volumes.",
+        "libvirt: the storage pool of the new domain's volumes (default: the pool 'default'); "
+        "with --in-place, the domain (default: the point's VM, by uuid then name).",
     ),
     name: str | None = typer.Option(None, "--name", help="Name of the new VM."),
     in_place: bool = typer.Option(
@@ -58,7 +59,16 @@ def restore(
         "--in-place",
         help="Overwrite the original VM, writing only chunks that differ; it keeps its identity.",
     ),
-    force: bool = typer.Option(False, "--force", help="In place over a VM of another uuid."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="With --in-place: overwrite a VM of another uuid too; libvirt: a running target "
+        "domain is first powered off hard (virsh destroy: no guest shutdown, its unsaved "
+        "state is lost) instead of refused.",
+    ),
+    keep_macs: bool = typer.Option(
+        False, "--keep-macs", help="libvirt: the new domain keeps the original MAC addresses."
+    ),
     connector: str = typer.Option("files", "--connector", help="files or libvirt."),
     uri: str | None = typer.Option(None, "--uri", help="libvirt URI (default qemu:///system)."),
     remote: str | None = RemoteOpt,
@@ -66,16 +76,33 @@ def restore(
 ) -> None:
     """Restore a VM from a restore point, as a new VM (new uuid) or in place."""
     repo = state.open_repository(remote)
-    if connector == "files" and not in_place:
+    target_connector = connector_for(connector, uri)
+    target = to or ""
+    if connector == "libvirt":
+        from vmkeep.connectors.libvirt import LibvirtConnector
+        from vmkeep.connectors.libvirt.inplace_restore import in_place_target
+
+        assert isinstance(target_connector, LibvirtConnector)
+        target_connector.keep_macs = keep_macs
+        target_connector.power_off_running = force and in_place
+        if in_place:
+            manifest = repo.load_manifest(repo.resolve_point(point))
+            refs = (to,) if to else (manifest.vm_uuid, manifest.vm_name)
+            target = in_place_target(target_connector, target_connector.uri, *refs)
+    elif keep_macs:
+        raise UsageError("--keep-macs needs --connector libvirt")
+    elif not to:
+        raise UsageError(f"--to is required with --connector {connector}")
+    elif not in_place:
         folder = Path(to)
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"restore target {to} is not a directory")
         folder.mkdir(parents=True, exist_ok=True)
     report = restore_vm(
         repo,
-        connector_for(connector, uri),
+        target_connector,
         point,
-        to,
+        target,
         RichProgress(not json_out),
         name=name,
         in_place=in_place,

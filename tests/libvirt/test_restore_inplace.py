@@ -1,0 +1,216 @@
+"""In-place and differential restore over an existing libvirt domain (real libvirtd + QEMU):
+guest writes through the running VM's block layer after a backup, then a restore in place
+writes exactly the 4 MiB chunks those writes touched, leaves the volumes hash-equal to the
+restore point, and a second restore writes nothing. Refusals (running domain, changed disk set,
+resized disk, vanished domain) are one-line errors that leave the disks untouched."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Cli
+from tests.libvirt import libvirt_env as lv
+from tests.libvirt.conftest import LibvirtEnv
+from vmkeep.connectors.libvirt import LibvirtConnector
+from vmkeep.connectors.libvirt.inplace_restore import in_place_target
+from vmkeep.errors import ConnectorError, NotFoundError, UsageError
+from vmkeep.operations.backup import BackupOptions, backup_vm
+from vmkeep.operations.restore import restore_vm
+from vmkeep.progress import SilentProgress
+from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository.format import CHUNK_SIZE
+from vmkeep.repository.repository import Repository
+
+MiB = lv.MiB
+MakeDomain = Callable[..., lv.TestDomain]
+
+
+@pytest.fixture
+def connector(libvirt_env: LibvirtEnv) -> Iterator[LibvirtConnector]:
+    c = LibvirtConnector(lv.URI)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    return Repository.init(LocalRemote(tmp_path / "repo"), "none", lambda: b"")
+
+
+def backup(repo: Repository, connector: LibvirtConnector, d: lv.TestDomain) -> str:
+    opts = BackupOptions(mode="full")
+    return backup_vm(repo, connector, d.name, opts, SilentProgress(), "libvirt").restore_point
+
+
+def image_sha(d: lv.TestDomain, target: str, tmp_path: Path) -> str:
+    raw = tmp_path / f"{d.name}-{target}.raw"
+    digest = lv.sha256(lv.qemu_img_raw(d.disk(target).path, raw, force_share=True))
+    raw.unlink()
+    return digest
+
+
+def restore_in_place(
+    repo: Repository, connector: LibvirtConnector, point: str, d: lv.TestDomain
+) -> int:
+    report = restore_vm(repo, connector, point, d.dom.UUIDString(), SilentProgress(), in_place=True)
+    assert report.location == d.name
+    return report.bytes_written
+
+
+def test_differential_restore_writes_only_changed_chunks(
+    connector: LibvirtConnector, repo: Repository, make_domain: MakeDomain, tmp_path: Path
+) -> None:
+    d = make_domain([64 * MiB, 16 * MiB])
+    d.guest_write("vda", 0, os.urandom(40 * MiB))  # mostly allocated
+    d.guest_write("vdb", 4 * MiB, 0x77, 2 * MiB)
+    point = backup(repo, connector, d)
+    at_backup = {t: lv.sha256(bytes(d.disk(t).model)) for t in ("vda", "vdb")}
+    # Scattered guest writes: 6 distinct 4 MiB chunks of vda (one write straddles chunks 7|8,
+    # one lands in chunk 12, beyond the data: the restore must make it zeros again) and one
+    # chunk of vdb. 1.3 MiB changed in all.
+    writes = [
+        ("vda", 1 * MiB + 512, 64 * 1024),  # chunk 0
+        ("vda", 9 * MiB, 512 * 1024),  # chunk 2
+        ("vda", 20 * MiB + 4096, 4096),  # chunk 5
+        ("vda", 32 * MiB - 128 * 1024, 256 * 1024),  # chunks 7 and 8
+        ("vda", 50 * MiB, 300 * 1024),  # chunk 12, a hole at backup time
+        ("vdb", 5 * MiB, 128 * 1024),  # vdb chunk 1
+    ]
+    for target, off, n in writes:
+        d.guest_write(target, off, os.urandom(n))
+    chunks = {
+        (t, i)
+        for t, off, n in writes
+        for i in range(off // CHUNK_SIZE, -(-(off + n) // CHUNK_SIZE))
+    }
+    assert len(chunks) == 7
+    assert image_sha(d, "vda", tmp_path) != at_backup["vda"]
+    d.stop()
+
+    written = restore_in_place(repo, connector, point, d)
+    assert written == len(chunks) * CHUNK_SIZE  # ~1.3 MiB changed -> 7 whole chunks
+    assert {t: image_sha(d, t, tmp_path) for t in at_backup} == at_backup
+    hole = [
+        m
+        for m in lv.qemu_img_map(d.disk("vda").path)
+        if m["start"] <= 50 * MiB < m["start"] + m["length"]
+    ]
+    assert hole and not hole[0]["data"]  # chunk 12 was zeroed by unmapping, not by writing zeros
+    assert restore_in_place(repo, connector, point, d) == 0  # nothing differs any more
+    check = lv.qemu_img_info(d.disk("vda").path)
+    assert check["format"] == "qcow2"
+    d.start()  # the domain is still the same, bootable VM
+    assert d.dom.isActive()
+
+
+def test_running_domain_refused_unless_forced(
+    connector: LibvirtConnector, repo: Repository, make_domain: MakeDomain, tmp_path: Path
+) -> None:
+    d = make_domain([16 * MiB])
+    d.guest_write("vda", 0, os.urandom(3 * MiB))
+    point = backup(repo, connector, d)
+    at_backup = lv.sha256(bytes(d.disk("vda").model))
+    d.guest_write("vda", 8 * MiB, os.urandom(MiB))
+    changed = image_sha(d, "vda", tmp_path)
+    with pytest.raises(ConnectorError, match=r"is running.*--force") as exc:
+        restore_in_place(repo, connector, point, d)
+    assert "\n" not in str(exc.value)
+    assert d.dom.isActive() and image_sha(d, "vda", tmp_path) == changed  # untouched
+    connector.power_off_running = True
+    assert restore_in_place(repo, connector, point, d) == CHUNK_SIZE
+    assert not d.dom.isActive()
+    assert image_sha(d, "vda", tmp_path) == at_backup
+
+
+def test_changed_disks_and_missing_domain_are_refused(
+    libvirt_env: LibvirtEnv,
+    connector: LibvirtConnector,
+    repo: Repository,
+    make_domain: MakeDomain,
+    tmp_path: Path,
+) -> None:
+    import libvirt
+
+    d = make_domain([16 * MiB], start=False)
+    point = backup(repo, connector, d)  # offline backup of an empty disk
+    # A disk added since the point.
+    extra = libvirt_env.pool.create_volume(f"{d.name}-vdb.qcow2", 16 * MiB)
+    d.disks.append(lv.Disk("vdb", extra, 16 * MiB))
+    one_disk = d.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    two_disks = lv.domain_xml(d.name, d.disks).split("<devices>")[1].split("<controller")[0]
+    devices = one_disk.split("<devices>")
+    d.dom = libvirt_env.conn.defineXML(
+        devices[0] + "<devices>" + two_disks + devices[1].split("</disk>", 1)[1]
+    )
+    with pytest.raises(UsageError, match="disks changed") as exc:
+        restore_in_place(repo, connector, point, d)
+    assert "\n" not in str(exc.value)
+    # Back to one disk, but resized.
+    d.dom = libvirt_env.conn.defineXML(one_disk)
+    vol = libvirt_env.conn.storageVolLookupByPath(str(d.disk("vda").path))
+    vol.resize(32 * MiB, 0)
+    before = image_sha(d, "vda", tmp_path)
+    with pytest.raises(UsageError, match="disks changed"):
+        restore_in_place(repo, connector, point, d)
+    assert image_sha(d, "vda", tmp_path) == before
+    # The domain is gone: the CLI's lookup says to restore as a new domain.
+    manifest = repo.load_manifest(point)
+    d.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    with pytest.raises(NotFoundError, match=r"no longer exists.*as a new domain") as nf:
+        in_place_target(connector, connector.uri, manifest.vm_uuid, manifest.vm_name)
+    assert "\n" not in str(nf.value)
+
+
+def test_cli_in_place_force_and_keep_macs(
+    libvirt_env: LibvirtEnv, make_domain: MakeDomain, tmp_path: Path
+) -> None:
+    cli = Cli(tmp_path)
+    repo = str(tmp_path / "repo")
+    cli("init", repo)
+    d = make_domain([16 * MiB])
+    d.guest_write("vda", MiB, os.urandom(2 * MiB))
+    at_backup = lv.sha256(bytes(d.disk("vda").model))
+    args = ("--connector", "libvirt", "--remote", repo, "--json")
+    point = cli("backup", d.name, *args).json()["restore_point"]
+    d.guest_write("vda", 12 * MiB, os.urandom(4096))
+    refused = cli("restore", point, "--in-place", *args, ok=False)
+    assert "is running" in refused.err and "--force" in refused.err
+    assert d.dom.isActive()
+    out = cli("restore", point, "--in-place", "--force", *args).json()
+    assert out["location"] == d.name and out["bytes_written"] == CHUNK_SIZE
+    assert not d.dom.isActive() and image_sha(d, "vda", tmp_path) == at_backup
+    help_text = cli("restore", "--help").out
+    assert "powered off hard" in " ".join(help_text.split())
+    # --keep-macs: a new domain with the original's MAC address.
+    import libvirt
+
+    iface = "<interface type='user'><mac address='52:54:00:aa:bb:01'/></interface>"
+    xml = d.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).replace("</devices>", iface + "</devices>")
+    d.dom = libvirt_env.conn.defineXML(xml)
+    point2 = cli("backup", d.name, *args).json()["restore_point"]
+    names = [lv.unique_name("keepmac"), lv.unique_name("newmac")]
+    try:
+        pool = ("--to", libvirt_env.pool.name)
+        cli("restore", point2, "--name", names[0], "--keep-macs", *pool, *args)
+        cli("restore", point2, "--name", names[1], *pool, *args)
+        macs = [_macs(libvirt_env.conn.lookupByName(n).XMLDesc(0)) for n in names]
+        assert macs[0] == ["52:54:00:aa:bb:01"]
+        assert len(macs[1]) == 1 and macs[1] != macs[0]
+    finally:
+        from tests.libvirt.test_restore import remove_domain
+
+        for n in names:
+            remove_domain(libvirt_env, n)
+    d.dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    gone = cli("restore", point, "--in-place", *args, ok=False)
+    assert "no longer exists" in gone.err and "as a new domain" in gone.err
+
+
+def _macs(xml: str) -> list[str]:
+    import xml.etree.ElementTree as ET
+
+    return [m.get("address", "") for m in ET.fromstring(xml).iterfind("./devices/interface/mac")]
