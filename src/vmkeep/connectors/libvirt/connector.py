@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -15,8 +16,14 @@ from vmkeep.connectors.libvirt.domxml import is_active, parse_disks, vm_config
 from vmkeep.connectors.libvirt.image_nbd import open_image
 from vmkeep.connectors.libvirt.inplace_restore import InPlaceSink, disk_images
 from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
-from vmkeep.connectors.libvirt.offline import ImageDiskReader, OfflineBackupSession
+from vmkeep.connectors.libvirt.offline import (
+    ImageDiskReader,
+    OfflineBackupSession,
+    begin_offline_backup,
+)
+from vmkeep.connectors.libvirt.power import OfflinePolicy, shut_down, start_again
 from vmkeep.connectors.libvirt.restore import KEEP_MACS_KEY, NewDomainSink
+from vmkeep.connectors.libvirt.stale_runs import clean_stale_runs
 from vmkeep.errors import ConnectorError, NotFoundError
 
 if TYPE_CHECKING:
@@ -36,6 +43,7 @@ class LibvirtConnector:
         self.uri = uri
         self.keep_checkpoints = max(1, keep_checkpoints)
         self.max_connections = max_connections
+        self.offline: OfflinePolicy | None = None  # set: back up running domains offline
         self._conn = Connection(uri)
 
     @property
@@ -67,22 +75,44 @@ class LibvirtConnector:
     def begin_backup(
         self, vm: VmConfig, previous: Mapping[str, str | None]
     ) -> LiveBackupSession | OfflineBackupSession:
-        """Live job for a running (or paused) domain, direct image reads for a shut-off one."""
+        """Live job for a running (or paused) domain, direct image reads for a shut-off one;
+        with `offline` set, a running domain is shut down, read offline and started again.
+        Leftovers of killed vmkeep runs (any domain) are cleaned up first."""
+        if self.local:
+            clean_stale_runs(self._conn)
         dom = self._domain(vm)
+        after = None
         if is_active(dom):
-            if not self.local:
-                raise ConnectorError(
-                    f"live backup over {self.uri} is not supported yet (the NBD socket would be "
-                    "on the remote host); run vmkeep on the hypervisor host"
+            if self.offline is None:
+                if not self.local:
+                    raise ConnectorError(
+                        f"live backup over {self.uri} is not supported yet (the NBD socket "
+                        "would be on the remote host); run vmkeep on the hypervisor host"
+                    )
+                return begin_live_backup(
+                    self._conn,
+                    dom,
+                    previous,
+                    keep_checkpoints=self.keep_checkpoints,
+                    max_connections=self.max_connections,
                 )
-            return begin_live_backup(
-                self._conn,
-                dom,
-                previous,
-                keep_checkpoints=self.keep_checkpoints,
-                max_connections=self.max_connections,
-            )
-        return OfflineBackupSession(dom.name(), parse_disks(_inactive_xml(dom)))
+            for note in shut_down(dom, self.offline):
+                log.info("%s", note)
+            after = partial(start_again, dom)
+        try:
+            disks = parse_disks(_inactive_xml(dom))
+        except BaseException:
+            if after is not None:
+                after()
+            raise
+        return begin_offline_backup(
+            dom,
+            disks,
+            previous,
+            keep_checkpoints=self.keep_checkpoints,
+            max_connections=self.max_connections,
+            after=after,
+        )
 
     # Restore settings, set by the CLI (restore --keep-macs / --force).
     keep_macs = False  # new domains keep the recorded MAC addresses instead of new ones

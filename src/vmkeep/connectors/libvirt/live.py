@@ -192,7 +192,7 @@ def begin_live_backup(
         base, why = checkpoints.choose_base(dom, disks, previous, prefix)
         if why:
             notes.append(why)
-    workdir = make_workdir()
+    workdir = make_workdir(owner={"domain_uuid": dom.UUIDString(), "checkpoint": checkpoint})
     session = LiveBackupSession(
         conn, dom, disks, workdir, checkpoint, base, keep_checkpoints, notes, prefix
     )

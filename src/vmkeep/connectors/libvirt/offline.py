@@ -1,27 +1,37 @@
-"""Backing up a shut-off domain: its disk images are read directly with vmkeep's own raw and
-qcow2 readers, without starting the VM (libvirt refuses backup jobs and checkpoints on inactive
-domains, LIBVIRT-NOTES §7). Always a full read of the allocated extents, change token None."""
+"""Backing up a shut-off domain without starting it (libvirt refuses backup jobs on inactive
+domains, LIBVIRT-NOTES §7). When every disk is a local qcow2 v3 image, the run makes a
+checkpoint offline (offline_checkpoint.py), so the next backup, offline or live, can be a
+delta; and when the previous restore point's checkpoint bitmap is intact in the images, this
+run is a delta itself: `qemu-nbd --bitmap` exports the dirty extents. Otherwise the images are
+read in full with vmkeep's own raw and qcow2 readers."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from vmkeep.connectors.base import DiskReader, Extent
 from vmkeep.connectors.files.qcow2 import Qcow2Reader
 from vmkeep.connectors.files.raw import RawDiskReader
+from vmkeep.connectors.libvirt import checkpoints, offline_checkpoint
 from vmkeep.connectors.libvirt.domxml import DomainDisk
+from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader
+from vmkeep.connectors.libvirt.qemu_nbd import QemuNbdExport
+from vmkeep.connectors.libvirt.workdir import make_workdir, remove_workdir
 from vmkeep.errors import ConnectorError
 
 log = logging.getLogger(__name__)
 
 
 class ImageDiskReader:
-    """A disk image of a shut-off domain. No dirty tracking: dirty_since is always None."""
+    """A disk image of a shut-off domain, read in full (dirty_since None). `change_token`: the
+    checkpoint made offline for this read, if any."""
 
-    def __init__(self, disk: DomainDisk) -> None:
+    def __init__(self, disk: DomainDisk, change_token: str | None = None) -> None:
         if not disk.source or disk.source_type not in ("file", "block"):
             raise ConnectorError(
                 f"disk {disk.target} ({disk.source_type}) has no local image to read while the "
@@ -35,7 +45,7 @@ class ImageDiskReader:
         else:
             raise ConnectorError(f"disk {disk.target}: image format {disk.fmt!r} is not supported")
         self.size = self._inner.size
-        self.change_token: str | None = None
+        self.change_token = change_token
         self.dirty_since: str | None = None
 
     def extents(self) -> Iterator[Extent]:
@@ -53,25 +63,67 @@ class ImageDiskReader:
 
 
 class OfflineBackupSession:
-    """Readers over the images; finish only closes them (nothing was created)."""
+    """Readers over a shut-off domain's images. `finish` closes them, stops the qemu-nbd
+    exports, deletes the checkpoint this run made (not ok) or prunes older ones (ok), and then
+    runs `after` (the --offline restart), which happens whatever the outcome."""
 
-    def __init__(self, domain_name: str, disks: list[DomainDisk]) -> None:
-        self.domain_name = domain_name
-        self.notes: list[str] = [f"domain {domain_name} is shut off: full read of its images"]
+    def __init__(
+        self,
+        dom: Any,
+        disks: list[DomainDisk],
+        checkpoint: str | None,
+        notes: list[str],
+        *,
+        keep_checkpoints: int = 1,
+        checkpoint_prefix: str = checkpoints.PREFIX,
+        after: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.dom = dom
+        self.domain_name: str = dom.name()
+        self.disks = disks
+        self.checkpoint = checkpoint  # made offline by this run (None: none possible)
+        self.base: str | None = None  # set when the run is a delta
+        self.notes = notes
+        self.keep_checkpoints = keep_checkpoints
+        self.checkpoint_prefix = checkpoint_prefix
         self.readers: dict[str, DiskReader] = {}
-        try:
-            for d in disks:
-                self.readers[d.target] = ImageDiskReader(d)
-        except BaseException:
-            self.finish(ok=False)
-            raise
-        for note in self.notes:
-            log.info("%s", note)
+        self.exports: list[QemuNbdExport] = []
+        self.workdir: Path | None = None
+        self._after = after
+        self.checkpoint_made = False
+        self._finished = False
 
     def finish(self, ok: bool) -> None:
+        """Idempotent; trouble is logged and noted, never raised over the caller's error."""
+        if self._finished:
+            return
+        self._finished = True
         for reader in self.readers.values():
             with contextlib.suppress(Exception):
                 reader.close()
+        for export in self.exports:
+            with contextlib.suppress(Exception):
+                export.stop()
+        if self.workdir is not None and not remove_workdir(self.workdir, []):
+            self._note(f"could not remove {self.workdir}")
+        if self.checkpoint and self.checkpoint_made:
+            if ok:
+                for note in offline_checkpoint.prune(
+                    self.dom, self.keep_checkpoints, self.disks, self.checkpoint_prefix
+                ):
+                    self._note(note)
+            else:
+                self._note_if(offline_checkpoint.delete(self.dom, self.checkpoint, self.disks))
+        if self._after is not None:
+            self._note_if(self._after())
+
+    def _note(self, text: str) -> None:
+        log.warning("%s: %s", self.domain_name, text)
+        self.notes.append(text)
+
+    def _note_if(self, text: str | None) -> None:
+        if text:
+            self._note(text)
 
     def __enter__(self) -> OfflineBackupSession:
         return self
@@ -80,3 +132,100 @@ class OfflineBackupSession:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.finish(ok=et is None)
+
+
+def begin_offline_backup(
+    dom: Any,
+    disks: list[DomainDisk],
+    previous: Mapping[str, str | None],
+    *,
+    keep_checkpoints: int = 1,
+    max_connections: int = 8,
+    checkpoint_prefix: str = checkpoints.PREFIX,
+    after: Callable[[], str | None] | None = None,
+) -> OfflineBackupSession:
+    """Readers for every disk of the shut-off domain `dom`: dirty extents since the previous
+    restore point's checkpoint when its bitmaps are intact, else a full read; a new checkpoint
+    whenever the images can hold one. On failure nothing is left behind (and `after` ran)."""
+    name = dom.name()
+    notes = [f"domain {name} is shut off: its images are read without starting it"]
+    reasons = _why_no_checkpoint(disks)
+    checkpoint = None if reasons else checkpoints.new_name(checkpoint_prefix)
+    session = OfflineBackupSession(
+        dom,
+        disks,
+        checkpoint,
+        notes,
+        keep_checkpoints=keep_checkpoints,
+        checkpoint_prefix=checkpoint_prefix,
+        after=after,
+    )
+    try:
+        if reasons:
+            notes.extend(reasons)
+            notes.append("no checkpoint is made: the next backup reads every disk in full too")
+        else:
+            session.base = _choose_base(dom, disks, previous, checkpoint_prefix, notes)
+            assert checkpoint is not None
+            offline_checkpoint.create(dom, checkpoint, disks)  # the VM is off: same instant
+            session.checkpoint_made = True
+        _open_readers(session, max_connections)
+    except BaseException:
+        session.finish(ok=False)
+        raise
+    for note in notes:
+        log.info("%s: %s", name, note)
+    return session
+
+
+def _why_no_checkpoint(disks: list[DomainDisk]) -> list[str]:
+    local = [f"disk {d.target} is not a local image file" for d in disks if d.source_type != "file"]
+    return local or checkpoints.why_no_checkpoint(disks, local=True)
+
+
+def _choose_base(
+    dom: Any,
+    disks: list[DomainDisk],
+    previous: Mapping[str, str | None],
+    prefix: str,
+    notes: list[str],
+) -> str | None:
+    """The previous restore point's checkpoint when libvirt knows it and every image still
+    holds its bitmap, recording and cleanly stored; else None with the reason noted (and a
+    checkpoint whose bitmaps are broken deleted, so nobody trusts it later)."""
+    base, why = checkpoints.choose_base(dom, disks, previous, prefix)
+    if why:
+        notes.append(why)
+    if base is None:
+        return None
+    problem = offline_checkpoint.bitmap_problem(disks, base)
+    if problem is None:
+        notes.append(f"delta against checkpoint {base}: only its dirty extents are read")
+        return base
+    notes.append(f"{problem}: full read")
+    stale = offline_checkpoint.delete(dom, base, disks)
+    if stale:
+        notes.append(stale)
+    return None
+
+
+def _open_readers(session: OfflineBackupSession, max_connections: int) -> None:
+    if session.base is None:
+        for d in session.disks:
+            session.readers[d.target] = ImageDiskReader(d, session.checkpoint)
+        return
+    session.workdir = make_workdir(
+        owner={"domain_uuid": session.dom.UUIDString(), "checkpoint": session.checkpoint}
+    )
+    for d in session.disks:
+        export = QemuNbdExport(d.source, session.workdir / f"{d.target}.sock", bitmap=session.base)
+        session.exports.append(export)
+        session.readers[d.target] = NbdDiskReader(
+            str(export.socket),
+            "",
+            name=d.target,
+            change_token=session.checkpoint,
+            dirty_bitmap=session.base,
+            dirty_since=session.base,
+            max_connections=max_connections,
+        )

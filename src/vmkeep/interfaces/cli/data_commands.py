@@ -24,12 +24,25 @@ def backup(
     compression_level: int = typer.Option(3, "--compression-level", help="zstd level, 0 = off."),
     connector: str = typer.Option("files", "--connector", help="files or libvirt."),
     uri: str | None = typer.Option(None, "--uri", help="libvirt URI (default qemu:///system)."),
+    offline: bool = typer.Option(
+        False,
+        "--offline",
+        help="libvirt: shut a running domain down (ACPI), back it up offline, start it again.",
+    ),
+    shutdown_timeout: float = typer.Option(
+        300.0, "--shutdown-timeout", min=0, help="--offline: seconds to wait for the guest."
+    ),
+    force_off: bool = typer.Option(
+        False, "--force-off", help="--offline: power off a guest that ignores the shutdown."
+    ),
     json_out: bool = JsonOpt,
 ) -> None:
     """Back up a VM into a repository."""
     repo = state.open_repository(remote)
     options = BackupOptions(mode=mode, schedule=schedule, compression_level=compression_level)
     source = connector_for(connector, uri)
+    if offline:
+        offline_on(source, shutdown_timeout, force_off)
     report = backup_vm(repo, source, vm, options, RichProgress(not json_out), connector)
     if json_out:
         print_json(report.to_json())
@@ -42,6 +55,16 @@ def backup(
         f"dedup {j['dedup_ratio'] or '-'}x, compression {j['compression_ratio'] or '-'}x",
         highlight=False,
     )
+
+
+def offline_on(source: object, shutdown_timeout: float, force_off: bool) -> None:
+    """--offline only means something to the libvirt connector."""
+    from vmkeep.connectors.libvirt import LibvirtConnector
+    from vmkeep.connectors.libvirt.power import OfflinePolicy
+
+    if not isinstance(source, LibvirtConnector):
+        raise UsageError("--offline needs --connector libvirt")
+    source.offline = OfflinePolicy(shutdown_timeout, force_off)
 
 
 def restore(

@@ -1,0 +1,155 @@
+"""Checkpoints of a shut-off domain, made and removed without starting it.
+
+libvirt 9 refuses to create (or normally delete) a checkpoint of an inactive domain, but it
+accepts a checkpoint *redefinition* (VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE) and a metadata-only
+delete. So the bitmaps are added to and removed from the qcow2 images with `qemu-img bitmap`,
+and libvirt's metadata is kept in step with them: after the domain starts again, libvirt sees
+an ordinary checkpoint and a live incremental job from it is exact (LIBVIRT-NOTES §7, §12)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterable
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from vmkeep.connectors.libvirt import checkpoints
+from vmkeep.connectors.libvirt.bindings import libvirt, one_line
+from vmkeep.connectors.libvirt.domxml import DomainDisk
+from vmkeep.connectors.libvirt.jobxml import CHECKPOINT_DESCRIPTION, creation_time
+from vmkeep.errors import ConnectorError
+
+QEMU_IMG_TIMEOUT = 120
+
+
+def _qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            ["qemu-img", *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ConnectorError(f"qemu-img {args[0]} failed: {exc}") from None
+
+
+def image_bitmaps(image: str) -> dict[str, list[str]]:
+    """Persistent bitmaps of a qcow2 image: name -> flags ('auto' = recording, 'in-use' = not
+    stored cleanly, i.e. QEMU died with the image open)."""
+    res = _qemu_img("info", "--output=json", image)
+    if res.returncode != 0:
+        raise ConnectorError(f"cannot inspect {image}: {' '.join(res.stderr.split())}")
+    try:
+        info = json.loads(res.stdout)
+    except ValueError:
+        raise ConnectorError(f"qemu-img info {image}: unreadable output") from None
+    data = info.get("format-specific", {}).get("data", {})
+    return {str(b.get("name")): list(b.get("flags", [])) for b in data.get("bitmaps", [])}
+
+
+def bitmap_problem(disks: Iterable[DomainDisk], name: str) -> str | None:
+    """Why the bitmap `name` cannot be trusted as a delta base on some disk; None if it can."""
+    for d in disks:
+        flags = image_bitmaps(d.source).get(name)
+        if flags is None:
+            return f"disk {d.target} has no bitmap {name} in its image"
+        if "in-use" in flags:
+            return f"bitmap {name} of disk {d.target} was not stored cleanly (QEMU crashed?)"
+        if "auto" not in flags:
+            return f"bitmap {name} of disk {d.target} is disabled (not recording writes)"
+    return None
+
+
+def redefine_xml(name: str, parent: str | None, targets: Iterable[str]) -> str:
+    """The metadata libvirt keeps for a checkpoint whose bitmaps already exist."""
+    disks = "".join(
+        f"<disk name={quoteattr(t)} checkpoint='bitmap' bitmap={quoteattr(name)}/>" for t in targets
+    )
+    par = f"<parent><name>{escape(parent)}</name></parent>" if parent else ""
+    return (
+        f"<domaincheckpoint><name>{escape(name)}</name>"
+        f"<description>{CHECKPOINT_DESCRIPTION}</description>{par}"
+        f"<creationTime>{int(time.time())}</creationTime>"
+        f"<disks>{disks}</disks></domaincheckpoint>"
+    )
+
+
+def newest_checkpoint(dom: Any) -> str | None:
+    """The most recently created checkpoint of any kind (libvirt's parent for a new one)."""
+    lv = libvirt()
+    found = []
+    for cp in dom.listAllCheckpoints(0):
+        try:
+            created = creation_time(cp.getXMLDesc(lv.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
+        except lv.libvirtError:
+            created = 0
+        found.append((created, str(cp.getName())))
+    return max(found)[1] if found else None
+
+
+def create(dom: Any, name: str, disks: list[DomainDisk]) -> None:
+    """Add the bitmap `name` (recording) to every disk image, then libvirt's metadata for it;
+    on failure, nothing is left (bitmaps added so far are removed)."""
+    lv = libvirt()
+    added: list[DomainDisk] = []
+    try:
+        parent = newest_checkpoint(dom)
+        for d in disks:
+            res = _qemu_img("bitmap", "--add", d.source, name)
+            if res.returncode != 0:
+                raise ConnectorError(
+                    f"cannot add bitmap {name} to {d.source}: {' '.join(res.stderr.split())}"
+                )
+            added.append(d)
+        dom.checkpointCreateXML(
+            redefine_xml(name, parent, [d.target for d in disks]),
+            lv.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE,
+        )
+    except BaseException as exc:
+        for d in added:
+            remove_bitmap(d.source, name)
+        if isinstance(exc, lv.libvirtError):
+            raise ConnectorError(
+                f"cannot record checkpoint {name} of shut-off domain {dom.name()}: {one_line(exc)}"
+            ) from None
+        raise
+
+
+def remove_bitmap(image: str, name: str) -> bool:
+    """True when the image no longer has the bitmap (removed now, or never there)."""
+    try:
+        res = _qemu_img("bitmap", "--remove", image, name)
+    except ConnectorError:
+        return False
+    return res.returncode == 0 or "not found" in res.stderr.lower()
+
+
+def delete(dom: Any, name: str, disks: Iterable[DomainDisk]) -> str | None:
+    """Delete a checkpoint of a shut-off domain: libvirt's metadata, then the bitmaps in the
+    images. None when done (or it was already gone), else a note saying what is left."""
+    lv = libvirt()
+    try:
+        cp = dom.checkpointLookupByName(name, 0)
+        cp.delete(lv.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    except lv.libvirtError as exc:
+        if exc.get_error_code() != lv.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+            return f"could not delete checkpoint {name}: {one_line(exc)}"
+    left = [d.target for d in disks if d.fmt == "qcow2" and not remove_bitmap(d.source, name)]
+    if left:
+        return f"checkpoint {name}: bitmap left in the image of {', '.join(left)}"
+    return None
+
+
+def prune(dom: Any, keep: int, disks: list[DomainDisk], prefix: str) -> list[str]:
+    """Delete all but the newest `keep` (at least 1) checkpoints of the `prefix` kind."""
+    lv = libvirt()
+    try:
+        names = checkpoints.vmkeep_checkpoints(dom, prefix)
+    except lv.libvirtError as exc:
+        return [f"could not list checkpoints to prune: {one_line(exc)}"]
+    notes = []
+    for name in names[: max(0, len(names) - max(1, keep))]:
+        note = delete(dom, name, disks)
+        if note:
+            notes.append(note)
+    return notes

@@ -1,0 +1,88 @@
+"""Cleaning up after vmkeep runs that were killed (SIGKILL, power loss of the vmkeep host):
+their pull-mode backup job keeps running on the domain (a pull job never ends by itself, and
+the next backupBegin would block 30 s and fail), their work directory keeps its socket and
+scratch files, and the checkpoint they created names a point no restore point has.
+
+Only directories whose owner marker is no longer locked are touched (workdir.py), so a live run
+of this or another vmkeep process is never disturbed."""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from vmkeep.connectors.libvirt import checkpoints
+from vmkeep.connectors.libvirt.bindings import libvirt, one_line
+from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.domxml import parse_disks
+from vmkeep.connectors.libvirt.workdir import ROOT, StaleWorkdir, remove_workdir, stale_workdirs
+from vmkeep.errors import VmkeepError
+
+log = logging.getLogger(__name__)
+
+
+def clean_stale_runs(conn: Connection, root: Path = ROOT) -> list[str]:
+    """End the jobs, delete the checkpoints and remove the directories of dead runs; one note
+    per run cleaned (trouble is noted, never raised: a backup must not fail because of it)."""
+    notes = []
+    for stale in stale_workdirs(root):
+        try:
+            note = _clean(conn, stale)
+        except VmkeepError as exc:
+            note = f"stale run directory {stale.path}: {exc}"
+        log.warning("%s", note)
+        notes.append(note)
+    return notes
+
+
+def _clean(conn: Connection, stale: StaleWorkdir) -> str:
+    from vmkeep.connectors.libvirt.live import end_job
+
+    lv = libvirt()
+    done = []
+    dom = _domain(conn, stale.domain_uuid)
+    if dom is not None:
+        if job_socket_dir(dom) == stale.path:
+            problem = end_job(dom)
+            done.append(f"could not end its backup job: {problem}" if problem else "job ended")
+        if stale.checkpoint:
+            try:
+                disks = parse_disks(dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE))
+            except lv.libvirtError:
+                disks = []
+            problem = checkpoints.delete(dom, stale.checkpoint, disks)
+            done.append(problem or f"checkpoint {stale.checkpoint} deleted")
+    if not remove_workdir(stale.path, []):
+        done.append(f"could not remove {stale.path}")
+    what = f" of domain {dom.name()}" if dom is not None else ""
+    return f"cleaned up after a killed vmkeep run{what} ({stale.path.name}): " + (
+        ", ".join(done) or "directory removed"
+    )
+
+
+def _domain(conn: Connection, uuid: str) -> Any | None:
+    if not uuid:
+        return None
+    try:
+        return conn.lookup(uuid)
+    except VmkeepError:
+        return None
+
+
+def job_socket_dir(dom: Any) -> Path | None:
+    """The directory of the NBD socket of the domain's pull-mode backup job, if it has one."""
+    lv = libvirt()
+    try:
+        stats = dom.jobStats(0)
+        if stats.get("operation") != lv.VIR_DOMAIN_JOB_OPERATION_BACKUP:
+            return None
+        server = ET.fromstring(dom.backupGetXMLDesc(0)).find("server")
+    except lv.libvirtError as exc:
+        log.debug("no backup job on %s: %s", dom.name(), one_line(exc))
+        return None
+    except ET.ParseError:
+        return None
+    socket = server.get("socket") if server is not None else None
+    return Path(socket).parent if socket else None
