@@ -13,8 +13,10 @@ cd "$(dirname "$0")/.."
 log() { printf 'install-libvirt: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# openssh-server + openssh-client: the restore tests reach libvirtd over qemu+ssh:// through an
+# sshd they start on a loopback port (the package's own sshd is not started: no systemd).
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libnbd-bin
-          python3-libvirt python3-libnbd)
+          python3-libvirt python3-libnbd openssh-server openssh-client)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

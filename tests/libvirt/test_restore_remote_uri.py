@@ -1,0 +1,227 @@
+"""Restore targets other than "this URI, the test pool" (real libvirtd + QEMU):
+
+- another libvirt URI: the same libvirtd reached over qemu+ssh:// through an sshd this module
+  starts on a loopback port with throw-away keys, so vmkeep sees a remote host and writes the
+  volumes through virStorageVolUpload streams; restored into a second storage pool (pool B);
+- a target pool that fills up (a dir pool on a 16 MiB tmpfs, a 64 MiB disk with 40 MiB of data):
+  one-line error, no volume and no domain left behind, locally and over the upload path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.libvirt import libvirt_env as lv
+from tests.libvirt.conftest import LibvirtEnv
+from tests.libvirt.test_restore import remove_domain
+from vmkeep.connectors.libvirt import LibvirtConnector
+from vmkeep.errors import ConnectorError
+from vmkeep.operations.backup import BackupOptions, backup_vm
+from vmkeep.operations.restore import restore_vm
+from vmkeep.progress import SilentProgress
+from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository.repository import Repository
+
+MiB = lv.MiB
+SSHD = "/usr/sbin/sshd"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ssh_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """qemu+ssh://root@127.0.0.1:PORT/system through a private sshd (throw-away keys)."""
+    if not os.path.exists(SSHD) or shutil.which("ssh") is None:
+        pytest.skip("openssh-server / ssh not installed (scripts/install-libvirt.sh adds them)")
+    d = tmp_path_factory.mktemp("sshd")
+    for key in ("host", "client"):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True
+        )
+    (d / "authorized_keys").write_text((d / "client.pub").read_text())
+    port = _free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+    )
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation directory
+    with open(d / "sshd.log", "wb") as log:
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
+            time.sleep(0.05)
+        yield (
+            f"qemu+ssh://root@127.0.0.1:{port}/system?keyfile={d / 'client'}&no_verify=1&no_tty=1"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def pool_b(libvirt_env: LibvirtEnv) -> Iterator[lv.TestPool]:
+    pool = lv.TestPool(libvirt_env.conn, lv.unique_name("poolB"))
+    yield pool
+    pool.destroy()
+
+
+@pytest.fixture(scope="module")
+def source(
+    libvirt_env: LibvirtEnv, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Repository, str, bytes, lv.TestDomain]]:
+    """A shut-off domain with a 64 MiB disk holding 40 MiB of data, backed up once."""
+    repo = Repository.init(
+        LocalRemote(tmp_path_factory.mktemp("remote-uri") / "repo"), "none", lambda: b""
+    )
+    d = lv.TestDomain(libvirt_env.conn, libvirt_env.pool, (64 * MiB,))
+    try:
+        d.guest_write("vda", 2 * MiB, os.urandom(40 * MiB))
+        d.guest_write("vda", 60 * MiB, 0x42, 64 * 1024)
+        d.stop()
+        local = LibvirtConnector(lv.URI)
+        report = backup_vm(
+            repo, local, d.name, BackupOptions(mode="full"), SilentProgress(), "libvirt"
+        )
+        local.close()
+        yield repo, report.restore_point, bytes(d.disk("vda").model), d
+    finally:
+        d.destroy()
+
+
+def _volumes(pool: Any) -> set[str]:
+    pool.refresh(0)
+    return {v.name() for v in pool.listAllVolumes(0)}
+
+
+def test_restore_over_ssh_uri_into_pool_b(
+    libvirt_env: LibvirtEnv,
+    ssh_uri: str,
+    pool_b: lv.TestPool,
+    source: tuple[Repository, str, bytes, lv.TestDomain],
+    tmp_path: Path,
+) -> None:
+    import libvirt
+
+    repo, point, model, original = source
+    remote = LibvirtConnector(ssh_uri)
+    assert not remote.local  # the upload path, not the local files
+    name = lv.unique_name("ssh-restored")
+    try:
+        report = restore_vm(repo, remote, point, pool_b.name, SilentProgress(), name=name)
+        assert report.location == name
+        dom = libvirt_env.conn.lookupByName(name)
+        assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+        assert dom.UUIDString() != original.dom.UUIDString()
+        vol = pool_b.pool.storageVolLookupByName(f"{name}-vda.qcow2")
+        path = Path(vol.path())
+        assert path.parent == pool_b.path
+        assert "<format type='qcow2'/>" in vol.XMLDesc(0)  # libvirt sees what was uploaded
+        assert vol.info()[1] == len(model)  # capacity: the restored virtual size
+        # The stream carried the allocated clusters, not the 64 MiB virtual size.
+        assert 40 * MiB < path.stat().st_size < 44 * MiB
+        info = lv.qemu_img_info(path)
+        assert info["format"] == "qcow2" and info["virtual-size"] == len(model)
+        restored = lv.qemu_img_raw(path, tmp_path / "restored.raw")
+        assert lv.sha256(restored) == lv.sha256(model)
+        check = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        # In place over a remote URI: refused in one line, nothing touched.
+        with pytest.raises(ConnectorError, match="not supported") as exc:
+            restore_vm(repo, remote, point, name, SilentProgress(), in_place=True, force=True)
+        assert "\n" not in str(exc.value)
+    finally:
+        remote.close()
+        remove_domain_in(libvirt_env, pool_b, name)
+
+
+def remove_domain_in(env: LibvirtEnv, pool: lv.TestPool, name: str) -> None:
+    import libvirt
+
+    with contextlib.suppress(libvirt.libvirtError):
+        env.conn.lookupByName(name).undefine()
+    for vol in pool.pool.listAllVolumes(0):
+        if vol.name().startswith(name + "-"):
+            vol.delete(0)
+
+
+@pytest.fixture
+def full_pool(libvirt_env: LibvirtEnv) -> Iterator[Any]:
+    """A dir pool on a 16 MiB tmpfs."""
+    name = lv.unique_name("full")
+    path = lv.IMAGES_ROOT / name
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode:
+        path.rmdir()
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    xml = f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>"
+    pool = libvirt_env.conn.storagePoolDefineXML(xml, 0)
+    try:
+        pool.create(0)
+        yield pool
+    finally:
+        with contextlib.suppress(Exception):
+            pool.destroy()
+        with contextlib.suppress(Exception):
+            pool.undefine()
+        subprocess.run(["umount", str(path)], check=False)
+        path.rmdir()
+
+
+@pytest.mark.parametrize("via", ["local", "ssh"])
+def test_full_target_pool_leaves_nothing_behind(
+    request: pytest.FixtureRequest,
+    libvirt_env: LibvirtEnv,
+    full_pool: Any,
+    source: tuple[Repository, str, bytes, lv.TestDomain],
+    via: str,
+) -> None:
+    import libvirt
+
+    repo, point, _model, _original = source
+    uri = request.getfixturevalue("ssh_uri") if via == "ssh" else lv.URI
+    connector = LibvirtConnector(uri)
+    name = lv.unique_name(f"full-{via}")
+    try:
+        with pytest.raises(ConnectorError) as exc:
+            restore_vm(repo, connector, point, full_pool.name(), SilentProgress(), name=name)
+    finally:
+        connector.close()
+    msg = str(exc.value)
+    print(f"{via}: {msg}")
+    assert "\n" not in msg and ("space" in msg.lower()), msg
+    assert _volumes(full_pool) == set()
+    assert not os.listdir(_pool_path(full_pool))  # no stray file either
+    with pytest.raises(libvirt.libvirtError):
+        libvirt_env.conn.lookupByName(name)
+    remove_domain(libvirt_env, name)  # no-op unless the assertion above is wrong
+
+
+def _pool_path(pool: Any) -> str:
+    import xml.etree.ElementTree as ET
+
+    return str(ET.fromstring(pool.XMLDesc(0)).findtext("./target/path"))
