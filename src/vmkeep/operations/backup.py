@@ -24,6 +24,7 @@ from vmkeep.repository.format import CHUNK_SIZE, ID_SIZE, ZERO_ID, is_zero
 from vmkeep.repository.locks import RepositoryLock
 from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
 from vmkeep.repository.repository import Repository
+from vmkeep.repository.retention_lock import lock_restore_point
 
 MODES = ("full", "delta")
 
@@ -324,6 +325,7 @@ def backup_vm(
                     "bytes_written": stats.bytes_written,
                 },
             )
+            lock_restore_point(repo.remote, manifest)  # immutability: before the manifest
             repo.save_manifest(manifest)
             ok = True
         finally:

@@ -12,8 +12,9 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlparse
 
@@ -35,9 +36,18 @@ from botocore.exceptions import (
     SSLError,
 )
 
-from vmkeep.errors import NotFoundError, ObjectExistsError, RemoteError, RemoteFullError, UsageError
+from vmkeep.errors import (
+    NotFoundError,
+    ObjectExistsError,
+    ObjectLockedError,
+    RemoteError,
+    RemoteFullError,
+    UsageError,
+)
 
 from .base import ObjectStat
+from .object_lock import LockPolicy, ProtectStats, is_locked_name
+from .s3_lock import S3LockSupport
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -135,7 +145,10 @@ def _flag(value: str, param: str) -> bool:
 
 class S3Remote:
     """Objects live under `prefix` in `bucket`. One boto3 client serves every thread: clients
-    are thread-safe (sessions are not), and its connection pool is sized for the upload pool."""
+    are thread-safe (sessions are not), and its connection pool is sized for the upload pool.
+
+    With a lock policy (Object Lock buckets), chunks and manifests are written with a retention
+    date, and deletes remove object versions one by one (s3_lock.py)."""
 
     def __init__(
         self,
@@ -174,6 +187,8 @@ class S3Remote:
         self._page_size = page_size
         self._bucket_seen = False  # a request on the bucket succeeded: a 404 is then the key's
         self._lock = threading.Lock()
+        self.lock_policy: LockPolicy | None = None
+        self._versioned: bool | None = None  # known after the first delete
         # The stored location: every setting that differs from its default, never a secret.
         params = {
             "endpoint": endpoint,
@@ -263,6 +278,8 @@ class S3Remote:
                     f"S3 {self._where} is in another region than {self.region or 'the default'}"
                     f" ({message}): set region= in the URL"
                 )
+            if code == "ObjectLocked":
+                return ObjectLockedError(f"S3 object {name} is locked: {message}", name)
             if code == "AccessDenied" or status == 403:
                 return RemoteError(f"S3 permission denied {what} in {self.url}: {message}")
             if code == "InvalidBucketName":
@@ -335,10 +352,17 @@ class S3Remote:
             raise self._error(exc, "writing", name) from exc
 
     def _put(self, key: str, data: bytes, if_none_match: str | None) -> None:
-        if if_none_match is None:
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=data)
-        else:
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, IfNoneMatch="*")
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data}
+        if if_none_match is not None:
+            args["IfNoneMatch"] = if_none_match
+        name = key[len(self.prefix) :]
+        policy = self.lock_policy
+        if policy is not None and is_locked_name(name):
+            until = policy.object_until(name)
+            args["ObjectLockMode"] = policy.s3_mode
+            args["ObjectLockRetainUntilDate"] = until
+            self._locks.remember(name, until)
+        self._client.put_object(**args)
 
     def _holds(self, key: str, data: bytes) -> bool:
         """Whether the object's ETag is the MD5 of `data` (true for single-part plain PUTs)."""
@@ -434,7 +458,13 @@ class S3Remote:
                 return
 
     def delete(self, name: str) -> None:
+        """On a versioned bucket (every Object Lock bucket is) a plain DELETE only hides the
+        object behind a delete marker; each version is deleted instead, so space is freed and
+        a locked object stays listed."""
         key = self._key(name)
+        if self._is_versioned():
+            self._locks.delete_versions(name, key)
+            return
         try:
             self._retry(lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
         except ClientError as exc:
@@ -443,6 +473,45 @@ class S3Remote:
             raise self._error(exc, "deleting", name) from exc
         except BotoCoreError as exc:
             raise self._error(exc, "deleting", name) from exc
+
+    def _is_versioned(self) -> bool:
+        if self._versioned is None:
+            answer = self._run(
+                "reading versioning of",
+                self.bucket,
+                lambda: self._client.get_bucket_versioning(Bucket=self.bucket),
+            )
+            self._versioned = answer.get("Status") in ("Enabled", "Suspended")
+        return self._versioned
+
+    # -- retention locks (Object Lock) ---------------------------------------------------------
+
+    @functools.cached_property
+    def _locks(self) -> S3LockSupport:
+        return S3LockSupport(self)
+
+    def set_lock_policy(self, policy: LockPolicy | None) -> None:
+        """Refuses a policy when the bucket has no Object Lock: the server would reject every
+        locked PUT, and a silently unlocked backup would be worse."""
+        if policy is not None and not self._locks.bucket_lock_enabled():
+            raise UsageError(
+                f"S3 {self._where} does not have Object Lock enabled: create the bucket with "
+                "Object Lock (docs/IMMUTABILITY.md) or drop --lock-days"
+            )
+        self.lock_policy = policy
+
+    def protect_point(
+        self, point_id: str, names: Sequence[str], coming: Sequence[str], until: datetime
+    ) -> ProtectStats:
+        """`coming` objects are locked by their own PUT (the policy applies to every write)."""
+        return self._locks.extend(names, until)
+
+    def check_immutability(self) -> str | None:
+        return self._locks.probe()
+
+    def locked_until(self, name: str) -> datetime | None:
+        """The retain-until date of the object's current version, None when unlocked."""
+        return self._locks.current_until(self._key(name))
 
     def free_space(self) -> int | None:
         """S3 has no notion of free space (quotas, where they exist, are not exposed)."""

@@ -10,6 +10,7 @@ from vmkeep.errors import UsageError
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.export import export_disk
 from vmkeep.operations.restore import restore_vm
+from vmkeep.remotes.object_lock import apply_lock_policy
 
 from .context import connector_for, state
 from .output import RichProgress, console, human_bytes, print_json
@@ -24,6 +25,9 @@ def backup(
     compression_level: int = typer.Option(3, "--compression-level", help="zstd level, 0 = off."),
     connector: str = typer.Option("files", "--connector", help="files or libvirt."),
     uri: str | None = typer.Option(None, "--uri", help="libvirt URI (default qemu:///system)."),
+    lock_days: int | None = typer.Option(
+        None, "--lock-days", help="Lock this restore point N days (0: none); default: the remote's."
+    ),
     offline: bool = typer.Option(
         False,
         "--offline",
@@ -39,6 +43,7 @@ def backup(
 ) -> None:
     """Back up a VM into a repository."""
     repo = state.open_repository(remote)
+    apply_lock_policy(repo.remote, state.registry.lock_policy(remote, lock_days))
     options = BackupOptions(mode=mode, schedule=schedule, compression_level=compression_level)
     source = connector_for(connector, uri)
     if offline:
