@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 
 class VmkeepError(Exception):
     """Base of every error a user can cause or meet. `exit_code` is what the CLI returns."""
@@ -63,3 +65,13 @@ class LockedError(RepositoryError):
         super().__init__(message)
         self.holder = holder
         self.scope = scope
+
+
+class ObjectLockedError(RemoteError):
+    """The remote refused to delete or overwrite an object under a retention lock (S3 Object
+    Lock, or a file with the immutable attribute). `until` is when it unlocks, when known."""
+
+    def __init__(self, message: str, name: str = "", until: datetime | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+        self.until = until

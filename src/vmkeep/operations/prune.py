@@ -1,14 +1,37 @@
-"""Prune: delete the manifests a retention plan drops. Chunks are freed later by gc."""
+"""Prune: delete the manifests a retention plan drops. Chunks are freed later by gc.
+
+A manifest that is still locked (S3 Object Lock, immutable file) is kept: the server refuses
+the delete, the point stays listed, and the result says until when (docs/IMMUTABILITY.md)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from datetime import datetime
+
 from vmkeep.engine.retention import PruneDecision
+from vmkeep.errors import ObjectLockedError
 from vmkeep.repository.repository import Repository
+from vmkeep.repository.retention_lock import fill_unlock_dates
 
 
-def apply_prune(repo: Repository, plan: list[PruneDecision], dry_run: bool) -> list[str]:
-    removed = [d.point.id for d in plan if not d.keep]
-    if not dry_run:
-        for point_id in removed:
+@dataclass
+class PruneResult:
+    removed: list[str] = field(default_factory=list)
+    locked: dict[str, datetime | None] = field(default_factory=dict)  # point -> unlock date
+
+
+def apply_prune(repo: Repository, plan: list[PruneDecision], dry_run: bool) -> PruneResult:
+    result = PruneResult()
+    refused: dict[str, ObjectLockedError] = {}
+    for point_id in (d.point.id for d in plan if not d.keep):
+        if dry_run:
+            result.removed.append(point_id)
+            continue
+        try:
             repo.delete_manifest(point_id)
-    return removed
+            result.removed.append(point_id)
+        except ObjectLockedError as exc:
+            refused[point_id] = exc
+    fill_unlock_dates(repo.remote, list(refused.values()))
+    result.locked = {point_id: exc.until for point_id, exc in refused.items()}
+    return result

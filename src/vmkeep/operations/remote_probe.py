@@ -10,6 +10,7 @@ from typing import Any
 from vmkeep.errors import ObjectExistsError, VmkeepError
 from vmkeep.parallel import ordered_map
 from vmkeep.remotes.base import Remote
+from vmkeep.remotes.object_lock import LockingRemote
 
 OBJECT_SIZE = 4 * 1024 * 1024
 
@@ -22,6 +23,7 @@ class ProbeReport:
     read_mb_per_s: float | None = None
     latency_ms: float | None = None
     free_bytes: int | None = None
+    immutable: bool | None = None  # whether the remote is used immutably (then checked)
 
     @property
     def ok(self) -> bool:
@@ -90,4 +92,18 @@ def probe_remote(remote: Remote, size: int = 64 * 1024 * 1024) -> ProbeReport:
         step("create-if-absent", refuse_overwrite)
         step("throughput", throughput)
     step("delete", delete)
+    if isinstance(remote, LockingRemote):
+        check_immutable(remote, report)
     return report
+
+
+def check_immutable(remote: LockingRemote, report: ProbeReport) -> None:
+    """Only remotes used immutably get the check (an Object Lock bucket; a local directory
+    with retention records): a delete and an overwrite of a locked object must be refused."""
+    try:
+        result = remote.check_immutability()
+    except VmkeepError as exc:
+        result = str(exc)
+    report.immutable = result is not None
+    if result is not None:
+        report.checks["immutable: delete/overwrite refused"] = result

@@ -6,12 +6,24 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 
-from vmkeep.errors import NotFoundError, ObjectExistsError, RemoteError, RemoteFullError
+from vmkeep.errors import (
+    NotFoundError,
+    ObjectExistsError,
+    ObjectLockedError,
+    RemoteError,
+    RemoteFullError,
+    UsageError,
+)
 
 from .base import ObjectStat
+from .file_attributes import UNSUPPORTED, get_flags, is_immutable
+from .local_immutable import probe_immutability, read_lock_ends
+from .object_lock import LockPolicy, ProtectStats
+from .retention_records import encode_record, record_name
 
 TEMP_PREFIX = ".tmp-"
 
@@ -21,6 +33,12 @@ def _os_error(exc: OSError, action: str, path: Path) -> RemoteError:
         return RemoteFullError(f"remote is full: no space left {action} {path}")
     if exc.errno == errno.EROFS:
         return RemoteError(f"remote is read-only: cannot {action.split()[0]} {path}")
+    if exc.errno == errno.EPERM and is_immutable(path):
+        return ObjectLockedError(
+            f"{path} is immutable (retention not expired, or not yet lifted by "
+            "vmkeep-immutable): not changed",
+            str(path),
+        )
     if exc.errno in (errno.EACCES, errno.EPERM):
         return RemoteError(f"permission denied {action} {path}")
     return RemoteError(f"{exc.strerror or exc} {action} {path}")
@@ -33,6 +51,7 @@ class LocalRemote:
         self.root = Path(root).absolute()
         self.url = str(self.root)
         self._unsynced_dirs: set[Path] = set()  # directories whose new entries flush() syncs
+        self.lock_policy: LockPolicy | None = None
 
     def _path(self, name: str) -> Path:
         parts = name.split("/")
@@ -136,7 +155,10 @@ class LocalRemote:
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
-            raise _os_error(exc, "deleting", path) from exc
+            error = _os_error(exc, "deleting", path)
+            if isinstance(error, ObjectLockedError):
+                error.name = name
+            raise error from exc
 
     def purge_incomplete(self, older_than: float) -> int:
         """Remove temp files of writers that died; only those older than `older_than` seconds."""
@@ -161,3 +183,39 @@ class LocalRemote:
         except OSError:
             return None
         return st.f_bavail * st.f_frsize
+
+    # -- immutability (retention records + the root-run vmkeep-immutable helper) -----------------
+
+    def set_lock_policy(self, policy: LockPolicy | None) -> None:
+        """Refuses a file system without the immutable attribute (tmpfs, NFS, CIFS)."""
+        if policy is not None:
+            try:
+                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    get_flags(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                if exc.errno in UNSUPPORTED:
+                    raise UsageError(
+                        f"the file system of {self.root} has no immutable attribute "
+                        "(use ext4, XFS or btrfs for an immutable local remote)"
+                    ) from exc
+                raise _os_error(exc, "reading attributes of", self.root) from exc
+        self.lock_policy = policy
+
+    def protect_point(
+        self, point_id: str, names: Sequence[str], coming: Sequence[str], until: datetime
+    ) -> ProtectStats:
+        """Writes the point's retention record; the files become immutable at the next run of
+        `vmkeep-immutable apply` (root), which reads every record."""
+        objects = [*names, *coming]
+        self.put(record_name(point_id), encode_record(point_id, objects, until), overwrite=False)
+        return ProtectStats(recorded=len(objects))
+
+    def lock_ends(self) -> dict[str, datetime]:
+        """Each object's retention end according to the records (for reports)."""
+        return read_lock_ends(self)
+
+    def check_immutability(self) -> str | None:
+        return probe_immutability(self)

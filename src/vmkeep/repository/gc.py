@@ -6,14 +6,15 @@ never sweeps a chunk that a manifest-to-be references (docs/FORMAT.md, "Locks").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from vmkeep.errors import RepositoryError
+from vmkeep.errors import ObjectLockedError, RepositoryError
 from vmkeep.progress import Progress
 
 from .locks import RepositoryLock, remove_stale_locks
 from .repository import Repository
+from .retention_lock import LockedObjects, fill_unlock_dates, remove_expired_records
 
 
 @dataclass
@@ -25,9 +26,11 @@ class GcReport:
     partial_objects_removed: int
     stale_locks_removed: int
     dry_run: bool
+    locked: LockedObjects = field(default_factory=LockedObjects)  # garbage kept: still locked
+    retention_records_removed: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dict(self.__dict__, locked=self.locked.to_json())
 
 
 def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False) -> GcReport:
@@ -44,20 +47,42 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
         for manifest in manifests:
             referenced |= manifest.referenced_ids()
         garbage = [(cid, size) for cid, size in repo.list_chunks() if cid not in referenced]
-        progress.start("gc", len(garbage))
-        for chunk_id, _size in garbage:
-            if not dry_run:
-                repo.delete_chunk(chunk_id)
-            progress.advance(1)
-        progress.finish()
+        deleted, freed, refused = sweep(repo, garbage, progress, dry_run)
         # No live writer exists while we hold the exclusive lock: every temp object is dead.
         partial = 0 if dry_run else repo.remote.purge_incomplete(older_than=0)
+        records = 0 if dry_run else remove_expired_records(repo.remote)[0]
+    locked = LockedObjects()
+    fill_unlock_dates(repo.remote, refused)
+    for error in refused:
+        locked.add(error.until)
     return GcReport(
         len(manifests),
         len(referenced),
-        len(garbage),
-        sum(s for _, s in garbage),
+        deleted,
+        freed,
         partial,
         stale,
         dry_run,
+        locked,
+        records,
     )
+
+
+def sweep(
+    repo: Repository, garbage: list[tuple[bytes, int]], progress: Progress, dry_run: bool
+) -> tuple[int, int, list[ObjectLockedError]]:
+    """Deletes the garbage chunks; a locked one is kept and reported, not a failure."""
+    deleted = freed = 0
+    refused: list[ObjectLockedError] = []
+    progress.start("gc", len(garbage))
+    for chunk_id, size in garbage:
+        try:
+            if not dry_run:
+                repo.delete_chunk(chunk_id)
+            deleted += 1
+            freed += size
+        except ObjectLockedError as exc:
+            refused.append(exc)
+        progress.advance(1)
+    progress.finish()
+    return deleted, freed, refused

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import typer
 
+from vmkeep.engine.remote_registry import RemoteEntry
 from vmkeep.errors import RepositoryError
 from vmkeep.operations.remote_probe import probe_remote
+from vmkeep.remotes.local import LocalRemote
 from vmkeep.remotes.location import open_remote
+from vmkeep.remotes.object_lock import LockPolicy, apply_lock_policy
 from vmkeep.repository.repository import Repository
 
 from .context import state
@@ -24,9 +27,20 @@ def add(
         "aes-256-gcm", help="For a new repository: aes-256-gcm or none."
     ),
     init: bool = typer.Option(True, help="Create the repository when there is none."),
+    lock_days: int | None = typer.Option(
+        None,
+        "--lock-days",
+        help="Immutability: keep each restore point undeletable for N days "
+        "(S3 with Object Lock, or a local directory; docs/IMMUTABILITY.md).",
+    ),
+    lock_mode: str = typer.Option(
+        "compliance", "--lock-mode", help="compliance (nobody can shorten) or governance."
+    ),
 ) -> None:
     """Register a remote; creates its repository if there is none, else checks the passphrase."""
     remote = open_remote(location)
+    lock = LockPolicy.from_days(lock_days, lock_mode.lower()) if lock_days is not None else None
+    apply_lock_policy(remote, lock)  # fails now if the remote cannot enforce it
     try:
         Repository.open(remote, state.passphrase)
         what = "existing repository opened"
@@ -35,8 +49,27 @@ def add(
             raise
         Repository.init(remote, encryption, lambda: state.passphrase(confirm=True))
         what = f"new repository created (encryption: {encryption})"
-    state.registry.add(name, location)
-    console.print(f"remote {name}: {remote.url}: {what}")
+    state.registry.add(name, location, lock)
+    locked = f"; restore points locked {lock.describe()}" if lock else ""
+    console.print(f"remote {name}: {remote.url}: {what}{locked}")
+    if lock and isinstance(remote, LocalRemote):
+        console.print(
+            f"run `vmkeep-immutable apply {remote.root}` as root from a timer to make the files "
+            "immutable (docs/IMMUTABILITY.md)"
+        )
+
+
+@remote_app.command("lock")
+def lock_cmd(
+    name: str,
+    days: int = typer.Option(..., "--days", help="Lock later restore points N days; 0 = off."),
+    mode: str = typer.Option("compliance", "--mode", help="compliance or governance."),
+) -> None:
+    """Change a remote's immutability setting (objects already locked stay locked)."""
+    lock = LockPolicy.from_days(days, mode.lower()) if days else None
+    apply_lock_policy(open_remote(state.registry.resolve(name)), lock)
+    state.registry.set_lock(name, lock)
+    console.print(f"remote {name}: " + (f"locked {lock.describe()}" if lock else "no lock"))
 
 
 @remote_app.command("list")
@@ -44,12 +77,20 @@ def list_remotes(json_out: bool = JsonOpt) -> None:
     """List the configured remotes."""
     entries = state.registry.load()
     if json_out:
-        print_json([{"name": e.name, "location": e.location} for e in entries])
+        print_json([remote_json(e) for e in entries])
         return
-    listing = table("name", "location")
+    listing = table("name", "location", "lock")
     for e in entries:
-        listing.add_row(e.name, e.location)
+        listing.add_row(e.name, e.location, f"{e.lock_days} d {e.lock_mode}" if e.lock_days else "")
     stdout.print(listing)
+
+
+def remote_json(entry: RemoteEntry) -> dict[str, object]:
+    """Lock keys appear only on immutable remotes (older readers see what they always saw)."""
+    data: dict[str, object] = {"name": entry.name, "location": entry.location}
+    if entry.lock_days:
+        data.update(lock_days=entry.lock_days, lock_mode=entry.lock_mode)
+    return data
 
 
 @remote_app.command("remove")
@@ -65,7 +106,8 @@ def test(
     size_mib: int = typer.Option(64, "--size", help="MiB written and read back."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Check permissions (create, read, list, delete) and measure throughput."""
+    """Check permissions (create, read, list, delete; delete refused where immutable) and
+    measure throughput."""
     report = probe_remote(open_remote(state.registry.resolve(remote)), size_mib * 1024 * 1024)
     if json_out:
         print_json(report.to_json())

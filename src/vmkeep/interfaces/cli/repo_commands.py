@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import typer
@@ -13,6 +14,7 @@ from vmkeep.remotes.location import open_remote
 from vmkeep.repository.gc import collect_garbage
 from vmkeep.repository.manifest import Manifest
 from vmkeep.repository.repository import Repository
+from vmkeep.repository.retention_lock import LockedObjects
 from vmkeep.repository.verify import verify
 
 from .context import state
@@ -149,6 +151,12 @@ def gc(
             f"{report.points} restore points reference {report.chunks_kept} chunks; "
             f"{verb} {report.chunks_deleted} chunks ({human_bytes(report.bytes_freed)})"
         )
+        if report.locked.count:
+            console.print(
+                f"[yellow]immutable:[/] {report.locked.describe('unreferenced chunks')}; "
+                "a later gc frees them",
+                highlight=False,
+            )
 
 
 def prune(
@@ -185,7 +193,8 @@ def prune(
     if keep_daily or keep_weekly or keep_monthly or keep_yearly:
         warn_several_schedules(chosen)
     plan = prune_plan([PointRef(m.id, m.vm_uuid, m.schedule, m.created) for m in chosen], policy)
-    removed = apply_prune(repo, plan, dry_run)
+    result = apply_prune(repo, plan, dry_run)
+    removed = result.removed
     if json_out:
         print_json(
             {
@@ -202,12 +211,18 @@ def prune(
                     for d in plan
                 ],
                 "removed": removed,
+                "locked": [
+                    {"restore_point": p, "until": u.isoformat() if u else None}
+                    for p, u in result.locked.items()
+                ],
             }
         )
         return
     listing = table("restore point", "vm", "schedule", "created (UTC)", "action", "why")
     for d in plan:
         action = "keep" if d.keep else ("would remove" if dry_run else "removed")
+        if d.point.id in result.locked:
+            action = "locked, kept"
         listing.add_row(
             d.point.id,
             names[d.point.id],
@@ -217,6 +232,21 @@ def prune(
             ", ".join(d.reasons),
         )
     stdout.print(listing)
+    report_locked_points(result.locked)
+
+
+def report_locked_points(locked: dict[str, datetime | None]) -> None:
+    """Prune does not fail on locked points: it keeps them and says until when."""
+    if not locked:
+        return
+    summary = LockedObjects()
+    for until in locked.values():
+        summary.add(until)
+    console.print(
+        f"[yellow]immutable:[/] {summary.describe('restore points')}: "
+        "prune removes them once unlocked",
+        highlight=False,
+    )
 
 
 def warn_several_schedules(manifests: list[Manifest]) -> None:

@@ -1,0 +1,104 @@
+"""Immutability in the repository layer: lock a restore point's objects before its manifest is
+written, and account for objects that prune and gc could not delete because they are locked.
+
+Why before the manifest: dedup means a new restore point reuses chunks written long ago,
+whose lock may end before the new point's. Once the manifest exists the point is promised to
+be undeletable for its whole retention, so every chunk it references must already be locked
+at least that long (docs/IMMUTABILITY.md, "Dedup and lock extension")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from vmkeep.errors import NotFoundError, ObjectLockedError
+from vmkeep.remotes.base import Remote
+from vmkeep.remotes.local import LocalRemote
+from vmkeep.remotes.object_lock import LockingRemote, ProtectStats
+from vmkeep.remotes.retention_records import RECORDS_PREFIX, decode_record
+
+from .format import chunk_object_name, manifest_object_name
+from .manifest import Manifest
+
+
+def lock_restore_point(repo_remote: Remote, manifest: Manifest) -> ProtectStats | None:
+    """The backup's one call, just before `save_manifest`: None when the remote has no lock
+    policy; else every chunk of `manifest` is locked at least until the point's retention end
+    (a HEAD per reused chunk on S3, an extension for those ending sooner; a retention record
+    on a local remote) and the manifest will be locked by its own write."""
+    if not isinstance(repo_remote, LockingRemote) or repo_remote.lock_policy is None:
+        return None
+    until = repo_remote.lock_policy.point_until(manifest.created)
+    names = sorted(chunk_object_name(c) for c in manifest.referenced_ids())
+    return repo_remote.protect_point(manifest.id, names, [manifest_object_name(manifest.id)], until)
+
+
+@dataclass
+class LockedObjects:
+    """Objects a prune or gc run had to keep because they are still locked."""
+
+    count: int = 0
+    first_unlock: datetime | None = None
+    last_unlock: datetime | None = None
+    unknown: int = 0  # locked, but when it unlocks is not known (legal hold, helper lag)
+
+    def add(self, until: datetime | None) -> None:
+        self.count += 1
+        if until is None or until.year == datetime.max.year:
+            self.unknown += 1
+            return
+        if self.first_unlock is None or until < self.first_unlock:
+            self.first_unlock = until
+        if self.last_unlock is None or until > self.last_unlock:
+            self.last_unlock = until
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "first_unlock": self.first_unlock.isoformat() if self.first_unlock else None,
+            "last_unlock": self.last_unlock.isoformat() if self.last_unlock else None,
+            "unknown_unlock": self.unknown,
+        }
+
+    def describe(self, what: str) -> str:
+        text = f"{self.count} {what} still locked, kept"
+        if self.first_unlock and self.last_unlock:
+            text += (
+                f" (they unlock from {self.first_unlock:%Y-%m-%d %H:%M:%S} "
+                f"to {self.last_unlock:%Y-%m-%d %H:%M:%S} UTC)"
+            )
+        if self.unknown:
+            text += f"; {self.unknown} with no known unlock date"
+        return text
+
+
+def fill_unlock_dates(remote: Remote, errors: list[ObjectLockedError]) -> None:
+    """A local remote's refusal does not say when the file unlocks: the retention records do."""
+    if not isinstance(remote, LocalRemote) or all(e.until for e in errors):
+        return
+    ends = remote.lock_ends()
+    for error in errors:
+        if error.until is None:
+            error.until = ends.get(error.name)
+
+
+def remove_expired_records(remote: Remote, now: datetime | None = None) -> tuple[int, int]:
+    """gc's cleanup of retention records that protect nothing any more: (removed, still
+    immutable because the helper has not lifted the attribute yet)."""
+    now = now or datetime.now(UTC)
+    removed = kept = 0
+    for obj in list(remote.list(RECORDS_PREFIX)):
+        point = obj.name[len(RECORDS_PREFIX) :]
+        try:
+            record = decode_record(point, remote.get(obj.name))
+        except NotFoundError:
+            continue
+        if record is not None and record.until > now:
+            continue
+        try:
+            remote.delete(obj.name)
+            removed += 1
+        except ObjectLockedError:
+            kept += 1
+    return removed, kept
