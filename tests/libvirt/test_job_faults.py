@@ -1,0 +1,218 @@
+"""Faults in the middle of a live backup, against a real libvirtd + QEMU: the NBD export lost
+(QEMU killed, the job aborted by an administrator), and a `vmkeep backup` killed with SIGKILL.
+Each ends with a one-line error (or a dead process), no stale job, checkpoint or work
+directory, nothing listed; and the next backup works and restores byte-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import VMKEEP, Cli, disk_hashes
+from tests.libvirt import libvirt_env as lv
+from tests.libvirt.backup_points import (
+    FaultAfterFirstChunk,
+    backup,
+    dirty_chunks,
+    models,
+    new_repo,
+    point_ids,
+    restored_hashes,
+    vmkeep_checkpoints,
+)
+from tests.libvirt.conftest import LibvirtEnv
+from tests.libvirt.test_connector import read_image
+from vmkeep.connectors.libvirt import LibvirtConnector
+from vmkeep.connectors.libvirt.workdir import MARKER, NAME_RE
+from vmkeep.errors import ConnectorError
+
+MiB = lv.MiB
+
+
+@pytest.fixture
+def connector(libvirt_env: LibvirtEnv) -> Iterator[LibvirtConnector]:
+    c = LibvirtConnector(lv.URI)
+    yield c
+    c.close()
+
+
+def run_dirs(uuid: str) -> list[Path]:
+    """The vmkeep run directories whose owner marker names the domain `uuid`."""
+    found = []
+    for p in lv.SCRATCH_ROOT.iterdir():
+        if NAME_RE.fullmatch(p.name):
+            try:
+                owner = json.loads((p / MARKER).read_text())
+            except (OSError, ValueError):
+                continue
+            if owner.get("domain_uuid") == uuid:
+                found.append(p)
+    return found
+
+
+def fill(d: lv.TestDomain, target: str, mib: int) -> None:
+    for off in range(0, mib, 12):
+        d.guest_write(target, off * MiB, os.urandom(min(12, mib - off) * MiB))
+
+
+def assert_nothing_left(d: lv.TestDomain, checkpoints_before: list[str]) -> None:
+    assert not lv.job_active(d.dom)
+    assert run_dirs(d.dom.UUIDString()) == []
+    assert vmkeep_checkpoints(d) == checkpoints_before
+    assert all(p.suffix == ".qcow2" for p in d.pool.path.iterdir())  # no scratch in the pool
+
+
+@pytest.mark.parametrize("fault", ["qemu-killed", "job-aborted"])
+def test_nbd_export_lost_mid_backup(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    connector: LibvirtConnector,
+    tmp_path: Path,
+    fault: str,
+) -> None:
+    repo = new_repo(tmp_path / "repo")
+    d = make_domain((96 * MiB,))
+    fill(d, "vda", 8)
+    full = backup(repo, connector, d, "full")
+    before = vmkeep_checkpoints(d)
+    fill(d, "vda", 96)  # every chunk dirty: the delta reads 24 chunks
+
+    admin = lv.wait_for_libvirtd()  # another client, as `virsh domjobabort` would be
+    try:
+        action = d.kill_qemu if fault == "qemu-killed" else admin.lookupByName(d.name).abortJob
+        with pytest.raises(ConnectorError, match="NBD") as info:
+            backup(repo, connector, d, "delta", FaultAfterFirstChunk(action))
+    finally:
+        admin.close()
+    assert "\n" not in str(info.value)
+    assert point_ids(repo) == [full.restore_point]
+    assert_nothing_left(d, before)
+    assert d.dom.isActive() == (fault == "job-aborted")
+
+    if not d.dom.isActive():
+        d.start()  # QEMU died with the bitmaps in memory: the next backup must read in full
+    d.guest_write("vda", 50 * MiB, 0x6B, 4096)
+    again = backup(repo, connector, d, "delta")
+    if fault == "job-aborted":
+        assert again.stats.bytes_read == 24 * 4 * MiB, again.notes  # all 96 MiB were written
+        assert not any("full read" in n for n in again.notes), again.notes
+    else:
+        assert any("full read" in n for n in again.notes), again.notes
+    assert restored_hashes(repo, again.restore_point, tmp_path / "r") == models(d)
+    assert len(vmkeep_checkpoints(d)) == 1 and not lv.job_active(d.dom)
+
+
+def test_killed_backup_is_cleaned_up_by_the_next_one(
+    libvirt_env: LibvirtEnv, make_domain: Callable[..., lv.TestDomain], tmp_path: Path
+) -> None:
+    cli = Cli(tmp_path)
+    repo = tmp_path / "repo"
+    cli("init", str(repo))
+    d = make_domain((64 * MiB,))
+    other = make_domain((16 * MiB,))
+    fill(d, "vda", 60)
+    other.guest_write("vda", 0, os.urandom(2 * MiB))
+    uuid = d.dom.UUIDString()
+    args = ("--connector", "libvirt", "--remote", str(repo), "--json")
+
+    proc = subprocess.Popen(
+        [VMKEEP, "backup", d.name, *args],
+        env=cli.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not (run_dirs(uuid) and lv.job_active(d.dom)):
+        assert proc.poll() is None, "the backup ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(10) == -signal.SIGKILL
+    (stale,) = run_dirs(uuid)
+    killed_checkpoint = json.loads((stale / MARKER).read_text())["checkpoint"]
+    assert lv.job_active(d.dom) and vmkeep_checkpoints(d) == [killed_checkpoint]
+
+    # A live run of another domain, in this process, while the cleanup happens: untouched.
+    bystander = LibvirtConnector(lv.URI)
+    session = bystander.begin_backup(bystander.get_vm(other.name), {})
+    try:
+        (live_dir,) = run_dirs(other.dom.UUIDString())
+        done = cli("backup", d.name, *args).json()
+        assert live_dir.exists() and lv.job_active(other.dom)
+        assert lv.sha256(read_image(session.readers["vda"])) == lv.sha256(other.disks[0].model)
+    finally:
+        session.finish(ok=True)
+        bystander.close()
+
+    assert not stale.exists()
+    assert not lv.job_active(d.dom)
+    assert killed_checkpoint not in vmkeep_checkpoints(d) and len(vmkeep_checkpoints(d)) == 1
+    listed = cli("list", "--remote", str(repo), "--json").json()["restore_points"]
+    assert [p["restore_point"] for p in listed] == [done["restore_point"]], listed
+    assert done["bytes_read"] == dirty_chunks(("vda", 0, 60 * MiB))
+    out = cli("restore", done["restore_point"], "--remote", str(repo), "--to", str(tmp_path / "r"))
+    assert out.code == 0
+    (vm_dir,) = (tmp_path / "r").iterdir()
+    assert disk_hashes(vm_dir) == {"vda": lv.sha256(d.disks[0].model)}
+
+
+def test_killed_offline_backup_leaves_no_qemu_nbd(
+    libvirt_env: LibvirtEnv, make_domain: Callable[..., lv.TestDomain], tmp_path: Path
+) -> None:
+    """qemu-nbd dies with a killed vmkeep (PR_SET_PDEATHSIG): the image is not left locked,
+    the domain starts, and the next backup removes the offline checkpoint of the killed run."""
+    cli = Cli(tmp_path)
+    repo = tmp_path / "repo"
+    cli("init", str(repo))
+    d = make_domain((64 * MiB,))
+    fill(d, "vda", 4)
+    args = ("--connector", "libvirt", "--remote", str(repo), "--json")
+    cli("backup", d.name, *args)
+    fill(d, "vda", 60)
+    d.stop()
+    uuid = d.dom.UUIDString()
+    proc = subprocess.Popen(
+        [VMKEEP, "backup", d.name, "--mode", "delta", *args],
+        env=cli.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not (run_dirs(uuid) and list(run_dirs(uuid)[0].glob("*.sock"))):
+        assert proc.poll() is None, "the backup ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    deadline = time.monotonic() + 10
+    while _qemu_nbd_serving(d.disks[0].path):
+        assert time.monotonic() < deadline, "qemu-nbd outlived the killed vmkeep"
+        time.sleep(0.05)
+    d.start()
+    d.guest_write("vda", 62 * MiB, 0x5A, 4096)
+    done = cli("backup", d.name, "--mode", "delta", *args).json()
+    assert run_dirs(uuid) == [] and len(vmkeep_checkpoints(d)) == 1
+    assert done["bytes_read"] == 16 * 4 * MiB, done["notes"]  # everything since the first run
+    out = cli("restore", done["restore_point"], "--remote", str(repo), "--to", str(tmp_path / "r"))
+    assert out.code == 0
+    (vm_dir,) = (tmp_path / "r").iterdir()
+    assert disk_hashes(vm_dir) == {"vda": lv.sha256(d.disks[0].model)}
+
+
+def _qemu_nbd_serving(image: Path) -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(b"qemu-nbd") and str(image).encode() in cmd and state != "Z":
+            return True
+    return False
