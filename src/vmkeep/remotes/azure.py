@@ -34,6 +34,7 @@ from azure.storage.blob import ContainerClient, ExponentialRetry
 from vmkeep.errors import NotFoundError, ObjectExistsError, RemoteError, UsageError
 
 from .base import ObjectStat
+from .transport_errors import describe, host_of, is_permanent
 
 MiB = 1024 * 1024
 # Objects up to this size go up in one Put Blob request: atomic, and one round trip. Larger ones
@@ -85,6 +86,9 @@ class _BoundedRetry(ExponentialRetry):
         return self._deadline - (time.monotonic() - float(settings["started"]))
 
     def increment(self, settings: dict[str, Any], *args: Any, **kwargs: Any) -> bool:
+        error = kwargs.get("error", args[1] if len(args) > 1 else None)
+        if isinstance(error, BaseException) and is_permanent(error):
+            return False  # an untrusted certificate or an unknown host: no retry cures it
         again: bool = super().increment(settings, *args, **kwargs)
         return again and self._left(settings) > 0
 
@@ -216,6 +220,9 @@ class AzureRemote:
         if isinstance(exc, ClientAuthenticationError):  # signing failed: the key is not base64
             raise RemoteError(f"authentication failed {what}: the account key is invalid") from exc
         text = str(exc.message or exc)
+        cause = describe(exc, host_of(self._client.url), "REQUESTS_CA_BUNDLE")
+        if cause and not isinstance(exc, ServiceResponseError):  # DNS, refused, TLS: say which
+            raise RemoteError(f"cannot reach the endpoint {what}: {cause}") from exc
         if "SSL" in text or "CERTIFICATE" in text.upper():
             raise RemoteError(f"TLS error {what}: {text.splitlines()[0][:200]}") from exc
         if isinstance(exc, ServiceRequestError):

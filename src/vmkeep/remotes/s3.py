@@ -48,6 +48,7 @@ from vmkeep.errors import (
 from .base import ObjectStat
 from .object_lock import LockPolicy, ProtectStats, is_locked_name
 from .s3_lock import S3LockSupport
+from .transport_errors import describe, host_of, is_permanent
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -123,8 +124,8 @@ def _is_transient(exc: Exception) -> bool:
         if code in TRANSIENT_CODES or status == 429:
             return True
         return status >= 500 and status not in (501, 505, 507) and code not in FULL_CODES
-    if isinstance(exc, SSLError):
-        return False  # a certificate problem does not heal by retrying
+    if isinstance(exc, SSLError) or is_permanent(exc):
+        return False  # a certificate problem or an unknown host does not heal by retrying
     return isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError)
 
 
@@ -291,6 +292,10 @@ class S3Remote:
                 " (or AWS_PROFILE)"
             )
         endpoint = self.endpoint or "AWS S3"
+        ca_hint = "AWS_CA_BUNDLE or REQUESTS_CA_BUNDLE"
+        cause = describe(exc, host_of(self._client.meta.endpoint_url), ca_hint)
+        if cause and not isinstance(exc, ReadTimeoutError):  # DNS, refused, TLS: say which
+            return RemoteError(f"cannot reach S3 endpoint {endpoint} {what}: {cause}")
         if isinstance(exc, SSLError):
             return RemoteError(f"TLS error talking to {endpoint}: {_one_line(exc)}")
         if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
