@@ -11,7 +11,7 @@ import typer
 from vmkeep.errors import VmkeepError
 from vmkeep.parallel import reuse_chunk_buffers
 
-from . import data_commands, remote_commands, repo_commands, vm_commands
+from . import data_commands, remote_commands, replicate_commands, repo_commands, vm_commands
 from .context import set_passphrase_file
 from .output import print_error
 
@@ -39,6 +39,7 @@ def main_options(
 
 repo_commands.register(app)
 data_commands.register(app)
+replicate_commands.register(app)
 app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
 

@@ -28,6 +28,12 @@ def backup(
     lock_days: int | None = typer.Option(
         None, "--lock-days", help="Lock this restore point N days (0: none); default: the remote's."
     ),
+    keep_checkpoints: int = typer.Option(
+        1,
+        "--keep-checkpoints",
+        min=1,
+        help="libvirt: backup checkpoints left on the domain as rollback points (newest N).",
+    ),
     offline: bool = typer.Option(
         False,
         "--offline",
@@ -46,6 +52,8 @@ def backup(
     apply_lock_policy(repo.remote, state.registry.lock_policy(remote, lock_days))
     options = BackupOptions(mode=mode, schedule=schedule, compression_level=compression_level)
     source = connector_for(connector, uri)
+    if keep_checkpoints != 1:
+        keep_checkpoints_on(source, keep_checkpoints)
     if offline:
         offline_on(source, shutdown_timeout, force_off)
     report = backup_vm(repo, source, vm, options, RichProgress(not json_out), connector)
@@ -60,6 +68,15 @@ def backup(
         f"dedup {j['dedup_ratio'] or '-'}x, compression {j['compression_ratio'] or '-'}x",
         highlight=False,
     )
+
+
+def keep_checkpoints_on(source: object, keep: int) -> None:
+    """--keep-checkpoints only means something to the libvirt connector."""
+    from vmkeep.connectors.libvirt import LibvirtConnector
+
+    if not isinstance(source, LibvirtConnector):
+        raise UsageError("--keep-checkpoints needs --connector libvirt")
+    source.keep_checkpoints = keep
 
 
 def offline_on(source: object, shutdown_timeout: float, force_off: bool) -> None:

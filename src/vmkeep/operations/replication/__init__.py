@@ -1,0 +1,64 @@
+"""Replication: copying a libvirt domain straight to another storage pool (and URI), not
+through a repository. Full: a new dated replica per run, the newest N kept. Incremental: one
+replica updated in place with the dirty blocks, with N rollback snapshots (N < 10)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.connector import LibvirtConnector
+from vmkeep.connectors.libvirt.replica_snapshots import MAX_KEEP
+from vmkeep.errors import ConnectorError, UsageError
+from vmkeep.operations.replication.full import replicate_full
+from vmkeep.operations.replication.incremental import replicate_incremental
+from vmkeep.operations.replication.report import ReplicationReport
+from vmkeep.progress import Progress
+
+MODES = ("full", "incremental")
+
+
+@dataclass
+class ReplicateOptions:
+    domain: str  # name or uuid of the source domain
+    pool: str  # storage pool of the replica's volumes ("" = "default")
+    mode: str = "incremental"
+    keep: int = 3  # replicas (full) or replica snapshots (incremental)
+    uri: str = "qemu:///system"
+    target_uri: str = ""  # "" = the source's URI
+
+
+def check_options(options: ReplicateOptions) -> None:
+    if options.mode not in MODES:
+        raise UsageError(f"unknown replication mode {options.mode!r}: choose full or incremental")
+    if options.keep < 1:
+        raise UsageError("--keep must be at least 1")
+    if options.mode == "incremental" and options.keep > MAX_KEEP:
+        raise UsageError(
+            f"--keep {options.keep}: incremental replication keeps at most {MAX_KEEP} replica "
+            "snapshots (the chain of rollback points stays short)"
+        )
+    for uri in (options.uri, options.target_uri or options.uri):
+        if not LibvirtConnector(uri).local:
+            raise ConnectorError(
+                f"replication over {uri} is not supported yet (NBD sockets and volumes are "
+                "reached through local paths); run vmkeep on the hypervisor host"
+            )
+
+
+def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationReport:
+    """One replication run of `options.domain`."""
+    check_options(options)
+    src = Connection(options.uri)
+    dst = Connection(options.target_uri) if options.target_uri else src
+    try:
+        dom = src.lookup(options.domain)
+        run = replicate_full if options.mode == "full" else replicate_incremental
+        report = run(src, dst, dom, options.pool, options.keep, progress)
+    finally:
+        src.close()
+        if dst is not src:
+            dst.close()
+    for note in report.notes:
+        progress.note(note)
+    return report

@@ -1,0 +1,56 @@
+"""Full replication: each run copies the source, at one instant, into a new shut-off domain
+`<source>-replica-<UTC time>` and keeps the newest N such replicas (older ones are deleted with
+their volumes; only domains whose vmkeep record names this source are ever deleted)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from vmkeep.connectors.libvirt import replica_domains
+from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.domxml import vm_config
+from vmkeep.connectors.libvirt.replica_domains import Replica, free_name
+from vmkeep.connectors.libvirt.replica_record import FULL, ReplicaRecord, write_record
+from vmkeep.errors import ConnectorError
+from vmkeep.operations.replication.fresh import create_replica
+from vmkeep.operations.replication.report import ReplicationReport
+from vmkeep.operations.replication.source import open_source
+from vmkeep.progress import Progress
+
+
+def dated_name(conn: Connection, source: str, now: datetime) -> str:
+    """`<source>-replica-<UTC time>`, with -2, -3... when a run in the same second made one."""
+    return free_name(conn, f"{source}-replica-{now:%Y%m%dT%H%M%SZ}")
+
+
+def replicate_full(
+    src: Connection, dst: Connection, dom: Any, pool: str, keep: int, progress: Progress
+) -> ReplicationReport:
+    began = time.monotonic()
+    now = datetime.now(UTC)
+    source = vm_config(dom)
+    name = dated_name(dst, source.name, now)
+    with open_source(src, dom, {}, incremental=False) as session:
+        new_dom, paths, stats = create_replica(dst, source, session, name, pool, progress)
+        notes = list(session.notes)
+    record = ReplicaRecord(
+        FULL, source.uuid, source.name, now.isoformat(timespec="microseconds"),
+        disk_sizes={d.name: d.size for d in source.disks},
+    )  # fmt: skip
+    try:
+        record.stamp(paths)
+        write_record(new_dom, record)
+    except BaseException:
+        with contextlib.suppress(ConnectorError):
+            replica_domains.delete(dst, Replica(new_dom, name, record))
+        raise
+    report = ReplicationReport(source.name, name, "full", True, stats, notes=notes)
+    report.notes.insert(0, "full replication: every allocated block copied into a new replica")
+    for old in replica_domains.replicas_of(dst, source.uuid, FULL)[:-keep]:
+        replica_domains.delete(dst, old)
+        report.deleted.append(old.name)
+    report.duration = time.monotonic() - began
+    return report

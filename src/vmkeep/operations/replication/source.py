@@ -1,0 +1,93 @@
+"""Reading the source domain at one consistent instant: a pull-mode backup job when it runs
+(with a replication checkpoint for incremental replication, none for full replication), its
+images directly when it is shut off (nothing writes them then)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from vmkeep.connectors.base import DiskReader
+from vmkeep.connectors.libvirt import checkpoints
+from vmkeep.connectors.libvirt.bindings import libvirt, one_line
+from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.domxml import DomainDisk, is_active, parse_disks
+from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
+from vmkeep.connectors.libvirt.offline import ImageDiskReader
+from vmkeep.errors import ConnectorError
+
+# Notes of the backup path that speak of restore points; replication gives its own reasons.
+_BACKUP_WORDING = "previous restore point"
+
+
+class ImageSession:
+    """A shut-off source read from its images: no job, no checkpoint, nothing to end."""
+
+    def __init__(self, name: str, disks: list[DomainDisk]) -> None:
+        self.notes = [f"source {name} is shut off: full read of its images"]
+        self.readers: dict[str, DiskReader] = {}
+        try:
+            for d in disks:
+                self.readers[d.target] = ImageDiskReader(d)
+        except BaseException:
+            self.finish(ok=False)
+            raise
+
+    def finish(self, ok: bool) -> None:
+        for reader in self.readers.values():
+            with contextlib.suppress(Exception):
+                reader.close()
+
+    def __enter__(self) -> ImageSession:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.finish(ok=et is None)
+
+
+def open_source(
+    conn: Connection,
+    dom: Any,
+    previous: Mapping[str, str | None],
+    *,
+    incremental: bool,
+) -> LiveBackupSession | ImageSession:
+    """A session whose readers show the source's disks at one instant. `incremental`: the job
+    makes a replication checkpoint and, when `previous` names a valid one, reads dirty blocks."""
+    session: LiveBackupSession | ImageSession
+    if is_active(dom):
+        session = begin_live_backup(
+            conn,
+            dom,
+            previous,
+            keep_checkpoints=1,
+            checkpoint_prefix=checkpoints.REPLICATION_PREFIX if incremental else None,
+        )
+    else:
+        lv = libvirt()
+        try:
+            xml = dom.XMLDesc(0)
+        except lv.libvirtError as exc:
+            raise ConnectorError(f"cannot read domain {dom.name()}: {one_line(exc)}") from None
+        session = ImageSession(dom.name(), parse_disks(xml))
+        if incremental:
+            session.notes.append(
+                "no replication checkpoint can be made while the source is shut off: the next "
+                "run copies in full too"
+            )
+    session.notes[:] = [n for n in session.notes if _BACKUP_WORDING not in n]
+    return session
+
+
+def base_of(session: LiveBackupSession | ImageSession) -> str | None:
+    """The checkpoint the session's dirty extents are relative to (None: a full read)."""
+    return session.base if isinstance(session, LiveBackupSession) else None
+
+
+def checkpoint_of(session: LiveBackupSession | ImageSession) -> str | None:
+    """The replication checkpoint this session created (None: none could be made)."""
+    return session.checkpoint if isinstance(session, LiveBackupSession) else None
