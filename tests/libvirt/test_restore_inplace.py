@@ -7,6 +7,7 @@ resized disk, vanished domain) are one-line errors that leave the disks untouche
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -214,3 +215,40 @@ def _macs(xml: str) -> list[str]:
     import xml.etree.ElementTree as ET
 
     return [m.get("address", "") for m in ET.fromstring(xml).iterfind("./devices/interface/mac")]
+
+
+def test_block_disks_are_refused(
+    libvirt_env: LibvirtEnv,
+    connector: LibvirtConnector,
+    repo: Repository,
+    make_domain: MakeDomain,
+    tmp_path: Path,
+) -> None:
+    """A disk that is a block device (here a loop device) is refused in one line before
+    anything is written: in place writes only file-backed disks."""
+    import libvirt
+
+    backing = tmp_path / "block.raw"
+    backing.write_bytes(b"\x07" * MiB + bytes(15 * MiB))
+    loop = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if loop.returncode:
+        pytest.skip(f"no loop device: {loop.stderr.strip()}")
+    dev = loop.stdout.strip()
+    try:
+        block = make_domain([], start=False)
+        block_xml = block.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).replace(
+            "<devices>",
+            "<devices><disk type='block' device='disk'><driver name='qemu' type='raw'/>"
+            f"<source dev='{dev}'/><target dev='vda' bus='virtio'/></disk>",
+        )
+        block.dom = libvirt_env.conn.defineXML(block_xml)
+        block.start()  # (an offline backup of a block device is refused by the raw reader)
+        point = backup(repo, connector, block)
+        block.stop()
+        backing.write_bytes(bytes(16 * MiB))
+        with pytest.raises(ConnectorError, match="is a block disk") as exc:
+            restore_in_place(repo, connector, point, block)
+        assert "\n" not in str(exc.value)
+        assert backing.read_bytes() == bytes(16 * MiB)  # nothing written
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
