@@ -323,3 +323,42 @@ def test_cli_replicate(
     assert delta["bytes_read"] == 4 * MiB, delta["notes"]  # the one 4 MiB chunk touched
     assert len(checkpoints.vmkeep_checkpoints(d.dom)) == 2
     assert repl_checkpoints(d) == [second["checkpoint"]]
+
+
+class StopSourceOnSecondDisk(SilentProgress):
+    """A real fault mid-run: the source shuts down after the first disk was written into the
+    replica, so its NBD export goes away while the second disk is copied."""
+
+    def __init__(self, d: lv.TestDomain) -> None:
+        self.d = d
+        self.starts = 0
+
+    def start(self, description: str, total: int) -> None:
+        self.starts += 1
+        if self.starts == 2:
+            self.d.stop()  # clean shutdown: the checkpoints' bitmaps are kept in the images
+
+
+def test_interrupted_run_rolls_the_replica_back(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    cleanup: list[str],
+    tmp_path: Path,
+) -> None:
+    d = make_domain(SIZES)
+    cleanup.append(d.name + "-replica")
+    d.guest_write("vda", 0, os.urandom(MiB))
+    first = run(libvirt_env, d)
+    before = models(d)
+    d.guest_write("vda", 2 * MiB, os.urandom(4 * GRAN))
+    d.guest_write("vdb", 3 * MiB, os.urandom(4 * GRAN))
+    with pytest.raises(ConnectorError):
+        run(libvirt_env, d, progress=StopSourceOnSecondDisk(d))
+    # vda's increment had been written: the replica is back at the first run's snapshot
+    assert replica_images(libvirt_env, first.replica, tmp_path) == before
+    assert repl_checkpoints(d) == [first.checkpoint]  # the failed run's checkpoint is gone
+    d.start()
+    again = run(libvirt_env, d)
+    assert not again.fresh and again.mode == "incremental", again.notes
+    assert again.stats.bytes_written == 8 * GRAN
+    assert replica_images(libvirt_env, again.replica, tmp_path) == models(d)
