@@ -2,7 +2,7 @@
 
 An immutable file cannot be written, renamed, linked to or deleted, even by root, until
 someone with CAP_LINUX_IMMUTABLE clears the attribute. ext4, XFS and btrfs support it;
-file systems that do not (tmpfs, NFS, CIFS) answer ENOTTY or EOPNOTSUPP.
+file systems that do not (NFS, CIFS, FAT) answer ENOTTY or EOPNOTSUPP.
 """
 
 from __future__ import annotations

@@ -187,7 +187,7 @@ class LocalRemote:
     # -- immutability (retention records + the root-run vmkeep-immutable helper) -----------------
 
     def set_lock_policy(self, policy: LockPolicy | None) -> None:
-        """Refuses a file system without the immutable attribute (tmpfs, NFS, CIFS)."""
+        """Refuses a file system without the immutable attribute (NFS, CIFS, FAT)."""
         if policy is not None:
             try:
                 fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
@@ -199,7 +199,7 @@ class LocalRemote:
                 if exc.errno in UNSUPPORTED:
                     raise UsageError(
                         f"the file system of {self.root} has no immutable attribute "
-                        "(use ext4, XFS or btrfs for an immutable local remote)"
+                        "(NFS and SMB mounts have none): use ext4, XFS or btrfs"
                     ) from exc
                 raise _os_error(exc, "reading attributes of", self.root) from exc
         self.lock_policy = policy
