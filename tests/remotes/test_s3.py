@@ -1,12 +1,10 @@
-"""The S3 remote against a real SeaweedFS on loopback: the same contract as the local remote,
-plus what only a network remote meets: credentials, missing buckets, dead or silent servers,
-throttling, lost answers, multipart leftovers, and a whole backup/restore/verify/gc run."""
+"""The S3 remote against a real SeaweedFS on loopback: the shared contract (remote_contract.py,
+with a whole backup/restore/verify/gc run), plus what only S3 meets: the URL, prefixes,
+pagination, conditional puts, credentials, missing buckets, dead or silent servers, throttling,
+lost answers, multipart leftovers."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import socket
 import threading
 import time
@@ -21,8 +19,10 @@ from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
 
 from tests.remotes.s3_server import REGION, SeaweedServer, weed_binary
-from vmkeep.errors import NotFoundError, ObjectExistsError, RemoteError, UsageError, VmkeepError
+from vmkeep.errors import ObjectExistsError, RemoteError, UsageError
 from vmkeep.remotes.s3 import S3Remote, open_s3
+
+from .remote_contract import RemoteContract, Reopen, Stored
 
 BUCKET = "vmkeep-test"
 
@@ -128,43 +128,27 @@ def test_url_parsing_keeps_no_secret() -> None:
 # -- the Remote contract ---------------------------------------------------------------------
 
 
-def test_put_get_list_delete_ranges(remote: S3Remote) -> None:
-    remote.put("a/b/c", b"hello world")
-    remote.put("a/x", b"1")
-    assert remote.get("a/b/c") == b"hello world"
-    assert remote.get("a/b/c", 6, 3) == b"wor"
-    assert remote.get("a/b/c", 6) == b"world"
-    assert remote.get("a/b/c", 11) == b""  # at the end, like a file
-    assert remote.get("a/b/c", 3, 0) == b""
-    assert remote.get("a/b/c", 8, 100) == b"rld"
-    st = remote.stat("a/b/c")
-    assert st is not None and st.size == 11 and abs(st.mtime - time.time()) < 300
-    assert sorted(o.name for o in remote.list("a/")) == ["a/b/c", "a/x"]
-    assert [o.name for o in remote.list("a/b")] == ["a/b/c"]
-    assert {o.name: o.size for o in remote.list("")} == {"a/b/c": 11, "a/x": 1}
-    with pytest.raises(ObjectExistsError):
-        remote.put("a/x", b"2", overwrite=False)
-    assert remote.get("a/x") == b"1"
-    remote.put("a/x", b"3")  # overwrite=True replaces
-    assert remote.get("a/x") == b"3"
-    remote.put("a/new", b"n", overwrite=False)
-    remote.delete("a/x")
-    remote.delete("a/x")  # missing is fine
-    with pytest.raises(NotFoundError):
-        remote.get("a/x")
-    with pytest.raises(NotFoundError):
-        remote.get("a/x", 1, 0)
-    assert remote.stat("a/x") is None
-    remote.put("empty", b"")
-    assert remote.get("empty") == b""
-    assert remote.free_space() is None
-    remote.flush()
+@pytest.fixture
+def reopen(remote: S3Remote) -> Reopen:
+    return lambda: open_s3(remote.url)
 
 
-@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../b", "", "a//b", "a/./b"])
-def test_names_are_checked(remote: S3Remote, name: str) -> None:
-    with pytest.raises(RemoteError, match="invalid object name"):
-        remote.put(name, b"x")
+@pytest.fixture
+def stored(server: SeaweedServer, prefix: str) -> Stored:
+    def read() -> dict[str, bytes]:
+        raw = server.client()
+        listed = raw.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/").get("Contents", [])
+        keys = [str(o.get("Key")) for o in listed]
+        return {
+            k.removeprefix(prefix + "/"): raw.get_object(Bucket=BUCKET, Key=k)["Body"].read()
+            for k in keys
+        }
+
+    return read
+
+
+class TestContract(RemoteContract):
+    free_space_known = False
 
 
 def test_prefixes_are_separate(server: SeaweedServer, prefix: str) -> None:
@@ -199,34 +183,6 @@ def test_conditional_put_fallback(server: SeaweedServer, prefix: str) -> None:
     with pytest.raises(ObjectExistsError):
         remote.put("m", b"2", overwrite=False)
     assert remote.get("m") == b"1"
-
-
-def test_create_if_absent_has_one_winner(remote: S3Remote) -> None:
-    """If-None-Match makes create-if-absent race-free: of 8 writers exactly one wins."""
-
-    def attempt(i: int) -> bool:
-        try:
-            remote.put("manifests/p1", f"writer {i}".encode(), overwrite=False)
-            return True
-        except ObjectExistsError:
-            return False
-
-    with ThreadPoolExecutor(8) as pool:
-        wins = list(pool.map(attempt, range(8)))
-    assert wins.count(True) == 1
-    assert remote.get("manifests/p1") == f"writer {wins.index(True)}".encode()
-
-
-def test_concurrent_puts_and_gets(remote: S3Remote) -> None:
-    blobs = {f"chunks/{i:02x}/{i:064x}": os.urandom(200_000 + i * 997) for i in range(48)}
-    digests = {n: hashlib.sha256(b).hexdigest() for n, b in blobs.items()}
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda item: remote.put(*item), blobs.items()))
-        got = dict(pool.map(lambda n: (n, hashlib.sha256(remote.get(n)).hexdigest()), blobs))
-        parts = list(pool.map(lambda n: remote.get(n, 1000, 5000) == blobs[n][1000:6000], blobs))
-    assert got == digests
-    assert all(parts)
-    assert {o.name: o.size for o in remote.list("chunks/")} == {n: len(b) for n, b in blobs.items()}
 
 
 # -- retries ---------------------------------------------------------------------------------
@@ -415,55 +371,3 @@ def test_silent_server_times_out() -> None:
         listener.close()
         for s in accepted:
             s.close()
-
-
-# -- the real repository layer on S3 ---------------------------------------------------------
-
-
-def _disk_sha(vm_dir: Path) -> str:
-    doc = json.loads((vm_dir / "vm.json").read_text())
-    h = hashlib.sha256()
-    with open(vm_dir / doc["disks"][0]["file"], "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def test_repository_end_to_end(
-    server: SeaweedServer, remote: S3Remote, prefix: str, tmp_path: Path
-) -> None:
-    from vmkeep.connectors.files import FilesConnector
-    from vmkeep.connectors.files.demo import DEMO_MARKER, create_demo_vm
-    from vmkeep.operations.backup import BackupOptions, backup_vm
-    from vmkeep.operations.restore import restore_vm
-    from vmkeep.progress import SilentProgress
-    from vmkeep.repository.gc import collect_garbage
-    from vmkeep.repository.repository import Repository
-    from vmkeep.repository.verify import verify
-
-    repo = Repository.init(remote, "aes-256-gcm", lambda: b"pw")
-    with pytest.raises(VmkeepError):
-        Repository.init(open_s3(remote.url), "aes-256-gcm", lambda: b"pw")
-    (tmp_path / "vms").mkdir()
-    vm_dir = create_demo_vm(tmp_path / "vms", "vm1", 64 * 1024 * 1024)
-    report = backup_vm(repo, FilesConnector(), str(vm_dir), BackupOptions(), SilentProgress())
-    target = tmp_path / "restored"
-    target.mkdir()
-    reopened = Repository.open(open_s3(remote.url), lambda: b"pw")
-    restored = restore_vm(
-        reopened, FilesConnector(), report.restore_point, str(target), SilentProgress()
-    )
-    assert _disk_sha(Path(restored.location)) == _disk_sha(vm_dir)
-    assert verify(reopened, None, SilentProgress()).ok
-    collect_garbage(reopened, SilentProgress())
-    assert verify(reopened, None, SilentProgress()).ok
-
-    raw = server.client()
-    keys = [o.name for o in remote.list("")]
-    assert any(k.startswith("chunks/") for k in keys) and any(
-        k.startswith("manifests/") for k in keys
-    )
-    marker = DEMO_MARKER.encode()
-    for key in keys:
-        body = raw.get_object(Bucket=BUCKET, Key=f"{prefix}/{key}")["Body"].read()
-        assert marker not in body, f"plaintext marker found in {key}"
