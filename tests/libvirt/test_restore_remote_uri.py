@@ -59,6 +59,11 @@ def ssh_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
     )
+    # no_verify=1 lets ssh accept the throw-away host key and record it: in a file of ours,
+    # not root's ~/.ssh/known_hosts (libvirt runs the URI's `command` as its ssh client).
+    wrapper = d / "ssh"
+    wrapper.write_text(f'#!/bin/sh\nexec ssh -o UserKnownHostsFile={d / "known_hosts"} "$@"\n')
+    wrapper.chmod(0o755)
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation directory
     with open(d / "sshd.log", "wb") as log:
         proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stderr=log)
@@ -71,7 +76,8 @@ def ssh_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
             time.sleep(0.05)
         yield (
-            f"qemu+ssh://root@127.0.0.1:{port}/system?keyfile={d / 'client'}&no_verify=1&no_tty=1"
+            f"qemu+ssh://root@127.0.0.1:{port}/system"
+            f"?keyfile={d / 'client'}&no_verify=1&no_tty=1&command={wrapper}"
         )
     finally:
         proc.terminate()
