@@ -189,8 +189,11 @@ class LocalRemote:
     def set_lock_policy(self, policy: LockPolicy | None) -> None:
         """Refuses a file system without the immutable attribute (NFS, CIFS, FAT)."""
         if policy is not None:
+            where = self.root
+            while not where.exists() and where != where.parent:
+                where = where.parent  # a repository about to be created: its file system
             try:
-                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+                fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     get_flags(fd)
                 finally:
@@ -198,10 +201,10 @@ class LocalRemote:
             except OSError as exc:
                 if exc.errno in UNSUPPORTED:
                     raise UsageError(
-                        f"the file system of {self.root} has no immutable attribute "
+                        f"the file system of {where} has no immutable attribute "
                         "(NFS and SMB mounts have none): use ext4, XFS or btrfs"
                     ) from exc
-                raise _os_error(exc, "reading attributes of", self.root) from exc
+                raise _os_error(exc, "reading attributes of", where) from exc
         self.lock_policy = policy
 
     def protect_point(

@@ -64,10 +64,10 @@ class LockedObjects:
     def describe(self, what: str) -> str:
         text = f"{self.count} {what} still locked, kept"
         if self.first_unlock and self.last_unlock:
-            text += (
-                f" (they unlock from {self.first_unlock:%Y-%m-%d %H:%M:%S} "
-                f"to {self.last_unlock:%Y-%m-%d %H:%M:%S} UTC)"
-            )
+            first = f"{self.first_unlock:%Y-%m-%d %H:%M:%S}"
+            last = f"{self.last_unlock:%Y-%m-%d %H:%M:%S}"
+            span = f"at {first}" if first == last else f"from {first} to {last}"
+            text += f" (unlocking {span} UTC)"
         if self.unknown:
             text += f"; {self.unknown} with no known unlock date"
         return text

