@@ -41,15 +41,18 @@ class AzuriteServer:
     workdir: str
     process: subprocess.Popen[bytes] | None = None
     log_path: str = field(default="")
+    tls: tuple[str, str] | None = None  # (cert, key) PEM files: serve https with them
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}/{ACCOUNT}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/{ACCOUNT}"
 
     @property
     def connection_string(self) -> str:
         return (
-            f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+            f"DefaultEndpointsProtocol={'https' if self.tls else 'http'};"
+            f"AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
             f"BlobEndpoint={self.endpoint};"
         )
 
@@ -72,6 +75,7 @@ class AzuriteServer:
                     "--loose",
                     "--silent",
                     "--disableTelemetry",
+                    *(["--cert", self.tls[0], "--key", self.tls[1]] if self.tls else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -111,8 +115,11 @@ class AzuriteServer:
             proc.wait(timeout=5)
 
 
-def start_azurite() -> AzuriteServer:
-    server = AzuriteServer(port=free_port(), workdir=tempfile.mkdtemp(prefix="vmkeep-azurite-"))
+def start_azurite(tls: tuple[str, str] | None = None) -> AzuriteServer:
+    """Azurite on a free loopback port; with `tls` (cert, key), over https."""
+    server = AzuriteServer(
+        port=free_port(), workdir=tempfile.mkdtemp(prefix="vmkeep-azurite-"), tls=tls
+    )
     try:
         server.start()
     except BaseException:

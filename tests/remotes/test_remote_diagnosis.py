@@ -1,7 +1,8 @@
 """A failing S3 or Azure remote names its cause in one line: unknown host (DNS), connection
 refused, untrusted TLS certificate, a plain-HTTP server behind an https URL, wrong credentials,
 missing bucket or container. Real servers on loopback: SeaweedFS and Azurite, each also behind
-a TLS-terminating proxy with a self-signed certificate, which a CA bundle then makes trusted.
+a TLS-terminating proxy with a self-signed certificate, which a CA bundle then makes trusted;
+and Azurite serving https itself (--cert/--key) with the same certificate.
 
 Each case runs through `vmkeep remote test URL` (one `error:` line, no traceback, exit 1) and,
 for the retried cause (connection refused), through the remote itself with short retries."""
@@ -268,3 +269,31 @@ def test_tls_proxy_really_carries_the_data(
     plain = open_remote(backend.location(f"http://127.0.0.1:{backend.plain_port}", BUCKET))
     assert plain.get(name) == data  # the same server behind the proxy
     remote.delete(name)
+
+
+def test_azurite_serving_tls_itself(cert: tuple[Path, Path], tmp_path: Path) -> None:
+    """Azurite's own https (--cert/--key), no proxy: the same diagnosis, and the CA bundle."""
+    from azure.storage.blob import BlobServiceClient
+
+    try:
+        server = start_azurite(tls=(str(cert[0]), str(cert[1])))
+    except ServerUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        assert server.endpoint.startswith("https://127.0.0.1:")
+        BlobServiceClient.from_connection_string(
+            server.connection_string, connection_verify=str(cert[0])
+        ).create_container(BUCKET)
+        url = f"azure://{BUCKET}/p?account={ACCOUNT}&endpoint={server.endpoint}"
+        cli = Cli(tmp_path)
+        for var in CA_ENV:
+            cli.env.pop(var, None)
+        cli.env["AZURE_STORAGE_KEY"] = ACCOUNT_KEY
+        line = _remote_test_fails(cli, url)
+        assert f"TLS certificate of 127.0.0.1:{server.port} not trusted: self-signed" in line
+        run = cli(
+            "remote", "test", url, "--size", "4", "--json", env={"REQUESTS_CA_BUNDLE": str(cert[0])}
+        )
+        assert run.json()["ok"] is True and run.json()["checks"]["read"] == "ok"
+    finally:
+        stop_azurite(server)
