@@ -252,3 +252,33 @@ def test_block_disks_are_refused(
         assert backing.read_bytes() == bytes(16 * MiB)  # nothing written
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_raw_disk_in_place(
+    libvirt_env: LibvirtEnv,
+    connector: LibvirtConnector,
+    repo: Repository,
+    make_domain: MakeDomain,
+    tmp_path: Path,
+) -> None:
+    """A raw volume: the differing chunk is rewritten, a chunk that must become zeros again is
+    punched back into a hole (the file's allocation shrinks)."""
+    d = make_domain([], start=False)
+    path = libvirt_env.pool.create_volume(f"{d.name}-vda.img", 16 * MiB, fmt="raw")
+    d.disks.append(lv.Disk("vda", path, 16 * MiB, fmt="raw"))
+    d.dom = libvirt_env.conn.defineXML(
+        lv.domain_xml(d.name, d.disks).replace(
+            f"<name>{d.name}</name>", f"<name>{d.name}</name><uuid>{d.dom.UUIDString()}</uuid>"
+        )
+    )
+    d.start()
+    d.guest_write("vda", 0, os.urandom(MiB))
+    point = backup(repo, connector, d)
+    at_backup = lv.sha256(bytes(d.disk("vda").model))
+    d.guest_write("vda", 512 * 1024, os.urandom(4096))  # chunk 0
+    d.guest_write("vda", 9 * MiB, os.urandom(2 * MiB))  # chunk 2, zeros in the point
+    d.stop()
+    allocated = path.stat().st_blocks * 512
+    assert restore_in_place(repo, connector, point, d) == 2 * CHUNK_SIZE
+    assert lv.sha256(path.read_bytes()) == at_backup
+    assert path.stat().st_blocks * 512 <= allocated - 2 * MiB  # the 2 MiB became a hole
