@@ -286,10 +286,14 @@ def test_full_replication_keeps_the_newest_n(
     assert not any(Path(p).exists() for p in made[0][2])  # its volumes went with it
     assert replica_images(libvirt_env, made[1][0], tmp_path) == made[1][1]
     assert repl_checkpoints(d) == [] and checkpoints.vmkeep_checkpoints(d.dom) == []
+    libvirt_env.conn.lookupByName(made[1][0]).create()  # someone uses an old replica
     d.stop()  # a shut-off source is copied from its images
     off = run(libvirt_env, d, mode="full", keep=2)
     assert any("shut off" in n for n in off.notes)
     assert replica_images(libvirt_env, off.replica, tmp_path) == models(d)
+    # the old replica someone started is not deleted: the run says so instead of failing
+    assert off.deleted == []
+    assert any(made[1][0] in n and "running" in n for n in off.notes), off.notes
 
 
 def test_cli_replicate(
@@ -304,6 +308,8 @@ def test_cli_replicate(
     args = ("--to", libvirt_env.pool.name, "--uri", lv.URI)
     bad = cli("replicate", d.name, *args, "--keep", "10", ok=False)
     assert bad.code == 2 and "at most 9" in bad.err
+    mode = cli("replicate", d.name, *args, "--mode", "sideways", ok=False)
+    assert mode.code == 2 and "full or incremental" in mode.err
     missing = cli("replicate", "no-such-domain", *args, ok=False)
     assert missing.code == 1 and "no-such-domain" in missing.err
     d.guest_write("vda", 0, os.urandom(MiB))

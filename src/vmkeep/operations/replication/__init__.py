@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vmkeep.connectors.libvirt.bindings import is_libvirt_error, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.connector import LibvirtConnector
 from vmkeep.connectors.libvirt.replica_snapshots import MAX_KEEP
@@ -55,6 +56,12 @@ def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationRepor
         dom = src.lookup(options.domain)
         run = replicate_full if options.mode == "full" else replicate_incremental
         report = run(src, dst, dom, options.pool, options.keep, progress)
+    except Exception as exc:
+        if is_libvirt_error(exc):  # a libvirt call not wrapped on the way (e.g. libvirtd died)
+            raise ConnectorError(
+                f"replication of {options.domain} failed: {one_line(exc)}"
+            ) from None
+        raise
     finally:
         src.close()
         if dst is not src:

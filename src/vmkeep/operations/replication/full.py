@@ -50,7 +50,11 @@ def replicate_full(
     report = ReplicationReport(source.name, name, "full", True, stats, notes=notes)
     report.notes.insert(0, "full replication: every allocated block copied into a new replica")
     for old in replica_domains.replicas_of(dst, source.uuid, FULL)[:-keep]:
-        replica_domains.delete(dst, old)
+        try:
+            replica_domains.delete(dst, old)
+        except ConnectorError as exc:  # the new replica is made: say why an old one stays
+            report.notes.append(f"older replica {old.name} kept: {exc}")
+            continue
         report.deleted.append(old.name)
     report.duration = time.monotonic() - began
     return report

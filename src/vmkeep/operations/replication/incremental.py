@@ -13,6 +13,7 @@ snapshot, so the replica never stays half-updated."""
 from __future__ import annotations
 
 import contextlib
+import secrets
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -126,7 +127,7 @@ def replicate_incremental(
     with open_source(src, dom, previous, incremental=True) as session:
         incremental = base_of(session) is not None
         if replica is None:
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
             new_dom, _, report.stats = create_replica(
                 dst, source, session, report.replica, pool, progress,
                 volume_stem=f"{report.replica}-{stamp}",
@@ -140,10 +141,38 @@ def replicate_incremental(
             report.stats = update_replica(replica, session, incremental, progress)
         report.mode = "incremental" if incremental else "full"
         report.checkpoint = checkpoint_of(session)
-        finish_replica(replica, source, report, keep)
+        try:
+            refresh(dst, replica)
+            finish_replica(replica, source, report, keep)
+        except BaseException:
+            with contextlib.suppress(ConnectorError):
+                refresh(dst, replica)
+            undo(dst, replica, report.fresh)
+            raise
         report.notes.extend(session.notes)
     report.duration = time.monotonic() - began
     return report
+
+
+def refresh(dst: Connection, replica: Replica) -> None:
+    """The replica's domain object on a live connection: libvirtd may have restarted while the
+    blocks were copied (the NBD export survives that, LIBVIRT-NOTES §8; the old connection not)."""
+    if not dst.alive():
+        dom = lookup(dst, replica.name)  # reconnects
+        if dom is None:
+            raise ConnectorError(f"replica {replica.name} vanished during the run")
+        replica.dom = dom
+
+
+def undo(dst: Connection, replica: Replica, fresh: bool) -> None:
+    """The run failed after writing: a replica it created is deleted, an updated one rolled
+    back, so no replica is left without a record matching its disks."""
+    if fresh:
+        with contextlib.suppress(ConnectorError):
+            replica_domains.delete(dst, replica)
+    else:
+        with contextlib.suppress(ConnectorError):
+            rollback(replica, disk_paths(replica.dom))
 
 
 def finish_replica(
