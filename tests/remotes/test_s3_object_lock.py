@@ -87,8 +87,8 @@ def test_the_server_refuses_to_delete_a_locked_version(server: SeaweedServer) ->
     head = server.client().head_object(Bucket=LOCKED, Key=key)
     assert head["ObjectLockMode"] == "COMPLIANCE"
     lock_end = head["ObjectLockRetainUntilDate"]
-    # a day, plus the quarter-day margin chunks get (second-granular on SeaweedFS)
-    expected = datetime.now(UTC) + timedelta(days=1, hours=6)
+    # a day, plus the margin chunks get (at least a day; second-granular on SeaweedFS)
+    expected = datetime.now(UTC) + timedelta(days=2)
     assert abs((lock_end - expected).total_seconds()) < 30
     with pytest.raises(ClientError) as refused:  # the plain API, behind vmkeep's back
         server.client().delete_object(Bucket=LOCKED, Key=key, VersionId=head["VersionId"])
@@ -129,27 +129,82 @@ def test_deletes_remove_every_version_once_expired(server: SeaweedServer) -> Non
 def test_reused_chunks_get_their_lock_extended_with_a_margin(server: SeaweedServer) -> None:
     prefix = unique("extend")
     writer = remote_for(server, prefix)
-    writer.set_lock_policy(LockPolicy(seconds=40))
+    writer.set_lock_policy(LockPolicy(seconds=40))  # chunks: 40 s + 40 s margin
     names = [f"chunks/0{i}/" + f"0{i}" * 32 for i in range(4)]
     for name in names:
         writer.put(name, name.encode())
     # The same process knows its own locks: no request at all.
     assert writer.protect_point("p0", names, [], datetime.now(UTC)).checked == 0
-    # A later backup (another process) whose point must stay locked 2 minutes from now.
+    # A later backup (another process) whose point must stay locked 2 minutes from now: the
+    # chunks' 80 s do not reach need + margin/2, so they are extended to need + margin.
     later = remote_for(server, prefix)
     later.set_lock_policy(LockPolicy(seconds=120))
     need = datetime.now(UTC) + timedelta(seconds=120)
     stats = later.protect_point("p1", names, ["manifests/p1"], need)
     assert (stats.checked, stats.extended) == (4, 4)
+    assert stats.floor == need + timedelta(seconds=120)
     client = server.client()
     for name in names:
         end = client.head_object(Bucket=LOCKED, Key=f"{prefix}/{name}")["ObjectLockRetainUntilDate"]
-        assert end >= need.replace(microsecond=0) + timedelta(seconds=29)  # need + margin (30 s)
+        assert end >= need.replace(microsecond=0) + timedelta(seconds=119)
     # The next backup a few seconds later finds the margin covers it: read, not extended.
     again = remote_for(server, prefix)
     again.set_lock_policy(LockPolicy(seconds=120))
     stats = again.protect_point("p2", names, [], need + timedelta(seconds=5))
     assert (stats.checked, stats.extended) == (4, 0)
+    # Chunks an earlier point's manifest vouches for are not even asked about.
+    stats = again.protect_point("p3", names, [], need, assured=set(names[:3]))
+    assert (stats.assured, stats.checked) == (3, 0)  # the 4th: known from the HEAD above
+
+
+def count_heads(remote: S3Remote) -> list[str]:
+    """Object keys the remote's client sends HEAD requests for, as they happen."""
+    heads: list[str] = []
+
+    def seen(params: dict[str, object], **_: object) -> None:
+        heads.append(str(params.get("Key")))
+
+    remote._client.meta.events.register("provide-client-params.s3.HeadObject", seen)
+    return heads
+
+
+@pytest.mark.parametrize("encryption", ["aes-256-gcm", "none"])
+def test_the_next_backup_trusts_its_parents_lock_claim_only_when_encrypted(
+    server: SeaweedServer, tmp_path: Path, encryption: str
+) -> None:
+    """A daily delta must not HEAD every chunk of the disk: the previous point's manifest
+    (authenticated when encrypted) says until when all its chunks are locked."""
+    prefix = unique(f"claim-{encryption[:4]}")
+    first_process = remote_for(server, prefix)
+    repo = Repository.init(first_process, encryption, lambda: PASS)
+    first_process.set_lock_policy(LockPolicy.from_days(7))
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "claim", 32 * 1024 * 1024)
+    first = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
+    claim = repo.load_manifest(first.restore_point).lock
+    assert claim is not None and claim["mode"] == "compliance"
+    assert datetime.fromisoformat(claim["chunks_until"]) > datetime.fromisoformat(claim["until"])
+
+    next_process = remote_for(server, prefix)  # tomorrow's run knows nothing in memory
+    repo2 = Repository.open(next_process, lambda: PASS)
+    next_process.set_lock_policy(LockPolicy.from_days(7))
+    heads = count_heads(next_process)
+    modify_demo_vm(vm, 3)
+    second = backup_vm(
+        repo2, FilesConnector(), str(vm), BackupOptions(mode="delta"), SilentProgress()
+    )
+    reused = (
+        repo2.load_manifest(second.restore_point).referenced_ids()
+        & repo2.load_manifest(first.restore_point).referenced_ids()
+    )
+    chunk_heads = [k for k in heads if "/chunks/" in k]
+    if encryption == "none":  # a forgeable manifest vouches for nothing: every chunk is asked
+        assert len(chunk_heads) == len(reused) > 0
+    else:
+        assert chunk_heads == [] and reused
+    lock = repo2.load_manifest(second.restore_point).lock
+    assert lock is not None
+    assert datetime.fromisoformat(lock["chunks_until"]) >= datetime.fromisoformat(lock["until"])
 
 
 def test_backup_prune_gc_restore_with_a_short_lock(server: SeaweedServer, tmp_path: Path) -> None:
@@ -181,12 +236,17 @@ def test_backup_prune_gc_restore_with_a_short_lock(server: SeaweedServer, tmp_pa
     out = restore_vm(repo, connector, first.restore_point, str(tmp_path / "r"), SilentProgress())
     assert disk_hash(Path(out.location)) == first_hash
 
-    time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()) + 4)  # + chunk margin
+    # the manifest unlocked; its chunks carry the margin (10 s) on top
+    time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()) + 1.5)
     result = apply_prune(repo, plan, dry_run=False)
     assert result.removed == [first.restore_point] and not result.locked
     old_chunks = repo.load_manifest(second.restore_point).referenced_ids()
     report = collect_garbage(repo, SilentProgress())
-    # The chunk the modification replaced: unreferenced, its lock (10 s + 2.5 s margin) expired.
+    # The chunk the modification replaced: unreferenced, but still inside its margin.
+    assert report.chunks_deleted == 0 and report.locked.count >= 1
+    assert report.locked.last_unlock is not None
+    time.sleep(max(0.0, (report.locked.last_unlock - datetime.now(UTC)).total_seconds()) + 1.5)
+    report = collect_garbage(repo, SilentProgress())
     assert report.chunks_deleted >= 1 and report.locked.count == 0
     page = server.client().list_object_versions(Bucket=LOCKED, Prefix=f"{prefix}/chunks/")
     keys = {v["Key"] for v in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]}

@@ -325,7 +325,7 @@ def backup_vm(
                     "bytes_written": stats.bytes_written,
                 },
             )
-            lock_restore_point(repo.remote, manifest)  # immutability: before the manifest
+            lock_restore_point(repo, manifest)  # immutability: before the manifest
             repo.save_manifest(manifest)
             ok = True
         finally:

@@ -6,7 +6,7 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -208,13 +208,19 @@ class LocalRemote:
         self.lock_policy = policy
 
     def protect_point(
-        self, point_id: str, names: Sequence[str], coming: Sequence[str], until: datetime
+        self,
+        point_id: str,
+        names: Sequence[str],
+        coming: Sequence[str],
+        until: datetime,
+        assured: Collection[str] = (),
     ) -> ProtectStats:
-        """Writes the point's retention record; the files become immutable at the next run of
-        `vmkeep-immutable apply` (root), which reads every record."""
+        """Writes the point's retention record, naming every object (`assured` ones too: the
+        helper takes each object's latest end over all records); the files become immutable
+        at the next run of `vmkeep-immutable apply` (root)."""
         objects = [*names, *coming]
         self.put(record_name(point_id), encode_record(point_id, objects, until), overwrite=False)
-        return ProtectStats(recorded=len(objects))
+        return ProtectStats(recorded=len(objects), floor=until)
 
     def lock_ends(self) -> dict[str, datetime]:
         """Each object's retention end according to the records (for reports)."""

@@ -7,7 +7,7 @@ retention records, see `retention_records`). docs/IMMUTABILITY.md says what each
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -44,7 +44,12 @@ class LockPolicy:
 
     @property
     def margin(self) -> timedelta:
-        return min(timedelta(seconds=self.seconds / 4), MAX_MARGIN)
+        """A quarter of the lock, at least a day (or the lock itself when shorter), at most
+        30 days. A reused chunk is extended to point end + margin when its lock ends before
+        point end + margin/2, so daily backups extend it about once every margin/2."""
+        quarter = timedelta(seconds=self.seconds / 4)
+        floor = min(timedelta(seconds=self.seconds), timedelta(days=1))
+        return min(max(quarter, floor), MAX_MARGIN)
 
     @property
     def s3_mode(self) -> str:
@@ -76,6 +81,8 @@ class ProtectStats:
     checked: int = 0  # objects whose lock had to be read from the remote
     extended: int = 0  # objects whose lock was extended
     recorded: int = 0  # objects named in a retention record (local remotes)
+    assured: int = 0  # objects skipped: an earlier point's lock already covers them
+    floor: datetime | None = None  # every object given is locked at least until then
 
 
 @runtime_checkable
@@ -89,11 +96,17 @@ class LockingRemote(Protocol):
         ...
 
     def protect_point(
-        self, point_id: str, names: Sequence[str], coming: Sequence[str], until: datetime
+        self,
+        point_id: str,
+        names: Sequence[str],
+        coming: Sequence[str],
+        until: datetime,
+        assured: Collection[str] = (),
     ) -> ProtectStats:
         """Make sure every object in `names` (written) and `coming` (about to be written, e.g.
-        the manifest) stays locked at least until `until`. Called once per backup, just
-        before its manifest is written."""
+        the manifest) stays locked at least until `until`. Names in `assured` are known to be
+        locked that long already (an earlier point's authenticated claim): a remote may skip
+        asking about them. Called once per backup, just before its manifest is written."""
         ...
 
     def check_immutability(self) -> str | None:

@@ -12,7 +12,7 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import closing
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -506,10 +506,15 @@ class S3Remote:
         self.lock_policy = policy
 
     def protect_point(
-        self, point_id: str, names: Sequence[str], coming: Sequence[str], until: datetime
+        self,
+        point_id: str,
+        names: Sequence[str],
+        coming: Sequence[str],
+        until: datetime,
+        assured: Collection[str] = (),
     ) -> ProtectStats:
         """`coming` objects are locked by their own PUT (the policy applies to every write)."""
-        return self._locks.extend(names, until)
+        return self._locks.extend(names, until, assured)
 
     def check_immutability(self) -> str | None:
         return self._locks.probe()

@@ -14,7 +14,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -93,27 +93,43 @@ class S3LockSupport:
 
     # -- extension ----------------------------------------------------------------------------
 
-    def extend(self, names: Sequence[str], until: datetime) -> ProtectStats:
-        """Every object in `names` locked at least until `until`: those this process did not
-        lock itself are asked (one HEAD each, in parallel); the ones whose lock ends sooner are
-        extended to `until` plus the policy's margin (one PutObjectRetention each)."""
+    def extend(
+        self, names: Sequence[str], until: datetime, assured: Collection[str] = ()
+    ) -> ProtectStats:
+        """Every object in `names` locked at least until `until`. Objects in `assured` and
+        those this process locked itself are not asked about; the others cost a HEAD each (in
+        parallel), and the ones whose lock ends before `until` + margin/2 are extended to
+        `until` + margin (one PutObjectRetention each), so the returned floor, which the
+        manifest records, covers the next backups for about margin/2."""
         stats = ProtectStats()
         policy = self.remote.lock_policy
         if policy is None:
             return stats
         target = until + policy.margin
+        want = until + policy.margin / 2
+        floor = target  # `assured` objects are not counted: the caller knows their floor
+        todo: list[str] = []
         with self._mutex:
-            todo = [n for n in names if n not in self._known or self._known[n] < until]
-        for extended in ordered_map(
-            functools.partial(self._extend_one, need=until, target=target),
+            for name in names:
+                if name in assured:
+                    stats.assured += 1
+                elif name in self._known and self._known[name] >= want:
+                    floor = min(floor, self._known[name])
+                else:
+                    todo.append(name)
+        for end, extended in ordered_map(
+            functools.partial(self._extend_one, need=want, target=target),
             todo,
             EXTEND_WORKERS,
         ):
             stats.checked += 1
             stats.extended += int(extended)
+            floor = min(floor, end)
+        stats.floor = floor
         return stats
 
-    def _extend_one(self, name: str, need: datetime, target: datetime) -> bool:
+    def _extend_one(self, name: str, need: datetime, target: datetime) -> tuple[datetime, bool]:
+        """(the object's lock end afterwards, whether it was extended)."""
         key = self.remote._key(name)
         try:
             head = self.remote._retry(lambda: self.client.head_object(Bucket=self.bucket, Key=key))
@@ -128,7 +144,7 @@ class S3LockSupport:
         current = head.get("ObjectLockRetainUntilDate")
         if isinstance(current, datetime) and current >= need:
             self.remember(name, current)
-            return False
+            return current, False
         policy = self.remote.lock_policy
         assert policy is not None
         mode = str(head.get("ObjectLockMode") or policy.s3_mode)  # compliance stays compliance
@@ -145,7 +161,7 @@ class S3LockSupport:
             functools.partial(self.client.put_object_retention, **args),
         )
         self.remember(name, target)
-        return True
+        return target, True
 
     # -- deletes of versions ------------------------------------------------------------------
 

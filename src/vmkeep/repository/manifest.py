@@ -75,6 +75,7 @@ class Manifest:
     parent: str | None = None
     tags: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    lock: dict[str, Any] | None = None  # immutability (retention_lock.py); optional key
 
     @property
     def vm_name(self) -> str:
@@ -91,6 +92,7 @@ class Manifest:
         return ids
 
     def to_json(self) -> dict[str, Any]:
+        optional = {"lock": self.lock} if self.lock else {}
         return {
             "version": FORMAT_VERSION,
             "id": self.id,
@@ -103,6 +105,7 @@ class Manifest:
             "parent": self.parent,
             "tags": self.tags,
             "stats": self.stats,
+            **optional,
             "disks": [
                 {
                     "name": d.name,
@@ -147,6 +150,7 @@ class Manifest:
             parent=doc.get("parent"),
             tags=list(doc.get("tags") or []),
             stats=dict(doc.get("stats") or {}),
+            lock=dict(doc["lock"]) if isinstance(doc.get("lock"), dict) else None,
         )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from vmkeep.errors import NotFoundError, ObjectLockedError
+from vmkeep.errors import NotFoundError, ObjectLockedError, VmkeepError
 from vmkeep.remotes.base import Remote
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.remotes.object_lock import LockingRemote, ProtectStats
@@ -20,18 +20,60 @@ from vmkeep.remotes.retention_records import RECORDS_PREFIX, decode_record
 
 from .format import chunk_object_name, manifest_object_name
 from .manifest import Manifest
+from .repository import Repository
 
 
-def lock_restore_point(repo_remote: Remote, manifest: Manifest) -> ProtectStats | None:
+def lock_restore_point(repo: Repository, manifest: Manifest) -> ProtectStats | None:
     """The backup's one call, just before `save_manifest`: None when the remote has no lock
-    policy; else every chunk of `manifest` is locked at least until the point's retention end
-    (a HEAD per reused chunk on S3, an extension for those ending sooner; a retention record
-    on a local remote) and the manifest will be locked by its own write."""
-    if not isinstance(repo_remote, LockingRemote) or repo_remote.lock_policy is None:
+    policy. Else every chunk of `manifest` is made to stay locked at least until the point's
+    retention end (S3: a HEAD per chunk not covered by the parent's claim, an extension for
+    those ending too soon; local: a retention record), the manifest will be locked by its own
+    write, and `manifest.lock` records the point's end and the floor of its chunks' locks."""
+    remote = repo.remote
+    if not isinstance(remote, LockingRemote) or remote.lock_policy is None:
         return None
-    until = repo_remote.lock_policy.point_until(manifest.created)
-    names = sorted(chunk_object_name(c) for c in manifest.referenced_ids())
-    return repo_remote.protect_point(manifest.id, names, [manifest_object_name(manifest.id)], until)
+    policy = remote.lock_policy
+    until = policy.point_until(manifest.created)
+    ids = manifest.referenced_ids()
+    covered, parent_floor = parent_claim(repo, manifest, until)
+    names = sorted(chunk_object_name(c) for c in ids)
+    stats = remote.protect_point(
+        manifest.id,
+        names,
+        [manifest_object_name(manifest.id)],
+        until,
+        {chunk_object_name(c) for c in ids & covered},
+    )
+    floor = stats.floor or until
+    if stats.assured and parent_floor is not None:
+        floor = min(floor, parent_floor)
+    manifest.lock = {
+        "mode": policy.mode,
+        "until": until.astimezone(UTC).isoformat(),
+        "chunks_until": floor.astimezone(UTC).isoformat(),
+    }
+    return stats
+
+
+def parent_claim(
+    repo: Repository, manifest: Manifest, until: datetime
+) -> tuple[set[bytes], datetime | None]:
+    """The chunks of the VM's previous point, when its manifest says they are all locked past
+    `until`. Trusted only in encrypted repositories, where a manifest cannot be forged."""
+    if not repo.encrypted or not manifest.parent:
+        return set(), None
+    try:
+        parent = repo.load_manifest(manifest.parent)
+    except VmkeepError:
+        return set(), None  # unreadable or gone: check every chunk instead
+    claim = (parent.lock or {}).get("chunks_until")
+    try:
+        floor = datetime.fromisoformat(str(claim)) if claim else None
+    except ValueError:
+        return set(), None
+    if floor is None or floor.tzinfo is None or floor < until:
+        return set(), None
+    return parent.referenced_ids(), floor
 
 
 @dataclass
