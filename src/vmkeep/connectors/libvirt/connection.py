@@ -39,7 +39,8 @@ class Connection:
         if self._conn is None:
             return False
         try:
-            return bool(self._conn.isAlive())
+            # isAlive() stays true until a call fails on the dead socket: ask the daemon.
+            return bool(self._conn.isAlive()) and bool(self._conn.getLibVersion())
         except Exception:
             return False
 

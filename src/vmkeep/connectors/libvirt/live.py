@@ -19,7 +19,7 @@ from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DomainDisk, has_guest_agent, parse_disks
 from vmkeep.connectors.libvirt.jobxml import backup_xml, checkpoint_xml, parse_job, scratch_path
 from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader
-from vmkeep.connectors.libvirt.workdir import make_workdir, remove_workdir
+from vmkeep.connectors.libvirt.workdir import abandon_workdir, make_workdir, remove_workdir
 from vmkeep.errors import ConnectorError
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,11 @@ class LiveBackupSession:
         try:
             dom = self.domain()
         except ConnectorError as exc:
-            self._note(f"cannot reach libvirt to end the backup job of {self.domain_name}: {exc}")
-            remove_workdir(self.workdir, [])
+            self._note(
+                f"cannot reach libvirt to end the backup job of {self.domain_name} ({exc}): "
+                "the next backup ends it"
+            )
+            abandon_workdir(self.workdir, self.checkpoint if not ok else None)
             return
         self._note_if(end_job(dom))
         scratch = [scratch_path(self.workdir, d.target) for d in self.disks]

@@ -106,6 +106,29 @@ def remove_workdir(path: Path, wait_for: list[Path], timeout: float = 15.0) -> b
     return not path.exists()
 
 
+def abandon_workdir(path: Path, checkpoint: str | None) -> None:
+    """Leave the directory to the next run's cleanup (libvirt is unreachable, so the job cannot
+    be ended now): rewrite the marker with the checkpoint that cleanup may delete (None when a
+    restore point was saved with it) and release the lock, which makes the directory stale."""
+    with _held_lock:
+        fd = _held.get(path)
+    if fd is not None:
+        content = _marker_update(path, checkpoint)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, content, 0)
+    _release(path)
+
+
+def _marker_update(path: Path, checkpoint: str | None) -> bytes:
+    try:
+        owner = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        owner = {}
+    owner = owner if isinstance(owner, dict) else {}
+    return json.dumps({**owner, "checkpoint": checkpoint, "abandoned_by": os.getpid()}).encode()
+
+
 def stale_workdirs(root: Path = ROOT) -> list[StaleWorkdir]:
     """Directories of vmkeep runs that died (their marker lock is free), oldest first."""
     found: list[tuple[float, StaleWorkdir]] = []
