@@ -368,3 +368,35 @@ def test_interrupted_run_rolls_the_replica_back(
     assert not again.fresh and again.mode == "incremental", again.notes
     assert again.stats.bytes_written == 8 * GRAN
     assert replica_images(libvirt_env, again.replica, tmp_path) == models(d)
+
+
+def offline_write(d: lv.TestDomain, target: str, offset: int, pattern: int, length: int) -> None:
+    """A write into the shut-off source's image (its checkpoints' bitmaps record it)."""
+    disk = d.disk(target)
+    cmd = f"write -P {pattern:#x} {offset} {length}"
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", cmd, str(disk.path)], check=True,
+                   capture_output=True)  # fmt: skip
+    disk.model[offset : offset + length] = bytes([pattern]) * length
+
+
+def test_shut_off_source_replicates_incrementally(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    cleanup: list[str],
+    tmp_path: Path,
+) -> None:
+    d = make_domain(SIZES[:1])
+    cleanup.append(d.name + "-replica")
+    d.guest_write("vda", 0, os.urandom(MiB))
+    run(libvirt_env, d)
+    d.stop()
+    offline_write(d, "vda", 6 * MiB, 0x66, GRAN)
+    off = run(libvirt_env, d)  # the bitmap kept in the image gives the dirty extents
+    assert off.mode == "incremental" and off.stats.bytes_written == GRAN, off.notes
+    assert replica_images(libvirt_env, off.replica, tmp_path) == models(d)
+    assert repl_checkpoints(d) == [off.checkpoint]  # made offline, the old one pruned
+    d.start()
+    d.guest_write("vda", 9 * MiB, os.urandom(GRAN))
+    live = run(libvirt_env, d)  # live, against the checkpoint made offline
+    assert live.mode == "incremental" and live.stats.bytes_written == GRAN, live.notes
+    assert replica_images(libvirt_env, live.replica, tmp_path) == models(d)

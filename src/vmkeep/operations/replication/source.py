@@ -1,6 +1,7 @@
-"""Reading the source domain at one consistent instant: a pull-mode backup job when it runs
-(with a replication checkpoint for incremental replication, none for full replication), its
-images directly when it is shut off (nothing writes them then)."""
+"""Reading the source domain at one consistent instant: a pull-mode backup job when it runs,
+its images when it is shut off (nothing writes them then). Incremental replication makes a
+replication checkpoint either way (offline: bitmaps added with qemu-img, offline.py) and reads
+the dirty extents of the previous one when it is intact; full replication makes none."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DomainDisk, is_active, parse_disks
 from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
-from vmkeep.connectors.libvirt.offline import ImageDiskReader
+from vmkeep.connectors.libvirt.offline import (
+    ImageDiskReader,
+    OfflineBackupSession,
+    begin_offline_backup,
+)
 from vmkeep.errors import ConnectorError
 
 # Notes of the backup path that speak of restore points; replication gives its own reasons.
@@ -49,16 +54,19 @@ class ImageSession:
         self.finish(ok=et is None)
 
 
+Session = LiveBackupSession | OfflineBackupSession | ImageSession
+
+
 def open_source(
     conn: Connection,
     dom: Any,
     previous: Mapping[str, str | None],
     *,
     incremental: bool,
-) -> LiveBackupSession | ImageSession:
+) -> Session:
     """A session whose readers show the source's disks at one instant. `incremental`: the job
     makes a replication checkpoint and, when `previous` names a valid one, reads dirty blocks."""
-    session: LiveBackupSession | ImageSession
+    session: LiveBackupSession | OfflineBackupSession | ImageSession
     if is_active(dom):
         session = begin_live_backup(
             conn,
@@ -73,21 +81,24 @@ def open_source(
             xml = dom.XMLDesc(0)
         except lv.libvirtError as exc:
             raise ConnectorError(f"cannot read domain {dom.name()}: {one_line(exc)}") from None
-        session = ImageSession(dom.name(), parse_disks(xml))
         if incremental:
-            session.notes.append(
-                "no replication checkpoint can be made while the source is shut off: the next "
-                "run copies in full too"
+            session = begin_offline_backup(
+                dom,
+                parse_disks(xml),
+                previous,
+                checkpoint_prefix=checkpoints.REPLICATION_PREFIX,
             )
+        else:
+            session = ImageSession(dom.name(), parse_disks(xml))
     session.notes[:] = [n for n in session.notes if _BACKUP_WORDING not in n]
     return session
 
 
-def base_of(session: LiveBackupSession | ImageSession) -> str | None:
+def base_of(session: Session) -> str | None:
     """The checkpoint the session's dirty extents are relative to (None: a full read)."""
-    return session.base if isinstance(session, LiveBackupSession) else None
+    return None if isinstance(session, ImageSession) else session.base
 
 
-def checkpoint_of(session: LiveBackupSession | ImageSession) -> str | None:
+def checkpoint_of(session: Session) -> str | None:
     """The replication checkpoint this session created (None: none could be made)."""
-    return session.checkpoint if isinstance(session, LiveBackupSession) else None
+    return None if isinstance(session, ImageSession) else session.checkpoint
