@@ -18,7 +18,7 @@ from vmkeep.connectors.base import (
     VmConfig,
 )
 from vmkeep.errors import ConnectorError, LockedError, RemoteFullError, UsageError
-from vmkeep.parallel import ordered_map
+from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import Progress
 from vmkeep.repository.format import CHUNK_SIZE, ID_SIZE, ZERO_ID, is_zero
 from vmkeep.repository.locks import RepositoryLock
@@ -36,7 +36,7 @@ class BackupOptions:
     job: str = ""
     tags: list[str] = field(default_factory=list)
     compression_level: int = 3
-    workers: int | None = None
+    workers: int | None = None  # threads of the data path; None: io_threads(remote)
 
 
 @dataclass
@@ -102,30 +102,40 @@ def chunks_with_data(reader: DiskReader) -> bytearray:
 
 
 class ChunkUploader:
-    """Hashes chunks and stores the ones the repository lacks; safe to call from many threads."""
+    """Hashes chunks and stores the ones the repository lacks; safe to call from many threads.
+    Hashing and encoding take a slot of `gate` (CPU); the upload does not, so while some
+    threads wait on the remote, others keep the cores busy."""
 
-    def __init__(self, repo: Repository, known: set[bytes], level: int) -> None:
+    def __init__(
+        self, repo: Repository, known: set[bytes], level: int, gate: CpuGate | None = None
+    ) -> None:
         self.repo = repo
         self.known = known
         self.level = level
+        self.gate = gate or CpuGate()
         self._lock = threading.Lock()
 
     def store(self, data: bytes) -> tuple[bytes, BackupStats]:
         stats = BackupStats(bytes_read=len(data), chunks=1)
-        if is_zero(data):
+        with self.gate:
+            zero = is_zero(data)
+            chunk_id = ZERO_ID if zero else self.repo.chunk_id(data)
+        if zero:
             stats.bytes_zero = len(data)
             return ZERO_ID, stats
-        chunk_id = self.repo.chunk_id(data)
         with self._lock:
             new = chunk_id not in self.known
             self.known.add(chunk_id)  # a twin in flight is stored by the first thread only
         if new:
             try:
-                stats.bytes_written = self.repo.put_chunk(chunk_id, data, self.level)
+                with self.gate:
+                    blob = self.repo.encode_chunk(chunk_id, data, self.level)
+                self.repo.store_chunk(chunk_id, blob)
             except BaseException:
                 with self._lock:
                     self.known.discard(chunk_id)
                 raise
+            stats.bytes_written = len(blob)
             stats.bytes_new = len(data)
             stats.chunks_new = 1
         return chunk_id, stats
@@ -136,13 +146,14 @@ def backup_disk(
     uploader: ChunkUploader,
     label: str,
     progress: Progress,
-    workers: int | None,
+    threads: int,
     flags: bytearray,
     base: DiskIndex | None = None,
 ) -> tuple[bytes, BackupStats]:
     """Store one disk. With a `base` (the previous index, which the reader's dirty extents
     are relative to) only dirty chunks are read; the others keep their previous IDs.
-    `flags` are the reader's chunks_with_data, computed once per backup."""
+    `flags` are the reader's chunks_with_data, computed once per backup. Chunks complete in
+    any order (each lands at its index), so one slow upload does not hold the others back."""
     size = reader.size
     if base is None:
         ids = bytearray(len(flags) * ID_SIZE)  # all ZERO_ID until filled in
@@ -165,7 +176,7 @@ def backup_disk(
         return index, chunk_id, stats
 
     total = BackupStats()
-    for index, chunk_id, stats in ordered_map(work, to_read, workers):
+    for index, chunk_id, stats in unordered_map(work, to_read, threads):
         ids[index * ID_SIZE : (index + 1) * ID_SIZE] = chunk_id
         total.add(stats)
         progress.advance(stats.bytes_read)
@@ -253,6 +264,7 @@ def store_disks(
     """Every disk of the session into the repository: its index, the totals, the notes."""
     known = {chunk_id for chunk_id, _ in repo.list_chunks()}
     uploader = ChunkUploader(repo, known, options.compression_level)
+    threads = options.workers or io_threads(repo.remote.url)
     stats = BackupStats()
     indexes: list[DiskIndex] = []
     notes: list[str] = []
@@ -263,9 +275,7 @@ def store_disks(
         )
         label = f"{vm.name}/{disk.name}"
         flags = data_flags[disk.name]
-        ids, disk_stats = backup_disk(
-            reader, uploader, label, progress, options.workers, flags, base
-        )
+        ids, disk_stats = backup_disk(reader, uploader, label, progress, threads, flags, base)
         if base is not None and disk_stats.bytes_read == 0 and previous is not None:
             note = f"disk {disk.name} unchanged since {previous.id}: nothing read"
         notes += [note] if note else []

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from vmkeep.connectors.base import Connector, DiskInfo, DiskReader, DiskWriter, VmConfig
 from vmkeep.errors import UsageError
-from vmkeep.parallel import ordered_map
+from vmkeep.parallel import io_threads, unordered_map
 from vmkeep.progress import Progress
 from vmkeep.repository.format import CHUNK_SIZE, ZERO_ID, is_zero
 from vmkeep.repository.manifest import DiskIndex, Manifest
@@ -32,21 +34,30 @@ class RestoreReport:
         return dict(self.__dict__, duration=round(self.duration, 3))
 
 
-def write_sparse(writer: DiskWriter, offset: int, data: bytes) -> int:
-    """Write the non-zero runs of `data`; zero runs stay holes. Returns bytes written."""
-    written = 0
+def data_runs(data: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) of the runs of `data` that are not all zeros, in SPARSE_BLOCK steps."""
     run_start = -1
+    view = memoryview(data)
     for pos in range(0, len(data) + SPARSE_BLOCK, SPARSE_BLOCK):
-        block = data[pos : pos + SPARSE_BLOCK]
+        block = view[pos : pos + SPARSE_BLOCK]
         is_data = bool(block) and block != _ZERO_BLOCK[: len(block)]
         if is_data and run_start < 0:
             run_start = pos
         elif not is_data and run_start >= 0:
-            end = min(pos, len(data))
-            writer.write(offset + run_start, data[run_start:end])
-            written += end - run_start
+            yield run_start, min(pos, len(data))
             run_start = -1
-    return written
+
+
+def write_runs(writer: DiskWriter, offset: int, data: bytes, runs: list[tuple[int, int]]) -> int:
+    """Write the given runs of `data` (a whole-chunk run is written without a copy)."""
+    for start, end in runs:
+        writer.write(offset + start, data[start:end])
+    return sum(end - start for start, end in runs)
+
+
+def write_sparse(writer: DiskWriter, offset: int, data: bytes) -> int:
+    """Write the non-zero runs of `data`; zero runs stay holes. Returns bytes written."""
+    return write_runs(writer, offset, data, list(data_runs(data)))
 
 
 def vm_config_from(manifest: Manifest, name: str | None, new_identity: bool) -> VmConfig:
@@ -68,8 +79,14 @@ def restore_disk(
     current: DiskReader | None,
     progress: Progress,
     label: str,
+    threads: int | None = None,
 ) -> tuple[int, int]:
-    """Write one disk. With `current` (in-place), chunks that already match are skipped."""
+    """Write one disk. With `current` (in-place), chunks that already match are skipped.
+
+    Each thread fetches, decodes and writes its own chunk, in whatever order chunks arrive
+    (DiskWriter allows any order; a lock keeps it to one writing thread at a time), so a slow
+    GET never stalls the others and memory stays at a chunk or two per thread: no decoded
+    chunk waits in memory for its turn."""
     count = index.chunk_count
     wanted = (
         range(count)
@@ -77,31 +94,33 @@ def restore_disk(
         else [i for i in range(count) if index.chunk_id(i) != ZERO_ID]
     )
     progress.start(label, sum(min(CHUNK_SIZE, index.size - i * CHUNK_SIZE) for i in wanted))
+    write_lock = threading.Lock()
 
-    def fetch(i: int) -> tuple[int, bytes | None, int]:
+    def restore_chunk(i: int) -> tuple[int, int, int]:
+        """(length, restored, written) bytes of chunk i."""
         chunk_id = index.chunk_id(i)
-        length = min(CHUNK_SIZE, index.size - i * CHUNK_SIZE)
+        offset = i * CHUNK_SIZE
+        length = min(CHUNK_SIZE, index.size - offset)
+        restored = length if chunk_id != ZERO_ID else 0
         if current is not None:
-            now = current.read(i * CHUNK_SIZE, length)
+            now = current.read(offset, length)
             same = is_zero(now) if chunk_id == ZERO_ID else repo.chunk_id(now) == chunk_id
             if same:
-                return i, None, length
-        return i, (repo.get_chunk(chunk_id) if chunk_id != ZERO_ID else b""), length
+                return length, restored, 0
+        if chunk_id == ZERO_ID:
+            with write_lock:
+                writer.zero(offset, length)
+            return length, restored, length
+        data = repo.get_chunk(chunk_id)
+        runs = [(0, len(data))] if current is not None else list(data_runs(data))
+        with write_lock:
+            return length, restored, write_runs(writer, offset, data, runs)
 
     restored = written = 0
-    for i, data, length in ordered_map(fetch, wanted):
-        if index.chunk_id(i) != ZERO_ID:
-            restored += length
-        if data is None:
-            pass
-        elif not data:
-            writer.zero(i * CHUNK_SIZE, length)
-            written += length
-        elif current is not None:
-            writer.write(i * CHUNK_SIZE, data)
-            written += length
-        else:
-            written += write_sparse(writer, i * CHUNK_SIZE, data)
+    threads = threads or io_threads(repo.remote.url)
+    for length, r, w in unordered_map(restore_chunk, wanted, threads):
+        restored += r
+        written += w
         progress.advance(length)
     progress.finish()
     return restored, written
