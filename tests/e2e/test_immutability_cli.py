@@ -178,3 +178,18 @@ def test_local_chattr_end_to_end(
     assert disk_hashes(Path(out["location"])) == first_hashes
     probe = cli("remote", "test", "vault", "--size", "4", "--json").json()
     assert probe["immutable"] is True and probe["ok"], probe["checks"]
+
+    # Turning the lock off (or --lock-days 0 for one run) writes no record for later points.
+    listed = cli("list", "--json").json()["restore_points"]
+    assert about_a_day_from_now(listed[0]["locked_until"])
+    unlocked = cli("backup", str(vm), "--lock-days", "0", "--json").json()["restore_point"]
+    cli("remote", "lock", "vault", "--days", "0")
+    assert "lock_days" not in cli("remote", "list", "--json").json()[0]
+    unlocked2 = cli("backup", str(vm), "--json").json()["restore_point"]
+    for point in (unlocked, unlocked2):
+        assert not (immutable_dir / "retention" / point).exists()
+    assert [p["locked_until"] for p in cli("list", "--json").json()["restore_points"][2:]] == [
+        None,
+        None,
+    ]
+    cli("forget", unlocked2)

@@ -480,13 +480,19 @@ class S3Remote:
             raise self._error(exc, "deleting", name) from exc
 
     def _is_versioned(self) -> bool:
+        """Asked once. Credentials without s3:GetBucketVersioning are taken to mean an
+        unversioned bucket (plain deletes, as before); locked buckets need the permission
+        (docs/IMMUTABILITY.md)."""
         if self._versioned is None:
-            answer = self._run(
-                "reading versioning of",
-                self.bucket,
-                lambda: self._client.get_bucket_versioning(Bucket=self.bucket),
-            )
-            self._versioned = answer.get("Status") in ("Enabled", "Suspended")
+            try:
+                answer = self._retry(lambda: self._client.get_bucket_versioning(Bucket=self.bucket))
+                self._versioned = answer.get("Status") in ("Enabled", "Suspended")
+            except ClientError as exc:
+                if _code(exc) != "AccessDenied" and _status(exc) != 403:
+                    raise self._error(exc, "reading versioning of", self.bucket) from exc
+                self._versioned = False
+            except BotoCoreError as exc:
+                raise self._error(exc, "reading versioning of", self.bucket) from exc
         return self._versioned
 
     # -- retention locks (Object Lock) ---------------------------------------------------------

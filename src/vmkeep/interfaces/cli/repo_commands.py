@@ -71,6 +71,7 @@ def list_points(
             "size": sum(d.size for d in m.disks),
             "data_bytes": sum(d.nonzero_bytes() for d in m.disks),
             "new_bytes_written": m.stats.get("bytes_written"),
+            "locked_until": (m.lock or {}).get("until"),
         }
         for m in manifests
     ]
