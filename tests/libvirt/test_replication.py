@@ -400,3 +400,51 @@ def test_shut_off_source_replicates_incrementally(
     live = run(libvirt_env, d)  # live, against the checkpoint made offline
     assert live.mode == "incremental" and live.stats.bytes_written == GRAN, live.notes
     assert replica_images(libvirt_env, live.replica, tmp_path) == models(d)
+
+
+KILLED_RUN = """
+import os, signal, sys
+from vmkeep.operations.replication import ReplicateOptions, replicate
+from vmkeep.progress import SilentProgress
+
+class KillOnSecondDisk(SilentProgress):
+    starts = 0
+
+    def start(self, description, total):
+        self.starts += 1
+        if self.starts == 2:  # the first disk's increment is already in the replica
+            os.kill(os.getpid(), signal.SIGKILL)
+
+replicate(ReplicateOptions(sys.argv[1], sys.argv[2], uri=sys.argv[3]), KillOnSecondDisk())
+"""
+
+
+def test_killed_run_leaves_no_half_updated_replica(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    cleanup: list[str],
+    tmp_path: Path,
+) -> None:
+    import sys
+
+    d = make_domain(SIZES)
+    name = d.name + "-replica"
+    cleanup.append(name)
+    d.guest_write("vda", 0, os.urandom(MiB))
+    run(libvirt_env, d)
+    d.guest_write("vda", 3 * MiB, os.urandom(GRAN))
+    d.guest_write("vdb", 3 * MiB, os.urandom(GRAN))
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, d.name, libvirt_env.pool.name, lv.URI],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9, killed.stderr
+    report = run(libvirt_env, d)
+    notes = " ".join(report.notes)
+    assert "cleaned up after a killed vmkeep run" in notes  # its pull job ended, checkpoint gone
+    assert "interrupted while writing" in notes and report.set_aside, report.notes
+    assert report.fresh and report.mode == "full"
+    assert replica_images(libvirt_env, name, tmp_path) == models(d)
+    assert repl_checkpoints(d) == [report.checkpoint]

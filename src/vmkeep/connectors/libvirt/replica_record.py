@@ -54,6 +54,7 @@ class ReplicaRecord:
     snapshot: str | None = None  # the replica's current snapshot after that run
     disk_sizes: dict[str, int] = field(default_factory=dict)  # target -> virtual size
     volumes: dict[str, VolumeStamp] = field(default_factory=dict)  # target -> identity
+    writing: bool = False  # set while a run writes into the replica (a killed run leaves it)
 
     def to_xml(self) -> str:
         attrs = {
@@ -66,6 +67,8 @@ class ReplicaRecord:
             attrs["checkpoint"] = self.checkpoint
         if self.snapshot:
             attrs["snapshot"] = self.snapshot
+        if self.writing:
+            attrs["state"] = "writing"
         head = "".join(f" {k}={quoteattr(v)}" for k, v in attrs.items())
         disks = "".join(
             f"<disk target={quoteattr(t)} size='{self.disk_sizes.get(t, 0)}'"
@@ -87,6 +90,7 @@ class ReplicaRecord:
                 created=root.attrib["created"],
                 checkpoint=root.get("checkpoint"),
                 snapshot=root.get("snapshot"),
+                writing=root.get("state") == "writing",
             )
             for d in root.iterfind("disk"):
                 target = d.attrib["target"]

@@ -10,6 +10,7 @@ from vmkeep.connectors.libvirt.bindings import is_libvirt_error, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.connector import LibvirtConnector
 from vmkeep.connectors.libvirt.replica_snapshots import MAX_KEEP
+from vmkeep.connectors.libvirt.stale_runs import clean_stale_runs
 from vmkeep.errors import ConnectorError, UsageError
 from vmkeep.operations.replication.full import replicate_full
 from vmkeep.operations.replication.incremental import replicate_incremental
@@ -54,8 +55,10 @@ def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationRepor
     dst = Connection(options.target_uri) if options.target_uri else src
     try:
         dom = src.lookup(options.domain)
+        cleaned = clean_stale_runs(src)  # a killed run's job would block this one
         run = replicate_full if options.mode == "full" else replicate_incremental
         report = run(src, dst, dom, options.pool, options.keep, progress)
+        report.notes[:0] = cleaned
     except Exception as exc:
         if is_libvirt_error(exc):  # a libvirt call not wrapped on the way (e.g. libvirtd died)
             raise ConnectorError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,6 +60,8 @@ def usable_replica(dst: Connection, source: VmConfig, report: ReplicationReport)
         )
     replica = Replica(dom, name, record)
     why = why_changed(dom, record, disk_paths(dom)) if not dom.isActive() else "it is running"
+    if record.writing and why != "it is running":
+        why = "the previous run was interrupted while writing into it (vmkeep was killed)"
     if why is None and record.disk_sizes != {d.name: d.size for d in source.disks}:
         why = "the source's disks (set or sizes) changed since the last run"
     if why is None:
@@ -79,6 +82,7 @@ def update_replica(
     volumes. On failure the replica is reverted to its last snapshot."""
     paths = disk_paths(replica.dom)
     stats = CopyStats()
+    write_record(replica.dom, replace(replica.record, writing=True))  # XML only: stamps hold
     try:
         for target, reader in session.readers.items():
             extents = (
