@@ -19,6 +19,7 @@ import pytest
 from tests.e2e.conftest import Cli
 from tests.libvirt import libvirt_env as lv
 from tests.libvirt.conftest import LibvirtEnv
+from tests.libvirt.test_restore_remote_uri import pool_b, ssh_uri  # noqa: F401 (fixtures)
 from vmkeep.connectors.libvirt import checkpoints
 from vmkeep.connectors.libvirt.replica_domains import disk_paths
 from vmkeep.connectors.libvirt.replica_record import read_record
@@ -448,3 +449,34 @@ def test_killed_run_leaves_no_half_updated_replica(
     assert report.fresh and report.mode == "full"
     assert replica_images(libvirt_env, name, tmp_path) == models(d)
     assert repl_checkpoints(d) == [report.checkpoint]
+
+
+def test_full_replication_to_another_uri_and_pool(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    cleanup: list[str],
+    tmp_path: Path,
+    ssh_uri: str,  # noqa: F811
+    pool_b: lv.TestPool,  # noqa: F811
+) -> None:
+    """qemu+ssh:// is "another host" to vmkeep: the volumes go through libvirt upload streams
+    (the same libvirtd answers, so the result can be checked here)."""
+    d = make_domain(SIZES[:1])
+    cleanup.append(d.name + "-replica")
+    d.guest_write("vda", 2 * MiB, os.urandom(MiB))
+    made = []
+    for i in range(2):
+        opts = ReplicateOptions(d.name, pool_b.name, "full", keep=1, uri=lv.URI,
+                                target_uri=ssh_uri)  # fmt: skip
+        report = replicate(opts, SilentProgress())
+        made.append(report.replica)
+        assert report.fresh and report.stats.bytes_written == MiB + i * GRAN
+        (path,) = disk_paths(libvirt_env.conn.lookupByName(report.replica)).values()
+        assert path.startswith(str(pool_b.path) + "/")
+        assert replica_images(libvirt_env, report.replica, tmp_path) == models(d)
+        d.guest_write("vda", 5 * MiB, os.urandom(GRAN))
+    assert report.deleted == [made[0]]  # deleted through the remote connection
+    assert made[0] not in {dom.name() for dom in libvirt_env.conn.listAllDomains(0)}
+    incremental = ReplicateOptions(d.name, pool_b.name, uri=lv.URI, target_uri=ssh_uri)
+    with pytest.raises(ConnectorError, match="use --mode full"):
+        replicate(incremental, SilentProgress())

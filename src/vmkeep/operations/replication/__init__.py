@@ -40,12 +40,21 @@ def check_options(options: ReplicateOptions) -> None:
             f"--keep {options.keep}: incremental replication keeps at most {MAX_KEEP} replica "
             "snapshots (the chain of rollback points stays short)"
         )
-    for uri in (options.uri, options.target_uri or options.uri):
-        if not LibvirtConnector(uri).local:
-            raise ConnectorError(
-                f"replication over {uri} is not supported yet (NBD sockets and volumes are "
-                "reached through local paths); run vmkeep on the hypervisor host"
-            )
+    if not is_local(options.uri):
+        raise ConnectorError(
+            f"replicating from {options.uri} is not supported yet (the backup job's NBD socket "
+            "is on that host): run vmkeep on the source's hypervisor host"
+        )
+    if options.mode == "incremental" and not is_local(options.target_uri or options.uri):
+        raise ConnectorError(
+            f"incremental replication to {options.target_uri} is not supported (the replica's "
+            "volumes are updated through their local paths): use --mode full, or run vmkeep "
+            "on the replica's host"
+        )
+
+
+def is_local(uri: str) -> bool:
+    return LibvirtConnector(uri).local
 
 
 def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationReport:
@@ -56,8 +65,11 @@ def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationRepor
     try:
         dom = src.lookup(options.domain)
         cleaned = clean_stale_runs(src)  # a killed run's job would block this one
-        run = replicate_full if options.mode == "full" else replicate_incremental
-        report = run(src, dst, dom, options.pool, options.keep, progress)
+        if options.mode == "full":
+            upload = not is_local(options.target_uri or options.uri)
+            report = replicate_full(src, dst, dom, options.pool, options.keep, progress, upload)
+        else:
+            report = replicate_incremental(src, dst, dom, options.pool, options.keep, progress)
         report.notes[:0] = cleaned
     except Exception as exc:
         if is_libvirt_error(exc):  # a libvirt call not wrapped on the way (e.g. libvirtd died)

@@ -27,11 +27,12 @@ def create_replica(
     progress: Progress,
     *,
     volume_stem: str = "",
+    upload: bool = False,
 ) -> tuple[Any, dict[str, str], CopyStats]:
     """(the new domain, its image paths by disk target, what was copied). On failure nothing
     is left: the sink deletes the volumes it created and no domain is defined."""
     config = replace(source, name=name, uuid=str(uuid.uuid4()))
-    sink = NewDomainSink(conn, config, pool, volume_stem=volume_stem)
+    sink = NewDomainSink(conn, config, pool, volume_stem=volume_stem, upload=upload)
     stats = CopyStats()
     try:
         for disk in config.disks:

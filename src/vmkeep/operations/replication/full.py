@@ -27,21 +27,31 @@ def dated_name(conn: Connection, source: str, now: datetime) -> str:
 
 
 def replicate_full(
-    src: Connection, dst: Connection, dom: Any, pool: str, keep: int, progress: Progress
+    src: Connection,
+    dst: Connection,
+    dom: Any,
+    pool: str,
+    keep: int,
+    progress: Progress,
+    upload: bool = False,
 ) -> ReplicationReport:
+    """`upload`: `dst` is another host; the volumes go through libvirt upload streams."""
     began = time.monotonic()
     now = datetime.now(UTC)
     source = vm_config(dom)
     name = dated_name(dst, source.name, now)
     with open_source(src, dom, {}, incremental=False) as session:
-        new_dom, paths, stats = create_replica(dst, source, session, name, pool, progress)
+        new_dom, paths, stats = create_replica(
+            dst, source, session, name, pool, progress, upload=upload
+        )
         notes = list(session.notes)
     record = ReplicaRecord(
         FULL, source.uuid, source.name, now.isoformat(timespec="microseconds"),
         disk_sizes={d.name: d.size for d in source.disks},
     )  # fmt: skip
     try:
-        record.stamp(paths)
+        if not upload:  # identities of files on another host cannot be taken (nor are needed)
+            record.stamp(paths)
         write_record(new_dom, record)
     except BaseException:
         with contextlib.suppress(ConnectorError):
