@@ -224,6 +224,7 @@ class S3Remote:
             raise RemoteError(f"S3 credentials: {_one_line(exc)} (check AWS_PROFILE)") from exc
         except (BotoCoreError, ValueError) as exc:
             raise RemoteError(f"cannot set up S3 client for {self.url}: {_one_line(exc)}") from exc
+        self._locks = S3LockSupport(self)  # made here: upload threads share its bookkeeping
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -496,10 +497,6 @@ class S3Remote:
         return self._versioned
 
     # -- retention locks (Object Lock) ---------------------------------------------------------
-
-    @functools.cached_property
-    def _locks(self) -> S3LockSupport:
-        return S3LockSupport(self)
 
     def set_lock_policy(self, policy: LockPolicy | None) -> None:
         """Refuses a policy when the bucket has no Object Lock: the server would reject every
