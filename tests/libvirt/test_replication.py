@@ -5,89 +5,35 @@ only between runs, except one made *during* a run, which must not reach that run
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import random
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.e2e.conftest import Cli
 from tests.libvirt import libvirt_env as lv
 from tests.libvirt.conftest import LibvirtEnv
-from tests.libvirt.test_restore_remote_uri import pool_b, ssh_uri  # noqa: F401 (fixtures)
+from tests.libvirt.replica_checks import (
+    GRAN,
+    SIZES,
+    MiB,
+    cleanup,
+    models,
+    repl_checkpoints,
+    replica_images,
+    run,
+)
+from tests.libvirt.test_restore_remote_uri import pool_b, ssh_uri
 from vmkeep.connectors.libvirt import checkpoints
 from vmkeep.connectors.libvirt.replica_domains import disk_paths
-from vmkeep.connectors.libvirt.replica_record import read_record
 from vmkeep.errors import ConnectorError
 from vmkeep.operations.replication import ReplicateOptions, replicate
-from vmkeep.operations.replication.report import ReplicationReport
 from vmkeep.progress import SilentProgress
 
-MiB = lv.MiB
-GRAN = lv.DEFAULT_GRANULARITY
-SIZES = (32 * MiB, 16 * MiB)
-
-
-@pytest.fixture
-def cleanup(libvirt_env: LibvirtEnv) -> Iterator[list[str]]:
-    """Name prefixes of replica domains/volumes the test made: all removed at the end."""
-    prefixes: list[str] = []
-    yield prefixes
-    import libvirt
-
-    conn = libvirt_env.conn if libvirt_env.alive() else libvirt_env.reconnect()
-    for dom in conn.listAllDomains(0):
-        if any(dom.name().startswith(p) for p in prefixes):
-            with contextlib.suppress(libvirt.libvirtError):
-                if dom.isActive():
-                    dom.destroy()
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.undefineFlags(lv._UNDEFINE_FLAGS())
-    pool = libvirt_env.pool.pool
-    pool.refresh(0)
-    for vol in pool.listAllVolumes(0):
-        if any(vol.name().startswith(p) for p in prefixes):
-            with contextlib.suppress(libvirt.libvirtError):
-                vol.delete(0)
-
-
-def run(
-    env: LibvirtEnv, d: lv.TestDomain, mode: str = "incremental", keep: int = 3, **kw: Any
-) -> ReplicationReport:
-    opts = ReplicateOptions(d.name, env.pool.name, mode=mode, keep=keep, uri=lv.URI)
-    return replicate(opts, kw.get("progress") or SilentProgress())
-
-
-def raw(path: str, tmp: Path, snapshot: str | None = None) -> bytes:
-    out = tmp / "raw.img"
-    out.unlink(missing_ok=True)
-    cmd = ["qemu-img", "convert", "-O", "raw"]
-    if snapshot:
-        cmd += ["-l", f"snapshot.name={snapshot}"]
-    subprocess.run([*cmd, path, str(out)], check=True, capture_output=True)
-    return out.read_bytes()
-
-
-def replica_images(env: LibvirtEnv, name: str, tmp: Path, snapshot: str | None = None) -> dict:
-    dom = env.conn.lookupByName(name)
-    return {t: sha(raw(p, tmp, snapshot)) for t, p in disk_paths(dom).items()}
-
-
-def sha(b: bytes | bytearray) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
-def models(d: lv.TestDomain) -> dict[str, str]:
-    return {disk.target: sha(disk.model) for disk in d.disks}
-
-
-def repl_checkpoints(d: lv.TestDomain) -> list[str]:
-    return checkpoints.vmkeep_checkpoints(d.dom, checkpoints.REPLICATION_PREFIX)
+__all__ = ["cleanup", "pool_b", "ssh_uri"]  # fixtures, used by name
 
 
 def scattered_writes(d: lv.TestDomain, rng: random.Random, n: int) -> int:
@@ -159,64 +105,6 @@ def test_incremental_replication_over_12_runs(
     for snap in report.snapshots:
         assert replica_images(libvirt_env, report.replica, tmp_path, snap) == at_run[snap]
     assert checkpoints.vmkeep_checkpoints(d.dom) == []  # replication made no backup checkpoint
-
-
-def test_changed_replica_gets_a_fresh_full_copy(
-    libvirt_env: LibvirtEnv,
-    make_domain: Callable[..., lv.TestDomain],
-    cleanup: list[str],
-    tmp_path: Path,
-) -> None:
-    d = make_domain(SIZES[:1])
-    name = d.name + "-replica"
-    cleanup.append(name)
-    d.guest_write("vda", MiB, os.urandom(MiB))
-    first = run(libvirt_env, d, keep=2)
-    replica = libvirt_env.conn.lookupByName(name)
-    replica.create()  # someone starts the replica
-    with pytest.raises(ConnectorError, match="running"):
-        run(libvirt_env, d, keep=2)
-    replica.destroy()
-    d.guest_write("vda", 5 * MiB, os.urandom(GRAN))
-    report = run(libvirt_env, d, keep=2)
-    assert report.fresh and report.mode == "full", report.notes
-    assert report.set_aside and report.set_aside.startswith(name + "-detached-")
-    assert any("changed since the last run" in n for n in report.notes), report.notes
-    assert replica_images(libvirt_env, name, tmp_path) == models(d)
-    kept = libvirt_env.conn.lookupByName(report.set_aside)  # the changed one is kept, not ours
-    assert read_record(kept) is None
-    assert first.snapshot in [s.getName() for s in kept.listAllSnapshots(0)]
-    assert len(report.snapshots) == 1 and repl_checkpoints(d) == [report.checkpoint]
-    # a volume modified behind vmkeep's back (no start) is caught too
-    path = disk_paths(libvirt_env.conn.lookupByName(name))["vda"]
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 4k", path], check=True,
-                   capture_output=True)  # fmt: skip
-    again = run(libvirt_env, d, keep=2)
-    assert again.fresh and "modified after the last run" in " ".join(again.notes)
-    assert replica_images(libvirt_env, name, tmp_path) == models(d)
-
-
-def test_deleted_replication_checkpoint_means_full_copy_with_reason(
-    libvirt_env: LibvirtEnv,
-    make_domain: Callable[..., lv.TestDomain],
-    cleanup: list[str],
-    tmp_path: Path,
-) -> None:
-    d = make_domain(SIZES[:1])
-    cleanup.append(d.name + "-replica")
-    d.guest_write("vda", 0, os.urandom(2 * MiB))
-    first = run(libvirt_env, d)
-    d.dom.checkpointLookupByName(first.checkpoint).delete(0)
-    d.guest_write("vda", 9 * MiB, os.urandom(GRAN))
-    d.guest_write("vda", 0, 0, GRAN)  # old data zeroed: the full copy must zero it too
-    report = run(libvirt_env, d)
-    assert report.mode == "full" and not report.fresh, report.notes
-    assert any("no longer exists" in n for n in report.notes), report.notes
-    assert replica_images(libvirt_env, report.replica, tmp_path) == models(d)
-    assert len(report.snapshots) == 2  # the rollback point of the first run stays
-    d.guest_write("vda", 12 * MiB, os.urandom(GRAN))
-    after = run(libvirt_env, d)
-    assert after.mode == "incremental" and after.stats.bytes_written == GRAN
 
 
 def test_backup_and_replication_checkpoints_are_separate(
@@ -332,45 +220,6 @@ def test_cli_replicate(
     assert repl_checkpoints(d) == [second["checkpoint"]]
 
 
-class StopSourceOnSecondDisk(SilentProgress):
-    """A real fault mid-run: the source shuts down after the first disk was written into the
-    replica, so its NBD export goes away while the second disk is copied."""
-
-    def __init__(self, d: lv.TestDomain) -> None:
-        self.d = d
-        self.starts = 0
-
-    def start(self, description: str, total: int) -> None:
-        self.starts += 1
-        if self.starts == 2:
-            self.d.stop()  # clean shutdown: the checkpoints' bitmaps are kept in the images
-
-
-def test_interrupted_run_rolls_the_replica_back(
-    libvirt_env: LibvirtEnv,
-    make_domain: Callable[..., lv.TestDomain],
-    cleanup: list[str],
-    tmp_path: Path,
-) -> None:
-    d = make_domain(SIZES)
-    cleanup.append(d.name + "-replica")
-    d.guest_write("vda", 0, os.urandom(MiB))
-    first = run(libvirt_env, d)
-    before = models(d)
-    d.guest_write("vda", 2 * MiB, os.urandom(4 * GRAN))
-    d.guest_write("vdb", 3 * MiB, os.urandom(4 * GRAN))
-    with pytest.raises(ConnectorError):
-        run(libvirt_env, d, progress=StopSourceOnSecondDisk(d))
-    # vda's increment had been written: the replica is back at the first run's snapshot
-    assert replica_images(libvirt_env, first.replica, tmp_path) == before
-    assert repl_checkpoints(d) == [first.checkpoint]  # the failed run's checkpoint is gone
-    d.start()
-    again = run(libvirt_env, d)
-    assert not again.fresh and again.mode == "incremental", again.notes
-    assert again.stats.bytes_written == 8 * GRAN
-    assert replica_images(libvirt_env, again.replica, tmp_path) == models(d)
-
-
 def offline_write(d: lv.TestDomain, target: str, offset: int, pattern: int, length: int) -> None:
     """A write into the shut-off source's image (its checkpoints' bitmaps record it)."""
     disk = d.disk(target)
@@ -403,61 +252,13 @@ def test_shut_off_source_replicates_incrementally(
     assert replica_images(libvirt_env, live.replica, tmp_path) == models(d)
 
 
-KILLED_RUN = """
-import os, signal, sys
-from vmkeep.operations.replication import ReplicateOptions, replicate
-from vmkeep.progress import SilentProgress
-
-class KillOnSecondDisk(SilentProgress):
-    starts = 0
-
-    def start(self, description, total):
-        self.starts += 1
-        if self.starts == 2:  # the first disk's increment is already in the replica
-            os.kill(os.getpid(), signal.SIGKILL)
-
-replicate(ReplicateOptions(sys.argv[1], sys.argv[2], uri=sys.argv[3]), KillOnSecondDisk())
-"""
-
-
-def test_killed_run_leaves_no_half_updated_replica(
-    libvirt_env: LibvirtEnv,
-    make_domain: Callable[..., lv.TestDomain],
-    cleanup: list[str],
-    tmp_path: Path,
-) -> None:
-    import sys
-
-    d = make_domain(SIZES)
-    name = d.name + "-replica"
-    cleanup.append(name)
-    d.guest_write("vda", 0, os.urandom(MiB))
-    run(libvirt_env, d)
-    d.guest_write("vda", 3 * MiB, os.urandom(GRAN))
-    d.guest_write("vdb", 3 * MiB, os.urandom(GRAN))
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, d.name, libvirt_env.pool.name, lv.URI],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert killed.returncode == -9, killed.stderr
-    report = run(libvirt_env, d)
-    notes = " ".join(report.notes)
-    assert "cleaned up after a killed vmkeep run" in notes  # its pull job ended, checkpoint gone
-    assert "interrupted while writing" in notes and report.set_aside, report.notes
-    assert report.fresh and report.mode == "full"
-    assert replica_images(libvirt_env, name, tmp_path) == models(d)
-    assert repl_checkpoints(d) == [report.checkpoint]
-
-
 def test_full_replication_to_another_uri_and_pool(
     libvirt_env: LibvirtEnv,
     make_domain: Callable[..., lv.TestDomain],
     cleanup: list[str],
     tmp_path: Path,
-    ssh_uri: str,  # noqa: F811
-    pool_b: lv.TestPool,  # noqa: F811
+    ssh_uri: str,
+    pool_b: lv.TestPool,
 ) -> None:
     """qemu+ssh:// is "another host" to vmkeep: the volumes go through libvirt upload streams
     (the same libvirtd answers, so the result can be checked here)."""

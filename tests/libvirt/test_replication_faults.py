@@ -1,0 +1,177 @@
+"""Replication faults against a real libvirtd + QEMU: a replica someone started or modified, a
+deleted replication checkpoint, the source going away mid-copy, and a vmkeep process killed
+mid-copy. In every case the replica left behind is either the source at some run's instant or
+set aside, never half-updated and trusted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.libvirt import libvirt_env as lv
+from tests.libvirt.conftest import LibvirtEnv
+from tests.libvirt.replica_checks import (
+    GRAN,
+    SIZES,
+    MiB,
+    cleanup,
+    models,
+    repl_checkpoints,
+    replica_images,
+    run,
+)
+from vmkeep.connectors.libvirt.replica_domains import disk_paths
+from vmkeep.connectors.libvirt.replica_record import read_record
+from vmkeep.errors import ConnectorError
+from vmkeep.progress import SilentProgress
+
+__all__ = ["cleanup"]  # the fixture, used by name
+
+
+def test_changed_replica_gets_a_fresh_full_copy(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    cleanup: list[str],
+    tmp_path: Path,
+) -> None:
+    d = make_domain(SIZES[:1])
+    name = d.name + "-replica"
+    cleanup.append(name)
+    d.guest_write("vda", MiB, os.urandom(MiB))
+    first = run(libvirt_env, d, keep=2)
+    replica = libvirt_env.conn.lookupByName(name)
+    replica.create()  # someone starts the replica
+    with pytest.raises(ConnectorError, match="running"):
+        run(libvirt_env, d, keep=2)
+    replica.destroy()
+    d.guest_write("vda", 5 * MiB, os.urandom(GRAN))
+    report = run(libvirt_env, d, keep=2)
+    assert report.fresh and report.mode == "full", report.notes
+    assert report.set_aside and report.set_aside.startswith(name + "-detached-")
+    assert any("changed since the last run" in n for n in report.notes), report.notes
+    assert replica_images(libvirt_env, name, tmp_path) == models(d)
+    kept = libvirt_env.conn.lookupByName(report.set_aside)  # the changed one is kept, not ours
+    assert read_record(kept) is None
+    assert first.snapshot in [s.getName() for s in kept.listAllSnapshots(0)]
+    assert len(report.snapshots) == 1 and repl_checkpoints(d) == [report.checkpoint]
+    # a volume modified behind vmkeep's back (no start) is caught too
+    path = disk_paths(libvirt_env.conn.lookupByName(name))["vda"]
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write 0 4k", path], check=True,
+                   capture_output=True)  # fmt: skip
+    again = run(libvirt_env, d, keep=2)
+    assert again.fresh and "modified after the last run" in " ".join(again.notes)
+    assert replica_images(libvirt_env, name, tmp_path) == models(d)
+
+
+def test_deleted_replication_checkpoint_means_full_copy_with_reason(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    cleanup: list[str],
+    tmp_path: Path,
+) -> None:
+    d = make_domain(SIZES[:1])
+    cleanup.append(d.name + "-replica")
+    d.guest_write("vda", 0, os.urandom(2 * MiB))
+    first = run(libvirt_env, d)
+    d.dom.checkpointLookupByName(first.checkpoint).delete(0)
+    d.guest_write("vda", 9 * MiB, os.urandom(GRAN))
+    d.guest_write("vda", 0, 0, GRAN)  # old data zeroed: the full copy must zero it too
+    report = run(libvirt_env, d)
+    assert report.mode == "full" and not report.fresh, report.notes
+    assert any("no longer exists" in n for n in report.notes), report.notes
+    assert replica_images(libvirt_env, report.replica, tmp_path) == models(d)
+    assert len(report.snapshots) == 2  # the rollback point of the first run stays
+    d.guest_write("vda", 12 * MiB, os.urandom(GRAN))
+    after = run(libvirt_env, d)
+    assert after.mode == "incremental" and after.stats.bytes_written == GRAN
+
+
+class StopSourceOnSecondDisk(SilentProgress):
+    """A real fault mid-run: the source shuts down after the first disk was written into the
+    replica, so its NBD export goes away while the second disk is copied."""
+
+    def __init__(self, d: lv.TestDomain) -> None:
+        self.d = d
+        self.starts = 0
+
+    def start(self, description: str, total: int) -> None:
+        self.starts += 1
+        if self.starts == 2:
+            self.d.stop()  # clean shutdown: the checkpoints' bitmaps are kept in the images
+
+
+def test_interrupted_run_rolls_the_replica_back(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    cleanup: list[str],
+    tmp_path: Path,
+) -> None:
+    d = make_domain(SIZES)
+    cleanup.append(d.name + "-replica")
+    d.guest_write("vda", 0, os.urandom(MiB))
+    first = run(libvirt_env, d)
+    before = models(d)
+    d.guest_write("vda", 2 * MiB, os.urandom(4 * GRAN))
+    d.guest_write("vdb", 3 * MiB, os.urandom(4 * GRAN))
+    with pytest.raises(ConnectorError):
+        run(libvirt_env, d, progress=StopSourceOnSecondDisk(d))
+    # vda's increment had been written: the replica is back at the first run's snapshot
+    assert replica_images(libvirt_env, first.replica, tmp_path) == before
+    assert repl_checkpoints(d) == [first.checkpoint]  # the failed run's checkpoint is gone
+    d.start()
+    again = run(libvirt_env, d)
+    assert not again.fresh and again.mode == "incremental", again.notes
+    assert again.stats.bytes_written == 8 * GRAN
+    assert replica_images(libvirt_env, again.replica, tmp_path) == models(d)
+
+
+KILLED_RUN = """
+import os, signal, sys
+from vmkeep.operations.replication import ReplicateOptions, replicate
+from vmkeep.progress import SilentProgress
+
+class KillOnSecondDisk(SilentProgress):
+    starts = 0
+
+    def start(self, description, total):
+        self.starts += 1
+        if self.starts == 2:  # the first disk's increment is already in the replica
+            os.kill(os.getpid(), signal.SIGKILL)
+
+replicate(ReplicateOptions(sys.argv[1], sys.argv[2], uri=sys.argv[3]), KillOnSecondDisk())
+"""
+
+
+def test_killed_run_leaves_no_half_updated_replica(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    cleanup: list[str],
+    tmp_path: Path,
+) -> None:
+
+    d = make_domain(SIZES)
+    name = d.name + "-replica"
+    cleanup.append(name)
+    d.guest_write("vda", 0, os.urandom(MiB))
+    run(libvirt_env, d)
+    d.guest_write("vda", 3 * MiB, os.urandom(GRAN))
+    d.guest_write("vdb", 3 * MiB, os.urandom(GRAN))
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, d.name, libvirt_env.pool.name, lv.URI],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9, killed.stderr
+    report = run(libvirt_env, d)
+    notes = " ".join(report.notes)
+    assert "cleaned up after a killed vmkeep run" in notes  # its pull job ended, checkpoint gone
+    assert "interrupted while writing" in notes and report.set_aside, report.notes
+    assert report.fresh and report.mode == "full"
+    assert replica_images(libvirt_env, name, tmp_path) == models(d)
+    assert repl_checkpoints(d) == [report.checkpoint]
