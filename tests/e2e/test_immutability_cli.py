@@ -80,6 +80,8 @@ def test_s3_object_lock_end_to_end(
         client.delete_object(Bucket="imm-locked", Key=chunk_key, VersionId=version)
     assert denied.value.response["Error"]["Code"] == "AccessDenied"
 
+    dry = cli("prune", "--keep-last", "1", "--dry-run", "--json").json()
+    assert dry["removed"] == [] and dry["locked"][0]["restore_point"] == first["restore_point"]
     pruned = cli("prune", "--keep-last", "1", "--json").json()
     assert pruned["removed"] == []
     assert [p["restore_point"] for p in pruned["locked"]] == [first["restore_point"]]

@@ -5,8 +5,9 @@ the delete, the point stays listed, and the result says until when (docs/IMMUTAB
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from vmkeep.engine.retention import PruneDecision
 from vmkeep.errors import ObjectLockedError
@@ -20,12 +21,23 @@ class PruneResult:
     locked: dict[str, datetime | None] = field(default_factory=dict)  # point -> unlock date
 
 
-def apply_prune(repo: Repository, plan: list[PruneDecision], dry_run: bool) -> PruneResult:
+def apply_prune(
+    repo: Repository,
+    plan: list[PruneDecision],
+    dry_run: bool,
+    lock_ends: Mapping[str, datetime] | None = None,
+) -> PruneResult:
+    """`lock_ends` (point -> the lock its manifest records) lets a dry run predict refusals."""
     result = PruneResult()
     refused: dict[str, ObjectLockedError] = {}
+    now = datetime.now(UTC)
     for point_id in (d.point.id for d in plan if not d.keep):
         if dry_run:
-            result.removed.append(point_id)
+            until = (lock_ends or {}).get(point_id)
+            if until is not None and until > now:
+                result.locked[point_id] = until
+            else:
+                result.removed.append(point_id)
             continue
         try:
             repo.delete_manifest(point_id)
@@ -33,5 +45,5 @@ def apply_prune(repo: Repository, plan: list[PruneDecision], dry_run: bool) -> P
         except ObjectLockedError as exc:
             refused[point_id] = exc
     fill_unlock_dates(repo.remote, list(refused.values()))
-    result.locked = {point_id: exc.until for point_id, exc in refused.items()}
+    result.locked.update({point_id: exc.until for point_id, exc in refused.items()})
     return result

@@ -194,7 +194,7 @@ def prune(
     if keep_daily or keep_weekly or keep_monthly or keep_yearly:
         warn_several_schedules(chosen)
     plan = prune_plan([PointRef(m.id, m.vm_uuid, m.schedule, m.created) for m in chosen], policy)
-    result = apply_prune(repo, plan, dry_run)
+    result = apply_prune(repo, plan, dry_run, manifest_lock_ends(chosen))
     removed = result.removed
     if json_out:
         print_json(
@@ -223,7 +223,7 @@ def prune(
     for d in plan:
         action = "keep" if d.keep else ("would remove" if dry_run else "removed")
         if d.point.id in result.locked:
-            action = "locked, kept"
+            action = "locked, would be kept" if dry_run else "locked, kept"
         listing.add_row(
             d.point.id,
             names[d.point.id],
@@ -234,6 +234,17 @@ def prune(
         )
     stdout.print(listing)
     report_locked_points(result.locked)
+
+
+def manifest_lock_ends(manifests: list[Manifest]) -> dict[str, datetime]:
+    """What each manifest says about its own lock (for --dry-run)."""
+    ends: dict[str, datetime] = {}
+    for m in manifests:
+        try:
+            ends[m.id] = datetime.fromisoformat(str((m.lock or {})["until"]))
+        except (KeyError, ValueError):
+            continue
+    return ends
 
 
 def report_locked_points(locked: dict[str, datetime | None]) -> None:
