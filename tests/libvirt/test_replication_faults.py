@@ -175,3 +175,25 @@ def test_killed_run_leaves_no_half_updated_replica(
     assert report.fresh and report.mode == "full"
     assert replica_images(libvirt_env, name, tmp_path) == models(d)
     assert repl_checkpoints(d) == [report.checkpoint]
+
+
+def test_resized_source_disk_gets_a_fresh_replica(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    cleanup: list[str],
+    tmp_path: Path,
+) -> None:
+    d = make_domain((16 * MiB,))
+    name = d.name + "-replica"
+    cleanup.append(name)
+    d.guest_write("vda", MiB, os.urandom(MiB))
+    run(libvirt_env, d)
+    d.dom.blockResize("vda", 24 * MiB, 1)  # VIR_DOMAIN_BLOCK_RESIZE_BYTES
+    disk = d.disk("vda")
+    disk.size = 24 * MiB
+    disk.model.extend(bytes(8 * MiB))
+    d.guest_write("vda", 20 * MiB, os.urandom(GRAN))  # beyond the old end
+    report = run(libvirt_env, d)
+    assert report.fresh and report.mode == "full" and report.set_aside, report.notes
+    assert any("disks (set or sizes) changed" in n for n in report.notes), report.notes
+    assert replica_images(libvirt_env, name, tmp_path) == models(d)
