@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -225,3 +226,25 @@ def test_remote_test_reports_a_helper_that_did_not_run(workdir: Path) -> None:
     helper(root)
     after = probe_remote(remote, 4 * 1024 * 1024)
     assert after.ok and after.checks["immutable: delete/overwrite refused"] == "ok"
+
+
+def test_the_helper_without_the_capability_fails_in_one_line(workdir: Path) -> None:
+    """Root without CAP_LINUX_IMMUTABLE (dropped from the bounding set) cannot set +i."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    make_repo(workdir, seconds=3600)
+    root = workdir / "repo"
+    until = datetime.now(UTC) + timedelta(hours=1)
+    LocalRemote(root).protect_point("20990101T000000Z-cap000", [], ["manifests/x"], until)
+    proc = subprocess.run(
+        [setpriv, "--bounding-set", "-linux_immutable", HELPER, "apply", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        "error: setting the immutable attribute needs root (CAP_LINUX_IMMUTABLE)"
+    )
+    assert not is_immutable(root / record_name("20990101T000000Z-cap000"))
