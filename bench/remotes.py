@@ -7,7 +7,7 @@ on loopback, next to the raw throughput of the same server and to restic, in one
 For each remote, in this order, with the page cache dropped before each timed step:
   1. raw: parallel 4 MiB object writes, then reads (--raw-mib of random data in total, on as
      many threads as vmkeep's data path uses for that remote: vmkeep.parallel.io_threads, 8
-     for S3/Azure/SMB on 2 cores, 4 for local) with the server's own SDK: boto3 (S3,
+     for S3/Azure, 4 for SMB and local on 2 cores) with the server's own SDK: boto3 (S3,
      SeaweedFS), azure-storage-blob (Azurite), smbprotocol's smbclient with one connection per
      thread (Samba); local: plain files, each written and fsynced. This is what the server
      (and the machine) can take.

@@ -110,6 +110,8 @@ def test_io_threads_by_remote_kind(monkeypatch: pytest.MonkeyPatch) -> None:
     local = io_threads("/srv/backups")
     assert io_threads("file:///srv/backups") == local
     assert io_threads("s3://bucket/p?endpoint=http://x") >= 8 >= local >= 2
+    assert io_threads("azure://c/p?account=a") == io_threads("s3://b/")
+    assert 4 <= io_threads("smb://host/share/p") < io_threads("s3://b/")
     monkeypatch.setenv("VMKEEP_WORKERS", "3")
     assert io_threads("s3://bucket/") == io_threads("/srv") == 3
 

@@ -174,7 +174,10 @@ class Conn:
                 resp = self.connection.receive(req, timeout=self.target.request_timeout)
                 out.append(bytes(resp["data"].get_value()))
             except SMBResponseException as exc:
-                out.append(exc)
+                # Without its traceback: exc -> frame -> out -> exc is a cycle that kept every
+                # caller's frame (a backup's 4 MiB chunk and its encoded copy) alive until the
+                # cyclic GC ran; measured: +250 MiB RSS in an 8-thread backup.
+                out.append(exc.with_traceback(None))
         return out
 
     def _ask(self, msg: Any) -> int | None:
