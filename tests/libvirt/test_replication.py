@@ -169,7 +169,15 @@ def test_full_replication_keeps_the_newest_n(
         paths = list(disk_paths(libvirt_env.conn.lookupByName(report.replica)).values())
         made.append((report.replica, models(d), paths))
         assert replica_images(libvirt_env, report.replica, tmp_path) == models(d)
+        if i == 0:  # someone adds a disk of their own to the first replica
+            own = libvirt_env.pool.create_volume(d.name + "-replica-users-disk.qcow2", MiB)
+            disk_xml = (
+                f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+                f"<source file='{own}'/><target dev='vdz' bus='virtio'/></disk>"
+            )
+            libvirt_env.conn.lookupByName(report.replica).attachDeviceFlags(disk_xml, 2)
     assert report.deleted == [made[0][0]]
+    assert own.exists()  # deleting the replica deleted only the volumes vmkeep made
     names = {dom.name() for dom in libvirt_env.conn.listAllDomains(0)}
     assert made[0][0] not in names and {made[1][0], made[2][0]} <= names
     assert not any(Path(p).exists() for p in made[0][2])  # its volumes went with it

@@ -66,12 +66,14 @@ def replicas_of(conn: Connection, source_uuid: str, kind: str) -> list[Replica]:
 
 
 def delete(conn: Connection, replica: Replica) -> None:
-    """Undefine a shut-off replica with its snapshots and delete its disk volumes."""
+    """Undefine a shut-off replica with its snapshots and delete the disk volumes vmkeep made
+    for it (those in its record: a disk someone pointed elsewhere is left alone)."""
     lv = libvirt()
     dom = replica.dom
     if dom.isActive():
         raise ConnectorError(f"replica {replica.name} is running: not deleting it")
-    paths = disk_paths(dom)
+    ours = {v.path for v in replica.record.volumes.values()}
+    paths = [p for p in disk_paths(dom).values() if p in ours]
     flags = (
         lv.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
         | lv.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
@@ -82,7 +84,7 @@ def delete(conn: Connection, replica: Replica) -> None:
         dom.undefineFlags(flags)
     except lv.libvirtError as exc:
         raise ConnectorError(f"cannot delete replica {replica.name}: {one_line(exc)}") from None
-    for path in paths.values():
+    for path in paths:
         delete_volume(conn, path)
 
 

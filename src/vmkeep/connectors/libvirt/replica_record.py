@@ -108,6 +108,11 @@ class ReplicaRecord:
             raise ConnectorError(f"unknown replica kind {record.kind!r}")
         return record
 
+    def own(self, paths: dict[str, str]) -> None:
+        """Record the volumes this run created, before their identity can be taken (or when it
+        cannot: a remote host's files). Only recorded volumes are ever deleted with a replica."""
+        self.volumes = {target: VolumeStamp(path, -1, -1, -1, -1) for target, path in paths.items()}
+
     def stamp(self, paths: dict[str, str]) -> None:
         """Record the volumes' identities as they are now (after the run wrote them)."""
         self.volumes = {target: VolumeStamp.of(path) for target, path in paths.items()}

@@ -49,6 +49,7 @@ def replicate_full(
         FULL, source.uuid, source.name, now.isoformat(timespec="microseconds"),
         disk_sizes={d.name: d.size for d in source.disks},
     )  # fmt: skip
+    record.own(paths)
     try:
         if not upload:  # identities of files on another host cannot be taken (nor are needed)
             record.stamp(paths)

@@ -132,11 +132,12 @@ def replicate_incremental(
         incremental = base_of(session) is not None
         if replica is None:
             stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
-            new_dom, _, report.stats = create_replica(
+            new_dom, paths, report.stats = create_replica(
                 dst, source, session, report.replica, pool, progress,
                 volume_stem=f"{report.replica}-{stamp}",
             )  # fmt: skip
             record = ReplicaRecord(INCREMENTAL, source.uuid, source.name, "")
+            record.own(paths)
             replica = Replica(new_dom, report.replica, record)
             report.fresh = True
         else:
