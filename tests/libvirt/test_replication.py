@@ -211,6 +211,7 @@ def test_cli_replicate(
     assert missing.code == 1 and "no-such-domain" in missing.err
     d.guest_write("vda", 0, os.urandom(MiB))
     first = cli("replicate", d.name, *args, "--json").json()
+    first_uuid = d.dom.UUIDString()
     d.guest_write("vda", 4 * MiB, os.urandom(GRAN))
     second = cli("replicate", d.name, *args, "--json").json()
     assert (first["mode"], second["mode"]) == ("full", "incremental")
@@ -226,6 +227,17 @@ def test_cli_replicate(
     assert delta["bytes_read"] == 4 * MiB, delta["notes"]  # the one 4 MiB chunk touched
     assert len(checkpoints.vmkeep_checkpoints(d.dom)) == 2
     assert repl_checkpoints(d) == [second["checkpoint"]]
+    # vmkeep replicas: found by the source's uuid, and by its name once the source is gone
+    d.destroy()  # the host is "lost": only the replica is left
+    (row,) = cli("replicas", d.name, "--uri", lv.URI, "--json").json()
+    assert (row["name"], row["kind"], row["state"]) == (
+        second["replica"],
+        "incremental",
+        "shut off",
+    )
+    assert row["snapshots"] == [first["snapshot"], second["snapshot"]]
+    assert row["source_uuid"] == first_uuid and not row["interrupted"]
+    assert second["replica"] in cli("replicas", d.name, "--uri", lv.URI).out
 
 
 def offline_write(d: lv.TestDomain, target: str, offset: int, pattern: int, length: int) -> None:

@@ -52,17 +52,29 @@ def free_name(conn: Connection, base: str) -> str:
     return name
 
 
-def replicas_of(conn: Connection, source_uuid: str, kind: str) -> list[Replica]:
-    """The source's replicas of one kind, oldest first (by the recorded run time)."""
+def replicas_of(conn: Connection, source_uuid: str, kind: str | None) -> list[Replica]:
+    """The source's replicas of one kind (None: both), oldest first (by recorded run time)."""
     found = []
     for dom in conn.list_domains():
         try:
             record = read_record(dom)
         except ConnectorError:
             continue  # another tool's metadata in our namespace: not ours to touch
-        if record and record.kind == kind and record.source_uuid == source_uuid:
+        if record and kind in (None, record.kind) and record.source_uuid == source_uuid:
             found.append(Replica(dom, str(dom.name()), record))
     return sorted(found, key=lambda r: (r.record.created, r.name))
+
+
+def source_uuid_by_name(conn: Connection, source_name: str) -> str | None:
+    """The uuid replicas record for a source of that name (the source itself may be gone)."""
+    for dom in conn.list_domains():
+        try:
+            record = read_record(dom)
+        except ConnectorError:
+            continue
+        if record and record.source_name == source_name:
+            return record.source_uuid
+    return None
 
 
 def delete(conn: Connection, replica: Replica) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .output import RichProgress, console, human_bytes, print_json
+from .output import RichProgress, console, human_bytes, print_json, stdout, table
 from .repo_commands import JsonOpt
 
 
@@ -57,5 +57,33 @@ def replicate_command(
     )
 
 
+def replicas_command(
+    domain: str = typer.Argument(..., help="The source domain (name or uuid; may be gone)."),
+    uri: str | None = typer.Option(None, "--uri", help="Source libvirt URI (qemu:///system)."),
+    target_uri: str | None = typer.Option(
+        None, "--target-uri", help="libvirt URI of the replicas (default: the source's)."
+    ),
+    json_out: bool = JsonOpt,
+) -> None:
+    """List a domain's replicas (full and incremental) with their rollback snapshots."""
+    from vmkeep.operations.replication.listing import list_replicas  # needs libvirt
+
+    rows = list_replicas(domain, uri or "qemu:///system", target_uri or "")
+    if json_out:
+        print_json(rows)
+        return
+    listing = table("name", "kind", "state", "written (UTC)", "snapshots")
+    for r in rows:
+        listing.add_row(
+            r["name"],
+            r["kind"] + (" (interrupted)" if r["interrupted"] else ""),
+            r["state"],
+            r["created"][:19],
+            ", ".join(r["snapshots"]) or "-",
+        )
+    stdout.print(listing)
+
+
 def register(app: typer.Typer) -> None:
     app.command("replicate")(replicate_command)
+    app.command("replicas")(replicas_command)
