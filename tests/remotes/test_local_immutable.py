@@ -120,7 +120,7 @@ def test_records_made_immutable_by_the_helper_refuse_rm_and_prune(workdir: Path)
     chunks = {
         chunk_object_name(c) for c in repo.load_manifest(first.restore_point).referenced_ids()
     }
-    assert set(record.objects) == chunks | {manifest_object_name(first.restore_point)}
+    assert set(record.objects) == chunks | {manifest_object_name(first.restore_point), "config"}
     assert not is_immutable(root / manifest_object_name(first.restore_point))  # helper not run
 
     report = helper(root)
@@ -139,6 +139,10 @@ def test_records_made_immutable_by_the_helper_refuse_rm_and_prune(workdir: Path)
     assert victim.exists()
     with pytest.raises(ObjectLockedError):
         repo.remote.put(sorted(chunks)[0], b"overwritten")
+    # The wrapped keys are protected too: deleting config would make every point unreadable.
+    assert is_immutable(root / "config")
+    with pytest.raises(ObjectLockedError, match="immutable"):
+        repo.add_key(b"another passphrase", "ransom")
 
     manifests, _ = repo.load_manifests()
     plan = prune_plan(

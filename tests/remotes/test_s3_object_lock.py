@@ -183,6 +183,13 @@ def test_the_next_backup_trusts_its_parents_lock_claim_only_when_encrypted(
     first = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
     claim = repo.load_manifest(first.restore_point).lock
     assert claim is not None and claim["mode"] == "compliance"
+    # config holds the wrapped keys: its version is locked as long as the point's chunks
+    config = server.client().head_object(Bucket=LOCKED, Key=f"{prefix}/config")
+    assert config["ObjectLockRetainUntilDate"] >= datetime.fromisoformat(claim["until"])
+    with pytest.raises(ClientError):
+        server.client().delete_object(
+            Bucket=LOCKED, Key=f"{prefix}/config", VersionId=config["VersionId"]
+        )
     assert datetime.fromisoformat(claim["chunks_until"]) > datetime.fromisoformat(claim["until"])
 
     next_process = remote_for(server, prefix)  # tomorrow's run knows nothing in memory

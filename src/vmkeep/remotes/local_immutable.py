@@ -77,8 +77,13 @@ def read_lock_ends(remote: LocalRemote) -> dict[str, datetime]:
 
 
 def _walk_files(root: Path) -> Iterator[tuple[str, str, int]]:
-    """(object name, file name, directory fd) of every entry under the walked folders,
-    without following symlinks (os.fwalk hands out directory descriptors)."""
+    """(object name, file name, directory fd) of `config` and of every entry under the walked
+    folders, without following symlinks (os.fwalk hands out directory descriptors)."""
+    rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        yield "config", "config", rootfd
+    finally:
+        os.close(rootfd)
     for top in WALKED:
         base = root / top
         if not base.is_dir() or base.is_symlink():

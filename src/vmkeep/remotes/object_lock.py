@@ -15,8 +15,10 @@ from typing import Protocol, runtime_checkable
 from vmkeep.errors import UsageError
 
 MODES = ("compliance", "governance")
-# Only these are locked: restore points and their data. Locks and config must stay writable.
+# Locked: restore points, their data, and `config` (it holds the wrapped keys: deleting every
+# version of it would make all the locked data unreadable). Never `locks/`: they must go.
 LOCKED_PREFIXES = ("chunks/", "manifests/", "retention/")
+LOCKED_NAMES = ("config",)
 MAX_MARGIN = timedelta(days=30)
 DAY = 86400
 
@@ -71,7 +73,7 @@ class LockPolicy:
 
 
 def is_locked_name(name: str) -> bool:
-    return name.startswith(LOCKED_PREFIXES)
+    return name in LOCKED_NAMES or name.startswith(LOCKED_PREFIXES)
 
 
 @dataclass

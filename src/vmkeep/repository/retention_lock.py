@@ -18,17 +18,18 @@ from vmkeep.remotes.local import LocalRemote
 from vmkeep.remotes.object_lock import LockingRemote, ProtectStats
 from vmkeep.remotes.retention_records import RECORDS_PREFIX, decode_record
 
-from .format import chunk_object_name, manifest_object_name
+from .format import CONFIG_NAME, chunk_object_name, manifest_object_name
 from .manifest import Manifest
 from .repository import Repository
 
 
 def lock_restore_point(repo: Repository, manifest: Manifest) -> ProtectStats | None:
     """The backup's one call, just before `save_manifest`: None when the remote has no lock
-    policy. Else every chunk of `manifest` is made to stay locked at least until the point's
-    retention end (S3: a HEAD per chunk not covered by the parent's claim, an extension for
-    those ending too soon; local: a retention record), the manifest will be locked by its own
-    write, and `manifest.lock` records the point's end and the floor of its chunks' locks."""
+    policy. Else `config` (the wrapped keys) and every chunk of `manifest` are made to stay
+    locked at least until the point's retention end (S3: a HEAD per object not covered by the
+    parent's claim, an extension for those ending too soon; local: a retention record), the
+    manifest will be locked by its own write, and `manifest.lock` records the point's end and
+    the floor of its objects' locks."""
     remote = repo.remote
     if not isinstance(remote, LockingRemote) or remote.lock_policy is None:
         return None
@@ -36,7 +37,7 @@ def lock_restore_point(repo: Repository, manifest: Manifest) -> ProtectStats | N
     until = policy.point_until(manifest.created)
     ids = manifest.referenced_ids()
     covered, parent_floor = parent_claim(repo, manifest, until)
-    names = sorted(chunk_object_name(c) for c in ids)
+    names = [CONFIG_NAME, *sorted(chunk_object_name(c) for c in ids)]
     stats = remote.protect_point(
         manifest.id,
         names,
