@@ -522,10 +522,6 @@ class S3Remote:
     def check_immutability(self) -> str | None:
         return self._locks.probe()
 
-    def locked_until(self, name: str) -> datetime | None:
-        """The retain-until date of the object's current version, None when unlocked."""
-        return self._locks.current_until(self._key(name))
-
     def free_space(self) -> int | None:
         """S3 has no notion of free space (quotas, where they exist, are not exposed)."""
         return None

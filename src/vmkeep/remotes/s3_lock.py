@@ -224,9 +224,6 @@ class S3LockSupport:
             return None
         return lock_end(dict(head))
 
-    def current_until(self, key: str) -> datetime | None:
-        return self._version_until(key)
-
     # -- remote test --------------------------------------------------------------------------
 
     def probe(self) -> str | None:
