@@ -48,7 +48,7 @@ def domain_xml(name: str, image: Path) -> str:
     return f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
   <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
       <source file='{image}'/><target dev='vda' bus='virtio'/></disk>
     <controller type='usb' model='none'/><memballoon model='none'/></devices></domain>"""
 
