@@ -89,6 +89,15 @@ def test_deleted_replication_checkpoint_means_full_copy_with_reason(
     d.guest_write("vda", 12 * MiB, os.urandom(GRAN))
     after = run(libvirt_env, d)
     assert after.mode == "incremental" and after.stats.bytes_written == GRAN
+    # QEMU crashes: its bitmaps were never stored, libvirt still lists the checkpoint
+    d.kill_qemu()
+    d.start()
+    d.guest_write("vda", 14 * MiB, os.urandom(GRAN))
+    crashed = run(libvirt_env, d)
+    assert crashed.mode == "full" and not crashed.fresh, crashed.notes
+    assert any("unusable" in n for n in crashed.notes), crashed.notes
+    assert replica_images(libvirt_env, crashed.replica, tmp_path) == models(d)
+    assert repl_checkpoints(d) == [crashed.checkpoint]
 
 
 class StopSourceOnSecondDisk(SilentProgress):
