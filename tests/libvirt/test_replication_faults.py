@@ -206,3 +206,40 @@ def test_resized_source_disk_gets_a_fresh_replica(
     assert report.fresh and report.mode == "full" and report.set_aside, report.notes
     assert any("disks (set or sizes) changed" in n for n in report.notes), report.notes
     assert replica_images(libvirt_env, name, tmp_path) == models(d)
+
+
+class RestartLibvirtd(SilentProgress):
+    """libvirtd restarts while the first disk is copied (QEMU, the job and its NBD export
+    survive it, LIBVIRT-NOTES §8)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def start(self, description: str, total: int) -> None:
+        if not self.done:
+            self.done = True
+            lv.restart_libvirtd()
+
+
+def test_libvirtd_restart_during_a_run(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    cleanup: list[str],
+    tmp_path: Path,
+) -> None:
+    why_not = lv.libvirtd_restartable()
+    if why_not:
+        pytest.skip(why_not)
+    d = make_domain(SIZES)
+    cleanup.append(d.name + "-replica")
+    d.guest_write("vda", 0, os.urandom(MiB))
+    run(libvirt_env, d)
+    d.guest_write("vda", 4 * MiB, os.urandom(GRAN))
+    d.guest_write("vdb", 4 * MiB, os.urandom(GRAN))
+    report = run(libvirt_env, d, progress=RestartLibvirtd())
+    d.reconnect(libvirt_env.reconnect())
+    assert report.mode == "incremental" and report.stats.bytes_written == 2 * GRAN, report.notes
+    assert replica_images(libvirt_env, report.replica, tmp_path) == models(d)
+    assert not lv.job_active(d.dom)  # the pull job was ended through the new connection
+    assert repl_checkpoints(d) == [report.checkpoint]
+    assert len(report.snapshots) == 2

@@ -61,7 +61,9 @@ def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationRepor
     """One replication run of `options.domain`."""
     check_options(options)
     src = Connection(options.uri)
-    dst = Connection(options.target_uri) if options.target_uri else src
+    # Its own connection even to the same URI: after a libvirtd restart each side reconnects
+    # and looks its domain up again (a shared one would leave the job's domain object stale).
+    dst = Connection(options.target_uri or options.uri)
     try:
         dom = src.lookup(options.domain)
         cleaned = clean_stale_runs(src)  # a killed run's job would block this one
@@ -79,8 +81,7 @@ def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationRepor
         raise
     finally:
         src.close()
-        if dst is not src:
-            dst.close()
+        dst.close()
     for note in report.notes:
         progress.note(note)
     return report
