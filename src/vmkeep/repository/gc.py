@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmkeep.errors import ObjectLockedError, RepositoryError
+from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.progress import Progress
 
 from .locks import RepositoryLock, remove_stale_locks
@@ -71,18 +72,27 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
 def sweep(
     repo: Repository, garbage: list[tuple[bytes, int]], progress: Progress, dry_run: bool
 ) -> tuple[int, int, list[ObjectLockedError]]:
-    """Deletes the garbage chunks; a locked one is kept and reported, not a failure."""
+    """Deletes the garbage chunks, several at a time (a delete on a versioned bucket is two
+    requests); a locked one is kept and reported, not a failure."""
+
+    def delete(item: tuple[bytes, int]) -> ObjectLockedError | None:
+        try:
+            if not dry_run:
+                repo.delete_chunk(item[0])
+        except ObjectLockedError as exc:
+            return exc
+        return None
+
     deleted = freed = 0
     refused: list[ObjectLockedError] = []
     progress.start("gc", len(garbage))
-    for chunk_id, size in garbage:
-        try:
-            if not dry_run:
-                repo.delete_chunk(chunk_id)
+    results = ordered_map(delete, garbage, io_threads(repo.remote.url))
+    for (_chunk_id, size), error in zip(garbage, results, strict=True):
+        if error is None:
             deleted += 1
             freed += size
-        except ObjectLockedError as exc:
-            refused.append(exc)
+        else:
+            refused.append(error)
         progress.advance(1)
     progress.finish()
     return deleted, freed, refused
