@@ -85,6 +85,7 @@ class RemoteContract:
             remote.get("a/x", 1, 0)
         with pytest.raises(NotFoundError):
             remote.get("a/b")  # a common prefix ("directory") is not an object
+        assert remote.stat("a/b") is None
         assert remote.stat("a/x") is None
         assert "a/x" not in {o.name for o in remote.list("a/")}
         remote.flush()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import time
 from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
@@ -124,6 +125,8 @@ class LocalRemote:
             return None
         except OSError as exc:
             raise _os_error(exc, "reading", self._path(name)) from exc
+        if not stat.S_ISREG(st.st_mode):
+            return None  # a directory is a name prefix, not an object (as on S3/Azure/SMB)
         return ObjectStat(name, st.st_size, st.st_mtime)
 
     def list(self, prefix: str) -> Iterator[ObjectStat]:
