@@ -35,6 +35,8 @@ class DomainDisk:
     source: str  # file or block device path; "" when the disk has no local source
     source_type: str  # file, block, network, volume
     fmt: str  # driver type: qcow2, raw, ...
+    pool: str = ""  # <disk type='volume'>: the storage pool and volume naming the image
+    volume: str = ""
 
 
 def parse_disks(xml: str) -> list[DomainDisk]:
@@ -53,7 +55,11 @@ def parse_disks(xml: str) -> list[DomainDisk]:
             path = src.get("file") or src.get("dev") or ""
         driver = el.find("driver")
         fmt = (driver.get("type") if driver is not None else None) or "raw"
-        disks.append(DomainDisk(target.get("dev", ""), path, el.get("type", "file"), fmt))
+        pool = src.get("pool", "") if src is not None else ""
+        volume = src.get("volume", "") if src is not None else ""
+        disks.append(
+            DomainDisk(target.get("dev", ""), path, el.get("type", "file"), fmt, pool, volume)
+        )
     return disks
 
 
@@ -88,6 +94,16 @@ def is_active(dom: Any) -> bool:
         raise ConnectorError(f"cannot read the state of {dom.name()}: {one_line(exc)}") from None
 
 
+def _source_and_capacity(dom: Any, disk: DomainDisk) -> tuple[str, int]:
+    """blockInfo answers for running domains and file/block disks; a `<disk type='volume'>` of a
+    shut-off domain has no path in the XML and blockInfo fails ("missing storage backend for
+    'volume' storage"), so the storage pool is asked instead."""
+    if disk.source_type == "volume" and disk.pool and disk.volume and not dom.isActive():
+        vol = dom.connect().storagePoolLookupByName(disk.pool).storageVolLookupByName(disk.volume)
+        return str(vol.path()), int(vol.info()[1])
+    return disk.source, int(dom.blockInfo(disk.target, 0)[0])
+
+
 def vm_config(dom: Any) -> VmConfig:
     """The VmConfig of a domain: live XML when it runs, disk sizes from blockInfo."""
     lv = libvirt()
@@ -98,9 +114,9 @@ def vm_config(dom: Any) -> VmConfig:
         uuid = dom.UUIDString()
         disks = []
         for d in parse_disks(xml):
-            capacity = int(dom.blockInfo(d.target, 0)[0])
+            source, capacity = _source_and_capacity(dom, d)
             disks.append(DiskInfo(name=d.target, size=capacity, format=d.fmt,
-                                  extra={"source": d.source}))  # fmt: skip
+                                  extra={"source": source}))  # fmt: skip
     except lv.libvirtError as exc:
         raise ConnectorError(f"cannot read domain {dom.name()}: {one_line(exc)}") from None
     vcpu = root.find("vcpu")
