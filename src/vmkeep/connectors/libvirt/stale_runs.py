@@ -17,6 +17,7 @@ from vmkeep.connectors.libvirt import checkpoints
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import parse_disks
+from vmkeep.connectors.libvirt.live import end_job
 from vmkeep.connectors.libvirt.workdir import ROOT, StaleWorkdir, remove_workdir, stale_workdirs
 from vmkeep.errors import VmkeepError
 
@@ -38,8 +39,6 @@ def clean_stale_runs(conn: Connection, root: Path = ROOT) -> list[str]:
 
 
 def _clean(conn: Connection, stale: StaleWorkdir) -> str:
-    from vmkeep.connectors.libvirt.live import end_job
-
     lv = libvirt()
     done = []
     dom = _domain(conn, stale.domain_uuid)
