@@ -73,13 +73,14 @@ def io_threads(remote_url: str) -> int:
     raw SDK writes and reads need to reach the server's own limit on loopback (bench/remotes.py
     measures the raw SDK with the same count). SMB gets fewer: smbprotocol packs and signs in
     Python, so the client's CPU is the limit, and it holds ~4 copies of each write (measured:
-    8 threads took a backup to 336 MiB peak RSS for no gain in speed over 4). Local remotes
-    use default_workers."""
+    8 threads took a backup to 336 MiB peak RSS for no gain in speed over 4). On more cores
+    the count grows by one per core only, enough to fill the CPU gate, because each thread
+    holds two or three copies of a 4 MiB chunk. Local remotes use default_workers."""
     if "://" not in remote_url or remote_url.startswith("file://"):
         return default_workers()
     if remote_url.startswith(("smb://", "cifs://")):
-        return _override() or max(SMB_THREADS, cpu_count() * 2)
-    return _override() or max(OBJECT_STORE_THREADS, cpu_count() * 2)
+        return _override() or max(SMB_THREADS, cpu_count())
+    return _override() or max(OBJECT_STORE_THREADS, cpu_count() + 2)
 
 
 class CpuGate:
