@@ -8,11 +8,12 @@ parent (PR_SET_PDEATHSIG), so a killed vmkeep leaves no server holding the image
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vmkeep.errors import ConnectorError
@@ -21,10 +22,29 @@ START_TIMEOUT = 15.0
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+# Loaded here, in the parent: a dlopen in the child between fork and exec can fail (another
+# thread may have held the loader's lock at fork time), and then the death signal was lost.
+_LIBC = _load_libc()
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """Runs in the child between fork and exec: SIGTERM when the parent dies, and if it died
+    already (before the prctl), exit at once."""
+
+    def preexec() -> None:
+        if _LIBC is not None:
+            _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 class QemuNbdExport:
@@ -45,7 +65,7 @@ class QemuNbdExport:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                preexec_fn=_die_with_parent,  # no threads started by us yet
+                preexec_fn=_die_with_parent(os.getpid()),
             )
         except OSError as exc:
             raise ConnectorError(f"cannot run qemu-nbd for {image}: {exc.strerror}") from None

@@ -8,7 +8,11 @@ of this or another vmkeep process is never disturbed."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,7 @@ def clean_stale_runs(conn: Connection, root: Path = ROOT) -> list[str]:
 
 def _clean(conn: Connection, stale: StaleWorkdir) -> str:
     lv = libvirt()
-    done = []
+    done = [f"qemu-nbd {pid} stopped" for pid in stop_servers(stale.path)]
     dom = _domain(conn, stale.domain_uuid)
     if dom is not None:
         if job_socket_dir(dom) == stale.path:
@@ -59,6 +63,47 @@ def _clean(conn: Connection, stale: StaleWorkdir) -> str:
     return f"cleaned up after a killed vmkeep run{what} ({stale.path.name}): " + (
         ", ".join(done) or "directory removed"
     )
+
+
+def stop_servers(workdir: Path, timeout: float = 10.0) -> list[int]:
+    """Stop the qemu-nbd processes of a dead run (their socket is in `workdir`). They normally
+    die with vmkeep (PR_SET_PDEATHSIG), but qemu-nbd forgets a SIGTERM that arrives between
+    creating its socket and entering its main loop; one left running would keep the image
+    locked (the domain could not start) and its bitmaps unchangeable."""
+    mark = str(workdir).encode() + b"/"
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"qemu-nbd") and any(a.startswith(mark) for a in argv):
+            pids.append(int(entry.name))
+    for pid in pids:
+        _stop(pid, timeout)
+    return pids
+
+
+def _stop(pid: int, timeout: float) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie has exited: orphans may never be reaped on hosts without init)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _domain(conn: Connection, uuid: str) -> Any | None:
