@@ -340,6 +340,10 @@ def backup_vm(
             ok = True
         finally:
             session.finish(ok)
+        # finish() may add notes of its own (e.g. the --offline restart failed): report them.
+        late = [note for note in session.notes if note not in notes]
+        for note in late:
+            progress.note(note)
     return BackupReport(
-        manifest.id, vm.name, vm.uuid, options.mode, stats, time.monotonic() - began, notes
+        manifest.id, vm.name, vm.uuid, options.mode, stats, time.monotonic() - began, notes + late
     )
