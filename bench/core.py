@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -483,6 +484,41 @@ def benchmark(
     }
 
 
+def speaker(as_json: bool) -> Callable[[str], None]:
+    """Progress lines go to stderr under --json, so stdout stays one JSON document."""
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr if as_json else sys.stdout, flush=True)
+
+    return say
+
+
+def run_in_workdir(
+    work: Path,
+    args: argparse.Namespace,
+    measure: Callable[[], dict[str, Any]],
+    report: Callable[[dict[str, Any]], None],
+    say: Callable[[str], None],
+) -> int:
+    """The tail every bench shares: measure, always remove the workdir (unless --keep), print
+    the result as JSON or as the bench's table; exit 1 when a check in it failed."""
+    try:
+        result = measure()
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        say(f"benchmark failed: {exc}")
+        return 1
+    finally:
+        if args.keep:
+            say(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        report(result)
+    return 0 if result["ok"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="vmkeep vs restic and borg on one sparse image.")
     parser.add_argument("--size-gib", type=float, default=4.0, help="image size (default 4)")
@@ -495,24 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     size = int(args.size_gib * GiB) // MiB * MiB
     if size < 16 * MiB:
         parser.error("--size-gib must be at least 1/64 (16 MiB)")
-
-    def say(message: str) -> None:
-        print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
-
+    say = speaker(args.json)
     work = args.workdir.resolve()
     prepare_workdir(work)
-    try:
-        result = benchmark(work, size, args.seed, not args.no_install, say)
-    finally:
-        if args.keep:
-            say(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_report(result)
-    return 0 if result["ok"] else 1
+    measure = partial(benchmark, work, size, args.seed, not args.no_install, say)
+    return run_in_workdir(work, args, measure, print_report, say)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +33,18 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from core import PASSPHRASE, Run, dir_bytes, drop_caches, ensure_peers, in_helper, last_line, run
+from core import (
+    PASSPHRASE,
+    Run,
+    dir_bytes,
+    drop_caches,
+    ensure_peers,
+    in_helper,
+    last_line,
+    run,
+    run_in_workdir,
+    speaker,
+)
 from image import GiB, MiB, build_image, plan_change
 
 ROOT = Path("/var/lib/libvirt/images")
@@ -248,29 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     size = int(args.size_gib * GiB) // MiB * MiB
     if size < 16 * MiB or args.change_block % 4096 or args.change_block <= 0:
         parser.error("--size-gib >= 1/64 and --change-block a positive multiple of 4096")
-
-    def say(message: str) -> None:
-        print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
-
+    say = speaker(args.json)
     if os.geteuid() != 0:
         parser.error("needs root (libvirt system URI, page cache drop)")
     work = ROOT / f"vmkeep-bench-{os.getpid()}-{secrets.token_hex(3)}"
     work.mkdir(mode=0o755)
-    try:
+
+    def measure() -> dict[str, Any]:
         result = benchmark(work, size, args.change_block, args.seed, not args.no_install, say)
-    except (RuntimeError, subprocess.CalledProcessError) as exc:
-        say(f"benchmark failed: {exc}")
-        return 1
-    finally:
-        if args.keep:
-            say(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_report(result)
-    return 0 if result["restore_ok"] else 1
+        return {**result, "ok": result["restore_ok"]}
+
+    return run_in_workdir(work, args, measure, print_report, say)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -74,6 +75,8 @@ from core import (
     last_line,
     prepare_workdir,
     run,
+    run_in_workdir,
+    speaker,
     write_vm,
 )
 from image import GiB, MiB, allocated_bytes, build_image, sha256_file
@@ -951,26 +954,13 @@ def main(argv: list[str] | None = None) -> int:
     if not kinds or set(kinds) - set(KINDS):
         parser.error(f"--remotes takes a comma-separated list of {', '.join(KINDS)}")
     raw_bytes = max(args.raw_mib, 4 * RAW_THREADS) * MiB
-
-    def say(message: str) -> None:
-        print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
-
+    say = speaker(args.json)
     work = args.workdir.resolve()
     prepare_workdir(work)
     assert (work / MARKER).exists()
+    measure = partial(benchmark, work, size, args.seed, kinds, raw_bytes, say)
     with stopped_on_sigterm():
-        try:
-            result = benchmark(work, size, args.seed, kinds, raw_bytes, say)
-        finally:
-            if args.keep:
-                say(f"kept {work}")
-            else:
-                shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_report(result)
-    return 0 if result["ok"] else 1
+        return run_in_workdir(work, args, measure, print_report, say)
 
 
 if __name__ == "__main__":

@@ -24,109 +24,31 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
-    HTTPClientError,
-    IncompleteReadError,
-    NoCredentialsError,
-    PartialCredentialsError,
     ProfileNotFound,
-    ReadTimeoutError,
-    SSLError,
 )
 
 from vmkeep.errors import (
     NotFoundError,
     ObjectExistsError,
-    ObjectLockedError,
     RemoteError,
-    RemoteFullError,
     UsageError,
 )
 
 from .base import ObjectStat
 from .object_lock import LockPolicy, ProtectStats, is_locked_name
+from .s3_errors import error_code, http_status, is_transient, one_line, s3_error
 from .s3_lock import S3LockSupport
-from .transport_errors import describe, host_of, is_permanent
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 T = TypeVar("T")
 
-# Error codes that say the credentials themselves are wrong (not a missing permission).
-AUTH_CODES = frozenset(
-    {
-        "SignatureDoesNotMatch",
-        "InvalidAccessKeyId",
-        "InvalidToken",
-        "ExpiredToken",
-        "TokenRefreshRequired",
-        "InvalidClientTokenId",
-        "AuthFailure",
-        "UnrecognizedClientException",
-    }
-)
-# Error codes worth another attempt: throttling and the server's own transient trouble.
-TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "RequestThrottled",
-        "TooManyRequestsException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "InternalError",
-        "ServiceUnavailable",
-        "BandwidthLimitExceeded",
-        "PriorRequestNotComplete",
-        "ConditionalRequestConflict",  # AWS: a concurrent conditional write; retry decides
-        "OperationAborted",
-    }
-)
-FULL_CODES = frozenset(
-    {
-        "QuotaExceeded",
-        "XMinioStorageFull",
-        "InsufficientStorage",
-        "StorageFull",
-        "StorageQuotaExceeded",
-    }
-)
-REGION_CODES = frozenset(
-    {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"}
-)
+
 DEFAULT_TIMEOUTS = (10.0, 60.0)  # connect, read (seconds of silence, not of a whole transfer)
 URL_PARAMS = frozenset(
     {"endpoint", "region", "path_style", "checksums", "conditional_put", "timeout"}
 )
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _is_transient(exc: Exception) -> bool:
-    """Throttling, 5xx and broken connections are retried; everything else fails at once."""
-    if isinstance(exc, ClientError):
-        status, code = _status(exc), _code(exc)
-        if code in TRANSIENT_CODES or status == 429:
-            return True
-        return status >= 500 and status not in (501, 505, 507) and code not in FULL_CODES
-    if isinstance(exc, SSLError) or is_permanent(exc):
-        return False  # a certificate problem or an unknown host does not heal by retrying
-    return isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError)
 
 
 def _check_name(name: str) -> str:
@@ -203,7 +125,7 @@ class S3Remote:
         }
         query = urlencode({k: v for k, v in params.items() if v is not None}, safe=":/")
         self.url = f"s3://{bucket}/{self.prefix}" + (f"?{query}" if query else "")
-        self._where = f"bucket {bucket!r}" + (f" at {endpoint}" if endpoint else "")
+        self.where = f"bucket {bucket!r}" + (f" at {endpoint}" if endpoint else "")
         config = Config(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -221,12 +143,17 @@ class S3Remote:
                 "s3", endpoint_url=endpoint, region_name=region, config=config
             )
         except ProfileNotFound as exc:
-            raise RemoteError(f"S3 credentials: {_one_line(exc)} (check AWS_PROFILE)") from exc
+            raise RemoteError(f"S3 credentials: {one_line(exc)} (check AWS_PROFILE)") from exc
         except (BotoCoreError, ValueError) as exc:
-            raise RemoteError(f"cannot set up S3 client for {self.url}: {_one_line(exc)}") from exc
+            raise RemoteError(f"cannot set up S3 client for {self.url}: {one_line(exc)}") from exc
         self._locks = S3LockSupport(self)  # made here: upload threads share its bookkeeping
 
     # -- plumbing --------------------------------------------------------------------------
+
+    @property
+    def endpoint_url(self) -> str:
+        """The URL the client really talks to (boto3 fills in AWS's when none is given)."""
+        return str(self._client.meta.endpoint_url)
 
     def _key(self, name: str) -> str:
         return self.prefix + _check_name(name)
@@ -244,7 +171,7 @@ class S3Remote:
                 delay = random.uniform(0, min(8.0, 0.25 * 2**attempt))
                 elapsed = time.monotonic() - began
                 if (
-                    not _is_transient(exc)
+                    not is_transient(exc)
                     or attempt >= self._max_attempts
                     or elapsed + delay > self._retry_time
                 ):
@@ -261,53 +188,7 @@ class S3Remote:
             raise self._error(exc, action, name) from exc
 
     def _error(self, exc: Exception, action: str, name: str) -> RemoteError:
-        """One clear line for the user; the SDK's exception stays chained for debugging."""
-        what = f"{action} {name}" if name else action
-        if isinstance(exc, ClientError):
-            code, status = _code(exc), _status(exc)
-            message = _one_line(exc.response.get("Error", {}).get("Message", "") or code)
-            if code in AUTH_CODES:
-                return RemoteError(
-                    f"S3 authentication failed for {self._where}: {message} "
-                    "(check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
-                )
-            if code == "NoSuchBucket":
-                return RemoteError(f"S3 {self._where} does not exist")
-            if code in FULL_CODES or status == 507:
-                return RemoteFullError(f"S3 remote is full {what} in {self.url}: {message}")
-            if code in REGION_CODES or status == 301:
-                return RemoteError(
-                    f"S3 {self._where} is in another region than {self.region or 'the default'}"
-                    f" ({message}): set region= in the URL"
-                )
-            if code == "ObjectLocked":
-                return ObjectLockedError(f"S3 object {name} is locked: {message}", name)
-            if code == "AccessDenied" or status == 403:
-                return RemoteError(f"S3 permission denied {what} in {self.url}: {message}")
-            if code == "InvalidBucketName":
-                return RemoteError(f"S3 bucket name {self.bucket!r} is not valid")
-            return RemoteError(f"S3 error {what} in {self.url}: {code or status} {message}")
-        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-            return RemoteError(
-                "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-                " (or AWS_PROFILE)"
-            )
-        endpoint = self.endpoint or "AWS S3"
-        ca_hint = "AWS_CA_BUNDLE or REQUESTS_CA_BUNDLE"
-        cause = describe(exc, host_of(self._client.meta.endpoint_url), ca_hint)
-        if cause and not isinstance(exc, ReadTimeoutError):  # DNS, refused, TLS: say which
-            return RemoteError(f"cannot reach S3 endpoint {endpoint} {what}: {cause}")
-        if isinstance(exc, SSLError):
-            return RemoteError(f"TLS error talking to {endpoint}: {_one_line(exc)}")
-        if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
-            return RemoteError(f"cannot reach S3 endpoint {endpoint} {what}: {_one_line(exc)}")
-        if isinstance(exc, ReadTimeoutError):
-            return RemoteError(f"S3 endpoint {endpoint} did not answer in time {what}")
-        if isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError):
-            return RemoteError(
-                f"connection to S3 endpoint {endpoint} failed {what}: {_one_line(exc)}"
-            )
-        return RemoteError(f"S3 error {what} in {self.url}: {_one_line(exc)}")
+        return s3_error(exc, action, name, self)
 
     def _check_bucket(self) -> None:
         """HEAD answers carry no error code, so a 404 or 403 on HEAD is ambiguous: a listing
@@ -337,13 +218,13 @@ class S3Remote:
             try:
                 self._put(key, data, "*")
             except (ClientError, BotoCoreError) as exc:
-                failed_once = failed_once or _is_transient(exc)
+                failed_once = failed_once or is_transient(exc)
                 raise
 
         try:
             self._retry(attempt)
         except ClientError as exc:
-            code, status = _code(exc), _status(exc)
+            code, status = error_code(exc), http_status(exc)
             if code == "PreconditionFailed" or status == 412:
                 if failed_once and self._holds(key, data):
                     return  # our own earlier attempt landed before its answer was lost
@@ -411,7 +292,7 @@ class S3Remote:
         try:
             return self._retry(fetch)
         except ClientError as exc:
-            code, status = _code(exc), _status(exc)
+            code, status = error_code(exc), http_status(exc)
             if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
                 raise NotFoundError(f"object {name} not found in {self.url}") from exc
             if code == "InvalidRange" or status == 416:
@@ -427,7 +308,7 @@ class S3Remote:
         try:
             head = self._retry(lambda: self._client.head_object(Bucket=self.bucket, Key=key))
         except ClientError as exc:
-            status = _status(exc)
+            status = http_status(exc)
             if status == 404:
                 if not self._bucket_seen:
                     self._check_bucket()
@@ -474,7 +355,7 @@ class S3Remote:
         try:
             self._retry(lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
         except ClientError as exc:
-            if _code(exc) == "NoSuchKey":
+            if error_code(exc) == "NoSuchKey":
                 return
             raise self._error(exc, "deleting", name) from exc
         except BotoCoreError as exc:
@@ -489,7 +370,7 @@ class S3Remote:
                 answer = self._retry(lambda: self._client.get_bucket_versioning(Bucket=self.bucket))
                 self._versioned = answer.get("Status") in ("Enabled", "Suspended")
             except ClientError as exc:
-                if _code(exc) != "AccessDenied" and _status(exc) != 403:
+                if error_code(exc) != "AccessDenied" and http_status(exc) != 403:
                     raise self._error(exc, "reading versioning of", self.bucket) from exc
                 self._versioned = False
             except BotoCoreError as exc:
@@ -503,7 +384,7 @@ class S3Remote:
         locked PUT, and a silently unlocked backup would be worse."""
         if policy is not None and not self._locks.bucket_lock_enabled():
             raise UsageError(
-                f"S3 {self._where} does not have Object Lock enabled: create the bucket with "
+                f"S3 {self.where} does not have Object Lock enabled: create the bucket with "
                 "Object Lock (docs/IMMUTABILITY.md) or drop --lock-days"
             )
         self.lock_policy = policy
@@ -559,7 +440,7 @@ class S3Remote:
                         )
                     )
                 except ClientError as exc:
-                    if _code(exc) == "NoSuchUpload":
+                    if error_code(exc) == "NoSuchUpload":
                         continue  # finished or aborted meanwhile
                     raise self._error(exc, "aborting upload of", key) from exc
                 except BotoCoreError as exc:
