@@ -1,6 +1,7 @@
 """LibvirtConnector: VMs are libvirt domains at a URI (qemu:///system by default). Running
-domains are backed up live through pull-mode backup jobs over NBD with checkpoints for deltas;
-shut-off domains by reading their images directly."""
+domains are backed up live through pull-mode backup jobs over NBD with checkpoints for deltas
+(on a remote URI over TCP, LIBVIRT-NOTES §16); shut-off domains by reading their images
+directly (local URIs only)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from vmkeep.connectors.libvirt.domxml import is_active, parse_disks, vm_config
 from vmkeep.connectors.libvirt.image_nbd import open_image
 from vmkeep.connectors.libvirt.inplace_restore import InPlaceSink, disk_images
 from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
+from vmkeep.connectors.libvirt.nbd_reader import NbdServer
 from vmkeep.connectors.libvirt.offline import (
     ImageDiskReader,
     OfflineBackupSession,
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+NBD_PORT = 10809  # IANA's NBD port: the first a remote job's export tries
+
 
 class LibvirtConnector:
     """Domains of one libvirt URI. `keep_checkpoints`: how many vmkeep backup checkpoints a
@@ -44,6 +48,13 @@ class LibvirtConnector:
         self.keep_checkpoints = max(1, keep_checkpoints)
         self.max_connections = max_connections
         self.offline: OfflinePolicy | None = None  # set: back up running domains offline
+        # Remote URIs: where the live job's NBD export listens on the hypervisor (and vmkeep
+        # connects). A host must be given (opt-in to plain, unencrypted NBD over TCP) unless
+        # TLS is asked for, which defaults to the URI's host.
+        self.nbd_host: str | None = None
+        self.nbd_port = NBD_PORT
+        self.nbd_tls = False
+        self.nbd_tls_certificates = ""  # libnbd's client certificate directory ("": default)
         self._conn = Connection(uri)
 
     @property
@@ -77,24 +88,30 @@ class LibvirtConnector:
     ) -> LiveBackupSession | OfflineBackupSession:
         """Live job for a running (or paused) domain, direct image reads for a shut-off one;
         with `offline` set, a running domain is shut down, read offline and started again.
-        Leftovers of killed vmkeep runs (any domain) are cleaned up first."""
+        Leftovers of killed vmkeep runs (any domain) are cleaned up first (local URIs: their
+        run directories are on this host). A remote URI reads a running domain over TCP."""
         if self.local:
             clean_stale_runs(self._conn)
         dom = self._domain(vm)
         after = None
-        if is_active(dom):
+        active = is_active(dom)
+        if not self.local and (not active or self.offline is not None):
+            raise ConnectorError(
+                f"domain {vm.name} over {self.uri}: "
+                + ("--offline" if active else "a shut-off domain")
+                + " is read from its image files, which are on the remote host; run vmkeep on "
+                "the hypervisor host (a running domain is backed up live over the URI)"
+            )
+        if active:
             if self.offline is None:
-                if not self.local:
-                    raise ConnectorError(
-                        f"live backup over {self.uri} is not supported yet (the NBD socket "
-                        "would be on the remote host); run vmkeep on the hypervisor host"
-                    )
                 return begin_live_backup(
                     self._conn,
                     dom,
                     previous,
                     keep_checkpoints=self.keep_checkpoints,
                     max_connections=self.max_connections,
+                    local=self.local,
+                    tcp=None if self.local else self.tcp_export(),
                 )
             for note in shut_down(dom, self.offline):
                 log.info("%s", note)
@@ -112,6 +129,22 @@ class LibvirtConnector:
             keep_checkpoints=self.keep_checkpoints,
             max_connections=self.max_connections,
             after=after,
+        )
+
+    def tcp_export(self) -> NbdServer:
+        """Where a remote live job listens; refused unless TCP was opted in (nbd_host/nbd_tls)."""
+        host = self.nbd_host or (urlsplit(self.uri).hostname if self.nbd_tls else None)
+        if not host:
+            raise ConnectorError(
+                f"live backup over {self.uri} reads the disks from an NBD export on TCP: give "
+                "--nbd-host ADDRESS (the hypervisor's address on a trusted management network; "
+                "plain NBD is unencrypted) or --nbd-tls (needs libvirt's backup TLS set up)"
+            )
+        return NbdServer(
+            host=host,
+            port=self.nbd_port,
+            tls=self.nbd_tls,
+            tls_certificates=self.nbd_tls_certificates,
         )
 
     # Restore settings, set by the CLI (restore --keep-macs / --force).

@@ -4,10 +4,12 @@ the filled-in job description libvirt returns (export names, exported dirty bitm
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
+
+from vmkeep.connectors.libvirt.nbd_reader import NbdServer
 
 CHECKPOINT_DESCRIPTION = "vmkeep backup"
 
@@ -27,20 +29,29 @@ def scratch_path(workdir: Path, target: str) -> Path:
     return workdir / f"scratch-{target}.qcow2"
 
 
+def server_xml(server: NbdServer) -> str:
+    """The job's NBD server: a unix socket, or TCP (tls='yes': QEMU uses the host's
+    backup_tls_x509_cert_dir from qemu.conf)."""
+    if server.socket:
+        return f"<server transport='unix' socket={quoteattr(server.socket)}/>"
+    tls = " tls='yes'" if server.tls else ""
+    return f"<server transport='tcp' name={quoteattr(server.host)} port='{server.port}'{tls}/>"
+
+
 def backup_xml(
-    socket: Path, workdir: Path, targets: Iterable[str], incremental: str | None = None
+    server: NbdServer, scratch: Mapping[str, str], incremental: str | None = None
 ) -> str:
-    """A pull-mode job exporting `targets` over a unix socket, incremental when asked."""
+    """A pull-mode job exporting the disks `scratch` names (target -> scratch file path) on
+    `server`, incremental when asked. libvirt 9.0 cannot leave the scratch path to libvirt for
+    a listed disk ('filename' must not have null value), so the path is always given."""
     inc = f"<incremental>{escape(incremental)}</incremental>" if incremental else ""
     disks = "".join(
         f"<disk name={quoteattr(t)} backup='yes' type='file'>"
-        f"<scratch file={quoteattr(str(scratch_path(workdir, t)))}/></disk>"
-        for t in targets
+        f"<scratch file={quoteattr(path)}/></disk>"
+        for t, path in scratch.items()
     )
     return (
-        f"<domainbackup mode='pull'>{inc}"
-        f"<server transport='unix' socket={quoteattr(str(socket))}/>"
-        f"<disks>{disks}</disks></domainbackup>"
+        f"<domainbackup mode='pull'>{inc}{server_xml(server)}<disks>{disks}</disks></domainbackup>"
     )
 
 

@@ -1,6 +1,8 @@
 """A live backup of a running domain: one libvirt pull-mode backup job for all its disks, with
 a new checkpoint (its name is every reader's change token), incremental against the previous
-restore point's checkpoint when that one is still valid, full otherwise (LIBVIRT-NOTES §4-6)."""
+restore point's checkpoint when that one is still valid, full otherwise (LIBVIRT-NOTES §4-6).
+Locally the export is a unix socket in a run directory; for a remote libvirt URI it is a TCP
+port on the hypervisor (LIBVIRT-NOTES §16)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -18,13 +21,15 @@ from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DomainDisk, has_guest_agent, parse_disks
 from vmkeep.connectors.libvirt.jobxml import backup_xml, checkpoint_xml, parse_job, scratch_path
-from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader
+from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader, NbdServer
 from vmkeep.connectors.libvirt.workdir import abandon_workdir, make_workdir, remove_workdir
 from vmkeep.errors import ConnectorError
 
 log = logging.getLogger(__name__)
 
 JOB_END_TIMEOUT = 15.0
+SCRATCH = "vmkeep-scratch-"  # suffix of a remote job's scratch files when it makes no checkpoint
+PORT_TRIES = 16  # a TCP export takes the first free port of PORT .. PORT + 15
 
 
 class LiveBackupSession:
@@ -35,20 +40,26 @@ class LiveBackupSession:
         conn: Connection,
         dom: Any,
         disks: list[DomainDisk],
-        workdir: Path,
+        workdir: Path | None,
         checkpoint: str | None,
         base: str | None,
         keep_checkpoints: int,
         notes: list[str],
         checkpoint_prefix: str = checkpoints.PREFIX,
+        tcp: NbdServer | None = None,
+        scratch: dict[str, str] | None = None,
     ) -> None:
         self._conn = conn
         self._dom = dom
         self.domain_name: str = dom.name()
         self._uuid: str = dom.UUIDString()
         self.disks = disks
-        self.workdir = workdir
-        self.socket = workdir / "nbd.sock"
+        self.workdir = workdir  # None: a TCP export to a remote host, scratch next to images
+        self.server = tcp or NbdServer(socket=str(workdir / "nbd.sock") if workdir else "")
+        # target -> the job's scratch file: in the run directory, or next to the remote image
+        self.scratch = scratch or {
+            d.target: str(scratch_path(workdir, d.target)) for d in disks if workdir
+        }
         self.checkpoint = checkpoint  # created by this job (None: no checkpoint possible)
         self.base = base  # the incremental job's base checkpoint (None: full)
         self.keep_checkpoints = keep_checkpoints
@@ -77,15 +88,21 @@ class LiveBackupSession:
         try:
             dom = self.domain()
         except ConnectorError as exc:
+            later = (
+                "the next backup ends it"
+                if self.workdir is not None
+                else f"end it with 'virsh domjobabort {self.domain_name}' on the host"
+            )
             self._note(
                 f"cannot reach libvirt to end the backup job of {self.domain_name} ({exc}): "
-                "the next backup ends it"
+                + later
             )
-            abandon_workdir(self.workdir, self.checkpoint if not ok else None)
+            if self.workdir is not None:
+                abandon_workdir(self.workdir, self.checkpoint if not ok else None)
             return
         self._note_if(end_job(dom))
-        scratch = [scratch_path(self.workdir, d.target) for d in self.disks]
-        if not remove_workdir(self.workdir, scratch):
+        scratch = [Path(p) for p in self.scratch.values()]
+        if self.workdir is not None and not remove_workdir(self.workdir, scratch):
             self._note(f"could not remove {self.workdir}")
         if self.checkpoint is None:
             return
@@ -165,11 +182,13 @@ def begin_live_backup(
     max_connections: int = 8,
     local: bool = True,
     checkpoint_prefix: str | None = checkpoints.PREFIX,
+    tcp: NbdServer | None = None,
 ) -> LiveBackupSession:
     """Start the job and open one NBD reader per disk. On any failure nothing is left behind:
     no job, no new checkpoint, no work directory. `checkpoint_prefix`: the kind of checkpoint
     the job creates, bases on and prunes (backup or replication); None: a full job with no
-    checkpoint (a one-off copy)."""
+    checkpoint (a one-off copy). `tcp`: export over TCP at tcp.host, on the first free port
+    from tcp.port (a remote hypervisor: no run directory, scratch files next to the images)."""
     lv = libvirt()
     name = dom.name()
     try:
@@ -195,9 +214,13 @@ def begin_live_backup(
         base, why = checkpoints.choose_base(dom, disks, previous, prefix)
         if why:
             notes.append(why)
-    workdir = make_workdir(owner={"domain_uuid": dom.UUIDString(), "checkpoint": checkpoint})
+    workdir = scratch = None
+    if tcp is None:
+        workdir = make_workdir(owner={"domain_uuid": dom.UUIDString(), "checkpoint": checkpoint})
+    else:
+        scratch = remote_scratch(conn, name, disks, checkpoint or checkpoints.new_name(SCRATCH))
     session = LiveBackupSession(
-        conn, dom, disks, workdir, checkpoint, base, keep_checkpoints, notes, prefix
+        conn, dom, disks, workdir, checkpoint, base, keep_checkpoints, notes, prefix, tcp, scratch
     )
     try:
         _start_job(session, dom, xml)
@@ -207,7 +230,7 @@ def begin_live_backup(
             if jd is None:
                 raise ConnectorError(f"the backup job of {name} does not export disk {d.target}")
             session.readers[d.target] = NbdDiskReader(
-                str(session.socket),
+                session.server,
                 jd.export,
                 name=d.target,
                 change_token=session.checkpoint,
@@ -227,14 +250,16 @@ def begin_live_backup(
 
 def _start_job(session: LiveBackupSession, dom: Any, xml: str) -> None:
     """backupBegin, falling back to a full job when the base checkpoint turns out missing or
-    inconsistent, and to no checkpoint when QEMU cannot store bitmaps in an image. The file
-    systems are frozen around the start when a guest agent answers."""
+    inconsistent, to no checkpoint when QEMU cannot store bitmaps in an image, and to the next
+    port when a TCP port is taken. The file systems are frozen around the start when a guest
+    agent answers."""
     lv = libvirt()
     targets = [d.target for d in session.disks]
     frozen = _freeze(dom, xml, session.notes)
+    ports_left = PORT_TRIES
     try:
         while True:
-            bxml = backup_xml(session.socket, session.workdir, targets, session.base)
+            bxml = backup_xml(session.server, session.scratch, session.base)
             cxml = checkpoint_xml(session.checkpoint, targets) if session.checkpoint else None
             try:
                 dom.backupBegin(bxml, cxml, 0)
@@ -261,6 +286,10 @@ def _start_job(session: LiveBackupSession, dom: Any, xml: str) -> None:
                     )
                     session.checkpoint = session.base = None
                     continue
+                ports_left -= 1
+                if ports_left and _port_taken(session.server, exc):
+                    session.server = replace(session.server, port=session.server.port + 1)
+                    continue
                 raise
     finally:
         if frozen:
@@ -268,6 +297,43 @@ def _start_job(session: LiveBackupSession, dom: Any, xml: str) -> None:
                 dom.fsThaw(None, 0)
             except lv.libvirtError as exc:
                 session.notes.append(f"guest file systems could not be thawed: {one_line(exc)}")
+
+
+def remote_scratch(
+    conn: Connection, name: str, disks: list[DomainDisk], suffix: str
+) -> dict[str, str]:
+    """Scratch files on a remote hypervisor, where vmkeep cannot make a directory: next to each
+    image as `<image>.<suffix>`, the place libvirt itself picks when none is given (it creates
+    them with the image's ownership and deletes them when the job ends)."""
+    out = {}
+    for d in disks:
+        image = d.source if d.source_type == "file" else ""
+        if d.source_type == "volume" and d.pool and d.volume:
+            image = _volume_path(conn, d)
+        if not image:
+            raise ConnectorError(
+                f"disk {d.target} of {name} is not an image file ({d.source_type}): a backup "
+                "over a remote URI has no place for its scratch file; run vmkeep on the "
+                "hypervisor host"
+            )
+        out[d.target] = f"{image}.{suffix}"
+    return out
+
+
+def _volume_path(conn: Connection, d: DomainDisk) -> str:
+    lv = libvirt()
+    try:
+        vol = conn.ensure().storagePoolLookupByName(d.pool).storageVolLookupByName(d.volume)
+        return str(vol.path())
+    except lv.libvirtError as exc:
+        raise ConnectorError(
+            f"disk {d.target}: cannot find volume {d.volume} in pool {d.pool}: {one_line(exc)}"
+        ) from None
+
+
+def _port_taken(server: NbdServer, exc: Exception) -> bool:
+    """QEMU could not listen on the TCP port (another job or program has it)."""
+    return not server.socket and "Address already in use" in one_line(exc)
 
 
 def _freeze(dom: Any, xml: str, notes: list[str]) -> bool:

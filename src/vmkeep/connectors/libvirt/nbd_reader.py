@@ -3,13 +3,15 @@
 The engine reads from several threads; one libnbd handle serialises its commands, so readers
 keep a small pool of connections to the same export (QEMU allows multi-conn, LIBVIRT-NOTES §4).
 Extents come from the `base:allocation` meta context, dirty ranges from
-`qemu:dirty-bitmap:<bitmap>` (incremental jobs only)."""
+`qemu:dirty-bitmap:<bitmap>` (incremental jobs only). The export is reached over a unix
+socket (vmkeep runs on the hypervisor) or TCP, optionally TLS (a remote libvirt URI)."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from vmkeep.connectors.base import Extent
@@ -22,12 +24,44 @@ STATUS_STEP = 1 << 30  # block_status count hint; some servers refuse >= 4 GiB
 DIRTY = 1  # flag of a dirty extent in a qemu:dirty-bitmap context
 
 
+@dataclass(frozen=True)
+class NbdServer:
+    """Where an NBD server listens: a unix `socket`, or `host`:`port` over TCP. With `tls`
+    the connection must be TLS (client certificates from `tls_certificates`, a directory with
+    ca-cert.pem, client-cert.pem, client-key.pem; "" = libnbd's default); without it the TCP
+    stream is plain and unencrypted."""
+
+    socket: str = ""
+    host: str = ""
+    port: int = 0
+    tls: bool = False
+    tls_certificates: str = ""
+
+    def __str__(self) -> str:
+        if self.socket:
+            return self.socket
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'nbds' if self.tls else 'nbd'}://{host}:{self.port}"
+
+    def connect(self, h: Any) -> None:
+        """Connect libnbd handle `h` (export name and meta contexts already set)."""
+        if self.socket:
+            h.connect_unix(self.socket)
+            return
+        if self.tls:
+            h.set_tls(nbd().TLS_REQUIRE)
+            if self.tls_certificates:
+                h.set_tls_certificates(self.tls_certificates)
+        h.connect_tcp(self.host, str(self.port))
+
+
 class NbdDiskReader:
-    """A point-in-time view of one disk exported by a backup job. Thread-safe."""
+    """A point-in-time view of one disk exported by a backup job. Thread-safe. `server`: an
+    NbdServer, or a unix socket path."""
 
     def __init__(
         self,
-        socket: str,
+        server: str | NbdServer,
         export: str,
         *,
         name: str,
@@ -36,7 +70,7 @@ class NbdDiskReader:
         dirty_since: str | None = None,
         max_connections: int = 8,
     ) -> None:
-        self.socket = socket
+        self.server = server if isinstance(server, NbdServer) else NbdServer(socket=server)
         self.export = export
         self.name = name
         self.change_token = change_token
@@ -47,21 +81,28 @@ class NbdDiskReader:
         self._free: list[Any] = []
         self._count = 0
         self._closed = False
+        self._lost = False  # a connection broke: the export is gone, never connect again
         first = self._connect()
-        self._count = 1
+        opened = [first]
         try:
             self.size: int = int(first.get_size())
             if self._dirty_context and not first.can_meta_context(self._dirty_context):
                 raise ConnectorError(
                     f"disk {name}: the backup job does not export {self._dirty_context}"
                 )
+            # Every connection now, none later: a client connecting while QEMU stops the NBD
+            # server (job aborted, VM stopped) held up its nbd-server-stop, and with it
+            # libvirt's lock on the domain, for about a minute (QEMU 7.2, LIBVIRT-NOTES §16).
+            while len(opened) < self._max:
+                opened.append(self._connect())
         except nbd().Error as exc:
-            _shutdown(first)
+            _shutdown_all(opened)
             raise ConnectorError(f"disk {name}: NBD: {one_line(exc)}") from None
         except BaseException:
-            _shutdown(first)
+            _shutdown_all(opened)
             raise
-        self._free.append(first)
+        self._free.extend(opened)
+        self._count = len(opened)
 
     # -- connections
     def _connect(self) -> Any:
@@ -72,12 +113,12 @@ class NbdDiskReader:
             h.add_meta_context(BASE_ALLOCATION)
             if self._dirty_context:
                 h.add_meta_context(self._dirty_context)
-            h.connect_unix(self.socket)
+            self.server.connect(h)
         except mod.Error as exc:
             _shutdown(h)
             raise ConnectorError(
                 f"disk {self.name}: cannot connect to the backup job's NBD export "
-                f"{self.export!r} at {self.socket}: {one_line(exc)}"
+                f"{self.export!r} at {self.server}: {one_line(exc)}"
             ) from None
         return h
 
@@ -88,6 +129,10 @@ class NbdDiskReader:
                     raise ConnectorError(f"disk {self.name}: reader is closed")
                 if self._free:
                     return self._free.pop()
+                if self._lost:
+                    raise ConnectorError(
+                        f"disk {self.name}: the NBD export at {self.server} was lost"
+                    )
                 if self._count < self._max:
                     self._count += 1
                     break
@@ -103,11 +148,12 @@ class NbdDiskReader:
     def _release(self, h: Any, broken: bool = False) -> None:
         with self._cond:
             if broken or self._closed:
+                self._lost = self._lost or broken
                 self._count -= 1
                 _shutdown(h)
             else:
                 self._free.append(h)
-            self._cond.notify()
+            self._cond.notify_all()
 
     # -- DiskReader
     def _status(self, context: str) -> Iterator[tuple[int, int, int]]:
@@ -211,6 +257,11 @@ def _merged(extents: Iterator[Extent]) -> Iterator[Extent]:
         cur = e
     if cur is not None:
         yield cur
+
+
+def _shutdown_all(handles: list[Any]) -> None:
+    for h in handles:
+        _shutdown(h)
 
 
 def _shutdown(h: Any) -> None:

@@ -45,6 +45,21 @@ def backup(
     force_off: bool = typer.Option(
         False, "--force-off", help="--offline: power off a guest that ignores the shutdown."
     ),
+    nbd_host: str | None = typer.Option(
+        None,
+        "--nbd-host",
+        help="libvirt, remote --uri: the hypervisor's address the job's NBD export listens on "
+        "and vmkeep reads from; plain NBD over TCP is unencrypted: trusted networks only.",
+    ),
+    nbd_port: int = typer.Option(
+        10809, "--nbd-port", min=1, max=65535, help="Remote --uri: first NBD port tried."
+    ),
+    nbd_tls: bool = typer.Option(
+        False, "--nbd-tls", help="Remote --uri: NBD over TLS (libvirt's backup TLS set up)."
+    ),
+    nbd_tls_certs: str = typer.Option(
+        "", "--nbd-tls-certs", help="--nbd-tls: dir with ca-cert.pem, client-cert/key.pem."
+    ),
     json_out: bool = JsonOpt,
 ) -> None:
     """Back up a VM into a repository."""
@@ -56,6 +71,8 @@ def backup(
         keep_checkpoints_on(source, keep_checkpoints)
     if offline:
         offline_on(source, shutdown_timeout, force_off)
+    if nbd_host is not None or nbd_tls or nbd_port != 10809 or nbd_tls_certs:
+        nbd_export_on(source, nbd_host, nbd_port, nbd_tls or bool(nbd_tls_certs), nbd_tls_certs)
     report = backup_vm(repo, source, vm, options, RichProgress(not json_out), connector)
     if json_out:
         print_json(report.to_json())
@@ -87,6 +104,16 @@ def offline_on(source: object, shutdown_timeout: float, force_off: bool) -> None
     if not isinstance(source, LibvirtConnector):
         raise UsageError("--offline needs --connector libvirt")
     source.offline = OfflinePolicy(shutdown_timeout, force_off)
+
+
+def nbd_export_on(source: object, host: str | None, port: int, tls: bool, certs: str) -> None:
+    """--nbd-*: where a remote libvirt URI's live backup job exports its disks."""
+    from vmkeep.connectors.libvirt import LibvirtConnector
+
+    if not isinstance(source, LibvirtConnector):
+        raise UsageError("--nbd-host/--nbd-port/--nbd-tls need --connector libvirt")
+    source.nbd_host, source.nbd_port = host, port
+    source.nbd_tls, source.nbd_tls_certificates = tls, certs
 
 
 def restore(
