@@ -196,3 +196,47 @@ def test_export_lost_mid_backup_over_ssh_uri(
     assert again.mode == "delta" and again.stats.bytes_read == 96 * MiB, again.notes
     assert restored_hashes(repo, again.restore_point, tmp_path / "r") == models(d)
     assert len(vmkeep_checkpoints(d)) == 1 and no_job(d)
+
+
+def test_volume_disk_over_ssh_uri(libvirt_env: LibvirtEnv, ssh_uri: str) -> None:
+    """A running domain whose disk names a pool volume: the remote job's scratch file goes next
+    to the volume's path (asked from the pool), and the export reads the disk."""
+    import libvirt
+
+    name = lv.unique_name("remote-vol")
+    path = libvirt_env.pool.create_volume(f"{name}.qcow2", 16 * MiB)
+    xml = lv.domain_xml(name, []).replace(
+        "<controller type='usb'",
+        f"""<disk type='volume' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source pool='{libvirt_env.pool.name}' volume='{name}.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='usb'""",
+    )
+    dom = libvirt_env.conn.defineXML(xml)
+    remote = LibvirtConnector(ssh_uri)
+    remote.nbd_host, remote.nbd_port = HOST, free_port()
+    try:
+        dom.create()
+        session = remote.begin_backup(remote.get_vm(name), {})
+        try:
+            job = ET.fromstring(dom.backupGetXMLDesc(0))
+            scratch = job.find("./disks/disk/scratch")
+            assert scratch is not None
+            assert scratch.get("file") == f"{path}.{session.checkpoint}"
+            assert Path(f"{path}.{session.checkpoint}").exists()
+            reader = session.readers["vda"]
+            assert reader.size == 16 * MiB and reader.read(0, MiB) == bytes(MiB)
+        finally:
+            session.finish(ok=True)
+        assert not Path(f"{path}.{session.checkpoint}").exists()
+        assert dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE
+    finally:
+        remote.close()
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        with contextlib.suppress(libvirt.libvirtError):
+            libvirt_env.pool.pool.storageVolLookupByName(f"{name}.qcow2").delete(0)
