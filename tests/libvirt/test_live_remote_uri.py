@@ -112,6 +112,20 @@ def test_full_and_delta_over_ssh_uri(
     assert restored_hashes(repo, full.restore_point, tmp_path / "r1") == full_models
     assert restored_hashes(repo, delta.restore_point, tmp_path / "r2") == models(d)
 
+    # The base checkpoint deleted by hand: the next delta falls back to a full read, says why.
+    d.dom.checkpointLookupByName(newest[0]).delete(0)
+    d.guest_write("vda", 30 * MiB, 0x77, 4096)
+    remote = LibvirtConnector(ssh_uri)
+    remote.nbd_host, remote.nbd_port = HOST, port
+    try:
+        third = backup(repo, remote, d, "delta")
+    finally:
+        remote.close()
+    assert any("no longer exists" in n for n in third.notes), third.notes
+    assert third.stats.bytes_read > delta.stats.bytes_read
+    assert len(vmkeep_checkpoints(d)) == 1 and no_job(d) and not listening(port)
+    assert restored_hashes(repo, third.restore_point, tmp_path / "r3") == models(d)
+
 
 def test_cli_backup_over_ssh_uri(
     libvirt_env: LibvirtEnv,
