@@ -25,10 +25,10 @@ from typing import Any
 
 from vmkeep.connectors.base import Extent
 from vmkeep.connectors.libvirt.bindings import nbd, one_line
+from vmkeep.connectors.libvirt.nbd_reader import BASE_ALLOCATION, merged_extents, status_collector
 from vmkeep.errors import ConnectorError
 
 FORMATS = ("qcow2", "raw")
-BASE_ALLOCATION = "base:allocation"
 MAX_REQUEST = 32 << 20  # qemu-nbd refuses larger reads/writes
 STATUS_STEP = 1 << 30  # block_status length hint per call
 # `exec` keeps the pid libnbd put in LISTEN_PID; $0 is the log file, "$@" the qemu-nbd command.
@@ -103,26 +103,15 @@ class NbdImage:
     def extents(self) -> Iterator[Extent]:
         """Data and hole extents from base:allocation covering [0, size), adjacent ones merged."""
         zero = int(nbd().STATE_ZERO)
-        cur: Extent | None = None
-        for off, n, flags in self._status():
-            e = Extent(off, n, data=not flags & zero)
-            if cur is not None and cur.data == e.data:
-                cur = Extent(cur.offset, cur.length + e.length, cur.data)
-                continue
-            if cur is not None:
-                yield cur
-            cur = e
-        if cur is not None:
-            yield cur
+        return merged_extents(Extent(off, n, not flags & zero) for off, n, flags in self._status())
 
     def _status(self) -> Iterator[tuple[int, int, int]]:
         offset = 0
         while offset < self.size:
             got: list[int] = []
             try:
-                self._handle().block_status(
-                    min(STATUS_STEP, self.size - offset), offset, _collector(got)
-                )
+                collect = status_collector(BASE_ALLOCATION, got)
+                self._handle().block_status(min(STATUS_STEP, self.size - offset), offset, collect)
             except nbd().Error as exc:
                 raise self._fail("block status", offset, exc) from None
             if not got:
@@ -221,18 +210,6 @@ class NbdImage:
         else:
             with contextlib.suppress(Exception):
                 self.close()
-
-
-def _collector(into: list[int]) -> Any:
-    """A block_status callback keeping base:allocation entries (runs under the handle's lock:
-    it must not call libnbd)."""
-
-    def cb(ctx: str, _off: int, entries: list[int], _err: Any) -> int:
-        if ctx == BASE_ALLOCATION:
-            into.extend(entries)
-        return 0
-
-    return cb
 
 
 def open_image(path: str, fmt: str, *, writable: bool, name: str = "") -> NbdImage:

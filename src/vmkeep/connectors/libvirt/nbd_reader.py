@@ -180,7 +180,7 @@ class NbdDiskReader:
         offset = 0
         while offset < self.size:
             got: list[int] = []
-            cb = _collector(context, got)
+            cb = status_collector(context, got)
             h = self._acquire()
             try:
                 h.block_status(min(STATUS_STEP, self.size - offset), offset, cb)
@@ -204,7 +204,7 @@ class NbdDiskReader:
     def extents(self) -> Iterator[Extent]:
         """Data and zero extents from base:allocation, adjacent ones of a kind merged."""
         zero = int(nbd().STATE_ZERO)
-        yield from _merged(
+        yield from merged_extents(
             Extent(off, n, data=not flags & zero) for off, n, flags in self._status(BASE_ALLOCATION)
         )
 
@@ -213,7 +213,7 @@ class NbdDiskReader:
         if self._dirty_context is None:
             yield Extent(0, self.size, data=True)
             return
-        for ext in _merged(
+        for ext in merged_extents(
             Extent(off, n, data=bool(flags & DIRTY))
             for off, n, flags in self._status(self._dirty_context)
         ):
@@ -253,7 +253,7 @@ class NbdDiskReader:
             _shutdown(h)
 
 
-def _collector(context: str, into: list[int]) -> Any:
+def status_collector(context: str, into: list[int]) -> Any:
     """A block_status callback keeping the entries of `context`. It runs under the handle's
     lock: it must not call nbd_* functions."""
 
@@ -265,7 +265,8 @@ def _collector(context: str, into: list[int]) -> Any:
     return cb
 
 
-def _merged(extents: Iterator[Extent]) -> Iterator[Extent]:
+def merged_extents(extents: Iterator[Extent]) -> Iterator[Extent]:
+    """Adjacent extents of the same kind as one (block status answers in small pieces)."""
     cur: Extent | None = None
     for e in extents:
         if cur is not None and cur.data == e.data and cur.offset + cur.length == e.offset:
