@@ -87,6 +87,12 @@ class BackupSession(Protocol):
     readers: dict[str, DiskReader]  # by disk name
     notes: list[str]  # e.g. why a disk is read in full although a delta was asked for
 
+    def confirm(self) -> None:
+        """Called once every disk is read, before the restore point is written: raise
+        ConnectorError when the point-in-time view may have been lost during the read (a
+        backup job ended from outside, a shut-off VM started), so no mixed point is saved."""
+        ...
+
     def finish(self, ok: bool) -> None:
         """End the read. Not ok: forget the state this session created, so no later delta
         takes it as a base (its restore point was never written)."""

@@ -315,6 +315,7 @@ def backup_vm(
                 repo, vm, session, previous, data_flags, options, progress
             )
             notes += disk_notes
+            session.confirm()
             for note in notes:
                 progress.note(note)
             finished = datetime.now(UTC)

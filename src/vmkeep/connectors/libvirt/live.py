@@ -75,6 +75,22 @@ class LiveBackupSession:
             self._dom = self._conn.lookup(self._uuid)
         return self._dom
 
+    def confirm(self) -> None:
+        """Every read went through the job's point-in-time view only if the job still runs
+        now: one ended from outside (virsh domjobabort, another tool) may have let reads see
+        the live disk before the export went away. libvirtd unreachable is no such sign: the
+        job lives in QEMU without it (LIBVIRT-NOTES §14), and the NBD reads succeeded."""
+        try:
+            dom = self.domain()
+        except ConnectorError:
+            return
+        if not backup_job_running(dom):
+            raise ConnectorError(
+                f"the backup job of {self.domain_name} ended before vmkeep finished (ended "
+                "from outside, or the VM stopped): what was read may not be one point in time, "
+                "so no restore point is written"
+            )
+
     def finish(self, ok: bool) -> None:
         """Close the readers, end the job, remove socket and scratch files; not ok: delete the
         checkpoint this job made; ok: prune older vmkeep checkpoints. Idempotent; trouble while
@@ -154,6 +170,16 @@ def _job_active(dom: Any) -> bool:
         return bool(dom.jobInfo()[0] != lv.VIR_DOMAIN_JOB_NONE)
     except lv.libvirtError:
         return False
+
+
+def backup_job_running(dom: Any) -> bool:
+    """True when libvirt reports a backup job on `dom` (also when it cannot tell)."""
+    lv = libvirt()
+    try:
+        stats = dom.jobStats(0)
+    except lv.libvirtError as exc:
+        return error_code(exc) not in (lv.VIR_ERR_NO_DOMAIN, lv.VIR_ERR_OPERATION_INVALID)
+    return bool(stats.get("operation") == lv.VIR_DOMAIN_JOB_OPERATION_BACKUP)
 
 
 def refuse_if_busy(dom: Any) -> None:

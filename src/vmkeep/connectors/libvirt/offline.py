@@ -18,7 +18,7 @@ from vmkeep.connectors.base import DiskReader, Extent
 from vmkeep.connectors.files.qcow2 import Qcow2Reader
 from vmkeep.connectors.files.raw import RawDiskReader
 from vmkeep.connectors.libvirt import checkpoints, offline_checkpoint
-from vmkeep.connectors.libvirt.domxml import DomainDisk
+from vmkeep.connectors.libvirt.domxml import DomainDisk, is_active
 from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader
 from vmkeep.connectors.libvirt.qemu_nbd import QemuNbdExport
 from vmkeep.connectors.libvirt.workdir import make_workdir, remove_workdir
@@ -92,6 +92,19 @@ class OfflineBackupSession:
         self._after = after
         self.checkpoint_made = False
         self._finished = False
+
+    def confirm(self) -> None:
+        """Images read while the domain was started again are not one point in time (libvirt
+        unreachable is no such sign: the reads did not need it)."""
+        try:
+            started = is_active(self.dom)
+        except ConnectorError:
+            return
+        if started:
+            raise ConnectorError(
+                f"domain {self.domain_name} was started while its images were read offline: "
+                "no restore point is written (back it up again, live or shut off)"
+            )
 
     def finish(self, ok: bool) -> None:
         """Idempotent; trouble is logged and noted, never raised over the caller's error."""

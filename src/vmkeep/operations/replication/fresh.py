@@ -53,6 +53,7 @@ def create_replica(
                 )
             finally:
                 writer.close()
+        session.confirm()  # a job ended from outside: no replica is defined
         sink.commit()
     except BaseException:
         sink.abort()

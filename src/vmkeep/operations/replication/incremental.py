@@ -94,6 +94,7 @@ def update_replica(
                         reader, image, extents, progress, f"{replica.name}/{target}", fresh=False
                     )
                 )
+        session.confirm()  # a job ended from outside: the replica is rolled back
     except BaseException:
         rollback(replica, paths)
         raise

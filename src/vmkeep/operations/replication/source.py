@@ -40,6 +40,10 @@ class ImageSession:
             self.finish(ok=False)
             raise
 
+    def confirm(self) -> None:
+        """Not checked yet: a shut-off source started while its images are copied is not
+        detected (a known gap, noted in docs/REPLICATION.md)."""
+
     def finish(self, ok: bool) -> None:
         for reader in self.readers.values():
             with contextlib.suppress(Exception):
