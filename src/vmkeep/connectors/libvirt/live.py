@@ -12,7 +12,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from vmkeep.connectors.base import DiskReader
@@ -22,6 +21,7 @@ from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DomainDisk, has_guest_agent, parse_disks
 from vmkeep.connectors.libvirt.jobxml import backup_xml, checkpoint_xml, parse_job, scratch_path
 from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader, NbdServer
+from vmkeep.connectors.libvirt.session_notes import NotingSession
 from vmkeep.connectors.libvirt.workdir import abandon_workdir, make_workdir, remove_workdir
 from vmkeep.errors import ConnectorError
 
@@ -32,7 +32,7 @@ SCRATCH = "vmkeep-scratch-"  # suffix of a remote job's scratch files when it ma
 PORT_TRIES = 16  # a TCP export takes the first free port of PORT .. PORT + 15
 
 
-class LiveBackupSession:
+class LiveBackupSession(NotingSession):
     """The running backup job; `finish` ends it on every path (a pull job never ends alone)."""
 
     def __init__(
@@ -129,22 +129,6 @@ class LiveBackupSession:
                 dom, self.keep_checkpoints, self.disks, self.checkpoint_prefix
             ):
                 self._note(note)
-
-    def _note(self, text: str) -> None:
-        log.warning("%s: %s", self.domain_name, text)
-        self.notes.append(text)
-
-    def _note_if(self, text: str | None) -> None:
-        if text:
-            self._note(text)
-
-    def __enter__(self) -> LiveBackupSession:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.finish(ok=et is None)
 
 
 def end_job(dom: Any, timeout: float = JOB_END_TIMEOUT) -> str | None:

@@ -11,7 +11,6 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from vmkeep.connectors.base import DiskReader, Extent
@@ -21,6 +20,7 @@ from vmkeep.connectors.libvirt import checkpoints, offline_checkpoint
 from vmkeep.connectors.libvirt.domxml import DomainDisk, is_active
 from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader
 from vmkeep.connectors.libvirt.qemu_nbd import QemuNbdExport
+from vmkeep.connectors.libvirt.session_notes import NotingSession
 from vmkeep.connectors.libvirt.workdir import make_workdir, remove_workdir
 from vmkeep.errors import ConnectorError
 
@@ -62,7 +62,7 @@ class ImageDiskReader:
         self._inner.close()
 
 
-class OfflineBackupSession:
+class OfflineBackupSession(NotingSession):
     """Readers over a shut-off domain's images. `finish` closes them, stops the qemu-nbd
     exports, deletes the checkpoint this run made (not ok) or prunes older ones (ok), and then
     runs `after` (the --offline restart), which happens whatever the outcome."""
@@ -129,22 +129,6 @@ class OfflineBackupSession:
                 self._note_if(offline_checkpoint.delete(self.dom, self.checkpoint, self.disks))
         if self._after is not None:
             self._note_if(self._after())
-
-    def _note(self, text: str) -> None:
-        log.warning("%s: %s", self.domain_name, text)
-        self.notes.append(text)
-
-    def _note_if(self, text: str | None) -> None:
-        if text:
-            self._note(text)
-
-    def __enter__(self) -> OfflineBackupSession:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.finish(ok=et is None)
 
 
 def begin_offline_backup(
