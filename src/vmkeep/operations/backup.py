@@ -35,7 +35,7 @@ class BackupOptions:
     schedule: str = ""
     job: str = ""
     tags: list[str] = field(default_factory=list)
-    compression_level: int = 3
+    compression_level: int = 1  # as PBS: level 3 took 1.8x the CPU for 10% less output
     workers: int | None = None  # threads of the data path; None: io_threads(remote)
 
 

@@ -22,7 +22,7 @@ def backup(
     remote: str | None = RemoteOpt,
     mode: str = typer.Option("full", "--mode", help="full or delta."),
     schedule: str = typer.Option("", "--schedule", help="Schedule tag (retention is per tag)."),
-    compression_level: int = typer.Option(3, "--compression-level", help="zstd level, 0 = off."),
+    compression_level: int = typer.Option(1, "--compression-level", help="zstd level, 0 = off."),
     connector: str = typer.Option("files", "--connector", help="files or libvirt."),
     uri: str | None = typer.Option(None, "--uri", help="libvirt URI (default qemu:///system)."),
     lock_days: int | None = typer.Option(
