@@ -34,10 +34,10 @@ def decode_chunk(sealer: Sealer, chunk_id: bytes, blob: bytes) -> bytes:
     flags = head[5]
     if bool(flags & FLAG_ENCRYPTED) != sealer.encrypted or flags & ~(FLAG_ZSTD | FLAG_ENCRYPTED):
         raise IntegrityError(f"{what} is corrupt: unexpected flags {flags:#x}")
-    payload = blob[HEADER_SIZE:]
+    payload: bytes | memoryview = memoryview(blob)[HEADER_SIZE:]  # no 4 MiB copy
     if sealer.encrypted:
         payload = sealer.open(payload, head + chunk_id, what)
     data = decompress(payload, what) if flags & FLAG_ZSTD else payload
     if sealer.chunk_id(data) != chunk_id:
         raise IntegrityError(f"{what} is corrupt: content does not match its ID")
-    return data
+    return data if isinstance(data, bytes) else bytes(data)

@@ -46,7 +46,7 @@ def compress_if_smaller(data: bytes, level: int) -> tuple[bytes, bool]:
     return data, False
 
 
-def decompress(packed: bytes, what: str) -> bytes:
+def decompress(packed: bytes | memoryview, what: str) -> bytes:
     try:
         return zstandard.ZstdDecompressor().decompress(packed, max_output_size=MAX_DECOMPRESSED)
     except zstandard.ZstdError as exc:
