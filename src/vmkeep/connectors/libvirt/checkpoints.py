@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -178,9 +178,16 @@ def vmkeep_checkpoints(dom: Any, prefix: str = PREFIX) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def prune(dom: Any, keep: int, disks: Iterable[DomainDisk] = (), prefix: str = PREFIX) -> list[str]:
+def prune(
+    dom: Any,
+    keep: int,
+    disks: Iterable[DomainDisk] = (),
+    prefix: str = PREFIX,
+    delete_one: Callable[[Any, str, list[DomainDisk]], str | None] | None = None,
+) -> list[str]:
     """Delete all but the newest `keep` (at least 1) checkpoints of the `prefix` kind; notes on
-    trouble. Checkpoints of the other kind and of other tools are left alone."""
+    trouble. Checkpoints of the other kind and of other tools are left alone. `delete_one`
+    replaces `delete` (a shut-off domain's checkpoints are deleted by offline_checkpoint)."""
     lv = libvirt()
     try:
         names = vmkeep_checkpoints(dom, prefix)
@@ -189,7 +196,7 @@ def prune(dom: Any, keep: int, disks: Iterable[DomainDisk] = (), prefix: str = P
     disks = list(disks)
     notes = []
     for name in names[: max(0, len(names) - max(1, keep))]:
-        note = delete(dom, name, disks)
+        note = (delete_one or delete)(dom, name, disks)
         if note:
             notes.append(note)
     return notes

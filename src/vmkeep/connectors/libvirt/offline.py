@@ -121,8 +121,12 @@ class OfflineBackupSession(NotingSession):
             self._note(f"could not remove {self.workdir}")
         if self.checkpoint and self.checkpoint_made:
             if ok:
-                for note in offline_checkpoint.prune(
-                    self.dom, self.keep_checkpoints, self.disks, self.checkpoint_prefix
+                for note in checkpoints.prune(
+                    self.dom,
+                    self.keep_checkpoints,
+                    self.disks,
+                    self.checkpoint_prefix,
+                    offline_checkpoint.delete,
                 ):
                     self._note(note)
             else:

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-from vmkeep.connectors.libvirt import checkpoints
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.domxml import DomainDisk
 from vmkeep.connectors.libvirt.jobxml import CHECKPOINT_DESCRIPTION, creation_time
@@ -138,18 +137,3 @@ def delete(dom: Any, name: str, disks: Iterable[DomainDisk]) -> str | None:
     if left:
         return f"checkpoint {name}: bitmap left in the image of {', '.join(left)}"
     return None
-
-
-def prune(dom: Any, keep: int, disks: list[DomainDisk], prefix: str) -> list[str]:
-    """Delete all but the newest `keep` (at least 1) checkpoints of the `prefix` kind."""
-    lv = libvirt()
-    try:
-        names = checkpoints.vmkeep_checkpoints(dom, prefix)
-    except lv.libvirtError as exc:
-        return [f"could not list checkpoints to prune: {one_line(exc)}"]
-    notes = []
-    for name in names[: max(0, len(names) - max(1, keep))]:
-        note = delete(dom, name, disks)
-        if note:
-            notes.append(note)
-    return notes
