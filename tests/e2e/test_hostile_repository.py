@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vmkeep.remotes.local import LocalRemote
-from vmkeep.repository.format import CHUNK_SIZE
+from vmkeep.repository.format import DEFAULT_CHUNK_SIZE
 from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
 from vmkeep.repository.repository import Repository
 
@@ -17,7 +17,7 @@ from .conftest import PASSPHRASE, Cli
 
 def _hostile_point(repo_dir: Path, vm_name: str, disk_name: str, extra: dict[str, str]) -> str:
     repo = Repository.open(LocalRemote(repo_dir), lambda: PASSPHRASE.encode())
-    data = os.urandom(CHUNK_SIZE)
+    data = os.urandom(DEFAULT_CHUNK_SIZE)
     chunk_id = repo.chunk_id(data)
     repo.put_chunk(chunk_id, data, 3)
     now = datetime.now(UTC)
@@ -31,7 +31,7 @@ def _hostile_point(repo_dir: Path, vm_name: str, disk_name: str, extra: dict[str
             "metadata": {},
             "connector": "files",
         },
-        disks=[DiskIndex(disk_name, CHUNK_SIZE, "raw", chunk_id, extra)],
+        disks=[DiskIndex(disk_name, DEFAULT_CHUNK_SIZE, "raw", chunk_id, extra)],
         mode="full",
         created=now,
         finished=now,
@@ -55,5 +55,5 @@ def test_hostile_names_stay_inside_the_target(cli: Cli, repo_dir: Path, tmp_path
     assert restored.parent == target.resolve()
     files = [p for p in restored.rglob("*") if p.is_file()]
     assert all(p.resolve().is_relative_to(restored) for p in files)
-    assert sum(p.stat().st_size for p in files if p.name != "vm.json") == CHUNK_SIZE
+    assert sum(p.stat().st_size for p in files if p.name != "vm.json") == DEFAULT_CHUNK_SIZE
     assert list(bait.iterdir()) == [] and not Path("/etc/vmkeep-evil").exists()

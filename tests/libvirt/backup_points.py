@@ -18,7 +18,7 @@ from vmkeep.operations.backup import BackupOptions, BackupReport, backup_vm
 from vmkeep.operations.restore import restore_vm
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
-from vmkeep.repository.format import CHUNK_SIZE
+from vmkeep.repository.format import DEFAULT_CHUNK_SIZE
 from vmkeep.repository.repository import Repository
 
 MiB = lv.MiB
@@ -81,9 +81,9 @@ def dirty_chunks(*writes: tuple[str, int, int]) -> int:
     chunks = {
         (t, i)
         for t, off, n in writes
-        for i in range(off // CHUNK_SIZE, (off + n - 1) // CHUNK_SIZE + 1)
+        for i in range(off // DEFAULT_CHUNK_SIZE, (off + n - 1) // DEFAULT_CHUNK_SIZE + 1)
     }
-    return len(chunks) * CHUNK_SIZE
+    return len(chunks) * DEFAULT_CHUNK_SIZE
 
 
 def vmkeep_checkpoints(dom: lv.TestDomain) -> list[str]:

@@ -422,7 +422,7 @@ def test_engine_full_and_delta_restore_byte_identical(
     from vmkeep.operations.restore import restore_vm
     from vmkeep.progress import SilentProgress
     from vmkeep.remotes.local import LocalRemote
-    from vmkeep.repository.format import CHUNK_SIZE
+    from vmkeep.repository.format import DEFAULT_CHUNK_SIZE
     from vmkeep.repository.repository import Repository
 
     repo = Repository.init(LocalRemote(tmp_path / "repo"), "aes-256-gcm", lambda: b"pw")
@@ -441,7 +441,7 @@ def test_engine_full_and_delta_restore_byte_identical(
             )
             if run:
                 assert not any("full read" in n for n in report.notes), report.notes
-                assert report.stats.bytes_read == 2 * CHUNK_SIZE, report.notes
+                assert report.stats.bytes_read == 2 * DEFAULT_CHUNK_SIZE, report.notes
             points.append((report.restore_point, models))
         assert len(checkpoints(d)) == 1
         assert job_dirs() == []

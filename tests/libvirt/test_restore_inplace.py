@@ -23,7 +23,7 @@ from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.restore import restore_vm
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
-from vmkeep.repository.format import CHUNK_SIZE
+from vmkeep.repository.format import DEFAULT_CHUNK_SIZE
 from vmkeep.repository.repository import Repository
 
 MiB = lv.MiB
@@ -86,14 +86,14 @@ def test_differential_restore_writes_only_changed_chunks(
     chunks = {
         (t, i)
         for t, off, n in writes
-        for i in range(off // CHUNK_SIZE, -(-(off + n) // CHUNK_SIZE))
+        for i in range(off // DEFAULT_CHUNK_SIZE, -(-(off + n) // DEFAULT_CHUNK_SIZE))
     }
     assert len(chunks) == 7
     assert image_sha(d, "vda", tmp_path) != at_backup["vda"]
     d.stop()
 
     written = restore_in_place(repo, connector, point, d)
-    assert written == len(chunks) * CHUNK_SIZE  # ~1.3 MiB changed -> 7 whole chunks
+    assert written == len(chunks) * DEFAULT_CHUNK_SIZE  # ~1.3 MiB changed -> 7 whole chunks
     assert {t: image_sha(d, t, tmp_path) for t in at_backup} == at_backup
     hole = [
         m
@@ -122,7 +122,7 @@ def test_running_domain_refused_unless_forced(
     assert "\n" not in str(exc.value)
     assert d.dom.isActive() and image_sha(d, "vda", tmp_path) == changed  # untouched
     connector.power_off_running = True
-    assert restore_in_place(repo, connector, point, d) == CHUNK_SIZE
+    assert restore_in_place(repo, connector, point, d) == DEFAULT_CHUNK_SIZE
     assert not d.dom.isActive()
     assert image_sha(d, "vda", tmp_path) == at_backup
 
@@ -182,7 +182,7 @@ def test_cli_in_place_force_and_keep_macs(
     assert "is running" in refused.err and "--force" in refused.err
     assert d.dom.isActive()
     out = cli("restore", point, "--in-place", "--force", *args).json()
-    assert out["location"] == d.name and out["bytes_written"] == CHUNK_SIZE
+    assert out["location"] == d.name and out["bytes_written"] == DEFAULT_CHUNK_SIZE
     assert not d.dom.isActive() and image_sha(d, "vda", tmp_path) == at_backup
     help_text = cli("restore", "--help").out
     assert "powered off hard" in " ".join(help_text.split())
@@ -279,6 +279,6 @@ def test_raw_disk_in_place(
     d.guest_write("vda", 9 * MiB, os.urandom(2 * MiB))  # chunk 2, zeros in the point
     d.stop()
     allocated = path.stat().st_blocks * 512
-    assert restore_in_place(repo, connector, point, d) == 2 * CHUNK_SIZE
+    assert restore_in_place(repo, connector, point, d) == 2 * DEFAULT_CHUNK_SIZE
     assert lv.sha256(path.read_bytes()) == at_backup
     assert path.stat().st_blocks * 512 <= allocated - 2 * MiB  # the 2 MiB became a hole

@@ -23,7 +23,7 @@ from vmkeep.operations.restore import restore_disk
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
-from vmkeep.repository.format import CHUNK_SIZE, CHUNKS_PREFIX
+from vmkeep.repository.format import CHUNKS_PREFIX, DEFAULT_CHUNK_SIZE
 from vmkeep.repository.repository import Repository
 
 MiB = 1 << 20
@@ -155,16 +155,16 @@ def make_vm(root: Path, chunks: int = 12) -> tuple[Path, bytes]:
     for i in range(chunks):
         kind = i % 3
         if kind == 0:
-            parts.append(os.urandom(CHUNK_SIZE))
+            parts.append(os.urandom(DEFAULT_CHUNK_SIZE))
         elif kind == 1:
-            parts.append(bytes([rng.randrange(256)]) * 4096 * (CHUNK_SIZE // 4096))
+            parts.append(bytes([rng.randrange(256)]) * 4096 * (DEFAULT_CHUNK_SIZE // 4096))
         else:
-            parts.append(bytes(CHUNK_SIZE))
+            parts.append(bytes(DEFAULT_CHUNK_SIZE))
     image = b"".join(parts) + os.urandom(MiB)  # a short last chunk
     with open(vm / "disk0.img", "wb") as f:
         for i, part in enumerate(parts):
             if any(part):
-                f.seek(i * CHUNK_SIZE)
+                f.seek(i * DEFAULT_CHUNK_SIZE)
                 f.write(part)
         f.seek(len(image) - MiB)
         f.write(image[-MiB:])
@@ -222,7 +222,7 @@ def test_backup_and_restore_out_of_order_round_trip(tmp_path: Path) -> None:
         repo, manifest.disks[0], writer, None, SilentProgress(), "d0", threads=6
     )
     assert hashlib.sha256(writer.image).digest() == hashlib.sha256(image).digest()
-    assert restored == len(image) - 4 * CHUNK_SIZE
+    assert restored == len(image) - 4 * DEFAULT_CHUNK_SIZE
     assert written == restored  # holes stay holes: nothing written for zero chunks
     assert not writer.overlapped
     assert writer.offsets != sorted(writer.offsets)  # chunks really arrived out of order
@@ -266,7 +266,7 @@ def test_restore_memory_does_not_grow_with_the_disk(tmp_path: Path) -> None:
         def write(self, offset: int, data: bytes) -> None:
             nonlocal held
             super().write(offset, data)
-            if len(data) == CHUNK_SIZE or offset + len(data) == len(image):
+            if len(data) == DEFAULT_CHUNK_SIZE or offset + len(data) == len(image):
                 with lock:
                     held -= 1
 

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import PASSPHRASE
 from vmkeep.errors import IntegrityError, RepositoryError, WrongPassphraseError
 from vmkeep.remotes.local import LocalRemote
-from vmkeep.repository.format import CHUNK_SIZE, ID_SIZE, ZERO_ID, chunk_object_name
+from vmkeep.repository.format import DEFAULT_CHUNK_SIZE, ID_SIZE, ZERO_ID, chunk_object_name
 from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
 from vmkeep.repository.repository import Repository
 
@@ -59,13 +59,13 @@ def test_encrypted_remote_holds_no_plaintext(encrypted_repo: Repository, tmp_pat
 
 
 def test_compression_kept_only_when_smaller(repo: Repository, tmp_path: Path) -> None:
-    compressible = b"A" * CHUNK_SIZE
-    random = os.urandom(CHUNK_SIZE)
+    compressible = b"A" * DEFAULT_CHUNK_SIZE
+    random = os.urandom(DEFAULT_CHUNK_SIZE)
     small = repo.put_chunk(repo.chunk_id(compressible), compressible, level=3)
     big = repo.put_chunk(repo.chunk_id(random), random, level=3)
     assert small < 10_000
     overhead = 8 + (28 if repo.encrypted else 0)
-    assert big == CHUNK_SIZE + overhead  # stored as is, not expanded by zstd
+    assert big == DEFAULT_CHUNK_SIZE + overhead  # stored as is, not expanded by zstd
     assert repo.get_chunk(repo.chunk_id(random)) == random
 
 
@@ -136,10 +136,10 @@ def test_renamed_manifest_does_not_verify(repo: Repository, tmp_path: Path) -> N
 
 
 def test_manifest_index_must_match_size(repo: Repository) -> None:
-    m = _manifest([ZERO_ID, ZERO_ID], CHUNK_SIZE + 1)
+    m = _manifest([ZERO_ID, ZERO_ID], DEFAULT_CHUNK_SIZE + 1)
     repo.save_manifest(m)
     assert repo.load_manifest(m.id).disks[0].chunk_count == 2
-    bad = _manifest([ZERO_ID], CHUNK_SIZE + 1)
+    bad = _manifest([ZERO_ID], DEFAULT_CHUNK_SIZE + 1)
     repo.save_manifest(bad)
     with pytest.raises(IntegrityError):
         repo.load_manifest(bad.id)

@@ -20,7 +20,7 @@ from vmkeep.connectors.base import (
 from vmkeep.errors import ConnectorError, LockedError, RemoteFullError, UsageError
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import Progress
-from vmkeep.repository.format import CHUNK_SIZE, ID_SIZE, ZERO_ID, is_zero
+from vmkeep.repository.format import ID_SIZE, ZERO_ID, chunk_count, chunk_length, is_zero
 from vmkeep.repository.locks import RepositoryLock
 from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
 from vmkeep.repository.repository import Repository
@@ -84,21 +84,21 @@ class BackupReport:
         }
 
 
-def chunk_flags(size: int, extents: Iterable[Extent]) -> bytearray:
-    """One flag per chunk: does any of the (data) extents touch it?"""
-    count = -(-size // CHUNK_SIZE)
+def chunk_flags(size: int, extents: Iterable[Extent], chunk_size: int) -> bytearray:
+    """One flag per chunk of `chunk_size` bytes: does any of the (data) extents touch it?"""
+    count = chunk_count(size, chunk_size)
     flags = bytearray(count)
     for ext in extents:
         if ext.data and ext.length > 0:
-            first = ext.offset // CHUNK_SIZE
-            last = min(count - 1, (ext.offset + ext.length - 1) // CHUNK_SIZE)
+            first = ext.offset // chunk_size
+            last = min(count - 1, (ext.offset + ext.length - 1) // chunk_size)
             flags[first : last + 1] = b"\x01" * (last - first + 1)
     return flags
 
 
-def chunks_with_data(reader: DiskReader) -> bytearray:
+def chunks_with_data(reader: DiskReader, chunk_size: int) -> bytearray:
     """Chunks without data are never read."""
-    return chunk_flags(reader.size, reader.extents())
+    return chunk_flags(reader.size, reader.extents(), chunk_size)
 
 
 class ChunkUploader:
@@ -148,27 +148,29 @@ def backup_disk(
     progress: Progress,
     threads: int,
     flags: bytearray,
+    chunk_size: int,
     base: DiskIndex | None = None,
 ) -> tuple[bytes, BackupStats]:
     """Store one disk. With a `base` (the previous index, which the reader's dirty extents
     are relative to) only dirty chunks are read; the others keep their previous IDs.
     `flags` are the reader's chunks_with_data, computed once per backup. Chunks complete in
-    any order (each lands at its index), so one slow upload does not hold the others back."""
+    any order (each lands at its index), so one slow upload does not hold the others back.
+    `chunk_size` is the repository's (and the base's: the repository refuses any other)."""
     size = reader.size
     if base is None:
         ids = bytearray(len(flags) * ID_SIZE)  # all ZERO_ID until filled in
         to_read = [i for i, flag in enumerate(flags) if flag]
     else:
         ids = bytearray(base.chunk_ids)
-        dirty = chunk_flags(size, reader.dirty_extents())
+        dirty = chunk_flags(size, reader.dirty_extents(), chunk_size)
         for i in (i for i, d in enumerate(dirty) if d and not flags[i]):
             ids[i * ID_SIZE : (i + 1) * ID_SIZE] = ZERO_ID  # dirty and now a hole: discarded
         to_read = [i for i, d in enumerate(dirty) if d and flags[i]]
-    progress.start(label, sum(min(CHUNK_SIZE, size - i * CHUNK_SIZE) for i in to_read))
+    progress.start(label, sum(chunk_length(i, size, chunk_size) for i in to_read))
 
     def work(index: int) -> tuple[int, bytes, BackupStats]:
-        offset = index * CHUNK_SIZE
-        want = min(CHUNK_SIZE, size - offset)
+        offset = index * chunk_size
+        want = chunk_length(index, size, chunk_size)
         data = reader.read(offset, want)
         if len(data) != want:
             raise ConnectorError(f"{label}: short read at offset {offset} ({len(data)} of {want})")
@@ -191,7 +193,11 @@ def vm_history(repo: Repository, vm_uuid: str) -> list[Manifest]:
 
 
 def check_capacity(
-    repo: Repository, vm: VmConfig, data_flags: list[bytearray], history: list[Manifest]
+    repo: Repository,
+    vm: VmConfig,
+    data_flags: list[bytearray],
+    history: list[Manifest],
+    chunk_size: int,
 ) -> None:
     """Fail before reading when the remote obviously cannot take the backup: below a tenth of
     the VM's allocated data on its first backup, or below the least any earlier run stored."""
@@ -201,7 +207,7 @@ def check_capacity(
     if history:
         need = min(int(m.stats.get("bytes_written", 0)) for m in history)
     else:
-        need = sum(sum(flags) for flags in data_flags) * CHUNK_SIZE // 10
+        need = sum(sum(flags) for flags in data_flags) * chunk_size // 10
     if free < need:
         raise RemoteFullError(
             f"remote has {free // 2**20} MiB free; a backup of {vm.name} needs at least "
@@ -275,13 +281,25 @@ def store_disks(
         )
         label = f"{vm.name}/{disk.name}"
         flags = data_flags[disk.name]
-        ids, disk_stats = backup_disk(reader, uploader, label, progress, threads, flags, base)
+        ids, disk_stats = backup_disk(
+            reader, uploader, label, progress, threads, flags, repo.chunk_size, base
+        )
         if base is not None and disk_stats.bytes_read == 0 and previous is not None:
             note = f"disk {disk.name} unchanged since {previous.id}: nothing read"
         notes += [note] if note else []
         stats.add(disk_stats)
         token = reader.change_token
-        indexes.append(DiskIndex(disk.name, reader.size, disk.format, ids, dict(disk.extra), token))
+        indexes.append(
+            DiskIndex(
+                disk.name,
+                reader.size,
+                disk.format,
+                ids,
+                dict(disk.extra),
+                token,
+                chunk_size=repo.chunk_size,
+            )
+        )
     return indexes, stats, notes
 
 
@@ -309,8 +327,9 @@ def backup_vm(
         try:
             notes = list(session.notes)
             # One extent walk per disk (an NBD block-status round trip per extent for libvirt).
-            data_flags = {n: chunks_with_data(r) for n, r in session.readers.items()}
-            check_capacity(repo, vm, list(data_flags.values()), history)
+            chunk_size = repo.chunk_size
+            data_flags = {n: chunks_with_data(r, chunk_size) for n, r in session.readers.items()}
+            check_capacity(repo, vm, list(data_flags.values()), history, chunk_size)
             indexes, stats, disk_notes = store_disks(
                 repo, vm, session, previous, data_flags, options, progress
             )

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmkeep.connectors.base import Connector, DiskInfo, DiskReader, DiskWriter, VmConfig
-from vmkeep.errors import UsageError
+from vmkeep.errors import IntegrityError, UsageError
 from vmkeep.parallel import io_threads, unordered_map
 from vmkeep.progress import Progress
-from vmkeep.repository.format import CHUNK_SIZE, ZERO_ID, is_zero
+from vmkeep.repository.format import ZERO_ID, is_zero
 from vmkeep.repository.manifest import DiskIndex, Manifest
 from vmkeep.repository.repository import Repository
 
@@ -96,14 +96,14 @@ def restore_disk(
         if current is not None
         else [i for i in range(count) if index.chunk_id(i) != ZERO_ID]
     )
-    progress.start(label, sum(min(CHUNK_SIZE, index.size - i * CHUNK_SIZE) for i in wanted))
+    progress.start(label, sum(index.chunk_length(i) for i in wanted))
     write_lock = threading.Lock()
 
     def restore_chunk(i: int) -> tuple[int, int, int]:
         """(length, restored, written) bytes of chunk i."""
         chunk_id = index.chunk_id(i)
-        offset = i * CHUNK_SIZE
-        length = min(CHUNK_SIZE, index.size - offset)
+        offset = i * index.chunk_size
+        length = index.chunk_length(i)
         restored = length if chunk_id != ZERO_ID else 0
         if current is not None:
             now = current.read(offset, length)
@@ -115,6 +115,11 @@ def restore_disk(
                 writer.zero(offset, length)
             return length, restored, length
         data = repo.get_chunk(chunk_id)
+        if len(data) != length:  # would spill into the next chunk's range, or leave a gap
+            raise IntegrityError(
+                f"{label}: chunk {chunk_id.hex()[:16]} holds {len(data)} bytes, "
+                f"its place in the disk {length}"
+            )
         runs = [(0, len(data))] if current is not None else list(data_runs(data))
         with write_lock:
             return length, restored, write_runs(writer, offset, data, runs)

@@ -10,8 +10,8 @@ from .format import (
     CHUNK_MAGIC,
     FLAG_ENCRYPTED,
     FLAG_ZSTD,
-    FORMAT_VERSION,
     HEADER_SIZE,
+    OBJECT_VERSION,
     header,
 )
 
@@ -25,11 +25,13 @@ def encode_chunk(sealer: Sealer, chunk_id: bytes, data: bytes, level: int) -> by
     return head + payload
 
 
-def decode_chunk(sealer: Sealer, chunk_id: bytes, blob: bytes) -> bytes:
-    """Return the plaintext, or raise IntegrityError: the stored bytes must hash to `chunk_id`."""
+def decode_chunk(sealer: Sealer, chunk_id: bytes, blob: bytes, max_size: int) -> bytes:
+    """Return the plaintext, or raise IntegrityError: the stored bytes must hash to `chunk_id`
+    and be no longer than the repository's chunk size (a longer one would spill over the next
+    chunk's range of a restored disk)."""
     what = f"chunk {chunk_id.hex()[:16]}"
     head = blob[:HEADER_SIZE]
-    if len(head) < HEADER_SIZE or head[:4] != CHUNK_MAGIC or head[4] != FORMAT_VERSION:
+    if len(head) < HEADER_SIZE or head[:4] != CHUNK_MAGIC or head[4] != OBJECT_VERSION:
         raise IntegrityError(f"{what} is corrupt: bad header")
     flags = head[5]
     if bool(flags & FLAG_ENCRYPTED) != sealer.encrypted or flags & ~(FLAG_ZSTD | FLAG_ENCRYPTED):
@@ -38,6 +40,10 @@ def decode_chunk(sealer: Sealer, chunk_id: bytes, blob: bytes) -> bytes:
     if sealer.encrypted:
         payload = sealer.open(payload, head + chunk_id, what)
     data = decompress(payload, what) if flags & FLAG_ZSTD else payload
+    if len(data) > max_size:
+        raise IntegrityError(
+            f"{what} is corrupt: {len(data)} bytes, more than the chunk size {max_size}"
+        )
     if sealer.chunk_id(data) != chunk_id:
         raise IntegrityError(f"{what} is corrupt: content does not match its ID")
     return data if isinstance(data, bytes) else bytes(data)

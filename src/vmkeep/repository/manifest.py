@@ -15,16 +15,20 @@ from vmkeep.errors import IntegrityError
 from .compression import compress, decompress
 from .crypto import Sealer
 from .format import (
-    CHUNK_SIZE,
+    DEFAULT_CHUNK_SIZE,
     FLAG_ENCRYPTED,
     FLAG_ZSTD,
-    FORMAT_VERSION,
     HEADER_SIZE,
     ID_SIZE,
+    MANIFEST_DOC_VERSION,
     MANIFEST_MAGIC,
+    OBJECT_VERSION,
     ZERO_ID,
+    chunk_count,
+    chunk_length,
     header,
     manifest_object_name,
+    valid_chunk_size,
 )
 
 
@@ -41,6 +45,9 @@ class DiskIndex:
     chunk_ids: bytes  # concatenated 32-byte IDs; ZERO_ID marks an all-zero chunk
     extra: dict[str, Any] = field(default_factory=dict)
     change_token: str | None = None  # connector's proof the disk did not change, if it has one
+    # The repository's chunk size when the index was made; Repository refuses to save or load
+    # an index whose chunk size is not its own, so offsets are never computed with another.
+    chunk_size: int = DEFAULT_CHUNK_SIZE
 
     @property
     def chunk_count(self) -> int:
@@ -48,6 +55,10 @@ class DiskIndex:
 
     def chunk_id(self, index: int) -> bytes:
         return self.chunk_ids[index * ID_SIZE : (index + 1) * ID_SIZE]
+
+    def chunk_length(self, index: int) -> int:
+        """Bytes of chunk `index` on the disk (the last one may be short)."""
+        return chunk_length(index, self.size, self.chunk_size)
 
     def stored_ids(self) -> set[bytes]:
         ids = {self.chunk_id(i) for i in range(self.chunk_count)}
@@ -58,7 +69,7 @@ class DiskIndex:
         total = 0
         for i in range(self.chunk_count):
             if self.chunk_id(i) != ZERO_ID:
-                total += min(CHUNK_SIZE, self.size - i * CHUNK_SIZE)
+                total += self.chunk_length(i)
         return total
 
 
@@ -94,7 +105,7 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         optional = {"lock": self.lock} if self.lock else {}
         return {
-            "version": FORMAT_VERSION,
+            "version": MANIFEST_DOC_VERSION,
             "id": self.id,
             "vm": self.vm,
             "mode": self.mode,
@@ -113,7 +124,7 @@ class Manifest:
                     "format": d.format,
                     "extra": d.extra,
                     "change_token": d.change_token,
-                    "chunk_size": CHUNK_SIZE,
+                    "chunk_size": d.chunk_size,
                     "chunks": base64.b64encode(d.chunk_ids).decode("ascii"),
                 }
                 for d in self.disks
@@ -126,7 +137,10 @@ class Manifest:
         for d in doc["disks"]:
             ids = base64.b64decode(d["chunks"], validate=True)
             size = int(d["size"])
-            if int(d["chunk_size"]) != CHUNK_SIZE or len(ids) != -(-size // CHUNK_SIZE) * ID_SIZE:
+            chunk_size = d["chunk_size"]
+            if not valid_chunk_size(chunk_size):
+                raise ValueError(f"unsupported chunk_size {str(chunk_size)[:24]!r}")
+            if size < 0 or len(ids) != chunk_count(size, chunk_size) * ID_SIZE:
                 raise ValueError("chunk index does not match the disk size")
             disks.append(
                 DiskIndex(
@@ -136,6 +150,7 @@ class Manifest:
                     ids,
                     dict(d.get("extra") or {}),
                     d.get("change_token"),
+                    chunk_size,
                 )
             )
         return cls(
@@ -162,10 +177,12 @@ def encode_manifest(sealer: Sealer, manifest: Manifest) -> bytes:
     return head + sealer.seal(packed, head + manifest_object_name(manifest.id).encode())
 
 
-def decode_manifest(sealer: Sealer, point_id: str, blob: bytes) -> Manifest:
+def decode_manifest(sealer: Sealer, point_id: str, blob: bytes, chunk_size: int) -> Manifest:
+    """`chunk_size` is the repository's: an index cut otherwise is refused, since every
+    offset computed from it would be wrong."""
     what = f"manifest {point_id}"
     head = blob[:HEADER_SIZE]
-    if len(head) < HEADER_SIZE or head[:4] != MANIFEST_MAGIC or head[4] != FORMAT_VERSION:
+    if len(head) < HEADER_SIZE or head[:4] != MANIFEST_MAGIC or head[4] != OBJECT_VERSION:
         raise IntegrityError(f"{what} is corrupt: bad header")
     if head[5] != FLAG_ZSTD | (FLAG_ENCRYPTED if sealer.encrypted else 0):
         raise IntegrityError(f"{what} is corrupt: unexpected flags {head[5]:#x}")
@@ -176,4 +193,15 @@ def decode_manifest(sealer: Sealer, point_id: str, blob: bytes) -> Manifest:
         raise IntegrityError(f"{what} is malformed: {exc}") from exc
     if manifest.id != point_id:
         raise IntegrityError(f"{what} is corrupt: it names itself {manifest.id}")
+    check_chunk_size(manifest, chunk_size, f"{what} is corrupt")
     return manifest
+
+
+def check_chunk_size(manifest: Manifest, chunk_size: int, what: str) -> None:
+    """Every disk of `manifest` indexed in the repository's chunk size, or IntegrityError."""
+    for d in manifest.disks:
+        if d.chunk_size != chunk_size:
+            raise IntegrityError(
+                f"{what}: disk {d.name} is cut in {d.chunk_size}-byte chunks, "
+                f"the repository in {chunk_size}-byte chunks"
+            )

@@ -23,18 +23,24 @@ from vmkeep.remotes.base import Remote
 from .chunks import decode_chunk, encode_chunk
 from .crypto import RepositoryKey, Sealer, unwrap_key, wrap_key
 from .format import (
-    CHUNK_SIZE,
     CHUNKS_PREFIX,
     CONFIG_NAME,
-    FORMAT_VERSION,
+    CONFIG_VERSION_FIXED,
+    CONFIG_VERSION_SIZED,
+    DEFAULT_CHUNK_SIZE,
     ID_SIZE,
     MANIFESTS_PREFIX,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
     chunk_object_name,
+    config_version,
     manifest_object_name,
+    valid_chunk_size,
 )
-from .manifest import Manifest, decode_manifest, encode_manifest
+from .manifest import Manifest, check_chunk_size, decode_manifest, encode_manifest
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
+CHUNK_SIZE_RULE = f"a power of two from {MIN_CHUNK_SIZE >> 10} KiB to {MAX_CHUNK_SIZE >> 20} MiB"
 PassphraseSource = Callable[[], bytes]
 
 
@@ -54,19 +60,28 @@ class Repository:
     # -- creation and opening -------------------------------------------------
 
     @classmethod
-    def init(cls, remote: Remote, encryption: str, passphrase: PassphraseSource) -> Repository:
+    def init(
+        cls,
+        remote: Remote,
+        encryption: str,
+        passphrase: PassphraseSource,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> Repository:
+        """A 4 MiB repository is written as config version 1, any other chunk size as 2."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(
                 f"unknown encryption {encryption!r}: choose {' or '.join(ENCRYPTIONS)}"
             )
+        if not valid_chunk_size(chunk_size):
+            raise UsageError(f"chunk size {chunk_size} is not {CHUNK_SIZE_RULE}")
         repo_id = uuid.uuid4().hex
         key = RepositoryKey.generate() if encryption != "none" else None
         config: dict[str, Any] = {
             "format": "vmkeep-repository",
-            "version": FORMAT_VERSION,
+            "version": config_version(chunk_size),
             "id": repo_id,
             "created": datetime.now(UTC).isoformat(),
-            "chunk_size": CHUNK_SIZE,
+            "chunk_size": chunk_size,
             "chunk_id": "blake3-keyed" if key else "blake3",
             "encryption": encryption,
             "keys": [wrap_key(key, passphrase(), repo_id, "initial")] if key else [],
@@ -96,6 +111,11 @@ class Repository:
     @property
     def encrypted(self) -> bool:
         return self.key is not None
+
+    @property
+    def chunk_size(self) -> int:
+        """Bytes per chunk, fixed at init (parse_config checked it)."""
+        return int(self.config["chunk_size"])
 
     # -- keys -----------------------------------------------------------------
 
@@ -140,7 +160,7 @@ class Repository:
             raise IntegrityError(
                 f"chunk {chunk_id.hex()[:16]} is missing from the repository"
             ) from exc
-        return decode_chunk(self.sealer, chunk_id, blob)
+        return decode_chunk(self.sealer, chunk_id, blob, self.chunk_size)
 
     # The two halves of put_chunk, for the backup pipeline that runs the CPU half (zstd,
     # AES-GCM) under a CPU gate and the I/O half (the remote's put) outside it.
@@ -174,6 +194,7 @@ class Repository:
 
     def save_manifest(self, manifest: Manifest) -> None:
         """The last write of a backup: from here on the restore point exists."""
+        check_chunk_size(manifest, self.chunk_size, f"refusing to save restore point {manifest.id}")
         blob = encode_manifest(self.sealer, manifest)
         self.remote.flush()  # every chunk durable before the manifest that references it
         self.remote.put(manifest_object_name(manifest.id), blob, overwrite=False)
@@ -184,7 +205,7 @@ class Repository:
             blob = self.remote.get(manifest_object_name(point_id))
         except NotFoundError as exc:
             raise NotFoundError(f"no restore point {point_id}") from exc
-        return decode_manifest(self.sealer, point_id, blob)
+        return decode_manifest(self.sealer, point_id, blob, self.chunk_size)
 
     def load_manifests(self) -> tuple[list[Manifest], list[ManifestProblem]]:
         """Every restore point that verifies, and the ones that do not (corrupt, unreadable).
@@ -225,13 +246,30 @@ def parse_config(raw: bytes, where: str) -> dict[str, Any]:
             raise ValueError("not a vmkeep repository config")
     except ValueError as exc:
         raise RepositoryError(f"{where}: repository config is unreadable ({exc})") from exc
-    if config.get("version") != FORMAT_VERSION:
+    version = config.get("version")
+    if type(version) is not int or version not in (CONFIG_VERSION_FIXED, CONFIG_VERSION_SIZED):
         raise RepositoryError(
-            f"{where}: repository format version {config.get('version')} is not supported "
-            f"(this vmkeep reads version {FORMAT_VERSION})"
+            f"{where}: repository format version {_shown(version)} is not supported "
+            f"(this vmkeep reads versions {CONFIG_VERSION_FIXED} and {CONFIG_VERSION_SIZED})"
         )
-    if config.get("chunk_size") != CHUNK_SIZE or config.get("encryption") not in ENCRYPTIONS:
+    chunk_size = config.get("chunk_size")
+    if version == CONFIG_VERSION_FIXED and chunk_size != DEFAULT_CHUNK_SIZE:
+        raise RepositoryError(
+            f"{where}: repository config version 1 has chunk_size {_shown(chunk_size)}, "
+            f"version 1 allows only {DEFAULT_CHUNK_SIZE}"
+        )
+    if not valid_chunk_size(chunk_size):
+        raise RepositoryError(
+            f"{where}: repository config has chunk_size {_shown(chunk_size)}, not {CHUNK_SIZE_RULE}"
+        )
+    if config.get("encryption") not in ENCRYPTIONS:
         raise RepositoryError(f"{where}: repository config has unsupported parameters")
     if not isinstance(config.get("keys"), list) or not isinstance(config.get("id"), str):
         raise RepositoryError(f"{where}: repository config is malformed")
     return config
+
+
+def _shown(value: object) -> str:
+    """A config value quoted for a one-line message, however long a hostile one is."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -11,9 +12,10 @@ from vmkeep.engine.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.errors import UsageError
 from vmkeep.operations.prune import apply_prune
 from vmkeep.remotes.location import open_remote
+from vmkeep.repository.format import valid_chunk_size
 from vmkeep.repository.gc import collect_garbage
 from vmkeep.repository.manifest import Manifest
-from vmkeep.repository.repository import Repository
+from vmkeep.repository.repository import CHUNK_SIZE_RULE, Repository
 from vmkeep.repository.retention_lock import LockedObjects
 from vmkeep.repository.verify import verify
 
@@ -31,21 +33,56 @@ def init(
         "(`vmkeep remote add` names it and creates it in one step).",
     ),
     encryption: str = typer.Option("aes-256-gcm", help="aes-256-gcm (default) or none."),
+    chunk_size: str = typer.Option(
+        "4MiB",
+        "--chunk-size",
+        help="64K, 128K, 256K, 512K, 1M, 2M or 4M (default). Smaller chunks store less for "
+        "scattered writes, but make more objects and bigger indexes (docs/DATA-PATH.md). "
+        "Fixed for the repository's life.",
+    ),
     json_out: bool = JsonOpt,
 ) -> None:
     """Create a repository (encrypted by default: you will be asked for a passphrase)."""
+    size = parse_chunk_size(chunk_size)
     repo = Repository.init(
         open_remote(location),
         encryption,
         lambda: state.passphrase(confirm=True),
+        size,
     )
     if json_out:
-        print_json({"location": repo.remote.url, "id": repo.config["id"], "encryption": encryption})
+        print_json(
+            {
+                "location": repo.remote.url,
+                "id": repo.config["id"],
+                "encryption": encryption,
+                "chunk_size": repo.chunk_size,
+            }
+        )
     else:
         console.print(
             f"created repository {repo.config['id'][:8]} at {repo.remote.url} "
-            f"(encryption: {encryption})"
+            f"(encryption: {encryption}, chunk size: {format_chunk_size(repo.chunk_size)})"
         )
+
+
+_SIZE = re.compile(r"(\d{1,12})\s*(|b|k|kib|m|mib)", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
+
+
+def parse_chunk_size(text: str) -> int:
+    """`256K`, `256KiB`, `1M`, `4MiB` or bytes; a power of two from 64 KiB to 4 MiB."""
+    match = _SIZE.fullmatch(text.strip())
+    size = int(match[1]) * _UNITS[match[2].lower()] if match else None
+    if size is None or not valid_chunk_size(size):
+        raise UsageError(
+            f"invalid --chunk-size {text[:40]!r}: {CHUNK_SIZE_RULE} (e.g. 256K, 1M, 4MiB)"
+        )
+    return size
+
+
+def format_chunk_size(size: int) -> str:
+    return f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
 
 
 def list_points(
@@ -76,7 +113,13 @@ def list_points(
         for m in manifests
     ]
     if json_out:
-        print_json({"restore_points": rows, "unreadable": [p.__dict__ for p in problems]})
+        print_json(
+            {
+                "chunk_size": repo.chunk_size,
+                "restore_points": rows,
+                "unreadable": [p.__dict__ for p in problems],
+            }
+        )
         return
     listing = table(
         "restore point",
@@ -87,7 +130,7 @@ def list_points(
         "disk size",
         "data",
         "new stored",
-        title=f"{repo.remote.url}",
+        title=f"{repo.remote.url} ({format_chunk_size(repo.chunk_size)} chunks)",
     )
     for r in rows:
         listing.add_row(
