@@ -8,7 +8,6 @@ import typer
 
 from vmkeep.errors import UsageError
 from vmkeep.operations.backup import BackupOptions, backup_vm
-from vmkeep.operations.export import export_disk
 from vmkeep.operations.restore import restore_vm
 from vmkeep.remotes.object_lock import apply_lock_policy
 
@@ -199,6 +198,8 @@ def export(
     json_out: bool = JsonOpt,
 ) -> None:
     """Write one disk of a restore point as a portable image, usable without vmkeep."""
+    from vmkeep.operations.export import export_disk  # its disk writers: only when used
+
     repo = state.open_repository(remote)
     report = export_disk(repo, point, disk, fmt, output, RichProgress(not json_out))
     if json_out:

@@ -1,4 +1,5 @@
-"""`vmkeep vm`: VMs of the embedded files connector."""
+"""`vmkeep vm`: VMs of the embedded files connector (imported by each command: every other
+command starts without it)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-
-from vmkeep.connectors.files import FilesConnector
-from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
 
 from .output import console, human_bytes, print_json, stdout, table
 from .repo_commands import JsonOpt
@@ -24,6 +22,8 @@ def list_vms(
     json_out: bool = JsonOpt,
 ) -> None:
     """List the VMs found in a directory."""
+    from vmkeep.connectors.files import FilesConnector
+
     vms = FilesConnector(root).list_vms()
     rows: list[dict[str, Any]] = [
         {
@@ -58,6 +58,8 @@ def create_demo(
     fmt: str = typer.Option("raw", "--format", help="raw or qcow2."),
 ) -> None:
     """Make a demo VM: a disk with a partition table and an ext4 file system with files."""
+    from vmkeep.connectors.files.demo import create_demo_vm
+
     parent.mkdir(parents=True, exist_ok=True)
     path = create_demo_vm(parent, name, size_mib * 1024 * 1024, fmt)
     console.print(f"created demo VM {name} in {path}")
@@ -66,5 +68,7 @@ def create_demo(
 @vm_app.command("change-demo")
 def change_demo(vm_dir: Path, seed: int = typer.Option(1, help="Which change to make.")) -> None:
     """Overwrite about 1% of a demo VM's data, so the next backup has a delta."""
+    from vmkeep.connectors.files.demo import modify_demo_vm
+
     modify_demo_vm(vm_dir, seed)
     console.print(f"changed {vm_dir}")
