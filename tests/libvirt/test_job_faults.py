@@ -221,3 +221,57 @@ def _qemu_nbd_serving(image: Path) -> list[str]:
         if cmd and cmd[0].endswith(b"qemu-nbd") and str(image).encode() in cmd and stat[0] != "Z":
             found.append(f"{pid} {stat[0]} ppid={stat[1]}")
     return found
+
+
+DIE_AFTER_MANIFEST = """
+import os, sys
+from vmkeep.connectors.libvirt.live import LiveBackupSession
+def finish(self, ok):  # the process dies after the manifest, before ending the job
+    if ok:
+        os._exit(9)
+LiveBackupSession.finish = finish
+from vmkeep.interfaces.cli.app import main
+sys.argv = ["vmkeep", *sys.argv[1:]]
+main()
+"""
+
+
+def test_run_killed_after_its_restore_point_keeps_the_checkpoint_the_point_uses(
+    libvirt_env: LibvirtEnv, make_domain: Callable[..., lv.TestDomain], tmp_path: Path
+) -> None:
+    """A run that dies between writing its manifest and ending its job made a good restore
+    point: the next run ends the stale job but keeps that point's checkpoint, so its delta is
+    still incremental (deleting it forced a full read)."""
+    cli = Cli(tmp_path)
+    repo = tmp_path / "repo"
+    cli("init", str(repo))
+    d = make_domain((64 * MiB,))
+    fill(d, "vda", 60)
+    args = ("--connector", "libvirt", "--remote", str(repo), "--json")
+    cli("backup", d.name, *args)
+    d.guest_write("vda", 5 * MiB, os.urandom(MiB))
+    died = subprocess.run(
+        [str(Path(VMKEEP).with_name("python")), "-c", DIE_AFTER_MANIFEST, "backup", d.name,
+         *args, "--mode", "delta"],
+        env=cli.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert died.returncode == 9, died.stderr[-2000:]
+    listed = cli("list", "--remote", str(repo), "--json").json()["restore_points"]
+    killed_point = max(p["restore_point"] for p in listed)
+    (stale,) = run_dirs(d.dom.UUIDString())
+    kept = json.loads((stale / MARKER).read_text())["checkpoint"]
+    assert lv.job_active(d.dom) and kept in vmkeep_checkpoints(d)
+
+    d.guest_write("vda", 41 * MiB, os.urandom(MiB))
+    done = cli("backup", d.name, *args, "--mode", "delta").json()
+    assert not any("full read" in n for n in done["notes"]), done["notes"]
+    assert done["bytes_read"] == dirty_chunks(("vda", 41 * MiB, MiB))  # only since `kept`
+    assert any(f"checkpoint {kept} kept" in n for n in done["notes"]), done["notes"]
+    assert not stale.exists() and not lv.job_active(d.dom)
+    assert len(vmkeep_checkpoints(d)) == 1 and kept not in vmkeep_checkpoints(d)
+    listed = cli("list", "--remote", str(repo), "--json").json()["restore_points"]
+    assert sorted(p["restore_point"] for p in listed)[-2:] == [killed_point, done["restore_point"]]
+    out = cli("restore", done["restore_point"], "--remote", str(repo), "--to", str(tmp_path / "r"))
+    assert out.code == 0
+    (vm_dir,) = (tmp_path / "r").iterdir()
+    assert disk_hashes(vm_dir) == {"vda": lv.sha256(d.disks[0].model)}

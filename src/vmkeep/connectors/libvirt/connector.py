@@ -89,9 +89,18 @@ class LibvirtConnector:
         """Live job for a running (or paused) domain, direct image reads for a shut-off one;
         with `offline` set, a running domain is shut down, read offline and started again.
         Leftovers of killed vmkeep runs (any domain) are cleaned up first (local URIs: their
-        run directories are on this host). A remote URI reads a running domain over TCP."""
-        if self.local:
-            clean_stale_runs(self._conn)
+        run directories are on this host), except the checkpoint `previous` names: a run
+        killed after writing its restore point made it, and the delta builds on it. What the
+        cleanup did is in the session's notes. A remote URI reads a running domain over TCP."""
+        keep = {c for c in previous.values() if c}
+        cleaned = clean_stale_runs(self._conn, keep=keep) if self.local else []
+        session = self._begin(vm, previous)
+        session.notes[:0] = cleaned
+        return session
+
+    def _begin(
+        self, vm: VmConfig, previous: Mapping[str, str | None]
+    ) -> LiveBackupSession | OfflineBackupSession:
         dom = self._domain(vm)
         after = None
         active = is_active(dom)

@@ -1,7 +1,9 @@
 """Cleaning up after vmkeep runs that were killed (SIGKILL, power loss of the vmkeep host):
 their pull-mode backup job keeps running on the domain (a pull job never ends by itself, and
 the next backupBegin would block 30 s and fail), their work directory keeps its socket and
-scratch files, and the checkpoint they created names a point no restore point has.
+scratch files, and the checkpoint they created names a point no restore point has, unless
+the run was killed between writing its restore point and ending its job: the caller names
+the checkpoints restore points use (`keep`), and those stay.
 
 Only directories whose owner marker is no longer locked are touched (workdir.py), so a live run
 of this or another vmkeep process is never disturbed."""
@@ -14,6 +16,7 @@ import os
 import signal
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +31,14 @@ from vmkeep.errors import VmkeepError
 log = logging.getLogger(__name__)
 
 
-def clean_stale_runs(conn: Connection, root: Path = ROOT) -> list[str]:
-    """End the jobs, delete the checkpoints and remove the directories of dead runs; one note
-    per run cleaned (trouble is noted, never raised: a backup must not fail because of it)."""
+def clean_stale_runs(conn: Connection, root: Path = ROOT, keep: Collection[str] = ()) -> list[str]:
+    """End the jobs, delete the checkpoints (but those in `keep`) and remove the directories of
+    dead runs; one note per run cleaned (trouble is noted, never raised: a backup must not fail
+    because of it)."""
     notes = []
     for stale in stale_workdirs(root):
         try:
-            note = _clean(conn, stale)
+            note = _clean(conn, stale, keep)
         except VmkeepError as exc:
             note = f"stale run directory {stale.path}: {exc}"
         log.warning("%s", note)
@@ -42,7 +46,7 @@ def clean_stale_runs(conn: Connection, root: Path = ROOT) -> list[str]:
     return notes
 
 
-def _clean(conn: Connection, stale: StaleWorkdir) -> str:
+def _clean(conn: Connection, stale: StaleWorkdir, keep: Collection[str]) -> str:
     lv = libvirt()
     done = [f"qemu-nbd {pid} stopped" for pid in stop_servers(stale.path)]
     dom = _domain(conn, stale.domain_uuid)
@@ -50,7 +54,9 @@ def _clean(conn: Connection, stale: StaleWorkdir) -> str:
         if job_socket_dir(dom) == stale.path:
             problem = end_job(dom)
             done.append(f"could not end its backup job: {problem}" if problem else "job ended")
-        if stale.checkpoint:
+        if stale.checkpoint in keep:
+            done.append(f"checkpoint {stale.checkpoint} kept: its restore point was written")
+        elif stale.checkpoint:
             try:
                 disks = parse_disks(dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE))
             except lv.libvirtError:
