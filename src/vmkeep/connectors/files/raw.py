@@ -15,6 +15,7 @@ from vmkeep.connectors.files.fileio import (
     open_image,
     pread_full,
     pwrite_all,
+    start_writeback,
     write_zeros,
 )
 from vmkeep.errors import ConnectorError
@@ -109,6 +110,7 @@ class RawDiskWriter:
             pwrite_all(self._fd, data, offset)
         except OSError as exc:
             raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
+        start_writeback(self._fd, offset, len(data))
 
     def zero(self, offset: int, length: int) -> None:
         """Punch a hole (the range reads as zeros); writes zeros where punching is unsupported."""
