@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from vmkeep.connectors.base import DiskInfo, DiskReader, VmConfig
 from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.domxml import is_active, parse_disks, vm_config
+from vmkeep.connectors.libvirt.domxml import is_active, parse_disks, resolve_volume, vm_config
 from vmkeep.connectors.libvirt.image_nbd import open_image
 from vmkeep.connectors.libvirt.inplace_restore import InPlaceSink, disk_images
 from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
@@ -126,7 +126,7 @@ class LibvirtConnector:
                 log.info("%s", note)
             after = partial(start_again, dom)
         try:
-            disks = parse_disks(_inactive_xml(dom))
+            disks = [resolve_volume(dom, d) for d in parse_disks(_inactive_xml(dom))]
         except BaseException:
             if after is not None:
                 after()

@@ -4,7 +4,7 @@ sizes, turned into the hypervisor-neutral VmConfig the repository records."""
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vmkeep.connectors.base import DiskInfo, VmConfig
@@ -92,6 +92,26 @@ def is_active(dom: Any) -> bool:
         return bool(dom.isActive())
     except libvirt().libvirtError as exc:
         raise ConnectorError(f"cannot read the state of {dom.name()}: {one_line(exc)}") from None
+
+
+VOL_BLOCK = 1  # virStorageVolType: the volume is a block device (0 is a file)
+
+
+def resolve_volume(dom: Any, disk: DomainDisk) -> DomainDisk:
+    """A `<disk type='volume'>` as the file or block device its pool keeps it in (a shut-off
+    domain's XML has no path for it); any other disk as it is."""
+    if disk.source_type != "volume" or not (disk.pool and disk.volume):
+        return disk
+    try:
+        pool = dom.connect().storagePoolLookupByName(disk.pool)
+        vol = pool.storageVolLookupByName(disk.volume)
+        kind = "block" if int(vol.info()[0]) == VOL_BLOCK else "file"
+        return replace(disk, source=str(vol.path()), source_type=kind)
+    except libvirt().libvirtError as exc:
+        raise ConnectorError(
+            f"disk {disk.target}: cannot find volume {disk.volume} in pool {disk.pool}: "
+            f"{one_line(exc)}"
+        ) from None
 
 
 def _source_and_capacity(dom: Any, disk: DomainDisk) -> tuple[str, int]:
