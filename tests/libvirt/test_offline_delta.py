@@ -149,6 +149,7 @@ def test_offline_option_timeout_force_and_failure(
     full = backup(repo, connector, d, "full")
     assert d.dom.isActive(), "the VM must be running again after an --offline backup"
     assert any("shut off" in n for n in full.notes), full.notes
+    assert any("ignored the ACPI shutdown request" in n for n in full.notes), full.notes
     assert restored_hashes(repo, full.restore_point, tmp_path / "a") == models(d)
 
     # The graceful power-off stored the bitmaps: the next --offline run is a delta.

@@ -103,6 +103,7 @@ class LibvirtConnector:
     ) -> LiveBackupSession | OfflineBackupSession:
         dom = self._domain(vm)
         after = None
+        stopped: list[str] = []
         active = is_active(dom)
         if not self.local and (not active or self.offline is not None):
             raise ConnectorError(
@@ -122,7 +123,8 @@ class LibvirtConnector:
                     local=self.local,
                     tcp=None if self.local else self.tcp_export(),
                 )
-            for note in shut_down(dom, self.offline):
+            stopped = shut_down(dom, self.offline)  # how: for the report (forced off or not)
+            for note in stopped:
                 log.info("%s", note)
             after = partial(start_again, dom)
         try:
@@ -131,7 +133,7 @@ class LibvirtConnector:
             if after is not None:
                 after()
             raise
-        return begin_offline_backup(
+        session = begin_offline_backup(
             dom,
             disks,
             previous,
@@ -139,6 +141,8 @@ class LibvirtConnector:
             max_connections=self.max_connections,
             after=after,
         )
+        session.notes[:0] = stopped
+        return session
 
     def tcp_export(self) -> NbdServer:
         """Where a remote live job listens; refused unless TCP was opted in (nbd_host/nbd_tls)."""
