@@ -1,7 +1,7 @@
 """Remote benchmark: vmkeep's full backup and restore on each remote kind, against real servers
 on loopback, next to the raw throughput of the same server and to restic, in one run.
 
-    .venv/bin/python bench/remotes.py [--size-gib 1] [--json] [--remotes local,s3,azure,smb]
+    .venv/bin/python bench/remotes.py [--size-gib 4] [--json] [--remotes local,s3,azure,smb]
                                       [--raw-mib 256] [--workdir bench/work-remotes] [--keep]
 
 For each remote, in this order, with the page cache dropped before each timed step:
@@ -935,7 +935,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="vmkeep's backup and restore on every remote, against raw SDK and restic."
     )
-    parser.add_argument("--size-gib", type=float, default=1.0, help="image size (default 1)")
+    parser.add_argument(
+        "--size-gib", type=float, default=4.0, help="image size (default 4, as bench/core.py)"
+    )
     parser.add_argument(
         "--remotes", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}"
     )
