@@ -62,6 +62,21 @@ def fill(d: lv.TestDomain, target: str, mib: int) -> None:
         d.guest_write(target, off * MiB, os.urandom(min(12, mib - off) * MiB))
 
 
+def backed_up_domain(
+    make_domain: Callable[..., lv.TestDomain], tmp_path: Path, mib: int
+) -> tuple[Cli, Path, lv.TestDomain, tuple[str, ...]]:
+    """A repository and a 64 MiB domain with `mib` MiB written, backed up once through the CLI;
+    the CLI arguments that back it up again."""
+    cli = Cli(tmp_path)
+    repo = tmp_path / "repo"
+    cli("init", str(repo))
+    d = make_domain((64 * MiB,))
+    fill(d, "vda", mib)
+    args = ("--connector", "libvirt", "--remote", str(repo), "--json")
+    cli("backup", d.name, *args)
+    return cli, repo, d, args
+
+
 def assert_nothing_left(d: lv.TestDomain, checkpoints_before: list[str]) -> None:
     assert not lv.job_active(d.dom)
     assert run_dirs(d.dom.UUIDString()) == []
@@ -169,13 +184,7 @@ def test_killed_offline_backup_leaves_no_qemu_nbd(
     """A vmkeep killed during an offline delta: the next backup stops any qemu-nbd left, removes
     the killed run's offline checkpoint and its directory, and is still a delta; the domain then
     starts (the image is not left locked) and the live delta after it is exact."""
-    cli = Cli(tmp_path)
-    repo = tmp_path / "repo"
-    cli("init", str(repo))
-    d = make_domain((64 * MiB,))
-    fill(d, "vda", 4)
-    args = ("--connector", "libvirt", "--remote", str(repo), "--json")
-    cli("backup", d.name, *args)
+    cli, repo, d, args = backed_up_domain(make_domain, tmp_path, 4)
     fill(d, "vda", 60)
     d.stop()
     uuid = d.dom.UUIDString()
@@ -242,13 +251,7 @@ def test_run_killed_after_its_restore_point_keeps_the_checkpoint_the_point_uses(
     """A run that dies between writing its manifest and ending its job made a good restore
     point: the next run ends the stale job but keeps that point's checkpoint, so its delta is
     still incremental (deleting it forced a full read)."""
-    cli = Cli(tmp_path)
-    repo = tmp_path / "repo"
-    cli("init", str(repo))
-    d = make_domain((64 * MiB,))
-    fill(d, "vda", 60)
-    args = ("--connector", "libvirt", "--remote", str(repo), "--json")
-    cli("backup", d.name, *args)
+    cli, repo, d, args = backed_up_domain(make_domain, tmp_path, 60)
     d.guest_write("vda", 5 * MiB, os.urandom(MiB))
     died = subprocess.run(
         [str(Path(VMKEEP).with_name("python")), "-c", DIE_AFTER_MANIFEST, "backup", d.name,
