@@ -321,11 +321,11 @@ class LocalClient(RawClient):
         self.dir = Path(spec["dir"])
 
     def put(self, name: str, data: bytes) -> None:
+        from vmkeep.connectors.files.fileio import pwrite_all
+
         fd = os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            pwrite_all(fd, data, 0)
             os.fsync(fd)
         finally:
             os.close(fd)
