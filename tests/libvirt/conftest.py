@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.libvirt import libvirt_env as lv
+from vmkeep.connectors.libvirt import LibvirtConnector
 
 
 class LibvirtEnv:
@@ -100,3 +101,12 @@ def lv_timings(request: pytest.FixtureRequest) -> Iterator[dict[str, float]]:
     if path:
         with open(path, "w") as f:
             json.dump(timings, f, indent=2)
+
+
+@pytest.fixture
+def connector(libvirt_env: LibvirtEnv) -> Iterator[LibvirtConnector]:
+    """A connector on the test daemon, closed after the test (test_connector.py and
+    test_restore.py share one per module instead)."""
+    c = LibvirtConnector(lv.URI)
+    yield c
+    c.close()

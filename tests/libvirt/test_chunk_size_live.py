@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 from tests.libvirt import libvirt_env as lv
 from tests.libvirt.backup_points import backup, models, restored_hashes
@@ -18,13 +16,6 @@ from vmkeep.repository.repository import Repository
 
 KiB, MiB = 1 << 10, lv.MiB
 CHUNK = 256 * KiB
-
-
-@pytest.fixture
-def connector(libvirt_env: LibvirtEnv) -> Iterator[LibvirtConnector]:
-    c = LibvirtConnector(lv.URI)
-    yield c
-    c.close()
 
 
 def touched(writes: list[tuple[str, int, int]]) -> int:

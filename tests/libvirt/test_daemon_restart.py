@@ -21,7 +21,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +54,6 @@ def restartable() -> None:
     why = lv.libvirtd_restartable()
     if why:
         pytest.skip(f"libvirtd cannot be restarted here: {why}")
-
-
-@pytest.fixture
-def connector(libvirt_env: LibvirtEnv) -> Iterator[LibvirtConnector]:
-    c = LibvirtConnector(lv.URI)
-    yield c
-    c.close()
 
 
 def _ancestors() -> set[int]:

@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,13 +34,6 @@ from vmkeep.connectors.libvirt.workdir import MARKER, NAME_RE
 from vmkeep.errors import ConnectorError
 
 MiB = lv.MiB
-
-
-@pytest.fixture
-def connector(libvirt_env: LibvirtEnv) -> Iterator[LibvirtConnector]:
-    c = LibvirtConnector(lv.URI)
-    yield c
-    c.close()
 
 
 def run_dirs(uuid: str) -> list[Path]:

@@ -8,7 +8,6 @@ disks as they were at its backup. Lost or hand-removed bitmaps fall back to a fu
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,13 +33,6 @@ from vmkeep.connectors.libvirt.power import OfflinePolicy
 from vmkeep.errors import ConnectorError
 
 MiB = lv.MiB
-
-
-@pytest.fixture
-def connector(libvirt_env: LibvirtEnv) -> Iterator[LibvirtConnector]:
-    c = LibvirtConnector(lv.URI)
-    yield c
-    c.close()
 
 
 def test_delta_chain_across_stop_and_start(
