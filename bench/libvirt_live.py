@@ -111,7 +111,8 @@ def guest_writes(dom: Any, offsets: list[int], block: int) -> float:
     alias = ET.fromstring(dom.XMLDesc(0)).find("./devices/disk/alias")
     device = f"/machine/peripheral/{alias.get('name') if alias is not None else ''}/virtio-backend"
     log = QEMU_LOG / f"{dom.name()}.log"
-    before = log.read_bytes().count(b"wrote ")
+    done = f"wrote {block}/{block} bytes".encode()
+    before, before_done = log.read_bytes().count(b"wrote "), log.read_bytes().count(done)
     began = time.perf_counter()
     for i, off in enumerate(offsets):
         command = f'qemu-io -d {device} "write -P {1 + i % 254:#x} {off} {block}"'
@@ -119,7 +120,7 @@ def guest_writes(dom: Any, offsets: list[int], block: int) -> float:
             dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
         )
     deadline = time.monotonic() + 60
-    while log.read_bytes().count(f"wrote {block}/{block} bytes".encode()) < len(offsets):
+    while log.read_bytes().count(done) - before_done < len(offsets):  # this call's writes
         if time.monotonic() > deadline:
             raise RuntimeError(f"the guest writes did not all complete (see {log})")
         time.sleep(0.05)
