@@ -46,6 +46,15 @@ def test_init_refuses_bad_chunk_size_in_one_line(cli: Cli, tmp_path: Path, text:
     assert not (tmp_path / "r" / "config").exists()
 
 
+def test_remote_add_makes_a_repository_with_the_chunk_size(cli: Cli, tmp_path: Path) -> None:
+    cli("remote", "add", "nas", str(tmp_path / "r"), "--encryption", "none", "--chunk-size", "128K")
+    assert json.loads((tmp_path / "r" / "config").read_bytes())["chunk_size"] == 128 * KiB
+    assert cli("list", "--remote", "nas", "--json").json()["chunk_size"] == 128 * KiB
+    bad = cli("remote", "add", "x", str(tmp_path / "x"), "--chunk-size", "96K", ok=False)
+    assert bad.code == 2 and "invalid --chunk-size" in bad.err
+    assert not (tmp_path / "x").exists()
+
+
 def test_hostile_chunk_size_in_config_is_one_line(cli: Cli, tmp_path: Path) -> None:
     cli("init", str(tmp_path / "r"), "--encryption", "none", "--chunk-size", "256K")
     path = tmp_path / "r" / "config"

@@ -14,7 +14,7 @@ from vmkeep.repository.repository import Repository
 
 from .context import state
 from .output import console, human_bytes, print_error, print_json, stdout, table
-from .repo_commands import JsonOpt
+from .repo_commands import JsonOpt, format_chunk_size, parse_chunk_size
 
 remote_app = typer.Typer(help="Named remotes: where repositories live.", no_args_is_help=True)
 
@@ -27,6 +27,9 @@ def add(
         "aes-256-gcm", help="For a new repository: aes-256-gcm or none."
     ),
     init: bool = typer.Option(True, help="Create the repository when there is none."),
+    chunk_size: str = typer.Option(
+        "4MiB", "--chunk-size", help="For a new repository: 64K..4M (as `vmkeep init`)."
+    ),
     lock_days: int | None = typer.Option(
         None,
         "--lock-days",
@@ -38,6 +41,7 @@ def add(
     ),
 ) -> None:
     """Register a remote; creates its repository if there is none, else checks the passphrase."""
+    size = parse_chunk_size(chunk_size)
     remote = open_remote(location)
     lock = LockPolicy.from_days(lock_days, lock_mode.lower()) if lock_days is not None else None
     apply_lock_policy(remote, lock)  # fails now if the remote cannot enforce it
@@ -47,8 +51,11 @@ def add(
     except RepositoryError as exc:
         if not init or "no vmkeep repository" not in str(exc):
             raise
-        Repository.init(remote, encryption, lambda: state.passphrase(confirm=True))
-        what = f"new repository created (encryption: {encryption})"
+        Repository.init(remote, encryption, lambda: state.passphrase(confirm=True), size)
+        what = (
+            f"new repository created (encryption: {encryption}, "
+            f"chunk size: {format_chunk_size(size)})"
+        )
     state.registry.add(name, location, lock)
     locked = f"; restore points locked {lock.describe()}" if lock else ""
     console.print(f"remote {name}: {remote.url}: {what}{locked}")
