@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -282,3 +283,72 @@ def test_raw_disk_in_place(
     assert restore_in_place(repo, connector, point, d) == 2 * DEFAULT_CHUNK_SIZE
     assert lv.sha256(path.read_bytes()) == at_backup
     assert path.stat().st_blocks * 512 <= allocated - 2 * MiB  # the 2 MiB became a hole
+
+
+DIE_AFTER_FIRST_WRITE = """
+import os, sys
+from vmkeep.connectors.libvirt.image_nbd import NbdImage
+real = NbdImage.zero
+def zero(self, offset, length):  # the process dies once a chunk is zeroed in place
+    real(self, offset, length)
+    os._exit(9)
+NbdImage.zero = zero
+from vmkeep.interfaces.cli.app import main
+sys.argv = ["vmkeep", *sys.argv[1:]]
+main()
+"""
+
+
+def test_killed_in_place_restore_leaves_no_files_and_the_next_one_finishes(
+    connector: LibvirtConnector, repo: Repository, make_domain: MakeDomain, tmp_path: Path
+) -> None:
+    """An in-place restore that dies mid-write (SIGKILL at random instants found this) leaves
+    the domain defined with its disks, no qemu-nbd running, and no qemu-nbd log file (one was
+    left in $TMPDIR per open image); running the restore again finishes it."""
+    import libvirt
+
+    d = make_domain([16 * MiB, 8 * MiB])
+    d.guest_write("vda", 0, os.urandom(3 * MiB))
+    point = backup(repo, connector, d)
+    at_backup = {t: lv.sha256(bytes(d.disk(t).model)) for t in ("vda", "vdb")}
+    d.guest_write("vda", 8 * MiB, os.urandom(MiB))  # zeros in the point: both are zeroed
+    d.guest_write("vdb", 0, os.urandom(MiB))
+    d.stop()
+    xml = d.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    cli = Cli(tmp_path)
+    args = (
+        "restore",
+        point,
+        "--in-place",
+        "--connector",
+        "libvirt",
+        "--remote",
+        str(tmp_path / "repo"),
+    )
+    died = subprocess.run(
+        [sys.executable, "-c", DIE_AFTER_FIRST_WRITE, *args],
+        env=dict(cli.env, TMPDIR=str(tmp)), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert died.returncode == 9, died.stderr[-2000:]
+    assert list(tmp.iterdir()) == []
+    assert d.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) == xml
+    assert not any(_qemu_nbd_serving(disk.path) for disk in d.disks)
+    assert {t: image_sha(d, t, tmp_path) for t in at_backup} != at_backup  # half restored
+    cli(*args)
+    assert {t: image_sha(d, t, tmp_path) for t in at_backup} == at_backup
+
+
+def _qemu_nbd_serving(image: Path) -> list[str]:
+    """pids of live (not zombie) qemu-nbd processes with `image` on their command line."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if cmd[0].endswith(b"qemu-nbd") and str(image).encode() in cmd and state != "Z":
+            found.append(pid)
+    return found

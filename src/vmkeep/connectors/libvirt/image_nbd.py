@@ -9,15 +9,15 @@ locks, so an image a running VM holds is refused instead of corrupted.
 
 `NbdImage` is both a DiskReader and a DiskWriter (connectors/base.py). qemu-nbd is started with
 systemd socket activation, so no socket file exists and libnbd owns the process: it exits when
-the handle is closed. Its stderr goes to a private temporary file, read back for the one-line
-error when the open fails (e.g. "Failed to get "write" lock"). One NBD connection serves all
-threads (libnbd handles are thread-safe; requests are serialised)."""
+the handle is closed. Its stderr goes to a private memfd (reached through /proc/<pid>/fd: a
+killed vmkeep leaves no log file behind), read back for the one-line error when the open fails
+(e.g. "Failed to get "write" lock"). One NBD connection serves all threads (libnbd handles are
+thread-safe; requests are serialised)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from types import TracebackType
@@ -48,8 +48,9 @@ class NbdImage:
         self.dirty_since: str | None = None
         self._lock = threading.Lock()
         self._h: Any = None
-        fd, self._log = tempfile.mkstemp(prefix="vmkeep-qemu-nbd-", suffix=".log")
-        os.close(fd)
+        # Not a temporary file: a SIGKILLed run left one per open image (crash tests).
+        self._log_fd: int | None = os.memfd_create("vmkeep-qemu-nbd-log")
+        self._log = f"/proc/{os.getpid()}/fd/{self._log_fd}"
         try:
             self._h = self._connect(fmt)
             self.size: int = int(self._h.get_size())
@@ -77,9 +78,10 @@ class NbdImage:
 
     def _qemu_nbd_error(self) -> str:
         """qemu-nbd's own message, without its "qemu-nbd: " prefixes, on one line."""
+        if self._log_fd is None:
+            return ""
         try:
-            with open(self._log, encoding="utf-8", errors="replace") as f:
-                text = f.read(4096)
+            text = os.pread(self._log_fd, 4096, 0).decode("utf-8", "replace")
         except OSError:
             return ""
         return " ".join(line.removeprefix("qemu-nbd: ").strip() for line in text.splitlines())
@@ -196,8 +198,10 @@ class NbdImage:
             with contextlib.suppress(Exception):
                 h.shutdown()
             del h  # libnbd closes the socket and reaps qemu-nbd
-        with contextlib.suppress(OSError):
-            os.unlink(self._log)
+        fd, self._log_fd = self._log_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def __enter__(self) -> NbdImage:
         return self
