@@ -352,3 +352,51 @@ def _qemu_nbd_serving(image: Path) -> list[str]:
         if cmd[0].endswith(b"qemu-nbd") and str(image).encode() in cmd and state != "Z":
             found.append(pid)
     return found
+
+
+DIE_WITH_IMAGE_OPEN = """
+import os, subprocess, sys
+from vmkeep.connectors.libvirt.image_nbd import open_image
+def sockets():
+    found = set()
+    for f in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{f}").startswith("socket:"):
+                found.add(int(f))
+        except OSError:  # the directory listing's own fd
+            pass
+    return found
+before = sockets()
+image = open_image(sys.argv[1], "qcow2", writable=True)
+# Another process keeps the client end of the NBD socket open, so qemu-nbd sees no EOF: like a
+# vmkeep killed before libnbd had connected, only the death signal can stop it now.
+holder = subprocess.Popen(["sleep", "120"], pass_fds=sorted(sockets() - before),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(holder.pid, flush=True)
+os._exit(9)
+"""
+
+
+def test_qemu_nbd_dies_with_a_killed_vmkeep(make_domain: MakeDomain, tmp_path: Path) -> None:
+    """The qemu-nbd of an image vmkeep opened exits when vmkeep is killed, even while its
+    connection stays open: one left running (vmkeep killed before libnbd connected) held the
+    image's write lock forever, so the restored domain could not start."""
+    import signal
+    import time
+
+    d = make_domain([8 * MiB], start=False)
+    path = d.disks[0].path
+    out = tmp_path / "out"  # a file, not a pipe: a surviving qemu-nbd would keep a pipe open
+    with out.open("w") as f:
+        died = subprocess.run([sys.executable, "-c", DIE_WITH_IMAGE_OPEN, str(path)],
+                              stdout=f, stderr=f, timeout=60)  # fmt: skip
+    assert died.returncode == 9, out.read_text()[-2000:]
+    holder = int(out.read_text().split()[0])
+    try:
+        deadline = time.monotonic() + 10
+        while _qemu_nbd_serving(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _qemu_nbd_serving(path) == []
+        d.start()  # the image's write lock is free
+    finally:
+        os.kill(holder, signal.SIGKILL)

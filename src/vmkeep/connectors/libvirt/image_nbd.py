@@ -31,8 +31,14 @@ from vmkeep.errors import ConnectorError
 FORMATS = ("qcow2", "raw")
 MAX_REQUEST = 32 << 20  # qemu-nbd refuses larger reads/writes
 STATUS_STEP = 1 << 30  # block_status length hint per call
-# `exec` keeps the pid libnbd put in LISTEN_PID; $0 is the log file, "$@" the qemu-nbd command.
-_WRAPPER = 'exec "$@" 2>"$0"'
+# qemu-nbd runs under `setpriv --pdeathsig KILL`: a vmkeep killed before libnbd connected left
+# qemu-nbd waiting for a client forever, holding the image's write lock (the domain could not
+# start) and vmkeep's stdout (crash tests). The death signal follows the thread that forked, so
+# images are opened from the thread that uses them. A parent already gone before the prctl is
+# caught by the $PPID check. `exec` keeps the pid libnbd put in LISTEN_PID; $0 is the log
+# file, $1 vmkeep's pid, the rest the qemu-nbd command.
+_WRAPPER = 'log=$0 parent=$1; shift; [ "$PPID" = "$parent" ] || exit 1; exec "$@" 2>"$log"'
+_DIE_WITH_VMKEEP = ["setpriv", "--pdeathsig", "KILL", "--", "sh", "-c", _WRAPPER]
 
 
 class NbdImage:
@@ -67,7 +73,9 @@ class NbdImage:
         h = mod.NBD()
         try:
             h.add_meta_context(BASE_ALLOCATION)
-            h.connect_systemd_socket_activation(["sh", "-c", _WRAPPER, self._log, *argv, self.path])
+            h.connect_systemd_socket_activation(
+                [*_DIE_WITH_VMKEEP, self._log, str(os.getpid()), *argv, self.path]
+            )
         except mod.Error as exc:
             with contextlib.suppress(Exception):
                 h.shutdown()
