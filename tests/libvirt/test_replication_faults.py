@@ -313,3 +313,70 @@ def test_run_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_it(
     assert report.stats.bytes_written == GRAN
     assert replica_images(libvirt_env, report.replica, tmp_path) == models(d)
     assert repl_checkpoints(d) == [report.checkpoint] and not lv.job_active(d.dom)
+
+
+DIE_AFTER_DEFINE = """
+import os, sys
+from vmkeep.connectors.libvirt.restore import NewDomainSink
+from vmkeep.operations.replication import ReplicateOptions, replicate
+from vmkeep.progress import SilentProgress
+real = NewDomainSink.commit
+def commit(self):  # the process dies right after the replica domain is defined
+    real(self)
+    os._exit(9)
+NewDomainSink.commit = commit
+name, pool, uri, mode = sys.argv[1:]
+replicate(ReplicateOptions(name, pool, mode=mode, keep=2, uri=uri), SilentProgress())
+"""
+
+
+def test_run_killed_right_after_defining_its_replica(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    cleanup: list[str],
+    tmp_path: Path,
+) -> None:
+    """A run killed between defining a new replica and recording it: the domain is defined
+    with its record (marked writing) already in place, so the next full run deletes it with
+    its volumes instead of keeping an unrecorded domain forever (never pruned, volumes never
+    freed), and the next incremental run sets it aside instead of refusing to run."""
+    import libvirt
+
+    d = make_domain(SIZES)
+    cleanup.append(d.name + "-replica")
+    d.guest_write("vda", 0, os.urandom(MiB))
+
+    def die(mode: str) -> None:
+        died = subprocess.run(
+            [sys.executable, "-c", DIE_AFTER_DEFINE, d.name, libvirt_env.pool.name, lv.URI, mode],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert died.returncode == 9, died.stderr[-2000:]
+
+    def volumes() -> set[str]:
+        libvirt_env.pool.pool.refresh(0)
+        return {v.path() for v in libvirt_env.pool.pool.listAllVolumes(0)}
+
+    mine = {str(disk.path) for disk in d.disks}
+    first = run(libvirt_env, d, mode="full", keep=2)
+    die("full")
+    (dead,) = [
+        n for n in (x.name() for x in libvirt_env.conn.listAllDomains(0))
+        if n.startswith(d.name + "-replica-") and n != first.replica
+    ]  # fmt: skip
+    again = run(libvirt_env, d, mode="full", keep=2)
+    assert again.deleted == [dead], again.deleted
+    kept = [first.replica, again.replica]
+    referenced = {p for n in kept for p in disk_paths(libvirt_env.conn.lookupByName(n)).values()}
+    assert volumes() - mine == referenced  # the dead run's volumes are gone too
+    assert replica_images(libvirt_env, again.replica, tmp_path) == models(d)
+
+    die("incremental")
+    name = d.name + "-replica"
+    assert libvirt_env.conn.lookupByName(name).isActive() == 0
+    report = run(libvirt_env, d)
+    assert report.fresh and report.set_aside, report.notes
+    assert "interrupted while writing" in " ".join(report.notes)
+    assert replica_images(libvirt_env, name, tmp_path) == models(d)
+    with pytest.raises(libvirt.libvirtError):
+        libvirt_env.conn.lookupByName(dead)

@@ -40,16 +40,17 @@ def replicate_full(
     now = datetime.now(UTC)
     source = vm_config(dom)
     name = dated_name(dst, source.name, now)
-    with open_source(src, dom, {}, incremental=False) as session:
-        new_dom, paths, stats = create_replica(
-            dst, source, session, name, pool, progress, upload=upload
-        )
-        notes = list(session.notes)
     record = ReplicaRecord(
         FULL, source.uuid, source.name, now.isoformat(timespec="microseconds"),
         disk_sizes={d.name: d.size for d in source.disks},
     )  # fmt: skip
+    with open_source(src, dom, {}, incremental=False) as session:
+        new_dom, paths, stats = create_replica(
+            dst, source, session, name, pool, progress, upload=upload, record=record
+        )
+        notes = list(session.notes)
     record.own(paths)
+    record.writing = False
     try:
         if not upload:  # identities of files on another host cannot be taken (nor are needed)
             record.stamp(paths)
@@ -60,7 +61,12 @@ def replicate_full(
         raise
     report = ReplicationReport(source.name, name, "full", True, stats, notes=notes)
     report.notes.insert(0, "full replication: every allocated block copied into a new replica")
-    for old in replica_domains.replicas_of(dst, source.uuid, FULL)[:-keep]:
+    replicas = replica_domains.replicas_of(dst, source.uuid, FULL)
+    # Still marked writing: a run killed between defining its replica and recording it
+    # (never a usable copy). Deleted, and not counted among the kept ones.
+    dead = [r for r in replicas if r.record.writing and r.name != name]
+    usable = [r for r in replicas if not r.record.writing or r.name == name]
+    for old in dead + usable[:-keep]:
         try:
             replica_domains.delete(dst, old)
         except ConnectorError as exc:  # the new replica is made: say why an old one stays

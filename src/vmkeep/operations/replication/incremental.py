@@ -133,11 +133,11 @@ def replicate_incremental(
         incremental = base_of(session) is not None
         if replica is None:
             stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+            record = ReplicaRecord(INCREMENTAL, source.uuid, source.name, "")
             new_dom, paths, report.stats = create_replica(
                 dst, source, session, report.replica, pool, progress,
-                volume_stem=f"{report.replica}-{stamp}",
+                volume_stem=f"{report.replica}-{stamp}", record=record,
             )  # fmt: skip
-            record = ReplicaRecord(INCREMENTAL, source.uuid, source.name, "")
             record.own(paths)
             replica = Replica(new_dom, report.replica, record)
             report.fresh = True
