@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from tests.libvirt.backup_points import (
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.test_connector import read_image
 from vmkeep.connectors.libvirt import LibvirtConnector
+from vmkeep.connectors.libvirt.job_settle import job_starting
 from vmkeep.connectors.libvirt.workdir import MARKER, NAME_RE
 from vmkeep.errors import ConnectorError
 
@@ -267,6 +269,65 @@ def test_run_killed_after_its_restore_point_keeps_the_checkpoint_the_point_uses(
     assert len(vmkeep_checkpoints(d)) == 1 and kept not in vmkeep_checkpoints(d)
     listed = cli("list", "--remote", str(repo), "--json").json()["restore_points"]
     assert sorted(p["restore_point"] for p in listed)[-2:] == [killed_point, done["restore_point"]]
+    out = cli("restore", done["restore_point"], "--remote", str(repo), "--to", str(tmp_path / "r"))
+    assert out.code == 0
+    (vm_dir,) = (tmp_path / "r").iterdir()
+    assert disk_hashes(vm_dir) == {"vda": lv.sha256(d.disks[0].model)}
+
+
+def kill_inside_backup_begin(
+    cli: Cli, d: lv.TestDomain, args: list[str], qemu: int, before: set[str]
+) -> bool:
+    """Start a backup and SIGKILL it while libvirtd is inside its backupBegin, held there by
+    stopping QEMU (left stopped) once the new checkpoint is listed. False when backupBegin
+    finished first: the run was killed anyway (its leftovers are ordinary) and QEMU resumed."""
+    child = subprocess.Popen(
+        [VMKEEP, "backup", d.name, *args],
+        env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (job_starting(d.dom) and set(vmkeep_checkpoints(d)) - before):
+        assert child.poll() is None and time.monotonic() < deadline, "no backupBegin seen"
+        time.sleep(0.002)
+    os.kill(qemu, signal.SIGSTOP)
+    held = job_starting(d.dom)
+    child.kill()
+    assert child.wait() == -signal.SIGKILL
+    if not held:
+        os.kill(qemu, signal.SIGCONT)
+    return held
+
+
+def test_backup_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_it(
+    libvirt_env: LibvirtEnv, make_domain: Callable[..., lv.TestDomain], tmp_path: Path
+) -> None:
+    """A backup killed while libvirtd still runs its backupBegin (here: QEMU stopped right after
+    the checkpoint is listed): the next backup ends the dead run's job, deletes its checkpoint,
+    and stays a delta. Deleting that half-made checkpoint before libvirt has finished making it
+    crashes libvirtd 9.0 (job_settle.py); here the next backup's first monitor query already
+    waits for QEMU, so the explicit settle_stale_jobs in begin_backup is not what this proves
+    (test_replication_faults.py reaches the crash without it)."""
+    cli, repo, d, args = backed_up_domain(make_domain, tmp_path, 8)
+    d.guest_write("vda", 20 * MiB, os.urandom(MiB))
+    before = set(vmkeep_checkpoints(d))
+    qemu = int((Path("/run/libvirt/qemu") / f"{d.name}.pid").read_text().strip())
+    resumed = threading.Timer(3.0, os.kill, (qemu, signal.SIGCONT))
+    try:
+        for _attempt in range(5):  # the window is a few ms wide: QEMU may answer first
+            if kill_inside_backup_begin(cli, d, [*args, "--mode", "delta"], qemu, before):
+                break
+        else:
+            pytest.fail("could not stop QEMU inside backupBegin in 5 attempts")
+        resumed.start()  # QEMU answers again 3 s into the next backup's cleanup
+        done = cli("backup", d.name, *args, "--mode", "delta").json()
+    finally:
+        resumed.cancel()
+        os.kill(qemu, signal.SIGCONT)
+    assert libvirt_env.alive()  # libvirtd did not crash
+    notes = " ".join(done["notes"])
+    assert "cleaned up after a killed vmkeep run" in notes and "job ended" in notes, notes
+    assert "full read" not in notes and done["bytes_read"] == dirty_chunks(("vda", 20 * MiB, MiB))
+    assert not lv.job_active(d.dom) and len(vmkeep_checkpoints(d)) == 1
     out = cli("restore", done["restore_point"], "--remote", str(repo), "--to", str(tmp_path / "r"))
     assert out.code == 0
     (vm_dir,) = (tmp_path / "r").iterdir()

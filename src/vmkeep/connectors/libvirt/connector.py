@@ -16,6 +16,7 @@ from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import is_active, parse_disks, resolve_volume, vm_config
 from vmkeep.connectors.libvirt.image_nbd import open_image
 from vmkeep.connectors.libvirt.inplace_restore import InPlaceSink, disk_images
+from vmkeep.connectors.libvirt.job_settle import settle_stale_jobs
 from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
 from vmkeep.connectors.libvirt.nbd_reader import NbdServer
 from vmkeep.connectors.libvirt.offline import (
@@ -93,6 +94,8 @@ class LibvirtConnector:
         killed after writing its restore point made it, and the delta builds on it. What the
         cleanup did is in the session's notes. A remote URI reads a running domain over TCP."""
         keep = {c for c in previous.values() if c}
+        if self.local:  # a killed run's backupBegin may still be running: see job_settle.py
+            settle_stale_jobs(self._conn)
         cleaned = clean_stale_runs(self._conn, keep=keep) if self.local else []
         session = self._begin(vm, previous)
         session.notes[:0] = cleaned
