@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,10 +27,10 @@ from tests.libvirt.backup_points import (
     restored_hashes,
     vmkeep_checkpoints,
 )
+from tests.libvirt.begin_kill import killed_inside_backup_begin
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.test_connector import read_image
 from vmkeep.connectors.libvirt import LibvirtConnector
-from vmkeep.connectors.libvirt.job_settle import job_starting
 from vmkeep.connectors.libvirt.workdir import MARKER, NAME_RE
 from vmkeep.errors import ConnectorError
 
@@ -275,29 +274,6 @@ def test_run_killed_after_its_restore_point_keeps_the_checkpoint_the_point_uses(
     assert disk_hashes(vm_dir) == {"vda": lv.sha256(d.disks[0].model)}
 
 
-def kill_inside_backup_begin(
-    cli: Cli, d: lv.TestDomain, args: list[str], qemu: int, before: set[str]
-) -> bool:
-    """Start a backup and SIGKILL it while libvirtd is inside its backupBegin, held there by
-    stopping QEMU (left stopped) once the new checkpoint is listed. False when backupBegin
-    finished first: the run was killed anyway (its leftovers are ordinary) and QEMU resumed."""
-    child = subprocess.Popen(
-        [VMKEEP, "backup", d.name, *args],
-        env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not (job_starting(d.dom) and set(vmkeep_checkpoints(d)) - before):
-        assert child.poll() is None and time.monotonic() < deadline, "no backupBegin seen"
-        time.sleep(0.002)
-    os.kill(qemu, signal.SIGSTOP)
-    held = job_starting(d.dom)
-    child.kill()
-    assert child.wait() == -signal.SIGKILL
-    if not held:
-        os.kill(qemu, signal.SIGCONT)
-    return held
-
-
 def test_backup_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_it(
     libvirt_env: LibvirtEnv, make_domain: Callable[..., lv.TestDomain], tmp_path: Path
 ) -> None:
@@ -310,19 +286,11 @@ def test_backup_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_
     cli, repo, d, args = backed_up_domain(make_domain, tmp_path, 8)
     d.guest_write("vda", 20 * MiB, os.urandom(MiB))
     before = set(vmkeep_checkpoints(d))
-    qemu = int((Path("/run/libvirt/qemu") / f"{d.name}.pid").read_text().strip())
-    resumed = threading.Timer(3.0, os.kill, (qemu, signal.SIGCONT))
-    try:
-        for _attempt in range(5):  # the window is a few ms wide: QEMU may answer first
-            if kill_inside_backup_begin(cli, d, [*args, "--mode", "delta"], qemu, before):
-                break
-        else:
-            pytest.fail("could not stop QEMU inside backupBegin in 5 attempts")
-        resumed.start()  # QEMU answers again 3 s into the next backup's cleanup
+    argv = [VMKEEP, "backup", d.name, *args, "--mode", "delta"]
+    with killed_inside_backup_begin(
+        argv, cli.env, d.dom, lambda: bool(set(vmkeep_checkpoints(d)) - before)
+    ):
         done = cli("backup", d.name, *args, "--mode", "delta").json()
-    finally:
-        resumed.cancel()
-        os.kill(qemu, signal.SIGCONT)
     assert libvirt_env.alive()  # libvirtd did not crash
     notes = " ".join(done["notes"])
     assert "cleaned up after a killed vmkeep run" in notes and "job ended" in notes, notes

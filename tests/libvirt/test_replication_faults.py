@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.libvirt import libvirt_env as lv
+from tests.libvirt.begin_kill import killed_inside_backup_begin
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.replica_checks import (
     GRAN,
@@ -253,18 +254,6 @@ replicate(ReplicateOptions(sys.argv[1], sys.argv[2], uri=sys.argv[3]), SilentPro
 """
 
 
-def _job_starting(dom: object) -> bool:
-    """libvirt has begun the backup job but not finished setting it up (jobStats fails with
-    "backup job data missing" until it has)."""
-    import libvirt
-
-    try:
-        dom.jobStats(0)  # type: ignore[attr-defined]
-    except libvirt.libvirtError as exc:
-        return bool(exc.get_error_code() == libvirt.VIR_ERR_INTERNAL_ERROR)
-    return False
-
-
 def test_run_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_it(
     libvirt_env: LibvirtEnv,
     make_domain: Callable[..., lv.TestDomain],
@@ -275,37 +264,17 @@ def test_run_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_it(
     QEMU is stopped) must not have its checkpoint deleted by the next run before libvirt has
     finished creating it: libvirtd 9.0 segfaults when a checkpoint is discarded between being
     listed and being linked (found by SIGKILLing replications at random instants)."""
-    import signal
-    import threading
-    import time
-
     d = make_domain(SIZES[:1])
     cleanup.append(d.name + "-replica")
     d.guest_write("vda", 0, os.urandom(MiB))
     run(libvirt_env, d)
     d.guest_write("vda", 5 * MiB, os.urandom(GRAN))
     before = set(repl_checkpoints(d))
-    qemu = int((Path("/run/libvirt/qemu") / f"{d.name}.pid").read_text().strip())
-    resumed = threading.Timer(3.0, os.kill, (qemu, signal.SIGCONT))
-    try:
-        child = subprocess.Popen(
-            [sys.executable, "-c", STARTING_RUN, d.name, libvirt_env.pool.name, lv.URI],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not (_job_starting(d.dom) and set(repl_checkpoints(d)) - before):
-            assert child.poll() is None and time.monotonic() < deadline, "no backupBegin seen"
-            time.sleep(0.005)
-        # the checkpoint is listed, the job not set up: QEMU stopped holds libvirt right there
-        os.kill(qemu, signal.SIGSTOP)
-        assert _job_starting(d.dom), "backupBegin finished before QEMU could be stopped"
-        child.kill()  # vmkeep dies inside backupBegin; libvirtd carries on with it
-        assert child.wait() == -9
-        resumed.start()  # QEMU answers again 3 s into the next run's cleanup
+    argv = [sys.executable, "-c", STARTING_RUN, d.name, libvirt_env.pool.name, lv.URI]
+    with killed_inside_backup_begin(
+        argv, dict(os.environ), d.dom, lambda: bool(set(repl_checkpoints(d)) - before)
+    ):
         report = run(libvirt_env, d)
-    finally:
-        resumed.cancel()
-        os.kill(qemu, signal.SIGCONT)
     assert libvirt_env.alive()  # libvirtd did not crash
     notes = " ".join(report.notes)
     assert "cleaned up after a killed vmkeep run" in notes and "job ended" in notes, notes
