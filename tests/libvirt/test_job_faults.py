@@ -300,3 +300,59 @@ def test_backup_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_
     assert out.code == 0
     (vm_dir,) = (tmp_path / "r").iterdir()
     assert disk_hashes(vm_dir) == {"vda": lv.sha256(d.disks[0].model)}
+
+
+DIE_AFTER_FIRST_VOLUME_WRITE = """
+import os, sys
+from vmkeep.connectors.libvirt import restore
+write = restore._VolumeWriter.write
+def die(self, offset, data):  # the restore is killed with its volumes half-written
+    write(self, offset, data)
+    os._exit(9)
+restore._VolumeWriter.write = die
+from vmkeep.interfaces.cli.app import main
+sys.argv = ["vmkeep", *sys.argv[1:]]
+main()
+"""
+
+
+def test_killed_restore_leaves_volumes_the_next_backup_deletes(
+    libvirt_env: LibvirtEnv, make_domain: Callable[..., lv.TestDomain], tmp_path: Path
+) -> None:
+    """A restore as a new domain SIGKILLed mid-write cannot delete the volumes it made: its run
+    directory names them, and the next backup on this host deletes those no domain uses (and
+    keeps a restored domain's volumes)."""
+    cli, repo, d, args = backed_up_domain(make_domain, tmp_path, 8)
+    point = max(
+        p["restore_point"]
+        for p in cli("list", "--remote", str(repo), "--json").json()["restore_points"]
+    )
+    pool = libvirt_env.pool
+    name = lv.unique_name("halfrestored")
+    restore = ["restore", point, "--remote", str(repo), "--connector", "libvirt",
+               "--to", pool.name, "--name", name]  # fmt: skip
+    died = subprocess.run(
+        [str(Path(VMKEEP).with_name("python")), "-c", DIE_AFTER_FIRST_VOLUME_WRITE, *restore],
+        env=cli.env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert died.returncode == 9, died.stderr[-2000:]
+    pool.pool.refresh(0)
+    leaked = [v for v in pool.pool.listVolumes() if v.startswith(name)]
+    assert leaked, "the killed restore made no volume: nothing to test"
+    kept_name = lv.unique_name("restored")
+    cli(*restore[:-1], kept_name)  # a finished restore: its volumes must survive the cleanup
+    try:
+        d.guest_write("vda", 30 * MiB, os.urandom(MiB))
+        done = cli("backup", d.name, *args, "--mode", "delta").json()
+        pool.pool.refresh(0)
+        volumes = pool.pool.listVolumes()
+        assert not [v for v in volumes if v.startswith(name)], volumes
+        assert [v for v in volumes if v.startswith(kept_name)]
+        notes = " ".join(done["notes"])
+        assert all(f"half-written volume {v}" in notes for v in leaked), notes
+        assert not [p for p in lv.SCRATCH_ROOT.iterdir() if NAME_RE.fullmatch(p.name)]
+    finally:
+        kept = libvirt_env.conn.lookupByName(kept_name)
+        for vol in [v for v in pool.pool.listVolumes() if v.startswith(kept_name)]:
+            pool.pool.storageVolLookupByName(vol).delete(0)
+        kept.undefine()

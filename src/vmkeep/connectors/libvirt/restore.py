@@ -20,6 +20,7 @@ from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DOMAIN_XML_KEY
 from vmkeep.connectors.libvirt.volume_upload import UploadingVolumeWriter
+from vmkeep.connectors.libvirt.workdir import make_workdir, remove_workdir
 from vmkeep.errors import ConnectorError
 
 KEEP_MACS_KEY = "vmkeep.keep_macs"
@@ -143,6 +144,13 @@ class NewDomainSink:
         self._paths: dict[str, str] = {}  # disk name -> volume path
         self._writers: list[_VolumeWriter | UploadingVolumeWriter] = []
         self._done = False
+        # A SIGKILLed restore cannot abort(): a locked run directory names the volumes it is
+        # creating, and the next backup or replication on this host deletes those no domain
+        # uses (stale_runs.py). Over a remote URI the volumes are on another host: no marker.
+        self._workdir = None if upload else make_workdir(owner={"volumes": self._planned()})
+
+    def _planned(self) -> list[list[str]]:
+        return [[self._pool_name, name] for name in self._vol_names.values()]
 
     def _check_name_free(self, name: str) -> None:
         lv = libvirt()
@@ -217,6 +225,12 @@ class NewDomainSink:
             self.abort()
             raise
         self._done = True
+        self._forget_workdir()
+
+    def _forget_workdir(self) -> None:
+        if self._workdir is not None:
+            remove_workdir(self._workdir, [])
+            self._workdir = None
 
     def abort(self) -> None:
         """Delete the volumes this restore created; harmless after commit or a second call."""
@@ -230,6 +244,7 @@ class NewDomainSink:
                 vol.delete(0)
         with contextlib.suppress(Exception):
             self._pool.refresh(0)
+        self._forget_workdir()
 
 
 def _volume_xml(name: str, size: int, upload: bool) -> str:

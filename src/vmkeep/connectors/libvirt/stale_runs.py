@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.connectors.libvirt import checkpoints
-from vmkeep.connectors.libvirt.bindings import libvirt, one_line
+from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.domxml import parse_disks
+from vmkeep.connectors.libvirt.domxml import parse_disks, resolve_volume
 from vmkeep.connectors.libvirt.live import end_job
 from vmkeep.connectors.libvirt.workdir import ROOT, StaleWorkdir, remove_workdir, stale_workdirs
 from vmkeep.errors import VmkeepError
@@ -63,12 +63,41 @@ def _clean(conn: Connection, stale: StaleWorkdir, keep: Collection[str]) -> str:
                 disks = []
             problem = checkpoints.delete(dom, stale.checkpoint, disks)
             done.append(problem or f"checkpoint {stale.checkpoint} deleted")
+    done += [_drop_volume(conn, pool, name) for pool, name in stale.volumes]
     if not remove_workdir(stale.path, []):
         done.append(f"could not remove {stale.path}")
     what = f" of domain {dom.name()}" if dom is not None else ""
     return f"cleaned up after a killed vmkeep run{what} ({stale.path.name}): " + (
         ", ".join(done) or "directory removed"
     )
+
+
+def _drop_volume(conn: Connection, pool_name: str, name: str) -> str:
+    """Delete a volume a killed restore (or replica copy) was creating, unless a domain uses it
+    (the run got as far as defining its domain)."""
+    lv = libvirt()
+    try:
+        vol = conn.ensure().storagePoolLookupByName(pool_name).storageVolLookupByName(name)
+        path = str(vol.path())
+        if path in _disk_sources(conn):
+            return f"volume {name} kept: a domain uses it"
+        vol.delete(0)
+    except lv.libvirtError as exc:
+        if error_code(exc) in (lv.VIR_ERR_NO_STORAGE_VOL, lv.VIR_ERR_NO_STORAGE_POOL):
+            return f"volume {name} already gone"
+        return f"could not delete volume {name} of pool {pool_name}: {one_line(exc)}"
+    return f"half-written volume {name} of pool {pool_name} deleted"
+
+
+def _disk_sources(conn: Connection) -> set[str]:
+    """Image paths of every defined domain's disks (volume disks resolved through their pool)."""
+    lv = libvirt()
+    paths = set()
+    for dom in conn.ensure().listAllDomains(0):
+        with contextlib.suppress(lv.libvirtError, VmkeepError):
+            for disk in parse_disks(dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)):
+                paths.add(resolve_volume(dom, disk).source)
+    return paths
 
 
 def stop_servers(workdir: Path, timeout: float = 10.0) -> list[int]:

@@ -45,6 +45,7 @@ class StaleWorkdir:
     path: Path
     domain_uuid: str
     checkpoint: str | None
+    volumes: tuple[tuple[str, str], ...] = ()  # (pool, volume) a restore was creating
 
 
 def make_workdir(root: Path = ROOT, owner: Mapping[str, object] | None = None) -> Path:
@@ -144,13 +145,25 @@ def stale_workdirs(root: Path = ROOT) -> list[StaleWorkdir]:
             continue
         with contextlib.suppress(OSError):
             cp = owner.get("checkpoint")
-            found.append(
-                (
-                    path.stat().st_mtime,
-                    StaleWorkdir(path, str(owner.get("domain_uuid", "")), str(cp) if cp else None),
-                )
+            stale = StaleWorkdir(
+                path,
+                str(owner.get("domain_uuid", "")),
+                str(cp) if cp else None,
+                _volumes(owner.get("volumes")),
             )
+            found.append((path.stat().st_mtime, stale))
     return [s for _, s in sorted(found, key=lambda t: t[0])]
+
+
+def _volumes(listed: object) -> tuple[tuple[str, str], ...]:
+    """The marker's [[pool, volume], ...], ignoring anything malformed."""
+    if not isinstance(listed, list):
+        return ()
+    return tuple(
+        (str(item[0]), str(item[1]))
+        for item in listed
+        if isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)
+    )
 
 
 def _stale_owner(path: Path) -> dict[str, object] | None:
