@@ -20,7 +20,7 @@ from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DOMAIN_XML_KEY
 from vmkeep.connectors.libvirt.volume_upload import UploadingVolumeWriter
-from vmkeep.connectors.libvirt.workdir import make_workdir, remove_workdir
+from vmkeep.connectors.libvirt.workdir import abandon_workdir, make_workdir, remove_workdir
 from vmkeep.errors import ConnectorError
 
 KEEP_MACS_KEY = "vmkeep.keep_macs"
@@ -239,11 +239,17 @@ class NewDomainSink:
         self._done = True
         for writer in self._writers:
             writer.discard()
+        left = 0
         for vol in self._volumes:
-            with contextlib.suppress(Exception):
+            try:
                 vol.delete(0)
+            except Exception:  # e.g. libvirtd restarted: the next run deletes it
+                left += 1
         with contextlib.suppress(Exception):
             self._pool.refresh(0)
+        if left and self._workdir is not None:
+            abandon_workdir(self._workdir, None)  # stale now: the next run's cleanup deletes them
+            self._workdir = None
         self._forget_workdir()
 
 
