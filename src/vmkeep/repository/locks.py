@@ -1,4 +1,5 @@
-"""Repository locks: backups hold shared locks, gc and prune an exclusive one (docs/FORMAT.md).
+"""Repository locks: backups hold shared locks, gc an exclusive one (docs/FORMAT.md §6).
+Prune takes none: it only deletes manifests, which cannot make gc sweep a referenced chunk.
 
 A lock is an object under locks/; its holder refreshes it while it runs. A lock is stale when
 it was not refreshed within the lease, or at once when its holder is a dead process on this
