@@ -267,6 +267,7 @@ def test_one_backup_per_vm_across_installations(cli: Cli, tmp_path: Path) -> Non
     run = second_install("backup", str(big), "--remote", str(repo), ok=False)
     assert time.monotonic() - began < 10 and first.poll() is None
     assert "big is already being backed up" in run.err and f"pid {first.pid}" in run.err
+    assert "taken over after 20" in run.err and len(run.err.strip().splitlines()) == 1, run.err
     second_install("backup", str(other), "--remote", str(repo))  # another VM: no conflict
     first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0, first.stderr.read() if first.stderr else ""

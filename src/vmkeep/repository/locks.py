@@ -41,13 +41,22 @@ class LockInfo:
     scope: str = ""  # e.g. a VM key: two locks of the same scope conflict even when shared
 
     def describe(self) -> str:
-        since = datetime.fromtimestamp(self.refreshed, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        return f"{self.operation} (pid {self.pid} on {self.host}, alive at {since})"
+        """Who holds it, and when it is taken over if its holder has died (lease expiry)."""
+        since = _utc(self.refreshed)
+        expires = _utc(self.refreshed + lease_seconds())
+        return (
+            f"{self.operation} (pid {self.pid} on {self.host}, alive at {since}; "
+            f"taken over after {expires} if that process is gone)"
+        )
 
     def is_stale(self, now: float) -> bool:
         if self.host == socket.gethostname() and not _pid_alive(self.pid):
             return True
         return now - self.refreshed > lease_seconds()
+
+
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _pid_alive(pid: int) -> bool:
