@@ -19,20 +19,21 @@ from .test_remotes_cli import remote  # noqa: F401  (the S3 / Azure / SMB server
 
 PYTHON = str(Path(VMKEEP).with_name("python"))
 
-# The process dies half-way through sending a request body, once more than DIE_AFTER bytes
-# of bodies went out: a chunk upload cut mid-body, as a SIGKILL during an upload would.
+# The process dies half-way through a send once more than DIE_AFTER bytes went out in all
+# (chunk bodies are nearly all of it): an upload cut mid-request, as a SIGKILL during an upload
+# would. Every send counts: how a body is split into sends depends on the HTTP stack (Debian's
+# urllib3 1.26 streams botocore's aws-chunked bodies in 8 KiB blocks, urllib3 2 in larger ones).
 DIE_MID_BODY = """
 import os, socket, sys, threading
 limit, sent, guard = int(os.environ["DIE_AFTER"]), [0], threading.Lock()
 def cut(send):
     def wrapper(self, data, *args):
         view = memoryview(data).cast("B")
-        if len(view) >= 64 << 10:  # a body block (headers and SMB requests are smaller)
-            with guard:
-                sent[0] += len(view)
-                if sent[0] > limit:
-                    send(self, view[: len(view) // 2], *args)
-                    os._exit(9)
+        with guard:
+            sent[0] += len(view)
+            if sent[0] > limit:
+                send(self, view[: len(view) // 2], *args)
+                os._exit(9)
         return send(self, data, *args)
     return wrapper
 socket.socket.sendall = cut(socket.socket.sendall)
