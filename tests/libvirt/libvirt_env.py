@@ -328,6 +328,20 @@ def domain_xml(name: str, disks: Iterable[Disk], memory_mib: int = 64) -> str:
 </domain>"""
 
 
+def volume_domain_xml(name: str, pool: str, volume: str) -> str:
+    """A guest-less domain whose one disk (vda) names `volume` of `pool` (`<disk
+    type='volume'>`): no path in its XML, libvirt asks the pool."""
+    return domain_xml(name, []).replace(
+        "<controller type='usb'",
+        f"""<disk type='volume' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source pool='{pool}' volume='{volume}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <controller type='usb'""",
+    )
+
+
 class TestDomain:
     """A persistent guest-less domain with virtio qcow2 disks in `pool`."""
 

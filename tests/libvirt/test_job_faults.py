@@ -281,7 +281,7 @@ def test_backup_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_
     the checkpoint is listed): the next backup ends the dead run's job, deletes its checkpoint,
     and stays a delta. Deleting that half-made checkpoint before libvirt has finished making it
     crashes libvirtd 9.0 (job_settle.py); here the next backup's first monitor query already
-    waits for QEMU, so the explicit settle_stale_jobs in begin_backup is not what this proves
+    waits for QEMU, so the explicit settle_stale_jobs in clean_stale_runs is not what this proves
     (test_replication_faults.py reaches the crash without it)."""
     cli, repo, d, args = backed_up_domain(make_domain, tmp_path, 8)
     d.guest_write("vda", 20 * MiB, os.urandom(MiB))

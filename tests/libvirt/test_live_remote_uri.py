@@ -219,15 +219,7 @@ def test_volume_disk_over_ssh_uri(libvirt_env: LibvirtEnv, ssh_uri: str) -> None
 
     name = lv.unique_name("remote-vol")
     path = libvirt_env.pool.create_volume(f"{name}.qcow2", 16 * MiB)
-    xml = lv.domain_xml(name, []).replace(
-        "<controller type='usb'",
-        f"""<disk type='volume' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source pool='{libvirt_env.pool.name}' volume='{name}.qcow2'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <controller type='usb'""",
-    )
+    xml = lv.volume_domain_xml(name, libvirt_env.pool.name, f"{name}.qcow2")
     dom = libvirt_env.conn.defineXML(xml)
     remote = LibvirtConnector(ssh_uri)
     remote.nbd_host, remote.nbd_port = HOST, free_port()

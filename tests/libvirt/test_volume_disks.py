@@ -24,15 +24,7 @@ SIZE = 24 * lv.MiB
 def volume_domain(libvirt_env: LibvirtEnv) -> Iterator[tuple[str, str]]:
     name = lv.unique_name("voldisk")
     path = libvirt_env.pool.create_volume(f"{name}.qcow2", SIZE)
-    xml = lv.domain_xml(name, []).replace(
-        "<controller type='usb'",
-        f"""<disk type='volume' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source pool='{libvirt_env.pool.name}' volume='{name}.qcow2'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <controller type='usb'""",
-    )
+    xml = lv.volume_domain_xml(name, libvirt_env.pool.name, f"{name}.qcow2")
     dom = libvirt_env.conn.defineXML(xml)
     yield name, str(path)
     with contextlib.suppress(Exception):

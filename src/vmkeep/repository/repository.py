@@ -27,6 +27,7 @@ from .format import (
     CONFIG_NAME,
     CONFIG_VERSION_FIXED,
     CONFIG_VERSION_SIZED,
+    CONFIG_VERSIONS,
     DEFAULT_CHUNK_SIZE,
     ID_SIZE,
     MANIFESTS_PREFIX,
@@ -247,7 +248,7 @@ def parse_config(raw: bytes, where: str) -> dict[str, Any]:
     except ValueError as exc:
         raise RepositoryError(f"{where}: repository config is unreadable ({exc})") from exc
     version = config.get("version")
-    if type(version) is not int or version not in (CONFIG_VERSION_FIXED, CONFIG_VERSION_SIZED):
+    if type(version) is not int or version not in CONFIG_VERSIONS:
         raise RepositoryError(
             f"{where}: repository format version {_shown(version)} is not supported "
             f"(this vmkeep reads versions {CONFIG_VERSION_FIXED} and {CONFIG_VERSION_SIZED})"

@@ -16,7 +16,6 @@ from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import is_active, parse_disks, resolve_volume, vm_config
 from vmkeep.connectors.libvirt.image_nbd import open_image
 from vmkeep.connectors.libvirt.inplace_restore import InPlaceSink, disk_images
-from vmkeep.connectors.libvirt.job_settle import settle_stale_jobs
 from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
 from vmkeep.connectors.libvirt.nbd_reader import NbdServer
 from vmkeep.connectors.libvirt.offline import (
@@ -94,8 +93,6 @@ class LibvirtConnector:
         killed after writing its restore point made it, and the delta builds on it. What the
         cleanup did is in the session's notes. A remote URI reads a running domain over TCP."""
         keep = {c for c in previous.values() if c}
-        if self.local:  # a killed run's backupBegin may still be running: see job_settle.py
-            settle_stale_jobs(self._conn)
         cleaned = clean_stale_runs(self._conn, keep=keep) if self.local else []
         session = self._begin(vm, previous)
         session.notes[:0] = cleaned
@@ -131,7 +128,7 @@ class LibvirtConnector:
                 log.info("%s", note)
             after = partial(start_again, dom)
         try:
-            disks = [resolve_volume(dom, d) for d in parse_disks(_inactive_xml(dom))]
+            disks = [resolve_volume(dom.connect(), d) for d in parse_disks(_inactive_xml(dom))]
         except BaseException:
             if after is not None:
                 after()

@@ -97,13 +97,14 @@ def is_active(dom: Any) -> bool:
 VOL_BLOCK = 1  # virStorageVolType: the volume is a block device (0 is a file)
 
 
-def resolve_volume(dom: Any, disk: DomainDisk) -> DomainDisk:
-    """A `<disk type='volume'>` as the file or block device its pool keeps it in (a shut-off
-    domain's XML has no path for it); any other disk as it is."""
+def resolve_volume(conn: Any, disk: DomainDisk) -> DomainDisk:
+    """A `<disk type='volume'>` as the file or block device its pool (on libvirt connection
+    `conn`) keeps it in: a shut-off domain's XML has no path for it, and a remote job's scratch
+    file goes next to it. Any other disk as it is."""
     if disk.source_type != "volume" or not (disk.pool and disk.volume):
         return disk
     try:
-        pool = dom.connect().storagePoolLookupByName(disk.pool)
+        pool = conn.storagePoolLookupByName(disk.pool)
         vol = pool.storageVolLookupByName(disk.volume)
         kind = "block" if int(vol.info()[0]) == VOL_BLOCK else "file"
         return replace(disk, source=str(vol.path()), source_type=kind)

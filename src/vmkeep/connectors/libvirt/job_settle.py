@@ -34,7 +34,8 @@ def job_starting(dom: Any) -> bool:
 
 def settle_stale_jobs(conn: Connection, root: Path = ROOT, timeout: float = SETTLE_TIMEOUT) -> None:
     """Wait until no domain of a dead run's directory has a backup job still starting; call it
-    before clean_stale_runs. ConnectorError when one is still starting after `timeout`."""
+    before deleting anything of theirs (clean_stale_runs does). ConnectorError when one is
+    still starting after `timeout`."""
     for stale in stale_workdirs(root):
         if not stale.domain_uuid:
             continue

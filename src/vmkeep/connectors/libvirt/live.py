@@ -18,7 +18,12 @@ from vmkeep.connectors.base import DiskReader
 from vmkeep.connectors.libvirt import checkpoints
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.domxml import DomainDisk, has_guest_agent, parse_disks
+from vmkeep.connectors.libvirt.domxml import (
+    DomainDisk,
+    has_guest_agent,
+    parse_disks,
+    resolve_volume,
+)
 from vmkeep.connectors.libvirt.jobxml import backup_xml, checkpoint_xml, parse_job, scratch_path
 from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader, NbdServer
 from vmkeep.connectors.libvirt.session_notes import NotingSession
@@ -317,9 +322,8 @@ def remote_scratch(
     them with the image's ownership and deletes them when the job ends)."""
     out = {}
     for d in disks:
-        image = d.source if d.source_type == "file" else ""
-        if d.source_type == "volume" and d.pool and d.volume:
-            image = _volume_path(conn, d)
+        is_image = d.source_type in ("file", "volume")
+        image = resolve_volume(conn.ensure(), d).source if is_image else ""
         if not image:
             raise ConnectorError(
                 f"disk {d.target} of {name} is not an image file ({d.source_type}): a backup "
@@ -328,17 +332,6 @@ def remote_scratch(
             )
         out[d.target] = f"{image}.{suffix}"
     return out
-
-
-def _volume_path(conn: Connection, d: DomainDisk) -> str:
-    lv = libvirt()
-    try:
-        vol = conn.ensure().storagePoolLookupByName(d.pool).storageVolLookupByName(d.volume)
-        return str(vol.path())
-    except lv.libvirtError as exc:
-        raise ConnectorError(
-            f"disk {d.target}: cannot find volume {d.volume} in pool {d.pool}: {one_line(exc)}"
-        ) from None
 
 
 def _port_taken(server: NbdServer, exc: Exception) -> bool:

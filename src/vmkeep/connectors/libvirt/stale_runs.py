@@ -24,6 +24,7 @@ from vmkeep.connectors.libvirt import checkpoints
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import parse_disks, resolve_volume
+from vmkeep.connectors.libvirt.job_settle import settle_stale_jobs
 from vmkeep.connectors.libvirt.live import end_job
 from vmkeep.connectors.libvirt.workdir import ROOT, StaleWorkdir, remove_workdir, stale_workdirs
 from vmkeep.errors import VmkeepError
@@ -34,7 +35,10 @@ log = logging.getLogger(__name__)
 def clean_stale_runs(conn: Connection, root: Path = ROOT, keep: Collection[str] = ()) -> list[str]:
     """End the jobs, delete the checkpoints (but those in `keep`) and remove the directories of
     dead runs; one note per run cleaned (trouble is noted, never raised: a backup must not fail
-    because of it)."""
+    because of it). First waits until libvirt has finished any backupBegin a dead run left
+    running: deleting that run's half-made checkpoint crashes libvirtd 9.0 (job_settle.py;
+    ConnectorError when it does not finish in time)."""
+    settle_stale_jobs(conn, root)
     notes = []
     for stale in stale_workdirs(root):
         try:
@@ -63,7 +67,9 @@ def _clean(conn: Connection, stale: StaleWorkdir, keep: Collection[str]) -> str:
                 disks = []
             problem = checkpoints.delete(dom, stale.checkpoint, disks)
             done.append(problem or f"checkpoint {stale.checkpoint} deleted")
-    done += [_drop_volume(conn, pool, name) for pool, name in stale.volumes]
+    if stale.volumes:
+        in_use = _disk_sources(conn)
+        done += [_drop_volume(conn, pool, name, in_use) for pool, name in stale.volumes]
     if not remove_workdir(stale.path, []):
         done.append(f"could not remove {stale.path}")
     what = f" of domain {dom.name()}" if dom is not None else ""
@@ -72,14 +78,14 @@ def _clean(conn: Connection, stale: StaleWorkdir, keep: Collection[str]) -> str:
     )
 
 
-def _drop_volume(conn: Connection, pool_name: str, name: str) -> str:
+def _drop_volume(conn: Connection, pool_name: str, name: str, in_use: set[str]) -> str:
     """Delete a volume a killed restore (or replica copy) was creating, unless a domain uses it
-    (the run got as far as defining its domain)."""
+    (the run got as far as defining its domain): `in_use`, every domain's image paths."""
     lv = libvirt()
     try:
         vol = conn.ensure().storagePoolLookupByName(pool_name).storageVolLookupByName(name)
         path = str(vol.path())
-        if path in _disk_sources(conn):
+        if path in in_use:
             return f"volume {name} kept: a domain uses it"
         vol.delete(0)
     except lv.libvirtError as exc:
@@ -96,7 +102,7 @@ def _disk_sources(conn: Connection) -> set[str]:
     for dom in conn.ensure().listAllDomains(0):
         with contextlib.suppress(lv.libvirtError, VmkeepError):
             for disk in parse_disks(dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)):
-                paths.add(resolve_volume(dom, disk).source)
+                paths.add(resolve_volume(dom.connect(), disk).source)
     return paths
 
 

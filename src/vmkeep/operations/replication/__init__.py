@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from vmkeep.connectors.libvirt.bindings import is_libvirt_error, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.connector import LibvirtConnector
-from vmkeep.connectors.libvirt.job_settle import settle_stale_jobs
 from vmkeep.connectors.libvirt.replica_snapshots import MAX_KEEP
 from vmkeep.connectors.libvirt.stale_runs import clean_stale_runs
 from vmkeep.errors import ConnectorError, UsageError
@@ -67,9 +66,6 @@ def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationRepor
     dst = Connection(options.target_uri or options.uri)
     try:
         dom = src.lookup(options.domain)
-        # A killed run's backupBegin may still be running in libvirtd: deleting its half-made
-        # checkpoint then crashes libvirtd (job_settle.py), so let libvirt finish it first.
-        settle_stale_jobs(src)
         cleaned = clean_stale_runs(src)  # a killed run's job would block this one
         if options.mode == "full":
             upload = not is_local(options.target_uri or options.uri)
