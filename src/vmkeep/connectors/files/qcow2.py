@@ -64,8 +64,17 @@ class Qcow2Header:
         return 1 << self.cluster_bits
 
 
+class Qcow2FeatureError(ConnectorError):
+    """A valid image using a feature this reader does not implement (a backing file, an
+    external data file, subclusters): QEMU can read it (the libvirt connector then does)."""
+
+
 def _fail(path: Path, why: str) -> ConnectorError:
     return ConnectorError(f"{path}: {why}")
+
+
+def _unsupported(path: Path, why: str) -> Qcow2FeatureError:
+    return Qcow2FeatureError(f"{path}: {why}")
 
 
 def read_header(fd: int, path: Path, file_size: int) -> Qcow2Header:
@@ -99,15 +108,17 @@ def read_header(fd: int, path: Path, file_size: int) -> Qcow2Header:
         if backing_len > MAX_BACKING_NAME or backing_off + backing_len > file_size:
             raise _fail(path, "corrupt qcow2 header: backing file name out of bounds")
         name = pread_full(fd, backing_len, backing_off).decode("utf-8", "replace")
-        raise _fail(
+        raise _unsupported(
             path,
             f"has a backing file {name!r}; backing chains are not supported: flatten it first "
             "with 'qemu-img convert -O qcow2'",
         )
     if incompat & INCOMPAT_DATA_FILE:
-        raise _fail(path, "qcow2 images with an external data file are not supported")
+        raise _unsupported(path, "qcow2 images with an external data file are not supported")
     if incompat & INCOMPAT_EXTL2:
-        raise _fail(path, "qcow2 images with extended L2 entries (subclusters) are not supported")
+        raise _unsupported(
+            path, "qcow2 images with extended L2 entries (subclusters) are not supported"
+        )
     if incompat & INCOMPAT_CORRUPT:
         raise _fail(path, "image is marked corrupt; repair it with 'qemu-img check -r all'")
     if incompat & ~(INCOMPAT_DIRTY | INCOMPAT_COMPRESSION):

@@ -3,7 +3,9 @@ domains, LIBVIRT-NOTES §7). When every disk is a local qcow2 v3 image, the run 
 checkpoint offline (offline_checkpoint.py), so the next backup, offline or live, can be a
 delta; and when the previous restore point's checkpoint bitmap is intact in the images, this
 run is a delta itself: `qemu-nbd --bitmap` exports the dirty extents. Otherwise the images are
-read in full with vmkeep's own raw and qcow2 readers."""
+read in full with vmkeep's own raw and qcow2 readers, or through a read-only qemu-nbd when the
+qcow2 image uses what vmkeep's reader does not implement: a backing file (an overlay, e.g. after
+`virsh snapshot-create-as --disk-only`), an external data file, subclusters."""
 
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.connectors.base import DiskReader, Extent
-from vmkeep.connectors.files.qcow2 import Qcow2Reader
+from vmkeep.connectors.files.qcow2 import Qcow2FeatureError, Qcow2Reader
 from vmkeep.connectors.files.raw import RawDiskReader
 from vmkeep.connectors.libvirt import checkpoints, offline_checkpoint
 from vmkeep.connectors.libvirt.domxml import DomainDisk, is_active
+from vmkeep.connectors.libvirt.image_nbd import NbdImage
 from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader
 from vmkeep.connectors.libvirt.qemu_nbd import QemuNbdExport
 from vmkeep.connectors.libvirt.session_notes import NotingSession
@@ -37,9 +40,13 @@ class ImageDiskReader:
                 f"disk {disk.target} ({disk.source_type}) has no local image to read while the "
                 "domain is shut off"
             )
-        self._inner: Qcow2Reader | RawDiskReader
+        self._inner: Qcow2Reader | RawDiskReader | NbdImage
         if disk.fmt == "qcow2":
-            self._inner = Qcow2Reader(disk.source)
+            try:
+                self._inner = Qcow2Reader(disk.source)
+            except Qcow2FeatureError as exc:
+                log.info("%s: read through qemu-nbd (%s)", disk.target, exc)
+                self._inner = NbdImage(disk.source, "qcow2", writable=False, name=disk.target)
         elif disk.fmt == "raw":
             self._inner = RawDiskReader(disk.source)
         else:
