@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -64,3 +65,10 @@ def ssh_libvirt_uri(d: Path) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def authorized_keys(uri: str) -> Path:
+    """The sshd's authorized_keys file of a URI ssh_libvirt_uri made: emptying it makes every
+    new ssh login fail (connections already open stay up), as a revoked or wrong key would."""
+    keyfile = parse_qs(urlsplit(uri).query)["keyfile"][0]
+    return Path(keyfile).parent / "authorized_keys"

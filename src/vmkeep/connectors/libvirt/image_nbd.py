@@ -41,6 +41,13 @@ _WRAPPER = 'log=$0 parent=$1; shift; [ "$PPID" = "$parent" ] || exit 1; exec "$@
 _DIE_WITH_VMKEEP = ["setpriv", "--pdeathsig", "KILL", "--", "sh", "-c", _WRAPPER]
 
 
+def qemu_nbd_options(fmt: str, writable: bool) -> list[str]:
+    """qemu-nbd's options for an image (before its path), the same for a local and a remote
+    qemu-nbd (ssh_nbd.py)."""
+    argv = ["-f", fmt, "--cache=writeback", "--aio=threads"]
+    return argv + (["--discard=unmap"] if writable else ["--read-only"])
+
+
 class NbdImage:
     """One image file served by its own qemu-nbd. Thread-safe; close() is idempotent."""
 
@@ -68,8 +75,7 @@ class NbdImage:
 
     def _connect(self, fmt: str) -> Any:
         mod = nbd()
-        argv = ["qemu-nbd", "-f", fmt, "--cache=writeback", "--aio=threads"]
-        argv += ["--discard=unmap"] if self.writable else ["--read-only"]
+        argv = ["qemu-nbd", *qemu_nbd_options(fmt, self.writable)]
         h = mod.NBD()
         try:
             h.add_meta_context(BASE_ALLOCATION)
@@ -206,10 +212,15 @@ class NbdImage:
             with contextlib.suppress(Exception):
                 h.shutdown()
             del h  # libnbd closes the socket and reaps qemu-nbd
+        self._end_server()
         fd, self._log_fd = self._log_fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    def _end_server(self) -> None:
+        """After the connection is gone: nothing here (libnbd reaped the local qemu-nbd); a
+        qemu-nbd on another host is waited for (ssh_nbd.py)."""
 
     def __enter__(self) -> NbdImage:
         return self

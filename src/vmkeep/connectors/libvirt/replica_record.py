@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import quoteattr
@@ -42,6 +43,22 @@ class VolumeStamp:
         except OSError as exc:
             raise ConnectorError(f"cannot stat replica volume {path}: {exc.strerror}") from None
         return VolumeStamp(path, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+
+# Identities of volume files by path (VolumeStamp), or why a file has none (a message); it
+# raises ConnectorError only when the host cannot be asked (ssh_nbd.SshTarget.stat).
+StatVolumes = Callable[[Sequence[str]], Mapping[str, VolumeStamp | str]]
+
+
+def local_stat(paths: Sequence[str]) -> dict[str, VolumeStamp | str]:
+    """The identities of files on this host."""
+    found: dict[str, VolumeStamp | str] = {}
+    for path in paths:
+        try:
+            found[path] = VolumeStamp.of(path)
+        except ConnectorError as exc:
+            found[path] = str(exc)
+    return found
 
 
 @dataclass
@@ -113,9 +130,17 @@ class ReplicaRecord:
         cannot: a remote host's files). Only recorded volumes are ever deleted with a replica."""
         self.volumes = {target: VolumeStamp(path, -1, -1, -1, -1) for target, path in paths.items()}
 
-    def stamp(self, paths: dict[str, str]) -> None:
-        """Record the volumes' identities as they are now (after the run wrote them)."""
-        self.volumes = {target: VolumeStamp.of(path) for target, path in paths.items()}
+    def stamp(self, paths: dict[str, str], stat: StatVolumes | None = None) -> None:
+        """Record the volumes' identities as they are now (after the run wrote them); `stat`
+        takes them on the replica's host (default: this host's files)."""
+        found = (stat or local_stat)(list(paths.values()))
+        volumes = {}
+        for target, path in paths.items():
+            now = found.get(path, f"no identity of replica volume {path}")
+            if isinstance(now, str):
+                raise ConnectorError(now)
+            volumes[target] = now
+        self.volumes = volumes
 
 
 def read_record(dom: Any) -> ReplicaRecord | None:
@@ -146,9 +171,11 @@ def write_record(dom: Any, record: ReplicaRecord) -> None:
         ) from None
 
 
-def why_changed(dom: Any, record: ReplicaRecord, paths: dict[str, str]) -> str | None:
+def why_changed(
+    dom: Any, record: ReplicaRecord, paths: dict[str, str], stat: StatVolumes | None = None
+) -> str | None:
     """Why the replica no longer is what the last run left (None: untouched). `paths` are the
-    replica's disk images now, by target."""
+    replica's disk images now, by target; `stat` takes identities on their host."""
     if set(paths) != set(record.volumes):
         return (
             f"its disks are now {', '.join(sorted(paths)) or 'none'}, the last run left "
@@ -158,11 +185,12 @@ def why_changed(dom: Any, record: ReplicaRecord, paths: dict[str, str]) -> str |
         was = record.volumes[target]
         if path != was.path:
             return f"disk {target} now points at {path}, not {was.path}"
-        try:
-            now = VolumeStamp.of(path)
-        except ConnectorError as exc:
-            return str(exc)
-        if now != was:
+    found = (stat or local_stat)(sorted(paths.values()))
+    for target, path in sorted(paths.items()):
+        now = found.get(path, f"no identity of replica volume {path}")
+        if isinstance(now, str):
+            return now
+        if now != record.volumes[target]:
             return f"volume {path} was modified after the last run (started or written to)"
     current = current_snapshot(dom)
     if current != record.snapshot:

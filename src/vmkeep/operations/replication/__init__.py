@@ -5,6 +5,7 @@ replica updated in place with the dirty blocks, with N rollback snapshots (N < 1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from vmkeep.connectors.libvirt.bindings import is_libvirt_error, one_line
 from vmkeep.connectors.libvirt.connection import Connection
@@ -15,6 +16,7 @@ from vmkeep.errors import ConnectorError, UsageError
 from vmkeep.operations.replication.full import replicate_full
 from vmkeep.operations.replication.incremental import replicate_incremental
 from vmkeep.operations.replication.report import ReplicationReport
+from vmkeep.operations.replication.volumes import ReplicaVolumes
 from vmkeep.progress import Progress
 
 MODES = ("full", "incremental")
@@ -45,16 +47,23 @@ def check_options(options: ReplicateOptions) -> None:
             f"replicating from {options.uri} is not supported yet (the backup job's NBD socket "
             "is on that host): run vmkeep on the source's hypervisor host"
         )
-    if options.mode == "incremental" and not is_local(options.target_uri or options.uri):
+    target = options.target_uri or options.uri
+    if options.mode == "incremental" and not is_local(target) and not is_ssh(target):
         raise ConnectorError(
-            f"incremental replication to {options.target_uri} is not supported (the replica's "
-            "volumes are updated through their local paths): use --mode full, or run vmkeep "
-            "on the replica's host"
+            f"incremental replication to {target} is not supported (the replica's volumes are "
+            "written through a qemu-nbd started over ssh): use a qemu+ssh:// target URI, "
+            "--mode full, or run vmkeep on the replica's host"
         )
 
 
 def is_local(uri: str) -> bool:
     return LibvirtConnector(uri).local
+
+
+def is_ssh(uri: str) -> bool:
+    """A libvirt URI over OpenSSH (driver+ssh://host/...), whose host vmkeep can reach."""
+    parts = urlsplit(uri)
+    return parts.scheme.endswith("+ssh") and bool(parts.hostname)
 
 
 def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationReport:
@@ -71,7 +80,11 @@ def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationRepor
             upload = not is_local(options.target_uri or options.uri)
             report = replicate_full(src, dst, dom, options.pool, options.keep, progress, upload)
         else:
-            report = replicate_incremental(src, dst, dom, options.pool, options.keep, progress)
+            target = options.target_uri or options.uri
+            volumes = ReplicaVolumes.for_uri(target, is_local(target))
+            report = replicate_incremental(
+                src, dst, dom, options.pool, options.keep, progress, volumes
+            )
         report.notes[:0] = cleaned
     except Exception as exc:
         if is_libvirt_error(exc):  # a libvirt call not wrapped on the way (e.g. libvirtd died)

@@ -23,7 +23,6 @@ from vmkeep.connectors.base import BackupSession, VmConfig
 from vmkeep.connectors.libvirt import replica_domains, replica_snapshots
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import vm_config
-from vmkeep.connectors.libvirt.image_nbd import open_image
 from vmkeep.connectors.libvirt.replica_domains import Replica, disk_paths, lookup
 from vmkeep.connectors.libvirt.replica_record import (
     INCREMENTAL,
@@ -37,6 +36,7 @@ from vmkeep.operations.replication.copy import copy_disk, covering
 from vmkeep.operations.replication.fresh import create_replica
 from vmkeep.operations.replication.report import CopyStats, ReplicationReport
 from vmkeep.operations.replication.source import base_of, checkpoint_of, open_source
+from vmkeep.operations.replication.volumes import ReplicaVolumes
 from vmkeep.progress import Progress
 
 
@@ -44,7 +44,9 @@ def replica_name(source: str) -> str:
     return f"{source}-replica"
 
 
-def usable_replica(dst: Connection, source: VmConfig, report: ReplicationReport) -> Replica | None:
+def usable_replica(
+    dst: Connection, source: VmConfig, report: ReplicationReport, volumes: ReplicaVolumes
+) -> Replica | None:
     """The existing replica when it can take an increment; None (with the reason noted, a
     changed one set aside) when the run must make a fresh one."""
     name = replica_name(source.name)
@@ -59,7 +61,11 @@ def usable_replica(dst: Connection, source: VmConfig, report: ReplicationReport)
             f"({source.uuid}): rename or remove it"
         )
     replica = Replica(dom, name, record)
-    why = why_changed(dom, record, disk_paths(dom)) if not dom.isActive() else "it is running"
+    why = (
+        why_changed(dom, record, disk_paths(dom), volumes.stat)
+        if not dom.isActive()
+        else "it is running"
+    )
     if record.writing and why != "it is running":
         why = "the previous run was interrupted while writing into it (vmkeep was killed)"
     if why is None and record.disk_sizes != {d.name: d.size for d in source.disks}:
@@ -76,7 +82,11 @@ def usable_replica(dst: Connection, source: VmConfig, report: ReplicationReport)
 
 
 def update_replica(
-    replica: Replica, session: BackupSession, incremental: bool, progress: Progress
+    replica: Replica,
+    session: BackupSession,
+    incremental: bool,
+    progress: Progress,
+    volumes: ReplicaVolumes,
 ) -> CopyStats:
     """Write the session's dirty blocks (incremental) or every block (full) into the replica's
     volumes. On failure the replica is reverted to its last snapshot."""
@@ -88,7 +98,7 @@ def update_replica(
             extents = (
                 reader.dirty_extents() if incremental else covering(reader.size, reader.extents())
             )
-            with open_image(paths[target], "qcow2", writable=True, name=target) as image:
+            with volumes.open(paths[target], target) as image:
                 stats.add(
                     copy_disk(
                         reader, image, extents, progress, f"{replica.name}/{target}", fresh=False
@@ -96,12 +106,12 @@ def update_replica(
                 )
         session.confirm()  # a job ended from outside: the replica is rolled back
     except BaseException:
-        rollback(replica, paths)
+        rollback(replica, paths, volumes)
         raise
     return stats
 
 
-def rollback(replica: Replica, paths: dict[str, str]) -> None:
+def rollback(replica: Replica, paths: dict[str, str], volumes: ReplicaVolumes) -> None:
     """Back to the last run's snapshot, and record the volumes as that left them; when that
     fails the stale record makes the next run start afresh (never an increment on top)."""
     snapshot = replica.record.snapshot
@@ -109,17 +119,25 @@ def rollback(replica: Replica, paths: dict[str, str]) -> None:
         return
     with contextlib.suppress(ConnectorError):
         replica_snapshots.revert(replica.dom, snapshot)
-        replica.record.stamp(paths)
+        replica.record.stamp(paths, volumes.stat)
         write_record(replica.dom, replica.record)
 
 
 def replicate_incremental(
-    src: Connection, dst: Connection, dom: Any, pool: str, keep: int, progress: Progress
+    src: Connection,
+    dst: Connection,
+    dom: Any,
+    pool: str,
+    keep: int,
+    progress: Progress,
+    volumes: ReplicaVolumes | None = None,
 ) -> ReplicationReport:
+    """`volumes`: how the replica's files are reached (default: this host's paths)."""
     began = time.monotonic()
+    volumes = volumes or ReplicaVolumes()
     source = vm_config(dom)
     report = ReplicationReport(source.name, replica_name(source.name), "full", False, CopyStats())
-    replica = usable_replica(dst, source, report)
+    replica = usable_replica(dst, source, report, volumes)
     previous: dict[str, str | None] = {}
     if replica is not None:
         if replica.record.checkpoint:
@@ -136,7 +154,7 @@ def replicate_incremental(
             record = ReplicaRecord(INCREMENTAL, source.uuid, source.name, "")
             new_dom, paths, report.stats = create_replica(
                 dst, source, session, report.replica, pool, progress,
-                volume_stem=f"{report.replica}-{stamp}", record=record,
+                volume_stem=f"{report.replica}-{stamp}", upload=volumes.upload, record=record,
             )  # fmt: skip
             record.own(paths)
             replica = Replica(new_dom, report.replica, record)
@@ -144,16 +162,16 @@ def replicate_incremental(
         else:
             if previous and not incremental:
                 report.notes.append("full copy into the existing replica (its snapshots stay)")
-            report.stats = update_replica(replica, session, incremental, progress)
+            report.stats = update_replica(replica, session, incremental, progress, volumes)
         report.mode = "incremental" if incremental else "full"
         report.checkpoint = checkpoint_of(session)
         try:
             refresh(dst, replica)
-            finish_replica(replica, source, report, keep)
+            finish_replica(replica, source, report, keep, volumes)
         except BaseException:
             with contextlib.suppress(ConnectorError):
                 refresh(dst, replica)
-            undo(dst, replica, report.fresh)
+            undo(dst, replica, report.fresh, volumes)
             raise
         report.notes.extend(session.notes)
     report.duration = time.monotonic() - began
@@ -170,7 +188,7 @@ def refresh(dst: Connection, replica: Replica) -> None:
         replica.dom = dom
 
 
-def undo(dst: Connection, replica: Replica, fresh: bool) -> None:
+def undo(dst: Connection, replica: Replica, fresh: bool, volumes: ReplicaVolumes) -> None:
     """The run failed after writing: a replica it created is deleted, an updated one rolled
     back, so no replica is left without a record matching its disks."""
     if fresh:
@@ -178,11 +196,15 @@ def undo(dst: Connection, replica: Replica, fresh: bool) -> None:
             replica_domains.delete(dst, replica)
     else:
         with contextlib.suppress(ConnectorError):
-            rollback(replica, disk_paths(replica.dom))
+            rollback(replica, disk_paths(replica.dom), volumes)
 
 
 def finish_replica(
-    replica: Replica, source: VmConfig, report: ReplicationReport, keep: int
+    replica: Replica,
+    source: VmConfig,
+    report: ReplicationReport,
+    keep: int,
+    volumes: ReplicaVolumes,
 ) -> None:
     """Snapshot the replica, prune old snapshots, record the volumes as this run left them."""
     what = "incremental" if report.mode == "incremental" else "full"
@@ -197,6 +219,6 @@ def finish_replica(
         checkpoint=report.checkpoint, snapshot=report.snapshot,
         disk_sizes={d.name: d.size for d in source.disks},
     )  # fmt: skip
-    record.stamp(disk_paths(replica.dom))
+    record.stamp(disk_paths(replica.dom), volumes.stat)
     write_record(replica.dom, record)
     replica.record = record
