@@ -35,13 +35,16 @@ def ssh_libvirt_uri(d: Path) -> Iterator[str]:
             ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True
         )
     (d / "authorized_keys").write_text((d / "client.pub").read_text())
-    port = free_port()
+    port, bare = free_port(), free_port()
+    forced = _host_without_qemu_nbd(d)
     (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\n"
+        f"Port {port}\nPort {bare}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\n"
         f"AuthorizedKeysFile {d / 'authorized_keys'}\nPidFile {d / 'sshd.pid'}\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        f"Match LocalPort {bare}\n  ForceCommand {forced}\n"
     )
+    (d / "bare_port").write_text(str(bare))
     # no_verify=1 lets ssh accept the throw-away host key and record it: in a file of ours,
     # not root's ~/.ssh/known_hosts (libvirt runs the URI's `command` as its ssh client).
     wrapper = d / "ssh"
@@ -67,8 +70,30 @@ def ssh_libvirt_uri(d: Path) -> Iterator[str]:
         proc.wait(10)
 
 
+def _host_without_qemu_nbd(d: Path) -> Path:
+    """A ForceCommand running the client's command with a PATH of only a shell and the few
+    tools vmkeep's remote scripts use: through the second port the host "has no qemu-nbd"
+    (root's shell start-up files reset any PATH the client sends)."""
+    bin_dir = d / "bare-bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "mkdir", "rm", "sleep", "cat", "stat"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
+    forced = d / "bare-host"
+    forced.write_text(f'#!/bin/sh\nPATH={bin_dir} exec sh -c "$SSH_ORIGINAL_COMMAND"\n')
+    forced.chmod(0o755)
+    return forced
+
+
+def port_without_qemu_nbd(uri: str) -> int:
+    """The sshd port of a URI ssh_libvirt_uri made where the host seems to lack qemu-nbd."""
+    return int((_dir_of(uri) / "bare_port").read_text())
+
+
+def _dir_of(uri: str) -> Path:
+    return Path(parse_qs(urlsplit(uri).query)["keyfile"][0]).parent
+
+
 def authorized_keys(uri: str) -> Path:
     """The sshd's authorized_keys file of a URI ssh_libvirt_uri made: emptying it makes every
     new ssh login fail (connections already open stay up), as a revoked or wrong key would."""
-    keyfile = parse_qs(urlsplit(uri).query)["keyfile"][0]
-    return Path(keyfile).parent / "authorized_keys"
+    return _dir_of(uri) / "authorized_keys"

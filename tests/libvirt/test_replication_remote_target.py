@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,12 +30,13 @@ from tests.libvirt.replica_checks import (
     repl_checkpoints,
     replica_images,
 )
-from tests.libvirt.ssh_transport import authorized_keys
+from tests.libvirt.ssh_transport import authorized_keys, free_port, port_without_qemu_nbd
 from tests.libvirt.test_replication import scattered_writes
 from tests.libvirt.test_restore_remote_uri import pool_b, ssh_uri
 from vmkeep.connectors.libvirt import replica_snapshots
 from vmkeep.connectors.libvirt.replica_domains import disk_paths
 from vmkeep.connectors.libvirt.replica_record import VolumeStamp, read_record
+from vmkeep.connectors.libvirt.ssh_nbd import SshTarget
 from vmkeep.errors import ConnectorError
 from vmkeep.operations.replication import ReplicateOptions, replicate
 from vmkeep.operations.replication.report import ReplicationReport
@@ -260,3 +262,57 @@ def test_remote_target_faults(
     assert final.fresh and final.set_aside, final.notes
     assert any("interrupted while writing" in n for n in final.notes), final.notes
     assert replica_images(libvirt_env, name, tmp_path) == models(d)
+
+
+def test_ssh_options_come_from_the_uri_as_libvirt_takes_them() -> None:
+    t = SshTarget.from_uri(
+        "qemu+ssh://admin@host2.example:2222/system?keyfile=/k/id&no_verify=1&command=/x/ssh"
+    )
+    assert t == SshTarget("host2.example", 2222, "admin", "/k/id", "/x/ssh", True)
+    argv = t.argv(["echo", "a b"])
+    assert argv[0] == "/x/ssh" and argv[-3:] == ["--", "host2.example", "echo 'a b'"]
+    for opt in (["-i", "/k/id"], ["-p", "2222"], ["-l", "admin"], ["-o", "BatchMode=yes"]):
+        assert any(argv[i : i + 2] == opt for i in range(len(argv))), opt
+    assert "StrictHostKeyChecking=no" in argv
+    plain = SshTarget.from_uri("qemu+ssh://host3/system")
+    assert plain == SshTarget("host3") and "StrictHostKeyChecking=no" not in plain.argv([])
+
+
+def test_refused_uris_say_why(
+    libvirt_env: LibvirtEnv, make_domain: Callable[..., lv.TestDomain]
+) -> None:
+    d = make_domain(SIZES[:1])
+    tcp = ReplicateOptions(d.name, "p", target_uri="qemu+tcp://host2/system", uri=lv.URI)
+    with pytest.raises(ConnectorError, match=r"use a qemu\+ssh:// target URI, --mode full"):
+        replicate(tcp, SilentProgress())
+    source = ReplicateOptions(d.name, "p", uri="qemu+ssh://host2/system")
+    with pytest.raises(ConnectorError, match="run vmkeep on the source's hypervisor host"):
+        replicate(source, SilentProgress())
+
+
+def test_ssh_failures_are_one_line(ssh_uri: str, tmp_path: Path) -> None:
+    target = SshTarget.from_uri(ssh_uri)
+    dirs_before = nbd_dirs()
+    # nobody listens on that port: ssh's own message, not a "changed replica"
+    with pytest.raises(ConnectorError, match="Connection refused") as err:
+        replace(target, port=free_port()).stat(["/etc/hostname"])
+    assert "\n" not in str(err.value) and "over ssh" in str(err.value)
+    # the target host has no qemu-nbd (that sshd port runs commands with a PATH without it)
+    bare = replace(target, port=port_without_qemu_nbd(ssh_uri))
+    assert "missing" in bare.stat(["/no/such/file"])["/no/such/file"]  # the shell works there
+    image = tmp_path / "x.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(image), "1M"], check=True,
+                   capture_output=True)  # fmt: skip
+    with pytest.raises(ConnectorError, match="qemu-nbd is not installed on this host") as err:
+        bare.open_image(str(image), "qcow2", writable=True)
+    assert "\n" not in str(err.value) and str(image) in str(err.value)
+    # a qemu-nbd that refuses the image: its own message
+    with pytest.raises(ConnectorError, match="Could not open") as err:
+        target.open_image(str(tmp_path / "missing.qcow2"), "qcow2", writable=True)
+    assert "\n" not in str(err.value)
+    with target.open_image(str(image), "qcow2", writable=True) as img:  # and a working one
+        img.write(65536, b"\x42" * 4096)
+    check = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x42 64k 4k", str(image)],
+                           check=True, capture_output=True, text=True)  # fmt: skip
+    assert "Pattern verification failed" not in check.stdout + check.stderr
+    assert nbd_dirs() == dirs_before
