@@ -34,7 +34,7 @@ from typing import IO, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from vmkeep.connectors.libvirt.bindings import nbd, one_line
-from vmkeep.connectors.libvirt.image_nbd import FORMATS, NbdImage, qemu_nbd_options
+from vmkeep.connectors.libvirt.image_nbd import NbdImage, qemu_nbd_options
 from vmkeep.connectors.libvirt.nbd_reader import BASE_ALLOCATION
 from vmkeep.connectors.libvirt.replica_record import VolumeStamp
 from vmkeep.errors import ConnectorError
@@ -185,10 +185,8 @@ class RemoteNbdImage(NbdImage):
         super().__init__(path, fmt, writable=writable, name=name)
 
     def _connect(self, fmt: str) -> Any:
-        if fmt not in FORMATS:  # checked by NbdImage first; kept for the remote argv
-            raise ConnectorError(f"{self.path}: image format {fmt!r} is not supported")
         mod = nbd()
-        local_dir = tempfile.mkdtemp(prefix="vmkeep-nbd-")
+        local_dir = tempfile.mkdtemp(prefix="vmkeep-nbd-", dir=_short_tmp())
         local = os.path.join(local_dir, "s")
         remote_dir = f"/tmp/vmkeep-nbd-{secrets.token_hex(8)}"
         remote = ["sh", "-c", _SERVE, "vmkeep-nbd", remote_dir]
@@ -261,6 +259,12 @@ class RemoteNbdImage(NbdImage):
             proc.kill()
             proc.wait()
         _close(proc.stdout)
+
+
+def _short_tmp() -> str:
+    """$TMPDIR unless it is too long for a Unix socket path (108 bytes with the names)."""
+    tmp = tempfile.gettempdir()
+    return tmp if len(tmp) <= 64 else "/tmp"
 
 
 def _close(f: IO[bytes] | None) -> None:
