@@ -260,13 +260,15 @@ def test_deleted_checkpoint_falls_back_to_full(
 
 
 @pytest.mark.parametrize(
-    ("previous", "why"),
+    ("previous", "why", "incremental"),
     [
-        ({"vda": "T"}, "disk vdb added"),
-        ({"vda": "T", "vdb": None}, "different checkpoints"),
-        ({"vda": None, "vdb": None}, "has no checkpoint"),
-        ({"vda": "T", "vdb": "T", "vdc": "T"}, "disk vdc removed"),
-        ({"vda": "someone-else", "vdb": "someone-else"}, "not a vmkeep checkpoint"),
+        # Per disk: a disk added since, or without the checkpoint, is read in full alone.
+        ({"vda": "T"}, "disk vdb added", {"vda"}),
+        ({"vda": "T", "vdb": None}, "disk vdb has no checkpoint", {"vda"}),
+        ({"vda": None, "vdb": None}, "has no checkpoint", set()),
+        ({"vda": "T", "vdb": "T", "vdc": "T"}, "disk vdc removed", {"vda", "vdb"}),
+        ({"vda": "someone-else", "vdb": "someone-else"}, "not a vmkeep checkpoint", set()),
+        ({"vda": "T", "vdb": "someone-else"}, "different checkpoints", set()),
     ],
 )
 def test_unusable_previous_tokens_fall_back_to_full(
@@ -275,6 +277,7 @@ def test_unusable_previous_tokens_fall_back_to_full(
     state: dict[str, Any],
     previous: dict[str, str | None],
     why: str,
+    incremental: set[str],
 ) -> None:
     if "token4" not in state:
         pytest.skip("needs the session of the previous test")
@@ -283,7 +286,13 @@ def test_unusable_previous_tokens_fall_back_to_full(
     session = connector.begin_backup(connector.get_vm(dom.name), prev)
     try:
         assert any(why in n for n in session.notes), session.notes
-        assert all(r.dirty_since is None for r in session.readers.values())
+        delta = {t for t, r in session.readers.items() if r.dirty_since is not None}
+        assert delta == incremental, session.notes
+        assert all(session.readers[t].dirty_since == t4 for t in delta)
+        expected = {d.target: bytes(d.model) for d in dom.disks}
+        for target, reader in session.readers.items():  # full or not, the disk as it is
+            if target not in delta:
+                assert lv.sha256(read_image(reader)) == lv.sha256(expected[target])
     finally:
         session.finish(ok=False)
     assert checkpoints(dom) == [t4]

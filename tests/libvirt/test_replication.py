@@ -298,6 +298,8 @@ def test_full_replication_to_another_uri_and_pool(
         d.guest_write("vda", 5 * MiB, os.urandom(GRAN))
     assert report.deleted == [made[0]]  # deleted through the remote connection
     assert made[0] not in {dom.name() for dom in libvirt_env.conn.listAllDomains(0)}
-    incremental = ReplicateOptions(d.name, pool_b.name, uri=lv.URI, target_uri=ssh_uri)
-    with pytest.raises(ConnectorError, match="use --mode full"):
+    # Incremental replication to another host needs ssh (test_replication_remote_target.py).
+    tcp = "qemu+tcp://host2/system"
+    incremental = ReplicateOptions(d.name, pool_b.name, uri=lv.URI, target_uri=tcp)
+    with pytest.raises(ConnectorError, match="use a qemu\\+ssh:// target URI"):
         replicate(incremental, SilentProgress())

@@ -8,6 +8,7 @@ import contextlib
 import secrets
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,18 +44,32 @@ def qcow2_version(path: str) -> int | None:
     return int.from_bytes(head[4:8], "big")
 
 
-def why_no_checkpoint(disks: Iterable[DomainDisk], local: bool) -> list[str]:
-    """Reasons a checkpoint cannot cover every disk (empty = it can)."""
-    reasons = []
+def untracked(disks: Iterable[DomainDisk], local: bool) -> dict[str, str]:
+    """target -> why that disk cannot keep a dirty bitmap. The other disks can: a checkpoint
+    covers just those, and only the untracked ones are read in full by every backup."""
+    reasons = {}
     for d in disks:
         if d.fmt != "qcow2":
-            reasons.append(f"disk {d.target} is {d.fmt}: only qcow2 images keep dirty bitmaps")
+            reasons[d.target] = f"disk {d.target} is {d.fmt}: only qcow2 images keep dirty bitmaps"
         elif local and d.source and qcow2_version(d.source) == 2:
-            reasons.append(
+            reasons[d.target] = (
                 f"disk {d.target} is qcow2 v2 (compat 0.10), which cannot store dirty bitmaps; "
                 f"upgrade it with 'qemu-img amend -o compat=1.1 {d.source}' while the VM is off"
             )
     return reasons
+
+
+@dataclass
+class DeltaPlan:
+    """What a job reads: the disks in `incremental` only where `base`'s bitmaps say they
+    changed, every other disk in full; `notes` say why a disk is read in full."""
+
+    base: str | None = None
+    incremental: frozenset[str] = frozenset()
+    notes: list[str] = field(default_factory=list)
+
+    def full(self, why: str) -> DeltaPlan:
+        return DeltaPlan(notes=[*self.notes, why])
 
 
 def _lookup(dom: Any, name: str) -> Any | None:
@@ -67,53 +82,60 @@ def _lookup(dom: Any, name: str) -> Any | None:
         raise
 
 
-def choose_base(
+def plan_delta(
     dom: Any,
     disks: list[DomainDisk],
+    tracked: Iterable[str],
     previous: Mapping[str, str | None],
     prefix: str = PREFIX,
-) -> tuple[str | None, str | None]:
-    """(checkpoint to run incrementally against, None) or (None, why the job is full).
-    Only a checkpoint of the `prefix` kind is a valid base."""
+) -> DeltaPlan:
+    """Per disk: incremental against the previous restore point's checkpoint when that disk is
+    `tracked` (keeps a bitmap), was in that point under that checkpoint, and the checkpoint
+    (still on the domain, of the `prefix` kind) has a bitmap for it; else a full read of that
+    disk, with the reason. A disk added since, or a raw one, no longer makes every disk full."""
     lv = libvirt()
+    plan = DeltaPlan()
     if not previous:
-        return None, "no previous restore point: full read"
+        return plan.full("no previous restore point: full read")
     current = {d.target for d in disks}
-    added = sorted(current - previous.keys())
     removed = sorted(previous.keys() - current)
-    if added:
-        return None, f"disk {', '.join(added)} added since the previous restore point: full read"
     if removed:
-        return (
-            None,
-            f"disk {', '.join(removed)} removed since the previous restore point: full read",
+        plan.notes.append(f"disk {', '.join(removed)} removed since the previous restore point")
+    tracked = set(tracked)
+    known = {t: previous[t] for t in sorted(tracked & previous.keys())}
+    tokens = set(known.values()) - {None}
+    if not tokens:
+        return plan.full(
+            "the previous restore point has no checkpoint (full or offline read): full read"
         )
-    tokens = {previous[t] for t in current}
-    if tokens == {None}:
-        return (
-            None,
-            "the previous restore point has no checkpoint (full or offline read): full read",
-        )
-    if len(tokens) != 1 or None in tokens:
-        return None, "the previous restore point's disks name different checkpoints: full read"
-    name = next(iter(tokens))
+    if len(tokens) != 1:
+        return plan.full("the previous restore point's disks name different checkpoints: full read")
+    name = tokens.pop()
     assert name is not None
     if not name.startswith(prefix):
-        return (
-            None,
-            f"previous change token {name!r} is not a vmkeep checkpoint ({prefix}*): full read",
+        return plan.full(
+            f"previous change token {name!r} is not a vmkeep checkpoint ({prefix}*): full read"
         )
     try:
         cp = _lookup(dom, name)
         if cp is None:
-            return None, f"checkpoint {name} no longer exists on the domain: full read"
+            return plan.full(f"checkpoint {name} no longer exists on the domain: full read")
         cp_disks = checkpoint_disks(cp.getXMLDesc(lv.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
     except lv.libvirtError as exc:
-        return None, f"checkpoint {name} cannot be read ({one_line(exc)}): full read"
-    uncovered = sorted(t for t in current if cp_disks.get(t) != "bitmap")
-    if uncovered:
-        return None, f"checkpoint {name} has no bitmap for {', '.join(uncovered)}: full read"
-    return name, None
+        return plan.full(f"checkpoint {name} cannot be read ({one_line(exc)}): full read")
+    incremental = set()
+    for t in sorted(tracked):
+        if t not in previous:
+            plan.notes.append(f"disk {t} added since the previous restore point: full read of it")
+        elif known[t] != name:
+            plan.notes.append(f"disk {t} has no checkpoint in the previous point: full read of it")
+        elif cp_disks.get(t) != "bitmap":
+            plan.notes.append(f"checkpoint {name} has no bitmap for {t}: full read of it")
+        else:
+            incremental.add(t)
+    if not incremental:
+        return DeltaPlan(notes=plan.notes)
+    return DeltaPlan(name, frozenset(incremental), plan.notes)
 
 
 def delete(dom: Any, name: str, disks: Iterable[DomainDisk] = ()) -> str | None:

@@ -4,7 +4,7 @@ the filled-in job description libvirt returns (export names, exported dirty bitm
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -14,9 +14,13 @@ from vmkeep.connectors.libvirt.nbd_reader import NbdServer
 CHECKPOINT_DESCRIPTION = "vmkeep backup"
 
 
-def checkpoint_xml(name: str, targets: Iterable[str]) -> str:
-    """A checkpoint with a persistent dirty bitmap on each of `targets`."""
-    disks = "".join(f"<disk name={quoteattr(t)} checkpoint='bitmap'/>" for t in targets)
+def checkpoint_xml(name: str, targets: Iterable[str], untracked: Collection[str] = ()) -> str:
+    """A checkpoint with a persistent dirty bitmap on each of `targets` except `untracked`
+    (disks that cannot keep one: checkpoint='no')."""
+    disks = "".join(
+        f"<disk name={quoteattr(t)} checkpoint='{'no' if t in untracked else 'bitmap'}'/>"
+        for t in targets
+    )
     return (
         f"<domaincheckpoint><name>{escape(name)}</name>"
         f"<description>{CHECKPOINT_DESCRIPTION}</description>"
@@ -39,14 +43,19 @@ def server_xml(server: NbdServer) -> str:
 
 
 def backup_xml(
-    server: NbdServer, scratch: Mapping[str, str], incremental: str | None = None
+    server: NbdServer,
+    scratch: Mapping[str, str],
+    incremental: str | None = None,
+    full: Collection[str] = (),
 ) -> str:
     """A pull-mode job exporting the disks `scratch` names (target -> scratch file path) on
-    `server`, incremental when asked. libvirt 9.0 cannot leave the scratch path to libvirt for
-    a listed disk ('filename' must not have null value), so the path is always given."""
+    `server`, incremental against the checkpoint `incremental` when asked, except the `full`
+    disks (per-disk backupmode, libvirt >= 7.6). libvirt 9.0 cannot leave the scratch path to
+    libvirt for a listed disk ('filename' must not have null value), so it is always given."""
     inc = f"<incremental>{escape(incremental)}</incremental>" if incremental else ""
+    mode = {t: " backupmode='full'" if incremental and t in full else "" for t in scratch}
     disks = "".join(
-        f"<disk name={quoteattr(t)} backup='yes' type='file'>"
+        f"<disk name={quoteattr(t)} backup='yes' type='file'{mode[t]}>"
         f"<scratch file={quoteattr(path)}/></disk>"
         for t, path in scratch.items()
     )

@@ -47,7 +47,7 @@ class LiveBackupSession(NotingSession):
         disks: list[DomainDisk],
         workdir: Path | None,
         checkpoint: str | None,
-        base: str | None,
+        plan: checkpoints.DeltaPlan,
         keep_checkpoints: int,
         notes: list[str],
         checkpoint_prefix: str = checkpoints.PREFIX,
@@ -66,7 +66,9 @@ class LiveBackupSession(NotingSession):
             d.target: str(scratch_path(workdir, d.target)) for d in disks if workdir
         }
         self.checkpoint = checkpoint  # created by this job (None: no checkpoint possible)
-        self.base = base  # the incremental job's base checkpoint (None: full)
+        self.base = plan.base  # the incremental job's base checkpoint (None: full)
+        self.incremental = plan.incremental  # the disks read against it; the others in full
+        self.untracked: frozenset[str] = frozenset()  # disks the checkpoint has no bitmap for
         self.keep_checkpoints = keep_checkpoints
         self.checkpoint_prefix = checkpoint_prefix  # the kind of checkpoint this job prunes
         self.notes = notes
@@ -217,26 +219,29 @@ def begin_live_backup(
     notes: list[str] = []
     prefix = checkpoint_prefix or checkpoints.PREFIX
     checkpoint: str | None = checkpoints.new_name(prefix)
-    base: str | None = None
-    reasons = checkpoints.why_no_checkpoint(disks, local)
+    untracked = checkpoints.untracked(disks, local)
+    notes.extend(untracked.values())
+    tracked = [d.target for d in disks if d.target not in untracked]
+    plan = checkpoints.DeltaPlan()
     if checkpoint_prefix is None:
         checkpoint = None
-    elif reasons:
-        notes.extend(reasons)
+    elif not tracked:
         notes.append("no checkpoint is made: this and the next backup read every disk in full")
         checkpoint = None
     else:
-        base, why = checkpoints.choose_base(dom, disks, previous, prefix)
-        if why:
-            notes.append(why)
+        if untracked:
+            notes.append(f"every run reads {', '.join(sorted(untracked))} in full")
+        plan = checkpoints.plan_delta(dom, disks, tracked, previous, prefix)
+        notes.extend(plan.notes)
     workdir = scratch = None
     if tcp is None:
         workdir = make_workdir(owner={"domain_uuid": dom.UUIDString(), "checkpoint": checkpoint})
     else:
         scratch = remote_scratch(conn, name, disks, checkpoint or checkpoints.new_name(SCRATCH))
     session = LiveBackupSession(
-        conn, dom, disks, workdir, checkpoint, base, keep_checkpoints, notes, prefix, tcp, scratch
+        conn, dom, disks, workdir, checkpoint, plan, keep_checkpoints, notes, prefix, tcp, scratch
     )
+    session.untracked = frozenset(untracked)
     try:
         _start_job(session, dom, xml)
         job = parse_job(dom.backupGetXMLDesc(0))
@@ -244,13 +249,14 @@ def begin_live_backup(
             jd = job.get(d.target)
             if jd is None:
                 raise ConnectorError(f"the backup job of {name} does not export disk {d.target}")
+            delta = session.base if d.target in session.incremental else None
             session.readers[d.target] = NbdDiskReader(
                 session.server,
                 jd.export,
                 name=d.target,
-                change_token=session.checkpoint,
-                dirty_bitmap=jd.bitmap if session.base else None,
-                dirty_since=session.base,
+                change_token=None if d.target in untracked else session.checkpoint,
+                dirty_bitmap=jd.bitmap if delta else None,
+                dirty_since=delta,
                 max_connections=max_connections,
             )
     except BaseException as exc:
@@ -274,8 +280,13 @@ def _start_job(session: LiveBackupSession, dom: Any, xml: str) -> None:
     ports_left = PORT_TRIES
     try:
         while True:
-            bxml = backup_xml(session.server, session.scratch, session.base)
-            cxml = checkpoint_xml(session.checkpoint, targets) if session.checkpoint else None
+            full = set(targets) - session.incremental
+            bxml = backup_xml(session.server, session.scratch, session.base, full)
+            cxml = (
+                checkpoint_xml(session.checkpoint, targets, session.untracked)
+                if session.checkpoint
+                else None
+            )
             try:
                 dom.backupBegin(bxml, cxml, 0)
                 return
@@ -292,7 +303,7 @@ def _start_job(session: LiveBackupSession, dom: Any, xml: str) -> None:
                         stale = checkpoints.delete(dom, session.base, session.disks)
                         if stale:
                             session.notes.append(stale)
-                    session.base = None
+                    session.base, session.incremental = None, frozenset()
                     continue
                 if session.checkpoint and "Cannot store dirty bitmaps" in one_line(exc):
                     session.notes.append(
@@ -300,6 +311,7 @@ def _start_job(session: LiveBackupSession, dom: Any, xml: str) -> None:
                         "backup reads in full too"
                     )
                     session.checkpoint = session.base = None
+                    session.incremental = frozenset()
                     continue
                 ports_left -= 1
                 if ports_left and _port_taken(session.server, exc):

@@ -90,6 +90,8 @@ class OfflineBackupSession(NotingSession):
         self.disks = disks
         self.checkpoint = checkpoint  # made offline by this run (None: none possible)
         self.base: str | None = None  # set when the run is a delta
+        self.incremental: frozenset[str] = frozenset()  # the disks read against `base`
+        self.untracked: frozenset[str] = frozenset()  # disks the checkpoint has no bitmap for
         self.notes = notes
         self.keep_checkpoints = keep_checkpoints
         self.checkpoint_prefix = checkpoint_prefix
@@ -157,8 +159,10 @@ def begin_offline_backup(
     whenever the images can hold one. On failure nothing is left behind (and `after` ran)."""
     name = dom.name()
     notes = [f"domain {name} is shut off: its images are read without starting it"]
-    reasons = _why_no_checkpoint(disks)
-    checkpoint = None if reasons else checkpoints.new_name(checkpoint_prefix)
+    untracked = _untracked(disks)
+    notes.extend(untracked.values())
+    tracked = [d.target for d in disks if d.target not in untracked]
+    checkpoint = checkpoints.new_name(checkpoint_prefix) if tracked else None
     session = OfflineBackupSession(
         dom,
         disks,
@@ -168,14 +172,16 @@ def begin_offline_backup(
         checkpoint_prefix=checkpoint_prefix,
         after=after,
     )
+    session.untracked = frozenset(untracked)
     try:
-        if reasons:
-            notes.extend(reasons)
+        if not tracked:
             notes.append("no checkpoint is made: the next backup reads every disk in full too")
         else:
-            session.base = _choose_base(dom, disks, previous, checkpoint_prefix, notes)
+            if untracked:
+                notes.append(f"every run reads {', '.join(sorted(untracked))} in full")
+            _plan_delta(session, tracked, previous)
             assert checkpoint is not None
-            offline_checkpoint.create(dom, checkpoint, disks)  # the VM is off: same instant
+            offline_checkpoint.create(dom, checkpoint, disks, session.untracked)  # VM off
             session.checkpoint_made = True
         _open_readers(session, max_connections)
     except BaseException:
@@ -186,53 +192,59 @@ def begin_offline_backup(
     return session
 
 
-def _why_no_checkpoint(disks: list[DomainDisk]) -> list[str]:
-    local = [f"disk {d.target} is not a local image file" for d in disks if d.source_type != "file"]
-    return local or checkpoints.why_no_checkpoint(disks, local=True)
+def _untracked(disks: list[DomainDisk]) -> dict[str, str]:
+    """target -> why that disk gets no bitmap offline (qemu-img works on local files only)."""
+    local = [d for d in disks if d.source_type == "file"]
+    reasons = {
+        d.target: f"disk {d.target} is not a local image file"
+        for d in disks
+        if d.source_type != "file"
+    }
+    return reasons | checkpoints.untracked(local, local=True)
 
 
-def _choose_base(
-    dom: Any,
-    disks: list[DomainDisk],
-    previous: Mapping[str, str | None],
-    prefix: str,
-    notes: list[str],
-) -> str | None:
-    """The previous restore point's checkpoint when libvirt knows it and every image still
-    holds its bitmap, recording and cleanly stored; else None with the reason noted (and a
-    checkpoint whose bitmaps are broken deleted, so nobody trusts it later)."""
-    base, why = checkpoints.choose_base(dom, disks, previous, prefix)
-    if why:
-        notes.append(why)
-    if base is None:
-        return None
-    problem = offline_checkpoint.bitmap_problem(disks, base)
+def _plan_delta(
+    session: OfflineBackupSession, tracked: list[str], previous: Mapping[str, str | None]
+) -> None:
+    """The previous restore point's checkpoint, for the disks whose images still hold its bitmap
+    recording and cleanly stored; else full reads with the reason noted (and a checkpoint whose
+    bitmaps are broken deleted, so nobody trusts it later)."""
+    dom, prefix = session.dom, session.checkpoint_prefix
+    plan = checkpoints.plan_delta(dom, session.disks, tracked, previous, prefix)
+    session.notes.extend(plan.notes)
+    if plan.base is None:
+        return
+    problem = offline_checkpoint.bitmap_problem(
+        [d for d in session.disks if d.target in plan.incremental], plan.base
+    )
     if problem is None:
-        notes.append(f"delta against checkpoint {base}: only its dirty extents are read")
-        return base
-    notes.append(f"{problem}: full read")
-    stale = offline_checkpoint.delete(dom, base, disks)
+        session.notes.append(f"delta against checkpoint {plan.base}: only dirty extents are read")
+        session.base, session.incremental = plan.base, plan.incremental
+        return
+    session.notes.append(f"{problem}: full read")
+    stale = offline_checkpoint.delete(dom, plan.base, session.disks)
     if stale:
-        notes.append(stale)
-    return None
+        session.notes.append(stale)
 
 
 def _open_readers(session: OfflineBackupSession, max_connections: int) -> None:
-    if session.base is None:
-        for d in session.disks:
-            session.readers[d.target] = ImageDiskReader(d, session.checkpoint)
-        return
-    session.workdir = make_workdir(
-        owner={"domain_uuid": session.dom.UUIDString(), "checkpoint": session.checkpoint}
-    )
+    """Through `qemu-nbd --bitmap` for the disks read incrementally, else the whole image."""
     for d in session.disks:
+        token = None if d.target in session.untracked else session.checkpoint
+        if d.target not in session.incremental:
+            session.readers[d.target] = ImageDiskReader(d, token)
+            continue
+        if session.workdir is None:
+            session.workdir = make_workdir(
+                owner={"domain_uuid": session.dom.UUIDString(), "checkpoint": session.checkpoint}
+            )
         export = QemuNbdExport(d.source, session.workdir / f"{d.target}.sock", bitmap=session.base)
         session.exports.append(export)
         session.readers[d.target] = NbdDiskReader(
             str(export.socket),
             "",
             name=d.target,
-            change_token=session.checkpoint,
+            change_token=token,
             dirty_bitmap=session.base,
             dirty_since=session.base,
             max_connections=max_connections,

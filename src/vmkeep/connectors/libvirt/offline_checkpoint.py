@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
@@ -59,10 +59,16 @@ def bitmap_problem(disks: Iterable[DomainDisk], name: str) -> str | None:
     return None
 
 
-def redefine_xml(name: str, parent: str | None, targets: Iterable[str]) -> str:
-    """The metadata libvirt keeps for a checkpoint whose bitmaps already exist."""
+def redefine_xml(
+    name: str, parent: str | None, targets: Iterable[str], untracked: Collection[str] = ()
+) -> str:
+    """The metadata libvirt keeps for a checkpoint whose bitmaps already exist (none on the
+    `untracked` disks)."""
     disks = "".join(
-        f"<disk name={quoteattr(t)} checkpoint='bitmap' bitmap={quoteattr(name)}/>" for t in targets
+        f"<disk name={quoteattr(t)} checkpoint='no'/>"
+        if t in untracked
+        else f"<disk name={quoteattr(t)} checkpoint='bitmap' bitmap={quoteattr(name)}/>"
+        for t in targets
     )
     par = f"<parent><name>{escape(parent)}</name></parent>" if parent else ""
     return (
@@ -86,14 +92,16 @@ def newest_checkpoint(dom: Any) -> str | None:
     return max(found)[1] if found else None
 
 
-def create(dom: Any, name: str, disks: list[DomainDisk]) -> None:
-    """Add the bitmap `name` (recording) to every disk image, then libvirt's metadata for it;
-    on failure, nothing is left (bitmaps added so far are removed)."""
+def create(dom: Any, name: str, disks: list[DomainDisk], untracked: Collection[str] = ()) -> None:
+    """Add the bitmap `name` (recording) to every disk image but the `untracked`, then
+    libvirt's metadata for it; on failure, nothing is left (bitmaps added so far are removed)."""
     lv = libvirt()
     added: list[DomainDisk] = []
     try:
         parent = newest_checkpoint(dom)
         for d in disks:
+            if d.target in untracked:
+                continue
             res = _qemu_img("bitmap", "--add", d.source, name)
             if res.returncode != 0:
                 raise ConnectorError(
@@ -101,7 +109,7 @@ def create(dom: Any, name: str, disks: list[DomainDisk]) -> None:
                 )
             added.append(d)
         dom.checkpointCreateXML(
-            redefine_xml(name, parent, [d.target for d in disks]),
+            redefine_xml(name, parent, [d.target for d in disks], untracked),
             lv.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE,
         )
     except BaseException as exc:

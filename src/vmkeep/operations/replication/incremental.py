@@ -95,9 +95,9 @@ def update_replica(
     write_record(replica.dom, replace(replica.record, writing=True))  # XML only: stamps hold
     try:
         for target, reader in session.readers.items():
-            extents = (
-                reader.dirty_extents() if incremental else covering(reader.size, reader.extents())
-            )
+            # A disk that keeps no bitmap (raw) is read whole even in an incremental run.
+            delta = incremental and reader.dirty_since is not None
+            extents = reader.dirty_extents() if delta else covering(reader.size, reader.extents())
             with volumes.open(paths[target], target) as image:
                 stats.add(
                     copy_disk(
