@@ -125,3 +125,21 @@ def test_remote_add_list_test(cli: Cli, tmp_path: Path) -> None:
     files = [p.name for p in (tmp_path / "r1").rglob("*") if p.is_file()]
     assert files == ["config"]  # the probe cleaned up after itself
     cli("remote", "add", "r1", str(tmp_path / "x"), ok=False)
+
+
+def test_an_empty_point_id_selects_nothing(
+    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path
+) -> None:
+    """`vmkeep forget "$POINT"` with POINT unset: an empty id is a prefix of every id, and with
+    one restore point it used to delete (or restore, export, verify) exactly that point."""
+    point = cli("backup", str(make_vm()), "--remote", str(repo_dir), "--json").json()
+    for args in (
+        ("forget", ""),
+        ("restore", " ", "--to", str(tmp_path / "out")),
+        ("verify", ""),
+    ):
+        run = cli(*args, "--remote", str(repo_dir), ok=False)
+        assert "restore point id is empty" in run.err, run.err
+    listing = cli("list", "--remote", str(repo_dir), "--json").json()["restore_points"]
+    assert [p["id"] for p in listing] == [point["restore_point"]]
+    assert not (tmp_path / "out").exists()

@@ -45,6 +45,16 @@ def _os_error(exc: OSError, action: str, path: Path) -> RemoteError:
     return RemoteError(f"{exc.strerror or exc} {action} {path}")
 
 
+def _drop_cached(fd: int) -> None:
+    """Drop an object's pages from the page cache once they are on disk. A backup writes data
+    it will not read again soon, and on a hypervisor the cache belongs to the running guests;
+    freed pages are also reused by the next write, where fresh ones cost more (measured in a
+    VM: 4 MiB write + fsync took 13 ms of CPU with fresh pages, 1.4 ms with dropped ones).
+    Advisory: errors are ignored."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 class LocalRemote:
     """Objects are files; writes go to a temp file in the same directory, fsync, then rename."""
 
@@ -71,6 +81,7 @@ class LocalRemote:
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
+                _drop_cached(fd)
             finally:
                 os.close(fd)
             if overwrite:

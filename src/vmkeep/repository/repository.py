@@ -228,7 +228,10 @@ class Repository:
         self.remote.delete(manifest_object_name(point_id))
 
     def resolve_point(self, ref: str) -> str:
-        """A restore point by its full id or a unique prefix."""
+        """A restore point by its full id or a unique prefix. An empty one is refused: it is
+        a prefix of every id (a script's unset variable would pick the only point)."""
+        if not ref.strip():
+            raise UsageError("no restore point given: the restore point id is empty")
         ids = self.point_ids()
         if ref in ids:
             return ref

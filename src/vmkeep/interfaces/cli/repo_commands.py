@@ -155,7 +155,7 @@ def verify_cmd(
 ) -> None:
     """Re-read every chunk and check its authentication and hash. Exit 3 on corruption."""
     repo = state.open_repository(remote)
-    ids = [repo.resolve_point(point)] if point else None
+    ids = [repo.resolve_point(point)] if point is not None else None
     report = verify(repo, ids, RichProgress(not json_out, unit_bytes=False))
     if json_out:
         print_json(report.to_json())
