@@ -141,5 +141,5 @@ def test_an_empty_point_id_selects_nothing(
         run = cli(*args, "--remote", str(repo_dir), ok=False)
         assert "restore point id is empty" in run.err, run.err
     listing = cli("list", "--remote", str(repo_dir), "--json").json()["restore_points"]
-    assert [p["id"] for p in listing] == [point["restore_point"]]
+    assert [p["restore_point"] for p in listing] == [point["restore_point"]]
     assert not (tmp_path / "out").exists()
