@@ -154,10 +154,18 @@ def test_cli_backup_over_ssh_uri(
     for point, model in ((full["restore_point"], full_models), (delta["restore_point"], models(d))):
         out = cli("restore", point, "--remote", str(repo), "--to", str(tmp_path / point), "--json")
         assert disk_hashes(Path(out.json()["location"])) == model
-    # A shut-off domain over a remote URI: its images are not here. One line, exit non-zero.
+    # Shut off: its images are read on the host through a read-only qemu-nbd over ssh, in
+    # full, without a checkpoint (test_remote_source.py); --offline is still refused.
     d.stop()
-    off = cli("backup", d.name, *args, ok=False)
-    assert "shut-off" in off.err and "hypervisor host" in off.err
+    d.dom.create()
+    off = cli("backup", d.name, *args, "--offline", ok=False)
+    assert "--offline is not supported over a remote URI" in off.err, off.err
+    d.stop()
+    cold = cli("backup", d.name, "--mode", "delta", *args).json()
+    assert any("qemu-nbd over ssh" in n for n in cold["notes"]), cold["notes"]
+    out = cli("restore", cold["restore_point"], "--remote", str(repo), "--to",
+              str(tmp_path / "cold"), "--json")  # fmt: skip
+    assert disk_hashes(Path(out.json()["location"])) == models(d)
     assert vmkeep_checkpoints(d) == [token]
 
 

@@ -1,12 +1,13 @@
 """LibvirtConnector: VMs are libvirt domains at a URI (qemu:///system by default). Running
 domains are backed up live through pull-mode backup jobs over NBD with checkpoints for deltas
 (on a remote URI over TCP, LIBVIRT-NOTES §16); shut-off domains by reading their images
-directly (local URIs only)."""
+(locally directly; over a qemu+ssh:// URI through a read-only qemu-nbd started on that host)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -24,6 +25,7 @@ from vmkeep.connectors.libvirt.offline import (
     begin_offline_backup,
 )
 from vmkeep.connectors.libvirt.power import OfflinePolicy, shut_down, start_again
+from vmkeep.connectors.libvirt.remote_offline import RemoteImageSession, begin_remote_offline
 from vmkeep.connectors.libvirt.restore import KEEP_MACS_KEY, NewDomainSink
 from vmkeep.connectors.libvirt.stale_runs import clean_stale_runs
 from vmkeep.errors import ConnectorError, NotFoundError
@@ -34,6 +36,38 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NBD_PORT = 10809  # IANA's NBD port: the first a remote job's export tries
+
+
+def is_local_uri(uri: str) -> bool:
+    """True for a URI of this host, where a job's unix socket and the images can be reached."""
+    parts = urlsplit(uri)
+    return not parts.hostname and "+" not in parts.scheme.replace("+unix", "")
+
+
+@dataclass(frozen=True)
+class TcpExport:
+    """Where a remote live job's NBD export listens on the hypervisor (and vmkeep connects):
+    --nbd-host/--nbd-port/--nbd-tls/--nbd-tls-certs, shared by backup and replication. A host
+    must be given (opt-in to plain, unencrypted NBD over TCP) unless TLS is asked for, which
+    defaults to the URI's host."""
+
+    host: str | None = None
+    port: int = NBD_PORT
+    tls: bool = False
+    tls_certificates: str = ""  # libnbd's client certificate directory ("": default)
+
+    def server(self, uri: str) -> NbdServer:
+        """The export for a running domain over `uri`; refused (one line) without the opt-in."""
+        host = self.host or (urlsplit(uri).hostname if self.tls else None)
+        if not host:
+            raise ConnectorError(
+                f"live backup over {uri} reads the disks from an NBD export on TCP: give "
+                "--nbd-host ADDRESS (the hypervisor's address on a trusted management network; "
+                "plain NBD is unencrypted) or --nbd-tls (needs libvirt's backup TLS set up)"
+            )
+        return NbdServer(
+            host=host, port=self.port, tls=self.tls, tls_certificates=self.tls_certificates
+        )
 
 
 class LibvirtConnector:
@@ -60,8 +94,7 @@ class LibvirtConnector:
     @property
     def local(self) -> bool:
         """True for a URI of this host, where the job's unix socket can be reached."""
-        parts = urlsplit(self.uri)
-        return not parts.hostname and "+" not in parts.scheme.replace("+unix", "")
+        return is_local_uri(self.uri)
 
     def list_vms(self) -> list[VmConfig]:
         """Every defined or running domain; one that vanishes or cannot be read is skipped."""
@@ -85,13 +118,14 @@ class LibvirtConnector:
 
     def begin_backup(
         self, vm: VmConfig, previous: Mapping[str, str | None]
-    ) -> LiveBackupSession | OfflineBackupSession:
+    ) -> LiveBackupSession | OfflineBackupSession | RemoteImageSession:
         """Live job for a running (or paused) domain, direct image reads for a shut-off one;
         with `offline` set, a running domain is shut down, read offline and started again.
         Leftovers of killed vmkeep runs (any domain) are cleaned up first (local URIs: their
         run directories are on this host), except the checkpoint `previous` names: a run
         killed after writing its restore point made it, and the delta builds on it. What the
-        cleanup did is in the session's notes. A remote URI reads a running domain over TCP."""
+        cleanup did is in the session's notes. A remote URI reads a running domain over TCP,
+        a shut-off one through qemu-nbd over ssh (full reads, remote_offline.py)."""
         keep = {c for c in previous.values() if c}
         cleaned = clean_stale_runs(self._conn, keep=keep) if self.local else []
         session = self._begin(vm, previous)
@@ -100,18 +134,19 @@ class LibvirtConnector:
 
     def _begin(
         self, vm: VmConfig, previous: Mapping[str, str | None]
-    ) -> LiveBackupSession | OfflineBackupSession:
+    ) -> LiveBackupSession | OfflineBackupSession | RemoteImageSession:
         dom = self._domain(vm)
         after = None
         stopped: list[str] = []
         active = is_active(dom)
-        if not self.local and (not active or self.offline is not None):
+        if not self.local and active and self.offline is not None:
             raise ConnectorError(
-                f"domain {vm.name} over {self.uri}: "
-                + ("--offline" if active else "a shut-off domain")
-                + " is read from its image files, which are on the remote host; run vmkeep on "
-                "the hypervisor host (a running domain is backed up live over the URI)"
+                f"domain {vm.name} over {self.uri}: --offline is not supported over a remote "
+                "URI; run vmkeep on the hypervisor host (a running domain is backed up live "
+                "over the URI, a shut-off one through qemu-nbd over ssh)"
             )
+        if not self.local and not active:
+            return begin_remote_offline(self._conn, dom, self.uri)
         if active:
             if self.offline is None:
                 return begin_live_backup(
@@ -146,19 +181,12 @@ class LibvirtConnector:
 
     def tcp_export(self) -> NbdServer:
         """Where a remote live job listens; refused unless TCP was opted in (nbd_host/nbd_tls)."""
-        host = self.nbd_host or (urlsplit(self.uri).hostname if self.nbd_tls else None)
-        if not host:
-            raise ConnectorError(
-                f"live backup over {self.uri} reads the disks from an NBD export on TCP: give "
-                "--nbd-host ADDRESS (the hypervisor's address on a trusted management network; "
-                "plain NBD is unencrypted) or --nbd-tls (needs libvirt's backup TLS set up)"
-            )
-        return NbdServer(
-            host=host,
-            port=self.nbd_port,
-            tls=self.nbd_tls,
-            tls_certificates=self.nbd_tls_certificates,
-        )
+        return self.nbd_export.server(self.uri)
+
+    @property
+    def nbd_export(self) -> TcpExport:
+        """The --nbd-* settings as one value (replication takes the same)."""
+        return TcpExport(self.nbd_host, self.nbd_port, self.nbd_tls, self.nbd_tls_certificates)
 
     # Restore settings, set by the CLI (restore --keep-macs / --force).
     keep_macs = False  # new domains keep the recorded MAC addresses instead of new ones
@@ -223,6 +251,7 @@ if TYPE_CHECKING:  # mypy proves the classes satisfy the protocols of connectors
         connector: LibvirtConnector,
         live: LiveBackupSession,
         offline: OfflineBackupSession,
+        remote: RemoteImageSession,
         readers: tuple[ImageDiskReader],
-    ) -> tuple[BackupSource, Connector, BackupSession, BackupSession, DiskReader]:
-        return connector, connector, live, offline, readers[0]
+    ) -> tuple[BackupSource, Connector, BackupSession, BackupSession, BackupSession, DiskReader]:
+        return connector, connector, live, offline, remote, readers[0]

@@ -1,10 +1,12 @@
-"""The files of a libvirt host reached through a qemu+ssh:// URI: a disk image opened read-write
-by a qemu-nbd started on that host, and file identities (stat) taken there.
+"""The files of a libvirt host reached through a qemu+ssh:// URI: a disk image opened by a
+qemu-nbd started on that host (read-write, or read-only), and file identities (stat) taken there.
 
 Why: incremental replication writes only the dirty blocks into the replica's qcow2 volumes in
 place; libvirt's storage API can only upload whole volume files, so over a remote URI the writes
 go through QEMU's own NBD server on the target host (the same options as image_nbd.py: QEMU
-writes every qcow2 feature and honours the image lock, so a running replica is refused).
+writes every qcow2 feature and honours the image lock, so a running replica is refused). A
+shut-off domain over such a URI is read the same way, read-only (remote_offline.py): QEMU
+serves backing chains, and its shared lock keeps the domain from starting during the read.
 
 One ssh process per image, with the options libvirt takes from the URI (`command`, `keyfile`,
 `no_verify`; user and port), forwards a local Unix socket to the remote qemu-nbd's socket:
@@ -64,6 +66,12 @@ wait
 _STAT = r"""for p; do stat -L -c '%s %i %.9Y %.9Z' -- "$p" 2>/dev/null || echo missing; done"""
 
 
+def is_ssh_uri(uri: str) -> bool:
+    """A libvirt URI over OpenSSH (driver+ssh://host/...), whose host vmkeep can reach."""
+    parts = urlsplit(uri)
+    return parts.scheme.endswith("+ssh") and bool(parts.hostname)
+
+
 @dataclass(frozen=True)
 class SshTarget:
     """How to run a command on the host of a qemu+ssh:// URI, as libvirt's ssh transport does."""
@@ -79,7 +87,7 @@ class SshTarget:
     def from_uri(uri: str) -> SshTarget:
         """The ssh side of a `driver+ssh://[user@]host[:port]/path?params` URI."""
         parts = urlsplit(uri)
-        if not parts.scheme.endswith("+ssh") or not parts.hostname:
+        if not is_ssh_uri(uri) or not parts.hostname:
             raise ConnectorError(f"{uri} is not a libvirt qemu+ssh:// URI with a host")
         params = dict(parse_qsl(parts.query))
         return SshTarget(

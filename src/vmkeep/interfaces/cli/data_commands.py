@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -14,6 +15,35 @@ from vmkeep.remotes.object_lock import apply_lock_policy
 from .context import connector_for, state
 from .output import RichProgress, console, human_bytes, print_json
 from .repo_commands import JsonOpt, RemoteOpt
+
+if TYPE_CHECKING:
+    from vmkeep.connectors.libvirt.connector import TcpExport
+
+NBD_PORT = 10809  # connector.NBD_PORT (not imported here: the CLI loads libvirt lazily)
+# Where a running domain's backup job exports its disks over a remote libvirt URI; `backup`
+# and `replicate` take the same options (nbd_export() turns them into one value).
+NbdHostOpt = typer.Option(
+    None,
+    "--nbd-host",
+    help="libvirt, remote --uri: the hypervisor's address the job's NBD export listens on "
+    "and vmkeep reads from; plain NBD over TCP is unencrypted: trusted networks only.",
+)
+NbdPortOpt = typer.Option(
+    NBD_PORT, "--nbd-port", min=1, max=65535, help="Remote --uri: first NBD port tried."
+)
+NbdTlsOpt = typer.Option(
+    False, "--nbd-tls", help="Remote --uri: NBD over TLS (libvirt's backup TLS set up)."
+)
+NbdTlsCertsOpt = typer.Option(
+    "", "--nbd-tls-certs", help="--nbd-tls: dir with ca-cert.pem, client-cert/key.pem."
+)
+
+
+def nbd_export(host: str | None, port: int, tls: bool, certs: str) -> TcpExport:
+    """The --nbd-* options as the connector takes them (a certificate dir implies TLS)."""
+    from vmkeep.connectors.libvirt.connector import TcpExport
+
+    return TcpExport(host, port, tls or bool(certs), certs)
 
 
 def backup(
@@ -44,21 +74,10 @@ def backup(
     force_off: bool = typer.Option(
         False, "--force-off", help="--offline: power off a guest that ignores the shutdown."
     ),
-    nbd_host: str | None = typer.Option(
-        None,
-        "--nbd-host",
-        help="libvirt, remote --uri: the hypervisor's address the job's NBD export listens on "
-        "and vmkeep reads from; plain NBD over TCP is unencrypted: trusted networks only.",
-    ),
-    nbd_port: int = typer.Option(
-        10809, "--nbd-port", min=1, max=65535, help="Remote --uri: first NBD port tried."
-    ),
-    nbd_tls: bool = typer.Option(
-        False, "--nbd-tls", help="Remote --uri: NBD over TLS (libvirt's backup TLS set up)."
-    ),
-    nbd_tls_certs: str = typer.Option(
-        "", "--nbd-tls-certs", help="--nbd-tls: dir with ca-cert.pem, client-cert/key.pem."
-    ),
+    nbd_host: str | None = NbdHostOpt,
+    nbd_port: int = NbdPortOpt,
+    nbd_tls: bool = NbdTlsOpt,
+    nbd_tls_certs: str = NbdTlsCertsOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Back up a VM into a repository."""
@@ -70,8 +89,8 @@ def backup(
         keep_checkpoints_on(source, keep_checkpoints)
     if offline:
         offline_on(source, shutdown_timeout, force_off)
-    if nbd_host is not None or nbd_tls or nbd_port != 10809 or nbd_tls_certs:
-        nbd_export_on(source, nbd_host, nbd_port, nbd_tls or bool(nbd_tls_certs), nbd_tls_certs)
+    if nbd_host is not None or nbd_tls or nbd_port != NBD_PORT or nbd_tls_certs:
+        nbd_export_on(source, nbd_export(nbd_host, nbd_port, nbd_tls, nbd_tls_certs))
     report = backup_vm(repo, source, vm, options, RichProgress(not json_out), connector)
     if json_out:
         print_json(report.to_json())
@@ -105,14 +124,14 @@ def offline_on(source: object, shutdown_timeout: float, force_off: bool) -> None
     source.offline = OfflinePolicy(shutdown_timeout, force_off)
 
 
-def nbd_export_on(source: object, host: str | None, port: int, tls: bool, certs: str) -> None:
+def nbd_export_on(source: object, export: TcpExport) -> None:
     """--nbd-*: where a remote libvirt URI's live backup job exports its disks."""
     from vmkeep.connectors.libvirt import LibvirtConnector
 
     if not isinstance(source, LibvirtConnector):
         raise UsageError("--nbd-host/--nbd-port/--nbd-tls need --connector libvirt")
-    source.nbd_host, source.nbd_port = host, port
-    source.nbd_tls, source.nbd_tls_certificates = tls, certs
+    source.nbd_host, source.nbd_port = export.host, export.port
+    source.nbd_tls, source.nbd_tls_certificates = export.tls, export.tls_certificates
 
 
 def restore(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from .data_commands import NbdHostOpt, NbdPortOpt, NbdTlsCertsOpt, NbdTlsOpt, nbd_export
 from .output import RichProgress, console, human_bytes, print_json, stdout, table
 from .repo_commands import JsonOpt
 
@@ -23,10 +24,15 @@ def replicate_command(
     target_uri: str | None = typer.Option(
         None, "--target-uri", help="libvirt URI of the replica (default: the source's)."
     ),
+    nbd_host: str | None = NbdHostOpt,
+    nbd_port: int = NbdPortOpt,
+    nbd_tls: bool = NbdTlsOpt,
+    nbd_tls_certs: str = NbdTlsCertsOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Replicate a libvirt domain to a powered-off replica domain; the replica is never
-    started by vmkeep."""
+    started by vmkeep. A source on another host (remote --uri) is read through its backup
+    job's NBD export on TCP (--nbd-host) when it runs, over ssh when it is shut off."""
     from vmkeep.operations.replication import ReplicateOptions, replicate  # needs libvirt
 
     options = ReplicateOptions(
@@ -36,6 +42,7 @@ def replicate_command(
         keep=keep,
         uri=uri or "qemu:///system",
         target_uri=target_uri or "",
+        nbd=nbd_export(nbd_host, nbd_port, nbd_tls, nbd_tls_certs),
     )
     report = replicate(options, RichProgress(not json_out))
     if json_out:

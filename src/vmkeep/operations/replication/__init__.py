@@ -1,21 +1,23 @@
 """Replication: copying a libvirt domain straight to another storage pool (and URI), not
 through a repository. Full: a new dated replica per run, the newest N kept. Incremental: one
-replica updated in place with the dirty blocks, with N rollback snapshots (N < 10)."""
+replica updated in place with the dirty blocks, with N rollback snapshots (N < 10). The source
+may be on another host (a remote --uri: read as remote backups read, source.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
 
 from vmkeep.connectors.libvirt.bindings import is_libvirt_error, one_line
 from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.connector import LibvirtConnector
+from vmkeep.connectors.libvirt.connector import TcpExport, is_local_uri
 from vmkeep.connectors.libvirt.replica_snapshots import MAX_KEEP
+from vmkeep.connectors.libvirt.ssh_nbd import is_ssh_uri
 from vmkeep.connectors.libvirt.stale_runs import clean_stale_runs
 from vmkeep.errors import ConnectorError, UsageError
 from vmkeep.operations.replication.full import replicate_full
 from vmkeep.operations.replication.incremental import replicate_incremental
 from vmkeep.operations.replication.report import ReplicationReport
+from vmkeep.operations.replication.source import SourceAccess
 from vmkeep.operations.replication.volumes import ReplicaVolumes
 from vmkeep.progress import Progress
 
@@ -30,6 +32,8 @@ class ReplicateOptions:
     keep: int = 3  # replicas (full) or replica snapshots (incremental)
     uri: str = "qemu:///system"
     target_uri: str = ""  # "" = the source's URI
+    # A running source over a remote URI: where its job's NBD export listens (--nbd-*)
+    nbd: TcpExport = field(default_factory=TcpExport)
 
 
 def check_options(options: ReplicateOptions) -> None:
@@ -42,28 +46,13 @@ def check_options(options: ReplicateOptions) -> None:
             f"--keep {options.keep}: incremental replication keeps at most {MAX_KEEP} replica "
             "snapshots (the chain of rollback points stays short)"
         )
-    if not is_local(options.uri):
-        raise ConnectorError(
-            f"replicating from {options.uri} is not supported yet (the backup job's NBD socket "
-            "is on that host): run vmkeep on the source's hypervisor host"
-        )
     target = options.target_uri or options.uri
-    if options.mode == "incremental" and not is_local(target) and not is_ssh(target):
+    if options.mode == "incremental" and not is_local_uri(target) and not is_ssh_uri(target):
         raise ConnectorError(
             f"incremental replication to {target} is not supported (the replica's volumes are "
             "written through a qemu-nbd started over ssh): use a qemu+ssh:// target URI, "
             "--mode full, or run vmkeep on the replica's host"
         )
-
-
-def is_local(uri: str) -> bool:
-    return LibvirtConnector(uri).local
-
-
-def is_ssh(uri: str) -> bool:
-    """A libvirt URI over OpenSSH (driver+ssh://host/...), whose host vmkeep can reach."""
-    parts = urlsplit(uri)
-    return parts.scheme.endswith("+ssh") and bool(parts.hostname)
 
 
 def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationReport:
@@ -73,17 +62,23 @@ def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationRepor
     # Its own connection even to the same URI: after a libvirtd restart each side reconnects
     # and looks its domain up again (a shared one would leave the job's domain object stale).
     dst = Connection(options.target_uri or options.uri)
+    target = options.target_uri or options.uri
+    access = SourceAccess(options.uri, options.nbd)
     try:
         dom = src.lookup(options.domain)
-        cleaned = clean_stale_runs(src)  # a killed run's job would block this one
+        # A killed run's job would block this one. Run directories are this host's: cleaned
+        # through whichever side is local (a remote source's killed job is not: as backups).
+        local = src if access.local else dst if is_local_uri(target) else None
+        cleaned = clean_stale_runs(local) if local is not None else []
         if options.mode == "full":
-            upload = not is_local(options.target_uri or options.uri)
-            report = replicate_full(src, dst, dom, options.pool, options.keep, progress, upload)
+            upload = not is_local_uri(target)
+            report = replicate_full(
+                src, dst, dom, options.pool, options.keep, progress, upload, access
+            )
         else:
-            target = options.target_uri or options.uri
-            volumes = ReplicaVolumes.for_uri(target, is_local(target))
+            volumes = ReplicaVolumes.for_uri(target, is_local_uri(target))
             report = replicate_incremental(
-                src, dst, dom, options.pool, options.keep, progress, volumes
+                src, dst, dom, options.pool, options.keep, progress, volumes, access
             )
         report.notes[:0] = cleaned
     except Exception as exc:

@@ -17,7 +17,7 @@ from vmkeep.connectors.libvirt.replica_record import FULL, ReplicaRecord, write_
 from vmkeep.errors import ConnectorError
 from vmkeep.operations.replication.fresh import create_replica
 from vmkeep.operations.replication.report import ReplicationReport
-from vmkeep.operations.replication.source import open_source
+from vmkeep.operations.replication.source import SourceAccess, open_source
 from vmkeep.progress import Progress
 
 
@@ -34,8 +34,10 @@ def replicate_full(
     keep: int,
     progress: Progress,
     upload: bool = False,
+    access: SourceAccess | None = None,
 ) -> ReplicationReport:
-    """`upload`: `dst` is another host; the volumes go through libvirt upload streams."""
+    """`upload`: `dst` is another host; the volumes go through libvirt upload streams.
+    `access`: how the source's disks are reached (default: by `src`'s URI, no TCP opt-in)."""
     began = time.monotonic()
     now = datetime.now(UTC)
     source = vm_config(dom)
@@ -44,7 +46,7 @@ def replicate_full(
         FULL, source.uuid, source.name, now.isoformat(timespec="microseconds"),
         disk_sizes={d.name: d.size for d in source.disks},
     )  # fmt: skip
-    with open_source(src, dom, {}, incremental=False) as session:
+    with open_source(src, dom, {}, incremental=False, access=access) as session:
         new_dom, paths, stats = create_replica(
             dst, source, session, name, pool, progress, upload=upload, record=record
         )

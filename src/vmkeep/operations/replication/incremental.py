@@ -35,7 +35,12 @@ from vmkeep.errors import ConnectorError
 from vmkeep.operations.replication.copy import copy_disk, covering
 from vmkeep.operations.replication.fresh import create_replica
 from vmkeep.operations.replication.report import CopyStats, ReplicationReport
-from vmkeep.operations.replication.source import base_of, checkpoint_of, open_source
+from vmkeep.operations.replication.source import (
+    SourceAccess,
+    base_of,
+    checkpoint_of,
+    open_source,
+)
 from vmkeep.operations.replication.volumes import ReplicaVolumes
 from vmkeep.progress import Progress
 
@@ -131,8 +136,10 @@ def replicate_incremental(
     keep: int,
     progress: Progress,
     volumes: ReplicaVolumes | None = None,
+    access: SourceAccess | None = None,
 ) -> ReplicationReport:
-    """`volumes`: how the replica's files are reached (default: this host's paths)."""
+    """`volumes`: how the replica's files are reached (default: this host's paths); `access`:
+    how the source's disks are (default: by `src`'s URI, no TCP opt-in)."""
     began = time.monotonic()
     volumes = volumes or ReplicaVolumes()
     source = vm_config(dom)
@@ -147,7 +154,7 @@ def replicate_incremental(
                 "the previous run made no replication checkpoint (source shut off or disks "
                 "without bitmaps): full copy into the replica"
             )
-    with open_source(src, dom, previous, incremental=True) as session:
+    with open_source(src, dom, previous, incremental=True, access=access) as session:
         incremental = base_of(session) is not None
         if replica is None:
             stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"

@@ -1,12 +1,19 @@
 """Reading the source domain at one consistent instant: a pull-mode backup job when it runs,
 its images when it is shut off (nothing writes them then). Incremental replication makes a
 replication checkpoint either way (offline: bitmaps added with qemu-img, offline.py) and reads
-the dirty extents of the previous one when it is intact; full replication makes none."""
+the dirty extents of the previous one when it is intact; full replication makes none.
+
+A source over a remote URI (vmkeep on a DR host pulling from a production host) is read as
+remote backups read it: a running one through the pull job's NBD export on TCP (--nbd-host,
+LIBVIRT-NOTES §16; scratch files next to its images on that host), a shut-off one through a
+read-only qemu-nbd started on that host over ssh, in full and without a checkpoint
+(remote_offline.py)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -14,6 +21,7 @@ from vmkeep.connectors.base import DiskReader
 from vmkeep.connectors.libvirt import checkpoints
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.connector import TcpExport, is_local_uri
 from vmkeep.connectors.libvirt.domxml import DomainDisk, is_active, parse_disks
 from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
 from vmkeep.connectors.libvirt.offline import (
@@ -21,6 +29,7 @@ from vmkeep.connectors.libvirt.offline import (
     OfflineBackupSession,
     begin_offline_backup,
 )
+from vmkeep.connectors.libvirt.remote_offline import RemoteImageSession, begin_remote_offline
 from vmkeep.errors import ConnectorError
 
 # Notes of the backup path that speak of restore points; replication gives its own reasons.
@@ -58,7 +67,21 @@ class ImageSession:
         self.finish(ok=et is None)
 
 
-Session = LiveBackupSession | OfflineBackupSession | ImageSession
+Session = LiveBackupSession | OfflineBackupSession | ImageSession | RemoteImageSession
+
+
+@dataclass(frozen=True)
+class SourceAccess:
+    """How the source's disks are reached: `uri` local (a unix socket, the image files), or
+    remote (`nbd`: the TCP export a running source's job listens on; qemu-nbd over ssh for a
+    shut-off one)."""
+
+    uri: str = "qemu:///system"
+    nbd: TcpExport = field(default_factory=TcpExport)
+
+    @property
+    def local(self) -> bool:
+        return is_local_uri(self.uri)
 
 
 def open_source(
@@ -67,18 +90,24 @@ def open_source(
     previous: Mapping[str, str | None],
     *,
     incremental: bool,
+    access: SourceAccess | None = None,
 ) -> Session:
     """A session whose readers show the source's disks at one instant. `incremental`: the job
     makes a replication checkpoint and, when `previous` names a valid one, reads dirty blocks."""
-    session: LiveBackupSession | OfflineBackupSession | ImageSession
+    access = access or SourceAccess(conn.uri)
+    session: Session
     if is_active(dom):
         session = begin_live_backup(
             conn,
             dom,
             previous,
             keep_checkpoints=1,
+            local=access.local,
             checkpoint_prefix=checkpoints.REPLICATION_PREFIX if incremental else None,
+            tcp=None if access.local else access.nbd.server(access.uri),
         )
+    elif not access.local:
+        session = begin_remote_offline(conn, dom, access.uri)
     else:
         lv = libvirt()
         try:
