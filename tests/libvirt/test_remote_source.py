@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tests.libvirt.backup_points import (
 )
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.replica_checks import (
+    GRAN,
     SIZES,
     MiB,
     cleanup,
@@ -166,6 +168,18 @@ def test_full_replication_from_a_remote_source_through_the_cli(
     assert replica_images(libvirt_env, second["replica"], tmp_path) == models(d)
     nothing_left(d, port)
 
+    # incremental from the remote source into that host's pool B (increments over ssh)
+    inc = ("replicate", d.name, "--to", pool_b.name, "--uri", ssh_uri, *args[-5:])
+    fresh = cli(*inc).json()
+    assert fresh["fresh"] and fresh["replica"] == d.name + "-replica", fresh
+    d.guest_write("vda", 12 * MiB, os.urandom(GRAN))
+    again = cli(*inc).json()
+    assert again["mode"] == "incremental" and again["bytes_read"] == GRAN, again
+    assert again["bytes_written"] == GRAN, again
+    assert replica_images(libvirt_env, again["replica"], tmp_path) == models(d)
+    assert repl_checkpoints(d) == [again["checkpoint"]]
+    assert no_job(d) and scratch_files(d) == [] and not listening(port)
+
 
 @pytest.fixture
 def no_leftovers_on_host() -> Iterator[None]:
@@ -285,3 +299,38 @@ def test_failures_leave_nothing_on_the_source_host(
     assert "\n" not in str(err.value) and "over ssh" in str(err.value)
     assert repo.load_manifests()[0] == [] and vmkeep_checkpoints(d) == []
     nothing_left(d)
+
+
+def test_shut_off_volume_disk_over_ssh_uri(libvirt_env: LibvirtEnv, ssh_uri: str) -> None:
+    """A shut-off domain whose disk names a pool volume (no path in its XML): the path is
+    asked from the pool over the remote connection, and the remote qemu-nbd serves it."""
+    import libvirt
+
+    name = lv.unique_name("remote-vol")
+    path = libvirt_env.pool.create_volume(f"{name}.qcow2", 16 * MiB)
+    data = os.urandom(64 * 1024)
+    src = path.parent / f"{name}.bin"
+    src.write_bytes(data)
+    try:
+        write = f"write -s {src} {3 * MiB} 65536"
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", write, str(path)], check=True)
+    finally:
+        src.unlink()
+    xml = lv.volume_domain_xml(name, libvirt_env.pool.name, f"{name}.qcow2")
+    dom = libvirt_env.conn.defineXML(xml)
+    remote = LibvirtConnector(ssh_uri)
+    try:
+        session = remote.begin_backup(remote.get_vm(name), {})
+        try:
+            reader = session.readers["vda"]
+            assert reader.size == 16 * MiB and reader.change_token is None
+            assert [(e.offset, e.length) for e in reader.extents() if e.data] == [(3 * MiB, 65536)]
+            assert reader.read(3 * MiB, 65536) == data
+        finally:
+            session.finish(ok=True)
+    finally:
+        remote.close()
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+        with contextlib.suppress(libvirt.libvirtError):
+            libvirt_env.pool.pool.storageVolLookupByName(f"{name}.qcow2").delete(0)
