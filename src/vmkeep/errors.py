@@ -32,6 +32,10 @@ class ConnectorError(VmkeepError):
     """The hypervisor side failed: unreadable image, malformed vm.json, unsupported format."""
 
 
+class NameTakenError(ConnectorError):
+    """A restore's new VM name (or its volumes) already exists at the target."""
+
+
 class RemoteError(VmkeepError):
     """The storage side failed: permission denied, no space, unreachable."""
 

@@ -225,3 +225,27 @@ def test_fresh_install_lists_and_restores(
         "restore", point[:12], "--remote", str(repo_dir), "--to", str(tmp_path / "r"), "--json"
     ).json()
     assert disk_hashes(Path(out["location"])) == disk_hashes(vm)
+
+
+def test_restore_next_to_the_original_picks_a_new_name(
+    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path
+) -> None:
+    """Without --name, a restore into the directory that still holds the original VM becomes
+    `<name>-restored-<point time>` (then -2): the original is never touched, no name needed."""
+    vm = make_vm("web01")
+    before = {p: sha256(p) for p in vm_disks(vm).values()}
+    point = cli("backup", str(vm), "--remote", str(repo_dir), "--json").json()
+    stamp = point["restore_point"].split("-")[0]
+    args = ("restore", point["restore_point"], "--remote", str(repo_dir), "--to", str(vm.parent))
+    first = cli(*args, "--json").json()
+    second = cli(*args, "--json").json()
+    assert Path(first["location"]).name == f"web01-restored-{stamp}"
+    assert Path(second["location"]).name == f"web01-restored-{stamp}-2"
+    for out in (first, second):
+        assert out["vm"] == Path(out["location"]).name
+        restored = sorted(sha256(p) for p in vm_disks(Path(out["location"])).values())
+        assert restored == sorted(before.values())
+    assert {p: sha256(p) for p in vm_disks(vm).values()} == before
+    # An explicit --name that exists is still refused, not renamed.
+    run = cli(*args, "--name", "web01", ok=False)
+    assert "already exists" in run.err

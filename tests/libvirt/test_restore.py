@@ -199,6 +199,32 @@ def test_restore_creates_a_new_shut_off_domain(
         dom.destroy()
 
 
+def test_restore_without_a_name_next_to_the_original(
+    libvirt_env: LibvirtEnv,
+    connector: LibvirtConnector,
+    source: Source,
+    restored_names: list[str],
+    tmp_path: Path,
+) -> None:
+    """The source domain still exists: without --name the new domain (and its volumes) is
+    `<name>-restored-<point time>`; the source is untouched."""
+    point, models = source.points[-1]
+    stamp = point.split("-")[0]
+    expected = f"{source.dom.name}-restored-{stamp}"
+    restored_names.append(expected)
+    report = restore_vm(source.repo, connector, point, libvirt_env.pool.name, SilentProgress())
+    assert (report.vm, report.location) == (expected, expected)
+    sources = disk_sources(libvirt_env.conn.lookupByName(expected).XMLDesc(0))
+    for target, path in sources.items():
+        assert Path(path).name == f"{expected}-{target}.qcow2"
+        image = lv.qemu_img_raw(Path(path), tmp_path / f"{target}.raw")
+        assert lv.sha256(image) == lv.sha256(models[target])
+    assert source.dom.dom.isActive()
+    for d in source.dom.disks:  # the source's images still hold what the guest wrote
+        image = lv.qemu_img_raw(d.path, tmp_path / f"src-{d.target}.raw", force_share=True)
+        assert lv.sha256(image) == lv.sha256(d.model)
+
+
 def test_restore_to_an_existing_name_fails_and_leaves_no_volume(
     libvirt_env: LibvirtEnv, connector: LibvirtConnector, source: Source
 ) -> None:

@@ -9,8 +9,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vmkeep.connectors.base import Connector, DiskInfo, DiskReader, DiskWriter, VmConfig
-from vmkeep.errors import IntegrityError, UsageError
+from vmkeep.connectors.base import (
+    Connector,
+    DiskInfo,
+    DiskReader,
+    DiskWriter,
+    VmConfig,
+    VmSink,
+)
+from vmkeep.errors import IntegrityError, NameTakenError, UsageError
 from vmkeep.parallel import io_threads, unordered_map
 from vmkeep.progress import Progress
 from vmkeep.repository.format import ZERO_ID, is_zero
@@ -134,6 +141,33 @@ def restore_disk(
     return restored, written
 
 
+AUTO_NAME_TRIES = 20
+
+
+def create_new_vm(
+    connector: Connector, manifest: Manifest, name: str | None, target: str
+) -> tuple[VmSink, str]:
+    """The new VM under the name asked for; without one, under the point's VM name, or when
+    that is taken (the original still exists: the usual case) `<name>-restored-<point time>`,
+    then `-2`, `-3`... A restore as a new VM then never needs a name to be invented by hand,
+    and never touches the original."""
+    if name is not None:
+        return connector.create_vm(vm_config_from(manifest, name, new_identity=True), target), name
+    stamp = manifest.created.strftime("%Y%m%dT%H%M%SZ")
+    base = f"{manifest.vm_name}-restored-{stamp}"
+    candidates = [manifest.vm_name, base] + [f"{base}-{i}" for i in range(2, AUTO_NAME_TRIES)]
+    for candidate in candidates:
+        try:
+            config = vm_config_from(manifest, candidate, new_identity=True)
+            return connector.create_vm(config, target), candidate
+        except NameTakenError:
+            continue
+    raise NameTakenError(
+        f"{manifest.vm_name} and {base}[-N] all exist at {target or 'the target'}: "
+        "choose a name with --name"
+    )
+
+
 def restore_vm(
     repo: Repository,
     connector: Connector,
@@ -162,7 +196,7 @@ def restore_vm(
         sink = connector.overwrite_vm(existing)
     else:
         existing = None
-        sink = connector.create_vm(vm_config_from(manifest, name, new_identity=True), target)
+        sink, name = create_new_vm(connector, manifest, name, target)
     restored = written = 0
     try:
         for index in manifest.disks:

@@ -25,7 +25,7 @@ from vmkeep.connectors.files.vmdir import (
     safe_disk_filename,
     save_vm_json,
 )
-from vmkeep.errors import ConnectorError
+from vmkeep.errors import ConnectorError, NameTakenError
 
 
 def _close_all(writers: list[ClosableWriter]) -> None:
@@ -45,7 +45,7 @@ class NewVmSink:
             raise ConnectorError(f"restore target {target} is not a directory")
         self._final = target / name
         if self._final.exists() or self._final.is_symlink():
-            raise ConnectorError(f"{self._final} already exists: choose another VM name")
+            raise NameTakenError(f"{self._final} already exists: choose another VM name")
         try:
             self._tmp = mkdir_unique(target, f".vmkeep-new-{name}-")
         except OSError as exc:

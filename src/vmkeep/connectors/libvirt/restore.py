@@ -21,7 +21,7 @@ from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DOMAIN_XML_KEY
 from vmkeep.connectors.libvirt.volume_upload import UploadingVolumeWriter
 from vmkeep.connectors.libvirt.workdir import abandon_workdir, make_workdir, remove_workdir
-from vmkeep.errors import ConnectorError
+from vmkeep.errors import ConnectorError, NameTakenError
 
 KEEP_MACS_KEY = "vmkeep.keep_macs"
 DEFAULT_POOL = "default"
@@ -136,7 +136,7 @@ class NewDomainSink:
             self._pool.refresh(0)
         for vol_name in self._vol_names.values():
             if self._volume_exists(vol_name):
-                raise ConnectorError(
+                raise NameTakenError(
                     f"volume {vol_name} already exists in pool {self._pool_name!r}: "
                     "choose another VM name"
                 )
@@ -161,7 +161,7 @@ class NewDomainSink:
             if error_code(exc) == lv.VIR_ERR_NO_DOMAIN:
                 return
             raise ConnectorError(f"cannot look up domain {name!r}: {one_line(exc)}") from None
-        raise ConnectorError(f"a domain named {name!r} already exists: choose another name")
+        raise NameTakenError(f"a domain named {name!r} already exists: choose another name")
 
     def _volume_exists(self, vol_name: str) -> bool:
         lv = libvirt()
