@@ -142,4 +142,4 @@ def test_an_empty_point_id_selects_nothing(
         assert "restore point id is empty" in run.err, run.err
     listing = cli("list", "--remote", str(repo_dir), "--json").json()["restore_points"]
     assert [p["restore_point"] for p in listing] == [point["restore_point"]]
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()

@@ -143,7 +143,12 @@ def restore(
         "libvirt: the storage pool of the new domain's volumes (default: the pool 'default'); "
         "with --in-place, the domain (default: the point's VM, by uuid then name).",
     ),
-    name: str | None = typer.Option(None, "--name", help="Name of the new VM."),
+    name: str | None = typer.Option(
+        None,
+        "--name",
+        help="Name of the new VM (default: the point's VM name, or <name>-restored-<point "
+        "time> when that exists).",
+    ),
     in_place: bool = typer.Option(
         False,
         "--in-place",
@@ -166,6 +171,7 @@ def restore(
 ) -> None:
     """Restore a VM from a restore point, as a new VM (new uuid) or in place."""
     repo = state.open_repository(remote)
+    point = repo.resolve_point(point)  # a bad id fails before anything is created
     target_connector = connector_for(connector, uri)
     target = to or ""
     if connector == "libvirt":
