@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,26 @@ from vmkeep.connectors.libvirt.workdir import make_workdir, remove_workdir
 from vmkeep.errors import ConnectorError
 
 log = logging.getLogger(__name__)
+
+
+def image_stamp(path: str) -> tuple[int, int, int, int] | None:
+    """Inode, size, mtime and ctime (ns) of a disk image; None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def check_images_unchanged(name: str, readers: Iterable[DiskReader]) -> None:
+    """Raise when a shut-off domain's image changed while it was read (see `changed`)."""
+    moved = [r.target for r in readers if isinstance(r, ImageDiskReader) and r.changed()]
+    if moved:
+        raise ConnectorError(
+            f"the image of {', '.join(moved)} of domain {name} changed while it was read (the "
+            "domain was started, or something wrote it): what was read is not one point in "
+            "time, so nothing is written from it"
+        )
 
 
 class ImageDiskReader:
@@ -54,6 +75,15 @@ class ImageDiskReader:
         self.size = self._inner.size
         self.change_token = change_token
         self.dirty_since: str | None = None
+        self.target = disk.target
+        self._path = disk.source
+        self._stamp = image_stamp(disk.source)
+
+    def changed(self) -> bool:
+        """The image file was written or re-owned since it was opened: libvirt chowns a disk
+        image when the domain starts and back when it stops, so even a start and stop in the
+        middle of the read shows (vmkeep's own reader holds no image lock; qemu-nbd does)."""
+        return image_stamp(self._path) != self._stamp
 
     def extents(self) -> Iterator[Extent]:
         return self._inner.extents()
@@ -108,12 +138,13 @@ class OfflineBackupSession(NotingSession):
         try:
             started = is_active(self.dom)
         except ConnectorError:
-            return
+            started = False
         if started:
             raise ConnectorError(
                 f"domain {self.domain_name} was started while its images were read offline: "
                 "no restore point is written (back it up again, live or shut off)"
             )
+        check_images_unchanged(self.domain_name, self.readers.values())
 
     def finish(self, ok: bool) -> None:
         """Idempotent; trouble is logged and noted, never raised over the caller's error."""

@@ -28,6 +28,7 @@ from vmkeep.connectors.libvirt.offline import (
     ImageDiskReader,
     OfflineBackupSession,
     begin_offline_backup,
+    check_images_unchanged,
 )
 from vmkeep.connectors.libvirt.remote_offline import RemoteImageSession, begin_remote_offline
 from vmkeep.errors import ConnectorError
@@ -39,8 +40,10 @@ _BACKUP_WORDING = "previous restore point"
 class ImageSession:
     """A shut-off source read from its images: no job, no checkpoint, nothing to end."""
 
-    def __init__(self, name: str, disks: list[DomainDisk]) -> None:
-        self.notes = [f"source {name} is shut off: full read of its images"]
+    def __init__(self, dom: Any, disks: list[DomainDisk]) -> None:
+        self.dom = dom
+        self.name: str = dom.name()
+        self.notes = [f"source {self.name} is shut off: full read of its images"]
         self.readers: dict[str, DiskReader] = {}
         try:
             for d in disks:
@@ -50,8 +53,17 @@ class ImageSession:
             raise
 
     def confirm(self) -> None:
-        """Not checked yet: a shut-off source started while its images are copied is not
-        detected (a known gap, noted in docs/REPLICATION.md)."""
+        """A source started (or written) while its images were copied: no replica from it."""
+        try:
+            started = is_active(self.dom)
+        except ConnectorError:
+            started = False  # libvirt unreachable: the image stamps below still tell
+        if started:
+            raise ConnectorError(
+                f"source {self.name} was started while its images were copied: the copy "
+                "is not one point in time, so no replica is made from it"
+            )
+        check_images_unchanged(self.name, self.readers.values())
 
     def finish(self, ok: bool) -> None:
         for reader in self.readers.values():
@@ -122,7 +134,7 @@ def open_source(
                 checkpoint_prefix=checkpoints.REPLICATION_PREFIX,
             )
         else:
-            session = ImageSession(dom.name(), parse_disks(xml))
+            session = ImageSession(dom, parse_disks(xml))
     session.notes[:] = [n for n in session.notes if _BACKUP_WORDING not in n]
     return session
 
