@@ -35,6 +35,30 @@ fi
 
 [[ $(id -u) -eq 0 ]] || die "libvirtd/virtlogd must be started as root"
 
+# The guest-agent tests' tiny real guest (tests/libvirt/real_guest.py) is built from these
+# .debs, extracted with dpkg-deb, never installed here: Debian's cloud kernel, busybox-static
+# and qemu-guest-agent. e2fsprogs (mkfs.ext4, e2fsck, debugfs) makes and checks its disk.
+dpkg-query -W -f='${Status}' e2fsprogs 2>/dev/null | grep -q "install ok installed" \
+    || apt-get install -y -qq e2fsprogs >/dev/null
+debs=/var/cache/vmkeep-tests/debs
+mkdir -p "$debs"
+kernel_pkg() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}'; }
+guest_debs=()
+if ! ls "$debs"/linux-image-*-amd64_*.deb >/dev/null 2>&1; then
+    k=$(kernel_pkg)
+    [[ -n $k ]] || { apt-get update -qq; k=$(kernel_pkg); }
+    [[ -n $k ]] || die "apt knows no kernel behind linux-image-cloud-amd64"
+    guest_debs+=("$k")
+fi
+for p in busybox-static qemu-guest-agent; do
+    ls "$debs/${p}"_*.deb >/dev/null 2>&1 || guest_debs+=("$p")
+done
+if ((${#guest_debs[@]})); then
+    log "downloading for the test guest: ${guest_debs[*]}"
+    (cd "$debs" && apt-get download -qq "${guest_debs[@]}" 2>/dev/null) \
+        || { apt-get update -qq && (cd "$debs" && apt-get download -qq "${guest_debs[@]}"); }
+fi
+
 # Runtime directories that systemd would otherwise create.
 mkdir -p /run/libvirt /var/lib/libvirt/qemu /var/lib/libvirt/images /var/log/libvirt/qemu
 

@@ -20,10 +20,10 @@ from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import (
     DomainDisk,
-    has_guest_agent,
     parse_disks,
     resolve_volume,
 )
+from vmkeep.connectors.libvirt.guest_freeze import GuestFreeze
 from vmkeep.connectors.libvirt.jobxml import backup_xml, checkpoint_xml, parse_job, scratch_path
 from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader, NbdServer
 from vmkeep.connectors.libvirt.session_notes import NotingSession
@@ -73,6 +73,7 @@ class LiveBackupSession(NotingSession):
         self.checkpoint_prefix = checkpoint_prefix  # the kind of checkpoint this job prunes
         self.notes = notes
         self.readers: dict[str, DiskReader] = {}
+        self.guest_freeze: GuestFreeze | None = None  # the freeze around the job's start
         self._finished = False
 
     def domain(self) -> Any:
@@ -108,6 +109,8 @@ class LiveBackupSession(NotingSession):
         for reader in self.readers.values():
             with contextlib.suppress(Exception):
                 reader.close()
+        if self.guest_freeze is not None:
+            self._note_if(self.guest_freeze.settle())
         try:
             dom = self.domain()
         except ConnectorError as exc:
@@ -273,10 +276,11 @@ def _start_job(session: LiveBackupSession, dom: Any, xml: str) -> None:
     """backupBegin, falling back to a full job when the base checkpoint turns out missing or
     inconsistent, to no checkpoint when QEMU cannot store bitmaps in an image, and to the next
     port when a TCP port is taken. The file systems are frozen around the start when a guest
-    agent answers."""
+    agent answers in time (guest_freeze.py)."""
     lv = libvirt()
     targets = [d.target for d in session.disks]
-    frozen = _freeze(dom, xml, session.notes)
+    session.guest_freeze = guest = GuestFreeze(dom, session.notes)
+    frozen = guest.freeze(xml)
     ports_left = PORT_TRIES
     try:
         while True:
@@ -320,10 +324,9 @@ def _start_job(session: LiveBackupSession, dom: Any, xml: str) -> None:
                 raise
     finally:
         if frozen:
-            try:
-                dom.fsThaw(None, 0)
-            except lv.libvirtError as exc:
-                session.notes.append(f"guest file systems could not be thawed: {one_line(exc)}")
+            thaw_trouble = guest.thaw()
+            if thaw_trouble:
+                session.notes.append(thaw_trouble)
 
 
 def remote_scratch(
@@ -349,17 +352,3 @@ def remote_scratch(
 def _port_taken(server: NbdServer, exc: Exception) -> bool:
     """QEMU could not listen on the TCP port (another job or program has it)."""
     return not server.socket and "Address already in use" in one_line(exc)
-
-
-def _freeze(dom: Any, xml: str, notes: list[str]) -> bool:
-    """Freeze guest file systems when a guest agent is connected; else crash-consistent."""
-    lv = libvirt()
-    if not has_guest_agent(xml):
-        notes.append("no guest agent connected: crash-consistent backup (no fs freeze)")
-        return False
-    try:
-        dom.fsFreeze(None, 0)
-        return True
-    except lv.libvirtError as exc:
-        notes.append(f"guest agent did not freeze the file systems ({one_line(exc)})")
-        return False
