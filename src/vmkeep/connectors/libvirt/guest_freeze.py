@@ -22,6 +22,10 @@ from vmkeep.connectors.libvirt.domxml import has_guest_agent
 log = logging.getLogger(__name__)
 
 FREEZE_TIMEOUT = 20.0  # seconds the agent gets to freeze (its freeze hooks included) or thaw
+# libvirt's own limit on an agent answer, in FREEZE_TIMEOUTs: longer than vmkeep's wait, so a
+# freeze that lands late still answers (and is thawed at once), yet bounded, so a stopped agent
+# cannot hold the domain's agent job (and the backup behind it) for ever.
+AGENT_TIMEOUT_FACTOR = 3
 
 
 class _Call:
@@ -56,12 +60,14 @@ class GuestFreeze:
         self._gave_up = False
         self._answered = False  # the freeze call returned (set under the lock)
         self._pending: _Call | None = None  # a freeze request vmkeep stopped waiting for
+        self._bounded = False  # this run set the domain's agent response timeout
 
     def freeze(self, xml: str) -> bool:
         """True when the guest's file systems are frozen now; else a note says why not."""
         if not has_guest_agent(xml):
             self._notes.append("no guest agent connected: crash-consistent backup (no fs freeze)")
             return False
+        self._bound_agent_waits()
         call = _Call(lambda: self._dom.fsFreeze(None, 0), self._frozen_late)
         if call.done.wait(self.timeout):
             if call.error is None:
@@ -105,11 +111,31 @@ class GuestFreeze:
             return f"guest file systems could not be thawed: {call.error}"
         return None
 
+    def _bound_agent_waits(self) -> None:
+        """Make libvirt itself give up on the agent after a while: a worker thread alone
+        is not enough, because a call libvirt still waits for holds the domain's agent job,
+        and with a stopped qemu-ga that blocked the backup's next libvirt calls (jobStats)
+        for more than 60 s. The domain's own setting is runtime only; `settle` puts libvirt's
+        default back (a custom value set with `virsh guest-agent-timeout` is not restored)."""
+        try:
+            self._dom.agentSetResponseTimeout(max(1, round(AGENT_TIMEOUT_FACTOR * self.timeout)), 0)
+            self._bounded = True
+        except (libvirt().libvirtError, AttributeError) as exc:
+            log.info("cannot bound the guest agent's response time: %s", exc)
+
     def settle(self) -> str | None:
         """At the session's end: give a freeze request still pending up to the timeout to
-        complete (and be thawed) before vmkeep may exit; a note when it is still pending."""
+        complete (and be thawed) before vmkeep may exit, then restore libvirt's default agent
+        timeout; a note when the request is still pending."""
         pending = self._pending
-        if pending is None or pending.done.wait(self.timeout):
+        settled = pending is None or pending.done.wait(self.timeout)
+        if self._bounded:
+            try:
+                lv = libvirt()
+                self._dom.agentSetResponseTimeout(lv.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT, 0)
+            except Exception as exc:  # the domain may be gone: nothing to restore then
+                log.info("cannot restore the guest agent's default timeout: %s", exc)
+        if settled:
             return None
         return (
             f"guest agent has not answered the freeze request after {2 * self.timeout:.0f} s; "
