@@ -28,7 +28,7 @@ def volume_domain(libvirt_env: LibvirtEnv) -> Iterator[tuple[str, str]]:
     dom = libvirt_env.conn.defineXML(xml)
     yield name, str(path)
     with contextlib.suppress(Exception):
-        dom.undefine()
+        dom.undefineFlags(lv._UNDEFINE_FLAGS())  # with the checkpoints its backups made
     with contextlib.suppress(Exception):
         libvirt_env.pool.pool.storageVolLookupByName(f"{name}.qcow2").delete(0)
 
