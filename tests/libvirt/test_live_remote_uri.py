@@ -28,6 +28,7 @@ from tests.libvirt.backup_points import (
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.ssh_transport import free_port, ssh_libvirt_uri
 from vmkeep.connectors.libvirt import LibvirtConnector
+from vmkeep.connectors.libvirt.connector import TcpExport
 from vmkeep.errors import ConnectorError
 
 MiB = lv.MiB
@@ -75,7 +76,7 @@ def test_full_and_delta_over_ssh_uri(
     taken = socket.socket()
     taken.bind((HOST, 0))
     taken.listen()
-    remote.nbd_host, remote.nbd_port = HOST, taken.getsockname()[1]
+    remote.nbd = TcpExport(HOST, taken.getsockname()[1])
     seen: dict[str, object] = {}
 
     def look_at_job() -> None:
@@ -90,7 +91,7 @@ def test_full_and_delta_over_ssh_uri(
         full_models = models(d)
     finally:
         taken.close()
-    port = remote.nbd_port + 1
+    port = remote.nbd.port + 1
     assert seen["server"] == {"transport": "tcp", "name": HOST, "port": str(port)}
     assert seen["listening"] is True
     (token,) = vmkeep_checkpoints(d)
@@ -116,7 +117,7 @@ def test_full_and_delta_over_ssh_uri(
     d.dom.checkpointLookupByName(newest[0]).delete(0)
     d.guest_write("vda", 30 * MiB, 0x77, 4096)
     remote = LibvirtConnector(ssh_uri)
-    remote.nbd_host, remote.nbd_port = HOST, port
+    remote.nbd = TcpExport(HOST, port)
     try:
         third = backup(repo, remote, d, "delta")
     finally:
@@ -179,12 +180,12 @@ def test_tls_without_host_setup_fails_cleanly(
     job, no checkpoint, nothing listening."""
     d = make_domain((16 * MiB,))
     remote = LibvirtConnector(ssh_uri)
-    remote.nbd_tls, remote.nbd_port = True, free_port()
+    remote.nbd = TcpExport(tls=True, port=free_port())
     with contextlib.closing(remote), pytest.raises(ConnectorError) as exc:
         backup(new_repo(tmp_path / "repo"), remote, d, "full")
     print(exc.value)
     assert "\n" not in str(exc.value)
-    assert no_job(d) and vmkeep_checkpoints(d) == [] and not listening(remote.nbd_port)
+    assert no_job(d) and vmkeep_checkpoints(d) == [] and not listening(remote.nbd.port)
     assert scratch_files(d) == []
 
 
@@ -200,7 +201,7 @@ def test_export_lost_mid_backup_over_ssh_uri(
     d.guest_write("vda", 0, os.urandom(8 * MiB))
     repo = new_repo(tmp_path / "repo")
     remote = LibvirtConnector(ssh_uri)
-    remote.nbd_host, remote.nbd_port = HOST, free_port()
+    remote.nbd = TcpExport(HOST, free_port())
     try:
         full = backup(repo, remote, d, "full")
         before = vmkeep_checkpoints(d)
@@ -210,7 +211,7 @@ def test_export_lost_mid_backup_over_ssh_uri(
         assert "\n" not in str(exc.value)
         assert sorted(m.id for m in repo.load_manifests()[0]) == [full.restore_point]
         assert no_job(d) and vmkeep_checkpoints(d) == before
-        assert not listening(remote.nbd_port) and scratch_files(d) == []
+        assert not listening(remote.nbd.port) and scratch_files(d) == []
         d.guest_write("vda", 17 * MiB, 0x6B, 4096)
         again = backup(repo, remote, d, "delta")
     finally:
@@ -230,7 +231,7 @@ def test_volume_disk_over_ssh_uri(libvirt_env: LibvirtEnv, ssh_uri: str) -> None
     xml = lv.volume_domain_xml(name, libvirt_env.pool.name, f"{name}.qcow2")
     dom = libvirt_env.conn.defineXML(xml)
     remote = LibvirtConnector(ssh_uri)
-    remote.nbd_host, remote.nbd_port = HOST, free_port()
+    remote.nbd = TcpExport(HOST, free_port())
     try:
         dom.create()
         session = remote.begin_backup(remote.get_vm(name), {})

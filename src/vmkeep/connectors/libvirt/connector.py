@@ -82,13 +82,8 @@ class LibvirtConnector:
         self.keep_checkpoints = max(1, keep_checkpoints)
         self.max_connections = max_connections
         self.offline: OfflinePolicy | None = None  # set: back up running domains offline
-        # Remote URIs: where the live job's NBD export listens on the hypervisor (and vmkeep
-        # connects). A host must be given (opt-in to plain, unencrypted NBD over TCP) unless
-        # TLS is asked for, which defaults to the URI's host.
-        self.nbd_host: str | None = None
-        self.nbd_port = NBD_PORT
-        self.nbd_tls = False
-        self.nbd_tls_certificates = ""  # libnbd's client certificate directory ("": default)
+        # Remote URIs: where the live job's NBD export listens on the hypervisor (--nbd-*)
+        self.nbd = TcpExport()
         self._conn = Connection(uri)
 
     @property
@@ -180,13 +175,8 @@ class LibvirtConnector:
         return session
 
     def tcp_export(self) -> NbdServer:
-        """Where a remote live job listens; refused unless TCP was opted in (nbd_host/nbd_tls)."""
-        return self.nbd_export.server(self.uri)
-
-    @property
-    def nbd_export(self) -> TcpExport:
-        """The --nbd-* settings as one value (replication takes the same)."""
-        return TcpExport(self.nbd_host, self.nbd_port, self.nbd_tls, self.nbd_tls_certificates)
+        """Where a remote live job listens; refused unless TCP was opted in (host or TLS)."""
+        return self.nbd.server(self.uri)
 
     # Restore settings, set by the CLI (restore --keep-macs / --force).
     keep_macs = False  # new domains keep the recorded MAC addresses instead of new ones

@@ -94,6 +94,15 @@ def is_active(dom: Any) -> bool:
         raise ConnectorError(f"cannot read the state of {dom.name()}: {one_line(exc)}") from None
 
 
+def started_meanwhile(dom: Any) -> bool:
+    """For a read of a shut-off domain's images: True when libvirt says it runs now; False
+    also when libvirt cannot be asked (the reads did not need it, so that is no sign)."""
+    try:
+        return is_active(dom)
+    except ConnectorError:
+        return False
+
+
 VOL_BLOCK = 1  # virStorageVolType: the volume is a block device (0 is a file)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,24 +19,16 @@ from vmkeep.connectors.base import DiskReader, Extent
 from vmkeep.connectors.files.qcow2 import Qcow2FeatureError, Qcow2Reader
 from vmkeep.connectors.files.raw import RawDiskReader
 from vmkeep.connectors.libvirt import checkpoints, offline_checkpoint
-from vmkeep.connectors.libvirt.domxml import DomainDisk, is_active
+from vmkeep.connectors.libvirt.domxml import DomainDisk, started_meanwhile
 from vmkeep.connectors.libvirt.image_nbd import NbdImage
 from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader
 from vmkeep.connectors.libvirt.qemu_nbd import QemuNbdExport
+from vmkeep.connectors.libvirt.replica_record import VolumeStamp, local_stat
 from vmkeep.connectors.libvirt.session_notes import NotingSession
 from vmkeep.connectors.libvirt.workdir import make_workdir, remove_workdir
 from vmkeep.errors import ConnectorError
 
 log = logging.getLogger(__name__)
-
-
-def image_stamp(path: str) -> tuple[int, int, int, int] | None:
-    """Inode, size, mtime and ctime (ns) of a disk image; None when it cannot be read."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def check_images_unchanged(name: str, readers: Iterable[DiskReader]) -> None:
@@ -77,13 +68,17 @@ class ImageDiskReader:
         self.dirty_since: str | None = None
         self.target = disk.target
         self._path = disk.source
-        self._stamp = image_stamp(disk.source)
+        self._stamp = self._identity()
 
     def changed(self) -> bool:
         """The image file was written or re-owned since it was opened: libvirt chowns a disk
         image when the domain starts and back when it stops, so even a start and stop in the
         middle of the read shows (vmkeep's own reader holds no image lock; qemu-nbd does)."""
-        return image_stamp(self._path) != self._stamp
+        return self._identity() != self._stamp
+
+    def _identity(self) -> VolumeStamp | str:
+        """Inode, size, mtime and ctime of the image file (or why it has none)."""
+        return local_stat([self._path])[self._path]
 
     def extents(self) -> Iterator[Extent]:
         return self._inner.extents()
@@ -135,11 +130,7 @@ class OfflineBackupSession(NotingSession):
     def confirm(self) -> None:
         """Images read while the domain was started again are not one point in time (libvirt
         unreachable is no such sign: the reads did not need it)."""
-        try:
-            started = is_active(self.dom)
-        except ConnectorError:
-            started = False
-        if started:
+        if started_meanwhile(self.dom):
             raise ConnectorError(
                 f"domain {self.domain_name} was started while its images were read offline: "
                 "no restore point is written (back it up again, live or shut off)"

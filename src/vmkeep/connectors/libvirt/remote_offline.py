@@ -16,7 +16,12 @@ from typing import Any
 from vmkeep.connectors.base import DiskReader
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.domxml import DomainDisk, is_active, parse_disks, resolve_volume
+from vmkeep.connectors.libvirt.domxml import (
+    DomainDisk,
+    parse_disks,
+    resolve_volume,
+    started_meanwhile,
+)
 from vmkeep.connectors.libvirt.image_nbd import FORMATS
 from vmkeep.connectors.libvirt.session_notes import NotingSession
 from vmkeep.connectors.libvirt.ssh_nbd import SshTarget, is_ssh_uri
@@ -41,11 +46,7 @@ class RemoteImageSession(NotingSession):
     def confirm(self) -> None:
         """Images read while the domain was started are not one point in time (the qemu-nbd's
         shared lock should already have kept QEMU from opening them for writing)."""
-        try:
-            started = is_active(self.dom)
-        except ConnectorError:
-            return
-        if started:
+        if started_meanwhile(self.dom):
             raise ConnectorError(
                 f"domain {self.domain_name} was started while its images were read: what was "
                 "read may not be one point in time"

@@ -130,8 +130,7 @@ def nbd_export_on(source: object, export: TcpExport) -> None:
 
     if not isinstance(source, LibvirtConnector):
         raise UsageError("--nbd-host/--nbd-port/--nbd-tls need --connector libvirt")
-    source.nbd_host, source.nbd_port = export.host, export.port
-    source.nbd_tls, source.nbd_tls_certificates = export.tls, export.tls_certificates
+    source.nbd = export
 
 
 def restore(

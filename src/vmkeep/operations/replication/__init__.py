@@ -61,22 +61,22 @@ def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationRepor
     src = Connection(options.uri)
     # Its own connection even to the same URI: after a libvirtd restart each side reconnects
     # and looks its domain up again (a shared one would leave the job's domain object stale).
-    dst = Connection(options.target_uri or options.uri)
     target = options.target_uri or options.uri
+    target_local = is_local_uri(target)
+    dst = Connection(target)
     access = SourceAccess(options.uri, options.nbd)
     try:
         dom = src.lookup(options.domain)
         # A killed run's job would block this one. Run directories are this host's: cleaned
         # through whichever side is local (a remote source's killed job is not: as backups).
-        local = src if access.local else dst if is_local_uri(target) else None
+        local = src if access.local else dst if target_local else None
         cleaned = clean_stale_runs(local) if local is not None else []
         if options.mode == "full":
-            upload = not is_local_uri(target)
             report = replicate_full(
-                src, dst, dom, options.pool, options.keep, progress, upload, access
+                src, dst, dom, options.pool, options.keep, progress, not target_local, access
             )
         else:
-            volumes = ReplicaVolumes.for_uri(target, is_local_uri(target))
+            volumes = ReplicaVolumes.for_uri(target, target_local)
             report = replicate_incremental(
                 src, dst, dom, options.pool, options.keep, progress, volumes, access
             )

@@ -22,7 +22,7 @@ from vmkeep.connectors.libvirt import checkpoints
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.connector import TcpExport, is_local_uri
-from vmkeep.connectors.libvirt.domxml import DomainDisk, is_active, parse_disks
+from vmkeep.connectors.libvirt.domxml import DomainDisk, is_active, parse_disks, started_meanwhile
 from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
 from vmkeep.connectors.libvirt.offline import (
     ImageDiskReader,
@@ -54,11 +54,7 @@ class ImageSession:
 
     def confirm(self) -> None:
         """A source started (or written) while its images were copied: no replica from it."""
-        try:
-            started = is_active(self.dom)
-        except ConnectorError:
-            started = False  # libvirt unreachable: the image stamps below still tell
-        if started:
+        if started_meanwhile(self.dom):
             raise ConnectorError(
                 f"source {self.name} was started while its images were copied: the copy "
                 "is not one point in time, so no replica is made from it"
