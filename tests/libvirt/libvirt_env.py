@@ -342,6 +342,24 @@ def volume_domain_xml(name: str, pool: str, volume: str) -> str:
     )
 
 
+def remove_domain(dom: Any, pool: TestPool, volumes: Iterable[str], workdir: Path) -> None:
+    """Power a test domain off (ending any job), undefine it with its checkpoints and
+    snapshots, delete its volumes and its scratch directory; whatever is already gone."""
+    import libvirt
+
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isActive():
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.abortJob()
+            dom.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.undefineFlags(_UNDEFINE_FLAGS())
+    for name in volumes:
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.pool.storageVolLookupByName(name).delete()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 class TestDomain:
     """A persistent guest-less domain with virtio qcow2 disks in `pool`."""
 
@@ -402,19 +420,7 @@ class TestDomain:
         self.dom = conn.lookupByName(self.name)
 
     def destroy(self) -> None:
-        import libvirt
-
-        with contextlib.suppress(libvirt.libvirtError):
-            if self.dom.isActive():
-                with contextlib.suppress(libvirt.libvirtError):
-                    self.dom.abortJob()
-                self.dom.destroy()
-        with contextlib.suppress(libvirt.libvirtError):
-            self.dom.undefineFlags(_UNDEFINE_FLAGS())
-        for d in self.disks:
-            with contextlib.suppress(libvirt.libvirtError):
-                self.pool.pool.storageVolLookupByName(d.path.name).delete()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        remove_domain(self.dom, self.pool, [d.path.name for d in self.disks], self.workdir)
 
     def disk(self, target: str) -> Disk:
         return next(d for d in self.disks if d.target == target)

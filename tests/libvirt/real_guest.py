@@ -22,7 +22,6 @@ that file exists: a slow hook, as a database flush script can be.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
@@ -397,15 +396,4 @@ class RealGuest:
         return self.wrote()
 
     def destroy(self) -> None:
-        import libvirt
-
-        with contextlib.suppress(libvirt.libvirtError):
-            if self.dom.isActive():
-                with contextlib.suppress(libvirt.libvirtError):
-                    self.dom.abortJob()
-                self.dom.destroy()
-        with contextlib.suppress(libvirt.libvirtError):
-            self.dom.undefineFlags(lv._UNDEFINE_FLAGS())
-        with contextlib.suppress(libvirt.libvirtError):
-            self.pool.pool.storageVolLookupByName(self.disk.name).delete()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        lv.remove_domain(self.dom, self.pool, [self.disk.name], self.workdir)
