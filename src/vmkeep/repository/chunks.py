@@ -21,7 +21,7 @@ def encode_chunk(sealer: Sealer, chunk_id: bytes, data: bytes, level: int) -> by
     flags = (FLAG_ZSTD if compressed else 0) | (FLAG_ENCRYPTED if sealer.encrypted else 0)
     head = header(CHUNK_MAGIC, flags)
     if sealer.encrypted:
-        return head + sealer.seal(payload, head + chunk_id)
+        return sealer.seal(head, payload, head + chunk_id)
     return head + payload
 
 

@@ -174,7 +174,7 @@ def encode_manifest(sealer: Sealer, manifest: Manifest) -> bytes:
     packed = compress(body, 3)  # always zstd: the index of IDs is what makes manifests big
     flags = FLAG_ZSTD | (FLAG_ENCRYPTED if sealer.encrypted else 0)
     head = header(MANIFEST_MAGIC, flags)
-    return head + sealer.seal(packed, head + manifest_object_name(manifest.id).encode())
+    return sealer.seal(head, packed, head + manifest_object_name(manifest.id).encode())
 
 
 def decode_manifest(sealer: Sealer, point_id: str, blob: bytes, chunk_size: int) -> Manifest:

@@ -45,6 +45,16 @@ def nbd() -> Any:
     return _load("nbd")
 
 
+def nbd_handle() -> Any:
+    """A new libnbd handle that does not zero each read buffer first. libnbd clears it by
+    default so that a caller ignoring a failed read cannot see stale heap bytes; every pread of
+    vmkeep raises on failure and its buffer is then dropped, and the memset cost 2% of a live
+    backup's CPU (perf, LIBVIRT-NOTES §15)."""
+    h = nbd().NBD()
+    h.set_pread_initialize(False)
+    return h
+
+
 def is_libvirt_error(exc: BaseException) -> bool:
     mod = _modules.get("libvirt")
     return mod is not None and isinstance(exc, mod.libvirtError)

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from vmkeep.connectors.base import Extent
-from vmkeep.connectors.libvirt.bindings import nbd, one_line
+from vmkeep.connectors.libvirt.bindings import nbd, nbd_handle, one_line
 from vmkeep.connectors.libvirt.nbd_reader import BASE_ALLOCATION, merged_extents, status_collector
 from vmkeep.errors import ConnectorError
 
@@ -76,7 +76,7 @@ class NbdImage:
     def _connect(self, fmt: str) -> Any:
         mod = nbd()
         argv = ["qemu-nbd", *qemu_nbd_options(fmt, self.writable)]
-        h = mod.NBD()
+        h = nbd_handle()
         try:
             h.add_meta_context(BASE_ALLOCATION)
             h.connect_systemd_socket_activation(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmkeep.connectors.base import Extent
-from vmkeep.connectors.libvirt.bindings import nbd, one_line
+from vmkeep.connectors.libvirt.bindings import nbd, nbd_handle, one_line
 from vmkeep.errors import ConnectorError
 
 BASE_ALLOCATION = "base:allocation"
@@ -126,7 +126,7 @@ class NbdDiskReader:
 
     def _connect(self) -> Any:
         mod = nbd()
-        h = mod.NBD()
+        h = nbd_handle()
         try:
             h.set_export_name(self.export)
             h.add_meta_context(BASE_ALLOCATION)

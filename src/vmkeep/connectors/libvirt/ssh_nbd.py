@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from vmkeep.connectors.libvirt.bindings import nbd, one_line
+from vmkeep.connectors.libvirt.bindings import nbd, nbd_handle, one_line
 from vmkeep.connectors.libvirt.image_nbd import NbdImage, qemu_nbd_options
 from vmkeep.connectors.libvirt.nbd_reader import BASE_ALLOCATION
 from vmkeep.connectors.libvirt.replica_record import VolumeStamp
@@ -212,7 +212,7 @@ class RemoteNbdImage(NbdImage):
             except OSError as exc:
                 raise self._failed(f"cannot run {self._target.command!r}: {exc.strerror}") from None
             self._wait_ready()
-            h = mod.NBD()
+            h = nbd_handle()
             try:
                 h.add_meta_context(BASE_ALLOCATION)
                 h.connect_unix(local)
