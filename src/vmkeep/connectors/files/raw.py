@@ -3,12 +3,14 @@ read only allocated data and restores leave holes where the disk was never writt
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from vmkeep.connectors.base import Extent
+from vmkeep.connectors.files.direct_io import ALIGN, direct_io_suits, open_direct, pwrite_direct
 from vmkeep.connectors.files.fileio import (
     change_token,
     check_write,
@@ -100,6 +102,11 @@ class RawDiskWriter:
         except OSError as exc:
             os.close(self._fd)
             raise ConnectorError(f"cannot resize {self.path}: {exc.strerror}") from None
+        # Aligned writes (all but a disk's odd tail) bypass the page cache: direct_io.py.
+        self._direct_fd: int | None = None
+        if direct_io_suits(str(self.path)):
+            with contextlib.suppress(OSError):
+                self._direct_fd = open_direct(str(self.path), os.O_WRONLY)
 
     def _check(self, offset: int, length: int) -> None:
         check_write(self.path, self._fd, self.size, offset, length)
@@ -107,10 +114,26 @@ class RawDiskWriter:
     def write(self, offset: int, data: bytes) -> None:
         self._check(offset, len(data))
         try:
-            pwrite_all(self._fd, data, offset)
+            if not self._write_direct(offset, data):
+                pwrite_all(self._fd, data, offset)
+                start_writeback(self._fd, offset, len(data))
         except OSError as exc:
             raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
-        start_writeback(self._fd, offset, len(data))
+
+    def _write_direct(self, offset: int, data: bytes) -> bool:
+        """False when this write must go through the page cache."""
+        fd = self._direct_fd
+        if fd is None or offset % ALIGN or len(data) % ALIGN:
+            return False
+        try:
+            pwrite_direct(fd, data, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._direct_fd = None  # a constraint beyond ALIGN: buffered from now on
+            os.close(fd)
+            return False
+        return True
 
     def zero(self, offset: int, length: int) -> None:
         """Punch a hole (the range reads as zeros); writes zeros where punching is unsupported."""
@@ -132,3 +155,6 @@ class RawDiskWriter:
         finally:
             os.close(self._fd)
             self._fd = -1
+            if self._direct_fd is not None:
+                os.close(self._direct_fd)
+                self._direct_fd = None

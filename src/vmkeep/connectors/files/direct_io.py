@@ -1,0 +1,93 @@
+"""Writes that bypass the page cache (O_DIRECT), for a restore writing a raw disk image.
+
+Why: a restore does not read the image back, and on a hypervisor the page cache belongs to the
+guests. A buffered write also copies every byte into page cache pages that stay dirty until
+written back, so a multi-GiB restore keeps taking fresh pages, which in a VM cost more than the
+rest of the pipeline: measured here (1 GiB, `dd bs=4M conv=fsync`) buffered writes took 0.4-3.9
+s of system time depending on whether the kernel had to take new pages from the host, O_DIRECT
+0.2 s; a 4 GiB restore from S3 went from 10.3-13.0 s to 8.3-10.5 s (docs/DATA-PATH.md). A
+direct write copies the data once, in user space, into a page-aligned buffer each thread
+reuses, and the device reads it from there.
+
+The local remote's chunk writes stay buffered: each object is fsynced and dropped from the
+cache at once, so its pages are recycled cheaply, and direct writes measured no faster there.
+
+Only on file systems known to do direct I/O well (ext2/3/4, XFS, Btrfs). Network file systems
+(NFS, CIFS) turn a direct write into synchronous requests, and tmpfs or FUSE may refuse it:
+there, and whenever the kernel refuses a direct open or write, writers use buffered I/O."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import threading
+
+ALIGN = 4096  # offsets, lengths and buffer addresses: a multiple of any logical block size
+_DIRECT_FS = {0xEF53, 0x58465342, 0x9123683E}  # ext2/3/4, XFS, Btrfs (statfs f_type)
+_STATFS_SIZE = 120  # struct statfs on 64-bit Linux; f_type is its first field (a long)
+
+_local = threading.local()
+
+
+def _statfs_type(path: str) -> int | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def direct_io_suits(path: str) -> bool:
+    """Whether direct writes are worth trying on the file system holding `path` (a file or
+    directory that exists). VMKEEP_DIRECT_IO=0 turns them off everywhere."""
+    if os.environ.get("VMKEEP_DIRECT_IO", "1") == "0" or not hasattr(os, "O_DIRECT"):
+        return False
+    return _statfs_type(path) in _DIRECT_FS
+
+
+def open_direct(path: str, flags: int) -> int | None:
+    """An existing `path` opened with O_DIRECT added, or None where the kernel refuses it."""
+    try:
+        return os.open(path, flags | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # no direct I/O on this file system
+            return None
+        raise
+
+
+def aligned_copy(data: bytes | memoryview) -> memoryview:
+    """`data` copied into this thread's page-aligned buffer, zero-padded to a multiple of
+    ALIGN. Valid until the thread's next call."""
+    padded = -(-len(data) // ALIGN) * ALIGN
+    buf: mmap.mmap | None = getattr(_local, "buffer", None)
+    if buf is None or len(buf) < padded:
+        if buf is not None:
+            buf.close()
+        buf = _local.buffer = mmap.mmap(-1, max(padded, ALIGN))
+    view = memoryview(buf)[:padded]
+    view[: len(data)] = data
+    view[len(data) :] = bytes(padded - len(data))
+    return view
+
+
+def pwrite_direct(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """Write `data` at `offset` (a multiple of ALIGN) through an O_DIRECT descriptor, padded
+    with zeros to a multiple of ALIGN; returns the number of bytes written (the padded length).
+    The caller truncates the padding where it must not stay."""
+    view = aligned_copy(data)
+    try:
+        done = 0
+        while done < len(view):
+            n = os.pwrite(fd, view[done:], offset + done)
+            if n <= 0 or n % ALIGN:
+                raise OSError(errno.EIO, "short direct write")
+            done += n
+        return done
+    finally:
+        view.release()
