@@ -15,6 +15,8 @@ leaves the agent stopped.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import VMKEEP, Cli
 from tests.libvirt import libvirt_env as lv
 from tests.libvirt import real_guest as rg
 from tests.libvirt.backup_points import backup, new_repo
@@ -180,6 +183,49 @@ def test_slow_freeze_is_given_up_and_thawed_when_it_lands(
     assert_thawed(guest)
     raw = restored_image(repo, report.restore_point, tmp_path / "r")
     assert "needs_recovery" in fs_features(raw), "a copy not taken while frozen has the flag"
+
+
+def _guard_of(pid: int) -> int | None:
+    """The pid of vmkeep process `pid`'s thaw guard, once started."""
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        if "thaw_guard.py" in Path(f"/proc/{child}/cmdline").read_text():
+            return int(child)
+    return None
+
+
+def test_vmkeep_killed_during_the_freeze_leaves_the_guest_thawed(
+    guest: rg.RealGuest, tmp_path: Path
+) -> None:
+    """qemu-ga has no freeze timeout: a vmkeep SIGKILLed while the agent works on its freeze
+    (here a freeze hook taking 4 s) used to leave the guest frozen for good once the freeze
+    landed. The thaw guard vmkeep started before the freeze thaws it."""
+    cli = Cli(tmp_path)
+    repo = tmp_path / "repo"
+    cli("init", str(repo))
+    set_hook_delay(guest, 4)
+    try:
+        hooks = len(guest.hooks())
+        argv = [VMKEEP, "backup", guest.name, "--connector", "libvirt", "--remote", str(repo)]
+        child = subprocess.Popen(
+            argv, env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 60
+        while _guard_of(child.pid) is None:
+            assert child.poll() is None and time.monotonic() < deadline, "no thaw guard seen"
+            time.sleep(0.05)
+        time.sleep(1.0)  # vmkeep is waiting for fsFreeze: the hook sleeps 4 s
+        child.kill()
+        assert child.wait() == -signal.SIGKILL
+        # The freeze lands ~3 s later; the guard thaws it and says so on vmkeep's stderr.
+        assert guest.wait_hooks(hooks + 2, timeout=30)[hooks:] == ["freeze", "thaw"]
+        assert child.stderr is not None
+        said = child.stderr.read().decode()  # EOF: the guard, its last holder, is done
+        assert "were frozen: thawed them" in said, said
+        assert_thawed(guest)
+    finally:
+        set_hook_delay(guest, 0)
+        with contextlib.suppress(Exception):
+            guest.agent("guest-fsfreeze-thaw")  # for the next tests, whatever happened
 
 
 def test_agent_gone_skips_the_freeze(

@@ -7,6 +7,8 @@ held it 20 s. So every agent call runs in a worker thread and the backup goes on
 after FREEZE_TIMEOUT (crash-consistent, said in a note). The agent may still complete such a
 freeze later (after its hook, say): the worker then thaws the guest at once, and the session's
 end waits a bounded time for that, so a guest is not left frozen by vmkeep while it runs.
+And for when vmkeep does not run to that end (killed, or leaving with a freeze still pending),
+a separate process thaws the guest (thaw_guard.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.domxml import has_guest_agent
+from vmkeep.connectors.libvirt.thaw_guard import ThawGuard
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ class GuestFreeze:
         self._answered = False  # the freeze call returned (set under the lock)
         self._pending: _Call | None = None  # a freeze request vmkeep stopped waiting for
         self._bounded = False  # this run set the domain's agent response timeout
+        self._guard: ThawGuard | None = None  # thaws the guest if vmkeep dies meanwhile
+        self._thawed = True  # False while the guest may be frozen by this run
 
     def freeze(self, xml: str) -> bool:
         """True when the guest's file systems are frozen now; else a note says why not."""
@@ -68,6 +73,8 @@ class GuestFreeze:
             self._notes.append("no guest agent connected: crash-consistent backup (no fs freeze)")
             return False
         self._bound_agent_waits()
+        self._start_guard()
+        self._thawed = False
         call = _Call(lambda: self._dom.fsFreeze(None, 0), self._frozen_late)
         if call.done.wait(self.timeout):
             if call.error is None:
@@ -76,6 +83,8 @@ class GuestFreeze:
                 f"guest agent did not freeze the file systems ({call.error}): crash-consistent "
                 "backup"
             )
+            self._thawed = True
+            self._release_guard()
             return False
         with self._lock:
             if not self._answered:
@@ -109,7 +118,28 @@ class GuestFreeze:
             )
         if call.error is not None:
             return f"guest file systems could not be thawed: {call.error}"
+        with self._lock:
+            self._thawed = True
+            done = self._pending is None
+        if done:
+            self._release_guard()
         return None
+
+    def _start_guard(self) -> None:
+        window = (AGENT_TIMEOUT_FACTOR + 1) * self.timeout  # how late a freeze can still land
+        try:
+            uri = self._dom.connect().getURI()
+            self._guard = ThawGuard(uri, self._dom.UUIDString(), window)
+        except (OSError, libvirt().libvirtError) as exc:
+            log.warning(
+                "cannot start the thaw guard (%s): a vmkeep killed while the guest is "
+                "frozen would leave it frozen",
+                exc,
+            )
+
+    def _release_guard(self) -> None:
+        if self._guard is not None:
+            self._guard.release()
 
     def _bound_agent_waits(self) -> None:
         """Make libvirt itself give up on the agent after a while: a worker thread alone
@@ -129,6 +159,11 @@ class GuestFreeze:
         timeout; a note when the request is still pending."""
         pending = self._pending
         settled = pending is None or pending.done.wait(self.timeout)
+        if self._guard is not None:
+            if settled and self._thawed:
+                self._guard.release()
+            else:
+                self._guard.abandon()  # it thaws the guest if the freeze lands after all
         if self._bounded:
             try:
                 lv = libvirt()
@@ -139,6 +174,6 @@ class GuestFreeze:
             return None
         return (
             f"guest agent has not answered the freeze request after {2 * self.timeout:.0f} s; "
-            "if it completes it after vmkeep exits, the guest's file systems stay frozen until "
-            f"'virsh domfsthaw {self._dom.name()}'"
+            "if it completes it after vmkeep exits, a guard process thaws the guest's file "
+            f"systems (check with 'virsh domfsthaw {self._dom.name()}')"
         )
