@@ -69,16 +69,17 @@ def _thaw(uri: str, domain_uuid: str, window: float) -> int:
     libvirt = _libvirt()
     deadline = time.monotonic() + window
     pause = 1.0
-    name = domain_uuid
     while True:
         try:
             conn = libvirt.open(uri)
             try:
                 dom = conn.lookupByUUIDString(domain_uuid)
-                name = dom.name()
+                # vmkeep may have put libvirt's default (wait for ever) back: bound each try.
+                with contextlib.suppress(libvirt.libvirtError, AttributeError):
+                    dom.agentSetResponseTimeout(max(1, round(window)), 0)
                 if dom.fsThaw(None, 0) > 0:
                     print(
-                        f"vmkeep: the backup of domain {name} ended while its file systems "
+                        f"vmkeep: the backup of domain {dom.name()} ended while its file systems "
                         "were frozen: thawed them",
                         file=sys.stderr,
                     )
