@@ -2,7 +2,8 @@
 a new checkpoint (its name is every reader's change token), incremental against the previous
 restore point's checkpoint when that one is still valid, full otherwise (LIBVIRT-NOTES §4-6).
 Locally the export is a unix socket in a run directory; for a remote libvirt URI it is a TCP
-port on the hypervisor (LIBVIRT-NOTES §16)."""
+port on the hypervisor, and the run keeps an owner record on this host so that the next run
+can end its job if it is killed (remote_runs.py, LIBVIRT-NOTES §16)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,13 @@ from vmkeep.connectors.libvirt.guest_freeze import GuestFreeze
 from vmkeep.connectors.libvirt.jobxml import backup_xml, checkpoint_xml, parse_job, scratch_path
 from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader, NbdServer
 from vmkeep.connectors.libvirt.session_notes import NotingSession
-from vmkeep.connectors.libvirt.workdir import abandon_workdir, make_workdir, remove_workdir
+from vmkeep.connectors.libvirt.workdir import (
+    ROOT,
+    abandon_workdir,
+    make_workdir,
+    remove_workdir,
+    update_marker,
+)
 from vmkeep.errors import ConnectorError
 
 log = logging.getLogger(__name__)
@@ -74,6 +81,7 @@ class LiveBackupSession(NotingSession):
         self.notes = notes
         self.readers: dict[str, DiskReader] = {}
         self.guest_freeze: GuestFreeze | None = None  # the freeze around the job's start
+        self.record: Path | None = None  # a remote run's owner record on this host
         self._finished = False
 
     def domain(self) -> Any:
@@ -116,20 +124,27 @@ class LiveBackupSession(NotingSession):
         except ConnectorError as exc:
             later = (
                 "the next backup ends it"
-                if self.workdir is not None
+                if self.workdir is not None or self.record is not None
                 else f"end it with 'virsh domjobabort {self.domain_name}' on the host"
             )
             self._note(
                 f"cannot reach libvirt to end the backup job of {self.domain_name} ({exc}): "
                 + later
             )
-            if self.workdir is not None:
-                abandon_workdir(self.workdir, self.checkpoint if not ok else None)
+            for held in (self.workdir, self.record):
+                if held is not None:
+                    abandon_workdir(held, self.checkpoint if not ok else None)
             return
-        self._note_if(end_job(dom))
+        not_ended = end_job(dom)
+        self._note_if(not_ended)
         scratch = [Path(p) for p in self.scratch.values()]
         if self.workdir is not None and not remove_workdir(self.workdir, scratch):
             self._note(f"could not remove {self.workdir}")
+        if self.record is not None:  # a job still running is left to the next run
+            if not_ended:
+                abandon_workdir(self.record, self.checkpoint if not ok else None)
+            else:
+                remove_workdir(self.record, [])
         if self.checkpoint is None:
             return
         if not ok:
@@ -218,8 +233,10 @@ def begin_live_backup(
     disks = parse_disks(xml)
     if not disks:
         raise ConnectorError(f"domain {name} has no disks to back up")
-    refuse_if_busy(dom)
     notes: list[str] = []
+    if tcp is not None:
+        notes.extend(_clean_remote_runs(conn, previous))
+    refuse_if_busy(dom)
     prefix = checkpoint_prefix or checkpoints.PREFIX
     checkpoint: str | None = checkpoints.new_name(prefix)
     untracked = checkpoints.untracked(disks, local)
@@ -236,17 +253,22 @@ def begin_live_backup(
             notes.append(f"every run reads {', '.join(sorted(untracked))} in full")
         plan = checkpoints.plan_delta(dom, disks, tracked, previous, prefix)
         notes.extend(plan.notes)
-    workdir = scratch = None
+    workdir = scratch = record = None
     if tcp is None:
         workdir = make_workdir(owner={"domain_uuid": dom.UUIDString(), "checkpoint": checkpoint})
     else:
         scratch = remote_scratch(conn, name, disks, checkpoint or checkpoints.new_name(SCRATCH))
+        record = _open_record(conn, dom, checkpoint, scratch, notes)
     session = LiveBackupSession(
         conn, dom, disks, workdir, checkpoint, plan, keep_checkpoints, notes, prefix, tcp, scratch
     )
     session.untracked = frozenset(untracked)
+    session.record = record
     try:
         _start_job(session, dom, xml)
+        if record is not None:  # what the job turned out to be (checkpoint, port)
+            export = [session.server.host, session.server.port]
+            update_marker(record, {"checkpoint": session.checkpoint, "export": export})
         job = parse_job(dom.backupGetXMLDesc(0))
         for d in disks:
             jd = job.get(d.target)
@@ -347,6 +369,37 @@ def remote_scratch(
             )
         out[d.target] = f"{image}.{suffix}"
     return out
+
+
+def _clean_remote_runs(conn: Connection, previous: Mapping[str, str | None]) -> list[str]:
+    """Clean up after killed runs over this remote URI (any domain) before this one starts,
+    keeping the checkpoint `previous` names (a run killed after writing its restore point)."""
+    # Imported here: remote_runs ends jobs with end_job from this module.
+    from vmkeep.connectors.libvirt.remote_runs import clean_remote_runs
+
+    return clean_remote_runs(conn, keep={c for c in previous.values() if c})
+
+
+def _open_record(
+    conn: Connection, dom: Any, checkpoint: str | None, scratch: dict[str, str], notes: list[str]
+) -> Path | None:
+    """The remote run's owner record on this host (workdir.py's locked marker; what the next
+    run's clean-up compares a job with). None with a note when this host has no place for it
+    (vmkeep not root here): the run goes on, only a kill would leave its job to a human."""
+    owner = {
+        "uri": conn.uri,
+        "domain_uuid": dom.UUIDString(),
+        "checkpoint": checkpoint,
+        "scratch": scratch,
+    }
+    try:
+        return make_workdir(owner=owner, for_qemu=False)
+    except ConnectorError:
+        notes.append(
+            f"no record of this run could be kept in {ROOT} on this host: were it killed, its "
+            f"backup job would have to be ended with 'virsh domjobabort {dom.name()}'"
+        )
+        return None
 
 
 def _port_taken(server: NbdServer, exc: Exception) -> bool:

@@ -7,7 +7,12 @@ Each directory holds an owner marker (`owner.json`: pid, domain uuid, the checkp
 creates) that the creating process keeps flock()ed until the directory is removed. A run killed
 with SIGKILL leaves the directory behind with its lock released: that, and only that, is what
 `stale_workdirs` reports, so a live run's directory is never taken for a stale one (the lock is
-per open file, so even another session of the same process counts as alive)."""
+per open file, so even another session of the same process counts as alive).
+
+A live backup over a remote URI has no run directory on the hypervisor, but makes one here all
+the same as its owner record (marker field `uri`: the libvirt URI, plus its remote scratch
+files): `stale_workdirs(uri=...)` finds the dead ones for that URI's clean-up (remote_runs.py),
+and the local clean-up never sees them."""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import shutil
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmkeep.errors import ConnectorError
@@ -46,11 +51,15 @@ class StaleWorkdir:
     domain_uuid: str
     checkpoint: str | None
     volumes: tuple[tuple[str, str], ...] = ()  # (pool, volume) a restore was creating
+    owner: Mapping[str, object] = field(default_factory=dict, compare=False)  # the marker
 
 
-def make_workdir(root: Path = ROOT, owner: Mapping[str, object] | None = None) -> Path:
-    """A new empty directory `root/vmkeep-<random>` QEMU can create files in, marked and locked
-    as this process's (`owner`: what a later cleanup needs, e.g. domain uuid, checkpoint)."""
+def make_workdir(
+    root: Path = ROOT, owner: Mapping[str, object] | None = None, *, for_qemu: bool = True
+) -> Path:
+    """A new empty directory `root/vmkeep-<random>` QEMU can create files in (unless not
+    `for_qemu`: a remote run's record), marked and locked as this process's (`owner`: what a
+    later cleanup needs, e.g. domain uuid, checkpoint)."""
     path = root / f"{PREFIX}{secrets.token_hex(6)}"
     try:
         path.mkdir(mode=0o750)
@@ -61,13 +70,14 @@ def make_workdir(root: Path = ROOT, owner: Mapping[str, object] | None = None) -
         ) from None
     try:
         _mark(path, owner or {})
-        for user in QEMU_USERS:
+        for user in QEMU_USERS if for_qemu else ():
             with contextlib.suppress(KeyError):
                 pw = pwd.getpwnam(user)
                 os.chown(path, pw.pw_uid, pw.pw_gid)
                 break
         else:  # unknown QEMU user: let anyone create files, nobody else can list them
-            path.chmod(0o1733)
+            if for_qemu:
+                path.chmod(0o1733)
     except OSError as exc:
         _release(path)
         shutil.rmtree(path, ignore_errors=True)
@@ -111,27 +121,30 @@ def abandon_workdir(path: Path, checkpoint: str | None) -> None:
     """Leave the directory to the next run's cleanup (libvirt is unreachable, so the job cannot
     be ended now): rewrite the marker with the checkpoint that cleanup may delete (None when a
     restore point was saved with it) and release the lock, which makes the directory stale."""
-    with _held_lock:
-        fd = _held.get(path)
-    if fd is not None:
-        content = _marker_update(path, checkpoint)
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, content, 0)
+    update_marker(path, {"checkpoint": checkpoint, "abandoned_by": os.getpid()})
     _release(path)
 
 
-def _marker_update(path: Path, checkpoint: str | None) -> bytes:
+def update_marker(path: Path, fields: Mapping[str, object]) -> None:
+    """Merge `fields` into the marker of a directory this process holds (e.g. what a started
+    job turned out to be); quietly nothing for one it does not hold."""
+    with _held_lock:
+        fd = _held.get(path)
+    if fd is None:
+        return
     try:
         owner = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
         owner = {}
     owner = owner if isinstance(owner, dict) else {}
-    return json.dumps({**owner, "checkpoint": checkpoint, "abandoned_by": os.getpid()}).encode()
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({**owner, **fields}).encode(), 0)
 
 
-def stale_workdirs(root: Path = ROOT) -> list[StaleWorkdir]:
-    """Directories of vmkeep runs that died (their marker lock is free), oldest first."""
+def stale_workdirs(root: Path = ROOT, uri: str = "") -> list[StaleWorkdir]:
+    """Directories of vmkeep runs that died (their marker lock is free), oldest first: of
+    local runs, or with `uri` the records of runs over that remote libvirt URI."""
     found: list[tuple[float, StaleWorkdir]] = []
     try:
         entries = list(root.iterdir())
@@ -141,7 +154,7 @@ def stale_workdirs(root: Path = ROOT) -> list[StaleWorkdir]:
         if not NAME_RE.fullmatch(path.name) or not path.is_dir():
             continue
         owner = _stale_owner(path)
-        if owner is None:
+        if owner is None or str(owner.get("uri") or "") != uri:
             continue
         with contextlib.suppress(OSError):
             cp = owner.get("checkpoint")
@@ -150,6 +163,7 @@ def stale_workdirs(root: Path = ROOT) -> list[StaleWorkdir]:
                 str(owner.get("domain_uuid", "")),
                 str(cp) if cp else None,
                 _volumes(owner.get("volumes")),
+                owner,
             )
             found.append((path.stat().st_mtime, stale))
     return [s for _, s in sorted(found, key=lambda t: t[0])]
