@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -24,7 +25,7 @@ from tests.libvirt.ssh_transport import free_port, ssh_libvirt_uri
 from tests.libvirt.test_live_remote_uri import HOST, listening, scratch_files
 from vmkeep.connectors.libvirt import LibvirtConnector
 from vmkeep.connectors.libvirt.connector import TcpExport
-from vmkeep.connectors.libvirt.workdir import MARKER, NAME_RE
+from vmkeep.connectors.libvirt.workdir import MARKER, NAME_RE, remove_workdir, stale_workdirs
 
 MiB = lv.MiB
 BUSY = "already has a backup job running"
@@ -34,6 +35,14 @@ BUSY = "already has a backup job running"
 def ssh_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with ssh_libvirt_uri(tmp_path_factory.mktemp("sshd")) as uri:
         yield uri
+
+
+@pytest.fixture(autouse=True)
+def no_records_left(ssh_uri: str) -> Iterator[None]:
+    """Records a failed test leaves would never be cleaned: the URI (sshd port) is this run's."""
+    yield
+    for stale in stale_workdirs(uri=ssh_uri):
+        remove_workdir(stale.path, [])
 
 
 def records(uuid: str) -> dict[Path, dict[str, object]]:
@@ -186,9 +195,7 @@ def test_job_of_another_program_is_left_alone(
         if lv.job_active(d.dom):
             d.dom.abortJob()
             lv.wait_no_job(d.dom, 15)
-        for p in sock.iterdir():
-            p.unlink()
-        sock.rmdir()
+        shutil.rmtree(sock, ignore_errors=True)
 
     done = cli("backup", d.name, *args).json()
     (note,) = [n for n in done["notes"] if "killed vmkeep run" in n]
