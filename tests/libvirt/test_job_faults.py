@@ -37,9 +37,10 @@ from vmkeep.errors import ConnectorError
 MiB = lv.MiB
 
 
-def run_dirs(uuid: str) -> list[Path]:
-    """The vmkeep run directories whose owner marker names the domain `uuid`."""
-    found = []
+def run_records(uuid: str) -> dict[Path, dict[str, object]]:
+    """The vmkeep run directories (a remote run's owner records too) whose owner marker names
+    the domain `uuid`, with that marker."""
+    found = {}
     for p in lv.SCRATCH_ROOT.iterdir():
         if NAME_RE.fullmatch(p.name):
             try:
@@ -47,8 +48,12 @@ def run_dirs(uuid: str) -> list[Path]:
             except (OSError, ValueError):
                 continue
             if owner.get("domain_uuid") == uuid:
-                found.append(p)
+                found[p] = owner
     return found
+
+
+def run_dirs(uuid: str) -> list[Path]:
+    return list(run_records(uuid))
 
 
 def fill(d: lv.TestDomain, target: str, mib: int) -> None:

@@ -6,7 +6,6 @@ checkpoint and scratch files, and backs up; a job started by anything else is le
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,10 +21,11 @@ from tests.libvirt import libvirt_env as lv
 from tests.libvirt.backup_points import vmkeep_checkpoints
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.ssh_transport import free_port, ssh_libvirt_uri
+from tests.libvirt.test_job_faults import run_records
 from tests.libvirt.test_live_remote_uri import HOST, listening, scratch_files
 from vmkeep.connectors.libvirt import LibvirtConnector
 from vmkeep.connectors.libvirt.connector import TcpExport
-from vmkeep.connectors.libvirt.workdir import MARKER, NAME_RE, remove_workdir, stale_workdirs
+from vmkeep.connectors.libvirt.workdir import remove_workdir, stale_workdirs
 
 MiB = lv.MiB
 BUSY = "already has a backup job running"
@@ -43,20 +43,6 @@ def no_records_left(ssh_uri: str) -> Iterator[None]:
     yield
     for stale in stale_workdirs(uri=ssh_uri):
         remove_workdir(stale.path, [])
-
-
-def records(uuid: str) -> dict[Path, dict[str, object]]:
-    """Owner records (run directories) on this host whose marker names the domain `uuid`."""
-    found = {}
-    for p in lv.SCRATCH_ROOT.iterdir():
-        if NAME_RE.fullmatch(p.name):
-            try:
-                owner = json.loads((p / MARKER).read_text())
-            except (OSError, ValueError):
-                continue
-            if owner.get("domain_uuid") == uuid:
-                found[p] = owner
-    return found
 
 
 def backup_job(dom: object) -> bool:
@@ -86,7 +72,7 @@ def kill_mid_job(
     deadline = time.monotonic() + 60
     chunks = stored_chunks(repo)
     while not (
-        any("export" in o for o in records(uuid).values())
+        any("export" in o for o in run_records(uuid).values())
         and backup_job(d.dom)
         and stored_chunks(repo) > chunks
     ):
@@ -95,7 +81,7 @@ def kill_mid_job(
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(10) == -signal.SIGKILL
-    ((path, owner),) = records(uuid).items()
+    ((path, owner),) = run_records(uuid).items()
     return path, owner
 
 
@@ -127,7 +113,7 @@ def test_killed_remote_backup_is_cleaned_up_by_the_next_one(
     bystander.nbd = TcpExport(HOST, free_port())
     session = bystander.begin_backup(bystander.get_vm(other.name), {})
     try:
-        (live_record,) = records(other.dom.UUIDString())
+        (live_record,) = run_records(other.dom.UUIDString())
         stale, owner = kill_mid_job(cli, d, repo, args)
         killed = str(owner["checkpoint"])
         assert owner["uri"] == ssh_uri and owner["export"] == [HOST, port]
@@ -142,13 +128,13 @@ def test_killed_remote_backup_is_cleaned_up_by_the_next_one(
     finally:
         session.finish(ok=True)
         bystander.close()
-    assert records(other.dom.UUIDString()) == {}  # removed when that run ended normally
+    assert run_records(other.dom.UUIDString()) == {}  # removed when that run ended normally
 
     (note,) = [n for n in done["notes"] if "killed vmkeep run" in n]
     assert f"domain {d.name}" in note and stale.name in note, note
     assert "backup job ended" in note and f"checkpoint {killed} deleted" in note, note
     assert "1 scratch file(s) removed by libvirt with the job" in note, note
-    assert not stale.exists() and records(d.dom.UUIDString()) == {}
+    assert not stale.exists() and run_records(d.dom.UUIDString()) == {}
     assert not lv.job_active(d.dom) and not listening(port) and scratch_files(d) == []
     assert killed not in vmkeep_checkpoints(d) and len(vmkeep_checkpoints(d)) == 1
     assert done["mode"] == "full" and done["bytes_read"] >= 120 * MiB
