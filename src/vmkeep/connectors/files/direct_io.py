@@ -18,29 +18,17 @@ there, and whenever the kernel refuses a direct open or write, writers use buffe
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
 import threading
 
+from vmkeep.connectors.files.fileio import fs_type
+
 ALIGN = 4096  # offsets, lengths and buffer addresses: a multiple of any logical block size
 _DIRECT_FS = {0xEF53, 0x58465342, 0x9123683E}  # ext2/3/4, XFS, Btrfs (statfs f_type)
-_STATFS_SIZE = 120  # struct statfs on 64-bit Linux; f_type is its first field (a long)
 
 _local = threading.local()
-
-
-def _statfs_type(path: str) -> int | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    except OSError:
-        return None
-    buf = ctypes.create_string_buffer(_STATFS_SIZE)
-    if libc.statfs(os.fsencode(path), buf) != 0:
-        return None
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def direct_io_suits(path: str) -> bool:
@@ -48,7 +36,7 @@ def direct_io_suits(path: str) -> bool:
     directory that exists). VMKEEP_DIRECT_IO=0 turns them off everywhere."""
     if os.environ.get("VMKEEP_DIRECT_IO", "1") == "0" or not hasattr(os, "O_DIRECT"):
         return False
-    return _statfs_type(path) in _DIRECT_FS
+    return fs_type(path) in _DIRECT_FS
 
 
 def open_direct(path: str, flags: int) -> int | None:

@@ -47,12 +47,22 @@ def open_image(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o644) ->
     return fd
 
 
-def _load_fallocate() -> Callable[..., int] | None:
-    """libc's fallocate(2): Python's os module has no way to pass PUNCH_HOLE."""
+def _load_libc() -> ctypes.CDLL | None:
+    """libc, for the calls Python's os module lacks: fallocate with PUNCH_HOLE, statfs."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        func = libc.fallocate
-    except (OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
+
+
+_libc = _load_libc()
+_STATFS_SIZE = 120  # struct statfs on 64-bit Linux; f_type is its first field (a long)
+
+
+def _load_fallocate() -> Callable[..., int] | None:
+    """fallocate(2): Python's os module has no way to pass PUNCH_HOLE."""
+    func = getattr(_libc, "fallocate", None)
+    if func is None:
         return None
     func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
     func.restype = ctypes.c_int
@@ -61,6 +71,17 @@ def _load_fallocate() -> Callable[..., int] | None:
 
 
 _fallocate = _load_fallocate()
+
+
+def fs_type(path: str) -> int | None:
+    """statfs(2)'s f_type (the file system's magic number) of the one holding `path`; None
+    when it cannot be had."""
+    if _libc is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
