@@ -155,19 +155,22 @@ def test_cli_backup_over_ssh_uri(
     for point, model in ((full["restore_point"], full_models), (delta["restore_point"], models(d))):
         out = cli("restore", point, "--remote", str(repo), "--to", str(tmp_path / point), "--json")
         assert disk_hashes(Path(out.json()["location"])) == model
-    # Shut off: its images are read on the host through a read-only qemu-nbd over ssh, in
-    # full, without a checkpoint (test_remote_source.py); --offline is still refused.
-    d.stop()
-    d.dom.create()
-    off = cli("backup", d.name, *args, "--offline", ok=False)
-    assert "--offline is not supported over a remote URI" in off.err, off.err
+    # --offline over the URI (forced off: no guest OS answers ACPI): read on the host through
+    # qemu-nbd over ssh as a delta from the live run's checkpoint, then started again
+    d.guest_write("vda", 10 * MiB, 0x12, 4096)
+    force = ("--offline", "--shutdown-timeout", "1", "--force-off")
+    off = cli("backup", d.name, "--mode", "delta", *args, *force).json()
+    assert d.dom.isActive(), "the VM must be running again after an --offline backup"
+    assert any("qemu-nbd over ssh" in n for n in off["notes"]), off["notes"]
+    assert off["mode"] == "delta" and off["bytes_read"] == 4 * MiB, off["notes"]
+    # Shut off: a delta that finds nothing written reads nothing
     d.stop()
     cold = cli("backup", d.name, "--mode", "delta", *args).json()
-    assert any("qemu-nbd over ssh" in n for n in cold["notes"]), cold["notes"]
-    out = cli("restore", cold["restore_point"], "--remote", str(repo), "--to",
-              str(tmp_path / "cold"), "--json")  # fmt: skip
-    assert disk_hashes(Path(out.json()["location"])) == models(d)
-    assert vmkeep_checkpoints(d) == [token]
+    assert cold["bytes_read"] == 0, cold["notes"]
+    for point in (off["restore_point"], cold["restore_point"]):
+        out = cli("restore", point, "--remote", str(repo), "--to", str(tmp_path / point), "--json")
+        assert disk_hashes(Path(out.json()["location"])) == models(d)
+    assert len(vmkeep_checkpoints(d)) == 1 and vmkeep_checkpoints(d) != [token]
 
 
 def test_tls_without_host_setup_fails_cleanly(

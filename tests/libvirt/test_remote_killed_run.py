@@ -2,7 +2,8 @@
 SIGKILLed while its pull job runs: the job, its scratch files next to the image and its
 checkpoint stay on the hypervisor. The next run over that URI finds the dead run's owner record
 on this host (remote_runs.py), ends that job (and only a job that is that run's), deletes the
-checkpoint and scratch files, and backs up; a job started by anything else is left alone."""
+checkpoint and scratch files, and backs up; a job started by anything else is left alone. A
+shut-off backup over another spelling of the URI cleans up too."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.ssh_transport import free_port, ssh_libvirt_uri
 from tests.libvirt.test_job_faults import run_records
 from tests.libvirt.test_live_remote_uri import HOST, listening, scratch_files
+from tests.libvirt.test_remote_source import image_bitmaps
 from vmkeep.connectors.libvirt import LibvirtConnector
 from vmkeep.connectors.libvirt.connector import TcpExport
 from vmkeep.connectors.libvirt.workdir import remove_workdir, stale_workdirs
@@ -188,6 +190,42 @@ def test_job_of_another_program_is_left_alone(
     assert "backup job ended" not in note and f"checkpoint {killed} deleted" in note, note
     assert not stale.exists() and killed not in vmkeep_checkpoints(d)
     assert not lv.job_active(d.dom) and scratch_files(d) == []
+
+
+def test_killed_run_is_cleaned_up_by_a_shut_off_backup_over_another_spelling_of_the_uri(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    ssh_uri: str,
+    tmp_path: Path,
+) -> None:
+    """The dead run's record names `root@127.0.0.1`; the domain is shut off since (its job went
+    with QEMU, its checkpoint and bitmap stayed), and the next backup is an offline one over
+    `127.0.0.1` (ssh logs in as the same root): the record matches by the hypervisor's identity,
+    the checkpoint goes, its bitmap is removed from the image over ssh."""
+    cli = Cli(tmp_path)
+    repo = tmp_path / "repo"
+    cli("init", str(repo))
+    d = make_domain((64 * MiB,))
+    fill(d, 60)
+    args = ("--connector", "libvirt", "--remote", str(repo), "--json")
+    live = ("--uri", ssh_uri, "--nbd-host", HOST, "--nbd-port", str(free_port()))
+    stale, owner = kill_mid_job(cli, d, repo, (*args, *live))
+    killed = str(owner["checkpoint"])
+    assert owner["host"] and owner["uri"] == ssh_uri
+    d.stop()
+    assert vmkeep_checkpoints(d) == [killed] and image_bitmaps(d) == {"vda": [killed]}
+
+    other_spelling = ssh_uri.replace("root@", "")
+    done = cli("backup", d.name, *args, "--uri", other_spelling).json()
+    (note,) = [n for n in done["notes"] if "killed vmkeep run" in n]
+    assert stale.name in note and f"checkpoint {killed} deleted" in note, note
+    assert not stale.exists() and run_records(d.dom.UUIDString()) == {}
+    (made,) = vmkeep_checkpoints(d)
+    assert made != killed and image_bitmaps(d) == {"vda": [made]}
+    assert any("qemu-nbd over ssh" in n for n in done["notes"]), done["notes"]
+    out = cli("restore", done["restore_point"], "--remote", str(repo), "--to", str(tmp_path / "r"))
+    (vm_dir,) = (tmp_path / "r").iterdir()
+    assert out.code == 0 and disk_hashes(vm_dir) == {"vda": lv.sha256(d.disks[0].model)}
 
 
 def _qemu_ids() -> tuple[int, int]:

@@ -8,6 +8,7 @@ and restores are compared byte for byte (qemu-img) with the test's model of the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 from tests.e2e.conftest import Cli
 from tests.libvirt import libvirt_env as lv
 from tests.libvirt.backup_points import (
+    CP_PREFIX,
     backup,
     new_repo,
     offline_write,
@@ -189,6 +191,19 @@ def no_leftovers_on_host() -> Iterator[None]:
     assert nbd_dirs() == before
 
 
+def image_bitmaps(d: lv.TestDomain) -> dict[str, list[str]]:
+    """target -> names of the persistent bitmaps in that disk's qcow2 image."""
+    found = {}
+    for disk in d.disks:
+        out = subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(disk.path)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        data = json.loads(out).get("format-specific", {}).get("data", {})
+        found[disk.target] = sorted(b["name"] for b in data.get("bitmaps", []))
+    return found
+
+
 def test_shut_off_domain_over_ssh_uri(
     libvirt_env: LibvirtEnv,
     make_domain: Callable[..., lv.TestDomain],
@@ -197,8 +212,9 @@ def test_shut_off_domain_over_ssh_uri(
     ssh_uri: str,
     no_leftovers_on_host: None,
 ) -> None:
-    """Backups (full and delta, both full reads) and replication (incremental and full) of a
-    shut-off domain whose images are only reachable over the ssh URI's host."""
+    """Backups and replications of a shut-off domain whose images are only reachable over the
+    ssh URI's host: checkpoints are made there (qemu-img over ssh), so deltas and incremental
+    replications read only the dirty extents; the next live delta builds on them too."""
     d = make_domain(SIZES)
     name = d.name + "-replica"
     cleanup.append(name)
@@ -212,34 +228,52 @@ def test_shut_off_domain_over_ssh_uri(
         full_models = models(d)
         assert any("read-only qemu-nbd over ssh" in n for n in full.notes), full.notes
         assert full.stats.bytes_read == 2 * 4 * MiB  # the two 4 MiB chunks holding data
+        (first_cp,) = vmkeep_checkpoints(d)
+        assert image_bitmaps(d) == {"vda": [first_cp], "vdb": [first_cp]}
         offline_write(d, "vda", 20 * MiB, 0x33, 64 * 1024)
         delta = backup(repo, remote, d, "delta")
+        (delta_cp,) = vmkeep_checkpoints(d)  # the older one pruned, its bitmaps removed there
+        assert image_bitmaps(d) == {"vda": [delta_cp], "vdb": [delta_cp]}
+        assert any("only dirty extents" in n for n in delta.notes), delta.notes
+        assert delta.stats.bytes_read == 4 * MiB, delta.notes  # the one dirty chunk
+        offline_models = models(d)
+        # started: a live delta over the URI builds on the checkpoint made offline there
+        d.dom.create()
+        d.guest_write("vdb", 12 * MiB, 0x21, 4096)
+        remote.nbd = TcpExport(HOST, free_port())
+        live = backup(repo, remote, d, "delta")
+        assert live.stats.bytes_read == 4 * MiB, live.notes
+        d.stop()
     finally:
         remote.close()
-    assert delta.stats.bytes_read == full.stats.bytes_read + 4 * MiB  # no checkpoint: full
-    assert vmkeep_checkpoints(d) == [] and serving(d) == [] and not d.dom.isActive()
+    assert serving(d) == [] and not d.dom.isActive()
     assert restored_hashes(repo, full.restore_point, tmp_path / "r1") == full_models
-    assert restored_hashes(repo, delta.restore_point, tmp_path / "r2") == models(d)
+    assert restored_hashes(repo, delta.restore_point, tmp_path / "r2") == offline_models
+    assert restored_hashes(repo, live.restore_point, tmp_path / "r3") == models(d)
 
-    # incremental replication of the shut-off remote source: full copies, no checkpoint
+    # incremental replication of the shut-off remote source: a replication checkpoint made
+    # on the host, then only the dirty granules read and written
     first = pull(d, ssh_uri, libvirt_env.pool.name)
-    assert first.fresh and first.mode == "full" and first.checkpoint is None, first.notes
-    assert first.stats.bytes_read == 3 * MiB + MiB + 64 * 1024
+    assert first.fresh and first.mode == "full" and first.checkpoint, first.notes
+    assert first.stats.bytes_read == 3 * MiB + MiB + 64 * 1024 + 4096
     at_first = models(d)
     assert replica_images(libvirt_env, name, tmp_path) == at_first
     offline_write(d, "vdb", 2 * MiB, 0x44, 64 * 1024)
     second = pull(d, ssh_uri, libvirt_env.pool.name)
-    assert not second.fresh and second.mode == "full", second.notes
-    assert any("made no replication checkpoint" in n for n in second.notes), second.notes
+    assert not second.fresh and second.mode == "incremental", second.notes
+    assert second.stats.bytes_read == 64 * 1024, second.to_json()
+    assert repl_checkpoints(d) == [second.checkpoint]
     assert replica_images(libvirt_env, name, tmp_path) == models(d)
     assert second.snapshots == [first.snapshot, second.snapshot]
     assert replica_images(libvirt_env, name, tmp_path, first.snapshot) == at_first
-    # full replication of it too
+    # full replication of it too (makes no checkpoint)
     dated = pull(d, ssh_uri, libvirt_env.pool.name, "full")
     assert dated.fresh and dated.replica.startswith(name + "-")
     assert replica_images(libvirt_env, dated.replica, tmp_path) == models(d)
-    nothing_left(d)
-    assert vmkeep_checkpoints(d) == [] and not d.dom.isActive()
+    assert repl_checkpoints(d) == [second.checkpoint]
+    (live_cp,) = vmkeep_checkpoints(d)
+    assert image_bitmaps(d) == {t: sorted([live_cp, second.checkpoint]) for t in ("vda", "vdb")}
+    assert serving(d) == [] and not d.dom.isActive()
 
 
 def test_failures_leave_nothing_on_the_source_host(
@@ -323,7 +357,8 @@ def test_shut_off_volume_disk_over_ssh_uri(libvirt_env: LibvirtEnv, ssh_uri: str
         session = remote.begin_backup(remote.get_vm(name), {})
         try:
             reader = session.readers["vda"]
-            assert reader.size == 16 * MiB and reader.change_token is None
+            assert reader.size == 16 * MiB and reader.change_token == session.checkpoint
+            assert session.checkpoint and session.checkpoint.startswith(CP_PREFIX)
             assert [(e.offset, e.length) for e in reader.extents() if e.data] == [(3 * MiB, 65536)]
             assert reader.read(3 * MiB, 65536) == data
         finally:

@@ -22,6 +22,7 @@ from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.ssh_transport import ssh_libvirt_uri
 from tests.libvirt.test_restore import remove_domain
 from vmkeep.connectors.libvirt import LibvirtConnector
+from vmkeep.connectors.libvirt.workdir import stale_workdirs
 from vmkeep.errors import ConnectorError
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.restore import restore_vm
@@ -186,3 +187,60 @@ def _pool_path(pool: Any) -> str:
     import xml.etree.ElementTree as ET
 
     return str(ET.fromstring(pool.XMLDesc(0)).findtext("./target/path"))
+
+
+KILLED_RESTORE = """
+import os, signal, sys
+from vmkeep.connectors.libvirt import LibvirtConnector
+from vmkeep.operations.restore import restore_vm
+from vmkeep.progress import SilentProgress
+from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository.repository import Repository
+
+class KillWhileWriting(SilentProgress):
+    def advance(self, amount):
+        if amount:  # the volume exists and is being uploaded
+            os.kill(os.getpid(), signal.SIGKILL)
+
+repo = Repository.open(LocalRemote(sys.argv[1]), lambda: b"")
+uri, point, pool, name = sys.argv[2:]
+restore_vm(repo, LibvirtConnector(uri), point, pool, KillWhileWriting(), name=name)
+"""
+
+
+def test_killed_restore_over_ssh_uri_is_cleaned_up_by_the_next_one(
+    libvirt_env: LibvirtEnv,
+    ssh_uri: str,
+    pool_b: lv.TestPool,
+    source: tuple[Repository, str, bytes, lv.TestDomain],
+    tmp_path: Path,
+) -> None:
+    """A restore over qemu+ssh:// SIGKILLed while it uploads leaves its half-written volume in
+    that host's pool; its owner record on this host names it, and the next restore over that
+    host (here another spelling of the URI) deletes it, then restores hash-equal."""
+    import sys
+
+    repo, point, model, _original = source
+    killed = lv.unique_name("killed")
+    root = str(repo.remote.root)  # type: ignore[attr-defined]
+    run = subprocess.run(
+        [sys.executable, "-c", KILLED_RESTORE, root, ssh_uri, point, pool_b.name, killed],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == -9, run.stderr
+    assert _volumes(pool_b.pool) == {f"{killed}-vda.qcow2"}  # half-written, no domain
+    (record,) = [s for s in stale_workdirs(uri=ssh_uri) if s.volumes]
+    assert record.volumes == ((pool_b.name, f"{killed}-vda.qcow2"),)
+
+    remote = LibvirtConnector(ssh_uri.replace("root@", ""))
+    name = lv.unique_name("after-kill")
+    try:
+        restore_vm(repo, remote, point, pool_b.name, SilentProgress(), name=name)
+        assert _volumes(pool_b.pool) == {f"{name}-vda.qcow2"}  # the killed run's is gone
+        assert not record.path.exists()
+        path = Path(pool_b.pool.storageVolLookupByName(f"{name}-vda.qcow2").path())
+        assert lv.sha256(lv.qemu_img_raw(path, tmp_path / "r.raw")) == lv.sha256(model)
+    finally:
+        remote.close()
+        remove_domain_in(libvirt_env, pool_b, name)
+        remove_domain_in(libvirt_env, pool_b, killed)

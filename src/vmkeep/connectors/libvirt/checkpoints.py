@@ -4,17 +4,17 @@ token the repository records, so the next run can name its base (LIBVIRT-NOTES Â
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from vmkeep.connectors.libvirt import offline_checkpoint, qemu_img
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.domxml import DomainDisk
 from vmkeep.connectors.libvirt.jobxml import checkpoint_disks, creation_time
+from vmkeep.connectors.libvirt.qemu_img import QemuImg
 
 # Backup and replication checkpoints live side by side on a domain, each kind pruned only by
 # its own runs: a backup never deletes a replication checkpoint (the base of the next
@@ -46,17 +46,27 @@ def qcow2_version(path: str) -> int | None:
 
 def untracked(disks: Iterable[DomainDisk], local: bool) -> dict[str, str]:
     """target -> why that disk cannot keep a dirty bitmap. The other disks can: a checkpoint
-    covers just those, and only the untracked ones are read in full by every backup."""
+    covers just those, and only the untracked ones are read in full by every backup. `local`:
+    the images can be read here (a qcow2 v2 header is seen; else libvirt's own check decides)."""
     reasons = {}
     for d in disks:
-        if d.fmt != "qcow2":
-            reasons[d.target] = f"disk {d.target} is {d.fmt}: only qcow2 images keep dirty bitmaps"
-        elif local and d.source and qcow2_version(d.source) == 2:
-            reasons[d.target] = (
-                f"disk {d.target} is qcow2 v2 (compat 0.10), which cannot store dirty bitmaps; "
-                f"upgrade it with 'qemu-img amend -o compat=1.1 {d.source}' while the VM is off"
-            )
+        local_qcow2 = local and d.source and d.fmt == "qcow2"
+        why = untracked_reason(d, qcow2_version(d.source) if local_qcow2 else None)
+        if why:
+            reasons[d.target] = why
     return reasons
+
+
+def untracked_reason(d: DomainDisk, version: int | None) -> str | None:
+    """Why disk `d` (qcow2 header `version`, if known) cannot keep a dirty bitmap; None: it can."""
+    if d.fmt != "qcow2":
+        return f"disk {d.target} is {d.fmt}: only qcow2 images keep dirty bitmaps"
+    if version == 2:
+        return (
+            f"disk {d.target} is qcow2 v2 (compat 0.10), which cannot store dirty bitmaps; "
+            f"upgrade it with 'qemu-img amend -o compat=1.1 {d.source}' while the VM is off"
+        )
+    return None
 
 
 @dataclass
@@ -138,17 +148,22 @@ def plan_delta(
     return DeltaPlan(name, frozenset(incremental), plan.notes)
 
 
-def delete(dom: Any, name: str, disks: Iterable[DomainDisk] = ()) -> str | None:
+def delete(
+    dom: Any, name: str, disks: Iterable[DomainDisk] = (), tool: QemuImg | None = qemu_img.LOCAL
+) -> str | None:
     """Delete a checkpoint and its bitmaps; None when done (or already gone), else a note.
 
-    A checkpoint whose bitmap is gone (crash) cannot be deleted normally, and a shut-off domain
-    refuses the normal delete: then only libvirt's metadata is dropped, and for a shut-off
-    domain the bitmaps are removed from the images with qemu-img."""
+    A shut-off domain refuses the normal delete: its checkpoint is deleted as
+    offline_checkpoint deletes one (`tool`: where qemu-img reaches the images; None: nowhere).
+    A checkpoint whose bitmap is gone (crash) cannot be deleted normally: then only libvirt's
+    metadata is dropped."""
     lv = libvirt()
     try:
         cp = _lookup(dom, name)
         if cp is None:
             return None
+        if not dom.isActive():
+            return offline_checkpoint.delete(dom, name, disks, tool)
         try:
             cp.delete(0)
             return None
@@ -157,32 +172,7 @@ def delete(dom: Any, name: str, disks: Iterable[DomainDisk] = ()) -> str | None:
         cp.delete(lv.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     except lv.libvirtError as exc:
         return f"could not delete checkpoint {name}: {one_line(exc)}"
-    left = []
-    active = True
-    with contextlib.suppress(lv.libvirtError):
-        active = bool(dom.isActive())
-    if not active:
-        for d in disks:
-            if d.fmt == "qcow2" and d.source and not _remove_bitmap(d.source, name):
-                left.append(d.target)
-    note = f"checkpoint {name}: only its metadata was deleted ({first})"
-    if left:
-        note += f"; bitmap left in the image of {', '.join(left)}"
-    return note
-
-
-def _remove_bitmap(image: str, bitmap: str) -> bool:
-    """True when the image no longer has the bitmap (removed now or never there)."""
-    try:
-        res = subprocess.run(
-            ["qemu-img", "bitmap", "--remove", image, bitmap],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return res.returncode == 0 or "not found" in res.stderr.lower()
+    return f"checkpoint {name}: only its metadata was deleted ({first})"
 
 
 def vmkeep_checkpoints(dom: Any, prefix: str = PREFIX) -> list[str]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid as uuidlib
+import xml.etree.ElementTree as ET
 from typing import Any
+from urllib.parse import urlsplit
 
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.errors import ConnectorError, NotFoundError
@@ -91,6 +93,21 @@ class Connection:
                         f"cannot look up domain {ref!r}: {one_line(exc)}"
                     ) from None
         raise NotFoundError(f"no libvirt domain {ref!r} on {self.uri} (by name or uuid)")
+
+    def host_id(self) -> str:
+        """This hypervisor whatever the URI's spelling (`root@kvm2` or `kvm2`, with or without
+        options): the driver, the URI's path and the host UUID from libvirt's capabilities,
+        e.g. "qemu:///system 2b02...". "" when libvirt tells no UUID."""
+        lv = libvirt()
+        try:
+            caps = ET.fromstring(self.ensure().getCapabilities())
+        except (lv.libvirtError, ET.ParseError):
+            return ""
+        host_uuid = (caps.findtext("host/uuid") or "").strip()
+        if not host_uuid:
+            return ""
+        parts = urlsplit(self.uri)
+        return f"{parts.scheme.split('+')[0]}://{parts.path or '/'} {host_uuid}"
 
     def close(self) -> None:
         if self._conn is not None:

@@ -6,7 +6,7 @@ domains are backed up live through pull-mode backup jobs over NBD with checkpoin
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -25,8 +25,10 @@ from vmkeep.connectors.libvirt.offline import (
     begin_offline_backup,
 )
 from vmkeep.connectors.libvirt.power import OfflinePolicy, shut_down, start_again
-from vmkeep.connectors.libvirt.remote_offline import RemoteImageSession, begin_remote_offline
+from vmkeep.connectors.libvirt.remote_offline import begin_remote_offline
+from vmkeep.connectors.libvirt.remote_runs import clean_remote_runs
 from vmkeep.connectors.libvirt.restore import KEEP_MACS_KEY, NewDomainSink
+from vmkeep.connectors.libvirt.ssh_nbd import is_ssh_uri
 from vmkeep.connectors.libvirt.stale_runs import clean_stale_runs
 from vmkeep.errors import ConnectorError, NotFoundError
 
@@ -113,14 +115,14 @@ class LibvirtConnector:
 
     def begin_backup(
         self, vm: VmConfig, previous: Mapping[str, str | None]
-    ) -> LiveBackupSession | OfflineBackupSession | RemoteImageSession:
+    ) -> LiveBackupSession | OfflineBackupSession:
         """Live job for a running (or paused) domain, direct image reads for a shut-off one;
         with `offline` set, a running domain is shut down, read offline and started again.
         Leftovers of killed vmkeep runs (any domain) are cleaned up first (local URIs: their
         run directories are on this host), except the checkpoint `previous` names: a run
         killed after writing its restore point made it, and the delta builds on it. What the
         cleanup did is in the session's notes. A remote URI reads a running domain over TCP,
-        a shut-off one through qemu-nbd over ssh (full reads, remote_offline.py)."""
+        a shut-off one through qemu-nbd over ssh (remote_offline.py)."""
         keep = {c for c in previous.values() if c}
         cleaned = clean_stale_runs(self._conn, keep=keep) if self.local else []
         session = self._begin(vm, previous)
@@ -129,20 +131,11 @@ class LibvirtConnector:
 
     def _begin(
         self, vm: VmConfig, previous: Mapping[str, str | None]
-    ) -> LiveBackupSession | OfflineBackupSession | RemoteImageSession:
+    ) -> LiveBackupSession | OfflineBackupSession:
         dom = self._domain(vm)
         after = None
         stopped: list[str] = []
-        active = is_active(dom)
-        if not self.local and active and self.offline is not None:
-            raise ConnectorError(
-                f"domain {vm.name} over {self.uri}: --offline is not supported over a remote "
-                "URI; run vmkeep on the hypervisor host (a running domain is backed up live "
-                "over the URI, a shut-off one through qemu-nbd over ssh)"
-            )
-        if not self.local and not active:
-            return begin_remote_offline(self._conn, dom, self.uri)
-        if active:
+        if is_active(dom):
             if self.offline is None:
                 return begin_live_backup(
                     self._conn,
@@ -153,17 +146,39 @@ class LibvirtConnector:
                     local=self.local,
                     tcp=None if self.local else self.tcp_export(),
                 )
+            if not self.local and not is_ssh_uri(self.uri):
+                raise ConnectorError(
+                    f"domain {vm.name} over {self.uri}: --offline reads the images through "
+                    "qemu-nbd started on the host over ssh, which needs a qemu+ssh:// URI"
+                )
             stopped = shut_down(dom, self.offline)  # how: for the report (forced off or not)
             for note in stopped:
                 log.info("%s", note)
             after = partial(start_again, dom)
+        session = self._begin_offline(dom, previous, after)
+        session.notes[:0] = stopped
+        return session
+
+    def _begin_offline(
+        self, dom: Any, previous: Mapping[str, str | None], after: Callable[[], str | None] | None
+    ) -> OfflineBackupSession:
+        """The shut-off domain's images: here, or on a remote URI's host over ssh."""
+        if not self.local:
+            return begin_remote_offline(
+                self._conn,
+                dom,
+                self.uri,
+                previous,
+                keep_checkpoints=self.keep_checkpoints,
+                after=after,
+            )
         try:
             disks = [resolve_volume(dom.connect(), d) for d in parse_disks(_inactive_xml(dom))]
         except BaseException:
             if after is not None:
                 after()
             raise
-        session = begin_offline_backup(
+        return begin_offline_backup(
             dom,
             disks,
             previous,
@@ -171,8 +186,6 @@ class LibvirtConnector:
             max_connections=self.max_connections,
             after=after,
         )
-        session.notes[:0] = stopped
-        return session
 
     def tcp_export(self) -> NbdServer:
         """Where a remote live job listens; refused unless TCP was opted in (host or TLS)."""
@@ -205,6 +218,8 @@ class LibvirtConnector:
         On a remote URI the volumes are written through libvirt upload streams."""
         if self.keep_macs:
             config.metadata[KEEP_MACS_KEY] = True
+        if not self.local:  # volumes a killed restore over this URI left (logged)
+            clean_remote_runs(self._conn)
         return NewDomainSink(self._conn, config, target, upload=not self.local)
 
     def overwrite_vm(self, vm: VmConfig) -> VmSink:
@@ -241,7 +256,6 @@ if TYPE_CHECKING:  # mypy proves the classes satisfy the protocols of connectors
         connector: LibvirtConnector,
         live: LiveBackupSession,
         offline: OfflineBackupSession,
-        remote: RemoteImageSession,
         readers: tuple[ImageDiskReader],
-    ) -> tuple[BackupSource, Connector, BackupSession, BackupSession, BackupSession, DiskReader]:
-        return connector, connector, live, offline, remote, readers[0]
+    ) -> tuple[BackupSource, Connector, BackupSession, BackupSession, DiskReader]:
+        return connector, connector, live, offline, readers[0]

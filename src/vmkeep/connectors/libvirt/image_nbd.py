@@ -25,7 +25,12 @@ from typing import Any
 
 from vmkeep.connectors.base import Extent
 from vmkeep.connectors.libvirt.bindings import nbd, nbd_handle, one_line
-from vmkeep.connectors.libvirt.nbd_reader import BASE_ALLOCATION, merged_extents, status_collector
+from vmkeep.connectors.libvirt.nbd_reader import (
+    BASE_ALLOCATION,
+    DIRTY,
+    merged_extents,
+    status_collector,
+)
 from vmkeep.errors import ConnectorError
 
 FORMATS = ("qcow2", "raw")
@@ -41,17 +46,22 @@ _WRAPPER = 'log=$0 parent=$1; shift; [ "$PPID" = "$parent" ] || exit 1; exec "$@
 _DIE_WITH_VMKEEP = ["setpriv", "--pdeathsig", "KILL", "--", "sh", "-c", _WRAPPER]
 
 
-def qemu_nbd_options(fmt: str, writable: bool) -> list[str]:
+def qemu_nbd_options(fmt: str, writable: bool, bitmap: str | None = None) -> list[str]:
     """qemu-nbd's options for an image (before its path), the same for a local and a remote
-    qemu-nbd (ssh_nbd.py)."""
+    qemu-nbd (ssh_nbd.py). `bitmap`: a persistent dirty bitmap of the image to export."""
     argv = ["-f", fmt, "--cache=writeback", "--aio=threads"]
+    argv += [f"--bitmap={bitmap}"] if bitmap else []
     return argv + (["--discard=unmap"] if writable else ["--read-only"])
 
 
 class NbdImage:
-    """One image file served by its own qemu-nbd. Thread-safe; close() is idempotent."""
+    """One image file served by its own qemu-nbd. Thread-safe; close() is idempotent. With
+    `bitmap` (a persistent dirty bitmap of the image), `dirty_extents` are the ranges it marks:
+    the caller sets `dirty_since` to the checkpoint that bitmap belongs to."""
 
-    def __init__(self, path: str, fmt: str, *, writable: bool, name: str = "") -> None:
+    def __init__(
+        self, path: str, fmt: str, *, writable: bool, name: str = "", bitmap: str | None = None
+    ) -> None:
         if fmt not in FORMATS:
             raise ConnectorError(f"{path}: image format {fmt!r} is not supported (qcow2 or raw)")
         self.path = path
@@ -59,6 +69,8 @@ class NbdImage:
         self.writable = writable
         self.change_token: str | None = None  # DiskReader fields: no change tracking here
         self.dirty_since: str | None = None
+        self.bitmap = bitmap
+        self._dirty_context = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
         self._lock = threading.Lock()
         self._h: Any = None
         # Not a temporary file: a SIGKILLed run left one per open image (crash tests).
@@ -69,16 +81,18 @@ class NbdImage:
             self.size: int = int(self._h.get_size())
             if writable and (not self._h.can_zero() or not self._h.can_flush()):
                 raise ConnectorError(f"{self.name}: qemu-nbd offers no write-zeroes or flush")
+            if self._dirty_context and not self._h.can_meta_context(self._dirty_context):
+                raise ConnectorError(f"{self.name}: qemu-nbd does not export {bitmap}")
         except BaseException:
             self._drop()
             raise
 
     def _connect(self, fmt: str) -> Any:
         mod = nbd()
-        argv = ["qemu-nbd", *qemu_nbd_options(fmt, self.writable)]
+        argv = ["qemu-nbd", *qemu_nbd_options(fmt, self.writable, self.bitmap)]
         h = nbd_handle()
         try:
-            h.add_meta_context(BASE_ALLOCATION)
+            self.add_contexts(h)
             h.connect_systemd_socket_activation(
                 [*_DIE_WITH_VMKEEP, self._log, str(os.getpid()), *argv, self.path]
             )
@@ -89,6 +103,12 @@ class NbdImage:
             reason = self._qemu_nbd_error() or one_line(exc)
             raise ConnectorError(f"cannot open {self.path} with qemu-nbd: {reason}") from None
         return h
+
+    def add_contexts(self, h: Any) -> None:
+        """The meta contexts to ask for, before connecting."""
+        h.add_meta_context(BASE_ALLOCATION)
+        if self._dirty_context:
+            h.add_meta_context(self._dirty_context)
 
     def _qemu_nbd_error(self) -> str:
         """qemu-nbd's own message, without its "qemu-nbd: " prefixes, on one line."""
@@ -119,19 +139,21 @@ class NbdImage:
     def extents(self) -> Iterator[Extent]:
         """Data and hole extents from base:allocation covering [0, size), adjacent ones merged."""
         zero = int(nbd().STATE_ZERO)
-        return merged_extents(Extent(off, n, not flags & zero) for off, n, flags in self._status())
+        return merged_extents(
+            Extent(off, n, not flags & zero) for off, n, flags in self._status(BASE_ALLOCATION)
+        )
 
-    def _status(self) -> Iterator[tuple[int, int, int]]:
+    def _status(self, context: str) -> Iterator[tuple[int, int, int]]:
         offset = 0
         while offset < self.size:
             got: list[int] = []
             try:
-                collect = status_collector(BASE_ALLOCATION, got)
+                collect = status_collector(context, got)
                 self._handle().block_status(min(STATUS_STEP, self.size - offset), offset, collect)
             except nbd().Error as exc:
                 raise self._fail("block status", offset, exc) from None
             if not got:
-                raise ConnectorError(f"{self.name}: qemu-nbd sent no {BASE_ALLOCATION} extents")
+                raise ConnectorError(f"{self.name}: qemu-nbd sent no {context} extents")
             for i in range(0, len(got) - 1, 2):
                 n = min(got[i], self.size - offset)
                 if n <= 0:
@@ -140,8 +162,14 @@ class NbdImage:
                 offset += n
 
     def dirty_extents(self) -> Iterator[Extent]:
-        """Unknown: everything."""
-        yield Extent(0, self.size, data=True)
+        """The ranges `bitmap` marks; without one, everything (unknown)."""
+        if self._dirty_context is None:
+            yield Extent(0, self.size, data=True)
+            return
+        dirty = self._status(self._dirty_context)
+        for ext in merged_extents(Extent(off, n, bool(f & DIRTY)) for off, n, f in dirty):
+            if ext.data:
+                yield ext
 
     def read(self, offset: int, length: int) -> bytes:
         """`length` bytes at `offset`, fewer only at the end of the disk."""

@@ -12,11 +12,12 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from vmkeep.connectors.base import DiskReader
-from vmkeep.connectors.libvirt import checkpoints
+from vmkeep.connectors.libvirt import checkpoints, qemu_img
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import (
@@ -82,6 +83,8 @@ class LiveBackupSession(NotingSession):
         self.readers: dict[str, DiskReader] = {}
         self.guest_freeze: GuestFreeze | None = None  # the freeze around the job's start
         self.record: Path | None = None  # a remote run's owner record on this host
+        # where a shut-off domain's bitmaps are removed (the VM stopped during the job)
+        self.qemu_img = qemu_img.for_uri(conn.uri, local=tcp is None)
         self._finished = False
 
     def domain(self) -> Any:
@@ -147,11 +150,12 @@ class LiveBackupSession(NotingSession):
                 remove_workdir(self.record, [])
         if self.checkpoint is None:
             return
+        delete = partial(checkpoints.delete, tool=self.qemu_img)
         if not ok:
-            self._note_if(checkpoints.delete(dom, self.checkpoint, self.disks))
+            self._note_if(delete(dom, self.checkpoint, self.disks))
         else:
             for note in checkpoints.prune(
-                dom, self.keep_checkpoints, self.disks, self.checkpoint_prefix
+                dom, self.keep_checkpoints, self.disks, self.checkpoint_prefix, delete
             ):
                 self._note(note)
 
@@ -326,7 +330,9 @@ def _start_job(session: LiveBackupSession, dom: Any, xml: str) -> None:
                         f"checkpoint {session.base} unusable ({one_line(exc)}): full read"
                     )
                     if code == lv.VIR_ERR_CHECKPOINT_INCONSISTENT:
-                        stale = checkpoints.delete(dom, session.base, session.disks)
+                        stale = checkpoints.delete(
+                            dom, session.base, session.disks, session.qemu_img
+                        )
                         if stale:
                             session.notes.append(stale)
                     session.base, session.incremental = None, frozenset()
@@ -388,6 +394,7 @@ def _open_record(
     (vmkeep not root here): the run goes on, only a kill would leave its job to a human."""
     owner = {
         "uri": conn.uri,
+        "host": conn.host_id(),
         "domain_uuid": dom.UUIDString(),
         "checkpoint": checkpoint,
         "scratch": scratch,

@@ -8,48 +8,26 @@ an ordinary checkpoint and a live incremental job from it is exact (LIBVIRT-NOTE
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
+from vmkeep.connectors.libvirt import qemu_img
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.domxml import DomainDisk
 from vmkeep.connectors.libvirt.jobxml import CHECKPOINT_DESCRIPTION, creation_time
+from vmkeep.connectors.libvirt.qemu_img import QemuImg
 from vmkeep.errors import ConnectorError
 
-QEMU_IMG_TIMEOUT = 120
 
-
-def _qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            ["qemu-img", *args], capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise ConnectorError(f"qemu-img {args[0]} failed: {exc}") from None
-
-
-def image_bitmaps(image: str) -> dict[str, list[str]]:
-    """Persistent bitmaps of a qcow2 image: name -> flags ('auto' = recording, 'in-use' = not
-    stored cleanly, i.e. QEMU died with the image open)."""
-    res = _qemu_img("info", "--output=json", image)
-    if res.returncode != 0:
-        raise ConnectorError(f"cannot inspect {image}: {' '.join(res.stderr.split())}")
-    try:
-        info = json.loads(res.stdout)
-    except ValueError:
-        raise ConnectorError(f"qemu-img info {image}: unreadable output") from None
-    data = info.get("format-specific", {}).get("data", {})
-    return {str(b.get("name")): list(b.get("flags", [])) for b in data.get("bitmaps", [])}
-
-
-def bitmap_problem(disks: Iterable[DomainDisk], name: str) -> str | None:
-    """Why the bitmap `name` cannot be trusted as a delta base on some disk; None if it can."""
+def bitmap_problem(
+    disks: Iterable[DomainDisk], name: str, infos: Mapping[str, dict[str, Any]]
+) -> str | None:
+    """Why the bitmap `name` cannot be trusted as a delta base on some disk; None if it can.
+    `infos`: `qemu-img info` of the disks' images (qemu_img.image_infos)."""
     for d in disks:
-        flags = image_bitmaps(d.source).get(name)
+        flags = qemu_img.bitmaps(infos[d.source]).get(name)
         if flags is None:
             return f"disk {d.target} has no bitmap {name} in its image"
         if "in-use" in flags:
@@ -92,29 +70,32 @@ def newest_checkpoint(dom: Any) -> str | None:
     return max(found)[1] if found else None
 
 
-def create(dom: Any, name: str, disks: list[DomainDisk], untracked: Collection[str] = ()) -> None:
+def create(
+    dom: Any,
+    name: str,
+    disks: list[DomainDisk],
+    untracked: Collection[str] = (),
+    tool: QemuImg = qemu_img.LOCAL,
+) -> None:
     """Add the bitmap `name` (recording) to every disk image but the `untracked`, then
-    libvirt's metadata for it; on failure, nothing is left (bitmaps added so far are removed)."""
+    libvirt's metadata for it; on failure, nothing is left (bitmaps added are removed)."""
     lv = libvirt()
-    added: list[DomainDisk] = []
+    images = [d.source for d in disks if d.target not in untracked]
+    failed = qemu_img.add_bitmaps(tool, images, name)
+    added = [i for i in images if i not in failed]
     try:
         parent = newest_checkpoint(dom)
-        for d in disks:
-            if d.target in untracked:
-                continue
-            res = _qemu_img("bitmap", "--add", d.source, name)
-            if res.returncode != 0:
-                raise ConnectorError(
-                    f"cannot add bitmap {name} to {d.source}: {' '.join(res.stderr.split())}"
-                )
-            added.append(d)
+        if failed:
+            image, error = next(iter(failed.items()))
+            raise ConnectorError(
+                f"cannot add bitmap {name} to {image}{qemu_img.where(tool)}: {error}"
+            )
         dom.checkpointCreateXML(
             redefine_xml(name, parent, [d.target for d in disks], untracked),
             lv.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE,
         )
     except BaseException as exc:
-        for d in added:
-            remove_bitmap(d.source, name)
+        qemu_img.remove_bitmaps(tool, added, name)
         if isinstance(exc, lv.libvirtError):
             raise ConnectorError(
                 f"cannot record checkpoint {name} of shut-off domain {dom.name()}: {one_line(exc)}"
@@ -122,18 +103,12 @@ def create(dom: Any, name: str, disks: list[DomainDisk], untracked: Collection[s
         raise
 
 
-def remove_bitmap(image: str, name: str) -> bool:
-    """True when the image no longer has the bitmap (removed now, or never there)."""
-    try:
-        res = _qemu_img("bitmap", "--remove", image, name)
-    except ConnectorError:
-        return False
-    return res.returncode == 0 or "not found" in res.stderr.lower()
-
-
-def delete(dom: Any, name: str, disks: Iterable[DomainDisk]) -> str | None:
+def delete(
+    dom: Any, name: str, disks: Iterable[DomainDisk], tool: QemuImg | None = qemu_img.LOCAL
+) -> str | None:
     """Delete a checkpoint of a shut-off domain: libvirt's metadata, then the bitmaps in the
-    images. None when done (or it was already gone), else a note saying what is left."""
+    images (`tool`: where qemu-img reaches them; None: nowhere). None when done (or it was
+    already gone), else a note saying what is left."""
     lv = libvirt()
     try:
         cp = dom.checkpointLookupByName(name, 0)
@@ -141,7 +116,9 @@ def delete(dom: Any, name: str, disks: Iterable[DomainDisk]) -> str | None:
     except lv.libvirtError as exc:
         if exc.get_error_code() != lv.VIR_ERR_NO_DOMAIN_CHECKPOINT:
             return f"could not delete checkpoint {name}: {one_line(exc)}"
-    left = [d.target for d in disks if d.fmt == "qcow2" and not remove_bitmap(d.source, name)]
+    disks = [d for d in disks if d.fmt == "qcow2"]
+    left = set(qemu_img.remove_bitmaps(tool, [d.source for d in disks], name))
     if left:
-        return f"checkpoint {name}: bitmap left in the image of {', '.join(left)}"
+        targets = ", ".join(d.target for d in disks if d.source in left)
+        return f"checkpoint {name}: bitmap left in the image of {targets}"
     return None

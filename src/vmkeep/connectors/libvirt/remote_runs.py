@@ -1,12 +1,14 @@
 """Cleaning up after live backups over a remote libvirt URI that were killed (SIGKILL, power
 loss of this host): their pull-mode backup job keeps running on the hypervisor (a pull job never
 ends by itself), with its scratch files next to the images and its new checkpoint, and every
-later backup of that domain would be refused as busy.
+later backup of that domain would be refused as busy. A killed restore or fresh replica over a
+remote URI leaves half-written volumes in a pool of that host (record field `volumes`).
 
 Such a run has no run directory on the hypervisor, so it keeps its owner record here, in the
 same kind of flock()ed directory as a local run (workdir.py; marker fields `uri`, `domain_uuid`,
-`checkpoint`, `scratch` {target: remote path}, `export` [host, port] once the job runs). The
-next live run over the same URI (any domain) cleans up after each record whose lock is free.
+`checkpoint`, `scratch` {target: remote path}, `export` [host, port] once the job runs, `host`:
+the hypervisor's identity). The next run over a URI reaching the same hypervisor (any domain,
+live or shut off; the URI spelled alike or not) cleans up after each record whose lock is free.
 A job is ended only when its scratch files (and export) are the record's: any other job, e.g.
 of a vmkeep on another host or of another tool, is never touched (LIBVIRT-NOTES §16)."""
 
@@ -20,11 +22,13 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from vmkeep.connectors.libvirt import checkpoints
+from vmkeep.connectors.libvirt import checkpoints, qemu_img
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.domxml import DomainDisk, parse_disks, resolve_volume
 from vmkeep.connectors.libvirt.job_settle import SETTLE_TIMEOUT, job_starting
 from vmkeep.connectors.libvirt.live import end_job
+from vmkeep.connectors.libvirt.stale_runs import disk_sources, drop_volume
 from vmkeep.connectors.libvirt.workdir import (
     ROOT,
     StaleWorkdir,
@@ -45,8 +49,14 @@ def clean_remote_runs(conn: Connection, keep: Collection[str] = (), root: Path =
     whose job could not be ended or identified stays for the next run."""
     lv = libvirt()
     notes = []
-    for stale in stale_workdirs(root, uri=conn.uri):
+    for stale in stale_workdirs(root, uri=conn.uri, host=conn.host_id()):
         try:
+            if (
+                stale.owner.get("uri") != conn.uri
+                and stale.domain_uuid
+                and _domain(conn, stale.domain_uuid) is None
+            ):
+                continue  # the same host UUID, but not its domain: maybe a clone's, leave it
             note = _clean(conn, stale, keep)
         except (VmkeepError, lv.libvirtError) as exc:
             note = f"killed vmkeep run {stale.path.name} not cleaned up: {one_line(exc)}"
@@ -78,10 +88,14 @@ def _clean(conn: Connection, stale: StaleWorkdir, keep: Collection[str]) -> str:
         if stale.checkpoint in keep:
             done.append(f"checkpoint {stale.checkpoint} kept: its restore point was written")
         elif stale.checkpoint:
-            # No disks: a shut-off domain's bitmaps would be removed with a local qemu-img.
-            problem = checkpoints.delete(dom, stale.checkpoint)
+            # a shut-off domain's bitmaps are removed by qemu-img over ssh (if the URI has it)
+            tool = qemu_img.for_uri(conn.uri, local=False)
+            problem = checkpoints.delete(dom, stale.checkpoint, _disks(conn, dom), tool)
             done.append(problem or f"checkpoint {stale.checkpoint} deleted")
     done += delete_scratch(conn, scratch.values(), wait=ended)
+    if stale.volumes:  # a restore or replica copy over this URI was creating them
+        in_use = disk_sources(conn)
+        done += [drop_volume(conn, pool, name, in_use) for pool, name in stale.volumes]
     if not remove_workdir(stale.path, []):
         done.append(f"could not remove {stale.path}")
     what = f" of domain {dom.name()}" if dom is not None else ""
@@ -105,6 +119,16 @@ def _domain(conn: Connection, uuid: str) -> Any | None:
         return conn.lookup(uuid)
     except NotFoundError:
         return None
+
+
+def _disks(conn: Connection, dom: Any) -> list[DomainDisk]:
+    """The domain's disks with their image paths on its host ([] when libvirt cannot tell)."""
+    lv = libvirt()
+    try:
+        xml = dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)
+        return [resolve_volume(conn.ensure(), d) for d in parse_disks(xml)]
+    except (lv.libvirtError, ConnectorError):
+        return []
 
 
 def _settle(dom: Any) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import re
 import secrets
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -146,8 +147,21 @@ class NewDomainSink:
         self._done = False
         # A SIGKILLed restore cannot abort(): a locked run directory names the volumes it is
         # creating, and the next backup or replication on this host deletes those no domain
-        # uses (stale_runs.py). Over a remote URI the volumes are on another host: no marker.
-        self._workdir = None if upload else make_workdir(owner={"volumes": self._planned()})
+        # uses (stale_runs.py). Over a remote URI it is an owner record of that URI's host,
+        # cleaned by the next run over it (remote_runs.py).
+        self._workdir = self._record(upload)
+
+    def _record(self, remote: bool) -> Path | None:
+        """The locked marker naming the volumes this run creates (None: none could be made for
+        a remote host, vmkeep not root here; a kill then leaves them to a human)."""
+        owner: dict[str, object] = {"volumes": self._planned()}
+        if not remote:
+            return make_workdir(owner=owner)
+        owner |= {"uri": self._conn.uri, "host": self._conn.host_id()}
+        try:
+            return make_workdir(owner=owner, for_qemu=False)
+        except ConnectorError:
+            return None
 
     def _planned(self) -> list[list[str]]:
         return [[self._pool_name, name] for name in self._vol_names.values()]

@@ -37,7 +37,6 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from vmkeep.connectors.libvirt.bindings import nbd, nbd_handle, one_line
 from vmkeep.connectors.libvirt.image_nbd import NbdImage, qemu_nbd_options
-from vmkeep.connectors.libvirt.nbd_reader import BASE_ALLOCATION
 from vmkeep.connectors.libvirt.replica_record import VolumeStamp
 from vmkeep.errors import ConnectorError
 
@@ -121,6 +120,12 @@ class SshTarget:
     def run(self, script: str, args: Sequence[str], what: str, timeout: float = 120.0) -> str:
         """`sh -c script` with `args` on the host; its stdout. ConnectorError (one line) when
         ssh cannot reach or log into the host, or the script fails."""
+        return self.run_bytes(script, args, what, timeout).decode("utf-8", "replace")
+
+    def run_bytes(
+        self, script: str, args: Sequence[str], what: str, timeout: float = 120.0
+    ) -> bytes:
+        """`run`, its stdout as the bytes sent."""
         argv = self.argv(["sh", "-c", script, "vmkeep", *args])
         try:
             done = subprocess.run(
@@ -137,7 +142,7 @@ class SshTarget:
                 f"cannot {what} on {self.host} over ssh: {_one_line(done.stderr)} "
                 f"(exit status {done.returncode})"
             )
-        return done.stdout.decode("utf-8", "replace")
+        return done.stdout
 
     def stat(self, paths: Sequence[str]) -> dict[str, VolumeStamp | str]:
         """path -> its identity on the host, or why it has none (missing). A failed ssh raises:
@@ -161,10 +166,12 @@ class SshTarget:
                 ) from None
         return found
 
-    def open_image(self, path: str, fmt: str, *, writable: bool, name: str = "") -> NbdImage:
+    def open_image(
+        self, path: str, fmt: str, *, writable: bool, name: str = "", bitmap: str | None = None
+    ) -> NbdImage:
         """`path` on the host served by a qemu-nbd there (image_nbd.NbdImage's interface);
         ConnectorError with ssh's or qemu-nbd's reason when it cannot be opened."""
-        return RemoteNbdImage(self, path, fmt, writable=writable, name=name)
+        return RemoteNbdImage(self, path, fmt, writable=writable, name=name, bitmap=bitmap)
 
 
 def _ns(stamp: str) -> int:
@@ -186,11 +193,18 @@ class RemoteNbdImage(NbdImage):
     exited (the image lock is free then: libvirt snapshots the replica next)."""
 
     def __init__(
-        self, target: SshTarget, path: str, fmt: str, *, writable: bool, name: str = ""
+        self,
+        target: SshTarget,
+        path: str,
+        fmt: str,
+        *,
+        writable: bool,
+        name: str = "",
+        bitmap: str | None = None,
     ) -> None:
         self._target = target
         self._proc: subprocess.Popen[bytes] | None = None
-        super().__init__(path, fmt, writable=writable, name=name)
+        super().__init__(path, fmt, writable=writable, name=name, bitmap=bitmap)
 
     def _connect(self, fmt: str) -> Any:
         mod = nbd()
@@ -198,7 +212,7 @@ class RemoteNbdImage(NbdImage):
         local = os.path.join(local_dir, "s")
         remote_dir = f"/tmp/vmkeep-nbd-{secrets.token_hex(8)}"
         remote = ["sh", "-c", _SERVE, "vmkeep-nbd", remote_dir]
-        remote += [*qemu_nbd_options(fmt, self.writable), self.path]
+        remote += [*qemu_nbd_options(fmt, self.writable, self.bitmap), self.path]
         forward = ["-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindMask=0177"]
         argv = self._target.argv(remote, [*forward, "-L", f"{local}:{remote_dir}/s"])
         try:
@@ -214,7 +228,7 @@ class RemoteNbdImage(NbdImage):
             self._wait_ready()
             h = nbd_handle()
             try:
-                h.add_meta_context(BASE_ALLOCATION)
+                self.add_contexts(h)
                 h.connect_unix(local)
             except mod.Error as exc:
                 with contextlib.suppress(Exception):

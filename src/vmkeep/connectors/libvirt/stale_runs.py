@@ -68,8 +68,8 @@ def _clean(conn: Connection, stale: StaleWorkdir, keep: Collection[str]) -> str:
             problem = checkpoints.delete(dom, stale.checkpoint, disks)
             done.append(problem or f"checkpoint {stale.checkpoint} deleted")
     if stale.volumes:
-        in_use = _disk_sources(conn)
-        done += [_drop_volume(conn, pool, name, in_use) for pool, name in stale.volumes]
+        in_use = disk_sources(conn)
+        done += [drop_volume(conn, pool, name, in_use) for pool, name in stale.volumes]
     if not remove_workdir(stale.path, []):
         done.append(f"could not remove {stale.path}")
     what = f" of domain {dom.name()}" if dom is not None else ""
@@ -78,7 +78,7 @@ def _clean(conn: Connection, stale: StaleWorkdir, keep: Collection[str]) -> str:
     )
 
 
-def _drop_volume(conn: Connection, pool_name: str, name: str, in_use: set[str]) -> str:
+def drop_volume(conn: Connection, pool_name: str, name: str, in_use: set[str]) -> str:
     """Delete a volume a killed restore (or replica copy) was creating, unless a domain uses it
     (the run got as far as defining its domain): `in_use`, every domain's image paths."""
     lv = libvirt()
@@ -95,7 +95,7 @@ def _drop_volume(conn: Connection, pool_name: str, name: str, in_use: set[str]) 
     return f"half-written volume {name} of pool {pool_name} deleted"
 
 
-def _disk_sources(conn: Connection) -> set[str]:
+def disk_sources(conn: Connection) -> set[str]:
     """Image paths of every defined domain's disks (volume disks resolved through their pool)."""
     lv = libvirt()
     paths = set()

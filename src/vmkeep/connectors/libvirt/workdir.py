@@ -10,9 +10,10 @@ with SIGKILL leaves the directory behind with its lock released: that, and only 
 per open file, so even another session of the same process counts as alive).
 
 A live backup over a remote URI has no run directory on the hypervisor, but makes one here all
-the same as its owner record (marker field `uri`: the libvirt URI, plus its remote scratch
-files): `stale_workdirs(uri=...)` finds the dead ones for that URI's clean-up (remote_runs.py),
-and the local clean-up never sees them."""
+the same as its owner record (marker fields `uri`: the libvirt URI, `host`: which hypervisor it
+reaches, plus its remote scratch files): `stale_workdirs(uri=..., host=...)` finds the dead ones
+for the clean-up of runs over that URI or host (remote_runs.py), and the local clean-up never
+sees them."""
 
 from __future__ import annotations
 
@@ -142,9 +143,10 @@ def update_marker(path: Path, fields: Mapping[str, object]) -> None:
         os.pwrite(fd, json.dumps({**owner, **fields}).encode(), 0)
 
 
-def stale_workdirs(root: Path = ROOT, uri: str = "") -> list[StaleWorkdir]:
+def stale_workdirs(root: Path = ROOT, uri: str = "", host: str = "") -> list[StaleWorkdir]:
     """Directories of vmkeep runs that died (their marker lock is free), oldest first: of
-    local runs, or with `uri` the records of runs over that remote libvirt URI."""
+    local runs, or with `uri` the records of runs over that remote libvirt URI, or over any
+    URI reaching the same `host` (marker field `host`, Connection.host_id)."""
     found: list[tuple[float, StaleWorkdir]] = []
     try:
         entries = list(root.iterdir())
@@ -154,7 +156,10 @@ def stale_workdirs(root: Path = ROOT, uri: str = "") -> list[StaleWorkdir]:
         if not NAME_RE.fullmatch(path.name) or not path.is_dir():
             continue
         owner = _stale_owner(path)
-        if owner is None or str(owner.get("uri") or "") != uri:
+        if owner is None:
+            continue
+        same_uri = str(owner.get("uri") or "") == uri
+        if not same_uri and not (uri and host and owner.get("host") == host):
             continue
         with contextlib.suppress(OSError):
             cp = owner.get("checkpoint")

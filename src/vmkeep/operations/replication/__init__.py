@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from vmkeep.connectors.libvirt.bindings import is_libvirt_error, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.connector import TcpExport, is_local_uri
+from vmkeep.connectors.libvirt.remote_runs import clean_remote_runs
 from vmkeep.connectors.libvirt.replica_snapshots import MAX_KEEP
 from vmkeep.connectors.libvirt.ssh_nbd import is_ssh_uri
 from vmkeep.connectors.libvirt.stale_runs import clean_stale_runs
@@ -71,6 +72,8 @@ def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationRepor
         # through whichever side is local (a remote source's killed job is not: as backups).
         local = src if access.local else dst if target_local else None
         cleaned = clean_stale_runs(local) if local is not None else []
+        if not target_local:  # a killed run's volumes in that host's pool (remote_runs.py)
+            cleaned += clean_remote_runs(dst)
         if options.mode == "full":
             report = replicate_full(
                 src, dst, dom, options.pool, options.keep, progress, not target_local, access

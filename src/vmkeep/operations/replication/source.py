@@ -6,8 +6,8 @@ the dirty extents of the previous one when it is intact; full replication makes 
 A source over a remote URI (vmkeep on a DR host pulling from a production host) is read as
 remote backups read it: a running one through the pull job's NBD export on TCP (--nbd-host,
 LIBVIRT-NOTES §16; scratch files next to its images on that host), a shut-off one through a
-read-only qemu-nbd started on that host over ssh, in full and without a checkpoint
-(remote_offline.py)."""
+read-only qemu-nbd started on that host over ssh, with its replication checkpoint's bitmaps
+added there by qemu-img over ssh (remote_offline.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from vmkeep.connectors.libvirt.offline import (
     begin_offline_backup,
     check_images_unchanged,
 )
-from vmkeep.connectors.libvirt.remote_offline import RemoteImageSession, begin_remote_offline
+from vmkeep.connectors.libvirt.remote_offline import begin_remote_offline
 from vmkeep.errors import ConnectorError
 
 # Notes of the backup path that speak of restore points; replication gives its own reasons.
@@ -75,7 +75,7 @@ class ImageSession:
         self.finish(ok=et is None)
 
 
-Session = LiveBackupSession | OfflineBackupSession | ImageSession | RemoteImageSession
+Session = LiveBackupSession | OfflineBackupSession | ImageSession
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,13 @@ def open_source(
             tcp=None if access.local else access.nbd.server(access.uri),
         )
     elif not access.local:
-        session = begin_remote_offline(conn, dom, access.uri)
+        session = begin_remote_offline(
+            conn,
+            dom,
+            access.uri,
+            previous,
+            checkpoint_prefix=checkpoints.REPLICATION_PREFIX if incremental else None,
+        )
     else:
         lv = libvirt()
         try:
