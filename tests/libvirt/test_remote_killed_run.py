@@ -19,12 +19,11 @@ import pytest
 
 from tests.e2e.conftest import VMKEEP, Cli, disk_hashes
 from tests.libvirt import libvirt_env as lv
-from tests.libvirt.backup_points import vmkeep_checkpoints
+from tests.libvirt.backup_points import image_bitmaps, vmkeep_checkpoints
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.ssh_transport import free_port, ssh_libvirt_uri
 from tests.libvirt.test_job_faults import run_records
 from tests.libvirt.test_live_remote_uri import HOST, listening, scratch_files
-from tests.libvirt.test_remote_source import image_bitmaps
 from vmkeep.connectors.libvirt import LibvirtConnector
 from vmkeep.connectors.libvirt.connector import TcpExport
 from vmkeep.connectors.libvirt.workdir import remove_workdir, stale_workdirs

@@ -8,7 +8,6 @@ and restores are compared byte for byte (qemu-img) with the test's model of the 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import subprocess
@@ -22,6 +21,7 @@ from tests.libvirt import libvirt_env as lv
 from tests.libvirt.backup_points import (
     CP_PREFIX,
     backup,
+    image_bitmaps,
     new_repo,
     offline_write,
     restored_hashes,
@@ -191,19 +191,6 @@ def no_leftovers_on_host() -> Iterator[None]:
     assert nbd_dirs() == before
 
 
-def image_bitmaps(d: lv.TestDomain) -> dict[str, list[str]]:
-    """target -> names of the persistent bitmaps in that disk's qcow2 image."""
-    found = {}
-    for disk in d.disks:
-        out = subprocess.run(
-            ["qemu-img", "info", "-U", "--output=json", str(disk.path)],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        data = json.loads(out).get("format-specific", {}).get("data", {})
-        found[disk.target] = sorted(b["name"] for b in data.get("bitmaps", []))
-    return found
-
-
 def test_shut_off_domain_over_ssh_uri(
     libvirt_env: LibvirtEnv,
     make_domain: Callable[..., lv.TestDomain],
@@ -221,12 +208,16 @@ def test_shut_off_domain_over_ssh_uri(
     d.guest_write("vda", 0, os.urandom(3 * MiB))
     d.guest_write("vdb", 8 * MiB, 0x5A, MiB)
     d.stop()
+    # a run killed between adding its bitmap and recording its checkpoint left this one
+    orphan = CP_PREFIX + "20261101T000000000000Z-dead"
+    subprocess.run(["qemu-img", "bitmap", "--add", str(d.disk("vdb").path), orphan], check=True)
     repo = new_repo(tmp_path / "repo")
     remote = LibvirtConnector(ssh_uri)  # no --nbd-host needed: no job, nothing on TCP
     try:
         full = backup(repo, remote, d, "full")
         full_models = models(d)
         assert any("read-only qemu-nbd over ssh" in n for n in full.notes), full.notes
+        assert any(f"bitmap {orphan} in" in n and "removed" in n for n in full.notes)
         assert full.stats.bytes_read == 2 * 4 * MiB  # the two 4 MiB chunks holding data
         (first_cp,) = vmkeep_checkpoints(d)
         assert image_bitmaps(d) == {"vda": [first_cp], "vdb": [first_cp]}

@@ -22,6 +22,7 @@ from vmkeep.connectors.libvirt.qemu_img import QemuImg
 # touched. Neither prefix is a prefix of the other.
 PREFIX = "vmkeep-backup-"
 REPLICATION_PREFIX = "vmkeep-repl-"
+PREFIXES = (PREFIX, REPLICATION_PREFIX)
 QCOW2_MAGIC = b"QFI\xfb"
 
 

@@ -22,6 +22,7 @@ from vmkeep.connectors.base import DiskReader, Extent
 from vmkeep.connectors.files.qcow2 import Qcow2FeatureError, Qcow2Reader
 from vmkeep.connectors.files.raw import RawDiskReader
 from vmkeep.connectors.libvirt import checkpoints, offline_checkpoint, qemu_img
+from vmkeep.connectors.libvirt.bindings import libvirt
 from vmkeep.connectors.libvirt.domxml import DomainDisk, started_meanwhile
 from vmkeep.connectors.libvirt.image_nbd import NbdImage
 from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader
@@ -221,6 +222,7 @@ def _make_checkpoint(
     tool = session.qemu_img
     images = [d.source for d in session.disks if d.source_type == "file" and d.fmt == "qcow2"]
     infos = qemu_img.image_infos(tool, images)
+    _remove_orphan_bitmaps(session, infos)
     untracked = _untracked(session.disks, infos)
     session.notes.extend(untracked.values())
     session.untracked = frozenset(untracked)
@@ -234,6 +236,29 @@ def _make_checkpoint(
     _plan_delta(session, tracked, previous, infos)
     offline_checkpoint.create(session.dom, session.checkpoint, session.disks, untracked, tool)
     session.checkpoint_made = True
+
+
+def _remove_orphan_bitmaps(
+    session: OfflineBackupSession, infos: Mapping[str, dict[str, Any]]
+) -> None:
+    """Remove the vmkeep bitmaps no checkpoint of the domain names: a run killed between
+    `qemu-img bitmap --add` and recording its checkpoint in libvirt left them, and QEMU would
+    record every write into them for good once the domain runs."""
+    lv = libvirt()
+    try:
+        known = {str(cp.getName()) for cp in session.dom.listAllCheckpoints(0)}
+    except lv.libvirtError:
+        return
+    orphans = [
+        (image, name)
+        for image, info in infos.items()
+        for name in qemu_img.bitmaps(info)
+        if name.startswith(checkpoints.PREFIXES) and name not in known
+    ]
+    left = qemu_img.remove_each(session.qemu_img, orphans)
+    for image, name in orphans:
+        done = "could not be removed" if (image, name) in left else "removed"
+        session.notes.append(f"bitmap {name} in {image}, of no checkpoint (a killed run's): {done}")
 
 
 def _untracked(disks: list[DomainDisk], infos: Mapping[str, dict[str, Any]]) -> dict[str, str]:

@@ -161,15 +161,20 @@ def add_bitmaps(tool: QemuImg, images: Sequence[str], name: str) -> dict[str, st
 def remove_bitmaps(tool: QemuImg | None, images: Iterable[str], name: str) -> list[str]:
     """Remove the bitmap `name` from each image; the images that may still hold it (None: no
     way to run qemu-img there, all of them)."""
-    images = list(images)
+    return [image for image, _ in remove_each(tool, [(i, name) for i in images])]
+
+
+def remove_each(tool: QemuImg | None, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Remove each (image, bitmap); the pairs that may still be there. A bitmap already gone
+    counts as removed."""
     if tool is None:
-        return images
+        return list(pairs)
     try:
-        runs = tool.run_each([["bitmap", "--remove", "--", i, name] for i in images])
+        runs = tool.run_each([["bitmap", "--remove", "--", i, b] for i, b in pairs])
     except ConnectorError:
-        return images
+        return list(pairs)
     return [
-        i
-        for i, r in zip(images, runs, strict=True)
+        pair
+        for pair, r in zip(pairs, runs, strict=True)
         if r.returncode != 0 and "not found" not in r.stderr.lower()
     ]
