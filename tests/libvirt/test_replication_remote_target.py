@@ -155,15 +155,31 @@ class KillRemoteQemuNbd(SilentProgress):
             time.sleep(0.02)
 
 
+def ssh_control_paths() -> list[str]:
+    """The control sockets of the ssh masters vmkeep runs (ssh_master.py)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().decode().split("\0")
+                if "-M" in argv and "ControlPersist=no" in argv:
+                    found += [a.split("=", 1)[1] for a in argv if a.startswith("ControlPath=")]
+    return found
+
+
 class RevokeKeyOnFirstDisk(SilentProgress):
-    """When the first disk's copy starts, the sshd refuses every new login (its open
-    connections stay): the second disk's qemu-nbd cannot be started."""
+    """When the first disk's copy starts, the sshd refuses every new login and the run's ssh
+    connection takes no new session (`ssh -O stop`; its open sessions stay, as after a network
+    change): the second disk's qemu-nbd needs a new login, which fails."""
 
     def __init__(self, keys: Path) -> None:
         self.keys = keys
 
     def start(self, description: str, total: int) -> None:
         self.keys.write_text("")
+        (control,) = ssh_control_paths()
+        stop = ["ssh", "-o", f"ControlPath={control}", "-O", "stop", "host"]
+        subprocess.run(stop, check=True, capture_output=True)
 
 
 KILLED_RUN = """

@@ -30,6 +30,7 @@ from vmkeep.connectors.libvirt.qemu_img import QemuImg, SshQemuImg
 from vmkeep.connectors.libvirt.qemu_nbd import QemuNbdExport
 from vmkeep.connectors.libvirt.replica_record import VolumeStamp, local_stat
 from vmkeep.connectors.libvirt.session_notes import NotingSession
+from vmkeep.connectors.libvirt.ssh_master import SshMaster
 from vmkeep.connectors.libvirt.ssh_nbd import SshTarget
 from vmkeep.connectors.libvirt.workdir import make_workdir, remove_workdir
 from vmkeep.errors import ConnectorError
@@ -115,7 +116,7 @@ class OfflineBackupSession(NotingSession):
         keep_checkpoints: int = 1,
         checkpoint_prefix: str | None = checkpoints.PREFIX,
         after: Callable[[], str | None] | None = None,
-        ssh: SshTarget | None = None,
+        ssh: SshMaster | None = None,
     ) -> None:
         self.dom = dom
         self.domain_name: str = dom.name()
@@ -130,8 +131,9 @@ class OfflineBackupSession(NotingSession):
         self.readers: dict[str, DiskReader] = {}
         self.exports: list[QemuNbdExport] = []
         self.workdir: Path | None = None
-        self.ssh = ssh
-        self.qemu_img: QemuImg = SshQemuImg(ssh) if ssh else qemu_img.LOCAL
+        self.ssh_master = ssh
+        self.ssh: SshTarget | None = ssh.target if ssh else None
+        self.qemu_img: QemuImg = SshQemuImg(self.ssh) if self.ssh else qemu_img.LOCAL
         self._after = after
         self.checkpoint_made = False
         self._finished = False
@@ -171,6 +173,8 @@ class OfflineBackupSession(NotingSession):
                     self._note(note)
             else:
                 self._note_if(delete(self.dom, self.checkpoint, self.disks))
+        if self.ssh_master is not None:
+            self.ssh_master.close()
         if self._after is not None:
             self._note_if(self._after())
 
@@ -184,14 +188,15 @@ def begin_offline_backup(
     max_connections: int = 8,
     checkpoint_prefix: str | None = checkpoints.PREFIX,
     after: Callable[[], str | None] | None = None,
-    ssh: SshTarget | None = None,
+    ssh: SshMaster | None = None,
 ) -> OfflineBackupSession:
     """Readers for every disk of the shut-off domain `dom`: dirty extents since the previous
     restore point's checkpoint when its bitmaps are intact, else a full read; a new checkpoint
     (of the `checkpoint_prefix` kind; None: none) whenever the images can hold one. `ssh`: the
-    images are files of that host. On failure nothing is left behind (and `after` ran)."""
+    images are files of that host (the session closes the connection). On failure nothing is
+    left behind (and `after` ran)."""
     name = dom.name()
-    where = f" on {ssh.host} through a read-only qemu-nbd over ssh" if ssh else ""
+    where = f" on {ssh.target.host} through a read-only qemu-nbd over ssh" if ssh else ""
     notes = [f"domain {name} is shut off: its images are read{where} without starting it"]
     session = OfflineBackupSession(
         dom,

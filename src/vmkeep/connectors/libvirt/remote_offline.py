@@ -1,10 +1,11 @@
 """A shut-off domain over a remote qemu+ssh:// URI: its images are files of that host, so each
 disk is read through a READ-ONLY qemu-nbd started there over ssh (ssh_nbd.RemoteNbdImage), and
-the checkpoint bitmaps are added and removed by qemu-img run there over ssh (qemu_img.py);
-vmkeep never opens the paths here. Image paths come from the domain XML, pool volumes resolved
-through the remote connection. Otherwise the run is offline.py's: the same delta planning, the
-same checkpoints, so the next run (offline or live) is a delta. Killed live runs over this
-URI's host are cleaned up first, as a live run does (remote_runs.py).
+the checkpoint bitmaps are added and removed by qemu-img run there over ssh (qemu_img.py), all
+over one ssh connection (ssh_master.py); vmkeep never opens the paths here. Image paths come
+from the domain XML, pool volumes resolved through the remote connection. Otherwise the run is
+offline.py's: the same delta planning, the same checkpoints, so the next run (offline or live)
+is a delta. Killed live runs over this URI's host are cleaned up first, as a live run does
+(remote_runs.py).
 
 Nothing but the checkpoint stays on the host: closing a reader ends its qemu-nbd and removes its
 /tmp directory there, also when vmkeep dies (ssh_nbd.py)."""
@@ -21,6 +22,7 @@ from vmkeep.connectors.libvirt.domxml import parse_disks, resolve_volume
 from vmkeep.connectors.libvirt.image_nbd import FORMATS
 from vmkeep.connectors.libvirt.offline import OfflineBackupSession, begin_offline_backup
 from vmkeep.connectors.libvirt.remote_runs import clean_remote_runs
+from vmkeep.connectors.libvirt.ssh_master import SshMaster
 from vmkeep.connectors.libvirt.ssh_nbd import SshTarget, is_ssh_uri
 from vmkeep.errors import ConnectorError
 
@@ -63,11 +65,12 @@ def begin_remote_offline(
                 )
             if d.fmt not in FORMATS:
                 raise ConnectorError(f"disk {d.target}: image format {d.fmt!r} is not supported")
+        cleaned = clean_remote_runs(conn, keep={c for c in previous.values() if c})
+        master = SshMaster(target)  # closed by the session
     except BaseException:
         if after is not None:
             after()
         raise
-    cleaned = clean_remote_runs(conn, keep={c for c in previous.values() if c})
     session = begin_offline_backup(
         dom,
         disks,
@@ -75,7 +78,7 @@ def begin_remote_offline(
         keep_checkpoints=keep_checkpoints,
         checkpoint_prefix=checkpoint_prefix,
         after=after,
-        ssh=target,
+        ssh=master,
     )
     session.notes[:0] = cleaned
     return session

@@ -81,6 +81,7 @@ class SshTarget:
     keyfile: str | None = None
     command: str = "ssh"  # the ssh client (the URI's `command=`)
     no_verify: bool = False  # accept an unknown host key (the URI's `no_verify=1`)
+    control_path: str = ""  # an open connection to share (ssh_master.py)
 
     @staticmethod
     def from_uri(uri: str) -> SshTarget:
@@ -102,9 +103,10 @@ class SshTarget:
     def where(self) -> str:
         return f"{self.user}@{self.host}" if self.user else self.host
 
-    def argv(self, remote: Sequence[str], options: Sequence[str] = ()) -> list[str]:
-        """The ssh command running `remote` (an argv, quoted for the remote shell) there.
-        BatchMode: vmkeep never prompts (a password-only login fails with ssh's message)."""
+    def argv(self, remote: Sequence[str] | None, options: Sequence[str] = ()) -> list[str]:
+        """The ssh command running `remote` (an argv, quoted for the remote shell; None: no
+        command) there. BatchMode: vmkeep never prompts (a password-only login fails with ssh's
+        message)."""
         cmd = [self.command, "-T", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
         cmd += ["-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=15"]
         if self.no_verify:
@@ -115,7 +117,10 @@ class SshTarget:
             cmd += ["-p", str(self.port)]
         if self.user:
             cmd += ["-l", self.user]
-        return [*cmd, *options, "--", self.host, shlex.join(remote)]
+        if self.control_path:
+            cmd += ["-o", f"ControlPath={self.control_path}", "-o", "ControlMaster=no"]
+        command = [] if remote is None else [shlex.join(remote)]
+        return [*cmd, *options, "--", self.host, *command]
 
     def run(self, script: str, args: Sequence[str], what: str, timeout: float = 120.0) -> str:
         """`sh -c script` with `args` on the host; its stdout. ConnectorError (one line) when
@@ -139,7 +144,7 @@ class SshTarget:
             ) from None
         if done.returncode != 0:
             raise ConnectorError(
-                f"cannot {what} on {self.host} over ssh: {_one_line(done.stderr)} "
+                f"cannot {what} on {self.host} over ssh: {error_line(done.stderr)} "
                 f"(exit status {done.returncode})"
             )
         return done.stdout
@@ -182,7 +187,7 @@ def _ns(stamp: str) -> int:
     return int(sec) * 1_000_000_000 + int((frac + "000000000")[:9])
 
 
-def _one_line(err: bytes | str) -> str:
+def error_line(err: bytes | str) -> str:
     text = err.decode("utf-8", "replace") if isinstance(err, bytes) else err
     lines = [ln.strip().removeprefix("qemu-nbd: ") for ln in text.splitlines() if ln.strip()]
     return " ".join(lines) or "no message"
@@ -208,7 +213,7 @@ class RemoteNbdImage(NbdImage):
 
     def _connect(self, fmt: str) -> Any:
         mod = nbd()
-        local_dir = tempfile.mkdtemp(prefix="vmkeep-nbd-", dir=_short_tmp())
+        local_dir = tempfile.mkdtemp(prefix="vmkeep-nbd-", dir=short_tmp())
         local = os.path.join(local_dir, "s")
         remote_dir = f"/tmp/vmkeep-nbd-{secrets.token_hex(8)}"
         remote = ["sh", "-c", _SERVE, "vmkeep-nbd", remote_dir]
@@ -283,7 +288,7 @@ class RemoteNbdImage(NbdImage):
         _close(proc.stdout)
 
 
-def _short_tmp() -> str:
+def short_tmp() -> str:
     """$TMPDIR unless it is too long for a Unix socket path (108 bytes with the names)."""
     tmp = tempfile.gettempdir()
     return tmp if len(tmp) <= 64 else "/tmp"

@@ -79,10 +79,10 @@ def replicate(options: ReplicateOptions, progress: Progress) -> ReplicationRepor
                 src, dst, dom, options.pool, options.keep, progress, not target_local, access
             )
         else:
-            volumes = ReplicaVolumes.for_uri(target, target_local)
-            report = replicate_incremental(
-                src, dst, dom, options.pool, options.keep, progress, volumes, access
-            )
+            with ReplicaVolumes.for_uri(target, target_local) as volumes:
+                report = replicate_incremental(
+                    src, dst, dom, options.pool, options.keep, progress, volumes, access
+                )
         report.notes[:0] = cleaned
     except Exception as exc:
         if is_libvirt_error(exc):  # a libvirt call not wrapped on the way (e.g. libvirtd died)
