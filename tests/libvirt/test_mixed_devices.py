@@ -27,10 +27,11 @@ from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.replica_checks import GRAN, cleanup, replica_images
 from tests.libvirt.replica_checks import models as replica_models
 from tests.libvirt.replica_checks import run as replica_run
+from tests.libvirt.test_restore_remote_uri import ssh_uri
 from vmkeep.connectors.libvirt import LibvirtConnector
 
 MiB = lv.MiB
-__all__ = ["cleanup"]  # a fixture, used by name
+__all__ = ["cleanup", "ssh_uri"]  # fixtures, used by name
 
 
 def mixed_xml(d: lv.TestDomain, iso: Path) -> str:
@@ -85,7 +86,7 @@ def mixed_domain(libvirt_env: LibvirtEnv, tmp_path: Path) -> Iterator[MixedDomai
 
 
 def test_sata_raw_and_cdrom(
-    mixed_domain: MixedDomain, connector: LibvirtConnector, tmp_path: Path
+    mixed_domain: MixedDomain, connector: LibvirtConnector, tmp_path: Path, ssh_uri: str
 ) -> None:
     d = mixed_domain
     repo = new_repo(tmp_path / "repo")
@@ -118,6 +119,17 @@ def test_sata_raw_and_cdrom(
     assert not d.dom.isActive()
     assert off.stats.bytes_read == dirty_chunks(("sda", 14 * MiB, 4096)) + 8 * MiB, off.notes
     points.append((off.restore_point, models(d)))
+    # The same over qemu+ssh:// (images read on "the host", the checkpoint made there).
+    offline_write(d, "sda", 3 * MiB, 0x77, 4096)
+    raw_write(d, "vdb", 2 * MiB, 0x78, 4096)
+    remote = LibvirtConnector(ssh_uri)
+    try:
+        off_ssh = backup(repo, remote, d, "delta")
+    finally:
+        remote.close()
+    assert off_ssh.stats.bytes_read == dirty_chunks(("sda", 3 * MiB, 4096)) + 8 * MiB
+    assert any("over ssh" in n for n in off_ssh.notes), off_ssh.notes
+    points.append((off_ssh.restore_point, models(d)))
     # Started again, the live job bases on the offline checkpoint.
     d.start()
     d.guest_write("vda", 20 * MiB, 0x66, 4096)
