@@ -38,7 +38,7 @@ def make_image(path: Path, size: str = "8M") -> str:
 def test_batches_match_qemu_img_run_here(ssh_uri: str, tmp_path: Path) -> None:
     remote = qemu_img.SshQemuImg(SshTarget.from_uri(ssh_uri))
     # a name the remote shell must not split or expand
-    odd = make_image(tmp_path / "a b'$(touch x)\"c.qcow2")
+    odd = make_image(tmp_path / "a b'$(touch x)\"c-é€.qcow2")  # and multi-byte UTF-8
     plain = make_image(tmp_path / "plain.qcow2", "16M")
     assert qemu_img.add_bitmaps(remote, [odd, plain], "vmkeep-bm") == {}
     infos = qemu_img.image_infos(remote, [odd, plain])

@@ -101,10 +101,14 @@ class SshQemuImg:
                 ) from None
             if not sep or len(out) < n_out + n_err:
                 raise ConnectorError(f"qemu-img output from {self.host} was cut short")
-            text = out[: n_out + n_err].decode("utf-8", "replace")
-            runs.append(QemuImgRun(rc, text[:n_out] if n_out else "", text[n_out:]))
+            stdout, stderr = out[:n_out], out[n_out : n_out + n_err]  # bytes, not characters
+            runs.append(QemuImgRun(rc, _text(stdout), _text(stderr)))
             out = out[n_out + n_err :]
         return runs
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
 
 
 LOCAL = LocalQemuImg()
