@@ -120,6 +120,22 @@ def test_lost_or_removed_bitmap_falls_back_to_full(
     (cp2,) = vmkeep_checkpoints(d)
     assert cp2 != cp and image_bitmaps(d) == {"vda": [cp2]}
 
+    # An image vmkeep may read but not write (immutable): no new checkpoint, but the backup is
+    # made (still a delta on cp2), and the next one reads in full.
+    offline_write(d, "vda", 20 * MiB, 0x24, 4096)
+    subprocess.run(["chattr", "+i", str(lv_img)], check=True)
+    try:
+        frozen = backup(repo, connector, d, "delta")
+    finally:
+        subprocess.run(["chattr", "-i", str(lv_img)], check=True)
+    assert any("no checkpoint could be made" in n for n in frozen.notes), frozen.notes
+    assert frozen.stats.bytes_read == dirty_chunks(("vda", 20 * MiB, 4096)), frozen.notes
+    assert vmkeep_checkpoints(d) == [cp2] and image_bitmaps(d) == {"vda": [cp2]}
+    assert restored_hashes(repo, frozen.restore_point, tmp_path / "c") == models(d)
+    thawed = backup(repo, connector, d, "delta")
+    assert any("has no checkpoint" in n for n in thawed.notes), thawed.notes
+    assert restored_hashes(repo, thawed.restore_point, tmp_path / "d") == models(d)
+
 
 def test_offline_option_timeout_force_and_failure(
     libvirt_env: LibvirtEnv, make_domain: object, connector: LibvirtConnector, tmp_path: Path

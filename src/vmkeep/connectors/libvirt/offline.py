@@ -239,7 +239,16 @@ def _make_checkpoint(
         session.notes.append(f"every run reads {', '.join(sorted(untracked))} in full")
     session.checkpoint = checkpoints.new_name(prefix)
     _plan_delta(session, tracked, previous, infos)
-    offline_checkpoint.create(session.dom, session.checkpoint, session.disks, untracked, tool)
+    try:
+        offline_checkpoint.create(session.dom, session.checkpoint, session.disks, untracked, tool)
+    except ConnectorError as exc:
+        # e.g. an image vmkeep may read but not write: back it up all the same, as a live job
+        # does when QEMU cannot store bitmaps
+        session.notes.append(
+            f"no checkpoint could be made ({exc}): the next backup reads every disk in full"
+        )
+        session.checkpoint = None
+        return
     session.checkpoint_made = True
 
 
