@@ -107,10 +107,15 @@ def test_restore_over_ssh_uri_into_pool_b(
         assert lv.sha256(restored) == lv.sha256(model)
         check = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
-        # In place over a remote URI: refused in one line, nothing touched.
-        with pytest.raises(ConnectorError, match="not supported") as exc:
-            restore_vm(repo, remote, point, name, SilentProgress(), in_place=True, force=True)
-        assert "\n" not in str(exc.value)
+        # In place over the remote URI (its images written by a qemu-nbd started there over
+        # ssh): 64 KiB changed on the host -> only that 4 MiB chunk is written back.
+        write = f"write -P 0x3c {10 * MiB} 65536"
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", write, str(path)], check=True,
+                       capture_output=True)  # fmt: skip
+        assert lv.sha256(lv.qemu_img_raw(path, tmp_path / "changed.raw")) != lv.sha256(model)
+        again = restore_vm(repo, remote, point, name, SilentProgress(), in_place=True, force=True)
+        assert again.location == name and again.bytes_written == 4 * MiB, again
+        assert lv.sha256(lv.qemu_img_raw(path, tmp_path / "again.raw")) == lv.sha256(model)
     finally:
         remote.close()
         remove_domain_in(libvirt_env, pool_b, name)

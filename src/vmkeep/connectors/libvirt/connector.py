@@ -28,7 +28,8 @@ from vmkeep.connectors.libvirt.power import OfflinePolicy, shut_down, start_agai
 from vmkeep.connectors.libvirt.remote_offline import begin_remote_offline
 from vmkeep.connectors.libvirt.remote_runs import clean_remote_runs
 from vmkeep.connectors.libvirt.restore import KEEP_MACS_KEY, NewDomainSink
-from vmkeep.connectors.libvirt.ssh_nbd import is_ssh_uri
+from vmkeep.connectors.libvirt.ssh_master import SshMaster
+from vmkeep.connectors.libvirt.ssh_nbd import SshTarget, is_ssh_uri
 from vmkeep.connectors.libvirt.stale_runs import clean_stale_runs
 from vmkeep.errors import ConnectorError, NotFoundError
 
@@ -210,6 +211,11 @@ class LibvirtConnector:
         where = disk_images(self._conn.ensure(), dom).get(disk.name)
         if where is None:
             raise NotFoundError(f"domain {vm.name} has no disk {disk.name!r}")
+        if not self.local:
+            if not is_ssh_uri(self.uri):
+                raise ConnectorError(f"the images of {vm.name} over {self.uri} cannot be read")
+            ssh = SshTarget.from_uri(self.uri)
+            return ssh.open_image(where.path, where.fmt, writable=False, name=disk.name)
         return open_image(where.path, where.fmt, writable=False, name=disk.name)
 
     def create_vm(self, config: VmConfig, target: str) -> VmSink:
@@ -223,16 +229,28 @@ class LibvirtConnector:
         return NewDomainSink(self._conn, config, target, upload=not self.local)
 
     def overwrite_vm(self, vm: VmConfig) -> VmSink:
-        """The existing domain's disks, written where they differ (inplace_restore.py)."""
+        """The existing domain's disks, written where they differ (inplace_restore.py); over a
+        qemu+ssh:// URI through qemu-nbd started on that host over one ssh connection."""
+        master = None
         if not self.local:
-            raise ConnectorError(
-                f"in-place restore over {self.uri} is not supported (the disks are written "
-                "through their local paths): run vmkeep on the hypervisor host, or restore as "
-                "a new domain"
+            if not is_ssh_uri(self.uri):
+                raise ConnectorError(
+                    f"in-place restore over {self.uri} writes the disks through qemu-nbd started "
+                    "on the host over ssh, which needs a qemu+ssh:// URI: restore as a new domain"
+                )
+            master = SshMaster(SshTarget.from_uri(self.uri))
+        try:
+            sink = InPlaceSink(
+                self._conn.ensure(),
+                self._domain(vm),
+                vm,
+                stop_running=self.power_off_running,
+                ssh=master,
             )
-        sink = InPlaceSink(
-            self._conn.ensure(), self._domain(vm), vm, stop_running=self.power_off_running
-        )
+        except BaseException:
+            if master is not None:
+                master.close()
+            raise
         self._in_place = sink
         return sink
 

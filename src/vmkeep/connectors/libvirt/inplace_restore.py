@@ -2,11 +2,13 @@
 read-write through a private qemu-nbd (image_nbd), the engine reads each chunk through the same
 connection, compares its hash with the restore point and writes only the chunks that differ.
 
-Only shut-off, persistent domains whose disks are local files (type='file', or type='volume' in
-a dir/fs/netfs pool) in qcow2 or raw are written. A running domain is refused unless the caller
-asked for a power-off: then it is destroyed (virDomainDestroy: QEMU is killed, the guest gets no
-shutdown — its disks are about to be overwritten anyway). QEMU's image locks make qemu-nbd refuse
-an image some other process (another domain, a backup) still holds.
+Only shut-off, persistent domains whose disks are files (type='file', or type='volume' in a
+dir/fs/netfs pool) in qcow2 or raw are written: on this host, or on the host of a qemu+ssh://
+URI through a qemu-nbd started there over one ssh connection (ssh_nbd.py, ssh_master.py). A
+running domain is refused unless the caller asked for a power-off: then it is destroyed
+(virDomainDestroy: QEMU is killed, the guest gets no shutdown — its disks are about to be
+overwritten anyway). QEMU's image locks make qemu-nbd refuse an image some other process
+(another domain, a backup) still holds.
 
 There is no undo: an aborted in-place restore leaves the disks partly restored; running the
 restore again writes only what still differs."""
@@ -33,6 +35,7 @@ from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.domxml import is_active
 from vmkeep.connectors.libvirt.image_nbd import FORMATS, NbdImage, open_image
 from vmkeep.connectors.libvirt.restore import FILE_POOL_TYPES
+from vmkeep.connectors.libvirt.ssh_master import SshMaster
 from vmkeep.errors import ConnectorError, NotFoundError
 
 log = logging.getLogger(__name__)
@@ -41,7 +44,7 @@ STOP_TIMEOUT = 30.0
 
 @dataclass(frozen=True)
 class DiskImage:
-    """Where one disk of a shut-off domain lives on this host."""
+    """Where one disk of a shut-off domain lives on its host."""
 
     target: str  # vda, ...
     path: str
@@ -50,7 +53,7 @@ class DiskImage:
 
 
 def disk_images(conn: Any, dom: Any) -> dict[str, DiskImage]:
-    """The local image of every hard disk in the domain's persistent definition; one-line
+    """The image file of every hard disk in the domain's persistent definition; one-line
     ConnectorError for a disk vmkeep cannot open as a file (block, network, odd pools)."""
     lv = libvirt()
     try:
@@ -145,8 +148,11 @@ class _SharedReader:
 class InPlaceSink:
     """The disks of the existing domain `vm`, opened for writing as they are."""
 
-    def __init__(self, conn: Any, dom: Any, vm: VmConfig, *, stop_running: bool) -> None:
+    def __init__(
+        self, conn: Any, dom: Any, vm: VmConfig, *, stop_running: bool, ssh: SshMaster | None = None
+    ) -> None:
         lv = libvirt()
+        self._ssh = ssh  # the images are files of that host (closed when the sink finishes)
         self.uuid = vm.uuid
         self.location = str(dom.name())
         try:
@@ -183,7 +189,8 @@ class InPlaceSink:
             where = self._images_at.get(disk_name)
             if where is None:
                 raise NotFoundError(f"domain {self.location} has no disk {disk_name!r}")
-            img = open_image(where.path, where.fmt, writable=True, name=disk_name)
+            opener = open_image if self._ssh is None else self._ssh.target.open_image
+            img = opener(where.path, where.fmt, writable=True, name=disk_name)
             self._open[disk_name] = img
         return img
 
@@ -220,6 +227,8 @@ class InPlaceSink:
 
     def _finish(self) -> None:
         self.finished = True
+        if self._ssh is not None:
+            self._ssh.close()
         for where in self._images_at.values():
             if where.pool is not None:
                 with contextlib.suppress(Exception):
