@@ -14,6 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests.libvirt import libvirt_env as lv
+from tests.libvirt.backup_points import (
+    backup,
+    new_repo,
+    point_ids,
+    restored_hashes,
+    vmkeep_checkpoints,
+)
+from tests.libvirt.backup_points import models as backup_models
 from tests.libvirt.begin_kill import killed_inside_backup_begin
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.replica_checks import (
@@ -26,6 +34,7 @@ from tests.libvirt.replica_checks import (
     replica_images,
     run,
 )
+from vmkeep.connectors.libvirt import LibvirtConnector
 from vmkeep.connectors.libvirt.replica_domains import disk_paths
 from vmkeep.connectors.libvirt.replica_record import read_record
 from vmkeep.errors import ConnectorError
@@ -349,3 +358,61 @@ def test_run_killed_right_after_defining_its_replica(
     assert replica_images(libvirt_env, name, tmp_path) == models(d)
     with pytest.raises(libvirt.libvirtError):
         libvirt_env.conn.lookupByName(dead)
+
+
+KILLED_AFTER_SAVING = """
+import os, signal, sys
+from vmkeep.connectors.libvirt import LibvirtConnector
+from vmkeep.connectors.libvirt.live import LiveBackupSession
+from vmkeep.operations.backup import BackupOptions, backup_vm
+from vmkeep.progress import SilentProgress
+from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository.repository import Repository
+
+def die_once_saved(self, ok):  # the restore point is written: killed before the clean-up
+    os.kill(os.getpid(), signal.SIGKILL)
+
+LiveBackupSession.finish = die_once_saved
+repo = Repository.open(LocalRemote(sys.argv[1]), lambda: b"pw")
+backup_vm(repo, LibvirtConnector(sys.argv[3]), sys.argv[2], BackupOptions(mode="delta"),
+          SilentProgress(), "libvirt")
+"""
+
+
+def test_replication_keeps_the_checkpoint_of_a_backup_killed_after_saving(
+    libvirt_env: LibvirtEnv,
+    make_domain: Callable[..., lv.TestDomain],
+    cleanup: list[str],
+    tmp_path: Path,
+) -> None:
+    """A backup SIGKILLed after writing its restore point leaves its run directory and the
+    checkpoint that point names. A replication cleans up first and has no restore points to
+    ask: the run's marker (`committing`, set before the point was written) keeps the
+    checkpoint, so the next backup is still a delta."""
+    d = make_domain((32 * MiB,))
+    cleanup.append(d.name + "-replica")
+    d.guest_write("vda", 0, os.urandom(8 * MiB))
+    repo = new_repo(tmp_path / "repo")
+    connector = LibvirtConnector(lv.URI)
+    try:
+        full = backup(repo, connector, d, "full")
+        d.guest_write("vda", 20 * MiB, os.urandom(4096))
+        root = str(repo.remote.root)  # type: ignore[attr-defined]
+        killed = subprocess.run(
+            [sys.executable, "-c", KILLED_AFTER_SAVING, root, d.name, lv.URI],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert killed.returncode == -9, killed.stderr
+        (saved,) = set(point_ids(repo)) - {full.restore_point}
+        token = repo.load_manifest(saved).disks[0].change_token
+        assert token in vmkeep_checkpoints(d)
+
+        report = run(libvirt_env, d)  # cleans the dead run's directory up first
+        assert any(f"checkpoint {token} kept" in n for n in report.notes), report.notes
+        assert token in vmkeep_checkpoints(d)
+        d.guest_write("vda", 28 * MiB, os.urandom(4096))
+        delta = backup(repo, connector, d, "delta")
+    finally:
+        connector.close()
+    assert delta.stats.bytes_read == 4 * MiB, delta.notes  # on the killed run's checkpoint
+    assert restored_hashes(repo, delta.restore_point, tmp_path / "r") == backup_models(d)

@@ -109,6 +109,12 @@ class LiveBackupSession(NotingSession):
                 "from outside, or the VM stopped): what was read may not be one point in time, "
                 "so no restore point is written"
             )
+        # The caller now writes what names the checkpoint (restore point, replica record): a
+        # run killed from here on leaves it to the clean-up as kept, whatever that run's
+        # caller knows (a replication's clean-up has no restore points to ask).
+        for held in (self.workdir, self.record):
+            if held is not None:
+                update_marker(held, {"committing": True})
 
     def finish(self, ok: bool) -> None:
         """Close the readers, end the job, remove socket and scratch files; not ok: delete the

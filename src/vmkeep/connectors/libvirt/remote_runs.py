@@ -87,6 +87,8 @@ def _clean(conn: Connection, stale: StaleWorkdir, keep: Collection[str]) -> str:
             )
         if stale.checkpoint in keep:
             done.append(f"checkpoint {stale.checkpoint} kept: its restore point was written")
+        elif stale.checkpoint and stale.owner.get("committing"):
+            done.append(f"checkpoint {stale.checkpoint} kept: the run was saving what names it")
         elif stale.checkpoint:
             # a shut-off domain's bitmaps are removed by qemu-img over ssh (if the URI has it)
             tool = qemu_img.for_uri(conn.uri, local=False)

@@ -60,6 +60,8 @@ def _clean(conn: Connection, stale: StaleWorkdir, keep: Collection[str]) -> str:
             done.append(f"could not end its backup job: {problem}" if problem else "job ended")
         if stale.checkpoint in keep:
             done.append(f"checkpoint {stale.checkpoint} kept: its restore point was written")
+        elif stale.checkpoint and stale.owner.get("committing"):
+            done.append(f"checkpoint {stale.checkpoint} kept: the run was saving what names it")
         elif stale.checkpoint:
             try:
                 disks = parse_disks(dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE))
