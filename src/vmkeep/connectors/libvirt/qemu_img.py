@@ -2,8 +2,9 @@
 qemu+ssh:// URI. libvirt cannot add or remove a bitmap in an inactive domain's image
 (offline_checkpoint.py), and over a remote URI vmkeep cannot open the image files itself.
 
-Remote commands go in batches, one ssh login per batch: a login costs 0.2-0.4 s, and an offline
-run asks the same of every disk at once (info, `bitmap --add`, `bitmap --remove`). The batch
+Remote commands go in batches, one ssh session per batch (over the run's shared connection,
+ssh_master.py, ~0.15 s; a login of its own costs 0.2-0.4 s): an offline run asks the same of
+every disk at once (info, `bitmap --add`, `bitmap --remove`). The batch
 script runs each command with its output in a private directory and frames the results as
 
     <exit status> <stdout bytes> <stderr bytes>\\n<stdout><stderr>
