@@ -21,6 +21,7 @@ class Connection:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self._conn: Any = None
+        self._host_id = ""  # host_id(), once known
 
     @property
     def conn(self) -> Any:
@@ -97,7 +98,10 @@ class Connection:
     def host_id(self) -> str:
         """This hypervisor whatever the URI's spelling (`root@kvm2` or `kvm2`, with or without
         options): the driver, the URI's path and the host UUID from libvirt's capabilities,
-        e.g. "qemu:///system 2b02...". "" when libvirt tells no UUID."""
+        e.g. "qemu:///system 2b02...". "" when libvirt tells no UUID. Asked once per
+        connection object (a run asks for it for its record and for the clean-up)."""
+        if self._host_id:
+            return self._host_id
         lv = libvirt()
         try:
             caps = ET.fromstring(self.ensure().getCapabilities())
@@ -107,7 +111,8 @@ class Connection:
         if not host_uuid:
             return ""
         parts = urlsplit(self.uri)
-        return f"{parts.scheme.split('+')[0]}://{parts.path or '/'} {host_uuid}"
+        self._host_id = f"{parts.scheme.split('+')[0]}://{parts.path or '/'} {host_uuid}"
+        return self._host_id
 
     def close(self) -> None:
         if self._conn is not None:

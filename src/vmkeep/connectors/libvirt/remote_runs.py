@@ -22,13 +22,12 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from vmkeep.connectors.libvirt import checkpoints, qemu_img
+from vmkeep.connectors.libvirt import qemu_img
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.domxml import DomainDisk, parse_disks, resolve_volume
 from vmkeep.connectors.libvirt.job_settle import SETTLE_TIMEOUT, job_starting
 from vmkeep.connectors.libvirt.live import end_job
-from vmkeep.connectors.libvirt.stale_runs import disk_sources, drop_volume
+from vmkeep.connectors.libvirt.stale_runs import drop_volumes, settle_checkpoint
 from vmkeep.connectors.libvirt.workdir import (
     ROOT,
     StaleWorkdir,
@@ -85,19 +84,10 @@ def _clean(conn: Connection, stale: StaleWorkdir, keep: Collection[str]) -> str:
             raise ConnectorError(
                 f"domain {dom.name()} has a backup job that is not this run's: left alone"
             )
-        if stale.checkpoint in keep:
-            done.append(f"checkpoint {stale.checkpoint} kept: its restore point was written")
-        elif stale.checkpoint and stale.owner.get("committing"):
-            done.append(f"checkpoint {stale.checkpoint} kept: the run was saving what names it")
-        elif stale.checkpoint:
-            # a shut-off domain's bitmaps are removed by qemu-img over ssh (if the URI has it)
-            tool = qemu_img.for_uri(conn.uri, local=False)
-            problem = checkpoints.delete(dom, stale.checkpoint, _disks(conn, dom), tool)
-            done.append(problem or f"checkpoint {stale.checkpoint} deleted")
+        # a shut-off domain's bitmaps are removed by qemu-img over ssh (if the URI has it)
+        done += settle_checkpoint(conn, dom, stale, keep, qemu_img.for_uri(conn.uri, local=False))
     done += delete_scratch(conn, scratch.values(), wait=ended)
-    if stale.volumes:  # a restore or replica copy over this URI was creating them
-        in_use = disk_sources(conn)
-        done += [drop_volume(conn, pool, name, in_use) for pool, name in stale.volumes]
+    done += drop_volumes(conn, stale)  # a restore or replica copy over this URI made them
     if not remove_workdir(stale.path, []):
         done.append(f"could not remove {stale.path}")
     what = f" of domain {dom.name()}" if dom is not None else ""
@@ -121,16 +111,6 @@ def _domain(conn: Connection, uuid: str) -> Any | None:
         return conn.lookup(uuid)
     except NotFoundError:
         return None
-
-
-def _disks(conn: Connection, dom: Any) -> list[DomainDisk]:
-    """The domain's disks with their image paths on its host ([] when libvirt cannot tell)."""
-    lv = libvirt()
-    try:
-        xml = dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)
-        return [resolve_volume(conn.ensure(), d) for d in parse_disks(xml)]
-    except (lv.libvirtError, ConnectorError):
-        return []
 
 
 def _settle(dom: Any) -> None:

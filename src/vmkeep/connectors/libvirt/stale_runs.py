@@ -20,10 +20,10 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from vmkeep.connectors.libvirt import checkpoints
+from vmkeep.connectors.libvirt import checkpoints, qemu_img
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.domxml import parse_disks, resolve_volume
+from vmkeep.connectors.libvirt.domxml import DomainDisk, parse_disks, resolve_volume
 from vmkeep.connectors.libvirt.job_settle import settle_stale_jobs
 from vmkeep.connectors.libvirt.live import end_job
 from vmkeep.connectors.libvirt.workdir import ROOT, StaleWorkdir, remove_workdir, stale_workdirs
@@ -51,27 +51,14 @@ def clean_stale_runs(conn: Connection, root: Path = ROOT, keep: Collection[str] 
 
 
 def _clean(conn: Connection, stale: StaleWorkdir, keep: Collection[str]) -> str:
-    lv = libvirt()
     done = [f"qemu-nbd {pid} stopped" for pid in stop_servers(stale.path)]
     dom = _domain(conn, stale.domain_uuid)
     if dom is not None:
         if job_socket_dir(dom) == stale.path:
             problem = end_job(dom)
             done.append(f"could not end its backup job: {problem}" if problem else "job ended")
-        if stale.checkpoint in keep:
-            done.append(f"checkpoint {stale.checkpoint} kept: its restore point was written")
-        elif stale.checkpoint and stale.owner.get("committing"):
-            done.append(f"checkpoint {stale.checkpoint} kept: the run was saving what names it")
-        elif stale.checkpoint:
-            try:
-                disks = parse_disks(dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE))
-            except lv.libvirtError:
-                disks = []
-            problem = checkpoints.delete(dom, stale.checkpoint, disks)
-            done.append(problem or f"checkpoint {stale.checkpoint} deleted")
-    if stale.volumes:
-        in_use = disk_sources(conn)
-        done += [drop_volume(conn, pool, name, in_use) for pool, name in stale.volumes]
+        done += settle_checkpoint(conn, dom, stale, keep, qemu_img.LOCAL)
+    done += drop_volumes(conn, stale)
     if not remove_workdir(stale.path, []):
         done.append(f"could not remove {stale.path}")
     what = f" of domain {dom.name()}" if dom is not None else ""
@@ -80,7 +67,46 @@ def _clean(conn: Connection, stale: StaleWorkdir, keep: Collection[str]) -> str:
     )
 
 
-def drop_volume(conn: Connection, pool_name: str, name: str, in_use: set[str]) -> str:
+def settle_checkpoint(
+    conn: Connection,
+    dom: Any,
+    stale: StaleWorkdir,
+    keep: Collection[str],
+    tool: qemu_img.QemuImg | None,
+) -> list[str]:
+    """A dead run's checkpoint: kept when a restore point names it (`keep`) or the run was
+    saving one (marker `committing`), else deleted (a shut-off domain's bitmaps through `tool`,
+    where qemu-img reaches its images). What was done, as a note."""
+    cp = stale.checkpoint
+    if not cp:
+        return []
+    if cp in keep:
+        return [f"checkpoint {cp} kept: its restore point was written"]
+    if stale.owner.get("committing"):
+        return [f"checkpoint {cp} kept: the run was saving what names it"]
+    problem = checkpoints.delete(dom, cp, _domain_disks(conn, dom), tool)
+    return [problem or f"checkpoint {cp} deleted"]
+
+
+def _domain_disks(conn: Connection, dom: Any) -> list[DomainDisk]:
+    """The domain's disks with their image paths on its host ([] when libvirt cannot tell)."""
+    lv = libvirt()
+    try:
+        xml = dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)
+        return [resolve_volume(conn.ensure(), d) for d in parse_disks(xml)]
+    except (lv.libvirtError, VmkeepError):
+        return []
+
+
+def drop_volumes(conn: Connection, stale: StaleWorkdir) -> list[str]:
+    """Delete the volumes a dead restore (or replica copy) was creating that no domain uses."""
+    if not stale.volumes:
+        return []
+    in_use = _disk_sources(conn)
+    return [_drop_volume(conn, pool, name, in_use) for pool, name in stale.volumes]
+
+
+def _drop_volume(conn: Connection, pool_name: str, name: str, in_use: set[str]) -> str:
     """Delete a volume a killed restore (or replica copy) was creating, unless a domain uses it
     (the run got as far as defining its domain): `in_use`, every domain's image paths."""
     lv = libvirt()
@@ -97,7 +123,7 @@ def drop_volume(conn: Connection, pool_name: str, name: str, in_use: set[str]) -
     return f"half-written volume {name} of pool {pool_name} deleted"
 
 
-def disk_sources(conn: Connection) -> set[str]:
+def _disk_sources(conn: Connection) -> set[str]:
     """Image paths of every defined domain's disks (volume disks resolved through their pool)."""
     lv = libvirt()
     paths = set()
