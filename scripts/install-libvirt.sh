@@ -3,10 +3,10 @@
 # Idempotent: installs only the missing packages, starts virtlogd/libvirtd only when they are
 # not running (there is no systemd on the test machines), then waits for libvirtd to answer.
 #
-#   scripts/install-libvirt.sh            install + start + check the venv sees the bindings
+#   scripts/install-libvirt.sh            install + start + link libnbd's binding into the venv
 #   VMKEEP_VENV=/path/to/venv scripts/install-libvirt.sh
 #
-# Exit status: 0 when `virsh -c qemu:///system list` answers and the venv imports libvirt + nbd.
+# Exit status: 0 when `virsh -c qemu:///system list` answers and the venv (if made) imports\n# libvirt + nbd. scripts/setup.sh --libvirt / --test run it after making the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +16,7 @@ die() { log "error: $*"; exit 1; }
 # openssh-server + openssh-client: the restore tests reach libvirtd over qemu+ssh:// through an
 # sshd they start on a loopback port (the package's own sshd is not started: no systemd).
 packages=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libnbd-bin
-          python3-libvirt python3-libnbd openssh-server openssh-client)
+          python3-libnbd openssh-server openssh-client)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -84,14 +84,18 @@ done
 [[ -n $ok ]] || { virsh -c qemu:///system list || true; die "libvirtd does not answer on qemu:///system"; }
 log "libvirtd answers: $(virsh -c qemu:///system version --daemon 2>/dev/null | tr '\n' ' ' | sed 's/  */ /g')"
 
+# libnbd's binding alone, from Debian's python3-libnbd (nbd.py and libnbdmod*.so), linked into
+# the venv: PyPI has none. libvirt-python comes from the lock (requirements/libvirt.txt).
 venv=${VMKEEP_VENV:-.venv}
 if [[ -x $venv/bin/python ]]; then
-    if "$venv/bin/python" -c "import libvirt, nbd" 2>/dev/null; then
-        log "$venv/bin/python imports libvirt and nbd"
-    else
-        die "$venv/bin/python cannot import libvirt/nbd: make the venv from /usr/bin/python3 with --system-site-packages"
-    fi
+    site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    for f in /usr/lib/python3/dist-packages/nbd.py /usr/lib/python3/dist-packages/libnbdmod.cpython-*.so; do
+        [[ -e $f ]] || die "$f missing (Debian package python3-libnbd)"
+        ln -sfn "$f" "$site/$(basename "$f")"
+    done
+    "$venv/bin/python" -c "import libvirt, nbd" 2>/dev/null \
+        || die "$venv/bin/python cannot import libvirt and nbd: run scripts/setup.sh --libvirt"
+    log "$venv/bin/python imports libvirt (locked) and nbd (Debian's, linked)"
 else
-    /usr/bin/python3 -c "import libvirt, nbd" || die "/usr/bin/python3 cannot import libvirt/nbd"
-    log "no venv at $venv yet; /usr/bin/python3 imports libvirt and nbd"
+    log "no venv at $venv yet: scripts/setup.sh --libvirt makes it"
 fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -101,3 +102,37 @@ def test_main_job_on_every_remote(
     left = cli("list", "--json").json()["restore_points"]
     assert [p["restore_point"] for p in left] == [second["restore_point"]]
     assert cli("verify", "--json").json()["ok"]
+
+
+# What is not vmkeep's on stderr: a Python warning (`file.py:83: SomeWarning: ...`), its indented
+# source line, a traceback, a logging record. vmkeep's own lines are unindented sentences.
+FOREIGN = re.compile(r"\.py:\d+|\w+Warning\b|Traceback|^\s|^(DEBUG|INFO|WARNING|CRITICAL)\b")
+
+
+@pytest.mark.parametrize("kind", ["local", *sorted(SERVERS)])
+def test_stderr_carries_only_vmkeep_lines(
+    kind: str, cli: Cli, make_vm: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A representative command of each remote kind, succeeding and failing: every line on
+    stderr is vmkeep's (issue: Debian's pyOpenSSL leaked into the venv printed warnings)."""
+    local = iter([(str(tmp_path / "repo"), {})])
+    servers = local if kind == "local" else SERVERS[kind]()
+    url, env = next(servers)
+    cli.env.update(env)
+    try:
+        vm = make_vm()
+        runs = [
+            cli("remote", "test", url, "--size", "8"),
+            cli("remote", "add", "far", url),
+            cli("backup", str(vm)),
+            cli("list"),
+            cli("verify"),
+            cli("list", ok=False, env={"VMKEEP_PASSPHRASE": "not the passphrase"}),
+            cli("restore", "no-such-point", "--to", str(tmp_path / "r"), ok=False),
+        ]
+    finally:
+        next(servers, None)
+    for run in runs:
+        foreign = [line for line in run.err.splitlines() if line and FOREIGN.search(line)]
+        assert not foreign, f"lines on stderr that are not vmkeep's: {foreign}"
+    assert runs[-1].err.strip().splitlines() == [runs[-1].err.strip()]  # one line

@@ -57,8 +57,8 @@ def _import_bindings() -> tuple[Any, Any]:
         nbd = importlib.import_module("nbd")
     except ImportError as e:  # pragma: no cover - depends on the machine
         raise LibvirtUnavailable(
-            f"python bindings missing ({e}); run scripts/install-libvirt.sh as root "
-            "(Debian python3-libvirt + python3-libnbd, venv with --system-site-packages)"
+            f"python bindings missing ({e}); run scripts/setup.sh --test as root "
+            "(libvirt-python from the lock, Debian's python3-libnbd linked into .venv)"
         ) from e
     return libvirt, nbd
 

@@ -1,4 +1,5 @@
-"""Run Azurite's blob service on a free loopback port for the tests (`npm install -g azurite`)."""
+"""Run Azurite's blob service on a free loopback port for the tests (the locked copy that
+`scripts/setup.sh --test` puts in .venv/bin, else one on PATH)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # Azurite's built-in development account and its well-known key (public, documented by Microsoft).
 ACCOUNT = "devstoreaccount1"
@@ -57,9 +60,10 @@ class AzuriteServer:
         )
 
     def start(self) -> None:
-        exe = shutil.which("azurite-blob")
+        beside = Path(sys.executable).with_name("azurite-blob")
+        exe = str(beside) if beside.exists() else shutil.which("azurite-blob")
         if exe is None:
-            raise ServerUnavailable("azurite-blob not found (install with: npm install -g azurite)")
+            raise ServerUnavailable("azurite-blob not found: run scripts/setup.sh --test")
         self.log_path = os.path.join(self.workdir, "azurite.log")
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(

@@ -167,3 +167,18 @@ def test_hostile_kdf_parameters_are_refused(encrypted_repo: Repository, tmp_path
     path.write_text(json.dumps(config))
     with pytest.raises(RepositoryError, match="out-of-range"):
         Repository.open(LocalRemote(tmp_path / "repo"), lambda: PASSPHRASE)
+
+
+def test_point_ids_sort_in_creation_order_within_one_second() -> None:
+    """Tools and people sort IDs as strings: that order must be the order of creation, also for
+    points of one second (docs/FORMAT.md §5.1); the old second-resolution IDs sorted by their
+    random tail there."""
+    base = datetime(2026, 12, 6, 3, 6, 0, tzinfo=UTC)
+    times = [base.replace(microsecond=us) for us in (0, 1_000, 9_000, 10_000, 99_000, 999_999)]
+    times += [base.replace(second=1), base.replace(minute=7)]
+    for _ in range(50):  # the random tail must never decide
+        ids = [new_point_id(t) for t in times]
+        assert sorted(ids) == ids
+    assert new_point_id(base.replace(microsecond=42_000)).startswith("20261206T030600.042Z-")
+    old = "20261206T030559Z-ffffff"  # an ID written before the change still sorts by time
+    assert sorted([new_point_id(base), old])[0] == old

@@ -33,8 +33,10 @@ from .format import (
 
 
 def new_point_id(when: datetime) -> str:
-    """Sorts by time; the random tail keeps two points of the same second apart."""
-    return when.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + os.urandom(3).hex()
+    """Sorts by time to the millisecond (docs/FORMAT.md §5.1), so that two points of one second
+    sort in the order they were made; the random tail keeps two of one millisecond apart."""
+    utc = when.astimezone(UTC)
+    return f"{utc:%Y%m%dT%H%M%S}.{utc.microsecond // 1000:03d}Z-{os.urandom(3).hex()}"
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Lazy access to the libvirt and libnbd Python bindings (Debian python3-libvirt,
-python3-libnbd). They have no type stubs and are optional: vmkeep without them must still import,
-so they are loaded on first use and typed as Any, and failures become one-line errors."""
+"""Lazy access to the libvirt and libnbd Python bindings (libvirt-python from the lock, Debian's
+python3-libnbd linked into the venv: scripts/setup.sh --libvirt). They are optional: vmkeep
+without them must still import, so they are loaded on first use and typed as Any, and failures
+become one-line errors."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from vmkeep.errors import ConnectorError
 _modules: dict[str, Any] = {}
 
 _INSTALL_HINT = {
-    "libvirt": "python3-libvirt",
-    "libvirt_qemu": "python3-libvirt",
-    "nbd": "python3-libnbd",
+    "libvirt": "libvirt-python",
+    "libvirt_qemu": "libvirt-python",
+    "nbd": "Debian's python3-libnbd",
 }
 
 
@@ -26,7 +27,7 @@ def _load(name: str) -> Any:
         except ImportError:
             raise ConnectorError(
                 f"the Python module {name!r} is missing: install {_INSTALL_HINT[name]} "
-                "(and use a virtualenv with --system-site-packages)"
+                "(scripts/setup.sh --libvirt does both)"
             ) from None
         if name == "libvirt":
             # The C library prints every error to stderr; they reach us as exceptions anyway.

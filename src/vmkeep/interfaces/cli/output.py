@@ -23,8 +23,10 @@ from rich.text import Text
 
 from vmkeep.errors import UsageError
 
-console = Console(stderr=True)
-stdout = Console(width=None if sys.stdout.isatty() else 160)
+# Output to a file or a pipe is for logs: a message stays one line however long (soft_wrap);
+# only tables are laid out, 160 columns wide when stdout is not a terminal.
+console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+stdout = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
 
 
 def print_error(message: str) -> None:
