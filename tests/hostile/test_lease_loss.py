@@ -211,3 +211,19 @@ def test_lease_loss_on_s3(
     assert_clean_failure(run, words)
     assert _points(cli, url) == []
     assert _s3_names(seaweed, f"{prefix}/manifests/") == set()
+
+
+def test_a_crashed_gc_does_not_block_backups(
+    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path
+) -> None:
+    """A gc killed mid-sweep leaves its marker "running" and no lock: backups confirm their
+    chunks and go on; the next gc that completes marks the epoch done."""
+    vm = make_vm()
+    cli("backup", str(vm), "--remote", str(repo_dir))
+    marker = repo_dir / "gc-epoch"
+    marker.write_text('{"epoch": "dead", "state": "running", "lock": "locks/exclusive-gone"}')
+    run = cli("backup", str(vm), "--remote", str(repo_dir), "--json")
+    assert run.json()["restore_point"] in _points(cli, str(repo_dir))
+    cli("gc", "--remote", str(repo_dir))
+    assert '"state": "done"' in marker.read_text()
+    assert cli("verify", "--remote", str(repo_dir), "--json").json()["ok"]
