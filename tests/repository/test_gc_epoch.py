@@ -4,8 +4,12 @@ remote with real chunk objects."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,24 +51,52 @@ def test_no_gc_costs_nothing_and_a_done_gc_is_checked(repo: Repository) -> None:
         confirm_no_sweep(repo.remote, None, done, ids)
 
 
-def test_a_running_gc_with_a_live_lock_is_refused(repo: Repository) -> None:
-    """Its sweep may still be going on: no stat can prove anything."""
+@pytest.mark.parametrize("refreshed_ago", [0, 10**6])
+def test_a_running_gc_of_another_host_is_refused_until_its_lock_is_gone(
+    repo: Repository, refreshed_ago: int
+) -> None:
+    """Its sweep may still be going on, or resume after a pause however old its lock: no
+    stat can prove anything. Once its lock is gone (it ended, or a later gc removed it) the
+    chunks can be checked."""
     ids = _stored(repo, 1)
     lock = {
         "kind": "exclusive",
         "host": "other-host",
         "pid": 1,
         "operation": "gc",
-        "refreshed": time.time(),
+        "refreshed": time.time() - refreshed_ago,
     }
     repo.remote.put("locks/exclusive-live", json.dumps(lock).encode())
     mark = {"epoch": new_epoch(), "state": "running", "lock": "locks/exclusive-live"}
     repo.remote.put(GC_EPOCH_NAME, json.dumps(mark).encode())
     running = read_gc_mark(repo.remote)
-    with pytest.raises(GcOverlapError, match="gc is running"):
+    with pytest.raises(GcOverlapError, match=r"gc is running or was interrupted.*other-host"):
         confirm_no_sweep(repo.remote, running, running, ids)
-    repo.remote.delete("locks/exclusive-live")  # the gc died: its chunks can be checked
+    repo.remote.delete("locks/exclusive-live")
     confirm_no_sweep(repo.remote, running, running, ids)
+
+
+def test_a_dead_gc_of_this_host_is_not_waited_for(repo: Repository) -> None:
+    ids = _stored(repo, 1)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **_OUT)
+    lock = {
+        "kind": "exclusive",
+        "host": socket.gethostname(),
+        "pid": int(dead.stdout),
+        "operation": "gc",
+        "refreshed": time.time(),
+    }
+    repo.remote.put("locks/exclusive-dead", json.dumps(lock).encode())
+    mark = {"epoch": new_epoch(), "state": "running", "lock": "locks/exclusive-dead"}
+    repo.remote.put(GC_EPOCH_NAME, json.dumps(mark).encode())
+    running = read_gc_mark(repo.remote)
+    confirm_no_sweep(repo.remote, running, running, ids)
+    repo.delete_chunk(ids[0])
+    with pytest.raises(GcOverlapError, match="deleted 1"):
+        confirm_no_sweep(repo.remote, running, running, ids)
+
+
+_OUT: dict[str, Any] = {"capture_output": True, "text": True, "check": True}
 
 
 @pytest.mark.parametrize("content", [b"", b"not json", b"[]", b'{"state": "done"}', b"x" * 9000])

@@ -23,7 +23,7 @@ from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.remotes.base import Remote
 
 from .format import chunk_object_name
-from .locks import RepositoryLock, read_lock
+from .locks import LockInfo, RepositoryLock, read_lock
 
 GC_EPOCH_NAME = "gc-epoch"
 MAX_MARK_BYTES = 4096  # what gc writes is ~200 bytes; a bigger object is hostile
@@ -67,12 +67,17 @@ def new_epoch() -> str:
     return os.urandom(16).hex()
 
 
-def gc_alive(remote: Remote, mark: GcMark) -> bool:
-    """Does the gc that wrote `mark` still hold a lock that is not stale?"""
-    if not mark.lock.startswith("locks/"):
-        return False
-    info = read_lock(remote, mark.lock)
-    return info is not None and not info.is_stale(time.time())
+def gc_in_progress(remote: Remote, mark: GcMark) -> LockInfo | None:
+    """The lock of the gc that wrote `mark` if that gc may still delete: its lock object
+    exists and its holder is not known dead. Only on the gc's own host can death be known
+    (the process is gone); elsewhere a silent holder may be paused, not dead, so even a
+    lock past its lease counts. A gc ends by removing its lock after its last delete."""
+    info = read_lock(remote, mark.lock) if mark.lock.startswith("locks/") else None
+    if info is None:
+        return None
+    if info.host == socket.gethostname() and info.is_stale(time.time()):
+        return None
+    return info
 
 
 def confirm_no_sweep(
@@ -82,10 +87,12 @@ def confirm_no_sweep(
     that ran between reading `before` and `now`. Costs nothing when none ran."""
     if now == before and (now is None or not now.running):
         return
-    if now is not None and now.running and gc_alive(remote, now):
+    holder = gc_in_progress(remote, now) if now is not None and now.running else None
+    if holder is not None:
         raise GcOverlapError(
-            "a gc is running on this repository: the backup cannot prove that the chunks it "
-            "reuses survive it; nothing was kept, run the backup again after the gc"
+            f"a gc is running or was interrupted on this repository ({holder.describe()}): "
+            "the backup cannot prove the chunks it reuses survive it; nothing was kept, run "
+            "the backup again once that gc has ended (an interrupted one: run `vmkeep gc`)"
         )
     missing = missing_chunks(remote, chunk_ids)
     if missing:
