@@ -9,15 +9,17 @@ its own lock before every delete."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmkeep.errors import ObjectLockedError, RepositoryError
+from vmkeep.errors import ObjectLockedError, RepositoryError, VmkeepError
 from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.progress import Progress
 
 from .gc_epoch import new_epoch, write_gc_mark
 from .locks import RepositoryLock, remove_stale_locks
+from .manifest import Manifest
 from .repository import Repository
 from .retention_lock import LockedObjects, fill_unlock_dates, remove_expired_records
 
@@ -43,25 +45,22 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
         epoch = new_epoch()
         if not dry_run:  # before listing manifests: a backup that overlaps us must see it
             write_gc_mark(repo.remote, lock, epoch, "running")
-        stale = 0 if dry_run else remove_stale_locks(repo.remote)
-        manifests, problems = repo.load_manifests()
-        if problems:
-            raise RepositoryError(
-                f"gc refuses to run: restore point {problems[0].point_id} is unreadable "
-                f"({problems[0].error}); its chunks cannot be told apart from garbage. "
-                "Run `vmkeep verify`, then delete the bad restore point with `vmkeep forget`"
-            )
-        referenced: set[bytes] = set()
-        for manifest in manifests:
-            referenced |= manifest.referenced_ids()
-        garbage = [(cid, size) for cid, size in repo.list_chunks() if cid not in referenced]
-        lock.check()  # the marker and our listings were made under a lock still ours
+        try:
+            stale, referenced, manifests, garbage = _mark(repo, dry_run)
+            lock.check()  # the marker and our listings were made under a lock still ours
+        except VmkeepError:
+            if not dry_run:  # nothing deleted: backups need not stat their chunks for us
+                with contextlib.suppress(VmkeepError):
+                    lock.check()  # never over the marker of a gc that took our lock over
+                    write_gc_mark(repo.remote, lock, epoch, "done")
+            raise
         deleted, freed, refused = sweep(repo, garbage, progress, dry_run, lock)
         # No live writer exists while we hold the exclusive lock: every temp object is dead.
         lock.check()
         partial = 0 if dry_run else repo.remote.purge_incomplete(older_than=0)
         records = 0 if dry_run else remove_expired_records(repo.remote)[0]
         if not dry_run:
+            lock.check()
             write_gc_mark(repo.remote, lock, epoch, "done")
     locked = LockedObjects()
     fill_unlock_dates(repo.remote, refused)
@@ -78,6 +77,25 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
         locked,
         records,
     )
+
+
+def _mark(
+    repo: Repository, dry_run: bool
+) -> tuple[int, set[bytes], list[Manifest], list[tuple[bytes, int]]]:
+    """Stale locks removed, then the chunks every restore point references and the others."""
+    stale = 0 if dry_run else remove_stale_locks(repo.remote)
+    manifests, problems = repo.load_manifests()
+    if problems:
+        raise RepositoryError(
+            f"gc refuses to run: restore point {problems[0].point_id} is unreadable "
+            f"({problems[0].error}); its chunks cannot be told apart from garbage. "
+            "Run `vmkeep verify`, then delete the bad restore point with `vmkeep forget`"
+        )
+    referenced: set[bytes] = set()
+    for manifest in manifests:
+        referenced |= manifest.referenced_ids()
+    garbage = [(cid, size) for cid, size in repo.list_chunks() if cid not in referenced]
+    return stale, referenced, manifests, garbage
 
 
 def sweep(
