@@ -79,3 +79,13 @@ class ObjectLockedError(RemoteError):
         super().__init__(message)
         self.name = name
         self.until = until
+
+
+class LockLostError(RepositoryError):
+    """This process can no longer prove it held its repository lock throughout (a refresh
+    failed, a pause longer than the lease allows, the lock object removed or replaced)."""
+
+
+class GcOverlapError(RepositoryError):
+    """A gc ran during a backup and the backup cannot prove that every chunk it references
+    survived: the restore point is not written (or withdrawn)."""

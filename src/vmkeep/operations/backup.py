@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterable
@@ -17,10 +19,18 @@ from vmkeep.connectors.base import (
     Extent,
     VmConfig,
 )
-from vmkeep.errors import ConnectorError, LockedError, RemoteFullError, UsageError
+from vmkeep.errors import (
+    ConnectorError,
+    GcOverlapError,
+    LockedError,
+    RemoteFullError,
+    UsageError,
+    VmkeepError,
+)
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import Progress
 from vmkeep.repository.format import ID_SIZE, ZERO_ID, chunk_count, chunk_length, is_zero
+from vmkeep.repository.gc_epoch import GcMark, confirm_no_sweep, read_gc_mark
 from vmkeep.repository.locks import RepositoryLock
 from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
 from vmkeep.repository.repository import Repository
@@ -317,7 +327,8 @@ def backup_vm(
         raise UsageError("compression level must be between 0 (off) and 22")
     vm = connector.get_vm(vm_ref)
     began = time.monotonic()
-    with vm_backup_lock(repo, vm):
+    with vm_backup_lock(repo, vm) as lock:
+        gc_mark = read_gc_mark(repo.remote)  # before anything is listed (FORMAT.md §6)
         started = datetime.now(UTC)
         history = vm_history(repo, vm.uuid)
         previous = history[-1] if history else None
@@ -356,7 +367,11 @@ def backup_vm(
                 },
             )
             lock_restore_point(repo, manifest)  # immutability: before the manifest
+            _test_stop("stored")
+            gc_mark = prove_chunks_kept(repo, lock, gc_mark, manifest)
+            _test_stop("manifest")
             repo.save_manifest(manifest)
+            confirm_after_manifest(repo, gc_mark, manifest)
             ok = True
         finally:
             session.finish(ok)
@@ -367,3 +382,45 @@ def backup_vm(
     return BackupReport(
         manifest.id, vm.name, vm.uuid, options.mode, stats, time.monotonic() - began, notes + late
     )
+
+
+def prove_chunks_kept(
+    repo: Repository, lock: RepositoryLock, seen: GcMark | None, manifest: Manifest
+) -> GcMark | None:
+    """Right before the manifest: the lock was held without a gap, and no gc since `seen`
+    (read before the chunks were listed) deleted a chunk the manifest references. Returns
+    the gc marker this proof is relative to."""
+    lock.check()
+    now = read_gc_mark(repo.remote)
+    confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids())
+    return now
+
+
+def confirm_after_manifest(repo: Repository, seen: GcMark | None, manifest: Manifest) -> None:
+    """A gc that began while the manifest was being written (its lock listing missed ours,
+    or saw it stale) may have listed the manifests before ours appeared: unless every chunk
+    is confirmed present and that gc is over, the restore point is withdrawn."""
+    now = read_gc_mark(repo.remote)
+    try:
+        confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids())
+    except GcOverlapError:
+        try:
+            repo.delete_manifest(manifest.id)
+        except VmkeepError as exc:
+            raise GcOverlapError(
+                f"a gc ran while restore point {manifest.id} was written and it could not be "
+                f"withdrawn ({exc}): run `vmkeep verify`, then `vmkeep forget` it"
+            ) from exc
+        raise
+
+
+def _test_stop(stage: str) -> None:
+    """Test-only hook (VMKEEP_TEST_STOP=STAGE:FILE, never set in normal use): at STAGE
+    ("stored": chunks stored, before the lock and gc checks; "manifest": checks done, before
+    the manifest write) create FILE and SIGSTOP this process, so tests can pause a backup at
+    an exact point and run a gc meanwhile (tests/hostile/test_lease_loss.py)."""
+    want, _, path = os.environ.get("VMKEEP_TEST_STOP", "").partition(":")
+    if want == stage and path:
+        with open(path, "x"):
+            pass
+        os.kill(os.getpid(), signal.SIGSTOP)

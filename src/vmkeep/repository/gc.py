@@ -2,18 +2,24 @@
 
 The exclusive lock is what keeps a running backup safe: a backup holds a shared lock from the
 moment it lists the chunks it will deduplicate against until its manifest is written, so gc
-never sweeps a chunk that a manifest-to-be references (docs/FORMAT.md, "Locks")."""
+never sweeps a chunk that a manifest-to-be references (docs/FORMAT.md, "Locks"). For when a
+lock fails (a paused holder, skewed clocks), gc also rewrites the gc epoch marker before it
+lists anything, so that an overlapped backup confirms its chunks (gc_epoch.py), and checks
+its own lock before every delete."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmkeep.errors import ObjectLockedError, RepositoryError
+from vmkeep.errors import ObjectLockedError, RepositoryError, VmkeepError
 from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.progress import Progress
 
+from .gc_epoch import new_epoch, write_gc_mark
 from .locks import RepositoryLock, remove_stale_locks
+from .manifest import Manifest
 from .repository import Repository
 from .retention_lock import LockedObjects, fill_unlock_dates, remove_expired_records
 
@@ -35,23 +41,27 @@ class GcReport:
 
 
 def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False) -> GcReport:
-    with RepositoryLock(repo.remote, "exclusive", "gc"):
-        stale = 0 if dry_run else remove_stale_locks(repo.remote)
-        manifests, problems = repo.load_manifests()
-        if problems:
-            raise RepositoryError(
-                f"gc refuses to run: restore point {problems[0].point_id} is unreadable "
-                f"({problems[0].error}); its chunks cannot be told apart from garbage. "
-                "Run `vmkeep verify`, then delete the bad restore point with `vmkeep forget`"
-            )
-        referenced: set[bytes] = set()
-        for manifest in manifests:
-            referenced |= manifest.referenced_ids()
-        garbage = [(cid, size) for cid, size in repo.list_chunks() if cid not in referenced]
-        deleted, freed, refused = sweep(repo, garbage, progress, dry_run)
+    with RepositoryLock(repo.remote, "exclusive", "gc") as lock:
+        epoch = new_epoch()
+        if not dry_run:  # before listing manifests: a backup that overlaps us must see it
+            write_gc_mark(repo.remote, lock, epoch, "running")
+        try:
+            stale, referenced, manifests, garbage = _mark(repo, dry_run)
+            lock.check()  # the marker and our listings were made under a lock still ours
+        except VmkeepError:
+            if not dry_run:  # nothing deleted: backups need not stat their chunks for us
+                with contextlib.suppress(VmkeepError):
+                    lock.check()  # never over the marker of a gc that took our lock over
+                    write_gc_mark(repo.remote, lock, epoch, "done")
+            raise
+        deleted, freed, refused = sweep(repo, garbage, progress, dry_run, lock)
         # No live writer exists while we hold the exclusive lock: every temp object is dead.
+        lock.check()
         partial = 0 if dry_run else repo.remote.purge_incomplete(older_than=0)
         records = 0 if dry_run else remove_expired_records(repo.remote)[0]
+        if not dry_run:
+            lock.check()
+            write_gc_mark(repo.remote, lock, epoch, "done")
     locked = LockedObjects()
     fill_unlock_dates(repo.remote, refused)
     for error in refused:
@@ -69,15 +79,41 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
     )
 
 
+def _mark(
+    repo: Repository, dry_run: bool
+) -> tuple[int, set[bytes], list[Manifest], list[tuple[bytes, int]]]:
+    """Stale locks removed, then the chunks every restore point references and the others."""
+    stale = 0 if dry_run else remove_stale_locks(repo.remote)
+    manifests, problems = repo.load_manifests()
+    if problems:
+        raise RepositoryError(
+            f"gc refuses to run: restore point {problems[0].point_id} is unreadable "
+            f"({problems[0].error}); its chunks cannot be told apart from garbage. "
+            "Run `vmkeep verify`, then delete the bad restore point with `vmkeep forget`"
+        )
+    referenced: set[bytes] = set()
+    for manifest in manifests:
+        referenced |= manifest.referenced_ids()
+    garbage = [(cid, size) for cid, size in repo.list_chunks() if cid not in referenced]
+    return stale, referenced, manifests, garbage
+
+
 def sweep(
-    repo: Repository, garbage: list[tuple[bytes, int]], progress: Progress, dry_run: bool
+    repo: Repository,
+    garbage: list[tuple[bytes, int]],
+    progress: Progress,
+    dry_run: bool,
+    lock: RepositoryLock | None = None,
 ) -> tuple[int, int, list[ObjectLockedError]]:
     """Deletes the garbage chunks, several at a time (a delete on a versioned bucket is two
-    requests); a locked one is kept and reported, not a failure."""
+    requests); a locked one is kept and reported, not a failure. Before each delete, `lock`
+    is checked (a clock comparison): a gc paused past its lease stops deleting."""
 
     def delete(item: tuple[bytes, int]) -> ObjectLockedError | None:
         try:
             if not dry_run:
+                if lock is not None:
+                    lock.check(read_back=False)
                 repo.delete_chunk(item[0])
         except ObjectLockedError as exc:
             return exc
