@@ -72,7 +72,9 @@ def test_export_refuses_an_output_that_is_a_symlink(
     ]
     output = tmp_path / "out.raw"
     output.symlink_to(victim)
-    run = cli("export", point, "disk0", str(output), "--remote", str(repo_dir), ok=False, timeout=60)
+    run = cli(
+        "export", point, "disk0", str(output), "--remote", str(repo_dir), ok=False, timeout=60
+    )
     assert "refusing to overwrite" in refused(run)
     assert hashlib.sha256(victim.read_bytes()).hexdigest() == digest
 

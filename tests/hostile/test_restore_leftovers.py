@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.e2e.conftest import VMKEEP
 from vmkeep.connectors.files.demo import modify_demo_vm
 from vmkeep.connectors.files.leftovers import owner_record
 
 from .conftest import Cli, refused, sha256, tree
-from tests.e2e.conftest import VMKEEP
 
 PYTHON = str(Path(VMKEEP).with_name("python"))
 TIMEOUT = 120

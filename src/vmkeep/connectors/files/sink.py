@@ -35,6 +35,16 @@ from vmkeep.connectors.files.vmdir import (
 from vmkeep.errors import ConnectorError, NameTakenError
 
 
+def _copy_mode(original: Path, new: Path) -> None:
+    """Give `new` (our copy) the permissions of `original`, through a descriptor opened
+    without following a symlink: a link planted at `new` must not get its target chmod'ed."""
+    fd = os.open(new, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, stat.S_IMODE(os.stat(original).st_mode))
+    finally:
+        os.close(fd)
+
+
 def _close_all(writers: list[ClosableWriter]) -> None:
     for writer in writers:
         writer.close()
@@ -199,7 +209,7 @@ class OverwriteSink:
             _close_all(self._writers)
             for new, original in self._replace:
                 with contextlib.suppress(OSError):
-                    os.chmod(new, stat.S_IMODE(os.stat(original).st_mode))
+                    _copy_mode(original, new)
                 os.replace(new, original)
                 fsync_dir(original.parent)
             disks = list(self._entries.values())
