@@ -147,3 +147,32 @@ def test_a_failed_in_place_restore_of_an_untouched_vm_leaves_no_mark(
     run = cli(*args, ok=False, timeout=TIMEOUT)
     refused(run)
     assert tree(vm) == before
+
+
+def test_killed_in_place_restore_of_a_qcow2_disk_leaves_a_copy_the_next_one_removes(
+    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path
+) -> None:
+    vm = make_vm(fmt="qcow2")
+    point = cli("backup", str(vm), "--remote", str(repo_dir), "--json").json()["restore_point"]
+    modify_demo_vm(vm, 4)
+    args = (point, "--remote", str(repo_dir), "--to", str(vm), "--in-place")
+    _kill_mid_restore(cli, tmp_path, *args)
+    copies = [p.name for p in vm.iterdir() if p.name.startswith(".disk0.qcow2.")]
+    assert len(copies) == 1 and (vm / "vm.json.incomplete").is_file()
+
+    run = cli(*("restore", *args), timeout=TIMEOUT)
+    assert copies[0] in run.err
+    assert sorted(p.name for p in vm.iterdir()) == ["disk0.qcow2", "vm.json"]
+
+
+def test_in_place_restore_refuses_while_another_one_runs(
+    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path
+) -> None:
+    vm = make_vm()
+    point = cli("backup", str(vm), "--remote", str(repo_dir), "--json").json()["restore_point"]
+    (vm / "vm.json.incomplete").write_text(json.dumps(owner_record()))  # alive: this process
+    before = tree(vm)
+    args = ("restore", point, "--remote", str(repo_dir), "--to", str(vm), "--in-place")
+    run = cli(*args, ok=False, timeout=TIMEOUT)
+    assert "is running" in refused(run)
+    assert tree(vm) == before

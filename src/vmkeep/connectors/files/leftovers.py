@@ -12,9 +12,11 @@ listed as incomplete and refused by backup."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
@@ -157,6 +159,36 @@ def clear_incomplete(vm_dir: Path) -> None:
         fsync_dir(vm_dir)
     except OSError as exc:
         raise ConnectorError(f"cannot clear {vm_dir / INCOMPLETE}: {exc.strerror}") from None
+
+
+def settle_in_place(vm_dir: Path, qcow2_files: list[str]) -> None:
+    """Before an in-place restore: refuse while another one runs on this VM, and remove the
+    qcow2 copies (`.<file>.<12 hex>`) a killed one left beside the disks."""
+    path = vm_dir / INCOMPLETE
+    if not os.path.lexists(path):
+        return
+    record = _read_record(path) or {}
+    dead = _owner_dead(record)
+    if dead is False:
+        raise ConnectorError(
+            f"an in-place restore of {vm_dir} is running (pid {record.get('pid')}): "
+            "wait for it to end"
+        )
+    if dead is None:
+        return
+    for file in qcow2_files:
+        disk = vm_dir / file
+        pattern = re.compile(re.escape(f".{disk.name}.") + "[0-9a-f]{12}")
+        try:
+            names = os.listdir(disk.parent)
+        except OSError:
+            continue
+        for name in names:
+            leftover = disk.parent / name
+            with contextlib.suppress(OSError):
+                if pattern.fullmatch(name) and stat.S_ISREG(os.lstat(leftover).st_mode):
+                    leftover.unlink()
+                    log.warning("warning: removed %s, left by a killed restore", leftover)
 
 
 def incomplete_note(vm_dir: Path) -> str | None:

@@ -18,6 +18,7 @@ from vmkeep.connectors.files.leftovers import (
     incomplete_note,
     make_build_dir,
     mark_incomplete,
+    settle_in_place,
     settle_leftovers,
 )
 from vmkeep.connectors.files.qcow2 import Qcow2Reader
@@ -151,6 +152,7 @@ class OverwriteSink:
         self._done = False
         self._raw_written = False
         self._was_incomplete = incomplete_note(vm_dir) is not None  # an earlier run was killed
+        settle_in_place(vm_dir, [e.file for e in self._doc.disks if e.format == "qcow2"])
         mark_incomplete(vm_dir)
 
     def _bounds(self, entry: DiskEntry) -> Path | None:
