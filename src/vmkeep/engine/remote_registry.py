@@ -48,10 +48,25 @@ class RemoteRegistry:
             ) from exc
 
     def save(self, entries: list[RemoteEntry]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(RemoteFile(remotes=entries).model_dump(), indent=2))
-        os.replace(tmp, self.path)
+        """Atomic: a fresh temporary (O_EXCL|O_NOFOLLOW, unpredictable name, so a planted
+        symlink is never written through), fsync, rename over the file."""
+        data = json.dumps(RemoteFile(remotes=entries).model_dump(), indent=2).encode()
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.urandom(6).hex()}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UsageError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def add(self, name: str, location: str, lock: LockPolicy | None = None) -> None:
         entries = self.load()

@@ -51,18 +51,23 @@ def export_disk(
         raise NotFoundError(
             f"restore point {manifest.id} has no disk {disk_name!r} (it has {names})"
         )
-    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    # A name nobody can predict, created with O_EXCL|O_NOFOLLOW by the writers: a symlink or
+    # file planted in the output directory is never written through.
+    partial = output.with_name(f".{output.name}.partial-{os.getpid()}-{os.urandom(6).hex()}")
     writer: DiskWriter = (
-        Qcow2DiskWriter(partial, index.size)
+        Qcow2DiskWriter(partial, index.size, within=output.parent)
         if fmt == "qcow2"
-        else RawDiskWriter(partial, index.size)
+        else RawDiskWriter(partial, index.size, within=output.parent)
     )
     try:
         try:
             _, written = restore_disk(repo, index, writer, None, progress, f"export {disk_name}")
         finally:
             writer.close()
-        os.link(partial, output)  # never replaces a file that appeared meanwhile
+        try:
+            os.link(partial, output)  # never replaces a file (or symlink) that appeared meanwhile
+        except FileExistsError:
+            raise UsageError(f"{output} appeared during the export: not replaced") from None
     except BaseException:  # whatever went wrong, leave nothing half-written
         partial.unlink(missing_ok=True)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import time
 from collections.abc import Collection, Iterator, Sequence
@@ -12,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from vmkeep.errors import (
+    IntegrityError,
     NotFoundError,
     ObjectExistsError,
     ObjectLockedError,
@@ -27,6 +29,11 @@ from .object_lock import LockPolicy, ProtectStats
 from .retention_records import encode_record, record_name
 
 TEMP_PREFIX = ".tmp-"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_LAYOUT_DIRS = ("chunks", "manifests", "locks", "retention")
+_FANOUT = re.compile(r"[0-9a-f]{2}")
 
 
 def _os_error(exc: OSError, action: str, path: Path) -> RemoteError:
@@ -43,6 +50,24 @@ def _os_error(exc: OSError, action: str, path: Path) -> RemoteError:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return RemoteError(f"permission denied {action} {path}")
     return RemoteError(f"{exc.strerror or exc} {action} {path}")
+
+
+def _purge_dir(dfd: int, limit: float, where: Path) -> int:
+    """Unlink the regular `.tmp-*` files of one directory last changed before `limit`."""
+    removed = 0
+    for fn in os.listdir(dfd):
+        if not fn.startswith(TEMP_PREFIX):
+            continue
+        try:
+            st = os.stat(fn, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_mtime < limit:
+                os.unlink(fn, dir_fd=dfd)
+                removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise _os_error(exc, "deleting", where / fn) from exc
+    return removed
 
 
 def _drop_cached(fd: int) -> None:
@@ -70,12 +95,52 @@ class LocalRemote:
             raise RemoteError(f"invalid object name {name!r}")
         return self.root.joinpath(*parts)
 
+    def _open_dir(self, parts: Sequence[str], create: bool) -> int:
+        """A descriptor of the repository directory `parts` (below the root), reached one
+        component at a time without following a symlink: a `chunks/` that links elsewhere
+        (into another repository) is refused, not followed. FileNotFoundError when absent."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    inner = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o777, dir_fd=fd)
+                    inner = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        where = self.root.joinpath(*parts[: i + 1])
+                        raise RemoteError(
+                            f"{where} is a symlink or not a directory: the repository's "
+                            "directories must be real ones inside it (refusing to follow it)"
+                        ) from None
+                    raise
+                os.close(fd)
+                fd = inner
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_parent(self, name: str, create: bool = False) -> tuple[int, str]:
+        """The directory descriptor holding object `name` (see _open_dir) and its leaf name."""
+        parts = name.split("/")
+        return self._open_dir(parts[:-1], create), parts[-1]
+
     def put(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
         path = self._path(name)
-        tmp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}")
+        tmp = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            if not self.root.exists():
+                self.root.mkdir(parents=True, exist_ok=True)
+            dfd, leaf = self._open_parent(name, create=True)
+        except OSError as exc:
+            raise _os_error(exc, "writing", path) from exc
+        try:
+            fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dfd)
             try:
                 view = memoryview(data)
                 while view:
@@ -85,18 +150,21 @@ class LocalRemote:
             finally:
                 os.close(fd)
             if overwrite:
-                os.replace(tmp, path)
-            else:
-                os.link(tmp, path)  # fails when the name exists: an atomic create-if-absent
-                os.unlink(tmp)
+                os.replace(tmp, leaf, src_dir_fd=dfd, dst_dir_fd=dfd)
+            else:  # link fails when the name exists: an atomic create-if-absent
+                os.link(tmp, leaf, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+                os.unlink(tmp, dir_fd=dfd)
             self._unsynced_dirs.add(path.parent)
         except FileExistsError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
             raise ObjectExistsError(f"object {name} already exists") from exc
         except OSError as exc:
             with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+                os.unlink(tmp, dir_fd=dfd)
             raise _os_error(exc, "writing", path) from exc
+        finally:
+            os.close(dfd)
 
     def flush(self) -> None:
         """Directory fsyncs are batched here: one per directory, not one per object."""
@@ -118,78 +186,172 @@ class LocalRemote:
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(name)
         try:
-            with open(path, "rb") as f:
-                if offset:
-                    f.seek(offset)
-                return f.read() if length is None else f.read(length)
-        except FileNotFoundError as exc:
-            raise NotFoundError(f"object {name} not found in {self.url}") from exc
-        except IsADirectoryError as exc:
+            fd = self._open_object(name)
+        except (FileNotFoundError, NotADirectoryError) as exc:
             raise NotFoundError(f"object {name} not found in {self.url}") from exc
         except OSError as exc:
             raise _os_error(exc, "reading", path) from exc
+        try:
+            with os.fdopen(fd, "rb") as f:
+                if offset:
+                    f.seek(offset)
+                return f.read() if length is None else f.read(length)
+        except OSError as exc:
+            raise _os_error(exc, "reading", path) from exc
+
+    def _open_object(self, name: str) -> int:
+        """A read descriptor of object `name`, which must be a regular file inside the
+        repository: a symlink, FIFO, socket or device is a corrupt object (stat'ed before it is
+        opened, and opened non-blocking, so it never hangs a reader)."""
+        dfd, leaf = self._open_parent(name)
+        try:
+            st = os.stat(leaf, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                raise FileNotFoundError(name)  # a directory is a name prefix, not an object
+            self._check_regular(name, st.st_mode)
+            fd = os.open(leaf, _READ_FLAGS, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENXIO):  # swapped for a link or socket meanwhile
+                raise IntegrityError(f"object {name} in {self.url} is not a regular file") from None
+            raise
+        finally:
+            os.close(dfd)
+        try:
+            self._check_regular(name, os.fstat(fd).st_mode)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_regular(self, name: str, mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            raise IntegrityError(
+                f"object {name} in {self.url} is not a regular file (a symlink, FIFO, socket "
+                "or device): the repository is damaged or tampered with"
+            )
 
     def stat(self, name: str) -> ObjectStat | None:
+        path = self._path(name)
         try:
-            st = self._path(name).stat()
+            dfd, leaf = self._open_parent(name)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise _os_error(exc, "reading", path) from exc
+        try:
+            st = os.stat(leaf, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise _os_error(exc, "reading", self._path(name)) from exc
+            raise _os_error(exc, "reading", path) from exc
+        finally:
+            os.close(dfd)
         if not stat.S_ISREG(st.st_mode):
             return None  # a directory is a name prefix, not an object (as on S3/Azure/SMB)
         return ObjectStat(name, st.st_size, st.st_mtime)
 
     def list(self, prefix: str) -> Iterator[ObjectStat]:
-        """Walks only the directories the prefix can match, skipping temp files."""
+        """Walks only the directories the prefix can match, skipping temp files; never follows
+        a symlink (a linked directory is not descended, a linked or special file not listed)."""
         head, _, _ = prefix.rpartition("/")
-        start = self.root.joinpath(*head.split("/")) if head else self.root
-        if not start.is_dir():
+        try:
+            dfd = self._open_dir(head.split("/") if head else [], create=False)
+        except (FileNotFoundError, NotADirectoryError):
             return
-        for dirpath, dirnames, filenames in os.walk(start):
-            rel = os.path.relpath(dirpath, self.root)
-            base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
-            dirnames[:] = [
-                d
-                for d in dirnames
-                if (base + d + "/").startswith(prefix) or prefix.startswith(base + d + "/")
-            ]
-            for fn in filenames:
-                name = base + fn
-                if fn.startswith(TEMP_PREFIX) or not name.startswith(prefix):
-                    continue
-                try:
-                    st = os.stat(os.path.join(dirpath, fn))
-                except FileNotFoundError:
-                    continue
-                yield ObjectStat(name, st.st_size, st.st_mtime)
+        except OSError as exc:
+            raise _os_error(exc, "listing", self.root / head) from exc
+        try:
+            for dirpath, dirnames, filenames, dirfd in os.fwalk(
+                ".", dir_fd=dfd, follow_symlinks=False
+            ):
+                rel = os.path.normpath(dirpath)
+                base = f"{head}/" if head else ""
+                if rel != ".":
+                    base += rel.replace(os.sep, "/") + "/"
+                dirnames[:] = [
+                    d
+                    for d in dirnames
+                    if (base + d + "/").startswith(prefix) or prefix.startswith(base + d + "/")
+                ]
+                for fn in filenames:
+                    name = base + fn
+                    if fn.startswith(TEMP_PREFIX) or not name.startswith(prefix):
+                        continue
+                    try:
+                        st = os.stat(fn, dir_fd=dirfd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        yield ObjectStat(name, st.st_size, st.st_mtime)
+        finally:
+            os.close(dfd)
 
     def delete(self, name: str) -> None:
         path = self._path(name)
         try:
-            path.unlink(missing_ok=True)
+            dfd, leaf = self._open_parent(name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except OSError as exc:
+            raise _os_error(exc, "deleting", path) from exc
+        try:
+            os.unlink(leaf, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
         except OSError as exc:
             error = _os_error(exc, "deleting", path)
             if isinstance(error, ObjectLockedError):
                 error.name = name
             raise error from exc
+        finally:
+            os.close(dfd)
 
     def purge_incomplete(self, older_than: float) -> int:
-        """Remove temp files of writers that died; only those older than `older_than` seconds."""
+        """Remove temp files of writers that died; only those older than `older_than` seconds.
+        Only the directories the layout has (FORMAT.md §1) are looked at, never followed
+        through a symlink, and only regular files named `.tmp-*` are removed: a user's own
+        files elsewhere under the root are never touched."""
         removed = 0
         limit = time.time() - older_than
-        for dirpath, _dirs, filenames in os.walk(self.root):
-            for fn in filenames:
-                path = Path(dirpath, fn)
-                try:
-                    if fn.startswith(TEMP_PREFIX) and path.stat().st_mtime < limit:
-                        path.unlink()
-                        removed += 1
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    raise _os_error(exc, "deleting", path) from exc
+        for parts in self._layout_dirs():
+            try:
+                dfd = self._open_dir(parts, create=False)
+            except (FileNotFoundError, NotADirectoryError, RemoteError):
+                continue
+            except OSError as exc:
+                raise _os_error(exc, "listing", self.root.joinpath(*parts)) from exc
+            try:
+                removed += _purge_dir(dfd, limit, self.root.joinpath(*parts))
+            finally:
+                os.close(dfd)
         return removed
+
+    def _layout_dirs(self) -> Iterator[tuple[str, ...]]:
+        """The root, its layout directories and chunks/XX: where objects (and so temps) live."""
+        yield ()
+        yield from ((d,) for d in _LAYOUT_DIRS)
+        try:
+            fd = self._open_dir(["chunks"], create=False)
+        except (OSError, RemoteError):
+            return
+        try:
+            names = os.listdir(fd)
+        finally:
+            os.close(fd)
+        yield from (("chunks", n) for n in sorted(names) if _FANOUT.fullmatch(n))
+
+    def foreign_entry(self) -> str | None:
+        """The first entry of the root that a new repository must not be created over (the
+        root is not empty and holds no repository); `lost+found` of a fresh file system is
+        allowed. None when the root is absent or empty."""
+        try:
+            names = sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _os_error(exc, "listing", self.root) from exc
+        return next((n for n in names if n != "lost+found"), None)
 
     def free_space(self) -> int | None:
         try:

@@ -181,7 +181,7 @@ def _refusals(path: Path) -> str:
     except PermissionError:
         pass
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK))
         return f"opening the immutable {path} for writing succeeded"
     except PermissionError:
         return "ok"

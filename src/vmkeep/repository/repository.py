@@ -19,6 +19,7 @@ from vmkeep.errors import (
 )
 from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.remotes.base import Remote
+from vmkeep.remotes.local import LocalRemote
 
 from .chunks import decode_chunk, encode_chunk
 from .crypto import RepositoryKey, Sealer, unwrap_key, wrap_key
@@ -75,6 +76,7 @@ class Repository:
             )
         if not valid_chunk_size(chunk_size):
             raise UsageError(f"chunk size {chunk_size} is not {CHUNK_SIZE_RULE}")
+        _refuse_foreign_directory(remote)
         repo_id = uuid.uuid4().hex
         key = RepositoryKey.generate() if encryption != "none" else None
         config: dict[str, Any] = {
@@ -241,6 +243,20 @@ class Repository:
         if not matches:
             raise NotFoundError(f"no restore point {ref!r} in {self.remote.url}")
         raise UsageError(f"restore point {ref!r} is ambiguous: {len(matches)} match")
+
+
+def _refuse_foreign_directory(remote: Remote) -> None:
+    """A repository is created only in an empty (or absent) directory: gc and the temp-file
+    purge must never act among a user's own files. An existing repository is left to the
+    create-if-absent write of its config, which reports it."""
+    if not isinstance(remote, LocalRemote) or remote.stat(CONFIG_NAME) is not None:
+        return
+    entry = remote.foreign_entry()
+    if entry is not None:
+        raise RepositoryError(
+            f"{remote.url} is not empty (it holds {entry!r}) and is not a vmkeep repository: "
+            "choose an empty or new directory"
+        )
 
 
 def parse_config(raw: bytes, where: str) -> dict[str, Any]:

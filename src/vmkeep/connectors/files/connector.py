@@ -10,10 +10,14 @@ from typing import TYPE_CHECKING
 from vmkeep.connectors.base import DiskInfo, DiskReader, VmConfig
 from vmkeep.connectors.files.backup_session import FilesBackupSession
 from vmkeep.connectors.files.images import open_reader
+from vmkeep.connectors.files.leftovers import incomplete_note
 from vmkeep.connectors.files.sink import NewVmSink, OverwriteSink
 from vmkeep.connectors.files.vmdir import (
+    INCOMPLETE,
+    INCOMPLETE_KEY,
     LOCATION_KEY,
     VM_JSON,
+    DiskEntry,
     VmDocument,
     load_vm_json,
     to_vm_config,
@@ -38,7 +42,11 @@ class FilesConnector:
 
     def _load(self, vm_dir: Path) -> VmConfig:
         doc = load_vm_json(vm_dir)
-        return to_vm_config(doc, vm_dir, _disk_sizes(vm_dir, doc))
+        config = to_vm_config(doc, vm_dir, _disk_sizes(vm_dir, doc))
+        note = incomplete_note(vm_dir)
+        if note:
+            config.metadata[INCOMPLETE_KEY] = note
+        return config
 
     def list_vms(self) -> list[VmConfig]:
         """Every readable VM under root; a broken one is logged and skipped, not fatal."""
@@ -88,10 +96,19 @@ class FilesConnector:
         doc = load_vm_json(vm_dir)
         for entry in doc.disks:
             if entry.name == disk.name:
-                return open_reader(vm_dir / entry.file, entry.format)
+                return open_reader(vm_dir / entry.file, entry.format, _bounds(vm_dir, entry))
         raise NotFoundError(f"VM {vm.name!r} has no disk {disk.name!r}")
 
     def begin_backup(self, vm: VmConfig, previous: dict[str, str | None]) -> FilesBackupSession:
+        """Refused for a VM an in-place restore left incomplete: its disks are no state the
+        VM ever had, and a restore point of them would look good."""
+        vm_dir = self.locate(vm)
+        note = incomplete_note(vm_dir)
+        if note:
+            raise ConnectorError(
+                f"refusing to back up {vm_dir}: {note}; restore it in place again (or remove "
+                f"{vm_dir / INCOMPLETE} if its disks are known to be good)"
+            )
         readers: dict[str, DiskReader] = {}
         try:
             for disk in vm.disks:
@@ -111,11 +128,16 @@ class FilesConnector:
         return OverwriteSink(vm, self.locate(vm))
 
 
+def _bounds(vm_dir: Path, entry: DiskEntry) -> Path | None:
+    """A disk file must resolve inside its VM directory unless vm.json says `outside`."""
+    return None if entry.outside else vm_dir
+
+
 def _disk_sizes(vm_dir: Path, doc: VmDocument) -> dict[str, int]:
     """Virtual sizes read from the images (vm.json does not record them)."""
     sizes = {}
     for entry in doc.disks:
-        reader = open_reader(vm_dir / entry.file, entry.format)
+        reader = open_reader(vm_dir / entry.file, entry.format, _bounds(vm_dir, entry))
         try:
             sizes[entry.name] = reader.size
         finally:

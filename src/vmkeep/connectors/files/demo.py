@@ -191,7 +191,8 @@ def modify_demo_vm(vm_dir: Path | str, seed: int) -> int:
         raise ConnectorError(f"{vm_dir} is not a demo VM made by create_demo_vm")
     entry = doc.disks[0]
     path = vm_dir / entry.file
-    reader = open_reader(path, entry.format)
+    within = None if entry.outside else vm_dir
+    reader = open_reader(path, entry.format, within)
     try:
         allocated = sum(e.length for e in reader.extents() if e.data)
         blocks = [
@@ -211,7 +212,7 @@ def modify_demo_vm(vm_dir: Path | str, seed: int) -> int:
             targets.append(host)
     finally:
         reader.close()
-    fd = open_image(path, os.O_RDWR)
+    fd = open_image(path, os.O_RDWR, within=within)
     try:
         for host in targets:
             old = pread_full(fd, BLOCK, host)

@@ -39,14 +39,24 @@ def direct_io_suits(path: str) -> bool:
     return fs_type(path) in _DIRECT_FS
 
 
-def open_direct(path: str, flags: int) -> int | None:
-    """An existing `path` opened with O_DIRECT added, or None where the kernel refuses it."""
+def open_direct(path: str, flags: int, same_as: int | None = None) -> int | None:
+    """An existing `path` opened with O_DIRECT added, or None where the kernel refuses it.
+    `same_as`: a descriptor the new one must share its file with. The name is opened a second
+    time, so whoever can write the directory could have swapped it for a link meanwhile: a
+    symlink is not followed and another file is not used (buffered writes go on instead)."""
     try:
-        return os.open(path, flags | os.O_DIRECT | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_DIRECT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
-        if exc.errno == errno.EINVAL:  # no direct I/O on this file system
+        if exc.errno in (errno.EINVAL, errno.ELOOP):  # no direct I/O here, or a planted link
             return None
         raise
+    if same_as is not None:
+        mine, theirs = os.fstat(fd), os.fstat(same_as)
+        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+            os.close(fd)
+            return None
+    os.set_blocking(fd, True)
+    return fd
 
 
 def aligned_copy(data: bytes | memoryview) -> memoryview:

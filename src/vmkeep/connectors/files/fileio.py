@@ -20,13 +20,28 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZERO_PIECE = 1 << 20
 
 
-def open_image(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+def open_image(
+    path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o644, *, within: Path | None = None
+) -> int:
     """Open a disk image file and return its descriptor; only regular files are accepted.
 
+    With O_CREAT the file must not exist and the last component is never followed
+    (O_EXCL|O_NOFOLLOW): a name vmkeep chooses can never lead through a planted symlink.
+    Without it the file is stat'ed first, so a FIFO or a device is refused without being
+    opened (an open could block or have side effects). `within`: the opened file must
+    resolve inside that directory (checked on the descriptor itself, so no race).
     Every failure becomes a ConnectorError naming the file, so the CLI prints one clear line."""
     name = os.fspath(path)
+    if flags & os.O_CREAT:
+        flags |= os.O_EXCL | os.O_NOFOLLOW
+    else:
+        _refuse_special(name)
+        if within is not None:
+            _check_inside(os.path.realpath(name), name, within)
     try:
-        fd = os.open(name, flags | os.O_CLOEXEC, mode)
+        fd = os.open(name, flags | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY, mode)
+    except FileExistsError:
+        raise ConnectorError(f"{name} already exists: refusing to write through it") from None
     except FileNotFoundError:
         raise ConnectorError(f"disk image {name} does not exist") from None
     except PermissionError:
@@ -36,15 +51,72 @@ def open_image(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o644) ->
     except OSError as exc:
         raise ConnectorError(f"cannot open disk image {name}: {exc.strerror}") from None
     try:
-        st = os.fstat(fd)
-    except OSError as exc:
+        _check_open(fd, name, within)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, for a one-line message."""
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((text for test, text in kinds if test(mode)), "not a regular file")
+
+
+def _refuse_special(name: str) -> None:
+    """Refuse, without opening it, an existing path that is not a regular file."""
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        raise ConnectorError(f"disk image {name} does not exist") from None
+    except PermissionError:
+        raise ConnectorError(f"permission denied opening disk image {name}") from None
+    except OSError as exc:
         raise ConnectorError(f"cannot stat disk image {name}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise ConnectorError(f"disk image {name} is {kind}")
-    return fd
+        raise ConnectorError(f"disk image {name} is {_kind(st.st_mode)}, not a regular file")
+
+
+def _check_open(fd: int, name: str, within: Path | None) -> None:
+    """The opened descriptor is a regular file (inside `within`); O_NONBLOCK is cleared."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise ConnectorError(f"cannot stat disk image {name}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConnectorError(f"disk image {name} is {_kind(st.st_mode)}, not a regular file")
+    if within is not None:
+        _check_inside(opened_path(fd, name), name, within)
+    os.set_blocking(fd, True)
+
+
+def opened_path(fd: int, name: str) -> str:
+    """The real path of an open file, as the kernel knows it (not re-resolved by name)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # no /proc: the name resolved now is the best left
+        return os.path.realpath(name)
+
+
+def is_inside(real: str, root: Path | str) -> bool:
+    """Whether the resolved path `real` is `root` (resolved) or below it."""
+    base = os.path.realpath(root)
+    return os.path.commonpath([real, base]) == base
+
+
+def _check_inside(real: str, name: str, within: Path) -> None:
+    if not is_inside(real, within):
+        raise ConnectorError(
+            f"disk image {name} resolves to {real}, outside {os.path.realpath(within)}: refused "
+            '(a disk outside the VM directory needs "outside": true in vm.json)'
+        )
 
 
 def _load_libc() -> ctypes.CDLL | None:

@@ -26,9 +26,12 @@ class ClosableWriter(Protocol):
     def close(self) -> None: ...
 
 
-def open_reader(path: Path, fmt: str) -> DiskReader:
-    """A reader for an image in format `fmt` ("raw" or "qcow2")."""
-    return Qcow2Reader(path) if fmt == "qcow2" else RawDiskReader(path)
+def open_reader(path: Path, fmt: str, within: Path | None = None) -> DiskReader:
+    """A reader for an image in format `fmt` ("raw" or "qcow2"); `within`: the directory the
+    image must resolve inside (fileio.open_image)."""
+    if fmt == "qcow2":
+        return Qcow2Reader(path, within=within)
+    return RawDiskReader(path, within=within)
 
 
 def close_quietly(writers: Iterable[ClosableWriter]) -> None:
@@ -39,9 +42,11 @@ def close_quietly(writers: Iterable[ClosableWriter]) -> None:
             writer.close()
 
 
-def new_writer(path: Path, fmt: str, size: int) -> ClosableWriter:
-    """A fresh, all-zero image of `size` bytes in format `fmt`."""
-    return Qcow2DiskWriter(path, size) if fmt == "qcow2" else RawDiskWriter(path, size)
+def new_writer(path: Path, fmt: str, size: int, within: Path | None = None) -> ClosableWriter:
+    """A fresh, all-zero image of `size` bytes in format `fmt`; `path` must not exist."""
+    if fmt == "qcow2":
+        return Qcow2DiskWriter(path, size, within=within)
+    return RawDiskWriter(path, size, within=within)
 
 
 def copy_data(reader: DiskReader, writer: ClosableWriter, limit: int) -> None:

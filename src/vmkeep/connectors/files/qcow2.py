@@ -145,9 +145,9 @@ class Qcow2Reader:
     """Read view of a qcow2 image. Zero and unallocated clusters read as zeros and are reported
     as holes. `read` is thread-safe: only pread is used, and the L2 cache is locked."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, within: Path | None = None) -> None:
         self.path = Path(path)
-        self._fd = open_image(self.path)
+        self._fd = open_image(self.path, within=within)
         try:
             self._file_size = os.fstat(self._fd).st_size
             self.change_token: str | None = "qcow2:" + change_token(self._fd)

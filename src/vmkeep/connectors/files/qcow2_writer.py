@@ -28,12 +28,23 @@ REFCOUNT_ORDER = 4  # 16-bit refcounts, qemu's default
 
 
 class Qcow2DiskWriter:
-    """A new qcow2 image of virtual `size` bytes at `path` (an existing file is replaced).
+    """A new qcow2 image of virtual `size` bytes at `path`, which must not exist (a planted
+    symlink is never followed); `replace_existing`: truncate the existing regular file there
+    (one the caller just created: a libvirt volume, a mkstemp file). `within`: see
+    fileio.open_image.
     Unwritten clusters stay unallocated, and all-zero writes to them allocate nothing.
     The size is rounded up to a multiple of 512 as `qemu-img create` does: qemu ignores a
     partial last sector of a qcow2 image."""
 
-    def __init__(self, path: Path | str, size: int, *, cluster_bits: int = 16) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        size: int,
+        *,
+        cluster_bits: int = 16,
+        replace_existing: bool = False,
+        within: Path | None = None,
+    ) -> None:
         if size < 0 or not 9 <= cluster_bits <= 21:
             raise ValueError("invalid disk size or cluster size")
         self.path = Path(path)
@@ -44,7 +55,8 @@ class Qcow2DiskWriter:
         l1_size = -(-self.size // (self._cs * self._l2_entries))
         if l1_size * 8 > MAX_L1_BYTES:
             raise ConnectorError(f"{self.path}: a disk of {size} bytes is too large for qcow2")
-        self._fd = open_image(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        flags = os.O_RDWR | (os.O_TRUNC if replace_existing else os.O_CREAT)
+        self._fd = open_image(self.path, flags, within=within)
         self._l1 = [0] * l1_size  # host offsets of the L2 tables, 0 = none yet
         self._l2: dict[int, array[int]] = {}
         self._l1_offset = self._cs

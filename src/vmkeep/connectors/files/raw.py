@@ -26,9 +26,9 @@ from vmkeep.errors import ConnectorError
 class RawDiskReader:
     """Read view of a raw image; the disk size is the file size. `read` is thread-safe (pread)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, within: Path | None = None) -> None:
         self.path = Path(path)
-        self._fd = open_image(self.path)
+        self._fd = open_image(self.path, within=within)
         self.size = os.fstat(self._fd).st_size
         self.change_token: str | None = "raw:" + change_token(self._fd)
         self.dirty_since: str | None = None  # set by FilesBackupSession when unchanged
@@ -86,16 +86,19 @@ class RawDiskReader:
 
 
 class RawDiskWriter:
-    """Writes a raw image of `size` bytes. A created file starts as one hole (all zeros);
-    with `create=False` an existing file is written in place, its data kept."""
+    """Writes a raw image of `size` bytes. A created file starts as one hole (all zeros) and
+    must not exist yet (never written through a planted symlink); with `create=False` an
+    existing file is written in place, its data kept. `within`: see fileio.open_image."""
 
-    def __init__(self, path: Path | str, size: int, *, create: bool = True) -> None:
+    def __init__(
+        self, path: Path | str, size: int, *, create: bool = True, within: Path | None = None
+    ) -> None:
         if size < 0:
             raise ValueError("negative disk size")
         self.path = Path(path)
         self.size = size
-        flags = os.O_RDWR | (os.O_CREAT | os.O_TRUNC if create else 0)
-        self._fd = open_image(self.path, flags)
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        self._fd = open_image(self.path, flags, within=within)
         try:
             if os.fstat(self._fd).st_size != size:
                 os.ftruncate(self._fd, size)
@@ -106,7 +109,7 @@ class RawDiskWriter:
         self._direct_fd: int | None = None
         if direct_io_suits(str(self.path)):
             with contextlib.suppress(OSError):
-                self._direct_fd = open_direct(str(self.path), os.O_WRONLY)
+                self._direct_fd = open_direct(str(self.path), os.O_WRONLY, same_as=self._fd)
 
     def _check(self, offset: int, length: int) -> None:
         check_write(self.path, self._fd, self.size, offset, length)

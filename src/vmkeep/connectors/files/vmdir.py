@@ -4,10 +4,12 @@ backup made elsewhere: no name may ever point outside the VM directory."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import secrets
+import stat
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -15,25 +17,30 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vmkeep.connectors.base import DiskInfo, VmConfig
-from vmkeep.connectors.files.fileio import fsync_dir
+from vmkeep.connectors.files.fileio import fsync_dir, pread_full
 from vmkeep.errors import ConnectorError, NotFoundError
 
 VM_JSON = "vm.json"
+INCOMPLETE = "vm.json.incomplete"  # present while an in-place restore has not finished
 MIB = 1 << 20
 MAX_VM_JSON_BYTES = 4 << 20
 LOCATION_KEY = "vmkeep.files.location"  # in VmConfig.metadata: the VM directory
+INCOMPLETE_KEY = "vmkeep.files.incomplete"  # in VmConfig.metadata: the INCOMPLETE marker's text
 _RESERVED_PREFIX = "vmkeep.files."
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
 class DiskEntry(BaseModel):
-    """One disk: a stable name and an image file inside the VM directory."""
+    """One disk: a stable name and an image file inside the VM directory. `outside`: the
+    administrator allows the file to resolve (through symlinks) outside the VM directory;
+    without it such a disk is refused, so a planted symlink cannot expose another file."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=255)
     file: str = Field(min_length=1, max_length=4096)
     format: Literal["raw", "qcow2"] = "raw"
+    outside: bool = False
 
     @field_validator("file")
     @classmethod
@@ -43,8 +50,8 @@ class DiskEntry(BaseModel):
         path = PurePosixPath(value)
         if path.is_absolute() or any(p in ("..", ".") for p in value.split("/")):
             raise ValueError("must be a relative path inside the VM directory, without '..'")
-        if path.as_posix() == VM_JSON:
-            raise ValueError("cannot be vm.json")
+        if path.as_posix() in (VM_JSON, INCOMPLETE):
+            raise ValueError(f"cannot be {path.as_posix()}")
         return path.as_posix()
 
 
@@ -88,8 +95,7 @@ def load_vm_json(vm_dir: Path) -> VmDocument:
     """Read and validate `vm_dir/vm.json`; NotFoundError if absent, ConnectorError if bad."""
     path = vm_dir / VM_JSON
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_VM_JSON_BYTES + 1)
+        raw = read_small_file(path, MAX_VM_JSON_BYTES + 1)
     except (FileNotFoundError, NotADirectoryError):
         raise NotFoundError(f"no VM at {vm_dir}: {VM_JSON} not found") from None
     except OSError as exc:
@@ -104,12 +110,30 @@ def load_vm_json(vm_dir: Path) -> VmDocument:
         raise ConnectorError(f"invalid {path}: not JSON ({exc})") from None
 
 
+def read_small_file(path: Path, limit: int) -> bytes:
+    """At most `limit` bytes of a regular file. A FIFO or device is refused without blocking
+    (O_NONBLOCK, then fstat) and reads as an OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        return pread_full(fd, limit, 0)
+    finally:
+        os.close(fd)
+
+
 def save_vm_json(vm_dir: Path, doc: VmDocument) -> None:
     """Write vm.json atomically: temp file, fsync, rename, fsync of the directory."""
-    data = (json.dumps(doc.model_dump(mode="json"), indent=2) + "\n").encode()
+    dumped = doc.model_dump(mode="json")
+    for disk in dumped["disks"]:
+        if not disk["outside"]:
+            del disk["outside"]  # written only where the administrator set it
+    data = (json.dumps(dumped, indent=2) + "\n").encode()
     tmp = vm_dir / f".vm.json.{secrets.token_hex(6)}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o644)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -173,13 +197,13 @@ def safe_disk_filename(disk: DiskInfo, taken: set[str]) -> str:
     candidate = recorded if isinstance(recorded, str) else ""
     candidate = candidate.replace("\\", "/").rsplit("/", 1)[-1]
     candidate = _UNSAFE.sub("_", candidate).lstrip(".")[:200]
-    if not candidate or candidate == VM_JSON:
+    if not candidate or candidate in (VM_JSON, INCOMPLETE):
         candidate = (_UNSAFE.sub("_", disk.name).lstrip(".")[:200] or "disk") + ext
     stem, dot, suffix = candidate.rpartition(".")
     if not dot:
         stem, suffix = candidate, ""
     name, n = candidate, 1
-    while name in taken or name == VM_JSON:
+    while name in taken or name in (VM_JSON, INCOMPLETE):
         name = f"{stem}-{n}.{suffix}" if suffix else f"{stem}-{n}"
         n += 1
     taken.add(name)

@@ -211,7 +211,9 @@ class NewDomainSink:
             label = f"volume {vol_name} of pool {self._pool_name!r}"
             writer = UploadingVolumeWriter(self._conn.ensure(), vol, disk.size, label)
         else:
-            writer = _VolumeWriter(Qcow2DiskWriter(path, disk.size), self._pool)
+            writer = _VolumeWriter(
+                Qcow2DiskWriter(path, disk.size, replace_existing=True), self._pool
+            )
         self._paths[disk.name] = path
         self._writers.append(writer)
         return writer

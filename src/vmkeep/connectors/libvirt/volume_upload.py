@@ -62,7 +62,9 @@ class UploadingVolumeWriter:
         fd, self._path = tempfile.mkstemp(prefix="vmkeep-upload-", suffix=".qcow2")
         os.close(fd)
         try:
-            self._writer: Qcow2DiskWriter | None = Qcow2DiskWriter(self._path, size)
+            self._writer: Qcow2DiskWriter | None = Qcow2DiskWriter(
+                self._path, size, replace_existing=True
+            )
         except BaseException:
             os.unlink(self._path)
             raise

@@ -21,8 +21,9 @@ def list_vms(
     root: Path = typer.Argument(Path("."), help="Directory holding VM directories."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """List the VMs found in a directory."""
+    """List the VMs found in a directory (one an in-place restore left incomplete is marked)."""
     from vmkeep.connectors.files import FilesConnector
+    from vmkeep.connectors.files.vmdir import INCOMPLETE_KEY
 
     vms = FilesConnector(root).list_vms()
     rows: list[dict[str, Any]] = [
@@ -32,13 +33,14 @@ def list_vms(
             "vcpus": v.vcpus,
             "memory": v.memory,
             "disks": [{"name": d.name, "size": d.size, "format": d.format} for d in v.disks],
+            "incomplete": v.metadata.get(INCOMPLETE_KEY),
         }
         for v in vms
     ]
     if json_out:
         print_json(rows)
         return
-    listing = table("name", "uuid", "vcpus", "memory", "disks")
+    listing = table("name", "uuid", "vcpus", "memory", "disks", "state")
     for r in rows:
         listing.add_row(
             r["name"],
@@ -46,8 +48,12 @@ def list_vms(
             str(r["vcpus"]),
             human_bytes(r["memory"]),
             ", ".join(f"{d['name']} ({human_bytes(d['size'])} {d['format']})" for d in r["disks"]),
+            "INCOMPLETE" if r["incomplete"] else "ok",
         )
     stdout.print(listing)
+    for r in rows:
+        if r["incomplete"]:
+            console.print(f"{r['name']}: {r['incomplete']}")
 
 
 @vm_app.command("create-demo")
