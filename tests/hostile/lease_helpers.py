@@ -31,9 +31,14 @@ class StoppedBackup:
     flag: Path
     stopped_at: float  # time.monotonic() when it was seen stopped
 
+    def hold(self, seconds: float) -> None:
+        """Return once it has been stopped `seconds`: its lock is then at least that old,
+        whatever the load on the machine (it refreshed last before it stopped)."""
+        time.sleep(max(0.0, self.stopped_at + seconds - time.monotonic()))
+
     def resume(self, paused_at_least: float = 0, timeout: float = 120) -> Run:
         """SIGCONT once it has been stopped `paused_at_least` seconds; its exit and output."""
-        time.sleep(max(0.0, self.stopped_at + paused_at_least - time.monotonic()))
+        self.hold(paused_at_least)
         os.kill(self.proc.pid, signal.SIGCONT)
         out, err = self.proc.communicate(timeout=timeout)
         assert "Traceback" not in err, err

@@ -57,6 +57,7 @@ def test_paused_past_its_lease_while_gc_sweeps(
     vm = make_vm()
     _garbage_repo(cli, vm, repo_dir)
     backup = start_stopped_backup(cli, vm, str(repo_dir), "stored", 2, tmp_path / "stop")
+    backup.hold(1.0)  # the lock is older than gc's lease
     gc = gc_from(cli, str(repo_dir), lease=0.5)
     assert gc.code == 0, gc.err
     assert gc.json()["chunks_deleted"] > 0 and _chunk_files(repo_dir) == set()
@@ -116,6 +117,7 @@ def test_gc_during_the_manifest_write(
     vm = make_vm()
     _garbage_repo(cli, vm, repo_dir)
     backup = start_stopped_backup(cli, vm, str(repo_dir), "manifest", 60, tmp_path / "stop")
+    backup.hold(1.0)
     gc = gc_from(cli, str(repo_dir), lease=0.2)
     assert gc.code == 0 and gc.json()["chunks_deleted"] > 0, gc.err
     run = backup.resume()
@@ -203,6 +205,7 @@ def test_lease_loss_on_s3(
     assert _s3_names(seaweed, chunks)
     lease = 2 if stage == "stored" else 60
     backup = start_stopped_backup(cli, vm, url, stage, lease, tmp_path / "stop")
+    backup.hold(1.0)
     gc = gc_from(cli, url, lease=0.5)
     assert gc.code == 0 and gc.json()["chunks_deleted"] > 0, gc.err
     assert _s3_names(seaweed, chunks) == set()
