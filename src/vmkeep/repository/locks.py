@@ -52,7 +52,13 @@ class LockInfo:
     def is_stale(self, now: float) -> bool:
         if self.host == socket.gethostname() and not _pid_alive(self.pid):
             return True
-        return now - self.refreshed > lease_seconds()
+        return not _within_lease(self.refreshed, now)
+
+
+def _within_lease(refreshed: float, now: float) -> bool:
+    """Refreshed within the lease, in either direction: a time more than a lease in the future
+    (a skewed clock, a hostile lock, NaN) is no proof of life and would block forever."""
+    return abs(now - refreshed) <= lease_seconds()
 
 
 def _utc(timestamp: float) -> str:
@@ -60,6 +66,8 @@ def _utc(timestamp: float) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    if not 0 < pid < 1 << 22:  # Linux's pid_max limit; 0 and negatives name process groups
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -83,7 +91,7 @@ def _read_lock(remote: Remote, name: str) -> LockInfo | None:
         )
     except NotFoundError:
         return None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return LockInfo(name, "exclusive", "?", 0, "unreadable lock", 0.0)
 
 
