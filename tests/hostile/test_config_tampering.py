@@ -5,6 +5,7 @@ in one `error:` line before anything is written; the old restore point still res
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,29 @@ def assert_nothing_plain(repo: Path, before: dict[str, bytes], samples: list[byt
         assert not any(s in blob for s in samples), f"{name} holds plaintext"
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A demo VM and an encrypted repository holding one point of it, made once per module
+    (each test works on its own copy)."""
+    from vmkeep.connectors.files.demo import create_demo_vm
+
+    root = tmp_path_factory.mktemp("template")
+    vm_dir = Path(create_demo_vm(root, "web01", 32 * 1024 * 1024, "raw"))
+    runner = Cli(root)
+    runner("init", str(root / "repo"))
+    point = runner("backup", str(vm_dir), "--remote", str(root / "repo"), "--json").json()
+    return root, point["restore_point"]
+
+
 @pytest.fixture
-def backed_up(cli: Cli, make_vm: Callable[..., Path], tmp_path: Path) -> dict[str, Any]:
-    """An encrypted repository behind the named remote `nas`, one point of a demo VM."""
-    vm_dir = make_vm("web01", 32 * 1024 * 1024)
-    repo = tmp_path / "repo"
+def backed_up(cli: Cli, template: tuple[Path, str], tmp_path: Path) -> dict[str, Any]:
+    """A copy of the template behind the named remote `nas` (added as an existing repository:
+    the client records what it is)."""
+    root, point = template
+    vm_dir, repo = tmp_path / "web01", tmp_path / "repo"
+    shutil.copytree(root / "web01", vm_dir)
+    shutil.copytree(root / "repo", repo)
     cli("remote", "add", "nas", str(repo))
-    point = cli("backup", str(vm_dir), "--remote", "nas", "--json").json()["restore_point"]
     config = repo / "config"
     return {
         "vm": vm_dir,
