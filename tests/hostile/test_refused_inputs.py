@@ -145,6 +145,19 @@ def test_malformed_key_material_is_refused_in_one_line(
     assert objects(repo) == {}
 
 
+def test_a_key_entry_of_an_unknown_kdf_is_listed_not_computed(cli: Cli, tmp_path: Path) -> None:
+    """Open skips entries of a KDF it does not know (a later version's): `key list` shows them
+    without arithmetic on their unchecked fields."""
+    repo = tmp_path / "repo"
+    cli("init", str(repo))
+    config = json.loads((repo / "config").read_bytes())
+    config["keys"].append({"id": "later", "kdf": "scrypt", "memory_kib": "lots", "label": 5})
+    (repo / "config").write_text(json.dumps(config))
+    listed = cli("key", "list", "-r", str(repo), "--json").json()
+    assert [k["id"] for k in listed] == [config["keys"][0]["id"], "later"]
+    assert "later" in cli("key", "list", "-r", str(repo)).out
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -301,6 +314,7 @@ MANIFEST_DAMAGE: dict[str, Callable[[dict[str, Any]], object]] = {
     "tags a string": lambda d: {**d, "tags": "abc"},
     "parent a number": lambda d: {**d, "parent": 7},
     "document a list": lambda d: [d],
+    "lock until naive": lambda d: {**d, "lock": {"mode": "compliance", "until": "2030-01-01"}},
     "deep": lambda d: ('{"a":' * 50000 + "1" + "}" * 50000).encode(),
 }
 

@@ -232,8 +232,18 @@ class Manifest:
             parent=_token(doc.get("parent")),
             tags=_strings(doc.get("tags") or []),
             stats=_counters(doc.get("stats") or {}),
-            lock=dict(doc["lock"]) if isinstance(doc.get("lock"), dict) else None,
+            lock=_lock_record(doc.get("lock")),
         )
+
+
+def _lock_record(value: object) -> dict[str, Any] | None:
+    """The optional `lock` object (§10.2), its times with an offset (prune compares them)."""
+    if not isinstance(value, dict):
+        return None
+    for key in ("until", "chunks_until"):
+        if key in value:
+            _aware(value[key])
+    return dict(value)
 
 
 def _token(value: object) -> str | None:
