@@ -178,7 +178,8 @@ def test_unparseable_config_is_refused_in_one_line(cli: Cli, tmp_path: Path, raw
 
 
 def run_with_stdin(cli: Cli, args: list[str], env: dict[str, str], closed: bool) -> Run:
-    """`vmkeep ARGS` with stdin closed (fd 0 not open at all) or /dev/null."""
+    """`vmkeep ARGS` with stdin closed (fd 0 not open at all) or /dev/null, and no
+    VMKEEP_PASSPHRASE unless `env` gives one."""
     base = {k: v for k, v in cli.env.items() if k != "VMKEEP_PASSPHRASE"}
     proc = subprocess.run(
         [VMKEEP, *args],
