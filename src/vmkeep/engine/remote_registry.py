@@ -10,6 +10,31 @@ from pydantic import BaseModel, ValidationError
 
 from vmkeep.errors import NotFoundError, UsageError
 from vmkeep.remotes.object_lock import LockPolicy
+from vmkeep.repository.config_auth import KnownRepository
+
+
+class RepositoryRecord(BaseModel):
+    """What the client saw of the remote's repository when it was added (or, for a remote
+    added by an older vmkeep, first opened): a later config that disagrees is refused, so
+    whoever can write the remote cannot make this client write plaintext or cut at another
+    chunk size (docs/FORMAT.md §9)."""
+
+    id: str
+    encrypted: bool
+    chunk_size: int
+    authenticated: bool = False
+
+    def known(self) -> KnownRepository:
+        return KnownRepository(self.id, self.encrypted, self.chunk_size, self.authenticated)
+
+    @classmethod
+    def of(cls, known: KnownRepository) -> RepositoryRecord:
+        return cls(
+            id=known.id,
+            encrypted=known.encrypted,
+            chunk_size=known.chunk_size,
+            authenticated=known.authenticated,
+        )
 
 
 class RemoteEntry(BaseModel):
@@ -17,6 +42,7 @@ class RemoteEntry(BaseModel):
     location: str
     lock_days: int | None = None  # immutability: restore points locked this many days
     lock_mode: str = "compliance"
+    repository: RepositoryRecord | None = None  # None: added by a vmkeep that did not record
 
     def lock_policy(self) -> LockPolicy | None:
         return LockPolicy.from_days(self.lock_days, self.lock_mode) if self.lock_days else None
@@ -68,13 +94,20 @@ class RemoteRegistry:
             tmp.unlink(missing_ok=True)
             raise UsageError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
-    def add(self, name: str, location: str, lock: LockPolicy | None = None) -> None:
+    def add(
+        self,
+        name: str,
+        location: str,
+        lock: LockPolicy | None = None,
+        repository: KnownRepository | None = None,
+    ) -> None:
         entries = self.load()
         if any(e.name == name for e in entries):
             raise UsageError(f"a remote named {name!r} already exists")
         if not name or "/" in name or name.startswith("."):
             raise UsageError(f"invalid remote name {name!r}")
-        entry = RemoteEntry(name=name, location=location)
+        record = RepositoryRecord.of(repository) if repository else None
+        entry = RemoteEntry(name=name, location=location, repository=record)
         if lock is not None:
             entry.lock_days, entry.lock_mode = lock.seconds // 86400, lock.mode
         self.save([*entries, entry])
@@ -110,6 +143,32 @@ class RemoteRegistry:
         if not any(e.name == name for e in entries):
             raise NotFoundError(f"no remote named {name!r}")
         self.save([e for e in entries if e.name != name])
+
+    def entry(self, ref: str | None) -> RemoteEntry | None:
+        """The named remote `ref` stands for (the only one when None), or None for a path or
+        URL, which has no record of its own."""
+        entries = self.load()
+        if ref is None:
+            return entries[0] if len(entries) == 1 else None
+        return next((e for e in entries if e.name == ref), None)
+
+    def remember(self, name: str, repository: KnownRepository) -> None:
+        """Record what a remote's repository is, when the entry has no record yet, or when its
+        config has just been authenticated (format version 3's one-time upgrade). A record
+        never changes otherwise: a change is what check_known refuses."""
+        entries = self.load()
+        entry = next((e for e in entries if e.name == name), None)
+        if entry is None:
+            return
+        record, old = RepositoryRecord.of(repository), entry.repository
+        upgraded = (
+            old is not None
+            and not old.authenticated
+            and old.model_copy(update={"authenticated": True}) == record
+        )
+        if old is None or upgraded:
+            entry.repository = record
+            self.save(entries)
 
     def resolve(self, ref: str | None) -> str:
         """A remote name, a path or URL; with none given, the only configured remote."""

@@ -32,7 +32,7 @@ from vmkeep.progress import Progress
 from vmkeep.repository.format import ID_SIZE, ZERO_ID, chunk_count, chunk_length, is_zero
 from vmkeep.repository.gc_epoch import GcMark, confirm_no_sweep, read_gc_mark
 from vmkeep.repository.locks import RepositoryLock
-from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
+from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem, new_point_id
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.retention_lock import lock_restore_point
 
@@ -254,6 +254,14 @@ def vm_record(vm: VmConfig, connector_name: str) -> dict[str, Any]:
     }
 
 
+def check_metadata(vm: VmConfig) -> None:
+    """Refused before anything is written: a point whose metadata could not be read back
+    would back up and then fail to restore."""
+    problem = metadata_problem(vm.metadata)
+    if problem:
+        raise ConnectorError(f"VM {vm.name}: its metadata is {problem}: refusing to back it up")
+
+
 def vm_backup_lock(repo: Repository, vm: VmConfig) -> RepositoryLock:
     """One backup per VM at a time, across installations (a lease on the remote). The scope is
     keyed like chunk IDs, so lock objects do not reveal which VMs a repository holds."""
@@ -326,6 +334,7 @@ def backup_vm(
     if not 0 <= options.compression_level <= 22:
         raise UsageError("compression level must be between 0 (off) and 22")
     vm = connector.get_vm(vm_ref)
+    check_metadata(vm)
     began = time.monotonic()
     with vm_backup_lock(repo, vm) as lock:
         gc_mark = read_gc_mark(repo.remote)  # before anything is listed (FORMAT.md §6)

@@ -21,7 +21,7 @@ from vmkeep.errors import IntegrityError, NameTakenError, UsageError
 from vmkeep.parallel import io_threads, unordered_map
 from vmkeep.progress import Progress
 from vmkeep.repository.format import ZERO_ID, is_zero
-from vmkeep.repository.manifest import DiskIndex, Manifest
+from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem
 from vmkeep.repository.repository import Repository
 
 SPARSE_BLOCK = 4096  # zero runs of this granularity become holes in the restored disk
@@ -168,6 +168,15 @@ def create_new_vm(
     )
 
 
+def drop_unreadable_metadata(manifest: Manifest, progress: Progress) -> None:
+    """A point an older vmkeep wrote may carry metadata too deep or large to write back: its
+    disks are what matter, so it is restored without that metadata (and says so)."""
+    problem = metadata_problem(manifest.vm.get("metadata") or {})
+    if problem:
+        progress.note(f"the VM's metadata is {problem}: restored without it")
+        manifest.vm["metadata"] = {}
+
+
 def restore_vm(
     repo: Repository,
     connector: Connector,
@@ -180,6 +189,7 @@ def restore_vm(
 ) -> RestoreReport:
     began = time.monotonic()
     manifest = repo.load_manifest(repo.resolve_point(point_ref))
+    drop_unreadable_metadata(manifest, progress)
     if in_place:
         existing = connector.get_vm(target)
         if existing.uuid != manifest.vm_uuid and not force:

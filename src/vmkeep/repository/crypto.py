@@ -48,13 +48,37 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _unb64(text: Any) -> bytes:
-    if not isinstance(text, str):
-        raise RepositoryError("repository config: malformed key entry")
+# Sizes of a key entry's fields (docs/FORMAT.md §3); anything else is refused before Argon2
+# or AES-GCM see it (a short salt or nonce made them raise, an internal error).
+SALT_SIZE = 16
+WRAPPED_SIZE = 64 + 16  # the repository key and the GCM tag
+
+
+def _unb64(text: Any, size: int, field: str) -> bytes:
+    """A base64 field of a key entry, exactly `size` bytes long."""
+    if not isinstance(text, str) or len(text) > 4 * size:
+        raise RepositoryError(f"repository config: malformed key entry ({field})")
     try:
-        return base64.b64decode(text, validate=True)
+        raw = base64.b64decode(text, validate=True)
     except ValueError as exc:
-        raise RepositoryError("repository config: malformed key entry") from exc
+        raise RepositoryError(f"repository config: malformed key entry ({field})") from exc
+    if len(raw) != size:
+        raise RepositoryError(
+            f"repository config: malformed key entry ({field} is {len(raw)} bytes, not {size})"
+        )
+    return raw
+
+
+def _kdf_costs(entry: dict[str, Any]) -> tuple[int, int, int]:
+    """Argon2id parameters, JSON integers (not bools, floats or strings) within the bounds a
+    reader allows, so a hostile config cannot make it allocate without limit."""
+    names = ("time_cost", "memory_kib", "parallelism")
+    if not all(type(entry.get(name)) is int for name in names):
+        raise RepositoryError("repository config: malformed key entry (KDF parameters)")
+    time_cost, memory_kib, lanes = (int(entry[name]) for name in names)
+    if not (1 <= time_cost <= 64 and 8 <= memory_kib <= 4 * 1024 * 1024 and 1 <= lanes <= 64):
+        raise RepositoryError("repository config: key entry has out-of-range KDF parameters")
+    return time_cost, memory_kib, lanes
 
 
 def derive_kek(
@@ -73,7 +97,7 @@ def derive_kek(
 
 def wrap_key(key: RepositoryKey, passphrase: bytes, repo_id: str, label: str) -> dict[str, Any]:
     """One entry of the config's "keys" list: the repository key sealed by a passphrase."""
-    salt = os.urandom(16)
+    salt = os.urandom(SALT_SIZE)
     memory_kib = DEFAULT_MEMORY_KIB
     kek = derive_kek(passphrase, salt, DEFAULT_TIME_COST, memory_kib, DEFAULT_PARALLELISM)
     nonce = os.urandom(NONCE_SIZE)
@@ -96,21 +120,17 @@ def unwrap_key(
 ) -> tuple[RepositoryKey, str]:
     """Try every wrapped copy; returns the key and the id of the entry that opened."""
     for entry in entries:
+        if not isinstance(entry, dict):
+            raise RepositoryError("repository config: malformed key entry")
         if entry.get("kdf") != "argon2id":
             continue
+        cost = _kdf_costs(entry)
+        salt = _unb64(entry.get("salt"), SALT_SIZE, "salt")
+        nonce = _unb64(entry.get("nonce"), NONCE_SIZE, "nonce")
+        wrapped = _unb64(entry.get("wrapped"), WRAPPED_SIZE, "wrapped")
+        kek = derive_kek(passphrase, salt, *cost)
         try:
-            cost = (int(entry["time_cost"]), int(entry["memory_kib"]), int(entry["parallelism"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RepositoryError("repository config: malformed key entry") from exc
-        if not (1 <= cost[0] <= 64 and 8 <= cost[1] <= 4 * 1024 * 1024 and 1 <= cost[2] <= 64):
-            raise RepositoryError("repository config: key entry has out-of-range KDF parameters")
-        kek = derive_kek(passphrase, _unb64(entry.get("salt")), *cost)
-        try:
-            raw = AESGCM(kek).decrypt(
-                _unb64(entry.get("nonce")),
-                _unb64(entry.get("wrapped")),
-                KEY_AAD_PREFIX + repo_id.encode(),
-            )
+            raw = AESGCM(kek).decrypt(nonce, wrapped, KEY_AAD_PREFIX + repo_id.encode())
         except InvalidTag:
             continue
         return RepositoryKey.from_bytes(raw), str(entry.get("id", ""))

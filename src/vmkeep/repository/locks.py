@@ -60,7 +60,13 @@ class LockInfo:
         one at once); elsewhere the lease does."""
         if self.host == socket.gethostname():
             return not _holder_alive(self.pid, self.pid_start)
-        return now - self.refreshed > lease_seconds()
+        return not _within_lease(self.refreshed, now)
+
+
+def _within_lease(refreshed: float, now: float) -> bool:
+    """Refreshed within the lease, in either direction: a time more than a lease in the future
+    (a skewed clock, a hostile lock, NaN) is no proof of life and would block forever."""
+    return abs(now - refreshed) <= lease_seconds()
 
 
 def _utc(timestamp: float) -> str:
@@ -83,7 +89,7 @@ def _process_start(pid: int) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid <= 0:  # 0 and negatives would name process groups
+    if not 0 < pid < 1 << 22:  # Linux's pid_max limit; 0 and negatives name process groups
         return False
     try:
         os.kill(pid, 0)
@@ -109,7 +115,7 @@ def read_lock(remote: Remote, name: str) -> LockInfo | None:
         )
     except NotFoundError:
         return None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return LockInfo(name, "exclusive", "?", 0, "unreadable lock", 0.0)
 
 

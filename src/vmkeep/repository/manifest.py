@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from vmkeep.errors import IntegrityError
+from vmkeep.errors import IntegrityError, RepositoryError
 
 from .compression import compress, decompress
 from .crypto import Sealer
@@ -30,6 +30,69 @@ from .format import (
     manifest_object_name,
     valid_chunk_size,
 )
+
+# Bounds of a VM's connector metadata (§5.3): deeper or larger cannot be read back by every
+# JSON parser and pydantic (a point would back up and then fail to restore).
+MAX_METADATA_DEPTH = 32
+MAX_METADATA_BYTES = 1 << 20
+
+
+def metadata_problem(value: object) -> str | None:
+    """Why `value` (a VM's metadata) is out of bounds, or None when it is within them."""
+    if _too_deep(value, MAX_METADATA_DEPTH):
+        return f"nested deeper than {MAX_METADATA_DEPTH} levels"
+    try:
+        size = len(json.dumps(value, separators=(",", ":")))
+    except (TypeError, ValueError):
+        return "not JSON data"
+    return f"larger than {MAX_METADATA_BYTES >> 10} KiB" if size > MAX_METADATA_BYTES else None
+
+
+def _too_deep(value: object, budget: int) -> bool:
+    """Recursion stops at `budget` levels, however deep `value` is."""
+    if isinstance(value, dict):
+        children: list[object] = list(value.values())
+    elif isinstance(value, list):
+        children = list(value)
+    else:
+        return False
+    return budget <= 0 or any(_too_deep(child, budget - 1) for child in children)
+
+
+def _aware(text: object) -> datetime:
+    """An ISO 8601 time with its offset (a naive one would fail every comparison later)."""
+    when = datetime.fromisoformat(str(text))
+    if when.tzinfo is None:
+        raise ValueError("time without an offset")
+    return when
+
+
+def _strings(items: object) -> list[str]:
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ValueError("tags are not a list of strings")
+    return list(items)
+
+
+def _counters(stats: object) -> dict[str, Any]:
+    """Run statistics are integers (listings and the capacity check do arithmetic on them)."""
+    if not isinstance(stats, dict) or not all(type(v) is int or v is None for v in stats.values()):
+        raise ValueError("stats are not integers")
+    return dict(stats)
+
+
+def _vm_record(vm: object) -> dict[str, Any]:
+    """The `vm` object: a JSON object whose name and uuid are strings and whose sizes are
+    integers. Metadata out of bounds is kept (an older vmkeep wrote it); restore drops it."""
+    if not isinstance(vm, dict):
+        raise ValueError("vm is not an object")
+    if not isinstance(vm.get("name", ""), str) or not isinstance(vm.get("uuid", ""), str):
+        raise ValueError("vm name or uuid is not a string")
+    for key in ("vcpus", "memory"):
+        if key in vm and (type(vm[key]) is not int or vm[key] < 0):
+            raise ValueError(f"vm {key} is not a count")
+    if not isinstance(vm.get("metadata") or {}, dict):
+        raise ValueError("vm metadata is not an object")
+    return dict(vm)
 
 
 def new_point_id(when: datetime) -> str:
@@ -137,8 +200,12 @@ class Manifest:
     def from_json(cls, doc: dict[str, Any]) -> Manifest:
         disks = []
         for d in doc["disks"]:
+            if not isinstance(d, dict) or not isinstance(d.get("extra") or {}, dict):
+                raise ValueError("a disk is not an object")
             ids = base64.b64decode(d["chunks"], validate=True)
-            size = int(d["size"])
+            size = d["size"]
+            if type(size) is not int:
+                raise ValueError("disk size is not an integer")
             chunk_size = d["chunk_size"]
             if not valid_chunk_size(chunk_size):
                 raise ValueError(f"unsupported chunk_size {str(chunk_size)[:24]!r}")
@@ -151,24 +218,40 @@ class Manifest:
                     str(d["format"]),
                     ids,
                     dict(d.get("extra") or {}),
-                    d.get("change_token"),
+                    _token(d.get("change_token")),
                     chunk_size,
                 )
             )
         return cls(
             id=str(doc["id"]),
-            vm=dict(doc["vm"]),
+            vm=_vm_record(doc["vm"]),
             disks=disks,
             mode=str(doc["mode"]),
-            created=datetime.fromisoformat(doc["created"]),
-            finished=datetime.fromisoformat(doc["finished"]),
+            created=_aware(doc["created"]),
+            finished=_aware(doc["finished"]),
             schedule=str(doc.get("schedule") or ""),
             job=str(doc.get("job") or ""),
-            parent=doc.get("parent"),
-            tags=list(doc.get("tags") or []),
-            stats=dict(doc.get("stats") or {}),
-            lock=dict(doc["lock"]) if isinstance(doc.get("lock"), dict) else None,
+            parent=_token(doc.get("parent")),
+            tags=_strings(doc.get("tags") or []),
+            stats=_counters(doc.get("stats") or {}),
+            lock=_lock_record(doc.get("lock")),
         )
+
+
+def _lock_record(value: object) -> dict[str, Any] | None:
+    """The optional `lock` object (§10.2), its times with an offset (prune compares them)."""
+    if not isinstance(value, dict):
+        return None
+    for key in ("until", "chunks_until"):
+        if key in value:
+            _aware(value[key])
+    return dict(value)
+
+
+def _token(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError("a change token or parent is not a string")
+    return value
 
 
 def encode_manifest(sealer: Sealer, manifest: Manifest) -> bytes:
@@ -186,17 +269,37 @@ def decode_manifest(sealer: Sealer, point_id: str, blob: bytes, chunk_size: int)
     head = blob[:HEADER_SIZE]
     if len(head) < HEADER_SIZE or head[:4] != MANIFEST_MAGIC or head[4] != OBJECT_VERSION:
         raise IntegrityError(f"{what} is corrupt: bad header")
+    check_encryption_flag(head[5], sealer.encrypted, point_id)
     if head[5] != FLAG_ZSTD | (FLAG_ENCRYPTED if sealer.encrypted else 0):
         raise IntegrityError(f"{what} is corrupt: unexpected flags {head[5]:#x}")
     packed = sealer.open(blob[HEADER_SIZE:], head + manifest_object_name(point_id).encode(), what)
     try:
         manifest = Manifest.from_json(json.loads(decompress(packed, what)))
-    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-        raise IntegrityError(f"{what} is malformed: {exc}") from exc
+    except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
+        raise IntegrityError(f"{what} is malformed: {str(exc)[:200]}") from exc
+    except RecursionError:
+        raise IntegrityError(f"{what} is malformed: nested too deeply") from None
     if manifest.id != point_id:
-        raise IntegrityError(f"{what} is corrupt: it names itself {manifest.id}")
-    check_chunk_size(manifest, chunk_size, f"{what} is corrupt")
+        raise IntegrityError(f"{what} is corrupt: it names itself {manifest.id[:40]!r}")
+    try:
+        check_chunk_size(manifest, chunk_size, f"restore point {point_id}")
+    except IntegrityError as exc:  # the point verified: it is the config that changed
+        raise RepositoryError(
+            f"{exc}: the repository config was altered; refusing to use the repository"
+        ) from None
     return manifest
+
+
+def check_encryption_flag(flags: int, encrypted: bool, point_id: str) -> None:
+    """A manifest encrypted in a repository whose config says unencrypted (or the reverse)
+    means the config was edited: refuse the repository, never write plaintext next to it."""
+    if bool(flags & FLAG_ENCRYPTED) != encrypted:
+        said = "unencrypted" if encrypted else "encrypted"
+        config = "encrypted" if encrypted else "unencrypted"
+        raise RepositoryError(
+            f"restore point {point_id} is {said} but the repository config says {config}: "
+            "the config was altered; refusing to use the repository"
+        )
 
 
 def check_chunk_size(manifest: Manifest, chunk_size: int, what: str) -> None:

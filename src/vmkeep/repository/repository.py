@@ -13,6 +13,7 @@ from vmkeep.errors import (
     IntegrityError,
     NotFoundError,
     ObjectExistsError,
+    RemoteError,
     RepositoryError,
     UsageError,
     WrongPassphraseError,
@@ -22,6 +23,14 @@ from vmkeep.remotes.base import Remote
 from vmkeep.remotes.local import LocalRemote
 
 from .chunks import decode_chunk, encode_chunk
+from .config_auth import (
+    MAC_KEY,
+    KnownRepository,
+    check_config_mac,
+    check_known,
+    check_plain_config,
+    config_mac,
+)
 from .crypto import RepositoryKey, Sealer, unwrap_key, wrap_key
 from .format import (
     CHUNKS_PREFIX,
@@ -42,6 +51,7 @@ from .format import (
 from .manifest import Manifest, check_chunk_size, decode_manifest, encode_manifest
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
+MAX_KEYS = 64  # each entry costs an Argon2id run (64 MiB, ~0.2 s) when the passphrase is wrong
 CHUNK_SIZE_RULE = f"a power of two from {MIN_CHUNK_SIZE >> 10} KiB to {MAX_CHUNK_SIZE >> 20} MiB"
 PassphraseSource = Callable[[], bytes]
 
@@ -89,6 +99,8 @@ class Repository:
             "encryption": encryption,
             "keys": [wrap_key(key, passphrase(), repo_id, "initial")] if key else [],
         }
+        if key:
+            config[MAC_KEY] = config_mac(key, config)
         try:
             remote.put(CONFIG_NAME, json.dumps(config, indent=1).encode(), overwrite=False)
             remote.flush()
@@ -97,8 +109,13 @@ class Repository:
         return cls(remote, config, key)
 
     @classmethod
-    def open(cls, remote: Remote, passphrase: PassphraseSource) -> Repository:
-        """`passphrase` is only called for an encrypted repository."""
+    def open(
+        cls, remote: Remote, passphrase: PassphraseSource, known: KnownRepository | None = None
+    ) -> Repository:
+        """`passphrase` is only called for an encrypted repository. `known`: what the client
+        recorded about this repository (a named remote); a config that disagrees is refused
+        before the passphrase is asked. An encrypted config's MAC is checked, or added once
+        when it has none (a repository made before format revision 3)."""
         try:
             raw = remote.get(CONFIG_NAME)
         except NotFoundError as exc:
@@ -106,10 +123,38 @@ class Repository:
                 f"no vmkeep repository at {remote.url} (run `vmkeep init`)"
             ) from exc
         config = parse_config(raw, remote.url)
+        if known is not None:
+            check_known(known, config, remote.url)
         if config["encryption"] == "none":
+            check_plain_config(config, remote.url)
             return cls(remote, config, None)
         key, _ = unwrap_key(config["keys"], passphrase(), config["id"])
-        return cls(remote, config, key)
+        repo = cls(remote, config, key)
+        if not check_config_mac(key, config, remote.url):
+            repo._add_config_mac()
+        return repo
+
+    def _add_config_mac(self) -> None:
+        """The one-time upgrade of an encrypted config made before the MAC existed. Only when
+        the newest restore point agrees with the config (an altered config must not get
+        authenticated); best effort: a read-only or immutable remote keeps it as it is."""
+        assert self.key is not None
+        ids = self.point_ids()
+        if ids:
+            try:
+                self.load_manifest(ids[-1])  # RepositoryError when the config disagrees
+            except (IntegrityError, NotFoundError):
+                return  # a corrupt (or just deleted) point proves nothing: not now
+        self.config[MAC_KEY] = config_mac(self.key, self.config)
+        try:
+            self._save_config()
+        except RemoteError:
+            del self.config[MAC_KEY]
+
+    @property
+    def known(self) -> KnownRepository:
+        """What a client records about this repository to check it at later opens."""
+        return KnownRepository.of(self.config)
 
     @property
     def encrypted(self) -> bool:
@@ -264,8 +309,9 @@ def parse_config(raw: bytes, where: str) -> dict[str, Any]:
         config = json.loads(raw)
         if not isinstance(config, dict) or config.get("format") != "vmkeep-repository":
             raise ValueError("not a vmkeep repository config")
-    except ValueError as exc:
-        raise RepositoryError(f"{where}: repository config is unreadable ({exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:120]
+        raise RepositoryError(f"{where}: repository config is unreadable ({reason})") from None
     version = config.get("version")
     if type(version) is not int or version not in CONFIG_VERSIONS:
         raise RepositoryError(
@@ -282,10 +328,18 @@ def parse_config(raw: bytes, where: str) -> dict[str, Any]:
         raise RepositoryError(
             f"{where}: repository config has chunk_size {_shown(chunk_size)}, not {CHUNK_SIZE_RULE}"
         )
-    if config.get("encryption") not in ENCRYPTIONS:
+    encryption = config.get("encryption")
+    if encryption not in ENCRYPTIONS:
         raise RepositoryError(f"{where}: repository config has unsupported parameters")
-    if not isinstance(config.get("keys"), list) or not isinstance(config.get("id"), str):
-        raise RepositoryError(f"{where}: repository config is malformed")
+    if encryption != "none" and config.get("chunk_id") != "blake3-keyed":
+        raise RepositoryError(f"{where}: repository config has unsupported parameters")
+    keys, repo_id = config.get("keys"), config.get("id")
+    if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+        raise RepositoryError(f"{where}: repository config is malformed (keys)")
+    if len(keys) > MAX_KEYS:
+        raise RepositoryError(f"{where}: repository config has more than {MAX_KEYS} keys")
+    if not isinstance(repo_id, str) or not 1 <= len(repo_id) <= 64:
+        raise RepositoryError(f"{where}: repository config is malformed (id)")
     return config
 
 

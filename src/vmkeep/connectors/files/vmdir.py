@@ -104,6 +104,8 @@ def load_vm_json(vm_dir: Path) -> VmDocument:
         raise ConnectorError(f"{path} is too large to be a VM description")
     try:
         return VmDocument.model_validate(json.loads(raw))
+    except RecursionError:
+        raise ConnectorError(f"invalid {path}: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, ValidationError):
             raise ConnectorError(f"invalid {path}: {_one_line(exc)}") from None

@@ -20,8 +20,15 @@ class CliState:
     registry: RemoteRegistry = field(default_factory=RemoteRegistry)
 
     def open_repository(self, remote_ref: str | None) -> Repository:
-        location = self.registry.resolve(remote_ref)
-        return Repository.open(open_remote(location), self.passphrase)
+        """A named remote's repository is checked against what was recorded when it was added
+        (encryption, chunk size, id, MAC), and recorded at its first open if it was not."""
+        entry = self.registry.entry(remote_ref)
+        location = entry.location if entry else self.registry.resolve(remote_ref)
+        known = entry.repository.known() if entry and entry.repository else None
+        repo = Repository.open(open_remote(location), self.passphrase, known)
+        if entry is not None:
+            self.registry.remember(entry.name, repo.known)
+        return repo
 
 
 state = CliState()

@@ -100,8 +100,16 @@ class PassphraseSource:
 
     def __call__(self, confirm: bool = False) -> bytes:
         if self._cached is None:
-            self._cached = self._read(confirm)
+            passphrase = self._read(confirm)
+            if not passphrase:  # whatever the source: the prompt always refused it
+                raise UsageError(f"empty passphrase (from {self.origin()}): refusing it")
+            self._cached = passphrase
         return self._cached
+
+    def origin(self) -> str:
+        if self.file is not None:
+            return f"passphrase file {self.file}"
+        return "VMKEEP_PASSPHRASE" if "VMKEEP_PASSPHRASE" in os.environ else "the prompt"
 
     def _read(self, confirm: bool) -> bytes:
         if self.file is not None:
@@ -113,14 +121,15 @@ class PassphraseSource:
                 ) from exc
         env = os.environ.get("VMKEEP_PASSPHRASE")
         if env is not None:
-            return env.encode()
-        if not sys.stdin.isatty():
+            return os.fsencode(env)  # the bytes as given, even when not UTF-8
+        if sys.stdin is None or sys.stdin.closed or not sys.stdin.isatty():
             raise UsageError(
                 "no passphrase: set VMKEEP_PASSPHRASE, use --passphrase-file, or run in a terminal"
             )
-        first = getpass.getpass("Repository passphrase: ")
-        if confirm and getpass.getpass("Repeat passphrase: ") != first:
-            raise UsageError("the passphrases do not match")
-        if not first:
-            raise UsageError("empty passphrase")
-        return first.encode()
+        try:
+            first = getpass.getpass("Repository passphrase: ")
+            if confirm and getpass.getpass("Repeat passphrase: ") != first:
+                raise UsageError("the passphrases do not match")
+        except EOFError:
+            raise UsageError("no passphrase: the terminal closed before one was entered") from None
+        return os.fsencode(first)

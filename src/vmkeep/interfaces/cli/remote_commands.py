@@ -46,17 +46,17 @@ def add(
     lock = LockPolicy.from_days(lock_days, lock_mode.lower()) if lock_days is not None else None
     apply_lock_policy(remote, lock)  # fails now if the remote cannot enforce it
     try:
-        Repository.open(remote, state.passphrase)
+        repo = Repository.open(remote, state.passphrase)
         what = "existing repository opened"
     except RepositoryError as exc:
         if not init or "no vmkeep repository" not in str(exc):
             raise
-        Repository.init(remote, encryption, lambda: state.passphrase(confirm=True), size)
+        repo = Repository.init(remote, encryption, lambda: state.passphrase(confirm=True), size)
         what = (
             f"new repository created (encryption: {encryption}, "
             f"chunk size: {format_chunk_size(size)})"
         )
-    state.registry.add(name, location, lock)
+    state.registry.add(name, location, lock, repo.known)
     locked = f"; restore points locked {lock.describe()}" if lock else ""
     console.print(f"remote {name}: {remote.url}: {what}{locked}")
     if lock and isinstance(remote, LocalRemote):

@@ -340,7 +340,7 @@ def key_list(remote: str | None = RemoteOpt, json_out: bool = JsonOpt) -> None:
     keys = [
         {k: e.get(k) for k in ("id", "label", "kdf", "memory_kib", "time_cost")}
         for e in repo.config["keys"]
-    ]
+    ]  # entries of another kdf were not checked by open: shown as they are, never computed
     if json_out:
         print_json(keys)
         return
@@ -350,7 +350,7 @@ def key_list(remote: str | None = RemoteOpt, json_out: bool = JsonOpt) -> None:
             str(k["id"]),
             str(k["label"]),
             str(k["kdf"]),
-            human_bytes(int(k["memory_kib"] or 0) * 1024),
+            human_bytes(k["memory_kib"] * 1024) if type(k["memory_kib"]) is int else "-",
             str(k["time_cost"]),
         )
     stdout.print(listing)
