@@ -235,7 +235,7 @@ def test_restore_next_to_the_original_picks_a_new_name(
     vm = make_vm("web01")
     before = {p: sha256(p) for p in vm_disks(vm).values()}
     point = cli("backup", str(vm), "--remote", str(repo_dir), "--json").json()
-    stamp = point["restore_point"].split("-")[0]
+    stamp = point["restore_point"].split(".")[0] + "Z"  # the point's time to the second
     args = ("restore", point["restore_point"], "--remote", str(repo_dir), "--to", str(vm.parent))
     first = cli(*args, "--json").json()
     second = cli(*args, "--json").json()

@@ -209,7 +209,7 @@ def test_restore_without_a_name_next_to_the_original(
     """The source domain still exists: without --name the new domain (and its volumes) is
     `<name>-restored-<point time>`; the source is untouched."""
     point, models = source.points[-1]
-    stamp = point.split("-")[0]
+    stamp = point.split(".")[0] + "Z"  # the point's time to the second
     expected = f"{source.dom.name}-restored-{stamp}"
     restored_names.append(expected)
     report = restore_vm(source.repo, connector, point, libvirt_env.pool.name, SilentProgress())
