@@ -30,6 +30,7 @@ from .format import (
     manifest_object_name,
     valid_chunk_size,
 )
+from .limits import MAX_MANIFEST_DOC
 
 
 def new_point_id(when: datetime) -> str:
@@ -188,7 +189,7 @@ def decode_manifest(sealer: Sealer, point_id: str, blob: bytes, chunk_size: int)
         raise IntegrityError(f"{what} is corrupt: unexpected flags {head[5]:#x}")
     packed = sealer.open(blob[HEADER_SIZE:], head + manifest_object_name(point_id).encode(), what)
     try:
-        manifest = Manifest.from_json(json.loads(decompress(packed, what)))
+        manifest = Manifest.from_json(json.loads(decompress(packed, what, MAX_MANIFEST_DOC)))
     except (KeyError, TypeError, ValueError, binascii.Error) as exc:
         raise IntegrityError(f"{what} is malformed: {exc}") from exc
     if manifest.id != point_id:

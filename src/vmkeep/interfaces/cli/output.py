@@ -104,7 +104,7 @@ class PassphraseSource:
     def _read(self, confirm: bool) -> bytes:
         if self.file is not None:
             try:
-                return self.file.read_bytes().rstrip(b"\r\n")
+                return read_passphrase_file(self.file)
             except OSError as exc:
                 raise UsageError(
                     f"cannot read passphrase file {self.file}: {exc.strerror}"
@@ -122,3 +122,19 @@ class PassphraseSource:
         if not first:
             raise UsageError("empty passphrase")
         return first.encode()
+
+
+MAX_PASSPHRASE_FILE = 4096  # a passphrase, not a key file: /dev/zero must not fill memory
+
+
+def read_passphrase_file(path: Path) -> bytes:
+    """At most MAX_PASSPHRASE_FILE bytes (one trailing newline dropped); a longer file is
+    refused rather than read whole."""
+    with path.open("rb") as f:
+        data = f.read(MAX_PASSPHRASE_FILE + 1)
+    if len(data) > MAX_PASSPHRASE_FILE:
+        raise UsageError(
+            f"passphrase file {path} is larger than {MAX_PASSPHRASE_FILE} bytes: "
+            "is it the right file?"
+        )
+    return data.rstrip(b"\r\n")
