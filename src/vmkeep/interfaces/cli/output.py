@@ -5,11 +5,14 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.errors import MarkupError
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -23,16 +26,59 @@ from rich.text import Text
 
 from vmkeep.errors import UsageError
 
-console = Console(stderr=True)
-stdout = Console(width=None if sys.stdout.isatty() else 160)
+# Control characters (C0 but tab and newline, DEL, C1): a VM name, disk name, metadata value
+# or error text from a remote or a VM directory could carry terminal escape sequences.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_OR_NEWLINE = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _visible(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
+
+
+def plain(text: object) -> str:
+    """`text` on one line, every control character shown as \\xNN (never sent raw)."""
+    return _CONTROL_OR_NEWLINE.sub(_visible, str(text))
+
+
+def shown(text: object) -> str:
+    """A value from a remote or a VM, safe inside rich markup: plain(), markup escaped."""
+    return escape(plain(text))
+
+
+class SafeConsole(Console):
+    """Every string printed is stripped of raw control characters, and a string whose
+    markup does not parse (a `[/]` in a VM name) is printed as plain text instead of
+    failing: whatever a caller interpolates, nothing reaches the terminal raw."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        text = _CONTROL.sub(_visible, text)
+        try:
+            return super().render_str(text, **kwargs)
+        except MarkupError:
+            return super().render_str(text, **dict(kwargs, markup=False))
+
+
+console = SafeConsole(stderr=True)
+stdout = SafeConsole(width=None if sys.stdout.isatty() else 160)
+_json_printed = False
 
 
 def print_error(message: str) -> None:
-    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    console.print(Text.assemble(("error: ", "bold red"), plain(message)), soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
+    global _json_printed
+    _json_printed = True
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_json_error(message: str, exit_code: int) -> None:
+    """With --json, a failure is a JSON object on stdout too, unless the command already
+    printed its JSON result (then stdout stays one document; the exit code tells)."""
+    if not _json_printed:
+        print_json({"error": message, "exit_code": exit_code})
 
 
 def human_bytes(n: float | None) -> str:
@@ -74,7 +120,7 @@ class RichProgress:
         columns.append(TimeRemainingColumn())
         self._bar = Progress(*columns, console=console, transient=False)
         self._bar.start()
-        self._task = self._bar.add_task(description, total=total)
+        self._task = self._bar.add_task(shown(description), total=total)
 
     def advance(self, amount: int) -> None:
         if self._bar is not None:
@@ -86,7 +132,7 @@ class RichProgress:
             self._bar = None
 
     def note(self, message: str) -> None:
-        console.print(f"[yellow]note:[/] {message}")
+        console.print(f"[yellow]note:[/] {shown(message)}")
 
 
 class PassphraseSource:
