@@ -139,9 +139,13 @@ def test_manifest_index_must_match_size(repo: Repository) -> None:
     m = _manifest([ZERO_ID, ZERO_ID], DEFAULT_CHUNK_SIZE + 1)
     repo.save_manifest(m)
     assert repo.load_manifest(m.id).disks[0].chunk_count == 2
-    bad = _manifest([ZERO_ID], DEFAULT_CHUNK_SIZE + 1)
+    with pytest.raises(ValueError):  # a dense index must have one entry per chunk
+        _manifest([ZERO_ID], DEFAULT_CHUNK_SIZE + 1)
+    # A stored index whose runs reach past the disk is refused as corrupt when loaded.
+    bad = _manifest([b"\x01" * ID_SIZE, b"\x02" * ID_SIZE], 2 * DEFAULT_CHUNK_SIZE)
+    bad.disks[0].size = DEFAULT_CHUNK_SIZE
     repo.save_manifest(bad)
-    with pytest.raises(IntegrityError):
+    with pytest.raises(IntegrityError, match="outside the disk"):
         repo.load_manifest(bad.id)
     assert len(ZERO_ID) == ID_SIZE
 

@@ -29,8 +29,19 @@ from vmkeep.errors import (
 )
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import Progress
-from vmkeep.repository.format import ID_SIZE, ZERO_ID, chunk_count, chunk_length, is_zero
+from vmkeep.repository.format import ZERO_ID, chunk_length, is_zero
 from vmkeep.repository.gc_epoch import GcMark, confirm_no_sweep, read_gc_mark
+from vmkeep.repository.index_runs import (
+    IndexBuilder,
+    Range,
+    Run,
+    chunks_touched,
+    covered_bytes,
+    indexes,
+    intersect,
+    merge_ranges,
+)
+from vmkeep.repository.limits import MANIFEST_BYTES_PER_ID, MAX_MANIFEST_DOC
 from vmkeep.repository.locks import RepositoryLock
 from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem, new_point_id
 from vmkeep.repository.repository import Repository
@@ -94,21 +105,14 @@ class BackupReport:
         }
 
 
-def chunk_flags(size: int, extents: Iterable[Extent], chunk_size: int) -> bytearray:
-    """One flag per chunk of `chunk_size` bytes: does any of the (data) extents touch it?"""
-    count = chunk_count(size, chunk_size)
-    flags = bytearray(count)
-    for ext in extents:
-        if ext.data and ext.length > 0:
-            first = ext.offset // chunk_size
-            last = min(count - 1, (ext.offset + ext.length - 1) // chunk_size)
-            flags[first : last + 1] = b"\x01" * (last - first + 1)
-    return flags
+def chunk_ranges(size: int, extents: Iterable[Extent], chunk_size: int) -> list[Range]:
+    """The chunks that any data extent touches, as merged ranges of chunk indexes."""
+    return chunks_touched(((e.offset, e.length) for e in extents if e.data), size, chunk_size)
 
 
-def chunks_with_data(reader: DiskReader, chunk_size: int) -> bytearray:
+def chunks_with_data(reader: DiskReader, chunk_size: int) -> list[Range]:
     """Chunks without data are never read."""
-    return chunk_flags(reader.size, reader.extents(), chunk_size)
+    return chunk_ranges(reader.size, reader.extents(), chunk_size)
 
 
 class ChunkUploader:
@@ -157,10 +161,10 @@ def backup_disk(
     label: str,
     progress: Progress,
     threads: int,
-    flags: bytearray,
+    flags: list[Range],
     chunk_size: int,
     base: DiskIndex | None = None,
-) -> tuple[bytes, BackupStats]:
+) -> tuple[list[Run], BackupStats]:
     """Store one disk. With a `base` (the previous index, which the reader's dirty extents
     are relative to) only dirty chunks are read; the others keep their previous IDs.
     `flags` are the reader's chunks_with_data, computed once per backup. Chunks complete in
@@ -168,15 +172,16 @@ def backup_disk(
     `chunk_size` is the repository's (and the base's: the repository refuses any other)."""
     size = reader.size
     if base is None:
-        ids = bytearray(len(flags) * ID_SIZE)  # all ZERO_ID until filled in
-        to_read = [i for i, flag in enumerate(flags) if flag]
+        to_read = flags
+        ids = IndexBuilder(flags)  # all ZERO_ID until filled in
     else:
-        ids = bytearray(base.chunk_ids)
-        dirty = chunk_flags(size, reader.dirty_extents(), chunk_size)
-        for i in (i for i, d in enumerate(dirty) if d and not flags[i]):
-            ids[i * ID_SIZE : (i + 1) * ID_SIZE] = ZERO_ID  # dirty and now a hole: discarded
-        to_read = [i for i, d in enumerate(dirty) if d and flags[i]]
-    progress.start(label, sum(chunk_length(i, size, chunk_size) for i in to_read))
+        dirty = chunk_ranges(size, reader.dirty_extents(), chunk_size)
+        to_read = intersect(dirty, flags)
+        ids = IndexBuilder(merge_ranges(base.run_ranges() + to_read))
+        for first, run in base.runs:
+            ids.put_run(first, run)
+        ids.clear(dirty)  # dirty and now a hole: discarded; dirty with data: read below
+    progress.start(label, covered_bytes(to_read, size, chunk_size))
 
     def work(index: int) -> tuple[int, bytes, BackupStats]:
         offset = index * chunk_size
@@ -188,12 +193,12 @@ def backup_disk(
         return index, chunk_id, stats
 
     total = BackupStats()
-    for index, chunk_id, stats in unordered_map(work, to_read, threads):
-        ids[index * ID_SIZE : (index + 1) * ID_SIZE] = chunk_id
+    for index, chunk_id, stats in unordered_map(work, indexes(to_read), threads):
+        ids.set(index, chunk_id)
         total.add(stats)
         progress.advance(stats.bytes_read)
     progress.finish()
-    return bytes(ids), total
+    return ids.runs(), total
 
 
 def vm_history(repo: Repository, vm_uuid: str) -> list[Manifest]:
@@ -205,7 +210,7 @@ def vm_history(repo: Repository, vm_uuid: str) -> list[Manifest]:
 def check_capacity(
     repo: Repository,
     vm: VmConfig,
-    data_flags: list[bytearray],
+    data_flags: list[list[Range]],
     history: list[Manifest],
     chunk_size: int,
 ) -> None:
@@ -217,11 +222,23 @@ def check_capacity(
     if history:
         need = min(int(m.stats.get("bytes_written", 0)) for m in history)
     else:
-        need = sum(sum(flags) for flags in data_flags) * chunk_size // 10
+        need = sum(end - start for flags in data_flags for start, end in flags) * chunk_size // 10
     if free < need:
         raise RemoteFullError(
             f"remote has {free // 2**20} MiB free; a backup of {vm.name} needs at least "
             f"{need // 2**20} MiB: free space first"
+        )
+
+
+def check_index_size(vm: VmConfig, data_flags: list[list[Range]]) -> None:
+    """Refuse before reading a backup whose manifest could not hold its index (FORMAT.md
+    §1.1): better no restore point than one that can never be read back."""
+    entries = sum(end - start for flags in data_flags for start, end in flags)
+    if entries * MANIFEST_BYTES_PER_ID > MAX_MANIFEST_DOC:
+        raise UsageError(
+            f"{vm.name} has {entries} chunks of data, more than one restore point's index "
+            f"may hold ({MAX_MANIFEST_DOC // MANIFEST_BYTES_PER_ID}): back it up into a "
+            "repository with larger chunks"
         )
 
 
@@ -281,7 +298,7 @@ def store_disks(
     vm: VmConfig,
     session: BackupSession,
     previous: Manifest | None,
-    data_flags: dict[str, bytearray],
+    data_flags: dict[str, list[Range]],
     options: BackupOptions,
     progress: Progress,
 ) -> tuple[list[DiskIndex], BackupStats, list[str]]:
@@ -350,6 +367,7 @@ def backup_vm(
             chunk_size = repo.chunk_size
             data_flags = {n: chunks_with_data(r, chunk_size) for n, r in session.readers.items()}
             check_capacity(repo, vm, list(data_flags.values()), history, chunk_size)
+            check_index_size(vm, list(data_flags.values()))
             indexes, stats, disk_notes = store_disks(
                 repo, vm, session, previous, data_flags, options, progress
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from vmkeep.errors import IntegrityError, NameTakenError, UsageError
 from vmkeep.parallel import io_threads, unordered_map
 from vmkeep.progress import Progress
 from vmkeep.repository.format import ZERO_ID, is_zero
+from vmkeep.repository.index_runs import chunks_touched, covered_bytes, indexes, merge_ranges
 from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem
 from vmkeep.repository.repository import Repository
 
@@ -97,13 +98,16 @@ def restore_disk(
     (DiskWriter allows any order; a lock keeps it to one writing thread at a time), so a slow
     GET never stalls the others and memory stays at a chunk or two per thread: no decoded
     chunk waits in memory for its turn."""
-    count = index.chunk_count
-    wanted = (
-        range(count)
-        if current is not None
-        else [i for i in range(count) if index.chunk_id(i) != ZERO_ID]
-    )
-    progress.start(label, sum(index.chunk_length(i) for i in wanted))
+    if current is None:  # a new disk starts as holes: only the chunks with data
+        wanted: Iterable[int] = (i for i, _ in index.entries())
+        total = index.nonzero_bytes()
+    else:  # in place: also every chunk the current disk has data in (it may need zeroing)
+        spans = ((e.offset, e.length) for e in current.extents() if e.data)
+        data = chunks_touched(spans, index.size, index.chunk_size)
+        ranges = merge_ranges(index.run_ranges() + data)
+        wanted = indexes(ranges)
+        total = covered_bytes(ranges, index.size, index.chunk_size)
+    progress.start(label, total)
     write_lock = threading.Lock()
 
     def restore_chunk(i: int) -> tuple[int, int, int]:

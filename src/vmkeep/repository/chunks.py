@@ -39,7 +39,7 @@ def decode_chunk(sealer: Sealer, chunk_id: bytes, blob: bytes, max_size: int) ->
     payload: bytes | memoryview = memoryview(blob)[HEADER_SIZE:]  # no 4 MiB copy
     if sealer.encrypted:
         payload = sealer.open(payload, head + chunk_id, what)
-    data = decompress(payload, what) if flags & FLAG_ZSTD else payload
+    data = decompress(payload, what, max_size) if flags & FLAG_ZSTD else payload
     if len(data) > max_size:
         raise IntegrityError(
             f"{what} is corrupt: {len(data)} bytes, more than the chunk size {max_size}"

@@ -46,8 +46,16 @@ def compress_if_smaller(data: bytes, level: int) -> tuple[bytes, bool]:
     return data, False
 
 
-def decompress(packed: bytes | memoryview, what: str) -> bytes:
+def decompress(packed: bytes | memoryview, what: str, limit: int = MAX_DECOMPRESSED) -> bytes:
+    """At most `limit` bytes of output. zstandard honours max_output_size only for frames
+    without a recorded content size: a frame that claims more is refused before decoding,
+    or a few hostile bytes would make it allocate whatever they claim."""
     try:
-        return zstandard.ZstdDecompressor().decompress(packed, max_output_size=MAX_DECOMPRESSED)
+        claimed = zstandard.frame_content_size(packed)
+        if claimed > limit:
+            raise IntegrityError(
+                f"{what} is corrupt: it would decompress to {claimed} bytes, more than {limit}"
+            )
+        return zstandard.ZstdDecompressor().decompress(packed, max_output_size=limit)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"{what} is corrupt: cannot decompress ({exc})") from exc

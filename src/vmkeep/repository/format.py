@@ -14,8 +14,10 @@ CONFIG_VERSIONS = (CONFIG_VERSION_FIXED, CONFIG_VERSION_SIZED)
 # The version byte in chunk and manifest object headers (§4.2, §5.2). Their layout did not
 # change with config version 2, so it stays 1 whatever the chunk size.
 OBJECT_VERSION = 1
-# The manifest document's "version" key (§5.3); its keys did not change either.
-MANIFEST_DOC_VERSION = 1
+# The manifest document's "version" key (§5.3). 2: disk indexes are sparse runs (`runs`);
+# version 1 documents (every entry in `chunks`) are still read.
+MANIFEST_DOC_VERSION = 2
+MANIFEST_DOC_VERSIONS = (1, 2)
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024  # the only size of config version 1
 MIN_CHUNK_SIZE = 64 * 1024  # QEMU's dirty-bitmap granularity: a finer chunk reads no less

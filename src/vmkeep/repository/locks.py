@@ -23,10 +23,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from vmkeep.errors import LockedError, LockLostError, NotFoundError, VmkeepError
+from vmkeep.errors import (
+    LockedError,
+    LockLostError,
+    NotFoundError,
+    RepositoryError,
+    VmkeepError,
+)
 from vmkeep.remotes.base import Remote
 
 from .format import LOCKS_PREFIX
+from .limits import MAX_LOCK_BYTES, get_bounded
 
 REFRESH_SECONDS = 30.0
 
@@ -102,7 +109,8 @@ def _pid_alive(pid: int) -> bool:
 
 def read_lock(remote: Remote, name: str) -> LockInfo | None:
     try:
-        doc: dict[str, Any] = json.loads(remote.get(name))
+        raw = get_bounded(remote, name, MAX_LOCK_BYTES, RepositoryError, name)
+        doc: dict[str, Any] = json.loads(raw)
         return LockInfo(
             name,
             str(doc["kind"]),
@@ -115,7 +123,7 @@ def read_lock(remote: Remote, name: str) -> LockInfo | None:
         )
     except NotFoundError:
         return None
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, RepositoryError):
         return LockInfo(name, "exclusive", "?", 0, "unreadable lock", 0.0)
 
 

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +22,7 @@ from .format import (
     HEADER_SIZE,
     ID_SIZE,
     MANIFEST_DOC_VERSION,
+    MANIFEST_DOC_VERSIONS,
     MANIFEST_MAGIC,
     OBJECT_VERSION,
     ZERO_ID,
@@ -30,6 +32,8 @@ from .format import (
     manifest_object_name,
     valid_chunk_size,
 )
+from .index_runs import Range, Run, RunLookup, check_runs, split_zero_stretches
+from .limits import MAX_MANIFEST_DOC
 
 # Bounds of a VM's connector metadata (§5.3): deeper or larger cannot be read back by every
 # JSON parser and pydantic (a point would back up and then fail to restore).
@@ -102,40 +106,65 @@ def new_point_id(when: datetime) -> str:
     return f"{utc:%Y%m%dT%H%M%S}.{utc.microsecond // 1000:03d}Z-{os.urandom(3).hex()}"
 
 
-@dataclass
 class DiskIndex:
-    name: str
-    size: int
-    format: str
-    chunk_ids: bytes  # concatenated 32-byte IDs; ZERO_ID marks an all-zero chunk
-    extra: dict[str, Any] = field(default_factory=dict)
-    change_token: str | None = None  # connector's proof the disk did not change, if it has one
-    # The repository's chunk size when the index was made; Repository refuses to save or load
-    # an index whose chunk size is not its own, so offsets are never computed with another.
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    """One disk of a restore point: its chunk IDs as sparse runs (index_runs.py); entries
+    outside the runs are the zero ID. `chunks` may also be a dense concatenation of IDs (as
+    in version 1 manifests), which is turned into runs."""
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        format: str,
+        chunks: bytes | list[Run],
+        extra: dict[str, Any] | None = None,
+        change_token: str | None = None,  # connector's proof the disk did not change
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        self.name = name
+        self.size = size
+        self.format = format
+        self.extra = extra if extra is not None else {}
+        self.change_token = change_token
+        # The repository's chunk size when the index was made; Repository refuses to save or
+        # load an index whose chunk size is not its own, so offsets are never computed with
+        # another.
+        self.chunk_size = chunk_size
+        if isinstance(chunks, bytes):
+            if len(chunks) != self.chunk_count * ID_SIZE:
+                raise ValueError("chunk index does not match the disk size")
+            chunks = split_zero_stretches(0, chunks)
+        self.runs = chunks
+        check_runs(self.runs, self.chunk_count)
+        self._lookup = RunLookup(self.runs)
 
     @property
     def chunk_count(self) -> int:
-        return len(self.chunk_ids) // ID_SIZE
+        return chunk_count(self.size, self.chunk_size)
 
     def chunk_id(self, index: int) -> bytes:
-        return self.chunk_ids[index * ID_SIZE : (index + 1) * ID_SIZE]
+        return self._lookup.get(index)
 
     def chunk_length(self, index: int) -> int:
         """Bytes of chunk `index` on the disk (the last one may be short)."""
         return chunk_length(index, self.size, self.chunk_size)
 
+    def run_ranges(self) -> list[Range]:
+        return [(first, first + len(ids) // ID_SIZE) for first, ids in self.runs]
+
+    def entries(self) -> Iterator[tuple[int, bytes]]:
+        """(index, ID) of every chunk that is not all zeros, in disk order."""
+        for first, ids in self.runs:
+            for k in range(len(ids) // ID_SIZE):
+                chunk_id = ids[k * ID_SIZE : (k + 1) * ID_SIZE]
+                if chunk_id != ZERO_ID:
+                    yield first + k, chunk_id
+
     def stored_ids(self) -> set[bytes]:
-        ids = {self.chunk_id(i) for i in range(self.chunk_count)}
-        ids.discard(ZERO_ID)
-        return ids
+        return {chunk_id for _, chunk_id in self.entries()}
 
     def nonzero_bytes(self) -> int:
-        total = 0
-        for i in range(self.chunk_count):
-            if self.chunk_id(i) != ZERO_ID:
-                total += self.chunk_length(i)
-        return total
+        return sum(self.chunk_length(i) for i, _ in self.entries())
 
 
 @dataclass
@@ -190,7 +219,8 @@ class Manifest:
                     "extra": d.extra,
                     "change_token": d.change_token,
                     "chunk_size": d.chunk_size,
-                    "chunks": base64.b64encode(d.chunk_ids).decode("ascii"),
+                    "runs": [[first, len(ids) // ID_SIZE] for first, ids in d.runs],
+                    "chunks": base64.b64encode(b"".join(ids for _, ids in d.runs)).decode(),
                 }
                 for d in self.disks
             ],
@@ -198,30 +228,10 @@ class Manifest:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Manifest:
-        disks = []
-        for d in doc["disks"]:
-            if not isinstance(d, dict) or not isinstance(d.get("extra") or {}, dict):
-                raise ValueError("a disk is not an object")
-            ids = base64.b64decode(d["chunks"], validate=True)
-            size = d["size"]
-            if type(size) is not int:
-                raise ValueError("disk size is not an integer")
-            chunk_size = d["chunk_size"]
-            if not valid_chunk_size(chunk_size):
-                raise ValueError(f"unsupported chunk_size {str(chunk_size)[:24]!r}")
-            if size < 0 or len(ids) != chunk_count(size, chunk_size) * ID_SIZE:
-                raise ValueError("chunk index does not match the disk size")
-            disks.append(
-                DiskIndex(
-                    str(d["name"]),
-                    size,
-                    str(d["format"]),
-                    ids,
-                    dict(d.get("extra") or {}),
-                    _token(d.get("change_token")),
-                    chunk_size,
-                )
-            )
+        version = doc.get("version")
+        if type(version) is not int or version not in MANIFEST_DOC_VERSIONS:
+            raise ValueError(f"unknown manifest document version {str(version)[:24]!r}")
+        disks = [disk_from_json(d, version) for d in doc["disks"]]
         return cls(
             id=str(doc["id"]),
             vm=_vm_record(doc["vm"]),
@@ -254,8 +264,54 @@ def _token(value: object) -> str | None:
     return value
 
 
+def disk_from_json(d: object, version: int) -> DiskIndex:
+    """Version 1: `chunks` is every entry of the disk; version 2: the entries of `runs`."""
+    if not isinstance(d, dict) or not isinstance(d.get("extra") or {}, dict):
+        raise ValueError("a disk is not an object")
+    ids = base64.b64decode(d["chunks"], validate=True)
+    size = d["size"]
+    chunk_size = d["chunk_size"]
+    if not valid_chunk_size(chunk_size):
+        raise ValueError(f"unsupported chunk_size {str(chunk_size)[:24]!r}")
+    if type(size) is not int or size < 0:
+        raise ValueError("disk size is not a non-negative integer")
+    count = chunk_count(size, chunk_size)
+    chunks: bytes | list[Run]
+    if version == 1:
+        if len(ids) != count * ID_SIZE:
+            raise ValueError("chunk index does not match the disk size")
+        chunks = ids
+    else:
+        chunks = []
+        pos = 0
+        runs = d["runs"]
+        if not isinstance(runs, list) or not all(isinstance(r, list) and len(r) == 2 for r in runs):
+            raise ValueError("chunk runs are malformed")
+        for first, n in runs:
+            if type(first) is not int or type(n) is not int or n <= 0 or first < 0:
+                raise ValueError("chunk runs are malformed")
+            chunks.append((first, ids[pos : pos + n * ID_SIZE]))
+            pos += n * ID_SIZE
+        if pos != len(ids):
+            raise ValueError("chunk runs do not match the chunk IDs")
+    return DiskIndex(
+        str(d["name"]),
+        size,
+        str(d["format"]),
+        chunks,
+        dict(d.get("extra") or {}),
+        _token(d.get("change_token")),
+        chunk_size,
+    )
+
+
 def encode_manifest(sealer: Sealer, manifest: Manifest) -> bytes:
     body = json.dumps(manifest.to_json(), separators=(",", ":")).encode()
+    if len(body) > MAX_MANIFEST_DOC:  # it could never be read back: refuse to write it
+        raise RepositoryError(
+            f"restore point {manifest.id}: its index takes {len(body)} bytes, more than the "
+            f"{MAX_MANIFEST_DOC} a manifest may hold; use a repository with larger chunks"
+        )
     packed = compress(body, 3)  # always zstd: the index of IDs is what makes manifests big
     flags = FLAG_ZSTD | (FLAG_ENCRYPTED if sealer.encrypted else 0)
     head = header(MANIFEST_MAGIC, flags)
@@ -274,7 +330,7 @@ def decode_manifest(sealer: Sealer, point_id: str, blob: bytes, chunk_size: int)
         raise IntegrityError(f"{what} is corrupt: unexpected flags {head[5]:#x}")
     packed = sealer.open(blob[HEADER_SIZE:], head + manifest_object_name(point_id).encode(), what)
     try:
-        manifest = Manifest.from_json(json.loads(decompress(packed, what)))
+        manifest = Manifest.from_json(json.loads(decompress(packed, what, MAX_MANIFEST_DOC)))
     except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
         raise IntegrityError(f"{what} is malformed: {str(exc)[:200]}") from exc
     except RecursionError:

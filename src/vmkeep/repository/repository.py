@@ -48,6 +48,7 @@ from .format import (
     manifest_object_name,
     valid_chunk_size,
 )
+from .limits import MAX_CONFIG_BYTES, MAX_MANIFEST_OBJECT, get_bounded, max_chunk_object
 from .manifest import Manifest, check_chunk_size, decode_manifest, encode_manifest
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
@@ -117,7 +118,8 @@ class Repository:
         before the passphrase is asked. An encrypted config's MAC is checked, or added once
         when it has none (a repository made before format revision 3)."""
         try:
-            raw = remote.get(CONFIG_NAME)
+            what = f"{remote.url}: repository config"
+            raw = get_bounded(remote, CONFIG_NAME, MAX_CONFIG_BYTES, RepositoryError, what)
         except NotFoundError as exc:
             raise RepositoryError(
                 f"no vmkeep repository at {remote.url} (run `vmkeep init`)"
@@ -203,7 +205,13 @@ class Repository:
 
     def get_chunk(self, chunk_id: bytes) -> bytes:
         try:
-            blob = self.remote.get(chunk_object_name(chunk_id))
+            blob = get_bounded(
+                self.remote,
+                chunk_object_name(chunk_id),
+                max_chunk_object(self.chunk_size),
+                IntegrityError,
+                f"chunk {chunk_id.hex()[:16]}",
+            )
         except NotFoundError as exc:
             raise IntegrityError(
                 f"chunk {chunk_id.hex()[:16]} is missing from the repository"
@@ -250,7 +258,14 @@ class Repository:
 
     def load_manifest(self, point_id: str) -> Manifest:
         try:
-            blob = self.remote.get(manifest_object_name(point_id))
+            blob = get_bounded(
+                self.remote,
+                manifest_object_name(point_id),
+                MAX_MANIFEST_OBJECT,
+                IntegrityError,
+                f"manifest {point_id}",
+                stat_first=True,
+            )
         except NotFoundError as exc:
             raise NotFoundError(f"no restore point {point_id}") from exc
         return decode_manifest(self.sealer, point_id, blob, self.chunk_size)

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from vmkeep.errors import NotFoundError, ObjectLockedError, VmkeepError
+from vmkeep.errors import IntegrityError, NotFoundError, ObjectLockedError, VmkeepError
 from vmkeep.remotes.base import Remote
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.remotes.object_lock import LockingRemote, ProtectStats
-from vmkeep.remotes.retention_records import RECORDS_PREFIX, decode_record
+from vmkeep.remotes.retention_records import MAX_RECORD_BYTES, RECORDS_PREFIX, decode_record
 
 from .format import CONFIG_NAME, chunk_object_name, manifest_object_name
+from .limits import get_bounded
 from .manifest import Manifest
 from .repository import Repository
 
@@ -134,9 +135,12 @@ def remove_expired_records(remote: Remote, now: datetime | None = None) -> tuple
     for obj in list(remote.list(RECORDS_PREFIX)):
         point = obj.name[len(RECORDS_PREFIX) :]
         try:
-            record = decode_record(point, remote.get(obj.name))
+            raw = get_bounded(remote, obj.name, MAX_RECORD_BYTES, IntegrityError, obj.name)
+            record = decode_record(point, raw)
         except NotFoundError:
             continue
+        except IntegrityError:
+            record = None  # too large to be one: protects nothing, like one that does not parse
         if record is not None and record.until > now:
             continue
         try:

@@ -5,19 +5,43 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
+from typer.core import TyperOption
 
 from vmkeep.errors import VmkeepError
 from vmkeep.parallel import reuse_chunk_buffers
 
 from . import data_commands, remote_commands, replicate_commands, repo_commands, vm_commands
 from .context import set_passphrase_file
-from .output import print_error
+from .output import plain, print_error, print_json_error
+
+
+def _flags_take_no_value() -> None:
+    """typer (0.29) shows a type for every option, so `--json <bool>` reads as if it took a
+    value. A flag takes none: show no type for it (the help of every command, `--help` too)."""
+    if getattr(TyperOption, "_vmkeep_flags", False):
+        return
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+    TyperOption._vmkeep_flags = True  # type: ignore[attr-defined]
+
+
+_flags_take_no_value()
 
 app = typer.Typer(
     name="vmkeep",
     help="Backup, replication and restore for virtual machines.",
+    epilog=(
+        "Exit codes: 0 success, 1 failure, 2 bad usage, 3 corruption found, 70 internal "
+        "error (a bug: please report it), 130 interrupted. Errors are one line on stderr; "
+        'with --json also {"error": ..., "exit_code": N} on stdout.'
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -33,7 +57,11 @@ def main_options(
     """vmkeep: deduplicated, encrypted VM backups; any restore point restores in one step.
 
     The passphrase of an encrypted repository comes from --passphrase-file, the
-    VMKEEP_PASSPHRASE environment variable, or a prompt."""
+    VMKEEP_PASSPHRASE environment variable, or a prompt.
+
+    Exit codes: 0 success, 1 failure, 2 bad usage, 3 corruption found, 70 internal error
+    (a bug: please report it), 130 interrupted. Errors are one line on stderr; with --json
+    also {"error", "exit_code"} on stdout."""
     set_passphrase_file(passphrase_file)
 
 
@@ -44,6 +72,19 @@ app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
 
 
+def _json_requested(argv: list[str]) -> bool:
+    args = argv[: argv.index("--")] if "--" in argv else argv
+    return "--json" in args
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """One `error:` line on stderr; with --json also {"error", "exit_code"} on stdout."""
+    print_error(message)
+    if _json_requested(sys.argv[1:]):
+        print_json_error(plain(message), code)
+    sys.exit(code)
+
+
 def main() -> None:
     reuse_chunk_buffers()
     try:
@@ -51,32 +92,27 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except VmkeepError as exc:
-        print_error(exc.message)
-        sys.exit(exc.exit_code)
+        fail(exc.message, exc.exit_code)
     except typer.Abort:
-        print_error("aborted")
-        sys.exit(130)
+        fail("aborted", 130)
     except typer.TyperException as exc:  # bad usage, parsed by typer
         format_message = getattr(exc, "format_message", None)
-        print_error(f"{format_message() if format_message else exc.message} (see --help)")
-        sys.exit(exc.exit_code)
+        fail(f"{format_message() if format_message else exc.message} (see --help)", exc.exit_code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print_error("interrupted")
-        sys.exit(130)
+        fail("interrupted", 130)
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
-        print_error(f"{exc.strerror or exc}{where}")
-        sys.exit(1)
+        fail(f"{exc.strerror or exc}{where}", 1)
     except Exception as exc:
         if os.environ.get("VMKEEP_DEBUG"):
             raise
-        print_error(
+        fail(
             f"internal error: {exc.__class__.__name__}: {exc} "
-            "(set VMKEEP_DEBUG=1 for a traceback, and please report it)"
+            "(set VMKEEP_DEBUG=1 for a traceback, and please report it)",
+            70,
         )
-        sys.exit(70)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,14 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.errors import MarkupError
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -23,18 +26,61 @@ from rich.text import Text
 
 from vmkeep.errors import UsageError
 
+# Control characters (C0 but tab and newline, DEL, C1): a VM name, disk name, metadata value
+# or error text from a remote or a VM directory could carry terminal escape sequences.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CONTROL_OR_NEWLINE = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _visible(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
+
+
+def plain(text: object) -> str:
+    """`text` on one line, every control character shown as \\xNN (never sent raw)."""
+    return _CONTROL_OR_NEWLINE.sub(_visible, str(text))
+
+
+def shown(text: object) -> str:
+    """A value from a remote or a VM, safe inside rich markup: plain(), markup escaped."""
+    return escape(plain(text))
+
+
+class SafeConsole(Console):
+    """Every string printed is stripped of raw control characters, and a string whose
+    markup does not parse (a `[/]` in a VM name) is printed as plain text instead of
+    failing: whatever a caller interpolates, nothing reaches the terminal raw."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        text = _CONTROL.sub(_visible, text)
+        try:
+            return super().render_str(text, **kwargs)
+        except MarkupError:
+            return super().render_str(text, **dict(kwargs, markup=False))
+
+
 # Output to a file or a pipe is for logs: a message stays one line however long (soft_wrap);
 # only tables are laid out, 160 columns wide when stdout is not a terminal.
-console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
-stdout = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
+console = SafeConsole(stderr=True, soft_wrap=not sys.stderr.isatty())
+stdout = SafeConsole(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
+_json_printed = False
 
 
 def print_error(message: str) -> None:
-    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    console.print(Text.assemble(("error: ", "bold red"), plain(message)), soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
+    global _json_printed
+    _json_printed = True
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def print_json_error(message: str, exit_code: int) -> None:
+    """With --json, a failure is a JSON object on stdout too, unless the command already
+    printed its JSON result (then stdout stays one document; the exit code tells)."""
+    if not _json_printed:
+        print_json({"error": message, "exit_code": exit_code})
 
 
 def human_bytes(n: float | None) -> str:
@@ -76,7 +122,7 @@ class RichProgress:
         columns.append(TimeRemainingColumn())
         self._bar = Progress(*columns, console=console, transient=False)
         self._bar.start()
-        self._task = self._bar.add_task(description, total=total)
+        self._task = self._bar.add_task(shown(description), total=total)
 
     def advance(self, amount: int) -> None:
         if self._bar is not None:
@@ -88,7 +134,7 @@ class RichProgress:
             self._bar = None
 
     def note(self, message: str) -> None:
-        console.print(f"[yellow]note:[/] {message}")
+        console.print(f"[yellow]note:[/] {shown(message)}")
 
 
 class PassphraseSource:
@@ -114,7 +160,7 @@ class PassphraseSource:
     def _read(self, confirm: bool) -> bytes:
         if self.file is not None:
             try:
-                return self.file.read_bytes().rstrip(b"\r\n")
+                return read_passphrase_file(self.file)
             except OSError as exc:
                 raise UsageError(
                     f"cannot read passphrase file {self.file}: {exc.strerror}"
@@ -133,3 +179,19 @@ class PassphraseSource:
         except EOFError:
             raise UsageError("no passphrase: the terminal closed before one was entered") from None
         return os.fsencode(first)
+
+
+MAX_PASSPHRASE_FILE = 4096  # a passphrase, not a key file: /dev/zero must not fill memory
+
+
+def read_passphrase_file(path: Path) -> bytes:
+    """At most MAX_PASSPHRASE_FILE bytes (one trailing newline dropped); a longer file is
+    refused rather than read whole."""
+    with path.open("rb") as f:
+        data = f.read(MAX_PASSPHRASE_FILE + 1)
+    if len(data) > MAX_PASSPHRASE_FILE:
+        raise UsageError(
+            f"passphrase file {path} is larger than {MAX_PASSPHRASE_FILE} bytes: "
+            "is it the right file?"
+        )
+    return data.rstrip(b"\r\n")

@@ -20,7 +20,16 @@ from vmkeep.repository.retention_lock import LockedObjects
 from vmkeep.repository.verify import verify
 
 from .context import state
-from .output import RichProgress, console, human_bytes, print_error, print_json, stdout, table
+from .output import (
+    RichProgress,
+    console,
+    human_bytes,
+    print_error,
+    print_json,
+    shown,
+    stdout,
+    table,
+)
 
 RemoteOpt = typer.Option(None, "--remote", "-r", help="Remote name, path or URL.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
@@ -134,18 +143,18 @@ def list_points(
     )
     for r in rows:
         listing.add_row(
-            r["restore_point"],
-            r["vm"],
+            shown(r["restore_point"]),
+            shown(r["vm"]),
             str(r["created"])[:19],
-            r["mode"],
-            r["schedule"],
+            shown(r["mode"]),
+            shown(r["schedule"]),
             human_bytes(r["size"]),
             human_bytes(r["data_bytes"]),
             human_bytes(r["new_bytes_written"]),
         )
     stdout.print(listing)
     for p in problems:
-        console.print(f"[red]unreadable restore point[/] {p.point_id}: {p.error}")
+        console.print(f"[red]unreadable restore point[/] {shown(p.point_id)}: {shown(p.error)}")
 
 
 def verify_cmd(
@@ -161,7 +170,7 @@ def verify_cmd(
         print_json(report.to_json())
     else:
         for m in report.corrupt_manifests:
-            console.print(f"[red]corrupt restore point[/] {m.point_id}: {m.error}")
+            console.print(f"[red]corrupt restore point[/] {shown(m.point_id)}: {shown(m.error)}")
         for c in report.corrupt_chunks:
             console.print(
                 f"[red]corrupt chunk[/] {c.chunk_id[:16]}: {c.error}; affects {', '.join(c.points)}"

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from .output import console, human_bytes, print_json, stdout, table
+from .output import console, human_bytes, print_json, shown, stdout, table
 from .repo_commands import JsonOpt
 
 vm_app = typer.Typer(
@@ -42,18 +42,21 @@ def list_vms(
         return
     listing = table("name", "uuid", "vcpus", "memory", "disks", "state")
     for r in rows:
+        disks = ", ".join(
+            f"{d['name']} ({human_bytes(d['size'])} {d['format']})" for d in r["disks"]
+        )
         listing.add_row(
-            r["name"],
-            r["uuid"],
+            shown(r["name"]),
+            shown(r["uuid"]),
             str(r["vcpus"]),
             human_bytes(r["memory"]),
-            ", ".join(f"{d['name']} ({human_bytes(d['size'])} {d['format']})" for d in r["disks"]),
+            shown(disks),
             "INCOMPLETE" if r["incomplete"] else "ok",
         )
     stdout.print(listing)
     for r in rows:
         if r["incomplete"]:
-            console.print(f"{r['name']}: {r['incomplete']}")
+            console.print(f"{shown(r['name'])}: {shown(r['incomplete'])}")
 
 
 @vm_app.command("create-demo")
