@@ -154,7 +154,7 @@ class RemoteRegistry:
 
     def remember(self, name: str, repository: KnownRepository) -> None:
         """Record what a remote's repository is, when the entry has no record yet, or when its
-        config has just been authenticated (format version 3's one-time upgrade). A record
+        config has just been authenticated (format revision 3's one-time upgrade). A record
         never changes otherwise: a change is what check_known refuses."""
         entries = self.load()
         entry = next((e for e in entries if e.name == name), None)

@@ -41,7 +41,7 @@ def config_mac(key: RepositoryKey, config: dict[str, Any]) -> str:
 
 def check_config_mac(key: RepositoryKey, config: dict[str, Any], where: str) -> bool:
     """True when the config carries a MAC and it verifies; False when it has none (a
-    repository made before version 3); IntegrityError when it does not verify."""
+    repository made before format revision 3); IntegrityError when it does not verify."""
     mac = config.get(MAC_KEY)
     if mac is None:
         return False
