@@ -118,3 +118,14 @@ def test_full_and_read_only_remotes(tmp_path: Path) -> None:
             LocalRemote(ro).put("x", b"1")
     finally:
         subprocess.run(["umount", str(ro)], check=False)
+
+
+def test_remote_test_leaves_the_location_empty(tmp_path: Path) -> None:
+    """`vmkeep remote test PATH` then `vmkeep remote add NAME PATH`: the probe must not leave
+    a directory behind, or the location no longer counts as empty and `remote add` refuses it."""
+    from vmkeep.operations.remote_probe import probe_remote
+
+    location = tmp_path / "new"
+    location.mkdir()
+    assert probe_remote(LocalRemote(location), size=1 << 20).ok
+    assert list(location.iterdir()) == []

@@ -306,6 +306,23 @@ class LocalRemote:
             raise error from exc
         finally:
             os.close(dfd)
+        self._remove_if_empty(name.split("/")[:-1])
+
+    def _remove_if_empty(self, parts: list[str]) -> None:
+        """A directory outside the repository's layout (e.g. `remote test`'s probe objects)
+        goes with its last object, so that it does not make the location look non-empty."""
+        if len(parts) != 1 or parts[0] in _LAYOUT_DIRS:
+            return
+        try:
+            root = self._open_dir([], create=False)
+        except (OSError, RemoteError):
+            return
+        try:
+            os.rmdir(parts[0], dir_fd=root)
+        except OSError:
+            pass  # not empty, already gone, or a symlink: nothing to tidy
+        finally:
+            os.close(root)
 
     def purge_incomplete(self, older_than: float) -> int:
         """Remove temp files of writers that died; only those older than `older_than` seconds.
