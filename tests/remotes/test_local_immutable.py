@@ -21,7 +21,7 @@ import pytest
 
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
-from vmkeep.engine.retention import PointRef, RetentionPolicy, prune_plan
+from vmkeep.operations.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.errors import ObjectLockedError
 from vmkeep.operations.backup import BackupOptions, BackupReport, backup_vm
 from vmkeep.operations.prune import apply_prune

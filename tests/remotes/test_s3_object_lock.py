@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 from tests.remotes.s3_server import REGION, SeaweedServer, weed_binary
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
-from vmkeep.engine.retention import PointRef, RetentionPolicy, prune_plan
+from vmkeep.operations.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.errors import ObjectLockedError, UsageError
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.prune import apply_prune

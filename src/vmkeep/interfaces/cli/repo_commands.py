@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from vmkeep.engine.retention import PointRef, RetentionPolicy, prune_plan
+from vmkeep.operations.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.errors import UsageError
 from vmkeep.operations.prune import apply_prune
 from vmkeep.remotes.location import open_remote
