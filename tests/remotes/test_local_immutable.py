@@ -21,12 +21,12 @@ import pytest
 
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
-from vmkeep.engine.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.errors import ObjectLockedError
 from vmkeep.operations.backup import BackupOptions, BackupReport, backup_vm
 from vmkeep.operations.prune import apply_prune
 from vmkeep.operations.remote_probe import probe_remote
 from vmkeep.operations.restore import restore_vm
+from vmkeep.operations.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.file_attributes import is_immutable, set_immutable
 from vmkeep.remotes.local import LocalRemote

@@ -17,12 +17,12 @@ from botocore.exceptions import ClientError
 from tests.remotes.s3_server import REGION, SeaweedServer, weed_binary
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
-from vmkeep.engine.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.errors import ObjectLockedError, UsageError
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.prune import apply_prune
 from vmkeep.operations.remote_probe import probe_remote
 from vmkeep.operations.restore import restore_vm
+from vmkeep.operations.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.object_lock import LockPolicy
 from vmkeep.remotes.s3 import S3Remote

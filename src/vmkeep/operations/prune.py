@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from vmkeep.engine.retention import PruneDecision
 from vmkeep.errors import ObjectLockedError
+from vmkeep.operations.retention import PruneDecision
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.retention_lock import fill_unlock_dates
 

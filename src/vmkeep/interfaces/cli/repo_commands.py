@@ -8,9 +8,9 @@ from typing import Any
 
 import typer
 
-from vmkeep.engine.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.errors import UsageError
 from vmkeep.operations.prune import apply_prune
+from vmkeep.operations.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.remotes.location import open_remote
 from vmkeep.repository.format import valid_chunk_size
 from vmkeep.repository.gc import collect_garbage

@@ -1,4 +1,4 @@
-"""Retention policy engine for `vmkeep prune`: decides which restore points to keep.
+"""Retention policy for `vmkeep prune`: decides which restore points to keep.
 
 Pure: no I/O, no clock. The caller lists the restore points, calls `prune_plan`, shows or
 applies the decisions (and skips immutable points). The exact semantics, with worked examples,

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmkeep.engine.retention import PointRef, PruneDecision, RetentionPolicy, prune_plan
 from vmkeep.errors import UsageError
+from vmkeep.operations.retention import PointRef, PruneDecision, RetentionPolicy, prune_plan
 
 # --------------------------------------------------------------------------------------------
 # helpers
