@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 from vmkeep.errors import NotFoundError, UsageError
 from vmkeep.remotes.object_lock import LockPolicy
 from vmkeep.repository.config_auth import KnownRepository
+from vmkeep.safe_files import replace_file
 
 
 class RepositoryRecord(BaseModel):
@@ -78,20 +79,9 @@ class RemoteRegistry:
         symlink is never written through), fsync, rename over the file."""
         data = json.dumps(RemoteFile(remotes=entries).model_dump(), indent=2).encode()
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.urandom(6).hex()}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(tmp, flags, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+            replace_file(self.path, data, 0o600)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise UsageError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def add(

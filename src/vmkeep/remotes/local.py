@@ -308,7 +308,7 @@ class LocalRemote:
             os.close(dfd)
         self._remove_if_empty(name.split("/")[:-1])
 
-    def _remove_if_empty(self, parts: list[str]) -> None:
+    def _remove_if_empty(self, parts: Sequence[str]) -> None:
         """A directory outside the repository's layout (e.g. `remote test`'s probe objects)
         goes with its last object, so that it does not make the location look non-empty."""
         if len(parts) != 1 or parts[0] in _LAYOUT_DIRS:

@@ -214,15 +214,6 @@ def pread_full(fd: int, length: int, offset: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def fsync_dir(path: Path | str) -> None:
-    """Make a rename or file creation in `path` durable."""
-    fd = os.open(os.fspath(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def mkdir_unique(parent: Path, prefix: str) -> Path:
     """A new directory `parent/prefix<random>`; unlike mkdtemp it honours the umask, so the
     directory keeps normal permissions once renamed into place."""

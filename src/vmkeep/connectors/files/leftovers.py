@@ -22,9 +22,10 @@ import socket
 import stat
 from pathlib import Path
 
-from vmkeep.connectors.files.fileio import fsync_dir, mkdir_unique
+from vmkeep.connectors.files.fileio import mkdir_unique
 from vmkeep.connectors.files.vmdir import INCOMPLETE, read_small_file
 from vmkeep.errors import ConnectorError
+from vmkeep.safe_files import fsync_dir, write_new
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +58,11 @@ def owner_record() -> dict[str, object]:
     return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "start": _start_time(pid)}
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    """Create `path` (never through a planted symlink: O_EXCL|O_NOFOLLOW) and fsync it."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def make_build_dir(target: Path, name: str) -> Path:
     """A new hidden directory in `target` to build VM `name` in, carrying its owner record."""
     tmp = mkdir_unique(target, f"{NEW_PREFIX}{name}-{os.getpid()}-")
     try:
-        _write_new(tmp / OWNER, json.dumps(owner_record()).encode())
+        write_new(tmp / OWNER, json.dumps(owner_record()).encode())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -142,7 +130,7 @@ def mark_incomplete(vm_dir: Path) -> None:
     tmp = vm_dir / f".{INCOMPLETE}.{os.urandom(6).hex()}"
     try:
         try:
-            _write_new(tmp, data)
+            write_new(tmp, data)
             os.replace(tmp, vm_dir / INCOMPLETE)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -10,7 +10,6 @@ import stat
 from pathlib import Path
 
 from vmkeep.connectors.base import DiskInfo, DiskWriter, VmConfig
-from vmkeep.connectors.files.fileio import fsync_dir
 from vmkeep.connectors.files.images import ClosableWriter, close_quietly, copy_data, new_writer
 from vmkeep.connectors.files.leftovers import (
     clear_incomplete,
@@ -34,6 +33,7 @@ from vmkeep.connectors.files.vmdir import (
     save_vm_json,
 )
 from vmkeep.errors import ConnectorError, NameTakenError
+from vmkeep.safe_files import fsync_dir
 
 
 def _copy_mode(original: Path, new: Path) -> None:

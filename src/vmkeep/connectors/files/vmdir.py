@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import re
-import secrets
 import stat
 import uuid
 from pathlib import Path, PurePosixPath
@@ -17,8 +16,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vmkeep.connectors.base import DiskInfo, VmConfig
-from vmkeep.connectors.files.fileio import fsync_dir, pread_full
+from vmkeep.connectors.files.fileio import pread_full
 from vmkeep.errors import ConnectorError, NotFoundError
+from vmkeep.safe_files import replace_file
 
 VM_JSON = "vm.json"
 INCOMPLETE = "vm.json.incomplete"  # present while an in-place restore has not finished
@@ -132,20 +132,8 @@ def save_vm_json(vm_dir: Path, doc: VmDocument) -> None:
         if not disk["outside"]:
             del disk["outside"]  # written only where the administrator set it
     data = (json.dumps(dumped, indent=2) + "\n").encode()
-    tmp = vm_dir / f".vm.json.{secrets.token_hex(6)}"
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o644)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, vm_dir / VM_JSON)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(vm_dir)
+        replace_file(vm_dir / VM_JSON, data)
     except OSError as exc:
         raise ConnectorError(f"cannot write {vm_dir / VM_JSON}: {exc.strerror}") from None
 
