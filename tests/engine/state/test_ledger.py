@@ -62,7 +62,9 @@ def test_run_tree_round_trip(db: StateDB) -> None:
     assert [(e.level, e.task_id) for e in view.logs] == [("warning", step), ("info", None)]
 
     doc = json.loads(json.dumps(view.to_json()))  # serialisable as is
-    assert doc["tasks"][0]["children"][0]["children"][0]["children"][0]["stats"]["bytes_read"] == 4096
+    assert (
+        doc["tasks"][0]["children"][0]["children"][0]["children"][0]["stats"]["bytes_read"] == 4096
+    )
     assert doc["logs"][0]["message"] == "fell back to full read: checkpoint missing"
 
 

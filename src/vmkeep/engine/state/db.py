@@ -3,6 +3,7 @@ database failures into one clear line (StateError) with nothing half-applied."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -33,6 +34,8 @@ def explain(exc: BaseException) -> str:
         return "the database is read-only (check its permissions and the file system)"
     if "not a database" in lowered or "malformed" in lowered:
         return "the file is not a valid database (corrupt? restore it from a backup)"
+    if "unable to open" in lowered:
+        return "cannot open it (a read-only file system? check the directory's permissions)"
     if "locked" in lowered:
         return f"the database stayed locked by another process for {BUSY_TIMEOUT_S} s"
     return text
@@ -95,7 +98,15 @@ class StateDB:
         except IntegrityError as exc:
             raise StateError(f"state database {self.where()}: refused: {explain(exc)}") from None
         except (SQLAlchemyError, sqlite3.Error) as exc:
-            raise StateError(f"state database {self.where()}: {explain(exc)}") from None
+            reason = "the file system is read-only" if self.read_only_fs() else explain(exc)
+            raise StateError(f"state database {self.where()}: {reason}") from None
+
+    def read_only_fs(self) -> bool:
+        """SQLite reports a read-only mount as "unable to open" (its -shm file): ask the OS."""
+        try:
+            return bool(os.statvfs(self.directory).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
