@@ -167,3 +167,38 @@ def test_a_run_without_heartbeat_is_interrupted_whatever_its_host(db: StateDB) -
     ]
     ledger.heartbeat(fresh)
     assert ledger.mark_interrupted(stale_after_seconds=600) == []
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from vmkeep.engine.state import Ledger, StateDB
+    ledger = Ledger(StateDB.open(Path(sys.argv[1])))
+    run = int(sys.argv[2])
+    for i in range(20):
+        task = ledger.add_task(run, None, "vm", f"{sys.argv[3]}-{i}")
+        ledger.log(run, task, "info", "x")
+        ledger.heartbeat(run)
+    """
+)
+
+
+def test_concurrent_writers_wait_their_turn(db: StateDB, data_dir: Path) -> None:
+    """Server and CLI write at once: each transaction takes the lock up front and waits,
+    instead of failing with "database is locked"."""
+    run = Ledger(db).create_run("j", None, "manual")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[3] / "src"))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(data_dir), str(run), name],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b", "c")
+    ]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    view = Ledger(db).get_run(run)
+    assert len(view.tasks) == 60 and len(view.logs) == 60
