@@ -89,3 +89,8 @@ class LockLostError(RepositoryError):
 class GcOverlapError(RepositoryError):
     """A gc ran during a backup and the backup cannot prove that every chunk it references
     survived: the restore point is not written (or withdrawn)."""
+
+
+class StateError(VmkeepError):
+    """vmkeep's own state (data directory, database, server key, secrets) cannot be used:
+    a full disk, a read-only or corrupt database, a key file with loose permissions."""
