@@ -98,10 +98,11 @@ def make_schedule(data: Mapping[str, Any], where: str = "schedule") -> Schedule:
     try:
         return Schedule.model_validate(dict(data))
     except ValidationError as exc:
-        raise UsageError(f"{where}: {_first_error(exc)}") from None
+        raise UsageError(f"{where}: {first_error(exc)}") from None
 
 
-def _first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError) -> str:
+    """The first error of a Schedule validation as `field: reason`, on one line."""
     err = exc.errors()[0]
     field = ".".join(str(part) for part in err["loc"]) or "schedule"
     message = str(err["msg"]).removeprefix("Value error, ")
