@@ -4,6 +4,7 @@ and overlap policies, due(), a property against an independent minute-by-minute 
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from itertools import pairwise
@@ -79,6 +80,8 @@ def test_paris_hourly_through_both_changes_of_2026() -> None:
     ]
     fires = preview(s, utc(2026, 3, 29, 0, 30), 1)
     assert [w.hour for w in fires[0].slots] == [2, 3]
+    spring = [t for t in next_runs(s, utc(2026, 3, 28, 22, 59), 30) if t < utc(2026, 3, 29, 22)]
+    assert len(spring) == 23  # 23 real hours, 24 slots: 02:00 and 03:00 run together
     # Autumn: 02:00 CEST (00:00Z) fires, 02:00 CET (01:00Z) does not, 03:00 CET (02:00Z) does.
     assert next_runs(s, utc(2026, 10, 24, 22, 30), 4) == [
         utc(2026, 10, 24, 23),
@@ -121,6 +124,17 @@ def test_new_york_2026_and_2027() -> None:
         utc(2027, 11, 7, 7),  # 02:00 EST
         utc(2027, 11, 7, 8),
     ]
+
+
+def test_the_machine_time_zone_plays_no_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    for machine in ("America/New_York", "Australia/Lord_Howe"):
+        monkeypatch.setenv("TZ", machine)
+        time.tzset()
+        try:
+            assert next_runs(sched("30 2 * * *"), utc(2026, 3, 28, 12), 1) == [utc(2026, 3, 29, 1)]
+        finally:
+            monkeypatch.undo()
+            time.tzset()
 
 
 def test_several_slots_in_the_gap_run_once() -> None:
