@@ -166,6 +166,8 @@ def test_utc_has_no_surprises() -> None:
         ({"timezone": "Mars/Olympus"}, "timezone: unknown time zone 'Mars/Olympus'"),
         ({"timezone": "../../etc/passwd"}, "timezone: unknown time zone"),
         ({"keep": -1}, "keep: must be 0 or more"),
+        ({"keep": True}, "keep: Input should be a valid integer"),
+        ({"enabled": "yes"}, "enabled: Input should be a valid boolean"),
         ({"missed_policy": "always"}, "missed_policy: Input should be 'run_once' or 'skip'"),
         ({"overlap_policy": "kill"}, "overlap_policy: "),
         ({"name": "bad name"}, "name: 'bad name' is not a schedule name"),
@@ -179,6 +181,11 @@ def test_invalid_schedules_fail_in_one_line_naming_the_field(
     with pytest.raises(UsageError) as err:
         make_schedule(fields, "schedule s")
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_schedule_that_is_not_a_mapping() -> None:
+    with pytest.raises(UsageError, match=r"^schedule s: a mapping of fields is needed, not list$"):
+        make_schedule(["0 2 * * *"], "schedule s")  # type: ignore[arg-type]
 
 
 def test_rare_but_real_expressions_are_valid() -> None:

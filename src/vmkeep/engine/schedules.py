@@ -23,7 +23,14 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterError, croniter
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
 
 from vmkeep.errors import UsageError
 
@@ -54,10 +61,10 @@ class Schedule(BaseModel):
     name: str
     cron: str
     timezone: str = "UTC"
-    enabled: bool = True
+    enabled: StrictBool = True
     missed_policy: MissedPolicy = "run_once"
     overlap_policy: OverlapPolicy = "skip"
-    keep: int | None = None
+    keep: StrictInt | None = None  # strict: `keep: true` or `keep: "3"` is a mistake
 
     @field_validator("name")
     @classmethod
@@ -95,6 +102,8 @@ class Schedule(BaseModel):
 def make_schedule(data: Mapping[str, Any], where: str = "schedule") -> Schedule:
     """A Schedule from plain data (a YAML mapping, a DB row), or a one-line UsageError naming
     the first bad field: `schedule nightly: cron: '0 0 30 2 *' never fires ...`."""
+    if not isinstance(data, Mapping):
+        raise UsageError(f"{where}: a mapping of fields is needed, not {type(data).__name__}")
     try:
         return Schedule.model_validate(dict(data))
     except ValidationError as exc:
