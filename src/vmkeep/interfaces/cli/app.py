@@ -13,7 +13,14 @@ from typer.core import TyperOption
 from vmkeep.errors import VmkeepError
 from vmkeep.parallel import reuse_chunk_buffers
 
-from . import data_commands, remote_commands, replicate_commands, repo_commands, vm_commands
+from . import (
+    data_commands,
+    remote_commands,
+    replicate_commands,
+    repo_commands,
+    schedule_commands,
+    vm_commands,
+)
 from .context import set_passphrase_file
 from .output import plain, print_error, print_json_error
 
@@ -70,6 +77,7 @@ data_commands.register(app)
 replicate_commands.register(app)
 app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
+app.add_typer(schedule_commands.schedule_app, name="schedule")
 
 
 def _json_requested(argv: list[str]) -> bool:
