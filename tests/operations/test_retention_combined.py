@@ -90,7 +90,7 @@ def test_example_10_three_schedules_share_one_long_term_history() -> None:
         expected.setdefault(f"h-{month_end}T23", []).append(f"monthly 2024-{month_end[:2]}")
 
     assert kept(plan) == expected
-    assert len(expected) == 24 + 7 + 4 + 13 + 5  # 53 points kept out of 4602
+    assert len(expected) == 24 + 7 + 4 + 13 + 5  # 53 points kept out of 4575
     assert len(plan) == len(points)
 
 
