@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, tzinfo
-from types import MappingProxyType
 from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -254,7 +253,7 @@ class CombinedPolicy:
     UsageError.
     """
 
-    keep_last: Mapping[str, int] = field(default_factory=dict)
+    keep_last: Mapping[str, int] = field(default_factory=dict, hash=False)
     keep_daily: int = 0
     keep_weekly: int = 0
     keep_monthly: int = 0
@@ -270,8 +269,9 @@ class CombinedPolicy:
             _check_count(f"keep_last[{schedule!r}]", count)
         for name in _COUNT_FIELDS[1:]:
             _check_count(name, getattr(self, name))
-        # A private read-only copy: a caller mutating its dict cannot change a policy in use.
-        object.__setattr__(self, "keep_last", MappingProxyType(dict(self.keep_last)))
+        # A private plain copy: a caller mutating its dict cannot change a policy in use, and
+        # the policy stays picklable (task payloads may carry it to another process).
+        object.__setattr__(self, "keep_last", dict(self.keep_last))
         _load_zone(self.timezone)
 
     def is_empty(self) -> bool:

@@ -230,7 +230,8 @@ def prune(
     keep_schedule: list[str] = typer.Option(
         [],
         "--keep-schedule",
-        help="NAME=N: schedule NAME keeps its N newest points, and the --keep-daily/... rules "
+        metavar="NAME=N",
+        help="Schedule NAME keeps its N newest points, and the --keep-daily/... rules "
         "then run over all of a VM's points of the named schedules together (repeatable; "
         "other schedules are untouched; docs/RETENTION.md §8).",
     ),
