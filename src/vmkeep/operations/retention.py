@@ -12,31 +12,46 @@ are in docs/RETENTION.md; in short, like restic's `forget`:
   year-month, year) and keeps the first point it meets in a bucket it has not seen yet, until it
   has used N distinct buckets;
 * a point is kept if any rule keeps it, and its reasons name every rule that keeps it.
+
+`combined_plan` is the job form (SPEC §3): each schedule keeps its own last N points, and the
+job's long-term rules walk ALL of a VM's points of the job together, whatever schedule made them,
+so several schedules never duplicate the long-term history. Points are anything with an id, a
+VM, a job, a schedule and a time (backups today; replicas and snapshots later).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, tzinfo
+from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from vmkeep.errors import UsageError
 
-__all__ = ["PointRef", "PruneDecision", "RetentionPolicy", "prune_plan"]
+__all__ = [
+    "CombinedPolicy",
+    "PointRef",
+    "PruneDecision",
+    "RetentionPolicy",
+    "combined_plan",
+    "prune_plan",
+]
 
 
 @dataclass(frozen=True)
 class PointRef:
     """What the engine needs to know about a restore point.
 
-    `time` must be timezone-aware (normally UTC); points are compared by instant.
+    `time` must be timezone-aware (normally UTC); points are compared by instant. `job` only
+    matters to `combined_plan`, which never mixes the points of two jobs.
     """
 
     id: str
     vm: str  # VM uuid
     schedule: str  # schedule tag, "" when none
     time: datetime
+    job: str = ""  # job name, "" when none (a one-shot `vmkeep backup`)
 
     def __post_init__(self) -> None:
         if self.time.tzinfo is None or self.time.utcoffset() is None:
@@ -63,11 +78,7 @@ class RetentionPolicy:
 
     def __post_init__(self) -> None:
         for name in _COUNT_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UsageError(f"{name} must be a whole number, got {value!r}")
-            if value < 0:
-                raise UsageError(f"{name} must be 0 or more, got {value}")
+            _check_count(name, getattr(self, name))
         _load_zone(self.timezone)  # validate now, not in the middle of a prune
 
     def is_empty(self) -> bool:
@@ -102,6 +113,26 @@ def _load_zone(name: object) -> tzinfo:
         ) from exc
 
 
+class _LongTermCounts(Protocol):
+    """The four long-term counts, as both policy kinds carry them."""
+
+    @property
+    def keep_daily(self) -> int: ...
+    @property
+    def keep_weekly(self) -> int: ...
+    @property
+    def keep_monthly(self) -> int: ...
+    @property
+    def keep_yearly(self) -> int: ...
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{name} must be a whole number, got {value!r}")
+    if value < 0:
+        raise UsageError(f"{name} must be 0 or more, got {value}")
+
+
 def _daily(d: date) -> str:
     return d.isoformat()
 
@@ -132,18 +163,15 @@ def _newest_first_key(point: PointRef) -> tuple[datetime, str]:
     return (point.time, point.id)
 
 
-def _plan_group(
-    points: list[PointRef], policy: RetentionPolicy, zone: tzinfo
-) -> list[PruneDecision]:
-    """Decisions for one (vm, schedule) group; `points` is sorted newest first."""
+def _long_term_reasons(
+    points: list[PointRef], counts: _LongTermCounts, zone: tzinfo
+) -> list[list[str]]:
+    """The long-term reasons of each point of `points` (sorted newest first); both policy kinds
+    share this one walk, so they bucket exactly alike."""
     reasons: list[list[str]] = [[] for _ in points]
-
-    for index in range(min(policy.keep_last, len(points))):
-        reasons[index].append(f"last {index + 1}/{policy.keep_last}")
-
     local_dates = [point.time.astimezone(zone).date() for point in points]
     for prefix, field_name, bucket_of in _LONG_TERM_RULES:
-        count: int = getattr(policy, field_name)
+        count: int = getattr(counts, field_name)
         if count == 0:
             continue
         seen: set[str] = set()
@@ -154,6 +182,20 @@ def _plan_group(
             if bucket not in seen:
                 seen.add(bucket)
                 reasons[index].append(f"{prefix} {bucket}")
+    return reasons
+
+
+def _plan_group(
+    points: list[PointRef], policy: RetentionPolicy, zone: tzinfo
+) -> list[PruneDecision]:
+    """Decisions for one (vm, schedule) group; `points` is sorted newest first."""
+    reasons: list[list[str]] = [[] for _ in points]
+
+    for index in range(min(policy.keep_last, len(points))):
+        reasons[index].append(f"last {index + 1}/{policy.keep_last}")
+
+    for index, why in enumerate(_long_term_reasons(points, policy, zone)):
+        reasons[index].extend(why)
 
     return [
         PruneDecision(point=point, keep=bool(why), reasons=why)
@@ -189,4 +231,118 @@ def prune_plan(points: Iterable[PointRef], policy: RetentionPolicy) -> list[Prun
     for key in sorted(groups):
         group = sorted(groups[key], key=_newest_first_key, reverse=True)
         decisions.extend(_plan_group(group, policy, zone))
+    return decisions
+
+
+# --------------------------------------------------------------------------------------------
+# combined retention: one job, several schedules, one long-term history
+
+
+def _schedule_label(schedule: str) -> str:
+    return schedule if schedule else "(no schedule)"
+
+
+@dataclass(frozen=True)
+class CombinedPolicy:
+    """A job's retention: each schedule's own keep-last, plus the job's long-term rules.
+
+    `keep_last` maps a schedule name ("" for points made without one) to how many of that
+    schedule's newest points to keep; 0 leaves the schedule's points to the long-term rules. Only
+    the points of schedules named here are considered at all: any other point is left untouched.
+    The long-term buckets are computed in `timezone` (an IANA name). Invalid values raise
+    UsageError.
+    """
+
+    keep_last: Mapping[str, int] = field(default_factory=dict, hash=False)
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
+    timezone: str = "UTC"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keep_last, Mapping):
+            raise UsageError(f"keep_last must map schedule names to counts, got {self.keep_last!r}")
+        for schedule, count in self.keep_last.items():
+            if not isinstance(schedule, str):
+                raise UsageError(f"schedule name must be text, got {schedule!r}")
+            _check_count(f"keep_last[{schedule!r}]", count)
+        for name in _COUNT_FIELDS[1:]:
+            _check_count(name, getattr(self, name))
+        # A private plain copy: a caller mutating its dict cannot change a policy in use, and
+        # the policy stays picklable (task payloads may carry it to another process).
+        object.__setattr__(self, "keep_last", dict(self.keep_last))
+        _load_zone(self.timezone)
+
+    def is_empty(self) -> bool:
+        """True when every count is 0: the named schedules would lose every point."""
+        long_term = any(getattr(self, name) for name in _COUNT_FIELDS[1:])
+        return not long_term and not any(self.keep_last.values())
+
+    @property
+    def zone(self) -> tzinfo:
+        """The policy's timezone as a tzinfo."""
+        return _load_zone(self.timezone)
+
+
+def _plan_job_group(
+    points: list[PointRef], policy: CombinedPolicy, zone: tzinfo
+) -> list[PruneDecision]:
+    """Decisions for one (vm, job) group; `points` is sorted newest first."""
+    managed = [p for p in points if p.schedule in policy.keep_last]
+    reasons: dict[str, list[str]] = {p.id: [] for p in managed}
+
+    per_schedule: dict[str, list[PointRef]] = {}
+    for point in managed:
+        per_schedule.setdefault(point.schedule, []).append(point)
+    for schedule, own in per_schedule.items():
+        count = policy.keep_last[schedule]
+        for index, point in enumerate(own[:count]):
+            reasons[point.id].append(f"last {index + 1}/{count} of {_schedule_label(schedule)}")
+
+    for point, why in zip(managed, _long_term_reasons(managed, policy, zone), strict=True):
+        reasons[point.id].extend(why)
+
+    decisions = []
+    for point in points:
+        if point.id in reasons:
+            why = reasons[point.id]
+        else:
+            why = [f"untouched: no rule for schedule {_schedule_label(point.schedule)}"]
+        decisions.append(PruneDecision(point=point, keep=bool(why), reasons=why))
+    return decisions
+
+
+def combined_plan(points: Iterable[PointRef], policy: CombinedPolicy) -> list[PruneDecision]:
+    """Decide, for every point, whether a job's combined retention keeps it.
+
+    Points are grouped by (vm, job): two jobs never share a history (the job runner passes its
+    own job's points; `vmkeep prune` applies one policy to each job's points separately). In a
+    group, each schedule named by the policy keeps its own last N points, the long-term rules
+    walk all the group's points of those schedules together (newest point of each of the N
+    newest buckets), and a point stays if any rule keeps it. Points of schedules the policy does
+    not name are kept, with an "untouched" reason, and play no part in any rule.
+
+    The result holds one decision per point, sorted by (vm, job), then newest first, whatever
+    the order of `points`. Raises UsageError for an empty policy and ValueError for duplicate
+    ids, like `prune_plan`.
+    """
+    if policy.is_empty():
+        raise UsageError("refusing to prune with an empty policy: it would delete everything")
+    zone = policy.zone
+
+    groups: dict[tuple[str, str], list[PointRef]] = {}
+    ids: set[str] = set()
+    for point in points:
+        if not isinstance(point, PointRef):
+            raise TypeError(f"expected PointRef, got {type(point).__name__}")
+        if point.id in ids:
+            raise ValueError(f"restore point id {point.id!r} appears more than once")
+        ids.add(point.id)
+        groups.setdefault((point.vm, point.job), []).append(point)
+
+    decisions: list[PruneDecision] = []
+    for key in sorted(groups):
+        group = sorted(groups[key], key=_newest_first_key, reverse=True)
+        decisions.extend(_plan_job_group(group, policy, zone))
     return decisions

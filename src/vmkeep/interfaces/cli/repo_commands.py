@@ -10,7 +10,14 @@ import typer
 
 from vmkeep.errors import UsageError
 from vmkeep.operations.prune import apply_prune
-from vmkeep.operations.retention import PointRef, RetentionPolicy, prune_plan
+from vmkeep.operations.retention import (
+    CombinedPolicy,
+    PointRef,
+    PruneDecision,
+    RetentionPolicy,
+    combined_plan,
+    prune_plan,
+)
 from vmkeep.remotes.location import open_remote
 from vmkeep.repository.format import valid_chunk_size
 from vmkeep.repository.gc import collect_garbage
@@ -220,15 +227,31 @@ def prune(
     keep_monthly: int = typer.Option(0, help="... of each of the last N months."),
     keep_yearly: int = typer.Option(0, help="... of each of the last N years."),
     timezone: str = typer.Option("UTC", help="Time zone of the day/week/month boundaries."),
+    keep_schedule: list[str] = typer.Option(
+        [],
+        "--keep-schedule",
+        metavar="NAME=N",
+        help="Schedule NAME keeps its N newest points, and the --keep-daily/... rules "
+        "then run over all of a VM's points of the named schedules together (repeatable; "
+        "other schedules are untouched; docs/RETENTION.md §8).",
+    ),
     vm: str | None = typer.Option(None, "--vm", help="Only this VM (name or uuid)."),
     schedule: str | None = typer.Option(None, "--schedule", help="Only this schedule tag."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would go; delete nothing."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Forget restore points by retention policy, per VM and schedule (run gc to free space)."""
-    policy = RetentionPolicy(
-        keep_last, keep_daily, keep_weekly, keep_monthly, keep_yearly, timezone
-    )
+    long_term = (keep_daily, keep_weekly, keep_monthly, keep_yearly)
+    policy: RetentionPolicy | CombinedPolicy
+    if keep_schedule:
+        if keep_last or schedule is not None:
+            raise UsageError(
+                "--keep-schedule gives each schedule its own keep-last: "
+                "it does not combine with --keep-last or --schedule"
+            )
+        policy = CombinedPolicy(parse_keep_schedule(keep_schedule), *long_term, timezone)
+    else:
+        policy = RetentionPolicy(keep_last, *long_term, timezone)
     if policy.is_empty():
         raise UsageError(
             "no retention given: use --keep-last/--keep-daily/... "
@@ -243,9 +266,14 @@ def prune(
         and (schedule is None or m.schedule == schedule)
     ]
     names = {m.id: m.vm_name for m in chosen}
-    if keep_daily or keep_weekly or keep_monthly or keep_yearly:
-        warn_several_schedules(chosen)
-    plan = prune_plan([PointRef(m.id, m.vm_uuid, m.schedule, m.created) for m in chosen], policy)
+    points = [PointRef(m.id, m.vm_uuid, m.schedule, m.created, m.job) for m in chosen]
+    plan: list[PruneDecision]
+    if isinstance(policy, CombinedPolicy):
+        plan = combined_plan(points, policy)
+    else:
+        if any(long_term):
+            warn_several_schedules(chosen)
+        plan = prune_plan(points, policy)
     result = apply_prune(repo, plan, dry_run, manifest_lock_ends(chosen))
     removed = result.removed
     if json_out:
@@ -257,6 +285,7 @@ def prune(
                         "restore_point": d.point.id,
                         "vm": names[d.point.id],
                         "schedule": d.point.schedule,
+                        "job": d.point.job,
                         "created": d.point.time.isoformat(),
                         "keep": d.keep,
                         "reasons": d.reasons,
@@ -286,6 +315,22 @@ def prune(
         )
     stdout.print(listing)
     report_locked_points(result.locked)
+
+
+def parse_keep_schedule(values: list[str]) -> dict[str, int]:
+    """`--keep-schedule NAME=N` values as {NAME: N}; `=N` names the points without a schedule."""
+    counts: dict[str, int] = {}
+    for value in values:
+        match = re.fullmatch(r"(.*)=([0-9]+)", value)
+        if match is None:
+            raise UsageError(
+                f"--keep-schedule {value!r}: expected NAME=N with N a whole number, e.g. hourly=24"
+            )
+        name = match[1]
+        if name in counts:
+            raise UsageError(f"--keep-schedule: schedule {name!r} is given twice")
+        counts[name] = int(match[2])
+    return counts
 
 
 def manifest_lock_ends(manifests: list[Manifest]) -> dict[str, datetime]:
@@ -323,7 +368,8 @@ def warn_several_schedules(manifests: list[Manifest]) -> None:
             console.print(
                 f"[yellow]warning:[/] VM {vm_name} has restore points of {len(schedules)} "
                 f"schedules ({', '.join(sorted(map(repr, schedules)))}): long-term retention "
-                "applies to each separately and keeps duplicate history (docs/RETENTION.md)",
+                "applies to each separately and keeps duplicate history; --keep-schedule "
+                "NAME=N combines them (docs/RETENTION.md)",
                 highlight=False,
             )
 
