@@ -13,7 +13,14 @@ from typer.core import TyperOption
 from vmkeep.errors import VmkeepError
 from vmkeep.parallel import reuse_chunk_buffers
 
-from . import data_commands, remote_commands, replicate_commands, repo_commands, vm_commands
+from . import (
+    data_commands,
+    mirror_commands,
+    remote_commands,
+    replicate_commands,
+    repo_commands,
+    vm_commands,
+)
 from .context import set_passphrase_file
 from .output import plain, print_error, print_json_error
 
@@ -68,6 +75,7 @@ def main_options(
 repo_commands.register(app)
 data_commands.register(app)
 replicate_commands.register(app)
+mirror_commands.register(app)
 app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
 
