@@ -259,3 +259,19 @@ def test_refusals(tmp_path: Path, repos: tuple[Repository, Repository]) -> None:
         run(source, other)
     with pytest.raises(UsageError, match="mode"):
         run(source, other, mode="mirror")
+
+
+def test_unencrypted_pair_reads_nothing_the_target_holds(tmp_path: Path) -> None:
+    source = Repository.init(LocalRemote(tmp_path / "src"), "none", lambda: b"", CHUNK)
+    target = Repository.init(LocalRemote(tmp_path / "dst"), "none", lambda: b"", CHUNK)
+    vm = make_vm(tmp_path / "vms", "web01")
+    point, digest, _ = backup(source, vm)
+    backup(target, vm)  # the same data backed up straight into the target: the same IDs
+    before = chunk_objects(target)
+    report = run(source, target)
+    assert statuses(report) == {point: COPIED}
+    assert report.totals()["bytes_read"] == 0 and report.totals()["chunks_uploaded"] == 0
+    assert chunk_objects(target) == before
+    assert restored_hash(target, point, tmp_path / "restore") == digest
+    strict = run(source, target, mode="full", verified_only=True)
+    assert strict.totals()["bytes_read"] > 0 and strict.totals()["chunks_uploaded"] == 0

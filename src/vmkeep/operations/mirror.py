@@ -163,14 +163,20 @@ class PointCopier:
         self.known = known
         self.uploader = ChunkUploader(target, known, options.compression_level)
         self.progress = progress
+        # Unkeyed BLAKE3 on both sides: one plaintext has one ID in both repositories.
+        self.same_ids = not source.encrypted and not target.encrypted
         self.threads = options.workers or min(
             io_threads(source.remote.url), io_threads(target.remote.url)
         )
 
+    def target_id(self, chunk_id: bytes) -> bytes | None:
+        """The chunk's ID in the target when known without reading it."""
+        return self.mapping.get(chunk_id) or (chunk_id if self.same_ids else None)
+
     def needs_read(self, chunk_id: bytes) -> bool:
         if self.options.verified_only:
             return True
-        target_id = self.mapping.get(chunk_id)
+        target_id = self.target_id(chunk_id)
         return target_id is None or target_id not in self.known
 
     def copy_chunks(self, manifest: Manifest, result: PointResult) -> None:
@@ -233,7 +239,9 @@ class PointCopier:
         out = bytearray()
         for k in range(0, len(ids), ID_SIZE):
             chunk_id = ids[k : k + ID_SIZE]
-            out += chunk_id if chunk_id == ZERO_ID else self.mapping[chunk_id]
+            target_id = ZERO_ID if chunk_id == ZERO_ID else self.target_id(chunk_id)
+            assert target_id is not None  # copy_chunks learnt every one
+            out += target_id
         return bytes(out)
 
 
