@@ -29,7 +29,8 @@ from vmkeep.operations.restore import restore_vm
 from vmkeep.operations.retention import RetentionPolicy
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
-from vmkeep.repository.format import chunk_object_name
+from vmkeep.repository.format import chunk_object_name, manifest_object_name
+from vmkeep.repository.locks import RepositoryLock
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.verify import verify
 
@@ -207,12 +208,12 @@ def test_verified_only_reads_every_chunk_back(
     first = backup(source, vm)[0]
     run(source, plain_target)
     run(source, strict_target, verified_only=True)
-    # A chunk of the first point, reused by the next one, rots in the source.
-    reused = min(source.load_manifest(first).referenced_ids())
-    path = tmp_path / "src" / chunk_object_name(reused)
-    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))
     change(vm, 5)
     second = backup(source, vm, "delta")[0]
+    # A chunk of the first point, reused by the second, rots in the source.
+    ids = [source.load_manifest(p).referenced_ids() for p in (first, second)]
+    path = tmp_path / "src" / chunk_object_name(min(ids[0] & ids[1]))
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))
 
     lenient = run(source, plain_target)  # the target's copy is known good: not re-read
     assert statuses(lenient)[second] == COPIED
@@ -275,3 +276,49 @@ def test_unencrypted_pair_reads_nothing_the_target_holds(tmp_path: Path) -> None
     assert restored_hash(target, point, tmp_path / "restore") == digest
     strict = run(source, target, mode="full", verified_only=True)
     assert strict.totals()["bytes_read"] > 0 and strict.totals()["chunks_uploaded"] == 0
+
+
+def test_full_mode_repairs_the_target_incremental_does_not(
+    tmp_path: Path, repos: tuple[Repository, Repository]
+) -> None:
+    source, target = repos
+    vm = make_vm(tmp_path / "vms", "web01")
+    point, digest, _ = backup(source, vm)
+    run(source, target)
+    lost = min(chunk_objects(target))
+    (tmp_path / "dst" / chunk_object_name(lost)).unlink()
+    assert not verify(target, None, SilentProgress()).ok
+
+    quick = run(source, target)
+    assert statuses(quick) == {point: PRESENT} and quick.totals()["chunks_uploaded"] == 0
+    full = run(source, target, mode="full")
+    assert statuses(full) == {point: PRESENT}
+    assert full.totals()["chunks_uploaded"] == 1
+    assert lost in chunk_objects(target)
+    assert verify(target, None, SilentProgress()).ok
+    assert restored_hash(target, point, tmp_path / "restore") == digest
+
+
+def test_a_running_gc_on_the_target_publishes_nothing(
+    tmp_path: Path, repos: tuple[Repository, Repository]
+) -> None:
+    source, target = repos
+    point = backup(source, make_vm(tmp_path / "vms", "web01"))[0]
+    with RepositoryLock(target.remote, "exclusive", "gc"):
+        report = run(source, target)
+    assert statuses(report) == {point: FAILED}
+    assert target.point_ids() == []
+    assert statuses(run(source, target)) == {point: COPIED}
+
+
+def test_an_unreadable_target_copy_fails_its_point(
+    tmp_path: Path, repos: tuple[Repository, Repository]
+) -> None:
+    source, target = repos
+    point = backup(source, make_vm(tmp_path / "vms", "web01"))[0]
+    run(source, target)
+    path = tmp_path / "dst" / manifest_object_name(point)
+    path.write_bytes(path.read_bytes()[:-3])
+    report = run(source, target)
+    assert statuses(report) == {point: FAILED}
+    assert "unreadable" in report.points[0].reason

@@ -315,7 +315,8 @@ def mirror(
     mine, problems = source.load_manifests()
     if not options.vms:
         report.points += [PointResult(p.point_id, "?", FAILED, p.error) for p in problems]
-    theirs, _ = target.load_manifests()
+    theirs, unreadable = target.load_manifests()
+    broken = {p.point_id: p.error for p in unreadable}
     chosen = [m for m in mine if selected(m, options.vms)]
     present = {m.id for m in theirs}
     targets_own = [m for m in theirs if selected(m, options.vms)]
@@ -325,7 +326,10 @@ def mirror(
     dropped = {d.point.id for d in plan if not d.keep}
     wanted: list[Manifest] = []
     for m in chosen:
-        if m.id in dropped and m.id not in present:
+        if m.id in broken:  # write-once: never replaced, and never silently skipped
+            reason = f"the target's copy is unreadable ({broken[m.id]}): verify the target"
+            report.points.append(PointResult(m.id, m.vm_name, FAILED, reason))
+        elif m.id in dropped and m.id not in present:
             report.points.append(PointResult(m.id, m.vm_name, RETENTION, "the target's retention"))
         elif options.mode == "incremental" and m.id in present:
             report.points.append(PointResult(m.id, m.vm_name, PRESENT))
