@@ -171,6 +171,17 @@ def test_vm_filter_by_glob_and_uuid(tmp_path: Path, repos: tuple[Repository, Rep
     assert statuses(report) == {points["db01"]: COPIED}
     assert len(target.point_ids()) == 3
 
+    tagged = backup_vm(
+        source,
+        FilesConnector(),
+        str(tmp_path / "vms" / "db01"),
+        BackupOptions(tags=["prod", "db"]),
+        SilentProgress(),
+    ).restore_point
+    assert statuses(run(source, target, tags=["nightly"])) == {}
+    assert statuses(run(source, target, tags=["db"], vms=["web*"])) == {}
+    assert statuses(run(source, target, tags=["prod"])) == {tagged: COPIED}
+
 
 def test_bad_source_chunks_fail_their_points_only(
     tmp_path: Path, repos: tuple[Repository, Repository]

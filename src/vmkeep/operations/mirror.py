@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ COPIED, PRESENT, FAILED, RETENTION = "copied", "present", "failed", "skipped-ret
 class MirrorOptions:
     mode: str = "incremental"  # full: every selected point; incremental: those the target lacks
     vms: list[str] = field(default_factory=list)  # name globs or uuids; empty: every VM
+    tags: list[str] = field(default_factory=list)  # restore point tags; any one selects
     verified_only: bool = False  # read every chunk back from the source, even ones not copied
     retention: RetentionPolicy | None = None  # the target's own, applied after the copy
     compression_level: int = 1
@@ -114,8 +115,11 @@ def check_pair(source: Repository, target: Repository) -> None:
         )
 
 
-def selected(manifest: Manifest, patterns: list[str]) -> bool:
-    """A VM filter matches a name glob or the exact uuid; no filter matches every VM."""
+def selected(manifest: Manifest, patterns: list[str], tags: Sequence[str] = ()) -> bool:
+    """A VM filter matches a name glob or the exact uuid, a tag filter one of the point's
+    tags (the backup job's); both given: both must match. No filter matches every point."""
+    if tags and not set(tags) & set(manifest.tags):
+        return False
     if not patterns:
         return True
     return any(fnmatch.fnmatchcase(manifest.vm_name, p) or p == manifest.vm_uuid for p in patterns)
@@ -313,13 +317,13 @@ def mirror(
     if target.encrypted is False and source.encrypted:
         progress.note("the target is not encrypted: mirrored data is stored there in clear")
     mine, problems = source.load_manifests()
-    if not options.vms:
+    if not options.vms and not options.tags:
         report.points += [PointResult(p.point_id, "?", FAILED, p.error) for p in problems]
     theirs, unreadable = target.load_manifests()
     broken = {p.point_id: p.error for p in unreadable}
-    chosen = [m for m in mine if selected(m, options.vms)]
+    chosen = [m for m in mine if selected(m, options.vms, options.tags)]
     present = {m.id for m in theirs}
-    targets_own = [m for m in theirs if selected(m, options.vms)]
+    targets_own = [m for m in theirs if selected(m, options.vms, options.tags)]
     plan = retention_plan(
         options.retention, targets_own + [m for m in chosen if m.id not in present]
     )

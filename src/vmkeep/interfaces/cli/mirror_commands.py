@@ -76,6 +76,9 @@ def mirror_command(
     vm: list[str] = typer.Option(
         [], "--vm", help="Only VMs whose name matches this glob, or this uuid (repeatable)."
     ),
+    tag: list[str] = typer.Option(
+        [], "--tag", help="Only restore points carrying this tag (repeatable: any of them)."
+    ),
     verified_only: bool = typer.Option(
         False,
         "--verified-only",
@@ -109,6 +112,7 @@ def mirror_command(
     options = MirrorOptions(
         mode=mode,
         vms=list(vm),
+        tags=list(tag),
         verified_only=verified_only,
         retention=None if policy.is_empty() else policy,
         compression_level=compression_level,
