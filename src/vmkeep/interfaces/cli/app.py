@@ -15,6 +15,7 @@ from vmkeep.parallel import reuse_chunk_buffers
 
 from . import (
     data_commands,
+    mirror_commands,
     remote_commands,
     replicate_commands,
     repo_commands,
@@ -75,6 +76,7 @@ def main_options(
 repo_commands.register(app)
 data_commands.register(app)
 replicate_commands.register(app)
+mirror_commands.register(app)
 app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
 app.add_typer(schedule_commands.schedule_app, name="schedule")

@@ -1,0 +1,379 @@
+"""Mirror: copy restore points from one repository into another (docs/MIRROR.md).
+
+The two repositories have their own keys, so one plaintext chunk has a different ID in each:
+a chunk is read (and so verified) from the source, its target ID computed with the target's
+key, and uploaded, re-encrypted, only when the target lacks it. The restore point keeps its
+ID, VM record, times and tags; its index is rewritten with the target's IDs. The target's
+manifest is written last, by the same rules as a backup's (the VM's shared lock, the gc
+epoch proof of operations/backup.py): a mirror is a backup whose reader is the source.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmkeep.connectors.base import VmConfig
+from vmkeep.errors import UsageError, VmkeepError
+from vmkeep.operations.backup import (
+    BackupStats,
+    ChunkUploader,
+    confirm_after_manifest,
+    prove_chunks_kept,
+    vm_backup_lock,
+)
+from vmkeep.operations.prune import apply_prune
+from vmkeep.operations.retention import PointRef, PruneDecision, RetentionPolicy, prune_plan
+from vmkeep.parallel import io_threads, unordered_map
+from vmkeep.progress import Progress
+from vmkeep.repository.format import ID_SIZE, ZERO_ID
+from vmkeep.repository.gc_epoch import GcMark, read_gc_mark
+from vmkeep.repository.locks import RepositoryLock
+from vmkeep.repository.manifest import DiskIndex, Manifest
+from vmkeep.repository.repository import Repository
+from vmkeep.repository.retention_lock import lock_restore_point
+
+MODES = ("full", "incremental")
+COPIED, PRESENT, FAILED, RETENTION = "copied", "present", "failed", "skipped-retention"
+
+
+@dataclass
+class MirrorOptions:
+    mode: str = "incremental"  # full: every selected point; incremental: those the target lacks
+    vms: list[str] = field(default_factory=list)  # name globs or uuids; empty: every VM
+    tags: list[str] = field(default_factory=list)  # restore point tags; any one selects
+    verified_only: bool = False  # read every chunk back from the source, even ones not copied
+    retention: RetentionPolicy | None = None  # the target's own, applied after the copy
+    compression_level: int = 1
+    workers: int | None = None  # threads; None: io_threads of the slower remote
+
+
+@dataclass
+class PointResult:
+    point_id: str
+    vm: str
+    status: str  # copied, present, failed, skipped-retention
+    reason: str = ""
+    chunks: int = 0  # distinct non-zero chunks of the point
+    chunks_uploaded: int = 0
+    chunks_present: int = 0  # already in the target: not uploaded
+    bytes_read: int = 0  # plaintext read from the source
+    bytes_uploaded: int = 0  # what the uploaded chunks take on the target
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class MirrorReport:
+    source: str
+    target: str
+    mode: str
+    points: list[PointResult] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    duration: float = 0.0
+
+    @property
+    def failed(self) -> list[PointResult]:
+        return [p for p in self.points if p.status == FAILED]
+
+    def totals(self) -> dict[str, int]:
+        keys = ("chunks_uploaded", "chunks_present", "bytes_read", "bytes_uploaded")
+        out = {k: sum(getattr(p, k) for p in self.points) for k in keys}
+        for status in (COPIED, PRESENT, FAILED, RETENTION):
+            out[status.replace("-", "_")] = sum(p.status == status for p in self.points)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "target": self.target,
+            "mode": self.mode,
+            "ok": not self.failed,
+            "points": [p.to_json() for p in self.points],
+            "totals": self.totals(),
+            "pruned": self.pruned,
+            "duration": round(self.duration, 3),
+        }
+
+
+def check_pair(source: Repository, target: Repository) -> None:
+    """Refuse what cannot be mirrored, before anything is read."""
+    if source.config["id"] == target.config["id"]:
+        raise UsageError(
+            f"target {target.remote.url} is the source repository itself "
+            f"(id {source.config['id'][:8]}): refusing to mirror onto its own source"
+        )
+    if source.chunk_size != target.chunk_size:
+        raise UsageError(
+            f"source chunk size {source.chunk_size} differs from the target's "
+            f"{target.chunk_size}: mirror needs repositories of one chunk size "
+            "(create the target with `vmkeep init --chunk-size`)"
+        )
+
+
+def selected(manifest: Manifest, patterns: list[str], tags: Sequence[str] = ()) -> bool:
+    """A VM filter matches a name glob or the exact uuid, a tag filter one of the point's
+    tags (the backup job's); both given: both must match. No filter matches every point."""
+    if tags and not set(tags) & set(manifest.tags):
+        return False
+    if not patterns:
+        return True
+    return any(fnmatch.fnmatchcase(manifest.vm_name, p) or p == manifest.vm_uuid for p in patterns)
+
+
+def id_translation(source: list[Manifest], target: list[Manifest]) -> dict[bytes, bytes]:
+    """Source chunk ID -> target chunk ID, learnt from the points both repositories hold
+    (a point mirrored earlier: both indexes are authenticated by their own keys and name the
+    same plaintext at each position). Saves reading a chunk only to learn its target ID."""
+    theirs = {m.id: m for m in target}
+    mapping: dict[bytes, bytes] = {}
+    for mine in source:
+        other = theirs.get(mine.id)
+        if other is None or other.vm_uuid != mine.vm_uuid:
+            continue
+        disks = {d.name: d for d in other.disks}
+        for disk in mine.disks:
+            twin = disks.get(disk.name)
+            if twin is None or twin.size != disk.size or twin.chunk_size != disk.chunk_size:
+                continue
+            for index, chunk_id in disk.entries():
+                target_id = twin.chunk_id(index)
+                if target_id != ZERO_ID:
+                    mapping[chunk_id] = target_id
+    return mapping
+
+
+class PointCopier:
+    """Copies the chunks of restore points into the target and rewrites their indexes; one
+    per VM, under that VM's lock, so `known` (the target's chunks) is listed once."""
+
+    def __init__(
+        self,
+        source: Repository,
+        target: Repository,
+        options: MirrorOptions,
+        mapping: dict[bytes, bytes],
+        known: set[bytes],
+        progress: Progress,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.options = options
+        self.mapping = mapping
+        self.known = known
+        self.uploader = ChunkUploader(target, known, options.compression_level)
+        self.progress = progress
+        # Unkeyed BLAKE3 on both sides: one plaintext has one ID in both repositories.
+        self.same_ids = not source.encrypted and not target.encrypted
+        self.threads = options.workers or min(
+            io_threads(source.remote.url), io_threads(target.remote.url)
+        )
+
+    def target_id(self, chunk_id: bytes) -> bytes | None:
+        """The chunk's ID in the target when known without reading it."""
+        return self.mapping.get(chunk_id) or (chunk_id if self.same_ids else None)
+
+    def needs_read(self, chunk_id: bytes) -> bool:
+        if self.options.verified_only:
+            return True
+        target_id = self.target_id(chunk_id)
+        return target_id is None or target_id not in self.known
+
+    def copy_chunks(self, manifest: Manifest, result: PointResult) -> None:
+        """Every chunk of `manifest` present in the target, `mapping` filled for each; the
+        first unreadable source chunk (corrupt, or deleted by a gc) raises."""
+        lengths: dict[bytes, int] = {}
+        for disk in manifest.disks:
+            for index, chunk_id in disk.entries():
+                lengths.setdefault(chunk_id, disk.chunk_length(index))
+        result.chunks = len(lengths)
+        to_read = [c for c in lengths if self.needs_read(c)]
+        result.chunks_present = len(lengths) - len(to_read)
+        self.progress.start(f"{manifest.vm_name}/{manifest.id}", sum(lengths[c] for c in to_read))
+
+        def work(chunk_id: bytes) -> tuple[bytes, bytes, BackupStats]:
+            data = self.source.get_chunk(chunk_id)  # checks its authentication and hash
+            target_id, stats = self.uploader.store(data)
+            return chunk_id, target_id, stats
+
+        try:
+            for chunk_id, target_id, stats in unordered_map(work, to_read, self.threads):
+                self.mapping[chunk_id] = target_id
+                result.bytes_read += stats.bytes_read
+                result.bytes_uploaded += stats.bytes_written
+                result.chunks_uploaded += stats.chunks_new
+                result.chunks_present += 1 - stats.chunks_new
+                self.progress.advance(stats.bytes_read)
+        finally:
+            self.progress.finish()
+
+    def translated(self, manifest: Manifest) -> Manifest:
+        """The target's manifest: same point, indexes in the target's chunk IDs."""
+        disks = [
+            DiskIndex(
+                d.name,
+                d.size,
+                d.format,
+                [(first, self._ids(ids)) for first, ids in d.runs],
+                dict(d.extra),
+                d.change_token,
+                chunk_size=self.target.chunk_size,
+            )
+            for d in manifest.disks
+        ]
+        return Manifest(
+            id=manifest.id,
+            vm=dict(manifest.vm),
+            disks=disks,
+            mode=manifest.mode,
+            created=manifest.created,
+            finished=manifest.finished,
+            schedule=manifest.schedule,
+            job=manifest.job,
+            parent=manifest.parent,
+            tags=list(manifest.tags),
+            stats=dict(manifest.stats),
+        )
+
+    def _ids(self, ids: bytes) -> bytes:
+        out = bytearray()
+        for k in range(0, len(ids), ID_SIZE):
+            chunk_id = ids[k : k + ID_SIZE]
+            target_id = ZERO_ID if chunk_id == ZERO_ID else self.target_id(chunk_id)
+            assert target_id is not None  # copy_chunks learnt every one
+            out += target_id
+        return bytes(out)
+
+
+def _vm_of(manifest: Manifest) -> VmConfig:
+    """What vm_backup_lock needs to name and scope the VM's lock."""
+    return VmConfig(manifest.vm_name, manifest.vm_uuid, 0, 0, [])
+
+
+def mirror_vm(
+    copier: PointCopier,
+    points: list[Manifest],
+    present: set[str],
+    lock: RepositoryLock,
+    listed: GcMark | None,
+) -> list[PointResult]:
+    """One VM's points, oldest first; a failure is recorded and the next point goes on.
+    `listed`: the target's gc marker read before its chunks were listed (FORMAT.md §6)."""
+    results: list[PointResult] = []
+    for manifest in points:
+        result = PointResult(manifest.id, manifest.vm_name, COPIED)
+        results.append(result)
+        try:
+            copier.copy_chunks(manifest, result)
+            if manifest.id in present:
+                result.status = PRESENT  # manifests are write-once: chunks repaired only
+                continue
+            copy = copier.translated(manifest)
+            lock_restore_point(copier.target, copy)
+            seen = prove_chunks_kept(copier.target, lock, listed, copy)
+            copier.target.save_manifest(copy)
+            confirm_after_manifest(copier.target, seen, copy)
+        except VmkeepError as exc:
+            result.status, result.reason = FAILED, exc.message
+            copier.progress.note(f"restore point {manifest.id} ({manifest.vm_name}): {exc}")
+    return results
+
+
+def _group_by_vm(points: Iterable[Manifest]) -> dict[str, list[Manifest]]:
+    groups: dict[str, list[Manifest]] = {}
+    for m in sorted(points, key=lambda m: (m.created, m.id)):
+        groups.setdefault(m.vm_uuid, []).append(m)
+    return groups
+
+
+def retention_plan(
+    policy: RetentionPolicy | None, candidates: list[Manifest]
+) -> list[PruneDecision]:
+    """The target's retention over what it holds plus what it is about to receive: a point
+    the policy would drop right after is not copied at all (else every incremental run would
+    copy it again and prune it again)."""
+    if policy is None:
+        return []
+    refs = {m.id: PointRef(m.id, m.vm_uuid, m.schedule, m.created) for m in candidates}
+    return prune_plan(refs.values(), policy)
+
+
+def mirror(
+    source: Repository, target: Repository, options: MirrorOptions, progress: Progress
+) -> MirrorReport:
+    """Mirror the selected restore points of `source` into `target`, then apply the
+    target's retention. Never raises for one point: see MirrorReport.failed."""
+    if options.mode not in MODES:
+        raise UsageError(f"unknown mirror mode {options.mode!r}: choose full or incremental")
+    if options.retention is not None and options.retention.is_empty():
+        raise UsageError("an empty retention policy would delete every mirrored point")
+    check_pair(source, target)
+    began = time.monotonic()
+    report = MirrorReport(source.remote.url, target.remote.url, options.mode)
+    if target.encrypted is False and source.encrypted:
+        progress.note("the target is not encrypted: mirrored data is stored there in clear")
+    mine, problems = source.load_manifests()
+    if not options.vms and not options.tags:
+        report.points += [PointResult(p.point_id, "?", FAILED, p.error) for p in problems]
+    theirs, unreadable = target.load_manifests()
+    broken = {p.point_id: p.error for p in unreadable}
+    chosen = [m for m in mine if selected(m, options.vms, options.tags)]
+    present = {m.id for m in theirs}
+    targets_own = [m for m in theirs if selected(m, options.vms, options.tags)]
+    plan = retention_plan(
+        options.retention, targets_own + [m for m in chosen if m.id not in present]
+    )
+    dropped = {d.point.id for d in plan if not d.keep}
+    wanted: list[Manifest] = []
+    for m in chosen:
+        if m.id in broken:  # write-once: never replaced, and never silently skipped
+            reason = f"the target's copy is unreadable ({broken[m.id]}): verify the target"
+            report.points.append(PointResult(m.id, m.vm_name, FAILED, reason))
+        elif m.id in dropped and m.id not in present:
+            report.points.append(PointResult(m.id, m.vm_name, RETENTION, "the target's retention"))
+        elif options.mode == "incremental" and m.id in present:
+            report.points.append(PointResult(m.id, m.vm_name, PRESENT))
+        else:
+            wanted.append(m)
+    mapping = id_translation(mine, theirs)
+    for points in _group_by_vm(wanted).values():
+        report.points += _mirror_locked(source, target, options, mapping, points, present, progress)
+    if options.retention is not None:
+        copied = {p.point_id for p in report.points if p.status == COPIED}
+        held = targets_own + [m for m in chosen if m.id in copied]
+        # Over what the target really holds now: a point that failed to copy must not
+        # count, or it would push out an older point the target still needs.
+        final = retention_plan(options.retention, held)
+        report.pruned = apply_prune(target, final, dry_run=False).removed
+    report.duration = time.monotonic() - began
+    return report
+
+
+def _mirror_locked(
+    source: Repository,
+    target: Repository,
+    options: MirrorOptions,
+    mapping: dict[bytes, bytes],
+    points: list[Manifest],
+    present: set[str],
+    progress: Progress,
+) -> list[PointResult]:
+    """One VM's points under its shared lock on the target, as a backup of it would hold."""
+    results: list[PointResult] = []
+    try:
+        with vm_backup_lock(target, _vm_of(points[0])) as lock:
+            listed = read_gc_mark(target.remote)  # before the chunks are listed
+            known = {chunk_id for chunk_id, _ in target.list_chunks()}
+            copier = PointCopier(source, target, options, mapping, known, progress)
+            results = mirror_vm(copier, points, present, lock, listed)
+    except VmkeepError as exc:  # the lock (another backup or mirror of the VM), the listing
+        progress.note(f"VM {points[0].vm_name}: {exc}")
+        done = {r.point_id for r in results}
+        results += [
+            PointResult(m.id, m.vm_name, FAILED, exc.message) for m in points if m.id not in done
+        ]
+    return results
