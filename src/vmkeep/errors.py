@@ -89,3 +89,12 @@ class LockLostError(RepositoryError):
 class GcOverlapError(RepositoryError):
     """A gc ran during a backup and the backup cannot prove that every chunk it references
     survived: the restore point is not written (or withdrawn)."""
+
+
+class ReportError(UsageError):
+    """A report setting (SMTP, webhook) or a run handed to the report engine is malformed."""
+
+
+class DeliveryError(VmkeepError):
+    """A report could not be sent (SMTP or webhook refused, unreachable, timed out). Never
+    fails a run: the report engine logs it and queues the report for a retry."""
