@@ -5,6 +5,7 @@ what is due with exponential backoff and drops an entry after `max_attempts`."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -46,20 +47,22 @@ class DeliveryResult:
     dropped: bool = False  # retry_outbox gave up on it
 
 
-def send(run: Run, target: Target, *, now: datetime, delivery_id: str) -> None:
-    """One attempt at one target; raises (DeliveryError or anything unexpected) on failure."""
+def send(run: Run, target: Target, *, delivery_id: str) -> None:
+    """One attempt at one target; raises (DeliveryError or anything unexpected) on failure.
+    The webhook is signed with the wall clock, not the caller's scheduling `now`: the
+    receiver compares it with its own clock."""
     if isinstance(target, EmailTarget):
         send_email(run, target)
     elif isinstance(target, WebhookTarget):
-        post_webhook(run, target, now=now.timestamp(), delivery_id=delivery_id)
+        post_webhook(run, target, now=time.time(), delivery_id=delivery_id)
     else:  # pragma: no cover - the union is closed
         raise TypeError(f"unknown report target {target!r}")
 
 
-def _attempt(run: Run, target: Target, now: datetime, delivery_id: str) -> str | None:
+def _attempt(run: Run, target: Target, delivery_id: str) -> str | None:
     """None on success, else the one-line reason (secrets redacted). Never raises."""
     try:
-        send(run, target, now=now, delivery_id=delivery_id)
+        send(run, target, delivery_id=delivery_id)
         return None
     except Exception as exc:  # a report must never fail the run
         return redact(str(exc) or type(exc).__name__)
@@ -89,7 +92,7 @@ def deliver(
     results = []
     for target in targets:
         delivery_id = new_entry_id(r.id, target.name)
-        error = _attempt(r, target, now, delivery_id)
+        error = _attempt(r, target, delivery_id)
         if error is None:
             log.info("report of run %s sent to %s", r.id, target.name)
             results.append(DeliveryResult(target.name, target.kind, True))
@@ -196,7 +199,7 @@ def _retry_one(
         box.remove(file)
         log.error("report %s dropped: its run document is invalid: %s", entry.id, exc)
         return DeliveryResult(entry.target, entry.kind, False, str(exc), attempts, dropped=True)
-    error = _attempt(run, target, now, entry.id)
+    error = _attempt(run, target, entry.id)
     if error is None:
         box.remove(file)
         log.info("report of run %s sent to %s at attempt %d", run.id, target.name, attempts)
