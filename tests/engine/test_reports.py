@@ -546,3 +546,20 @@ def test_one_target_down_does_not_stop_the_other(hook: tuple[Hook, int], tmp_pat
     )
     assert [(r.target, r.ok) for r in results] == [("ops-mail", False), ("hook", True)]
     assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_outbox_sets_aside_bad_files_and_honours_the_lock(tmp_path: Path) -> None:
+    from vmkeep.engine.reports.outbox import Outbox
+
+    target = email_target(free_port(), starttls="off")
+    [r] = deliver(a_run(), [target], outbox=tmp_path, now=FINISHED)
+    (tmp_path / "garbage.json").write_text("{not json")
+    (tmp_path / ".tmp-leftover").write_text("half")  # a crash between write and link
+    later = FINISHED + dt.timedelta(hours=1)
+    with Outbox(tmp_path).exclusive() as mine:
+        assert mine
+        assert retry_outbox(tmp_path, later, [target]) == []  # another process holds it
+    [again] = retry_outbox(tmp_path, later, [target])
+    assert again.target == "ops-mail" and again.attempts == 2
+    assert (tmp_path / "garbage.bad").exists() and not (tmp_path / "garbage.json").exists()
+    assert r.queued is not None and r.queued.exists()
