@@ -94,3 +94,12 @@ class GcOverlapError(RepositoryError):
 class StateError(VmkeepError):
     """vmkeep's own state (data directory, database, server key, secrets) cannot be used:
     a full disk, a read-only or corrupt database, a key file with loose permissions."""
+
+
+class ReportError(UsageError):
+    """A report setting (SMTP, webhook) or a run handed to the report engine is malformed."""
+
+
+class DeliveryError(VmkeepError):
+    """A report could not be sent (SMTP or webhook refused, unreachable, timed out). Never
+    fails a run: the report engine logs it and queues the report for a retry."""
