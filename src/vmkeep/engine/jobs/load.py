@@ -161,12 +161,12 @@ def _check_schedules(item: _Loaded, filename: str) -> None:
 
 def _remote_fields(spec: JobSpec) -> list[tuple[Loc, str]]:
     """Every remote name a job refers to, with where it is written."""
-    kind = spec.kind
-    if kind == "backup":
+    if spec.kind == "backup":
         return [(["remotes", i], r) for i, r in enumerate(spec.remotes)]
-    if kind == "mirror":
-        return [(["source"], spec.source)] + [(["targets", i], r) for i, r in enumerate(spec.targets)]
-    if kind == "metadata":
+    if spec.kind == "mirror":
+        targets: list[tuple[Loc, str]] = [(["targets", i], r) for i, r in enumerate(spec.targets)]
+        return [(["source"], spec.source), *targets]
+    if spec.kind == "metadata":
         return [(["remote"], spec.remote)]
     return []
 
@@ -241,5 +241,3 @@ def dump_jobs(specs: Sequence[JobSpec]) -> str:
     return yaml.safe_dump_all(
         docs, sort_keys=False, default_flow_style=False, allow_unicode=True, explicit_start=True
     )
-
-

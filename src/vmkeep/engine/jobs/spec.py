@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from vmkeep.connectors.base import is_valid_tag
 from vmkeep.engine.jobs.units import Duration, Rate
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -49,8 +50,8 @@ def _check_timezone(value: str) -> str:
 
 
 def _check_tag(value: str) -> str:
-    if not value or len(value) > 64 or any(c.isspace() or not c.isprintable() for c in value):
-        raise ValueError(f"{value!r} is not a tag: 1-64 printable characters, no spaces")
+    if not is_valid_tag(value):
+        raise ValueError(f"{value!r} is not a tag: 1-64 printable characters, no spaces or commas")
     return value
 
 

@@ -78,16 +78,21 @@ def parse_rate(value: object) -> int:
 
 
 def format_rate(rate: int) -> str | int:
-    """"50MiB/s" when `rate` is a whole number of a binary unit, else the plain integer."""
+    """ "50MiB/s" when `rate` is a whole number of a binary unit, else the plain integer."""
     for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if rate % size == 0:
             return f"{rate // size}{unit}/s"
     return rate
 
 
+# Integers in Python (what the runner uses), readable text in JSON and YAML exports.
 Duration = Annotated[
-    int, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str, when_used="json")
+    int,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
 ]
 Rate = Annotated[
-    int, BeforeValidator(parse_rate), PlainSerializer(format_rate, return_type=str | int, when_used="json")
+    int,
+    BeforeValidator(parse_rate),
+    PlainSerializer(format_rate, return_type=str | int, when_used="json"),
 ]
