@@ -60,7 +60,7 @@ def _message(err: ErrorDetails) -> str:
 def _label(data: object, index: int) -> str:
     if isinstance(data, dict):
         kind, name = data.get("kind"), data.get("name")
-        if isinstance(kind, str) and isinstance(name, str):
+        if kind in JOB_KINDS and isinstance(name, str):
             return f"{kind} {name!r}"
         if isinstance(name, str):
             return f"job {name!r}"

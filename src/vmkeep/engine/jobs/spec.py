@@ -18,6 +18,8 @@ from pydantic import (
     Field,
     StrictStr,
     TypeAdapter,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -262,11 +264,12 @@ class ReplicationJob(_Job):
     retries: Retries = Retries()
     report: Report = Report()
 
-    @model_validator(mode="after")
-    def _short_chain(self) -> ReplicationJob:
-        if self.mode == "incremental" and self.keep > 9:
-            raise ValueError("keep: at most 9 rollback snapshots for an incremental replica")
-        return self
+    @field_validator("keep")
+    @classmethod
+    def _short_chain(cls, keep: int, info: ValidationInfo) -> int:
+        if info.data.get("mode", "incremental") == "incremental" and keep > 9:
+            raise ValueError("at most 9 rollback snapshots for an incremental replica")
+        return keep
 
 
 class MirrorJob(_Job):

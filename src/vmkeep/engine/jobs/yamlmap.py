@@ -46,6 +46,9 @@ def parse_documents(text: str) -> list[Document]:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 0
         problem = exc.problem or exc.context or "malformed YAML"
+        if exc.problem and exc.context and exc.context_mark is not None:
+            # Where the construct the parser was in began: often the line really at fault.
+            problem += f" ({exc.context} at line {exc.context_mark.line + 1})"
         raise YamlSyntaxError(f"malformed YAML: {problem}", line) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(f"malformed YAML: {exc}", 0) from None
