@@ -263,3 +263,15 @@ def test_durations(text: object, seconds: int) -> None:
 )
 def test_rates(text: object, rate: int) -> None:
     assert parse_rate(text) == rate
+
+
+def test_the_examples_in_docs_load() -> None:
+    """Every YAML example of docs/JOBS.md that is a whole job loads (known remotes given)."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "JOBS.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", doc, re.S) if b.startswith("kind:")]
+    assert len(blocks) == 5
+    jobs = load_jobs("---\n".join(blocks), "JOBS.md", remotes=REMOTES)
+    assert {j.kind for j in jobs} == {"backup", "replication", "mirror", "metadata", "sequence"}
