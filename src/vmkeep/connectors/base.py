@@ -6,6 +6,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+# VmConfig.metadata key of a VM's tags (a list of strings), set by every connector that has
+# them (files: vm.json `tags`; libvirt: the domain's vmkeep metadata, title and description).
+# Job VM selection (engine/jobs/selection.py) matches on it.
+TAGS_KEY = "vmkeep.tags"
+MAX_TAG_LENGTH = 64
+
+
+def is_valid_tag(tag: object) -> bool:
+    """A tag is 1-64 printable characters without white space (so lists of tags can be
+    written separated by spaces or commas, and selection rules compare them exactly)."""
+    return (
+        isinstance(tag, str)
+        and 1 <= len(tag) <= MAX_TAG_LENGTH
+        and "," not in tag
+        and all(c.isprintable() and not c.isspace() for c in tag)
+    )
+
 
 @dataclass(frozen=True)
 class Extent:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vmkeep.connectors.base import DiskInfo, VmConfig
+from vmkeep.connectors.base import TAGS_KEY, DiskInfo, VmConfig, is_valid_tag
 from vmkeep.connectors.files.fileio import pread_full
 from vmkeep.errors import ConnectorError, NotFoundError
 from vmkeep.safe_files import replace_file
@@ -65,12 +65,26 @@ class VmDocument(BaseModel):
     vcpus: int = Field(ge=1, le=4096)
     memory_mib: int = Field(ge=1, le=1 << 30)
     disks: list[DiskEntry] = Field(default_factory=list)
+    # Labels job VM selection matches on (`vms: {include: [{tags: [prod]}]}`).
+    tags: list[str] = Field(default_factory=list, max_length=64)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("uuid")
     @classmethod
     def _canonical_uuid(cls, value: str) -> str:
         return str(uuid.UUID(value))
+
+    @field_validator("tags")
+    @classmethod
+    def _plain_tags(cls, value: list[str]) -> list[str]:
+        for tag in value:
+            if not is_valid_tag(tag):
+                raise ValueError(
+                    f"{tag!r} is not a tag: 1-64 printable characters, no spaces or commas"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("tags must be unique")
+        return value
 
     @model_validator(mode="after")
     def _unique(self) -> VmDocument:
@@ -131,6 +145,8 @@ def save_vm_json(vm_dir: Path, doc: VmDocument) -> None:
     for disk in dumped["disks"]:
         if not disk["outside"]:
             del disk["outside"]  # written only where the administrator set it
+    if not dumped["tags"]:
+        del dumped["tags"]  # a VM without tags keeps the vm.json it always had
     data = (json.dumps(dumped, indent=2) + "\n").encode()
     try:
         replace_file(vm_dir / VM_JSON, data)
@@ -142,6 +158,8 @@ def to_vm_config(doc: VmDocument, vm_dir: Path, sizes: dict[str, int]) -> VmConf
     """VmConfig for a loaded VM; `sizes` maps disk names to virtual sizes read from the images."""
     metadata = dict(doc.metadata)
     metadata[LOCATION_KEY] = str(vm_dir.resolve())
+    if doc.tags:
+        metadata[TAGS_KEY] = list(doc.tags)
     disks = [
         DiskInfo(name=d.name, size=sizes[d.name], format=d.format, extra={"file": d.file})
         for d in doc.disks
@@ -157,8 +175,15 @@ def to_vm_config(doc: VmDocument, vm_dir: Path, sizes: dict[str, int]) -> VmConf
 
 
 def from_vm_config(config: VmConfig, disks: list[DiskEntry]) -> VmDocument:
-    """vm.json for a VM being restored; memory is rounded up to whole MiB, our own keys dropped."""
-    metadata = {k: v for k, v in config.metadata.items() if not k.startswith(_RESERVED_PREFIX)}
+    """vm.json for a VM being restored; memory is rounded up to whole MiB, our own keys dropped,
+    the tags (a files VM's, or a libvirt domain's) back in their own field."""
+    metadata = {
+        k: v
+        for k, v in config.metadata.items()
+        if not k.startswith(_RESERVED_PREFIX) and k != TAGS_KEY
+    }
+    raw_tags = config.metadata.get(TAGS_KEY)
+    tags = [t for t in raw_tags if is_valid_tag(t)] if isinstance(raw_tags, list) else []
     try:
         return VmDocument(
             name=config.name,
@@ -166,6 +191,7 @@ def from_vm_config(config: VmConfig, disks: list[DiskEntry]) -> VmDocument:
             vcpus=max(1, config.vcpus),
             memory_mib=max(1, -(-config.memory // MIB)),
             disks=disks,
+            tags=list(dict.fromkeys(tags)),
             metadata=metadata,
         )
     except ValidationError as exc:

@@ -7,8 +7,9 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from typing import Any
 
-from vmkeep.connectors.base import DiskInfo, VmConfig
+from vmkeep.connectors.base import TAGS_KEY, DiskInfo, VmConfig
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
+from vmkeep.connectors.libvirt.tags import domain_tags
 from vmkeep.errors import ConnectorError
 
 DOMAIN_XML_KEY = "libvirt.domain_xml"
@@ -151,11 +152,15 @@ def vm_config(dom: Any) -> VmConfig:
         raise ConnectorError(f"cannot read domain {dom.name()}: {one_line(exc)}") from None
     vcpu = root.find("vcpu")
     vcpus = int((vcpu.text or "1").strip()) if vcpu is not None else 1
+    metadata: dict[str, Any] = {DOMAIN_XML_KEY: xml, STATE_KEY: state_name(dom)}
+    tags = domain_tags(xml)
+    if tags:
+        metadata[TAGS_KEY] = tags
     return VmConfig(
         name=name,
         uuid=uuid.lower(),
         vcpus=vcpus,
         memory=_memory_bytes(root),
         disks=disks,
-        metadata={DOMAIN_XML_KEY: xml, STATE_KEY: state_name(dom)},
+        metadata=metadata,
     )
