@@ -29,8 +29,8 @@ from vmkeep.operations.restore import restore_vm
 from vmkeep.operations.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.file_attributes import is_immutable, set_immutable
+from vmkeep.remotes.immutable_apply import apply_records
 from vmkeep.remotes.local import LocalRemote
-from vmkeep.remotes.local_immutable import apply_records
 from vmkeep.remotes.object_lock import LockPolicy
 from vmkeep.remotes.retention_records import decode_record, record_name
 from vmkeep.repository.format import chunk_object_name, manifest_object_name

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from vmkeep.errors import VmkeepError
-from vmkeep.remotes.local_immutable import apply_records
+from vmkeep.remotes.immutable_apply import apply_records
 
 app = typer.Typer(
     name="vmkeep-immutable",

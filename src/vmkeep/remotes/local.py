@@ -420,4 +420,4 @@ class LocalRemote:
         return read_lock_ends(self)
 
     def check_immutability(self) -> str | None:
-        return probe_immutability(self)
+        return probe_immutability(self, self.root)
