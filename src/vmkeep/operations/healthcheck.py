@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from vmkeep.connectors.base import DiskInfo, DiskReader
 from vmkeep.errors import IntegrityError, UsageError, VmkeepError
@@ -27,6 +27,9 @@ from vmkeep.progress import Progress
 from vmkeep.repository.format import ZERO_ID, is_zero
 from vmkeep.repository.manifest import DiskIndex, Manifest
 from vmkeep.repository.repository import Repository
+
+if TYPE_CHECKING:
+    from vmkeep.connectors.files import FilesConnector
 
 OK = "ok"
 FAILED = "failed"
@@ -175,16 +178,7 @@ def check_files(
         else:
             result.durations["restore"] = time.monotonic() - began
             t0 = time.monotonic()
-            vm = files.get_vm(report.location)
-            for index in manifest.disks:
-                info = DiskInfo(index.name, index.size, index.format, dict(index.extra))
-                reader = files.open_disk(vm, info)
-                try:
-                    read_back(repo, index, reader, result, progress, manifest.vm_name)
-                finally:
-                    reader.close()
-                if not result.ok:
-                    break
+            read_back_vm(repo, manifest, files, report.location, result, progress)
             result.durations["read_back"] = time.monotonic() - t0
     finally:
         t0 = time.monotonic()
@@ -192,6 +186,38 @@ def check_files(
         result.durations["cleanup"] = time.monotonic() - t0
         result.durations["total"] = time.monotonic() - began
     return result
+
+
+def read_back_vm(
+    repo: Repository,
+    manifest: Manifest,
+    files: FilesConnector,
+    location: str,
+    result: HealthResult,
+    progress: Progress,
+) -> None:
+    """Read back every disk of the restored VM at `location`; stop at the first bad disk.
+    A restored image that cannot even be opened fails the check (naming the disk)."""
+    vm = files.get_vm(location)
+    for index in manifest.disks:
+        info = DiskInfo(index.name, index.size, index.format, dict(index.extra))
+        try:
+            reader = files.open_disk(vm, info)
+        except VmkeepError as exc:
+            result.fail(
+                f"disk {index.name}: restored image unreadable: {exc.message}", disk=index.name
+            )
+            return
+        try:
+            read_back(repo, index, reader, result, progress, manifest.vm_name)
+        except VmkeepError as exc:
+            result.fail(
+                f"disk {index.name}: reading it back failed: {exc.message}", disk=index.name
+            )
+        finally:
+            reader.close()
+        if not result.ok:
+            return
 
 
 def read_back(
