@@ -1,0 +1,324 @@
+"""Health check: prove a restore point restores (docs/HEALTHCHECK.md).
+
+Two kinds. `files`: restore the point into a scratch directory and read every disk back,
+comparing each chunk with the point's stored chunk IDs (so the whole restore path, image
+writer included, is exercised, not only the stored objects as `verify` does), then delete the
+copy. `libvirt` (healthcheck_libvirt.py): restore the point as a throw-away domain without
+network, boot it, wait for its guest agent, destroy it. Either returns a HealthResult that the
+caller prints or stores (the run ledger); nothing is written to the repository."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from vmkeep.connectors.base import DiskInfo, DiskReader
+from vmkeep.errors import IntegrityError, UsageError, VmkeepError
+from vmkeep.parallel import default_workers, unordered_map
+from vmkeep.progress import Progress
+from vmkeep.repository.format import ZERO_ID, is_zero
+from vmkeep.repository.manifest import DiskIndex, Manifest
+from vmkeep.repository.repository import Repository
+
+if TYPE_CHECKING:
+    from vmkeep.connectors.files import FilesConnector
+
+OK = "ok"
+FAILED = "failed"
+KINDS = ("auto", "files", "libvirt")
+PREFIX = "vmkeep-hc-"  # scratch dirs, domains and volumes: a later check removes stale ones
+LOCK_NAME = ".lock"
+DEFAULT_TIMEOUT = 300.0
+
+
+@dataclass
+class HealthResult:
+    """The outcome of one health check; `to_json` is what the run ledger stores."""
+
+    restore_point: str
+    vm: str
+    kind: str  # files | libvirt
+    status: str = OK
+    reason: str = ""
+    corrupt: bool = False  # the point's data is wrong (not only: it would not boot)
+    disk: str | None = None  # first disk found bad, when known
+    offset: int | None = None  # first bad byte offset in that disk (a chunk's start)
+    agent: str | None = None  # libvirt: answered | absent | timeout
+    chunks_checked: int = 0
+    bytes_checked: int = 0
+    durations: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    checked_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @property
+    def exit_code(self) -> int:
+        """0 ok, 3 corruption found, 1 any other failure (the CLI's exit codes)."""
+        return 0 if self.ok else 3 if self.corrupt else 1
+
+    def fail(self, reason: str, *, corrupt: bool = False, disk: str | None = None) -> None:
+        """Record the first failure only: later ones are consequences of it."""
+        if self.status == FAILED:
+            return
+        self.status, self.reason, self.corrupt = FAILED, reason, corrupt
+        if disk is not None:
+            self.disk = disk
+
+    def to_json(self) -> dict[str, Any]:
+        doc = dict(self.__dict__)
+        doc["durations"] = {k: round(v, 3) for k, v in self.durations.items()}
+        doc["ok"] = self.ok
+        return doc
+
+
+@dataclass
+class HealthOptions:
+    """kind: auto (libvirt when the point came from libvirt, else files), files or libvirt.
+    scratch: parent of the files check's scratch directory (default: the system temp dir).
+    uri/pool/timeout: the libvirt check's hypervisor, storage pool ("" = "default") and how
+    long the domain gets to run and answer through its agent."""
+
+    kind: str = "auto"
+    scratch: Path | None = None
+    uri: str = "qemu:///system"
+    pool: str = ""
+    timeout: float = DEFAULT_TIMEOUT
+
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise UsageError(f"unknown health check kind {self.kind!r}: choose {', '.join(KINDS)}")
+        if not self.timeout > 0:
+            raise UsageError(f"--timeout must be more than 0 seconds, not {self.timeout}")
+
+
+def health_check(
+    repo: Repository, point_ref: str, options: HealthOptions, progress: Progress
+) -> HealthResult:
+    """Check one restore point; bad input (unknown point, bad option) raises, a point that
+    does not restore or boot is a failed result."""
+    options.check()
+    manifest = repo.load_manifest(repo.resolve_point(point_ref))
+    kind = options.kind
+    if kind == "auto":
+        kind = "libvirt" if from_libvirt(manifest) else "files"
+    if kind == "libvirt":
+        from vmkeep.operations.healthcheck_libvirt import check_libvirt
+
+        return check_libvirt(repo, manifest, options, progress)
+    return check_files(repo, manifest, options.scratch, progress)
+
+
+def from_libvirt(manifest: Manifest) -> bool:
+    from vmkeep.connectors.libvirt.domxml import DOMAIN_XML_KEY  # no libvirt import behind it
+
+    return bool((manifest.vm.get("metadata") or {}).get(DOMAIN_XML_KEY))
+
+
+class DiskTracker:
+    """Passes progress on and remembers which disk the restore is writing (restore_disk
+    starts one bar per disk, labelled `<vm>/<disk>`), so a failed restore can name it."""
+
+    def __init__(self, inner: Progress, vm_name: str) -> None:
+        self.inner = inner
+        self.prefix = f"{vm_name}/"
+        self.disk: str | None = None
+
+    def start(self, description: str, total: int) -> None:
+        if description.startswith(self.prefix):
+            self.disk = description[len(self.prefix) :]
+        self.inner.start(description, total)
+
+    def advance(self, amount: int) -> None:
+        self.inner.advance(amount)
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+    def note(self, message: str) -> None:
+        self.inner.note(message)
+
+
+# ----------------------------------------------------------------------------- files check
+
+
+def check_files(
+    repo: Repository, manifest: Manifest, scratch: Path | None, progress: Progress
+) -> HealthResult:
+    """Restore into a fresh scratch directory, read each disk back against its chunk IDs,
+    delete the directory whatever happened."""
+    from vmkeep.connectors.files import FilesConnector
+    from vmkeep.operations.restore import restore_vm
+
+    began = time.monotonic()
+    result = HealthResult(manifest.id, manifest.vm_name, "files")
+    parent = scratch_parent(scratch)
+    result.notes += clean_stale_scratch(parent)
+    workdir, lock = make_scratch(parent)
+    progress.note(f"restoring {manifest.id} into scratch directory {workdir}")
+    try:
+        tracker = DiskTracker(progress, manifest.vm_name)
+        files = FilesConnector(workdir)
+        try:
+            report = restore_vm(repo, files, manifest.id, str(workdir), tracker, name="vm")
+        except VmkeepError as exc:
+            corrupt = isinstance(exc, IntegrityError)
+            where = f" (disk {tracker.disk})" if tracker.disk else ""
+            result.fail(f"restore failed{where}: {exc.message}", corrupt=corrupt, disk=tracker.disk)
+        else:
+            result.durations["restore"] = time.monotonic() - began
+            t0 = time.monotonic()
+            read_back_vm(repo, manifest, files, report.location, result, progress)
+            result.durations["read_back"] = time.monotonic() - t0
+    finally:
+        t0 = time.monotonic()
+        remove_scratch(workdir, lock)
+        result.durations["cleanup"] = time.monotonic() - t0
+        result.durations["total"] = time.monotonic() - began
+    return result
+
+
+def read_back_vm(
+    repo: Repository,
+    manifest: Manifest,
+    files: FilesConnector,
+    location: str,
+    result: HealthResult,
+    progress: Progress,
+) -> None:
+    """Read back every disk of the restored VM at `location`; stop at the first bad disk.
+    A restored image that cannot even be opened fails the check (naming the disk)."""
+    vm = files.get_vm(location)
+    for index in manifest.disks:
+        info = DiskInfo(index.name, index.size, index.format, dict(index.extra))
+        try:
+            reader = files.open_disk(vm, info)
+        except VmkeepError as exc:
+            result.fail(
+                f"disk {index.name}: restored image unreadable: {exc.message}", disk=index.name
+            )
+            return
+        try:
+            read_back(repo, index, reader, result, progress, manifest.vm_name)
+        except VmkeepError as exc:
+            result.fail(
+                f"disk {index.name}: reading it back failed: {exc.message}", disk=index.name
+            )
+        finally:
+            reader.close()
+        if not result.ok:
+            return
+
+
+def read_back(
+    repo: Repository,
+    index: DiskIndex,
+    reader: DiskReader,
+    result: HealthResult,
+    progress: Progress,
+    vm_name: str,
+) -> None:
+    """Compare every chunk of the restored disk with the index; the lowest bad offset fails
+    the result (chunks are checked in parallel, so the lowest, not the first seen)."""
+    if reader.size != index.size:
+        result.fail(
+            f"disk {index.name}: restored size {reader.size}, the point says {index.size}",
+            corrupt=True,
+            disk=index.name,
+        )
+        return
+
+    def check(i: int) -> tuple[int, int]:
+        """(length, i if the chunk is bad else -1)."""
+        length = index.chunk_length(i)
+        data = reader.read(i * index.chunk_size, length)
+        want = index.chunk_id(i)
+        same = len(data) == length and (
+            is_zero(data) if want == ZERO_ID else repo.chunk_id(data) == want
+        )
+        return length, -1 if same else i
+
+    progress.start(f"check {vm_name}/{index.name}", index.size)
+    bad: list[int] = []
+    for length, i in unordered_map(check, range(index.chunk_count), default_workers()):
+        result.chunks_checked += 1
+        result.bytes_checked += length
+        if i >= 0:
+            bad.append(i)
+        progress.advance(length)
+    progress.finish()
+    if bad:
+        offset = min(bad) * index.chunk_size
+        result.fail(
+            f"disk {index.name}: restored data differs from the point's chunk at offset "
+            f"{offset} ({len(bad)} bad chunk(s))",
+            corrupt=True,
+            disk=index.name,
+        )
+        result.offset = offset
+
+
+def scratch_parent(scratch: Path | None) -> Path:
+    """--scratch as given (created if missing), else the system's temp directory."""
+    if scratch is None:
+        return Path(tempfile.gettempdir())
+    if scratch.exists() and not scratch.is_dir():
+        raise UsageError(f"--scratch {scratch} is not a directory")
+    try:
+        scratch.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --scratch {scratch}: {exc.strerror}") from None
+    return scratch
+
+
+def make_scratch(parent: Path) -> tuple[Path, TextIO]:
+    """A new vmkeep-hc-* directory under `parent`, with a lock held for as long as this
+    check runs: a directory whose lock nobody holds is a killed check's, and goes."""
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
+    except OSError as exc:
+        raise UsageError(f"cannot create a scratch directory in {parent}: {exc.strerror}") from None
+    lock = (workdir / LOCK_NAME).open("w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return workdir, lock
+
+
+def remove_scratch(workdir: Path, lock: TextIO) -> None:
+    shutil.rmtree(workdir, ignore_errors=True)
+    lock.close()
+
+
+def clean_stale_scratch(parent: Path) -> list[str]:
+    """Remove vmkeep-hc-* scratch directories under `parent` that no running check holds."""
+    notes = []
+    for path in sorted(parent.glob(f"{PREFIX}*")):
+        if not path.is_dir() or path.is_symlink():
+            continue
+        try:
+            fd = os.open(path / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:  # a check between mkdtemp and its lock, or a killed one:
+            if time.time() - path.stat().st_mtime < 60:  # only old ones are taken as stale
+                continue
+        except OSError:
+            continue
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: a check in progress
+                continue
+            finally:
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path)
+            notes.append(f"removed {path}, left by a health check that was killed")
+    return notes
