@@ -276,7 +276,8 @@ class VmPlan:
     disk_bytes: int
     allocated_bytes: int
     data_bytes: int  # chunk-rounded allocated data: a full read
-    stored_bytes: int  # steady state, compressed
+    stored_bytes: int  # steady state, compressed: changes spread at random
+    stored_bytes_low: int  # the same blocks rewritten every run: one run's change per point
     read_per_run: int
     transfer_per_run: int  # new data, compressed
     first_transfer: int  # the first run: every data chunk, compressed
@@ -324,6 +325,7 @@ class JobPlan:
                     "compression": round(r.compression, 6),
                     "compression_source": r.compression_source,
                     "stored_bytes": stored,
+                    "stored_bytes_low": r.total("stored_bytes_low"),
                     "peak_bytes": stored + per_run,
                     "read_per_run": r.total("read_per_run"),
                     "transfer_per_run": per_run,
@@ -353,12 +355,18 @@ class JobPlan:
         }
 
 
-def stored_bytes(data: int, shape: RetentionShape, change: float, compression: float) -> int:
+def stored_bytes(
+    data: int, shape: RetentionShape, change: float, compression: float, spread: bool = True
+) -> int:
     """The oldest kept point's data, plus for each later kept point the chunks changed since
-    the kept point before it: with a fraction `change` of the data rewritten at random each
-    run, g runs leave 1 - (1 - change)^g of it new (g * change while that is small)."""
+    the kept point before it. `spread`: each run rewrites a fraction `change` of the data at
+    random, so g runs leave 1 - (1 - change)^g of it new (g * change while that is small);
+    else every run rewrites the same hot blocks, and any gap costs one run's change."""
     change = min(max(change, 0.0), 1.0)
-    plain = data + sum(data * (1.0 - (1.0 - change) ** gap) for gap in shape.gaps)
+    if spread:
+        plain = data + sum(data * (1.0 - (1.0 - change) ** gap) for gap in shape.gaps)
+    else:
+        plain = data + len(shape.gaps) * data * change
     return round(plain * compression)
 
 
@@ -412,6 +420,7 @@ def plan_remote(
                 allocated_bytes=vm.allocated_bytes,
                 data_bytes=data,
                 stored_bytes=stored_bytes(data, shape, change, ratio),
+                stored_bytes_low=stored_bytes(data, shape, change, ratio, spread=False),
                 read_per_run=read_per_run(data, job, change, libvirt),
                 transfer_per_run=round(data * min(change, 1.0) * ratio),
                 first_transfer=round(data * ratio),

@@ -16,6 +16,7 @@ from vmkeep.parallel import reuse_chunk_buffers
 from . import (
     data_commands,
     mirror_commands,
+    plan_commands,
     remote_commands,
     replicate_commands,
     repo_commands,
@@ -77,6 +78,7 @@ repo_commands.register(app)
 data_commands.register(app)
 replicate_commands.register(app)
 mirror_commands.register(app)
+plan_commands.register(app)
 app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
 app.add_typer(schedule_commands.schedule_app, name="schedule")
