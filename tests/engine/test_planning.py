@@ -3,7 +3,7 @@ and the estimate against what a simulated month of real backups and prunes store
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -174,10 +174,10 @@ def test_estimate_matches_a_simulated_month(tmp_path: Path) -> None:
     vms = tmp_path / "vms"
     vms.mkdir()
     dirs = [create_demo_vm(vms, f"vm{i}", 32 * MIB) for i in range(3)]
-    job = backup_job(vms, schedules=[{"name": "daily", "cron": "0 2 * * *", "keep": 5}])
-    schedule = make_schedule({"name": "daily", "cron": "0 2 * * *", "keep": 5})
+    job = backup_job(vms, schedules=[{"name": "daily", "cron": "0 2 * * *", "keep": 3}])
+    schedule = make_schedule({"name": "daily", "cron": "0 2 * * *", "keep": 3})
     fires = next_runs(schedule, NOW, 30)
-    policy = CombinedPolicy(keep_last={"daily": 5}, keep_weekly=2)
+    policy = CombinedPolicy(keep_last={"daily": 3}, keep_weekly=2)
     repo = Repository.init(LocalRemote(tmp_path / "repo"), "none", lambda: b"", 64 << 10)
     points: list[PointRef] = []
     ratios, new, written = [], 0, 0
