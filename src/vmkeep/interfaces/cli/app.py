@@ -17,6 +17,7 @@ from . import (
     data_commands,
     healthcheck_commands,
     mirror_commands,
+    plan_commands,
     remote_commands,
     replicate_commands,
     repo_commands,
@@ -79,6 +80,7 @@ data_commands.register(app)
 replicate_commands.register(app)
 mirror_commands.register(app)
 healthcheck_commands.register(app)
+plan_commands.register(app)
 app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
 app.add_typer(schedule_commands.schedule_app, name="schedule")
