@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any, Protocol
 
-from vmkeep.errors import UsageError, VmkeepError
+from vmkeep.errors import ServerError, UsageError, VmkeepError
 
 from .schedules import Schedule, due, make_schedule, missed_runs, overlap_decision
 from .serverlock import ServerLock
@@ -79,15 +79,24 @@ def stamp(moment: datetime) -> str:
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
 
 
+RUNNER_MISSING = "the job runner (vmkeep.engine.runs) is not part of this installation"
+
+
 def default_run() -> RunJob:
-    from .runs.runner import run_job  # type: ignore[import-not-found,unused-ignore]
+    try:
+        from .runs.runner import run_job  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise ServerError(RUNNER_MISSING) from None
 
     runner: RunJob = run_job
     return runner
 
 
 def default_context() -> ServerContext:
-    from .runs.context import EngineContext  # type: ignore[import-not-found,unused-ignore]
+    try:
+        from .runs.context import EngineContext  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise ServerError(RUNNER_MISSING) from None
 
     ctx: ServerContext = EngineContext.open()
     return ctx

@@ -20,6 +20,7 @@ from . import (
     replicate_commands,
     repo_commands,
     schedule_commands,
+    server_commands,
     vm_commands,
 )
 from .context import set_passphrase_file
@@ -77,6 +78,7 @@ repo_commands.register(app)
 data_commands.register(app)
 replicate_commands.register(app)
 mirror_commands.register(app)
+server_commands.register(app)
 app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
 app.add_typer(schedule_commands.schedule_app, name="schedule")
