@@ -152,16 +152,10 @@ def test_sigkill_mid_run_then_restart_recovers(
         points = cli("list", "--remote", str(repo), "--json").json()["restore_points"]
         assert {p["vm"] for p in points} == set(hashes), name
         for point in points:
-            out = tmp_path / "restored" / name / str(point["restore_point"])
-            restored = cli(
-                "restore",
-                str(point["restore_point"]),
-                "--remote",
-                str(repo),
-                "--to",
-                str(out),
-                "--json",
-            ).json()
+            point_id = str(point["restore_point"])
+            out = tmp_path / "restored" / name / point_id
+            args = ("restore", point_id, "--remote", str(repo), "--to", str(out), "--json")
+            restored = cli(*args).json()
             assert disk_hashes(Path(restored["location"])) == hashes[str(point["vm"])]
 
 
