@@ -369,3 +369,21 @@ def test_bad_tick_and_clock_rate_are_one_line_errors(ctx: Ctx) -> None:
         serve(lambda: ctx, tick=0, stop=threading.Event(), run=FakeRun())
     with pytest.raises(UsageError, match="clock rate"):
         scaled_clock(0)
+
+
+def test_a_stored_schedule_that_no_longer_validates_is_logged_once_and_ignored(
+    ctx: Ctx, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_job(ctx, cron="0 0 30 2 *")  # the store only checks it is not empty
+    add_job(ctx, job="good", name="other", cron="* * * * *")
+    fired_at(ctx, B, "other")
+    run, clock = FakeRun(), FakeClock(datetime(2026, 5, 2, 15, 59, 59, tzinfo=UTC))
+    server = Server(ctx, run, clock)
+    with caplog.at_level("INFO", logger="vmkeep.server"):
+        server.start_up()
+        for second in (0, 1):
+            clock.now = datetime(2026, 5, 2, 16, 0, second, tzinfo=UTC)
+            server.step()
+            settle(server)
+    assert caplog.text.count("schedule hourly: cron: '0 0 30 2 *' never fires") == 1
+    assert run.calls == [("good", "schedule", "other")]
