@@ -103,3 +103,7 @@ class ReportError(UsageError):
 class DeliveryError(VmkeepError):
     """A report could not be sent (SMTP or webhook refused, unreachable, timed out). Never
     fails a run: the report engine logs it and queues the report for a retry."""
+
+
+class ServerError(VmkeepError):
+    """`vmkeep server` cannot run: another server already runs on the same data directory."""

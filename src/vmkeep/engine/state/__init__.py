@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .datadir import data_dir, database_url, ensure_data_dir
 from .db import StateDB
+from .fires import FireStore
 from .jobs import JobRecord, JobSpec, JobStore, ScheduleRecord, ScheduleSpec
 from .ledger import Ledger, LogView, RunView, TaskView
 from .models import FINISHED, STATES, UNFINISHED
@@ -16,6 +17,7 @@ __all__ = [
     "STATES",
     "UNFINISHED",
     "DbRemoteRegistry",
+    "FireStore",
     "JobRecord",
     "JobSpec",
     "JobStore",

@@ -169,3 +169,15 @@ class RunLog(Base):
     time: Mapped[datetime] = mapped_column(default=utcnow)
     level: Mapped[str] = mapped_column(String(16))
     message: Mapped[str] = mapped_column(Text)
+
+
+class ScheduleFire(Base):
+    """The last slot each schedule fired for (or a missed-run decision settled), so that a
+    restarted server knows which slots it missed and never fires one twice."""
+
+    __tablename__ = "schedule_fires"
+    schedule: Mapped[str] = mapped_column(
+        String(200), ForeignKey("schedules.name", ondelete="CASCADE"), primary_key=True
+    )
+    last_fire: Mapped[datetime] = mapped_column()
+    updated: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

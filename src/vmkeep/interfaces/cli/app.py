@@ -22,6 +22,7 @@ from . import (
     replicate_commands,
     repo_commands,
     schedule_commands,
+    server_commands,
     vm_commands,
 )
 from .context import set_passphrase_file
@@ -81,6 +82,7 @@ replicate_commands.register(app)
 mirror_commands.register(app)
 healthcheck_commands.register(app)
 plan_commands.register(app)
+server_commands.register(app)
 app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
 app.add_typer(schedule_commands.schedule_app, name="schedule")
