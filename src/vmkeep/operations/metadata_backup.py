@@ -21,7 +21,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vmkeep import __version__
-from vmkeep.errors import IntegrityError, NotFoundError, UsageError, WrongPassphraseError
+from vmkeep.errors import (
+    IntegrityError,
+    NotFoundError,
+    ObjectLockedError,
+    UsageError,
+    WrongPassphraseError,
+)
 from vmkeep.repository.crypto import (
     DEFAULT_MEMORY_KIB,
     DEFAULT_PARALLELISM,
@@ -253,10 +259,14 @@ def prune_metadata(repo: Repository, policy: RetentionPolicy) -> tuple[list[str]
         if when is not None:
             refs.append(PointRef(point_id, "metadata", "", when))
     decisions = prune_plan(refs, policy)
-    deleted = sorted(d.point.id for d in decisions if not d.keep)
-    for point_id in deleted:
-        delete_metadata(repo, point_id)
-    return deleted, sorted(d.point.id for d in decisions if d.keep)
+    deleted, kept = [], sorted(d.point.id for d in decisions if d.keep)
+    for point_id in sorted(d.point.id for d in decisions if not d.keep):
+        try:
+            delete_metadata(repo, point_id)
+            deleted.append(point_id)
+        except ObjectLockedError:  # an immutable remote: it stays until its lock ends
+            kept.append(point_id)
+    return deleted, sorted(kept)
 
 
 def read_metadata(repo: Repository, point_id: str) -> MetadataDocument:
