@@ -32,7 +32,7 @@ TEMP_PREFIX = ".tmp-"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_LAYOUT_DIRS = ("chunks", "manifests", "locks", "retention")
+_LAYOUT_DIRS = ("chunks", "manifests", "locks", "retention", "metadata")
 _FANOUT = re.compile(r"[0-9a-f]{2}")
 
 

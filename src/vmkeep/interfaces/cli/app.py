@@ -14,6 +14,7 @@ from vmkeep.errors import VmkeepError
 from vmkeep.parallel import reuse_chunk_buffers
 
 from . import (
+    config_commands,
     data_commands,
     healthcheck_commands,
     mirror_commands,
@@ -86,6 +87,7 @@ server_commands.register(app)
 app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
 app.add_typer(schedule_commands.schedule_app, name="schedule")
+app.add_typer(config_commands.config_app, name="config")
 
 
 def _json_requested(argv: list[str]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,10 +15,29 @@ from vmkeep.repository.repository import Repository
 from .output import PassphraseSource
 
 
+def default_registry() -> RemoteRegistry:
+    """The state database's registry once vmkeep has a state database (its first open
+    imports remotes.json and renames it), the JSON file until then. Opened on first use, so
+    that a database error is a one-line error of the command, not of the import."""
+    from vmkeep.engine.state.datadir import DATABASE_FILE, DATABASE_URL_ENV, data_dir
+
+    if os.environ.get(DATABASE_URL_ENV) or (data_dir() / DATABASE_FILE).exists():
+        from vmkeep.engine.state import DbRemoteRegistry, StateDB
+
+        return DbRemoteRegistry(StateDB.open())
+    return RemoteRegistry()
+
+
 @dataclass
 class CliState:
     passphrase: PassphraseSource = field(default_factory=lambda: PassphraseSource(None))
-    registry: RemoteRegistry = field(default_factory=RemoteRegistry)
+    chosen_registry: RemoteRegistry | None = None
+
+    @property
+    def registry(self) -> RemoteRegistry:
+        if self.chosen_registry is None:
+            self.chosen_registry = default_registry()
+        return self.chosen_registry
 
     def open_repository(self, remote_ref: str | None) -> Repository:
         """A named remote's repository is checked against what was recorded when it was added
