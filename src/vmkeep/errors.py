@@ -103,3 +103,10 @@ class ReportError(UsageError):
 class DeliveryError(VmkeepError):
     """A report could not be sent (SMTP or webhook refused, unreachable, timed out). Never
     fails a run: the report engine logs it and queues the report for a retry."""
+
+
+class TaskCancelled(VmkeepError):
+    """A job run's task stopped because the run was cancelled or its VM timed out; the
+    operation aborted through its own path, so no partial restore point was written."""
+
+    exit_code = 130
