@@ -15,10 +15,12 @@ from vmkeep.parallel import reuse_chunk_buffers
 
 from . import (
     data_commands,
+    job_commands,
     mirror_commands,
     remote_commands,
     replicate_commands,
     repo_commands,
+    run_commands,
     schedule_commands,
     vm_commands,
 )
@@ -80,6 +82,8 @@ mirror_commands.register(app)
 app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
 app.add_typer(schedule_commands.schedule_app, name="schedule")
+app.add_typer(job_commands.job_app, name="job")
+app.add_typer(run_commands.run_app, name="run")
 
 
 def _json_requested(argv: list[str]) -> bool:

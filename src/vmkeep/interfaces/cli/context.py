@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmkeep.connectors.base import Connector
 from vmkeep.engine.remote_registry import RemoteRegistry
@@ -13,15 +13,44 @@ from vmkeep.repository.repository import Repository
 
 from .output import PassphraseSource
 
+if TYPE_CHECKING:
+    from vmkeep.engine.state import StateDB
 
-@dataclass
+
 class CliState:
-    passphrase: PassphraseSource = field(default_factory=lambda: PassphraseSource(None))
-    registry: RemoteRegistry = field(default_factory=RemoteRegistry)
+    """The passphrase source and the named remotes. The remotes live in the state database
+    (docs/STATE.md), opened only when a command needs them: `vmkeep list --remote /path`
+    never imports SQLAlchemy or touches the database."""
+
+    def __init__(
+        self, passphrase: PassphraseSource | None = None, registry: RemoteRegistry | None = None
+    ) -> None:
+        self.passphrase = passphrase or PassphraseSource(None)
+        self._registry = registry
+        self._db: StateDB | None = None
+
+    @property
+    def db(self) -> StateDB:
+        """The state database (VMKEEP_DATA_DIR), opened at the first command that needs it."""
+        if self._db is None:
+            from vmkeep.engine.state import StateDB
+
+            self._db = StateDB.open()
+        return self._db
+
+    @property
+    def registry(self) -> RemoteRegistry:
+        if self._registry is None:
+            from vmkeep.engine.state import DbRemoteRegistry
+
+            self._registry = DbRemoteRegistry(self.db)
+        return self._registry
 
     def open_repository(self, remote_ref: str | None) -> Repository:
         """A named remote's repository is checked against what was recorded when it was added
         (encryption, chunk size, id, MAC), and recorded at its first open if it was not."""
+        if remote_ref is not None and is_location(remote_ref):
+            return Repository.open(open_remote(remote_ref), self.passphrase)
         entry = self.registry.entry(remote_ref)
         location = entry.location if entry else self.registry.resolve(remote_ref)
         known = entry.repository.known() if entry and entry.repository else None
@@ -29,6 +58,11 @@ class CliState:
         if entry is not None:
             self.registry.remember(entry.name, repo.known)
         return repo
+
+
+def is_location(ref: str) -> bool:
+    """A path or URL, not a remote name (names have no '/': RemoteRegistry.resolve)."""
+    return "/" in ref or "://" in ref or ref.startswith(".")
 
 
 state = CliState()
