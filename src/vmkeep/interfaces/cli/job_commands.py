@@ -11,7 +11,7 @@ import typer
 
 from vmkeep.errors import UsageError
 
-from .output import console, print_json, stdout, table
+from .output import console, print_error, print_json, stdout, table
 from .repo_commands import JsonOpt
 
 if TYPE_CHECKING:
@@ -166,4 +166,5 @@ def run_cmd(
 
         print_run(run)
     if run.state not in ("success", "skipped"):
+        print_error(f"run {run.id} of job {run.job} ended {run.state}: `vmkeep run show {run.id}`")
         raise typer.Exit(1)
