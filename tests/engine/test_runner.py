@@ -266,3 +266,18 @@ def test_recover_marks_dead_runs_interrupted(ctx: EngineContext) -> None:
         session.execute(update(Run).where(Run.id == run_id).values(pid=2**22 + 1))
     assert recover(ctx) == [run_id]
     assert ctx.ledger.get_run(run_id).state == "interrupted"
+
+
+def test_schema_head_constant_matches_the_migrations(tmp_path: Path) -> None:
+    """StateDB skips alembic when the database is at SCHEMA_HEAD: it must be the real head."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from vmkeep.engine.state.db import MIGRATIONS, SCHEMA_HEAD, StateDB
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    assert ScriptDirectory.from_config(config).get_current_head() == SCHEMA_HEAD
+    db = StateDB.open(tmp_path / "fresh")
+    assert db.at_head()
+    db.close()

@@ -80,9 +80,8 @@ class StateDB:
         with self.guard(), self.engine.connect() as conn:
             if not inspect(conn).has_table("alembic_version"):
                 return False
-            return conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [
-                SCHEMA_HEAD
-            ]
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars()
+            return list(versions) == [SCHEMA_HEAD]
 
     def migrate(self) -> None:
         """Upgrade to head, in one transaction (SQLite and PostgreSQL have transactional DDL).
