@@ -29,9 +29,7 @@ def setup(cli: Cli, tmp_path: Path) -> None:
         cli("remote", "add", name, str(tmp_path / name), "--chunk-size", "256K")
 
 
-def test_job_apply_run_show_restore(
-    cli: Cli, make_vm: Callable[..., Path], tmp_path: Path
-) -> None:
+def test_job_apply_run_show_restore(cli: Cli, make_vm: Callable[..., Path], tmp_path: Path) -> None:
     web01, web02 = make_vm("web01", 32 << 20), make_vm("web02", 32 << 20)
     make_vm("db01", 32 << 20)  # not selected by "web*"
     setup(cli, tmp_path)
