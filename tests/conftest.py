@@ -16,6 +16,8 @@ PASSPHRASE = b"correct horse battery staple"
 @pytest.fixture(autouse=True)
 def _isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("VMKEEP_CONFIG_DIR", str(tmp_path / "vmkeep-config"))
+    # vmkeep's state (database, server key) per test: as root the default is /var/lib/vmkeep
+    monkeypatch.setenv("VMKEEP_DATA_DIR", str(tmp_path / "vmkeep-data"))
     monkeypatch.delenv("VMKEEP_PASSPHRASE", raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never probe 169.254.169.254
     yield

@@ -107,3 +107,10 @@ class DeliveryError(VmkeepError):
 
 class ServerError(VmkeepError):
     """`vmkeep server` cannot run: another server already runs on the same data directory."""
+
+
+class TaskCancelled(VmkeepError):
+    """A job run's task stopped because the run was cancelled or its VM timed out; the
+    operation aborted through its own path, so no partial restore point was written."""
+
+    exit_code = 130

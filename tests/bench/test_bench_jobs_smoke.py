@@ -12,8 +12,6 @@ import pytest
 
 JOBS = Path(__file__).resolve().parents[2] / "bench" / "jobs.py"
 
-pytest.importorskip("vmkeep.engine.runs.runner", reason="the job runner (i14-runner) is needed")
-
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:

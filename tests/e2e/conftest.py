@@ -33,6 +33,7 @@ class Cli:
         self.env = dict(
             os.environ,
             VMKEEP_CONFIG_DIR=str(home / "config"),
+            VMKEEP_DATA_DIR=str(home / "data"),
             VMKEEP_PASSPHRASE=PASSPHRASE,
             COLUMNS="200",
         )

@@ -20,8 +20,6 @@ from vmkeep.engine.state import Ledger, RunView, StateDB
 
 from .conftest import VMKEEP, Cli, disk_hashes
 
-pytest.importorskip("vmkeep.engine.runs.runner", reason="the job runner (i14-runner) is needed")
-
 RATE = "20"  # schedule minutes pass 20 times faster: one `* * * * *` fire every 3 s
 VMS = 4
 VM_SIZE = 64 * 1024 * 1024

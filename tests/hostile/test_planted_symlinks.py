@@ -82,7 +82,11 @@ def test_export_refuses_an_output_that_is_a_symlink(
 def test_remote_registry_never_writes_through_its_old_temporary_name(
     cli: Cli, tmp_path: Path
 ) -> None:
-    """The registry wrote `remotes.tmp` with O_CREAT|O_TRUNC, then renamed it."""
+    """Named remotes now live in the state database; the JSON registry's writer remains (the
+    one-time import reads its file). It wrote `remotes.tmp` with O_CREAT|O_TRUNC, then renamed
+    it: neither the CLI (database) nor the JSON writer follows a planted temporary name."""
+    from vmkeep.engine.remote_registry import RemoteRegistry
+
     victim, digest = victim_file(tmp_path)
     config = tmp_path / "config"
     config.mkdir()
@@ -90,8 +94,15 @@ def test_remote_registry_never_writes_through_its_old_temporary_name(
     cli("remote", "add", "main", str(tmp_path / "repo"), timeout=60)
     assert hashlib.sha256(victim.read_bytes()).hexdigest() == digest
     assert (config / "remotes.tmp").is_symlink()  # left alone, not followed
+    assert [e["name"] for e in json.loads(cli("remote", "list", "--json").out)] == ["main"]
+    assert not (config / "remotes.json").exists()  # the database holds it now
+
+    json_registry = RemoteRegistry(config / "remotes.json")
+    json_registry.add("other", str(tmp_path / "repo2"))
+    assert hashlib.sha256(victim.read_bytes()).hexdigest() == digest
+    assert (config / "remotes.tmp").is_symlink()
     entries = json.loads((config / "remotes.json").read_text())["remotes"]
-    assert [e["name"] for e in entries] == ["main"]
+    assert [e["name"] for e in entries] == ["other"]
     assert not (config / "remotes.json").is_symlink()
     assert not [p for p in config.iterdir() if ".tmp-" in p.name]  # no temporary left
 

@@ -204,14 +204,13 @@ class Server:
 
     def recover(self) -> None:
         """Runs left running by a dead server become interrupted and their locks go."""
-        try:
-            from .runs.startup import recover  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            # TODO(i14): runs/startup.recover (lands with the runner) also releases the dead
-            # runs' repository locks; until then only the ledger is put right.
+        from .runs.context import EngineContext
+        from .runs.startup import recover
+
+        if isinstance(self.ctx, EngineContext):  # it also knows the remotes: release locks
+            ids = recover(self.ctx, stale_after=self.stale_after)
+        else:  # a context without remotes (tests of the loop): only the ledger
             ids = self.ctx.ledger.mark_interrupted(self.stale_after)
-        else:
-            ids = list(recover(self.ctx, stale_after=self.stale_after))
         for run_id in ids:
             log.warning("run %d was left unfinished by a server that is gone: interrupted", run_id)
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,6 +20,9 @@ from vmkeep.errors import StateError, VmkeepError
 from .datadir import data_dir, database_url, ensure_data_dir
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# The newest migration's revision: a database already there is opened without importing
+# alembic at all (tests/engine/test_runner_cli_state.py checks it against the scripts).
+SCHEMA_HEAD = "0002"
 BUSY_TIMEOUT_S = 30  # the server and a CLI command may write at the same time
 
 
@@ -72,8 +75,19 @@ class StateDB:
     def is_sqlite(self) -> bool:
         return self.engine.dialect.name == "sqlite"
 
+    def at_head(self) -> bool:
+        """One query: is the schema already SCHEMA_HEAD? (no version table: a new database)"""
+        with self.guard(), self.engine.connect() as conn:
+            if not inspect(conn).has_table("alembic_version"):
+                return False
+            versions = conn.execute(text("SELECT version_num FROM alembic_version")).scalars()
+            return list(versions) == [SCHEMA_HEAD]
+
     def migrate(self) -> None:
-        """Upgrade to head, in one transaction (SQLite and PostgreSQL have transactional DDL)."""
+        """Upgrade to head, in one transaction (SQLite and PostgreSQL have transactional DDL).
+        A database already at head costs one query and no alembic import (CLI start-up)."""
+        if self.at_head():
+            return
         from alembic import command
         from alembic.config import Config
         from alembic.runtime.migration import MigrationContext

@@ -17,11 +17,13 @@ from . import (
     config_commands,
     data_commands,
     healthcheck_commands,
+    job_commands,
     mirror_commands,
     plan_commands,
     remote_commands,
     replicate_commands,
     repo_commands,
+    run_commands,
     schedule_commands,
     server_commands,
     vm_commands,
@@ -88,6 +90,8 @@ app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
 app.add_typer(schedule_commands.schedule_app, name="schedule")
 app.add_typer(config_commands.config_app, name="config")
+app.add_typer(job_commands.job_app, name="job")
+app.add_typer(run_commands.run_app, name="run")
 
 
 def _json_requested(argv: list[str]) -> bool:

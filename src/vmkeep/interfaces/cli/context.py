@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmkeep.connectors.base import Connector
 from vmkeep.engine.remote_registry import RemoteRegistry
@@ -14,34 +13,44 @@ from vmkeep.repository.repository import Repository
 
 from .output import PassphraseSource
 
-
-def default_registry() -> RemoteRegistry:
-    """The state database's registry once vmkeep has a state database (its first open
-    imports remotes.json and renames it), the JSON file until then. Opened on first use, so
-    that a database error is a one-line error of the command, not of the import."""
-    from vmkeep.engine.state.datadir import DATABASE_FILE, DATABASE_URL_ENV, data_dir
-
-    if os.environ.get(DATABASE_URL_ENV) or (data_dir() / DATABASE_FILE).exists():
-        from vmkeep.engine.state import DbRemoteRegistry, StateDB
-
-        return DbRemoteRegistry(StateDB.open())
-    return RemoteRegistry()
+if TYPE_CHECKING:
+    from vmkeep.engine.state import StateDB
 
 
-@dataclass
 class CliState:
-    passphrase: PassphraseSource = field(default_factory=lambda: PassphraseSource(None))
-    chosen_registry: RemoteRegistry | None = None
+    """The passphrase source and the named remotes. The remotes live in the state database
+    (docs/STATE.md), opened only when a command needs them: `vmkeep list --remote /path`
+    never imports SQLAlchemy or touches the database."""
+
+    def __init__(
+        self, passphrase: PassphraseSource | None = None, registry: RemoteRegistry | None = None
+    ) -> None:
+        self.passphrase = passphrase or PassphraseSource(None)
+        self._registry = registry
+        self._db: StateDB | None = None
+
+    @property
+    def db(self) -> StateDB:
+        """The state database (VMKEEP_DATA_DIR), opened at the first command that needs it."""
+        if self._db is None:
+            from vmkeep.engine.state import StateDB
+
+            self._db = StateDB.open()
+        return self._db
 
     @property
     def registry(self) -> RemoteRegistry:
-        if self.chosen_registry is None:
-            self.chosen_registry = default_registry()
-        return self.chosen_registry
+        if self._registry is None:
+            from vmkeep.engine.state import DbRemoteRegistry
+
+            self._registry = DbRemoteRegistry(self.db)
+        return self._registry
 
     def open_repository(self, remote_ref: str | None) -> Repository:
         """A named remote's repository is checked against what was recorded when it was added
         (encryption, chunk size, id, MAC), and recorded at its first open if it was not."""
+        if remote_ref is not None and is_location(remote_ref):
+            return Repository.open(open_remote(remote_ref), self.passphrase)
         entry = self.registry.entry(remote_ref)
         location = entry.location if entry else self.registry.resolve(remote_ref)
         known = entry.repository.known() if entry and entry.repository else None
@@ -49,6 +58,11 @@ class CliState:
         if entry is not None:
             self.registry.remember(entry.name, repo.known)
         return repo
+
+
+def is_location(ref: str) -> bool:
+    """A path or URL, not a remote name (names have no '/': RemoteRegistry.resolve)."""
+    return "/" in ref or "://" in ref or ref.startswith(".")
 
 
 state = CliState()

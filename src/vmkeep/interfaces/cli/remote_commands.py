@@ -39,6 +39,12 @@ def add(
     lock_mode: str = typer.Option(
         "compliance", "--lock-mode", help="compliance (nobody can shorten) or governance."
     ),
+    remember_passphrase: bool = typer.Option(
+        False,
+        "--remember-passphrase",
+        help="Store the passphrase, encrypted with the server key, for job runs "
+        "(docs/RUNS.md); default: jobs use VMKEEP_PASSPHRASE.",
+    ),
 ) -> None:
     """Register a remote; creates its repository if there is none, else checks the passphrase."""
     size = parse_chunk_size(chunk_size)
@@ -57,6 +63,12 @@ def add(
             f"chunk size: {format_chunk_size(size)})"
         )
     state.registry.add(name, location, lock, repo.known)
+    if remember_passphrase and repo.encrypted:
+        from vmkeep.engine.runs.context import passphrase_secret
+        from vmkeep.engine.state import SecretStore
+
+        SecretStore(state.db).put_secret(passphrase_secret(name), state.passphrase())
+        what += "; passphrase remembered for job runs"
     locked = f"; restore points locked {lock.describe()}" if lock else ""
     console.print(f"remote {name}: {remote.url}: {what}{locked}")
     if lock and isinstance(remote, LocalRemote):

@@ -26,6 +26,23 @@ def _schedule(cron: str, timezone: str) -> Schedule:
         raise UsageError("--" + first_error(exc).replace("_", "-")) from None
 
 
+def _needed(cron: str | None) -> str:
+    if cron is None:
+        raise UsageError("give a stored schedule's NAME or --cron EXPRESSION")
+    return cron
+
+
+def _stored(name: str) -> Schedule:
+    """A job's schedule from the state database."""
+    from vmkeep.engine.runs.context import EngineContext
+    from vmkeep.engine.schedules import make_schedule
+
+    with EngineContext.open() as ctx:
+        record = ctx.jobs.get_schedule(name)
+    fields = {"name": record.name, "cron": record.cron, "timezone": record.timezone}
+    return make_schedule(fields, f"schedule {name!r}")
+
+
 def _after(text: str | None, schedule: Schedule) -> datetime:
     """--after as an instant; a time without offset is read in the schedule's zone."""
     if text is None:
@@ -58,8 +75,11 @@ def _row(fire: Fire) -> dict[str, Any]:
 
 @schedule_app.command("next")
 def next_command(
-    cron: str = typer.Option(
-        ..., "--cron", help="5-field cron: minute hour day-of-month month day-of-week."
+    name: str | None = typer.Argument(
+        None, help="A stored schedule (of a job applied with `vmkeep job apply`)."
+    ),
+    cron: str | None = typer.Option(
+        None, "--cron", help="5-field cron: minute hour day-of-month month day-of-week."
     ),
     timezone: str = typer.Option(
         "UTC", "--timezone", help="IANA time zone the expression is read in (Europe/Paris)."
@@ -75,7 +95,7 @@ def next_command(
     once, at its first occurrence (docs/SCHEDULES.md)."""
     if not 1 <= count <= 10_000:
         raise UsageError(f"--count: must be 1 to 10000, not {count}")
-    schedule = _schedule(cron, timezone)
+    schedule = _stored(name) if name is not None else _schedule(_needed(cron), timezone)
     start = _after(after, schedule)
     fires = preview(schedule, start, count)
     if json_out:
