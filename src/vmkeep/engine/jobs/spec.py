@@ -213,6 +213,17 @@ class Report(_Spec):
     webhook: list[Name] = []
 
 
+class HealthCheck(_Spec):
+    """A backup job's health checks: after a VM's backup in a run fired by one of
+    `schedules` (`all`: every run, manual ones too), for the VMs with one of `tags` (none:
+    every VM), the new point is restored and checked (operations/healthcheck.py)."""
+
+    schedules: Annotated[list[Name], AfterValidator(_unique)] | Literal["all"] = "all"
+    tags: list[Tag] = []
+    timeout: Duration = 300
+    pool: StrictStr = ""  # libvirt: the storage pool of the throw-away domain ("" = default)
+
+
 # --- job kinds ----------------------------------------------------------------------------
 
 
@@ -240,6 +251,17 @@ class BackupJob(_Job):
     retries: Retries = Retries()
     max_rate: Rate | None = None
     report: Report = Report()
+    healthcheck: HealthCheck | None = None
+
+    @field_validator("healthcheck")
+    @classmethod
+    def _known_schedules(cls, hc: HealthCheck | None, info: ValidationInfo) -> HealthCheck | None:
+        if hc is not None and hc.schedules != "all":
+            known = {s.name for s in info.data.get("schedules", [])}
+            for name in hc.schedules:
+                if name not in known:
+                    raise ValueError(f"schedules: the job has no schedule {name!r}")
+        return hc
 
 
 class ReplicationTarget(_Spec):

@@ -23,6 +23,7 @@ from vmkeep.repository.repository import Repository
 
 from .abort import Abort, AbortingProgress, TaskTimedOut
 from .context import EngineContext
+from .healthcheck_step import run_healthcheck, wanted
 from .executor import Executor, InProcessExecutor, VmTaskPayload
 from .outcome import combine
 from .steps import RunScope, finish_error
@@ -148,13 +149,13 @@ class BackupRun:
         gate = self.remote_gates[remote] or nullcontext()
         with gate:
             state, stats, warnings, repo = self.backup_with_retries(vm, task, remote, abort)
-        error = None
-        if state == "success" and self.job.prune and repo is not None:
-            prune_state = self.prune(vm, task, remote, repo)
-            if prune_state != "success":
-                warnings.append("retention/prune failed: see its step")
-        elif state != "success":
-            error = "backup did not complete"
+        error = None if state == "success" else "backup did not complete"
+        if state == "success" and repo is not None:
+            state = self.check_health(vm, task, remote, repo, stats, warnings, abort)
+            if self.job.prune and state != "cancelled":
+                prune_state = self.prune(vm, task, remote, repo)
+                if prune_state != "success":
+                    warnings.append("retention/prune failed: see its step")
         scope.ledger.finish_task(task, state, stats, warnings, error)
         return state
 
@@ -207,6 +208,31 @@ class BackupRun:
         connector = make_connector(job)  # a connector per task: sessions never shared
         report = backup_vm(repo, connector, vm.uuid, options, progress, job.connector.type)
         return repo, stats_of(report.to_json()), list(report.notes) + progress.notes
+
+    def check_health(
+        self,
+        vm: VmConfig,
+        task: int,
+        remote: str,
+        repo: Repository,
+        stats: dict[str, Any],
+        warnings: list[str],
+        abort: Abort,
+    ) -> str:
+        """The job's health check of the new point, when it applies: a failed one makes
+        the target partial (the point stays) with a warning."""
+        point = stats.get("restore_point")
+        if not point or not wanted(self.job, self.schedule, vm):
+            return "success"
+        try:
+            warning = run_healthcheck(self.scope, self.job, repo, point, vm, remote, task, abort)
+        except TaskCancelled:
+            warnings.append("health check cancelled")
+            return "cancelled"
+        if warning is None:
+            return "success"
+        warnings.append(warning)
+        return "partial"
 
     # --- after the backups ----------------------------------------------------------------
     def prune(self, vm: VmConfig, parent: int, remote: str, repo: Repository) -> str:

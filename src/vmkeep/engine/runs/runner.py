@@ -14,7 +14,9 @@ from pydantic import ValidationError
 from vmkeep.engine.jobs.spec import (
     BackupJob,
     JobSpec,
+    MetadataJob,
     MirrorJob,
+    ReplicationJob,
     SequenceJob,
     job_from_dict,
 )
@@ -23,6 +25,7 @@ from vmkeep.errors import StateError, VmkeepError
 from .backup_job import BackupRun
 from .context import EngineContext
 from .document import run_document, summary
+from .metadata_job import run_metadata
 from .mirror_job import run_mirror
 from .steps import RunScope
 
@@ -133,11 +136,12 @@ def dispatch(ctx: EngineContext, scope: RunScope, spec: JobSpec, schedule: str |
         return run_mirror(ctx, scope, spec)
     if isinstance(spec, SequenceJob):
         return run_sequence(ctx, scope, spec)
-    task = scope.add("step", spec.kind)
-    scope.ledger.finish_task(
-        task, "failed", error=f"{spec.kind} jobs are not yet supported by the job runner"
-    )
-    return "failed"
+    if isinstance(spec, MetadataJob):
+        return run_metadata(ctx, scope, spec)
+    assert isinstance(spec, ReplicationJob)
+    from .replication_job import ReplicationRun  # libvirt imported only for such a job
+
+    return ReplicationRun(ctx, scope, spec).run()
 
 
 def run_sequence(ctx: EngineContext, scope: RunScope, spec: SequenceJob) -> str:
