@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from vmkeep.connectors.files.demo import create_demo_vm
+from vmkeep.engine.jobs.load import JobSpecError
 from vmkeep.engine.metadata import apply_config
 from vmkeep.engine.runs.apply import apply_job_file
 from vmkeep.engine.runs.context import EngineContext, passphrase_secret
 from vmkeep.engine.runs.runner import run_job
 from vmkeep.engine.state import StateDB, TaskView
-from vmkeep.engine.jobs.load import JobSpecError
 from vmkeep.operations.metadata_backup import list_metadata, read_metadata
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.repository import Repository

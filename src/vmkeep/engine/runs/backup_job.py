@@ -23,8 +23,8 @@ from vmkeep.repository.repository import Repository
 
 from .abort import Abort, AbortingProgress, TaskTimedOut
 from .context import EngineContext
-from .healthcheck_step import run_healthcheck, wanted
 from .executor import Executor, InProcessExecutor, VmTaskPayload
+from .healthcheck_step import run_healthcheck, wanted
 from .outcome import combine
 from .steps import RunScope, finish_error
 

@@ -23,6 +23,7 @@ from . import (
     remote_commands,
     replicate_commands,
     repo_commands,
+    report_target_commands,
     run_commands,
     schedule_commands,
     server_commands,
@@ -92,6 +93,7 @@ app.add_typer(schedule_commands.schedule_app, name="schedule")
 app.add_typer(config_commands.config_app, name="config")
 app.add_typer(job_commands.job_app, name="job")
 app.add_typer(run_commands.run_app, name="run")
+app.add_typer(report_target_commands.report_target_app, name="report-target")
 
 
 def _json_requested(argv: list[str]) -> bool:
