@@ -202,6 +202,7 @@ class BackupRun:
             schedule=self.schedule,
             job=job.name,
             compression_level=job.compression_level,
+            max_rate=job.max_rate,
         )
         progress = AbortingProgress(abort)
         connector = make_connector(job)  # a connector per task: sessions never shared
