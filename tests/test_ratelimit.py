@@ -1,5 +1,6 @@
-"""The token bucket behind `max_rate`: parallel workers together keep to the rate, and a
-closed limiter wakes its sleepers at once (an aborted backup must not sleep out its share)."""
+"""The token bucket behind `max_rate`: parallel workers of several transfers
+sharing it together keep to the rate, and a stopped transfer wakes its sleepers at once (an
+aborted backup must not sleep out its share)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ def test_parallel_workers_together_keep_to_the_rate() -> None:
     limiter = RateLimiter(1_000_000)
 
     def worker() -> None:
+        throttle = limiter.throttle()  # one transfer each, like the VMs of a job's run
         for _ in range(5):
-            limiter.acquire(100_000)
+            throttle.acquire(100_000)
 
     began = time.monotonic()
     threads = [threading.Thread(target=worker) for _ in range(4)]
@@ -45,13 +47,14 @@ def test_idle_time_saves_at_most_a_short_burst() -> None:
     assert limiter.reserve(100_000) == pytest.approx(0.1, abs=0.02)  # no more than that
 
 
-def test_close_wakes_a_sleeping_worker_which_raises() -> None:
-    limiter = RateLimiter(1000)  # 10 kB at 1 kB/s would sleep 10 s
+def test_stop_wakes_only_that_transfers_sleeper_and_refunds_its_share() -> None:
+    limiter = RateLimiter(10_000)  # 20 kB would take 2 s
+    mine, other = limiter.throttle(), limiter.throttle()
     errors: list[BaseException] = []
 
     def worker() -> None:
         try:
-            limiter.acquire(10_000)
+            mine.acquire(20_000)
         except TaskCancelled as exc:
             errors.append(exc)
 
@@ -59,12 +62,16 @@ def test_close_wakes_a_sleeping_worker_which_raises() -> None:
     began = time.monotonic()
     t.start()
     time.sleep(0.1)
-    limiter.close()
+    mine.stop()
     t.join(2)
     assert not t.is_alive() and time.monotonic() - began < 1.0
     assert len(errors) == 1
     with pytest.raises(TaskCancelled):
-        limiter.acquire(1)
+        mine.acquire(1)
+    # The stopped transfer read nothing: its tokens went back, the other one barely waits.
+    began = time.monotonic()
+    other.acquire(1_000)
+    assert time.monotonic() - began < 0.5
 
 
 @pytest.mark.parametrize("rate", [0, -5])

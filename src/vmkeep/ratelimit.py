@@ -31,8 +31,6 @@ class RateLimiter:
         self._tokens = 0.0  # an empty bucket: even a short backup starts paced
         self._stamp = time.monotonic()
         self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self.waited = 0.0  # seconds slept in total, by all workers (for stats and tests)
 
     def reserve(self, amount: int) -> float:
         """Take `amount` tokens now; the seconds the caller must wait before using them."""
@@ -43,19 +41,33 @@ class RateLimiter:
             self._tokens -= amount
             return max(0.0, -self._tokens / self.rate)
 
+    def refund(self, amount: int) -> None:
+        """Give back tokens a stopped worker reserved but never used."""
+        with self._lock:
+            self._tokens = min(self.capacity, self._tokens + amount)
+
+    def throttle(self) -> Throttle:
+        """One transfer's use of this limiter (several transfers may share it)."""
+        return Throttle(self)
+
+
+class Throttle:
+    """One backup's workers on a (possibly shared) limiter. `stop` wakes only this backup's
+    sleepers, so an aborted VM stops at once while the other VMs of a run keep their pace."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+        self._stopped = threading.Event()
+
     def acquire(self, amount: int) -> None:
-        """Block until `amount` bytes may be read; raises TaskCancelled once closed, so the
-        workers of an aborted backup stop at once instead of sleeping out their share."""
-        if self._closed.is_set():
+        """Block until `amount` bytes may be read; raises TaskCancelled once stopped."""
+        if self._stopped.is_set():
             raise TaskCancelled("the transfer was stopped")
-        delay = self.reserve(amount)
-        if delay > 0:
-            self._closed.wait(delay)
-            with self._lock:
-                self.waited += delay
-        if self._closed.is_set():
+        delay = self.limiter.reserve(amount)
+        if delay > 0 and self._stopped.wait(delay):
+            self.limiter.refund(amount)  # nothing was read: the others may use the share
             raise TaskCancelled("the transfer was stopped")
 
-    def close(self) -> None:
-        """Wake every waiting worker (they raise): the backup is unwinding."""
-        self._closed.set()
+    def stop(self) -> None:
+        """Wake this transfer's waiting workers (they raise): the backup is unwinding."""
+        self._stopped.set()
