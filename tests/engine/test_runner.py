@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -281,3 +282,20 @@ def test_schema_head_constant_matches_the_migrations(tmp_path: Path) -> None:
     db = StateDB.open(tmp_path / "fresh")
     assert db.at_head()
     db.close()
+
+
+def test_max_rate_paces_the_whole_run(ctx: EngineContext, vms: Path) -> None:
+    # Timing is the feature here: max_rate is one bucket for the run, so VMs backed up
+    # at once to one remote still read no more than the rate between them.
+    rate = 4 * 1024 * 1024
+    apply(ctx, backup_job(vms, "max_rate: 4MiB/s", remotes="[nas]"))
+    began = time.monotonic()
+    run = ctx.ledger.get_run(run_job(ctx, "nightly"))
+    elapsed = time.monotonic() - began
+    assert run.state == "success", run.to_json()
+    steps = [t for t in tasks(run.tasks, "step") if "bytes_read" in t.stats]
+    assert len(steps) == 3
+    total = sum(int(t.stats["bytes_read"]) for t in steps)
+    assert 0.9 * total / rate <= elapsed <= total / rate + 5, (elapsed, total)
+    for step in steps:  # each step's own seconds cannot beat the rate either
+        assert step.stats["seconds"] >= 0.9 * step.stats["bytes_read"] / rate, step.stats

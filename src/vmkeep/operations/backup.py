@@ -29,6 +29,7 @@ from vmkeep.errors import (
 )
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import Progress
+from vmkeep.ratelimit import RateLimiter, Throttle
 from vmkeep.repository.format import ZERO_ID, chunk_length, is_zero
 from vmkeep.repository.gc_epoch import GcMark, confirm_no_sweep, read_gc_mark
 from vmkeep.repository.index_runs import (
@@ -58,6 +59,8 @@ class BackupOptions:
     tags: list[str] = field(default_factory=list)
     compression_level: int = 1  # as PBS: level 3 took 1.8x the CPU for 10% less output
     workers: int | None = None  # threads of the data path; None: io_threads(remote)
+    max_rate: int | None = None  # bytes/s read from the VM's disks (docs/RUNS.md §3); None: no cap
+    limiter: RateLimiter | None = None  # shared by several backups (a job's run); beats max_rate
 
 
 @dataclass
@@ -164,12 +167,14 @@ def backup_disk(
     flags: list[Range],
     chunk_size: int,
     base: DiskIndex | None = None,
+    throttle: Throttle | None = None,
 ) -> tuple[list[Run], BackupStats]:
     """Store one disk. With a `base` (the previous index, which the reader's dirty extents
     are relative to) only dirty chunks are read; the others keep their previous IDs.
     `flags` are the reader's chunks_with_data, computed once per backup. Chunks complete in
     any order (each lands at its index), so one slow upload does not hold the others back.
-    `chunk_size` is the repository's (and the base's: the repository refuses any other)."""
+    `chunk_size` is the repository's (and the base's: the repository refuses any other).
+    A `throttle` paces the reads: a worker takes its chunk's tokens before reading it."""
     size = reader.size
     if base is None:
         to_read = flags
@@ -186,6 +191,8 @@ def backup_disk(
     def work(index: int) -> tuple[int, bytes, BackupStats]:
         offset = index * chunk_size
         want = chunk_length(index, size, chunk_size)
+        if throttle is not None:
+            throttle.acquire(want)
         data = reader.read(offset, want)
         if len(data) != want:
             raise ConnectorError(f"{label}: short read at offset {offset} ({len(data)} of {want})")
@@ -193,10 +200,15 @@ def backup_disk(
         return index, chunk_id, stats
 
     total = BackupStats()
-    for index, chunk_id, stats in unordered_map(work, indexes(to_read), threads):
-        ids.set(index, chunk_id)
-        total.add(stats)
-        progress.advance(stats.bytes_read)
+    try:
+        for index, chunk_id, stats in unordered_map(work, indexes(to_read), threads):
+            ids.set(index, chunk_id)
+            total.add(stats)
+            progress.advance(stats.bytes_read)
+    except BaseException:
+        if throttle is not None:
+            throttle.stop()  # workers sleeping for tokens wake now, not after their share
+        raise
     progress.finish()
     return ids.runs(), total
 
@@ -306,6 +318,8 @@ def store_disks(
     known = {chunk_id for chunk_id, _ in repo.list_chunks()}
     uploader = ChunkUploader(repo, known, options.compression_level)
     threads = options.workers or io_threads(repo.remote.url)
+    limiter = options.limiter or (RateLimiter(options.max_rate) if options.max_rate else None)
+    throttle = limiter.throttle() if limiter else None
     stats = BackupStats()
     indexes: list[DiskIndex] = []
     notes: list[str] = []
@@ -317,7 +331,7 @@ def store_disks(
         label = f"{vm.name}/{disk.name}"
         flags = data_flags[disk.name]
         ids, disk_stats = backup_disk(
-            reader, uploader, label, progress, threads, flags, repo.chunk_size, base
+            reader, uploader, label, progress, threads, flags, repo.chunk_size, base, throttle
         )
         if base is not None and disk_stats.bytes_read == 0 and previous is not None:
             note = f"disk {disk.name} unchanged since {previous.id}: nothing read"
@@ -350,6 +364,8 @@ def backup_vm(
         raise UsageError(f"unknown mode {options.mode!r}: choose full or delta")
     if not 0 <= options.compression_level <= 22:
         raise UsageError("compression level must be between 0 (off) and 22")
+    if options.max_rate is not None and options.max_rate < 1:
+        raise UsageError(f"max rate must be a positive number of bytes/s, got {options.max_rate}")
     vm = connector.get_vm(vm_ref)
     check_metadata(vm)
     began = time.monotonic()

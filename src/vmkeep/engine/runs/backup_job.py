@@ -19,6 +19,7 @@ from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.prune import apply_prune
 from vmkeep.operations.retention import CombinedPolicy, PointRef, combined_plan
 from vmkeep.progress import SilentProgress
+from vmkeep.ratelimit import RateLimiter
 from vmkeep.repository.repository import Repository
 
 from .abort import Abort, AbortingProgress, TaskTimedOut
@@ -98,6 +99,9 @@ class BackupRun:
         self.job = job
         self.schedule = schedule or ""
         self.cap = job.concurrency.per_remote
+        # One bucket for the whole run: max_rate caps what the job reads from its source,
+        # however many VMs and remotes are in flight (docs/RUNS.md §3).
+        self.limiter = RateLimiter(job.max_rate) if job.max_rate else None
         self.remote_gates = {
             r: threading.BoundedSemaphore(self.cap) if self.cap else None for r in job.remotes
         }
@@ -203,6 +207,7 @@ class BackupRun:
             schedule=self.schedule,
             job=job.name,
             compression_level=job.compression_level,
+            limiter=self.limiter,
         )
         progress = AbortingProgress(abort)
         connector = make_connector(job)  # a connector per task: sessions never shared

@@ -78,12 +78,20 @@ def backup(
     nbd_port: int = NbdPortOpt,
     nbd_tls: bool = NbdTlsOpt,
     nbd_tls_certs: str = NbdTlsCertsOpt,
+    max_rate: str | None = typer.Option(
+        None,
+        "--max-rate",
+        help="Read the VM's disks at most this fast: 50MiB/s, 10MB/s or bytes per second.",
+    ),
     json_out: bool = JsonOpt,
 ) -> None:
     """Back up a VM into a repository."""
+    rate = parse_max_rate(max_rate)
     repo = state.open_repository(remote)
     apply_lock_policy(repo.remote, state.registry.lock_policy(remote, lock_days))
-    options = BackupOptions(mode=mode, schedule=schedule, compression_level=compression_level)
+    options = BackupOptions(
+        mode=mode, schedule=schedule, compression_level=compression_level, max_rate=rate
+    )
     source = connector_for(connector, uri)
     if keep_checkpoints != 1:
         keep_checkpoints_on(source, keep_checkpoints)
@@ -103,6 +111,18 @@ def backup(
         f"dedup {j['dedup_ratio'] or '-'}x, compression {j['compression_ratio'] or '-'}x",
         highlight=False,
     )
+
+
+def parse_max_rate(text: str | None) -> int | None:
+    """--max-rate as bytes/s, read like a job file's `max_rate` (one parser for both)."""
+    if text is None:
+        return None
+    from vmkeep.engine.jobs.units import parse_rate
+
+    try:
+        return parse_rate(text)
+    except ValueError as exc:
+        raise UsageError(f"--max-rate: {exc}") from None
 
 
 def keep_checkpoints_on(source: object, keep: int) -> None:
