@@ -62,6 +62,12 @@ class RunJob(Protocol):
     ) -> int: ...
 
 
+class RunQueued(Protocol):
+    """runs.runner.run_queued: runs a run created earlier as queued, returns its id."""
+
+    def __call__(self, ctx: Any, run_id: int, *, cancel: threading.Event | None = None) -> int: ...
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -139,6 +145,7 @@ class Server:
     parsed: dict[tuple[Any, ...], Schedule] = field(default_factory=dict)
     invalid: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    run_queued: RunQueued | None = None
 
     def __post_init__(self) -> None:
         self.fires = FireStore(self.ctx.db)
@@ -216,8 +223,10 @@ class Server:
 
     # --- the loop -----------------------------------------------------------------------
     def step(self) -> None:
-        """One tick: reap finished runs, start queued ones, fire what is due."""
+        """One tick: reap finished runs, start queued ones (and runs handed over by
+        `vmkeep job run`), fire what is due."""
         self.reap()
+        self.start_handed_over()
         now = self.clock()
         for schedule, fire in due(self.schedules(), self.last, now):
             late = now - fire > timedelta(minutes=1)
@@ -294,6 +303,54 @@ class Server:
                 log.info("job %s: starting the run queued by schedule %s", job, pending.schedule)
                 self.launch(job, pending)
 
+    # --- runs handed over by `vmkeep job run` ------------------------------------------
+    def start_handed_over(self) -> None:
+        """Start the queued manual runs the CLI created for this server (docs/SERVER.md),
+        oldest first, one run per job: a job already running keeps its run queued in the
+        ledger until a later tick."""
+        for run in self.ctx.ledger.handed_over(os.getpid()):
+            if run.job in self.active:
+                continue
+            log.info("job %s: starting run %d (handed over by `vmkeep job run`)", run.job, run.id)
+            active = Active(run.job, run.schedule or "-", self.clock(), threading.Event())
+            active.run_id = run.id
+            active.thread = threading.Thread(
+                target=self.work_queued, args=(active,), name=f"run-{run.job}", daemon=True
+            )
+            self.active[run.job] = active
+            active.thread.start()
+
+    def work_queued(self, active: Active) -> None:
+        """A worker thread for a handed-over run; like `work`, never kills the server."""
+        assert active.run_id is not None
+        try:
+            if self.run_queued is None:
+                from .runs.runner import run_queued  # type: ignore[import-not-found,unused-ignore]
+
+                self.run_queued = run_queued
+            assert self.run_queued is not None
+            self.run_queued(self.ctx, active.run_id, cancel=active.cancel)
+            state = self.ctx.ledger.get_run(active.run_id).state
+        except Exception as exc:  # a bug in a run must not take the server down
+            name = type(exc).__name__
+            log.error(
+                "job %s run %d failed unexpectedly: %s: %s", active.job, active.run_id, name, exc
+            )
+            return
+        log.info("job %s run %d ended: %s", active.job, active.run_id, state)
+
+    def drop_handed_over(self) -> None:
+        """At stop: handed-over runs not started end `cancelled`, with the reason (not
+        left queued for a server that is gone)."""
+        reason = "the server stopped before it started the run"
+        started = {a.run_id for a in self.active.values()}
+        for run in self.ctx.ledger.handed_over(os.getpid()):
+            if run.id in started:
+                continue
+            self.ctx.ledger.log(run.id, None, "warning", reason)
+            self.ctx.ledger.finish_run(run.id, "cancelled", {"reason": reason})
+            log.info("job %s run %d: %s: cancelled", run.job, run.id, reason)
+
     # --- stop ---------------------------------------------------------------------------
     def shut_down(self) -> None:
         """Cancel running runs (their cancel events: the operations' own abort paths), wait
@@ -302,6 +359,7 @@ class Server:
         if dropped:
             log.info("stopping: %d queued run(s) dropped", dropped)
         self.queued.clear()
+        self.drop_handed_over()
         if self.active:
             log.info("stopping: cancelling %d running run(s)", len(self.active))
         for active in self.active.values():

@@ -12,7 +12,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, quote, urlencode, urlparse
@@ -390,9 +390,15 @@ class AzureRemote:
         self._client.close()
 
 
-def open_azure(url: str) -> AzureRemote:
+def open_azure(url: str, credentials: Mapping[str, str] | None = None) -> AzureRemote:
     """Parse ``azure://CONTAINER[/PREFIX]?account=NAME&endpoint=URL`` and read the credentials
-    from the environment (connection string, then account key, then SAS token)."""
+    from `credentials` (stored ones), else the environment (connection string, then account
+    key, then SAS token)."""
+    creds = credentials or {}
+
+    def setting(name: str) -> str | None:
+        return creds.get(name) or os.environ.get(name) or None
+
     parsed = urlparse(url)
     if parsed.scheme != "azure" or not parsed.netloc:
         raise UsageError(
@@ -414,7 +420,7 @@ def open_azure(url: str) -> AzureRemote:
         parsed.path,
         account=query.get("account") or None,
         endpoint=endpoint,
-        connection_string=os.environ.get(ENV_CONNECTION_STRING) or None,
-        account_key=os.environ.get(ENV_KEY) or None,
-        sas_token=os.environ.get(ENV_SAS) or None,
+        connection_string=setting(ENV_CONNECTION_STRING),
+        account_key=setting(ENV_KEY),
+        sas_token=setting(ENV_SAS),
     )

@@ -12,7 +12,7 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import closing
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -457,10 +457,11 @@ class S3Remote:
                 return removed
 
 
-def open_s3(url: str) -> S3Remote:
+def open_s3(url: str, credentials: Mapping[str, str] | None = None) -> S3Remote:
     """`s3://BUCKET[/PREFIX]?endpoint=URL&region=NAME&path_style=1`; credentials come from the
     environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE: boto3's usual chain),
-    never from the URL, so that the stored location holds no secret."""
+    never from the URL, so that the stored location holds no secret. A stored key pair in
+    `credentials` (a remote added with --remember-credentials) is used instead."""
     parsed = urlparse(url)
     if parsed.scheme != "s3":
         raise UsageError(f"not an S3 location: {url!r} (expected s3://BUCKET[/PREFIX])")
@@ -497,6 +498,9 @@ def open_s3(url: str) -> S3Remote:
     prefix = unquote(parsed.path).strip("/")
     if prefix and any(p in ("", ".", "..") for p in prefix.split("/")):
         raise UsageError(f"S3 prefix {prefix!r} must not have empty, '.' or '..' parts")
+    # Both halves of a stored pair, or neither (boto3's chain then decides).
+    key_id = (credentials or {}).get("AWS_ACCESS_KEY_ID")
+    secret = (credentials or {}).get("AWS_SECRET_ACCESS_KEY")
     return S3Remote(
         bucket,
         prefix,
@@ -507,4 +511,6 @@ def open_s3(url: str) -> S3Remote:
         conditional_put=_flag(params.get("conditional_put", "1"), "conditional_put"),
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
+        access_key=key_id if key_id and secret else None,
+        secret_key=secret if key_id and secret else None,
     )

@@ -78,6 +78,7 @@ class EngineContext:
             return repo
 
     def _open(self, remote_name: str) -> Repository:
+        from vmkeep.engine.state.credentials import stored_credentials
         from vmkeep.remotes.location import open_remote
 
         entry = self.registry.entry(remote_name)
@@ -85,7 +86,9 @@ class EngineContext:
             raise NotFoundError(f"no remote named {remote_name!r} (see `vmkeep remote list`)")
         known = entry.repository.known() if entry.repository else None
         repo = Repository.open(
-            open_remote(entry.location), lambda: self.passphrase_for(remote_name), known
+            open_remote(entry.location, stored_credentials(self.db, remote_name, self.secrets)),
+            lambda: self.passphrase_for(remote_name),
+            known,
         )
         self.registry.remember(entry.name, repo.known)
         return repo

@@ -100,6 +100,20 @@ def run_job(
     return run_id
 
 
+def run_queued(ctx: EngineContext, run_id: int, *, cancel: threading.Event | None = None) -> int:
+    """Run a run created earlier as `queued` (a `job run` handed to the server): same path as
+    run_job from there on. A job deleted meanwhile fails the run, with the reason logged."""
+    run = ctx.ledger.get_run(run_id)
+    try:
+        spec = load_spec(ctx, run.job)
+    except VmkeepError as exc:
+        ctx.ledger.log(run_id, None, "error", f"run failed: {exc}")
+        ctx.ledger.finish_run(run_id, "failed", {"reason": str(exc)})
+        return run_id
+    execute(ctx, run_id, spec, run.schedule, cancel or threading.Event())
+    return run_id
+
+
 def execute(
     ctx: EngineContext,
     run_id: int,

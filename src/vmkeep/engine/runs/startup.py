@@ -25,13 +25,15 @@ def recover(ctx: EngineContext, stale_after: float = 60) -> list[int]:
 
 def release_stale_locks(ctx: EngineContext) -> dict[str, int]:
     """Stale locks removed per remote name (a remote that failed is left out)."""
+    from vmkeep.engine.state.credentials import stored_credentials
     from vmkeep.remotes.location import open_remote
     from vmkeep.repository.locks import remove_stale_locks
 
     removed: dict[str, int] = {}
     for entry in ctx.registry.load():
         try:
-            removed[entry.name] = remove_stale_locks(open_remote(entry.location))
+            creds = stored_credentials(ctx.db, entry.name, ctx.secrets)
+            removed[entry.name] = remove_stale_locks(open_remote(entry.location, creds))
         except (VmkeepError, OSError) as exc:
             log.warning("remote %s: stale locks not checked: %s", entry.name, exc)
             continue

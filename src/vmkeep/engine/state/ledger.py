@@ -144,8 +144,12 @@ class Ledger:
         self.host = socket.gethostname()
 
     # --- runs -------------------------------------------------------------------------
-    def create_run(self, job: str, schedule: str | None, trigger: str) -> int:
-        """A queued run; host and pid are this process until a runner takes it (start_run)."""
+    def create_run(
+        self, job: str, schedule: str | None, trigger: str, *, pid: int | None = None
+    ) -> int:
+        """A queued run; host and pid are this process until a runner takes it (start_run).
+        `pid`: the local server the run is handed to (it picks up queued runs bearing its
+        pid; if it dies first, start-up recovery marks the run interrupted)."""
         with self.db.transaction() as session:
             run = Run(
                 job=job,
@@ -154,7 +158,7 @@ class Ledger:
                 state="queued",
                 heartbeat=utcnow(),
                 host=self.host,
-                pid=os.getpid(),
+                pid=os.getpid() if pid is None else pid,
             )
             session.add(run)
             session.flush()
@@ -253,6 +257,18 @@ class Ledger:
             query = query.where(Run.job == job)
         if state is not None:
             query = query.where(Run.state == state)
+        with self.db.transaction() as session:
+            return [run_view(run) for run in session.scalars(query)]
+
+    def handed_over(self, pid: int, trigger: str = "manual") -> list[RunView]:
+        """Queued runs handed to the server `pid` on this host (`job run` with a server up),
+        oldest first."""
+        query = (
+            select(Run)
+            .where(Run.state == "queued", Run.trigger == trigger)
+            .where(Run.host == self.host, Run.pid == pid)
+            .order_by(Run.id)
+        )
         with self.db.transaction() as session:
             return [run_view(run) for run in session.scalars(query)]
 

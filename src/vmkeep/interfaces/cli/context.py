@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from vmkeep.connectors.base import Connector
 from vmkeep.engine.remote_registry import RemoteRegistry
 from vmkeep.errors import UsageError
+from vmkeep.remotes.base import Remote
 from vmkeep.remotes.location import open_remote
 from vmkeep.repository.repository import Repository
 
@@ -52,12 +53,25 @@ class CliState:
         if remote_ref is not None and is_location(remote_ref):
             return Repository.open(open_remote(remote_ref), self.passphrase)
         entry = self.registry.entry(remote_ref)
-        location = entry.location if entry else self.registry.resolve(remote_ref)
         known = entry.repository.known() if entry and entry.repository else None
-        repo = Repository.open(open_remote(location), self.passphrase, known)
+        repo = Repository.open(self.open_remote(remote_ref), self.passphrase, known)
         if entry is not None:
             self.registry.remember(entry.name, repo.known)
         return repo
+
+    def open_remote(self, remote_ref: str | None) -> Remote:
+        """A path/URL as given, or a named remote with its remembered credentials
+        (`remote add --remember-credentials`) in front of the environment."""
+        if remote_ref is not None and is_location(remote_ref):
+            return open_remote(remote_ref)
+        location = self.registry.resolve(remote_ref)
+        entry = self.registry.entry(remote_ref)
+        db: StateDB | None = getattr(self.registry, "db", None)  # a JSON registry has no secrets
+        if entry is None or db is None:
+            return open_remote(location)
+        from vmkeep.engine.state.credentials import stored_credentials
+
+        return open_remote(location, stored_credentials(db, entry.name))
 
 
 def is_location(ref: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from vmkeep.engine.remote_registry import RemoteEntry
@@ -45,9 +47,20 @@ def add(
         help="Store the passphrase, encrypted with the server key, for job runs "
         "(docs/RUNS.md); default: jobs use VMKEEP_PASSPHRASE.",
     ),
+    remember_credentials: bool = typer.Option(
+        False,
+        "--remember-credentials",
+        help="Store the remote's credential variables from the environment (AWS_*, AZURE_*, "
+        "VMKEEP_SMB_PASSWORD), encrypted with the server key, for later commands and job "
+        "runs (docs/STATE.md).",
+    ),
 ) -> None:
     """Register a remote; creates its repository if there is none, else checks the passphrase."""
     size = parse_chunk_size(chunk_size)
+    if remember_credentials:
+        from vmkeep.engine.state.credentials import credentials_to_remember
+
+        credentials_to_remember(location, os.environ)  # fails before anything is created
     remote = open_remote(location)
     lock = LockPolicy.from_days(lock_days, lock_mode.lower()) if lock_days is not None else None
     apply_lock_policy(remote, lock)  # fails now if the remote cannot enforce it
@@ -63,12 +76,8 @@ def add(
             f"chunk size: {format_chunk_size(size)})"
         )
     state.registry.add(name, location, lock, repo.known)
-    if remember_passphrase and repo.encrypted:
-        from vmkeep.engine.runs.context import passphrase_secret
-        from vmkeep.engine.state import SecretStore
-
-        SecretStore(state.db).put_secret(passphrase_secret(name), state.passphrase())
-        what += "; passphrase remembered for job runs"
+    passphrase = remember_passphrase and repo.encrypted
+    what += remember_secrets(name, location, passphrase, remember_credentials)
     locked = f"; restore points locked {lock.describe()}" if lock else ""
     console.print(f"remote {name}: {remote.url}: {what}{locked}")
     if lock and isinstance(remote, LocalRemote):
@@ -76,6 +85,25 @@ def add(
             f"run `vmkeep-immutable apply {remote.root}` as root from a timer to make the files "
             "immutable (docs/IMMUTABILITY.md)"
         )
+
+
+def remember_secrets(name: str, location: str, passphrase: bool, credentials: bool) -> str:
+    """Store what `remote add` was asked to remember; says what, never the values."""
+    if not passphrase and not credentials:
+        return ""
+    from vmkeep.engine.runs.context import passphrase_secret
+    from vmkeep.engine.state import SecretStore
+    from vmkeep.engine.state.credentials import remember_credentials
+
+    secrets = SecretStore(state.db)
+    said = ""
+    if passphrase:
+        secrets.put_secret(passphrase_secret(name), state.passphrase())
+        said += "; passphrase remembered for job runs"
+    if credentials:
+        stored = remember_credentials(secrets, name, location)
+        said += f"; credentials remembered ({', '.join(stored)})"
+    return said
 
 
 @remote_app.command("lock")
@@ -86,7 +114,7 @@ def lock_cmd(
 ) -> None:
     """Change a remote's immutability setting (objects already locked stay locked)."""
     lock = LockPolicy.from_days(days, mode.lower()) if days else None
-    apply_lock_policy(open_remote(state.registry.resolve(name)), lock)
+    apply_lock_policy(state.open_remote(name), lock)
     state.registry.set_lock(name, lock)
     console.print(f"remote {name}: " + (f"locked {lock.describe()}" if lock else "no lock"))
 
@@ -114,9 +142,34 @@ def remote_json(entry: RemoteEntry) -> dict[str, object]:
 
 @remote_app.command("remove")
 def remove(name: str) -> None:
-    """Forget a remote's name (its repository is not touched)."""
+    """Forget a remote's name and its remembered passphrase and credentials (its repository
+    is not touched)."""
     state.registry.remove(name)
-    console.print(f"removed remote {name}")
+    forgotten = forget_secrets(name)
+    console.print(f"removed remote {name}" + (f" ({forgotten} forgotten)" if forgotten else ""))
+
+
+def forget_secrets(name: str) -> str:
+    """Delete a removed remote's secrets; says which, never the values."""
+    from vmkeep.engine.runs.context import passphrase_secret
+    from vmkeep.engine.state.credentials import (
+        credential_names,
+        forget_credentials,
+        secret_exists,
+    )
+
+    db = state.db
+    has_passphrase = secret_exists(db, passphrase_secret(name))
+    if not has_passphrase and not credential_names(db, name):
+        return ""  # nothing stored: do not create a server key just to delete nothing
+    from vmkeep.engine.state import SecretStore
+
+    secrets = SecretStore(db)
+    gone = forget_credentials(secrets, name)
+    if has_passphrase:
+        secrets.delete_secret(passphrase_secret(name))
+        gone.insert(0, "passphrase")
+    return ", ".join(gone)
 
 
 @remote_app.command("test")
@@ -127,7 +180,7 @@ def test(
 ) -> None:
     """Check permissions (create, read, list, delete; delete refused where immutable) and
     measure throughput."""
-    report = probe_remote(open_remote(state.registry.resolve(remote)), size_mib * 1024 * 1024)
+    report = probe_remote(state.open_remote(remote), size_mib * 1024 * 1024)
     if json_out:
         print_json(report.to_json())
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from urllib.parse import unquote, urlsplit
 
 from vmkeep.errors import UsageError
@@ -13,9 +14,10 @@ from .remote import SmbRemote
 PASSWORD_ENV = "VMKEEP_SMB_PASSWORD"
 
 
-def open_smb(url: str) -> SmbRemote:
+def open_smb(url: str, credentials: Mapping[str, str] | None = None) -> SmbRemote:
     """Parse ``smb://[DOMAIN;]USER@HOST[:PORT]/SHARE[/PATH]``; the password comes from
-    VMKEEP_SMB_PASSWORD so that it never lands in configuration or logs."""
+    `credentials` (stored) or VMKEEP_SMB_PASSWORD so that it never lands in configuration or
+    logs."""
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("smb", "cifs"):
         raise UsageError(f"not an SMB URL: {url!r} (expected smb://USER@HOST/SHARE[/PATH])")
@@ -38,7 +40,7 @@ def open_smb(url: str) -> SmbRemote:
     segments = [unquote(s) for s in parts.path.split("/") if s]
     if not segments:
         raise UsageError(f"SMB URL {url!r} names no share: smb://USER@HOST/SHARE[/PATH]")
-    password = os.environ.get(PASSWORD_ENV)
+    password = (credentials or {}).get(PASSWORD_ENV) or os.environ.get(PASSWORD_ENV)
     if password is None:
         raise UsageError(f"set {PASSWORD_ENV} to the password of {username} on {host}")
     remote = SmbRemote(
