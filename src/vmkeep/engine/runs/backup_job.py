@@ -212,7 +212,9 @@ class BackupRun:
         progress = AbortingProgress(abort)
         connector = make_connector(job)  # a connector per task: sessions never shared
         report = backup_vm(repo, connector, vm.uuid, options, progress, job.connector.type)
-        return repo, stats_of(report.to_json()), list(report.notes) + progress.notes
+        # backup_vm both reports its notes and passes them to the progress: each once
+        notes = list(dict.fromkeys([*report.notes, *progress.notes]))
+        return repo, stats_of(report.to_json()), notes
 
     def check_health(
         self,

@@ -117,7 +117,7 @@ class ReplicationRun:
                     continue
                 return "failed", {}, []
             stats = stats_of(report.to_json())
-            notes = list(report.notes) + progress.notes
+            notes = list(dict.fromkeys([*report.notes, *progress.notes]))
             self.scope.ledger.finish_task(step, "success", stats, notes)
             return "success", stats, notes
         return "failed", {}, []  # not reached
