@@ -66,11 +66,12 @@ class BackupOptions:
 
 @dataclass
 class BackupStats:
-    # Bytes read from the VM's disks: only the data extents of the chunks read, not their holes
-    # (zero-filled in memory). The next two count the same read bytes, not whole chunks.
+    # Bytes really read from the VM's disks: the data extents of the chunks read, not their
+    # holes (zero-filled in memory). The others count whole chunks, holes included.
     bytes_read: int = 0
+    bytes_chunks: int = 0  # plaintext of the chunks read
     bytes_zero: int = 0  # of those, in all-zero chunks (not stored)
-    bytes_new: int = 0  # of those, in chunks the repository did not hold
+    bytes_new: int = 0  # plaintext of chunks the repository did not hold
     bytes_written: int = 0  # what those chunks take on the remote (compressed, encrypted)
     chunks: int = 0
     chunks_new: int = 0
@@ -92,7 +93,7 @@ class BackupReport:
 
     def to_json(self) -> dict[str, Any]:
         s = self.stats
-        data = s.bytes_read - s.bytes_zero
+        data = s.bytes_chunks - s.bytes_zero
         return {
             "restore_point": self.restore_point,
             "vm": self.vm,
@@ -137,14 +138,14 @@ class ChunkUploader:
 
     def store(self, data: bytes, read: int | None = None) -> tuple[bytes, BackupStats]:
         """The chunk's ID, stored if new. `read`: the bytes of it really read from the disk
-        (its data extents; the rest was zero-filled), which every byte count reports."""
+        (its data extents; the rest was zero-filled), which bytes_read reports."""
         read = len(data) if read is None else read
-        stats = BackupStats(bytes_read=read, chunks=1)
+        stats = BackupStats(bytes_read=read, bytes_chunks=len(data), chunks=1)
         with self.gate:
             zero = is_zero(data)
             chunk_id = ZERO_ID if zero else self.repo.chunk_id(data)
         if zero:
-            stats.bytes_zero = read
+            stats.bytes_zero = len(data)
             return ZERO_ID, stats
         with self._lock:
             new = chunk_id not in self.known
@@ -159,7 +160,7 @@ class ChunkUploader:
                     self.known.discard(chunk_id)
                 raise
             stats.bytes_written = len(blob)
-            stats.bytes_new = read
+            stats.bytes_new = len(data)
             stats.chunks_new = 1
         return chunk_id, stats
 
@@ -201,7 +202,7 @@ def backup_disk(
         want = chunk_length(index, size, chunk_size)
         got = spans_bytes(spans)
         if not got:  # no data left in it since the first walk: a hole now
-            return index, ZERO_ID, BackupStats(chunks=1)
+            return index, ZERO_ID, BackupStats(bytes_chunks=want, bytes_zero=want, chunks=1)
         if throttle is not None:
             throttle.acquire(got)
         data = read_spans(reader, offset, want, spans, label)
