@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 
-from vmkeep.engine.remote_registry import RemoteEntry
 from vmkeep.errors import RepositoryError
-from vmkeep.operations.remote_probe import probe_remote
-from vmkeep.remotes.local import LocalRemote
 from vmkeep.remotes.location import open_remote
 from vmkeep.remotes.object_lock import LockPolicy, apply_lock_policy
-from vmkeep.repository.repository import Repository
 
 from .context import state
 from .output import console, human_bytes, print_error, print_json, stdout, table
 from .repo_commands import JsonOpt, format_chunk_size, parse_chunk_size
+
+if TYPE_CHECKING:
+    from vmkeep.engine.remote_registry import RemoteEntry
 
 remote_app = typer.Typer(help="Named remotes: where repositories live.", no_args_is_help=True)
 
@@ -47,6 +48,10 @@ def add(
     ),
 ) -> None:
     """Register a remote; creates its repository if there is none, else checks the passphrase."""
+    # Imported when used: the repository's crypto and zstd are not needed at start-up.
+    from vmkeep.remotes.local import LocalRemote
+    from vmkeep.repository.repository import Repository
+
     size = parse_chunk_size(chunk_size)
     remote = open_remote(location)
     lock = LockPolicy.from_days(lock_days, lock_mode.lower()) if lock_days is not None else None
@@ -127,6 +132,8 @@ def test(
 ) -> None:
     """Check permissions (create, read, list, delete; delete refused where immutable) and
     measure throughput."""
+    from vmkeep.operations.remote_probe import probe_remote
+
     report = probe_remote(open_remote(state.registry.resolve(remote)), size_mib * 1024 * 1024)
     if json_out:
         print_json(report.to_json())
