@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING
 import typer
 
 from vmkeep.errors import RepositoryError
-from vmkeep.remotes.location import open_remote
-from vmkeep.remotes.object_lock import LockPolicy, apply_lock_policy
 
 from .context import state
 from .output import console, human_bytes, print_error, print_json, stdout, table
@@ -50,6 +48,8 @@ def add(
     """Register a remote; creates its repository if there is none, else checks the passphrase."""
     # Imported when used: the repository's crypto and zstd are not needed at start-up.
     from vmkeep.remotes.local import LocalRemote
+    from vmkeep.remotes.location import open_remote
+    from vmkeep.remotes.object_lock import LockPolicy, apply_lock_policy
     from vmkeep.repository.repository import Repository
 
     size = parse_chunk_size(chunk_size)
@@ -90,6 +90,9 @@ def lock_cmd(
     mode: str = typer.Option("compliance", "--mode", help="compliance or governance."),
 ) -> None:
     """Change a remote's immutability setting (objects already locked stay locked)."""
+    from vmkeep.remotes.location import open_remote
+    from vmkeep.remotes.object_lock import LockPolicy, apply_lock_policy
+
     lock = LockPolicy.from_days(days, mode.lower()) if days else None
     apply_lock_policy(open_remote(state.registry.resolve(name)), lock)
     state.registry.set_lock(name, lock)
@@ -133,6 +136,7 @@ def test(
     """Check permissions (create, read, list, delete; delete refused where immutable) and
     measure throughput."""
     from vmkeep.operations.remote_probe import probe_remote
+    from vmkeep.remotes.location import open_remote
 
     report = probe_remote(open_remote(state.registry.resolve(remote)), size_mib * 1024 * 1024)
     if json_out:

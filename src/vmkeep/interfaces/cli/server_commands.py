@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-
 from typing import TYPE_CHECKING
 
 import typer
