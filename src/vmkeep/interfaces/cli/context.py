@@ -5,17 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmkeep.connectors.base import Connector
-from vmkeep.engine.remote_registry import RemoteRegistry
 from vmkeep.errors import UsageError
-from vmkeep.remotes.base import Remote
-from vmkeep.remotes.location import open_remote
-from vmkeep.repository.repository import Repository
 
 from .output import PassphraseSource
 
 if TYPE_CHECKING:
+    from vmkeep.connectors.base import Connector
+    from vmkeep.engine.remote_registry import RemoteRegistry
     from vmkeep.engine.state import StateDB
+    from vmkeep.remotes.base import Remote
+    from vmkeep.repository.repository import Repository
 
 
 class CliState:
@@ -50,8 +49,11 @@ class CliState:
     def open_repository(self, remote_ref: str | None) -> Repository:
         """A named remote's repository is checked against what was recorded when it was added
         (encryption, chunk size, id, MAC), and recorded at its first open if it was not."""
+        # Imported at the first open, not at start-up: `--help` needs no crypto or zstd.
+        from vmkeep.repository.repository import Repository
+
         if remote_ref is not None and is_location(remote_ref):
-            return Repository.open(open_remote(remote_ref), self.passphrase)
+            return Repository.open(self.open_remote(remote_ref), self.passphrase)
         entry = self.registry.entry(remote_ref)
         known = entry.repository.known() if entry and entry.repository else None
         repo = Repository.open(self.open_remote(remote_ref), self.passphrase, known)
@@ -62,6 +64,8 @@ class CliState:
     def open_remote(self, remote_ref: str | None) -> Remote:
         """A path/URL as given, or a named remote with its remembered credentials
         (`remote add --remember-credentials`) in front of the environment."""
+        from vmkeep.remotes.location import open_remote
+
         if remote_ref is not None and is_location(remote_ref):
             return open_remote(remote_ref)
         location = self.registry.resolve(remote_ref)

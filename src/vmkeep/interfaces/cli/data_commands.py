@@ -8,9 +8,6 @@ from typing import TYPE_CHECKING
 import typer
 
 from vmkeep.errors import UsageError
-from vmkeep.operations.backup import BackupOptions, backup_vm
-from vmkeep.operations.restore import restore_vm
-from vmkeep.remotes.object_lock import apply_lock_policy
 
 from .context import connector_for, state
 from .output import RichProgress, console, human_bytes, print_json
@@ -86,6 +83,10 @@ def backup(
     json_out: bool = JsonOpt,
 ) -> None:
     """Back up a VM into a repository."""
+    # The data path is imported when it runs, not at every start-up of the CLI.
+    from vmkeep.operations.backup import BackupOptions, backup_vm
+    from vmkeep.remotes.object_lock import apply_lock_policy
+
     rate = parse_max_rate(max_rate)
     repo = state.open_repository(remote)
     apply_lock_policy(repo.remote, state.registry.lock_policy(remote, lock_days))
@@ -189,6 +190,8 @@ def restore(
     json_out: bool = JsonOpt,
 ) -> None:
     """Restore a VM from a restore point, as a new VM (new uuid) or in place."""
+    from vmkeep.operations.restore import restore_vm  # the data path: see backup
+
     repo = state.open_repository(remote)
     point = repo.resolve_point(point)  # a bad id fails before anything is created
     target_connector = connector_for(connector, uri)

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
-
-from vmkeep.operations.healthcheck import DEFAULT_TIMEOUT, HealthOptions, HealthResult, health_check
 
 from .context import state
 from .output import RichProgress, console, human_bytes, print_error, print_json, shown
 from .repo_commands import JsonOpt, RemoteOpt
+
+if TYPE_CHECKING:
+    from vmkeep.operations.healthcheck import HealthResult
+
+# operations.healthcheck.DEFAULT_TIMEOUT, repeated so that start-up does not import the
+# operation and the repository; a test keeps them equal.
+DEFAULT_TIMEOUT = 300.0
 
 
 def healthcheck(
@@ -39,6 +45,8 @@ def healthcheck(
 ) -> None:
     """Restore a point somewhere disposable and check it works; the copy is deleted after.
     Exit 0 healthy, 1 failed, 3 its data is corrupt."""
+    from vmkeep.operations.healthcheck import HealthOptions, health_check  # see DEFAULT_TIMEOUT
+
     repo = state.open_repository(remote)
     options = HealthOptions(kind=kind, scratch=scratch, uri=uri, pool=pool, timeout=timeout)
     result = health_check(repo, point, options, RichProgress(not json_out))

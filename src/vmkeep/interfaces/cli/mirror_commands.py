@@ -5,13 +5,11 @@ from __future__ import annotations
 import getpass
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from vmkeep.errors import UsageError
-from vmkeep.operations.mirror import FAILED, MirrorOptions, MirrorReport, mirror
-from vmkeep.operations.retention import RetentionPolicy
-from vmkeep.repository.repository import Repository
 
 from .context import CliState, state
 from .output import (
@@ -25,6 +23,10 @@ from .output import (
     table,
 )
 from .repo_commands import JsonOpt
+
+if TYPE_CHECKING:
+    from vmkeep.operations.mirror import MirrorReport
+    from vmkeep.repository.repository import Repository
 
 TARGET_ENV = "VMKEEP_TARGET_PASSPHRASE"
 
@@ -104,6 +106,10 @@ def mirror_command(
 ) -> None:
     """Copy restore points to another repository, re-encrypted with its key; chunks it
     already holds are not uploaded. Exits 1 when any point failed (the others are copied)."""
+    # The operation is imported when it runs, not at every start-up of the CLI.
+    from vmkeep.operations.mirror import MirrorOptions, mirror
+    from vmkeep.operations.retention import RetentionPolicy
+
     policy = RetentionPolicy(
         keep_last, keep_daily, keep_weekly, keep_monthly, keep_yearly, timezone
     )
@@ -132,6 +138,8 @@ def mirror_command(
 
 
 def show_report(report: MirrorReport) -> None:
+    from vmkeep.operations.mirror import FAILED
+
     listing = table("restore point", "vm", "result", "uploaded", "present", "read", "reason")
     for p in report.points:
         listing.add_row(

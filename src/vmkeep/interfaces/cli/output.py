@@ -8,23 +8,18 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.errors import MarkupError
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 from rich.text import Text
 
 from vmkeep.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 # Control characters (C0 but tab and newline, DEL, C1): a VM name, disk name, metadata value
 # or error text from a remote or a VM directory could carry terminal escape sequences.
@@ -114,6 +109,16 @@ class RichProgress:
         self.finish()
         if not self.enabled:
             return
+        # rich.progress only when a bar is shown: it is a tenth of rich's import time.
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         columns: list[Any] = [TextColumn("{task.description}"), BarColumn()]
         if self.unit_bytes and description not in ("verify", "gc"):
             columns += [DownloadColumn(binary_units=True), TransferSpeedColumn()]

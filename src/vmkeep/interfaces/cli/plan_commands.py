@@ -4,29 +4,26 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from vmkeep.engine.jobs.spec import BackupJob
-from vmkeep.engine.planning import (
-    JobPlan,
-    Measurement,
-    backup_job_from_file,
-    backup_job_from_store,
-    job_vms,
-    measure_repository,
-    measure_vms,
-    plan_job,
-)
 from vmkeep.errors import UsageError, VmkeepError
 
 from .context import state
 from .output import console, human_bytes, print_json, shown, stdout, table
 from .repo_commands import JsonOpt
 
+if TYPE_CHECKING:
+    from vmkeep.engine.jobs.spec import BackupJob
+    from vmkeep.engine.planning import JobPlan, Measurement
+
 
 def _job(ref: str, name: str | None) -> BackupJob:
     """A job file when `ref` is a file, else a job stored with `vmkeep job apply`."""
+    # Imported here, not at the top: pydantic and the files connector cost start-up.
+    from vmkeep.engine.planning import backup_job_from_file, backup_job_from_store
+
     path = Path(ref)
     if path.is_file() or ref.endswith((".yaml", ".yml")):
         if not path.is_file():
@@ -45,6 +42,8 @@ def _job(ref: str, name: str | None) -> BackupJob:
 
 def _measure(job: BackupJob, uuids: list[str]) -> dict[str, Measurement | str]:
     """What each remote's earlier runs show; a remote that cannot be opened is a note."""
+    from vmkeep.engine.planning import measure_repository
+
     found: dict[str, Measurement | str] = {}
     for remote in job.remotes:
         try:
@@ -81,6 +80,8 @@ def plan_command(
         raise UsageError("--change-rate: a percentage between 0 and 100")
     if compression is not None and not 0 < compression <= 2:
         raise UsageError("--compression: stored bytes per plain byte, more than 0 and at most 2")
+    from vmkeep.engine.planning import job_vms, measure_vms, plan_job  # heavy: see _job
+
     job = _job(job_ref, name)
     connector, vms = job_vms(job)
     sizes = measure_vms(connector, vms)

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import typer
 
-from vmkeep.engine.remote_registry import RemoteEntry
 from vmkeep.errors import RepositoryError
-from vmkeep.operations.remote_probe import probe_remote
-from vmkeep.remotes.local import LocalRemote
-from vmkeep.remotes.location import open_remote
-from vmkeep.remotes.object_lock import LockPolicy, apply_lock_policy
-from vmkeep.repository.repository import Repository
 
 from .context import state
 from .output import console, human_bytes, print_error, print_json, stdout, table
 from .repo_commands import JsonOpt, format_chunk_size, parse_chunk_size
+
+if TYPE_CHECKING:
+    from vmkeep.engine.remote_registry import RemoteEntry
 
 remote_app = typer.Typer(help="Named remotes: where repositories live.", no_args_is_help=True)
 
@@ -56,6 +54,12 @@ def add(
     ),
 ) -> None:
     """Register a remote; creates its repository if there is none, else checks the passphrase."""
+    # Imported when used: the repository's crypto and zstd are not needed at start-up.
+    from vmkeep.remotes.local import LocalRemote
+    from vmkeep.remotes.location import open_remote
+    from vmkeep.remotes.object_lock import LockPolicy, apply_lock_policy
+    from vmkeep.repository.repository import Repository
+
     size = parse_chunk_size(chunk_size)
     if remember_credentials:
         from vmkeep.engine.state.credentials import credentials_to_remember
@@ -113,6 +117,8 @@ def lock_cmd(
     mode: str = typer.Option("compliance", "--mode", help="compliance or governance."),
 ) -> None:
     """Change a remote's immutability setting (objects already locked stay locked)."""
+    from vmkeep.remotes.object_lock import LockPolicy, apply_lock_policy
+
     lock = LockPolicy.from_days(days, mode.lower()) if days else None
     apply_lock_policy(state.open_remote(name), lock)
     state.registry.set_lock(name, lock)
@@ -180,6 +186,8 @@ def test(
 ) -> None:
     """Check permissions (create, read, list, delete; delete refused where immutable) and
     measure throughput."""
+    from vmkeep.operations.remote_probe import probe_remote
+
     report = probe_remote(state.open_remote(remote), size_mib * 1024 * 1024)
     if json_out:
         print_json(report.to_json())

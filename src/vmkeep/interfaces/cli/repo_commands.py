@@ -4,27 +4,11 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from vmkeep.errors import UsageError
-from vmkeep.operations.prune import apply_prune
-from vmkeep.operations.retention import (
-    CombinedPolicy,
-    PointRef,
-    PruneDecision,
-    RetentionPolicy,
-    combined_plan,
-    prune_plan,
-)
-from vmkeep.remotes.location import open_remote
-from vmkeep.repository.format import valid_chunk_size
-from vmkeep.repository.gc import collect_garbage
-from vmkeep.repository.manifest import Manifest
-from vmkeep.repository.repository import CHUNK_SIZE_RULE, Repository
-from vmkeep.repository.retention_lock import LockedObjects
-from vmkeep.repository.verify import verify
 
 from .context import state
 from .output import (
@@ -37,6 +21,14 @@ from .output import (
     stdout,
     table,
 )
+
+if TYPE_CHECKING:
+    from vmkeep.operations.retention import CombinedPolicy, PruneDecision, RetentionPolicy
+    from vmkeep.repository.manifest import Manifest
+
+# Each command imports the repository and operations it uses inside its function: every
+# command module is imported at start-up to register its commands, and `vmkeep --help` must
+# not pay for crypto, zstd or the operations (tests/test_startup_imports.py).
 
 RemoteOpt = typer.Option(None, "--remote", "-r", help="Remote name, path or URL.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
@@ -59,6 +51,9 @@ def init(
     json_out: bool = JsonOpt,
 ) -> None:
     """Create a repository (encrypted by default: you will be asked for a passphrase)."""
+    from vmkeep.remotes.location import open_remote
+    from vmkeep.repository.repository import Repository
+
     size = parse_chunk_size(chunk_size)
     repo = Repository.init(
         open_remote(location),
@@ -88,6 +83,9 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 <<
 
 def parse_chunk_size(text: str) -> int:
     """`256K`, `256KiB`, `1M`, `4MiB` or bytes; a power of two from 64 KiB to 4 MiB."""
+    from vmkeep.repository.format import valid_chunk_size
+    from vmkeep.repository.repository import CHUNK_SIZE_RULE
+
     match = _SIZE.fullmatch(text.strip())
     size = int(match[1]) * _UNITS[match[2].lower()] if match else None
     if size is None or not valid_chunk_size(size):
@@ -170,6 +168,8 @@ def verify_cmd(
     json_out: bool = JsonOpt,
 ) -> None:
     """Re-read every chunk and check its authentication and hash. Exit 3 on corruption."""
+    from vmkeep.repository.verify import verify
+
     repo = state.open_repository(remote)
     ids = [repo.resolve_point(point)] if point is not None else None
     report = verify(repo, ids, RichProgress(not json_out, unit_bytes=False))
@@ -201,6 +201,8 @@ def gc(
     json_out: bool = JsonOpt,
 ) -> None:
     """Delete chunks no restore point references (refuses while a backup runs)."""
+    from vmkeep.repository.gc import collect_garbage
+
     repo = state.open_repository(remote)
     report = collect_garbage(repo, RichProgress(not json_out, unit_bytes=False), dry_run)
     if json_out:
@@ -241,6 +243,15 @@ def prune(
     json_out: bool = JsonOpt,
 ) -> None:
     """Forget restore points by retention policy, per VM and schedule (run gc to free space)."""
+    from vmkeep.operations.prune import apply_prune
+    from vmkeep.operations.retention import (
+        CombinedPolicy,
+        PointRef,
+        RetentionPolicy,
+        combined_plan,
+        prune_plan,
+    )
+
     long_term = (keep_daily, keep_weekly, keep_monthly, keep_yearly)
     policy: RetentionPolicy | CombinedPolicy
     if keep_schedule:
@@ -348,6 +359,8 @@ def report_locked_points(locked: dict[str, datetime | None]) -> None:
     """Prune does not fail on locked points: it keeps them and says until when."""
     if not locked:
         return
+    from vmkeep.repository.retention_lock import LockedObjects
+
     summary = LockedObjects()
     for until in locked.values():
         summary.add(until)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from pydantic import ValidationError
 
-from vmkeep.engine.schedules import Fire, Schedule, first_error, preview, slot_instant
 from vmkeep.errors import UsageError
 
 from .output import print_json, shown, stdout, table
 from .repo_commands import JsonOpt
+
+if TYPE_CHECKING:
+    from vmkeep.engine.schedules import Fire, Schedule
 
 schedule_app = typer.Typer(
     help="Schedules: when jobs run (cron + time zone).", no_args_is_help=True
@@ -20,6 +21,11 @@ schedule_app = typer.Typer(
 
 
 def _schedule(cron: str, timezone: str) -> Schedule:
+    # pydantic and croniter are imported when a schedule is read, not at start-up.
+    from pydantic import ValidationError
+
+    from vmkeep.engine.schedules import Schedule, first_error
+
     try:
         return Schedule(name="preview", cron=cron, timezone=timezone)
     except ValidationError as exc:
@@ -55,6 +61,8 @@ def _after(text: str | None, schedule: Schedule) -> datetime:
             "(2026-03-29T01:30, 2026-03-29T01:30+01:00 or 2026-03-29T00:30Z)"
         ) from None
     if moment.tzinfo is None:
+        from vmkeep.engine.schedules import slot_instant
+
         return slot_instant(moment, schedule.zone)
     return moment.astimezone(UTC)
 
@@ -97,6 +105,8 @@ def next_command(
         raise UsageError(f"--count: must be 1 to 10000, not {count}")
     schedule = _stored(name) if name is not None else _schedule(_needed(cron), timezone)
     start = _after(after, schedule)
+    from vmkeep.engine.schedules import preview
+
     fires = preview(schedule, start, count)
     if json_out:
         print_json(

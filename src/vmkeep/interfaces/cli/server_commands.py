@@ -7,17 +7,16 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 import typer
 
-from vmkeep.engine.server import (
-    DEFAULT_GRACE_S,
-    Clock,
-    scaled_clock,
-    serve,
-    stop_on_signals,
-    utc_now,
-)
+if TYPE_CHECKING:
+    from vmkeep.engine.server import Clock
+
+# engine.server.DEFAULT_GRACE_S, repeated here so that registering the command does not
+# import the engine (SQLAlchemy, croniter, pydantic) at every start-up; a test keeps them equal.
+DEFAULT_GRACE_S = 30.0
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
@@ -52,6 +51,9 @@ def register(app: typer.Typer) -> None:
         Missed runs are caught up at start-up by each schedule's missed policy; runs a
         killed server left behind are marked interrupted. One line per event on stderr.
         """
+        # The engine is imported only when the server runs (start-up of every other command).
+        from vmkeep.engine.server import scaled_clock, serve, stop_on_signals, utc_now
+
         log_to_stderr()
         clock: Clock = utc_now if clock_rate is None else scaled_clock(clock_rate)
         stop = threading.Event()
