@@ -217,19 +217,8 @@ def prune_plan(points: Iterable[PointRef], policy: RetentionPolicy) -> list[Prun
         raise UsageError("refusing to prune with an empty policy: it would delete everything")
     zone = policy.zone
 
-    groups: dict[tuple[str, str], list[PointRef]] = {}
-    ids: set[str] = set()
-    for point in points:
-        if not isinstance(point, PointRef):
-            raise TypeError(f"expected PointRef, got {type(point).__name__}")
-        if point.id in ids:
-            raise ValueError(f"restore point id {point.id!r} appears more than once")
-        ids.add(point.id)
-        groups.setdefault((point.vm, point.schedule), []).append(point)
-
     decisions: list[PruneDecision] = []
-    for key in sorted(groups):
-        group = sorted(groups[key], key=_newest_first_key, reverse=True)
+    for group in _groups(points, lambda p: (p.vm, p.schedule)):
         decisions.extend(_plan_group(group, policy, zone))
     return decisions
 
@@ -331,6 +320,17 @@ def combined_plan(points: Iterable[PointRef], policy: CombinedPolicy) -> list[Pr
         raise UsageError("refusing to prune with an empty policy: it would delete everything")
     zone = policy.zone
 
+    decisions: list[PruneDecision] = []
+    for group in _groups(points, lambda p: (p.vm, p.job)):
+        decisions.extend(_plan_job_group(group, policy, zone))
+    return decisions
+
+
+def _groups(
+    points: Iterable[PointRef], key: Callable[[PointRef], tuple[str, str]]
+) -> list[list[PointRef]]:
+    """The points grouped by `key`, groups in key order, each newest first. An id given twice
+    is refused: deleting by id could then remove a point that is meant to be kept."""
     groups: dict[tuple[str, str], list[PointRef]] = {}
     ids: set[str] = set()
     for point in points:
@@ -339,10 +339,5 @@ def combined_plan(points: Iterable[PointRef], policy: CombinedPolicy) -> list[Pr
         if point.id in ids:
             raise ValueError(f"restore point id {point.id!r} appears more than once")
         ids.add(point.id)
-        groups.setdefault((point.vm, point.job), []).append(point)
-
-    decisions: list[PruneDecision] = []
-    for key in sorted(groups):
-        group = sorted(groups[key], key=_newest_first_key, reverse=True)
-        decisions.extend(_plan_job_group(group, policy, zone))
-    return decisions
+        groups.setdefault(key(point), []).append(point)
+    return [sorted(groups[k], key=_newest_first_key, reverse=True) for k in sorted(groups)]

@@ -4,15 +4,12 @@ the end gc when the job asks for it (docs/RUNS.md §4)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
-from concurrent.futures import Future
 from contextlib import nullcontext
 from typing import Any
 
 from vmkeep.connectors.base import BackupSource, VmConfig
-from vmkeep.engine.jobs.selection import select_configs
 from vmkeep.engine.jobs.spec import BackupJob, FilesConnectorSpec
 from vmkeep.errors import LockedError, TaskCancelled, VmkeepError
 from vmkeep.operations.backup import BackupOptions, backup_vm
@@ -24,10 +21,10 @@ from vmkeep.repository.repository import Repository
 
 from .abort import Abort, AbortingProgress, TaskTimedOut
 from .context import EngineContext
-from .executor import Executor, InProcessExecutor, VmTaskPayload
+from .executor import Executor, VmTaskPayload
 from .healthcheck_step import run_healthcheck, wanted
 from .outcome import combine
-from .steps import RunScope, finish_error
+from .steps import RunScope, fan_out, finish_error, selected_vms
 
 log = logging.getLogger(__name__)
 
@@ -108,24 +105,10 @@ class BackupRun:
 
     def run(self, executor: Executor | None = None) -> str:
         scope, job = self.scope, self.job
-        try:
-            vms = select_configs(job.vms, make_connector(job).list_vms())
-        except VmkeepError as exc:
-            scope.log("error", f"cannot list the VMs: {exc}")
-            return "failed"
-        if not vms:
-            scope.log("warning", "no VM matches the job's selection: nothing to do")
-            return "skipped"
-        workers = min(job.concurrency.vms, job.concurrency.per_host or job.concurrency.vms)
-        executor = executor or InProcessExecutor(workers)
-        futures: list[Future[str]] = []
-        try:
-            for vm in vms:
-                task = scope.add("vm", vm.name, vm=vm.name)
-                futures.append(executor.submit(functools.partial(self.vm, vm, task)))
-            states = [f.result() for f in futures]
-        finally:
-            executor.shutdown(cancel=scope.cancel.is_set())
+        vms = selected_vms(scope, job.vms, lambda: make_connector(job).list_vms())
+        if isinstance(vms, str):
+            return vms
+        states = fan_out(scope, vms, job.concurrency, self.vm, executor)
         if job.gc and not scope.cancel.is_set():
             states += [self.gc(remote) for remote in job.remotes]
         return combine(states)

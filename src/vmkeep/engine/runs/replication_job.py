@@ -5,21 +5,18 @@ loads this module only for replication jobs."""
 
 from __future__ import annotations
 
-import functools
-from concurrent.futures import Future
 from typing import Any
 
 from vmkeep.connectors.base import VmConfig
-from vmkeep.engine.jobs.selection import select_configs
 from vmkeep.engine.jobs.spec import ReplicationJob
 from vmkeep.errors import TaskCancelled, VmkeepError
 from vmkeep.operations.replication import ReplicateOptions, replicate
 
 from .abort import Abort, AbortingProgress, TaskTimedOut
 from .context import EngineContext
-from .executor import Executor, InProcessExecutor
+from .executor import Executor
 from .outcome import combine
-from .steps import RunScope, finish_error
+from .steps import RunScope, fan_out, finish_error, selected_vms
 
 
 def replicate_options(job: ReplicationJob, vm: VmConfig) -> ReplicateOptions:
@@ -57,25 +54,10 @@ class ReplicationRun:
         from vmkeep.connectors.libvirt import LibvirtConnector
 
         scope, job = self.scope, self.job
-        try:
-            vms = select_configs(job.vms, LibvirtConnector(job.connector.uri).list_vms())
-        except VmkeepError as exc:
-            scope.log("error", f"cannot list the VMs: {exc}")
-            return "failed"
-        if not vms:
-            scope.log("warning", "no VM matches the job's selection: nothing to do")
-            return "skipped"
-        workers = min(job.concurrency.vms, job.concurrency.per_host or job.concurrency.vms)
-        executor = executor or InProcessExecutor(workers)
-        futures: list[Future[str]] = []
-        try:
-            for vm in vms:
-                task = scope.add("vm", vm.name, vm=vm.name)
-                futures.append(executor.submit(functools.partial(self.vm, vm, task)))
-            states = [f.result() for f in futures]
-        finally:
-            executor.shutdown(cancel=scope.cancel.is_set())
-        return combine(states)
+        vms = selected_vms(scope, job.vms, lambda: LibvirtConnector(job.connector.uri).list_vms())
+        if isinstance(vms, str):
+            return vms
+        return combine(fan_out(scope, vms, job.concurrency, self.vm, executor))
 
     def vm(self, vm: VmConfig, vm_task: int) -> str:
         scope = self.scope
