@@ -194,21 +194,37 @@ def test_remote_add_records_the_repository_and_old_entries_learn_it(
     cli: Cli, backed_up: dict[str, Any], tmp_path: Path
 ) -> None:
     case = backed_up
-    registry = tmp_path / "config" / "remotes.json"
-    doc = json.loads(registry.read_text())
-    record = doc["remotes"][0]["repository"]
     config = json.loads(case["original"])
-    assert record == {
+    expected = {
         "id": config["id"],
         "encrypted": True,
         "chunk_size": 4096 * KiB,
         "authenticated": True,
     }
-    # An entry written by an older vmkeep has no record: the first open makes one.
-    del doc["remotes"][0]["repository"]
-    registry.write_text(json.dumps(doc))
-    cli("list", "--remote", "nas")
-    assert json.loads(registry.read_text())["remotes"][0]["repository"] == record
+    assert _recorded(Path(cli.env["VMKEEP_DATA_DIR"]), "nas") == expected
+    # An entry written by an older vmkeep (remotes.json, no record), imported into a new data
+    # directory: the first open makes the record.
+    old_home = tmp_path / "older"
+    (old_home / "config").mkdir(parents=True)
+    (old_home / "config" / "remotes.json").write_text(
+        json.dumps({"remotes": [{"name": "nas", "location": str(case["repo"])}]})
+    )
+    env = {"VMKEEP_CONFIG_DIR": str(old_home / "config"), "VMKEEP_DATA_DIR": str(old_home / "data")}
+    cli("list", "--remote", "nas", env=env)
+    assert _recorded(old_home / "data", "nas") == expected
+
+
+def _recorded(data_dir: Path, name: str) -> dict[str, Any] | None:
+    """The repository record the state database holds for remote `name`."""
+    from vmkeep.engine.state import DbRemoteRegistry, StateDB
+
+    db = StateDB.open(data_dir)
+    try:
+        entry = DbRemoteRegistry(db).entry(name)
+        assert entry is not None
+        return entry.repository.model_dump() if entry.repository else None
+    finally:
+        db.close()
 
 
 def test_a_config_without_mac_is_upgraded_once_and_then_checked(
