@@ -15,7 +15,7 @@ from .compression import compress, decompress
 from .format import FLAG_ENCRYPTED, FLAG_ZSTD, HEADER_SIZE, OBJECT_VERSION, header
 from .limits import get_bounded
 from .manifest import new_point_id
-from .repository import Repository
+from .repository import Repository, unique_prefix
 
 METADATA_PREFIX = "metadata/"
 METADATA_MAGIC = b"VMKD"
@@ -121,11 +121,4 @@ def resolve_metadata(repo: Repository, ref: str | None) -> str:
         return ids[-1]
     if not ref.strip():
         raise UsageError("--point: the metadata point id is empty")
-    if ref in ids:
-        return ref
-    matches = [i for i in ids if i.startswith(ref)]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise NotFoundError(f"no metadata point {ref!r} in {repo.remote.url}")
-    raise UsageError(f"metadata point {ref!r} is ambiguous: {len(matches)} match")
+    return unique_prefix(ref, ids, "metadata point", repo.remote.url)

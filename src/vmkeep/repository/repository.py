@@ -294,15 +294,20 @@ class Repository:
         a prefix of every id (a script's unset variable would pick the only point)."""
         if not ref.strip():
             raise UsageError("no restore point given: the restore point id is empty")
-        ids = self.point_ids()
-        if ref in ids:
-            return ref
-        matches = [i for i in ids if i.startswith(ref)]
-        if len(matches) == 1:
-            return matches[0]
-        if not matches:
-            raise NotFoundError(f"no restore point {ref!r} in {self.remote.url}")
-        raise UsageError(f"restore point {ref!r} is ambiguous: {len(matches)} match")
+        return unique_prefix(ref, self.point_ids(), "restore point", self.remote.url)
+
+
+def unique_prefix(ref: str, ids: list[str], what: str, where: str) -> str:
+    """`ref` when it is one of `ids`, else the one id it is a prefix of; NotFoundError when
+    none is, UsageError when several are (restore points, metadata points)."""
+    if ref in ids:
+        return ref
+    matches = [i for i in ids if i.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise NotFoundError(f"no {what} {ref!r} in {where}")
+    raise UsageError(f"{what} {ref!r} is ambiguous: {len(matches)} match")
 
 
 def _refuse_foreign_directory(remote: Remote) -> None:
