@@ -27,7 +27,9 @@ if [[ $set_name != runtime ]]; then
     packages+=(libvirt-dev pkg-config gcc python3-dev)  # libvirt-python builds from its sdist
 fi
 if [[ $set_name == test ]]; then
-    packages+=(qemu-utils fdisk restic borgbackup git samba)
+    packages+=(qemu-utils fdisk restic borgbackup git samba virtnbdbackup)
+    # file restore tests build real file systems (issue 16); mount needs FUSE 3
+    packages+=(xfsprogs btrfs-progs ntfs-3g exfatprogs dosfstools mtools lvm2 fuse3)
     command -v npm >/dev/null || packages+=(nodejs npm)  # Azurite, the Azure Blob emulator
 fi
 missing=()
