@@ -11,10 +11,11 @@ from typing import Any
 from vmkeep.connectors.base import DiskWriter
 from vmkeep.connectors.files.qcow2_writer import Qcow2DiskWriter
 from vmkeep.connectors.files.raw import RawDiskWriter
-from vmkeep.errors import NotFoundError, UsageError
+from vmkeep.errors import UsageError
 from vmkeep.progress import Progress
 from vmkeep.repository.repository import Repository
 
+from .point_disk import disk_of
 from .restore import restore_disk
 
 FORMATS = ("raw", "qcow2")
@@ -45,12 +46,7 @@ def export_disk(
         raise UsageError(f"{output.parent} is not a directory")
     began = time.monotonic()
     manifest = repo.load_manifest(repo.resolve_point(point_ref))
-    index = next((d for d in manifest.disks if d.name == disk_name), None)
-    if index is None:
-        names = ", ".join(d.name for d in manifest.disks)
-        raise NotFoundError(
-            f"restore point {manifest.id} has no disk {disk_name!r} (it has {names})"
-        )
+    index = disk_of(manifest, disk_name)
     # A name nobody can predict, created with O_EXCL|O_NOFOLLOW by the writers: a symlink or
     # file planted in the output directory is never written through.
     partial = output.with_name(f".{output.name}.partial-{os.getpid()}-{os.urandom(6).hex()}")
