@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import replace
 from functools import partial
@@ -26,8 +25,10 @@ from vmkeep.connectors.libvirt.domxml import (
     resolve_volume,
 )
 from vmkeep.connectors.libvirt.guest_freeze import GuestFreeze
+from vmkeep.connectors.libvirt.job_end import end_job
 from vmkeep.connectors.libvirt.jobxml import backup_xml, checkpoint_xml, parse_job, scratch_path
 from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader, NbdServer
+from vmkeep.connectors.libvirt.remote_runs import clean_remote_runs
 from vmkeep.connectors.libvirt.session_notes import NotingSession
 from vmkeep.connectors.libvirt.workdir import (
     ROOT,
@@ -40,7 +41,6 @@ from vmkeep.errors import ConnectorError
 
 log = logging.getLogger(__name__)
 
-JOB_END_TIMEOUT = 15.0
 SCRATCH = "vmkeep-scratch-"  # suffix of a remote job's scratch files when it makes no checkpoint
 PORT_TRIES = 16  # a TCP export takes the first free port of PORT .. PORT + 15
 
@@ -164,31 +164,6 @@ class LiveBackupSession(NotingSession):
                 dom, self.keep_checkpoints, self.disks, self.checkpoint_prefix, delete
             ):
                 self._note(note)
-
-
-def end_job(dom: Any, timeout: float = JOB_END_TIMEOUT) -> str | None:
-    """abortJob() is how a pull backup ends; wait until libvirt reports no job. A note on
-    trouble (the VM stopped: the job is already gone, which is fine)."""
-    lv = libvirt()
-    try:
-        dom.abortJob()
-    except lv.libvirtError as exc:
-        if error_code(exc) not in (lv.VIR_ERR_OPERATION_INVALID, lv.VIR_ERR_NO_DOMAIN):
-            return f"could not abort the backup job: {one_line(exc)}"
-    deadline = time.monotonic() + timeout
-    while _job_active(dom):
-        if time.monotonic() > deadline:
-            return f"the backup job did not end within {timeout:.0f} s"
-        time.sleep(0.05)
-    return None
-
-
-def _job_active(dom: Any) -> bool:
-    lv = libvirt()
-    try:
-        return bool(dom.jobInfo()[0] != lv.VIR_DOMAIN_JOB_NONE)
-    except lv.libvirtError:
-        return False
 
 
 def backup_job_running(dom: Any) -> bool:
@@ -386,9 +361,6 @@ def remote_scratch(
 def _clean_remote_runs(conn: Connection, previous: Mapping[str, str | None]) -> list[str]:
     """Clean up after killed runs over this remote URI (any domain) before this one starts,
     keeping the checkpoint `previous` names (a run killed after writing its restore point)."""
-    # Imported here: remote_runs ends jobs with end_job from this module.
-    from vmkeep.connectors.libvirt.remote_runs import clean_remote_runs
-
     return clean_remote_runs(conn, keep={c for c in previous.values() if c})
 
 

@@ -25,8 +25,8 @@ from typing import Any
 from vmkeep.connectors.libvirt import qemu_img
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.job_end import end_job
 from vmkeep.connectors.libvirt.job_settle import SETTLE_TIMEOUT, job_starting
-from vmkeep.connectors.libvirt.live import end_job
 from vmkeep.connectors.libvirt.stale_runs import drop_volumes, settle_checkpoint
 from vmkeep.connectors.libvirt.workdir import (
     ROOT,

@@ -24,8 +24,8 @@ from vmkeep.connectors.libvirt import checkpoints, qemu_img
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DomainDisk, parse_disks, resolve_volume
+from vmkeep.connectors.libvirt.job_end import end_job
 from vmkeep.connectors.libvirt.job_settle import settle_stale_jobs
-from vmkeep.connectors.libvirt.live import end_job
 from vmkeep.connectors.libvirt.workdir import ROOT, StaleWorkdir, remove_workdir, stale_workdirs
 from vmkeep.errors import VmkeepError
 
