@@ -198,7 +198,7 @@ def restore(
     target = to or ""
     if connector == "libvirt":
         from vmkeep.connectors.libvirt import LibvirtConnector
-        from vmkeep.connectors.libvirt.inplace_restore import in_place_target
+        from vmkeep.connectors.libvirt.restore.in_place import in_place_target
 
         assert isinstance(target_connector, LibvirtConnector)
         target_connector.keep_macs = keep_macs

@@ -20,13 +20,19 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from vmkeep.connectors.libvirt import checkpoints, qemu_img
+from vmkeep.connectors.libvirt.backup import checkpoints
+from vmkeep.connectors.libvirt.backup.job_end import end_job
+from vmkeep.connectors.libvirt.backup.workdir import (
+    ROOT,
+    StaleWorkdir,
+    remove_workdir,
+    stale_workdirs,
+)
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
+from vmkeep.connectors.libvirt.cleanup.job_settle import settle_stale_jobs
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DomainDisk, parse_disks, resolve_volume
-from vmkeep.connectors.libvirt.job_end import end_job
-from vmkeep.connectors.libvirt.job_settle import settle_stale_jobs
-from vmkeep.connectors.libvirt.workdir import ROOT, StaleWorkdir, remove_workdir, stale_workdirs
+from vmkeep.connectors.libvirt.transport import qemu_img
 from vmkeep.errors import VmkeepError
 
 log = logging.getLogger(__name__)

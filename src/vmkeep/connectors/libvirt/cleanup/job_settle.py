@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vmkeep.connectors.libvirt.backup.workdir import ROOT, stale_workdirs
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt
 from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.workdir import ROOT, stale_workdirs
 from vmkeep.errors import ConnectorError, VmkeepError
 
 SETTLE_TIMEOUT = 60.0  # libvirt's own job-lock wait is 30 s; a starting job ends within it

@@ -22,18 +22,18 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from vmkeep.connectors.libvirt import qemu_img
-from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
-from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.job_end import end_job
-from vmkeep.connectors.libvirt.job_settle import SETTLE_TIMEOUT, job_starting
-from vmkeep.connectors.libvirt.stale_runs import drop_volumes, settle_checkpoint
-from vmkeep.connectors.libvirt.workdir import (
+from vmkeep.connectors.libvirt.backup.job_end import end_job
+from vmkeep.connectors.libvirt.backup.workdir import (
     ROOT,
     StaleWorkdir,
     remove_workdir,
     stale_workdirs,
 )
+from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
+from vmkeep.connectors.libvirt.cleanup.job_settle import SETTLE_TIMEOUT, job_starting
+from vmkeep.connectors.libvirt.cleanup.stale_runs import drop_volumes, settle_checkpoint
+from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.transport import qemu_img
 from vmkeep.errors import ConnectorError, NotFoundError, VmkeepError
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from vmkeep.connectors.libvirt.ssh_nbd import SshTarget, is_ssh_uri
+from vmkeep.connectors.libvirt.transport.ssh_nbd import SshTarget, is_ssh_uri
 from vmkeep.errors import ConnectorError
 
 TIMEOUT = 120.0  # one qemu-img command (a large image's bitmap is written in full)

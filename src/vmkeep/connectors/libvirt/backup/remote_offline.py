@@ -15,15 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from vmkeep.connectors.libvirt import checkpoints
+from vmkeep.connectors.libvirt.backup import checkpoints
+from vmkeep.connectors.libvirt.backup.offline import OfflineBackupSession, begin_offline_backup
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
+from vmkeep.connectors.libvirt.cleanup.remote_runs import clean_remote_runs
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import parse_disks, resolve_volume
-from vmkeep.connectors.libvirt.image_nbd import FORMATS
-from vmkeep.connectors.libvirt.offline import OfflineBackupSession, begin_offline_backup
-from vmkeep.connectors.libvirt.remote_runs import clean_remote_runs
-from vmkeep.connectors.libvirt.ssh_master import SshMaster
-from vmkeep.connectors.libvirt.ssh_nbd import SshTarget, is_ssh_uri
+from vmkeep.connectors.libvirt.transport.image_nbd import FORMATS
+from vmkeep.connectors.libvirt.transport.ssh_master import SshMaster
+from vmkeep.connectors.libvirt.transport.ssh_nbd import SshTarget, is_ssh_uri
 from vmkeep.errors import ConnectorError
 
 

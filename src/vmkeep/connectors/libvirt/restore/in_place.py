@@ -33,9 +33,9 @@ from vmkeep.connectors.base import (
 )
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.domxml import is_active
-from vmkeep.connectors.libvirt.image_nbd import FORMATS, NbdImage, open_image
-from vmkeep.connectors.libvirt.restore import FILE_POOL_TYPES
-from vmkeep.connectors.libvirt.ssh_master import SshMaster
+from vmkeep.connectors.libvirt.restore.new_domain import FILE_POOL_TYPES
+from vmkeep.connectors.libvirt.transport.image_nbd import FORMATS, NbdImage, open_image
+from vmkeep.connectors.libvirt.transport.ssh_master import SshMaster
 from vmkeep.errors import ConnectorError, NotFoundError
 
 log = logging.getLogger(__name__)

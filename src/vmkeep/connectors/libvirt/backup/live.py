@@ -16,27 +16,33 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.connectors.base import DiskReader
-from vmkeep.connectors.libvirt import checkpoints, qemu_img
-from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
-from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.domxml import (
-    DomainDisk,
-    parse_disks,
-    resolve_volume,
+from vmkeep.connectors.libvirt.backup import checkpoints
+from vmkeep.connectors.libvirt.backup.guest_freeze import GuestFreeze
+from vmkeep.connectors.libvirt.backup.job_end import end_job
+from vmkeep.connectors.libvirt.backup.jobxml import (
+    backup_xml,
+    checkpoint_xml,
+    parse_job,
+    scratch_path,
 )
-from vmkeep.connectors.libvirt.guest_freeze import GuestFreeze
-from vmkeep.connectors.libvirt.job_end import end_job
-from vmkeep.connectors.libvirt.jobxml import backup_xml, checkpoint_xml, parse_job, scratch_path
-from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader, NbdServer
-from vmkeep.connectors.libvirt.remote_runs import clean_remote_runs
-from vmkeep.connectors.libvirt.session_notes import NotingSession
-from vmkeep.connectors.libvirt.workdir import (
+from vmkeep.connectors.libvirt.backup.session_notes import NotingSession
+from vmkeep.connectors.libvirt.backup.workdir import (
     ROOT,
     abandon_workdir,
     make_workdir,
     remove_workdir,
     update_marker,
 )
+from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
+from vmkeep.connectors.libvirt.cleanup.remote_runs import clean_remote_runs
+from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.domxml import (
+    DomainDisk,
+    parse_disks,
+    resolve_volume,
+)
+from vmkeep.connectors.libvirt.transport import qemu_img
+from vmkeep.connectors.libvirt.transport.nbd_reader import NbdDiskReader, NbdServer
 from vmkeep.errors import ConnectorError
 
 log = logging.getLogger(__name__)

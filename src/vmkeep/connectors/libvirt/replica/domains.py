@@ -1,5 +1,5 @@
 """Finding, setting aside and deleting replica domains. A domain is a replica only when its
-<metadata> holds a vmkeep replica record (replica_record.py) naming the source's uuid: nothing
+<metadata> holds a vmkeep replica record (replica/record.py) naming the source's uuid: nothing
 else is ever deleted or renamed, whatever its name looks like."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import parse_disks
-from vmkeep.connectors.libvirt.replica_record import NAMESPACE, ReplicaRecord, read_record
+from vmkeep.connectors.libvirt.replica.record import NAMESPACE, ReplicaRecord, read_record
 from vmkeep.errors import ConnectorError
 
 

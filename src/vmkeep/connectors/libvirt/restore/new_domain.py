@@ -17,11 +17,11 @@ from xml.sax.saxutils import escape
 
 from vmkeep.connectors.base import DiskInfo, DiskWriter, VmConfig
 from vmkeep.connectors.files.qcow2_writer import Qcow2DiskWriter
+from vmkeep.connectors.libvirt.backup.workdir import abandon_workdir, make_workdir, remove_workdir
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DOMAIN_XML_KEY
-from vmkeep.connectors.libvirt.volume_upload import UploadingVolumeWriter
-from vmkeep.connectors.libvirt.workdir import abandon_workdir, make_workdir, remove_workdir
+from vmkeep.connectors.libvirt.restore.volume_upload import UploadingVolumeWriter
 from vmkeep.errors import ConnectorError, NameTakenError
 
 KEEP_MACS_KEY = "vmkeep.keep_macs"

@@ -18,9 +18,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from vmkeep.connectors.libvirt.backup.thaw_guard import ThawGuard
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.domxml import has_guest_agent
-from vmkeep.connectors.libvirt.thaw_guard import ThawGuard
 
 log = logging.getLogger(__name__)
 

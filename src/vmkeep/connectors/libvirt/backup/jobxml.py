@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from vmkeep.connectors.libvirt.nbd_reader import NbdServer
+from vmkeep.connectors.libvirt.transport.nbd_reader import NbdServer
 
 CHECKPOINT_DESCRIPTION = "vmkeep backup"
 

@@ -21,18 +21,19 @@ from typing import Any
 from vmkeep.connectors.base import DiskReader, Extent
 from vmkeep.connectors.files.qcow2 import Qcow2FeatureError, Qcow2Reader
 from vmkeep.connectors.files.raw import RawDiskReader
-from vmkeep.connectors.libvirt import checkpoints, offline_checkpoint, qemu_img
+from vmkeep.connectors.libvirt.backup import checkpoints, offline_checkpoint
+from vmkeep.connectors.libvirt.backup.session_notes import NotingSession
+from vmkeep.connectors.libvirt.backup.workdir import make_workdir, remove_workdir
 from vmkeep.connectors.libvirt.bindings import libvirt
 from vmkeep.connectors.libvirt.domxml import DomainDisk, started_meanwhile
-from vmkeep.connectors.libvirt.image_nbd import NbdImage
-from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader
-from vmkeep.connectors.libvirt.qemu_img import QemuImg, SshQemuImg
-from vmkeep.connectors.libvirt.qemu_nbd import QemuNbdExport
-from vmkeep.connectors.libvirt.replica_record import VolumeStamp, local_stat
-from vmkeep.connectors.libvirt.session_notes import NotingSession
-from vmkeep.connectors.libvirt.ssh_master import SshMaster
-from vmkeep.connectors.libvirt.ssh_nbd import SshTarget
-from vmkeep.connectors.libvirt.workdir import make_workdir, remove_workdir
+from vmkeep.connectors.libvirt.replica.record import VolumeStamp, local_stat
+from vmkeep.connectors.libvirt.transport import qemu_img
+from vmkeep.connectors.libvirt.transport.image_nbd import NbdImage
+from vmkeep.connectors.libvirt.transport.nbd_reader import NbdDiskReader
+from vmkeep.connectors.libvirt.transport.qemu_img import QemuImg, SshQemuImg
+from vmkeep.connectors.libvirt.transport.qemu_nbd import QemuNbdExport
+from vmkeep.connectors.libvirt.transport.ssh_master import SshMaster
+from vmkeep.connectors.libvirt.transport.ssh_nbd import SshTarget
 from vmkeep.errors import ConnectorError
 
 log = logging.getLogger(__name__)

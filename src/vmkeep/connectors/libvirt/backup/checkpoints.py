@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from vmkeep.connectors.libvirt import offline_checkpoint, qemu_img
+from vmkeep.connectors.libvirt.backup import offline_checkpoint
+from vmkeep.connectors.libvirt.backup.jobxml import checkpoint_disks, creation_time
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.domxml import DomainDisk
-from vmkeep.connectors.libvirt.jobxml import checkpoint_disks, creation_time
-from vmkeep.connectors.libvirt.qemu_img import QemuImg
+from vmkeep.connectors.libvirt.transport import qemu_img
+from vmkeep.connectors.libvirt.transport.qemu_img import QemuImg
 
 # Backup and replication checkpoints live side by side on a domain, each kind pruned only by
 # its own runs: a backup never deletes a replication checkpoint (the base of the next

@@ -25,7 +25,12 @@ import time
 from dataclasses import replace
 from types import TracebackType
 
-from vmkeep.connectors.libvirt.ssh_nbd import READY_TIMEOUT, SshTarget, error_line, short_tmp
+from vmkeep.connectors.libvirt.transport.ssh_nbd import (
+    READY_TIMEOUT,
+    SshTarget,
+    error_line,
+    short_tmp,
+)
 from vmkeep.errors import ConnectorError
 
 PREFIX = "vmkeep-ssh-"

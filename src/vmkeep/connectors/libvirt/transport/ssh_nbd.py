@@ -36,8 +36,8 @@ from typing import IO, Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from vmkeep.connectors.libvirt.bindings import nbd, nbd_handle, one_line
-from vmkeep.connectors.libvirt.image_nbd import NbdImage, qemu_nbd_options
-from vmkeep.connectors.libvirt.replica_record import VolumeStamp
+from vmkeep.connectors.libvirt.replica.record import VolumeStamp
+from vmkeep.connectors.libvirt.transport.image_nbd import NbdImage, qemu_nbd_options
 from vmkeep.errors import ConnectorError
 
 READY_TIMEOUT = 120.0  # ssh login + qemu-nbd opening the image

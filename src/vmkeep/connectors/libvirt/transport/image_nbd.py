@@ -25,7 +25,7 @@ from typing import Any
 
 from vmkeep.connectors.base import Extent
 from vmkeep.connectors.libvirt.bindings import nbd, nbd_handle, one_line
-from vmkeep.connectors.libvirt.nbd_reader import (
+from vmkeep.connectors.libvirt.transport.nbd_reader import (
     BASE_ALLOCATION,
     DIRTY,
     merged_extents,
