@@ -240,7 +240,9 @@ def export(
     point: str = typer.Argument(..., help="Restore point id (or a unique prefix)."),
     disk: str = typer.Argument(..., help="Disk name, as `vmkeep list --json` shows it."),
     output: Path = typer.Argument(..., help="Image file to write (must not exist)."),
-    fmt: str = typer.Option("raw", "--format", help="raw or qcow2."),
+    fmt: str = typer.Option(
+        "raw", "--format", help="raw, qcow2 or vhd (dynamic VHD, for Hyper-V and XCP-ng)."
+    ),
     remote: str | None = RemoteOpt,
     json_out: bool = JsonOpt,
 ) -> None:
