@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .conftest import Cli, sha256
+from .conftest import VMKEEP, Cli, sha256
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -66,3 +68,36 @@ def backed_up(
 # Holes between data ranges, a range across a 2 MiB boundary, data in the short last 2 MiB.
 ODD_SIZE = 13 * MiB + 7 * 512  # neither a multiple of 2 MiB nor of the 1 MiB chunk
 ODD_DATA = [(0, 300 * KiB), (3 * MiB + 5 * KiB, 2 * MiB), (9 * MiB, 4 * KiB), (13 * MiB, 7 * 512)]
+
+
+class Served:
+    """A `vmkeep serve-nbd` process; `uri` is the address it printed first."""
+
+    def __init__(self, cli: Cli, point: Point, *args: str) -> None:
+        cmd = [VMKEEP, "serve-nbd", point.point, "disk0", "--remote", str(point.repo), "--json"]
+        self.proc = subprocess.Popen(
+            [*cmd, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=cli.env,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, self.proc.communicate(timeout=30)[1]
+        self.uri = str(json.loads(line)["uri"])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> tuple[int, str]:
+        """Signal the server; its exit code and stderr once it is gone."""
+        self.proc.send_signal(sig)
+        _, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, err
+
+    def __enter__(self) -> Served:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate(timeout=30)
