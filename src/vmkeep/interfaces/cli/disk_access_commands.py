@@ -68,6 +68,49 @@ def serve_nbd(
         )
 
 
+def mount(
+    point: str = PointArg,
+    disk: str = DiskArg,
+    mountpoint: Path = typer.Argument(..., help="An existing directory to mount on."),
+    foreground: bool = typer.Option(
+        False, "--foreground", help="Serve in this process until unmounted or interrupted."
+    ),
+    remote: str | None = RemoteOpt,
+) -> None:
+    """Expose one disk of a restore point as a read-only raw image file, DISK.raw, in
+    MOUNTPOINT (FUSE), for losetup -r, mount -o ro, fsck -n or any tool reading files.
+
+    Without --foreground the command returns once the mount is ready and a background
+    process serves it until `vmkeep umount MOUNTPOINT`."""
+    from vmkeep.operations.mount import check_mountpoint, image_name
+    from vmkeep.operations.point_disk import open_point_disk
+
+    check_mountpoint(mountpoint)
+    repo = state.open_repository(remote)
+    with open_point_disk(repo, point, disk) as view:  # errors here: before anything mounts
+        if foreground:
+            from vmkeep.operations.mount import serve_mount
+
+            print(f"{mountpoint / image_name(disk)}  (read-only; Ctrl-C or umount stops)")
+            sys.stdout.flush()
+            serve_mount(view, disk, mountpoint)
+            return
+    from .mount_spawn import mount_in_background
+
+    secret = state.passphrase() if repo.encrypted else None
+    mount_in_background(point, disk, mountpoint, remote, secret)
+    print(mountpoint / image_name(disk))
+
+
+def umount(
+    mountpoint: Path = typer.Argument(..., help="Where `vmkeep mount` mounted a disk."),
+) -> None:
+    """Unmount a `vmkeep mount`; its serving process then exits."""
+    from .mount_spawn import unmount
+
+    unmount(mountpoint)
+
+
 def _stop_on_signals(stop: Callable[[], None]) -> None:
     """SIGINT and SIGTERM end the server cleanly (the socket is removed)."""
 
@@ -80,3 +123,5 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
 def register(app: typer.Typer) -> None:
     app.command("serve-nbd")(serve_nbd)
+    app.command("mount")(mount)
+    app.command("umount")(umount)
