@@ -41,6 +41,7 @@ class Listen:
     socket_path: Path | None = None
     host: str = "127.0.0.1"
     port: int = 10809
+    owner: tuple[int, int] | None = None  # (uid, gid) of the socket: e.g. QEMU's user
 
 
 @dataclass
@@ -69,7 +70,7 @@ class NbdServer:
 
     def _bind(self) -> socket.socket:
         if self.listen.socket_path is not None:
-            return _bind_unix(self.listen.socket_path)
+            return _bind_unix(self.listen.socket_path, self.listen.owner)
         try:
             infos = socket.getaddrinfo(
                 self.listen.host, self.listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -276,14 +277,17 @@ class NbdServer:
         return [p.structured_error(cookie, code, message)]
 
 
-def _bind_unix(path: Path) -> socket.socket:
-    """A Unix socket only its owner can connect to (the disk's data is behind it). A stale
-    socket nobody listens on is replaced; anything else at the path is refused."""
+def _bind_unix(path: Path, owner: tuple[int, int] | None) -> socket.socket:
+    """A Unix socket only its owner can connect to (the disk's data is behind it): this
+    process's user, or `owner`. A stale socket nobody listens on is replaced; anything else
+    at the path is refused."""
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
         sock.bind(str(path))
+        if owner is not None:
+            os.chown(path, *owner)
         sock.listen(MAX_CLIENTS)
     except OSError as exc:
         sock.close()
