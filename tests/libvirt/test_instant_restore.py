@@ -121,3 +121,68 @@ def test_instant_restore_refusals_leave_nothing(libvirt_env: LibvirtEnv, tmp_pat
     finally:
         remove_domain(libvirt_env, name)
         d.destroy()
+
+
+def test_a_killed_instant_restore_is_finished_by_a_rerun(
+    libvirt_env: LibvirtEnv, tmp_path: Path
+) -> None:
+    """vmkeep is SIGKILLed mid-copy after the guest wrote to its disk; the rerun refuses while
+    the domain runs (its export is gone), refuses another point, then, once the domain is off,
+    serves the point again and finishes: the volume is the point plus the guest's write."""
+    import libvirt_qemu
+
+    import libvirt
+
+    cli = Cli(tmp_path)
+    repo = tmp_path / "repo"
+    cli("init", str(repo))
+    d = lv.TestDomain(libvirt_env.conn, libvirt_env.pool, (16 * MiB,))
+    name = lv.unique_name("resumed")
+    try:
+        d.guest_write("vda", 0, os.urandom(3 * MiB))
+        args = ("--connector", "libvirt", "--remote", str(repo), "--json")
+        point = cli("backup", d.name, *args).json()["restore_point"]
+        d.guest_write("vda", MiB, os.urandom(4096))
+        other = cli("backup", d.name, *args).json()["restore_point"]
+        raw = tmp_path / "point.raw"
+        cli("export", point, "vda", str(raw), "--remote", str(repo))
+        restore = ("restore", point, "--connector", "libvirt", "--instant", "--to",
+                   libvirt_env.pool.name, "--name", name, "--remote", str(repo))  # fmt: skip
+        proc = subprocess.Popen(
+            [VMKEEP, *restore, "--bandwidth", "1"],
+            env=cli.env,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        assert proc.stderr is not None
+        line = ""
+        while "running after" not in line and proc.poll() is None:
+            line = proc.stderr.readline()
+        dom = libvirt_env.conn.lookupByName(name)
+        write = 'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P 0x5a 12M 64k"'
+        libvirt_qemu.qemuMonitorCommand(
+            dom, write, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+        )
+        time.sleep(1)
+        proc.kill()  # SIGKILL: no clean-up at all
+        proc.communicate(timeout=30)
+        assert dom.isActive() and disk_backing(dom) is not None
+        run = cli(*restore, ok=False)
+        assert "power it off" in run.err and run.code not in (0, 70)
+        dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+        wrong = ("restore", other, *restore[2:])
+        run = cli(*wrong, ok=False)
+        assert "another point" in run.err and run.code not in (0, 70)
+        out = cli(*restore, "--bandwidth", "0", "--json").json()
+        assert out["name"] == name and dom.isActive() and disk_backing(dom) is None
+        dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+        volume = out["disks"]["vda"]
+        converted = tmp_path / "volume.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", volume, str(converted)], check=True)
+        expected = bytearray(raw.read_bytes())
+        expected[12 * MiB : 12 * MiB + 65536] = b"\x5a" * 65536  # the guest's write survived
+        assert converted.read_bytes() == bytes(expected)
+    finally:
+        remove_domain(libvirt_env, name)
+        d.destroy()

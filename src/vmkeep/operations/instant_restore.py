@@ -26,11 +26,18 @@ from vmkeep.connectors.libvirt import LibvirtConnector
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.restore import NewDomainSink
-from vmkeep.connectors.libvirt.workdir import QEMU_USERS, make_workdir, remove_workdir
+from vmkeep.connectors.libvirt.workdir import (
+    QEMU_USERS,
+    make_workdir,
+    reclaim_workdir,
+    remove_workdir,
+)
 from vmkeep.errors import ConnectorError, UsageError
 from vmkeep.progress import Progress
+from vmkeep.repository.manifest import DiskIndex, Manifest
 from vmkeep.repository.repository import Repository
 
+from .instant_resume import Unfinished, export_name, find_unfinished
 from .nbd_server import Listen, NbdServer
 from .point_disk import PointDisk
 from .restore import create_new_vm, drop_unreadable_metadata
@@ -72,52 +79,132 @@ def instant_restore(
     bandwidth: int = DEFAULT_BANDWIDTH,
     on_running: Callable[[str, float], None] | None = None,
 ) -> InstantReport:
-    """Define and start the new domain on the export, copy the data, stop the export."""
+    """Define and start the new domain on the export, copy the data, stop the export. When
+    domain `name` is an instant restore of this point a dead vmkeep left unfinished (and shut
+    off), finish it instead: serve the point again at the same sockets, start, copy."""
     if bandwidth < 0:
         raise UsageError("--bandwidth must be 0 (no limit) or more MiB/s")
     began = time.monotonic()
     manifest = repo.load_manifest(repo.resolve_point(point_ref))
-    drop_unreadable_metadata(manifest, progress)
+    conn = Connection(connector.uri)
+    try:
+        unfinished = find_unfinished(conn, name, manifest) if name else None
+        if unfinished is not None:
+            return _resume(repo, manifest, conn, unfinished, name or "", began, progress,
+                           bandwidth, on_running)  # fmt: skip
+        drop_unreadable_metadata(manifest, progress)
+        return _fresh(repo, connector, manifest, conn, name, pool, began, progress, bandwidth,
+                      on_running)  # fmt: skip
+    finally:
+        conn.close()
+
+
+def _fresh(
+    repo: Repository,
+    connector: LibvirtConnector,
+    manifest: Manifest,
+    conn: Connection,
+    name: str | None,
+    pool: str,
+    began: float,
+    progress: Progress,
+    bandwidth: int,
+    on_running: Callable[[str, float], None] | None,
+) -> InstantReport:
     sink, name = create_new_vm(connector, manifest, name, pool)
     if not isinstance(sink, NewDomainSink) or sink.uploads:
         sink.abort()
         raise UsageError("--instant needs a local libvirt URI (QEMU must reach vmkeep's socket)")
     workdir = make_workdir(owner={"instant_restore": name})
     exports: list[_Export] = []
-    conn = Connection(connector.uri)
     running: float | None = None  # seconds from the command to the running domain
     try:
         for index in manifest.disks:  # empty volumes, then the domain (defined, shut off)
             sink.open_disk(DiskInfo(index.name, index.size, index.format, dict(index.extra)))
         sink.commit()
         for i, index in enumerate(manifest.disks):
-            listen = Listen(socket_path=workdir / f"disk{i}.sock", owner=_qemu_owner())
-            disk = PointDisk(repo, index)
-            server = NbdServer(disk, index.name, listen)
-            thread = threading.Thread(target=server.serve, name=f"nbd-{index.name}", daemon=True)
-            thread.start()
-            exports.append(_Export(server, disk, thread))
-            _set_backing(Path(sink.paths[index.name]), server.uri)
+            export = _serve(repo, index, manifest.id, workdir / f"disk{i}.sock")
+            exports.append(export)
+            _set_backing(Path(sink.paths[index.name]), export.server.uri)
         dom = conn.lookup(name)
-        _start(dom, name)
-        running = time.monotonic() - began
-        if on_running is not None:
-            on_running(name, running)
-        targets = [index.name for index in manifest.disks]
-        _pull(dom, targets, bandwidth, progress, sum(d.size for d in manifest.disks))
+        running = _run_and_copy(dom, name, list(sink.paths), began, progress, bandwidth,
+                                on_running, sum(d.size for d in manifest.disks))  # fmt: skip
     except BaseException:
         if running is None:
             _remove_domain(conn, name, sink)
         raise
     finally:
-        for export in exports:
-            export.server.stop()
-        for export in exports:
-            export.thread.join(timeout=15)
-            export.disk.close()
-        remove_workdir(workdir, [])
-        conn.close()
+        _stop(exports, workdir)
     return InstantReport(manifest.id, name, running, time.monotonic() - began, dict(sink.paths))
+
+
+def _resume(
+    repo: Repository,
+    manifest: Manifest,
+    conn: Connection,
+    unfinished: Unfinished,
+    name: str,
+    began: float,
+    progress: Progress,
+    bandwidth: int,
+    on_running: Callable[[str, float], None] | None,
+) -> InstantReport:
+    progress.note(f"domain {name} is an unfinished instant restore of this point: finishing it")
+    workdir = reclaim_workdir(unfinished.workdir, {"instant_restore": name})
+    exports: list[_Export] = []
+    try:
+        indexes = {index.name: index for index in manifest.disks}
+        for disk, (_, sock) in unfinished.disks.items():
+            exports.append(_serve(repo, indexes[disk], manifest.id, sock))
+        sizes = sum(indexes[d].size for d in unfinished.disks)
+        running = _run_and_copy(unfinished.dom, name, list(unfinished.disks), began, progress,
+                                bandwidth, on_running, sizes)  # fmt: skip
+    finally:
+        _stop(exports, workdir)
+    volumes = {disk: str(path) for disk, (path, _) in unfinished.disks.items()}
+    return InstantReport(manifest.id, name, running, time.monotonic() - began, volumes)
+
+
+def _serve(repo: Repository, index: DiskIndex, point_id: str, sock: Path) -> _Export:
+    """The disk's export on `sock`, in a thread, reachable by QEMU's user."""
+    disk = PointDisk(repo, index)
+    try:
+        server = NbdServer(disk, export_name(point_id, index.name),
+                           Listen(socket_path=sock, owner=_qemu_owner()))  # fmt: skip
+    except BaseException:
+        disk.close()
+        raise
+    thread = threading.Thread(target=server.serve, name=f"nbd-{index.name}", daemon=True)
+    thread.start()
+    return _Export(server, disk, thread)
+
+
+def _run_and_copy(
+    dom: Any,
+    name: str,
+    targets: list[str],
+    began: float,
+    progress: Progress,
+    bandwidth: int,
+    on_running: Callable[[str, float], None] | None,
+    total: int,
+) -> float:
+    """Start the domain, then copy; the seconds from the command to the running domain."""
+    _start(dom, name)
+    running = time.monotonic() - began
+    if on_running is not None:
+        on_running(name, running)
+    _pull(dom, targets, bandwidth, progress, total)
+    return running
+
+
+def _stop(exports: list[_Export], workdir: Path) -> None:
+    for export in exports:
+        export.server.stop()
+    for export in exports:
+        export.thread.join(timeout=15)
+        export.disk.close()
+    remove_workdir(workdir, [])
 
 
 def _qemu_owner() -> tuple[int, int] | None:
