@@ -115,3 +115,37 @@ def test_clients_beyond_the_limit_are_refused_clearly(served: Serving) -> None:
             s.close()
     code, err = server.stop()
     assert code == 0, err
+
+
+def test_a_corrupt_chunk_is_an_io_error_never_wrong_bytes(cli: Cli, tmp_path: Path) -> None:
+    """Whoever can write the remote flips a bit in a chunk: the reads of that chunk fail with
+    EIO (and a warning line), the other chunks are still served, the server keeps running."""
+    from vmkeep.operations.point_disk import disk_of
+    from vmkeep.remotes.local import LocalRemote
+    from vmkeep.repository.format import chunk_object_name
+    from vmkeep.repository.repository import Repository
+
+    point = backed_up(cli, tmp_path, 3 * MiB, [(0, 3 * MiB)])  # 1 MiB chunks: three
+    repo = Repository.open(LocalRemote(point.repo), lambda: b"")
+    index = disk_of(repo.load_manifest(point.point), "disk0")
+    victim = point.repo / chunk_object_name(index.chunk_id(1))
+    data = bytearray(victim.read_bytes())
+    data[-20] ^= 1
+    victim.write_bytes(bytes(data))
+    sock = tmp_path / "nbd.sock"
+    with Served(cli, point, "--socket", str(sock)) as server:
+        s, _ = handshake(sock)
+        with s:
+            assert request(s, p.CMD_READ, 0, 4096) == 0
+            assert recv(s, 4096) == point.raw.read_bytes()[:4096]
+            assert request(s, p.CMD_READ, MiB + 10, 100) == p.EIO
+            assert request(s, p.CMD_READ, 2 * MiB, 4096) == 0
+            assert recv(s, 4096) == point.raw.read_bytes()[2 * MiB : 2 * MiB + 4096]
+        copy = tmp_path / "copy.raw"
+        uri = f"nbd+unix:///?socket={sock}"
+        run = subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(copy)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert run.returncode != 0  # the copy fails instead of holding wrong bytes
+        assert server.proc.poll() is None
+        code, err = server.stop()
+    assert code == 0 and "warning: read of" in err
