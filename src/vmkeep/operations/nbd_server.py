@@ -3,10 +3,9 @@
 A server of vmkeep's own rather than nbdkit's Python plugin: the plugin runs in nbdkit's
 embedded interpreter (Debian's python3, not vmkeep's venv), so vmkeep's code and its
 dependencies would have to be found from there; the protocol subset a read-only export needs
-is small (nbd_protocol.py). Each client gets a thread that reads its requests and up to
-IN_FLIGHT workers that answer them; reads go through one shared PointDisk (thread-safe pread,
-LRU of decoded chunks, read-ahead), so memory is bounded by the cache plus IN_FLIGHT requests
-(at most 32 MiB each) per client, and at most
+is small (nbd_protocol.py). Each client gets a thread that handles its requests in order;
+reads go through one shared PointDisk (thread-safe pread, LRU of decoded chunks, read-ahead),
+so memory is bounded by the cache plus one request (at most 32 MiB) per client, and at most
 MAX_CLIENTS clients are served (the next ones get a clear refusal during the handshake).
 Block status (base:allocation) reports the index's zero chunks as holes, so `qemu-img
 convert` and `nbdcopy` skip them without reading. Writes, trims and zeroing get EPERM."""
@@ -21,7 +20,6 @@ import stat
 import struct
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +30,6 @@ from . import nbd_protocol as p
 from .point_disk import PointDisk
 
 MAX_CLIENTS = 16
-IN_FLIGHT = 4  # requests of one client answered at once
 MAX_DESCRIPTORS = 4096  # per block status reply: the client asks again for the rest
 ACCEPT_POLL = 0.2  # seconds between checks of the stop event
 
@@ -170,46 +167,23 @@ class NbdServer:
                 self._clients.pop(id(threading.current_thread()), None)
 
     def _transmission(self, conn: socket.socket, session: p.Session) -> None:
-        """Read requests in order; answer up to IN_FLIGHT of them at once (a client such as
-        QEMU keeps several reads in flight, and each may wait on a chunk fetch), each reply
-        sent whole under a lock. NBD lets replies come back in any order (by cookie)."""
-        slots = threading.BoundedSemaphore(IN_FLIGHT)
-        send_lock = threading.Lock()
-        with ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="nbd-request") as pool:
-            while not self._stop.is_set():
-                magic, flags, kind, cookie, offset, length = p.REQUEST.unpack(
-                    p.recv_exact(conn, p.REQUEST.size)
-                )
-                if magic != p.REQUEST_MAGIC:
-                    raise p.ProtocolError("bad request magic")
-                with self.stats.lock:
-                    self.stats.requests += 1
-                if kind == p.CMD_DISC:
-                    return  # leaving the pool's block waits for the requests in flight
-                if kind == p.CMD_WRITE:
-                    if length > p.MAX_PAYLOAD:
-                        raise p.ProtocolError("write larger than the maximum payload")
-                    p.discard(conn, length)
-                slots.acquire()  # memory: at most IN_FLIGHT replies per client
-                request = (session, kind, flags, cookie, offset, length)
-                pool.submit(self._reply, conn, send_lock, slots, request)
-
-    def _reply(
-        self,
-        conn: socket.socket,
-        send_lock: threading.Lock,
-        slots: threading.BoundedSemaphore,
-        request: tuple[p.Session, int, int, int, int, int],
-    ) -> None:
-        try:
-            parts = self._answer(*request)
-            with send_lock:
-                for part in parts:
-                    conn.sendall(part)
-        except OSError:
-            pass  # the client went away: its reader ends the connection
-        finally:
-            slots.release()
+        while not self._stop.is_set():
+            magic, flags, kind, cookie, offset, length = p.REQUEST.unpack(
+                p.recv_exact(conn, p.REQUEST.size)
+            )
+            if magic != p.REQUEST_MAGIC:
+                raise p.ProtocolError("bad request magic")
+            with self.stats.lock:
+                self.stats.requests += 1
+            if kind == p.CMD_DISC:
+                return
+            if kind == p.CMD_WRITE:
+                if length > p.MAX_PAYLOAD:
+                    raise p.ProtocolError("write larger than the maximum payload")
+                p.discard(conn, length)
+            reply = self._answer(session, kind, flags, cookie, offset, length)
+            for part in reply:
+                conn.sendall(part)
 
     def _answer(
         self, session: p.Session, kind: int, flags: int, cookie: int, offset: int, length: int
