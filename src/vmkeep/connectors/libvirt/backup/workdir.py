@@ -56,12 +56,16 @@ class StaleWorkdir:
 
 
 def make_workdir(
-    root: Path = ROOT, owner: Mapping[str, object] | None = None, *, for_qemu: bool = True
+    root: Path = ROOT,
+    owner: Mapping[str, object] | None = None,
+    *,
+    for_qemu: bool = True,
+    name: str | None = None,
 ) -> Path:
     """A new empty directory `root/vmkeep-<random>` QEMU can create files in (unless not
     `for_qemu`: a remote run's record), marked and locked as this process's (`owner`: what a
     later cleanup needs, e.g. domain uuid, checkpoint)."""
-    path = root / f"{PREFIX}{secrets.token_hex(6)}"
+    path = root / (name or f"{PREFIX}{secrets.token_hex(6)}")
     try:
         path.mkdir(mode=0o750)
     except OSError as exc:
@@ -84,6 +88,19 @@ def make_workdir(
         shutil.rmtree(path, ignore_errors=True)
         raise ConnectorError(f"cannot prepare {path}: {exc.strerror}") from None
     return path
+
+
+def reclaim_workdir(path: Path, owner: Mapping[str, object] | None = None) -> Path:
+    """The run directory `path` again, for a run that resumes a dead one's work at the same
+    paths (instant restore: QEMU's images name sockets in it). A live run's directory is
+    refused; a dead run's is emptied first."""
+    if not is_workdir(path):
+        raise ConnectorError(f"{path} is not one of vmkeep's run directories")
+    if path.exists():
+        if _stale_owner(path) is None:
+            raise ConnectorError(f"{path} belongs to a vmkeep run that is still going")
+        shutil.rmtree(path, ignore_errors=True)
+    return make_workdir(path.parent, owner, name=path.name)
 
 
 def _mark(path: Path, owner: Mapping[str, object]) -> None:

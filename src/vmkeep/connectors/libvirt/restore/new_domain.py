@@ -151,6 +151,15 @@ class NewDomainSink:
         # cleaned by the next run over it (remote_runs.py).
         self._workdir = self._record(upload)
 
+    @property
+    def paths(self) -> dict[str, str]:
+        """Disk name -> path of its new volume (instant restore points overlays at them)."""
+        return dict(self._paths)
+
+    @property
+    def uploads(self) -> bool:
+        return self._upload
+
     def _record(self, remote: bool) -> Path | None:
         """The locked marker naming the volumes this run creates (None: none could be made for
         a remote host, vmkeep not root here; a kill then leaves them to a human)."""
