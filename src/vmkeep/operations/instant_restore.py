@@ -23,15 +23,15 @@ from typing import Any
 
 from vmkeep.connectors.base import DiskInfo
 from vmkeep.connectors.libvirt import LibvirtConnector
-from vmkeep.connectors.libvirt.bindings import libvirt, one_line
-from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.restore import NewDomainSink
-from vmkeep.connectors.libvirt.workdir import (
+from vmkeep.connectors.libvirt.backup.workdir import (
     QEMU_USERS,
     make_workdir,
     reclaim_workdir,
     remove_workdir,
 )
+from vmkeep.connectors.libvirt.bindings import libvirt, one_line
+from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.restore.new_domain import NewDomainSink
 from vmkeep.errors import ConnectorError, UsageError
 from vmkeep.progress import Progress
 from vmkeep.repository.manifest import DiskIndex, Manifest

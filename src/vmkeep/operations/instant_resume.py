@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmkeep.connectors.libvirt.backup.workdir import is_workdir
 from vmkeep.connectors.libvirt.bindings import libvirt
 from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.workdir import is_workdir
 from vmkeep.errors import ConnectorError, NotFoundError, UsageError
 from vmkeep.repository.manifest import Manifest
 
