@@ -157,6 +157,8 @@ def _name(child: Node) -> str:
     Linux shows "readme.txt" for a short entry that mtools or Windows wrote in lower case)."""
     if child.ldirents:
         return str(child.name)
+    if child.short_name in (".", ".."):
+        return str(child.short_name)
     base, _, ext = str(child.short_name).partition(".")
     flags = child.dirent.DIR_NTRes
     base = base.lower() if flags & 0x08 else base
