@@ -14,7 +14,7 @@ import typer
 from vmkeep.errors import ImageError, UsageError
 
 from .context import state
-from .output import RichProgress, console, human_bytes, plain, print_json, shown, table
+from .output import RichProgress, console, human_bytes, plain, print_json, shown, stdout, table
 from .repo_commands import JsonOpt, RemoteOpt
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def _show_volumes(files: PointFiles, json_out: bool) -> None:
             shown(info.label),
             shown(note or (v.name and f"name {v.name}") or ""),
         )
-    console.print(rows)
+    stdout.print(rows)
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {shown(warning)}")
 
@@ -173,7 +173,7 @@ def get(
     else:
         for warning in warnings:
             console.print(f"[yellow]warning:[/] {shown(warning)}")
-        console.print(
+        stdout.print(
             f"got {result.files} files, {result.dirs} directories, {result.links} links "
             f"({human_bytes(result.bytes)}); fetched {fetched.chunks} chunks "
             f"({human_bytes(fetched.bytes)})",

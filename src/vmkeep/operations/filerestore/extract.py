@@ -54,23 +54,47 @@ def total_bytes(fs: FileSystem, paths: list[bytes]) -> int:
 def copy_content(
     fs: FileSystem, item: Item, write: Callable[[bytes], None], skip: Callable[[int], None]
 ) -> int:
-    """Streams a file's content, calling `skip(n)` for all-zero blocks (holes); ImageError if
-    the image yields fewer bytes than the file's size."""
+    """Streams a file's content, calling `skip(n)` for holes (known from the file system's
+    allocation when the adapter tells it, else all-zero blocks); ImageError if the image
+    yields fewer bytes than the file's size."""
     size = item.entry.size
     src = fs.open(item.source)
     done = 0
-    while done < size:
-        block = src.read(min(BLOCK, size - done))
-        if not block:
-            raise ImageError(
-                f"{_show(item.source)}: its data ends early (at {done} of {size} bytes)"
-            )
-        if block.count(0) == len(block):
-            skip(len(block))
+    for start, length in _data_ranges(fs, item.source, size):
+        if start > done:
+            skip(start - done)
+            done = start
+        src.seek(start)
+        end = start + length
+        while done < end:
+            block = src.read(min(BLOCK, end - done))
+            if not block:
+                raise ImageError(f"{_show(item.source)}: its data ends early ({done} of {size})")
+            if block.count(0) == len(block):
+                skip(len(block))
+            else:
+                write(block)
+            done += len(block)
+    if done < size:
+        skip(size - done)
+    return size
+
+
+def _data_ranges(fs: FileSystem, path: bytes, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the file's allocated data, clipped to its size, in order."""
+    runs = getattr(fs, "data_runs", None)
+    if runs is None:
+        return [(0, size)]
+    out: list[tuple[int, int]] = []
+    for start, length in runs(path):
+        end = min(start + length, size)
+        if start >= end:
+            continue
+        if out and out[-1][0] + out[-1][1] >= start:
+            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], end) - out[-1][0])
         else:
-            write(block)
-        done += len(block)
-    return done
+            out.append((start, end - start))
+    return out
 
 
 class DirTarget:
@@ -124,9 +148,7 @@ class DirTarget:
         try:
             os.mkdir(name, 0o700, dir_fd=parent)
         except FileExistsError:
-            raise TargetExistsError(
-                f"{_show(b'/'.join(item.parts))} already exists in the target"
-            ) from None
+            raise _exists(item) from None
         self._dirs[item.parts] = os.open(name, DIR_FLAGS, dir_fd=parent)
         self.result.dirs += 1
 
@@ -163,17 +185,13 @@ class DirTarget:
         try:
             return os.open(name, FILE_FLAGS, 0o600, dir_fd=parent)
         except FileExistsError:
-            raise TargetExistsError(
-                f"{_show(b'/'.join(item.parts))} already exists in the target"
-            ) from None
+            raise _exists(item) from None
 
     def _symlink(self, parent: int, name: bytes, item: Item) -> None:
         try:
             os.symlink(item.entry.target or b"", name, dir_fd=parent)
         except FileExistsError:
-            raise TargetExistsError(
-                f"{_show(b'/'.join(item.parts))} already exists in the target"
-            ) from None
+            raise _exists(item) from None
         entry = item.entry
         if self.options.owners and entry.uid is not None and entry.gid is not None:
             os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
@@ -191,9 +209,7 @@ class DirTarget:
         try:
             os.link(src_name, name, src_dir_fd=src_dir, dst_dir_fd=parent, follow_symlinks=False)
         except FileExistsError:
-            raise TargetExistsError(
-                f"{_show(b'/'.join(item.parts))} already exists in the target"
-            ) from None
+            raise _exists(item) from None
         self.result.links += 1
 
     def _special(self, parent: int, name: bytes, item: Item) -> None:
@@ -208,9 +224,13 @@ class DirTarget:
                 self.result.warnings.append(f"{_show(item.source)}: a {entry.kind}; not restored")
                 return
         except FileExistsError:
-            raise TargetExistsError(
-                f"{_show(b'/'.join(item.parts))} already exists in the target"
-            ) from None
+            raise _exists(item) from None
+        if self.options.owners and entry.uid is not None and entry.gid is not None:
+            os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+        os.chmod(name, entry.mode, dir_fd=parent)  # never a symlink: made just above
+        if entry.mtime_ns is not None:
+            times = (entry.atime_ns or entry.mtime_ns, entry.mtime_ns)
+            os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
 
     def _xattrs(self, fs: FileSystem, fd: int, item: Item) -> None:
         for key, value in fs.xattrs(item.source).items():

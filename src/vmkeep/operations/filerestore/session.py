@@ -116,8 +116,16 @@ class PointFiles:
             out.append(info)
         return out
 
+    def find(self, address: str) -> Volume:
+        """A disk or partition needs only its own disk's table; an LV needs every disk (its
+        VG may span them)."""
+        disk, _, rest = address.partition(":")
+        if "/" in rest or disk not in self.disks or self._layout is not None:
+            return self.layout.find(address)
+        return discover({disk: self.disks[disk]}, lvm_too=False).find(address)
+
     def filesystem(self, address: str) -> FileSystem:
-        volume = self.layout.find(address)
+        volume = self.find(address)
         if volume.error:
             raise ImageError(volume.error)
         if volume.source is None:

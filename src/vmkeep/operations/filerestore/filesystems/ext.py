@@ -153,6 +153,8 @@ class ExtFileSystem(NodeFS[Node]):
     def data_runs(self, path: bytes) -> list[tuple[int, int]]:
         """(offset, length) of a file's allocated data, for sparse extraction."""
         _, node = self._resolve(path)
+        if node.inode.i_flags & INLINE_DATA_FL:
+            return [(0, node.size)]
         runs, pos = [], 0
         for block, count in self._runs(node, node.size):
             if block is not None:

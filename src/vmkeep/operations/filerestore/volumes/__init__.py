@@ -54,13 +54,13 @@ class Layout:
         raise NotFoundError(f"no volume {address!r} (volumes: {known})")
 
 
-def discover(disks: dict[str, Source]) -> Layout:
+def discover(disks: dict[str, Source], lvm_too: bool = True) -> Layout:
     """Every disk, partition and logical volume of the VM's disks."""
     layout = Layout([], [])
     pvs: list[lvm.PhysicalDevice] = []
     for name, disk in disks.items():
         for where, source in _volumes_of_disk(name, disk, layout):
-            if lvm.has_label(source):
+            if lvm_too and lvm.has_label(source):
                 try:
                     pvs.append(lvm.read_pv(source, where, name))
                 except ImageError as exc:
