@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -229,3 +230,37 @@ def vm_dir(root: Path, disks: dict[str, Path]) -> Path:
     }
     (root / "vm.json").write_text(json.dumps(doc))
     return root
+
+
+class Point:
+    """A restore point of a VM made of the given disk images, backed up through the CLI."""
+
+    def __init__(self, work: Path, disks: dict[str, Path]) -> None:
+        from tests.e2e.conftest import Cli
+
+        vm = vm_dir(work / "vm", disks)
+        self.cli = Cli(work / "home")
+        self.repo = str(work / "repo")
+        self.cli("init", self.repo, "--chunk-size", "256K")
+        self.id = self.cli("backup", str(vm), "--remote", self.repo, "--json").json()[
+            "restore_point"
+        ]
+
+    def files(self, *args: str, ok: bool = True, timeout: float = 120) -> Any:
+        return self.cli(
+            "files", args[0], self.id, *args[1:], "--remote", self.repo, ok=ok, timeout=timeout
+        )
+
+
+def patch(image: Path, offset: int, data: bytes) -> None:
+    with open(image, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def replace_once(image: Path, old: bytes, new: bytes) -> None:
+    """Replaces the one occurrence of `old` in the image (same length)."""
+    assert len(old) == len(new)
+    content = image.read_bytes()
+    assert content.count(old) == 1, (old, content.count(old))
+    patch(image, content.index(old), new)

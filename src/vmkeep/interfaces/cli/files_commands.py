@@ -151,9 +151,15 @@ def get(
                     str(to), progress, GetOptions(owners=not no_owners and os.geteuid() == 0)
                 ).get(fs, wanted)
             else:
-                with create_new(tar or zip_file or "") as out:
+                archive = tar or zip_file or ""
+                with create_new(archive) as out:
                     write = write_tar if tar is not None else write_zip
-                    result = write(fs, wanted, out, progress)
+                    try:
+                        result = write(fs, wanted, out, progress)
+                    except BaseException:
+                        if archive != "-":  # no half archive that looks complete
+                            os.unlink(archive)
+                        raise
         finally:
             progress.finish()
         fetched = files.fetched

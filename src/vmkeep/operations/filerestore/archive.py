@@ -114,7 +114,7 @@ def write_tar(fs: FileSystem, paths: list[bytes], out: BinaryIO, progress: Progr
         encoding="utf-8",
         errors="surrogateescape",
     ) as tar:
-        for item in walk(fs, paths, result.warnings):
+        for item in walk(fs, paths, result):
             if item.leave or item.entry.kind in ("socket", "other"):
                 continue
             info = _tarinfo(item, fs, first, True)
@@ -134,7 +134,7 @@ def write_tar(fs: FileSystem, paths: list[bytes], out: BinaryIO, progress: Progr
 def write_zip(fs: FileSystem, paths: list[bytes], out: BinaryIO, progress: Progress) -> GetResult:
     result = GetResult()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
-        for item in walk(fs, paths, result.warnings):
+        for item in walk(fs, paths, result):
             entry = item.entry
             if item.leave or entry.kind not in ("file", "dir", "symlink"):
                 if not item.leave:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vmkeep.errors import ImageError, VmkeepError
@@ -48,7 +48,8 @@ class GetOptions:
 
 def total_bytes(fs: FileSystem, paths: list[bytes]) -> int:
     """The size of what get will write (a metadata-only walk, for the progress bar)."""
-    return sum(i.entry.size for i in walk(fs, paths, []) if i.entry.kind == "file" and not i.leave)
+    items = walk(fs, paths, GetResult())
+    return sum(i.entry.size for i in items if i.entry.kind == "file" and not i.leave)
 
 
 def copy_content(
@@ -114,7 +115,7 @@ class DirTarget:
 
     def get(self, fs: FileSystem, paths: list[bytes]) -> GetResult:
         try:
-            for item in _items(fs, paths, self.result.warnings):
+            for item in walk(fs, paths, self.result):
                 self._one(fs, item)
         finally:
             self.close()
@@ -253,10 +254,6 @@ class DirTarget:
 
 def _exists(item: Item) -> TargetExistsError:
     return TargetExistsError(f"{_show(b'/'.join(item.parts))} already exists in the target")
-
-
-def _items(fs: FileSystem, paths: list[bytes], warnings: list[str]) -> Iterator[Item]:
-    yield from walk(fs, paths, warnings)
 
 
 def _show(path: bytes) -> str:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
-from vmkeep.errors import UsageError
+from vmkeep.errors import ImageError, UsageError
 
 from .filesystems.tree import bad_name, split_path
 from .model import Entry, FileSystem
@@ -39,7 +40,14 @@ def top_name(path: bytes) -> bytes | None:
     return name
 
 
-def walk(fs: FileSystem, paths: list[bytes], warnings: list[str]) -> Iterator[Item]:
+class Trouble(Protocol):
+    """Where the walk reports what it skipped (GetResult)."""
+
+    warnings: list[str]
+    skipped: int
+
+
+def walk(fs: FileSystem, paths: list[bytes], trouble: Trouble) -> Iterator[Item]:
     for path in paths:
         entry = fs.lookup(path)
         name = top_name(path)
@@ -47,13 +55,13 @@ def walk(fs: FileSystem, paths: list[bytes], warnings: list[str]) -> Iterator[It
         if name is not None:
             yield Item(entry, base, path)
         if entry.kind == "dir":
-            yield from _below(fs, path, base, entry, warnings)
+            yield from _below(fs, path, base, entry, trouble)
             if name is not None:
                 yield Item(entry, base, path, leave=True)
 
 
 def _below(
-    fs: FileSystem, path: bytes, base: tuple[bytes, ...], top: Entry, warnings: list[str]
+    fs: FileSystem, path: bytes, base: tuple[bytes, ...], top: Entry, trouble: Trouble
 ) -> Iterator[Item]:
     stack: list[tuple[bytes, tuple[bytes, ...], Entry, Iterator[Entry]]] = [
         (path, base, top, fs.listdir(path))
@@ -61,7 +69,12 @@ def _below(
     ancestors = {top.inode}
     while stack:
         dir_path, parts, dir_entry, children = stack[-1]
-        child = next(children, None)
+        try:
+            child = next(children, None)
+        except ImageError as exc:  # an unreadable directory: the rest of the tree goes on
+            trouble.skipped += 1
+            trouble.warnings.append(f"{_show(dir_path)}: not listed completely: {exc.message}")
+            child = None
         if child is None:
             stack.pop()
             ancestors.discard(dir_entry.inode)
@@ -71,10 +84,10 @@ def _below(
         child_path = dir_path.rstrip(b"/") + b"/" + child.name
         child_parts = (*parts, child.name)
         if child.kind == "dir" and child.inode in ancestors:
-            warnings.append(f"{_show(child_path)}: a directory loop in the image; skipped")
+            trouble.warnings.append(f"{_show(child_path)}: a directory loop in the image; skipped")
             continue
         if child.kind == "dir" and len(stack) >= MAX_DEPTH:
-            warnings.append(f"{_show(child_path)}: deeper than {MAX_DEPTH} levels; skipped")
+            trouble.warnings.append(f"{_show(child_path)}: deeper than {MAX_DEPTH} levels; skipped")
             continue
         yield Item(child, child_parts, child_path)
         if child.kind == "dir":

@@ -93,18 +93,22 @@ class FatFileSystem(NodeFS[Node]):
             cluster = value
 
     def _children(self, node: Node) -> Iterator[tuple[bytes, Node]]:
+        self._runs(node)  # never dissect's own chain walk: it has no bound
         try:
             stream = node.open()
             for child in _iter_dirent(self.fs, stream, node):
                 if child.dirent.DIR_Attr & ATTR_VOLUME_ID and not child.is_directory():
                     continue
-                if child.is_directory() or child.cluster:
-                    child._runlist = [] if not child.cluster else self._chain(child.cluster)
-                else:
-                    child._runlist = []
                 yield _name(child).encode("utf-8", "surrogatepass"), child
         except FAT_ERRORS as exc:
             raise ImageError(f"FAT directory: {exc}") from exc
+
+    def _runs(self, node: Node) -> list[tuple[int, int]]:
+        """A node's cluster runs, walked (bounded) when first needed: a looping chain fails
+        the one file or directory that has it, not the listing of its parent."""
+        if node._runlist is None:
+            node._runlist = self._chain(node.cluster) if node.cluster else []
+        return node._runlist  # type: ignore[no-any-return]
 
     def _find(self, node: Node, name: bytes) -> Node | None:
         """FAT names are case-insensitive, as Linux's vfat looks them up."""
@@ -141,7 +145,7 @@ class FatFileSystem(NodeFS[Node]):
         if stream is not None:
             raise ImageError("FAT has no alternate data streams")
         size = node.dirent.DIR_FileSize
-        runs = node._runlist or []
+        runs = self._runs(node)
         if sum(count for _, count in runs) * self.fs.cluster_size < size:
             raise ImageError(f"{path!r}: its cluster chain is shorter than its size")
         data = RangeStream(
