@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -264,3 +266,123 @@ def replace_once(image: Path, old: bytes, new: bytes) -> None:
     content = image.read_bytes()
     assert content.count(old) == 1, (old, content.count(old))
     patch(image, content.index(old), new)
+
+
+class ExfatImage:
+    """Adds files and directories to an image made by mkfs.exfat, as the exFAT specification
+    lays them out (entry sets with their checksum and name hash, the allocation bitmap, FAT
+    chains for fragmented files); `fsck.exfat -n` checks the result independently, since no
+    tool here can write into an exFAT image without mounting it."""
+
+    EOC = 0xFFFFFFFF
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        boot = path.read_bytes()[:512]
+        fat, _, heap, self.count, self.root = struct.unpack_from("<5I", boot, 0x50)
+        self.sector = 1 << boot[0x6C]
+        self.cluster = self.sector << boot[0x6D]
+        self.fat = fat * self.sector
+        self.heap = heap * self.sector
+        root = self._read_cluster(self.root)
+        bitmap = next(root[i : i + 32] for i in range(0, len(root), 32) if root[i] == 0x81)
+        self.bitmap_cluster, self.bitmap_len = struct.unpack_from("<IQ", bitmap, 20)
+        self.bitmap = bytearray(self._read_cluster(self.bitmap_cluster)[: self.bitmap_len])
+
+    def _offset(self, cluster: int) -> int:
+        return self.heap + (cluster - 2) * self.cluster
+
+    def _read_cluster(self, cluster: int) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self._offset(cluster))
+            return f.read(self.cluster)
+
+    def _free(self, index: int) -> bool:
+        return not self.bitmap[index // 8] >> (index % 8) & 1
+
+    def _alloc(self, n: int, gap: bool = False) -> list[int]:
+        """n free clusters: consecutive, or (gap) every other free one, a fragmented file."""
+        total = len(self.bitmap) * 8
+        if gap:
+            picked = [i for i in range(total) if self._free(i)][: 2 * n : 2]
+        else:
+            start = next(i for i in range(total) if all(self._free(i + k) for k in range(n)))
+            picked = list(range(start, start + n))
+        assert len(picked) == n
+        for index in picked:
+            self.bitmap[index // 8] |= 1 << (index % 8)
+        patch(self.path, self._offset(self.bitmap_cluster), bytes(self.bitmap))
+        return [i + 2 for i in picked]
+
+    def _chain(self, clusters: list[int]) -> None:
+        for here, nxt in zip(clusters, [*clusters[1:], self.EOC], strict=True):
+            patch(self.path, self.fat + here * 4, struct.pack("<I", nxt))
+
+    def _write(self, clusters: list[int], content: bytes) -> None:
+        for i, cluster in enumerate(clusters):
+            patch(
+                self.path, self._offset(cluster), content[i * self.cluster : (i + 1) * self.cluster]
+            )
+
+    def _add_set(self, directory: int, entries: bytes) -> None:
+        content = self._read_cluster(directory)
+        free = next(i for i in range(0, len(content), 32) if content[i] == 0)
+        assert free + len(entries) <= self.cluster
+        patch(self.path, self._offset(directory) + free, entries)
+
+    def add_file(
+        self, directory: int, name: str, content: bytes, mtime: int, fragmented: bool = False
+    ) -> None:
+        n = max(1, -(-len(content) // self.cluster)) if content else 0
+        clusters = self._alloc(n, gap=fragmented) if n else []
+        self._write(clusters, content)
+        if fragmented:
+            self._chain(clusters)
+        first = clusters[0] if clusters else 0
+        self._add_set(directory, _entry_set(name, 0x20, first, len(content), not fragmented, mtime))
+
+    def add_dir(self, directory: int, name: str, mtime: int) -> int:
+        (cluster,) = self._alloc(1)
+        self._write([cluster], bytes(self.cluster))
+        self._add_set(directory, _entry_set(name, 0x10, cluster, self.cluster, True, mtime))
+        return cluster
+
+
+def _dos_time(when: int) -> int:
+    t = time.gmtime(when)
+    date = ((t.tm_year - 1980) << 9) | (t.tm_mon << 5) | t.tm_mday
+    return (date << 16) | (t.tm_hour << 11) | (t.tm_min << 5) | (t.tm_sec // 2)
+
+
+def _entry_set(
+    name: str, attributes: int, first: int, size: int, contiguous: bool, mtime: int
+) -> bytes:
+    units = name.encode("utf-16-le")
+    chars = len(units) // 2
+    name_entries = -(-chars // 15)
+    name_hash = 0
+    for ch in name.upper().encode("utf-16-le"):
+        name_hash = (((name_hash << 15) | (name_hash >> 1)) + ch) & 0xFFFF
+    stamp = _dos_time(mtime)
+    primary = bytearray(32)
+    primary[0], primary[1] = 0x85, 1 + name_entries
+    struct.pack_into("<H", primary, 4, attributes)
+    struct.pack_into("<III", primary, 8, stamp, stamp, stamp)
+    primary[21] = (mtime % 2) * 100  # 10 ms units: the odd second
+    primary[22:25] = bytes([0x80, 0x80, 0x80])  # UTC
+    stream = bytearray(32)
+    flags = 0x01 | (0x02 if contiguous and size else 0)  # an empty file has no chain at all
+    stream[0], stream[1], stream[3] = 0xC0, flags, chars
+    struct.pack_into("<HQ", stream, 4, name_hash, 0)
+    struct.pack_into("<QIIQ", stream, 8, size, 0, first, size)
+    names = b""
+    for i in range(name_entries):
+        names += bytes([0xC1, 0]) + units[i * 30 : (i + 1) * 30].ljust(30, b"\0")
+    entries = bytearray(primary + stream + names)
+    checksum = 0
+    for i, byte in enumerate(entries):
+        if i in (2, 3):
+            continue
+        checksum = (((checksum << 15) | (checksum >> 1)) + byte) & 0xFFFF
+    struct.pack_into("<H", entries, 2, checksum)
+    return bytes(entries)

@@ -460,3 +460,20 @@ def test_errors_are_one_line(built: Built) -> None:
         "files", "ls", built.point, "disk0:2/fast-symlink/x", "--remote", built.repo, ok=False
     )
     assert r.code not in (0, 70)
+
+
+def test_tar_to_stdout_keeps_stdout_for_the_archive(built: Built, tmp_path: Path) -> None:
+    import io
+    import subprocess
+
+    from tests.e2e.conftest import VMKEEP
+
+    args = [VMKEEP, "files", "get", built.point, "disk0:1", "/", "--tar", "-", "--json"]
+    done = subprocess.run(
+        [*args, "--remote", built.repo], capture_output=True, env=built.cli.env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
+        names = set(tar.getnames())
+    assert {"fat.txt", "sub", "sub/data.bin"} <= names
+    assert b'"files": 3' in done.stderr  # the summary went to stderr

@@ -174,12 +174,14 @@ def get(
         "fetched_bytes": fetched.bytes,
         "warnings": warnings,
     }
-    if json_out:
+    if json_out and tar == "-":  # stdout is the archive: the summary goes to stderr
+        console.print_json(json.dumps(summary))
+    elif json_out:
         print_json(summary)
     else:
         for warning in warnings:
             console.print(f"[yellow]warning:[/] {shown(warning)}")
-        stdout.print(
+        (console if tar == "-" else stdout).print(
             f"got {result.files} files, {result.dirs} directories, {result.links} links "
             f"({human_bytes(result.bytes)}); fetched {fetched.chunks} chunks "
             f"({human_bytes(fetched.bytes)})",

@@ -171,6 +171,15 @@ class ExfatFileSystem(NodeFS[ExNode]):
                 ),
             )
 
+    def _find(self, node: ExNode, name: bytes) -> tuple[bytes, ExNode] | None:
+        """exFAT names are case-insensitive (up-cased through the volume's table; Unicode's
+        case folding stands in for it here)."""
+        wanted = name.decode("utf-8", "surrogateescape").casefold()
+        for child_name, child in self._children(node):
+            if child_name.decode("utf-8", "surrogateescape").casefold() == wanted:
+                return child_name, child
+        return None
+
     def _entry(self, name: bytes, node: ExNode) -> Entry:
         read_only = node.attributes & ATTR_READ_ONLY
         mode = 0o755 if node.is_dir else 0o444 if read_only else 0o644

@@ -110,12 +110,12 @@ class FatFileSystem(NodeFS[Node]):
             node._runlist = self._chain(node.cluster) if node.cluster else []
         return node._runlist  # type: ignore[no-any-return]
 
-    def _find(self, node: Node, name: bytes) -> Node | None:
+    def _find(self, node: Node, name: bytes) -> tuple[bytes, Node] | None:
         """FAT names are case-insensitive, as Linux's vfat looks them up."""
         wanted = name.decode("utf-8", "surrogateescape").casefold()
         for child_name, child in self._children(node):
             if child_name.decode("utf-8", "surrogateescape").casefold() == wanted:
-                return child
+                return child_name, child
         return None
 
     def _entry(self, name: bytes, node: Node) -> Entry:

@@ -97,10 +97,11 @@ class NodeFS(Generic[N]):
             except ImageError as exc:
                 self.warn(f"{_show(path)}: skipped {_show(name)}: {exc}")
 
-    def _find(self, node: N, name: bytes) -> N | None:
+    def _find(self, node: N, name: bytes) -> tuple[bytes, N] | None:
+        """The stored name and node of `name` in a directory."""
         for child_name, child in self._children(node):
             if child_name == name:
-                return child
+                return child_name, child
         return None
 
     def _resolve(self, path: bytes) -> tuple[bytes, N]:
@@ -118,9 +119,10 @@ class NodeFS(Generic[N]):
             parent = stack[-1][1]
             if self._entry(b"/", parent).kind != "dir":
                 raise NotFoundError(f"{_show(path)}: {_show(stack[-1][0])} is not a directory")
-            child = self._find(parent, part)
-            if child is None or bad_name(part):
+            found = self._find(parent, part)
+            if found is None or bad_name(part):
                 raise NotFoundError(f"no such file or directory: {_show(path)}")
+            part, child = found
             entry = self._entry(part, child)
             if entry.kind == "symlink" and todo:
                 hops += 1
