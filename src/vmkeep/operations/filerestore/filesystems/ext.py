@@ -15,9 +15,10 @@ from dissect.extfs import exceptions as ext_errors
 from dissect.extfs.c_ext import c_ext
 from dissect.util.stream import RunlistStream
 
-from vmkeep.errors import ImageError
+from vmkeep.errors import ImageError, VmkeepError
 
 from ..model import Entry, FsInfo
+from .ext_xattr import read_xattrs
 from .tree import NodeFS
 
 MAGIC_OFFSET = 1024 + 0x38
@@ -27,6 +28,7 @@ STATE_VALID = 0x1
 INCOMPAT_RECOVER = 0x4
 MAX_EXTENT_DEPTH = 5  # Linux's limit on the extent tree
 UNINIT_LEN = 0x8000
+MAX_DIR_BYTES = 4 << 30  # ext4's largedir limit; a bigger directory is a hostile image
 
 KIND = {
     stat.S_IFREG: "file",
@@ -49,8 +51,10 @@ def probe(fh: BinaryIO) -> bool:
 def open(fh: BinaryIO, size: int) -> ExtFileSystem:
     try:
         return ExtFileSystem(ExtFS(fh), size)
-    except (ext_errors.Error, NotImplementedError, EOFError, ValueError) as exc:
-        raise ImageError(f"ext file system: {exc}") from exc
+    except VmkeepError:
+        raise
+    except Exception as exc:  # dissect's parsing of a corrupt image fails in many ways
+        raise ImageError(f"ext file system: {exc or exc.__class__.__name__}") from exc
 
 
 class ExtFileSystem(NodeFS[Node]):
@@ -91,6 +95,8 @@ class ExtFileSystem(NodeFS[Node]):
         if node.inode.i_flags & INLINE_DATA_FL:
             raise ImageError(f"inode {node.inum}: inline-data directories are not supported")
         size = _guard(lambda: node.size)
+        if size > MAX_DIR_BYTES:
+            raise ImageError(f"directory inode {node.inum} claims {size} bytes")
         data = self._stream(node, size)
         dirtype = self.fs._dirtype
         offset = 0
@@ -101,7 +107,12 @@ class ExtFileSystem(NodeFS[Node]):
                 raise ImageError(f"directory inode {node.inum}: corrupt entry at {offset}")
             if 0 < head.inode <= self.fs.sb.s_inodes_count:
                 name = data.read(head.name_len)
-                yield name, self._node(head.inode)
+                try:
+                    child = self._node(head.inode)
+                except ImageError as exc:
+                    self.warn(f"directory inode {node.inum}: skipped an entry: {exc.message}")
+                else:
+                    yield name, child
             offset += head.rec_len
 
     def _entry(self, name: bytes, node: Node) -> Entry:
@@ -147,8 +158,10 @@ class ExtFileSystem(NodeFS[Node]):
         return self._stream(node, node.size)
 
     def _xattrs_of(self, node: Node) -> dict[bytes, bytes]:
-        attrs = _guard(lambda: node.xattr)
-        return {a.name.encode("utf-8", "surrogateescape"): bytes(a.value) for a in attrs}
+        found, warning = _guard(lambda: read_xattrs(self.fs, node, self.block_count))
+        if warning:
+            self.warn(warning)
+        return found  # type: ignore[no-any-return]
 
     def data_runs(self, path: bytes) -> list[tuple[int, int]]:
         """(offset, length) of a file's allocated data, for sparse extraction."""
@@ -245,7 +258,7 @@ def _guard(fn: Any) -> Any:
     """Calls into dissect with its parsing errors turned into ImageError."""
     try:
         return fn()
-    except ImageError:
+    except VmkeepError:  # ImageError, or the repository's own errors: as they are
         raise
-    except (ext_errors.Error, EOFError, ValueError, KeyError, RecursionError) as exc:
+    except Exception as exc:  # dissect's parsing of a corrupt image fails in many ways
         raise ImageError(f"ext: {exc or exc.__class__.__name__}") from exc

@@ -15,7 +15,6 @@ import datetime
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from dissect.fat import exceptions as fat_errors
 from dissect.fat.fat import FATFS, RootDirectory, _iter_dirent
 from dissect.util.stream import RangeStream, RunlistStream
 from dissect.util.ts import dostimestamp
@@ -24,10 +23,9 @@ from vmkeep.errors import ImageError
 
 from ..model import Entry, FsInfo
 from . import exfat
-from .tree import NodeFS
+from .tree import NodeFS, reraise_ours
 
 ATTR_READ_ONLY, ATTR_VOLUME_ID = 0x01, 0x08
-FAT_ERRORS = (fat_errors.Error, EOFError, ValueError, KeyError, UnicodeDecodeError, TypeError)
 
 Node = Any  # dissect.fat DirectoryEntry or RootDirectory (untyped)
 
@@ -48,7 +46,8 @@ def open(fh: BinaryIO, size: int) -> NodeFS[Any]:
         return exfat.ExfatFileSystem(fh, size)
     try:
         return FatFileSystem(FATFS(fh), size)
-    except FAT_ERRORS as exc:
+    except Exception as exc:  # a corrupt image breaks dissect in many ways
+        reraise_ours(exc)
         raise ImageError(f"FAT file system: {exc}") from exc
 
 
@@ -84,7 +83,8 @@ class FatFileSystem(NodeFS[Node]):
                 runs.append((cluster - 2, 1))
             try:
                 value = self.fs.fat.get(cluster)
-            except FAT_ERRORS as exc:
+            except Exception as exc:  # a corrupt image breaks dissect in many ways
+                reraise_ours(exc)
                 raise ImageError(f"FAT: {exc}") from exc
             if self.fs.fat.bits_per_entry == 32:
                 value &= 0x0FFFFFFF
@@ -100,7 +100,8 @@ class FatFileSystem(NodeFS[Node]):
                 if child.dirent.DIR_Attr & ATTR_VOLUME_ID and not child.is_directory():
                     continue
                 yield _name(child).encode("utf-8", "surrogatepass"), child
-        except FAT_ERRORS as exc:
+        except Exception as exc:  # a corrupt image breaks dissect in many ways
+            reraise_ours(exc)
             raise ImageError(f"FAT directory: {exc}") from exc
 
     def _runs(self, node: Node) -> list[tuple[int, int]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import BinaryIO, Generic, TypeVar
 
-from vmkeep.errors import ImageError, NotFoundError
+from vmkeep.errors import ImageError, NotFoundError, VmkeepError
 
 from ..model import Entry, FsInfo
 
@@ -15,6 +15,13 @@ MAX_HOPS = 40  # symlinks followed while resolving one path, as Linux (ELOOP)
 MAX_DEPTH = 4096  # path components: a deeper path is a hostile image, not a guest's tree
 
 N = TypeVar("N")
+
+
+def reraise_ours(exc: Exception) -> None:
+    """In a handler that turns a library's parsing failure into ImageError: vmkeep's own
+    errors (ImageError, a repository's IntegrityError, a remote's) pass through as they are."""
+    if isinstance(exc, VmkeepError):
+        raise exc
 
 
 def split_path(path: bytes) -> list[bytes]:

@@ -14,28 +14,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from dissect.volume.exceptions import Error as VolumeError
 from dissect.volume.lvm.metadata import VolumeGroup
 from dissect.volume.lvm.physical import LVM2Device
 
 from vmkeep.errors import ImageError, UnsupportedImageError
 
+from ..filesystems.tree import reraise_ours
 from .source import Mapped, Segment, Slice, Source, SourceFile
 
 SECTOR = 512
 METADATA_WINDOW = 8 << 20
-PARSE_ERRORS = (
-    VolumeError,
-    ValueError,
-    KeyError,
-    IndexError,
-    TypeError,
-    EOFError,
-    AttributeError,
-    UnicodeDecodeError,
-    SyntaxError,
-    RecursionError,
-)
 
 
 def has_label(source: Source) -> bool:
@@ -89,7 +77,8 @@ def read_pv(source: Source, where: str, disk: str) -> PhysicalDevice:
         return PhysicalDevice(
             where, disk, source, device.id, str(vg["id"]), vg_name, metadata, int(vg["seqno"])
         )
-    except PARSE_ERRORS as exc:
+    except Exception as exc:  # a corrupt image breaks dissect in many ways
+        reraise_ours(exc)
         raise ImageError(f"{where}: unreadable LVM metadata ({exc})") from exc
 
 
@@ -110,7 +99,8 @@ def logical_volumes(grp: Group) -> list[LogicalVolume]:
         extent = int(vg.extent_size) * SECTOR
         pvs = {name: pv for name, pv in vg.physical_volumes.items()}
         lvs = [lv for lv in vg.logical_volumes.values() if lv.is_visible]
-    except PARSE_ERRORS as exc:
+    except Exception as exc:  # a corrupt image breaks dissect in many ways
+        reraise_ours(exc)
         raise ImageError(f"VG {grp.vg_name}: unreadable LVM metadata ({exc})") from exc
     by_id = {d.pv_id: d for d in grp.devices}
     disks = sorted({d.disk for d in grp.devices})
@@ -123,7 +113,8 @@ def logical_volumes(grp: Group) -> list[LogicalVolume]:
             item.source = _map(lv, pvs, by_id, extent, f"{grp.vg_name}/{lv.name}")
         except ImageError as exc:
             item.error = exc.message
-        except PARSE_ERRORS as exc:
+        except Exception as exc:  # a corrupt image breaks dissect in many ways
+            reraise_ours(exc)
             item.error = f"{grp.vg_name}/{lv.name}: {exc}"
         out.append(item)
     return out
@@ -192,5 +183,6 @@ class _Locked:
             try:
                 self.fh.seek(offset)
                 return self.fh.read(max(min(length, self.size - offset), 0))
-            except PARSE_ERRORS as exc:
+            except Exception as exc:  # a corrupt image breaks dissect in many ways
+                reraise_ours(exc)
                 raise ImageError(f"thin volume: {exc}") from exc
