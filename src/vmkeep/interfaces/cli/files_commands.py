@@ -11,10 +11,20 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from vmkeep.errors import ImageError, UsageError
+from vmkeep.errors import ImageError, UsageError, VmkeepError
 
 from .context import state
-from .output import RichProgress, console, human_bytes, plain, print_json, shown, stdout, table
+from .output import (
+    RichProgress,
+    console,
+    human_bytes,
+    plain,
+    print_error,
+    print_json,
+    shown,
+    stdout,
+    table,
+)
 from .repo_commands import JsonOpt, RemoteOpt
 
 if TYPE_CHECKING:
@@ -98,9 +108,17 @@ def _show_entries(
             "dirty": fs.info.dirty,
         }
         out.write(json.dumps(head)[:-1] + ', "entries": [')
-        for i, entry in enumerate(rows):
-            out.write(("," if i else "") + "\n  " + json.dumps(entry_json(entry)))
-        out.write('\n], "warnings": ' + json.dumps(fs.info.warnings) + "}\n")
+        error: VmkeepError | None = None
+        try:
+            for i, entry in enumerate(rows):
+                out.write(("," if i else "") + "\n  " + json.dumps(entry_json(entry)))
+        except VmkeepError as exc:  # mid-stream: stdout stays one JSON document
+            error = exc
+        tail = {"warnings": fs.info.warnings, "error": error.message if error else None}
+        out.write("\n], " + json.dumps(tail)[1:] + "\n")
+        if error is not None:
+            print_error(error.message)
+            raise typer.Exit(error.exit_code)
         return
     for entry in rows:
         out.write(plain(entry_line(entry)) + "\n")
