@@ -18,6 +18,7 @@ from dissect.util.stream import RunlistStream
 from vmkeep.errors import ImageError, VmkeepError
 
 from ..model import Entry, FsInfo
+from .ext_journal import Replay, ReplayedFile, plan
 from .ext_xattr import read_xattrs
 from .tree import NodeFS
 
@@ -50,11 +51,40 @@ def probe(fh: BinaryIO) -> bool:
 
 def open(fh: BinaryIO, size: int) -> ExtFileSystem:
     try:
-        return ExtFileSystem(ExtFS(fh), size)
+        fs = ExtFS(fh)
+        replay = _journal_replay(fs)
+        if replay is None:
+            return ExtFileSystem(fs, size)
+        journal, plan = replay
+        replayed = ExtFileSystem(ExtFS(ReplayedFile(fh, journal, plan, fs.block_size)), size)
+        replayed.info.warnings[:] = [
+            f"{replayed.info.type_name} was not cleanly unmounted (a crash-consistent backup): "
+            f"its journal was replayed in memory ({len(plan.blocks)} blocks of "
+            f"{plan.transactions} committed transactions); writes not yet committed to the "
+            "journal when the backup was taken are missing"
+        ]
+        return replayed
     except VmkeepError:
         raise
     except Exception as exc:  # dissect's parsing of a corrupt image fails in many ways
         raise ImageError(f"ext file system: {exc or exc.__class__.__name__}") from exc
+
+
+def _journal_replay(fs: Any) -> tuple[BinaryIO, Replay] | None:
+    """The journal and what to replay from it, when the file system needs recovery and has
+    an internal journal; None otherwise (or when the journal cannot be read: the volume is
+    then read as it is, with the dirty warning)."""
+    sb = fs.sb
+    if not sb.s_feature_incompat & INCOMPAT_RECOVER or not sb.s_journal_inum:
+        return None
+    try:
+        journal = fs.get_inode(sb.s_journal_inum).open()
+        replay = plan(journal, fs.block_size)
+    except Exception:
+        return None
+    if replay is None or not replay.blocks:
+        return None
+    return journal, replay
 
 
 class ExtFileSystem(NodeFS[Node]):
