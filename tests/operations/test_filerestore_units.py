@@ -84,3 +84,22 @@ def test_xattr_values_are_bounded() -> None:
     good = struct.pack("<I", MAGIC) + _entry(b"comment", 1, 40, 0, 3) + bytes(16)
     good = good.ljust(44, b"\0") + b"abc"
     assert list(_entries(good, 4, 4, read_inode)) == [(b"user.comment", b"abc")]
+
+
+def test_clashing_vg_names_are_told_apart() -> None:
+    from vmkeep.operations.filerestore.volumes import _vg_name
+    from vmkeep.operations.filerestore.volumes.lvm import Group, PhysicalDevice
+
+    def pv(disk: str, vg_id: str) -> PhysicalDevice:
+        return PhysicalDevice(disk, disk, Bytes(b""), "pv", vg_id, "vg0", {}, 1)
+
+    a = Group("aaaaaaaa-1111", "vg0", [pv("disk0:1", "aaaaaaaa-1111")])
+    b = Group("bbbbbbbb-2222", "vg0", [pv("disk0:2", "bbbbbbbb-2222")])
+    c = Group("cccccccc-3333", "vg0", [pv("disk1", "cccccccc-3333")])
+    for dev in (*a.devices, *b.devices):
+        dev.disk = "disk0"
+    c.devices[0].disk = "disk1"
+    groups = [a, b, c]
+    assert _vg_name(a, groups) == "vg0@aaaaaaaa"  # same name, same first disk
+    assert _vg_name(b, groups) == "vg0@bbbbbbbb"
+    assert _vg_name(c, groups) == "vg0"  # the disk tells it apart: disk1:vg0/...
