@@ -74,7 +74,7 @@ class _Reader:
         return bytes(piece)
 
 
-def _tarinfo(item: Item, fs: FileSystem, first: dict[int, str], owners: bool) -> tarfile.TarInfo:
+def _tarinfo(item: Item, fs: FileSystem, first: dict[int, str]) -> tarfile.TarInfo:
     entry: Entry = item.entry
     info = tarfile.TarInfo(_name(item))
     pax: dict[str, str] = {}
@@ -117,7 +117,7 @@ def write_tar(fs: FileSystem, paths: list[bytes], out: BinaryIO, progress: Progr
         for item in walk(fs, paths, result):
             if item.leave or item.entry.kind in ("socket", "other"):
                 continue
-            info = _tarinfo(item, fs, first, True)
+            info = _tarinfo(item, fs, first)
             if info.type == tarfile.REGTYPE:
                 tar.addfile(info, _Reader(fs, item, progress))
                 result.files += 1
