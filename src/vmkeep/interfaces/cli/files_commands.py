@@ -188,6 +188,7 @@ def get(
         "links": result.links,
         "bytes": result.bytes,
         "skipped": result.skipped,
+        "dirty": fs.info.dirty,
         "fetched_chunks": fetched.chunks,
         "fetched_bytes": fetched.bytes,
         "warnings": warnings,
