@@ -106,6 +106,22 @@ def test_a_small_read_fetches_only_its_chunks(point: tuple[Repository, str, byte
         assert disk.stats.chunks == 1
 
 
+def test_scattered_reads_in_one_chunk_do_not_read_ahead(
+    point: tuple[Repository, str, bytes],
+) -> None:
+    """A file system's metadata: superblock, then a descriptor a few KiB on, then a table."""
+    repo, point_id, image = point
+    with open_point_disk(repo, point_id, "disk0") as disk:
+        for offset in (1024, 4096, 40_000, 2 * CHUNK + 512):
+            assert disk.pread(offset, 512) == image[offset : offset + 512]
+        assert disk.stats.chunks == 2  # chunks 0 and 2, nothing ahead
+        f = disk.file()
+        f.seek(5 * CHUNK)
+        while f.tell() < 6 * CHUNK:
+            f.read(CHUNK // 4)  # contiguous reads: the next chunks come ahead
+    assert disk.stats.chunks > 4
+
+
 def test_cache_is_bounded(point: tuple[Repository, str, bytes]) -> None:
     repo, point_id, _ = point
     manifest = repo.load_manifest(point_id)

@@ -26,6 +26,7 @@ from vmkeep.repository.repository import Repository
 
 DEFAULT_CACHE_CHUNKS = 16
 DEFAULT_AHEAD = 8
+SEQUENTIAL_SLACK = 64 * 1024
 
 
 @dataclass
@@ -59,7 +60,7 @@ class PointDisk:
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._pending: dict[int, Future[bytes]] = {}
-        self._last_chunk = -2
+        self._last_end = -1  # where the previous read ended
         self._zero = bytes(self.chunk_size)
 
     def __enter__(self) -> PointDisk:
@@ -85,7 +86,7 @@ class PointDisk:
             return b""
         first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
         futures = [self._request(i) for i in range(first, last + 1)]
-        self._read_ahead(first, last)
+        self._read_ahead(offset, end, last)
         parts = []
         for i, future in zip(range(first, last + 1), futures, strict=True):
             data = future.result()
@@ -119,12 +120,14 @@ class PointDisk:
                 self._pending[i] = pending
             return pending
 
-    def _read_ahead(self, first: int, last: int) -> None:
-        """A read that starts at or just after the previous one's end is sequential:
-        fetch the next chunks before they are asked for."""
+    def _read_ahead(self, offset: int, end: int, last: int) -> None:
+        """A read that starts where the previous one ended (or re-reads a little of its end,
+        as aligned readers do) is sequential: fetch the next chunks before they are asked
+        for. Scattered small reads in one chunk (a file system's metadata) are not: they
+        would fetch chunks nobody asked for."""
         with self._lock:
-            sequential = self._last_chunk <= first <= self._last_chunk + 1
-            self._last_chunk = last
+            sequential = self._last_end - SEQUENTIAL_SLACK <= offset <= self._last_end
+            self._last_end = end
         if not sequential or not self._ahead:
             return
         for i in range(last + 1, min(last + 1 + self._ahead, self.index.chunk_count)):

@@ -17,6 +17,7 @@ from . import (
     config_commands,
     data_commands,
     disk_access_commands,
+    files_commands,
     healthcheck_commands,
     job_commands,
     mirror_commands,
@@ -89,6 +90,7 @@ mirror_commands.register(app)
 healthcheck_commands.register(app)
 plan_commands.register(app)
 server_commands.register(app)
+files_commands.register(app)
 app.add_typer(remote_commands.remote_app, name="remote")
 app.add_typer(vm_commands.vm_app, name="vm")
 app.add_typer(schedule_commands.schedule_app, name="schedule")
