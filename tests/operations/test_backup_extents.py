@@ -4,6 +4,7 @@ bytes_read equals the allocated bytes, chunk IDs are those of whole chunks, rest
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -292,3 +293,59 @@ def test_read_spans_zero_fills_between_reads() -> None:
     want[1000:1024] = reader.content[5096:5120]
     assert data == bytes(want)
     assert read_spans(reader, 0, 4096, [(0, 4096)], "d") == reader.content[:4096]  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cuts=st.lists(st.integers(1, 200), min_size=1, max_size=30),
+    data_first=st.booleans(),
+    chunk=st.sampled_from([16, 64, 256]),
+    gap=st.integers(0, 120),
+)
+def test_spans_merged_across_small_holes_only(
+    cuts: list[int], data_first: bool, chunk: int, gap: int
+) -> None:
+    """With a gap, spans still cover every data byte; a hole byte is read only inside a hole
+    shorter than the gap between two data bytes of the same chunk; spans stay >= gap apart."""
+    extents, pos, data = [], 0, data_first
+    for n in cuts:
+        extents.append(Extent(pos, n, data))
+        pos, data = pos + n, not data
+    size = pos
+    truth = expand(extents, size)
+    count = -(-size // chunk)
+    for index, spans in spans_by_chunk(extents, range(count), size, chunk, gap):
+        start = index * chunk
+        piece = truth[start : start + chunk]
+        for o, n in spans:
+            assert piece[o] == 1 and piece[o + n - 1] == 1, (index, spans)  # data at both ends
+            holes = bytes(piece[o : o + n]).split(b"\x01")
+            assert all(len(h) < max(gap, 1) for h in holes), (index, spans, gap)
+        covered = bytearray(len(piece))
+        for o, n in spans:
+            covered[o : o + n] = b"\x01" * n
+        assert all(c for c, t in zip(covered, piece, strict=True) if t), (index, spans)
+        pairs = itertools.pairwise(spans)
+        assert all(o2 - (o1 + n1) >= max(gap, 1) for (o1, n1), (o2, _) in pairs)
+
+
+def test_many_small_extents_of_a_chunk_are_one_read_through_small_holes() -> None:
+    """32 pieces of 16 KiB, 112 KiB apart, in one 4 MiB chunk: one NBD-like request with a
+    128 KiB gap (holes included in what is read), 32 without; the bytes are the same."""
+    extents, pos = [], 0
+    for _ in range(32):
+        extents += [Extent(pos, 16 * KiB, True), Extent(pos + 16 * KiB, 112 * KiB, False)]
+        pos += 128 * KiB
+    content = bytearray(random.Random(7).randbytes(CHUNK))
+    for e in extents:
+        if not e.data:
+            content[e.offset : e.offset + e.length] = bytes(e.length)
+    merged = list(spans_by_chunk(extents, [0], CHUNK, CHUNK, 128 * KiB))
+    apart = list(spans_by_chunk(extents, [0], CHUNK, CHUNK, 0))
+    assert merged == [(0, [(0, 31 * 128 * KiB + 16 * KiB)])]
+    assert len(apart[0][1]) == 32
+    for spans, reads in ((merged[0][1], 1), (apart[0][1], 32)):
+        reader = FakeReader(bytes(content))
+        assert read_spans(reader, 0, CHUNK, spans, "d") == bytes(content)  # type: ignore[arg-type]
+        assert len(reader.reads) == reads
+    assert list(spans_by_chunk(extents, [0], CHUNK, CHUNK, 112 * KiB)) == apart  # not below

@@ -27,7 +27,13 @@ from vmkeep.errors import (
     UsageError,
     VmkeepError,
 )
-from vmkeep.operations.chunk_extents import Span, read_spans, spans_by_chunk, spans_bytes
+from vmkeep.operations.chunk_extents import (
+    Span,
+    merge_gap,
+    read_spans,
+    spans_by_chunk,
+    spans_bytes,
+)
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import Progress
 from vmkeep.ratelimit import RateLimiter, Throttle
@@ -212,7 +218,9 @@ def backup_disk(
     total = BackupStats()
     try:
         # The second extent walk runs here, in step with the chunks (chunk_extents.py).
-        items = spans_by_chunk(reader.extents(), indexes(to_read), size, chunk_size)
+        items = spans_by_chunk(
+            reader.extents(), indexes(to_read), size, chunk_size, merge_gap(reader)
+        )
         for index, chunk_id, stats in unordered_map(work, items, threads):
             ids.set(index, chunk_id)
             total.add(stats)

@@ -10,6 +10,11 @@ The extents come from a second walk of `reader.extents()`, consumed in step with
 as the worker pool asks for them (so a chunk's holes are looked up shortly before it is read,
 not when the backup started), and only one chunk's spans are held at a time: memory does not
 grow with the number of extents of the disk.
+
+A reader whose reads cost a round trip (NBD) says so with a `merge_holes_below` attribute:
+spans of a chunk separated by a hole shorter than that are read as one (the hole's zeros come
+back from the disk and count in bytes_read), so a chunk of many small extents does not cost
+dozens of requests. Readers without it (local files) skip every hole.
 """
 
 from __future__ import annotations
@@ -27,11 +32,18 @@ Span = tuple[int, int]  # (offset inside the chunk, length) of data
 _ZEROS = memoryview(bytes(MAX_CHUNK_SIZE))
 
 
+def merge_gap(reader: object) -> int:
+    """Holes shorter than this are read rather than skipped (0: skip every hole)."""
+    gap = getattr(reader, "merge_holes_below", 0)
+    return gap if isinstance(gap, int) and gap > 0 else 0
+
+
 def spans_by_chunk(
-    extents: Iterable[Extent], wanted: Iterable[int], size: int, chunk_size: int
+    extents: Iterable[Extent], wanted: Iterable[int], size: int, chunk_size: int, gap: int = 0
 ) -> Iterator[tuple[int, list[Span]]]:
     """For each chunk index of `wanted` (ascending), its data spans relative to the chunk's
-    start, adjacent spans joined. `extents` are walked once, lazily, alongside `wanted`."""
+    start, adjacent spans joined, and spans less than `gap` bytes apart too. `extents` are
+    walked once, lazily, alongside `wanted`."""
     data = (e for e in extents if e.data and e.length > 0)
     current = next(data, None)
     for index in wanted:
@@ -42,8 +54,8 @@ def spans_by_chunk(
             current = next(data, None)
         while current is not None and current.offset < end:
             lo, hi = max(current.offset, start), min(current.offset + current.length, end)
-            if spans and spans[-1][0] + spans[-1][1] == lo - start:
-                spans[-1] = (spans[-1][0], spans[-1][1] + hi - lo)
+            if spans and lo - start - (spans[-1][0] + spans[-1][1]) < max(gap, 1):
+                spans[-1] = (spans[-1][0], hi - start - spans[-1][0])
             else:
                 spans.append((lo - start, hi - lo))
             if current.offset + current.length > end:
