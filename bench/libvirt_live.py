@@ -34,6 +34,7 @@ change tracking: each of its backups re-reads and re-chunks the whole file.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import shutil
@@ -164,6 +165,14 @@ def prepare_images(r: Run3, size: int, seed: int, say: Callable[[str], None]) ->
     return layout
 
 
+def data_bytes(image: Path) -> int:
+    """What the qcow2 image holds as data (qemu-img map): less than the layout's allocated
+    bytes when qemu-img convert left all-zero clusters unallocated."""
+    out = subprocess.run(["qemu-img", "map", "--output=json", str(image)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    return sum(e["length"] for e in json.loads(out.stdout) if e["data"])
+
+
 def benchmark(
     work: Path,
     size: int,
@@ -180,6 +189,7 @@ def benchmark(
     steps = Steps(say)
     r = Run3(work, chunk_sizes, steps)
     layout = prepare_images(r, size, seed, say)
+    data = data_bytes(r.images["vmkeep"])
     scattered = plan_change(layout, 0.01 * 64 * 1024 / block, seed) if block else []
     scattered = sorted({min(o // 4096 * 4096, size - block) for o in scattered})
     clustered = clustered_offsets(size)
@@ -206,6 +216,7 @@ def benchmark(
     result["repo_bytes"] = {"restic": dir_bytes(r.restic)}
     result["repo_bytes"] |= {f"vmkeep {label}": dir_bytes(p) for label, p in r.repos.items()}
     result["repo_bytes"] |= {tool: dir_bytes(p) for tool, p in r.vnb.items()}
+    result["image"]["data"] = data
     result["domain"] = r.name  # also the work directory's name
     result["restore_ok"] = same
     return result

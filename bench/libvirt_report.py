@@ -128,7 +128,8 @@ def _cell(result: dict[str, Any], label: str, what: str) -> str:
 def print_report(result: dict[str, Any]) -> None:
     c = result["change"]
     print(f"\nlibvirt benchmark: {result['image']['size'] / GiB:g} GiB qcow2 disk of a running "
-          f"domain, {result['image']['allocated'] / GiB:.2f} GiB allocated; scattered change: "
+          f"domain, {result['image']['allocated'] / GiB:.2f} GiB allocated "
+          f"({result['image'].get('data', 0) / MiB:.0f} MiB of qcow2 data); scattered change: "
           f"{c['scattered']['blocks']} x {c['scattered']['block_bytes'] // 1024} KiB, clustered: "
           f"{c['clustered']['bytes'] / MiB:.0f} MiB, through the VMs")  # fmt: skip
     tools = [f"vmkeep {label}" for label in result["vmkeep"]] + list(TOOLS)
