@@ -1,17 +1,25 @@
 """libvirt benchmark (not named libvirt.py: run as a script, that would shadow the libvirt
-bindings): vmkeep's live full and delta backups of a running domain against restic
-backing up the domain's disk image file, in one run, on the same data.
+bindings): vmkeep's live backups of a running domain side by side with virtnbdbackup (plain
+and -z), the libvirt backup tool KVM administrators use, and restic backing up the domain's
+disk image file, in one run, on the same data (issue 15's table).
 
     .venv/bin/python bench/libvirt_live.py [--size-gib 4] [--change-block 65536]
                                            [--chunk-sizes 4M,256K] [--json] [--keep]
 
-A guest-less domain (TCG) gets a qcow2 disk (compat 1.1) prefilled before it starts with the
-core benchmark's image (bench/image.py: half allocated, half of that compressible). Then:
-vmkeep full backup (pull-mode job over NBD, base:allocation) and restic's first backup of the
-qcow2 file; 1% of the disk rewritten in scattered blocks *through the running VM's block layer*
-(QEMU monitor, qemu-io), which the checkpoint's dirty bitmap records; vmkeep delta backup (only
-the dirty chunks are read) and restic's second backup of the same file. Each delta point is
-restored and compared with the disk (qemu-img compare). Page cache dropped before each step.
+A qcow2 disk (compat 1.1) is prefilled with the core benchmark's image (bench/image.py: half
+allocated, half of that compressible) and copied for three guest-less domains (TCG): one for
+vmkeep and restic, one for virtnbdbackup, one for virtnbdbackup -z, because virtnbdbackup
+refuses a domain that carries another tool's checkpoints. Every domain gets the same guest
+writes through the running VM's block layer (QEMU monitor, qemu-io), which the dirty bitmaps
+record. Steps, the page cache dropped before each timed one:
+
+1. live full backup;
+2. delta after 1% of the disk rewritten in scattered blocks (--change-block, 64 KiB);
+3. delta after 40 MiB (at most 1/8 of the disk) rewritten in one region (not for -z);
+4. delta with no change (vmkeep and virtnbdbackup);
+5. restore of the latest point: vmkeep in one step, virtnbdrestore replays its chain of full
+   and incrementals, restic restores its last snapshot; each compared with the disk it came
+   from (qemu-img compare).
 
 vmkeep runs once per repository chunk size (`vmkeep init --chunk-size`; default: the 4 MiB
 default and 256 KiB), each into its own repository, one after the other on the same domain
@@ -20,7 +28,7 @@ default and 256 KiB), each into its own repository, one after the other on the s
 Why restic gets the qcow2 file: it is the file a file-level tool would back up on this host,
 and it holds only the allocated data (~half the disk), so restic reads less than it would from
 a raw image with holes: the comparison is the one most favourable to restic. restic has no
-change tracking: its second backup re-reads and re-chunks the whole file.
+change tracking: each of its backups re-reads and re-chunks the whole file.
 """
 
 from __future__ import annotations
@@ -32,121 +40,137 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
-import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from core import (
-    PASSPHRASE,
-    Run,
-    dir_bytes,
-    drop_caches,
-    ensure_peers,
-    in_helper,
-    last_line,
-    run,
-    run_in_workdir,
-    speaker,
-)
+from core import PASSPHRASE, dir_bytes, ensure_peers, in_helper, run_in_workdir, speaker
 from image import GiB, MiB, build_image, plan_change
+from libvirt_domains import guest_writes, running_domain
+from libvirt_report import Steps, print_report, report
 from vmkeep.errors import UsageError
 from vmkeep.interfaces.cli.repo_commands import parse_chunk_size
 
 ROOT = Path("/var/lib/libvirt/images")
-QEMU_LOG = Path("/var/log/libvirt/qemu")
-URI = "qemu:///system"
-TARGETS = {"delta": 20.0, "full": 3.0}  # vmkeep at least N times faster than restic
+CLUSTERED = 40 * MiB  # the clustered change, at most 1/8 of the disk
+CLUSTER_BLOCK = MiB  # written in blocks of this size
+PHASES = ("full", "scattered", "clustered", "no-change")
 
 
-def domain_xml(name: str, image: Path) -> str:
-    return f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-      <source file='{image}'/><target dev='vda' bus='virtio'/></disk>
-    <controller type='usb' model='none'/><memballoon model='none'/></devices></domain>"""
+class Run3:
+    """One benchmark run: the domains, stores and argv of each tool."""
 
-
-@contextmanager
-def running_domain(name: str, image: Path) -> Iterator[Any]:
-    """A started guest-less domain; destroyed and undefined (with checkpoints) on exit."""
-    import libvirt
-
-    libvirt.registerErrorHandler(lambda *_: None, None)
-    conn = libvirt.open(URI)
-    try:
-        dom = conn.defineXML(domain_xml(name, image))
-        dom.create()
-        yield dom
-    finally:
-        remove_domain(name)
-        with suppress(libvirt.libvirtError):
-            conn.close()
-
-
-def remove_domain(name: str) -> None:
-    """On a fresh connection: the first one may have died with a libvirtd restart."""
-    import libvirt
-
-    conn = libvirt.open(URI)
-    try:
-        dom = conn.lookupByName(name)
-        with suppress(libvirt.libvirtError):
-            dom.destroy()
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
-    except libvirt.libvirtError:
-        pass
-    finally:
-        conn.close()
-
-
-def guest_writes(dom: Any, offsets: list[int], block: int) -> float:
-    """Rewrite `block` bytes at each offset through the VM's virtio-blk device (qemu-io in the
-    QEMU monitor; it prints to the domain log, which is awaited). Returns the seconds taken."""
-    import libvirt_qemu
-
-    alias = ET.fromstring(dom.XMLDesc(0)).find("./devices/disk/alias")
-    device = f"/machine/peripheral/{alias.get('name') if alias is not None else ''}/virtio-backend"
-    log = QEMU_LOG / f"{dom.name()}.log"
-    done = f"wrote {block}/{block} bytes".encode()
-    before, before_done = log.read_bytes().count(b"wrote "), log.read_bytes().count(done)
-    began = time.perf_counter()
-    for i, off in enumerate(offsets):
-        command = f'qemu-io -d {device} "write -P {1 + i % 254:#x} {off} {block}"'
-        libvirt_qemu.qemuMonitorCommand(
-            dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+    def __init__(self, work: Path, chunk_sizes: dict[str, int], steps: Steps) -> None:
+        self.work, self.steps, self.name = work, steps, work.name
+        self.vmkeep = str(Path(sys.executable).with_name("vmkeep"))
+        self.env_v = dict(
+            os.environ, VMKEEP_PASSPHRASE=PASSPHRASE, VMKEEP_CONFIG_DIR=f"{work}/config"
         )
-    deadline = time.monotonic() + 60
-    while log.read_bytes().count(done) - before_done < len(offsets):  # this call's writes
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the guest writes did not all complete (see {log})")
-        time.sleep(0.05)
-    if log.read_bytes().count(b"wrote ") - before != len(offsets):
-        raise RuntimeError(f"unexpected qemu-io output in {log}")
-    return time.perf_counter() - began
+        self.env_r = dict(
+            os.environ, RESTIC_PASSWORD=PASSPHRASE, RESTIC_CACHE_DIR=f"{work}/cache-restic"
+        )
+        self.repos = {label: work / f"repo-vmkeep-{label}" for label in chunk_sizes}
+        self.restic = work / "repo-restic"
+        self.vnb = {"virtnbdbackup": work / "vnb", "virtnbdbackup -z": work / "vnbz"}
+        self.images = {"vmkeep": work / "vda.qcow2"}
+        self.images |= {tool: work / f"{d.name}.qcow2" for tool, d in self.vnb.items()}
+        self.domains = {"vmkeep": self.name}
+        self.domains |= {tool: f"{self.name}-{d.name}" for tool, d in self.vnb.items()}
+
+    def vmkeep_backup(self, phase: str) -> None:
+        keep = str(len(self.repos))  # every repository's checkpoint stays for its delta
+        for label, repo in self.repos.items():
+            argv = [self.vmkeep, "backup", self.name, "--connector", "libvirt", "--remote",
+                    str(repo), "--keep-checkpoints", keep, "--json"]  # fmt: skip
+            if phase != "full":
+                argv += ["--mode", "delta"]
+            self.steps(f"vmkeep {label} {phase}", argv, self.env_v, store=repo)
+
+    def vnb_backup(self, tool: str, phase: str) -> None:
+        out = self.vnb[tool]
+        argv = ["virtnbdbackup", "-d", self.domains[tool], "-o", str(out), "-n",
+                "-l", "full" if phase == "full" else "inc"]  # fmt: skip
+        if tool.endswith("-z"):
+            argv.append("-z")
+        self.steps(f"{tool} {phase}", argv, dict(os.environ), store=out)
+
+    def restic_backup(self, phase: str) -> None:
+        argv = ["restic", "-r", str(self.restic), "backup", str(self.images["vmkeep"])]
+        self.steps(f"restic {phase}", argv, self.env_r, store=self.restic)
+
+    def phase(self, phase: str) -> None:
+        self.vmkeep_backup(phase)
+        self.vnb_backup("virtnbdbackup", phase)
+        if phase in ("full", "scattered"):
+            self.vnb_backup("virtnbdbackup -z", phase)
+        if phase != "no-change":
+            self.restic_backup(phase)
+
+    def restores(self) -> dict[str, bool]:
+        """Restore each tool's latest point and compare it with the disk it came from."""
+        same: dict[str, bool] = {}
+        image = self.images["vmkeep"]
+        for label, repo in self.repos.items():
+            point = self.steps.outputs[f"vmkeep {label} no-change"]["restore_point"]
+            to = self.work / f"restored-{label}"
+            self.steps(f"vmkeep {label} restore", [self.vmkeep, "restore", point, "--remote",
+                       str(repo), "--to", str(to), "--json"], self.env_v)  # fmt: skip
+            same[f"vmkeep {label}"] = equal(to, image)
+        to = self.work / "restored-vnb"
+        argv = ["virtnbdrestore", "-i", str(self.vnb["virtnbdbackup"]), "-o", str(to), "-n",
+                "-L", str(self.work / "virtnbdrestore.log")]  # fmt: skip
+        self.steps("virtnbdbackup restore", argv, dict(os.environ))
+        same["virtnbdbackup"] = equal(to, self.images["virtnbdbackup"])
+        to = self.work / "restored-restic"
+        argv = ["restic", "-r", str(self.restic), "restore", "latest", "--target", str(to)]
+        self.steps("restic restore", argv, self.env_r)
+        same["restic"] = equal(to, image)
+        return same
 
 
-class Steps:
-    """The timed subprocesses of one run, by label."""
+def restored_file(directory: Path) -> Path:
+    """The one disk image a restore wrote under `directory`."""
+    found = [p for p in directory.rglob("*") if p.is_file() and p.suffix not in (".json",
+             ".xml", ".log", ".sh", ".txt")]  # fmt: skip
+    if len(found) != 1:
+        raise RuntimeError(f"expected one restored image under {directory}, found {found}")
+    return found[0]
 
-    def __init__(self, say: Callable[[str], None]) -> None:
-        self.say = say
-        self.runs: dict[str, Run] = {}
-        self.outputs: dict[str, Any] = {}
 
-    def __call__(self, label: str, argv: list[str], env: dict[str, str]) -> Run:
-        drop_caches()
-        result = self.runs[label] = run(argv, env)
-        if result.returncode:
-            raise RuntimeError(f"{label} failed (exit {result.returncode}): "
-                               f"{last_line(result.stderr)}")  # fmt: skip
-        if argv[1:2] == ["backup"] and "--json" in argv:
-            self.outputs[label] = json.loads(result.stdout)
-        self.say(f"{label}: {result.seconds:.2f} s, peak RSS {result.rss_mib:.0f} MiB")
-        return result
+def equal(restored: Path, image: Path) -> bool:
+    """The restore under `restored` (a directory, removed after) holds what the guest sees
+    (qemu-img compare; -U: the domain runs)."""
+    disk = restored_file(restored)
+    done = subprocess.run(["qemu-img", "compare", "-U", "-q", str(disk), str(image)])
+    shutil.rmtree(restored)
+    return done.returncode == 0
+
+
+def clustered_offsets(size: int) -> list[int]:
+    """CLUSTERED bytes (at most size/8) in CLUSTER_BLOCK blocks from the middle of the disk."""
+    length = max(CLUSTER_BLOCK, min(CLUSTERED, size // 8) // CLUSTER_BLOCK * CLUSTER_BLOCK)
+    start = size // 2 // CLUSTER_BLOCK * CLUSTER_BLOCK
+    return list(range(start, start + length, CLUSTER_BLOCK))
+
+
+def prepare_images(r: Run3, size: int, seed: int, say: Callable[[str], None]) -> Any:
+    raw = r.work / "prefill.raw"
+    say(f"building a {size / GiB:g} GiB image, half allocated, into {r.images['vmkeep']}")
+    layout = in_helper(build_image, str(raw), size, seed)
+    convert = ["qemu-img", "convert", "-O", "qcow2", "-o", "compat=1.1", str(raw)]
+    for image in r.images.values():  # identical disks, one per tool's domain
+        subprocess.run([*convert, str(image)], check=True)
+    raw.unlink()
+    return layout
+
+
+def data_bytes(image: Path) -> int:
+    """What the qcow2 image holds as data (qemu-img map): less than the layout's allocated
+    bytes when qemu-img convert left all-zero clusters unallocated."""
+    out = subprocess.run(["qemu-img", "map", "--output=json", str(image)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    return sum(e["length"] for e in json.loads(out.stdout) if e["data"])
 
 
 def benchmark(
@@ -160,129 +184,48 @@ def benchmark(
 ) -> dict[str, Any]:
     if ensure_peers(install, say)["restic"] is not None:
         raise RuntimeError("restic is not available: it is what this benchmark compares with")
-    raw, image = work / "prefill.raw", work / "vda.qcow2"
-    say(f"building a {size / GiB:g} GiB image, half allocated, into {image}")
-    layout = in_helper(build_image, str(raw), size, seed)
-    subprocess.run(
-        ["qemu-img", "convert", "-O", "qcow2", "-o", "compat=1.1", str(raw), str(image)],
-        check=True,
-    )
-    raw.unlink()
-    change = plan_change(layout, 0.01 * 64 * 1024 / block, seed) if block else []
-    vmkeep = str(Path(sys.executable).with_name("vmkeep"))
-    venv = {"VMKEEP_PASSPHRASE": PASSPHRASE, "VMKEEP_CONFIG_DIR": f"{work}/config"}
-    env_v = dict(os.environ, **venv)
-    env_r = dict(os.environ, RESTIC_PASSWORD=PASSPHRASE, RESTIC_CACHE_DIR=f"{work}/cache-restic")
-    repo_r = work / "repo-restic"
-    repos_v = {label: work / f"repo-vmkeep-{label}" for label in chunk_sizes}
-    keep = str(len(chunk_sizes))  # every repository's checkpoint stays for its delta
+    if shutil.which("virtnbdbackup") is None or shutil.which("virtnbdrestore") is None:
+        raise RuntimeError("virtnbdbackup is not installed (apt-get install virtnbdbackup)")
     steps = Steps(say)
-    name = work.name
-
-    def backup(label: str, *extra: str) -> list[str]:
-        return [vmkeep, "backup", name, "--connector", "libvirt", "--remote",
-                str(repos_v[label]), "--keep-checkpoints", keep, "--json", *extra]  # fmt: skip
-
-    with running_domain(name, image) as dom:
-        for label, repo in repos_v.items():
-            steps(f"vmkeep init {label}", [vmkeep, "init", str(repo), "--chunk-size", label], env_v)
-            steps(f"vmkeep full {label}", backup(label), env_v)
-        steps("restic init", ["restic", "-r", str(repo_r), "init"], env_r)
-        steps("restic 1st", ["restic", "-r", str(repo_r), "backup", str(image)], env_r)
-        say(f"rewriting {len(change)} blocks of {block} bytes through the running VM")
-        change = sorted({min(o // 4096 * 4096, size - block) for o in change})
-        write_seconds = guest_writes(dom, change, block)
-        for label in repos_v:
-            steps(f"vmkeep delta {label}", backup(label, "--mode", "delta"), env_v)
-        steps("restic 2nd", ["restic", "-r", str(repo_r), "backup", str(image)], env_r)
-        repo_bytes = {"restic": dir_bytes(repo_r)}
-        same: dict[str, bool] = {}
-        for label, repo in repos_v.items():
-            repo_bytes[f"vmkeep {label}"] = dir_bytes(repo)
-            point = steps.outputs[f"vmkeep delta {label}"]["restore_point"]
-            restored = work / f"restored-{label}"
-            steps(f"vmkeep restore {label}", [vmkeep, "restore", point, "--remote", str(repo),
-                                              "--to", str(restored), "--json"], env_v)  # fmt: skip
-            (disk,) = (p for p in restored.rglob("*") if p.is_file() and p.name != "vm.json")
-            compare = subprocess.run(["qemu-img", "compare", "-U", "-q", str(disk), str(image)])
-            same[label] = compare.returncode == 0
-            shutil.rmtree(restored)
-    result = report(steps, chunk_sizes, size, layout.allocated, change, block, write_seconds)
-    result["repo_bytes"] = repo_bytes
-    result["domain"] = name  # also the work directory's name
+    r = Run3(work, chunk_sizes, steps)
+    layout = prepare_images(r, size, seed, say)
+    data = data_bytes(r.images["vmkeep"])
+    scattered = plan_change(layout, 0.01 * 64 * 1024 / block, seed) if block else []
+    scattered = sorted({min(o // 4096 * 4096, size - block) for o in scattered})
+    clustered = clustered_offsets(size)
+    writes: dict[str, float] = {}
+    with ExitStack() as stack:
+        doms = {t: stack.enter_context(running_domain(r.domains[t], r.images[t])) for t in r.images}
+        for label, repo in r.repos.items():
+            steps(f"vmkeep {label} init", [r.vmkeep, "init", str(repo), "--chunk-size", label],
+                  r.env_v)  # fmt: skip
+        steps("restic init", ["restic", "-r", str(r.restic), "init"], r.env_r)
+        r.phase("full")
+        say(f"rewriting {len(scattered)} blocks of {block} bytes through the running VMs")
+        writes["scattered"] = max(guest_writes(d, scattered, block) for d in doms.values())
+        r.phase("scattered")
+        say(f"rewriting {len(clustered)} MiB in one region through the running VMs")
+        writes["clustered"] = max(
+            guest_writes(doms[t], clustered, CLUSTER_BLOCK) for t in ("vmkeep", "virtnbdbackup")
+        )
+        r.phase("clustered")
+        r.phase("no-change")
+        same = r.restores()
+    change = {"scattered": (scattered, block), "clustered": (clustered, CLUSTER_BLOCK)}
+    result = report(steps, chunk_sizes, size, layout.allocated, change, writes)
+    result["repo_bytes"] = {"restic": dir_bytes(r.restic)}
+    result["repo_bytes"] |= {f"vmkeep {label}": dir_bytes(p) for label, p in r.repos.items()}
+    result["repo_bytes"] |= {tool: dir_bytes(p) for tool, p in r.vnb.items()}
+    result["image"]["data"] = data
+    result["domain"] = r.name  # also the work directory's name
     result["restore_ok"] = same
     return result
 
 
-def touched_chunks(change: list[int], block: int, chunk: int) -> int:
-    return len({i for o in change for i in range(o // chunk, (o + block - 1) // chunk + 1)})
-
-
-def report(
-    steps: Steps,
-    chunk_sizes: dict[str, int],
-    size: int,
-    allocated: int,
-    change: list[int],
-    block: int,
-    write_seconds: float,
-) -> dict[str, Any]:
-    t = {k: r.seconds for k, r in steps.runs.items()}
-    per_size: dict[str, Any] = {}
-    for label, chunk in chunk_sizes.items():
-        full_ratio = t["restic 1st"] / t[f"vmkeep full {label}"]
-        delta_ratio = t["restic 2nd"] / t[f"vmkeep delta {label}"]
-        delta = steps.outputs[f"vmkeep delta {label}"]
-        per_size[label] = {
-            "chunk_size": chunk,
-            "touched_chunks": touched_chunks(change, block, chunk),
-            "full_bytes_read": steps.outputs[f"vmkeep full {label}"]["bytes_read"],
-            "delta_bytes_read": delta["bytes_read"],
-            "delta_notes": delta["notes"],
-            "full: restic 1st / vmkeep full": round(full_ratio, 2),
-            "delta: restic 2nd / vmkeep delta": round(delta_ratio, 2),
-            "targets": {
-                "full >= 3x": full_ratio >= TARGETS["full"],
-                "delta >= 20x": delta_ratio >= TARGETS["delta"],
-            },
-        }
-    return {
-        "image": {"size": size, "allocated": allocated, "format": "qcow2 (compat 1.1)"},
-        "change": {
-            "blocks": len(change),
-            "block_bytes": block,
-            "bytes": len(change) * block,
-            "guest_write_seconds": round(write_seconds, 2),
-        },
-        "steps": {k: r.summary(size) for k, r in steps.runs.items()},
-        "vmkeep": per_size,
-    }
-
-
-def print_report(result: dict[str, Any]) -> None:
-    s, c = result["steps"], result["change"]
-    print(f"\nlibvirt benchmark: {result['image']['size'] / GiB:g} GiB qcow2 disk of a running "
-          f"domain, {result['image']['allocated'] / GiB:.2f} GiB allocated; change: "
-          f"{c['blocks']} x {c['block_bytes'] // 1024} KiB = {c['bytes'] / MiB:.0f} MiB "
-          "through the VM")  # fmt: skip
-    print(f"{'step':<24}{'seconds':>10}{'CPU s':>8}{'peak RSS MiB':>14}")
-    for label, x in s.items():
-        if "init" not in label:
-            print(f"{label:<24}{x['seconds']:>10.2f}{x['cpu_seconds']:>8.1f}"
-                  f"{x['peak_rss_mib']:>14.0f}")  # fmt: skip
-    for label, v in result["vmkeep"].items():
-        print(f"vmkeep, {label} chunks: read {v['full_bytes_read'] / MiB:.0f} MiB (full), "
-              f"{v['delta_bytes_read'] / MiB:.0f} MiB (delta: {v['touched_chunks']} chunks "
-              "touched)")  # fmt: skip
-        ratios = [(k, x) for k, x in v.items() if k.startswith(("full:", "delta:"))]
-        for (name, value), (target, met) in zip(ratios, v["targets"].items(), strict=True):
-            print(f"  {name}: {value:.2f}x   target {target}: {'PASS' if met else 'MISS'}")
-        same = result["restore_ok"][label]
-        print(f"  restore of the delta point == disk: {'OK' if same else 'MISMATCH'}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="vmkeep live backups vs restic, libvirt domain")
+    parser = argparse.ArgumentParser(
+        description="vmkeep live backups vs virtnbdbackup and restic, libvirt domain"
+    )
     parser.add_argument("--size-gib", type=float, default=4.0, help="disk size (default 4)")
     parser.add_argument(
         "--change-block", type=int, default=64 * 1024, help="bytes per scattered guest write"

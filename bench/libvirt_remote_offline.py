@@ -91,8 +91,14 @@ def benchmark(size_mib: int, say: Any, seed: int = 1) -> dict[str, Any]:
                                        str(restored), "--json"], env, say)  # fmt: skip
         (disk,) = [p for p in restored.rglob("*") if p.is_file() and p.name != "vm.json"]
         same = subprocess.run(["qemu-img", "compare", "-q", str(disk), image]).returncode == 0
-        touched = len({b * BLOCK // CHUNK for b in changed})
-        extra = {"changed_blocks": len(changed), "touched_chunks": touched}
+        touched = {b * BLOCK // CHUNK for b in changed}
+        extra = {
+            "changed_blocks": len(changed),
+            "touched_chunks": len(touched),
+            # a delta reads at least these: touched chunks of the written half are all data
+            "touched_data_chunks": len({c for c in touched if c < size // 2 // CHUNK}),
+            "changed_blocks_in_holes": len([b for b in changed if b * BLOCK >= size // 2]),
+        }
         return report(times, size, same) | extra
     finally:
         dom.destroy()
@@ -121,11 +127,12 @@ def step(
 def report(times: dict[str, Run], size: int, same: bool) -> dict[str, Any]:
     t = {k: v.seconds for k, v in times.items()}
     backups = ("vmkeep full", "vmkeep delta", "vmkeep no change")
-    read = {k: json.loads(times[k].stdout)["bytes_read"] for k in backups}
+    out = {k: json.loads(times[k].stdout) for k in backups}
     return {
         "disk_bytes": size,
         "seconds": {k: round(v, 3) for k, v in t.items()},
-        "bytes_read": read,
+        "bytes_read": {k: v["bytes_read"] for k, v in out.items()},  # data extents read
+        "bytes_chunks": {k: v["bytes_chunks"] for k, v in out.items()},  # their chunks
         "full: ssh cat / vmkeep full": round(t["ssh cat 1st"] / t["vmkeep full"], 2),
         "delta: ssh cat / vmkeep delta": round(t["ssh cat 2nd"] / t["vmkeep delta"], 2),
         "no change: ssh cat / vmkeep": round(t["ssh cat 2nd"] / t["vmkeep no change"], 2),
@@ -136,8 +143,12 @@ def report(times: dict[str, Run], size: int, same: bool) -> dict[str, Any]:
 def print_report(result: dict[str, Any]) -> None:
     print(f"\nshut-off domain over qemu+ssh://127.0.0.1, {result['disk_bytes'] >> 20} MiB disk")
     for label, seconds in result["seconds"].items():
-        read = result["bytes_read"].get(label)
-        extra = f"  read {read >> 20} MiB" if read is not None else ""
+        read, chunks = result["bytes_read"].get(label), result["bytes_chunks"].get(label)
+        extra = (
+            f"  read {read / 2**20:.1f} MiB of {chunks >> 20} MiB of chunks"
+            if read is not None
+            else ""
+        )
         print(f"  {label:<18} {seconds:7.2f} s{extra}")
     for key in ("full: ssh cat / vmkeep full", "delta: ssh cat / vmkeep delta",
                 "no change: ssh cat / vmkeep"):  # fmt: skip

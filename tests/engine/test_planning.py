@@ -121,7 +121,7 @@ def test_measured_allocation_selection_and_rates(tmp_path: Path) -> None:
         options = BackupOptions(mode="delta", schedule="daily", job="plan-test")
         report = backup_vm(repo, FilesConnector(), str(web), options, SilentProgress())
         news.append(report.stats.bytes_new)
-        datas.append(report.stats.bytes_read - report.stats.bytes_zero)
+        datas.append(report.stats.bytes_chunks - report.stats.bytes_zero)
     m = measure_repository(repo, "plan-test", [size.uuid])
     assert m.points == 3 and m.chunk_size == 64 << 10
     assert m.change_rate == pytest.approx((news[1] / datas[1] + news[2] / datas[2]) / 2)
@@ -191,7 +191,7 @@ def test_estimate_matches_a_simulated_month(tmp_path: Path) -> None:
             points.append(PointRef(report.restore_point, report.vm_uuid, "daily", at, job.name))
             new, written = new + s.bytes_new, written + s.bytes_written
             if run:
-                ratios.append(s.bytes_new / (s.bytes_read - s.bytes_zero))
+                ratios.append(s.bytes_new / (s.bytes_chunks - s.bytes_zero))
         plan = combined_plan(points, policy)
         apply_prune(repo, plan, dry_run=False)
         points = [d.point for d in plan if d.keep]

@@ -77,7 +77,8 @@ def point_ids(repo: Repository) -> list[str]:
 
 
 def dirty_chunks(*writes: tuple[str, int, int]) -> int:
-    """Bytes a delta must read for (target, offset, length) writes: whole 4 MiB chunks."""
+    """The chunks a delta must read for (target, offset, length) writes, in bytes of whole 4 MiB
+    chunks: its bytes_chunks (bytes_read counts only their data extents)."""
     chunks = {
         (t, i)
         for t, off, n in writes

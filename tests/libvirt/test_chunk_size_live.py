@@ -49,10 +49,10 @@ def test_live_delta_reads_only_touched_256k_chunks(
             d.guest_write(target, offset, os.urandom(length))
         delta = backup(repo, connector, d, "delta")
         assert not any("full read" in n for n in delta.notes), delta.notes
-        assert delta.stats.bytes_read == touched(writes), (writes, delta.notes)
+        assert delta.stats.bytes_chunks == touched(writes), (writes, delta.notes)
         assert delta.stats.bytes_new == touched(writes)  # every touched chunk is new content
         points.append((delta.restore_point, models(d)))
-    assert touched(rounds[1]) == 3 * CHUNK  # 768 KiB read where 4 MiB chunks read 8 MiB
+    assert touched(rounds[1]) == 3 * CHUNK  # 768 KiB of chunks where 4 MiB chunks are 8 MiB
 
     for i, (point, expected) in enumerate(points):
         assert restored_hashes(repo, point, tmp_path / f"restore-{i}") == expected, i

@@ -450,7 +450,7 @@ def test_engine_full_and_delta_restore_byte_identical(
             )
             if run:
                 assert not any("full read" in n for n in report.notes), report.notes
-                assert report.stats.bytes_read == 2 * DEFAULT_CHUNK_SIZE, report.notes
+                assert report.stats.bytes_chunks == 2 * DEFAULT_CHUNK_SIZE, report.notes
             points.append((report.restore_point, models))
         assert len(checkpoints(d)) == 1
         assert job_dirs() == []

@@ -150,7 +150,7 @@ def test_delta_after_a_libvirtd_restart(
     d.guest_write("vda", 17 * MiB, os.urandom(4096))
     delta = backup(repo, connector, d, "delta")  # the connector's old connection is dead
     assert not any("full read" in n for n in delta.notes), delta.notes
-    assert delta.stats.bytes_read == dirty_chunks(("vda", 17 * MiB, 4096))
+    assert delta.stats.bytes_chunks == dirty_chunks(("vda", 17 * MiB, 4096))
     assert restored_hashes(repo, full.restore_point, tmp_path / "a") == full_models
     assert restored_hashes(repo, delta.restore_point, tmp_path / "b") == models(d)
 
@@ -175,7 +175,7 @@ def test_libvirtd_restarted_mid_backup(
     assert restored_hashes(repo, full.restore_point, tmp_path / "a") == models(d)
     d.guest_write("vda", 62 * MiB, 0x44, 4096)
     delta = backup(repo, connector, d, "delta")
-    assert delta.stats.bytes_read == dirty_chunks(("vda", 62 * MiB, 4096)), delta.notes
+    assert delta.stats.bytes_chunks == dirty_chunks(("vda", 62 * MiB, 4096)), delta.notes
     assert restored_hashes(repo, delta.restore_point, tmp_path / "b") == models(d)
 
 
@@ -199,7 +199,7 @@ def test_libvirtd_not_running_at_backup_start(
     assert cli("list", "--remote", str(repo), "--json").json()["restore_points"] == []
     assert vmkeep_checkpoints(d) == [] and not lv.job_active(d.dom)
     done = cli("backup", d.name, *args).json()
-    assert done["bytes_read"] == 4 * MiB
+    assert done["bytes_chunks"] == 4 * MiB
 
 
 def test_libvirtd_stopped_mid_backup_and_still_down_at_its_end(
@@ -232,6 +232,6 @@ def test_libvirtd_stopped_mid_backup_and_still_down_at_its_end(
     d.guest_write("vda", 20 * MiB, 0x19, 4096)
     delta = backup(repo, connector, d, "delta")
     assert not left.exists() and run_dirs(uuid) == [] and not lv.job_active(d.dom)
-    assert delta.stats.bytes_read == dirty_chunks(("vda", 20 * MiB, 4096)), delta.notes
+    assert delta.stats.bytes_chunks == dirty_chunks(("vda", 20 * MiB, 4096)), delta.notes
     assert restored_hashes(repo, delta.restore_point, tmp_path / "b") == models(d)
     assert len(vmkeep_checkpoints(d)) == 1

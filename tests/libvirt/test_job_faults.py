@@ -115,7 +115,7 @@ def test_nbd_export_lost_mid_backup(
     d.guest_write("vda", 50 * MiB, 0x6B, 4096)
     again = backup(repo, connector, d, "delta")
     if fault == "job-aborted":
-        assert again.stats.bytes_read == 24 * 4 * MiB, again.notes  # all 96 MiB were written
+        assert again.stats.bytes_chunks == 24 * 4 * MiB, again.notes  # all 96 MiB were written
         assert not any("full read" in n for n in again.notes), again.notes
     else:
         assert any("full read" in n for n in again.notes), again.notes
@@ -170,7 +170,7 @@ def test_killed_backup_is_cleaned_up_by_the_next_one(
     assert killed_checkpoint not in vmkeep_checkpoints(d) and len(vmkeep_checkpoints(d)) == 1
     listed = cli("list", "--remote", str(repo), "--json").json()["restore_points"]
     assert [p["restore_point"] for p in listed] == [done["restore_point"]], listed
-    assert done["bytes_read"] == dirty_chunks(("vda", 0, 60 * MiB))
+    assert done["bytes_chunks"] == dirty_chunks(("vda", 0, 60 * MiB))
     out = cli("restore", done["restore_point"], "--remote", str(repo), "--to", str(tmp_path / "r"))
     assert out.code == 0
     (vm_dir,) = (tmp_path / "r").iterdir()
@@ -205,12 +205,12 @@ def test_killed_offline_backup_leaves_no_qemu_nbd(
     again = cli("backup", d.name, "--mode", "delta", *args).json()
     assert _qemu_nbd_serving(d.disks[0].path) == []
     assert run_dirs(uuid) == [] and len(vmkeep_checkpoints(d)) == 1
-    assert again["bytes_read"] == 15 * 4 * MiB, again["notes"]  # offline delta since run 1
+    assert again["bytes_chunks"] == 15 * 4 * MiB, again["notes"]  # offline delta since run 1
     d.start()  # the image is not locked by a leftover qemu-nbd
     d.guest_write("vda", 62 * MiB, 0x5A, 4096)
     done = cli("backup", d.name, "--mode", "delta", *args).json()
     assert run_dirs(uuid) == [] and len(vmkeep_checkpoints(d)) == 1
-    assert done["bytes_read"] == 4 * MiB, done["notes"]  # live delta on the offline checkpoint
+    assert done["bytes_chunks"] == 4 * MiB, done["notes"]  # live delta on the offline checkpoint
     out = cli("restore", done["restore_point"], "--remote", str(repo), "--to", str(tmp_path / "r"))
     assert out.code == 0
     (vm_dir,) = (tmp_path / "r").iterdir()
@@ -267,7 +267,7 @@ def test_run_killed_after_its_restore_point_keeps_the_checkpoint_the_point_uses(
     d.guest_write("vda", 41 * MiB, os.urandom(MiB))
     done = cli("backup", d.name, *args, "--mode", "delta").json()
     assert not any("full read" in n for n in done["notes"]), done["notes"]
-    assert done["bytes_read"] == dirty_chunks(("vda", 41 * MiB, MiB))  # only since `kept`
+    assert done["bytes_chunks"] == dirty_chunks(("vda", 41 * MiB, MiB))  # only since `kept`
     assert any(f"checkpoint {kept} kept" in n for n in done["notes"]), done["notes"]
     assert not stale.exists() and not lv.job_active(d.dom)
     assert len(vmkeep_checkpoints(d)) == 1 and kept not in vmkeep_checkpoints(d)
@@ -299,7 +299,7 @@ def test_backup_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_
     assert libvirt_env.alive()  # libvirtd did not crash
     notes = " ".join(done["notes"])
     assert "cleaned up after a killed vmkeep run" in notes and "job ended" in notes, notes
-    assert "full read" not in notes and done["bytes_read"] == dirty_chunks(("vda", 20 * MiB, MiB))
+    assert "full read" not in notes and done["bytes_chunks"] == dirty_chunks(("vda", 20 * MiB, MiB))
     assert not lv.job_active(d.dom) and len(vmkeep_checkpoints(d)) == 1
     out = cli("restore", done["restore_point"], "--remote", str(repo), "--to", str(tmp_path / "r"))
     assert out.code == 0

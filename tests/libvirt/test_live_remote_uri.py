@@ -106,7 +106,7 @@ def test_full_and_delta_over_ssh_uri(
     delta = backup(repo, remote, d, "delta")
     remote.close()
     assert delta.mode == "delta", delta.notes
-    assert delta.stats.bytes_read == dirty_chunks(*writes), delta.notes  # the dirty chunks only
+    assert delta.stats.bytes_chunks == dirty_chunks(*writes), delta.notes  # the dirty chunks only
     newest = vmkeep_checkpoints(d)
     assert len(newest) == 1 and newest != [token]  # the full's checkpoint pruned
     assert no_job(d) and not listening(port) and scratch_files(d) == []
@@ -123,7 +123,7 @@ def test_full_and_delta_over_ssh_uri(
     finally:
         remote.close()
     assert any("no longer exists" in n for n in third.notes), third.notes
-    assert third.stats.bytes_read > delta.stats.bytes_read
+    assert third.stats.bytes_chunks > delta.stats.bytes_chunks
     assert len(vmkeep_checkpoints(d)) == 1 and no_job(d) and not listening(port)
     assert restored_hashes(repo, third.restore_point, tmp_path / "r3") == models(d)
 
@@ -149,7 +149,7 @@ def test_cli_backup_over_ssh_uri(
     full_models = models(d)
     d.guest_write("vda", 9 * MiB, 0x11, 4096)
     delta = cli("backup", d.name, "--mode", "delta", *args).json()
-    assert delta["mode"] == "delta" and delta["bytes_read"] == 4 * MiB, delta["notes"]
+    assert delta["mode"] == "delta" and delta["bytes_chunks"] == 4 * MiB, delta["notes"]
     (token,) = vmkeep_checkpoints(d)
     assert no_job(d) and not listening(port) and scratch_files(d) == []
     for point, model in ((full["restore_point"], full_models), (delta["restore_point"], models(d))):
@@ -162,11 +162,11 @@ def test_cli_backup_over_ssh_uri(
     off = cli("backup", d.name, "--mode", "delta", *args, *force).json()
     assert d.dom.isActive(), "the VM must be running again after an --offline backup"
     assert any("qemu-nbd over ssh" in n for n in off["notes"]), off["notes"]
-    assert off["mode"] == "delta" and off["bytes_read"] == 4 * MiB, off["notes"]
+    assert off["mode"] == "delta" and off["bytes_chunks"] == 4 * MiB, off["notes"]
     # Shut off: a delta that finds nothing written reads nothing
     d.stop()
     cold = cli("backup", d.name, "--mode", "delta", *args).json()
-    assert cold["bytes_read"] == 0, cold["notes"]
+    assert cold["bytes_read"] == cold["bytes_chunks"] == 0, cold["notes"]
     for point in (off["restore_point"], cold["restore_point"]):
         out = cli("restore", point, "--remote", str(repo), "--to", str(tmp_path / point), "--json")
         assert disk_hashes(Path(out.json()["location"])) == models(d)
@@ -219,7 +219,7 @@ def test_export_lost_mid_backup_over_ssh_uri(
         again = backup(repo, remote, d, "delta")
     finally:
         remote.close()
-    assert again.mode == "delta" and again.stats.bytes_read == 96 * MiB, again.notes
+    assert again.mode == "delta" and again.stats.bytes_chunks == 96 * MiB, again.notes
     assert restored_hashes(repo, again.restore_point, tmp_path / "r") == models(d)
     assert len(vmkeep_checkpoints(d)) == 1 and no_job(d)
 

@@ -56,7 +56,7 @@ def test_delta_chain_across_stop_and_start(
     off1 = backup(repo, connector, d, "delta")
     assert not d.dom.isActive(), "an offline backup must not start the VM"
     assert any("delta against checkpoint" in n for n in off1.notes), off1.notes
-    assert off1.stats.bytes_read == dirty_chunks(("vda", 20 * MiB, 8192), ("vdb", 12 * MiB, 4096))
+    assert off1.stats.bytes_chunks == dirty_chunks(("vda", 20 * MiB, 8192), ("vdb", 12 * MiB, 4096))
     points.append((off1.restore_point, models(d)))
     (cp_off1,) = vmkeep_checkpoints(d)  # made offline; the live one was pruned (keep 1)
     assert cp_off1 != cp_full
@@ -67,7 +67,7 @@ def test_delta_chain_across_stop_and_start(
     d.guest_write("vda", 40 * MiB, 0x71, 64 * 1024)
     live = backup(repo, connector, d, "delta")
     assert not any("full read" in n for n in live.notes), live.notes
-    assert live.stats.bytes_read == dirty_chunks(("vda", 40 * MiB, 64 * 1024))
+    assert live.stats.bytes_chunks == dirty_chunks(("vda", 40 * MiB, 64 * 1024))
     points.append((live.restore_point, models(d)))
     (cp_live,) = vmkeep_checkpoints(d)
 
@@ -75,7 +75,7 @@ def test_delta_chain_across_stop_and_start(
     d.stop()
     wait_off(d)
     off2 = backup(repo, connector, d, "delta")
-    assert off2.stats.bytes_read == 0, off2.notes
+    assert off2.stats.bytes_read == off2.stats.bytes_chunks == 0, off2.notes
     points.append((off2.restore_point, models(d)))
     (cp_off2,) = vmkeep_checkpoints(d)
     assert cp_off2 != cp_live and image_bitmaps(d) == {"vda": [cp_off2], "vdb": [cp_off2]}
@@ -100,7 +100,7 @@ def test_lost_or_removed_bitmap_falls_back_to_full(
         ("has no bitmap" in n or "not stored cleanly" in n) and "full read" in n
         for n in crashed.notes
     ), crashed.notes
-    assert crashed.stats.bytes_read == dirty_chunks(("vda", 0, 6 * MiB), ("vda", 16 * MiB, 4096))
+    assert crashed.stats.bytes_chunks == dirty_chunks(("vda", 0, 6 * MiB), ("vda", 16 * MiB, 4096))
     assert restored_hashes(repo, crashed.restore_point, tmp_path / "a") == models(d)
     (cp,) = vmkeep_checkpoints(d)  # the stale live checkpoint's metadata is gone too
     assert image_bitmaps(d) == {"vda": [cp]}
@@ -113,7 +113,7 @@ def test_lost_or_removed_bitmap_falls_back_to_full(
     offline_write(d, "vda", 30 * MiB, 0x42, 4096)
     again = backup(repo, connector, d, "delta")
     assert any("full read" in n for n in again.notes), again.notes
-    assert again.stats.bytes_read == dirty_chunks(
+    assert again.stats.bytes_chunks == dirty_chunks(
         ("vda", 0, 6 * MiB), ("vda", 16 * MiB, 4096), ("vda", 30 * MiB, 4096)
     )
     assert restored_hashes(repo, again.restore_point, tmp_path / "b") == models(d)
@@ -129,7 +129,7 @@ def test_lost_or_removed_bitmap_falls_back_to_full(
     finally:
         subprocess.run(["chattr", "-i", str(lv_img)], check=True)
     assert any("no checkpoint could be made" in n for n in frozen.notes), frozen.notes
-    assert frozen.stats.bytes_read == dirty_chunks(("vda", 20 * MiB, 4096)), frozen.notes
+    assert frozen.stats.bytes_chunks == dirty_chunks(("vda", 20 * MiB, 4096)), frozen.notes
     assert vmkeep_checkpoints(d) == [cp2] and image_bitmaps(d) == {"vda": [cp2]}
     assert restored_hashes(repo, frozen.restore_point, tmp_path / "c") == models(d)
     thawed = backup(repo, connector, d, "delta")
@@ -163,7 +163,7 @@ def test_offline_option_timeout_force_and_failure(
     # The graceful power-off stored the bitmaps: the next --offline run is a delta.
     d.guest_write("vda", 24 * MiB, 0x24, 4096)
     delta = backup(repo, connector, d, "delta")
-    assert delta.stats.bytes_read == dirty_chunks(("vda", 24 * MiB, 4096)), delta.notes
+    assert delta.stats.bytes_chunks == dirty_chunks(("vda", 24 * MiB, 4096)), delta.notes
     assert restored_hashes(repo, delta.restore_point, tmp_path / "b") == models(d)
     assert d.dom.isActive()
     kept = vmkeep_checkpoints(d)
@@ -192,6 +192,6 @@ def test_cli_offline_flags(libvirt_env: LibvirtEnv, make_domain: object, tmp_pat
     refused = cli("backup", d.name, *args, "--shutdown-timeout", "1", ok=False)
     assert "did not shut down" in refused.err and d.dom.isActive()
     out = cli("backup", d.name, *args, "--shutdown-timeout", "1", "--force-off").json()
-    assert d.dom.isActive() and out["bytes_read"] == 4 * MiB
+    assert d.dom.isActive() and out["bytes_chunks"] == 4 * MiB
     wrong = cli("backup", str(tmp_path), "--offline", "--remote", str(repo), ok=False)
     assert "--offline needs --connector libvirt" in wrong.err

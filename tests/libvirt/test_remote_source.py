@@ -218,7 +218,7 @@ def test_shut_off_domain_over_ssh_uri(
         full_models = models(d)
         assert any("read-only qemu-nbd over ssh" in n for n in full.notes), full.notes
         assert any(f"bitmap {orphan} in" in n and "removed" in n for n in full.notes)
-        assert full.stats.bytes_read == 2 * 4 * MiB  # the two 4 MiB chunks holding data
+        assert full.stats.bytes_chunks == 2 * 4 * MiB  # the two 4 MiB chunks holding data
         (first_cp,) = vmkeep_checkpoints(d)
         assert image_bitmaps(d) == {"vda": [first_cp], "vdb": [first_cp]}
         offline_write(d, "vda", 20 * MiB, 0x33, 64 * 1024)
@@ -226,14 +226,14 @@ def test_shut_off_domain_over_ssh_uri(
         (delta_cp,) = vmkeep_checkpoints(d)  # the older one pruned, its bitmaps removed there
         assert image_bitmaps(d) == {"vda": [delta_cp], "vdb": [delta_cp]}
         assert any("only dirty extents" in n for n in delta.notes), delta.notes
-        assert delta.stats.bytes_read == 4 * MiB, delta.notes  # the one dirty chunk
+        assert delta.stats.bytes_chunks == 4 * MiB, delta.notes  # the one dirty chunk
         offline_models = models(d)
         # started: a live delta over the URI builds on the checkpoint made offline there
         d.dom.create()
         d.guest_write("vdb", 12 * MiB, 0x21, 4096)
         remote.nbd = TcpExport(HOST, free_port())
         live = backup(repo, remote, d, "delta")
-        assert live.stats.bytes_read == 4 * MiB, live.notes
+        assert live.stats.bytes_chunks == 4 * MiB, live.notes
         d.stop()
     finally:
         remote.close()

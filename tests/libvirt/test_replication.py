@@ -224,7 +224,7 @@ def test_cli_replicate(
     cli(*backup)
     d.guest_write("vda", 8 * MiB, os.urandom(GRAN))
     delta = cli(*backup, "--mode", "delta").json()
-    assert delta["bytes_read"] == 4 * MiB, delta["notes"]  # the one 4 MiB chunk touched
+    assert delta["bytes_chunks"] == 4 * MiB, delta["notes"]  # the one 4 MiB chunk touched
     assert len(checkpoints.vmkeep_checkpoints(d.dom)) == 2
     assert repl_checkpoints(d) == [second["checkpoint"]]
     # vmkeep replicas: found by the source's uuid, and by its name once the source is gone

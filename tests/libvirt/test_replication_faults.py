@@ -414,5 +414,5 @@ def test_replication_keeps_the_checkpoint_of_a_backup_killed_after_saving(
         delta = backup(repo, connector, d, "delta")
     finally:
         connector.close()
-    assert delta.stats.bytes_read == 4 * MiB, delta.notes  # on the killed run's checkpoint
+    assert delta.stats.bytes_chunks == 4 * MiB, delta.notes  # on the killed run's checkpoint
     assert restored_hashes(repo, delta.restore_point, tmp_path / "r") == backup_models(d)

@@ -83,7 +83,7 @@ def test_shut_off_volume_disk_is_backed_up_offline_with_incremental_deltas(
     second = cli("backup", name, *args, "--mode", "delta").json()
     at_second = guest_view_sha256(path, tmp_path)
     assert not any("full read" in n for n in second["notes"]), second["notes"]
-    assert second["bytes_read"] == DEFAULT_CHUNK_SIZE  # the one chunk written since
+    assert second["bytes_chunks"] == DEFAULT_CHUNK_SIZE  # the one chunk written since
     for point, want in ((first, at_first), (second, at_second)):
         out = tmp_path / f"r-{point['restore_point']}"
         restored = cli("restore", point["restore_point"], "--remote", str(repo), "--to", str(out))

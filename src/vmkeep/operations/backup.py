@@ -27,6 +27,13 @@ from vmkeep.errors import (
     UsageError,
     VmkeepError,
 )
+from vmkeep.operations.chunk_extents import (
+    Span,
+    merge_gap,
+    read_spans,
+    spans_by_chunk,
+    spans_bytes,
+)
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import Progress
 from vmkeep.ratelimit import RateLimiter, Throttle
@@ -65,7 +72,10 @@ class BackupOptions:
 
 @dataclass
 class BackupStats:
-    bytes_read: int = 0  # bytes read from the VM's disks
+    # Bytes really read from the VM's disks: the data extents of the chunks read, not their
+    # holes (zero-filled in memory). The others count whole chunks, holes included.
+    bytes_read: int = 0
+    bytes_chunks: int = 0  # plaintext of the chunks read
     bytes_zero: int = 0  # of those, in all-zero chunks (not stored)
     bytes_new: int = 0  # plaintext of chunks the repository did not hold
     bytes_written: int = 0  # what those chunks take on the remote (compressed, encrypted)
@@ -89,7 +99,7 @@ class BackupReport:
 
     def to_json(self) -> dict[str, Any]:
         s = self.stats
-        data = s.bytes_read - s.bytes_zero
+        data = s.bytes_chunks - s.bytes_zero
         return {
             "restore_point": self.restore_point,
             "vm": self.vm,
@@ -132,8 +142,11 @@ class ChunkUploader:
         self.gate = gate or CpuGate()
         self._lock = threading.Lock()
 
-    def store(self, data: bytes) -> tuple[bytes, BackupStats]:
-        stats = BackupStats(bytes_read=len(data), chunks=1)
+    def store(self, data: bytes, read: int | None = None) -> tuple[bytes, BackupStats]:
+        """The chunk's ID, stored if new. `read`: the bytes of it really read from the disk
+        (its data extents; the rest was zero-filled), which bytes_read reports."""
+        read = len(data) if read is None else read
+        stats = BackupStats(bytes_read=read, bytes_chunks=len(data), chunks=1)
         with self.gate:
             zero = is_zero(data)
             chunk_id = ZERO_ID if zero else self.repo.chunk_id(data)
@@ -174,7 +187,8 @@ def backup_disk(
     `flags` are the reader's chunks_with_data, computed once per backup. Chunks complete in
     any order (each lands at its index), so one slow upload does not hold the others back.
     `chunk_size` is the repository's (and the base's: the repository refuses any other).
-    A `throttle` paces the reads: a worker takes its chunk's tokens before reading it."""
+    Inside a chunk only its data extents are read, the rest is zero-filled (chunk_extents.py).
+    A `throttle` paces the reads: a worker takes the tokens of the bytes it will read first."""
     size = reader.size
     if base is None:
         to_read = flags
@@ -188,23 +202,29 @@ def backup_disk(
         ids.clear(dirty)  # dirty and now a hole: discarded; dirty with data: read below
     progress.start(label, covered_bytes(to_read, size, chunk_size))
 
-    def work(index: int) -> tuple[int, bytes, BackupStats]:
+    def work(item: tuple[int, list[Span]]) -> tuple[int, bytes, BackupStats]:
+        index, spans = item
         offset = index * chunk_size
         want = chunk_length(index, size, chunk_size)
+        got = spans_bytes(spans)
+        if not got:  # no data left in it since the first walk: a hole now
+            return index, ZERO_ID, BackupStats(bytes_chunks=want, bytes_zero=want, chunks=1)
         if throttle is not None:
-            throttle.acquire(want)
-        data = reader.read(offset, want)
-        if len(data) != want:
-            raise ConnectorError(f"{label}: short read at offset {offset} ({len(data)} of {want})")
-        chunk_id, stats = uploader.store(data)
+            throttle.acquire(got)
+        data = read_spans(reader, offset, want, spans, label)
+        chunk_id, stats = uploader.store(data, got)
         return index, chunk_id, stats
 
     total = BackupStats()
     try:
-        for index, chunk_id, stats in unordered_map(work, indexes(to_read), threads):
+        # The second extent walk runs here, in step with the chunks (chunk_extents.py).
+        items = spans_by_chunk(
+            reader.extents(), indexes(to_read), size, chunk_size, merge_gap(reader)
+        )
+        for index, chunk_id, stats in unordered_map(work, items, threads):
             ids.set(index, chunk_id)
             total.add(stats)
-            progress.advance(stats.bytes_read)
+            progress.advance(chunk_length(index, size, chunk_size))
     except BaseException:
         if throttle is not None:
             throttle.stop()  # workers sleeping for tokens wake now, not after their share

@@ -72,6 +72,8 @@ class ImageDiskReader:
         else:
             raise ConnectorError(f"disk {disk.target}: image format {disk.fmt!r} is not supported")
         self.size = self._inner.size
+        # Through qemu-nbd a hole costs a round trip too (chunk_extents.py); not in a file.
+        self.merge_holes_below = getattr(self._inner, "merge_holes_below", 0)
         self.change_token = change_token
         self.dirty_since: str | None = None
         self.target = disk.target

@@ -28,6 +28,7 @@ from vmkeep.connectors.libvirt.bindings import nbd, nbd_handle, one_line
 from vmkeep.connectors.libvirt.transport.nbd_reader import (
     BASE_ALLOCATION,
     DIRTY,
+    MERGE_HOLES_BELOW,
     merged_extents,
     status_collector,
 )
@@ -58,6 +59,8 @@ class NbdImage:
     """One image file served by its own qemu-nbd. Thread-safe; close() is idempotent. With
     `bitmap` (a persistent dirty bitmap of the image), `dirty_extents` are the ranges it marks:
     the caller sets `dirty_since` to the checkpoint that bitmap belongs to."""
+
+    merge_holes_below = MERGE_HOLES_BELOW
 
     def __init__(
         self, path: str, fmt: str, *, writable: bool, name: str = "", bitmap: str | None = None

@@ -23,6 +23,10 @@ BASE_ALLOCATION = "base:allocation"
 MAX_REQUEST = 32 << 20  # QEMU's NBD server limit per request
 STATUS_STEP = 1 << 30  # block_status count hint; some servers refuse >= 4 GiB
 DIRTY = 1  # flag of a dirty extent in a qemu:dirty-bitmap context
+# A backup reads holes shorter than this with the data around them (operations/chunk_extents.py):
+# an NBD request is a round trip (~0.1 ms on a unix socket, more over TCP), and in that time
+# QEMU serves about 128 KiB of a hole as zeros.
+MERGE_HOLES_BELOW = 128 << 10
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class NbdServer:
 class NbdDiskReader:
     """A point-in-time view of one disk exported by a backup job. Thread-safe. `server`: an
     NbdServer, or a unix socket path."""
+
+    merge_holes_below = MERGE_HOLES_BELOW
 
     def __init__(
         self,
