@@ -12,7 +12,7 @@ from tests.libvirt import libvirt_env as lv
 from tests.libvirt.backup_points import backup, models, new_repo, restored_hashes
 from tests.libvirt.conftest import LibvirtEnv
 from vmkeep.connectors.libvirt import LibvirtConnector
-from vmkeep.connectors.libvirt.nbd_reader import MERGE_HOLES_BELOW
+from vmkeep.connectors.libvirt.transport.nbd_reader import MERGE_HOLES_BELOW
 
 KiB, MiB = 1 << 10, lv.MiB
 CLUSTER = 64 * KiB  # the test disks' qcow2 cluster: what base:allocation reports as data
