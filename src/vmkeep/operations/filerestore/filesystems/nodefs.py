@@ -260,21 +260,21 @@ class NodeFileSystem(Generic[N]):
 
     def _resolve(self, path: bytes) -> tuple[bytes, N]:
         """The last component's name and node; symlinks in directory components followed."""
-        parts = [p for p in path.split(b"/") if p and p != b"."]
+        parts = [(p, False) for p in path.split(b"/") if p and p != b"."]
         stack: list[tuple[bytes, N]] = [(b"/", self._root())]
         hops = 0
         while parts:
-            part = parts.pop(0)
+            part, from_link = parts.pop(0)
             if part == b"..":
                 if len(stack) > 1:
                     stack.pop()
                 continue
             parent = stack[-1][1]
             if self._kind(parent) != "dir":
-                raise self._missing(path, hops, "a component is not a directory")
+                raise self._missing(path, from_link, "a component is not a directory")
             child = self._child(parent, part)
             if child is None:
-                raise self._missing(path, hops, "no such file or directory")
+                raise self._missing(path, from_link, "no such file or directory")
             if parts and self._kind(child) == "symlink":
                 hops += 1
                 if hops > SYMLINK_HOPS:
@@ -284,15 +284,15 @@ class NodeFileSystem(Generic[N]):
                 target = self._link(child)
                 if target.startswith(b"/"):
                     del stack[1:]
-                parts[:0] = [p for p in target.split(b"/") if p and p != b"."]
+                parts[:0] = [(p, True) for p in target.split(b"/") if p and p != b"."]
                 continue
             stack.append((part, child))
         return stack[-1]
 
-    def _missing(self, path: bytes, hops: int, why: str) -> VmkeepError:
-        """Not found for a path as given; an ImageError when a symlink led there (dangling)."""
+    def _missing(self, path: bytes, from_link: bool, why: str) -> VmkeepError:
+        """Not found for a path as given; an ImageError when a symlink's target is (dangling)."""
         shown = path.decode(errors="backslashreplace")
-        if hops:
+        if from_link:
             return ImageError(f"{shown}: a symbolic link on the way leads nowhere ({why})")
         return NotFoundError(f"{shown}: {why}")
 
