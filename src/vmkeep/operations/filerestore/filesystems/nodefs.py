@@ -28,6 +28,7 @@ N = TypeVar("N")
 SYMLINK_HOPS = 40  # like Linux's MAXSYMLINKS
 BUDGET_BYTES = 512 << 20  # volume bytes one operation (a lookup, one listed entry) may read
 BUDGET_READS = 200_000  # and read calls: a loop in a tree ends here, in seconds
+MAX_READ = 64 << 20  # one metadata read (a hostile block size must not allocate more)
 MAX_WARNINGS = 100
 
 
@@ -49,6 +50,8 @@ class WorkBudget:
     def charge(self, length: int) -> None:
         if self.bytes is None:
             return
+        if length > MAX_READ:
+            raise ImageError(f"a structure asks for a read of {length} bytes at once")
         self.bytes -= max(length, 0)
         self.reads -= 1
         if self.bytes < 0 or self.reads < 0:
@@ -129,10 +132,13 @@ class GuardedStream(io.RawIOBase):
         return cast(int, self._call(self._inner.tell))
 
     def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            size = max(0, self._size - self.tell())
-        want = size
-        return cast(bytes, self._call(lambda: self._inner.read(want)))
+        position = self.tell()
+        left = max(0, self._size - position)
+        want = left if size is None or size < 0 else min(size, left)
+        data = cast(bytes, self._call(lambda: self._inner.read(want)))
+        if len(data) < want:
+            raise ImageError(f"{self._what}: content at {position + len(data)} lies past the end of the volume")
+        return data
 
     def readinto(self, buffer: Any) -> int:
         data = self.read(len(buffer))
@@ -241,7 +247,12 @@ class NodeFileSystem(Generic[N]):
                     shown = path.decode(errors="backslashreplace")
                     self.warn(f"{shown}: skipped an entry with an invalid name {name!r}")
                     continue
-                entry = self._entry(name, child)
+            try:
+                with self.guard(path + b"/" + name):
+                    entry = self._entry(name, child)
+            except ImageError as exc:
+                self.warn(f"skipped an unreadable entry: {exc}")
+                continue
             yield entry
 
     def open(self, path: bytes, stream: bytes | None = None) -> BinaryIO:
