@@ -39,6 +39,8 @@ def read_xattrs(fs: XfsFileSystem, node: Any) -> dict[bytes, bytes]:
         runs = _btree_runs(fs, node, fork)
     else:
         raise ImageError(f"xfs: inode {node.inum} has an attribute fork of unknown format")
+    if not runs:
+        return {}  # an emptied fork (the kernel's xfs_inode_hasattr says no attributes)
     return _AttrBlocks(fs, node.inum, runs).read()
 
 
