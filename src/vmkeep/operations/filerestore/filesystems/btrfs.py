@@ -86,6 +86,9 @@ class BtrfsFileSystem(NodeFileSystem[Any]):
     def _kind(self, node: Any) -> str:
         return kind_of_mode(node.inode.mode)
 
+    def _dir_key(self, node: Any) -> tuple[int, int]:
+        return (node.subvolume.objectid, node.inum)
+
     def _children(self, node: Any) -> Iterator[tuple[bytes, Any]]:
         for name, child in node.iterdir():
             yield name.encode(errors="surrogateescape"), child

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import io
 import stat
-from collections.abc import Callable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Generic, TypeVar, cast
 
@@ -30,6 +31,7 @@ BUDGET_BYTES = 512 << 20  # volume bytes one operation (a lookup, one listed ent
 BUDGET_READS = 200_000  # and read calls: a loop in a tree ends here, in seconds
 MAX_READ = 64 << 20  # one metadata read (a hostile block size must not allocate more)
 MAX_WARNINGS = 100
+DIR_CACHE_DIRS, DIR_CACHE_ENTRIES = 8, 10_000  # directories whose names lookups keep
 
 
 class WorkBudget:
@@ -161,6 +163,7 @@ class NodeFileSystem(Generic[N]):
         self.info = info
         self.budget = WorkBudget()
         self.volume = VolumeFile(fh, size, self.budget)
+        self._dirs: OrderedDict[Hashable, dict[bytes, N]] = OrderedDict()
 
     # --- what a subclass provides -------------------------------------------------------
     def _root(self) -> N:
@@ -171,11 +174,33 @@ class NodeFileSystem(Generic[N]):
         raise NotImplementedError
 
     def _child(self, node: N, name: bytes) -> N | None:
-        """The child named `name`, or None; the default scans the directory."""
+        """The child named `name`, or None. The default scans the directory once and keeps
+        the names of a few small directories, so walking a tree is not quadratic."""
+        key = self._dir_key(node)
+        cached = self._dirs.get(key)
+        if cached is not None:
+            self._dirs.move_to_end(key)
+            return cached.get(name)
+        names: dict[bytes, N] | None = {}
+        found = None
         for child_name, child in self._children(node):
-            if child_name == name:
-                return child
-        return None
+            if child_name == name and found is None:
+                found = child
+            if names is not None:
+                names.setdefault(child_name, child)
+                if len(names) > DIR_CACHE_ENTRIES:
+                    names = None
+                    if found is not None:
+                        return found
+        if names is not None:
+            self._dirs[key] = names
+            if len(self._dirs) > DIR_CACHE_DIRS:
+                self._dirs.popitem(last=False)
+        return found
+
+    def _dir_key(self, node: N) -> Hashable:
+        """What identifies a directory in the lookup cache (e.g. its inode number)."""
+        raise NotImplementedError
 
     def _entry(self, name: bytes, node: N) -> Entry:
         raise NotImplementedError

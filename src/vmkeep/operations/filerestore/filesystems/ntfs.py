@@ -56,10 +56,6 @@ def utf16_name(raw: bytes) -> bytes:
     return raw.decode("utf-16-le", "surrogatepass").encode("utf-8", "surrogatepass")
 
 
-def name_utf16(name: bytes) -> bytes:
-    return name.decode("utf-8", "surrogatepass").encode("utf-16-le", "surrogatepass")
-
-
 class NtfsFileSystem(NodeFileSystem[Any]):
     def __init__(self, fh: BinaryIO, size: int) -> None:
         super().__init__(fh, size, FsInfo("ntfs"))
@@ -147,13 +143,12 @@ class NtfsFileSystem(NodeFileSystem[Any]):
                     break
                 yield entry
 
+    def _dir_key(self, record: Any) -> int:
+        return int(record.segment)
+
     def _child(self, record: Any, name: bytes) -> Any | None:
-        wanted = name_utf16(name)
-        for entry in self._index_entries(record, record.index("$I30")):
-            key = entry.key
-            if len(key) >= 0x42 and key[0x42 : 0x42 + 2 * key[0x40]] == wanted and key[0x41] != DOS_ONLY:
-                return entry.dereference()
-        return None
+        entry = super()._child(record, name)
+        return None if entry is None else entry.dereference()
 
     def _entry(self, name: bytes, node: Any) -> Entry:
         record = node.dereference() if isinstance(node, IndexEntry) else node

@@ -54,6 +54,9 @@ class XfsFileSystem(NodeFileSystem[Any]):
     def _kind(self, node: Any) -> str:
         return kind_of_mode(node.inode.di_mode)
 
+    def _dir_key(self, node: Any) -> int:
+        return int(node.inum)
+
     def _children(self, node: Any) -> Iterator[tuple[bytes, Any]]:
         self._check_dir_size(node)
         for child in node.iterdir():
