@@ -58,7 +58,7 @@ def sparse_image(path: Path, size: int) -> Path:
     return path
 
 
-def populate_posix(root: Path, *, many: int = 1500, non_utf8: bool = True) -> None:
+def populate_posix(root: Path, *, many: int = 1500, big_xattr: int = 20000) -> None:
     """A tree with what every POSIX file system must give back: names in several scripts (and
     one that is not UTF-8), a deep tree, a big directory, hard links, symlinks (relative,
     absolute, dangling, to a directory), a big sparse file, devices, a FIFO, odd modes and
@@ -66,9 +66,8 @@ def populate_posix(root: Path, *, many: int = 1500, non_utf8: bool = True) -> No
     (root / "docs").mkdir()
     for i, name in enumerate(NAMES):
         (root / "docs" / name).write_bytes(f"{name} {i}\n".encode() * (i + 1))
-    if non_utf8:
-        with open(os.path.join(os.fsencode(root), b"docs", NON_UTF8), "wb") as f:
-            f.write(b"not utf-8\n")
+    with open(os.path.join(os.fsencode(root), b"docs", NON_UTF8), "wb") as f:
+        f.write(b"not utf-8\n")
     deep = root / "deep"
     for level in range(30):
         deep = deep / f"level{level}"
@@ -103,7 +102,7 @@ def populate_posix(root: Path, *, many: int = 1500, non_utf8: bool = True) -> No
     os.setxattr(root / "odd", "trusted.owner-note", b"\x00\x01binary\xff")
     for i in range(40):
         os.setxattr(root / "empty", f"user.many-{i:02d}", b"v" * (i * 7))
-    os.setxattr(root / "docs" / "été.txt", "user.big", os.urandom(20000))
+    os.setxattr(root / "docs" / "été.txt", "user.big", os.urandom(big_xattr))
     os.setxattr(root / "rel-link", "trusted.on-a-link", b"link xattr", follow_symlinks=False)
 
 
@@ -204,12 +203,17 @@ def adapter_tree(fs: FileSystem, path: bytes = b"/") -> dict[bytes, dict[str, An
     return tree
 
 
-def assert_same(kernel: dict[bytes, dict[str, Any]], adapter: dict[bytes, dict[str, Any]], skip: tuple[str, ...] = ()) -> None:
+def assert_same(
+    kernel: dict[bytes, dict[str, Any]], adapter: dict[bytes, dict[str, Any]], skip: tuple[str, ...] = ()
+) -> None:
     """Every path and every field equal, except the fields in `skip`; a difference names its path."""
-    assert sorted(adapter) == sorted(kernel)
+    extra, missing = sorted(set(adapter) - set(kernel)), sorted(set(kernel) - set(adapter))
+    assert not extra and not missing, f"extra: {extra[:5]}, missing: {missing[:5]}"
     for path, want in kernel.items():
         got = {k: v for k, v in adapter[path].items() if k not in skip}
-        assert got == {k: v for k, v in want.items() if k not in skip}, path
+        want = {k: v for k, v in want.items() if k not in skip}
+        diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+        assert not diff, f"{path!r}: (adapter, kernel) {diff}"
 
 
 def check_sparse(fs: FileSystem, path: bytes) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any, BinaryIO
@@ -28,6 +29,7 @@ MAGIC = b"_BHRfS_M"
 SUPER_OFFSET = 0x10000
 NODE_CACHE = 256  # B-tree nodes kept per tree (dissect keeps 8192: 128 MiB of 16 KiB nodes)
 MAX_LINK = 4096
+EMPTY_SUBVOLUME_INODE = 2  # BTRFS_EMPTY_SUBVOL_DIR_OBJECTID, what the kernel shows
 
 
 def probe(fh: BinaryIO) -> bool:
@@ -42,6 +44,13 @@ def open(fh: BinaryIO, size: int) -> FileSystem:  # noqa: A001 - the adapter int
 def name_hash(name: bytes) -> int:
     """btrfs's directory and xattr name hash: crc32c seeded with ~1."""
     return int((crc32c.update(1, name) ^ 0xFFFFFFFF) & 0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class EmptySubvolume:
+    """Where a snapshot holds a copy of a nested subvolume's entry: an empty directory."""
+
+    parent_subvolume: int
 
 
 def dir_items(data: Any) -> Iterator[Any]:
@@ -84,29 +93,54 @@ class BtrfsFileSystem(NodeFileSystem[Any]):
         return self.root
 
     def _kind(self, node: Any) -> str:
-        return kind_of_mode(node.inode.mode)
+        return "dir" if isinstance(node, EmptySubvolume) else kind_of_mode(node.inode.mode)
 
     def _dir_key(self, node: Any) -> tuple[int, int]:
+        if isinstance(node, EmptySubvolume):
+            return (node.parent_subvolume, EMPTY_SUBVOLUME_INODE)
         return (node.subvolume.objectid, node.inum)
 
     def _children(self, node: Any) -> Iterator[tuple[bytes, Any]]:
-        for name, child in node.iterdir():
-            yield name.encode(errors="surrogateescape"), child
+        if isinstance(node, EmptySubvolume):
+            return
+        cursor = node.subvolume.tree.cursor()
+        # DIR_INDEX items in creation order, from index 2 ("." and ".." are not stored)
+        for _, data in cursor.iter(node.inum, c_btrfs.BTRFS_DIR_INDEX_KEY, 2, ignore_offset=True):
+            for item in dir_items(data):
+                yield bytes(item.name), self._target(node, item)
 
     def _child(self, node: Any, name: bytes) -> Any | None:
+        if isinstance(node, EmptySubvolume):
+            return None
         try:
             _, data = node.subvolume.tree.find(node.inum, c_btrfs.BTRFS_DIR_ITEM_KEY, name_hash(name))
         except KeyError:
             return None
         for item in dir_items(data):
-            if item.name != name:
-                continue
-            if item.location.type == c_btrfs.BTRFS_ROOT_ITEM_KEY:
-                return self.fs.open_subvolume(item.location.objectid, node).root
-            if item.location.type == c_btrfs.BTRFS_INODE_ITEM_KEY:
-                return node.subvolume.inode(item.location.objectid, item.type, node)
-            raise ImageError(f"btrfs: directory entry {name!r} points at an item of type {item.location.type}")
+            if item.name == name:
+                return self._target(node, item)
         return None
+
+    def _target(self, parent: Any, item: Any) -> Any:
+        """The node a directory item names: an inode, or a subvolume's root directory. A
+        subvolume entry copied into a snapshot has no root ref from there, and the kernel
+        shows it as an empty directory: so does this."""
+        location = item.location
+        if location.type == c_btrfs.BTRFS_INODE_ITEM_KEY:
+            return parent.subvolume.inode(location.objectid, item.type, parent)
+        if location.type != c_btrfs.BTRFS_ROOT_ITEM_KEY:
+            raise ImageError(f"btrfs: directory entry {bytes(item.name)!r} points at an item of type {location.type}")
+        if not self._has_root_ref(parent, location.objectid, bytes(item.name)):
+            return EmptySubvolume(parent.subvolume.objectid)
+        return self.fs.open_subvolume(location.objectid, parent).root
+
+    def _has_root_ref(self, parent: Any, subvolume: int, name: bytes) -> bool:
+        try:
+            _, data = self.fs._root_tree.find(parent.subvolume.objectid, c_btrfs.BTRFS_ROOT_REF_KEY, subvolume)
+        except KeyError:
+            return False
+        ref = c_btrfs.btrfs_root_ref(data)
+        return bool(ref.dirid == parent.inum and ref.name == name)
 
     def _inode_number(self, node: Any) -> int:
         subvolume: int = node.subvolume.objectid
@@ -114,6 +148,9 @@ class BtrfsFileSystem(NodeFileSystem[Any]):
         return inum if subvolume == self.default_id else (subvolume << 48) | inum
 
     def _entry(self, name: bytes, node: Any) -> Entry:
+        if isinstance(node, EmptySubvolume):
+            inode = (node.parent_subvolume << 48) | EMPTY_SUBVOLUME_INODE
+            return Entry(name, "dir", 0, 0o755, 0, 0, None, None, None, 1, inode)
         item = node.inode
         kind = kind_of_mode(item.mode)
         return Entry(
@@ -155,6 +192,8 @@ class BtrfsFileSystem(NodeFileSystem[Any]):
 
     def _xattrs(self, node: Any) -> dict[bytes, bytes]:
         result: dict[bytes, bytes] = {}
+        if isinstance(node, EmptySubvolume):
+            return result
         cursor = node.subvolume.tree.cursor()
         for _, data in cursor.iter(node.inum, c_btrfs.BTRFS_XATTR_ITEM_KEY, 0, ignore_offset=True):
             for item in dir_items(data):
