@@ -204,9 +204,11 @@ def adapter_tree(fs: FileSystem, path: bytes = b"/") -> dict[bytes, dict[str, An
 
 
 def assert_same(
-    kernel: dict[bytes, dict[str, Any]], adapter: dict[bytes, dict[str, Any]], skip: tuple[str, ...] = ()
+    kernel: dict[bytes, dict[str, Any]],
+    adapter: dict[bytes, dict[str, Any]],
+    skip: tuple[str, ...] = (),
 ) -> None:
-    """Every path and every field equal, except the fields in `skip`; a difference names its path."""
+    """Every path and every field equal, but those in `skip`; a difference names its path."""
     extra, missing = sorted(set(adapter) - set(kernel)), sorted(set(kernel) - set(adapter))
     assert not extra and not missing, f"extra: {extra[:5]}, missing: {missing[:5]}"
     for path, want in kernel.items():

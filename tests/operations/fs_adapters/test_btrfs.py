@@ -54,7 +54,9 @@ def btrfs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[bytes, d
     return image, tree
 
 
-def test_btrfs_every_entry_matches_the_kernel(btrfs: tuple[Path, dict[bytes, dict[str, Any]]]) -> None:
+def test_btrfs_every_entry_matches_the_kernel(
+    btrfs: tuple[Path, dict[bytes, dict[str, Any]]],
+) -> None:
     image, kernel = btrfs
     fs = open_image(image)
     assert (fs.info.type_name, fs.info.label, fs.info.dirty) == ("btrfs", "vmkeep-btrfs", False)
@@ -69,18 +71,24 @@ def test_btrfs_every_entry_matches_the_kernel(btrfs: tuple[Path, dict[bytes, dic
         if not path.startswith((b"sv", b"docs/snap")):
             assert adapter[path]["inode"] == item["inode"], path
     assert adapter[b"random.bin"]["inode"] == adapter[b"docs/hardlink.bin"]["inode"]
-    assert adapter[b"sv/in-subvolume.txt"]["inode"] != adapter[b"docs/snap/in-subvolume.txt"]["inode"]
+    assert (
+        adapter[b"sv/in-subvolume.txt"]["inode"] != adapter[b"docs/snap/in-subvolume.txt"]["inode"]
+    )
     check_sparse(fs, b"/sparse.img")
 
 
-def test_btrfs_snapshot_keeps_its_own_content(btrfs: tuple[Path, dict[bytes, dict[str, Any]]]) -> None:
+def test_btrfs_snapshot_keeps_its_own_content(
+    btrfs: tuple[Path, dict[bytes, dict[str, Any]]],
+) -> None:
     fs = open_image(btrfs[0])
     assert fs.open(b"/sv/in-subvolume.txt").read() == b"changed after the snapshot\n"
     assert fs.open(b"/docs/snap/in-subvolume.txt").read() == b"inside a subvolume\n"
     assert sorted(e.name for e in fs.listdir(b"/sv")) == [b"in-subvolume.txt", b"nested"]
 
 
-def test_btrfs_compressed_and_inline_extents(btrfs: tuple[Path, dict[bytes, dict[str, Any]]]) -> None:
+def test_btrfs_compressed_and_inline_extents(
+    btrfs: tuple[Path, dict[bytes, dict[str, Any]]],
+) -> None:
     """The files really are stored compressed (each with its algorithm) or inline, and read back."""
     image = btrfs[0]
     with open(image, "rb") as raw:

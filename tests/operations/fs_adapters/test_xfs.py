@@ -63,19 +63,28 @@ def xfs5(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[bytes, di
     return image, tree
 
 
-def test_xfs5_every_entry_matches_the_kernel(xfs5: tuple[Path, dict[bytes, dict[str, Any]]]) -> None:
+def test_xfs5_every_entry_matches_the_kernel(
+    xfs5: tuple[Path, dict[bytes, dict[str, Any]]],
+) -> None:
     image, kernel = xfs5
     fs = open_image(image)
     assert (fs.info.type_name, fs.info.label, fs.info.dirty) == ("xfs", "vmkeep-v5", False)
     adapter = adapter_tree(fs)
     assert_same(kernel, adapter)
     assert fs.info.warnings == []
-    assert kernel[b"random.bin"]["inode"] == kernel[b"docs/hardlink.bin"]["inode"]  # a real hard link
-    assert len(kernel[b"empty"]["xattrs"]) == 40 and len(kernel["docs/été.txt".encode()]["xattrs"][b"user.big"]) == 20000
+    assert (
+        kernel[b"random.bin"]["inode"] == kernel[b"docs/hardlink.bin"]["inode"]
+    )  # a real hard link
+    assert (
+        len(kernel[b"empty"]["xattrs"]) == 40
+        and len(kernel["docs/été.txt".encode()]["xattrs"][b"user.big"]) == 20000
+    )
     check_sparse(fs, b"/sparse.img")
 
 
-def test_xfs_unwritten_extents_read_as_zeros(xfs5: tuple[Path, dict[bytes, dict[str, Any]]]) -> None:
+def test_xfs_unwritten_extents_read_as_zeros(
+    xfs5: tuple[Path, dict[bytes, dict[str, Any]]],
+) -> None:
     image, _ = xfs5
     with open(image, "rb") as raw:
         stale = XFS(raw).get("prealloc").open().read()
@@ -86,7 +95,9 @@ def test_xfs_unwritten_extents_read_as_zeros(xfs5: tuple[Path, dict[bytes, dict[
     assert mixed == bytes(MiB) + b"written" * 100 + bytes(MiB - 700)
 
 
-def test_xfs_symlinks_in_directory_components(xfs5: tuple[Path, dict[bytes, dict[str, Any]]]) -> None:
+def test_xfs_symlinks_in_directory_components(
+    xfs5: tuple[Path, dict[bytes, dict[str, Any]]],
+) -> None:
     fs = open_image(xfs5[0])
     assert fs.lookup(b"/dir-link/level1/level2").kind == "dir"  # followed inside the path
     assert fs.lookup(b"/dir-link").kind == "symlink"  # never at the end
@@ -131,8 +142,16 @@ def test_xfs4_protofile_tree(xfs4: Path) -> None:
     content = (xfs4.parent / "content.bin").read_bytes()
     entries = {e.name: e for e in fs.listdir(b"/")}
     assert sorted(entries) == [b"fifo", b"link", b"plain", b"secret", b"sub", b"tty"]
-    assert (entries[b"plain"].mode, entries[b"plain"].uid, entries[b"plain"].gid) == (0o644, 1000, 100)
-    assert (entries[b"secret"].mode, entries[b"sub"].mode, entries[b"sub"].uid) == (0o600, 0o750, 1001)
+    assert (entries[b"plain"].mode, entries[b"plain"].uid, entries[b"plain"].gid) == (
+        0o644,
+        1000,
+        100,
+    )
+    assert (entries[b"secret"].mode, entries[b"sub"].mode, entries[b"sub"].uid) == (
+        0o600,
+        0o750,
+        1001,
+    )
     assert entries[b"fifo"].kind == "fifo" and entries[b"tty"].kind == "chardev"
     assert entries[b"tty"].rdev == os.makedev(4, 64)
     assert entries[b"link"].target == b"sub/inner"

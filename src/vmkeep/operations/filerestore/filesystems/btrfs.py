@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, BinaryIO
 
@@ -19,7 +19,7 @@ from dissect.btrfs.c_btrfs import c_btrfs
 from dissect.btrfs.tree import BTree
 from dissect.util.hash import crc32c
 
-from vmkeep.errors import ImageError
+from vmkeep.errors import ImageError, NotFoundError
 
 from ..model import Entry, FileSystem, FsInfo
 from .btrfs_data import MAX_INLINE, ExtentReader, file_extents
@@ -37,7 +37,7 @@ def probe(fh: BinaryIO) -> bool:
     return fh.read(8) == MAGIC
 
 
-def open(fh: BinaryIO, size: int) -> FileSystem:  # noqa: A001 - the adapter interface
+def open(fh: BinaryIO, size: int) -> FileSystem:
     return BtrfsFileSystem(fh, size)
 
 
@@ -72,7 +72,10 @@ class BtrfsFileSystem(NodeFileSystem[Any]):
             self.info.uuid = str(self.fs.uuid)
             if self.fs.sb.log_root:
                 self.info.dirty = True
-                self.warn("btrfs: the log tree was not replayed: writes fsync'd after the last commit are missing")
+                self.warn(
+                    "btrfs: the log tree was not replayed: "
+                    "writes fsync'd after the last commit are missing"
+                )
             self.root = self.fs.root
             self.root.inode  # noqa: B018 - read now, so a broken root fails at open
 
@@ -113,7 +116,9 @@ class BtrfsFileSystem(NodeFileSystem[Any]):
         if isinstance(node, EmptySubvolume):
             return None
         try:
-            _, data = node.subvolume.tree.find(node.inum, c_btrfs.BTRFS_DIR_ITEM_KEY, name_hash(name))
+            _, data = node.subvolume.tree.find(
+                node.inum, c_btrfs.BTRFS_DIR_ITEM_KEY, name_hash(name)
+            )
         except KeyError:
             return None
         for item in dir_items(data):
@@ -129,14 +134,19 @@ class BtrfsFileSystem(NodeFileSystem[Any]):
         if location.type == c_btrfs.BTRFS_INODE_ITEM_KEY:
             return parent.subvolume.inode(location.objectid, item.type, parent)
         if location.type != c_btrfs.BTRFS_ROOT_ITEM_KEY:
-            raise ImageError(f"btrfs: directory entry {bytes(item.name)!r} points at an item of type {location.type}")
+            raise ImageError(
+                f"btrfs: directory entry {bytes(item.name)!r} points at an item "
+                f"of type {location.type}"
+            )
         if not self._has_root_ref(parent, location.objectid, bytes(item.name)):
             return EmptySubvolume(parent.subvolume.objectid)
         return self.fs.open_subvolume(location.objectid, parent).root
 
     def _has_root_ref(self, parent: Any, subvolume: int, name: bytes) -> bool:
         try:
-            _, data = self.fs._root_tree.find(parent.subvolume.objectid, c_btrfs.BTRFS_ROOT_REF_KEY, subvolume)
+            _, data = self.fs._root_tree.find(
+                parent.subvolume.objectid, c_btrfs.BTRFS_ROOT_REF_KEY, subvolume
+            )
         except KeyError:
             return False
         ref = c_btrfs.btrfs_root_ref(data)
@@ -167,7 +177,9 @@ class BtrfsFileSystem(NodeFileSystem[Any]):
             inode=self._inode_number(node),
             target=self._link(node) if kind == "symlink" else None,
             # the kernel's dev_t: 12-bit major above a 20-bit minor
-            rdev=os.makedev(item.rdev >> 20, item.rdev & 0xFFFFF) if kind in ("chardev", "blockdev") else None,
+            rdev=os.makedev(item.rdev >> 20, item.rdev & 0xFFFFF)
+            if kind in ("chardev", "blockdev")
+            else None,
         )
 
     def _link(self, node: Any) -> bytes:
@@ -181,7 +193,7 @@ class BtrfsFileSystem(NodeFileSystem[Any]):
 
     def _open(self, node: Any, stream: bytes | None) -> tuple[BinaryIO, int]:
         if stream is not None:
-            raise ImageError("btrfs: files have no named streams")
+            raise NotFoundError("btrfs: files have no named streams")
         size: int = node.inode.size
         extents, inline = file_extents(node.subvolume.tree, node.inum, size, self.sector)
         if inline is not None:

@@ -42,7 +42,9 @@ def decompress(data: bytes, compression: int, limit: int, sector: int) -> bytes:
     if compression == ZLIB:
         return zlib.decompressobj().decompress(data, limit)
     if compression == ZSTD:
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False)
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            io.BytesIO(data), read_across_frames=False
+        )
         return reader.read(limit)
     if compression == LZO:
         return _lzo(data, limit, sector)
@@ -72,7 +74,9 @@ def file_extents(tree: Any, inum: int, size: int, sector: int) -> tuple[list[Ext
     """The extents of inode `inum` up to `size` (holes filled in), or its inline data."""
     extents: list[Extent] = []
     position = 0
-    for item, data in tree.cursor().iter(inum, c_btrfs.BTRFS_EXTENT_DATA_KEY, 0, ignore_offset=True):
+    for item, data in tree.cursor().iter(
+        inum, c_btrfs.BTRFS_EXTENT_DATA_KEY, 0, ignore_offset=True
+    ):
         head = c_btrfs.btrfs_file_extent_item_inline(data)
         if head.type == c_btrfs.BTRFS_FILE_EXTENT_INLINE:
             body = bytes(data[len(c_btrfs.btrfs_file_extent_item_inline) :])
@@ -91,9 +95,13 @@ def file_extents(tree: Any, inum: int, size: int, sector: int) -> tuple[list[Ext
         if reg.type == c_btrfs.BTRFS_FILE_EXTENT_PREALLOC or reg.disk_bytenr == 0:
             extents.append(Extent(length))  # preallocated or a hole: zeros
         else:
-            if reg.compression != NONE and (reg.disk_num_bytes > MAX_COMPRESSED or reg.ram_bytes > MAX_COMPRESSED):
+            if reg.compression != NONE and (
+                reg.disk_num_bytes > MAX_COMPRESSED or reg.ram_bytes > MAX_COMPRESSED
+            ):
                 raise ImageError(f"btrfs: inode {inum} has a compressed extent of absurd size")
-            extents.append(Extent(length, reg.disk_bytenr, reg.disk_num_bytes, reg.offset, reg.compression))
+            extents.append(
+                Extent(length, reg.disk_bytenr, reg.disk_num_bytes, reg.offset, reg.compression)
+            )
         position = start + length
     if position < size:
         extents.append(Extent(size - position))
@@ -139,6 +147,9 @@ class ExtentReader(AlignedStream):  # type: ignore[misc]
         if self._cached is None or self._cached[0] != index:
             self._logical.seek(extent.disk)
             raw = self._logical.read(extent.disk_length)
-            self._cached = (index, decompress(raw, extent.compression, MAX_COMPRESSED, self._sector))
+            self._cached = (
+                index,
+                decompress(raw, extent.compression, MAX_COMPRESSED, self._sector),
+            )
         data = self._cached[1][extent.skip + inside : extent.skip + inside + count]
         return data.ljust(count, b"\x00")

@@ -57,7 +57,9 @@ class WorkBudget:
         self.bytes -= max(length, 0)
         self.reads -= 1
         if self.bytes < 0 or self.reads < 0:
-            raise ImageError("too much work for one step (a loop or an absurd size in the structure?)")
+            raise ImageError(
+                "too much work for one step (a loop or an absurd size in the structure?)"
+            )
 
 
 class VolumeFile(io.RawIOBase):
@@ -125,7 +127,9 @@ class GuardedStream(io.RawIOBase):
         except VmkeepError:
             raise
         except Exception as exc:
-            raise ImageError(f"{self._what}: unreadable content ({type(exc).__name__}: {exc})") from exc
+            raise ImageError(
+                f"{self._what}: unreadable content ({type(exc).__name__}: {exc})"
+            ) from exc
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         return cast(int, self._call(lambda: self._inner.seek(offset, whence)))
@@ -139,7 +143,9 @@ class GuardedStream(io.RawIOBase):
         want = left if size is None or size < 0 else min(size, left)
         data = cast(bytes, self._call(lambda: self._inner.read(want)))
         if len(data) < want:
-            raise ImageError(f"{self._what}: content at {position + len(data)} lies past the end of the volume")
+            raise ImageError(
+                f"{self._what}: content at {position + len(data)} lies past the end of the volume"
+            )
         return data
 
     def readinto(self, buffer: Any) -> int:
@@ -229,7 +235,9 @@ class NodeFileSystem(Generic[N]):
         except VmkeepError:
             raise
         except RecursionError as exc:
-            raise ImageError(f"{self.info.type_name}: {shown}: structure nested too deeply (a loop?)") from exc
+            raise ImageError(
+                f"{self.info.type_name}: {shown}: structure nested too deeply (a loop?)"
+            ) from exc
         except Exception as exc:
             raise ImageError(
                 f"{self.info.type_name}: {shown}: corrupt structure ({type(exc).__name__}: {exc})"
@@ -283,10 +291,12 @@ class NodeFileSystem(Generic[N]):
     def open(self, path: bytes, stream: bytes | None = None) -> BinaryIO:
         with self.guard(path):
             _, node = self._resolve(path)
-            if self._kind(node) != "file":
+            if self._kind(node) != "file" and stream is None:
                 raise NotFoundError(f"{path.decode(errors='backslashreplace')}: not a regular file")
             inner, size = self._open(node, stream)
-        raw = GuardedStream(inner, size, f"{self.info.type_name}: {path.decode(errors='backslashreplace')}")
+        raw = GuardedStream(
+            inner, size, f"{self.info.type_name}: {path.decode(errors='backslashreplace')}"
+        )
         return cast(BinaryIO, raw)
 
     def xattrs(self, path: bytes) -> dict[bytes, bytes]:
@@ -315,7 +325,8 @@ class NodeFileSystem(Generic[N]):
                 hops += 1
                 if hops > SYMLINK_HOPS:
                     raise ImageError(
-                        f"{path.decode(errors='backslashreplace')}: too many levels of symbolic links"
+                        f"{path.decode(errors='backslashreplace')}: "
+                        "too many levels of symbolic links"
                     )
                 target = self._link(child)
                 if target.startswith(b"/"):

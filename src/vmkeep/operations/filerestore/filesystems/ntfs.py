@@ -24,10 +24,11 @@ from typing import Any, BinaryIO
 
 from dissect.ntfs import NTFS
 from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE as ATTR
+from dissect.ntfs.c_ntfs import c_ntfs
 from dissect.ntfs.index import IndexEntry
 from dissect.ntfs.util import segment_reference
 
-from vmkeep.errors import ImageError
+from vmkeep.errors import ImageError, NotFoundError
 
 from ..model import Entry, FileSystem, FsInfo
 from .nodefs import NodeFileSystem
@@ -42,12 +43,26 @@ INTERIX = b"IntxLNK\x01"
 MAX_LINK = 8 + 2 * 4096
 
 
+def _lenient_utf16(cls: Any, stream: BinaryIO, count: int, context: Any = None) -> str:
+    """dissect.ntfs decodes every UTF-16 field strictly, so one name with an unpaired
+    surrogate (legal on NTFS) makes its whole MFT record unreadable. Decode NTFS's wide
+    strings (and only those: the override is on dissect.ntfs's own type) keeping them."""
+    data = stream.read(-1) if count < 0 else stream.read(count * 2)  # < 0: to the end
+    if count >= 0 and len(data) != count * 2:
+        raise EOFError(f"read {len(data)} bytes of a {count * 2}-byte name")
+    text: str = str.__new__(cls, data.decode("utf-16-le", "surrogatepass"))
+    return text
+
+
+c_ntfs.typedefs["wchar"]._read_array = classmethod(_lenient_utf16)
+
+
 def probe(fh: BinaryIO) -> bool:
     fh.seek(3)
     return fh.read(8) == MAGIC
 
 
-def open(fh: BinaryIO, size: int) -> FileSystem:  # noqa: A001 - the adapter interface
+def open(fh: BinaryIO, size: int) -> FileSystem:
     return NtfsFileSystem(fh, size)
 
 
@@ -160,7 +175,10 @@ class NtfsFileSystem(NodeFileSystem[Any]):
         info = record.attributes[ATTR.STANDARD_INFORMATION]
         times = info[0] if info else None
         if kind == "other":
-            self.warn(f"ntfs: {name.decode(errors='backslashreplace')}: a reparse point vmkeep does not follow")
+            self.warn(
+                f"ntfs: {name.decode(errors='backslashreplace')}: "
+                "a reparse point vmkeep does not follow"
+            )
         return Entry(
             name=name,
             kind=kind,
@@ -197,7 +215,7 @@ class NtfsFileSystem(NodeFileSystem[Any]):
     def _open(self, record: Any, stream: bytes | None) -> tuple[BinaryIO, int]:
         name = "" if stream is None else stream.decode("utf-8", "surrogatepass")
         if not record.has_stream(name):
-            raise ImageError(f"ntfs: record {record.segment} has no stream {name!r}")
+            raise NotFoundError(f"ntfs: record {record.segment} has no stream {name!r}")
         size: int = record.size(name)
         return record.open(name), size
 

@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 from dissect.util.stream import RunlistStream
 from dissect.xfs import xfs as dxfs
 
-from vmkeep.errors import ImageError
+from vmkeep.errors import ImageError, NotFoundError
 
 from ..model import Entry, FileSystem, FsInfo
 from .nodefs import NodeFileSystem, kind_of_mode
@@ -29,7 +29,7 @@ def probe(fh: BinaryIO) -> bool:
     return fh.read(4) == MAGIC
 
 
-def open(fh: BinaryIO, size: int) -> FileSystem:  # noqa: A001 - the adapter interface
+def open(fh: BinaryIO, size: int) -> FileSystem:
     return XfsFileSystem(fh, size)
 
 
@@ -42,7 +42,10 @@ class XfsFileSystem(NodeFileSystem[Any]):
             self.block_size: int = self.xfs.block_size
             self.fs_blocks: int = sb.sb_agcount * sb.sb_agblocks
             if self.fs_blocks * self.block_size > size:
-                self.warn(f"xfs: the file system claims {self.fs_blocks * self.block_size} bytes, the volume has {size}")
+                self.warn(
+                    f"xfs: the file system claims {self.fs_blocks * self.block_size} bytes, "
+                    f"the volume has {size}"
+                )
             self.info.label = self.xfs.name
             self.info.uuid = str(self.xfs.uuid)
             self.root = self.xfs.root
@@ -72,7 +75,9 @@ class XfsFileSystem(NodeFileSystem[Any]):
             raise ImageError(f"xfs: directory inode {node.inum} claims {size} bytes")
         mapped = sum(count for block, count in self._runs(node) if block is not None)
         if size // self.block_size > mapped + SPARSE_DIR_BLOCKS:
-            raise ImageError(f"xfs: directory inode {node.inum} claims {size} bytes over {mapped} blocks")
+            raise ImageError(
+                f"xfs: directory inode {node.inum} claims {size} bytes over {mapped} blocks"
+            )
 
     def _entry(self, name: bytes, node: Any) -> Entry:
         di = node.inode
@@ -106,7 +111,7 @@ class XfsFileSystem(NodeFileSystem[Any]):
 
     def _open(self, node: Any, stream: bytes | None) -> tuple[BinaryIO, int]:
         if stream is not None:
-            raise ImageError("xfs: files have no named streams")
+            raise NotFoundError("xfs: files have no named streams")
         if node.inode.di_format == FMT_LOCAL:
             return node.datafork(), node.size
         if node.inode.di_format not in (FMT_EXTENTS, FMT_BTREE):
@@ -128,8 +133,13 @@ class XfsFileSystem(NodeFileSystem[Any]):
                 runs.append((None, offset - position))
             agnum, agblock = dxfs.fsb_to_bb(fsblock, agblklog)
             block = agnum * self.xfs.sb.sb_agblocks + agblock
-            if block + count > self.fs_blocks or (block + count) * self.block_size > self.volume_size:
-                raise ImageError(f"xfs: inode {node.inum} has an extent past the end of the file system")
+            if (
+                block + count > self.fs_blocks
+                or (block + count) * self.block_size > self.volume_size
+            ):
+                raise ImageError(
+                    f"xfs: inode {node.inum} has an extent past the end of the file system"
+                )
             runs.append((None, count) if unwritten else (block, count))
             position = offset + count
         wanted = -(-node.size // self.block_size)

@@ -102,7 +102,9 @@ class _AttrBlocks:
             agnum, agblock = dxfs.fsb_to_bb(fsblock, sb.sb_agblklog)
             physical = agnum * sb.sb_agblocks + agblock
             if physical + count > fs.fs_blocks:
-                raise ImageError(f"xfs: inode {inum} has an attribute extent past the end of the file system")
+                raise ImageError(
+                    f"xfs: inode {inum} has an attribute extent past the end of the file system"
+                )
             self.map.append((offset, physical, count))
         self.mapped = sum(count for _, _, count in self.map)
 
@@ -112,7 +114,9 @@ class _AttrBlocks:
                 self.fs.xfs.fh.seek((physical + logical - start) * self.bs)
                 data: bytes = self.fs.xfs.fh.read(self.bs)
                 if len(data) != self.bs:
-                    raise ImageError(f"xfs: inode {self.inum}: attribute block past the end of the volume")
+                    raise ImageError(
+                        f"xfs: inode {self.inum}: attribute block past the end of the volume"
+                    )
                 return data
         raise ImageError(f"xfs: inode {self.inum}: attribute block {logical} is not mapped")
 
@@ -139,11 +143,15 @@ class _AttrBlocks:
             if magic in LEAF_MAGICS:
                 return logical
             if magic not in NODE_MAGICS:
-                raise ImageError(f"xfs: inode {self.inum}: attribute block {logical} has a bad magic")
+                raise ImageError(
+                    f"xfs: inode {self.inum}: attribute block {logical} has a bad magic"
+                )
             header = NODE_MAGICS[magic]
             count = struct.unpack_from(">H", data, header - (8 if header == 64 else 4))[0]
             if count == 0 or header + count * 8 > self.bs:
-                raise ImageError(f"xfs: inode {self.inum}: attribute node block {logical} is corrupt")
+                raise ImageError(
+                    f"xfs: inode {self.inum}: attribute node block {logical} is corrupt"
+                )
             logical = struct.unpack_from(">I", data, header + 4)[0]  # entry 0 "before"
         raise ImageError(f"xfs: inode {self.inum}: attribute tree too deep")
 
@@ -188,7 +196,9 @@ class _AttrBlocks:
             data = self.block(logical)
             if v5:
                 if struct.unpack_from(">I", data, 0)[0] != REMOTE_MAGIC:
-                    raise ImageError(f"xfs: inode {self.inum}: remote attribute block has a bad magic")
+                    raise ImageError(
+                        f"xfs: inode {self.inum}: remote attribute block has a bad magic"
+                    )
                 data = data[REMOTE_HEADER:]
             parts.append(data[:left])
             left -= len(parts[-1])
