@@ -61,6 +61,8 @@ def dir_items(data: Any) -> Iterator[Any]:
 
 
 class BtrfsFileSystem(NodeFileSystem[Any]):
+    dot_entries = False  # never stored: an entry named "." or ".." is planted
+
     def __init__(self, fh: BinaryIO, size: int) -> None:
         super().__init__(fh, size, FsInfo("btrfs"))
         with self.guard("superblock"):

@@ -143,13 +143,20 @@ class ExtentReader(AlignedStream):  # type: ignore[misc]
             return b"\x00" * count
         if extent.compression == NONE:
             self._logical.seek(extent.disk + extent.skip + inside)
-            return self._logical.read(count).ljust(count, b"\x00")
+            return self._whole(self._logical.read(count), count)
         if self._cached is None or self._cached[0] != index:
             self._logical.seek(extent.disk)
-            raw = self._logical.read(extent.disk_length)
+            raw = self._whole(self._logical.read(extent.disk_length), extent.disk_length)
             self._cached = (
                 index,
                 decompress(raw, extent.compression, MAX_COMPRESSED, self._sector),
             )
         data = self._cached[1][extent.skip + inside : extent.skip + inside + count]
-        return data.ljust(count, b"\x00")
+        return data.ljust(count, b"\x00")  # a compressed extent may end before its length
+
+    @staticmethod
+    def _whole(data: bytes, length: int) -> bytes:
+        """Data from the volume, or an ImageError where the extent lies past its end."""
+        if len(data) != length:
+            raise ImageError("btrfs: a file extent lies past the end of the volume")
+        return data

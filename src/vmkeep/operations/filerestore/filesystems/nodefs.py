@@ -124,7 +124,7 @@ class GuardedStream(io.RawIOBase):
     def _call(self, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
-        except VmkeepError:
+        except (VmkeepError, MemoryError):
             raise
         except Exception as exc:
             raise ImageError(
@@ -164,6 +164,8 @@ class NodeFileSystem(Generic[N]):
     children, metadata, link target, content and xattrs; this class walks paths (following
     symlinks in directory components, at most 40 hops, never leaving the file system),
     filters hostile names and guards every call."""
+
+    dot_entries = True  # the directories store "." and ".." (first of each dropped silently)
 
     def __init__(self, fh: BinaryIO, size: int, info: FsInfo) -> None:
         self.info = info
@@ -232,8 +234,8 @@ class NodeFileSystem(Generic[N]):
         saved = self.budget.start()
         try:
             yield
-        except VmkeepError:
-            raise
+        except (VmkeepError, MemoryError):
+            raise  # a MemoryError is a bound this code failed to keep: not the image's fault
         except RecursionError as exc:
             raise ImageError(
                 f"{self.info.type_name}: {shown}: structure nested too deeply (a loop?)"
@@ -270,10 +272,10 @@ class NodeFileSystem(Generic[N]):
                 if item is None:
                     return
                 name, child = item
-                if name == b"." and not seen_dot:
+                if self.dot_entries and name == b"." and not seen_dot:
                     seen_dot = True
                     continue
-                if name == b".." and not seen_dotdot:
+                if self.dot_entries and name == b".." and not seen_dotdot:
                     seen_dotdot = True
                     continue
                 if hostile_name(name):

@@ -72,6 +72,8 @@ def utf16_name(raw: bytes) -> bytes:
 
 
 class NtfsFileSystem(NodeFileSystem[Any]):
+    dot_entries = False  # only the root's own "." is stored, and _children drops it
+
     def __init__(self, fh: BinaryIO, size: int) -> None:
         super().__init__(fh, size, FsInfo("ntfs"))
         with self.guard("boot sector"):
@@ -132,8 +134,8 @@ class NtfsFileSystem(NodeFileSystem[Any]):
                 continue
             name = utf16_name(key[0x42 : 0x42 + 2 * key[0x40]])
             segment = segment_reference(entry.header.FileReference)
-            if at_root and segment < FIRST_USER_RECORD and segment != ROOT_RECORD:
-                continue  # $MFT, $Bitmap, ..., $Extend: the file system's own files
+            if at_root and segment < FIRST_USER_RECORD:
+                continue  # the file system's own files ($MFT, ..., $Extend), the root's "."
             yield name, entry  # read its record in _entry, so a bad one skips only this entry
 
     def _index_entries(self, record: Any, index: Any) -> Iterator[Any]:
