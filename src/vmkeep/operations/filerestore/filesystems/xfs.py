@@ -1,7 +1,7 @@
 """XFS (v4 and v5) over dissect.xfs, with what it lacks done here: unwritten (preallocated)
 extents read as zeros instead of the stale blocks under them, extents checked against the
-file system's size, directory sizes checked before they are walked, and extended attributes
-(dissect.xfs has none), read from the attribute fork in its short, leaf and node forms."""
+file system's size, directories of more than one block read whole (xfs_dir), and extended
+attributes (dissect.xfs has none), read from the attribute fork (xfs_attr)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ from dissect.xfs import xfs as dxfs
 from vmkeep.errors import ImageError, NotFoundError
 
 from ..model import Entry, FileSystem, FsInfo
+from . import xfs_dir
 from .nodefs import NodeFileSystem, kind_of_mode
 from .xfs_attr import read_xattrs
 
 MAGIC = b"XFSB"
 FMT_DEV, FMT_LOCAL, FMT_EXTENTS, FMT_BTREE = 0, 1, 2, 3
-DIR_DATA_SPACE = 32 << 30  # XFS_DIR2_LEAF_OFFSET: directory entries live below this offset
 MAX_SYMLINK = 1024  # XFS_SYMLINK_MAXLEN
-SPARSE_DIR_BLOCKS = 65536  # unmapped directory blocks walked at most (a shrunk directory)
 
 
 def probe(fh: BinaryIO) -> bool:
@@ -41,6 +40,8 @@ class XfsFileSystem(NodeFileSystem[Any]):
             sb = self.xfs.sb
             self.block_size: int = self.xfs.block_size
             self.fs_blocks: int = sb.sb_agcount * sb.sb_agblocks
+            self.dir_block: int = self.block_size << sb.sb_dirblklog
+            self.has_ftype = bool(self.xfs._has_ftype)
             if self.fs_blocks * self.block_size > size:
                 self.warn(
                     f"xfs: the file system claims {self.fs_blocks * self.block_size} bytes, "
@@ -61,23 +62,25 @@ class XfsFileSystem(NodeFileSystem[Any]):
         return int(node.inum)
 
     def _children(self, node: Any) -> Iterator[tuple[bytes, Any]]:
-        self._check_dir_size(node)
-        for child in node.iterdir():
-            yield child.filename.encode(errors="surrogateescape"), child
-
-    def _check_dir_size(self, node: Any) -> None:
-        """dissect walks every block up to the directory's size, mapped or not: refuse a size
-        no directory can have, or far beyond its mapped blocks."""
-        if node.inode.di_format == FMT_LOCAL:
+        if node.inode.di_format == FMT_LOCAL:  # short form, inside the inode: dissect reads it
+            for child in node.iterdir():
+                yield child.filename.encode(errors="surrogateescape"), child
             return
-        size = node.size
-        if size > DIR_DATA_SPACE:
-            raise ImageError(f"xfs: directory inode {node.inum} claims {size} bytes")
-        mapped = sum(count for block, count in self._runs(node) if block is not None)
-        if size // self.block_size > mapped + SPARSE_DIR_BLOCKS:
-            raise ImageError(
-                f"xfs: directory inode {node.inum} claims {size} bytes over {mapped} blocks"
-            )
+        if node.inode.di_format not in (FMT_EXTENTS, FMT_BTREE):
+            raise ImageError(f"xfs: directory inode {node.inum} has a data fork of unknown format")
+        runs = self._runs(node)
+        length = sum(count for _, count in runs) * self.block_size
+        stream = RunlistStream(self.xfs.fh, runs, length, self.block_size)
+        blocks = xfs_dir.data_blocks(runs, self.block_size, self.dir_block)
+        for name, inum in xfs_dir.entries(
+            stream, blocks, self.dir_block, self.has_ftype, self.warn
+        ):
+            try:
+                child = self.xfs.get_inode(inum, name.decode(errors="surrogateescape"))
+            except dxfs.Error as exc:
+                self.warn(f"xfs: skipped {name!r} in directory inode {node.inum}: {exc}")
+                continue
+            yield name, child
 
     def _entry(self, name: bytes, node: Any) -> Entry:
         di = node.inode
