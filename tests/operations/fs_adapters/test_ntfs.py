@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from dissect.ntfs import NTFS
 
+from vmkeep.errors import UnsupportedImageError
 from vmkeep.operations.filerestore.model import FileSystem
 
 from .images import (
@@ -188,25 +189,46 @@ def test_ntfs_reparse_points(ntfs: tuple[Path, dict[bytes, dict[str, Any]]]) -> 
     assert any("deduped" in w and "reparse point" in w for w in fs.info.warnings)
 
 
+def _patch_attribute(image: Path, segment: int, attr_type: int, at: int, data: bytes) -> None:
+    """Overwrite bytes `at` into the value of a resident attribute of an MFT record, in place
+    (the $MFT of a fresh small volume is contiguous, so a record lies at MFT start + n * size)."""
+    with open(image, "rb") as raw:
+        volume = NTFS(raw)
+        record = (
+            volume.boot_sector.MftStartLcn * volume.cluster_size + segment * volume._record_size
+        )
+        body = volume.mft.get(segment).data
+    offset = struct.unpack_from("<H", body, 0x14)[0]  # FirstAttributeOffset
+    while struct.unpack_from("<I", body, offset)[0] != attr_type:
+        offset += struct.unpack_from("<I", body, offset + 4)[0]
+    value = offset + struct.unpack_from("<H", body, offset + 0x14)[0]
+    with open(image, "r+b") as f:
+        f.seek(record + value + at)
+        f.write(data)
+
+
 def test_ntfs_dirty_flag(tmp_path: Path) -> None:
     """The dirty bit of $Volume's $VOLUME_INFORMATION, set in the image as Windows sets it."""
     need("mkntfs")
     image = sparse_image(tmp_path / "dirty.img", 16 * MiB)
     run("mkntfs", "-q", "-F", "-f", image)
-    fs = open_image(image)
-    assert not fs.info.dirty
-    with open(image, "rb") as raw:
-        volume = NTFS(raw)
-        record = volume.boot_sector.MftStartLcn * volume.cluster_size + 3 * volume._record_size
-        data = volume.mft.get(3).data
-    first = struct.unpack_from("<H", data, 0x14)[0]  # FirstAttributeOffset
-    offset = first
-    while struct.unpack_from("<I", data, offset)[0] != 0x70:
-        offset += struct.unpack_from("<I", data, offset + 4)[0]
-    value = offset + struct.unpack_from("<H", data, offset + 0x14)[0]
-    with open(image, "r+b") as f:
-        f.seek(record + value + 10)
-        f.write(b"\x01")
+    assert not open_image(image).info.dirty
+    _patch_attribute(image, 3, 0x70, 10, b"\x01")  # $Volume, $VOLUME_INFORMATION flags
     dirty = open_image(image)
     assert dirty.info.dirty
     assert any("dirty" in w for w in dirty.info.warnings)
+
+
+def test_ntfs_encrypted_file_is_refused(
+    ntfs: tuple[Path, dict[bytes, dict[str, Any]]], tmp_path: Path
+) -> None:
+    """EFS ciphertext is never handed out as the file's content (ntfs-3g will not set the
+    attribute: it is patched into $STANDARD_INFORMATION)."""
+    image = tmp_path / "efs.img"
+    image.write_bytes(ntfs[0].read_bytes())
+    segment = open_image(image).lookup(b"/tiny").inode
+    _patch_attribute(image, segment, 0x10, 0x20, struct.pack("<I", 0x4020))  # FileAttributes
+    fs = open_image(image)
+    assert fs.lookup(b"/tiny").kind == "file"
+    with pytest.raises(UnsupportedImageError, match="EFS-encrypted"):
+        fs.open(b"/tiny")

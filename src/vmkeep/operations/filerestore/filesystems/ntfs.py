@@ -28,7 +28,7 @@ from dissect.ntfs.c_ntfs import c_ntfs
 from dissect.ntfs.index import IndexEntry
 from dissect.ntfs.util import segment_reference
 
-from vmkeep.errors import ImageError, NotFoundError
+from vmkeep.errors import ImageError, NotFoundError, UnsupportedImageError
 
 from ..model import Entry, FileSystem, FsInfo
 from .nodefs import NodeFileSystem
@@ -36,7 +36,7 @@ from .nodefs import NodeFileSystem
 MAGIC = b"NTFS    "
 ROOT_RECORD, VOLUME_RECORD, FIRST_USER_RECORD = 5, 3, 16
 DOS_ONLY = 2  # $FILE_NAME namespace of an 8.3 alias
-READ_ONLY, SYSTEM = 0x1, 0x4
+READ_ONLY, SYSTEM, ENCRYPTED = 0x1, 0x4, 0x4000
 VOLUME_DIRTY = 0x1
 TAG_SYMLINK, TAG_JUNCTION, TAG_WSL = 0xA000000C, 0xA0000003, 0xA000001D
 INTERIX = b"IntxLNK\x01"
@@ -215,6 +215,10 @@ class NtfsFileSystem(NodeFileSystem[Any]):
         return reparse_target(reparse[0].data())
 
     def _open(self, record: Any, stream: bytes | None) -> tuple[BinaryIO, int]:
+        if self._attributes(record) & ENCRYPTED:
+            raise UnsupportedImageError(
+                f"ntfs: record {record.segment} is EFS-encrypted: its content needs the user's key"
+            )
         name = "" if stream is None else stream.decode("utf-8", "surrogatepass")
         if not record.has_stream(name):
             raise NotFoundError(f"ntfs: record {record.segment} has no stream {name!r}")
