@@ -28,6 +28,7 @@ from .images import (
     sparse_image,
 )
 
+V4_MANY = 700
 GARBAGE = b"\xa5STALE!\x5a" * (512 * 1024)  # 4 MiB, what must never show through
 
 
@@ -115,6 +116,10 @@ def xfs4(tmp_path_factory: pytest.TempPathFactory) -> Path:
     need("mkfs.xfs")
     work = tmp_path_factory.mktemp("xfs4")
     (work / "content.bin").write_bytes(b"v4 content " * 10000)
+    many = "".join(
+        f"file-{i:04d}-of-a-big-v4-directory ---640 7 8 {work / 'content.bin'}\n"
+        for i in range(V4_MANY)
+    )
     proto = work / "proto"
     proto.write_text(
         f"""/dev/null
@@ -125,6 +130,8 @@ secret ---600 0 0 {work / "content.bin"}
 sub d--750 1001 1001
 inner ---444 1001 1001 {work / "content.bin"}
 $
+big d--755 0 0
+{many}$
 link l--777 0 0 sub/inner
 fifo p--640 0 0
 tty c--620 0 5 4 64
@@ -132,7 +139,8 @@ $
 """
     )
     image = sparse_image(work / "xfs4.img", 320 * MiB)
-    run("mkfs.xfs", "-q", "-m", "crc=0", "-p", proto, image)
+    # v4 without file types in directory entries: the other entry layout
+    run("mkfs.xfs", "-q", "-m", "crc=0", "-n", "ftype=0", "-p", proto, image)
     return image
 
 
@@ -141,7 +149,7 @@ def test_xfs4_protofile_tree(xfs4: Path) -> None:
     fs = open_image(xfs4)
     content = (xfs4.parent / "content.bin").read_bytes()
     entries = {e.name: e for e in fs.listdir(b"/")}
-    assert sorted(entries) == [b"fifo", b"link", b"plain", b"secret", b"sub", b"tty"]
+    assert sorted(entries) == [b"big", b"fifo", b"link", b"plain", b"secret", b"sub", b"tty"]
     assert (entries[b"plain"].mode, entries[b"plain"].uid, entries[b"plain"].gid) == (
         0o644,
         1000,
@@ -159,7 +167,16 @@ def test_xfs4_protofile_tree(xfs4: Path) -> None:
     assert entries[b"sub"].nlink == 2 and entries[b"plain"].nlink == 1
     assert all(e.mtime_ns is not None and e.mtime_ns > start for e in entries.values())
     with open(xfs4, "rb") as raw:
-        assert XFS(raw).version == 4
+        volume = XFS(raw)
+        assert volume.version == 4 and not volume._has_ftype
+        assert volume.get("big").inode.di_format == 2  # extents: not the short form
+    big = list(fs.listdir(b"/big"))  # leaf/node form, v4 headers, no file types
+    assert sorted(e.name for e in big) == [
+        f"file-{i:04d}-of-a-big-v4-directory".encode() for i in range(V4_MANY)
+    ]
+    assert {(e.kind, e.mode, e.uid, e.gid, e.size) for e in big} == {
+        ("file", 0o640, 7, 8, len(content))
+    }
 
 
 def test_xfs_directory_blocks_larger_than_file_system_blocks(tmp_path: Path) -> None:
