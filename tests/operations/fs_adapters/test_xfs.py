@@ -193,3 +193,22 @@ def test_xfs_directory_blocks_larger_than_file_system_blocks(tmp_path: Path) -> 
     assert_same(kernel, adapter_tree(fs))
     with open(image, "rb") as raw:
         assert len(list(XFS(raw).get("big").iterdir())) < 3000  # the gap this fixes
+
+
+def test_xfs_log_without_unmount_record_is_dirty(tmp_path: Path) -> None:
+    """A copy taken while mounted (a crash-consistent backup) has no unmount record at the end
+    of its log: read, with a warning; the cleanly unmounted original is not dirty."""
+    need("mkfs.xfs", "mount")
+    image = sparse_image(tmp_path / "live.img", 320 * MiB)
+    run("mkfs.xfs", "-q", image)
+    copy = tmp_path / "crash-consistent.img"
+    with mounted(image, tmp_path / "mnt") as root:
+        (root / "new-dir").mkdir()
+        (root / "new-dir" / "file").write_bytes(b"in the log\n")
+        os.sync()
+        run("cp", "--sparse=always", image, copy)
+    clean, dirty = open_image(image), open_image(copy)
+    assert (clean.info.dirty, clean.info.warnings) == (False, [])
+    assert dirty.info.dirty
+    assert any("not cleanly unmounted" in w for w in dirty.info.warnings)
+    assert [e.name for e in clean.listdir(b"/")] == [b"new-dir"]

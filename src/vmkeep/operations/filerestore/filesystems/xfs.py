@@ -18,6 +18,7 @@ from ..model import Entry, FileSystem, FsInfo
 from . import xfs_dir
 from .nodefs import NodeFileSystem, kind_of_mode
 from .xfs_attr import read_xattrs
+from .xfs_log import log_is_clean
 
 MAGIC = b"XFSB"
 FMT_DEV, FMT_LOCAL, FMT_EXTENTS, FMT_BTREE = 0, 1, 2, 3
@@ -51,6 +52,27 @@ class XfsFileSystem(NodeFileSystem[Any]):
             self.info.uuid = str(self.xfs.uuid)
             self.root = self.xfs.root
             self.root.inode  # noqa: B018 - read now, so a broken root fails at open
+            self._check_log()
+
+    def _check_log(self) -> None:
+        """`dirty` when the log does not end in an unmount record (see xfs_log)."""
+        sb = self.xfs.sb
+        if sb.sb_logstart == 0:
+            self.warn("xfs: the log is on another device: whether it is clean is unknown")
+            return
+        agnum, agblock = dxfs.fsb_to_bb(sb.sb_logstart, sb.sb_agblklog)
+        start = (agnum * sb.sb_agblocks + agblock) * self.block_size
+        try:
+            clean = log_is_clean(self.volume, start, sb.sb_logblocks * self.block_size)
+        except ImageError as exc:
+            self.warn(f"{exc}: whether the log is clean is unknown")
+            return
+        if not clean:
+            self.info.dirty = True
+            self.warn(
+                "xfs: the log was not cleanly unmounted (a crash-consistent copy?): "
+                "changes still only in the log are not seen; read anyway"
+            )
 
     def _root(self) -> Any:
         return self.root
