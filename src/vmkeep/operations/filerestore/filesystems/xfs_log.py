@@ -43,7 +43,7 @@ class _Log:
 
     def block(self, index: int) -> bytes:
         self.fh.seek(self.start + index * BB)
-        data = self.fh.read(BB)
+        data: bytes = self.fh.read(BB)
         if len(data) != BB:
             raise ImageError("xfs: the log lies past the end of the volume")
         return data
