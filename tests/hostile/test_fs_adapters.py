@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from tests.operations.fs_adapters.images import MiB, mounted, need, open_image, run, sparse_image
-from vmkeep.errors import ImageError
+from vmkeep.errors import ImageError, NotFoundError
+from vmkeep.operations.filerestore.filesystems.nodefs import show
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120  # seconds for a whole child run; a loop would otherwise never end
@@ -239,3 +240,12 @@ def _bounded(call: Callable[[], Any], seconds: float = 60) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def test_names_in_messages_cannot_drive_a_terminal(pristine_of: Callable[[str], Pristine]) -> None:
+    """A name from the image reaches an error line with its control characters escaped."""
+    assert show(b"a\x1b[31m\nb\xff") == "a\\x1b[31m\\nb\\xff"
+    fs = open_image(pristine_of("xfs").image)
+    with pytest.raises(NotFoundError) as caught:
+        fs.lookup(b"/names/\x1b]0;owned\x07\n")
+    assert "\x1b" not in str(caught.value) and "\n" not in str(caught.value)

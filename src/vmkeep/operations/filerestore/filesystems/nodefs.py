@@ -127,9 +127,8 @@ class GuardedStream(io.RawIOBase):
         except (VmkeepError, MemoryError):
             raise
         except Exception as exc:
-            raise ImageError(
-                f"{self._what}: unreadable content ({type(exc).__name__}: {exc})"
-            ) from exc
+            detail = f"{type(exc).__name__}: {exc}"[:200]
+            raise ImageError(f"{self._what}: unreadable content ({detail})") from exc
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         return cast(int, self._call(lambda: self._inner.seek(offset, whence)))
@@ -152,6 +151,13 @@ class GuardedStream(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+
+def show(path: bytes) -> str:
+    """A path for a message: undecodable bytes and control characters escaped, so a name in
+    the image cannot write escape sequences to a terminal or split a log line."""
+    text = path.decode(errors="backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def hostile_name(name: bytes) -> bool:
@@ -230,7 +236,7 @@ class NodeFileSystem(Generic[N]):
     @contextmanager
     def guard(self, what: bytes | str) -> Iterator[None]:
         """Budget the work inside and turn any parser failure into an ImageError."""
-        shown = what.decode(errors="backslashreplace") if isinstance(what, bytes) else what
+        shown = show(what) if isinstance(what, bytes) else what
         saved = self.budget.start()
         try:
             yield
@@ -241,8 +247,9 @@ class NodeFileSystem(Generic[N]):
                 f"{self.info.type_name}: {shown}: structure nested too deeply (a loop?)"
             ) from exc
         except Exception as exc:
+            detail = f"{type(exc).__name__}: {exc}"[:200]
             raise ImageError(
-                f"{self.info.type_name}: {shown}: corrupt structure ({type(exc).__name__}: {exc})"
+                f"{self.info.type_name}: {shown}: corrupt structure ({detail})"
             ) from exc
         finally:
             self.budget.restore(saved)
@@ -263,7 +270,7 @@ class NodeFileSystem(Generic[N]):
         with self.guard(path):
             _, node = self._resolve(path)
             if self._kind(node) != "dir":
-                raise NotFoundError(f"{path.decode(errors='backslashreplace')}: not a directory")
+                raise NotFoundError(f"{show(path)}: not a directory")
             children = self._children(node)
         seen_dot = seen_dotdot = False
         while True:
@@ -279,7 +286,7 @@ class NodeFileSystem(Generic[N]):
                     seen_dotdot = True
                     continue
                 if hostile_name(name):
-                    shown = path.decode(errors="backslashreplace")
+                    shown = show(path)
                     self.warn(f"{shown}: skipped an entry with an invalid name {name!r}")
                     continue
             try:
@@ -294,11 +301,9 @@ class NodeFileSystem(Generic[N]):
         with self.guard(path):
             _, node = self._resolve(path)
             if self._kind(node) != "file" and stream is None:
-                raise NotFoundError(f"{path.decode(errors='backslashreplace')}: not a regular file")
+                raise NotFoundError(f"{show(path)}: not a regular file")
             inner, size = self._open(node, stream)
-        raw = GuardedStream(
-            inner, size, f"{self.info.type_name}: {path.decode(errors='backslashreplace')}"
-        )
+        raw = GuardedStream(inner, size, f"{self.info.type_name}: {show(path)}")
         return cast(BinaryIO, raw)
 
     def xattrs(self, path: bytes) -> dict[bytes, bytes]:
@@ -326,10 +331,7 @@ class NodeFileSystem(Generic[N]):
             if parts and self._kind(child) == "symlink":
                 hops += 1
                 if hops > SYMLINK_HOPS:
-                    raise ImageError(
-                        f"{path.decode(errors='backslashreplace')}: "
-                        "too many levels of symbolic links"
-                    )
+                    raise ImageError(f"{show(path)}: too many levels of symbolic links")
                 target = self._link(child)
                 if target.startswith(b"/"):
                     del stack[1:]
@@ -340,7 +342,7 @@ class NodeFileSystem(Generic[N]):
 
     def _missing(self, path: bytes, from_link: bool, why: str) -> VmkeepError:
         """Not found for a path as given; an ImageError when a symlink's target is (dangling)."""
-        shown = path.decode(errors="backslashreplace")
+        shown = show(path)
         if from_link:
             return ImageError(f"{shown}: a symbolic link on the way leads nowhere ({why})")
         return NotFoundError(f"{shown}: {why}")

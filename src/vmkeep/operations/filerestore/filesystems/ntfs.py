@@ -31,7 +31,7 @@ from dissect.ntfs.util import segment_reference
 from vmkeep.errors import ImageError, NotFoundError, UnsupportedImageError
 
 from ..model import Entry, FileSystem, FsInfo
-from .nodefs import NodeFileSystem
+from .nodefs import NodeFileSystem, show
 
 MAGIC = b"NTFS    "
 ROOT_RECORD, VOLUME_RECORD, FIRST_USER_RECORD = 5, 3, 16
@@ -177,10 +177,7 @@ class NtfsFileSystem(NodeFileSystem[Any]):
         info = record.attributes[ATTR.STANDARD_INFORMATION]
         times = info[0] if info else None
         if kind == "other":
-            self.warn(
-                f"ntfs: {name.decode(errors='backslashreplace')}: "
-                "a reparse point vmkeep does not follow"
-            )
+            self.warn(f"ntfs: {show(name)}: a reparse point vmkeep does not follow")
         return Entry(
             name=name,
             kind=kind,
