@@ -25,7 +25,7 @@ MAX_COMPRESSED = 128 << 10  # BTRFS_MAX_COMPRESSED: data per compressed extent
 MAX_INLINE = 64 << 10
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a fragmented file has millions of them
 class Extent:
     """`length` bytes of the file from `skip` bytes into an on-disk extent (a hole when
     `disk` is 0)."""
