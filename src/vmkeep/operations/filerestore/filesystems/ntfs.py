@@ -41,6 +41,8 @@ VOLUME_DIRTY = 0x1
 TAG_SYMLINK, TAG_JUNCTION, TAG_WSL = 0xA000000C, 0xA0000003, 0xA000001D
 INTERIX = b"IntxLNK\x01"
 MAX_LINK = 8 + 2 * 4096
+MAX_REPARSE = 16 * 1024
+MAX_INDEX_BUFFERS = 8 << 20  # 32 GiB of 4 KiB index buffers: no directory has more
 
 
 def _lenient_utf16(cls: Any, stream: BinaryIO, count: int, context: Any = None) -> str:
@@ -92,7 +94,7 @@ class NtfsFileSystem(NodeFileSystem[Any]):
         info = self.ntfs.mft.get(VOLUME_RECORD).attributes[ATTR.VOLUME_INFORMATION]
         if not info:
             return False
-        data = info[0].data()
+        data = info[0].open().read(12)
         return len(data) >= 12 and bool(struct.unpack_from("<H", data, 10)[0] & VOLUME_DIRTY)
 
     def _root(self) -> Any:
@@ -105,13 +107,22 @@ class NtfsFileSystem(NodeFileSystem[Any]):
     def _kind(self, record: Any) -> str:
         reparse = record.attributes[ATTR.REPARSE_POINT]
         if reparse:
-            tag = struct.unpack_from("<I", reparse[0].data(), 0)[0]
+            tag = struct.unpack_from("<I", self._reparse_data(reparse), 0)[0]
             return "symlink" if tag in (TAG_SYMLINK, TAG_JUNCTION, TAG_WSL) else "other"
         if record.is_dir():
             return "dir"
         if self._interix(record) is not None:
             return "symlink"
         return "file"
+
+    @staticmethod
+    def _reparse_data(reparse: Any) -> bytes:
+        """A reparse point's data: at most 16 KiB (MAXIMUM_REPARSE_DATA_BUFFER_SIZE), whatever
+        size a hostile attribute claims."""
+        data: bytes = reparse[0].open().read(MAX_REPARSE)
+        if len(data) < 8:
+            raise ImageError("ntfs: reparse point too short")
+        return data
 
     def _interix(self, record: Any) -> bytes | None:
         """The target of an Interix symlink (a system file "IntxLNK\\1" + UTF-16 target)."""
@@ -147,7 +158,7 @@ class NtfsFileSystem(NodeFileSystem[Any]):
         if index._index_stream is None:
             return
         buffer_size = max(index.root.bytes_per_index_buffer, 1)
-        buffers = index._index_stream.size // buffer_size
+        buffers = min(index._index_stream.size // buffer_size, MAX_INDEX_BUFFERS)
         has_bitmap = record.has_stream("$I30", ATTR.BITMAP)
         bitmap = record.open("$I30", ATTR.BITMAP).read(buffers // 8 + 1) if has_bitmap else b""
         buffers = min(len(bitmap) * 8, buffers)
@@ -209,7 +220,7 @@ class NtfsFileSystem(NodeFileSystem[Any]):
             if target is None:
                 raise ImageError(f"ntfs: record {record.segment} is not a symlink")
             return target
-        return reparse_target(reparse[0].data())
+        return reparse_target(self._reparse_data(reparse))
 
     def _open(self, record: Any, stream: bytes | None) -> tuple[BinaryIO, int]:
         if self._attributes(record) & ENCRYPTED:
