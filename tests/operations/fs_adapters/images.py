@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +50,33 @@ def mounted(image: Path, where: Path, *options: str, fuse: str | None = None) ->
     try:
         yield where
     finally:
-        run("umount", where)
+        _unmount(where)
+        _settle(image)
+
+
+def _unmount(where: Path) -> None:
+    """umount, retried for a few seconds: a probe of a new loop device can hold it briefly."""
+    for attempt in range(50):
+        done = subprocess.run(["umount", str(where)], capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"umount {where} failed {attempt + 1} times: {done.stderr.strip()}")
+
+
+def _settle(image: Path) -> None:
+    """Wait until no loop device holds the image any more, then flush it, so what is read next
+    is what the kernel wrote (the loop device detaches asynchronously after umount)."""
+    for _ in range(100):
+        held = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True)
+        if not held.stdout.strip():
+            break
+        time.sleep(0.05)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sparse_image(path: Path, size: int) -> Path:
