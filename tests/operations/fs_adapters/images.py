@@ -56,12 +56,13 @@ def mounted(image: Path, where: Path, *options: str, fuse: str | None = None) ->
 
 def _unmount(where: Path) -> None:
     """umount, retried for a few seconds: a probe of a new loop device can hold it briefly."""
-    for attempt in range(50):
+    tries = 50
+    for _ in range(tries):
         done = subprocess.run(["umount", str(where)], capture_output=True, text=True)
         if done.returncode == 0:
             return
         time.sleep(0.1)
-    raise AssertionError(f"umount {where} failed {attempt + 1} times: {done.stderr.strip()}")
+    raise AssertionError(f"umount {where} failed {tries} times: {done.stderr.strip()}")
 
 
 def _settle(image: Path) -> None:
