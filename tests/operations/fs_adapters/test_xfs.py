@@ -4,6 +4,7 @@ the kernel reports, and preallocated (unwritten) extents read as zeros, not stal
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -33,12 +34,16 @@ GARBAGE = b"\xa5STALE!\x5a" * (512 * 1024)  # 4 MiB, what must never show throug
 
 
 def _prealloc(root: Path) -> None:
-    """Stale data under preallocated extents: fill the free space with garbage, free it,
+    """Stale data under preallocated extents: fill all the free space with garbage, free it,
     preallocate (the new extents can only lie on garbage)."""
-    free = os.statvfs(root).f_bavail * os.statvfs(root).f_frsize
-    with open(root / "garbage", "wb") as f:
-        for _ in range((free - 8 * MiB) // len(GARBAGE)):
-            f.write(GARBAGE)
+    fd = os.open(root / "garbage", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, GARBAGE)
+    except OSError as exc:  # ENOSPC: every free block now holds garbage
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
     os.sync()
     (root / "garbage").unlink()
     os.sync()
