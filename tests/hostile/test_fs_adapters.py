@@ -20,8 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dissect.ntfs import NTFS
 
-from tests.operations.fs_adapters.images import MiB, mounted, need, open_image, run, sparse_image
+from tests.operations.fs_adapters.images import (
+    MiB,
+    mounted,
+    need,
+    ntfs_record_offset,
+    open_image,
+    run,
+    sparse_image,
+)
 from vmkeep.errors import ImageError, NotFoundError
 from vmkeep.operations.filerestore.filesystems.nodefs import show
 
@@ -46,6 +55,9 @@ def _populate(root: Path) -> tuple[dict[str, str], bytes]:
     os.symlink("loop-a", root / "loop-b")
     os.symlink("self", root / "self")
     (root / "small.txt").write_bytes(b"a small file\n")
+    (root / "crowded").mkdir()  # big enough for index blocks outside the inode / MFT record
+    for i in range(300):
+        (root / "crowded" / f"entry-{i:04d}").write_bytes(b"%d" % i)
     marker = os.urandom(MARKER)
     (root / "marker.bin").write_bytes(marker)
     expected = {
@@ -145,7 +157,8 @@ def test_truncated_image_file_extents_past_the_end(pristine: Pristine, tmp_path:
     result = _exercise(copy)
     _no_wrong_content(result, pristine.expected)
     assert "/marker.bin" not in result["read"]
-    assert result["open_error"] or any("past the end" in e for e in result["errors"]), result
+    noticed = result["errors"] + result["warnings"]
+    assert result["open_error"] or any("past the end" in e for e in noticed), result
 
 
 # (file system, offset of a superblock field, struct format, absurd value)
@@ -249,3 +262,29 @@ def test_names_in_messages_cannot_drive_a_terminal(pristine_of: Callable[[str], 
     with pytest.raises(NotFoundError) as caught:
         fs.lookup(b"/names/\x1b]0;owned\x07\n")
     assert "\x1b" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_ntfs_index_claiming_an_absurd_size(
+    pristine_of: Callable[[str], Pristine], tmp_path: Path
+) -> None:
+    """A directory's $INDEX_ALLOCATION claims 1 PiB: the listing still ends, in capped memory,
+    with the real entries (the bitmap of buffers in use says which to read)."""
+    pristine = pristine_of("ntfs")
+    copy = _copy(pristine.image, tmp_path)
+    with open(copy, "rb") as raw:
+        volume = NTFS(raw)
+        record = volume.mft.get("crowded")
+        where = ntfs_record_offset(volume, record.segment)
+        body = record.data
+    offset = struct.unpack_from("<H", body, 0x14)[0]  # FirstAttributeOffset
+    while struct.unpack_from("<I", body, offset)[0] != 0xA0:  # $INDEX_ALLOCATION
+        offset += struct.unpack_from("<I", body, offset + 4)[0]
+    assert body[offset + 8] == 1  # non-resident
+    with open(copy, "r+b") as f:
+        for field in (0x28, 0x30, 0x38):  # allocated, data and initialized size
+            f.seek(where + offset + field)
+            f.write(struct.pack("<Q", 1 << 50))
+    result = _exercise(copy)
+    _no_wrong_content(result, pristine.expected)
+    listed = [p for p in result["read"] if p.startswith("/crowded/")]
+    assert len(listed) == 300, (len(listed), result["errors"][:3])

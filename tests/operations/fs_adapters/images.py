@@ -257,3 +257,16 @@ def check_sparse(fs: FileSystem, path: bytes) -> None:
     assert f.read(6) == b"middle"
     f.seek(3 * GiB)
     assert f.read(MiB) == bytes(MiB)
+
+
+def ntfs_record_offset(volume: Any, segment: int) -> int:
+    """Where MFT record `segment` lies in the volume: through the $MFT's own runs (the $MFT
+    grows in more than one extent once files are added)."""
+    offset = segment * volume._record_size
+    for lcn, count in volume.mft.fh.runlist:
+        size = count * volume.cluster_size
+        if offset < size:
+            assert lcn is not None, "a record in a hole of the $MFT"
+            return int(lcn * volume.cluster_size + offset)
+        offset -= size
+    raise AssertionError(f"MFT record {segment} is past the end of the $MFT")

@@ -28,6 +28,7 @@ from .images import (
     kernel_tree,
     mounted,
     need,
+    ntfs_record_offset,
     open_image,
     run,
     sparse_image,
@@ -191,12 +192,10 @@ def test_ntfs_reparse_points(ntfs: tuple[Path, dict[bytes, dict[str, Any]]]) -> 
 
 def _patch_attribute(image: Path, segment: int, attr_type: int, at: int, data: bytes) -> None:
     """Overwrite bytes `at` into the value of a resident attribute of an MFT record, in place
-    (the $MFT of a fresh small volume is contiguous, so a record lies at MFT start + n * size)."""
+    found through the $MFT's runs)."""
     with open(image, "rb") as raw:
         volume = NTFS(raw)
-        record = (
-            volume.boot_sector.MftStartLcn * volume.cluster_size + segment * volume._record_size
-        )
+        record = ntfs_record_offset(volume, segment)
         body = volume.mft.get(segment).data
     offset = struct.unpack_from("<H", body, 0x14)[0]  # FirstAttributeOffset
     while struct.unpack_from("<I", body, offset)[0] != attr_type:

@@ -242,6 +242,11 @@ class NodeFileSystem(Generic[N]):
             yield
         except (VmkeepError, MemoryError):
             raise  # a MemoryError is a bound this code failed to keep: not the image's fault
+        except EOFError as exc:
+            raise ImageError(
+                f"{self.info.type_name}: {shown}: a structure lies past the end of the volume "
+                "(a truncated image?)"
+            ) from exc
         except RecursionError as exc:
             raise ImageError(
                 f"{self.info.type_name}: {shown}: structure nested too deeply (a loop?)"

@@ -151,11 +151,15 @@ class NtfsFileSystem(NodeFileSystem[Any]):
 
     def _index_entries(self, record: Any, index: Any) -> Iterator[Any]:
         """Entries of the index root, then of the index buffers in use per $BITMAP."""
+        branches = False
         for entry in index.root.entries():
+            branches = branches or entry.is_node
             if entry.is_end:
                 break
             yield entry
         if index._index_stream is None:
+            if branches:
+                self.warn(f"ntfs: record {record.segment}: a directory index without its blocks")
             return
         buffer_size = max(index.root.bytes_per_index_buffer, 1)
         buffers = min(index._index_stream.size // buffer_size, MAX_INDEX_BUFFERS)
