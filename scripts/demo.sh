@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default (files connector, local remote), start to finish:
 # make a demo VM, back it up, change it, back it up again (delta), restore the first
-# restore point as a new VM, read a file out of it, verify the repository.
+# restore point as a new VM, read a file out of it, get a file straight from the repository,
+# verify the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -37,8 +38,14 @@ disk=$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))[
 step "read a file from the restored disk (ext4 partition at 1 MiB)"
 debugfs -R "cat /home/demo/notes.txt" "$work/restored/web01-restored/$disk?offset=1048576" 2>/dev/null
 
-step "export the latest restore point's disk as qcow2, verify the repository"
 latest=$($vmkeep list --json | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["restore_points"][-1]["restore_point"])')
+step "file restore straight from the repository: no restore, no mount, no root needed"
+$vmkeep files ls "$latest"
+$vmkeep files ls "$latest" disk0:1/home/demo
+$vmkeep files get "$latest" disk0:1 /home/demo/notes.txt --to "$work/files"
+cat "$work/files/notes.txt"
+
+step "export the latest restore point's disk as qcow2, verify the repository"
 $vmkeep export "$latest" disk0 "$work/web01-latest.qcow2" --format qcow2
 $vmkeep verify
 printf '\ndemo done: everything is in %s\n' "$work"
