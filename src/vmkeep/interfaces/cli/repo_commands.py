@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from .output import (
 
 if TYPE_CHECKING:
     from vmkeep.operations.retention import CombinedPolicy, PruneDecision, RetentionPolicy
-    from vmkeep.repository.manifest import Manifest
+    from vmkeep.repository.point_summary import PointSummary
 
 # Each command imports the repository and operations it uses inside its function: every
 # command module is imported at start-up to register its commands, and `vmkeep --help` must
@@ -105,26 +106,28 @@ def list_points(
     json_out: bool = JsonOpt,
 ) -> None:
     """List the VMs and restore points in a repository."""
+    from vmkeep.repository.point_cache import point_summaries
+
     repo = state.open_repository(remote)
-    manifests, problems = repo.load_manifests()
+    points, problems = point_summaries(repo, reading_note(json_out))
     if vm:
-        manifests = [m for m in manifests if vm in (m.vm_name, m.vm_uuid)]
-    manifests.sort(key=lambda m: (m.vm_name, m.created))
+        points = [p for p in points if vm in (p.vm_name, p.vm_uuid)]
+    points.sort(key=lambda p: (p.vm_name, p.created))
     rows: list[dict[str, Any]] = [
         {
-            "restore_point": m.id,
-            "vm": m.vm_name,
-            "vm_uuid": m.vm_uuid,
-            "mode": m.mode,
-            "created": m.created.isoformat(),
-            "schedule": m.schedule,
-            "disks": [d.name for d in m.disks],
-            "size": sum(d.size for d in m.disks),
-            "data_bytes": sum(d.nonzero_bytes() for d in m.disks),
-            "new_bytes_written": m.stats.get("bytes_written"),
-            "locked_until": (m.lock or {}).get("until"),
+            "restore_point": p.id,
+            "vm": p.vm_name,
+            "vm_uuid": p.vm_uuid,
+            "mode": p.mode,
+            "created": p.created.isoformat(),
+            "schedule": p.schedule,
+            "disks": [d.name for d in p.disks],
+            "size": p.size,
+            "data_bytes": p.data_bytes,
+            "new_bytes_written": p.stats.get("bytes_written"),
+            "locked_until": (p.lock or {}).get("until"),
         }
-        for m in manifests
+        for p in points
     ]
     if json_out:
         print_json(
@@ -160,6 +163,21 @@ def list_points(
     stdout.print(listing)
     for p in problems:
         console.print(f"[red]unreadable restore point[/] {shown(p.point_id)}: {shown(p.error)}")
+
+
+def reading_note(quiet: bool) -> Callable[[int], None] | None:
+    """A note on stderr when many manifests must be read (a cold cache): the wait is why."""
+    if quiet:
+        return None
+
+    def note(count: int) -> None:
+        if count >= READ_NOTE_MIN:
+            console.print(f"reading {count} restore points (cached for the next commands)")
+
+    return note
+
+
+READ_NOTE_MIN = 100
 
 
 def verify_cmd(
@@ -268,11 +286,13 @@ def prune(
             "no retention given: use --keep-last/--keep-daily/... "
             "(an empty policy would delete everything)"
         )
+    from vmkeep.repository.point_cache import point_summaries
+
     repo = state.open_repository(remote)
-    manifests, _ = repo.load_manifests()
+    summaries, _ = point_summaries(repo, reading_note(json_out))
     chosen = [
         m
-        for m in manifests
+        for m in summaries
         if (vm is None or vm in (m.vm_name, m.vm_uuid))
         and (schedule is None or m.schedule == schedule)
     ]
@@ -344,15 +364,9 @@ def parse_keep_schedule(values: list[str]) -> dict[str, int]:
     return counts
 
 
-def manifest_lock_ends(manifests: list[Manifest]) -> dict[str, datetime]:
+def manifest_lock_ends(points: list[PointSummary]) -> dict[str, datetime]:
     """What each manifest says about its own lock (for --dry-run)."""
-    ends: dict[str, datetime] = {}
-    for m in manifests:
-        try:
-            ends[m.id] = datetime.fromisoformat(str((m.lock or {})["until"]))
-        except (KeyError, ValueError):
-            continue
-    return ends
+    return {p.id: until for p in points if (until := p.lock_until()) is not None}
 
 
 def report_locked_points(locked: dict[str, datetime | None]) -> None:
@@ -371,7 +385,7 @@ def report_locked_points(locked: dict[str, datetime | None]) -> None:
     )
 
 
-def warn_several_schedules(manifests: list[Manifest]) -> None:
+def warn_several_schedules(manifests: list[PointSummary]) -> None:
     """SPEC §3: long-term retention over several schedules of one VM duplicates history."""
     tags: dict[str, set[str]] = {}
     for m in manifests:
