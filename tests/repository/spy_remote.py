@@ -4,6 +4,7 @@ spy counts them by (method, first path component), e.g. ("get", "manifests")."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,8 @@ class CountingRemote:
         self.url = inner.url
         self.calls: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
+        self.delete_delay = 0.0  # seconds each delete waits, so that overlaps show
+        self.deleting = self.most_deleting = 0
 
     def _count(self, method: str, name: str) -> None:
         with self._lock:
@@ -43,7 +46,15 @@ class CountingRemote:
 
     def delete(self, name: str) -> None:
         self._count("delete", name)
-        self.inner.delete(name)
+        with self._lock:
+            self.deleting += 1
+            self.most_deleting = max(self.most_deleting, self.deleting)
+        try:
+            time.sleep(self.delete_delay)
+            self.inner.delete(name)
+        finally:
+            with self._lock:
+                self.deleting -= 1
 
     def __getattr__(self, name: str) -> Any:  # flush, free_space, purge_incomplete, ...
         return getattr(self.inner, name)
@@ -80,9 +91,12 @@ def tiny_point(
     return manifest
 
 
-def many_points(repo: Repository, count: int, vms: int = 5) -> list[Manifest]:
-    """`count` points, round robin over `vms` VMs, an hour apart, each with its own chunk ID."""
-    start = datetime(2026, 1, 1, tzinfo=UTC)
+def many_points(
+    repo: Repository, count: int, vms: int = 5, start: datetime | None = None
+) -> list[Manifest]:
+    """`count` points, round robin over `vms` VMs, an hour apart from `start` (default
+    2026-01-01), each with its own chunk ID."""
+    start = start or datetime(2026, 1, 1, tzinfo=UTC)
     return [
         tiny_point(repo, i % vms, start + timedelta(hours=i), [(i + 1).to_bytes(32, "big")])
         for i in range(count)
