@@ -54,6 +54,7 @@ from vmkeep.repository.repository import Repository
 from vmkeep.repository.retention_lock import lock_restore_point
 
 MODES = ("full", "delta")
+NEWEST_CHECKED = 3  # newest points tried for the config check until one reads (FORMAT §5.2)
 
 
 @dataclass
@@ -447,9 +448,10 @@ def backup_vm(
 
 def previous_point(repo: Repository, vm_uuid: str) -> tuple[list[PointSummary], Manifest | None]:
     """The VM's restore points (summaries, oldest first) and the manifest of its newest
-    readable one: the only manifest a backup needs. The repository's newest point is read too
-    (when it is another): a manifest whose encryption or chunk size disagrees with the config
-    refuses the repository before any chunk is written (docs/FORMAT.md §5.2)."""
+    readable one: the only manifest a backup needs. The repository's newest readable point is
+    read too (when it is another; of the newest three): a manifest whose encryption or chunk
+    size disagrees with the config refuses the repository before any chunk is written
+    (docs/FORMAT.md §5.2)."""
     points, _ = point_summaries(repo)
     points.sort(key=lambda p: (p.created, p.id))
     mine = [p for p in points if p.vm_uuid == vm_uuid]
@@ -460,9 +462,12 @@ def previous_point(repo: Repository, vm_uuid: str) -> tuple[list[PointSummary], 
             break
         except (IntegrityError, NotFoundError):
             continue  # corrupt since it was cached, or just deleted: the one before it
-    if points and (previous is None or points[-1].id != previous.id):
+    for summary in reversed(points[-NEWEST_CHECKED:]):
+        if previous is not None and summary.id == previous.id:
+            break  # the newest readable point is this VM's: checked already
         with contextlib.suppress(IntegrityError, NotFoundError):
-            repo.load_manifest(points[-1].id)  # RepositoryError when the config disagrees
+            repo.load_manifest(summary.id)  # RepositoryError when the config disagrees
+            break
     return mine, previous
 
 
