@@ -13,11 +13,13 @@ from vmkeep.errors import UsageError
 
 from .context import state
 from .output import (
+    LARGE_LISTING,
     RichProgress,
     console,
     human_bytes,
     print_error,
     print_json,
+    print_plain_table,
     shown,
     stdout,
     table,
@@ -138,29 +140,29 @@ def list_points(
             }
         )
         return
-    listing = table(
-        "restore point",
-        "vm",
-        "created (UTC)",
-        "mode",
-        "schedule",
-        "disk size",
-        "data",
-        "new stored",
-        title=f"{repo.remote.url} ({format_chunk_size(repo.chunk_size)} chunks)",
-    )
-    for r in rows:
-        listing.add_row(
-            shown(r["restore_point"]),
-            shown(r["vm"]),
+    columns = ["restore point", "vm", "created (UTC)", "mode", "schedule"]
+    columns += ["disk size", "data", "new stored"]
+    title = f"{repo.remote.url} ({format_chunk_size(repo.chunk_size)} chunks)"
+    cells = [
+        [
+            r["restore_point"],
+            r["vm"],
             str(r["created"])[:19],
-            shown(r["mode"]),
-            shown(r["schedule"]),
+            r["mode"],
+            r["schedule"],
             human_bytes(r["size"]),
             human_bytes(r["data_bytes"]),
             human_bytes(r["new_bytes_written"]),
-        )
-    stdout.print(listing)
+        ]
+        for r in rows
+    ]
+    if len(cells) > LARGE_LISTING:
+        print_plain_table(columns, cells, title)
+    else:
+        listing = table(*columns, title=title)
+        for cell in cells:
+            listing.add_row(*(shown(v) for v in cell))
+        stdout.print(listing)
     for p in problems:
         console.print(f"[red]unreadable restore point[/] {shown(p.point_id)}: {shown(p.error)}")
 
@@ -331,20 +333,29 @@ def prune(
             }
         )
         return
-    listing = table("restore point", "vm", "schedule", "created (UTC)", "action", "why")
+    cells = []
     for d in plan:
         action = "keep" if d.keep else ("would remove" if dry_run else "removed")
         if d.point.id in result.locked:
             action = "locked, would be kept" if dry_run else "locked, kept"
-        listing.add_row(
-            d.point.id,
-            names[d.point.id],
-            d.point.schedule,
-            d.point.time.isoformat()[:19],
-            action,
-            ", ".join(d.reasons),
+        cells.append(
+            [
+                d.point.id,
+                names[d.point.id],
+                d.point.schedule,
+                d.point.time.isoformat()[:19],
+                action,
+                ", ".join(d.reasons),
+            ]
         )
-    stdout.print(listing)
+    columns = ["restore point", "vm", "schedule", "created (UTC)", "action", "why"]
+    if len(cells) > LARGE_LISTING:
+        print_plain_table(columns, cells)
+    else:
+        listing = table(*columns)
+        for cell in cells:
+            listing.add_row(*(shown(v) for v in cell))
+        stdout.print(listing)
     report_locked_points(result.locked)
 
 
