@@ -19,12 +19,15 @@ def stream_manifests(
     deleted since the listing is skipped (its chunks are no longer needed by anyone). At most
     `io_threads` manifests are held at once (a decoded manifest of a 100 GiB disk is ~0.8
     MiB at 4 MiB chunks, ~50 MiB at 64 KiB), however many points there are."""
-    ids = repo.point_ids() if point_ids is None else point_ids
+    sizes: dict[str, int] = {}
+    if point_ids is None:
+        sizes = repo.point_sizes()
+    ids = sorted(sizes) if point_ids is None else point_ids
     threads = io_threads(repo.remote.url)
 
     def load(point_id: str) -> Manifest | ManifestProblem | None:
         try:
-            return repo.load_manifest(point_id)
+            return repo.load_manifest(point_id, sizes.get(point_id))
         except NotFoundError:
             return None
         except IntegrityError as exc:

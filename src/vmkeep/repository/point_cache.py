@@ -139,7 +139,8 @@ def point_summaries(
     deleted between the listing and its read is left out. `on_read(n)`: n manifests to read."""
     from .repository import ManifestProblem
 
-    ids = repo.point_ids()
+    sizes = repo.point_sizes()
+    ids = sorted(sizes)
     cache = point_cache(repo)
     cached = cache.load() if cache is not None else {}
     missing = [i for i in ids if i not in cached]
@@ -148,7 +149,7 @@ def point_summaries(
 
     def summarise(point_id: str) -> PointSummary | ManifestProblem | None:
         try:
-            return PointSummary.of(repo.load_manifest(point_id))
+            return PointSummary.of(repo.load_manifest(point_id, sizes[point_id]))
         except NotFoundError:
             return None
         except IntegrityError as exc:
