@@ -11,11 +11,15 @@ import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from tests.repository.spy_remote import CountingRemote, many_points, spied
 from tests.repository.test_data_path import make_vm
 from vmkeep.connectors.files import FilesConnector
+from vmkeep.errors import RepositoryError
 from vmkeep.operations.backup import BackupOptions, BackupReport, backup_vm
 from vmkeep.progress import SilentProgress
+from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.format import DEFAULT_CHUNK_SIZE, chunk_object_name
 from vmkeep.repository.point_cache import point_summaries
 from vmkeep.repository.repository import Repository
@@ -80,3 +84,22 @@ def test_a_delta_reads_its_previous_manifest_only(repo: Repository, tmp_path: Pa
     assert report.stats.bytes_read == 0  # unchanged: the previous index is reused
     assert spy.calls[("get", "manifests")] == 1  # the VM's point is the newest one too
     assert sum(n for (op, where), n in spy.calls.items() if where == "chunks") == 0
+
+
+def test_backup_refuses_when_the_newest_point_disagrees_with_the_config(tmp_path: Path) -> None:
+    """The check that replaced reading every manifest (FORMAT.md §5.2): the newest point is
+    read even when the cache knows it, and an encrypted manifest in a repository whose config
+    says unencrypted refuses the backup before any chunk is written."""
+    plain = Repository.init(LocalRemote(tmp_path / "plain"), "none", lambda: b"")
+    other = Repository.init(LocalRemote(tmp_path / "enc"), "aes-256-gcm", lambda: b"pw")
+    newest = many_points(plain, 3)[-1]
+    sealed = many_points(other, 1)[0]
+    point_summaries(plain)  # the cache now vouches for all three
+    (tmp_path / "plain" / "manifests" / newest.id).write_bytes(
+        (tmp_path / "enc" / "manifests" / sealed.id).read_bytes()
+    )
+    chunks_before = sorted(p.name for p in (tmp_path / "plain" / "chunks").rglob("*"))
+    vm, _ = make_vm(tmp_path)
+    with pytest.raises(RepositoryError, match="config says unencrypted"):
+        backup_vm(plain, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
+    assert sorted(p.name for p in (tmp_path / "plain" / "chunks").rglob("*")) == chunks_before
