@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -23,9 +22,7 @@ from vmkeep.connectors.base import (
 from vmkeep.errors import (
     ConnectorError,
     GcOverlapError,
-    IntegrityError,
     LockedError,
-    NotFoundError,
     RemoteFullError,
     UsageError,
     VmkeepError,
@@ -48,13 +45,13 @@ from vmkeep.repository.index_runs import (
 from vmkeep.repository.limits import MANIFEST_BYTES_PER_ID, MAX_MANIFEST_DOC
 from vmkeep.repository.locks import RepositoryLock
 from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem, new_point_id
-from vmkeep.repository.point_cache import point_summaries
 from vmkeep.repository.point_summary import PointSummary
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.retention_lock import lock_restore_point
 
+from .backup_start import previous_point
+
 MODES = ("full", "delta")
-NEWEST_CHECKED = 3  # newest points tried for the config check until one reads (FORMAT §5.2)
 
 
 @dataclass
@@ -444,31 +441,6 @@ def backup_vm(
     return BackupReport(
         manifest.id, vm.name, vm.uuid, options.mode, stats, time.monotonic() - began, notes + late
     )
-
-
-def previous_point(repo: Repository, vm_uuid: str) -> tuple[list[PointSummary], Manifest | None]:
-    """The VM's restore points (summaries, oldest first) and the manifest of its newest
-    readable one: the only manifest a backup needs. The repository's newest readable point is
-    read too (when it is another; of the newest three): a manifest whose encryption or chunk
-    size disagrees with the config refuses the repository before any chunk is written
-    (docs/FORMAT.md §5.2)."""
-    points, _ = point_summaries(repo)
-    points.sort(key=lambda p: (p.created, p.id))
-    mine = [p for p in points if p.vm_uuid == vm_uuid]
-    previous = None
-    for summary in reversed(mine):
-        try:
-            previous = repo.load_manifest(summary.id)
-            break
-        except (IntegrityError, NotFoundError):
-            continue  # corrupt since it was cached, or just deleted: the one before it
-    for summary in reversed(points[-NEWEST_CHECKED:]):
-        if previous is not None and summary.id == previous.id:
-            break  # the newest readable point is this VM's: checked already
-        with contextlib.suppress(IntegrityError, NotFoundError):
-            repo.load_manifest(summary.id)  # RepositoryError when the config disagrees
-            break
-    return mine, previous
 
 
 def prove_chunks_kept(

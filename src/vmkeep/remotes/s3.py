@@ -37,7 +37,7 @@ from vmkeep.errors import (
 from .base import ObjectStat
 from .object_lock import LockPolicy, ProtectStats, is_locked_name
 from .s3_errors import error_code, http_status, is_transient, one_line, s3_error
-from .s3_listing import FAST_KEY, register_fast_listing
+from .s3_listing import listed_entries, register_fast_listing
 from .s3_lock import S3LockSupport
 
 if TYPE_CHECKING:
@@ -50,15 +50,6 @@ DEFAULT_TIMEOUTS = (10.0, 60.0)  # connect, read (seconds of silence, not of a w
 URL_PARAMS = frozenset(
     {"endpoint", "region", "path_style", "checksums", "conditional_put", "timeout"}
 )
-
-
-def _entries(page: Any) -> Iterator[tuple[str, int, float]]:
-    """(key, size, mtime) of a listed page, read by s3_listing.py or else by botocore."""
-    if FAST_KEY in page:
-        yield from page[FAST_KEY]
-        return
-    for obj in page.get("Contents", []):
-        yield obj.get("Key", ""), int(obj.get("Size", 0)), obj["LastModified"].timestamp()
 
 
 def _check_name(name: str) -> str:
@@ -347,7 +338,7 @@ class S3Remote:
             page = self._run(
                 "listing", prefix or "/", functools.partial(self._client.list_objects_v2, **args)
             )
-            for key, size, mtime in _entries(page):
+            for key, size, mtime in listed_entries(page):
                 if not key.startswith(full) or key.endswith("/"):
                     continue  # directory markers some servers and tools create
                 yield ObjectStat(key[cut:], size, mtime)

@@ -10,6 +10,7 @@ page it does not fully understand is left to botocore as it was."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus
@@ -20,6 +21,15 @@ FAST_KEY = "VmkeepEntries"  # (key, size, mtime) of each listed object, in page 
 
 def register_fast_listing(client: Any) -> None:
     client.meta.events.register("before-parse.s3.ListObjectsV2", _read_entries)
+
+
+def listed_entries(page: Any) -> Iterator[tuple[str, int, float]]:
+    """(key, size, mtime) of a listed page, read by the hook below or else by botocore."""
+    if FAST_KEY in page:
+        yield from page[FAST_KEY]
+        return
+    for obj in page.get("Contents", []):
+        yield obj.get("Key", ""), int(obj.get("Size", 0)), obj["LastModified"].timestamp()
 
 
 def _read_entries(
