@@ -46,7 +46,7 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
         if not dry_run:  # before listing manifests: a backup that overlaps us must see it
             write_gc_mark(repo.remote, lock, epoch, "running")
         try:
-            stale, referenced, points, garbage = _mark(repo, dry_run)
+            stale, referenced, points, garbage = _mark(repo, dry_run, progress)
             lock.check()  # the marker and our listings were made under a lock still ours
         except VmkeepError:
             if not dry_run:  # nothing deleted: backups need not stat their chunks for us
@@ -79,12 +79,14 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
     )
 
 
-def _mark(repo: Repository, dry_run: bool) -> tuple[int, set[bytes], int, list[tuple[bytes, int]]]:
+def _mark(
+    repo: Repository, dry_run: bool, progress: Progress
+) -> tuple[int, set[bytes], int, list[tuple[bytes, int]]]:
     """Stale locks removed, then the chunks every restore point references, the number of
     points, and the other chunks. Manifests are read one at a time and dropped once marked:
     memory follows the unique chunks (referenced and garbage), not points x disk size."""
     stale = 0 if dry_run else remove_stale_locks(repo.remote)
-    referenced, points, problems = referenced_chunks(repo)
+    referenced, points, problems = referenced_chunks(repo, progress)
     if problems:
         raise RepositoryError(
             f"gc refuses to run: restore point {problems[0].point_id} is unreadable "

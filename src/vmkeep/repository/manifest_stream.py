@@ -7,13 +7,14 @@ from collections.abc import Iterator
 
 from vmkeep.errors import IntegrityError, NotFoundError
 from vmkeep.parallel import io_threads, ordered_map
+from vmkeep.progress import Progress, SilentProgress
 
 from .manifest import Manifest
 from .repository import ManifestProblem, Repository
 
 
 def stream_manifests(
-    repo: Repository, point_ids: list[str] | None = None
+    repo: Repository, point_ids: list[str] | None = None, progress: Progress | None = None
 ) -> Iterator[Manifest | ManifestProblem]:
     """Each listed restore point's manifest, or why it is unreadable, in id order; a point
     deleted since the listing is skipped (its chunks are no longer needed by anyone). At most
@@ -24,6 +25,8 @@ def stream_manifests(
         sizes = repo.point_sizes()
     ids = sorted(sizes) if point_ids is None else point_ids
     threads = io_threads(repo.remote.url)
+    progress = progress or SilentProgress()
+    progress.start("reading restore points", len(ids))
 
     def load(point_id: str) -> Manifest | ManifestProblem | None:
         try:
@@ -34,17 +37,21 @@ def stream_manifests(
             return ManifestProblem(point_id, str(exc))
 
     for item in ordered_map(load, ids, threads, window=threads):
+        progress.advance(1)
         if item is not None:
             yield item
+    progress.finish()
 
 
-def referenced_chunks(repo: Repository) -> tuple[set[bytes], int, list[ManifestProblem]]:
+def referenced_chunks(
+    repo: Repository, progress: Progress | None = None
+) -> tuple[set[bytes], int, list[ManifestProblem]]:
     """The chunk IDs every readable restore point references (a set: bounded by the unique
     chunks, not points x disk size), how many points were read, and the unreadable ones."""
     referenced: set[bytes] = set()
     points = 0
     problems: list[ManifestProblem] = []
-    for item in stream_manifests(repo):
+    for item in stream_manifests(repo, None, progress):
         if isinstance(item, ManifestProblem):
             problems.append(item)
             continue

@@ -18,7 +18,6 @@ import hmac
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +25,7 @@ import blake3
 
 from vmkeep.errors import IntegrityError, NotFoundError
 from vmkeep.parallel import io_threads, ordered_map
+from vmkeep.progress import Progress, SilentProgress
 from vmkeep.safe_files import replace_file
 
 from .point_summary import PointSummary
@@ -131,12 +131,13 @@ def point_cache(repo: Repository) -> PointCache | None:
 
 
 def point_summaries(
-    repo: Repository, on_read: Callable[[int], None] | None = None
+    repo: Repository, progress: Progress | None = None
 ) -> tuple[list[PointSummary], list[ManifestProblem]]:
     """The summary of every restore point that verifies, and the points that do not, in id
     order. Only manifests the cache does not hold are read (in parallel; each is dropped as
     soon as it is summarised, so memory follows the summaries, not the indexes). A point
-    deleted between the listing and its read is left out. `on_read(n)`: n manifests to read."""
+    deleted between the listing and its read is left out. `progress` counts the manifests
+    read (a cold cache: a few per second on S3 per thread)."""
     from .repository import ManifestProblem
 
     sizes = repo.point_sizes()
@@ -144,8 +145,9 @@ def point_summaries(
     cache = point_cache(repo)
     cached = cache.load() if cache is not None else {}
     missing = [i for i in ids if i not in cached]
-    if on_read is not None and missing:
-        on_read(len(missing))
+    progress = progress or SilentProgress()
+    if missing:
+        progress.start("reading restore points", len(missing))
 
     def summarise(point_id: str) -> PointSummary | ManifestProblem | None:
         try:
@@ -162,6 +164,9 @@ def point_summaries(
             fresh[result.id] = result
         elif result is not None:
             problems.append(result)
+        progress.advance(1)
+    if missing:
+        progress.finish()
     points = [cached.get(i) or fresh[i] for i in ids if i in cached or i in fresh]
     if cache is not None and (fresh or len(cached) != len(points)):
         cache.save(points)

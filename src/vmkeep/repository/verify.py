@@ -49,7 +49,7 @@ def verify(repo: Repository, point_ids: list[str] | None, progress: Progress) ->
     manifests read again, to name the points that reference it."""
     report = VerifyReport()
     chunks: set[bytes] = set()
-    for item in stream_manifests(repo, point_ids):
+    for item in stream_manifests(repo, point_ids, progress):
         if isinstance(item, ManifestProblem):
             report.corrupt_manifests.append(item)
             continue

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -111,7 +110,7 @@ def list_points(
     from vmkeep.repository.point_cache import point_summaries
 
     repo = state.open_repository(remote)
-    points, problems = point_summaries(repo, reading_note(json_out))
+    points, problems = point_summaries(repo, RichProgress(not json_out, unit_bytes=False))
     if vm:
         points = [p for p in points if vm in (p.vm_name, p.vm_uuid)]
     points.sort(key=lambda p: (p.vm_name, p.created))
@@ -165,21 +164,6 @@ def list_points(
         stdout.print(listing)
     for p in problems:
         console.print(f"[red]unreadable restore point[/] {shown(p.point_id)}: {shown(p.error)}")
-
-
-def reading_note(quiet: bool) -> Callable[[int], None] | None:
-    """A note on stderr when many manifests must be read (a cold cache): the wait is why."""
-    if quiet:
-        return None
-
-    def note(count: int) -> None:
-        if count >= READ_NOTE_MIN:
-            console.print(f"reading {count} restore points (cached for the next commands)")
-
-    return note
-
-
-READ_NOTE_MIN = 100
 
 
 def verify_cmd(
@@ -291,7 +275,7 @@ def prune(
     from vmkeep.repository.point_cache import point_summaries
 
     repo = state.open_repository(remote)
-    summaries, _ = point_summaries(repo, reading_note(json_out))
+    summaries, _ = point_summaries(repo, RichProgress(not json_out, unit_bytes=False))
     chosen = [
         m
         for m in summaries
