@@ -16,8 +16,9 @@ from .repository import ManifestProblem, Repository
 def stream_manifests(
     repo: Repository, point_ids: list[str] | None = None, progress: Progress | None = None
 ) -> Iterator[Manifest | ManifestProblem]:
-    """Each listed restore point's manifest, or why it is unreadable, in id order; a point
-    deleted since the listing is skipped (its chunks are no longer needed by anyone). At most
+    """Each listed restore point's manifest (or each of `point_ids`), or why it is unreadable,
+    in id order; a listed point deleted since the listing is skipped (its chunks are no
+    longer needed by anyone), a point asked for that does not exist is a NotFoundError. At most
     `io_threads` manifests are held at once (a decoded manifest of a 100 GiB disk is ~0.8
     MiB at 4 MiB chunks, ~50 MiB at 64 KiB), however many points there are."""
     sizes: dict[str, int] = {}
@@ -32,6 +33,8 @@ def stream_manifests(
         try:
             return repo.load_manifest(point_id, sizes.get(point_id))
         except NotFoundError:
+            if point_ids is not None:
+                raise  # a point asked for by name: its absence is the answer
             return None
         except IntegrityError as exc:
             return ManifestProblem(point_id, str(exc))
