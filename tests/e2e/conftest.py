@@ -34,6 +34,7 @@ class Cli:
             os.environ,
             VMKEEP_CONFIG_DIR=str(home / "config"),
             VMKEEP_DATA_DIR=str(home / "data"),
+            VMKEEP_CACHE_DIR=str(home / "cache"),
             VMKEEP_PASSPHRASE=PASSPHRASE,
             COLUMNS="200",
         )

@@ -27,6 +27,7 @@ from vmkeep.engine.schedules import Schedule, iter_fires, make_schedule
 from vmkeep.errors import NotFoundError, UsageError
 from vmkeep.operations.backup import chunk_ranges
 from vmkeep.operations.retention import CombinedPolicy, PointRef, combined_plan
+from vmkeep.repository.point_cache import point_summaries
 from vmkeep.repository.repository import Repository
 
 if TYPE_CHECKING:
@@ -241,7 +242,7 @@ def measure_repository(repo: Repository, job: str, vm_uuids: Iterable[str]) -> M
     Compression: bytes_written / bytes_new over every point that stored something. Points of
     the job are used when there are any, else every point of the VMs."""
     uuids = set(vm_uuids)
-    mine = [m for m in repo.load_manifests()[0] if m.vm_uuid in uuids]
+    mine = [m for m in point_summaries(repo)[0] if m.vm_uuid in uuids]
     if any(m.job == job for m in mine):
         mine = [m for m in mine if m.job == job]
     ratios = []
@@ -253,7 +254,7 @@ def measure_repository(repo: Repository, job: str, vm_uuids: Iterable[str]) -> M
         if b_new:
             new += b_new
             written += b_written
-        data = sum(d.nonzero_bytes() for d in m.disks)
+        data = m.data_bytes
         if m.parent is not None and data:
             ratios.append(b_new / data)
     return Measurement(

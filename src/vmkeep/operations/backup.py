@@ -37,7 +37,7 @@ from vmkeep.operations.chunk_extents import (
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import Progress
 from vmkeep.ratelimit import RateLimiter, Throttle
-from vmkeep.repository.format import ZERO_ID, chunk_length, is_zero
+from vmkeep.repository.format import ZERO_ID, chunk_length, chunk_object_name, is_zero
 from vmkeep.repository.gc_epoch import GcMark, confirm_no_sweep, read_gc_mark
 from vmkeep.repository.index_runs import (
     IndexBuilder,
@@ -52,8 +52,11 @@ from vmkeep.repository.index_runs import (
 from vmkeep.repository.limits import MANIFEST_BYTES_PER_ID, MAX_MANIFEST_DOC
 from vmkeep.repository.locks import RepositoryLock
 from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem, new_point_id
+from vmkeep.repository.point_summary import PointSummary
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.retention_lock import lock_restore_point
+
+from .backup_start import previous_point
 
 MODES = ("full", "delta")
 
@@ -134,12 +137,20 @@ class ChunkUploader:
     threads wait on the remote, others keep the cores busy."""
 
     def __init__(
-        self, repo: Repository, known: set[bytes], level: int, gate: CpuGate | None = None
+        self,
+        repo: Repository,
+        known: set[bytes],
+        level: int,
+        gate: CpuGate | None = None,
+        ask: bool = False,
     ) -> None:
         self.repo = repo
         self.known = known
         self.level = level
         self.gate = gate or CpuGate()
+        # ask: `known` is not every chunk of the repository (the previous point's only), so
+        # a chunk outside it is looked up (one stat) before it is stored: the PBS way.
+        self.ask = ask
         self._lock = threading.Lock()
 
     def store(self, data: bytes, read: int | None = None) -> tuple[bytes, BackupStats]:
@@ -156,6 +167,8 @@ class ChunkUploader:
         with self._lock:
             new = chunk_id not in self.known
             self.known.add(chunk_id)  # a twin in flight is stored by the first thread only
+        if new and self.ask:
+            new = not self._held(chunk_id)
         if new:
             try:
                 with self.gate:
@@ -169,6 +182,14 @@ class ChunkUploader:
             stats.bytes_new = len(data)
             stats.chunks_new = 1
         return chunk_id, stats
+
+    def _held(self, chunk_id: bytes) -> bool:
+        try:
+            return self.repo.remote.stat(chunk_object_name(chunk_id)) is not None
+        except BaseException:
+            with self._lock:
+                self.known.discard(chunk_id)
+            raise
 
 
 def backup_disk(
@@ -233,17 +254,11 @@ def backup_disk(
     return ids.runs(), total
 
 
-def vm_history(repo: Repository, vm_uuid: str) -> list[Manifest]:
-    """The VM's restore points, oldest first."""
-    mine = [m for m in repo.load_manifests()[0] if m.vm_uuid == vm_uuid]
-    return sorted(mine, key=lambda m: (m.created, m.id))
-
-
 def check_capacity(
     repo: Repository,
     vm: VmConfig,
     data_flags: list[list[Range]],
-    history: list[Manifest],
+    history: list[PointSummary],
     chunk_size: int,
 ) -> None:
     """Fail before reading when the remote obviously cannot take the backup: below a tenth of
@@ -275,9 +290,12 @@ def check_index_size(vm: VmConfig, data_flags: list[list[Range]]) -> None:
 
 
 def delta_base(
-    disk: DiskInfo, reader: DiskReader, previous: Manifest | None, known: set[bytes]
+    disk: DiskInfo, reader: DiskReader, previous: Manifest | None
 ) -> tuple[DiskIndex | None, str]:
-    """The previous index a delta may build on, or None (full read) and the reason why."""
+    """The previous index a delta may build on, or None (full read) and the reason why.
+    The previous point's chunks are taken to exist, as its manifest does (gc keeps every
+    chunk a manifest references; a gc overlapping this backup is caught by gc_epoch.py);
+    one lost outside vmkeep is what `vmkeep verify` finds (docs/SCALE.md)."""
     if previous is None:
         return None, "no previous restore point of this VM: full read"
     old = next((d for d in previous.disks if d.name == disk.name), None)
@@ -287,8 +305,6 @@ def delta_base(
         return None, ""  # the connector cannot tell what changed: reading is the delta
     if old.size != reader.size:
         return None, f"disk {disk.name} was resized since {previous.id}: full read"
-    if not old.stored_ids() <= known:
-        return None, f"disk {disk.name}: chunks of {previous.id} are missing: full read"
     return old, ""
 
 
@@ -334,9 +350,12 @@ def store_disks(
     options: BackupOptions,
     progress: Progress,
 ) -> tuple[list[DiskIndex], BackupStats, list[str]]:
-    """Every disk of the session into the repository: its index, the totals, the notes."""
-    known = {chunk_id for chunk_id, _ in repo.list_chunks()}
-    uploader = ChunkUploader(repo, known, options.compression_level)
+    """Every disk of the session into the repository: its index, the totals, the notes.
+    Deduplication starts from the previous point's chunks; any other chunk is looked up with
+    one stat before it is stored, so the cost follows the changed data, not the repository
+    (no listing of every chunk object)."""
+    known = previous.referenced_ids() if previous is not None else set()
+    uploader = ChunkUploader(repo, known, options.compression_level, ask=True)
     threads = options.workers or io_threads(repo.remote.url)
     limiter = options.limiter or (RateLimiter(options.max_rate) if options.max_rate else None)
     throttle = limiter.throttle() if limiter else None
@@ -345,9 +364,7 @@ def store_disks(
     notes: list[str] = []
     for disk in vm.disks:
         reader = session.readers[disk.name]
-        base, note = (
-            delta_base(disk, reader, previous, known) if options.mode == "delta" else (None, "")
-        )
+        base, note = delta_base(disk, reader, previous) if options.mode == "delta" else (None, "")
         label = f"{vm.name}/{disk.name}"
         flags = data_flags[disk.name]
         ids, disk_stats = backup_disk(
@@ -392,8 +409,7 @@ def backup_vm(
     with vm_backup_lock(repo, vm) as lock:
         gc_mark = read_gc_mark(repo.remote)  # before anything is listed (FORMAT.md §6)
         started = datetime.now(UTC)
-        history = vm_history(repo, vm.uuid)
-        previous = history[-1] if history else None
+        history, previous = previous_point(repo, vm.uuid)
         tokens = {d.name: d.change_token for d in previous.disks} if previous else {}
         session = connector.begin_backup(vm, tokens if options.mode == "delta" else {})
         ok = False

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from vmkeep.errors import ObjectLockedError
 from vmkeep.operations.retention import PruneDecision
+from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.retention_lock import fill_unlock_dates
 
@@ -31,19 +32,32 @@ def apply_prune(
     result = PruneResult()
     refused: dict[str, ObjectLockedError] = {}
     now = datetime.now(UTC)
-    for point_id in (d.point.id for d in plan if not d.keep):
-        if dry_run:
+    doomed = [d.point.id for d in plan if not d.keep]
+    if dry_run:
+        for point_id in doomed:
             until = (lock_ends or {}).get(point_id)
             if until is not None and until > now:
                 result.locked[point_id] = until
             else:
                 result.removed.append(point_id)
-            continue
+        return result
+
+    def delete(point_id: str) -> ObjectLockedError | None:
         try:
             repo.delete_manifest(point_id)
-            result.removed.append(point_id)
         except ObjectLockedError as exc:
-            refused[point_id] = exc
+            return exc
+        return None
+
+    # Several deletes in flight (one round trip each on an object store); the first other
+    # error stops the run, as it stopped the one-at-a-time loop: deletes already sent finish.
+    for point_id, error in zip(
+        doomed, ordered_map(delete, doomed, io_threads(repo.remote.url)), strict=False
+    ):
+        if error is None:
+            result.removed.append(point_id)
+        else:
+            refused[point_id] = error
     fill_unlock_dates(repo.remote, list(refused.values()))
     result.locked.update({point_id: exc.until for point_id, exc in refused.items()})
     return result

@@ -37,6 +37,7 @@ from vmkeep.errors import (
 from .base import ObjectStat
 from .object_lock import LockPolicy, ProtectStats, is_locked_name
 from .s3_errors import error_code, http_status, is_transient, one_line, s3_error
+from .s3_listing import listed_entries, register_fast_listing
 from .s3_lock import S3LockSupport
 
 if TYPE_CHECKING:
@@ -150,6 +151,7 @@ class S3Remote:
         except (BotoCoreError, ValueError) as exc:
             raise RemoteError(f"cannot set up S3 client for {self.url}: {one_line(exc)}") from exc
         self._locks = S3LockSupport(self)  # made here: upload threads share its bookkeeping
+        register_fast_listing(self._client)
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -336,13 +338,10 @@ class S3Remote:
             page = self._run(
                 "listing", prefix or "/", functools.partial(self._client.list_objects_v2, **args)
             )
-            for obj in page.get("Contents", []):
-                key = obj.get("Key", "")
+            for key, size, mtime in listed_entries(page):
                 if not key.startswith(full) or key.endswith("/"):
                     continue  # directory markers some servers and tools create
-                yield ObjectStat(
-                    key[cut:], int(obj.get("Size", 0)), obj["LastModified"].timestamp()
-                )
+                yield ObjectStat(key[cut:], size, mtime)
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return

@@ -19,7 +19,7 @@ from vmkeep.progress import Progress
 
 from .gc_epoch import new_epoch, write_gc_mark
 from .locks import RepositoryLock, remove_stale_locks
-from .manifest import Manifest
+from .manifest_stream import referenced_chunks
 from .repository import Repository
 from .retention_lock import LockedObjects, fill_unlock_dates, remove_expired_records
 
@@ -46,7 +46,7 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
         if not dry_run:  # before listing manifests: a backup that overlaps us must see it
             write_gc_mark(repo.remote, lock, epoch, "running")
         try:
-            stale, referenced, manifests, garbage = _mark(repo, dry_run)
+            stale, referenced, points, garbage = _mark(repo, dry_run, progress)
             lock.check()  # the marker and our listings were made under a lock still ours
         except VmkeepError:
             if not dry_run:  # nothing deleted: backups need not stat their chunks for us
@@ -67,7 +67,7 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
     for error in refused:
         locked.add(error.until)
     return GcReport(
-        len(manifests),
+        points,
         len(referenced),
         deleted,
         freed,
@@ -80,22 +80,21 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
 
 
 def _mark(
-    repo: Repository, dry_run: bool
-) -> tuple[int, set[bytes], list[Manifest], list[tuple[bytes, int]]]:
-    """Stale locks removed, then the chunks every restore point references and the others."""
+    repo: Repository, dry_run: bool, progress: Progress
+) -> tuple[int, set[bytes], int, list[tuple[bytes, int]]]:
+    """Stale locks removed, then the chunks every restore point references, the number of
+    points, and the other chunks. Manifests are read one at a time and dropped once marked:
+    memory follows the unique chunks (referenced and garbage), not points x disk size."""
     stale = 0 if dry_run else remove_stale_locks(repo.remote)
-    manifests, problems = repo.load_manifests()
+    referenced, points, problems = referenced_chunks(repo, progress)
     if problems:
         raise RepositoryError(
             f"gc refuses to run: restore point {problems[0].point_id} is unreadable "
             f"({problems[0].error}); its chunks cannot be told apart from garbage. "
             "Run `vmkeep verify`, then delete the bad restore point with `vmkeep forget`"
         )
-    referenced: set[bytes] = set()
-    for manifest in manifests:
-        referenced |= manifest.referenced_ids()
     garbage = [(cid, size) for cid, size in repo.list_chunks() if cid not in referenced]
-    return stale, referenced, manifests, garbage
+    return stale, referenced, points, garbage
 
 
 def sweep(

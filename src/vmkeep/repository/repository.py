@@ -246,7 +246,11 @@ class Repository:
     # -- manifests ------------------------------------------------------------
 
     def point_ids(self) -> list[str]:
-        return sorted(o.name[len(MANIFESTS_PREFIX) :] for o in self.remote.list(MANIFESTS_PREFIX))
+        return sorted(self.point_sizes())
+
+    def point_sizes(self) -> dict[str, int]:
+        """Every listed restore point and the size its manifest object was listed with."""
+        return {o.name[len(MANIFESTS_PREFIX) :]: o.size for o in self.remote.list(MANIFESTS_PREFIX)}
 
     def save_manifest(self, manifest: Manifest) -> None:
         """The last write of a backup: from here on the restore point exists."""
@@ -256,15 +260,21 @@ class Repository:
         self.remote.put(manifest_object_name(manifest.id), blob, overwrite=False)
         self.remote.flush()
 
-    def load_manifest(self, point_id: str) -> Manifest:
+    def load_manifest(self, point_id: str, listed_size: int | None = None) -> Manifest:
+        """`listed_size`: the size a listing gave (commands that read many manifests): it
+        stands for the stat that otherwise refuses an oversized object before reading it.
+        Either way the read itself is bounded (a ranged get), whatever the remote claims."""
+        what = f"manifest {point_id}"
+        if listed_size is not None and listed_size > MAX_MANIFEST_OBJECT:
+            raise IntegrityError(f"{what} is larger than the format allows: refusing to read it")
         try:
             blob = get_bounded(
                 self.remote,
                 manifest_object_name(point_id),
                 MAX_MANIFEST_OBJECT,
                 IntegrityError,
-                f"manifest {point_id}",
-                stat_first=True,
+                what,
+                stat_first=listed_size is None,
             )
         except NotFoundError as exc:
             raise NotFoundError(f"no restore point {point_id}") from exc

@@ -9,7 +9,7 @@ from vmkeep.errors import IntegrityError, RemoteError
 from vmkeep.parallel import ordered_map
 from vmkeep.progress import Progress
 
-from .manifest import Manifest
+from .manifest_stream import stream_manifests
 from .repository import ManifestProblem, Repository
 
 
@@ -44,22 +44,19 @@ class VerifyReport:
 
 
 def verify(repo: Repository, point_ids: list[str] | None, progress: Progress) -> VerifyReport:
+    """Streams: the manifests are read one at a time into the set of chunks they reference
+    (bounded by the unique chunks, not points x disk size); only when a chunk is bad are the
+    manifests read again, to name the points that reference it."""
     report = VerifyReport()
-    manifests: list[Manifest] = []
-    if point_ids is None:
-        manifests, report.corrupt_manifests = repo.load_manifests()
-    else:
-        for point_id in point_ids:
-            try:
-                manifests.append(repo.load_manifest(point_id))
-            except IntegrityError as exc:
-                report.corrupt_manifests.append(ManifestProblem(point_id, str(exc)))
-    users: dict[bytes, list[str]] = {}
-    for manifest in manifests:
-        for chunk_id in manifest.referenced_ids():
-            users.setdefault(chunk_id, []).append(manifest.id)
-    report.points_checked = len(manifests)
-    progress.start("verify", len(users))
+    chunks: set[bytes] = set()
+    for item in stream_manifests(repo, point_ids, progress):
+        if isinstance(item, ManifestProblem):
+            report.corrupt_manifests.append(item)
+            continue
+        report.points_checked += 1
+        for disk in item.disks:
+            chunks.update(chunk_id for _, chunk_id in disk.entries())
+    progress.start("verify", len(chunks))
 
     def check(chunk_id: bytes) -> tuple[bytes, int, str | None]:
         try:
@@ -67,13 +64,30 @@ def verify(repo: Repository, point_ids: list[str] | None, progress: Progress) ->
         except (IntegrityError, RemoteError) as exc:
             return chunk_id, 0, str(exc)
 
-    for chunk_id, size, error in ordered_map(check, list(users)):
+    bad: dict[bytes, str] = {}
+    for chunk_id, size, error in ordered_map(check, chunks):
         report.chunks_checked += 1
         report.bytes_checked += size
         if error is not None:
-            report.corrupt_chunks.append(
-                CorruptChunk(chunk_id.hex(), error, sorted(users[chunk_id]))
-            )
+            bad[chunk_id] = error
         progress.advance(1)
     progress.finish()
+    users = _users(repo, point_ids, set(bad)) if bad else {}
+    report.corrupt_chunks = [
+        CorruptChunk(chunk_id.hex(), error, sorted(users.get(chunk_id, [])))
+        for chunk_id, error in bad.items()
+    ]
     return report
+
+
+def _users(
+    repo: Repository, point_ids: list[str] | None, bad: set[bytes]
+) -> dict[bytes, list[str]]:
+    """The points (of `point_ids`, default all) that reference each of the `bad` chunks."""
+    users: dict[bytes, list[str]] = {}
+    for item in stream_manifests(repo, point_ids):
+        if isinstance(item, ManifestProblem):
+            continue
+        for chunk_id in item.referenced_ids() & bad:
+            users.setdefault(chunk_id, []).append(item.id)
+    return users

@@ -17,6 +17,7 @@ from vmkeep.operations.prune import apply_prune
 from vmkeep.operations.retention import CombinedPolicy, PointRef, combined_plan
 from vmkeep.progress import SilentProgress
 from vmkeep.ratelimit import RateLimiter
+from vmkeep.repository.point_cache import point_summaries
 from vmkeep.repository.repository import Repository
 
 from .abort import Abort, AbortingProgress, TaskTimedOut
@@ -53,7 +54,8 @@ def mode_for(repo: Repository, job: BackupJob, vm_uuid: str) -> str:
     `full_interval - 1` points of this job (in this repository) was a full read."""
     if job.mode == "full" or job.full_interval is None:
         return job.mode
-    mine = [m for m in repo.load_manifests()[0] if m.vm_uuid == vm_uuid and m.job == job.name]
+    points = point_summaries(repo)[0]
+    mine = [m for m in points if m.vm_uuid == vm_uuid and m.job == job.name]
     mine.sort(key=lambda m: (m.created, m.id), reverse=True)
     recent = mine[: job.full_interval - 1]
     if job.full_interval == 1 or not any(m.mode == "full" for m in recent):
@@ -235,7 +237,7 @@ class BackupRun:
         try:
             points = [
                 PointRef(m.id, m.vm_uuid, m.schedule, m.created, m.job)
-                for m in repo.load_manifests()[0]
+                for m in point_summaries(repo)[0]
                 if m.vm_uuid == vm.uuid and m.job == self.job.name
             ]
             result = apply_prune(repo, combined_plan(points, policy), dry_run=False)

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from vmkeep.connectors.base import TAGS_KEY
 from vmkeep.engine.jobs.selection import VmInfo, point_selected
 from vmkeep.engine.jobs.spec import MirrorJob
 from vmkeep.errors import TaskCancelled, VmkeepError
 from vmkeep.operations.mirror import MirrorOptions, mirror
 from vmkeep.operations.retention import RetentionPolicy
-from vmkeep.repository.manifest import Manifest
+from vmkeep.repository.point_cache import point_summaries
+from vmkeep.repository.point_summary import PointSummary
 from vmkeep.repository.repository import Repository
 
 from .abort import Abort, AbortingProgress
@@ -18,12 +18,9 @@ from .outcome import combine
 from .steps import RunScope, finish_error
 
 
-def point_vm(manifest: Manifest) -> VmInfo:
+def point_vm(point: PointSummary) -> VmInfo:
     """The VM a point records: its name, uuid and the tags it had when backed up."""
-    metadata = manifest.vm.get("metadata")
-    raw = metadata.get(TAGS_KEY) if isinstance(metadata, dict) else None
-    tags = frozenset(t for t in raw if isinstance(t, str)) if isinstance(raw, list) else frozenset()
-    return VmInfo(manifest.vm_name, manifest.vm_uuid.lower(), tags)
+    return VmInfo(point.vm_name, point.vm_uuid.lower(), frozenset(point.vm_tags))
 
 
 def options_for(job: MirrorJob, source: Repository) -> MirrorOptions | None:
@@ -31,7 +28,7 @@ def options_for(job: MirrorJob, source: Repository) -> MirrorOptions | None:
     VMs the source's points record, into an exact list of uuids. None: no VM matches."""
     uuids: list[str] = []
     if job.vms is not None:
-        for m in source.load_manifests()[0]:
+        for m in point_summaries(source)[0]:
             if point_selected(job.vms, point_vm(m)) and m.vm_uuid not in uuids:
                 uuids.append(m.vm_uuid)
         if not uuids:

@@ -12,11 +12,13 @@ from vmkeep.errors import UsageError
 
 from .context import state
 from .output import (
+    LARGE_LISTING,
     RichProgress,
     console,
     human_bytes,
     print_error,
     print_json,
+    print_plain_table,
     shown,
     stdout,
     table,
@@ -24,7 +26,7 @@ from .output import (
 
 if TYPE_CHECKING:
     from vmkeep.operations.retention import CombinedPolicy, PruneDecision, RetentionPolicy
-    from vmkeep.repository.manifest import Manifest
+    from vmkeep.repository.point_summary import PointSummary
 
 # Each command imports the repository and operations it uses inside its function: every
 # command module is imported at start-up to register its commands, and `vmkeep --help` must
@@ -105,26 +107,28 @@ def list_points(
     json_out: bool = JsonOpt,
 ) -> None:
     """List the VMs and restore points in a repository."""
+    from vmkeep.repository.point_cache import point_summaries
+
     repo = state.open_repository(remote)
-    manifests, problems = repo.load_manifests()
+    points, problems = point_summaries(repo, RichProgress(not json_out, unit_bytes=False))
     if vm:
-        manifests = [m for m in manifests if vm in (m.vm_name, m.vm_uuid)]
-    manifests.sort(key=lambda m: (m.vm_name, m.created))
+        points = [p for p in points if vm in (p.vm_name, p.vm_uuid)]
+    points.sort(key=lambda p: (p.vm_name, p.created))
     rows: list[dict[str, Any]] = [
         {
-            "restore_point": m.id,
-            "vm": m.vm_name,
-            "vm_uuid": m.vm_uuid,
-            "mode": m.mode,
-            "created": m.created.isoformat(),
-            "schedule": m.schedule,
-            "disks": [d.name for d in m.disks],
-            "size": sum(d.size for d in m.disks),
-            "data_bytes": sum(d.nonzero_bytes() for d in m.disks),
-            "new_bytes_written": m.stats.get("bytes_written"),
-            "locked_until": (m.lock or {}).get("until"),
+            "restore_point": p.id,
+            "vm": p.vm_name,
+            "vm_uuid": p.vm_uuid,
+            "mode": p.mode,
+            "created": p.created.isoformat(),
+            "schedule": p.schedule,
+            "disks": [d.name for d in p.disks],
+            "size": p.size,
+            "data_bytes": p.data_bytes,
+            "new_bytes_written": p.stats.get("bytes_written"),
+            "locked_until": (p.lock or {}).get("until"),
         }
-        for m in manifests
+        for p in points
     ]
     if json_out:
         print_json(
@@ -135,29 +139,29 @@ def list_points(
             }
         )
         return
-    listing = table(
-        "restore point",
-        "vm",
-        "created (UTC)",
-        "mode",
-        "schedule",
-        "disk size",
-        "data",
-        "new stored",
-        title=f"{repo.remote.url} ({format_chunk_size(repo.chunk_size)} chunks)",
-    )
-    for r in rows:
-        listing.add_row(
-            shown(r["restore_point"]),
-            shown(r["vm"]),
+    columns = ["restore point", "vm", "created (UTC)", "mode", "schedule"]
+    columns += ["disk size", "data", "new stored"]
+    title = f"{repo.remote.url} ({format_chunk_size(repo.chunk_size)} chunks)"
+    cells = [
+        [
+            r["restore_point"],
+            r["vm"],
             str(r["created"])[:19],
-            shown(r["mode"]),
-            shown(r["schedule"]),
+            r["mode"],
+            r["schedule"],
             human_bytes(r["size"]),
             human_bytes(r["data_bytes"]),
             human_bytes(r["new_bytes_written"]),
-        )
-    stdout.print(listing)
+        ]
+        for r in rows
+    ]
+    if len(cells) > LARGE_LISTING:
+        print_plain_table(columns, cells, title)
+    else:
+        listing = table(*columns, title=title)
+        for cell in cells:
+            listing.add_row(*(shown(v) for v in cell))
+        stdout.print(listing)
     for p in problems:
         console.print(f"[red]unreadable restore point[/] {shown(p.point_id)}: {shown(p.error)}")
 
@@ -268,11 +272,13 @@ def prune(
             "no retention given: use --keep-last/--keep-daily/... "
             "(an empty policy would delete everything)"
         )
+    from vmkeep.repository.point_cache import point_summaries
+
     repo = state.open_repository(remote)
-    manifests, _ = repo.load_manifests()
+    summaries, _ = point_summaries(repo, RichProgress(not json_out, unit_bytes=False))
     chosen = [
         m
-        for m in manifests
+        for m in summaries
         if (vm is None or vm in (m.vm_name, m.vm_uuid))
         and (schedule is None or m.schedule == schedule)
     ]
@@ -311,20 +317,29 @@ def prune(
             }
         )
         return
-    listing = table("restore point", "vm", "schedule", "created (UTC)", "action", "why")
+    cells = []
     for d in plan:
         action = "keep" if d.keep else ("would remove" if dry_run else "removed")
         if d.point.id in result.locked:
             action = "locked, would be kept" if dry_run else "locked, kept"
-        listing.add_row(
-            d.point.id,
-            names[d.point.id],
-            d.point.schedule,
-            d.point.time.isoformat()[:19],
-            action,
-            ", ".join(d.reasons),
+        cells.append(
+            [
+                d.point.id,
+                names[d.point.id],
+                d.point.schedule,
+                d.point.time.isoformat()[:19],
+                action,
+                ", ".join(d.reasons),
+            ]
         )
-    stdout.print(listing)
+    columns = ["restore point", "vm", "schedule", "created (UTC)", "action", "why"]
+    if len(cells) > LARGE_LISTING:
+        print_plain_table(columns, cells)
+    else:
+        listing = table(*columns)
+        for cell in cells:
+            listing.add_row(*(shown(v) for v in cell))
+        stdout.print(listing)
     report_locked_points(result.locked)
 
 
@@ -344,15 +359,9 @@ def parse_keep_schedule(values: list[str]) -> dict[str, int]:
     return counts
 
 
-def manifest_lock_ends(manifests: list[Manifest]) -> dict[str, datetime]:
+def manifest_lock_ends(points: list[PointSummary]) -> dict[str, datetime]:
     """What each manifest says about its own lock (for --dry-run)."""
-    ends: dict[str, datetime] = {}
-    for m in manifests:
-        try:
-            ends[m.id] = datetime.fromisoformat(str((m.lock or {})["until"]))
-        except (KeyError, ValueError):
-            continue
-    return ends
+    return {p.id: until for p in points if (until := p.lock_until()) is not None}
 
 
 def report_locked_points(locked: dict[str, datetime | None]) -> None:
@@ -371,7 +380,7 @@ def report_locked_points(locked: dict[str, datetime | None]) -> None:
     )
 
 
-def warn_several_schedules(manifests: list[Manifest]) -> None:
+def warn_several_schedules(manifests: list[PointSummary]) -> None:
     """SPEC §3: long-term retention over several schedules of one VM duplicates history."""
     tags: dict[str, set[str]] = {}
     for m in manifests:

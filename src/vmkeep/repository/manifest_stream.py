@@ -1,0 +1,64 @@
+"""Reading every manifest one at a time (gc's mark, verify), with memory bounded by a
+constant number of manifests in flight, never by the number of restore points."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from vmkeep.errors import IntegrityError, NotFoundError
+from vmkeep.parallel import io_threads, ordered_map
+from vmkeep.progress import Progress, SilentProgress
+
+from .manifest import Manifest
+from .repository import ManifestProblem, Repository
+
+
+def stream_manifests(
+    repo: Repository, point_ids: list[str] | None = None, progress: Progress | None = None
+) -> Iterator[Manifest | ManifestProblem]:
+    """Each listed restore point's manifest (or each of `point_ids`), or why it is unreadable,
+    in id order; a listed point deleted since the listing is skipped (its chunks are no
+    longer needed by anyone), a point asked for that does not exist is a NotFoundError. At most
+    `io_threads` manifests are held at once (a decoded manifest of a 100 GiB disk is ~0.8
+    MiB at 4 MiB chunks, ~50 MiB at 64 KiB), however many points there are."""
+    sizes: dict[str, int] = {}
+    if point_ids is None:
+        sizes = repo.point_sizes()
+    ids = sorted(sizes) if point_ids is None else point_ids
+    threads = io_threads(repo.remote.url)
+    progress = progress or SilentProgress()
+    progress.start("reading restore points", len(ids))
+
+    def load(point_id: str) -> Manifest | ManifestProblem | None:
+        try:
+            return repo.load_manifest(point_id, sizes.get(point_id))
+        except NotFoundError:
+            if point_ids is not None:
+                raise  # a point asked for by name: its absence is the answer
+            return None
+        except IntegrityError as exc:
+            return ManifestProblem(point_id, str(exc))
+
+    for item in ordered_map(load, ids, threads, window=threads):
+        progress.advance(1)
+        if item is not None:
+            yield item
+    progress.finish()
+
+
+def referenced_chunks(
+    repo: Repository, progress: Progress | None = None
+) -> tuple[set[bytes], int, list[ManifestProblem]]:
+    """The chunk IDs every readable restore point references (a set: bounded by the unique
+    chunks, not points x disk size), how many points were read, and the unreadable ones."""
+    referenced: set[bytes] = set()
+    points = 0
+    problems: list[ManifestProblem] = []
+    for item in stream_manifests(repo, None, progress):
+        if isinstance(item, ManifestProblem):
+            problems.append(item)
+            continue
+        points += 1
+        for disk in item.disks:
+            referenced.update(chunk_id for _, chunk_id in disk.entries())
+    return referenced, points, problems
