@@ -216,11 +216,13 @@ class NodeFileSystem(Generic[N]):
             return cached.get(wanted)
         names: dict[bytes, tuple[bytes, N]] | None = {}
         found = None
+        left = (self.budget.bytes, self.budget.reads)
         try:
             for child_name, child in self._children(node):
                 folded = self._fold(child_name)
                 if folded == wanted and found is None:
                     found = (child_name, child)
+                    left = (self.budget.bytes, self.budget.reads)
                 if names is not None:
                     names.setdefault(folded, (child_name, child))
                     if len(names) > DIR_CACHE_ENTRIES:
@@ -234,7 +236,10 @@ class NodeFileSystem(Generic[N]):
         except Exception:
             if found is None:
                 raise
-            return found  # a corrupt entry after it: the name is still found, not cached
+            # a corrupt entry or too much work after it: the name is still found, as if the
+            # scan had stopped there (the budget it had then), and nothing is cached
+            self.budget.bytes, self.budget.reads = left
+            return found
         if names is not None:
             self._dirs[key] = names
             if len(self._dirs) > DIR_CACHE_DIRS:
