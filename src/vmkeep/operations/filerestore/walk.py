@@ -11,7 +11,7 @@ from typing import Protocol
 
 from vmkeep.errors import ImageError, UsageError
 
-from .filesystems.tree import bad_name, split_path
+from .filesystems.nodefs import hostile_name, split_path
 from .model import Entry, FileSystem
 
 MAX_DEPTH = 256
@@ -35,7 +35,7 @@ def top_name(path: bytes) -> bytes | None:
     if not parts:
         return None
     name = parts[-1]
-    if bad_name(name):
+    if hostile_name(name):
         raise UsageError(f"cannot get {path!r}: name the file or directory, not '..'")
     return name
 

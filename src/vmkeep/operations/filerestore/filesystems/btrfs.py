@@ -114,7 +114,7 @@ class BtrfsFileSystem(NodeFileSystem[Any]):
             for item in dir_items(data):
                 yield bytes(item.name), self._target(node, item)
 
-    def _child(self, node: Any, name: bytes) -> Any | None:
+    def _find(self, node: Any, name: bytes) -> tuple[bytes, Any] | None:
         if isinstance(node, EmptySubvolume):
             return None
         try:
@@ -125,7 +125,7 @@ class BtrfsFileSystem(NodeFileSystem[Any]):
             return None
         for item in dir_items(data):
             if item.name == name:
-                return self._target(node, item)
+                return name, self._target(node, item)
         return None
 
     def _target(self, parent: Any, item: Any) -> Any:

@@ -16,7 +16,7 @@ from dissect.util.ts import dostimestamp
 from vmkeep.errors import ImageError
 
 from ..model import Entry, FsInfo
-from .tree import NodeFS
+from .nodefs import NodeFileSystem
 
 EOC = 0xFFFFFFFF
 ATTR_READ_ONLY, ATTR_DIRECTORY = 0x01, 0x10
@@ -37,11 +37,17 @@ class ExNode:
     ctime_ns: int | None = None
 
 
-class ExfatFileSystem(NodeFS[ExNode]):
+class ExfatFileSystem(NodeFileSystem[ExNode]):
+    dot_entries = False  # exFAT stores no "." or "..": an entry so named is planted
+
     def __init__(self, fh: BinaryIO, size: int) -> None:
-        self.fh = fh
-        fh.seek(0)
-        boot = fh.read(512)
+        super().__init__(fh, size, FsInfo("exfat"))
+        with self.guard("boot sector"):
+            self._mount(size)
+
+    def _mount(self, size: int) -> None:
+        self.volume.seek(0)
+        boot = self.volume.read(512)
         if len(boot) < 512:
             raise ImageError("exFAT: truncated boot sector")
         (volume_sectors,) = struct.unpack_from("<Q", boot, 0x48)
@@ -60,13 +66,15 @@ class ExfatFileSystem(NodeFS[ExNode]):
             raise ImageError("exFAT: the cluster heap ends past the volume")
         if volume_sectors * self.sector_size > size:
             raise ImageError("exFAT: larger than its volume")
-        self.fat_offset = fat_sector * self.sector_size
-        self.heap = RangeStream(fh, heap_offset, self.cluster_count * self.cluster_size)
+        fat_length = 4 * (self.cluster_count + 2)
+        if fat_sector * self.sector_size + fat_length > size:
+            raise ImageError("exFAT: the FAT ends past the volume")
+        self.fat = RangeStream(self.volume, fat_sector * self.sector_size, fat_length)
+        self.heap = RangeStream(self.volume, heap_offset, self.cluster_count * self.cluster_size)
         chain = self._chain(root, 0, False)
         length = sum(c for _, c in chain) * self.cluster_size
         self.root = ExNode(True, ATTR_DIRECTORY, root, False, length, length)
-        dirty = bool(flags & VOLUME_DIRTY)
-        self.info = FsInfo(type_name="exfat", uuid=f"{serial:08x}", dirty=dirty)
+        self.info.uuid, self.info.dirty = f"{serial:08x}", bool(flags & VOLUME_DIRTY)
         if self.info.dirty:
             self.info.warnings.append(
                 "exfat was not cleanly unmounted (a crash-consistent backup): read as it is on "
@@ -92,8 +100,8 @@ class ExfatFileSystem(NodeFS[ExNode]):
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:
                 runs.append((cluster - 2, 1))
-            self.fh.seek(self.fat_offset + cluster * 4)
-            raw = self.fh.read(4)
+            self.fat.seek(cluster * 4)
+            raw = self.fat.read(4)
             if len(raw) < 4:
                 raise ImageError("exFAT: the FAT ends past the volume")
             (cluster,) = struct.unpack("<I", raw)
@@ -171,14 +179,16 @@ class ExfatFileSystem(NodeFS[ExNode]):
                 ),
             )
 
-    def _find(self, node: ExNode, name: bytes) -> tuple[bytes, ExNode] | None:
+    def _fold(self, name: bytes) -> bytes:
         """exFAT names are case-insensitive (up-cased through the volume's table; Unicode's
         case folding stands in for it here)."""
-        wanted = name.decode("utf-8", "surrogateescape").casefold()
-        for child_name, child in self._children(node):
-            if child_name.decode("utf-8", "surrogateescape").casefold() == wanted:
-                return child_name, child
-        return None
+        return casefold(name)
+
+    def _kind(self, node: ExNode) -> str:
+        return "dir" if node.is_dir else "file"
+
+    def _dir_key(self, node: ExNode) -> ExNode:
+        return node
 
     def _entry(self, name: bytes, node: ExNode) -> Entry:
         read_only = node.attributes & ATTR_READ_ONLY
@@ -197,10 +207,15 @@ class ExfatFileSystem(NodeFS[ExNode]):
             inode=node.first_cluster,
         )
 
-    def _open_node(self, node: ExNode, path: bytes, stream: bytes | None) -> BinaryIO:
+    def _open(self, node: ExNode, stream: bytes | None) -> tuple[BinaryIO, int]:
         if stream is not None:
             raise ImageError("exFAT has no alternate data streams")
-        return self._data(node, node.data_length)
+        return self._data(node, node.data_length), node.data_length
+
+
+def casefold(name: bytes) -> bytes:
+    """A name as a case-insensitive lookup compares it (exFAT, FAT)."""
+    return name.decode("utf-8", "surrogateescape").casefold().encode("utf-8", "surrogatepass")
 
 
 def _stamp(entry: bytes, at: int, centis_at: int | None, tz_at: int) -> int | None:

@@ -8,7 +8,7 @@ import io
 import os
 import stat
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from dissect.extfs import ExtFS
 from dissect.extfs import exceptions as ext_errors
@@ -20,7 +20,7 @@ from vmkeep.errors import ImageError, VmkeepError
 from ..model import Entry, FsInfo
 from .ext_journal import Replay, ReplayedFile, plan
 from .ext_xattr import read_xattrs
-from .tree import NodeFS
+from .nodefs import NodeFileSystem, kind_of_mode
 
 MAGIC_OFFSET = 1024 + 0x38
 EXTENTS_FL = 0x80000
@@ -31,16 +31,6 @@ MAX_EXTENT_DEPTH = 5  # Linux's limit on the extent tree
 UNINIT_LEN = 0x8000
 MAX_DIR_BYTES = 4 << 30  # ext4's largedir limit; a bigger directory is a hostile image
 
-KIND = {
-    stat.S_IFREG: "file",
-    stat.S_IFDIR: "dir",
-    stat.S_IFLNK: "symlink",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-    stat.S_IFCHR: "chardev",
-    stat.S_IFBLK: "blockdev",
-}
-
 Node = Any  # dissect.extfs.INode (untyped)
 
 
@@ -50,24 +40,7 @@ def probe(fh: BinaryIO) -> bool:
 
 
 def open(fh: BinaryIO, size: int) -> ExtFileSystem:
-    try:
-        fs = ExtFS(fh)
-        replay = _journal_replay(fs)
-        if replay is None:
-            return ExtFileSystem(fs, size)
-        journal, plan = replay
-        replayed = ExtFileSystem(ExtFS(ReplayedFile(fh, journal, plan, fs.block_size)), size)
-        replayed.info.warnings[:] = [
-            f"{replayed.info.type_name} was not cleanly unmounted (a crash-consistent backup): "
-            f"its journal was replayed in memory ({len(plan.blocks)} blocks of "
-            f"{plan.transactions} committed transactions); writes not yet committed to the "
-            "journal when the backup was taken are missing"
-        ]
-        return replayed
-    except VmkeepError:
-        raise
-    except Exception as exc:  # dissect's parsing of a corrupt image fails in many ways
-        raise ImageError(f"ext file system: {exc or exc.__class__.__name__}") from exc
+    return ExtFileSystem(fh, size)
 
 
 def _journal_replay(fs: Any) -> tuple[BinaryIO, Replay] | None:
@@ -87,20 +60,35 @@ def _journal_replay(fs: Any) -> tuple[BinaryIO, Replay] | None:
     return journal, replay
 
 
-class ExtFileSystem(NodeFS[Node]):
-    def __init__(self, fs: Any, size: int) -> None:
+class ExtFileSystem(NodeFileSystem[Node]):
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        super().__init__(fh, size, FsInfo("ext"))
+        with self.guard("superblock"):
+            fs = ExtFS(self.volume)
+        replay = _journal_replay(fs)  # outside the guard: a journal may be read whole
+        if replay is not None:
+            journal, replayed = replay
+            with self.guard("superblock"):
+                base = cast(BinaryIO, self.volume)
+                fs = ExtFS(ReplayedFile(base, journal, replayed, fs.block_size))
         self.fs = fs
-        sb = fs.sb
-        self.block_size: int = fs.block_size
-        self.block_count: int = min(fs.block_count, size // self.block_size)
-        dirty = not (sb.s_state & STATE_VALID) or bool(sb.s_feature_incompat & INCOMPAT_RECOVER)
-        self.info = FsInfo(
-            type_name=f"ext{fs.type}",
-            label=fs.volume_name,
-            uuid=str(fs.uuid),
-            dirty=dirty,
-        )
-        if dirty:
+        with self.guard("superblock"):
+            sb = fs.sb
+            self.block_size: int = fs.block_size
+            self.block_count: int = min(fs.block_count, size // self.block_size)
+            dirty = not (sb.s_state & STATE_VALID) or bool(sb.s_feature_incompat & INCOMPAT_RECOVER)
+            self.info.type_name = f"ext{fs.type}"
+            self.info.label = fs.volume_name
+            self.info.uuid = str(fs.uuid)
+            self.info.dirty = dirty
+        if replay is not None:
+            self.info.warnings.append(
+                f"{self.info.type_name} was not cleanly unmounted (a crash-consistent backup): "
+                f"its journal was replayed in memory ({len(replayed.blocks)} blocks of "
+                f"{replayed.transactions} committed transactions); writes not yet committed to the "
+                "journal when the backup was taken are missing"
+            )
+        elif dirty:
             self.info.warnings.append(
                 f"{self.info.type_name} was not cleanly unmounted (a crash-consistent backup): "
                 "read as it is on disk, without replaying its journal; the last writes before "
@@ -109,6 +97,12 @@ class ExtFileSystem(NodeFS[Node]):
 
     def _root(self) -> Node:
         return self.fs.root
+
+    def _kind(self, node: Node) -> str:
+        return kind_of_mode(self._mode(node))
+
+    def _dir_key(self, node: Node) -> int:
+        return int(node.inum)
 
     def _node(self, inum: int) -> Node:
         try:
@@ -148,9 +142,9 @@ class ExtFileSystem(NodeFS[Node]):
     def _entry(self, name: bytes, node: Node) -> Entry:
         raw = _guard(lambda: node.inode)
         mode = raw.i_mode
-        kind = KIND.get(stat.S_IFMT(mode), "other")
+        kind = kind_of_mode(mode)
         size = _guard(lambda: node.size)
-        target = self._link(node, size) if kind == "symlink" else None
+        target = self._link(node) if kind == "symlink" else None
         rdev = None
         if kind in ("chardev", "blockdev"):
             rdev = _rdev(bytes(raw.i_block))
@@ -170,8 +164,9 @@ class ExtFileSystem(NodeFS[Node]):
             rdev=rdev,
         )
 
-    def _link(self, node: Node, size: int) -> bytes:
+    def _link(self, node: Node) -> bytes:
         """A fast symlink's target is in i_block (no data blocks), a slow one's in its data."""
+        size = _guard(lambda: node.size)
         if size > 4096:
             raise ImageError(f"symlink inode {node.inum} claims {size} bytes")
         raw = node.inode
@@ -182,12 +177,13 @@ class ExtFileSystem(NodeFS[Node]):
             return bytes(raw.i_block)[:size]
         return self._stream(node, size).read(size)
 
-    def _open_node(self, node: Node, path: bytes, stream: bytes | None) -> BinaryIO:
+    def _open(self, node: Node, stream: bytes | None) -> tuple[BinaryIO, int]:
         if stream is not None:
             raise ImageError("ext has no alternate data streams")
-        return self._stream(node, node.size)
+        size = _guard(lambda: node.size)
+        return self._stream(node, size), size
 
-    def _xattrs_of(self, node: Node) -> dict[bytes, bytes]:
+    def _xattrs(self, node: Node) -> dict[bytes, bytes]:
         found, warning = _guard(lambda: read_xattrs(self.fs, node, self.block_count))
         if warning:
             self.warn(warning)
@@ -195,11 +191,13 @@ class ExtFileSystem(NodeFS[Node]):
 
     def data_runs(self, path: bytes) -> list[tuple[int, int]]:
         """(offset, length) of a file's allocated data, for sparse extraction."""
-        _, node = self._resolve(path)
-        if node.inode.i_flags & INLINE_DATA_FL:
-            return [(0, node.size)]
+        with self.guard(path):
+            _, node = self._resolve(path)
+            if node.inode.i_flags & INLINE_DATA_FL:
+                return [(0, node.size)]
+            extents = self._runs(node, node.size)
         runs, pos = [], 0
-        for block, count in self._runs(node, node.size):
+        for block, count in extents:
             if block is not None:
                 runs.append((pos * self.block_size, count * self.block_size))
             pos += count

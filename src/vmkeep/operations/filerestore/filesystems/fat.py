@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import Any, BinaryIO
 
 from dissect.fat.fat import FATFS, RootDirectory, _iter_dirent
@@ -23,7 +23,7 @@ from vmkeep.errors import ImageError
 
 from ..model import Entry, FsInfo
 from . import exfat
-from .tree import NodeFS, reraise_ours
+from .nodefs import NodeFileSystem, reraise_ours
 
 ATTR_READ_ONLY, ATTR_VOLUME_ID = 0x01, 0x08
 
@@ -40,24 +40,23 @@ def probe(fh: BinaryIO) -> bool:
     return sector[54:59] == b"FAT12" or sector[54:59] == b"FAT16" or sector[82:87] == b"FAT32"
 
 
-def open(fh: BinaryIO, size: int) -> NodeFS[Any]:
+def open(fh: BinaryIO, size: int) -> NodeFileSystem[Any]:
     fh.seek(3)
     if fh.read(8) == b"EXFAT   ":
         return exfat.ExfatFileSystem(fh, size)
-    try:
-        return FatFileSystem(FATFS(fh), size)
-    except Exception as exc:  # a corrupt image breaks dissect in many ways
-        reraise_ours(exc)
-        raise ImageError(f"FAT file system: {exc}") from exc
+    return FatFileSystem(fh, size)
 
 
-class FatFileSystem(NodeFS[Node]):
-    def __init__(self, fs: Any, size: int) -> None:
-        self.fs = fs
-        self.cluster_count = (fs.total_sectors - fs.first_data_sector) // fs.bpb.BPB_SecPerClus
-        if fs.total_sectors * fs.sector_size > size:
-            raise ImageError("FAT file system: larger than its volume")
-        self.info = FsInfo(type_name="vfat", label=fs.volume_label, uuid=fs.volume_id)
+class FatFileSystem(NodeFileSystem[Node]):
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        super().__init__(fh, size, FsInfo("vfat"))
+        with self.guard("boot sector"):
+            fs = self.fs = FATFS(self.volume)
+            sectors = fs.total_sectors - fs.first_data_sector
+            self.cluster_count = sectors // fs.bpb.BPB_SecPerClus
+            if fs.total_sectors * fs.sector_size > size:
+                raise ImageError("FAT file system: larger than its volume")
+            self.info.label, self.info.uuid = fs.volume_label, fs.volume_id
 
     def _root(self) -> Node:
         root = self.fs.root
@@ -111,13 +110,15 @@ class FatFileSystem(NodeFS[Node]):
             node._runlist = self._chain(node.cluster) if node.cluster else []
         return node._runlist  # type: ignore[no-any-return]
 
-    def _find(self, node: Node, name: bytes) -> tuple[bytes, Node] | None:
+    def _fold(self, name: bytes) -> bytes:
         """FAT names are case-insensitive, as Linux's vfat looks them up."""
-        wanted = name.decode("utf-8", "surrogateescape").casefold()
-        for child_name, child in self._children(node):
-            if child_name.decode("utf-8", "surrogateescape").casefold() == wanted:
-                return child_name, child
-        return None
+        return exfat.casefold(name)
+
+    def _kind(self, node: Node) -> str:
+        return "dir" if isinstance(node, RootDirectory) or node.is_directory() else "file"
+
+    def _dir_key(self, node: Node) -> Hashable:
+        return "root" if isinstance(node, RootDirectory) else node.cluster
 
     def _entry(self, name: bytes, node: Node) -> Entry:
         is_dir = isinstance(node, RootDirectory) or node.is_directory()
@@ -142,19 +143,22 @@ class FatFileSystem(NodeFS[Node]):
             inode=0 if root else node.cluster,
         )
 
-    def _open_node(self, node: Node, path: bytes, stream: bytes | None) -> BinaryIO:
+    def _open(self, node: Node, stream: bytes | None) -> tuple[BinaryIO, int]:
         if stream is not None:
             raise ImageError("FAT has no alternate data streams")
         size = node.dirent.DIR_FileSize
         runs = self._runs(node)
         if sum(count for _, count in runs) * self.fs.cluster_size < size:
-            raise ImageError(f"{path!r}: its cluster chain is shorter than its size")
+            raise ImageError(
+                f"FAT: the file at cluster {node.cluster}: its cluster chain is shorter than "
+                "its size"
+            )
         data = RangeStream(
             self.fs.fh,
             self.fs.first_data_sector * self.fs.sector_size,
             self.cluster_count * self.fs.cluster_size,
         )
-        return RunlistStream(data, runs, size, self.fs.cluster_size)  # type: ignore[no-any-return]
+        return RunlistStream(data, runs, size, self.fs.cluster_size), size
 
 
 def _name(child: Node) -> str:

@@ -1,6 +1,6 @@
-"""What the XFS, btrfs and NTFS adapters share: path walking with symlinks, hostile-name
-filtering, and a guard that turns any parser failure on a hostile image into an ImageError
-within a bounded amount of work.
+"""What every file system adapter shares: path walking with symlinks, hostile-name
+filtering, a small directory lookup cache, and a guard that turns any parser failure on a
+hostile image into an ImageError within a bounded amount of work.
 
 The dissect parsers trust the image: a B-tree node that points at itself, a directory whose
 size claims terabytes or a truncated structure would make them loop, recurse or raise
@@ -27,6 +27,7 @@ from ..model import Entry, FsInfo
 N = TypeVar("N")
 
 SYMLINK_HOPS = 40  # like Linux's MAXSYMLINKS
+MAX_DEPTH = 4096  # path components: a deeper path is a hostile image, not a guest's tree
 BUDGET_BYTES = 512 << 20  # volume bytes one operation (a lookup, one listed entry) may read
 BUDGET_READS = 200_000  # and read calls: a loop in a tree ends here, in seconds
 MAX_READ = 64 << 20  # one metadata read (a hostile block size must not allocate more)
@@ -165,6 +166,22 @@ def hostile_name(name: bytes) -> bool:
     return name in (b"", b".", b"..") or b"/" in name or b"\x00" in name
 
 
+def split_path(path: bytes) -> list[bytes]:
+    """The components of an absolute or relative path, without empty ones and ".";
+    ".." is kept (resolved against the walked parents, never above the root)."""
+    parts = [p for p in path.split(b"/") if p and p != b"."]
+    if len(parts) > MAX_DEPTH:
+        raise ImageError(f"path too deep ({len(parts)} components)")
+    return parts
+
+
+def reraise_ours(exc: Exception) -> None:
+    """In a handler that turns a library's parsing failure into ImageError: vmkeep's own
+    errors (ImageError, a repository's IntegrityError, a remote's) pass through as they are."""
+    if isinstance(exc, VmkeepError):
+        raise exc
+
+
 class NodeFileSystem(Generic[N]):
     """The FileSystem protocol over a parser's nodes. Subclasses say how to get a node's
     children, metadata, link target, content and xattrs; this class walks paths (following
@@ -177,7 +194,7 @@ class NodeFileSystem(Generic[N]):
         self.info = info
         self.budget = WorkBudget()
         self.volume = VolumeFile(fh, size, self.budget)
-        self._dirs: OrderedDict[Hashable, dict[bytes, N]] = OrderedDict()
+        self._dirs: OrderedDict[Hashable, dict[bytes, tuple[bytes, N]]] = OrderedDict()
 
     # --- what a subclass provides -------------------------------------------------------
     def _root(self) -> N:
@@ -187,30 +204,51 @@ class NodeFileSystem(Generic[N]):
         """(name, node) of a directory, in on-disk order; may include "." and ".."."""
         raise NotImplementedError
 
-    def _child(self, node: N, name: bytes) -> N | None:
-        """The child named `name`, or None. The default scans the directory once and keeps
-        the names of a few small directories, so walking a tree is not quadratic."""
+    def _find(self, node: N, name: bytes) -> tuple[bytes, N] | None:
+        """The stored name and node of the child named `name` (compared through `_fold`),
+        or None. The default scans the directory once and keeps the names of a few small
+        directories, so walking a tree is not quadratic."""
         key = self._dir_key(node)
         cached = self._dirs.get(key)
+        wanted = self._fold(name)
         if cached is not None:
             self._dirs.move_to_end(key)
-            return cached.get(name)
-        names: dict[bytes, N] | None = {}
+            return cached.get(wanted)
+        names: dict[bytes, tuple[bytes, N]] | None = {}
         found = None
-        for child_name, child in self._children(node):
-            if child_name == name and found is None:
-                found = child
-            if names is not None:
-                names.setdefault(child_name, child)
-                if len(names) > DIR_CACHE_ENTRIES:
-                    names = None
-                    if found is not None:
-                        return found
+        left = (self.budget.bytes, self.budget.reads)
+        try:
+            for child_name, child in self._children(node):
+                folded = self._fold(child_name)
+                if folded == wanted and found is None:
+                    found = (child_name, child)
+                    left = (self.budget.bytes, self.budget.reads)
+                if names is not None:
+                    names.setdefault(folded, (child_name, child))
+                    if len(names) > DIR_CACHE_ENTRIES:
+                        names = None
+                        if found is not None:
+                            return found
+                elif found is not None:
+                    return found
+        except MemoryError:
+            raise
+        except Exception:
+            if found is None:
+                raise
+            # a corrupt entry or too much work after it: the name is still found, as if the
+            # scan had stopped there (the budget it had then), and nothing is cached
+            self.budget.bytes, self.budget.reads = left
+            return found
         if names is not None:
             self._dirs[key] = names
             if len(self._dirs) > DIR_CACHE_DIRS:
                 self._dirs.popitem(last=False)
         return found
+
+    def _fold(self, name: bytes) -> bytes:
+        """A name as lookups compare it: as stored; a case-insensitive file system folds."""
+        return name
 
     def _dir_key(self, node: N) -> Hashable:
         """What identifies a directory in the lookup cache (e.g. its inode number)."""
@@ -260,7 +298,10 @@ class NodeFileSystem(Generic[N]):
             self.budget.restore(saved)
 
     def warn(self, message: str) -> None:
-        """A warning for the caller, bounded in number."""
+        """A warning for the caller, once per message and bounded in number (a hostile
+        directory repeats itself)."""
+        if message in self.info.warnings:
+            return
         if len(self.info.warnings) < MAX_WARNINGS:
             self.info.warnings.append(message)
         elif len(self.info.warnings) == MAX_WARNINGS:
@@ -298,7 +339,7 @@ class NodeFileSystem(Generic[N]):
                 with self.guard(path + b"/" + name):
                     entry = self._entry(name, child)
             except ImageError as exc:
-                self.warn(f"skipped an unreadable entry: {exc}")
+                self.warn(f"{show(path)}: skipped {show(name)}: {exc}")
                 continue
             yield entry
 
@@ -317,8 +358,9 @@ class NodeFileSystem(Generic[N]):
             return self._xattrs(node)
 
     def _resolve(self, path: bytes) -> tuple[bytes, N]:
-        """The last component's name and node; symlinks in directory components followed."""
-        parts = [(p, False) for p in path.split(b"/") if p and p != b"."]
+        """The last component's stored name and node; symlinks in directory components
+        followed (at most SYMLINK_HOPS, expanding to at most MAX_DEPTH components)."""
+        parts = [(p, False) for p in split_path(path)]
         stack: list[tuple[bytes, N]] = [(b"/", self._root())]
         hops = 0
         while parts:
@@ -330,9 +372,10 @@ class NodeFileSystem(Generic[N]):
             parent = stack[-1][1]
             if self._kind(parent) != "dir":
                 raise self._missing(path, from_link, "a component is not a directory")
-            child = self._child(parent, part)
-            if child is None:
+            found = None if hostile_name(part) else self._find(parent, part)
+            if found is None:
                 raise self._missing(path, from_link, "no such file or directory")
+            part, child = found
             if parts and self._kind(child) == "symlink":
                 hops += 1
                 if hops > SYMLINK_HOPS:
@@ -341,6 +384,8 @@ class NodeFileSystem(Generic[N]):
                 if target.startswith(b"/"):
                     del stack[1:]
                 parts[:0] = [(p, True) for p in target.split(b"/") if p and p != b"."]
+                if len(parts) > MAX_DEPTH:
+                    raise ImageError(f"{show(path)}: symbolic links expand too deep")
                 continue
             stack.append((part, child))
         return stack[-1]

@@ -1,4 +1,4 @@
-"""NTFS over dissect.ntfs, mapped onto POSIX-like entries (docs/FILE-RESTORE-FS.md):
+"""NTFS over dissect.ntfs, mapped onto POSIX-like entries (docs/FILE-RESTORE.md, "NTFS"):
 
 - names are UTF-16 on disk and UTF-8 here; an unpaired surrogate (which Windows allows) is
   encoded as its three-byte UTF-8 form (WTF-8), so every name maps to distinct bytes and back;
@@ -178,9 +178,9 @@ class NtfsFileSystem(NodeFileSystem[Any]):
     def _dir_key(self, record: Any) -> int:
         return int(record.segment)
 
-    def _child(self, record: Any, name: bytes) -> Any | None:
-        entry = super()._child(record, name)
-        return None if entry is None else entry.dereference()
+    def _find(self, record: Any, name: bytes) -> tuple[bytes, Any] | None:
+        found = super()._find(record, name)
+        return None if found is None else (found[0], found[1].dereference())
 
     def _entry(self, name: bytes, node: Any) -> Entry:
         record = node.dereference() if isinstance(node, IndexEntry) else node

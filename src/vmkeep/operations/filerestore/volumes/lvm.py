@@ -19,7 +19,7 @@ from dissect.volume.lvm.physical import LVM2Device
 
 from vmkeep.errors import ImageError, UnsupportedImageError
 
-from ..filesystems.tree import reraise_ours
+from ..filesystems.nodefs import reraise_ours
 from .source import Mapped, Segment, Slice, Source, SourceFile
 
 SECTOR = 512
