@@ -432,10 +432,12 @@ def prove_chunks_kept(
 ) -> GcMark | None:
     """Right before the manifest: the lock was held without a gap, and no gc since `seen`
     (read before the chunks were listed) deleted a chunk the manifest references. Returns
-    the gc marker this proof is relative to."""
+    the gc marker this proof is relative to. Format 3: the packs and index are made
+    durable first (what is checked must be what the manifest will name)."""
+    repo.flush_chunks()
     lock.check()
     now = read_gc_mark(repo.remote)
-    confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids())
+    confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids(), repo.missing_chunks)
     return now
 
 
@@ -445,7 +447,7 @@ def confirm_after_manifest(repo: Repository, seen: GcMark | None, manifest: Mani
     is confirmed present and that gc is over, the restore point is withdrawn."""
     now = read_gc_mark(repo.remote)
     try:
-        confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids())
+        confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids(), repo.missing_chunks)
     except GcOverlapError:
         try:
             repo.delete_manifest(manifest.id)

@@ -32,6 +32,16 @@ if TYPE_CHECKING:
 
 RemoteOpt = typer.Option(None, "--remote", "-r", help="Remote name, path or URL.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
+FormatOpt = typer.Option(
+    None,
+    "--format",
+    help="Repository format: 1/2 (default; one object per chunk) or 3 (blocks in pack "
+    'objects: small deltas for scattered writes; docs/DATA-PATH.md "Format 3").',
+)
+BlockSizeOpt = typer.Option(
+    "128K", "--block-size", help="Format 3: block size, 64K up to the chunk size."
+)
+PackSizeOpt = typer.Option("16M", "--pack-size", help="Format 3: pack size, 1M to 128M.")
 
 
 def init(
@@ -48,6 +58,9 @@ def init(
         "scattered writes, but make more objects and bigger indexes (docs/DATA-PATH.md). "
         "Fixed for the repository's life.",
     ),
+    format_version: int | None = FormatOpt,
+    block_size: str = BlockSizeOpt,
+    pack_size: str = PackSizeOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Create a repository (encrypted by default: you will be asked for a passphrase)."""
@@ -60,6 +73,7 @@ def init(
         encryption,
         lambda: state.passphrase(confirm=True),
         size,
+        **packed_options(format_version, block_size, pack_size),
     )
     if json_out:
         print_json(
@@ -68,13 +82,34 @@ def init(
                 "id": repo.config["id"],
                 "encryption": encryption,
                 "chunk_size": repo.chunk_size,
+                "format": repo.config["version"],
             }
         )
     else:
         console.print(
             f"created repository {repo.config['id'][:8]} at {repo.remote.url} "
-            f"(encryption: {encryption}, chunk size: {format_chunk_size(repo.chunk_size)})"
+            f"(encryption: {encryption}, chunk size: {format_chunk_size(repo.chunk_size)}, "
+            f"format {repo.config['version']})"
         )
+
+
+def packed_options(format_version: int | None, block_size: str, pack_size: str) -> dict[str, Any]:
+    """Repository.init's format arguments from the CLI's options."""
+    if format_version is None or format_version != 3:
+        return {"format_version": format_version}
+    return {
+        "format_version": 3,
+        "block_size": parse_size(block_size, "--block-size"),
+        "pack_size": parse_size(pack_size, "--pack-size"),
+    }
+
+
+def parse_size(text: str, option: str) -> int:
+    """`128K`, `16M`, `16MiB` or bytes (the repository checks the range)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise UsageError(f"invalid {option} {text[:40]!r} (e.g. 128K, 16M)")
+    return int(match[1]) * _UNITS[match[2].lower()]
 
 
 _SIZE = re.compile(r"(\d{1,12})\s*(|b|k|kib|m|mib)", re.IGNORECASE)

@@ -1,0 +1,125 @@
+"""The thread-safe packer of a format 3 repository: workers append encoded blobs to open
+packs; the worker that fills a pack uploads it, outside the lock; `flush` uploads the
+partial packs, then writes the index objects of everything uploaded since the last flush
+(packs durable before the index that names them, the index before any manifest)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vmkeep.errors import RepositoryError
+from vmkeep.remotes.base import Remote
+
+from .blob_index import MAX_INDEX_ENTRIES, BlobIndex, encode_index, index_object_name
+from .blobs import KIND_BLOCK, KIND_RECIPE
+from .crypto import Sealer
+from .packs import BlobEntry, finish_pack, pack_header, pack_object_name
+
+
+@dataclass
+class _OpenPack:
+    kind: int
+    body: bytearray
+    entries: list[tuple[int, bytes, int, int]] = field(default_factory=list)
+
+
+class PackWriter:
+    """Memory: one open pack per kind plus the packs being uploaded (at most one per worker
+    thread), each about `pack_size`. A failed upload poisons the writer: every later add or
+    flush raises, so no manifest can name a blob whose pack never arrived."""
+
+    def __init__(
+        self,
+        remote: Remote,
+        sealer: Sealer,
+        repo_id: str,
+        pack_size: int,
+        index: Callable[[], BlobIndex],
+    ) -> None:
+        self.remote = remote
+        self.sealer = sealer
+        self.repo_id = repo_id
+        self.pack_size = pack_size
+        self._index = index
+        self._lock = threading.Lock()
+        self._open: dict[int, _OpenPack] = {}
+        self._seen: set[tuple[int, bytes]] = set()
+        self._unindexed: list[BlobEntry] = []
+        self._failed: str | None = None
+        self.packs_written = 0
+
+    def has(self, kind: int, blob_id: bytes) -> bool:
+        return (kind, blob_id) in self._seen or (kind, blob_id) in self._index()
+
+    def add(self, kind: int, blobs: list[tuple[bytes, bytes]]) -> int:
+        """Append the blobs the repository lacks, contiguously; returns the bytes added."""
+        added = 0
+        full: _OpenPack | None = None
+        with self._lock:
+            self._check()
+            index = self._index()
+            pack = self._open.get(kind)
+            for blob_id, data in blobs:
+                key = (kind, blob_id)
+                if key in self._seen or key in index:
+                    continue
+                self._seen.add(key)
+                if pack is None:
+                    pack = self._open[kind] = _OpenPack(kind, bytearray(pack_header(self.sealer)))
+                pack.entries.append((kind, blob_id, len(pack.body), len(data)))
+                pack.body += data
+                added += len(data)
+            if pack is not None and len(pack.body) >= self.pack_size:
+                full = self._open.pop(kind)
+        if full is not None:
+            self._upload(full)
+        return added
+
+    def flush(self) -> None:
+        """Every added blob in a durable pack and a durable index object."""
+        with self._lock:
+            self._check()
+            pending = [self._open.pop(k) for k in (KIND_BLOCK, KIND_RECIPE) if k in self._open]
+        for pack in pending:
+            self._upload(pack)
+        with self._lock:
+            entries, self._unindexed = self._unindexed, []
+        if not entries:
+            return
+        try:
+            self.remote.flush()  # the packs durable before the index that names them
+            for start in range(0, len(entries), MAX_INDEX_ENTRIES):
+                data, index_id = encode_index(
+                    self.sealer, self.repo_id, entries[start : start + MAX_INDEX_ENTRIES]
+                )
+                self.remote.put(index_object_name(index_id), data)
+            self.remote.flush()
+        except BaseException as exc:
+            self._poison(f"an index object could not be written ({exc})")
+            raise
+
+    def _upload(self, pack: _OpenPack) -> None:
+        try:
+            data, pack_id = finish_pack(self.sealer, pack.body, pack.entries)
+            pack.body = bytearray()
+            self.remote.put(pack_object_name(pack_id), data)
+        except BaseException as exc:
+            self._poison(f"a pack could not be stored ({exc})")
+            raise
+        written = [BlobEntry(k, i, pack_id, o, n) for k, i, o, n in pack.entries]
+        index = self._index()
+        with self._lock:
+            self._unindexed += written
+            self.packs_written += 1
+        for entry in written:
+            index.add(entry)
+
+    def _poison(self, reason: str) -> None:
+        with self._lock:
+            self._failed = self._failed or reason
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise RepositoryError(f"refusing to write more into this repository: {self._failed}")
