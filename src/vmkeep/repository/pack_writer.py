@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from vmkeep.errors import RepositoryError
 from vmkeep.remotes.base import Remote
 
-from .blob_index import MAX_INDEX_ENTRIES, BlobIndex, encode_index, index_object_name
+from .blob_index import (
+    MAX_INDEX_ENTRIES,
+    BlobIndex,
+    IndexCache,
+    encode_index,
+    index_object_name,
+)
 from .blobs import KIND_BLOCK, KIND_RECIPE
 from .crypto import Sealer
 from .packs import BlobEntry, finish_pack, pack_header, pack_object_name
@@ -49,6 +55,8 @@ class PackWriter:
         self._unindexed: list[BlobEntry] = []
         self._failed: str | None = None
         self.packs_written = 0
+        self.bytes_written = 0
+        self.index_names: list[str] = []  # every index object this writer wrote
 
     def has(self, kind: int, blob_id: bytes) -> bool:
         return (kind, blob_id) in self._seen or (kind, blob_id) in self._index()
@@ -95,6 +103,8 @@ class PackWriter:
                     self.sealer, self.repo_id, entries[start : start + MAX_INDEX_ENTRIES]
                 )
                 self.remote.put(index_object_name(index_id), data)
+                self.index_names.append(index_object_name(index_id))
+                IndexCache(self.repo_id).put(index_id, data)  # the next open needs no GET
             self.remote.flush()
         except BaseException as exc:
             self._poison(f"an index object could not be written ({exc})")
@@ -113,6 +123,7 @@ class PackWriter:
         with self._lock:
             self._unindexed += written
             self.packs_written += 1
+            self.bytes_written += len(data)
         for entry in written:
             index.add(entry)
 

@@ -129,7 +129,7 @@ class PackedStore:
 
     def recipe_of(self, chunk_id: bytes) -> tuple[int, list[bytes]]:
         entry = self._entry(KIND_RECIPE, chunk_id, f"chunk {chunk_id.hex()[:16]}")
-        raw = self._fetch(entry.pack, entry.offset, entry.length, entry)
+        raw = self.fetch(entry.pack, entry.offset, entry.length, entry)
         recipe = self.codec.decode(KIND_RECIPE, chunk_id, raw)
         return self.codec.parse_recipe(chunk_id, recipe)
 
@@ -144,7 +144,7 @@ class PackedStore:
             )
         return entry
 
-    def _fetch(self, pack: bytes, offset: int, length: int, first: BlobEntry) -> bytes:
+    def fetch(self, pack: bytes, offset: int, length: int, first: BlobEntry) -> bytes:
         name = pack_object_name(pack)
         what = f"{KIND_NAMES[first.kind]} {first.blob_id.hex()[:16]}"
         try:
@@ -167,10 +167,10 @@ class PackedStore:
             key=lambda e: (e.pack, e.offset),
         )
         plain: dict[bytes, bytes] = {}
-        for run in _adjacent_runs(wanted):
+        for run in adjacent_runs(wanted):
             start = run[0].offset
             span = run[-1].offset + run[-1].length - start
-            raw = memoryview(self._fetch(run[0].pack, start, span, run[0]))
+            raw = memoryview(self.fetch(run[0].pack, start, span, run[0]))
             for e in run:
                 blob = raw[e.offset - start : e.offset - start + e.length]
                 plain[e.blob_id] = self.codec.decode(KIND_BLOCK, e.blob_id, blob)
@@ -215,7 +215,7 @@ class PackedStore:
         return [c for c, s in needs.items() if s is None or not all(exists[p] for p in s)]
 
 
-def _adjacent_runs(entries: list[BlobEntry]) -> list[list[BlobEntry]]:
+def adjacent_runs(entries: list[BlobEntry]) -> list[list[BlobEntry]]:
     runs: list[list[BlobEntry]] = []
     for e in entries:
         last = runs[-1][-1] if runs else None

@@ -248,6 +248,13 @@ def gc(
             f"{report.points} restore points reference {report.chunks_kept} chunks; "
             f"{verb} {report.chunks_deleted} chunks ({human_bytes(report.bytes_freed)})"
         )
+        if report.packs is not None:
+            would = "would delete" if dry_run else "deleted"
+            console.print(
+                f"packs: {would} {report.packs.packs_deleted}, of which "
+                f"{report.packs.packs_repacked} repacked (live blobs copied into "
+                f"{report.packs.packs_written} new packs)"
+            )
         if report.locked.count:
             console.print(
                 f"[yellow]immutable:[/] {report.locked.describe('unreferenced chunks')}; "
