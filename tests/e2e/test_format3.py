@@ -152,3 +152,35 @@ def test_format3_on_s3(
     point = cli("backup", str(vm), "--remote", url, "--json", env=creds).json()["restore_point"]
     assert restore_hashes(cli, tmp_path, url, point, env=creds) == disk_hashes(vm)
     assert json.loads(cli("verify", "-r", url, "--json", env=creds).out)["ok"]
+
+
+def test_migrate_a_format_1_repository(
+    cli: Cli, make_vm: Callable[..., Path], tmp_path: Path
+) -> None:
+    source, target = tmp_path / "v1", tmp_path / "v3"
+    cli("init", str(source))
+    vm = make_vm("mig", 32 * MiB)
+    expected = {}
+    for seed in (0, 4):
+        if seed:
+            cli("vm", "change-demo", str(vm), "--seed", str(seed))
+        point = cli("backup", str(vm), "--remote", str(source), "--json").json()["restore_point"]
+        expected[point] = disk_hashes(vm)
+    wrong = tmp_path / "wrong"
+    cli("init", str(wrong))
+    line = cli("migrate", str(source), str(wrong), ok=False).err.strip().splitlines()[-1]
+    assert "format 3" in line and "--format 3 --chunk-size 4096K" in line
+    cli("init", str(tmp_path / "small"), "--format", "3", "--chunk-size", "1M")
+    bad = cli("migrate", str(source), str(tmp_path / "small"), ok=False)
+    assert bad.code == 2 and "chunk size" in bad.err
+    init3(cli, str(target))
+    out = cli("migrate", str(source), str(target), "--json").json()
+    assert out["ok"] and out["totals"]["copied"] == 2
+    listed = cli("list", "--remote", str(target), "--json").json()["restore_points"]
+    assert {r["restore_point"] for r in listed} == set(expected)
+    for point, hashes in expected.items():
+        assert restore_hashes(cli, tmp_path, str(target), point) == hashes
+    assert cli("verify", "--remote", str(target), "--json").json()["ok"]
+    assert not (target / "chunks").exists()
+    again = cli("migrate", str(source), str(target), "--json").json()
+    assert again["totals"]["chunks_uploaded"] == 0

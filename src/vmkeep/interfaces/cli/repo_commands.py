@@ -213,6 +213,8 @@ def verify_cmd(
     else:
         for m in report.corrupt_manifests:
             console.print(f"[red]corrupt restore point[/] {shown(m.point_id)}: {shown(m.error)}")
+        for m in report.corrupt_index:
+            console.print(f"[red]corrupt index object[/] {shown(m.point_id)}: {shown(m.error)}")
         for c in report.corrupt_chunks:
             console.print(
                 f"[red]corrupt chunk[/] {c.chunk_id[:16]}: {c.error}; affects {', '.join(c.points)}"
@@ -226,6 +228,7 @@ def verify_cmd(
         print_error(
             f"corruption found: {len(report.corrupt_chunks)} chunks, "
             f"{len(report.corrupt_manifests)} restore points unreadable"
+            + (f", {len(report.corrupt_index)} index objects" if report.corrupt_index else "")
         )
         raise typer.Exit(3)
 
