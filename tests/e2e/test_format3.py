@@ -94,16 +94,15 @@ def test_scattered_delta_stores_changed_blocks(cli: Cli, tmp_path: Path) -> None
     point = delta["restore_point"]
     (restored,) = vm_disks(
         Path(
-            cli("restore", point, "--remote", str(repo), "--to", str(tmp_path / "r"), "--json")
-            .json()["location"]
+            cli(
+                "restore", point, "--remote", str(repo), "--to", str(tmp_path / "r"), "--json"
+            ).json()["location"]
         )
     ).values()
     assert sha256(restored) == sha256(disk)
 
 
-def test_killed_between_packs_and_manifest_leaves_no_point(
-    cli: Cli, tmp_path: Path
-) -> None:
+def test_killed_between_packs_and_manifest_leaves_no_point(cli: Cli, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     init3(cli, str(repo), "--pack-size", "1M")
     vm = random_vm(tmp_path, "killed", 16 * MiB, 9)
@@ -122,7 +121,14 @@ def test_killed_between_packs_and_manifest_leaves_no_point(
 
 def test_format3_refuses_retention_locks(cli: Cli, tmp_path: Path) -> None:
     run = cli(
-        "remote", "add", "locked", str(tmp_path / "r"), "--format", "3", "--lock-days", "7",
+        "remote",
+        "add",
+        "locked",
+        str(tmp_path / "r"),
+        "--format",
+        "3",
+        "--lock-days",
+        "7",
         ok=False,
     )
     (line,) = [x for x in run.err.splitlines() if x.strip()]

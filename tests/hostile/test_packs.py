@@ -149,7 +149,8 @@ def test_index_of_another_repository(
     )
     assert "missing from the repository" in line
     report = cli("verify", "--remote", str(repo), "--json", ok=False).json()
-    assert report["corrupt_index"] and "authentication failed" in report["corrupt_index"][0]["error"]
+    (bad,) = report["corrupt_index"]
+    assert "authentication failed" in bad["error"]
     assert any(point in c["points"] for c in report["corrupt_chunks"])
     packs = sorted(p.name for p in (repo / "packs").rglob("*") if p.is_file())
     gc = cli("gc", "--remote", str(repo), ok=False)
