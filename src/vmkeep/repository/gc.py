@@ -40,7 +40,8 @@ class GcReport:
 
     def to_json(self) -> dict[str, Any]:
         packs = self.packs.to_json() if self.packs is not None else {}
-        return dict(self.__dict__, locked=self.locked.to_json(), packs=None) | packs
+        fields = {k: v for k, v in self.__dict__.items() if k != "packs"}
+        return dict(fields, locked=self.locked.to_json()) | packs
 
 
 def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False) -> GcReport:
