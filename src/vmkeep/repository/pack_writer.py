@@ -27,7 +27,8 @@ from .packs import BlobEntry, finish_pack, pack_header, pack_object_name
 @dataclass
 class _OpenPack:
     kind: int
-    body: bytearray
+    parts: list[bytes]  # the pack header, then the blobs as they were encoded
+    size: int
     entries: list[tuple[int, bytes, int, int]] = field(default_factory=list)
 
 
@@ -75,11 +76,13 @@ class PackWriter:
                     continue
                 self._seen.add(key)
                 if pack is None:
-                    pack = self._open[kind] = _OpenPack(kind, bytearray(pack_header(self.sealer)))
-                pack.entries.append((kind, blob_id, len(pack.body), len(data)))
-                pack.body += data
+                    head = pack_header(self.sealer)
+                    pack = self._open[kind] = _OpenPack(kind, [head], len(head))
+                pack.entries.append((kind, blob_id, pack.size, len(data)))
+                pack.parts.append(data)
+                pack.size += len(data)
                 added += len(data)
-            if pack is not None and len(pack.body) >= self.pack_size:
+            if pack is not None and pack.size >= self.pack_size:
                 full = self._open.pop(kind)
         if full is not None:
             self._upload(full)
@@ -112,8 +115,8 @@ class PackWriter:
 
     def _upload(self, pack: _OpenPack) -> None:
         try:
-            data, pack_id = finish_pack(self.sealer, pack.body, pack.entries)
-            pack.body = bytearray()
+            data, pack_id = finish_pack(self.sealer, pack.parts, pack.entries)
+            pack.parts = []
             self.remote.put(pack_object_name(pack_id), data)
         except BaseException as exc:
             self._poison(f"a pack could not be stored ({exc})")

@@ -62,16 +62,16 @@ def pack_header(sealer: Sealer) -> bytes:
 
 
 def finish_pack(
-    sealer: Sealer, body: bytearray, entries: list[tuple[int, bytes, int, int]]
+    sealer: Sealer, parts: list[bytes], entries: list[tuple[int, bytes, int, int]]
 ) -> tuple[bytes, bytes]:
-    """The pack object (`body` already starts with the pack header and holds the blobs at
-    the entries' offsets) and its ID, BLAKE3 of the object."""
+    """The pack object (`parts`: the pack header, then the blobs, at the entries' offsets)
+    and its ID, BLAKE3 of the object. One join: the blobs are copied once, into an
+    allocation of the exact size (a growing buffer fragmented the heap: +120 MiB of RSS)."""
     plain = b"".join(ENTRY.pack(*e) for e in entries)
     head = header(TRAILER_MAGIC, 0)
     trailer = sealer.seal(head, plain, head)
-    body += trailer
-    body += _TAIL.pack(len(trailer))
-    data = bytes(body)
+    data = b"".join([*parts, trailer, _TAIL.pack(len(trailer))])
+    parts.clear()  # the blobs are in `data` now: free them before the upload, not after
     return data, blake3.blake3(data).digest()
 
 
