@@ -165,6 +165,7 @@ def list_points(
         print_json(
             {
                 "chunk_size": repo.chunk_size,
+                "format": repo.config["version"],
                 "restore_points": rows,
                 "unreadable": [p.__dict__ for p in problems],
             }
