@@ -5,6 +5,7 @@ version 3; versions 1 and 2 keep their one-object-per-chunk code path untouched.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from .blob_index import BlobIndex, LoadedIndex, load_index
 from .blobs import KIND_BLOCK, KIND_NAMES, KIND_RECIPE, BlobCodec
 from .crypto import Sealer
 from .format import ZERO_ID
+from .limits import get_bounded
 from .pack_writer import PackWriter
 from .packs import BlobEntry, pack_object_name
 
@@ -40,10 +42,16 @@ class PackedStore:
         self.repo_id = str(config["id"])
         self.codec = BlobCodec(sealer, int(config["chunk_size"]), int(config["block_size"]))
         self.pack_size = int(config["pack_size"])
+        self.max_span = (
+            2
+            * self.codec.max_encoded(KIND_BLOCK)
+            * -(-self.codec.chunk_size // self.codec.block_size)
+        )
         self._loaded: LoadedIndex | None = None
         self._load_lock = threading.Lock()
         self._writer: PackWriter | None = None
         self._local = threading.local()
+        self._recipe_packs = RecipePacks(remote, self.pack_size)
 
     # -- index ----------------------------------------------------------------
 
@@ -129,7 +137,9 @@ class PackedStore:
 
     def recipe_of(self, chunk_id: bytes) -> tuple[int, list[bytes]]:
         entry = self._entry(KIND_RECIPE, chunk_id, f"chunk {chunk_id.hex()[:16]}")
-        raw = self.fetch(entry.pack, entry.offset, entry.length, entry)
+        raw = self._recipe_packs.slice(entry)
+        if raw is None:
+            raw = self.fetch(entry.pack, entry.offset, entry.length, entry)
         recipe = self.codec.decode(KIND_RECIPE, chunk_id, raw)
         return self.codec.parse_recipe(chunk_id, recipe)
 
@@ -158,7 +168,10 @@ class PackedStore:
         return raw
 
     def _read_blocks(self, chunk_id: bytes, block_ids: list[bytes]) -> dict[bytes, bytes]:
-        """Plaintext of every non-zero block; blocks adjacent in a pack are one ranged GET."""
+        """Plaintext of every non-zero block. Blocks of one pack are one ranged GET when they
+        are adjacent, or close enough that the span stays within two chunks (a chunk changed
+        by a delta has its old blocks around the replaced ones: one GET instead of one per
+        piece, at the cost of reading the replaced blocks too)."""
         wanted = sorted(
             {
                 self._entry(KIND_BLOCK, b, f"chunk {chunk_id.hex()[:16]}: block {b.hex()[:16]}")
@@ -167,7 +180,7 @@ class PackedStore:
             key=lambda e: (e.pack, e.offset),
         )
         plain: dict[bytes, bytes] = {}
-        for run in adjacent_runs(wanted):
+        for run in adjacent_runs(wanted, self.max_span):
             start = run[0].offset
             span = run[-1].offset + run[-1].length - start
             raw = memoryview(self.fetch(run[0].pack, start, span, run[0]))
@@ -215,11 +228,59 @@ class PackedStore:
         return [c for c, s in needs.items() if s is None or not all(exists[p] for p in s)]
 
 
-def adjacent_runs(entries: list[BlobEntry]) -> list[list[BlobEntry]]:
+class RecipePacks:
+    """The last recipe packs read, whole: a restore, verify or gc reads the recipes of
+    hundreds of chunks from the same few packs, and one GET of a pack costs less than a GET
+    per recipe (on an object store, a round trip each). Bounded: at most KEEP packs of at
+    most twice the pack size; a larger pack (hostile, or a large pack size) is read by
+    ranges instead."""
+
+    KEEP = 2
+    LARGEST = 32 << 20
+
+    def __init__(self, remote: Remote, pack_size: int) -> None:
+        self.remote = remote
+        self.limit = 2 * pack_size
+        self._packs: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def slice(self, entry: BlobEntry) -> bytes | None:
+        """The blob's bytes from its cached pack, or None (read it by range)."""
+        if self.limit > self.LARGEST:
+            return None
+        with self._lock:
+            data = self._packs.get(entry.pack)
+            if data is None:
+                data = self._load(entry.pack)
+                if data is None:
+                    return None
+                self._packs[entry.pack] = data
+                while len(self._packs) > self.KEEP:
+                    self._packs.popitem(last=False)
+            self._packs.move_to_end(entry.pack)
+        raw = data[entry.offset : entry.offset + entry.length]
+        return raw if len(raw) == entry.length else None  # fetch() then says how it is wrong
+
+    def _load(self, pack: bytes) -> bytes | None:
+        try:
+            name, what = pack_object_name(pack), f"pack {pack.hex()[:16]}"
+            return get_bounded(self.remote, name, self.limit, IntegrityError, what)
+        except (IntegrityError, NotFoundError):
+            return None  # too large or gone: the ranged read reports it
+
+
+def adjacent_runs(entries: list[BlobEntry], max_span: int = 0) -> list[list[BlobEntry]]:
+    """Entries (sorted by pack and offset) grouped into runs that one ranged GET reads:
+    adjacent ones, and with `max_span` also ones separated by a gap (other blobs, read and
+    dropped) as long as the run's whole span stays within `max_span` bytes."""
     runs: list[list[BlobEntry]] = []
     for e in entries:
         last = runs[-1][-1] if runs else None
-        if last is not None and last.pack == e.pack and last.offset + last.length == e.offset:
+        end = last.offset + last.length if last is not None else 0
+        join = last is not None and last.pack == e.pack and e.offset >= end
+        if join and e.offset != end:
+            join = e.offset + e.length - runs[-1][0].offset <= max_span
+        if join:
             runs[-1].append(e)
         else:
             runs.append([e])
