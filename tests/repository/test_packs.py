@@ -202,3 +202,28 @@ def test_a_lost_pack_poisons_the_writer(tmp_path: Path) -> None:
     with pytest.raises(RepositoryError, match="refusing to write more"):
         store(repo, datas[1:])  # its blobs count as seen: nothing may be indexed after
     assert not list((tmp_path / "r").glob("index/*"))
+
+
+def test_changed_chunk_reads_in_three_gets(tmp_path: Path) -> None:
+    """A chunk changed in its middle: its recipe pack, its old blocks around the new one
+    (one ranged GET over the gap, bounded to two chunks) and the new block."""
+    repo = packed_repo(tmp_path / "r")
+    base = random.Random(6).randbytes(4 * MiB)
+    store(repo, [base])
+    changed = bytearray(base)
+    changed[2 * MiB : 2 * MiB + 4096] = os.urandom(4096)
+    (chunk_id,) = store(repo, [bytes(changed)])
+    again = reopen(repo)
+    list(again.list_chunks())
+    got: list[int] = []
+    real_get = again.remote.get
+
+    def counting(name: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = real_get(name, offset, length)
+        got.append(len(data))
+        return data
+
+    again.remote.get = counting  # type: ignore[method-assign]
+    assert again.get_chunk(chunk_id) == bytes(changed)
+    assert len(got) == 3
+    assert max(got) < 4 * MiB + 64 * 1024  # the old blocks: one span, not the whole pack
