@@ -227,3 +227,11 @@ def test_changed_chunk_reads_in_three_gets(tmp_path: Path) -> None:
     assert again.get_chunk(chunk_id) == bytes(changed)
     assert len(got) == 3
     assert max(got) < 4 * MiB + 64 * 1024  # the old blocks: one span, not the whole pack
+
+
+def test_block_size_defaults_to_the_chunk_size_when_smaller(tmp_path: Path) -> None:
+    repo = packed_repo(tmp_path / "r", chunk_size=64 * KiB)
+    assert (repo.config["block_size"], repo.config["pack_size"]) == (64 * KiB, 16 * MiB)
+    data = random.Random(7).randbytes(64 * KiB)
+    (chunk_id,) = store(repo, [data])
+    assert reopen(repo).get_chunk(chunk_id) == data

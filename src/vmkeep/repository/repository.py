@@ -90,7 +90,7 @@ class Repository:
         passphrase: PassphraseSource,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         format_version: int | None = None,
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_size: int | None = None,
         pack_size: int = DEFAULT_PACK_SIZE,
     ) -> Repository:
         """A 4 MiB repository is written as config version 1, any other chunk size as 2;
@@ -103,6 +103,7 @@ class Repository:
             raise UsageError(f"chunk size {chunk_size} is not {CHUNK_SIZE_RULE}")
         version = _format_version(format_version, chunk_size)
         packed = version == CONFIG_VERSION_PACKED
+        block_size = min(DEFAULT_BLOCK_SIZE, chunk_size) if block_size is None else block_size
         if packed:
             _check_packed(remote, chunk_size, block_size, pack_size)
         _refuse_foreign_directory(remote)

@@ -39,7 +39,7 @@ def add(
         "4MiB", "--chunk-size", help="For a new repository: 64K..4M (as `vmkeep init`)."
     ),
     format_version: int | None = FormatOpt,
-    block_size: str = BlockSizeOpt,
+    block_size: str | None = BlockSizeOpt,
     pack_size: str = PackSizeOpt,
     lock_days: int | None = typer.Option(
         None,

@@ -39,7 +39,10 @@ FormatOpt = typer.Option(
     'objects: small deltas for scattered writes; docs/DATA-PATH.md "Format 3").',
 )
 BlockSizeOpt = typer.Option(
-    "128K", "--block-size", help="Format 3: block size, 64K up to the chunk size."
+    None,
+    "--block-size",
+    help="Format 3: block size, 64K up to the chunk size (default 128K, or the chunk size "
+    "when smaller).",
 )
 PackSizeOpt = typer.Option("16M", "--pack-size", help="Format 3: pack size, 1M to 128M.")
 
@@ -59,7 +62,7 @@ def init(
         "Fixed for the repository's life.",
     ),
     format_version: int | None = FormatOpt,
-    block_size: str = BlockSizeOpt,
+    block_size: str | None = BlockSizeOpt,
     pack_size: str = PackSizeOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -93,13 +96,15 @@ def init(
         )
 
 
-def packed_options(format_version: int | None, block_size: str, pack_size: str) -> dict[str, Any]:
+def packed_options(
+    format_version: int | None, block_size: str | None, pack_size: str
+) -> dict[str, Any]:
     """Repository.init's format arguments from the CLI's options."""
     if format_version is None or format_version != 3:
         return {"format_version": format_version}
     return {
         "format_version": 3,
-        "block_size": parse_size(block_size, "--block-size"),
+        "block_size": None if block_size is None else parse_size(block_size, "--block-size"),
         "pack_size": parse_size(pack_size, "--pack-size"),
     }
 
