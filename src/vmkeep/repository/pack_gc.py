@@ -88,7 +88,10 @@ def sweep_packs(
     old = [n for n in loaded.names if n not in set(names)]
     report.index_objects_replaced = len(old)
     _delete(store, old, lock, report)
-    _delete(store, [pack_object_name(p) for p in [*plan.delete, *plan.repack]], lock, report)
+    # Never a pack just written (a pack is named by its trailer; a repacked pack lists fewer
+    # blobs than the one it replaces, so the names differ, but a deletion must not rely on it).
+    gone = [p for p in [*plan.delete, *plan.repack] if p not in writer.pack_ids]
+    _delete(store, [pack_object_name(p) for p in gone], lock, report)
     store.reload()
     return report
 

@@ -58,6 +58,7 @@ class PackWriter:
         self.packs_written = 0
         self.bytes_written = 0
         self.index_names: list[str] = []  # every index object this writer wrote
+        self.pack_ids: set[bytes] = set()  # every pack this writer wrote
 
     def has(self, kind: int, blob_id: bytes) -> bool:
         return (kind, blob_id) in self._seen or (kind, blob_id) in self._index()
@@ -126,6 +127,7 @@ class PackWriter:
         with self._lock:
             self._unindexed += written
             self.packs_written += 1
+            self.pack_ids.add(pack_id)
             self.bytes_written += len(data)
         for entry in written:
             index.add(entry)
