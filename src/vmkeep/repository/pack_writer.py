@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from vmkeep.errors import RepositoryError
+from vmkeep.parallel import io_threads
 from vmkeep.remotes.base import Remote
 
 from .blob_index import (
@@ -59,6 +61,13 @@ class PackWriter:
         self.bytes_written = 0
         self.index_names: list[str] = []  # every index object this writer wrote
         self.pack_ids: set[bytes] = set()  # every pack this writer wrote
+        # Full packs upload on threads of their own, so the workers go on reading and
+        # encoding (I/O no longer comes in bursts of a pack); at most `uploaders` packs are in
+        # flight and one more waits, so memory stays bounded.
+        self.uploaders = max(2, io_threads(remote.url) // 2)
+        self._slots = threading.Semaphore(self.uploaders + 1)
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: list[Future[None]] = []
 
     def has(self, kind: int, blob_id: bytes) -> bool:
         return (kind, blob_id) in self._seen or (kind, blob_id) in self._index()
@@ -86,11 +95,33 @@ class PackWriter:
             if pack is not None and pack.size >= self.pack_size:
                 full = self._open.pop(kind)
         if full is not None:
-            self._upload(full)
+            self._submit(full)
         return added
+
+    def _submit(self, pack: _OpenPack) -> None:
+        self._slots.acquire()  # backpressure: a worker waits while too many packs are in flight
+        try:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self.uploaders, "vmkeep-pack")
+                future = self._pool.submit(self._upload, pack)
+                self._inflight.append(future)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+
+    def _drain(self) -> None:
+        """Wait for every pack in flight; the first failure raises."""
+        with self._lock:
+            futures, self._inflight = self._inflight, []
+        wait(futures)
+        for future in futures:
+            future.result()
 
     def flush(self) -> None:
         """Every added blob in a durable pack and a durable index object."""
+        self._drain()
         with self._lock:
             self._check()
             pending = [self._open.pop(k) for k in (KIND_BLOCK, KIND_RECIPE) if k in self._open]
