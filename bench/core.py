@@ -48,6 +48,13 @@ LABELS = {
     "second": "backup 2 (1% changed)",
     "restore": "restore",
 }
+# Other repository formats of vmkeep, run side by side with `--variants` (docs/DATA-PATH.md,
+# "Format 3"): the same commands, only the init differs.
+VARIANTS = {
+    "v2-256k": "--chunk-size 256K",  # format 2: one object per 256 KiB chunk
+    "v3": "--format 3",  # format 3: 4 MiB chunks of 128 KiB blocks in 16 MiB packs
+    "v3-64k": "--format 3 --block-size 64K",  # the same with 64 KiB blocks
+}
 # Split on spaces first, then each word is formatted: paths may contain spaces.
 COMMANDS = {
     "vmkeep": {
@@ -71,6 +78,12 @@ COMMANDS = {
         "restore": "borg extract --sparse {repo}::second",
     },
 }
+
+
+for _variant, _init in VARIANTS.items():
+    COMMANDS[f"vmkeep-{_variant}"] = dict(
+        COMMANDS["vmkeep"], init=COMMANDS["vmkeep"]["init"] + " " + _init
+    )
 
 
 @dataclass
@@ -182,7 +195,7 @@ class Tool:
         return [word.format(**self.words) for word in COMMANDS[self.name][step].split()]
 
     def restored_image(self, image_name: str) -> Path:
-        if self.name == "vmkeep":  # a new VM directory: <to>/<name>/vm.json names the disk file
+        if self.name.startswith("vmkeep"):  # a new VM dir: <to>/<name>/vm.json names the disk
             config = json.loads((self.restore_dir / "bench" / "vm.json").read_text())
             return self.restore_dir / "bench" / str(config["disks"][0]["file"])
         found = [p for p in self.restore_dir.rglob(image_name) if p.is_file()]
@@ -191,10 +204,20 @@ class Tool:
         return found[0]
 
 
-def make_tools(work: Path, vm_dir: Path, image: Path) -> dict[str, Tool]:
+def make_tools(
+    work: Path, vm_dir: Path, image: Path, variants: tuple[str, ...] = ()
+) -> dict[str, Tool]:
     vmkeep = Path(sys.executable).with_name("vmkeep")
     envs = {
         "vmkeep": {"VMKEEP_PASSPHRASE": PASSPHRASE, "VMKEEP_CONFIG_DIR": f"{work}/config-vmkeep"},
+        **{
+            f"vmkeep-{v}": {
+                "VMKEEP_PASSPHRASE": PASSPHRASE,
+                "VMKEEP_CONFIG_DIR": f"{work}/config-vmkeep-{v}",
+                "VMKEEP_CACHE_DIR": f"{work}/cache-vmkeep-{v}",
+            }
+            for v in variants
+        },
         "restic": {"RESTIC_PASSWORD": PASSPHRASE, "RESTIC_CACHE_DIR": f"{work}/cache-restic"},
         "borg": {"BORG_PASSPHRASE": PASSPHRASE, "BORG_BASE_DIR": f"{work}/base-borg"},
     }
@@ -232,13 +255,13 @@ def step(tool: Tool, name: str, say: Callable[[str], None]) -> None:
     if name == "restore":
         tool.restore_dir.mkdir(parents=True, exist_ok=True)
         cwd = tool.restore_dir if tool.name == "borg" else None
-        if tool.name == "vmkeep":
+        if tool.name.startswith("vmkeep"):
             tool.words["point"] = str(tool.reports["second"].get("restore_point"))
     drop_caches()
     result = tool.runs[name] = run(tool.argv(name), tool.env, cwd)
     if result.returncode:
         tool.reason = f"{name} failed (exit {result.returncode}): {last_line(result.stderr)}"
-    elif tool.name == "vmkeep" and name != "init":
+    elif tool.name.startswith("vmkeep") and name != "init":
         try:
             tool.reports[name] = json.loads(result.stdout)
         except ValueError:
@@ -258,8 +281,8 @@ def ratios(tools: dict[str, Tool]) -> list[dict[str, Any]]:
         t = tools[tool]
         return None if t.reason or name not in t.runs else t.runs[name].seconds
 
-    def speedup(peer: str, peer_step: str, vmkeep_step: str) -> float | None:
-        num, den = seconds(peer, peer_step), seconds("vmkeep", vmkeep_step)
+    def speedup(peer: str, peer_step: str, vmkeep_step: str, mine: str = "vmkeep") -> float | None:
+        num, den = seconds(peer, peer_step), seconds(mine, vmkeep_step)
         return num / den if num is not None and den else None
 
     def repo_ratio(peer: str, after: str) -> float | None:
@@ -298,6 +321,16 @@ def ratios(tools: dict[str, Tool]) -> list[dict[str, Any]]:
             target("<= 1"),
             repo is not None and repo <= 1,
         )
+    for variant in [t for t in tools if t.startswith("vmkeep-")]:
+        for label, step_name in (("full", "first"), ("delta", "second"), ("restore", "restore")):
+            value = speedup("restic", step_name, step_name, variant)
+            add(f"{variant} {label} speedup vs restic", value)
+        growth = [
+            tools[t].repo_bytes.get("second", 0) - tools[t].repo_bytes.get("first", 0)
+            for t in (variant, "restic")
+        ]
+        ok = not tools[variant].reason and not tools["restic"].reason and growth[1] > 0
+        add(f"{variant} delta stored / restic's", growth[0] / growth[1] if ok else None)
     vk = tools["vmkeep"]
     rss = None if vk.reason or not vk.runs else max(r.rss_mib for r in vk.runs.values())
     add("vmkeep peak RSS (MiB)", rss, "< 300", rss is not None and rss < 300)
@@ -346,10 +379,11 @@ def print_report(result: dict[str, Any]) -> None:
         elif t["restore_ok"] is not None:
             verdict = "[green]OK[/]" if t["restore_ok"] else "[red]FAIL[/]"
             console.print(f"{name}: restored image sha256 = changed image sha256: {verdict}")
-    for rep in result["tools"]["vmkeep"]["reports"].values():
+    mine = [(n, t) for n, t in result["tools"].items() if n.startswith("vmkeep")]
+    for name, rep in [(n, r) for n, t in mine for r in t["reports"].values()]:
         if "bytes_read" in rep:
             console.print(
-                f"vmkeep {rep['mode']}: read {rep['bytes_read'] / MiB:.0f} MiB, new "
+                f"{name} {rep['mode']}: read {rep['bytes_read'] / MiB:.0f} MiB, new "
                 f"{rep['bytes_new'] / MiB:.0f} MiB, wrote {rep['bytes_written'] / MiB:.0f} MiB, "
                 f"compression {rep['compression_ratio']}x, dedup {rep['dedup_ratio']}x"
             )
@@ -386,7 +420,12 @@ def write_vm(vm_dir: Path) -> Path:
 
 
 def benchmark(
-    work: Path, size: int, seed: int, install: bool, say: Callable[[str], None]
+    work: Path,
+    size: int,
+    seed: int,
+    install: bool,
+    say: Callable[[str], None],
+    variants: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     notes: list[str] = []
     peers = ensure_peers(install, say)
@@ -402,8 +441,10 @@ def benchmark(
         notes.append(why)
         say(why)
 
-    tools = make_tools(work, image.parent, image)
+    tools = make_tools(work, image.parent, image, variants)
     tools["vmkeep"].reason = vmkeep_reason(tools["vmkeep"])
+    for v in variants:
+        tools[f"vmkeep-{v}"].reason = tools["vmkeep"].reason
     for peer in ("restic", "borg"):
         tools[peer].reason = peers[peer]
     for t in tools.values():
@@ -527,14 +568,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the workdir")
     parser.add_argument("--seed", type=int, default=1, help="layout seed (default 1)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get restic/borg")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help=f"other vmkeep repository formats side by side, comma-separated: {','.join(VARIANTS)}",
+    )
     args = parser.parse_args(argv)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        parser.error(f"unknown --variants {unknown}: choose from {', '.join(VARIANTS)}")
     size = int(args.size_gib * GiB) // MiB * MiB
     if size < 16 * MiB:
         parser.error("--size-gib must be at least 1/64 (16 MiB)")
     say = speaker(args.json)
     work = args.workdir.resolve()
     prepare_workdir(work)
-    measure = partial(benchmark, work, size, args.seed, not args.no_install, say)
+    measure = partial(benchmark, work, size, args.seed, not args.no_install, say, variants)
     return run_in_workdir(work, args, measure, print_report, say)
 
 

@@ -19,7 +19,9 @@ def _isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     # vmkeep's state (database, server key) per test: as root the default is /var/lib/vmkeep
     monkeypatch.setenv("VMKEEP_DATA_DIR", str(tmp_path / "vmkeep-data"))
     monkeypatch.delenv("VMKEEP_PASSPHRASE", raising=False)
-    monkeypatch.setenv("VMKEEP_CACHE_DIR", str(tmp_path / "vmkeep-cache"))  # point summaries
+    monkeypatch.setenv(
+        "VMKEEP_CACHE_DIR", str(tmp_path / "vmkeep-cache")
+    )  # point summaries, format 3 index
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never probe 169.254.169.254
     yield
 

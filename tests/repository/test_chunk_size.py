@@ -214,8 +214,8 @@ def test_init_refuses_a_bad_chunk_size(tmp_path: Path, size: int) -> None:
         (2, "A" * 10000, "chunk_size 'AAAA"),
         (1, 256 * KiB, "version 1 has chunk_size 262144"),
         (1, 1 << 30, "version 1 has chunk_size 1073741824"),
-        (3, 256 * KiB, "format version 3 is not supported"),
-        (3, DEFAULT_CHUNK_SIZE, "format version 3 is not supported"),
+        (3, 256 * KiB, "block_size None"),  # version 3 (packs) needs its block and pack size
+        (4, DEFAULT_CHUNK_SIZE, "format version 4 is not supported"),
         ("2", 256 * KiB, "format version '2' is not supported"),
         (True, DEFAULT_CHUNK_SIZE, "format version True is not supported"),
     ],

@@ -37,7 +37,7 @@ from vmkeep.operations.chunk_extents import (
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import Progress
 from vmkeep.ratelimit import RateLimiter, Throttle
-from vmkeep.repository.format import ZERO_ID, chunk_length, chunk_object_name, is_zero
+from vmkeep.repository.format import ZERO_ID, chunk_length, is_zero
 from vmkeep.repository.gc_epoch import GcMark, confirm_no_sweep, read_gc_mark
 from vmkeep.repository.index_runs import (
     IndexBuilder,
@@ -185,7 +185,7 @@ class ChunkUploader:
 
     def _held(self, chunk_id: bytes) -> bool:
         try:
-            return self.repo.remote.stat(chunk_object_name(chunk_id)) is not None
+            return self.repo.has_chunk(chunk_id)
         except BaseException:
             with self._lock:
                 self.known.discard(chunk_id)
@@ -468,10 +468,12 @@ def prove_chunks_kept(
 ) -> GcMark | None:
     """Right before the manifest: the lock was held without a gap, and no gc since `seen`
     (read before the chunks were listed) deleted a chunk the manifest references. Returns
-    the gc marker this proof is relative to."""
+    the gc marker this proof is relative to. Format 3: the packs and index are made
+    durable first (what is checked must be what the manifest will name)."""
+    repo.flush_chunks()
     lock.check()
     now = read_gc_mark(repo.remote)
-    confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids())
+    confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids(), repo.missing_chunks)
     return now
 
 
@@ -481,7 +483,7 @@ def confirm_after_manifest(repo: Repository, seen: GcMark | None, manifest: Mani
     is confirmed present and that gc is over, the restore point is withdrawn."""
     now = read_gc_mark(repo.remote)
     try:
-        confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids())
+        confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids(), repo.missing_chunks)
     except GcOverlapError:
         try:
             repo.delete_manifest(manifest.id)

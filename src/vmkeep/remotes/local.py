@@ -32,7 +32,8 @@ TEMP_PREFIX = ".tmp-"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_LAYOUT_DIRS = ("chunks", "manifests", "locks", "retention", "metadata")
+_LAYOUT_DIRS = ("chunks", "manifests", "locks", "retention", "metadata", "packs", "index")
+_FANOUT_DIRS = ("chunks", "packs")  # objects under XX/ (format 3: packs, FORMAT.md §13.2)
 _FANOUT = re.compile(r"[0-9a-f]{2}")
 
 
@@ -345,18 +346,20 @@ class LocalRemote:
         return removed
 
     def _layout_dirs(self) -> Iterator[tuple[str, ...]]:
-        """The root, its layout directories and chunks/XX: where objects (and so temps) live."""
+        """The root, its layout directories and chunks/XX, packs/XX: where objects (and so
+        temps) live."""
         yield ()
         yield from ((d,) for d in _LAYOUT_DIRS)
-        try:
-            fd = self._open_dir(["chunks"], create=False)
-        except (OSError, RemoteError):
-            return
-        try:
-            names = os.listdir(fd)
-        finally:
-            os.close(fd)
-        yield from (("chunks", n) for n in sorted(names) if _FANOUT.fullmatch(n))
+        for top in _FANOUT_DIRS:
+            try:
+                fd = self._open_dir([top], create=False)
+            except (OSError, RemoteError):
+                continue
+            try:
+                names = os.listdir(fd)
+            finally:
+                os.close(fd)
+            yield from ((top, n) for n in sorted(names) if _FANOUT.fullmatch(n))
 
     def foreign_entry(self) -> str | None:
         """The first entry of the root that a new repository must not be created over (the

@@ -20,6 +20,7 @@ from vmkeep.progress import Progress
 from .gc_epoch import new_epoch, write_gc_mark
 from .locks import RepositoryLock, remove_stale_locks
 from .manifest_stream import referenced_chunks
+from .pack_gc import PackSweep, sweep_packs
 from .repository import Repository
 from .retention_lock import LockedObjects, fill_unlock_dates, remove_expired_records
 
@@ -35,9 +36,12 @@ class GcReport:
     dry_run: bool
     locked: LockedObjects = field(default_factory=LockedObjects)  # garbage kept: still locked
     retention_records_removed: int = 0
+    packs: PackSweep | None = None  # format 3: what the pack sweep did (or would do)
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__, locked=self.locked.to_json())
+        packs = self.packs.to_json() if self.packs is not None else {}
+        fields = {k: v for k, v in self.__dict__.items() if k != "packs"}
+        return dict(fields, locked=self.locked.to_json()) | packs
 
 
 def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False) -> GcReport:
@@ -54,7 +58,12 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
                     lock.check()  # never over the marker of a gc that took our lock over
                     write_gc_mark(repo.remote, lock, epoch, "done")
             raise
-        deleted, freed, refused = sweep(repo, garbage, progress, dry_run, lock)
+        packs: PackSweep | None = None
+        if repo.packed is not None:  # format 3: packs swept and repacked, not chunk objects
+            packs = sweep_packs(repo, referenced, progress, dry_run, lock)
+            deleted, freed, refused = len(garbage), packs.bytes_freed, packs.refused
+        else:
+            deleted, freed, refused = sweep(repo, garbage, progress, dry_run, lock)
         # No live writer exists while we hold the exclusive lock: every temp object is dead.
         lock.check()
         partial = 0 if dry_run else repo.remote.purge_incomplete(older_than=0)
@@ -76,6 +85,7 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
         dry_run,
         locked,
         records,
+        packs,
     )
 
 

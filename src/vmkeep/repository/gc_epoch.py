@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from vmkeep.errors import GcOverlapError, NotFoundError
@@ -81,10 +81,16 @@ def gc_in_progress(remote: Remote, mark: GcMark) -> LockInfo | None:
 
 
 def confirm_no_sweep(
-    remote: Remote, before: GcMark | None, now: GcMark | None, chunk_ids: Iterable[bytes]
+    remote: Remote,
+    before: GcMark | None,
+    now: GcMark | None,
+    chunk_ids: Iterable[bytes],
+    missing: Callable[[Iterable[bytes]], list[bytes]] | None = None,
 ) -> None:
     """Raise GcOverlapError unless every chunk in `chunk_ids` is known to survive the gcs
-    that ran between reading `before` and `now`. Costs nothing when none ran."""
+    that ran between reading `before` and `now`. Costs nothing when none ran. `missing`
+    finds the chunks no longer stored (default: a stat of each chunk object; format 3
+    passes the repository's, which re-reads the index and stats the packs)."""
     if now == before and (now is None or not now.running):
         return
     holder = gc_in_progress(remote, now) if now is not None and now.running else None
@@ -94,11 +100,11 @@ def confirm_no_sweep(
             "the backup cannot prove the chunks it reuses survive it; nothing was kept, run "
             "the backup again once that gc has ended (an interrupted one: run `vmkeep gc`)"
         )
-    missing = missing_chunks(remote, chunk_ids)
-    if missing:
+    gone = (missing or (lambda ids: missing_chunks(remote, ids)))(chunk_ids)
+    if gone:
         raise GcOverlapError(
-            f"a gc ran during this backup and deleted {len(missing)} chunk(s) it references "
-            f"(e.g. {missing[0].hex()[:16]}); nothing was kept, run the backup again"
+            f"a gc ran during this backup and deleted {len(gone)} chunk(s) it references "
+            f"(e.g. {gone[0].hex()[:16]}); nothing was kept, run the backup again"
         )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hmac
 import json
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,28 +27,16 @@ from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.progress import Progress, SilentProgress
 from vmkeep.safe_files import replace_file
 
+from .cache_dir import cache_root, repository_cache
 from .point_summary import PointSummary
 
 if TYPE_CHECKING:
     from .repository import ManifestProblem, Repository
 
-CACHE_ENV = "VMKEEP_CACHE_DIR"  # overrides the cache directory; "off" disables the cache
 CACHE_FILE = "points"
 MAGIC = b"vmkeep-point-cache 1 "
 MAX_CACHE_BYTES = 1 << 30  # ~2 million points; a larger file is not ours
 _MAC_CONTEXT = "vmkeep 2026-12 point cache MAC v1"
-_SAFE_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
-
-
-def cache_root() -> Path | None:
-    """$VMKEEP_CACHE_DIR, else $XDG_CACHE_HOME/vmkeep, else ~/.cache/vmkeep; None: off."""
-    explicit = os.environ.get(CACHE_ENV)
-    if explicit == "off":
-        return None
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "vmkeep"
 
 
 class PointCache:
@@ -57,12 +44,8 @@ class PointCache:
 
     def __init__(self, root: Path, repo: Repository) -> None:
         repo_id = str(repo.config["id"])
-        # A hostile config's id must not name a path: anything but a plain token is hashed.
-        name = (
-            repo_id if _SAFE_ID.fullmatch(repo_id) else blake3.blake3(repo_id.encode()).hexdigest()
-        )
         self.root = root
-        self.path = root / name / CACHE_FILE
+        self.path = repository_cache(root, repo_id) / CACHE_FILE
         self.binding = {
             "format": "vmkeep-point-cache",
             "repository": repo_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,8 +36,10 @@ from .format import (
     CHUNKS_PREFIX,
     CONFIG_NAME,
     CONFIG_VERSION_FIXED,
+    CONFIG_VERSION_PACKED,
     CONFIG_VERSION_SIZED,
     CONFIG_VERSIONS,
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_CHUNK_SIZE,
     ID_SIZE,
     MANIFESTS_PREFIX,
@@ -48,12 +50,18 @@ from .format import (
     manifest_object_name,
     valid_chunk_size,
 )
+from .gc_epoch import missing_chunks
 from .limits import MAX_CONFIG_BYTES, MAX_MANIFEST_OBJECT, get_bounded, max_chunk_object
 from .manifest import Manifest, check_chunk_size, decode_manifest, encode_manifest
+from .packed_store import PackedChunk, PackedStore
+from .packs import DEFAULT_PACK_SIZE, valid_pack_size
 
 ENCRYPTIONS = ("aes-256-gcm", "none")
 MAX_KEYS = 64  # each entry costs an Argon2id run (64 MiB, ~0.2 s) when the passphrase is wrong
 CHUNK_SIZE_RULE = f"a power of two from {MIN_CHUNK_SIZE >> 10} KiB to {MAX_CHUNK_SIZE >> 20} MiB"
+BLOCK_SIZE_RULE = f"a power of two from {MIN_CHUNK_SIZE >> 10} KiB to the chunk size"
+PACK_SIZE_RULE = "a power of two from 1 MiB to 128 MiB"
+FORMATS = (1, 2, CONFIG_VERSION_PACKED)
 PassphraseSource = Callable[[], bytes]
 
 
@@ -69,6 +77,8 @@ class Repository:
         self.config = config
         self.sealer = Sealer(key)
         self.key = key
+        packed = config.get("version") == CONFIG_VERSION_PACKED
+        self.packed = PackedStore(remote, self.sealer, config) if packed else None
 
     # -- creation and opening -------------------------------------------------
 
@@ -79,23 +89,33 @@ class Repository:
         encryption: str,
         passphrase: PassphraseSource,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        format_version: int | None = None,
+        block_size: int | None = None,
+        pack_size: int = DEFAULT_PACK_SIZE,
     ) -> Repository:
-        """A 4 MiB repository is written as config version 1, any other chunk size as 2."""
+        """A 4 MiB repository is written as config version 1, any other chunk size as 2;
+        `format_version` 3 (blocks in packs) only when asked for."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(
                 f"unknown encryption {encryption!r}: choose {' or '.join(ENCRYPTIONS)}"
             )
         if not valid_chunk_size(chunk_size):
             raise UsageError(f"chunk size {chunk_size} is not {CHUNK_SIZE_RULE}")
+        version = _format_version(format_version, chunk_size)
+        packed = version == CONFIG_VERSION_PACKED
+        block_size = min(DEFAULT_BLOCK_SIZE, chunk_size) if block_size is None else block_size
+        if packed:
+            _check_packed(remote, chunk_size, block_size, pack_size)
         _refuse_foreign_directory(remote)
         repo_id = uuid.uuid4().hex
         key = RepositoryKey.generate() if encryption != "none" else None
         config: dict[str, Any] = {
             "format": "vmkeep-repository",
-            "version": config_version(chunk_size),
+            "version": version,
             "id": repo_id,
             "created": datetime.now(UTC).isoformat(),
             "chunk_size": chunk_size,
+            **({"block_size": block_size, "pack_size": pack_size} if packed else {}),
             "chunk_id": "blake3-keyed" if key else "blake3",
             "encryption": encryption,
             "keys": [wrap_key(key, passphrase(), repo_id, "initial")] if key else [],
@@ -196,6 +216,8 @@ class Repository:
     # -- chunks ---------------------------------------------------------------
 
     def chunk_id(self, data: bytes) -> bytes:
+        if self.packed is not None:
+            return self.packed.chunk_id(data)
         return self.sealer.chunk_id(data)
 
     def put_chunk(self, chunk_id: bytes, data: bytes, level: int) -> int:
@@ -204,6 +226,8 @@ class Repository:
         return len(blob)
 
     def get_chunk(self, chunk_id: bytes) -> bytes:
+        if self.packed is not None:
+            return self.packed.get_chunk(chunk_id)
         try:
             blob = get_bounded(
                 self.remote,
@@ -221,16 +245,43 @@ class Repository:
     # The two halves of put_chunk, for the backup pipeline that runs the CPU half (zstd,
     # AES-GCM) under a CPU gate and the I/O half (the remote's put) outside it.
 
-    def encode_chunk(self, chunk_id: bytes, data: bytes, level: int) -> bytes:
-        """The chunk object for `data` (CPU only)."""
+    def encode_chunk(self, chunk_id: bytes, data: bytes, level: int) -> bytes | PackedChunk:
+        """The chunk object for `data` (CPU only); format 3: its recipe and new blocks."""
+        if self.packed is not None:
+            return self.packed.encode(chunk_id, data, level)
         return encode_chunk(self.sealer, chunk_id, data, level)
 
-    def store_chunk(self, chunk_id: bytes, blob: bytes) -> None:
-        """Put an encoded chunk object (I/O only)."""
-        self.remote.put(chunk_object_name(chunk_id), blob)
+    def store_chunk(self, chunk_id: bytes, blob: bytes | PackedChunk) -> None:
+        """Put an encoded chunk object (I/O only); format 3: append it to the packer."""
+        if isinstance(blob, PackedChunk):
+            assert self.packed is not None
+            self.packed.store(chunk_id, blob)
+        else:
+            self.remote.put(chunk_object_name(chunk_id), blob)
+
+    def flush_chunks(self) -> None:
+        """Format 3: the packs and the index of what was stored, durable (a backup's last
+        write before its checks and manifest). Versions 1 and 2: nothing to do."""
+        if self.packed is not None:
+            self.packed.flush()
+
+    def has_chunk(self, chunk_id: bytes) -> bool:
+        """One lookup: a stat of the chunk object, or (format 3) the index."""
+        if self.packed is not None:
+            return self.packed.has_chunk(chunk_id)
+        return self.remote.stat(chunk_object_name(chunk_id)) is not None
+
+    def missing_chunks(self, chunk_ids: Iterable[bytes]) -> list[bytes]:
+        """The chunks of `chunk_ids` no longer stored (after a gc overlapped a backup)."""
+        if self.packed is not None:
+            return self.packed.missing_chunks(chunk_ids)
+        return missing_chunks(self.remote, chunk_ids)
 
     def list_chunks(self) -> Iterator[tuple[bytes, int]]:
-        """(chunk id, stored size) of every chunk object."""
+        """(chunk id, stored size) of every chunk object (format 3: every indexed recipe)."""
+        if self.packed is not None:
+            yield from self.packed.list_chunks()
+            return
         for obj in self.remote.list(CHUNKS_PREFIX):
             hexid = obj.name.rsplit("/", 1)[-1]
             try:
@@ -241,6 +292,8 @@ class Repository:
                 yield chunk_id, obj.size
 
     def delete_chunk(self, chunk_id: bytes) -> None:
+        if self.packed is not None:
+            raise RepositoryError("format 3 repositories free space by gc's pack sweep only")
         self.remote.delete(chunk_object_name(chunk_id))
 
     # -- manifests ------------------------------------------------------------
@@ -256,6 +309,7 @@ class Repository:
         """The last write of a backup: from here on the restore point exists."""
         check_chunk_size(manifest, self.chunk_size, f"refusing to save restore point {manifest.id}")
         blob = encode_manifest(self.sealer, manifest)
+        self.flush_chunks()  # format 3: packs, then the index
         self.remote.flush()  # every chunk durable before the manifest that references it
         self.remote.put(manifest_object_name(manifest.id), blob, overwrite=False)
         self.remote.flush()
@@ -320,6 +374,28 @@ def unique_prefix(ref: str, ids: list[str], what: str, where: str) -> str:
     raise UsageError(f"{what} {ref!r} is ambiguous: {len(matches)} match")
 
 
+def _format_version(asked: int | None, chunk_size: int) -> int:
+    if asked is None:
+        return config_version(chunk_size)
+    if asked not in FORMATS:
+        raise UsageError(f"unknown repository format {asked}: choose 1, 2 or 3")
+    if asked == CONFIG_VERSION_FIXED and chunk_size != DEFAULT_CHUNK_SIZE:
+        raise UsageError("format 1 has 4 MiB chunks only: use --format 2 or 3 for other sizes")
+    return asked
+
+
+def _check_packed(remote: Remote, chunk_size: int, block_size: int, pack_size: int) -> None:
+    if not valid_chunk_size(block_size) or block_size > chunk_size:
+        raise UsageError(f"block size {block_size} is not {BLOCK_SIZE_RULE}")
+    if not valid_pack_size(pack_size):
+        raise UsageError(f"pack size {pack_size} is not {PACK_SIZE_RULE}")
+    if getattr(remote, "lock_policy", None) is not None:
+        raise UsageError(
+            "format 3 cannot be combined with retention locks yet (packs are shared and "
+            "repacked): use format 1 or 2 for an immutable repository"
+        )
+
+
 def _refuse_foreign_directory(remote: Remote) -> None:
     """A repository is created only in an empty (or absent) directory: gc and the temp-file
     purge must never act among a user's own files. An existing repository is left to the
@@ -346,7 +422,8 @@ def parse_config(raw: bytes, where: str) -> dict[str, Any]:
     if type(version) is not int or version not in CONFIG_VERSIONS:
         raise RepositoryError(
             f"{where}: repository format version {_shown(version)} is not supported "
-            f"(this vmkeep reads versions {CONFIG_VERSION_FIXED} and {CONFIG_VERSION_SIZED})"
+            f"(this vmkeep reads versions {CONFIG_VERSION_FIXED}, {CONFIG_VERSION_SIZED} and "
+            f"{CONFIG_VERSION_PACKED})"
         )
     chunk_size = config.get("chunk_size")
     if version == CONFIG_VERSION_FIXED and chunk_size != DEFAULT_CHUNK_SIZE:
@@ -358,6 +435,16 @@ def parse_config(raw: bytes, where: str) -> dict[str, Any]:
         raise RepositoryError(
             f"{where}: repository config has chunk_size {_shown(chunk_size)}, not {CHUNK_SIZE_RULE}"
         )
+    if version == CONFIG_VERSION_PACKED:
+        block, pack = config.get("block_size"), config.get("pack_size")
+        if not valid_chunk_size(block) or block > chunk_size:  # type: ignore[operator]
+            raise RepositoryError(
+                f"{where}: repository config has block_size {_shown(block)}, not {BLOCK_SIZE_RULE}"
+            )
+        if not valid_pack_size(pack):
+            raise RepositoryError(
+                f"{where}: repository config has pack_size {_shown(pack)}, not {PACK_SIZE_RULE}"
+            )
     encryption = config.get("encryption")
     if encryption not in ENCRYPTIONS:
         raise RepositoryError(f"{where}: repository config has unsupported parameters")

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from vmkeep.errors import IntegrityError, NotFoundError, ObjectLockedError, VmkeepError
+from vmkeep.errors import (
+    IntegrityError,
+    NotFoundError,
+    ObjectLockedError,
+    UsageError,
+    VmkeepError,
+)
 from vmkeep.remotes.base import Remote
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.remotes.object_lock import LockingRemote, ProtectStats
@@ -35,6 +41,11 @@ def lock_restore_point(repo: Repository, manifest: Manifest) -> ProtectStats | N
     if not isinstance(remote, LockingRemote) or remote.lock_policy is None:
         return None
     policy = remote.lock_policy
+    if repo.packed is not None:
+        raise UsageError(
+            "retention locks are not supported by format 3 repositories (packs are shared and "
+            "repacked): remove the remote's lock or use a format 1 or 2 repository"
+        )
     until = policy.point_until(manifest.created)
     ids = manifest.referenced_ids()
     covered, parent_floor = parent_claim(repo, manifest, until)

@@ -27,10 +27,11 @@ class VerifyReport:
     bytes_checked: int = 0
     corrupt_chunks: list[CorruptChunk] = field(default_factory=list)
     corrupt_manifests: list[ManifestProblem] = field(default_factory=list)
+    corrupt_index: list[ManifestProblem] = field(default_factory=list)  # format 3 (name, error)
 
     @property
     def ok(self) -> bool:
-        return not self.corrupt_chunks and not self.corrupt_manifests
+        return not self.corrupt_chunks and not self.corrupt_manifests and not self.corrupt_index
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -40,6 +41,7 @@ class VerifyReport:
             "bytes_checked": self.bytes_checked,
             "corrupt_chunks": [c.__dict__ for c in self.corrupt_chunks],
             "corrupt_manifests": [m.__dict__ for m in self.corrupt_manifests],
+            "corrupt_index": [{"object": m.point_id, "error": m.error} for m in self.corrupt_index],
         }
 
 
@@ -56,6 +58,9 @@ def verify(repo: Repository, point_ids: list[str] | None, progress: Progress) ->
         report.points_checked += 1
         for disk in item.disks:
             chunks.update(chunk_id for _, chunk_id in disk.entries())
+    if repo.packed is not None:  # format 3: index objects that do not verify hide blobs
+        problems = repo.packed.reload().problems
+        report.corrupt_index = [ManifestProblem(name, error) for name, error in problems]
     progress.start("verify", len(chunks))
 
     def check(chunk_id: bytes) -> tuple[bytes, int, str | None]:

@@ -137,6 +137,58 @@ def mirror_command(
         raise typer.Exit(1)
 
 
+def migrate_command(
+    source: str = typer.Argument(..., help="Repository to migrate (format 1 or 2)."),
+    target: str = typer.Argument(
+        ..., help="A format 3 repository of the same chunk size (`vmkeep init --format 3`)."
+    ),
+    source_passphrase_file: Path | None = typer.Option(
+        None, "--source-passphrase-file", help="The source's passphrase (else as every command)."
+    ),
+    target_passphrase_file: Path | None = typer.Option(
+        None,
+        "--target-passphrase-file",
+        help=f"The target's passphrase (else {TARGET_ENV}, else VMKEEP_PASSPHRASE, else asked).",
+    ),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Copy every restore point of a repository into a format 3 (packs) repository: a full
+    mirror (docs/MIRROR.md) whose target must be format 3. Running it again copies only what
+    is missing; the source is not changed."""
+    from vmkeep.operations.mirror import MirrorOptions, mirror
+
+    source_repo, target_repo = open_pair(
+        source, target, source_passphrase_file, target_passphrase_file
+    )
+    check_migration(source_repo, target_repo)
+    report = mirror(
+        source_repo, target_repo, MirrorOptions(mode="full"), RichProgress(not json_out)
+    )
+    if json_out:
+        print_json(report.to_json())
+    else:
+        show_report(report)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def check_migration(source: Repository, target: Repository) -> None:
+    """The target of `migrate` is format 3 with the source's chunk size (the manifests'
+    indexes keep their chunk boundaries, only the chunk IDs are translated)."""
+    size = source.chunk_size
+    make = f"`vmkeep init TARGET --format 3 --chunk-size {size >> 10}K`"
+    if target.packed is None:
+        raise UsageError(
+            f"migrate writes into a format 3 repository; {target.remote.url} is format "
+            f"{target.config['version']}: create the target with {make}"
+        )
+    if target.chunk_size != size:
+        raise UsageError(
+            f"the target's chunk size {target.chunk_size} differs from the source's {size}: "
+            f"migrate needs one chunk size; create the target with {make}"
+        )
+
+
 def show_report(report: MirrorReport) -> None:
     from vmkeep.operations.mirror import FAILED
 
@@ -167,3 +219,4 @@ def show_report(report: MirrorReport) -> None:
 
 def register(app: typer.Typer) -> None:
     app.command("mirror")(mirror_command)
+    app.command("migrate")(migrate_command)

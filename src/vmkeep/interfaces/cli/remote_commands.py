@@ -11,7 +11,15 @@ from vmkeep.errors import RepositoryError
 
 from .context import state
 from .output import console, human_bytes, print_error, print_json, stdout, table
-from .repo_commands import JsonOpt, format_chunk_size, parse_chunk_size
+from .repo_commands import (
+    BlockSizeOpt,
+    FormatOpt,
+    JsonOpt,
+    PackSizeOpt,
+    format_chunk_size,
+    packed_options,
+    parse_chunk_size,
+)
 
 if TYPE_CHECKING:
     from vmkeep.engine.remote_registry import RemoteEntry
@@ -30,6 +38,9 @@ def add(
     chunk_size: str = typer.Option(
         "4MiB", "--chunk-size", help="For a new repository: 64K..4M (as `vmkeep init`)."
     ),
+    format_version: int | None = FormatOpt,
+    block_size: str | None = BlockSizeOpt,
+    pack_size: str = PackSizeOpt,
     lock_days: int | None = typer.Option(
         None,
         "--lock-days",
@@ -74,7 +85,13 @@ def add(
     except RepositoryError as exc:
         if not init or "no vmkeep repository" not in str(exc):
             raise
-        repo = Repository.init(remote, encryption, lambda: state.passphrase(confirm=True), size)
+        repo = Repository.init(
+            remote,
+            encryption,
+            lambda: state.passphrase(confirm=True),
+            size,
+            **packed_options(format_version, block_size, pack_size),
+        )
         what = (
             f"new repository created (encryption: {encryption}, "
             f"chunk size: {format_chunk_size(size)})"

@@ -34,6 +34,19 @@ if TYPE_CHECKING:
 
 RemoteOpt = typer.Option(None, "--remote", "-r", help="Remote name, path or URL.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
+FormatOpt = typer.Option(
+    None,
+    "--format",
+    help="Repository format: 1/2 (default; one object per chunk) or 3 (blocks in pack "
+    'objects: small deltas for scattered writes; docs/DATA-PATH.md "Format 3").',
+)
+BlockSizeOpt = typer.Option(
+    None,
+    "--block-size",
+    help="Format 3: block size, 64K up to the chunk size (default 128K, or the chunk size "
+    "when smaller).",
+)
+PackSizeOpt = typer.Option("16M", "--pack-size", help="Format 3: pack size, 1M to 128M.")
 
 
 def init(
@@ -50,6 +63,9 @@ def init(
         "scattered writes, but make more objects and bigger indexes (docs/DATA-PATH.md). "
         "Fixed for the repository's life.",
     ),
+    format_version: int | None = FormatOpt,
+    block_size: str | None = BlockSizeOpt,
+    pack_size: str = PackSizeOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Create a repository (encrypted by default: you will be asked for a passphrase)."""
@@ -62,6 +78,7 @@ def init(
         encryption,
         lambda: state.passphrase(confirm=True),
         size,
+        **packed_options(format_version, block_size, pack_size),
     )
     if json_out:
         print_json(
@@ -70,13 +87,36 @@ def init(
                 "id": repo.config["id"],
                 "encryption": encryption,
                 "chunk_size": repo.chunk_size,
+                "format": repo.config["version"],
             }
         )
     else:
         console.print(
             f"created repository {repo.config['id'][:8]} at {repo.remote.url} "
-            f"(encryption: {encryption}, chunk size: {format_chunk_size(repo.chunk_size)})"
+            f"(encryption: {encryption}, chunk size: {format_chunk_size(repo.chunk_size)}, "
+            f"format {repo.config['version']})"
         )
+
+
+def packed_options(
+    format_version: int | None, block_size: str | None, pack_size: str
+) -> dict[str, Any]:
+    """Repository.init's format arguments from the CLI's options."""
+    if format_version is None or format_version != 3:
+        return {"format_version": format_version}
+    return {
+        "format_version": 3,
+        "block_size": None if block_size is None else parse_size(block_size, "--block-size"),
+        "pack_size": parse_size(pack_size, "--pack-size"),
+    }
+
+
+def parse_size(text: str, option: str) -> int:
+    """`128K`, `16M`, `16MiB` or bytes (the repository checks the range)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise UsageError(f"invalid {option} {text[:40]!r} (e.g. 128K, 16M)")
+    return int(match[1]) * _UNITS[match[2].lower()]
 
 
 _SIZE = re.compile(r"(\d{1,12})\s*(|b|k|kib|m|mib)", re.IGNORECASE)
@@ -134,6 +174,7 @@ def list_points(
         print_json(
             {
                 "chunk_size": repo.chunk_size,
+                "format": repo.config["version"],
                 "restore_points": rows,
                 "unreadable": [p.__dict__ for p in problems],
             }
@@ -182,6 +223,8 @@ def verify_cmd(
     else:
         for m in report.corrupt_manifests:
             console.print(f"[red]corrupt restore point[/] {shown(m.point_id)}: {shown(m.error)}")
+        for m in report.corrupt_index:
+            console.print(f"[red]corrupt index object[/] {shown(m.point_id)}: {shown(m.error)}")
         for c in report.corrupt_chunks:
             console.print(
                 f"[red]corrupt chunk[/] {c.chunk_id[:16]}: {c.error}; affects {', '.join(c.points)}"
@@ -195,6 +238,7 @@ def verify_cmd(
         print_error(
             f"corruption found: {len(report.corrupt_chunks)} chunks, "
             f"{len(report.corrupt_manifests)} restore points unreadable"
+            + (f", {len(report.corrupt_index)} index objects" if report.corrupt_index else "")
         )
         raise typer.Exit(3)
 
@@ -217,6 +261,13 @@ def gc(
             f"{report.points} restore points reference {report.chunks_kept} chunks; "
             f"{verb} {report.chunks_deleted} chunks ({human_bytes(report.bytes_freed)})"
         )
+        if report.packs is not None:
+            would = "would delete" if dry_run else "deleted"
+            console.print(
+                f"packs: {would} {report.packs.packs_deleted}, of which "
+                f"{report.packs.packs_repacked} repacked (live blobs copied into "
+                f"{report.packs.packs_written} new packs)"
+            )
         if report.locked.count:
             console.print(
                 f"[yellow]immutable:[/] {report.locked.describe('unreferenced chunks')}; "

@@ -1,0 +1,131 @@
+"""Blobs of a format 3 repository: blocks and recipes (docs/FORMAT.md §13.3, §13.4).
+
+A chunk is cut into fixed blocks; its recipe lists their IDs, and the chunk ID a manifest
+carries is the keyed BLAKE3 of the recipe under a key of its own (a Merkle node), so a
+chunk whose one block changed stores that block and a ~1 KiB recipe, not the whole chunk."""
+
+from __future__ import annotations
+
+import struct
+
+import blake3
+
+from vmkeep.errors import IntegrityError
+
+from .compression import compress_if_smaller, decompress
+from .crypto import Sealer
+from .format import (
+    FLAG_ENCRYPTED,
+    FLAG_ZSTD,
+    HEADER_SIZE,
+    ID_SIZE,
+    NONCE_SIZE,
+    OBJECT_VERSION,
+    TAG_SIZE,
+    ZERO_ID,
+    header,
+    is_zero,
+)
+
+KIND_BLOCK = 1
+KIND_RECIPE = 2
+KINDS = (KIND_BLOCK, KIND_RECIPE)
+MAGICS = {KIND_BLOCK: b"VMKB", KIND_RECIPE: b"VMKR"}
+KIND_NAMES = {KIND_BLOCK: "block", KIND_RECIPE: "recipe"}
+RECIPE_CONTEXT = "vmkeep 2026-12 chunk recipe ID v1"
+BLOB_OVERHEAD = HEADER_SIZE + NONCE_SIZE + TAG_SIZE  # stored forms are never compressed larger
+_LENGTH = struct.Struct("<I")
+
+
+def recipe_size(chunk_size: int, block_size: int) -> int:
+    """The largest recipe plaintext: its length field and one ID per block."""
+    return _LENGTH.size + ID_SIZE * (-(-chunk_size // block_size))
+
+
+class BlobCodec:
+    """IDs, encoding and decoding of blobs for one repository (its key and sizes)."""
+
+    def __init__(self, sealer: Sealer, chunk_size: int, block_size: int) -> None:
+        self.sealer = sealer
+        self.chunk_size = chunk_size
+        self.block_size = block_size
+        self.max_plain = {KIND_BLOCK: block_size, KIND_RECIPE: recipe_size(chunk_size, block_size)}
+        key = sealer.key
+        self._recipe_key = (
+            blake3.blake3(key.id_key, derive_key_context=RECIPE_CONTEXT).digest()
+            if key is not None
+            else None
+        )
+
+    def max_encoded(self, kind: int) -> int:
+        return self.max_plain[kind] + BLOB_OVERHEAD
+
+    # -- IDs ------------------------------------------------------------------
+
+    def block_ids(self, data: bytes) -> list[bytes]:
+        """The IDs of a chunk's blocks, zero IDs for all-zero blocks."""
+        view = memoryview(data)
+        step = self.block_size
+        ids = []
+        for start in range(0, len(data), step):
+            end = min(start + step, len(data))
+            zero = data[start] == 0 and data[end - 1] == 0 and is_zero(data[start:end])
+            ids.append(ZERO_ID if zero else self.sealer.chunk_id(view[start:end]))
+        return ids
+
+    def recipe(self, length: int, block_ids: list[bytes]) -> bytes:
+        return _LENGTH.pack(length) + b"".join(block_ids)
+
+    def recipe_id(self, recipe: bytes | memoryview) -> bytes:
+        if self._recipe_key is None:
+            return blake3.blake3(recipe, derive_key_context=RECIPE_CONTEXT).digest()
+        return blake3.blake3(recipe, key=self._recipe_key).digest()
+
+    def blob_id(self, kind: int, plain: bytes | memoryview) -> bytes:
+        return self.sealer.chunk_id(plain) if kind == KIND_BLOCK else self.recipe_id(plain)
+
+    def parse_recipe(self, chunk_id: bytes, recipe: bytes) -> tuple[int, list[bytes]]:
+        """The chunk's length and block IDs; IntegrityError when the recipe is malformed."""
+        what = f"chunk {chunk_id.hex()[:16]}"
+        if len(recipe) < _LENGTH.size:
+            raise IntegrityError(f"{what} is corrupt: recipe too short")
+        (length,) = _LENGTH.unpack_from(recipe)
+        count = -(-length // self.block_size)
+        if not 0 < length <= self.chunk_size or len(recipe) != _LENGTH.size + ID_SIZE * count:
+            raise IntegrityError(f"{what} is corrupt: malformed recipe")
+        ids = [recipe[4 + k * ID_SIZE : 4 + (k + 1) * ID_SIZE] for k in range(count)]
+        return length, ids
+
+    # -- objects --------------------------------------------------------------
+
+    def encode(self, kind: int, blob_id: bytes, plain: bytes, level: int) -> bytes:
+        payload, compressed = compress_if_smaller(plain, level) if level > 0 else (plain, False)
+        encrypted = self.sealer.encrypted
+        flags = (FLAG_ZSTD if compressed else 0) | (FLAG_ENCRYPTED if encrypted else 0)
+        head = header(MAGICS[kind], flags)
+        if encrypted:
+            return self.sealer.seal(head, payload, head + blob_id)
+        return b"".join((head, payload))
+
+    def decode(self, kind: int, blob_id: bytes, raw: bytes | memoryview) -> bytes:
+        """The blob's plaintext, or IntegrityError: wrong kind, failed authentication, too
+        long, or content that does not hash to `blob_id`."""
+        what = f"{KIND_NAMES[kind]} {blob_id.hex()[:16]}"
+        head = bytes(raw[:HEADER_SIZE])
+        if len(head) < HEADER_SIZE or head[:4] != MAGICS[kind] or head[4] != OBJECT_VERSION:
+            raise IntegrityError(f"{what} is corrupt: bad header")
+        flags = head[5]
+        if bool(flags & FLAG_ENCRYPTED) != self.sealer.encrypted or flags & ~(
+            FLAG_ZSTD | FLAG_ENCRYPTED
+        ):
+            raise IntegrityError(f"{what} is corrupt: unexpected flags {flags:#x}")
+        limit = self.max_plain[kind]
+        payload: bytes | memoryview = memoryview(raw)[HEADER_SIZE:]
+        if self.sealer.encrypted:
+            payload = self.sealer.open(payload, head + blob_id, what)
+        data = decompress(payload, what, limit) if flags & FLAG_ZSTD else payload
+        if len(data) > limit:
+            raise IntegrityError(f"{what} is corrupt: longer than {limit} bytes")
+        if self.blob_id(kind, data) != blob_id:
+            raise IntegrityError(f"{what} is corrupt: content does not match its ID")
+        return data if isinstance(data, bytes) else bytes(data)

@@ -1,0 +1,203 @@
+"""The sweep of gc in a format 3 repository (docs/DATA-PATH.md "Format 3", FORMAT.md §13.7):
+live chunks → their recipes → their blocks; packs with no live blob are deleted, packs
+mostly garbage are repacked (their live blobs copied unchanged into new packs), and the
+index is rewritten consolidated. Order keeps every indexed blob readable at every instant:
+new packs, then their index and the consolidated index, then the old index objects gc read
+(never another), and last the old packs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmkeep.errors import IntegrityError, ObjectLockedError, RepositoryError
+from vmkeep.parallel import io_threads, ordered_map
+from vmkeep.progress import Progress
+
+from .blob_index import MAX_INDEX_ENTRIES, BlobIndex, encode_index, index_object_name
+from .blobs import KIND_BLOCK, KIND_RECIPE
+from .format import ZERO_ID
+from .locks import RepositoryLock
+from .pack_writer import PackWriter
+from .packed_store import PackedStore, adjacent_runs
+from .packs import PACKS_PREFIX, BlobEntry, pack_id_of_name, pack_object_name
+from .repository import Repository
+
+REPACK_BELOW = 0.5  # a pack whose live blobs are less than half of it is rewritten
+
+
+@dataclass
+class PackPlan:
+    keep: dict[bytes, list[BlobEntry]] = field(default_factory=dict)  # pack → live entries
+    repack: dict[bytes, list[BlobEntry]] = field(default_factory=dict)
+    delete: list[bytes] = field(default_factory=list)  # no live blob, or unindexed
+    sizes: dict[bytes, int] = field(default_factory=dict)
+    dead_entries: int = 0
+
+
+@dataclass
+class PackSweep:
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    packs_written: int = 0
+    index_objects_replaced: int = 0
+    bytes_freed: int = 0
+    refused: list[ObjectLockedError] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "refused"}
+
+
+def sweep_packs(
+    repo: Repository,
+    referenced: set[bytes],
+    progress: Progress,
+    dry_run: bool,
+    lock: RepositoryLock | None = None,
+) -> PackSweep:
+    store = repo.packed
+    assert store is not None
+    loaded = store.reload()
+    if loaded.problems:
+        name, error = loaded.problems[0]
+        raise RepositoryError(
+            f"gc refuses to run: index object {name} is unreadable ({error}); the packs it "
+            "lists cannot be told apart from garbage. Run `vmkeep verify`"
+        )
+    live = live_blobs(store, referenced)
+    plan = plan_packs(store, loaded.index, live)
+    report = PackSweep(
+        packs_deleted=len(plan.delete) + len(plan.repack), packs_repacked=len(plan.repack)
+    )
+    freed = sum(plan.sizes.get(p, 0) for p in [*plan.delete, *plan.repack])
+    changed = plan.delete or plan.repack or plan.dead_entries or len(loaded.names) > 1
+    if dry_run or not changed:
+        report.bytes_freed = freed if dry_run else 0
+        report.packs_deleted = report.packs_deleted if dry_run else 0
+        report.packs_repacked = report.packs_repacked if dry_run else 0
+        return report
+    _check(lock)
+    writer = PackWriter(store.remote, store.sealer, store.repo_id, store.pack_size, BlobIndex)
+    written = repack(store, writer, plan.repack, progress)
+    kept = [e for entries in plan.keep.values() for e in entries]
+    _check(lock)
+    names = writer.index_names + write_index(store, kept)
+    report.packs_written = writer.packs_written
+    report.bytes_freed = freed - written
+    old = [n for n in loaded.names if n not in set(names)]
+    report.index_objects_replaced = len(old)
+    _delete(store, old, lock, report)
+    # Never a pack just written (a pack is named by its trailer; a repacked pack lists fewer
+    # blobs than the one it replaces, so the names differ, but a deletion must not rely on it).
+    gone = [p for p in [*plan.delete, *plan.repack] if p not in writer.pack_ids]
+    _delete(store, [pack_object_name(p) for p in gone], lock, report)
+    store.reload()
+    return report
+
+
+def live_blobs(store: PackedStore, referenced: Iterable[bytes]) -> set[tuple[int, bytes]]:
+    """Every recipe the manifests reference and every block those recipes name. A recipe
+    that is indexed but unreadable stops gc: its blocks could not be told from garbage."""
+    index = store.index()
+    recipes = [c for c in referenced if c != ZERO_ID and (KIND_RECIPE, c) in index]
+
+    def blocks(chunk_id: bytes) -> list[bytes]:
+        try:
+            return store.recipe_of(chunk_id)[1]
+        except IntegrityError as exc:
+            raise RepositoryError(
+                f"gc refuses to run: {exc}; the blocks of that chunk cannot be told apart from "
+                "garbage. Run `vmkeep verify`, then `vmkeep forget` the restore points it names"
+            ) from exc
+
+    live = {(KIND_RECIPE, c) for c in recipes}
+    for ids in ordered_map(blocks, recipes, io_threads(store.remote.url)):
+        live.update((KIND_BLOCK, b) for b in ids if b != ZERO_ID)
+    return live
+
+
+def plan_packs(store: PackedStore, index: BlobIndex, live: set[tuple[int, bytes]]) -> PackPlan:
+    """What happens to each pack: its live bytes against its size on the remote (dead blobs
+    a former gc dropped from the index still take room in a kept pack)."""
+    plan = PackPlan()
+    for obj in store.remote.list(PACKS_PREFIX):
+        pack_id = pack_id_of_name(obj.name)
+        if pack_id is not None:
+            plan.sizes[pack_id] = obj.size
+    by_pack: dict[bytes, list[BlobEntry]] = {}
+    for entry in index.entries():
+        if (entry.kind, entry.blob_id) in live:
+            by_pack.setdefault(entry.pack, []).append(entry)
+        else:
+            plan.dead_entries += 1
+    for pack_id, size in plan.sizes.items():
+        entries = by_pack.get(pack_id, [])
+        live_bytes = sum(e.length for e in entries)
+        if not entries:
+            plan.delete.append(pack_id)
+        elif live_bytes < size * REPACK_BELOW:
+            plan.repack[pack_id] = entries
+        else:
+            plan.keep[pack_id] = entries
+    return plan
+
+
+def repack(
+    store: PackedStore,
+    writer: PackWriter,
+    packs: dict[bytes, list[BlobEntry]],
+    progress: Progress,
+) -> int:
+    """Copy the live blobs of `packs` into new packs, each authenticated on the way (never
+    re-encrypted: the AAD binds the blob, not its pack); returns the bytes written."""
+    progress.start("repack", len(packs))
+    for pack_id, entries in packs.items():
+        if any(not 0 < e.length <= store.codec.max_encoded(e.kind) for e in entries):
+            raise IntegrityError(f"pack {pack_id.hex()[:16]}: corrupt index entry (length)")
+        for run in adjacent_runs(sorted(entries, key=lambda e: e.offset)):
+            start = run[0].offset
+            span = run[-1].offset + run[-1].length - start
+            raw = store.fetch(pack_id, start, span, run[0])
+            for e in run:
+                blob = raw[e.offset - start : e.offset - start + e.length]
+                store.codec.decode(e.kind, e.blob_id, blob)
+                writer.add(e.kind, [(e.blob_id, blob)])
+        progress.advance(1)
+    writer.flush()
+    progress.finish()
+    return writer.bytes_written
+
+
+def write_index(store: PackedStore, entries: list[BlobEntry]) -> list[str]:
+    """The consolidated index of the kept packs' live blobs; returns the names written."""
+    names = []
+    for start in range(0, len(entries), MAX_INDEX_ENTRIES):
+        data, index_id = encode_index(
+            store.sealer, store.repo_id, entries[start : start + MAX_INDEX_ENTRIES]
+        )
+        store.remote.put(index_object_name(index_id), data)
+        names.append(index_object_name(index_id))
+    store.remote.flush()
+    return names
+
+
+def _delete(
+    store: PackedStore, names: list[str], lock: RepositoryLock | None, report: PackSweep
+) -> None:
+    def delete(name: str) -> ObjectLockedError | None:
+        _check(lock)
+        try:
+            store.remote.delete(name)
+        except ObjectLockedError as exc:
+            return exc
+        return None
+
+    for error in ordered_map(delete, names, io_threads(store.remote.url)):
+        if error is not None:
+            report.refused.append(error)
+
+
+def _check(lock: RepositoryLock | None) -> None:
+    if lock is not None:
+        lock.check(read_back=False)

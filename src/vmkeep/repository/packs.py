@@ -1,0 +1,99 @@
+"""Pack objects of a format 3 repository (docs/FORMAT.md §13.5): blobs back to back, then a
+sealed trailer listing them, so that a pack can be checked or re-indexed on its own."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import blake3
+
+from vmkeep.errors import IntegrityError
+
+from .crypto import Sealer
+from .format import FLAG_ENCRYPTED, HEADER_SIZE, ID_SIZE, header
+
+PACKS_PREFIX = "packs/"
+PACK_MAGIC = b"VMKP"
+TRAILER_MAGIC = b"VMKT"
+ENTRY = struct.Struct("<B32sII")  # kind, blob id, offset, length
+_TAIL = struct.Struct("<I")
+MIN_PACK_SIZE = 1 << 20
+MAX_PACK_SIZE = 128 << 20
+PACK_SIZES = tuple(1 << n for n in range(20, 28))
+DEFAULT_PACK_SIZE = 16 << 20
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """Where one encoded blob lies: in pack `pack` at `offset`, `length` bytes."""
+
+    kind: int
+    blob_id: bytes
+    pack: bytes
+    offset: int
+    length: int
+
+
+def pack_object_name(pack_id: bytes) -> str:
+    hexid = pack_id.hex()
+    return f"{PACKS_PREFIX}{hexid[:2]}/{hexid}"
+
+
+def pack_id_of_name(name: str) -> bytes | None:
+    """The pack ID of `packs/XX/ID`, or None for any other name."""
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] + "/" != PACKS_PREFIX:
+        return None
+    try:
+        pack_id = bytes.fromhex(parts[2])
+    except ValueError:
+        return None
+    ok = len(pack_id) == ID_SIZE and parts[1] == parts[2][:2] and parts[2] == pack_id.hex()
+    return pack_id if ok else None
+
+
+def valid_pack_size(value: object) -> bool:
+    return type(value) is int and value in PACK_SIZES
+
+
+def pack_header(sealer: Sealer) -> bytes:
+    return header(PACK_MAGIC, FLAG_ENCRYPTED if sealer.encrypted else 0)
+
+
+def finish_pack(
+    sealer: Sealer, parts: list[bytes], entries: list[tuple[int, bytes, int, int]]
+) -> tuple[bytes, bytes]:
+    """The pack object (`parts`: the pack header, then the blobs, at the entries' offsets)
+    and its ID: BLAKE3 of the sealed trailer and its length field, which name every blob and
+    where it lies (each blob authenticates itself; hashing the whole pack again cost a
+    second pass over every byte stored). One join: the blobs are copied once, into an
+    allocation of the exact size."""
+    plain = b"".join(ENTRY.pack(*e) for e in entries)
+    head = header(TRAILER_MAGIC, 0)
+    tail = sealer.seal(head, plain, head)
+    tail += _TAIL.pack(len(tail))
+    data = b"".join([*parts, tail])
+    parts.clear()  # the blobs are in `data` now: free them before the upload, not after
+    return data, blake3.blake3(tail).digest()
+
+
+def read_trailer(sealer: Sealer, pack_id: bytes, data: bytes) -> list[BlobEntry]:
+    """The entries a whole pack object lists, checked against its ID and its length."""
+    what = f"pack {pack_id.hex()[:16]}"
+    if len(data) < HEADER_SIZE + _TAIL.size or data[:4] != PACK_MAGIC:
+        raise IntegrityError(f"{what} is corrupt: bad header")
+    (size,) = _TAIL.unpack_from(data, len(data) - _TAIL.size)
+    start = len(data) - _TAIL.size - size
+    if start < HEADER_SIZE:
+        raise IntegrityError(f"{what} is corrupt: bad trailer length")
+    if blake3.blake3(memoryview(data)[start:]).digest() != pack_id:
+        raise IntegrityError(f"{what} is corrupt: its trailer does not match its ID")
+    head = data[start : start + HEADER_SIZE]
+    plain = sealer.open(memoryview(data)[start + HEADER_SIZE : start + size], head, what)
+    if head[:4] != TRAILER_MAGIC or len(plain) % ENTRY.size:
+        raise IntegrityError(f"{what} is corrupt: bad trailer")
+    entries = [BlobEntry(k, bytes(i), pack_id, o, n) for k, i, o, n in ENTRY.iter_unpack(plain)]
+    if any(e.offset < HEADER_SIZE or e.offset + e.length > start for e in entries):
+        raise IntegrityError(f"{what} is corrupt: a trailer entry lies outside its blobs")
+    return entries
