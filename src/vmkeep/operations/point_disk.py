@@ -10,7 +10,6 @@ most `cache_chunks + ahead + threads` chunks are held, whatever the disk size.
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ from vmkeep.parallel import io_threads
 from vmkeep.repository.format import ZERO_ID
 from vmkeep.repository.manifest import DiskIndex, Manifest
 from vmkeep.repository.repository import Repository
+
+from .pread_file import PreadFile
 
 DEFAULT_CACHE_CHUNKS = 16
 DEFAULT_AHEAD = 8
@@ -94,9 +95,9 @@ class PointDisk:
             parts.append(data[max(offset - base, 0) : min(end - base, len(data))])
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def file(self) -> DiskFile:
+    def file(self) -> PreadFile:
         """A file object with its own position over this disk (dissect, tar, shutil read it)."""
-        return DiskFile(self)
+        return PreadFile(self)
 
     def extents(self) -> Iterator[Extent]:
         """Data and holes as the index knows them: a zero chunk is a hole, so `qemu-img
@@ -188,45 +189,6 @@ def _extents_of(index: DiskIndex) -> Iterator[Extent]:
         pos = run_end
     if index.size > pos:
         yield Extent(pos, index.size - pos, False)
-
-
-class DiskFile(io.RawIOBase):
-    """A positioned, read-only file over a PointDisk."""
-
-    def __init__(self, disk: PointDisk) -> None:
-        super().__init__()
-        self.disk = disk
-        self.size = disk.size
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.disk.pread(self._pos, len(buffer))
-        memoryview(buffer)[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            size = max(self.size - self._pos, 0)
-        data = self.disk.pread(self._pos, size)
-        self._pos += len(data)
-        return data
 
 
 def disk_of(manifest: Manifest, disk_name: str) -> DiskIndex:

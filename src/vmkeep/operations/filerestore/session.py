@@ -9,13 +9,13 @@ from typing import Any
 
 from vmkeep.errors import ImageError, UsageError
 from vmkeep.operations.point_disk import FetchStats, PointDisk
+from vmkeep.operations.pread_file import PreadFile
 from vmkeep.repository.manifest import Manifest
 from vmkeep.repository.repository import Repository
 
 from .filesystems import open_filesystem
 from .model import FileSystem
 from .volumes import Layout, Volume, discover
-from .volumes.source import SourceFile
 
 
 @dataclass(frozen=True)
@@ -137,5 +137,5 @@ class PointFiles:
 
     def _open(self, volume: Volume) -> FileSystem:
         assert volume.source is not None
-        fh: Any = SourceFile(volume.source)  # a RawIOBase that dissect reads as a BinaryIO
+        fh: Any = PreadFile(volume.source)  # a RawIOBase that dissect reads as a BinaryIO
         return open_filesystem(fh, volume.size, volume.address)

@@ -16,9 +16,10 @@ from dissect.extfs.c_ext import c_ext
 from dissect.util.stream import RunlistStream
 
 from vmkeep.errors import ImageError, VmkeepError
+from vmkeep.operations.pread_file import PreadFile
 
 from ..model import Entry, FsInfo
-from .ext_journal import Replay, ReplayedFile, plan
+from .ext_journal import Replay, ReplayedVolume, plan
 from .ext_xattr import read_xattrs
 from .nodefs import NodeFileSystem, kind_of_mode
 
@@ -70,7 +71,7 @@ class ExtFileSystem(NodeFileSystem[Node]):
             journal, replayed = replay
             with self.guard("superblock"):
                 base = cast(BinaryIO, self.volume)
-                fs = ExtFS(ReplayedFile(base, journal, replayed, fs.block_size))
+                fs = ExtFS(PreadFile(ReplayedVolume(base, journal, replayed, fs.block_size)))
         self.fs = fs
         with self.guard("superblock"):
             sb = fs.sb

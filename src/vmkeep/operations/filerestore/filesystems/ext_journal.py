@@ -140,41 +140,19 @@ def _read(journal: BinaryIO, layout: _Layout, pos: int) -> bytes:
     return block.ljust(layout.block_size, b"\0")
 
 
-class ReplayedFile(io.RawIOBase):
-    """The volume with the journal's committed blocks laid over it, read-only."""
+class ReplayedVolume:
+    """The volume with the journal's committed blocks laid over it, read-only (a Preadable:
+    operations/pread_file.py gives it a position)."""
 
     def __init__(self, base: BinaryIO, journal: BinaryIO, replay: Replay, block_size: int) -> None:
-        super().__init__()
         self.base, self.journal, self.replay = base, journal, replay
         self.block_size = block_size
         self.size = base.seek(0, io.SEEK_END)
-        self._pos = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        self._pos = max(base + offset, 0)
-        return self._pos
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        memoryview(buffer)[: len(data)] = data
-        return len(data)
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            size = max(self.size - self._pos, 0)
-        self.base.seek(self._pos)
-        data = bytearray(self.base.read(size))
-        start, end = self._pos, self._pos + len(data)
+    def pread(self, offset: int, length: int) -> bytes:
+        self.base.seek(offset)
+        data = bytearray(self.base.read(length))
+        start, end = offset, offset + len(data)
         for fs_block in range(start // self.block_size, -(-end // self.block_size)):
             journal_block = self.replay.blocks.get(fs_block)
             if journal_block is None:
@@ -186,5 +164,4 @@ class ReplayedFile(io.RawIOBase):
             lo, hi = fs_block * self.block_size, (fs_block + 1) * self.block_size
             a, b = max(lo, start), min(hi, end)
             data[a - start : b - start] = copy[a - lo : b - lo]
-        self._pos = end
         return bytes(data)

@@ -18,9 +18,10 @@ from dissect.volume.lvm.metadata import VolumeGroup
 from dissect.volume.lvm.physical import LVM2Device
 
 from vmkeep.errors import ImageError, UnsupportedImageError
+from vmkeep.operations.pread_file import PreadFile
 
 from ..filesystems.nodefs import reraise_ours
-from .source import Mapped, Segment, Slice, Source, SourceFile
+from .source import Mapped, Segment, Slice, Source
 
 SECTOR = 512
 METADATA_WINDOW = 8 << 20
@@ -64,7 +65,7 @@ class Group:
 
 def read_pv(source: Source, where: str, disk: str) -> PhysicalDevice:
     """The label and VG metadata of one PV (ImageError if unreadable)."""
-    window = SourceFile(Slice(source, 0, min(source.size, METADATA_WINDOW)))
+    window = PreadFile(Slice(source, 0, min(source.size, METADATA_WINDOW)))
     try:
         device = LVM2Device(window)
         metadata = device.metadata
@@ -164,10 +165,10 @@ class _DissectDevice(LVM2Device):  # type: ignore[misc]
 
     def __init__(self, device: PhysicalDevice) -> None:
         full = LVM2Device(
-            SourceFile(Slice(device.source, 0, min(device.source.size, METADATA_WINDOW)))
+            PreadFile(Slice(device.source, 0, min(device.source.size, METADATA_WINDOW)))
         )
         self.__dict__.update(full.__dict__)
-        self.fh = SourceFile(device.source)
+        self.fh = PreadFile(device.source)
         self.size = device.source.size
 
 

@@ -1,11 +1,10 @@
 """Random-access byte sources: a restore point's disk, a slice of one (a partition), a logical
 volume mapped over slices of several (LVM, with real stripe interleaving). Every view is
-read-only and bounded by its size; `SourceFile` makes any of them a positioned file object for
-dissect and for the file system adapters."""
+read-only and bounded by its size; operations/pread_file.py makes any of them a positioned file
+object for dissect and for the file system adapters."""
 
 from __future__ import annotations
 
-import io
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Protocol
@@ -88,41 +87,3 @@ class Mapped:
                     break
             offset += take
         return b"".join(parts)
-
-
-class SourceFile(io.RawIOBase):
-    """A positioned, read-only file over a Source."""
-
-    def __init__(self, source: Source) -> None:
-        super().__init__()
-        self.source = source
-        self.size = source.size
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        memoryview(buffer)[: len(data)] = data
-        return len(data)
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0:
-            size = max(self.size - self._pos, 0)
-        data = self.source.pread(self._pos, size)
-        self._pos += len(data)
-        return data
