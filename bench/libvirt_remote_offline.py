@@ -51,7 +51,7 @@ def benchmark(size_mib: int, say: Any, seed: int = 1) -> dict[str, Any]:
     from tests.libvirt.ssh_transport import ssh_libvirt_uri
 
     import libvirt
-    from vmkeep.connectors.libvirt.ssh_nbd import SshTarget
+    from vmkeep.connectors.libvirt.transport.ssh_nbd import SshTarget
 
     rng = random.Random(seed)
     size = size_mib << 20

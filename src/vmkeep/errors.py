@@ -114,3 +114,12 @@ class TaskCancelled(VmkeepError):
     operation aborted through its own path, so no partial restore point was written."""
 
     exit_code = 130
+
+
+class ImageError(VmkeepError):
+    """A disk image's partition table, volume manager or file system cannot be read (corrupt,
+    hostile or unsupported): file restore, mount and export say which and where."""
+
+
+class UnsupportedImageError(ImageError):
+    """A partition, volume or file system type that vmkeep does not read."""

@@ -14,6 +14,7 @@ import pytest
 
 from vmkeep.connectors.files.qcow2_writer import Qcow2DiskWriter
 from vmkeep.connectors.files.raw import RawDiskWriter
+from vmkeep.connectors.files.vhd_writer import VhdDiskWriter
 from vmkeep.errors import ConnectorError
 from vmkeep.operations.export import export_disk
 from vmkeep.progress import SilentProgress
@@ -23,7 +24,7 @@ from vmkeep.repository.repository import Repository
 from .conftest import PASSPHRASE_BYTES, Cli, refused, sha256, tree, victim_file
 
 
-@pytest.mark.parametrize("writer", [RawDiskWriter, Qcow2DiskWriter])
+@pytest.mark.parametrize("writer", [RawDiskWriter, Qcow2DiskWriter, VhdDiskWriter])
 @pytest.mark.parametrize("dangling", [False, True])
 def test_new_image_is_never_written_through_a_planted_symlink(
     tmp_path: Path, writer: Callable[..., object], dangling: bool
@@ -39,7 +40,7 @@ def test_new_image_is_never_written_through_a_planted_symlink(
     assert not (tmp_path / "not-yet").exists()
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vhd"])
 def test_export_ignores_symlinks_at_its_old_predictable_temporary_name(
     cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path, fmt: str
 ) -> None:

@@ -13,7 +13,7 @@ from tests.libvirt import libvirt_env as lv
 from tests.libvirt.test_connector import read_image
 from vmkeep.connectors.base import BackupSource
 from vmkeep.connectors.files import FilesConnector
-from vmkeep.connectors.libvirt.checkpoints import PREFIX as CP_PREFIX
+from vmkeep.connectors.libvirt.backup.checkpoints import PREFIX as CP_PREFIX
 from vmkeep.operations.backup import BackupOptions, BackupReport, backup_vm
 from vmkeep.operations.restore import restore_vm
 from vmkeep.progress import SilentProgress

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from vmkeep.connectors.libvirt.job_settle import job_starting
+from vmkeep.connectors.libvirt.cleanup.job_settle import job_starting
 
 TRIES = 5
 

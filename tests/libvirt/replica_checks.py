@@ -15,8 +15,8 @@ import pytest
 
 from tests.libvirt import libvirt_env as lv
 from tests.libvirt.conftest import LibvirtEnv
-from vmkeep.connectors.libvirt import checkpoints
-from vmkeep.connectors.libvirt.replica_domains import disk_paths
+from vmkeep.connectors.libvirt.backup import checkpoints
+from vmkeep.connectors.libvirt.replica.domains import disk_paths
 from vmkeep.operations.replication import ReplicateOptions, replicate
 from vmkeep.operations.replication.report import ReplicationReport
 from vmkeep.progress import SilentProgress

@@ -23,7 +23,7 @@ from tests.libvirt import libvirt_env as lv
 from tests.libvirt.conftest import LibvirtEnv
 from vmkeep.connectors.base import DiskReader, Extent
 from vmkeep.connectors.libvirt import LibvirtConnector
-from vmkeep.connectors.libvirt.checkpoints import PREFIX as CP_PREFIX
+from vmkeep.connectors.libvirt.backup.checkpoints import PREFIX as CP_PREFIX
 from vmkeep.errors import ConnectorError, NotFoundError
 
 MiB = lv.MiB

@@ -42,8 +42,8 @@ from tests.libvirt.backup_points import (
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.test_job_faults import run_dirs
 from vmkeep.connectors.libvirt import LibvirtConnector
+from vmkeep.connectors.libvirt.backup.workdir import MARKER
 from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.workdir import MARKER
 
 MiB = lv.MiB
 QUIET_WAIT = 180.0

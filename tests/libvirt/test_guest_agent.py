@@ -31,7 +31,8 @@ from tests.libvirt.backup_points import backup, new_repo
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.test_connector import read_image
 from vmkeep.connectors.files import FilesConnector
-from vmkeep.connectors.libvirt import LibvirtConnector, guest_freeze
+from vmkeep.connectors.libvirt import LibvirtConnector
+from vmkeep.connectors.libvirt.backup import guest_freeze
 from vmkeep.connectors.libvirt.domxml import has_guest_agent
 from vmkeep.operations.restore import restore_vm
 from vmkeep.progress import SilentProgress

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.libvirt import libvirt_env as lv
-from vmkeep.connectors.libvirt.image_nbd import open_image
+from vmkeep.connectors.libvirt.transport.image_nbd import open_image
 from vmkeep.errors import ConnectorError
 
 pytestmark = pytest.mark.skipif(

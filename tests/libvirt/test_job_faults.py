@@ -31,7 +31,7 @@ from tests.libvirt.begin_kill import killed_inside_backup_begin
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.test_connector import read_image
 from vmkeep.connectors.libvirt import LibvirtConnector
-from vmkeep.connectors.libvirt.workdir import MARKER, NAME_RE
+from vmkeep.connectors.libvirt.backup.workdir import MARKER, NAME_RE
 from vmkeep.errors import ConnectorError
 
 MiB = lv.MiB
@@ -233,7 +233,7 @@ def _qemu_nbd_serving(image: Path) -> list[str]:
 
 DIE_AFTER_MANIFEST = """
 import os, sys
-from vmkeep.connectors.libvirt.live import LiveBackupSession
+from vmkeep.connectors.libvirt.backup.live import LiveBackupSession
 def finish(self, ok):  # the process dies after the manifest, before ending the job
     if ok:
         os._exit(9)
@@ -309,7 +309,7 @@ def test_backup_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_
 
 DIE_AFTER_FIRST_VOLUME_WRITE = """
 import os, sys
-from vmkeep.connectors.libvirt import restore
+from vmkeep.connectors.libvirt.restore.new_domain import new_domain as restore
 write = restore._VolumeWriter.write
 def die(self, offset, data):  # the restore is killed with its volumes half-written
     write(self, offset, data)

@@ -25,8 +25,8 @@ from tests.libvirt.ssh_transport import free_port, ssh_libvirt_uri
 from tests.libvirt.test_job_faults import run_records
 from tests.libvirt.test_live_remote_uri import HOST, listening, scratch_files
 from vmkeep.connectors.libvirt import LibvirtConnector
+from vmkeep.connectors.libvirt.backup.workdir import remove_workdir, stale_workdirs
 from vmkeep.connectors.libvirt.connector import TcpExport
-from vmkeep.connectors.libvirt.workdir import remove_workdir, stale_workdirs
 
 MiB = lv.MiB
 BUSY = "already has a backup job running"

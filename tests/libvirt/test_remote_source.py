@@ -44,7 +44,7 @@ from tests.libvirt.test_replication_remote_target import nbd_dirs
 from tests.libvirt.test_restore_remote_uri import pool_b, ssh_uri
 from vmkeep.connectors.libvirt import LibvirtConnector
 from vmkeep.connectors.libvirt.connector import TcpExport
-from vmkeep.connectors.libvirt.replica_domains import disk_paths
+from vmkeep.connectors.libvirt.replica.domains import disk_paths
 from vmkeep.errors import ConnectorError
 from vmkeep.operations.replication import ReplicateOptions, replicate
 from vmkeep.operations.replication.report import ReplicationReport

@@ -27,8 +27,8 @@ from tests.libvirt.replica_checks import (
     run,
 )
 from tests.libvirt.test_restore_remote_uri import pool_b, ssh_uri
-from vmkeep.connectors.libvirt import checkpoints
-from vmkeep.connectors.libvirt.replica_domains import disk_paths
+from vmkeep.connectors.libvirt.backup import checkpoints
+from vmkeep.connectors.libvirt.replica.domains import disk_paths
 from vmkeep.errors import ConnectorError
 from vmkeep.operations.replication import ReplicateOptions, replicate
 from vmkeep.progress import SilentProgress

@@ -35,8 +35,8 @@ from tests.libvirt.replica_checks import (
     run,
 )
 from vmkeep.connectors.libvirt import LibvirtConnector
-from vmkeep.connectors.libvirt.replica_domains import disk_paths
-from vmkeep.connectors.libvirt.replica_record import read_record
+from vmkeep.connectors.libvirt.replica.domains import disk_paths
+from vmkeep.connectors.libvirt.replica.record import read_record
 from vmkeep.errors import ConnectorError
 from vmkeep.progress import SilentProgress
 
@@ -295,7 +295,7 @@ def test_run_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_it(
 
 DIE_AFTER_DEFINE = """
 import os, sys
-from vmkeep.connectors.libvirt.restore import NewDomainSink
+from vmkeep.connectors.libvirt.restore.new_domain import NewDomainSink
 from vmkeep.operations.replication import ReplicateOptions, replicate
 from vmkeep.progress import SilentProgress
 real = NewDomainSink.commit
@@ -363,7 +363,7 @@ def test_run_killed_right_after_defining_its_replica(
 KILLED_AFTER_SAVING = """
 import os, signal, sys
 from vmkeep.connectors.libvirt import LibvirtConnector
-from vmkeep.connectors.libvirt.live import LiveBackupSession
+from vmkeep.connectors.libvirt.backup.live import LiveBackupSession
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote

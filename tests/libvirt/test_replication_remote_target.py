@@ -33,10 +33,10 @@ from tests.libvirt.replica_checks import (
 from tests.libvirt.ssh_transport import authorized_keys, free_port, port_without_qemu_nbd
 from tests.libvirt.test_replication import scattered_writes
 from tests.libvirt.test_restore_remote_uri import pool_b, ssh_uri
-from vmkeep.connectors.libvirt import replica_snapshots
-from vmkeep.connectors.libvirt.replica_domains import disk_paths
-from vmkeep.connectors.libvirt.replica_record import VolumeStamp, read_record
-from vmkeep.connectors.libvirt.ssh_nbd import SshTarget
+from vmkeep.connectors.libvirt.replica import snapshots as replica_snapshots
+from vmkeep.connectors.libvirt.replica.domains import disk_paths
+from vmkeep.connectors.libvirt.replica.record import VolumeStamp, read_record
+from vmkeep.connectors.libvirt.transport.ssh_nbd import SshTarget
 from vmkeep.errors import ConnectorError
 from vmkeep.operations.replication import ReplicateOptions, check_options, replicate
 from vmkeep.operations.replication.report import ReplicationReport

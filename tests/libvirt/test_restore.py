@@ -17,7 +17,7 @@ import pytest
 from tests.libvirt import libvirt_env as lv
 from tests.libvirt.conftest import LibvirtEnv
 from vmkeep.connectors.libvirt import LibvirtConnector
-from vmkeep.connectors.libvirt.restore import KEEP_MACS_KEY
+from vmkeep.connectors.libvirt.restore.new_domain import KEEP_MACS_KEY
 from vmkeep.errors import ConnectorError
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.restore import restore_vm
@@ -350,7 +350,7 @@ def test_domain_xml_rewrite_drops_what_the_copy_must_not_share() -> None:
     """Pure XML: disks not in the restore point, nvram path, tap name and aliases go; a
     volume-type disk becomes a file disk on the new volume."""
     from vmkeep.connectors.base import VmConfig
-    from vmkeep.connectors.libvirt.restore import domain_xml_for
+    from vmkeep.connectors.libvirt.restore.new_domain import domain_xml_for
 
     xml = """<domain type='kvm' id='7'><name>old</name><uuid>u</uuid>
       <os><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE.fd</loader>

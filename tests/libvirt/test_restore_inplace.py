@@ -18,7 +18,7 @@ from tests.e2e.conftest import Cli
 from tests.libvirt import libvirt_env as lv
 from tests.libvirt.conftest import LibvirtEnv
 from vmkeep.connectors.libvirt import LibvirtConnector
-from vmkeep.connectors.libvirt.inplace_restore import in_place_target
+from vmkeep.connectors.libvirt.restore.in_place import in_place_target
 from vmkeep.errors import ConnectorError, NotFoundError, UsageError
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.restore import restore_vm
@@ -287,7 +287,7 @@ def test_raw_disk_in_place(
 
 DIE_AFTER_FIRST_WRITE = """
 import os, sys
-from vmkeep.connectors.libvirt.image_nbd import NbdImage
+from vmkeep.connectors.libvirt.transport.image_nbd import NbdImage
 real = NbdImage.zero
 def zero(self, offset, length):  # the process dies once a chunk is zeroed in place
     real(self, offset, length)
@@ -356,7 +356,7 @@ def _qemu_nbd_serving(image: Path) -> list[str]:
 
 DIE_WITH_IMAGE_OPEN = """
 import os, subprocess, sys
-from vmkeep.connectors.libvirt.image_nbd import open_image
+from vmkeep.connectors.libvirt.transport.image_nbd import open_image
 def sockets():
     found = set()
     for f in os.listdir("/proc/self/fd"):

@@ -22,7 +22,7 @@ from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.ssh_transport import ssh_libvirt_uri
 from tests.libvirt.test_restore import remove_domain
 from vmkeep.connectors.libvirt import LibvirtConnector
-from vmkeep.connectors.libvirt.workdir import stale_workdirs
+from vmkeep.connectors.libvirt.backup.workdir import stale_workdirs
 from vmkeep.errors import ConnectorError
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.restore import restore_vm

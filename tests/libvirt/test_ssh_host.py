@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.libvirt.ssh_transport import authorized_keys, port_without_qemu_nbd, ssh_libvirt_uri
-from vmkeep.connectors.libvirt import qemu_img
-from vmkeep.connectors.libvirt.ssh_master import PREFIX, SshMaster, remove_dead_dirs
-from vmkeep.connectors.libvirt.ssh_nbd import SshTarget
+from vmkeep.connectors.libvirt.transport import qemu_img
+from vmkeep.connectors.libvirt.transport.ssh_master import PREFIX, SshMaster, remove_dead_dirs
+from vmkeep.connectors.libvirt.transport.ssh_nbd import SshTarget
 from vmkeep.errors import ConnectorError
 
 
@@ -99,8 +99,8 @@ def test_one_login_serves_a_whole_run(ssh_uri: str, tmp_path: Path) -> None:
 
 KILLED = """
 import os, signal, sys
-from vmkeep.connectors.libvirt.ssh_master import SshMaster
-from vmkeep.connectors.libvirt.ssh_nbd import SshTarget
+from vmkeep.connectors.libvirt.transport.ssh_master import SshMaster
+from vmkeep.connectors.libvirt.transport.ssh_nbd import SshTarget
 
 master = SshMaster(SshTarget.from_uri(sys.argv[1]))
 image = master.target.open_image(sys.argv[2], "qcow2", writable=False)

@@ -24,7 +24,7 @@ from vmkeep.connectors.libvirt import LibvirtConnector
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DOMAIN_XML_KEY, parse_disks
-from vmkeep.connectors.libvirt.restore import lookup_pool
+from vmkeep.connectors.libvirt.restore.new_domain import lookup_pool
 from vmkeep.errors import ConnectorError, IntegrityError, VmkeepError
 from vmkeep.operations.healthcheck import PREFIX, DiskTracker, HealthOptions, HealthResult
 from vmkeep.progress import Progress

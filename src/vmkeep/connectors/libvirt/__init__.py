@@ -1,10 +1,10 @@
 """The `libvirt` connector: KVM/QEMU domains through libvirt, live backups over NBD with
 checkpoints and dirty bitmaps, shut-off domains read from their images."""
 
+from vmkeep.connectors.libvirt.backup.live import LiveBackupSession
+from vmkeep.connectors.libvirt.backup.offline import ImageDiskReader, OfflineBackupSession
 from vmkeep.connectors.libvirt.connector import LibvirtConnector
-from vmkeep.connectors.libvirt.live import LiveBackupSession
-from vmkeep.connectors.libvirt.nbd_reader import NbdDiskReader
-from vmkeep.connectors.libvirt.offline import ImageDiskReader, OfflineBackupSession
+from vmkeep.connectors.libvirt.transport.nbd_reader import NbdDiskReader
 
 __all__ = [
     "ImageDiskReader",

@@ -13,24 +13,24 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from vmkeep.connectors.base import DiskInfo, DiskReader, VmConfig
-from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.domxml import is_active, parse_disks, resolve_volume, vm_config
-from vmkeep.connectors.libvirt.image_nbd import open_image
-from vmkeep.connectors.libvirt.inplace_restore import InPlaceSink, disk_images
-from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
-from vmkeep.connectors.libvirt.nbd_reader import NbdServer
-from vmkeep.connectors.libvirt.offline import (
+from vmkeep.connectors.libvirt.backup.live import LiveBackupSession, begin_live_backup
+from vmkeep.connectors.libvirt.backup.offline import (
     ImageDiskReader,
     OfflineBackupSession,
     begin_offline_backup,
 )
+from vmkeep.connectors.libvirt.backup.remote_offline import begin_remote_offline
+from vmkeep.connectors.libvirt.cleanup.remote_runs import clean_remote_runs
+from vmkeep.connectors.libvirt.cleanup.stale_runs import clean_stale_runs
+from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.domxml import is_active, parse_disks, resolve_volume, vm_config
 from vmkeep.connectors.libvirt.power import OfflinePolicy, shut_down, start_again
-from vmkeep.connectors.libvirt.remote_offline import begin_remote_offline
-from vmkeep.connectors.libvirt.remote_runs import clean_remote_runs
-from vmkeep.connectors.libvirt.restore import KEEP_MACS_KEY, NewDomainSink
-from vmkeep.connectors.libvirt.ssh_master import SshMaster
-from vmkeep.connectors.libvirt.ssh_nbd import SshTarget, is_ssh_uri
-from vmkeep.connectors.libvirt.stale_runs import clean_stale_runs
+from vmkeep.connectors.libvirt.restore.in_place import InPlaceSink, disk_images
+from vmkeep.connectors.libvirt.restore.new_domain import KEEP_MACS_KEY, NewDomainSink
+from vmkeep.connectors.libvirt.transport.image_nbd import open_image
+from vmkeep.connectors.libvirt.transport.nbd_reader import NbdServer
+from vmkeep.connectors.libvirt.transport.ssh_master import SshMaster
+from vmkeep.connectors.libvirt.transport.ssh_nbd import SshTarget, is_ssh_uri
 from vmkeep.errors import ConnectorError, NotFoundError
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ class LibvirtConnector:
         return NewDomainSink(self._conn, config, target, upload=not self.local)
 
     def overwrite_vm(self, vm: VmConfig) -> VmSink:
-        """The existing domain's disks, written where they differ (inplace_restore.py); over a
+        """The existing domain's disks, written where they differ (restore/in_place.py); over a
         qemu+ssh:// URI through qemu-nbd started on that host over one ssh connection."""
         master = None
         if not self.local:

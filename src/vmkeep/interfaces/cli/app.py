@@ -16,6 +16,7 @@ from vmkeep.parallel import reuse_chunk_buffers
 from . import (
     config_commands,
     data_commands,
+    disk_access_commands,
     healthcheck_commands,
     job_commands,
     mirror_commands,
@@ -82,6 +83,7 @@ def main_options(
 
 repo_commands.register(app)
 data_commands.register(app)
+disk_access_commands.register(app)
 replicate_commands.register(app)
 mirror_commands.register(app)
 healthcheck_commands.register(app)

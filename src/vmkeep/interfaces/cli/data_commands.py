@@ -186,6 +186,16 @@ def restore(
     ),
     connector: str = typer.Option("files", "--connector", help="files or libvirt."),
     uri: str | None = typer.Option(None, "--uri", help="libvirt URI (default qemu:///system)."),
+    instant: bool = typer.Option(
+        False,
+        "--instant",
+        help="libvirt, local URI: start the new domain at once on vmkeep's NBD export of the "
+        "point, copy the data into its volumes in the background, return when done "
+        "(docs/MOUNT-EXPORT.md §5).",
+    ),
+    bandwidth: int = typer.Option(
+        100, "--bandwidth", help="With --instant: copy speed limit per disk in MiB/s (0: none)."
+    ),
     remote: str | None = RemoteOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -194,11 +204,18 @@ def restore(
 
     repo = state.open_repository(remote)
     point = repo.resolve_point(point)  # a bad id fails before anything is created
+    if instant:
+        from .instant_commands import restore_instant
+
+        if connector != "libvirt" or in_place:
+            raise UsageError("--instant restores a new domain: it needs --connector libvirt")
+        restore_instant(repo, point, to or "", name, uri, keep_macs, bandwidth, json_out)
+        return
     target_connector = connector_for(connector, uri)
     target = to or ""
     if connector == "libvirt":
         from vmkeep.connectors.libvirt import LibvirtConnector
-        from vmkeep.connectors.libvirt.inplace_restore import in_place_target
+        from vmkeep.connectors.libvirt.restore.in_place import in_place_target
 
         assert isinstance(target_connector, LibvirtConnector)
         target_connector.keep_macs = keep_macs
@@ -240,7 +257,9 @@ def export(
     point: str = typer.Argument(..., help="Restore point id (or a unique prefix)."),
     disk: str = typer.Argument(..., help="Disk name, as `vmkeep list --json` shows it."),
     output: Path = typer.Argument(..., help="Image file to write (must not exist)."),
-    fmt: str = typer.Option("raw", "--format", help="raw or qcow2."),
+    fmt: str = typer.Option(
+        "raw", "--format", help="raw, qcow2 or vhd (dynamic VHD, for Hyper-V and XCP-ng)."
+    ),
     remote: str | None = RemoteOpt,
     json_out: bool = JsonOpt,
 ) -> None:

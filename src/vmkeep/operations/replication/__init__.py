@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vmkeep.connectors.libvirt.bindings import is_libvirt_error, one_line
+from vmkeep.connectors.libvirt.cleanup.remote_runs import clean_remote_runs
+from vmkeep.connectors.libvirt.cleanup.stale_runs import clean_stale_runs
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.connector import TcpExport, is_local_uri
-from vmkeep.connectors.libvirt.remote_runs import clean_remote_runs
-from vmkeep.connectors.libvirt.replica_snapshots import MAX_KEEP
-from vmkeep.connectors.libvirt.ssh_nbd import is_ssh_uri
-from vmkeep.connectors.libvirt.stale_runs import clean_stale_runs
+from vmkeep.connectors.libvirt.replica.snapshots import MAX_KEEP
+from vmkeep.connectors.libvirt.transport.ssh_nbd import is_ssh_uri
 from vmkeep.errors import ConnectorError, UsageError
 from vmkeep.operations.replication.full import replicate_full
 from vmkeep.operations.replication.incremental import replicate_incremental

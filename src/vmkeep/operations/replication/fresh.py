@@ -13,9 +13,9 @@ from vmkeep.connectors.base import BackupSession, VmConfig
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DOMAIN_XML_KEY
-from vmkeep.connectors.libvirt.replica_domains import disk_paths, lookup
-from vmkeep.connectors.libvirt.replica_record import NAMESPACE, NS_KEY, ReplicaRecord
-from vmkeep.connectors.libvirt.restore import NewDomainSink, lookup_pool, volume_name
+from vmkeep.connectors.libvirt.replica.domains import disk_paths, lookup
+from vmkeep.connectors.libvirt.replica.record import NAMESPACE, NS_KEY, ReplicaRecord
+from vmkeep.connectors.libvirt.restore.new_domain import NewDomainSink, lookup_pool, volume_name
 from vmkeep.errors import ConnectorError
 from vmkeep.operations.replication.copy import copy_disk
 from vmkeep.operations.replication.report import CopyStats

@@ -9,11 +9,11 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from vmkeep.connectors.libvirt import replica_domains
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import vm_config
-from vmkeep.connectors.libvirt.replica_domains import Replica, free_name
-from vmkeep.connectors.libvirt.replica_record import FULL, ReplicaRecord, write_record
+from vmkeep.connectors.libvirt.replica import domains as replica_domains
+from vmkeep.connectors.libvirt.replica.domains import Replica, free_name
+from vmkeep.connectors.libvirt.replica.record import FULL, ReplicaRecord, write_record
 from vmkeep.errors import ConnectorError
 from vmkeep.operations.replication.fresh import create_replica
 from vmkeep.operations.replication.report import ReplicationReport

@@ -20,11 +20,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vmkeep.connectors.base import BackupSession, VmConfig
-from vmkeep.connectors.libvirt import replica_domains, replica_snapshots
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import vm_config
-from vmkeep.connectors.libvirt.replica_domains import Replica, disk_paths, lookup
-from vmkeep.connectors.libvirt.replica_record import (
+from vmkeep.connectors.libvirt.replica import domains as replica_domains
+from vmkeep.connectors.libvirt.replica import snapshots as replica_snapshots
+from vmkeep.connectors.libvirt.replica.domains import Replica, disk_paths, lookup
+from vmkeep.connectors.libvirt.replica.record import (
     INCREMENTAL,
     ReplicaRecord,
     read_record,

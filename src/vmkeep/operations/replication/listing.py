@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmkeep.connectors.libvirt import replica_snapshots
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import state_name
-from vmkeep.connectors.libvirt.replica_domains import replicas_of, source_uuid_by_name
+from vmkeep.connectors.libvirt.replica import snapshots as replica_snapshots
+from vmkeep.connectors.libvirt.replica.domains import replicas_of, source_uuid_by_name
 from vmkeep.errors import NotFoundError
 
 

@@ -18,19 +18,19 @@ from types import TracebackType
 from typing import Any
 
 from vmkeep.connectors.base import DiskReader
-from vmkeep.connectors.libvirt import checkpoints
-from vmkeep.connectors.libvirt.bindings import libvirt, one_line
-from vmkeep.connectors.libvirt.connection import Connection
-from vmkeep.connectors.libvirt.connector import TcpExport, is_local_uri
-from vmkeep.connectors.libvirt.domxml import DomainDisk, is_active, parse_disks, started_meanwhile
-from vmkeep.connectors.libvirt.live import LiveBackupSession, begin_live_backup
-from vmkeep.connectors.libvirt.offline import (
+from vmkeep.connectors.libvirt.backup import checkpoints
+from vmkeep.connectors.libvirt.backup.live import LiveBackupSession, begin_live_backup
+from vmkeep.connectors.libvirt.backup.offline import (
     ImageDiskReader,
     OfflineBackupSession,
     begin_offline_backup,
     check_images_unchanged,
 )
-from vmkeep.connectors.libvirt.remote_offline import begin_remote_offline
+from vmkeep.connectors.libvirt.backup.remote_offline import begin_remote_offline
+from vmkeep.connectors.libvirt.bindings import libvirt, one_line
+from vmkeep.connectors.libvirt.connection import Connection
+from vmkeep.connectors.libvirt.connector import TcpExport, is_local_uri
+from vmkeep.connectors.libvirt.domxml import DomainDisk, is_active, parse_disks, started_meanwhile
 from vmkeep.errors import ConnectorError
 
 # Notes of the backup path that speak of restore points; replication gives its own reasons.

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from types import TracebackType
 
-from vmkeep.connectors.libvirt.image_nbd import NbdImage, open_image
-from vmkeep.connectors.libvirt.replica_record import StatVolumes, local_stat
-from vmkeep.connectors.libvirt.ssh_master import SshMaster
-from vmkeep.connectors.libvirt.ssh_nbd import SshTarget
+from vmkeep.connectors.libvirt.replica.record import StatVolumes, local_stat
+from vmkeep.connectors.libvirt.transport.image_nbd import NbdImage, open_image
+from vmkeep.connectors.libvirt.transport.ssh_master import SshMaster
+from vmkeep.connectors.libvirt.transport.ssh_nbd import SshTarget
 
 
 class ReplicaVolumes:

@@ -1,0 +1,243 @@
+"""One disk of a restore point as a read-only, random-access image.
+
+File restore, `vmkeep mount`, the NBD export and instant restore all read a point's disk
+without restoring it. Reads map to chunks (the manifest's index); only the chunks a read
+touches are fetched, decoded chunks stay in a small LRU cache, and reads that move forward
+through the disk fetch the next chunks ahead, in parallel, so a sequential reader sees the
+remote's parallel throughput and not one round trip per chunk. Memory stays bounded: at
+most `cache_chunks + ahead + threads` chunks are held, whatever the disk size.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from vmkeep.connectors.base import Extent
+from vmkeep.errors import IntegrityError, NotFoundError
+from vmkeep.parallel import io_threads
+from vmkeep.repository.format import ZERO_ID
+from vmkeep.repository.manifest import DiskIndex, Manifest
+from vmkeep.repository.repository import Repository
+
+DEFAULT_CACHE_CHUNKS = 16
+DEFAULT_AHEAD = 8
+
+
+@dataclass
+class FetchStats:
+    """What the view really fetched from the repository (zero chunks cost nothing)."""
+
+    chunks: int = 0
+    bytes: int = 0
+
+
+class PointDisk:
+    """A disk of a restore point; `pread` is safe from many threads at once."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        index: DiskIndex,
+        cache_chunks: int = DEFAULT_CACHE_CHUNKS,
+        ahead: int | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.repo = repo
+        self.index = index
+        self.size = index.size
+        self.chunk_size = index.chunk_size
+        self.stats = FetchStats()
+        workers = threads or io_threads(repo.remote.url)
+        self._ahead = DEFAULT_AHEAD if ahead is None else ahead
+        self._cache_chunks = max(cache_chunks, 1)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="point-disk")
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._pending: dict[int, Future[bytes]] = {}
+        self._last_chunk = -2
+        self._zero = bytes(self.chunk_size)
+
+    def __enter__(self) -> PointDisk:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._cache.clear()
+            self._pending.clear()
+
+    # -- reading ----------------------------------------------------------------
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at `offset`; short only at the end of the disk."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
+        futures = [self._request(i) for i in range(first, last + 1)]
+        self._read_ahead(first, last)
+        parts = []
+        for i, future in zip(range(first, last + 1), futures, strict=True):
+            data = future.result()
+            base = i * self.chunk_size
+            parts.append(data[max(offset - base, 0) : min(end - base, len(data))])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def file(self) -> DiskFile:
+        """A file object with its own position over this disk (dissect, tar, shutil read it)."""
+        return DiskFile(self)
+
+    def extents(self) -> Iterator[Extent]:
+        """Data and holes as the index knows them: a zero chunk is a hole, so `qemu-img
+        convert` over NBD and sparse copies skip it without reading."""
+        yield from _extents_of(self.index)
+
+    # -- chunks -----------------------------------------------------------------
+
+    def _request(self, i: int) -> Future[bytes]:
+        """The chunk's data: from the cache, a fetch already under way, or a new fetch."""
+        with self._lock:
+            cached = self._cache.get(i)
+            if cached is not None:
+                self._cache.move_to_end(i)
+                done: Future[bytes] = Future()
+                done.set_result(cached)
+                return done
+            pending = self._pending.get(i)
+            if pending is None:
+                pending = self._pool.submit(self._fetch, i)
+                self._pending[i] = pending
+            return pending
+
+    def _read_ahead(self, first: int, last: int) -> None:
+        """A read that starts at or just after the previous one's end is sequential:
+        fetch the next chunks before they are asked for."""
+        with self._lock:
+            sequential = self._last_chunk <= first <= self._last_chunk + 1
+            self._last_chunk = last
+        if not sequential or not self._ahead:
+            return
+        for i in range(last + 1, min(last + 1 + self._ahead, self.index.chunk_count)):
+            with self._lock:
+                wanted = i not in self._cache and i not in self._pending
+            if wanted and self.index.chunk_id(i) != ZERO_ID:
+                self._request(i)
+
+    def _fetch(self, i: int) -> bytes:
+        try:
+            data = self._decode(i)
+        finally:
+            with self._lock:
+                self._pending.pop(i, None)
+        with self._lock:
+            self._cache[i] = data
+            self._cache.move_to_end(i)
+            while len(self._cache) > self._cache_chunks:
+                self._cache.popitem(last=False)
+        return data
+
+    def _decode(self, i: int) -> bytes:
+        length = self.index.chunk_length(i)
+        chunk_id = self.index.chunk_id(i)
+        if chunk_id == ZERO_ID:
+            return self._zero[:length] if length != self.chunk_size else self._zero
+        data = self.repo.get_chunk(chunk_id)
+        if len(data) != length:
+            raise IntegrityError(
+                f"disk {self.index.name}: chunk {chunk_id.hex()[:16]} holds {len(data)} bytes, "
+                f"its place in the disk {length}"
+            )
+        with self._lock:
+            self.stats.chunks += 1
+            self.stats.bytes += length
+        return data
+
+
+def _extents_of(index: DiskIndex) -> Iterator[Extent]:
+    """Merged data and hole extents covering the whole disk, in order."""
+    pos = 0
+    run_start: int | None = None
+    run_end = 0
+    for i, _ in index.entries():
+        start = i * index.chunk_size
+        end = start + index.chunk_length(i)
+        if run_start is not None and start == run_end:
+            run_end = end
+            continue
+        if run_start is not None:
+            yield Extent(run_start, run_end - run_start, True)
+            pos = run_end
+        if start > pos:
+            yield Extent(pos, start - pos, False)
+        run_start, run_end = start, end
+    if run_start is not None:
+        yield Extent(run_start, run_end - run_start, True)
+        pos = run_end
+    if index.size > pos:
+        yield Extent(pos, index.size - pos, False)
+
+
+class DiskFile(io.RawIOBase):
+    """A positioned, read-only file over a PointDisk."""
+
+    def __init__(self, disk: PointDisk) -> None:
+        super().__init__()
+        self.disk = disk
+        self.size = disk.size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.disk.pread(self._pos, len(buffer))
+        memoryview(buffer)[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = max(self.size - self._pos, 0)
+        data = self.disk.pread(self._pos, size)
+        self._pos += len(data)
+        return data
+
+
+def disk_of(manifest: Manifest, disk_name: str) -> DiskIndex:
+    """The named disk of a restore point, or an error that lists the ones it has."""
+    index = next((d for d in manifest.disks if d.name == disk_name), None)
+    if index is None:
+        names = ", ".join(d.name for d in manifest.disks)
+        raise NotFoundError(
+            f"restore point {manifest.id} has no disk {disk_name!r} (it has {names})"
+        )
+    return index
+
+
+def open_point_disk(repo: Repository, point_ref: str, disk_name: str) -> PointDisk:
+    """The disk `disk_name` of the restore point `point_ref` (an id or a unique prefix)."""
+    manifest = repo.load_manifest(repo.resolve_point(point_ref))
+    return PointDisk(repo, disk_of(manifest, disk_name))
