@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSPHRASE
-from vmkeep.connectors.base import DiskWriter
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import RemoteError
+from vmkeep.fetch_pipeline import PipelineStats
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.restore import restore_disk
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.format import CHUNKS_PREFIX, DEFAULT_CHUNK_SIZE
+from vmkeep.repository.limits import max_chunk_object
 from vmkeep.repository.repository import Repository
 
 MiB = 1 << 20
@@ -245,32 +246,30 @@ def test_failed_chunk_write_stops_the_backup_without_a_manifest(tmp_path: Path) 
 
 
 def test_restore_memory_does_not_grow_with_the_disk(tmp_path: Path) -> None:
-    """Decoded chunks never queue up: each thread holds one at a time."""
-    vm, image = make_vm(tmp_path, chunks=24)
-    repo = Repository.init(LocalRemote(tmp_path / "repo"), "none", lambda: PASSPHRASE)
+    """Fetchers run ahead of a stalled decoder, but only a window of fetched chunks ever
+    waits in memory (counted by the pipeline, whatever the disk size)."""
+    vm, image = make_vm(tmp_path, chunks=36)
+    repo = Repository.init(LocalRemote(tmp_path / "repo"), "aes-256-gcm", lambda: PASSPHRASE)
     report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
     index = repo.load_manifest(report.restore_point).disks[0]
-    held = peak = 0
-    lock = threading.Lock()
-    real_get = repo.get_chunk
+    stalled = threading.Event()
 
-    def counting_get(chunk_id: bytes) -> bytes:
-        nonlocal held, peak
-        data = real_get(chunk_id)
-        with lock:
-            held += 1
-            peak = max(peak, held)
-        return data
-
-    class Releasing(RecordingWriter):
+    class Stalling(RecordingWriter):
         def write(self, offset: int, data: bytes) -> None:
-            nonlocal held
+            if not stalled.is_set():  # the first write holds the only decoder for a while
+                stalled.set()
+                time.sleep(0.5)
             super().write(offset, data)
-            if len(data) == DEFAULT_CHUNK_SIZE or offset + len(data) == len(image):
-                with lock:
-                    held -= 1
 
-    repo.get_chunk = counting_get  # type: ignore[method-assign]
-    writer: DiskWriter = Releasing(len(image))
-    restore_disk(repo, index, writer, None, SilentProgress(), "d0", threads=3)
-    assert 1 <= peak <= 3
+    stats = PipelineStats()
+    writer = Stalling(len(image))
+    restore_disk(
+        repo, index, writer, None, SilentProgress(), "d0", threads=6, decoders=1, stats=stats
+    )
+    assert hashlib.sha256(writer.image).digest() == hashlib.sha256(image).digest()
+    chunks = len(list(index.entries()))
+    assert chunks == 25 and stats.fetched_items == chunks
+    window = 6 + 2 * 1
+    assert 3 <= stats.peak_queued_items <= window  # ran ahead of the decoder, within bounds
+    assert stats.peak_queued_bytes <= window * max_chunk_object(DEFAULT_CHUNK_SIZE)
+    assert stats.queued_bytes == 0
