@@ -98,13 +98,14 @@ class _Fetched:
 
 
 def _groups(wanted: Iterable[int], size: int) -> Iterator[list[int]]:
-    """Runs of consecutive chunk indexes, at most `size` long (one fetch each)."""
+    """The wanted chunk indexes, in order, `size` at a time (one fetch each): holes between
+    them do not matter, their blocks still lie side by side in the packs."""
     group: list[int] = []
     for i in wanted:
-        if group and (len(group) >= size or i != group[-1] + 1):
+        group.append(i)
+        if len(group) >= size:
             yield group
             group = []
-        group.append(i)
     if group:
         yield group
 
