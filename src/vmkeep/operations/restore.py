@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -97,6 +96,17 @@ class _Fetched:
     raw: FetchedChunks | None
 
 
+@dataclass
+class _Decoded:
+    """A decoded group: (index, plaintext, data runs) of each chunk to write, and the chunks
+    to zero."""
+
+    covered: int
+    restored: int
+    chunks: list[tuple[int, bytes, list[tuple[int, int]]]]
+    zero: list[int]
+
+
 def _groups(wanted: Iterable[int], size: int) -> Iterator[list[int]]:
     """The wanted chunk indexes, in order, `size` at a time (one fetch each): holes between
     them do not matter, their blocks still lie side by side in the packs."""
@@ -123,10 +133,11 @@ def restore_disk(
 ) -> tuple[int, int]:
     """Write one disk. With `current` (in-place), chunks that already match are skipped.
 
-    A two-stage pipeline (vmkeep.fetch_pipeline): `threads` fetchers keep GETs in flight
-    while `decoders` (one per core) authenticate, decompress, check and write what arrived,
-    in whatever order it arrives (DiskWriter allows any order; a lock keeps it to one writing
-    thread at a time). Memory: at most a window of fetched groups, whatever the disk size."""
+    A pipeline (vmkeep.fetch_pipeline): `threads` fetchers keep GETs in flight while
+    `decoders` (one per core) authenticate, decompress and check what arrived, and this
+    thread writes the decoded chunks in whatever order they come (DiskWriter allows any
+    order), so no decoder waits on the disk. Memory: at most a window of groups, fetched or
+    decoded, whatever the disk size."""
     if current is None:  # a new disk starts as holes: only the chunks with data
         wanted: Iterable[int] = (i for i, _ in index.entries())
         total = index.nonzero_bytes()
@@ -137,7 +148,6 @@ def restore_disk(
         wanted = indexes(ranges)
         total = covered_bytes(ranges, index.size, index.chunk_size)
     progress.start(label, total)
-    write_lock = threading.Lock()
 
     def fetch(group: list[int]) -> _Fetched:
         """I/O: what the current disk already holds (in place), then the chunks' raw bytes."""
@@ -157,15 +167,11 @@ def restore_disk(
             out.raw = repo.fetch_chunks([index.chunk_id(i) for i in out.write])
         return out
 
-    def decode(got: _Fetched) -> tuple[int, int, int]:
-        """CPU and the disk write: (covered, restored, written) bytes of the group."""
-        written = 0
-        for i in got.zero:
-            with write_lock:
-                writer.zero(i * index.chunk_size, index.chunk_length(i))
-            written += index.chunk_length(i)
+    def decode(got: _Fetched) -> _Decoded:
+        """CPU: the group's chunks authenticated, decompressed, checked, cut into data runs."""
         chunks = repo.decode_chunks(got.raw) if got.raw is not None else []
         got.raw = None  # the raw bytes are not needed past their decode
+        out = _Decoded(got.covered, got.restored, [], got.zero)
         for i, data in zip(got.write, chunks, strict=True):
             length = index.chunk_length(i)
             if len(data) != length:  # would spill into the next chunk's range, or leave a gap
@@ -174,9 +180,18 @@ def restore_disk(
                     f"its place in the disk {length}"
                 )
             runs = [(0, len(data))] if current is not None else list(data_runs(data))
-            with write_lock:
-                written += write_runs(writer, i * index.chunk_size, data, runs)
-        return got.covered, got.restored, written
+            out.chunks.append((i, data, runs))
+        return out
+
+    def write(done: _Decoded) -> int:
+        """The disk writes of a decoded group, on the one thread that writes."""
+        written = 0
+        for i in done.zero:
+            writer.zero(i * index.chunk_size, index.chunk_length(i))
+            written += index.chunk_length(i)
+        for i, data, runs in done.chunks:
+            written += write_runs(writer, i * index.chunk_size, data, runs)
+        return written
 
     stage = FetchDecode(
         fetch,
@@ -188,10 +203,10 @@ def restore_disk(
     )
     restored = written = 0
     window = stage.fetchers + 2 * stage.decoders
-    for covered, r, w in pipelined_map(stage, _groups(wanted, repo.fetch_group), window):
-        restored += r
-        written += w
-        progress.advance(covered)
+    for done in pipelined_map(stage, _groups(wanted, repo.fetch_group), window):
+        written += write(done)  # here, so that the decoders never wait on the disk
+        restored += done.restored
+        progress.advance(done.covered)
     progress.finish()
     return restored, written
 
