@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
@@ -114,7 +114,9 @@ class FetchDecode(Generic[T, F, R]):
         self._cpu.shutdown(wait=True, cancel_futures=True)
 
 
-def pipelined_map(stage: FetchDecode[T, F, R], items: Iterable[T], window: int) -> Iterator[R]:
+def pipelined_map(
+    stage: FetchDecode[T, F, R], items: Iterable[T], window: int
+) -> Generator[R, None, None]:
     """Results of `stage` over `items` as they complete, at most `window` items in flight
     (fetching, fetched or decoding). The first error stops the run: queued items are
     cancelled, running ones finish, the error is raised. The stage is closed at the end."""

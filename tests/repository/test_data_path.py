@@ -16,8 +16,8 @@ import pytest
 
 from tests.conftest import PASSPHRASE
 from vmkeep.connectors.files import FilesConnector
-from vmkeep.errors import RemoteError
-from vmkeep.fetch_pipeline import PipelineStats
+from vmkeep.errors import IntegrityError, RemoteError
+from vmkeep.fetch_pipeline import FetchDecode, PipelineStats, pipelined_map
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.restore import restore_disk
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
@@ -85,6 +85,54 @@ def test_unordered_map_first_error_stops_the_run() -> None:
         list(unordered_map(work, range(10_000), threads=4))
     assert len(started) < 100  # the rest was cancelled, not run
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("stage", ["fetch", "decode"])
+def test_pipelined_map_first_error_stops_the_run(stage: str) -> None:
+    """A failing fetch or decode reaches the caller, queued items never start, no thread is
+    left, and the window bounds what was fetched ahead."""
+    fetched: list[int] = []
+
+    def fetch(i: int) -> int:
+        fetched.append(i)
+        if stage == "fetch" and i == 3:
+            raise RemoteError("boom")
+        time.sleep(0.005)
+        return i
+
+    def decode(i: int) -> int:
+        if stage == "decode" and i == 3:
+            raise IntegrityError("corrupt")
+        return i * 2
+
+    before = threading.active_count()
+    pipe = FetchDecode(fetch, decode, lambda _: 1, fetchers=4, decoders=2)
+    with pytest.raises((RemoteError, IntegrityError)):
+        list(pipelined_map(pipe, range(10_000), window=8))
+    assert len(fetched) < 100
+    assert threading.active_count() == before
+
+
+def test_pipelined_map_keeps_every_result_and_more_fetches_than_decoders() -> None:
+    fetching = peak = 0
+    lock = threading.Lock()
+
+    def fetch(i: int) -> int:
+        nonlocal fetching, peak
+        with lock:
+            fetching += 1
+            peak = max(peak, fetching)
+        time.sleep(0.01)
+        with lock:
+            fetching -= 1
+        return i
+
+    stats = PipelineStats()
+    pipe = FetchDecode(fetch, lambda i: i * 2, lambda _: 10, fetchers=6, decoders=1, stats=stats)
+    assert sorted(pipelined_map(pipe, range(60), window=8)) == [i * 2 for i in range(60)]
+    assert 3 <= peak <= 6  # GETs in flight beyond the one decoder, within the fetchers
+    assert stats.fetched_items == 60 and stats.queued_bytes == 0
+    assert stats.peak_queued_bytes <= 8 * 10
 
 
 def test_cpu_gate_admits_at_most_its_slots() -> None:

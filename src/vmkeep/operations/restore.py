@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,10 +204,11 @@ def restore_disk(
     )
     restored = written = 0
     window = stage.fetchers + 2 * stage.decoders
-    for done in pipelined_map(stage, _groups(wanted, repo.fetch_group), window):
-        written += write(done)  # here, so that the decoders never wait on the disk
-        restored += done.restored
-        progress.advance(done.covered)
+    with closing(pipelined_map(stage, _groups(wanted, repo.fetch_group), window)) as results:
+        for done in results:  # a failed write closes the pipeline at once, not at GC
+            written += write(done)  # here, so that the decoders never wait on the disk
+            restored += done.restored
+            progress.advance(done.covered)
     progress.finish()
     return restored, written
 
