@@ -3,6 +3,7 @@ on loopback, next to the raw throughput of the same server and to restic, in one
 
     .venv/bin/python bench/remotes.py [--size-gib 4] [--json] [--remotes local,s3,azure,smb]
                                       [--raw-mib 256] [--workdir bench/work-remotes] [--keep]
+                                      [--format 1|2|3]
 
 For each remote, in this order, with the page cache dropped before each timed step:
   1. raw: parallel 4 MiB object writes, then reads (--raw-mib of random data in total, on as
@@ -91,6 +92,7 @@ RAW_OBJECT = 4 * MiB
 RAW_THREADS = OBJECT_STORE_THREADS  # the default; each remote uses io_threads(its URL)
 TARGET_RAW = 0.8
 TARGET_SPEEDUP = 1.0
+INIT_OPTIONS: list[str] = []  # --format N: `vmkeep init --format N`
 EMULATOR_PORT = 10000  # where restic 0.14's Azure SDK looks for the storage emulator
 
 
@@ -542,7 +544,8 @@ def bench_vmkeep(
     out: dict[str, Any] = {"status": "failed", "reason": None, "steps": {}, "reports": {}}
     try:
         sid = server.sid
-        _, out["steps"]["init"] = timed("vmkeep init", [vmkeep, "init", server.url], env, sid)
+        argv = [vmkeep, "init", server.url, *INIT_OPTIONS]
+        _, out["steps"]["init"] = timed("vmkeep init", argv, env, sid)
         argv = [vmkeep, "backup", str(vm_dir), "--remote", server.url, "--json"]
         backup, out["steps"]["backup"] = timed("vmkeep backup", argv, env, sid)
         out["reports"]["backup"] = report = json.loads(backup.stdout)
@@ -948,7 +951,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the workdir")
     parser.add_argument("--seed", type=int, default=1, help="layout seed (default 1)")
+    parser.add_argument(
+        "--format", type=int, choices=(1, 2, 3), help="vmkeep's repository format (default: init's)"
+    )
     args = parser.parse_args(argv)
+    if args.format:
+        INIT_OPTIONS[:] = ["--format", str(args.format)]
     size = int(args.size_gib * GiB) // MiB * MiB
     if size < 16 * MiB:
         parser.error("--size-gib must be at least 1/64 (16 MiB)")

@@ -15,15 +15,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSPHRASE
-from vmkeep.connectors.base import DiskWriter
 from vmkeep.connectors.files import FilesConnector
-from vmkeep.errors import RemoteError
+from vmkeep.errors import IntegrityError, RemoteError
+from vmkeep.fetch_pipeline import FetchDecode, PipelineStats, pipelined_map
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.restore import restore_disk
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.format import CHUNKS_PREFIX, DEFAULT_CHUNK_SIZE
+from vmkeep.repository.limits import max_chunk_object
 from vmkeep.repository.repository import Repository
 
 MiB = 1 << 20
@@ -84,6 +85,54 @@ def test_unordered_map_first_error_stops_the_run() -> None:
         list(unordered_map(work, range(10_000), threads=4))
     assert len(started) < 100  # the rest was cancelled, not run
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("stage", ["fetch", "decode"])
+def test_pipelined_map_first_error_stops_the_run(stage: str) -> None:
+    """A failing fetch or decode reaches the caller, queued items never start, no thread is
+    left, and the window bounds what was fetched ahead."""
+    fetched: list[int] = []
+
+    def fetch(i: int) -> int:
+        fetched.append(i)
+        if stage == "fetch" and i == 3:
+            raise RemoteError("boom")
+        time.sleep(0.005)
+        return i
+
+    def decode(i: int) -> int:
+        if stage == "decode" and i == 3:
+            raise IntegrityError("corrupt")
+        return i * 2
+
+    before = threading.active_count()
+    pipe = FetchDecode(fetch, decode, lambda _: 1, fetchers=4, decoders=2)
+    with pytest.raises((RemoteError, IntegrityError)):
+        list(pipelined_map(pipe, range(10_000), window=8))
+    assert len(fetched) < 100
+    assert threading.active_count() == before
+
+
+def test_pipelined_map_keeps_every_result_and_more_fetches_than_decoders() -> None:
+    fetching = peak = 0
+    lock = threading.Lock()
+
+    def fetch(i: int) -> int:
+        nonlocal fetching, peak
+        with lock:
+            fetching += 1
+            peak = max(peak, fetching)
+        time.sleep(0.01)
+        with lock:
+            fetching -= 1
+        return i
+
+    stats = PipelineStats()
+    pipe = FetchDecode(fetch, lambda i: i * 2, lambda _: 10, fetchers=6, decoders=1, stats=stats)
+    assert sorted(pipelined_map(pipe, range(60), window=8)) == [i * 2 for i in range(60)]
+    assert 3 <= peak <= 6  # GETs in flight beyond the one decoder, within the fetchers
+    assert stats.fetched_items == 60 and stats.queued_bytes == 0
+    assert stats.peak_queued_bytes <= 8 * 10
 
 
 def test_cpu_gate_admits_at_most_its_slots() -> None:
@@ -245,32 +294,30 @@ def test_failed_chunk_write_stops_the_backup_without_a_manifest(tmp_path: Path) 
 
 
 def test_restore_memory_does_not_grow_with_the_disk(tmp_path: Path) -> None:
-    """Decoded chunks never queue up: each thread holds one at a time."""
-    vm, image = make_vm(tmp_path, chunks=24)
-    repo = Repository.init(LocalRemote(tmp_path / "repo"), "none", lambda: PASSPHRASE)
+    """Fetchers run ahead of a stalled decoder, but only a window of fetched chunks ever
+    waits in memory (counted by the pipeline, whatever the disk size)."""
+    vm, image = make_vm(tmp_path, chunks=36)
+    repo = Repository.init(LocalRemote(tmp_path / "repo"), "aes-256-gcm", lambda: PASSPHRASE)
     report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
     index = repo.load_manifest(report.restore_point).disks[0]
-    held = peak = 0
-    lock = threading.Lock()
-    real_get = repo.get_chunk
+    stalled = threading.Event()
 
-    def counting_get(chunk_id: bytes) -> bytes:
-        nonlocal held, peak
-        data = real_get(chunk_id)
-        with lock:
-            held += 1
-            peak = max(peak, held)
-        return data
-
-    class Releasing(RecordingWriter):
+    class Stalling(RecordingWriter):
         def write(self, offset: int, data: bytes) -> None:
-            nonlocal held
+            if not stalled.is_set():  # the first write holds the only decoder for a while
+                stalled.set()
+                time.sleep(0.5)
             super().write(offset, data)
-            if len(data) == DEFAULT_CHUNK_SIZE or offset + len(data) == len(image):
-                with lock:
-                    held -= 1
 
-    repo.get_chunk = counting_get  # type: ignore[method-assign]
-    writer: DiskWriter = Releasing(len(image))
-    restore_disk(repo, index, writer, None, SilentProgress(), "d0", threads=3)
-    assert 1 <= peak <= 3
+    stats = PipelineStats()
+    writer = Stalling(len(image))
+    restore_disk(
+        repo, index, writer, None, SilentProgress(), "d0", threads=6, decoders=1, stats=stats
+    )
+    assert hashlib.sha256(writer.image).digest() == hashlib.sha256(image).digest()
+    chunks = len(list(index.entries()))
+    assert chunks == 25 and stats.fetched_items == chunks
+    window = 6 + 2 * 1
+    assert 3 <= stats.peak_queued_items <= window  # ran ahead of the decoder, within bounds
+    assert stats.peak_queued_bytes <= window * max_chunk_object(DEFAULT_CHUNK_SIZE)
+    assert stats.queued_bytes == 0

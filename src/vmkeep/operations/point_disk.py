@@ -13,12 +13,14 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from vmkeep.connectors.base import Extent
 from vmkeep.errors import IntegrityError, NotFoundError
+from vmkeep.fetch_pipeline import FetchDecode
 from vmkeep.parallel import io_threads
+from vmkeep.repository.chunk_fetch import FetchedChunks
 from vmkeep.repository.format import ZERO_ID
 from vmkeep.repository.manifest import DiskIndex, Manifest
 from vmkeep.repository.repository import Repository
@@ -57,7 +59,9 @@ class PointDisk:
         workers = threads or io_threads(repo.remote.url)
         self._ahead = DEFAULT_AHEAD if ahead is None else ahead
         self._cache_chunks = max(cache_chunks, 1)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="point-disk")
+        # fetches (I/O) on `workers` threads, decodes on one thread per core: a read-ahead
+        # keeps its GETs in flight while the cores decode (vmkeep.fetch_pipeline)
+        self._stage = FetchDecode(self._fetch_raw, self._decode_raw, _raw_size, workers)
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._pending: dict[int, Future[bytes]] = {}
@@ -71,7 +75,7 @@ class PointDisk:
         self.close()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._stage.close()
         with self._lock:
             self._cache.clear()
             self._pending.clear()
@@ -116,10 +120,15 @@ class PointDisk:
                 done.set_result(cached)
                 return done
             pending = self._pending.get(i)
-            if pending is None:
-                pending = self._pool.submit(self._fetch, i)
-                self._pending[i] = pending
-            return pending
+            if pending is not None:
+                return pending
+            pending = self._pending[i] = self._stage.submit(i)
+        pending.add_done_callback(lambda _: self._forget(i))  # outside the lock: may run now
+        return pending
+
+    def _forget(self, i: int) -> None:
+        with self._lock:
+            self._pending.pop(i, None)
 
     def _read_ahead(self, offset: int, end: int, last: int) -> None:
         """A read that starts where the previous one ended (or re-reads a little of its end,
@@ -137,12 +146,15 @@ class PointDisk:
             if wanted and self.index.chunk_id(i) != ZERO_ID:
                 self._request(i)
 
-    def _fetch(self, i: int) -> bytes:
-        try:
-            data = self._decode(i)
-        finally:
-            with self._lock:
-                self._pending.pop(i, None)
+    def _fetch_raw(self, i: int) -> tuple[int, FetchedChunks | None]:
+        """I/O half: the chunk's raw bytes (nothing for a zero chunk)."""
+        chunk_id = self.index.chunk_id(i)
+        return i, None if chunk_id == ZERO_ID else self.repo.fetch_chunks([chunk_id])
+
+    def _decode_raw(self, fetched: tuple[int, FetchedChunks | None]) -> bytes:
+        """CPU half: decode and check the chunk, then keep it in the cache."""
+        i, raw = fetched
+        data = self._decode(i, raw)
         with self._lock:
             self._cache[i] = data
             self._cache.move_to_end(i)
@@ -150,21 +162,24 @@ class PointDisk:
                 self._cache.popitem(last=False)
         return data
 
-    def _decode(self, i: int) -> bytes:
+    def _decode(self, i: int, raw: FetchedChunks | None) -> bytes:
         length = self.index.chunk_length(i)
-        chunk_id = self.index.chunk_id(i)
-        if chunk_id == ZERO_ID:
+        if raw is None:
             return self._zero[:length] if length != self.chunk_size else self._zero
-        data = self.repo.get_chunk(chunk_id)
+        data = self.repo.decode_chunks(raw)[0]
         if len(data) != length:
             raise IntegrityError(
-                f"disk {self.index.name}: chunk {chunk_id.hex()[:16]} holds {len(data)} bytes, "
-                f"its place in the disk {length}"
+                f"disk {self.index.name}: chunk {raw.chunk_ids[0].hex()[:16]} holds "
+                f"{len(data)} bytes, its place in the disk {length}"
             )
         with self._lock:
             self.stats.chunks += 1
             self.stats.bytes += length
         return data
+
+
+def _raw_size(fetched: tuple[int, FetchedChunks | None]) -> int:
+    return fetched[1].nbytes if fetched[1] is not None else 0
 
 
 def _extents_of(index: DiskIndex) -> Iterator[Extent]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +18,10 @@ from vmkeep.connectors.base import (
     VmSink,
 )
 from vmkeep.errors import IntegrityError, NameTakenError, UsageError
-from vmkeep.parallel import io_threads, unordered_map
+from vmkeep.fetch_pipeline import FetchDecode, PipelineStats, pipelined_map
+from vmkeep.parallel import io_threads
 from vmkeep.progress import Progress
+from vmkeep.repository.chunk_fetch import FetchedChunks
 from vmkeep.repository.format import ZERO_ID, is_zero
 from vmkeep.repository.index_runs import chunks_touched, covered_bytes, indexes, merge_ranges
 from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem
@@ -83,6 +85,42 @@ def vm_config_from(manifest: Manifest, name: str | None, new_identity: bool) -> 
     )
 
 
+@dataclass
+class _Fetched:
+    """One fetch of the restore pipeline: chunk indexes to write from `raw` (in its order),
+    to zero, the bytes of the disk the group covers and of those its non-zero chunks."""
+
+    write: list[int]
+    zero: list[int]
+    covered: int
+    restored: int
+    raw: FetchedChunks | None
+
+
+@dataclass
+class _Decoded:
+    """A decoded group: (index, plaintext, data runs) of each chunk to write, and the chunks
+    to zero."""
+
+    covered: int
+    restored: int
+    chunks: list[tuple[int, bytes, list[tuple[int, int]]]]
+    zero: list[int]
+
+
+def _groups(wanted: Iterable[int], size: int) -> Iterator[list[int]]:
+    """The wanted chunk indexes, in order, `size` at a time (one fetch each): holes between
+    them do not matter, their blocks still lie side by side in the packs."""
+    group: list[int] = []
+    for i in wanted:
+        group.append(i)
+        if len(group) >= size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def restore_disk(
     repo: Repository,
     index: DiskIndex,
@@ -91,13 +129,16 @@ def restore_disk(
     progress: Progress,
     label: str,
     threads: int | None = None,
+    decoders: int | None = None,
+    stats: PipelineStats | None = None,
 ) -> tuple[int, int]:
     """Write one disk. With `current` (in-place), chunks that already match are skipped.
 
-    Each thread fetches, decodes and writes its own chunk, in whatever order chunks arrive
-    (DiskWriter allows any order; a lock keeps it to one writing thread at a time), so a slow
-    GET never stalls the others and memory stays at a chunk or two per thread: no decoded
-    chunk waits in memory for its turn."""
+    A pipeline (vmkeep.fetch_pipeline): `threads` fetchers keep GETs in flight while
+    `decoders` (one per core) authenticate, decompress and check what arrived, and this
+    thread writes the decoded chunks in whatever order they come (DiskWriter allows any
+    order), so no decoder waits on the disk. Memory: at most a window of groups, fetched or
+    decoded, whatever the disk size."""
     if current is None:  # a new disk starts as holes: only the chunks with data
         wanted: Iterable[int] = (i for i, _ in index.entries())
         total = index.nonzero_bytes()
@@ -108,39 +149,66 @@ def restore_disk(
         wanted = indexes(ranges)
         total = covered_bytes(ranges, index.size, index.chunk_size)
     progress.start(label, total)
-    write_lock = threading.Lock()
 
-    def restore_chunk(i: int) -> tuple[int, int, int]:
-        """(length, restored, written) bytes of chunk i."""
-        chunk_id = index.chunk_id(i)
-        offset = i * index.chunk_size
-        length = index.chunk_length(i)
-        restored = length if chunk_id != ZERO_ID else 0
-        if current is not None:
-            now = current.read(offset, length)
-            same = is_zero(now) if chunk_id == ZERO_ID else repo.chunk_id(now) == chunk_id
-            if same:
-                return length, restored, 0
-        if chunk_id == ZERO_ID:
-            with write_lock:
-                writer.zero(offset, length)
-            return length, restored, length
-        data = repo.get_chunk(chunk_id)
-        if len(data) != length:  # would spill into the next chunk's range, or leave a gap
-            raise IntegrityError(
-                f"{label}: chunk {chunk_id.hex()[:16]} holds {len(data)} bytes, "
-                f"its place in the disk {length}"
-            )
-        runs = [(0, len(data))] if current is not None else list(data_runs(data))
-        with write_lock:
-            return length, restored, write_runs(writer, offset, data, runs)
+    def fetch(group: list[int]) -> _Fetched:
+        """I/O: what the current disk already holds (in place), then the chunks' raw bytes."""
+        out = _Fetched([], [], 0, 0, None)
+        for i in group:
+            chunk_id, length = index.chunk_id(i), index.chunk_length(i)
+            out.covered += length
+            out.restored += length if chunk_id != ZERO_ID else 0
+            if current is not None:
+                now = current.read(i * index.chunk_size, length)
+                same = is_zero(now) if chunk_id == ZERO_ID else repo.chunk_id(now) == chunk_id
+                del now
+                if same:
+                    continue
+            (out.zero if chunk_id == ZERO_ID else out.write).append(i)
+        if out.write:
+            out.raw = repo.fetch_chunks([index.chunk_id(i) for i in out.write])
+        return out
 
+    def decode(got: _Fetched) -> _Decoded:
+        """CPU: the group's chunks authenticated, decompressed, checked, cut into data runs."""
+        chunks = repo.decode_chunks(got.raw) if got.raw is not None else []
+        got.raw = None  # the raw bytes are not needed past their decode
+        out = _Decoded(got.covered, got.restored, [], got.zero)
+        for i, data in zip(got.write, chunks, strict=True):
+            length = index.chunk_length(i)
+            if len(data) != length:  # would spill into the next chunk's range, or leave a gap
+                raise IntegrityError(
+                    f"{label}: chunk {index.chunk_id(i).hex()[:16]} holds {len(data)} bytes, "
+                    f"its place in the disk {length}"
+                )
+            runs = [(0, len(data))] if current is not None else list(data_runs(data))
+            out.chunks.append((i, data, runs))
+        return out
+
+    def write(done: _Decoded) -> int:
+        """The disk writes of a decoded group, on the one thread that writes."""
+        written = 0
+        for i in done.zero:
+            writer.zero(i * index.chunk_size, index.chunk_length(i))
+            written += index.chunk_length(i)
+        for i, data, runs in done.chunks:
+            written += write_runs(writer, i * index.chunk_size, data, runs)
+        return written
+
+    stage = FetchDecode(
+        fetch,
+        decode,
+        lambda got: got.raw.nbytes if got.raw is not None else 0,
+        threads or io_threads(repo.remote.url),
+        decoders,
+        stats,
+    )
     restored = written = 0
-    threads = threads or io_threads(repo.remote.url)
-    for length, r, w in unordered_map(restore_chunk, wanted, threads):
-        restored += r
-        written += w
-        progress.advance(length)
+    window = stage.fetchers + 2 * stage.decoders
+    with closing(pipelined_map(stage, _groups(wanted, repo.fetch_group), window)) as results:
+        for done in results:  # a failed write closes the pipeline at once, not at GC
+            written += write(done)  # here, so that the decoders never wait on the disk
+            restored += done.restored
+            progress.advance(done.covered)
     progress.finish()
     return restored, written
 

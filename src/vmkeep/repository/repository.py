@@ -22,7 +22,15 @@ from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.remotes.base import Remote
 from vmkeep.remotes.local import LocalRemote
 
-from .chunks import decode_chunk, encode_chunk
+from .chunk_fetch import (
+    FetchedChunks,
+    decode_objects,
+    decode_packed,
+    fetch_objects,
+    fetch_packed,
+    group_size,
+)
+from .chunks import encode_chunk
 from .config_auth import (
     MAC_KEY,
     KnownRepository,
@@ -51,7 +59,7 @@ from .format import (
     valid_chunk_size,
 )
 from .gc_epoch import missing_chunks
-from .limits import MAX_CONFIG_BYTES, MAX_MANIFEST_OBJECT, get_bounded, max_chunk_object
+from .limits import MAX_CONFIG_BYTES, MAX_MANIFEST_OBJECT, get_bounded
 from .manifest import Manifest, check_chunk_size, decode_manifest, encode_manifest
 from .packed_store import PackedChunk, PackedStore
 from .packs import DEFAULT_PACK_SIZE, valid_pack_size
@@ -228,19 +236,27 @@ class Repository:
     def get_chunk(self, chunk_id: bytes) -> bytes:
         if self.packed is not None:
             return self.packed.get_chunk(chunk_id)
-        try:
-            blob = get_bounded(
-                self.remote,
-                chunk_object_name(chunk_id),
-                max_chunk_object(self.chunk_size),
-                IntegrityError,
-                f"chunk {chunk_id.hex()[:16]}",
-            )
-        except NotFoundError as exc:
-            raise IntegrityError(
-                f"chunk {chunk_id.hex()[:16]} is missing from the repository"
-            ) from exc
-        return decode_chunk(self.sealer, chunk_id, blob, self.chunk_size)
+        return self.decode_chunks(self.fetch_chunks([chunk_id]))[0]
+
+    # The two halves of get_chunk, for the restore pipeline that keeps more fetches (I/O
+    # threads) in flight than decodes (one thread per core); repository/chunk_fetch.py.
+
+    @property
+    def fetch_group(self) -> int:
+        """How many consecutive chunks one `fetch_chunks` call should take."""
+        return group_size(self.packed, self.chunk_size)
+
+    def fetch_chunks(self, chunk_ids: list[bytes]) -> FetchedChunks:
+        """The raw bytes of these chunks (I/O only; nothing in them is trusted yet)."""
+        if self.packed is not None:
+            return fetch_packed(self.packed, chunk_ids)
+        return fetch_objects(self.remote, chunk_ids, self.chunk_size)
+
+    def decode_chunks(self, fetched: FetchedChunks) -> list[bytes]:
+        """The plaintext of each fetched chunk, in order (CPU only), or IntegrityError."""
+        if self.packed is not None:
+            return decode_packed(self.packed, fetched)
+        return decode_objects(self.sealer, fetched, self.chunk_size)
 
     # The two halves of put_chunk, for the backup pipeline that runs the CPU half (zstd,
     # AES-GCM) under a CPU gate and the I/O half (the remote's put) outside it.

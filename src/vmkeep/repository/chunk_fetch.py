@@ -1,0 +1,119 @@
+"""The read side of a chunk split in two, mirroring encode_chunk/store_chunk on the write
+side: `fetch` (I/O only: the raw bytes from the remote) and `decode` (CPU only: authenticate,
+decompress, check IDs and lengths), so a restore can keep more GETs in flight than it has
+decoders (vmkeep.fetch_pipeline). Every check of `Repository.get_chunk` is made, in the
+decode half or, for what decides which bytes to fetch (a format 3 recipe and index
+entries), in the fetch half.
+
+Format 3 fetches a group of consecutive chunks at once: their blocks that lie next to each
+other in one pack (a backup writes a chunk's new blocks, and the next chunk's, back to back)
+are read with one ranged GET, bounded by the group's size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vmkeep.errors import IntegrityError, NotFoundError
+from vmkeep.remotes.base import Remote
+
+from .blobs import KIND_BLOCK
+from .chunks import decode_chunk
+from .crypto import Sealer
+from .format import ZERO_ID, chunk_object_name
+from .limits import get_bounded, max_chunk_object
+from .packed_store import PackedStore, adjacent_runs
+from .packs import BlobEntry
+
+GROUP_BYTES = 4 << 20  # format 3: plaintext of the consecutive chunks one fetch may cover
+
+
+@dataclass
+class FetchedChunks:
+    """Raw, not yet trusted bytes of a group of chunks (in the order asked for): v1/v2 one
+    chunk object each; format 3 the recipes (length, block IDs) and the encoded blocks."""
+
+    chunk_ids: list[bytes]
+    objects: list[bytes] = field(default_factory=list)
+    recipes: list[tuple[int, list[bytes]]] = field(default_factory=list)
+    blocks: dict[bytes, tuple[BlobEntry, memoryview]] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+def group_size(store: PackedStore | None, chunk_size: int) -> int:
+    """Consecutive chunks per fetch: one object per chunk in v1/v2; format 3 up to
+    GROUP_BYTES of plaintext, so small chunks share their GETs."""
+    return 1 if store is None else max(1, GROUP_BYTES // chunk_size)
+
+
+def fetch_objects(remote: Remote, chunk_ids: list[bytes], chunk_size: int) -> FetchedChunks:
+    """Versions 1 and 2: each chunk object, bounded by the largest a chunk can be."""
+    out = FetchedChunks(list(chunk_ids))
+    for chunk_id in chunk_ids:
+        try:
+            blob = get_bounded(
+                remote,
+                chunk_object_name(chunk_id),
+                max_chunk_object(chunk_size),
+                IntegrityError,
+                f"chunk {chunk_id.hex()[:16]}",
+            )
+        except NotFoundError as exc:
+            raise IntegrityError(
+                f"chunk {chunk_id.hex()[:16]} is missing from the repository"
+            ) from exc
+        out.objects.append(blob)
+        out.nbytes += len(blob)
+    return out
+
+
+def decode_objects(sealer: Sealer, fetched: FetchedChunks, chunk_size: int) -> list[bytes]:
+    return [
+        decode_chunk(sealer, chunk_id, blob, chunk_size)
+        for chunk_id, blob in zip(fetched.chunk_ids, fetched.objects, strict=True)
+    ]
+
+
+def fetch_packed(store: PackedStore, chunk_ids: list[bytes]) -> FetchedChunks:
+    """Format 3: the recipes (from the cached recipe packs; each authenticated and parsed,
+    since it says which blocks to read), then every distinct non-zero block of the group,
+    adjacent ones of a pack in one ranged GET."""
+    out = FetchedChunks(list(chunk_ids))
+    entries: dict[bytes, BlobEntry] = {}
+    for chunk_id in chunk_ids:
+        length, block_ids = store.recipe_of(chunk_id)
+        out.recipes.append((length, block_ids))
+        for b in block_ids:
+            if b != ZERO_ID and b not in entries:
+                what = f"chunk {chunk_id.hex()[:16]}: block {b.hex()[:16]}"
+                entries[b] = store._entry(KIND_BLOCK, b, what)
+    wanted = sorted(entries.values(), key=lambda e: (e.pack, e.offset))
+    for run in adjacent_runs(wanted, store.max_span):
+        start = run[0].offset
+        span = run[-1].offset + run[-1].length - start
+        raw = memoryview(store.fetch(run[0].pack, start, span, run[0]))
+        out.nbytes += span
+        for e in run:
+            out.blocks[e.blob_id] = (e, raw[e.offset - start : e.offset - start + e.length])
+    return out
+
+
+def decode_packed(store: PackedStore, fetched: FetchedChunks) -> list[bytes]:
+    """Each block authenticated and checked against its ID once, then the chunks put
+    together; a block of the wrong length is corrupt, as in PackedStore.get_chunk."""
+    codec = store.codec
+    plain = {b: codec.decode(KIND_BLOCK, b, raw) for b, (_, raw) in fetched.blocks.items()}
+    step = codec.block_size
+    chunks: list[bytes] = []
+    for chunk_id, (length, block_ids) in zip(fetched.chunk_ids, fetched.recipes, strict=True):
+        parts: list[bytes] = []
+        for k, block_id in enumerate(block_ids):
+            want = min(step, length - k * step)
+            part = bytes(want) if block_id == ZERO_ID else plain[block_id]
+            if len(part) != want:
+                raise IntegrityError(
+                    f"chunk {chunk_id.hex()[:16]} is corrupt: block {k} is {len(part)} bytes, "
+                    f"not {want}"
+                )
+            parts.append(part)
+        chunks.append(parts[0] if len(parts) == 1 else b"".join(parts))
+    return chunks
