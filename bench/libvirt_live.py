@@ -4,7 +4,7 @@ and -z), the libvirt backup tool KVM administrators use, and restic backing up t
 disk image file, in one run, on the same data (issue 15's table).
 
     .venv/bin/python bench/libvirt_live.py [--size-gib 4] [--change-block 65536]
-                                           [--chunk-sizes 4M,256K] [--json] [--keep]
+                                           [--chunk-sizes 4M,256K,v3,v3-64K] [--json] [--keep]
 
 A qcow2 disk (compat 1.1) is prefilled with the core benchmark's image (bench/image.py: half
 allocated, half of that compressible) and copied for three guest-less domains (TCG): one for
@@ -65,7 +65,10 @@ class Run3:
         self.work, self.steps, self.name = work, steps, work.name
         self.vmkeep = str(Path(sys.executable).with_name("vmkeep"))
         self.env_v = dict(
-            os.environ, VMKEEP_PASSPHRASE=PASSPHRASE, VMKEEP_CONFIG_DIR=f"{work}/config"
+            os.environ,
+            VMKEEP_PASSPHRASE=PASSPHRASE,
+            VMKEEP_CONFIG_DIR=f"{work}/config",
+            VMKEEP_CACHE_DIR=f"{work}/cache-vmkeep",
         )
         self.env_r = dict(
             os.environ, RESTIC_PASSWORD=PASSPHRASE, RESTIC_CACHE_DIR=f"{work}/cache-restic"
@@ -197,7 +200,7 @@ def benchmark(
     with ExitStack() as stack:
         doms = {t: stack.enter_context(running_domain(r.domains[t], r.images[t])) for t in r.images}
         for label, repo in r.repos.items():
-            steps(f"vmkeep {label} init", [r.vmkeep, "init", str(repo), "--chunk-size", label],
+            steps(f"vmkeep {label} init", [r.vmkeep, "init", str(repo), *init_options(label)],
                   r.env_v)  # fmt: skip
         steps("restic init", ["restic", "-r", str(r.restic), "init"], r.env_r)
         r.phase("full")
@@ -222,6 +225,24 @@ def benchmark(
     return result
 
 
+def init_options(label: str) -> list[str]:
+    """`vmkeep init` options of a repository variant: a chunk size (format 1/2, e.g. "256K"),
+    or "v3" / "v3-64K" for format 3 (packs) with its default or the given block size."""
+    if label == "v3":
+        return ["--format", "3"]
+    if label.startswith("v3-"):
+        return ["--format", "3", "--block-size", label[3:]]
+    return ["--chunk-size", label]
+
+
+def variant_chunk_size(label: str) -> int:
+    """The chunk size (index unit) of a variant: format 3 keeps the 4 MiB default."""
+    if label == "v3" or label.startswith("v3-"):
+        parse_chunk_size(label[3:] or "4M")  # a bad block size fails here, before any work
+        return 4 * MiB
+    return parse_chunk_size(label)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="vmkeep live backups vs virtnbdbackup and restic, libvirt domain"
@@ -231,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         "--change-block", type=int, default=64 * 1024, help="bytes per scattered guest write"
     )
     parser.add_argument(
-        "--chunk-sizes", default="4M,256K", help="vmkeep repositories' chunk sizes (init)"
+        "--chunk-sizes",
+        default="4M,256K",
+        help="vmkeep repositories: chunk sizes (init --chunk-size), v3 or v3-BLOCK (--format 3)",
     )
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -242,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if size < 16 * MiB or args.change_block % 4096 or args.change_block <= 0:
         parser.error("--size-gib >= 1/64 and --change-block a positive multiple of 4096")
     try:
-        chunk_sizes = {label: parse_chunk_size(label) for label in args.chunk_sizes.split(",")}
+        chunk_sizes = {label: variant_chunk_size(label) for label in args.chunk_sizes.split(",")}
     except UsageError as exc:
         parser.error(str(exc))
     say = speaker(args.json)
