@@ -2,17 +2,16 @@
 maps the logical volumes itself, because dissect lays the stripes of a striped segment end to
 end (and sizes them by extents, not by the stripe size in sectors), which reads wrong data
 from any striped LV. Linear and striped segments are mapped here with real interleaving;
-thin volumes go through dissect's thin-pool reader; other segment types (raid, cache, vdo,
-mirror) are refused with a clear error.
+thin volumes are read by vmkeep's own dm-thin btree walker (thin.py); other segment types
+(raid, cache, vdo, mirror) are refused with a clear error.
 
 PV metadata is read from the first 8 MiB of a device only (LVM puts it in the first MiB by
 default), so a hostile label cannot make vmkeep scan a whole disk."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 
 from dissect.volume.lvm.metadata import VolumeGroup
 from dissect.volume.lvm.physical import LVM2Device
@@ -22,6 +21,7 @@ from vmkeep.operations.pread_file import PreadFile
 
 from ..filesystems.nodefs import reraise_ours
 from .source import Mapped, Segment, Slice, Source
+from .thin import ThinVolume
 
 SECTOR = 512
 METADATA_WINDOW = 8 << 20
@@ -99,7 +99,7 @@ def logical_volumes(grp: Group) -> list[LogicalVolume]:
         vg.attach({d.pv_id: _DissectDevice(d) for d in grp.devices})
         extent = int(vg.extent_size) * SECTOR
         pvs = {name: pv for name, pv in vg.physical_volumes.items()}
-        lvs = [lv for lv in vg.logical_volumes.values() if lv.is_visible]
+        lvs = [lv for lv in vg.logical_volumes.values() if lv.is_visible and not _pool(lv)]
     except Exception as exc:  # a corrupt image breaks dissect in many ways
         reraise_ours(exc)
         raise ImageError(f"VG {grp.vg_name}: unreadable LVM metadata ({exc})") from exc
@@ -126,7 +126,7 @@ def _map(
 ) -> Source:
     types = {str(s.type) for s in lv.segments}
     if types == {"thin"}:
-        return _Locked(lv.open(), sum(int(s.extent_count) for s in lv.segments) * extent)
+        return _thin(lv, pvs, by_id, extent, name)
     segments = []
     for seg in lv.segments:
         if seg.type not in ("striped", "linear"):
@@ -154,6 +154,33 @@ def _map(
     return Mapped(segments, sum(s.length for s in segments))
 
 
+def _thin(
+    lv: Any, pvs: dict[str, Any], by_id: dict[str, PhysicalDevice], extent: int, name: str
+) -> Source:
+    """A thin LV over its pool's metadata and data LVs (each mapped like any LV)."""
+    if len(lv.segments) != 1:
+        raise ImageError(f"{name}: a thin volume with {len(lv.segments)} segments")
+    seg = lv.segments[0]
+    lvs = lv._volume_group.logical_volumes
+    pool = lvs.get(seg.thin_pool)
+    if pool is None or [str(s.type) for s in pool.segments] != ["thin-pool"]:
+        raise ImageError(f"{name}: its thin pool {seg.thin_pool!r} is missing")
+    pool_seg = pool.segments[0]
+    parts = [lvs.get(pool_seg.metadata), lvs.get(pool_seg.pool)]
+    if any(p is None or {str(s.type) for s in p.segments} & {"thin", "thin-pool"} for p in parts):
+        raise ImageError(f"{name}: its thin pool's metadata or data volume is missing")
+    metadata, data = (_map(p, pvs, by_id, extent, f"{name} pool") for p in parts)
+    if seg.device_id is None:
+        raise ImageError(f"{name}: a thin volume without a device id")
+    size = int(seg.extent_count) * extent
+    return ThinVolume(metadata, data, int(seg.device_id), size, name)
+
+
+def _pool(lv: Any) -> bool:
+    """A thin pool is visible in LVM but holds no file system: its thin LVs are listed."""
+    return any(str(s.type) == "thin-pool" for s in lv.segments)
+
+
 def _kind(seg: Any) -> str:
     if seg.type == "striped" and len(getattr(seg, "stripes", ())) == 1:
         return "linear"
@@ -170,20 +197,3 @@ class _DissectDevice(LVM2Device):  # type: ignore[misc]
         self.__dict__.update(full.__dict__)
         self.fh = PreadFile(device.source)
         self.size = device.source.size
-
-
-class _Locked:
-    """A dissect stream (one position) shared by threads: reads under a lock."""
-
-    def __init__(self, fh: BinaryIO, size: int) -> None:
-        self.fh, self.size = fh, size
-        self._lock = threading.Lock()
-
-    def pread(self, offset: int, length: int) -> bytes:
-        with self._lock:
-            try:
-                self.fh.seek(offset)
-                return self.fh.read(max(min(length, self.size - offset), 0))
-            except Exception as exc:  # a corrupt image breaks dissect in many ways
-                reraise_ours(exc)
-                raise ImageError(f"thin volume: {exc}") from exc
