@@ -96,7 +96,6 @@ def logical_volumes(grp: Group) -> list[LogicalVolume]:
     newest = max(grp.devices, key=lambda d: d.seqno)
     try:
         vg = VolumeGroup.from_dict(newest.metadata[grp.vg_name], name=grp.vg_name)
-        vg.attach({d.pv_id: _DissectDevice(d) for d in grp.devices})
         extent = int(vg.extent_size) * SECTOR
         pvs = {name: pv for name, pv in vg.physical_volumes.items()}
         lvs = [lv for lv in vg.logical_volumes.values() if lv.is_visible and not _pool(lv)]
@@ -185,15 +184,3 @@ def _kind(seg: Any) -> str:
     if seg.type == "striped" and len(getattr(seg, "stripes", ())) == 1:
         return "linear"
     return str(seg.type)
-
-
-class _DissectDevice(LVM2Device):  # type: ignore[misc]
-    """A PV as dissect's thin-pool reader wants it, over vmkeep's source (no rescan)."""
-
-    def __init__(self, device: PhysicalDevice) -> None:
-        full = LVM2Device(
-            PreadFile(Slice(device.source, 0, min(device.source.size, METADATA_WINDOW)))
-        )
-        self.__dict__.update(full.__dict__)
-        self.fh = PreadFile(device.source)
-        self.size = device.source.size
