@@ -309,7 +309,7 @@ def test_backup_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_
 
 DIE_AFTER_FIRST_VOLUME_WRITE = """
 import os, sys
-from vmkeep.connectors.libvirt.restore.new_domain import new_domain as restore
+from vmkeep.connectors.libvirt.restore import new_domain as restore
 write = restore._VolumeWriter.write
 def die(self, offset, data):  # the restore is killed with its volumes half-written
     write(self, offset, data)

@@ -322,15 +322,15 @@ def test_failed_restore_leaves_no_volume_and_no_domain(
 
     before = volume_names(libvirt_env)
     calls = []
-    real_get_chunk = source.repo.get_chunk
+    real_fetch = source.repo.fetch_chunks  # the I/O half of every chunk read (restore pipeline)
 
-    def failing_get_chunk(chunk_id: Any) -> bytes:
-        calls.append(chunk_id)
+    def failing_fetch(chunk_ids: Any) -> Any:
+        calls.append(chunk_ids)
         if len(calls) > 1:
             raise ConnectorError("repository went away")
-        return real_get_chunk(chunk_id)
+        return real_fetch(chunk_ids)
 
-    monkeypatch.setattr(source.repo, "get_chunk", failing_get_chunk)
+    monkeypatch.setattr(source.repo, "fetch_chunks", failing_fetch)
     name = lv.unique_name("failed")
     with pytest.raises(ConnectorError, match="repository went away"):
         restore_vm(
