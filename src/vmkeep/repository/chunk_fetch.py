@@ -21,7 +21,7 @@ from .chunks import decode_chunk
 from .crypto import Sealer
 from .format import ZERO_ID, chunk_object_name
 from .limits import get_bounded, max_chunk_object
-from .packed_store import PackedStore, adjacent_runs
+from .packed_store import PackedStore, adjacent_runs, assemble_chunk
 from .packs import BlobEntry
 
 GROUP_BYTES = 4 << 20  # format 3: plaintext of the consecutive chunks one fetch may cover
@@ -99,21 +99,10 @@ def fetch_packed(store: PackedStore, chunk_ids: list[bytes]) -> FetchedChunks:
 
 def decode_packed(store: PackedStore, fetched: FetchedChunks) -> list[bytes]:
     """Each block authenticated and checked against its ID once, then the chunks put
-    together; a block of the wrong length is corrupt, as in PackedStore.get_chunk."""
+    together (assemble_chunk, as PackedStore.get_chunk does)."""
     codec = store.codec
     plain = {b: codec.decode(KIND_BLOCK, b, raw) for b, (_, raw) in fetched.blocks.items()}
-    step = codec.block_size
-    chunks: list[bytes] = []
-    for chunk_id, (length, block_ids) in zip(fetched.chunk_ids, fetched.recipes, strict=True):
-        parts: list[bytes] = []
-        for k, block_id in enumerate(block_ids):
-            want = min(step, length - k * step)
-            part = bytes(want) if block_id == ZERO_ID else plain[block_id]
-            if len(part) != want:
-                raise IntegrityError(
-                    f"chunk {chunk_id.hex()[:16]} is corrupt: block {k} is {len(part)} bytes, "
-                    f"not {want}"
-                )
-            parts.append(part)
-        chunks.append(parts[0] if len(parts) == 1 else b"".join(parts))
-    return chunks
+    return [
+        assemble_chunk(chunk_id, length, block_ids, plain, codec.block_size)
+        for chunk_id, (length, block_ids) in zip(fetched.chunk_ids, fetched.recipes, strict=True)
+    ]

@@ -126,18 +126,7 @@ class PackedStore:
     def get_chunk(self, chunk_id: bytes) -> bytes:
         length, block_ids = self.recipe_of(chunk_id)
         plain = self._read_blocks(chunk_id, block_ids)
-        step = self.codec.block_size
-        parts: list[bytes] = []
-        for k, block_id in enumerate(block_ids):
-            want = min(step, length - k * step)
-            part = bytes(want) if block_id == ZERO_ID else plain[block_id]
-            if len(part) != want:
-                raise IntegrityError(
-                    f"chunk {chunk_id.hex()[:16]} is corrupt: block {k} is {len(part)} bytes, "
-                    f"not {want}"
-                )
-            parts.append(part)
-        return b"".join(parts)
+        return assemble_chunk(chunk_id, length, block_ids, plain, self.codec.block_size)
 
     def recipe_of(self, chunk_id: bytes) -> tuple[int, list[bytes]]:
         entry = self._entry(KIND_RECIPE, chunk_id, f"chunk {chunk_id.hex()[:16]}")
@@ -289,3 +278,21 @@ def adjacent_runs(entries: list[BlobEntry], max_span: int = 0) -> list[list[Blob
         else:
             runs.append([e])
     return runs
+
+
+def assemble_chunk(
+    chunk_id: bytes, length: int, block_ids: list[bytes], plain: dict[bytes, bytes], step: int
+) -> bytes:
+    """A chunk's plaintext from its recipe and its decoded blocks (zero IDs are zeros); a
+    block of the wrong length is corrupt."""
+    parts: list[bytes] = []
+    for k, block_id in enumerate(block_ids):
+        want = min(step, length - k * step)
+        part = bytes(want) if block_id == ZERO_ID else plain[block_id]
+        if len(part) != want:
+            raise IntegrityError(
+                f"chunk {chunk_id.hex()[:16]} is corrupt: block {k} is {len(part)} bytes, "
+                f"not {want}"
+            )
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
