@@ -11,6 +11,8 @@ work=${VMKEEP_DEMO_DIR:-$PWD/demo-work}
 rm -rf "$work"
 mkdir -p "$work"
 export VMKEEP_CONFIG_DIR="$work/config"
+export VMKEEP_DATA_DIR="$work/state"  # named remotes live in the state database: the demo keeps its own
+export VMKEEP_CACHE_DIR="$work/cache"
 export VMKEEP_PASSPHRASE="${VMKEEP_PASSPHRASE:-demo passphrase, change me}"
 vmkeep=.venv/bin/vmkeep
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
