@@ -130,7 +130,7 @@ def test_defaults_repeated_in_the_cli_match_the_engine() -> None:
     import the engine or the operation: they must stay equal."""
     from vmkeep.engine.server import DEFAULT_GRACE_S
     from vmkeep.interfaces.cli import healthcheck_commands, server_commands
-    from vmkeep.operations.healthcheck import DEFAULT_TIMEOUT
+    from vmkeep.operations.healthcheck_model import DEFAULT_TIMEOUT
 
     assert server_commands.DEFAULT_GRACE_S == DEFAULT_GRACE_S
     assert healthcheck_commands.DEFAULT_TIMEOUT == DEFAULT_TIMEOUT

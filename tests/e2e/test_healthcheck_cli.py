@@ -15,7 +15,8 @@ import pytest
 
 from vmkeep.connectors.base import DiskInfo
 from vmkeep.connectors.files import FilesConnector
-from vmkeep.operations.healthcheck import HealthResult, read_back
+from vmkeep.operations.healthcheck import read_back
+from vmkeep.operations.healthcheck_model import HealthResult
 from vmkeep.operations.restore import restore_vm
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote

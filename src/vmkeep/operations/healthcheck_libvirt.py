@@ -26,7 +26,7 @@ from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DOMAIN_XML_KEY, parse_disks
 from vmkeep.connectors.libvirt.restore.new_domain import lookup_pool
 from vmkeep.errors import ConnectorError, IntegrityError, VmkeepError
-from vmkeep.operations.healthcheck import PREFIX, DiskTracker, HealthOptions, HealthResult
+from vmkeep.operations.healthcheck_model import PREFIX, DiskTracker, HealthOptions, HealthResult
 from vmkeep.progress import Progress
 
 if TYPE_CHECKING:

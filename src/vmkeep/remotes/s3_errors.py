@@ -4,7 +4,7 @@ lock, permission, DNS/TLS/connection)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from botocore.exceptions import (
     ClientError,
@@ -23,8 +23,19 @@ from vmkeep.errors import ObjectLockedError, RemoteError, RemoteFullError
 
 from .transport_errors import describe, host_of, is_permanent
 
-if TYPE_CHECKING:
-    from .s3 import S3Remote
+
+class S3Place(Protocol):
+    """Where an S3 remote is, as its error messages say it (S3Remote has all of it)."""
+
+    url: str
+    where: str
+    bucket: str
+    endpoint: str | None
+    region: str | None
+
+    @property
+    def endpoint_url(self) -> str: ...
+
 
 # Error codes that say the credentials themselves are wrong (not a missing permission).
 AUTH_CODES = frozenset(
@@ -96,7 +107,7 @@ def is_transient(exc: Exception) -> bool:
     return isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError)
 
 
-def s3_error(exc: Exception, action: str, name: str, remote: S3Remote) -> RemoteError:
+def s3_error(exc: Exception, action: str, name: str, remote: S3Place) -> RemoteError:
     """One clear line for the user; the SDK's exception stays chained by the caller."""
     what = f"{action} {name}" if name else action
     if isinstance(exc, ClientError):

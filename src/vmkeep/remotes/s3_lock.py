@@ -14,9 +14,9 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -26,7 +26,27 @@ from vmkeep.parallel import ordered_map
 from .object_lock import ProtectStats
 
 if TYPE_CHECKING:
-    from .s3 import S3Remote
+    from .object_lock import LockPolicy
+
+T = TypeVar("T")
+
+
+class LockedBucket(Protocol):
+    """The parts of S3Remote that the lock support uses (its client, retries and errors);
+    a protocol, so that this module does not import s3.py, which imports it."""
+
+    _client: Any
+    bucket: str
+    lock_policy: LockPolicy | None
+
+    def _key(self, name: str) -> str: ...
+
+    def _retry(self, fn: Callable[[], T]) -> T: ...
+
+    def _run(self, action: str, name: str, fn: Callable[[], T]) -> T: ...
+
+    def _error(self, exc: Exception, action: str, name: str) -> RemoteError: ...
+
 
 LOCK_MISSING_CODES = frozenset(
     {"ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration"}
@@ -65,7 +85,7 @@ class S3LockSupport:
     """Lock bookkeeping of one S3Remote: the retain-until of every object this process locked
     or extended, so that a backup never asks the server about chunks it has just written."""
 
-    def __init__(self, remote: S3Remote) -> None:
+    def __init__(self, remote: LockedBucket) -> None:
         self.remote = remote
         self.client = remote._client
         self.bucket = remote.bucket
@@ -89,7 +109,7 @@ class S3LockSupport:
         except BotoCoreError as exc:
             raise self.remote._error(exc, "reading Object Lock of", self.bucket) from exc
         config = answer.get("ObjectLockConfiguration", {})
-        return config.get("ObjectLockEnabled") == "Enabled"
+        return bool(config.get("ObjectLockEnabled") == "Enabled")
 
     # -- extension ----------------------------------------------------------------------------
 

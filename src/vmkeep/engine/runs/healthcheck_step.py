@@ -10,7 +10,8 @@ from vmkeep.connectors.base import VmConfig
 from vmkeep.engine.jobs.selection import describe
 from vmkeep.engine.jobs.spec import BackupJob, LibvirtConnectorSpec
 from vmkeep.errors import TaskCancelled, VmkeepError
-from vmkeep.operations.healthcheck import HealthOptions, health_check
+from vmkeep.operations.healthcheck import health_check
+from vmkeep.operations.healthcheck_model import HealthOptions
 from vmkeep.repository.repository import Repository
 
 from .abort import Abort, AbortingProgress

@@ -12,9 +12,9 @@ from .output import RichProgress, console, human_bytes, print_error, print_json,
 from .repo_commands import JsonOpt, RemoteOpt
 
 if TYPE_CHECKING:
-    from vmkeep.operations.healthcheck import HealthResult
+    from vmkeep.operations.healthcheck_model import HealthResult
 
-# operations.healthcheck.DEFAULT_TIMEOUT, repeated so that start-up does not import the
+# operations.healthcheck_model.DEFAULT_TIMEOUT, repeated so that start-up does not import the
 # operation and the repository; a test keeps them equal.
 DEFAULT_TIMEOUT = 300.0
 
@@ -45,7 +45,8 @@ def healthcheck(
 ) -> None:
     """Restore a point somewhere disposable and check it works; the copy is deleted after.
     Exit 0 healthy, 1 failed, 3 its data is corrupt."""
-    from vmkeep.operations.healthcheck import HealthOptions, health_check  # see DEFAULT_TIMEOUT
+    from vmkeep.operations.healthcheck import health_check  # see DEFAULT_TIMEOUT
+    from vmkeep.operations.healthcheck_model import HealthOptions
 
     repo = state.open_repository(remote)
     options = HealthOptions(kind=kind, scratch=scratch, uri=uri, pool=pool, timeout=timeout)

@@ -12,20 +12,16 @@ import typer
 
 from vmkeep.errors import ServerError, UsageError
 
+from .engine_context import engine
 from .output import console, print_error, print_json, stdout, table
 from .repo_commands import JsonOpt
+from .run_view import print_run
 
 if TYPE_CHECKING:
     from vmkeep.engine.runs.context import EngineContext
     from vmkeep.engine.state import RunView
 
 job_app = typer.Typer(help="Jobs: what to back up, where, and when.", no_args_is_help=True)
-
-
-def engine() -> EngineContext:
-    from vmkeep.engine.runs.context import EngineContext
-
-    return EngineContext.open()
 
 
 def read_job_file(path: Path) -> str:
@@ -154,8 +150,6 @@ def run_cmd(
     if json_out:
         print_json(run.to_json())
     else:
-        from .run_commands import print_run
-
         print_run(run)
     if run.state not in ("success", "skipped"):
         print_error(f"run {run.id} of job {run.job} ended {run.state}: `vmkeep run show {run.id}`")

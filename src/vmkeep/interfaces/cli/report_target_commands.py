@@ -10,6 +10,7 @@ import typer
 
 from vmkeep.errors import UsageError
 
+from .engine_context import engine
 from .output import console, print_json, stdout, table
 from .repo_commands import JsonOpt
 
@@ -88,7 +89,7 @@ def add(
         target = email_target(
             name, email, smtp_host, smtp_port, sender, smtp_user, smtp_password_file, tls, starttls
         )
-    with _engine() as ctx:
+    with engine() as ctx:
         add_target(ctx, target, replace=replace)
     console.print(f"report target [bold]{name}[/] stored ({target['kind']})")
 
@@ -98,7 +99,7 @@ def list_command(json_out: bool = JsonOpt) -> None:
     """The report targets (secrets shown as `set`, never their value)."""
     from vmkeep.engine.runs.report_targets import list_targets
 
-    with _engine() as ctx:
+    with engine() as ctx:
         targets = list_targets(ctx)
     if json_out:
         print_json(targets)
@@ -115,7 +116,7 @@ def remove(name: str = typer.Argument(..., help="The target's name.")) -> None:
     """Remove a report target (jobs naming it must be changed first to be applied again)."""
     from vmkeep.engine.runs.report_targets import remove_target
 
-    with _engine() as ctx:
+    with engine() as ctx:
         remove_target(ctx, name)
     console.print(f"report target [bold]{name}[/] removed")
 
@@ -127,7 +128,7 @@ def test(
     """Send a test report to the target now; exit 1 when it was not delivered."""
     from vmkeep.engine.runs.report_targets import send_test
 
-    with _engine() as ctx:
+    with engine() as ctx:
         result = send_test(ctx, name)
     if json_out:
         print_json({"target": result.target, "ok": result.ok, "error": result.error})
@@ -137,9 +138,3 @@ def test(
         console.print(f"test report to {name} not delivered: {result.error}", highlight=False)
     if not result.ok:
         raise typer.Exit(1)
-
-
-def _engine() -> Any:
-    from vmkeep.engine.runs.context import EngineContext
-
-    return EngineContext.open()

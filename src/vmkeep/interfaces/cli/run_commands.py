@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import typer
 
-from .job_commands import engine
+from .engine_context import engine
 from .output import console, human_bytes, print_json, stdout, table
 from .repo_commands import JsonOpt
-
-if TYPE_CHECKING:
-    from vmkeep.engine.state import RunView, TaskView
+from .run_view import print_run
 
 run_app = typer.Typer(help="Runs of jobs: list, show, cancel.", no_args_is_help=True)
 
@@ -35,45 +31,6 @@ def list_cmd(
         written = human_bytes(r.summary.get("bytes_written"))
         listing.add_row(str(r.id), r.job, r.state, r.trigger, started, vms, written)
     stdout.print(listing)
-
-
-def task_line(task: TaskView, depth: int) -> str:
-    parts = [f"{'  ' * depth}{task.kind} {task.label}: {task.state}"]
-    if task.duration is not None:
-        parts.append(f"{task.duration:.1f} s")
-    stats = task.stats
-    if stats.get("bytes_read") is not None:
-        parts.append(
-            f"read {human_bytes(stats['bytes_read'])}, "
-            f"written {human_bytes(stats.get('bytes_written'))}"
-        )
-    if stats.get("restore_point"):
-        parts.append(f"point {stats['restore_point']}")
-    line = ", ".join(parts)
-    for warning in task.warnings:
-        line += f"\n{'  ' * (depth + 1)}warning: {warning}"
-    if task.error:
-        line += f"\n{'  ' * (depth + 1)}error: {task.error}"
-    return line
-
-
-def print_tree(tasks: list[TaskView], depth: int = 0) -> None:
-    for task in tasks:
-        stdout.print(task_line(task, depth), highlight=False, markup=False)
-        print_tree(task.children, depth + 1)
-
-
-def print_run(run: RunView) -> None:
-    stdout.print(
-        f"run {run.id} of job {run.job}: {run.state} ({run.trigger}"
-        f"{', schedule ' + run.schedule if run.schedule else ''})",
-        highlight=False,
-        markup=False,
-    )
-    print_tree(run.tasks, 1)
-    for entry in run.logs:
-        if entry.level in ("warning", "error"):
-            stdout.print(f"  {entry.level}: {entry.message}", highlight=False, markup=False)
 
 
 @run_app.command("show")

@@ -13,12 +13,13 @@ over the final name with SET_INFO(FileRenameInformation).
 
 Modules: `location` (the URL, `open_smb`), `remote` (`SmbRemote`), `files` (the file
 operations on one connection), `messages` (SMB2 requests and answers), `pool` (borrowing
-connections, retries), `connection` (one connection), `errors` (statuses to vmkeep errors).
+connections, retries), `connection` (one connection), `target` (where and as whom),
+`errors` (statuses to vmkeep errors).
 """
 
-from .connection import DEFAULT_PORT
 from .files import TEMP_PREFIX
 from .location import PASSWORD_ENV, open_smb
 from .remote import SmbRemote
+from .target import DEFAULT_PORT
 
 __all__ = ["DEFAULT_PORT", "PASSWORD_ENV", "TEMP_PREFIX", "SmbRemote", "open_smb"]

@@ -9,7 +9,6 @@ import socket
 import struct
 import threading
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 from smbprotocol.connection import Connection  # type: ignore[import-untyped]
@@ -23,34 +22,14 @@ from smbprotocol.tree import TreeConnect  # type: ignore[import-untyped]
 from vmkeep.errors import RemoteError
 
 from .errors import CONNECTION_ERRORS, Failure, auth_failure, reason, setup_failure
+from .target import Target
 
 # smbprotocol logs its worker thread's failures at ERROR; we report them as RemoteError, so
 # keep Python's last-resort handler from printing them when the application set up no logging.
 logging.getLogger("smbprotocol").addHandler(logging.NullHandler())
 
-DEFAULT_PORT = 445
-
 _CREDIT_BYTES = 65536  # one SMB credit pays for 64 KiB of payload
 _WANTED_CREDITS = 512  # enough for several 8 MiB requests in flight on one connection
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where and as whom to connect; shared by every connection of a remote."""
-
-    host: str
-    port: int
-    share: str
-    username: str
-    password: str = field(repr=False)
-    connect_timeout: float
-    request_timeout: float
-    require_signing: bool
-    encrypt: bool | None
-
-    @property
-    def where(self) -> str:
-        return f"SMB server {self.host}:{self.port}"
 
 
 class Conn:

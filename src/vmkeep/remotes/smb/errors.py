@@ -14,7 +14,7 @@ from smbprotocol.header import NtStatus  # type: ignore[import-untyped]
 from vmkeep.errors import RemoteError, RemoteFullError
 
 if TYPE_CHECKING:
-    from .connection import Target
+    from .target import Target
 
 # NTSTATUS values smbprotocol does not name.
 _STATUS_QUOTA_EXCEEDED = 0xC0000044

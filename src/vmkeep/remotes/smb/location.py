@@ -8,8 +8,8 @@ from urllib.parse import unquote, urlsplit
 
 from vmkeep.errors import UsageError
 
-from .connection import DEFAULT_PORT
 from .remote import SmbRemote
+from .target import DEFAULT_PORT
 
 PASSWORD_ENV = "VMKEEP_SMB_PASSWORD"
 

@@ -12,8 +12,9 @@ from smbprotocol.exceptions import SMBResponseException  # type: ignore[import-u
 
 from vmkeep.errors import RemoteError, VmkeepError
 
-from .connection import Conn, Target
+from .connection import Conn
 from .errors import CONNECTION_ERRORS, RECONNECT, TRANSIENT, Failure, reason, status_name
+from .target import Target
 
 _T = TypeVar("_T")
 _MAX_IDLE = 16

@@ -10,10 +10,10 @@ from typing import TypeVar
 from vmkeep.errors import NotFoundError, ObjectExistsError, RemoteError, UsageError
 
 from ..base import ObjectStat
-from .connection import DEFAULT_PORT, Target
 from .files import TEMP_PREFIX, ShareFiles, join
 from .messages import DirEntry
 from .pool import Pool
+from .target import DEFAULT_PORT, Target
 
 _T = TypeVar("_T")
 _BAD_NAME_CHARS = set('\\:*?"<>|') | {chr(c) for c in range(32)}

@@ -6,14 +6,21 @@ blocks) whose values are local or in remote value blocks. Layouts from the XFS o
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from dissect.xfs import xfs as dxfs
 
 from vmkeep.errors import ImageError
 
-if TYPE_CHECKING:
-    from .xfs import XfsFileSystem
+
+class XfsFileSystem(Protocol):
+    """What the attribute reader needs of xfs.py's file system (a protocol: xfs.py imports
+    this module)."""
+
+    xfs: Any  # dissect.xfs's XFS
+    block_size: int
+    fs_blocks: int
+
 
 FMT_LOCAL, FMT_EXTENTS, FMT_BTREE = 1, 2, 3
 LEAF_MAGICS = {0xFBEE: 32, 0x3BEE: 80}  # leaf magic -> header size (v4, v5)
