@@ -13,7 +13,6 @@ from vmkeep.connectors.files import FilesConnector
 from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
 from vmkeep.engine.jobs.spec import BackupJob, job_from_dict
 from vmkeep.engine.planning import (
-    RetentionShape,
     VmSize,
     backup_job_from_file,
     backup_job_from_store,
@@ -21,9 +20,9 @@ from vmkeep.engine.planning import (
     measure_repository,
     measure_vms,
     plan_job,
-    retention_shape,
     stored_bytes,
 )
+from vmkeep.engine.retention_shape import RetentionShape, retention_shape
 from vmkeep.engine.schedules import make_schedule, next_runs
 from vmkeep.errors import NotFoundError, UsageError
 from vmkeep.operations.backup import BackupOptions, backup_vm

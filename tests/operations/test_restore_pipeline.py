@@ -36,7 +36,7 @@ from vmkeep.parallel import cpu_count
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.azure import AzureRemote
 from vmkeep.remotes.base import Remote
-from vmkeep.remotes.s3 import open_s3
+from vmkeep.remotes.s3_url import open_s3
 from vmkeep.repository.format import CHUNKS_PREFIX
 from vmkeep.repository.limits import max_chunk_object
 from vmkeep.repository.packs import PACKS_PREFIX

@@ -20,7 +20,8 @@ from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
 
 from tests.remotes.s3_server import REGION, SeaweedServer, weed_binary
 from vmkeep.errors import ObjectExistsError, RemoteError, UsageError
-from vmkeep.remotes.s3 import S3Remote, open_s3
+from vmkeep.remotes.s3 import S3Remote
+from vmkeep.remotes.s3_url import open_s3
 
 from .remote_contract import RemoteContract, Reopen, Stored
 

@@ -42,7 +42,7 @@ def open_remote(location: str, credentials: Mapping[str, str] | None = None) -> 
     if url.scheme == "file":
         return LocalRemote(url.path)
     if url.scheme == "s3":
-        from .s3 import open_s3  # boto3 is imported only when an S3 remote is used
+        from .s3_url import open_s3  # boto3 is imported only when an S3 remote is used
 
         return open_s3(location, creds)
     if url.scheme == "azure":
