@@ -12,6 +12,7 @@ from array import array
 from pathlib import Path
 
 from vmkeep.connectors.files.fileio import check_write, open_image, punch_hole, pwrite_all
+from vmkeep.connectors.files.image_file import ImageFile
 from vmkeep.connectors.files.qcow2 import (
     HEADER_V2,
     HEADER_V3_EXTRA,
@@ -27,7 +28,7 @@ from vmkeep.errors import ConnectorError
 REFCOUNT_ORDER = 4  # 16-bit refcounts, qemu's default
 
 
-class Qcow2DiskWriter:
+class Qcow2DiskWriter(ImageFile):
     """A new qcow2 image of virtual `size` bytes at `path`, which must not exist (a planted
     symlink is never followed); `replace_existing`: truncate the existing regular file there
     (one the caller just created: a libvirt volume, a mkstemp file). `within`: see
@@ -149,20 +150,8 @@ class Qcow2DiskWriter:
             pos += n
         self._write_batch(batch)
 
-    def close(self) -> None:
-        """Write the tables, refcounts and header, then fsync. Calling it again does nothing."""
-        if self._fd < 0:
-            return
-        try:
-            self._finish()
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-
     def _finish(self) -> None:
+        """At close: its tables, refcounts and header."""
         for l1_index, table in self._l2.items():
             pwrite_all(self._fd, _be_bytes(table), self._l1[l1_index])
         l1 = array("Q", [(e | OFLAG_COPIED) if e else 0 for e in self._l1])

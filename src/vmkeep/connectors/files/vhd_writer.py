@@ -18,6 +18,7 @@ from array import array
 from pathlib import Path
 
 from vmkeep.connectors.files.fileio import check_write, open_image, pwrite_all
+from vmkeep.connectors.files.image_file import ImageFile
 from vmkeep.errors import ConnectorError
 
 SECTOR = 512
@@ -79,7 +80,7 @@ def dynamic_header(table_offset: int, entries: int) -> bytes:
     return DYNAMIC_HEADER.pack(*fields)
 
 
-class VhdDiskWriter:
+class VhdDiskWriter(ImageFile):
     """A new dynamic VHD of virtual `size` bytes at `path`, which must not exist (a planted
     symlink is never followed). `within`: see fileio.open_image. The size is rounded up to a
     multiple of 512 (VHD counts whole sectors); above 2040 GiB the format cannot hold it."""
@@ -147,20 +148,8 @@ class VhdDiskWriter:
         except OSError as exc:
             raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
 
-    def close(self) -> None:
-        """Write the BAT, the header and both footers, then fsync. Again: does nothing."""
-        if self._fd < 0:
-            return
-        try:
-            self._finish()
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-
     def _finish(self) -> None:
+        """At close: its BAT, header and both footers."""
         bat = array("I", self._bat)
         if bat.itemsize != 4:  # pragma: no cover - every platform vmkeep runs on
             raise ConnectorError("unsigned int is not 32 bits here")
