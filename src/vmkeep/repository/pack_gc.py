@@ -63,7 +63,7 @@ def sweep_packs(
         name, error = loaded.problems[0]
         raise RepositoryError(
             f"gc refuses to run: index object {name} is unreadable ({error}); the packs it "
-            "lists cannot be told apart from garbage. Run `vmkeep verify`"
+            "lists cannot be told apart from garbage. Run `vmkeep repair index`"
         )
     live = live_blobs(store, referenced)
     plan = plan_packs(store, loaded.index, live)

@@ -18,6 +18,7 @@ PACK_MAGIC = b"VMKP"
 TRAILER_MAGIC = b"VMKT"
 ENTRY = struct.Struct("<B32sII")  # kind, blob id, offset, length
 _TAIL = struct.Struct("<I")
+TAIL_SIZE = _TAIL.size  # the trailer's length field, the last bytes of a pack
 MIN_PACK_SIZE = 1 << 20
 MAX_PACK_SIZE = 128 << 20
 PACK_SIZES = tuple(1 << n for n in range(20, 28))
@@ -83,14 +84,29 @@ def read_trailer(sealer: Sealer, pack_id: bytes, data: bytes) -> list[BlobEntry]
     what = f"pack {pack_id.hex()[:16]}"
     if len(data) < HEADER_SIZE + _TAIL.size or data[:4] != PACK_MAGIC:
         raise IntegrityError(f"{what} is corrupt: bad header")
-    (size,) = _TAIL.unpack_from(data, len(data) - _TAIL.size)
-    start = len(data) - _TAIL.size - size
+    start = trailer_start(data[-_TAIL.size :], len(data), what)
+    return trailer_entries(sealer, pack_id, memoryview(data)[start:], start)
+
+
+def trailer_start(length_field: bytes, pack_size: int, what: str) -> int:
+    """Where the trailer begins in a pack of `pack_size` bytes, from its last TAIL_SIZE bytes."""
+    size: int = _TAIL.unpack(length_field)[0]
+    start = pack_size - _TAIL.size - size
     if start < HEADER_SIZE:
         raise IntegrityError(f"{what} is corrupt: bad trailer length")
-    if blake3.blake3(memoryview(data)[start:]).digest() != pack_id:
+    return start
+
+
+def trailer_entries(
+    sealer: Sealer, pack_id: bytes, tail: bytes | memoryview, start: int
+) -> list[BlobEntry]:
+    """The entries of a pack's trailer; `tail` is the pack from `start` (the sealed trailer
+    and the length field), which is all a re-index reads of it."""
+    what = f"pack {pack_id.hex()[:16]}"
+    if blake3.blake3(tail).digest() != pack_id:
         raise IntegrityError(f"{what} is corrupt: its trailer does not match its ID")
-    head = data[start : start + HEADER_SIZE]
-    plain = sealer.open(memoryview(data)[start + HEADER_SIZE : start + size], head, what)
+    head = bytes(tail[:HEADER_SIZE])
+    plain = sealer.open(memoryview(tail)[HEADER_SIZE : len(tail) - _TAIL.size], head, what)
     if head[:4] != TRAILER_MAGIC or len(plain) % ENTRY.size:
         raise IntegrityError(f"{what} is corrupt: bad trailer")
     entries = [BlobEntry(k, bytes(i), pack_id, o, n) for k, i, o, n in ENTRY.iter_unpack(plain)]

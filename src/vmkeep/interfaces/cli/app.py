@@ -23,6 +23,7 @@ from . import (
     mirror_commands,
     plan_commands,
     remote_commands,
+    repair_commands,
     replicate_commands,
     repo_commands,
     report_target_commands,
@@ -98,6 +99,7 @@ app.add_typer(config_commands.config_app, name="config")
 app.add_typer(job_commands.job_app, name="job")
 app.add_typer(run_commands.run_app, name="run")
 app.add_typer(report_target_commands.report_target_app, name="report-target")
+app.add_typer(repair_commands.repair_app, name="repair")
 
 
 def _json_requested(argv: list[str]) -> bool:
