@@ -6,6 +6,7 @@ deletes no live pack, a pack with a damaged trailer is reported (exit 3) and lef
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -90,20 +91,32 @@ def test_damaged_index_object_is_replaced(
         assert restored(cli, tmp_path, repo, point) == hashes
 
 
+def flipped_trailer(data: bytes) -> bytes:
+    return data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:]  # inside the sealed trailer
+
+
+def huge_trailer(data: bytes) -> bytes:
+    return data[:-4] + (0xFFFFFFF0).to_bytes(4, "little")  # the length field claims 4 GiB
+
+
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("damage", [flipped_trailer, huge_trailer, truncated])
 def test_damaged_pack_is_reported_and_kept(
-    cli: Cli, backed_up: tuple[Path, dict[str, dict[str, str]]]
+    cli: Cli, backed_up: tuple[Path, dict[str, dict[str, str]]], damage: Callable[[bytes], bytes]
 ) -> None:
     repo, _ = backed_up
     packs = sorted(p for p in (repo / "packs").rglob("*") if p.is_file())
     bad = packs[len(packs) // 2]
-    data = bytearray(bad.read_bytes())
-    data[-10] ^= 0xFF  # inside the sealed trailer
-    bad.write_bytes(bytes(data))
+    data = damage(bad.read_bytes())
+    bad.write_bytes(data)
 
     run = cli("repair", "index", "--remote", str(repo), ok=False)
     assert run.code == 3
     assert [line for line in run.err.splitlines() if line.strip()][-1].startswith("error: 1 pack")
-    assert bad.exists() and bad.read_bytes() == bytes(data)  # evidence left in place
+    assert bad.exists() and bad.read_bytes() == data  # evidence left in place
     out = json.loads(cli("repair", "index", "--remote", str(repo), "--json", ok=False).out)
     assert out["packs_read"] == len(packs) - 1
     assert [b["pack"] for b in out["bad_packs"]] == [str(bad.relative_to(repo))]

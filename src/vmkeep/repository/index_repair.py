@@ -34,7 +34,6 @@ from .limits import get_bounded
 from .locks import RepositoryLock
 from .packed_store import PackedStore
 from .packs import (
-    MAX_PACK_SIZE,
     PACKS_PREFIX,
     TAIL_SIZE,
     BlobEntry,
@@ -104,7 +103,8 @@ def _pack_entries(
         except (IntegrityError, NotFoundError, RemoteError) as exc:
             return str(exc)
 
-    threads = io_threads(store.remote.url)
+    # Memory: at most one trailer (<= pack size) per thread.
+    threads = max(1, min(io_threads(store.remote.url), (256 << 20) // largest_pack(store)))
     for (name, _), result in zip(packs, ordered_map(read, packs, threads), strict=True):
         progress.advance(1)
         if isinstance(result, str):
@@ -115,16 +115,24 @@ def _pack_entries(
         yield from result
 
 
+def largest_pack(store: PackedStore) -> int:
+    """A pack is closed once it reaches the pack size, after the last chunk's blobs were
+    appended: at most one chunk's worth (max_span is twice that) beyond it."""
+    return store.pack_size + store.max_span
+
+
 def pack_trailer(store: PackedStore, name: str, size: int) -> list[BlobEntry]:
     """The entries of one pack from its last bytes: the length field, then the trailer.
     Bounded: a trailer claiming more than a pack may hold is corrupt, not read."""
     pack_id = pack_id_of_name(name)
     assert pack_id is not None
     what = f"pack {pack_id.hex()[:16]}"
-    if not TAIL_SIZE < size <= MAX_PACK_SIZE * 2:
+    if not TAIL_SIZE < size <= largest_pack(store):
         raise IntegrityError(f"{what} is corrupt: {size} bytes is not a pack's size")
     try:
         start = trailer_start(store.remote.get(name, size - TAIL_SIZE, TAIL_SIZE), size, what)
+        if size - start > largest_pack(store):  # more entries than any pack can hold
+            raise IntegrityError(f"{what} is corrupt: its trailer claims {size - start} bytes")
         tail = store.remote.get(name, start, size - start)
     except NotFoundError as exc:
         raise NotFoundError(f"{what} is missing") from exc
