@@ -57,3 +57,23 @@ def test_gc_removes_dead_blocks_and_repacks(cli: Cli, tmp_path: Path) -> None:
     assert sha256(restored) == expected
     again = cli("gc", "--remote", str(repo), "--json").json()
     assert again["packs_deleted"] == 0 and again["packs_written"] == 0
+
+
+def test_gc_leaves_small_live_packs_alone(cli: Cli, tmp_path: Path) -> None:
+    """A pack of a few small live blobs (a backup's last recipes, a block that compresses to
+    nothing) is mostly header and trailer: that is not garbage, and gc must not rewrite it
+    (it did: every gc repacked such packs into copies of themselves)."""
+    repo = tmp_path / "repo"
+    init3(cli, str(repo), "--pack-size", "1M")
+    vm = random_vm(tmp_path, "smallpacks", 16 * MiB, 5)
+    cli("backup", str(vm), "--remote", str(repo), "--json")
+    with open(vm / "disk0.img", "r+b") as f:
+        f.seek(3 * MiB)
+        f.write(bytes([1]) * MiB)  # one new chunk, one block that compresses to a few bytes
+    cli("backup", str(vm), "--remote", str(repo), "--json")
+    sizes = sorted(p.stat().st_size for p in (repo / "packs").rglob("*") if p.is_file())
+    assert sizes[0] < 1024  # the case: a pack of a few hundred bytes
+    before = pack_bytes(repo)
+    out = cli("gc", "--remote", str(repo), "--json").json()
+    assert out["packs_repacked"] == 0 and out["packs_deleted"] == 0
+    assert pack_bytes(repo) == before

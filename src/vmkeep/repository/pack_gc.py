@@ -21,7 +21,7 @@ from .format import ZERO_ID
 from .locks import RepositoryLock
 from .pack_writer import PackWriter
 from .packed_store import PackedStore, adjacent_runs
-from .packs import PACKS_PREFIX, BlobEntry, pack_id_of_name, pack_object_name
+from .packs import PACKS_PREFIX, BlobEntry, pack_id_of_name, pack_object_name, pack_overhead
 from .repository import Repository
 
 REPACK_BELOW = 0.5  # a pack whose live blobs are less than half of it is rewritten
@@ -133,7 +133,9 @@ def plan_packs(store: PackedStore, index: BlobIndex, live: set[tuple[int, bytes]
             plan.dead_entries += 1
     for pack_id, size in plan.sizes.items():
         entries = by_pack.get(pack_id, [])
-        live_bytes = sum(e.length for e in entries)
+        # The pack's header and trailer are not garbage: without them, a pack of a few small
+        # blobs (a backup's last recipes) would be repacked by every gc, into its own copy.
+        live_bytes = sum(e.length for e in entries) + pack_overhead(len(entries))
         if not entries:
             plan.delete.append(pack_id)
         elif live_bytes < size * REPACK_BELOW:

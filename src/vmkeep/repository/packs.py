@@ -58,6 +58,12 @@ def valid_pack_size(value: object) -> bool:
     return type(value) is int and value in PACK_SIZES
 
 
+def pack_overhead(entries: int) -> int:
+    """The bytes of a pack of `entries` blobs that are not blobs: its header and its sealed
+    trailer (a header, at most 32 bytes of nonce and tag or MAC, the entries, the length)."""
+    return 2 * HEADER_SIZE + 32 + entries * ENTRY.size + _TAIL.size
+
+
 def pack_header(sealer: Sealer) -> bytes:
     return header(PACK_MAGIC, FLAG_ENCRYPTED if sealer.encrypted else 0)
 
