@@ -59,21 +59,39 @@ def test_gc_removes_dead_blocks_and_repacks(cli: Cli, tmp_path: Path) -> None:
     assert again["packs_deleted"] == 0 and again["packs_written"] == 0
 
 
-def test_gc_leaves_small_live_packs_alone(cli: Cli, tmp_path: Path) -> None:
-    """A pack of a few small live blobs (a backup's last recipes, a block that compresses to
-    nothing) is mostly header and trailer: that is not garbage, and gc must not rewrite it
-    (it did: every gc repacked such packs into copies of themselves)."""
+def small_packs(repo: Path) -> list[Path]:
+    return [p for p in (repo / "packs").rglob("*") if p.is_file() and p.stat().st_size < 256 * KiB]
+
+
+def test_small_packs_are_merged_once_then_left_alone(cli: Cli, tmp_path: Path) -> None:
+    """Each backup closes its last packs partly filled; a delta that stores one block and one
+    recipe leaves two packs of a few hundred bytes. gc merges the small packs of each kind
+    (objects follow the data, not the number of backups), the points restore exactly, and a
+    second gc rewrites nothing: a pack's header and trailer are not garbage (every gc used to
+    repack such packs into copies of themselves)."""
     repo = tmp_path / "repo"
     init3(cli, str(repo), "--pack-size", "1M")
     vm = random_vm(tmp_path, "smallpacks", 16 * MiB, 5)
-    cli("backup", str(vm), "--remote", str(repo), "--json")
-    with open(vm / "disk0.img", "r+b") as f:
-        f.seek(3 * MiB)
-        f.write(bytes([1]) * MiB)  # one new chunk, one block that compresses to a few bytes
-    cli("backup", str(vm), "--remote", str(repo), "--json")
-    sizes = sorted(p.stat().st_size for p in (repo / "packs").rglob("*") if p.is_file())
-    assert sizes[0] < 1024  # the case: a pack of a few hundred bytes
-    before = pack_bytes(repo)
+    disk = vm / "disk0.img"
+    expected = {}
+    for value in (0, 1, 2, 3):
+        if value:
+            with open(disk, "r+b") as f:
+                f.seek(value * 3 * MiB)
+                f.write(bytes([value]) * MiB)  # a block that compresses to a few bytes
+        point = cli("backup", str(vm), "--remote", str(repo), "--json").json()["restore_point"]
+        expected[point] = sha256(disk)
+    assert len(small_packs(repo)) >= 5
+
     out = cli("gc", "--remote", str(repo), "--json").json()
-    assert out["packs_repacked"] == 0 and out["packs_deleted"] == 0
+    assert out["packs_repacked"] >= 5 and out["packs_deleted"] == out["packs_repacked"]
+    assert out["packs_written"] <= 2 and len(small_packs(repo)) <= 2  # one per kind
+    for point, digest in expected.items():
+        where = tmp_path / "r" / point
+        done = cli("restore", point, "--remote", str(repo), "--to", str(where), "--json").json()
+        (restored,) = vm_disks(Path(done["location"])).values()
+        assert sha256(restored) == digest
+    before = pack_bytes(repo)
+    again = cli("gc", "--remote", str(repo), "--json").json()
+    assert again["packs_repacked"] == 0 and again["packs_deleted"] == 0
     assert pack_bytes(repo) == before

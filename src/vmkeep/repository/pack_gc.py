@@ -25,6 +25,7 @@ from .packs import PACKS_PREFIX, BlobEntry, pack_id_of_name, pack_object_name, p
 from .repository import Repository
 
 REPACK_BELOW = 0.5  # a pack whose live blobs are less than half of it is rewritten
+SMALL_PACK = 0.25  # below a quarter of the pack size, packs of one kind are merged
 
 
 @dataclass
@@ -142,7 +143,23 @@ def plan_packs(store: PackedStore, index: BlobIndex, live: set[tuple[int, bytes]
             plan.repack[pack_id] = entries
         else:
             plan.keep[pack_id] = entries
+    consolidate_small(plan, store.pack_size)
     return plan
+
+
+def consolidate_small(plan: PackPlan, pack_size: int) -> None:
+    """Small kept packs of one kind (each backup closes its last, partly filled packs) are
+    repacked together once there are two or more, so that the objects on the remote follow
+    the data stored, not the number of backups (restic's prune does the same). A lone small
+    pack stays: rewriting it would gain nothing."""
+    small: dict[int, list[bytes]] = {}
+    for pack_id, entries in plan.keep.items():
+        if plan.sizes[pack_id] < pack_size * SMALL_PACK:
+            small.setdefault(entries[0].kind, []).append(pack_id)
+    for packs in small.values():
+        if len(packs) >= 2:
+            for pack_id in packs:
+                plan.repack[pack_id] = plan.keep.pop(pack_id)
 
 
 def repack(
