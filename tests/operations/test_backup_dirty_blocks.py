@@ -1,0 +1,97 @@
+"""A format 3 delta reads only the dirty blocks of a dirty chunk (operations/dirty_blocks.py):
+exactly the data bytes of the blocks the dirty extents touch are read, chunk IDs are those of
+whole reads, the stats are those of a whole-read delta but for bytes_read, and a restore of
+the delta equals the disk."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from vmkeep.operations import dirty_blocks
+from vmkeep.operations.backup import BackupOptions, BackupStats, backup_vm
+from vmkeep.progress import SilentProgress
+from vmkeep.repository.format import ZERO_ID
+
+from .dirty_disk import (
+    BLOCK,
+    CHUNK,
+    SIZE,
+    DirtyConnector,
+    KiB,
+    MiB,
+    expected_reads,
+    make_vm,
+    new_repo,
+    restored,
+    run_delta,
+    sha,
+    whole_ids,
+)
+
+
+@pytest.mark.parametrize("encryption", ["none", "aes-256-gcm"])
+def test_delta_reads_only_the_dirty_blocks(tmp_path: Path, encryption: str) -> None:
+    repo, disk, report, reader = run_delta(tmp_path, encryption)
+    want = expected_reads(disk, SIZE)
+    assert sorted(reader.reads) == want
+    assert report.stats.bytes_read == sum(n for _, n in want)
+    # 3 MiB of chunk 3 (read whole: 4 MiB) and ~1 MiB of the rest, not 9 dirty chunks whole
+    assert report.stats.bytes_read < 6 * MiB
+    (index,) = repo.load_manifest(report.restore_point).disks
+    content = bytes(disk.content)
+    assert [index.chunk_id(i) for i in range(9)] == whole_ids(repo, content)
+    assert index.chunk_id(6) == ZERO_ID
+    assert sha(restored(repo, report.restore_point, tmp_path / "out")) == sha(content)
+
+
+def test_stats_are_those_of_a_whole_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same delta with every dirty chunk read whole (the previous behaviour): the same
+    chunks, new bytes and stored bytes; only bytes_read differs."""
+    _, _, by_blocks, _ = run_delta(tmp_path / "blocks")
+    monkeypatch.setattr(dirty_blocks, "WHOLE_ABOVE", -1.0)
+    _, _, whole, reader = run_delta(tmp_path / "whole")
+    assert sum(n for _, n in reader.reads) == whole.stats.bytes_read
+    a, b = by_blocks.stats, whole.stats
+    for name in BackupStats.__dataclass_fields__:
+        if name != "bytes_read":
+            assert getattr(a, name) == getattr(b, name), name
+    assert a.chunks == 9 and a.chunks_new == 8 and a.bytes_zero == CHUNK  # chunk 6
+    assert a.bytes_read * 3 < b.bytes_read
+
+
+def test_a_chunk_shorter_than_a_block_at_the_end(tmp_path: Path) -> None:
+    """A disk whose last chunk is 100 KiB (less than a block) and whose chunk before is
+    dirty in one block: the short chunk is dirty too."""
+    size = 2 * CHUNK + 100 * KiB
+    rng = random.Random(3)
+    vm, disk = make_vm(tmp_path / "vms", size)
+    disk.write(0, rng.randbytes(size))
+    disk.save()
+    repo = new_repo(tmp_path / "repo")
+    connector = DirtyConnector(disk)
+    backup_vm(repo, connector, str(vm), BackupOptions(), SilentProgress())
+    disk.dirty = []
+    disk.write(CHUNK + 200 * KiB, rng.randbytes(8 * KiB))
+    disk.write(2 * CHUNK + 50 * KiB, rng.randbytes(50 * KiB))
+    disk.save()
+    report = backup_vm(repo, connector, str(vm), BackupOptions(mode="delta"), SilentProgress())
+    assert connector.reader is not None
+    # chunk 1: its second block; chunk 2: read whole (all of it is one dirty block)
+    assert sorted(connector.reader.reads) == [(CHUNK + BLOCK, BLOCK), (2 * CHUNK, 100 * KiB)]
+    content = bytes(disk.content)
+    (index,) = repo.load_manifest(report.restore_point).disks
+    assert [index.chunk_id(i) for i in range(3)] == whole_ids(repo, content)
+    assert sha(restored(repo, report.restore_point, tmp_path / "out")) == sha(content)
+
+
+def test_dirty_block_runs_round_out_and_join() -> None:
+    runs = dirty_blocks.dirty_block_runs
+    assert runs([(100, 10)], 64, 4, 0) == [(1, 2)]
+    assert runs([(60, 10)], 64, 4, 0) == [(0, 2)]  # straddles two blocks
+    assert runs([(0, 10), (64, 1)], 64, 4, 0) == [(0, 2)]  # adjacent blocks: one run
+    assert runs([(0, 10), (128, 1)], 64, 4, 0) == [(0, 1), (2, 3)]
+    assert runs([(0, 10), (128, 1)], 64, 4, 65) == [(0, 3)]  # a gap under 65 bytes joined
+    assert runs([(200, 500)], 64, 4, 0) == [(3, 4)]  # never past the chunk's blocks
