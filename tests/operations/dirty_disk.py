@@ -26,6 +26,7 @@ KiB, MiB = 1 << 10, 1 << 20
 CHUNK = 4 * MiB
 BLOCK = 128 * KiB
 SIZE = 8 * CHUNK + 1536 * KiB  # the last chunk is 1.5 MiB
+PASSPHRASE = b"dirty blocks"
 
 
 class Disk:
@@ -127,7 +128,7 @@ def make_vm(parent: Path, size: int = SIZE) -> tuple[Path, Disk]:
 
 def new_repo(path: Path, encryption: str = "none") -> Repository:
     return Repository.init(
-        LocalRemote(str(path)), encryption, lambda: b"pass", format_version=3, block_size=BLOCK
+        LocalRemote(str(path)), encryption, lambda: PASSPHRASE, format_version=3, block_size=BLOCK
     )
 
 
@@ -216,6 +217,7 @@ def run_delta(
     backup_vm(repo, connector, str(vm), BackupOptions(mode="full"), SilentProgress())
     if between is not None:
         between(tmp / "repo")
+    repo = Repository.open(LocalRemote(str(tmp / "repo")), lambda: PASSPHRASE)  # a new run
     change(disk, rng)
     disk.save()
     report = backup_vm(
