@@ -22,6 +22,7 @@ from tests.operations.dirty_disk import (
 )
 from vmkeep.operations import dirty_blocks
 from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository import recipe_fetch
 from vmkeep.repository.blob_index import encode_index, index_object_name
 from vmkeep.repository.blobs import KIND_RECIPE
 from vmkeep.repository.packs import BlobEntry, pack_object_name
@@ -109,7 +110,7 @@ def test_a_recipe_of_the_wrong_length_is_not_used(
 ) -> None:
     """A recipe that authenticates but says the short last chunk is 4 MiB (only a key
     holder could write one, so it is injected at fetch_recipes): that chunk is read whole."""
-    real = dirty_blocks.fetch_recipes
+    real = recipe_fetch.fetch_recipes
 
     def lying(store: Any, ids: Any) -> Any:
         got = real(store, ids)

@@ -14,7 +14,6 @@ from typing import Any
 
 from vmkeep.connectors.base import Extent
 from vmkeep.connectors.files.connector import FilesConnector
-from vmkeep.connectors.files.raw import RawDiskReader
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.restore import restore_vm
 from vmkeep.progress import Progress, SilentProgress
@@ -72,12 +71,12 @@ class DirtyReader:
     """A raw reader that reports the test's data extents and dirty ranges, as a libvirt
     backup job's NBD export does, and records every read."""
 
-    def __init__(self, inner: RawDiskReader, disk: Disk, since: str | None, token: str) -> None:
+    def __init__(self, inner: Any, disk: Disk, since: str | None, token: str | None) -> None:
         self.inner = inner
         self.disk = disk
         self.size = inner.size
         self.dirty_since = since
-        self.change_token = token
+        self.change_token: str | None = token
         self.reads: list[tuple[int, int]] = []
 
     def extents(self) -> Iterator[Extent]:
@@ -88,7 +87,8 @@ class DirtyReader:
 
     def read(self, offset: int, length: int) -> bytes:
         self.reads.append((offset, length))
-        return self.inner.read(offset, length)
+        data: bytes = self.inner.read(offset, length)
+        return data
 
     def close(self) -> None:
         self.inner.close()
@@ -107,7 +107,7 @@ class DirtyConnector(FilesConnector):
         inner = session.readers["disk0"]
         since = previous.get("disk0")
         self.reader = DirtyReader(inner, self.disk, since, f"gen{self.generation}")
-        session.readers["disk0"] = self.reader
+        session.readers["disk0"] = self.reader  # a DiskReader by its protocol
         return session
 
 

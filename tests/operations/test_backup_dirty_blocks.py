@@ -13,11 +13,15 @@ import pytest
 from vmkeep.operations import dirty_blocks
 from vmkeep.operations.backup import BackupOptions, BackupStats, backup_vm
 from vmkeep.progress import SilentProgress
+from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.format import ZERO_ID
+from vmkeep.repository.repository import Repository
 
+from ..repository.spy_remote import CountingRemote
 from .dirty_disk import (
     BLOCK,
     CHUNK,
+    PASSPHRASE,
     SIZE,
     DirtyConnector,
     KiB,
@@ -95,3 +99,35 @@ def test_dirty_block_runs_round_out_and_join() -> None:
     assert runs([(0, 10), (128, 1)], 64, 4, 0) == [(0, 1), (2, 3)]
     assert runs([(0, 10), (128, 1)], 64, 4, 65) == [(0, 3)]  # a gap under 65 bytes joined
     assert runs([(200, 500)], 64, 4, 0) == [(3, 4)]  # never past the chunk's blocks
+
+
+def test_previous_recipes_cost_requests_per_pack_and_window(tmp_path: Path) -> None:
+    """256 chunks of 256 KiB whose previous recipes alternate between three recipe packs
+    (the full's and two deltas'): the third delta reads them with a few ranged GETs per
+    window of chunks and pack, not one per chunk, and no block."""
+    small, size = 256 * KiB, 64 * MiB
+    rng = random.Random(5)
+    vm, disk = make_vm(tmp_path / "vms", size)
+    disk.write(0, rng.randbytes(size))
+    disk.save()
+    path = tmp_path / "repo"
+    Repository.init(LocalRemote(str(path)), "aes-256-gcm", lambda: PASSPHRASE, small, 3, 64 * KiB)
+    connector = DirtyConnector(disk)
+    spy: CountingRemote | None = None
+    rounds: list[set[int]] = [set(), {0}, {1}, {0, 1, 2}]  # a full, then chunks i % 3 in
+    for writes in rounds:
+        spy = CountingRemote(LocalRemote(str(path)))
+        repo = Repository.open(spy, lambda: PASSPHRASE)
+        disk.dirty = []
+        for i in range(size // small):
+            if i % 3 in writes:
+                disk.write(i * small + 100 * KiB, rng.randbytes(4 * KiB))
+        disk.save()
+        mode = "delta" if disk.dirty else "full"
+        report = backup_vm(repo, connector, str(vm), BackupOptions(mode=mode), SilentProgress())
+    assert spy is not None and report.stats.chunks == size // small
+    assert report.stats.bytes_read == (size // small) * 64 * KiB  # one block per chunk
+    windows = -(-(size // small) // dirty_blocks.WINDOW)
+    assert spy.calls[("get", "packs")] <= 3 * windows, spy.calls  # not 256
+    content = bytes(disk.content)
+    assert sha(restored(repo, report.restore_point, tmp_path / "out")) == sha(content)
