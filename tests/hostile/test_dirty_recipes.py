@@ -15,6 +15,7 @@ from tests.operations.dirty_disk import (
     CHUNK,
     PASSPHRASE,
     SIZE,
+    Recorded,
     restored,
     run_delta,
     sha,
@@ -27,23 +28,6 @@ from vmkeep.repository.blob_index import encode_index, index_object_name
 from vmkeep.repository.blobs import KIND_RECIPE
 from vmkeep.repository.packs import BlobEntry, pack_object_name
 from vmkeep.repository.repository import Repository
-
-
-class Notes:
-    def __init__(self) -> None:
-        self.notes: list[str] = []
-
-    def start(self, description: str, total: int) -> None:
-        pass
-
-    def advance(self, amount: int) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        self.notes.append(message)
 
 
 def _store(repo: Path) -> Any:
@@ -86,7 +70,7 @@ def swap_recipe_entries(repo: Path) -> None:
 
 @pytest.mark.parametrize("attack", [damage_recipes, swap_recipe_entries])
 def test_unusable_previous_recipes_make_whole_reads(tmp_path: Path, attack: Any) -> None:
-    notes = Notes()
+    notes = Recorded()
     repo, disk, report, reader = run_delta(tmp_path, "aes-256-gcm", attack, notes)
     # Every dirty chunk with data but chunk 5 (empty before: no recipe needed) is read whole.
     whole = {i for i in range(9) if i != 5 and any(disk.data[i * CHUNK : (i + 1) * CHUNK])}
@@ -120,7 +104,7 @@ def test_a_recipe_of_the_wrong_length_is_not_used(
         return got
 
     monkeypatch.setattr(dirty_blocks, "fetch_recipes", lying)
-    notes = Notes()
+    notes = Recorded()
     repo, disk, report, reader = run_delta(tmp_path, "aes-256-gcm", None, notes)
     assert sum(n for off, n in reader.reads if off >= 8 * CHUNK) == SIZE - 8 * CHUNK
     (note,) = [n for n in notes.notes if "read whole" in n]

@@ -111,6 +111,26 @@ class DirtyConnector(FilesConnector):
         return session
 
 
+class Recorded:
+    """A progress sink that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.total = self.advanced = 0
+        self.notes: list[str] = []
+
+    def start(self, description: str, total: int) -> None:
+        self.total += total
+
+    def advance(self, amount: int) -> None:
+        self.advanced += amount
+
+    def finish(self) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
 def make_vm(parent: Path, size: int = SIZE) -> tuple[Path, Disk]:
     vm = parent / "vm"
     vm.mkdir(parents=True)

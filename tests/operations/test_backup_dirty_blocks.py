@@ -26,6 +26,7 @@ from .dirty_disk import (
     DirtyConnector,
     KiB,
     MiB,
+    Recorded,
     expected_reads,
     make_vm,
     new_repo,
@@ -38,7 +39,10 @@ from .dirty_disk import (
 
 @pytest.mark.parametrize("encryption", ["none", "aes-256-gcm"])
 def test_delta_reads_only_the_dirty_blocks(tmp_path: Path, encryption: str) -> None:
-    repo, disk, report, reader = run_delta(tmp_path, encryption)
+    progress = Recorded()
+    repo, disk, report, reader = run_delta(tmp_path, encryption, None, progress)
+    assert progress.total == progress.advanced == SIZE  # every chunk is dirty
+    assert progress.notes == []
     want = expected_reads(disk, SIZE)
     assert sorted(reader.reads) == want
     assert report.stats.bytes_read == sum(n for _, n in want)
