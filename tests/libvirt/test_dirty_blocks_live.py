@@ -48,7 +48,7 @@ def test_live_format3_delta_reads_only_dirty_blocks(
 
     rounds = [
         # scattered 64 KiB writes, one across two blocks, one across chunks 0 and 1, a small
-        # unaligned one; never more than half of a chunk
+        # unaligned one; never more than 3/4 of a chunk
         [
             (64 * KiB, 64 * KiB),
             (MiB + 100 * KiB, 64 * KiB),

@@ -171,7 +171,7 @@ def change(disk: Disk, rng: random.Random) -> None:
     for offset in (64 * KiB, 1 * MiB + 100 * KiB, 3 * MiB):  # chunk 0
         disk.write(offset, rng.randbytes(64 * KiB))
     disk.write(2 * CHUNK - 32 * KiB, rng.randbytes(64 * KiB))  # chunks 1 and 2
-    disk.write(3 * CHUNK + MiB, rng.randbytes(3 * MiB))  # chunk 3: 3/4 dirty, read whole
+    disk.write(3 * CHUNK + MiB // 2, rng.randbytes(7 * MiB // 2))  # chunk 3: 7/8, read whole
     disk.write(4 * CHUNK + 2 * MiB, rng.randbytes(64 * KiB))  # chunk 4: a new piece
     disk.write(5 * CHUNK + 7 * BLOCK, rng.randbytes(4 * KiB))  # chunk 5 was empty
     disk.write(6 * CHUNK + 5 * BLOCK, bytes(BLOCK))  # chunk 6 becomes all zeros
@@ -182,7 +182,7 @@ def change(disk: Disk, rng: random.Random) -> None:
 def expected_reads(disk: Disk, size: int) -> list[tuple[int, int]]:
     """The byte ranges a dirty-block read reads, computed from byte maps: per dirty chunk,
     its data inside the blocks the dirty ranges touch, or all its data when those blocks
-    are more than half the chunk."""
+    are more than 3/4 of the chunk."""
     touched: dict[int, set[int]] = {}
     for offset, length in disk.dirty:
         for b in range(offset // BLOCK, -(-(offset + length) // BLOCK)):
@@ -192,7 +192,7 @@ def expected_reads(disk: Disk, size: int) -> list[tuple[int, int]]:
         start, end = chunk * CHUNK, min((chunk + 1) * CHUNK, size)
         mask = bytearray(end - start)
         cover = sum(min((b + 1) * BLOCK, end) - b * BLOCK for b in blocks)
-        if cover > (end - start) / 2:
+        if cover > (end - start) * 3 / 4:
             mask[:] = disk.data[start:end]
         else:
             for b in blocks:
