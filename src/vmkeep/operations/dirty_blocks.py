@@ -17,9 +17,10 @@ A whole read depends only on the disk, so such a chunk is stored right, never wr
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmkeep.connectors.base import DiskReader
 from vmkeep.ratelimit import Throttle
@@ -28,7 +29,7 @@ from vmkeep.repository.format import ZERO_ID, chunk_length
 from vmkeep.repository.index_runs import Range, indexes
 from vmkeep.repository.manifest import DiskIndex
 from vmkeep.repository.packed_store import PackedChunk, PackedStore
-from vmkeep.repository.recipe_fetch import fetch_recipes
+from vmkeep.repository.recipe_fetch import Recipe, fetch_recipes
 
 from .chunk_extents import Span, merge_gap, read_spans, spans_by_chunk, spans_bytes
 
@@ -57,6 +58,8 @@ class BlockPlan:
 
 
 Item = tuple[int, list[Span], BlockPlan | None]
+# A chunk of a window: index, data spans, and (previous ID, runs of blocks) or None (whole).
+Wanted = tuple[int, list[Span], tuple[bytes, list[Range]] | None]
 
 
 def dirty_block_runs(dirty: list[Span], step: int, count: int, gap: int) -> list[Range]:
@@ -85,8 +88,9 @@ def clip(spans: list[Span], start: int, end: int) -> list[Span]:
 def plan_items(
     blocks: DirtyBlocks | None, items: Iterable[tuple[int, list[Span]]], to_read: list[Range]
 ) -> Iterator[Item]:
-    """The backup's work items: with a plan where a chunk is read by blocks."""
-    if blocks is None:
+    """The backup's work items: with a plan where a chunk is read by blocks (no second walk
+    of the dirty extents when nothing is to be read)."""
+    if blocks is None or not to_read:
         return ((index, spans, None) for index, spans in items)
     return blocks.with_plans(items, to_read)
 
@@ -111,25 +115,35 @@ class DirtyBlocks:
     ) -> Iterator[Item]:
         """`items` (spans_by_chunk over indexes(to_read)) with a plan for the chunks to read
         by blocks. The dirty extents are walked a second time, lazily, in step (as the data
-        extents are: memory holds a window, never the disk's extent list)."""
+        extents are: memory holds two windows, never the disk's extent list). The next
+        window's recipes are fetched on a thread of their own while the workers read this
+        one's chunks, so an object store's latency does not hold up the chunks."""
         size = self.reader.size
         dirty = spans_by_chunk(self.reader.dirty_extents(), indexes(to_read), size, self.chunk_size)
         pairs = zip(items, dirty, strict=True)
-        while window := list(islice(pairs, WINDOW)):
-            yield from self._plan_window(window)
+        with ThreadPoolExecutor(1, thread_name_prefix="vmkeep-recipes") as pool:
+            ahead = self._window(pool, pairs)
+            while ahead is not None:
+                wanted, recipes = ahead
+                ahead = self._window(pool, pairs)
+                for index, spans, want in wanted:
+                    plan = None if want is None else self._plan(index, *want, recipes.result())
+                    yield index, spans, plan
 
-    def _plan_window(
-        self, window: list[tuple[tuple[int, list[Span]], tuple[int, list[Span]]]]
-    ) -> Iterator[Item]:
-        wanted: list[tuple[int, list[Span], bytes, list[Range]] | None] = []
-        for (index, spans), (_, dirty) in window:  # both walk indexes(to_read)
+    def _window(
+        self, pool: ThreadPoolExecutor, pairs: Iterator[tuple[tuple[int, list[Span]], Any]]
+    ) -> tuple[list[Wanted], Future[dict[bytes, Recipe | str]]] | None:
+        """The next window's chunks, each with (previous ID, runs of blocks) when it is to be
+        read by blocks, and the fetch of their previous recipes; None at the end."""
+        wanted: list[Wanted] = []
+        for (index, spans), (_, dirty) in islice(pairs, WINDOW):  # both walk indexes(to_read)
             runs = self._runs(index, dirty)
-            wanted.append(None if runs is None else (index, spans, self.base.chunk_id(index), runs))
-        need = {w[2] for w in wanted if w is not None and w[2] != ZERO_ID}
-        recipes = fetch_recipes(self.packed, need) if need else {}
-        for ((index, spans), _), want in zip(window, wanted, strict=True):
-            plan = None if want is None else self._plan(index, want[2], want[3], recipes)
-            yield index, spans, plan
+            by_blocks = None if runs is None else (self.base.chunk_id(index), runs)
+            wanted.append((index, spans, by_blocks))
+        if not wanted:
+            return None
+        need = {w[2][0] for w in wanted if w[2] is not None and w[2][0] != ZERO_ID}
+        return wanted, pool.submit(fetch_recipes, self.packed, need)
 
     def _runs(self, index: int, dirty: list[Span]) -> list[Range] | None:
         """The runs of blocks to read, or None: read the chunk whole."""
@@ -144,7 +158,7 @@ class DirtyBlocks:
         index: int,
         old_id: bytes,
         runs: list[Range],
-        recipes: dict[bytes, tuple[int, list[bytes]] | str],
+        recipes: dict[bytes, Recipe | str],
     ) -> BlockPlan | None:
         length = chunk_length(index, self.reader.size, self.chunk_size)
         count = -(-length // self.step)

@@ -11,7 +11,7 @@ requests follow the packs touched, not the chunks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection
 
 from vmkeep.errors import IntegrityError
 from vmkeep.parallel import io_threads, ordered_map
@@ -27,11 +27,13 @@ RECIPE_SPAN = 256 << 10
 Recipe = tuple[int, list[bytes]]  # the chunk's length and its block IDs
 
 
-def fetch_recipes(store: PackedStore, chunk_ids: Iterable[bytes]) -> dict[bytes, Recipe | str]:
+def fetch_recipes(store: PackedStore, chunk_ids: Collection[bytes]) -> dict[bytes, Recipe | str]:
     """Each chunk's parsed recipe, or why it cannot be used (missing, corrupt: an
     IntegrityError's message). Remote errors other than a missing pack are raised."""
     out: dict[bytes, Recipe | str] = {}
     entries: list[BlobEntry] = []
+    if not chunk_ids:
+        return out
     for chunk_id in set(chunk_ids):
         try:
             entries.append(store._entry(KIND_RECIPE, chunk_id, f"chunk {chunk_id.hex()[:16]}"))
