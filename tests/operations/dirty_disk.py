@@ -37,6 +37,7 @@ class Disk:
         self.content = bytearray(size)
         self.data = bytearray(size)  # 1 per byte of data
         self.dirty: list[tuple[int, int]] = []
+        self.as_written = False  # report dirty ranges in write order, not disk order
 
     def write(self, offset: int, piece: bytes) -> None:
         self.content[offset : offset + len(piece)] = piece
@@ -83,7 +84,9 @@ class DirtyReader:
         return iter(self.disk.extents())
 
     def dirty_extents(self) -> Iterator[Extent]:
-        return iter([Extent(o, n, True) for o, n in self.disk.dirty])
+        """In disk order, as NBD block status reports them (or as written: `as_written`)."""
+        dirty = self.disk.dirty if self.disk.as_written else sorted(self.disk.dirty)
+        return iter([Extent(o, n, True) for o, n in dirty])
 
     def read(self, offset: int, length: int) -> bytes:
         self.reads.append((offset, length))

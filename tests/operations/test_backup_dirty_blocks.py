@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from vmkeep.errors import ConnectorError
 from vmkeep.operations import dirty_blocks
 from vmkeep.operations.backup import BackupOptions, BackupStats, backup_vm
 from vmkeep.progress import SilentProgress
@@ -135,3 +136,24 @@ def test_previous_recipes_cost_requests_per_pack_and_window(tmp_path: Path) -> N
     assert spy.calls[("get", "packs")] <= 3 * windows, spy.calls  # not 256
     content = bytes(disk.content)
     assert sha(restored(repo, report.restore_point, tmp_path / "out")) == sha(content)
+
+
+def test_dirty_extents_out_of_order_fail_the_delta(tmp_path: Path) -> None:
+    """A chunk's dirty ranges are gathered in one pass over the dirty extents: a connector
+    that reports them out of order could make a chunk keep a stale block, so the delta
+    fails in one line and writes no restore point."""
+    rng = random.Random(9)
+    vm, disk = make_vm(tmp_path / "vms")
+    disk.write(0, rng.randbytes(SIZE))
+    disk.save()
+    repo = new_repo(tmp_path / "repo")
+    connector = DirtyConnector(disk)
+    backup_vm(repo, connector, str(vm), BackupOptions(), SilentProgress())
+    disk.dirty = []
+    disk.as_written = True
+    disk.write(CHUNK + 3 * MiB, rng.randbytes(64 * KiB))
+    disk.write(CHUNK, rng.randbytes(64 * KiB))  # same chunk, reported after
+    disk.save()
+    with pytest.raises(ConnectorError, match="dirty extents out of order"):
+        backup_vm(repo, connector, str(vm), BackupOptions(mode="delta"), SilentProgress())
+    assert len(repo.point_ids()) == 1

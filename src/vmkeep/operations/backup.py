@@ -236,7 +236,9 @@ def backup_disk(
         ids.clear(dirty)  # dirty and now a hole: discarded; dirty with data: read below
     progress.start(label, covered_bytes(to_read, size, chunk_size))
     store = uploader.repo.packed
-    blocks = None if base is None or store is None else DirtyBlocks(store, reader, base, chunk_size)
+    blocks = None
+    if base is not None and store is not None:  # format 3 delta: dirty chunks by blocks
+        blocks = DirtyBlocks(store, reader, base, chunk_size, label)
 
     def work(item: tuple[int, list[Span], BlockPlan | None]) -> tuple[int, bytes, BackupStats]:
         index, spans, plan = item

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from vmkeep.connectors.base import DiskReader
+from vmkeep.connectors.base import DiskReader, Extent
+from vmkeep.errors import ConnectorError
 from vmkeep.ratelimit import Throttle
 from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
 from vmkeep.repository.format import ZERO_ID, chunk_length
@@ -75,6 +76,22 @@ def dirty_block_runs(dirty: list[Span], step: int, count: int, gap: int) -> list
     return runs
 
 
+def in_order(extents: Iterable[Extent], label: str) -> Iterator[Extent]:
+    """The extents, checked to come in disk order (as NBD block status reports them): a
+    chunk's dirty ranges are gathered in one pass, so one reported late would be missed and
+    the chunk stored with a stale block."""
+    end = 0
+    for e in extents:
+        if e.data and e.length > 0:
+            if e.offset < end:
+                raise ConnectorError(
+                    f"{label}: the connector reported dirty extents out of order (at "
+                    f"{e.offset} after {end}): refusing a delta that could miss a change"
+                )
+            end = e.offset + e.length
+        yield e
+
+
 def clip(spans: list[Span], start: int, end: int) -> list[Span]:
     """The parts of `spans` inside [start, end), relative to start."""
     out = []
@@ -99,9 +116,15 @@ class DirtyBlocks:
     """Plans and reads the dirty chunks of one disk's format 3 delta block by block."""
 
     def __init__(
-        self, store: PackedStore, reader: DiskReader, base: DiskIndex, chunk_size: int
+        self,
+        store: PackedStore,
+        reader: DiskReader,
+        base: DiskIndex,
+        chunk_size: int,
+        label: str = "disk",
     ) -> None:
         self.packed = store
+        self.label = label
         self.reader = reader
         self.base = base
         self.chunk_size = chunk_size
@@ -118,8 +141,9 @@ class DirtyBlocks:
         extents are: memory holds two windows, never the disk's extent list). The next
         window's recipes are fetched on a thread of their own while the workers read this
         one's chunks, so an object store's latency does not hold up the chunks."""
-        size = self.reader.size
-        dirty = spans_by_chunk(self.reader.dirty_extents(), indexes(to_read), size, self.chunk_size)
+        size, label = self.reader.size, self.label
+        extents = in_order(self.reader.dirty_extents(), label)
+        dirty = spans_by_chunk(extents, indexes(to_read), size, self.chunk_size)
         pairs = zip(items, dirty, strict=True)
         with ThreadPoolExecutor(1, thread_name_prefix="vmkeep-recipes") as pool:
             ahead = self._window(pool, pairs)
