@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from vmkeep.connectors.base import Extent
 from vmkeep.errors import ConnectorError
 from vmkeep.operations import dirty_blocks
 from vmkeep.operations.backup import BackupOptions, BackupStats, backup_vm
@@ -157,3 +158,13 @@ def test_dirty_extents_out_of_order_fail_the_delta(tmp_path: Path) -> None:
     with pytest.raises(ConnectorError, match="dirty extents out of order"):
         backup_vm(repo, connector, str(vm), BackupOptions(mode="delta"), SilentProgress())
     assert len(repo.point_ids()) == 1
+
+
+def test_overlapping_dirty_extents_are_merged() -> None:
+    extents = [Extent(0, 10, True), Extent(5, 3, True), Extent(8, 4, True), Extent(20, 1, True)]
+    extents += [Extent(21, 5, False), Extent(30, 2, True)]
+    got = [(e.offset, e.length) for e in dirty_blocks.in_order(extents, "d")]
+    assert got == [(0, 12), (20, 1), (30, 2)]
+    late = [Extent(10, 5, True), Extent(12, 1, True), Extent(3, 1, True)]
+    with pytest.raises(ConnectorError, match="out of order"):
+        list(dirty_blocks.in_order(late, "d"))

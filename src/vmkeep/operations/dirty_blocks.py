@@ -77,19 +77,26 @@ def dirty_block_runs(dirty: list[Span], step: int, count: int, gap: int) -> list
 
 
 def in_order(extents: Iterable[Extent], label: str) -> Iterator[Extent]:
-    """The extents, checked to come in disk order (as NBD block status reports them): a
-    chunk's dirty ranges are gathered in one pass, so one reported late would be missed and
-    the chunk stored with a stale block."""
-    end = 0
+    """The dirty extents, overlapping ones merged, checked to come in disk order (as NBD
+    block status reports them): a chunk's dirty ranges are gathered in one pass, so one
+    reported late would be missed and the chunk stored with a stale block."""
+    start = end = -1
     for e in extents:
-        if e.data and e.length > 0:
-            if e.offset < end:
-                raise ConnectorError(
-                    f"{label}: the connector reported dirty extents out of order (at "
-                    f"{e.offset} after {end}): refusing a delta that could miss a change"
-                )
-            end = e.offset + e.length
-        yield e
+        if not e.data or e.length <= 0:
+            continue
+        if e.offset < start:
+            raise ConnectorError(
+                f"{label}: the connector reported dirty extents out of order (at "
+                f"{e.offset} after {start}): refusing a delta that could miss a change"
+            )
+        if e.offset <= end:
+            end = max(end, e.offset + e.length)
+            continue
+        if end > start:
+            yield Extent(start, end - start, True)
+        start, end = e.offset, e.offset + e.length
+    if end > start:
+        yield Extent(start, end - start, True)
 
 
 def clip(spans: list[Span], start: int, end: int) -> list[Span]:
