@@ -34,6 +34,7 @@ from vmkeep.operations.chunk_extents import (
     spans_by_chunk,
     spans_bytes,
 )
+from vmkeep.operations.dirty_blocks import BlockPlan, DirtyBlocks, plan_items
 from vmkeep.parallel import CpuGate, io_threads, unordered_map
 from vmkeep.progress import Progress
 from vmkeep.ratelimit import RateLimiter, Throttle
@@ -183,6 +184,18 @@ class ChunkUploader:
             stats.chunks_new = 1
         return chunk_id, stats
 
+    def claim(self, chunk_id: bytes) -> bool:
+        """True when the caller is to store `chunk_id` (as store() decides); on failure it
+        must release() it."""
+        with self._lock:
+            new = chunk_id not in self.known
+            self.known.add(chunk_id)
+        return not self._held(chunk_id) if new and self.ask else new
+
+    def release(self, chunk_id: bytes) -> None:
+        with self._lock:
+            self.known.discard(chunk_id)
+
     def _held(self, chunk_id: bytes) -> bool:
         try:
             return self.repo.has_chunk(chunk_id)
@@ -222,14 +235,20 @@ def backup_disk(
             ids.put_run(first, run)
         ids.clear(dirty)  # dirty and now a hole: discarded; dirty with data: read below
     progress.start(label, covered_bytes(to_read, size, chunk_size))
+    store = uploader.repo.packed
+    blocks = None
+    if base is not None and store is not None:  # format 3 delta: dirty chunks by blocks
+        blocks = DirtyBlocks(store, reader, base, chunk_size, label)
 
-    def work(item: tuple[int, list[Span]]) -> tuple[int, bytes, BackupStats]:
-        index, spans = item
+    def work(item: tuple[int, list[Span], BlockPlan | None]) -> tuple[int, bytes, BackupStats]:
+        index, spans, plan = item
         offset = index * chunk_size
         want = chunk_length(index, size, chunk_size)
         got = spans_bytes(spans)
         if not got:  # no data left in it since the first walk: a hole now
             return index, ZERO_ID, BackupStats(bytes_chunks=want, bytes_zero=want, chunks=1)
+        if blocks is not None and plan is not None:  # format 3 delta: dirty blocks only
+            return index, *blocks.store(uploader, index, spans, plan, throttle, label)
         if throttle is not None:
             throttle.acquire(got)
         data = read_spans(reader, offset, want, spans, label)
@@ -239,9 +258,10 @@ def backup_disk(
     total = BackupStats()
     try:
         # The second extent walk runs here, in step with the chunks (chunk_extents.py).
-        items = spans_by_chunk(
+        spans = spans_by_chunk(
             reader.extents(), indexes(to_read), size, chunk_size, merge_gap(reader)
         )
+        items = plan_items(blocks, spans, to_read)
         for index, chunk_id, stats in unordered_map(work, items, threads):
             ids.set(index, chunk_id)
             total.add(stats)
@@ -251,6 +271,8 @@ def backup_disk(
             throttle.stop()  # workers sleeping for tokens wake now, not after their share
         raise
     progress.finish()
+    if blocks is not None and blocks.note(label):
+        progress.note(blocks.note(label))
     return ids.runs(), total
 
 
