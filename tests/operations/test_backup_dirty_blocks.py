@@ -13,7 +13,8 @@ import pytest
 from vmkeep.connectors.base import Extent
 from vmkeep.errors import ConnectorError
 from vmkeep.operations import dirty_blocks
-from vmkeep.operations.backup import BackupOptions, BackupStats, backup_vm
+from vmkeep.operations.backup import BackupOptions, backup_vm
+from vmkeep.operations.chunk_uploader import BackupStats
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.format import ZERO_ID

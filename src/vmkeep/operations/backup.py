@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,10 +34,10 @@ from vmkeep.operations.chunk_extents import (
     spans_bytes,
 )
 from vmkeep.operations.dirty_blocks import BlockPlan, DirtyBlocks, plan_items
-from vmkeep.parallel import CpuGate, io_threads, unordered_map
+from vmkeep.parallel import io_threads, unordered_map
 from vmkeep.progress import Progress
 from vmkeep.ratelimit import RateLimiter, Throttle
-from vmkeep.repository.format import ZERO_ID, chunk_length, is_zero
+from vmkeep.repository.format import ZERO_ID, chunk_length
 from vmkeep.repository.gc_epoch import GcMark, confirm_no_sweep, read_gc_mark
 from vmkeep.repository.index_runs import (
     IndexBuilder,
@@ -58,6 +57,7 @@ from vmkeep.repository.repository import Repository
 from vmkeep.repository.retention_lock import lock_restore_point
 
 from .backup_start import previous_point
+from .chunk_uploader import BackupStats, ChunkUploader
 
 MODES = ("full", "delta")
 
@@ -72,23 +72,6 @@ class BackupOptions:
     workers: int | None = None  # threads of the data path; None: io_threads(remote)
     max_rate: int | None = None  # bytes/s read from the VM's disks (docs/RUNS.md §3); None: no cap
     limiter: RateLimiter | None = None  # shared by several backups (a job's run); beats max_rate
-
-
-@dataclass
-class BackupStats:
-    # Bytes really read from the VM's disks: the data extents of the chunks read, not their
-    # holes (zero-filled in memory). The others count whole chunks, holes included.
-    bytes_read: int = 0
-    bytes_chunks: int = 0  # plaintext of the chunks read
-    bytes_zero: int = 0  # of those, in all-zero chunks (not stored)
-    bytes_new: int = 0  # plaintext of chunks the repository did not hold
-    bytes_written: int = 0  # what those chunks take on the remote (compressed, encrypted)
-    chunks: int = 0
-    chunks_new: int = 0
-
-    def add(self, other: BackupStats) -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass
@@ -130,79 +113,6 @@ def chunk_ranges(size: int, extents: Iterable[Extent], chunk_size: int) -> list[
 def chunks_with_data(reader: DiskReader, chunk_size: int) -> list[Range]:
     """Chunks without data are never read."""
     return chunk_ranges(reader.size, reader.extents(), chunk_size)
-
-
-class ChunkUploader:
-    """Hashes chunks and stores the ones the repository lacks; safe to call from many threads.
-    Hashing and encoding take a slot of `gate` (CPU); the upload does not, so while some
-    threads wait on the remote, others keep the cores busy."""
-
-    def __init__(
-        self,
-        repo: Repository,
-        known: set[bytes],
-        level: int,
-        gate: CpuGate | None = None,
-        ask: bool = False,
-    ) -> None:
-        self.repo = repo
-        self.known = known
-        self.level = level
-        self.gate = gate or CpuGate()
-        # ask: `known` is not every chunk of the repository (the previous point's only), so
-        # a chunk outside it is looked up (one stat) before it is stored: the PBS way.
-        self.ask = ask
-        self._lock = threading.Lock()
-
-    def store(self, data: bytes, read: int | None = None) -> tuple[bytes, BackupStats]:
-        """The chunk's ID, stored if new. `read`: the bytes of it really read from the disk
-        (its data extents; the rest was zero-filled), which bytes_read reports."""
-        read = len(data) if read is None else read
-        stats = BackupStats(bytes_read=read, bytes_chunks=len(data), chunks=1)
-        with self.gate:
-            zero = is_zero(data)
-            chunk_id = ZERO_ID if zero else self.repo.chunk_id(data)
-        if zero:
-            stats.bytes_zero = len(data)
-            return ZERO_ID, stats
-        with self._lock:
-            new = chunk_id not in self.known
-            self.known.add(chunk_id)  # a twin in flight is stored by the first thread only
-        if new and self.ask:
-            new = not self._held(chunk_id)
-        if new:
-            try:
-                with self.gate:
-                    blob = self.repo.encode_chunk(chunk_id, data, self.level)
-                self.repo.store_chunk(chunk_id, blob)
-            except BaseException:
-                with self._lock:
-                    self.known.discard(chunk_id)
-                raise
-            stats.bytes_written = len(blob)
-            stats.bytes_new = len(data)
-            stats.chunks_new = 1
-        return chunk_id, stats
-
-    def claim(self, chunk_id: bytes) -> bool:
-        """True when the caller is to store `chunk_id` (as store() decides); on failure it
-        must release() it."""
-        with self._lock:
-            new = chunk_id not in self.known
-            self.known.add(chunk_id)
-        return not self._held(chunk_id) if new and self.ask else new
-
-    def release(self, chunk_id: bytes) -> None:
-        with self._lock:
-            self.known.discard(chunk_id)
-
-    def _held(self, chunk_id: bytes) -> bool:
-        try:
-            return self.repo.has_chunk(chunk_id)
-        except BaseException:
-            with self._lock:
-                self.known.discard(chunk_id)
-            raise
 
 
 def backup_disk(

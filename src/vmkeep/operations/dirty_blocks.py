@@ -33,9 +33,10 @@ from vmkeep.repository.packed_store import PackedChunk, PackedStore
 from vmkeep.repository.recipe_fetch import Recipe, fetch_recipes
 
 from .chunk_extents import Span, merge_gap, read_spans, spans_by_chunk, spans_bytes
+from .chunk_uploader import BackupStats
 
 if TYPE_CHECKING:
-    from .backup import BackupStats, ChunkUploader
+    from .chunk_uploader import ChunkUploader
 
 # Read whole when the dirty blocks are more than 3/4 of the chunk. Measured over a unix
 # socket to qemu-nbd (libnbd, BLAKE3 of each 128 KiB block, 2 loaded cores): a 4 MiB chunk
@@ -235,7 +236,6 @@ class DirtyBlocks:
     ) -> tuple[bytes, BackupStats]:
         """Read the plan's blocks, hash them, and store the chunk if it is new: the chunk
         ID and the stats a whole read would give, except bytes_read (what was read)."""
-        from .backup import BackupStats  # backup.py imports this module
 
         length = chunk_length(index, self.reader.size, self.chunk_size)
         blocks, read = self._read(index, length, spans, plan, throttle, label)

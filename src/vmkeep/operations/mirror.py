@@ -18,13 +18,8 @@ from typing import Any
 
 from vmkeep.connectors.base import VmConfig
 from vmkeep.errors import UsageError, VmkeepError
-from vmkeep.operations.backup import (
-    BackupStats,
-    ChunkUploader,
-    confirm_after_manifest,
-    prove_chunks_kept,
-    vm_backup_lock,
-)
+from vmkeep.operations.backup import confirm_after_manifest, prove_chunks_kept, vm_backup_lock
+from vmkeep.operations.chunk_uploader import BackupStats, ChunkUploader
 from vmkeep.operations.prune import apply_prune
 from vmkeep.operations.retention import PointRef, PruneDecision, RetentionPolicy, prune_plan
 from vmkeep.parallel import io_threads, unordered_map
