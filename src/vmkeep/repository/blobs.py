@@ -98,8 +98,13 @@ class BlobCodec:
 
     # -- objects --------------------------------------------------------------
 
-    def encode(self, kind: int, blob_id: bytes, plain: bytes, level: int) -> bytes:
-        payload, compressed = compress_if_smaller(plain, level) if level > 0 else (plain, False)
+    def encode(
+        self, kind: int, blob_id: bytes, plain: bytes | memoryview, level: int, probe: bool = False
+    ) -> bytes:
+        """`probe`: the blob's chunk looked incompressible, so sample it before compressing."""
+        payload, compressed = (
+            compress_if_smaller(plain, level, probe) if level > 0 else (plain, False)
+        )
         encrypted = self.sealer.encrypted
         flags = (FLAG_ZSTD if compressed else 0) | (FLAG_ENCRYPTED if encrypted else 0)
         head = header(MAGICS[kind], flags)

@@ -153,7 +153,7 @@ class Sealer:
             return blake3.blake3(data).digest()
         return blake3.blake3(data, key=self.key.id_key).digest()
 
-    def seal(self, head: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    def seal(self, head: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
         """The object: `head` in clear, then the sealed body. Encrypted: nonce || ciphertext ||
         tag. Else: plaintext || BLAKE3(aad || plaintext). One join, so a 4 MiB body is copied
         once, not once per concatenation."""
