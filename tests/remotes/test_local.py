@@ -3,13 +3,16 @@ meets: temp files of dead writers, read-only and full file systems."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from vmkeep.errors import RemoteError, RemoteFullError
+from vmkeep.errors import ObjectExistsError, RemoteError, RemoteFullError
+from vmkeep.remotes.base import put_parts
 from vmkeep.remotes.local import LocalRemote
 
 from .remote_contract import RemoteContract, Reopen, Stored
@@ -129,3 +132,49 @@ def test_remote_test_leaves_the_location_empty(tmp_path: Path) -> None:
     location.mkdir()
     assert probe_remote(LocalRemote(location), size=1 << 20).ok
     assert list(location.iterdir()) == []
+
+
+def test_put_parts_stores_the_parts_in_order(tmp_path: Path) -> None:
+    """More parts than one writev takes (IOV_MAX), empty ones among them: the object is
+    exactly their concatenation, and a create-if-absent put_parts refuses an existing one."""
+    rng = random.Random(3)
+    parts = [rng.randbytes(rng.choice((0, 1, 100, 4096, 70_000))) for _ in range(2500)]
+    r = LocalRemote(tmp_path)
+    r.put_parts("packs/ab/abcd", parts)
+    got = (tmp_path / "packs" / "ab" / "abcd").read_bytes()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(b"".join(parts)).digest()
+    r.put_parts("one", [b"single"])
+    assert r.get("one") == b"single"
+    with pytest.raises(ObjectExistsError):
+        r.put_parts("one", [b"x", b"y"], overwrite=False)
+    assert r.get("one") == b"single"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["abcd", "one"]
+
+
+class CountingPuts(LocalRemote):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.seen: list[tuple[str, int]] = []
+
+    def put(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
+        self.seen.append((name, len(data)))
+        super().put(name, data, overwrite=overwrite)
+
+
+def test_put_parts_goes_through_an_overriding_put(tmp_path: Path) -> None:
+    """A subclass that wraps `put` (tests inject faults that way) sees the joined object."""
+    r = CountingPuts(tmp_path)
+    put_parts(r, "packs/cd/cdef", [b"ab", b"", b"cde"])
+    assert r.seen == [("packs/cd/cdef", 5)]
+    assert r.get("packs/cd/cdef") == b"abcde"
+
+
+def test_put_parts_on_a_full_file_system_leaves_nothing(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    _mount_tmpfs(full, "1m")
+    try:
+        with pytest.raises(RemoteFullError, match="no space"):
+            LocalRemote(full).put_parts("big", [os.urandom(100_000) for _ in range(20)])
+        assert os.listdir(full) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=False)

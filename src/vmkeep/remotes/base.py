@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,3 +53,13 @@ class Remote(Protocol):
         """Remove what dead writers left half-done (temp files, unfinished multipart uploads)
         older than `older_than` seconds; returns how many. Only `gc` calls it."""
         ...
+
+
+def put_parts(remote: Remote, name: str, parts: Sequence[bytes]) -> None:
+    """Store the object made of `parts`. A remote with a `put_parts` of its own (LocalRemote:
+    one writev) writes them as they are; others get them joined into one `put`."""
+    put = getattr(remote, "put_parts", None)
+    if callable(put):
+        put(name, parts)
+    else:
+        remote.put(name, b"".join(parts))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from vmkeep.errors import RepositoryError
 from vmkeep.parallel import io_threads
-from vmkeep.remotes.base import Remote
+from vmkeep.remotes.base import Remote, put_parts
 
 from .blob_index import (
     MAX_INDEX_ENTRIES,
@@ -147,9 +147,11 @@ class PackWriter:
 
     def _upload(self, pack: _OpenPack) -> None:
         try:
-            data, pack_id = finish_pack(self.sealer, pack.parts, pack.entries)
+            pieces, pack_id = finish_pack(self.sealer, pack.parts, pack.entries)
             pack.parts = []
-            self.remote.put(pack_object_name(pack_id), data)
+            size = sum(len(p) for p in pieces)
+            put_parts(self.remote, pack_object_name(pack_id), pieces)
+            del pieces  # the blobs are freed as soon as they are stored
         except BaseException as exc:
             self._poison(f"a pack could not be stored ({exc})")
             raise
@@ -159,7 +161,7 @@ class PackWriter:
             self._unindexed += written
             self.packs_written += 1
             self.pack_ids.add(pack_id)
-            self.bytes_written += len(data)
+            self.bytes_written += size
         for entry in written:
             index.add(entry)
 
