@@ -157,12 +157,17 @@ class Sealer:
         """The object: `head` in clear, then the sealed body. Encrypted: nonce || ciphertext ||
         tag. Else: plaintext || BLAKE3(aad || plaintext). One join, so a 4 MiB body is copied
         once, not once per concatenation."""
+        return b"".join(self.seal_parts(head, plaintext, aad))
+
+    def seal_parts(self, head: bytes, plaintext: bytes | memoryview, aad: bytes) -> list[bytes]:
+        """`seal`'s object as pieces whose concatenation it is, so that a writer that takes
+        pieces (LocalRemote.put_parts: writev) never copies the 4 MiB body into one buffer."""
         if self._aead is None:
             digest = blake3.blake3(aad)
             digest.update(plaintext)
-            return b"".join((head, plaintext, digest.digest()))
+            return [head, bytes(plaintext), digest.digest()]
         nonce = os.urandom(NONCE_SIZE)
-        return b"".join((head, nonce, self._aead.encrypt(nonce, plaintext, aad)))
+        return [head + nonce, self._aead.encrypt(nonce, plaintext, aad)]
 
     def open(self, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes | memoryview:
         """A memoryview in, no 4 MiB copy made (an unencrypted body comes back as a view)."""
