@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from vmkeep.errors import IntegrityError
 
 from .compression import compress_if_smaller, decompress
-from .crypto import Sealer
+from .crypto import Sealed, Sealer
 from .format import (
     CHUNK_MAGIC,
     FLAG_ENCRYPTED,
@@ -18,28 +16,14 @@ from .format import (
 )
 
 
-@dataclass(frozen=True)
-class ChunkObject:
-    """An encoded chunk object as the pieces whose concatenation it is (header and nonce,
-    then the ciphertext): a local remote writes them with one writev, so the chunk's 4 MiB
-    body is not copied into one more buffer (docs/DATA-PATH.md, "CPU of a full backup")."""
-
-    parts: tuple[bytes, ...]
-
-    def __len__(self) -> int:
-        return sum(len(p) for p in self.parts)
-
-    def __bytes__(self) -> bytes:
-        return b"".join(self.parts)
-
-
-def encode_chunk(sealer: Sealer, chunk_id: bytes, data: bytes, level: int) -> ChunkObject:
+def encode_chunk(sealer: Sealer, chunk_id: bytes, data: bytes, level: int) -> Sealed:
+    """The chunk object as pieces (crypto.Sealed): store_chunk writes them without a join."""
     payload, compressed = compress_if_smaller(data, level) if level > 0 else (data, False)
     flags = (FLAG_ZSTD if compressed else 0) | (FLAG_ENCRYPTED if sealer.encrypted else 0)
     head = header(CHUNK_MAGIC, flags)
     if sealer.encrypted:
-        return ChunkObject(tuple(sealer.seal_parts(head, payload, head + chunk_id)))
-    return ChunkObject((head, bytes(payload)))
+        return sealer.seal_parts(head, payload, head + chunk_id)
+    return Sealed((head, bytes(payload)))
 
 
 def decode_chunk(sealer: Sealer, chunk_id: bytes, blob: bytes, max_size: int) -> bytes:

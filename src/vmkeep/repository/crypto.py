@@ -137,6 +137,21 @@ def unwrap_key(
     raise WrongPassphraseError("wrong passphrase: no key of this repository opens with it")
 
 
+@dataclass(frozen=True)
+class Sealed:
+    """A sealed object as the pieces whose concatenation it is (header and nonce, then the
+    ciphertext), written as they are by writers that take pieces (docs/DATA-PATH.md, "CPU of
+    a full backup"): the body is never copied into one more buffer."""
+
+    parts: tuple[bytes, ...]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
 class Sealer:
     """Encrypts and authenticates objects, or (unencrypted repository) only checksums them."""
 
@@ -157,17 +172,17 @@ class Sealer:
         """The object: `head` in clear, then the sealed body. Encrypted: nonce || ciphertext ||
         tag. Else: plaintext || BLAKE3(aad || plaintext). One join, so a 4 MiB body is copied
         once, not once per concatenation."""
-        return b"".join(self.seal_parts(head, plaintext, aad))
+        return bytes(self.seal_parts(head, plaintext, aad))
 
-    def seal_parts(self, head: bytes, plaintext: bytes | memoryview, aad: bytes) -> list[bytes]:
-        """`seal`'s object as pieces whose concatenation it is, so that a writer that takes
-        pieces (LocalRemote.put_parts: writev) never copies the 4 MiB body into one buffer."""
+    def seal_parts(self, head: bytes, plaintext: bytes | memoryview, aad: bytes) -> Sealed:
+        """`seal`'s object as pieces, so that a writer that takes pieces (a pack, or
+        LocalRemote.put_parts: writev) never copies a 4 MiB body into one more buffer."""
         if self._aead is None:
             digest = blake3.blake3(aad)
             digest.update(plaintext)
-            return [head, bytes(plaintext), digest.digest()]
+            return Sealed((head, bytes(plaintext), digest.digest()))
         nonce = os.urandom(NONCE_SIZE)
-        return [head + nonce, self._aead.encrypt(nonce, plaintext, aad)]
+        return Sealed((head + nonce, self._aead.encrypt(nonce, plaintext, aad)))
 
     def open(self, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes | memoryview:
         """A memoryview in, no 4 MiB copy made (an unencrypted body comes back as a view)."""
