@@ -14,8 +14,12 @@ import pytest
 from vmkeep.errors import ObjectExistsError, RemoteError, RemoteFullError
 from vmkeep.remotes.base import put_parts
 from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository.crypto import Sealed
+from vmkeep.repository.repository import Repository
 
 from .remote_contract import RemoteContract, Reopen, Stored
+
+MiB = 1 << 20
 
 
 @pytest.fixture
@@ -164,9 +168,29 @@ class CountingPuts(LocalRemote):
 def test_put_parts_goes_through_an_overriding_put(tmp_path: Path) -> None:
     """A subclass that wraps `put` (tests inject faults that way) sees the joined object."""
     r = CountingPuts(tmp_path)
-    put_parts(r, "packs/cd/cdef", [b"ab", b"", b"cde"])
+    pieces = [b"ab", b"", b"cde"]
+    put_parts(r, "packs/cd/cdef", pieces)
     assert r.seen == [("packs/cd/cdef", 5)]
     assert r.get("packs/cd/cdef") == b"abcde"
+    assert pieces == []  # handed over: the caller holds no second copy while it is sent
+
+
+def test_a_sealed_object_is_written_once(tmp_path: Path) -> None:
+    """store_chunk takes the pieces of the encoded chunk: a second write of the same object
+    fails loudly instead of writing an empty object under the chunk's name."""
+    repo = Repository.init(LocalRemote(tmp_path / "r"), "aes-256-gcm", lambda: b"pw")
+    data = os.urandom(MiB)
+    chunk_id = repo.chunk_id(data)
+    blob = repo.encode_chunk(chunk_id, data, 1)
+    assert isinstance(blob, Sealed)
+    size = len(blob)
+    repo.store_chunk(chunk_id, blob)
+    assert len(blob) == size
+    with pytest.raises(RuntimeError, match="already handed over"):
+        repo.store_chunk(chunk_id, blob)
+    assert repo.get_chunk(chunk_id) == data
+    stored = tmp_path / "r" / "chunks" / chunk_id.hex()[:2] / chunk_id.hex()
+    assert stored.stat().st_size == size
 
 
 def test_put_parts_on_a_full_file_system_leaves_nothing(tmp_path: Path) -> None:

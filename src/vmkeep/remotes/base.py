@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,11 +55,15 @@ class Remote(Protocol):
         ...
 
 
-def put_parts(remote: Remote, name: str, parts: Sequence[bytes]) -> None:
-    """Store the object made of `parts`. A remote with a `put_parts` of its own (LocalRemote:
-    one writev) writes them as they are; others get them joined into one `put`."""
+def put_parts(remote: Remote, name: str, parts: list[bytes]) -> None:
+    """Store the object made of `parts`, emptying the list. A remote with a `put_parts` of its
+    own (LocalRemote: one writev) writes the pieces as they are; the others get them joined
+    into one `put`, the pieces freed before it sends (no second copy held while it waits)."""
     put = getattr(remote, "put_parts", None)
     if callable(put):
         put(name, parts)
-    else:
-        remote.put(name, b"".join(parts))
+        parts.clear()
+        return
+    data = b"".join(parts)
+    parts.clear()
+    remote.put(name, data)

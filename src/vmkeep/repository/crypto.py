@@ -137,16 +137,32 @@ def unwrap_key(
     raise WrongPassphraseError("wrong passphrase: no key of this repository opens with it")
 
 
-@dataclass(frozen=True)
 class Sealed:
     """A sealed object as the pieces whose concatenation it is (header and nonce, then the
     ciphertext), written as they are by writers that take pieces (docs/DATA-PATH.md, "CPU of
-    a full backup"): the body is never copied into one more buffer."""
+    a full backup"): the body is never copied into one more buffer. `take` hands the pieces
+    over once, so a writer that must join them (object stores) frees them before it sends."""
 
-    parts: tuple[bytes, ...]
+    __slots__ = ("_length", "_parts")
+
+    def __init__(self, parts: tuple[bytes, ...]) -> None:
+        self._parts: list[bytes] | None = list(parts)
+        self._length = sum(len(p) for p in parts)
 
     def __len__(self) -> int:
-        return sum(len(p) for p in self.parts)
+        return self._length
+
+    @property
+    def parts(self) -> list[bytes]:
+        if self._parts is None:
+            raise RuntimeError("a sealed object's pieces were already handed over")
+        return self._parts
+
+    def take(self) -> list[bytes]:
+        """The pieces, this object keeping no reference to them (it cannot be written again)."""
+        parts = self.parts
+        self._parts = None
+        return parts
 
     def __bytes__(self) -> bytes:
         return b"".join(self.parts)

@@ -154,8 +154,7 @@ class PackWriter:
             pieces, pack_id = finish_pack(self.sealer, pack.parts, pack.entries)
             pack.parts = []
             size = sum(len(p) for p in pieces)
-            put_parts(self.remote, pack_object_name(pack_id), pieces)
-            del pieces  # the blobs are freed as soon as they are stored
+            put_parts(self.remote, pack_object_name(pack_id), pieces)  # empties `pieces`
         except BaseException as exc:
             self._poison(f"a pack could not be stored ({exc})")
             raise

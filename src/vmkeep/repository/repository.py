@@ -273,7 +273,7 @@ class Repository:
             assert self.packed is not None
             self.packed.store(chunk_id, blob)
         else:
-            put_parts(self.remote, chunk_object_name(chunk_id), blob.parts)
+            put_parts(self.remote, chunk_object_name(chunk_id), blob.take())
 
     def flush_chunks(self) -> None:
         """Format 3: the packs and the index of what was stored, durable (a backup's last
