@@ -3,16 +3,23 @@ meets: temp files of dead writers, read-only and full file systems."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from vmkeep.errors import RemoteError, RemoteFullError
+from vmkeep.errors import ObjectExistsError, RemoteError, RemoteFullError
+from vmkeep.remotes.base import put_parts
 from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository.crypto import Sealed
+from vmkeep.repository.repository import Repository
 
 from .remote_contract import RemoteContract, Reopen, Stored
+
+MiB = 1 << 20
 
 
 @pytest.fixture
@@ -129,3 +136,69 @@ def test_remote_test_leaves_the_location_empty(tmp_path: Path) -> None:
     location.mkdir()
     assert probe_remote(LocalRemote(location), size=1 << 20).ok
     assert list(location.iterdir()) == []
+
+
+def test_put_parts_stores_the_parts_in_order(tmp_path: Path) -> None:
+    """More parts than one writev takes (IOV_MAX), empty ones among them: the object is
+    exactly their concatenation, and a create-if-absent put_parts refuses an existing one."""
+    rng = random.Random(3)
+    parts = [rng.randbytes(rng.choice((0, 1, 100, 4096, 70_000))) for _ in range(2500)]
+    r = LocalRemote(tmp_path)
+    r.put_parts("packs/ab/abcd", parts)
+    got = (tmp_path / "packs" / "ab" / "abcd").read_bytes()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(b"".join(parts)).digest()
+    r.put_parts("one", [b"single"])
+    assert r.get("one") == b"single"
+    with pytest.raises(ObjectExistsError):
+        r.put_parts("one", [b"x", b"y"], overwrite=False)
+    assert r.get("one") == b"single"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["abcd", "one"]
+
+
+class CountingPuts(LocalRemote):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.seen: list[tuple[str, int]] = []
+
+    def put(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
+        self.seen.append((name, len(data)))
+        super().put(name, data, overwrite=overwrite)
+
+
+def test_put_parts_goes_through_an_overriding_put(tmp_path: Path) -> None:
+    """A subclass that wraps `put` (tests inject faults that way) sees the joined object."""
+    r = CountingPuts(tmp_path)
+    pieces = [b"ab", b"", b"cde"]
+    put_parts(r, "packs/cd/cdef", pieces)
+    assert r.seen == [("packs/cd/cdef", 5)]
+    assert r.get("packs/cd/cdef") == b"abcde"
+    assert pieces == []  # handed over: the caller holds no second copy while it is sent
+
+
+def test_a_sealed_object_is_written_once(tmp_path: Path) -> None:
+    """store_chunk takes the pieces of the encoded chunk: a second write of the same object
+    fails loudly instead of writing an empty object under the chunk's name."""
+    repo = Repository.init(LocalRemote(tmp_path / "r"), "aes-256-gcm", lambda: b"pw")
+    data = os.urandom(MiB)
+    chunk_id = repo.chunk_id(data)
+    blob = repo.encode_chunk(chunk_id, data, 1)
+    assert isinstance(blob, Sealed)
+    size = len(blob)
+    repo.store_chunk(chunk_id, blob)
+    assert len(blob) == size
+    with pytest.raises(RuntimeError, match="already handed over"):
+        repo.store_chunk(chunk_id, blob)
+    assert repo.get_chunk(chunk_id) == data
+    stored = tmp_path / "r" / "chunks" / chunk_id.hex()[:2] / chunk_id.hex()
+    assert stored.stat().st_size == size
+
+
+def test_put_parts_on_a_full_file_system_leaves_nothing(tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    _mount_tmpfs(full, "1m")
+    try:
+        with pytest.raises(RemoteFullError, match="no space"):
+            LocalRemote(full).put_parts("big", [os.urandom(100_000) for _ in range(20)])
+        assert os.listdir(full) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=False)

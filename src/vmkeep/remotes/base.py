@@ -53,3 +53,17 @@ class Remote(Protocol):
         """Remove what dead writers left half-done (temp files, unfinished multipart uploads)
         older than `older_than` seconds; returns how many. Only `gc` calls it."""
         ...
+
+
+def put_parts(remote: Remote, name: str, parts: list[bytes]) -> None:
+    """Store the object made of `parts`, emptying the list. A remote with a `put_parts` of its
+    own (LocalRemote: one writev) writes the pieces as they are; the others get them joined
+    into one `put`, the pieces freed before it sends (no second copy held while it waits)."""
+    put = getattr(remote, "put_parts", None)
+    if callable(put):
+        put(name, parts)
+        parts.clear()
+        return
+    data = b"".join(parts)
+    parts.clear()
+    remote.put(name, data)

@@ -13,7 +13,7 @@ import blake3
 from vmkeep.errors import IntegrityError
 
 from .compression import compress_if_smaller, decompress
-from .crypto import Sealer
+from .crypto import Sealed, Sealer
 from .format import (
     FLAG_ENCRYPTED,
     FLAG_ZSTD,
@@ -98,14 +98,25 @@ class BlobCodec:
 
     # -- objects --------------------------------------------------------------
 
-    def encode(self, kind: int, blob_id: bytes, plain: bytes, level: int) -> bytes:
-        payload, compressed = compress_if_smaller(plain, level) if level > 0 else (plain, False)
+    def encode(
+        self, kind: int, blob_id: bytes, plain: bytes | memoryview, level: int, probe: bool = False
+    ) -> bytes:
+        return bytes(self.encode_parts(kind, blob_id, plain, level, probe))
+
+    def encode_parts(
+        self, kind: int, blob_id: bytes, plain: bytes | memoryview, level: int, probe: bool = False
+    ) -> Sealed:
+        """The stored blob as pieces (a pack takes them without a join). `probe`: the blob's
+        chunk looked incompressible, so sample it before compressing."""
+        payload, compressed = (
+            compress_if_smaller(plain, level, probe) if level > 0 else (plain, False)
+        )
         encrypted = self.sealer.encrypted
         flags = (FLAG_ZSTD if compressed else 0) | (FLAG_ENCRYPTED if encrypted else 0)
         head = header(MAGICS[kind], flags)
         if encrypted:
-            return self.sealer.seal(head, payload, head + blob_id)
-        return b"".join((head, payload))
+            return self.sealer.seal_parts(head, payload, head + blob_id)
+        return Sealed((head, bytes(payload)))
 
     def decode(self, kind: int, blob_id: bytes, raw: bytes | memoryview) -> bytes:
         """The blob's plaintext, or IntegrityError: wrong kind, failed authentication, too

@@ -5,7 +5,7 @@ from __future__ import annotations
 from vmkeep.errors import IntegrityError
 
 from .compression import compress_if_smaller, decompress
-from .crypto import Sealer
+from .crypto import Sealed, Sealer
 from .format import (
     CHUNK_MAGIC,
     FLAG_ENCRYPTED,
@@ -16,13 +16,14 @@ from .format import (
 )
 
 
-def encode_chunk(sealer: Sealer, chunk_id: bytes, data: bytes, level: int) -> bytes:
+def encode_chunk(sealer: Sealer, chunk_id: bytes, data: bytes, level: int) -> Sealed:
+    """The chunk object as pieces (crypto.Sealed): store_chunk writes them without a join."""
     payload, compressed = compress_if_smaller(data, level) if level > 0 else (data, False)
     flags = (FLAG_ZSTD if compressed else 0) | (FLAG_ENCRYPTED if sealer.encrypted else 0)
     head = header(CHUNK_MAGIC, flags)
     if sealer.encrypted:
-        return sealer.seal(head, payload, head + chunk_id)
-    return head + payload
+        return sealer.seal_parts(head, payload, head + chunk_id)
+    return Sealed((head, bytes(payload)))
 
 
 def decode_chunk(sealer: Sealer, chunk_id: bytes, blob: bytes, max_size: int) -> bytes:

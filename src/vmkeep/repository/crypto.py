@@ -137,6 +137,37 @@ def unwrap_key(
     raise WrongPassphraseError("wrong passphrase: no key of this repository opens with it")
 
 
+class Sealed:
+    """A sealed object as the pieces whose concatenation it is (header and nonce, then the
+    ciphertext), written as they are by writers that take pieces (docs/DATA-PATH.md, "CPU of
+    a full backup"): the body is never copied into one more buffer. `take` hands the pieces
+    over once, so a writer that must join them (object stores) frees them before it sends."""
+
+    __slots__ = ("_length", "_parts")
+
+    def __init__(self, parts: tuple[bytes, ...]) -> None:
+        self._parts: list[bytes] | None = list(parts)
+        self._length = sum(len(p) for p in parts)
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def parts(self) -> list[bytes]:
+        if self._parts is None:
+            raise RuntimeError("a sealed object's pieces were already handed over")
+        return self._parts
+
+    def take(self) -> list[bytes]:
+        """The pieces, this object keeping no reference to them (it cannot be written again)."""
+        parts = self.parts
+        self._parts = None
+        return parts
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
 class Sealer:
     """Encrypts and authenticates objects, or (unencrypted repository) only checksums them."""
 
@@ -153,16 +184,21 @@ class Sealer:
             return blake3.blake3(data).digest()
         return blake3.blake3(data, key=self.key.id_key).digest()
 
-    def seal(self, head: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    def seal(self, head: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
         """The object: `head` in clear, then the sealed body. Encrypted: nonce || ciphertext ||
         tag. Else: plaintext || BLAKE3(aad || plaintext). One join, so a 4 MiB body is copied
         once, not once per concatenation."""
+        return bytes(self.seal_parts(head, plaintext, aad))
+
+    def seal_parts(self, head: bytes, plaintext: bytes | memoryview, aad: bytes) -> Sealed:
+        """`seal`'s object as pieces, so that a writer that takes pieces (a pack, or
+        LocalRemote.put_parts: writev) never copies a 4 MiB body into one more buffer."""
         if self._aead is None:
             digest = blake3.blake3(aad)
             digest.update(plaintext)
-            return b"".join((head, plaintext, digest.digest()))
+            return Sealed((head, bytes(plaintext), digest.digest()))
         nonce = os.urandom(NONCE_SIZE)
-        return b"".join((head, nonce, self._aead.encrypt(nonce, plaintext, aad)))
+        return Sealed((head + nonce, self._aead.encrypt(nonce, plaintext, aad)))
 
     def open(self, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes | memoryview:
         """A memoryview in, no 4 MiB copy made (an unencrypted body comes back as a view)."""

@@ -6,13 +6,13 @@ partial packs, then writes the index objects of everything uploaded since the la
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from vmkeep.errors import RepositoryError
 from vmkeep.parallel import io_threads
-from vmkeep.remotes.base import Remote
+from vmkeep.remotes.base import Remote, put_parts
 
 from .blob_index import (
     MAX_INDEX_ENTRIES,
@@ -22,14 +22,14 @@ from .blob_index import (
     index_object_name,
 )
 from .blobs import KIND_BLOCK, KIND_RECIPE
-from .crypto import Sealer
+from .crypto import Sealed, Sealer
 from .packs import BlobEntry, finish_pack, pack_header, pack_object_name
 
 
 @dataclass
 class _OpenPack:
     kind: int
-    parts: list[bytes]  # the pack header, then the blobs as they were encoded
+    parts: list[bytes]  # the pack header, then the pieces of the blobs as they were encoded
     size: int
     entries: list[tuple[int, bytes, int, int]] = field(default_factory=list)
 
@@ -72,7 +72,7 @@ class PackWriter:
     def has(self, kind: int, blob_id: bytes) -> bool:
         return (kind, blob_id) in self._seen or (kind, blob_id) in self._index()
 
-    def add(self, kind: int, blobs: list[tuple[bytes, bytes]]) -> int:
+    def add(self, kind: int, blobs: Sequence[tuple[bytes, bytes | Sealed]]) -> int:
         """Append the blobs the repository lacks, contiguously; returns the bytes added."""
         added = 0
         full: _OpenPack | None = None
@@ -88,10 +88,14 @@ class PackWriter:
                 if pack is None:
                     head = pack_header(self.sealer)
                     pack = self._open[kind] = _OpenPack(kind, [head], len(head))
-                pack.entries.append((kind, blob_id, pack.size, len(data)))
-                pack.parts.append(data)
-                pack.size += len(data)
-                added += len(data)
+                length = len(data)
+                pack.entries.append((kind, blob_id, pack.size, length))
+                if isinstance(data, Sealed):
+                    pack.parts.extend(data.parts)  # its pieces: no join of the blob
+                else:
+                    pack.parts.append(data)
+                pack.size += length
+                added += length
             if pack is not None and pack.size >= self.pack_size:
                 full = self._open.pop(kind)
         if full is not None:
@@ -147,9 +151,10 @@ class PackWriter:
 
     def _upload(self, pack: _OpenPack) -> None:
         try:
-            data, pack_id = finish_pack(self.sealer, pack.parts, pack.entries)
+            pieces, pack_id = finish_pack(self.sealer, pack.parts, pack.entries)
             pack.parts = []
-            self.remote.put(pack_object_name(pack_id), data)
+            size = sum(len(p) for p in pieces)
+            put_parts(self.remote, pack_object_name(pack_id), pieces)  # empties `pieces`
         except BaseException as exc:
             self._poison(f"a pack could not be stored ({exc})")
             raise
@@ -159,7 +164,7 @@ class PackWriter:
             self._unindexed += written
             self.packs_written += 1
             self.pack_ids.add(pack_id)
-            self.bytes_written += len(data)
+            self.bytes_written += size
         for entry in written:
             index.add(entry)
 

@@ -16,7 +16,8 @@ from vmkeep.remotes.base import Remote
 
 from .blob_index import BlobIndex, LoadedIndex, load_index
 from .blobs import KIND_BLOCK, KIND_NAMES, KIND_RECIPE, BlobCodec
-from .crypto import Sealer
+from .compression import CHUNK_PROBE, looks_incompressible
+from .crypto import Sealed, Sealer
 from .format import ZERO_ID
 from .limits import get_bounded
 from .pack_writer import PackWriter
@@ -29,7 +30,7 @@ class PackedChunk:
     when it was encoded. Its length is what it would add to the remote."""
 
     recipe: bytes
-    blocks: list[tuple[bytes, bytes]]
+    blocks: list[tuple[bytes, Sealed]]
 
     def __len__(self) -> int:
         return len(self.recipe) + sum(len(b) for _, b in self.blocks)
@@ -97,14 +98,19 @@ class PackedStore:
         _, _, recipe, block_ids = last
         writer = self.writer
         step = self.codec.block_size
-        blocks: list[tuple[bytes, bytes]] = []
+        view = memoryview(data)  # a block is encoded from a view: no 128 KiB copy each
+        # Random chunks: zstd's attempt on each block cost more than its hash (compression.py)
+        probe = level > 0 and looks_incompressible(data, CHUNK_PROBE, 0)
+        blocks: list[tuple[bytes, Sealed]] = []
         done: set[bytes] = set()
         for k, block_id in enumerate(block_ids):
             if block_id == ZERO_ID or block_id in done or writer.has(KIND_BLOCK, block_id):
                 continue
             done.add(block_id)
-            plain = data[k * step : (k + 1) * step]
-            blocks.append((block_id, self.codec.encode(KIND_BLOCK, block_id, plain, level)))
+            plain = view[k * step : (k + 1) * step]
+            blocks.append(
+                (block_id, self.codec.encode_parts(KIND_BLOCK, block_id, plain, level, probe))
+            )
         return PackedChunk(self.codec.encode(KIND_RECIPE, chunk_id, recipe, level), blocks)
 
     def store(self, chunk_id: bytes, packed: PackedChunk) -> None:

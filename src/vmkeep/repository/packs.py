@@ -70,19 +70,17 @@ def pack_header(sealer: Sealer) -> bytes:
 
 def finish_pack(
     sealer: Sealer, parts: list[bytes], entries: list[tuple[int, bytes, int, int]]
-) -> tuple[bytes, bytes]:
-    """The pack object (`parts`: the pack header, then the blobs, at the entries' offsets)
-    and its ID: BLAKE3 of the sealed trailer and its length field, which name every blob and
-    where it lies (each blob authenticates itself; hashing the whole pack again cost a
-    second pass over every byte stored). One join: the blobs are copied once, into an
-    allocation of the exact size."""
+) -> tuple[list[bytes], bytes]:
+    """The pack object as its pieces (`parts`: the pack header, then the blobs, at the
+    entries' offsets; then the trailer) and its ID: BLAKE3 of the sealed trailer and its
+    length field, which name every blob and where it lies (each blob authenticates itself;
+    hashing the whole pack again cost a second pass over every byte stored). The pieces are
+    not joined here: a local remote writes them with one writev, others join them once."""
     plain = b"".join(ENTRY.pack(*e) for e in entries)
     head = header(TRAILER_MAGIC, 0)
     tail = sealer.seal(head, plain, head)
     tail += _TAIL.pack(len(tail))
-    data = b"".join([*parts, tail])
-    parts.clear()  # the blobs are in `data` now: free them before the upload, not after
-    return data, blake3.blake3(tail).digest()
+    return [*parts, tail], blake3.blake3(tail).digest()
 
 
 def read_trailer(sealer: Sealer, pack_id: bytes, data: bytes) -> list[BlobEntry]:

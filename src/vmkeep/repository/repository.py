@@ -19,7 +19,7 @@ from vmkeep.errors import (
     WrongPassphraseError,
 )
 from vmkeep.parallel import io_threads, ordered_map
-from vmkeep.remotes.base import Remote
+from vmkeep.remotes.base import Remote, put_parts
 from vmkeep.remotes.local import LocalRemote
 
 from .chunk_fetch import (
@@ -39,7 +39,7 @@ from .config_auth import (
     check_plain_config,
     config_mac,
 )
-from .crypto import RepositoryKey, Sealer, unwrap_key, wrap_key
+from .crypto import RepositoryKey, Sealed, Sealer, unwrap_key, wrap_key
 from .format import (
     CHUNKS_PREFIX,
     CONFIG_NAME,
@@ -261,19 +261,19 @@ class Repository:
     # The two halves of put_chunk, for the backup pipeline that runs the CPU half (zstd,
     # AES-GCM) under a CPU gate and the I/O half (the remote's put) outside it.
 
-    def encode_chunk(self, chunk_id: bytes, data: bytes, level: int) -> bytes | PackedChunk:
+    def encode_chunk(self, chunk_id: bytes, data: bytes, level: int) -> Sealed | PackedChunk:
         """The chunk object for `data` (CPU only); format 3: its recipe and new blocks."""
         if self.packed is not None:
             return self.packed.encode(chunk_id, data, level)
         return encode_chunk(self.sealer, chunk_id, data, level)
 
-    def store_chunk(self, chunk_id: bytes, blob: bytes | PackedChunk) -> None:
+    def store_chunk(self, chunk_id: bytes, blob: Sealed | PackedChunk) -> None:
         """Put an encoded chunk object (I/O only); format 3: append it to the packer."""
         if isinstance(blob, PackedChunk):
             assert self.packed is not None
             self.packed.store(chunk_id, blob)
         else:
-            self.remote.put(chunk_object_name(chunk_id), blob)
+            put_parts(self.remote, chunk_object_name(chunk_id), blob.take())
 
     def flush_chunks(self) -> None:
         """Format 3: the packs and the index of what was stored, durable (a backup's last
