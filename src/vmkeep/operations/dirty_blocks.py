@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from vmkeep.connectors.base import DiskReader, Extent
 from vmkeep.errors import ConnectorError
 from vmkeep.ratelimit import Throttle
-from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
+from vmkeep.repository.blobs import KIND_BLOCK
 from vmkeep.repository.format import ZERO_ID, chunk_length
 from vmkeep.repository.index_runs import Range, indexes
 from vmkeep.repository.manifest import DiskIndex
@@ -298,13 +298,4 @@ class DirtyBlocks:
     ) -> PackedChunk:
         """The recipe and the blocks read that the repository lacks, as PackedStore.encode
         makes them from a whole chunk."""
-        codec, writer = self.packed.codec, self.packed.writer
-        done: set[bytes] = set()
-        encoded = []
-        for k, plain in blocks:
-            block_id = ids[k]
-            if block_id == ZERO_ID or block_id in done or writer.has(KIND_BLOCK, block_id):
-                continue
-            done.add(block_id)
-            encoded.append((block_id, codec.encode(KIND_BLOCK, block_id, plain, level)))
-        return PackedChunk(codec.encode(KIND_RECIPE, chunk_id, recipe, level), encoded)
+        return self.packed.pack_chunk(chunk_id, recipe, ((ids[k], p) for k, p in blocks), level)

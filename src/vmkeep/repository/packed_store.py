@@ -96,22 +96,35 @@ class PackedStore:
             self.chunk_id(data)
             last = self._local.last
         _, _, recipe, block_ids = last
-        writer = self.writer
         step = self.codec.block_size
         view = memoryview(data)  # a block is encoded from a view: no 128 KiB copy each
         # Random chunks: zstd's attempt on each block cost more than its hash (compression.py)
         probe = level > 0 and looks_incompressible(data, CHUNK_PROBE, 0)
-        blocks: list[tuple[bytes, Sealed]] = []
+        blocks = ((b, view[k * step : (k + 1) * step]) for k, b in enumerate(block_ids))
+        return self.pack_chunk(chunk_id, recipe, blocks, level, probe)
+
+    def pack_chunk(
+        self,
+        chunk_id: bytes,
+        recipe: bytes,
+        blocks: Iterable[tuple[bytes, bytes | memoryview]],
+        level: int,
+        probe: bool = False,
+    ) -> PackedChunk:
+        """The recipe and those of `blocks` (block ID, plaintext) the repository lacks,
+        encoded; zero blocks and repeats are skipped. A dirty-block delta hands only the
+        blocks it read (operations/dirty_blocks.py)."""
+        writer = self.writer
+        encoded: list[tuple[bytes, Sealed]] = []
         done: set[bytes] = set()
-        for k, block_id in enumerate(block_ids):
+        for block_id, plain in blocks:
             if block_id == ZERO_ID or block_id in done or writer.has(KIND_BLOCK, block_id):
                 continue
             done.add(block_id)
-            plain = view[k * step : (k + 1) * step]
-            blocks.append(
+            encoded.append(
                 (block_id, self.codec.encode_parts(KIND_BLOCK, block_id, plain, level, probe))
             )
-        return PackedChunk(self.codec.encode(KIND_RECIPE, chunk_id, recipe, level), blocks)
+        return PackedChunk(self.codec.encode(KIND_RECIPE, chunk_id, recipe, level), encoded)
 
     def store(self, chunk_id: bytes, packed: PackedChunk) -> None:
         writer = self.writer
