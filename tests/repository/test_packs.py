@@ -129,16 +129,16 @@ def test_index_cache_is_rechecked(tmp_path: Path) -> None:
     repo = packed_repo(tmp_path / "r")
     datas = chunks(4)
     ids = store(repo, datas)
-    cache = Path(os.environ["VMKEEP_CACHE_DIR"], repo.config["id"], "index")
-    (cached,) = list(cache.iterdir())
+    cache = Path(os.environ["VMKEEP_CACHE_DIR"], repo.config["id"])
+    (cached,) = list((cache / "index").iterdir())  # the flush's object, kept for the next open
     cached.write_bytes(b"garbage")  # a damaged cache copy: the remote's is used
     assert reopen(repo).get_chunk(ids[0]) == datas[0]
-    assert cached.read_bytes() == (tmp_path / "r" / INDEX_PREFIX / cached.name).read_bytes()
+    assert not cached.exists()  # merged into the on-disk index: the copy is dropped
+    assert (cache / "blobindex").is_file()
     for p in (tmp_path / "r" / "index").iterdir():
-        p.unlink()  # no index object on the remote: the cache does not resurrect it
+        p.unlink()  # no index object on the remote: the on-disk index does not resurrect it
     with pytest.raises(IntegrityError, match="missing from the repository"):
         reopen(repo).get_chunk(ids[0])
-    assert not cached.exists()
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,24 @@
 """The index of a format 3 repository (docs/FORMAT.md §13.6): where each blob lies.
 
-Index objects are immutable and content-named, so a reader keeps them in a local cache
-and fetches only the new ones; each is re-checked against its name and authenticated at
-every load. In memory the index is one dict per kind, blob ID → one int packing the pack
-number, offset and length (about 150 bytes per blob: docs/DATA-PATH.md has the cost at
-scale and the sharded index that would replace it)."""
+Index objects are immutable and content-named. A reader merges the ones it has not seen
+into a sorted, authenticated file under its cache directory (disk_index.py) and looks blobs
+up there, one bucket read per lookup: memory does not follow the repository's size, and an
+open reads only the index objects added since the last one (docs/DATA-PATH.md "Blob index
+on disk"). Objects fetched but not merged yet (a backup's own, written at its flush) wait
+in a local object cache.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import struct
+import tempfile
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import blake3
 
@@ -24,6 +30,7 @@ from .blobs import KIND_BLOCK, KIND_RECIPE, KINDS
 from .cache_dir import cache_root, repository_cache
 from .compression import compress, decompress
 from .crypto import Sealer
+from .disk_index import KEY_SIZE, RECORD, Damaged, DiskIndex, Merge, mac_key
 from .format import FLAG_ENCRYPTED, FLAG_ZSTD, HEADER_SIZE, ID_SIZE, OBJECT_VERSION, header
 from .limits import get_bounded
 from .packs import BlobEntry
@@ -101,16 +108,21 @@ def parse_index(doc: bytes, what: str) -> list[BlobEntry]:
     return entries
 
 
-@dataclass
 class BlobIndex:
-    """Blob ID → location, for both kinds; thread-safe for adds and lookups."""
+    """Blob ID → location, for both kinds; thread-safe for adds and lookups. The index
+    objects merged so far are looked up in the on-disk index (DiskIndex); the blobs this
+    process adds are kept in memory, one dict per kind, blob ID → one int packing the pack
+    number, offset and length, until the next open merges their index objects."""
 
-    packs: list[bytes] = field(default_factory=list)
-    _pack_numbers: dict[bytes, int] = field(default_factory=dict)
-    _maps: dict[int, dict[bytes, int]] = field(
-        default_factory=lambda: {KIND_BLOCK: {}, KIND_RECIPE: {}}
-    )
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(
+        self, disk: DiskIndex | None = None, repair: Callable[[], DiskIndex] | None = None
+    ) -> None:
+        self._disk = disk
+        self._repair = repair
+        self.packs: list[bytes] = []
+        self._pack_numbers: dict[bytes, int] = {}
+        self._maps: dict[int, dict[bytes, int]] = {KIND_BLOCK: {}, KIND_RECIPE: {}}
+        self._lock = threading.Lock()
 
     def add(self, entry: BlobEntry) -> None:
         with self._lock:
@@ -122,6 +134,10 @@ class BlobIndex:
             self._maps[entry.kind].setdefault(entry.blob_id, packed)
 
     def get(self, kind: int, blob_id: bytes) -> BlobEntry | None:
+        found = self._disk_get(kind, blob_id)
+        return found if found is not None else self._memory_get(kind, blob_id)
+
+    def _memory_get(self, kind: int, blob_id: bytes) -> BlobEntry | None:
         packed = self._maps[kind].get(blob_id)
         if packed is None:
             return None
@@ -129,21 +145,71 @@ class BlobIndex:
         pack = self.packs[packed >> (2 * _BITS)]
         return BlobEntry(kind, blob_id, pack, (packed >> _BITS) & mask, packed & mask)
 
+    def _disk_get(self, kind: int, blob_id: bytes) -> BlobEntry | None:
+        disk = self._disk
+        if disk is None:
+            return None
+        try:
+            found = disk.find(kind, blob_id)
+        except (Damaged, OSError):
+            disk = self._repaired(disk)
+            try:
+                found = disk.find(kind, blob_id)
+            except (Damaged, OSError) as exc:
+                raise IntegrityError(
+                    f"the local index cache fails right after its rebuild: {exc}"
+                ) from exc
+        if found is None:
+            return None
+        _, pack, offset, length = found
+        return BlobEntry(kind, blob_id, disk.packs[pack], offset, length)
+
+    def _repaired(self, damaged: DiskIndex) -> DiskIndex:
+        """A damaged cache file (edited or truncated while open) is rebuilt from the remote
+        index objects, once per damaged file."""
+        with self._lock:
+            if self._disk is damaged:
+                if self._repair is None:
+                    raise IntegrityError("the local index cache is damaged")
+                self._disk = self._repair()
+            assert self._disk is not None
+            return self._disk
+
     def __contains__(self, key: tuple[int, bytes]) -> bool:
-        return key[1] in self._maps[key[0]]
+        return key[1] in self._maps[key[0]] or self._disk_get(key[0], key[1]) is not None
+
+    def _disk_entries(self) -> Iterator[BlobEntry]:
+        disk = self._disk
+        if disk is None:
+            return
+        last = b""
+        for record in disk.records():
+            blob_id, kind, _, pack, offset, length = RECORD.unpack(record)
+            if record[:KEY_SIZE] != last:
+                last = record[:KEY_SIZE]
+                yield BlobEntry(kind, blob_id, disk.packs[pack], offset, length)
+
+    def _memory_only(self, kind: int) -> list[bytes]:
+        return [b for b in list(self._maps[kind]) if self._disk_get(kind, b) is None]
 
     def ids(self, kind: int) -> Iterator[bytes]:
-        return iter(list(self._maps[kind]))
+        """Streamed from the disk (never all in memory), then the ones added here."""
+        for entry in self._disk_entries():
+            if entry.kind == kind:
+                yield entry.blob_id
+        yield from self._memory_only(kind)
 
     def entries(self) -> Iterator[BlobEntry]:
+        yield from self._disk_entries()
         for kind in KINDS:
-            for blob_id in list(self._maps[kind]):
-                entry = self.get(kind, blob_id)
+            for blob_id in self._memory_only(kind):
+                entry = self._memory_get(kind, blob_id)
                 assert entry is not None
                 yield entry
 
     def __len__(self) -> int:
-        return sum(len(m) for m in self._maps.values())
+        on_disk = self._disk.distinct if self._disk is not None else 0
+        return on_disk + sum(len(self._memory_only(kind)) for kind in KINDS)
 
 
 @dataclass
@@ -154,13 +220,104 @@ class LoadedIndex:
 
 
 def load_index(remote: Remote, sealer: Sealer, repo_id: str) -> LoadedIndex:
-    """Every index object on the remote, from the local cache where possible."""
+    """Every index object on the remote, merged into the on-disk index: only the objects it
+    does not hold yet are read (from the local object cache where possible), and the ones
+    the remote no longer lists (a gc consolidated them) are dropped from it."""
     names = sorted(o.name for o in remote.list(INDEX_PREFIX) if index_id_of_name(o.name))
-    cache = IndexCache(repo_id)
+    listed = {i for i in map(index_id_of_name, names) if i is not None}
+    key = mac_key(sealer.key.to_bytes() if sealer.key is not None else None, repo_id)
+    problems: list[tuple[str, str]] = []
 
-    def read(name: str) -> list[BlobEntry] | str:
-        index_id = index_id_of_name(name)
-        assert index_id is not None
+    def build(use_old: bool) -> DiskIndex:
+        problems.clear()
+        return merge_index(remote, sealer, repo_id, key, listed, use_old, problems)
+
+    disk = build(True)
+    merged = set(disk.sources)
+    good = [n for n in names if index_id_of_name(n) in merged]
+    return LoadedIndex(BlobIndex(disk, lambda: build(False)), good, problems)
+
+
+def merge_index(
+    remote: Remote,
+    sealer: Sealer,
+    repo_id: str,
+    key: bytes,
+    listed: set[bytes],
+    use_old: bool,
+    problems: list[tuple[str, str]],
+) -> DiskIndex:
+    """The on-disk index of exactly the `listed` index objects that verify: the cached file
+    if it verifies and is current, else a merge (or, unusable or `use_old` false, a build)."""
+    try:
+        path = index_path(repo_id)
+        return _merge_at(path, remote, sealer, repo_id, key, listed, use_old, problems)
+    except OSError:  # the cache directory is not writable: a private one for this process
+        path = index_path(repo_id, private=True)
+        return _merge_at(path, remote, sealer, repo_id, key, listed, use_old, problems)
+
+
+def _merge_at(
+    path: Path,
+    remote: Remote,
+    sealer: Sealer,
+    repo_id: str,
+    key: bytes,
+    listed: set[bytes],
+    use_old: bool,
+    problems: list[tuple[str, str]],
+) -> DiskIndex:
+    old: DiskIndex | None = None
+    if use_old:
+        try:
+            old = DiskIndex.open(path, key)
+        except Damaged:
+            old = None
+    have = set(old.sources) if old is not None else set()
+    dropped = {n for n, s in enumerate(old.sources) if s not in listed} if old else set()
+    new = sorted(listed - have)
+    if old is not None and not new and not dropped:
+        return old
+    cache = IndexCache(repo_id)
+    merge = Merge(path, key, old, dropped)
+    try:
+        added = 0
+        fetched = fetch_index_objects(remote, sealer, repo_id, new, cache)
+        for index_id, result in zip(new, fetched, strict=True):
+            if isinstance(result, str):
+                if result != "gone":
+                    problems.append((index_object_name(index_id), result))
+                continue
+            merge.add_source(index_id, result)
+            added += 1
+        if old is not None and not added and not dropped:
+            merge.abort()  # only objects that do not verify: the file stays as it is
+            return old
+        disk = merge.finish()
+    except Damaged as exc:
+        merge.abort()
+        if old is None:
+            raise IntegrityError(
+                f"the local index cache {path} fails as it is written: {exc}"
+            ) from exc
+        old.close()
+        return _merge_at(path, remote, sealer, repo_id, key, listed, False, problems)
+    except BaseException:
+        merge.abort()
+        raise
+    if old is not None:
+        old.close()
+    cache.keep(set())  # merged: the raw copies are no longer needed
+    return disk
+
+
+def fetch_index_objects(
+    remote: Remote, sealer: Sealer, repo_id: str, ids: list[bytes], cache: IndexCache
+) -> Iterator[list[BlobEntry] | str]:
+    """Each index object's entries, or why not ("gone": deleted since the listing)."""
+
+    def read(index_id: bytes) -> list[BlobEntry] | str:
+        name = index_object_name(index_id)
         cached = cache.get(index_id)
         try:
             if cached is not None:
@@ -170,27 +327,31 @@ def load_index(remote: Remote, sealer: Sealer, repo_id: str) -> LoadedIndex:
                     cache.drop(index_id)  # a damaged cache copy: the remote's decides
             what = f"index {index_id.hex()[:16]}"
             data = get_bounded(remote, name, MAX_INDEX_OBJECT, IntegrityError, what)
-            entries = decode_index(sealer, repo_id, index_id, data)
-            cache.put(index_id, data)
-            return entries
+            return decode_index(sealer, repo_id, index_id, data)
         except NotFoundError:
             return "gone"  # deleted by a gc since the listing: its blobs are indexed anew
         except (IntegrityError, RemoteError) as exc:
             return str(exc)
 
-    index = BlobIndex()
-    good: list[str] = []
-    problems: list[tuple[str, str]] = []
-    for name, result in zip(names, ordered_map(read, names, io_threads(remote.url)), strict=True):
-        if isinstance(result, str):
-            if result != "gone":
-                problems.append((name, result))
-            continue
-        good.append(name)
-        for entry in result:
-            index.add(entry)
-    cache.keep({index_id_of_name(n) for n in names})
-    return LoadedIndex(index, good, problems)
+    return ordered_map(read, ids, io_threads(remote.url))
+
+
+INDEX_FILE = "blobindex"
+_private: list[Path] = []
+
+
+def index_path(repo_id: str, private: bool = False) -> Path:
+    """The on-disk index's file: in the repository's cache directory, or with the cache off
+    (or not writable) in a private temporary directory removed at exit."""
+    root = None if private else cache_root()
+    if root is not None:
+        directory = repository_cache(root, repo_id)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return directory / INDEX_FILE
+    if not _private:
+        _private.append(Path(tempfile.mkdtemp(prefix="vmkeep-index-")))
+        atexit.register(shutil.rmtree, _private[0], True)
+    return _private[0] / blake3.blake3(repo_id.encode()).hexdigest()
 
 
 class IndexCache:
