@@ -16,7 +16,6 @@ import pytest
 from tests.conftest import PASSPHRASE
 from vmkeep.errors import IntegrityError, RemoteError, RepositoryError, UsageError
 from vmkeep.remotes.local import LocalRemote
-from vmkeep.repository.blob_index import INDEX_PREFIX
 from vmkeep.repository.packs import PACKS_PREFIX, read_trailer
 from vmkeep.repository.repository import Repository
 

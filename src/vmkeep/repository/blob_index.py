@@ -1,7 +1,7 @@
 """The index of a format 3 repository (docs/FORMAT.md §13.6): where each blob lies.
 
 Index objects are immutable and content-named. A reader merges the ones it has not seen
-into a sorted, authenticated file under its cache directory (disk_index.py) and looks blobs
+into a sorted, authenticated file under its cache directory (index_file.py) and looks blobs
 up there, one bucket read per lookup: memory does not follow the repository's size, and an
 open reads only the index objects added since the last one (docs/DATA-PATH.md "Blob index
 on disk"). Objects fetched but not merged yet (a backup's own, written at its flush) wait
@@ -30,8 +30,8 @@ from .blobs import KIND_BLOCK, KIND_RECIPE, KINDS
 from .cache_dir import cache_root, repository_cache
 from .compression import compress, decompress
 from .crypto import Sealer
-from .disk_index import KEY_SIZE, RECORD, Damaged, DiskIndex, Merge, mac_key
 from .format import FLAG_ENCRYPTED, FLAG_ZSTD, HEADER_SIZE, ID_SIZE, OBJECT_VERSION, header
+from .index_file import KEY_SIZE, RECORD, Damaged, IndexFile, Merge, mac_key
 from .limits import get_bounded
 from .packs import BlobEntry
 
@@ -110,12 +110,12 @@ def parse_index(doc: bytes, what: str) -> list[BlobEntry]:
 
 class BlobIndex:
     """Blob ID → location, for both kinds; thread-safe for adds and lookups. The index
-    objects merged so far are looked up in the on-disk index (DiskIndex); the blobs this
+    objects merged so far are looked up in the on-disk index (IndexFile); the blobs this
     process adds are kept in memory, one dict per kind, blob ID → one int packing the pack
     number, offset and length, until the next open merges their index objects."""
 
     def __init__(
-        self, disk: DiskIndex | None = None, repair: Callable[[], DiskIndex] | None = None
+        self, disk: IndexFile | None = None, repair: Callable[[], IndexFile] | None = None
     ) -> None:
         self._disk = disk
         self._repair = repair
@@ -164,7 +164,7 @@ class BlobIndex:
         _, pack, offset, length = found
         return BlobEntry(kind, blob_id, disk.packs[pack], offset, length)
 
-    def _repaired(self, damaged: DiskIndex) -> DiskIndex:
+    def _repaired(self, damaged: IndexFile) -> IndexFile:
         """A damaged cache file (edited or truncated while open) is rebuilt from the remote
         index objects, once per damaged file."""
         with self._lock:
@@ -228,7 +228,7 @@ def load_index(remote: Remote, sealer: Sealer, repo_id: str) -> LoadedIndex:
     key = mac_key(sealer.key.to_bytes() if sealer.key is not None else None, repo_id)
     problems: list[tuple[str, str]] = []
 
-    def build(use_old: bool) -> DiskIndex:
+    def build(use_old: bool) -> IndexFile:
         problems.clear()
         return merge_index(remote, sealer, repo_id, key, listed, use_old, problems)
 
@@ -246,7 +246,7 @@ def merge_index(
     listed: set[bytes],
     use_old: bool,
     problems: list[tuple[str, str]],
-) -> DiskIndex:
+) -> IndexFile:
     """The on-disk index of exactly the `listed` index objects that verify: the cached file
     if it verifies and is current, else a merge (or, unusable or `use_old` false, a build)."""
     try:
@@ -266,11 +266,11 @@ def _merge_at(
     listed: set[bytes],
     use_old: bool,
     problems: list[tuple[str, str]],
-) -> DiskIndex:
-    old: DiskIndex | None = None
+) -> IndexFile:
+    old: IndexFile | None = None
     if use_old:
         try:
-            old = DiskIndex.open(path, key)
+            old = IndexFile.open(path, key)
         except Damaged:
             old = None
     have = set(old.sources) if old is not None else set()

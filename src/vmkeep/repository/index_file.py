@@ -63,7 +63,7 @@ def bucket_of(blob_id: bytes, bits: int) -> int:
     return int.from_bytes(blob_id[:4], "big") >> (32 - bits)
 
 
-class DiskIndex:
+class IndexFile:
     """An open, verified index file. Lookups are thread-safe (`pread` on one descriptor)."""
 
     def __init__(self, fd: int, key: bytes) -> None:
@@ -99,7 +99,7 @@ class DiskIndex:
             raise Damaged("bad bucket table")
 
     @classmethod
-    def open(cls, path: Path, key: bytes) -> DiskIndex:
+    def open(cls, path: Path, key: bytes) -> IndexFile:
         """Damaged (also for a missing or unreadable file: both mean "build it")."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -217,7 +217,7 @@ class Merge:
     """A new index file from an old one (or none) without the sources it drops, plus new
     entries; written beside `path` and renamed over it."""
 
-    def __init__(self, path: Path, key: bytes, old: DiskIndex | None, dropped: set[int]) -> None:
+    def __init__(self, path: Path, key: bytes, old: IndexFile | None, dropped: set[int]) -> None:
         self.path = path
         self.key = key
         self.old = old
@@ -243,7 +243,7 @@ class Merge:
                 self.packs.append(e.pack)
             self.spill.add(RECORD.pack(e.blob_id, e.kind, source, pack, e.offset, e.length))
 
-    def finish(self) -> DiskIndex:
+    def finish(self) -> IndexFile:
         try:
             return self._write()
         finally:
@@ -256,7 +256,7 @@ class Merge:
                 p.unlink()
             self.tmp.rmdir()
 
-    def _write(self) -> DiskIndex:
+    def _write(self) -> IndexFile:
         old = self.old
         count = (old.count if old is not None else 0) + self.spill.count
         bits = bits_for(count)
@@ -274,7 +274,7 @@ class Merge:
                     writer.write_sorted(p * per, per, self._old_records(p) + new)
             writer.finish(self.sources, self.packs)
             os.replace(out_path, self.path)
-            return DiskIndex(fd, self.key)
+            return IndexFile(fd, self.key)
         except BaseException:
             os.close(fd)
             raise
