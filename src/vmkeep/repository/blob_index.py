@@ -145,16 +145,16 @@ class BlobIndex:
         pack = self.packs[packed >> (2 * _BITS)]
         return BlobEntry(kind, blob_id, pack, (packed >> _BITS) & mask, packed & mask)
 
-    def _disk_get(self, kind: int, blob_id: bytes) -> BlobEntry | None:
+    def _disk_get(self, kind: int, blob_id: bytes, check_miss: bool = True) -> BlobEntry | None:
         disk = self._disk
         if disk is None:
             return None
         try:
-            found = disk.find(kind, blob_id)
+            found = disk.find(kind, blob_id, check_miss)
         except (Damaged, OSError):
             disk = self._repaired(disk)
             try:
-                found = disk.find(kind, blob_id)
+                found = disk.find(kind, blob_id, check_miss)
             except (Damaged, OSError) as exc:
                 raise IntegrityError(
                     f"the local index cache fails right after its rebuild: {exc}"
@@ -176,7 +176,8 @@ class BlobIndex:
             return self._disk
 
     def __contains__(self, key: tuple[int, bytes]) -> bool:
-        return key[1] in self._maps[key[0]] or self._disk_get(key[0], key[1]) is not None
+        """A miss is not verified (IndexFile.find): it costs a duplicate at worst."""
+        return key[1] in self._maps[key[0]] or self._disk_get(key[0], key[1], False) is not None
 
     def _disk_entries(self) -> Iterator[BlobEntry]:
         disk = self._disk
