@@ -148,9 +148,10 @@ class IndexFile:
         self, kind: int, blob_id: bytes, check_miss: bool = True
     ) -> tuple[int, int, int, int] | None:
         """(source, pack number, offset, length) of the first record of (ID, kind): one
-        pread of the blob's bucket (tens of records), searched with bytes.find. A hit is always verified; a miss only with `check_miss`
-        (a dedup test that misses at worst stores a block twice, never skips one, so the
-        backup's tests of new blocks skip the MAC; a read that misses checks it)."""
+        pread of the blob's bucket (tens of records), searched with bytes.find. A hit is
+        always verified; a miss only with `check_miss` (a dedup test that misses at worst
+        stores a block twice, never skips one, so the backup's tests of new blocks skip the
+        MAC; a read that misses checks it)."""
         b = int.from_bytes(blob_id[:4], "big") >> (32 - self.bits)
         first = self.fanout[b]
         size = (self.fanout[b + 1] - first) * RECORD.size
