@@ -35,8 +35,8 @@ RECORD = struct.Struct(">32sBIIII")  # blob ID, kind, source, pack number, offse
 KEY_SIZE = ID_SIZE + 1
 MAC_SIZE = 16
 MAGIC = b"VMKBIDX1"
-# magic, bucket bits, records, distinct (kind, ID) keys, sources, packs, salt
-HEAD = struct.Struct(">8sBQQII16s")
+# magic, bucket bits, records, sources, packs, salt
+HEAD = struct.Struct(">8sBQII16s")
 HEAD_MAC = 32
 MIN_BITS, MAX_BITS = 8, 20  # 256 buckets .. 1 Mi buckets (8 MiB of offsets)
 PER_BUCKET = 64  # records a bucket holds on average
@@ -73,7 +73,7 @@ class IndexFile:
         head = os.pread(fd, HEAD.size, 0)
         if len(head) != HEAD.size:
             raise Damaged("short header")
-        magic, self.bits, self.count, self.distinct, nsources, npacks, self.salt = HEAD.unpack(head)
+        magic, self.bits, self.count, nsources, npacks, self.salt = HEAD.unpack(head)
         if magic != MAGIC or not MIN_BITS <= self.bits <= MAX_BITS:
             raise Damaged("bad header")
         buckets = 1 << self.bits
@@ -341,8 +341,6 @@ class _BucketWriter:
         self.bits = bits
         self.fanout = array("Q", [0])
         self.count = 0
-        self.distinct = 0
-        self._last_key = b""
         self._buf = bytearray()
         self._pos = HEAD.size
 
@@ -353,11 +351,6 @@ class _BucketWriter:
 
     def bucket(self, b: int, records: bytes) -> None:
         assert len(self.fanout) == b + 1
-        for at in range(0, len(records), RECORD.size):
-            key = records[at : at + KEY_SIZE]
-            if key != self._last_key:
-                self.distinct += 1
-                self._last_key = key
         self.count += len(records) // RECORD.size
         self.fanout.append(self.count)
         self._buf += records
@@ -389,9 +382,7 @@ class _BucketWriter:
         fanout = array("Q", self.fanout)
         if struct.pack("=H", 1) != struct.pack("<H", 1):
             fanout.byteswap()
-        head = HEAD.pack(
-            MAGIC, self.bits, self.count, self.distinct, len(sources), len(packs), self.salt
-        )
+        head = HEAD.pack(MAGIC, self.bits, self.count, len(sources), len(packs), self.salt)
         body = b"".join(sources) + b"".join(packs) + fanout.tobytes()
         self._buf += body + self._mac(b"head", head + body, HEAD_MAC)
         self._flush()
