@@ -323,11 +323,27 @@ class Merge:
             end = pos
             while end < len(new) and bucket_of(new[end], writer.bits) == b:
                 end += 1
-            if end > pos:
+            if end - pos > 4:
                 split = [bucket[i : i + RECORD.size] for i in range(0, n, RECORD.size)]
                 bucket = b"".join(sorted(split + new[pos:end]))
-                pos = end
+            elif end > pos:
+                bucket = _insert(bucket, new[pos:end])
+            pos = end
             writer.bucket(b, bucket)
+
+
+def _insert(bucket: bytes, records: list[bytes]) -> bytes:
+    """A few records spliced into a sorted bucket (a bisection each: no list of it)."""
+    for record in records:
+        lo, hi = 0, len(bucket) // RECORD.size
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if bucket[mid * RECORD.size : (mid + 1) * RECORD.size] < record:
+                lo = mid + 1
+            else:
+                hi = mid
+        bucket = bucket[: lo * RECORD.size] + record + bucket[lo * RECORD.size :]
+    return bucket
 
 
 class _BucketWriter:
