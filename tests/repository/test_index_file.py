@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import PASSPHRASE
 from tests.repository.spy_remote import CountingRemote
 from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository import added_blobs, pack_writer
 from vmkeep.repository.blob_index import (
     INDEX_FILE,
     INDEX_PREFIX,
@@ -165,3 +166,48 @@ def test_cache_off_uses_a_private_directory(
     )
     assert not (tmp_path / "vmkeep-cache").exists()
     assert list((tmp_path / "r" / INDEX_PREFIX).iterdir())  # the remote is untouched
+
+
+def test_added_blobs_spill_to_a_run_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blobs a process adds go to a private run file every SPILL_AT: memory holds at
+    most SPILL_AT of them, and every one is still found (memory, run or the file)."""
+    monkeypatch.setattr(added_blobs, "SPILL_AT", 50)
+    rng = random.Random(9)
+    packs = [rng.randbytes(32) for _ in range(3)]
+    on_disk, added = random_entries(rng, 100, packs), random_entries(rng, 420, packs)
+    index = BlobIndex(merged(tmp_path / "index", None, [on_disk]), None, (tmp_path / "run", KEY))
+    for e in added:
+        index.add(e)
+        assert index._added._mem.count < 50
+    assert (tmp_path / "run").is_file()
+    assert all(index.get(e.kind, e.blob_id) == e for e in on_disk + added)
+    assert all((e.kind, e.blob_id) in index for e in added)
+    assert (KIND_BLOCK, rng.randbytes(32)) not in index
+    assert sorted(e.blob_id for e in index.entries()) == sorted(e.blob_id for e in on_disk + added)
+
+
+def test_index_objects_are_written_before_the_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole index object's worth of uploaded blobs is indexed at once, not at the final
+    flush: what waits for the flush, and the writer's set of blobs in flight, stay bounded."""
+    monkeypatch.setattr(pack_writer, "MAX_INDEX_ENTRIES", 8)
+    repo = Repository.init(
+        LocalRemote(str(tmp_path / "r")),
+        "aes-256-gcm",
+        lambda: PASSPHRASE,
+        format_version=3,
+        pack_size=1 << 20,
+    )
+    data = random.Random(6).randbytes(4 << 20)  # 64 blocks of 64 KiB: 4 packs of 1 MiB
+    chunk_id = repo.chunk_id(data)
+    repo.put_chunk(chunk_id, data, 1)
+    assert repo.packed is not None
+    writer = repo.packed.writer
+    writer._drain()
+    assert len(list((tmp_path / "r" / INDEX_PREFIX).iterdir())) >= 2  # before any flush
+    assert len(writer._unindexed) < 8 and len(writer._seen) <= 16
+    repo.flush_chunks()
+    assert not writer._seen and not writer._unindexed
+    again = Repository.open(LocalRemote(str(tmp_path / "r")), lambda: PASSPHRASE)
+    assert again.get_chunk(chunk_id) == data

@@ -26,7 +26,8 @@ from vmkeep.errors import IntegrityError, NotFoundError, RemoteError
 from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.remotes.base import Remote
 
-from .blobs import KIND_BLOCK, KIND_RECIPE, KINDS
+from .added_blobs import AddedBlobs
+from .blobs import KINDS
 from .cache_dir import cache_root, repository_cache
 from .compression import compress, decompress
 from .crypto import Sealer
@@ -42,7 +43,6 @@ MAX_INDEX_DOC = 4 << 20  # 65,536 entries of 41 bytes plus pack records fit
 MAX_INDEX_OBJECT = MAX_INDEX_DOC + (MAX_INDEX_DOC >> 7) + 4096
 _PACK_RECORD = struct.Struct("<32sI")
 _ENTRY = struct.Struct("<B32sII")
-_BITS = 32
 
 
 def index_object_name(index_id: bytes) -> str:
@@ -127,39 +127,25 @@ def parse_index(doc: bytes, what: str) -> list[BlobEntry]:
 class BlobIndex:
     """Blob ID → location, for both kinds; thread-safe for adds and lookups. The index
     objects merged so far are looked up in the on-disk index (IndexFile); the blobs this
-    process adds are kept in memory, one dict per kind, blob ID → one int packing the pack
-    number, offset and length, until the next open merges their index objects."""
+    process adds, in AddedBlobs (memory, then a private run file)."""
 
     def __init__(
-        self, disk: IndexFile | None = None, repair: Callable[[], IndexFile] | None = None
+        self,
+        disk: IndexFile | None = None,
+        repair: Callable[[], IndexFile] | None = None,
+        spill: tuple[Path, bytes] | None = None,
     ) -> None:
         self._disk = disk
         self._repair = repair
-        self.packs: list[bytes] = []
-        self._pack_numbers: dict[bytes, int] = {}
-        self._maps: dict[int, dict[bytes, int]] = {KIND_BLOCK: {}, KIND_RECIPE: {}}
+        self._added = AddedBlobs(spill)
         self._lock = threading.Lock()
 
     def add(self, entry: BlobEntry) -> None:
-        with self._lock:
-            number = self._pack_numbers.get(entry.pack)
-            if number is None:
-                number = self._pack_numbers[entry.pack] = len(self.packs)
-                self.packs.append(entry.pack)
-            packed = (number << (2 * _BITS)) | (entry.offset << _BITS) | entry.length
-            self._maps[entry.kind].setdefault(entry.blob_id, packed)
+        self._added.add(entry)
 
     def get(self, kind: int, blob_id: bytes) -> BlobEntry | None:
         found = self._disk_get(kind, blob_id)
-        return found if found is not None else self._memory_get(kind, blob_id)
-
-    def _memory_get(self, kind: int, blob_id: bytes) -> BlobEntry | None:
-        packed = self._maps[kind].get(blob_id)
-        if packed is None:
-            return None
-        mask = (1 << _BITS) - 1
-        pack = self.packs[packed >> (2 * _BITS)]
-        return BlobEntry(kind, blob_id, pack, (packed >> _BITS) & mask, packed & mask)
+        return found if found is not None else self._added.get(kind, blob_id)
 
     def _disk_get(self, kind: int, blob_id: bytes, check_miss: bool = True) -> BlobEntry | None:
         disk = self._disk
@@ -193,7 +179,10 @@ class BlobIndex:
 
     def __contains__(self, key: tuple[int, bytes]) -> bool:
         """A miss is not verified (IndexFile.find): it costs a duplicate at worst."""
-        return key[1] in self._maps[key[0]] or self._disk_get(key[0], key[1], False) is not None
+        kind, blob_id = key
+        if self._added.get(kind, blob_id, False) is not None:
+            return True
+        return self._disk_get(kind, blob_id, False) is not None
 
     def _disk_entries(self) -> Iterator[BlobEntry]:
         disk = self._disk
@@ -206,28 +195,24 @@ class BlobIndex:
                 last = record[:KEY_SIZE]
                 yield BlobEntry(kind, blob_id, disk.packs[pack], offset, length)
 
-    def _memory_only(self, kind: int) -> list[bytes]:
-        return [b for b in list(self._maps[kind]) if self._disk_get(kind, b) is None]
+    def _added_only(self) -> Iterator[BlobEntry]:
+        for entry in self._added.entries():
+            if self._disk_get(entry.kind, entry.blob_id) is None:
+                yield entry
 
     def ids(self, kind: int) -> Iterator[bytes]:
         """Streamed from the disk (never all in memory), then the ones added here."""
-        for entry in self._disk_entries():
+        for entry in self.entries():
             if entry.kind == kind:
                 yield entry.blob_id
-        yield from self._memory_only(kind)
 
     def entries(self) -> Iterator[BlobEntry]:
         yield from self._disk_entries()
-        for kind in KINDS:
-            for blob_id in self._memory_only(kind):
-                entry = self._memory_get(kind, blob_id)
-                assert entry is not None
-                yield entry
+        yield from self._added_only()
 
     def __len__(self) -> int:
         """Distinct blobs; reads the whole file (for tests and reports, not hot paths)."""
-        on_disk = sum(1 for _ in self._disk_entries())
-        return on_disk + sum(len(self._memory_only(kind)) for kind in KINDS)
+        return sum(1 for _ in self.entries())
 
 
 @dataclass
@@ -253,7 +238,10 @@ def load_index(remote: Remote, sealer: Sealer, repo_id: str) -> LoadedIndex:
     disk = build(True)
     merged = set(disk.sources)
     good = [n for n in names if index_id_of_name(n) in merged]
-    return LoadedIndex(BlobIndex(disk, lambda: build(False)), good, problems)
+    spill = index_path(repo_id, private=True).with_name(
+        f"added-{os.getpid()}-{os.urandom(4).hex()}"
+    )
+    return LoadedIndex(BlobIndex(disk, lambda: build(False), (spill, key)), good, problems)
 
 
 def merge_index(

@@ -1,7 +1,9 @@
 """The thread-safe packer of a format 3 repository: workers append encoded blobs to open
 packs; the worker that fills a pack uploads it, outside the lock; `flush` uploads the
 partial packs, then writes the index objects of everything uploaded since the last flush
-(packs durable before the index that names them, the index before any manifest)."""
+(packs durable before the index that names them, the index before any manifest). An index
+object is also written as soon as a whole one's worth of blobs is uploaded, so what waits
+for the flush (and what `_seen` holds: blobs not yet in uploaded packs) stays bounded."""
 
 from __future__ import annotations
 
@@ -129,6 +131,10 @@ class PackWriter:
             self._upload(pack)
         with self._lock:
             entries, self._unindexed = self._unindexed, []
+        self._write_index(entries)
+
+    def _write_index(self, entries: list[BlobEntry]) -> None:
+        """Index objects of `entries`, whose packs are uploaded: made durable first."""
         if not entries:
             return
         try:
@@ -138,7 +144,8 @@ class PackWriter:
                     self.sealer, self.repo_id, entries[start : start + MAX_INDEX_ENTRIES]
                 )
                 self.remote.put(index_object_name(index_id), data)
-                self.index_names.append(index_object_name(index_id))
+                with self._lock:
+                    self.index_names.append(index_object_name(index_id))
                 IndexCache(self.repo_id).put(index_id, data)  # the next open needs no GET
             self.remote.flush()
         except BaseException as exc:
@@ -155,13 +162,18 @@ class PackWriter:
             raise
         written = [BlobEntry(k, i, pack_id, o, n) for k, i, o, n in pack.entries]
         index = self._index()
+        for entry in written:
+            index.add(entry)
+        full: list[BlobEntry] = []
         with self._lock:
+            self._seen.difference_update((e.kind, e.blob_id) for e in written)  # indexed now
             self._unindexed += written
+            if len(self._unindexed) >= MAX_INDEX_ENTRIES:  # a whole index object's worth
+                full, self._unindexed = self._unindexed, []
             self.packs_written += 1
             self.pack_ids.add(pack_id)
             self.bytes_written += len(data)
-        for entry in written:
-            index.add(entry)
+        self._write_index(full)
 
     def _poison(self, reason: str) -> None:
         with self._lock:
