@@ -211,3 +211,15 @@ def test_index_objects_are_written_before_the_flush(
     assert not writer._seen and not writer._unindexed
     again = Repository.open(LocalRemote(str(tmp_path / "r")), lambda: PASSPHRASE)
     assert again.get_chunk(chunk_id) == data
+
+
+def test_a_killed_merge_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The temporary directory of a merge whose process is gone is removed by the next."""
+    dead = tmp_path / ".index.tmp-999999999-abcd"  # no such process
+    dead.mkdir()
+    (dead / "part-00").write_bytes(b"x" * 4096)
+    alive = tmp_path / f".index.tmp-{os.getppid()}-abcd"  # a live process's: left alone
+    alive.mkdir()
+    merged(tmp_path / "index", None, [random_entries(random.Random(1), 10, [bytes(32)])])
+    assert not dead.exists() and alive.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["index", alive.name])

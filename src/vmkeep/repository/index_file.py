@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import os
 import struct
+import time
 from array import array
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -226,6 +227,26 @@ class _Spill:
         return sorted(data[i : i + RECORD.size] for i in range(0, len(data), RECORD.size))
 
 
+STALE_SECONDS = 24 * 3600
+
+
+def _remove_stale(path: Path) -> None:
+    """Temporary directories of merges killed midway (a cold build's can hold hundreds of
+    MB): those of processes gone from this machine, or older than a day."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 2)[1])
+            alive = os.path.exists(f"/proc/{pid}") and pid != os.getpid()
+            if alive and time.time() - tmp.lstat().st_mtime < STALE_SECONDS:
+                continue
+            if tmp.is_dir() and not tmp.is_symlink():
+                for part in tmp.iterdir():
+                    part.unlink()
+                tmp.rmdir()
+        except (OSError, ValueError, IndexError):
+            continue
+
+
 class Merge:
     """A new index file from an old one (or none) without the sources it drops, plus new
     entries; written beside `path` and renamed over it."""
@@ -234,6 +255,7 @@ class Merge:
         self.path = path
         self.key = key
         self.old = old
+        _remove_stale(path)
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
         self.tmp.mkdir(mode=0o700)
         self.spill = _Spill(self.tmp)
