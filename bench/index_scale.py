@@ -12,6 +12,7 @@ os.wait4 (wall time, CPU time, peak RSS):
   open (warm)      the same again (the cache as the cold open left it)
   open (+1 object) after one more index object of 65,536 blobs (a backup's)
   lookups          the warm open, then `--lookups` membership tests, half of them present
+  adds             the warm open, then `--adds` blobs added as a backup's packer adds them
   backup           `vmkeep backup` of a 256 MiB VM (random data) into the repository
 
 `--src DIR` runs the steps from another checkout's sources (e.g. main's, whose index is a
@@ -83,6 +84,13 @@ def child(args: argparse.Namespace) -> int:
         assert hits == args.lookups // 2, hits
         out["lookups_per_second"] = round(args.lookups / seconds)
         out["lookups_per_cpu_second"] = round(args.lookups / cpu)
+    if args.adds:
+        began, cpu = time.perf_counter(), time.process_time()
+        pack = os.urandom(32)
+        for k in range(args.adds):
+            loaded.index.add(BlobEntry(KIND_BLOCK, os.urandom(32), pack, k, 70000))
+        out["adds_per_cpu_second"] = round(args.adds / (time.process_time() - cpu))
+        out["adds_seconds"] = round(time.perf_counter() - began, 2)
     print(json.dumps(out))
     return 0
 
@@ -107,6 +115,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--blobs", type=int, default=4_000_000)
     p.add_argument("--lookups", type=int, default=200_000)
+    p.add_argument("--adds", type=int, default=1_500_000)
     p.add_argument("--src", type=Path, default=HERE.parent / "src")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/vmkeep-bench-index"))
     p.add_argument("--keep", action="store_true")
@@ -152,7 +161,7 @@ def measure(args: argparse.Namespace, work: Path, say: Any) -> dict[str, Any]:
         PYTHONPATH=f"{args.src}{os.pathsep}{HERE}",
     )
     me = [sys.executable, str(Path(__file__).resolve()), "--child", "--repo", str(work / "repo")]
-    me += ["--sample", str(work / "sample")]
+    me += ["--sample", str(work / "sample"), "--adds", "0"]
     steps = {
         "open_cold": step("open (cold)", [*me, "--lookups", "0"], env, say),
         "open_warm": step("open (warm)", [*me, "--lookups", "0"], env, say),
@@ -161,6 +170,8 @@ def measure(args: argparse.Namespace, work: Path, say: Any) -> dict[str, Any]:
     steps["open_plus_one"] = step("open (+1 index object)", [*me, "--lookups", "0"], env, say)
     lookups = [*me, "--lookups", str(args.lookups)]
     steps["lookups"] = step(f"open + {args.lookups:,} lookups", lookups, env, say)
+    adds = [*me, "--lookups", "0", "--adds", str(args.adds)]
+    steps["adds"] = step(f"open + {args.adds:,} blobs added (a backup's)", adds, env, say)
     vm_dir = work / "vms" / "bench"
     image = write_vm(vm_dir)
     with open(image, "wb") as f:
