@@ -54,7 +54,7 @@ class AddedBlobs:
         self._spill = spill
         self._mem = _Memory()
         self._run: IndexFile | None = None
-        self._retired: list[IndexFile] = []  # lookups in flight may still read them
+        self._retired: list[IndexFile] = []  # the run before: a lookup may still read it
         self._lock = threading.Lock()
 
     def add(self, entry: BlobEntry) -> None:
@@ -76,8 +76,9 @@ class AddedBlobs:
         merge = Merge(path, key, self._run, set())
         merge.add_source(os.urandom(32), self._mem.entries())
         run = merge.finish()
-        if self._run is not None:
-            self._retired.append(self._run)
+        for old in self._retired:  # replaced a spill ago (minutes): no lookup still reads it
+            old.close()  # and its unlinked file's space is freed
+        self._retired = [self._run] if self._run is not None else []
         self._run = run
         self._mem = _Memory()
 
