@@ -17,7 +17,7 @@ import pytest
 
 from tests.hostile.conftest import PASSPHRASE_BYTES, Cli
 from vmkeep.remotes.local import LocalRemote
-from vmkeep.repository.blob_index import INDEX_FILE
+from vmkeep.repository.blob_index import INDEX_FILE, encode_index, index_object_name
 from vmkeep.repository.blobs import KIND_BLOCK
 from vmkeep.repository.index_file import IndexFile, bucket_of, mac_key
 from vmkeep.repository.repository import Repository
@@ -193,3 +193,29 @@ def test_cli_backup_after_a_damaged_index_file(cli: Cli, make_vm, tmp_path: Path
     cli("restore", point, "--remote", str(repo), "--to", str(out), env={"VMKEEP_CACHE_DIR": "off"})
     restored = next(p for p in out.rglob(disk.name))
     assert restored.read_bytes() == disk.read_bytes()
+
+
+def test_a_replayed_older_file_does_not_resurrect_dropped_blobs(tmp_path: Path) -> None:
+    """A valid file of this repository from before a gc (its MAC verifies): the records of
+    the index objects gc replaced are dropped at the open, so a block gc removed is not
+    reported present."""
+    rng = random.Random(6)
+    gone, kept = rng.randbytes(2 * MiB), rng.randbytes(2 * MiB)
+    repo = init(tmp_path / "r")
+    put(repo, gone)
+    put(repo, kept)
+    old = merged(tmp_path / "r")
+    assert old.packed is not None
+    saved = cache_file(repo).read_bytes()
+    entries = list(old.packed.index().entries())
+    live = [e for e in entries if e.blob_id not in set(block_ids(repo, gone))]
+    assert len(live) < len(entries)
+    for p in (tmp_path / "r" / "index").iterdir():  # what gc does: one consolidated object
+        p.unlink()
+    data, index_id = encode_index(repo.sealer, repo.config["id"], live)
+    repo.remote.put(index_object_name(index_id), data)
+    cache_file(repo).write_bytes(saved)  # the attacker puts the older file back
+    again = merged(tmp_path / "r")
+    assert again.packed is not None
+    assert not any(again.packed.writer.has(KIND_BLOCK, b) for b in block_ids(repo, gone))
+    assert all(again.packed.writer.has(KIND_BLOCK, b) for b in block_ids(repo, kept))
