@@ -55,6 +55,7 @@ class PackWriter:
         self.pack_size = pack_size
         self._index = index
         self._lock = threading.Lock()
+        self._index_lock = threading.Lock()
         self._open: dict[int, _OpenPack] = {}
         self._seen: set[tuple[int, bytes]] = set()
         self._unindexed: list[BlobEntry] = []
@@ -134,9 +135,15 @@ class PackWriter:
         self._write_index(entries)
 
     def _write_index(self, entries: list[BlobEntry]) -> None:
-        """Index objects of `entries`, whose packs are uploaded: made durable first."""
+        """Index objects of `entries`, whose packs are uploaded: made durable first. One
+        thread at a time (uploaders write them too): a remote's flush is a barrier, not
+        meant to run twice at once."""
         if not entries:
             return
+        with self._index_lock:
+            self._write_index_locked(entries)
+
+    def _write_index_locked(self, entries: list[BlobEntry]) -> None:
         try:
             self.remote.flush()  # the packs durable before the index that names them
             for start in range(0, len(entries), MAX_INDEX_ENTRIES):
