@@ -19,6 +19,7 @@ over (two processes sharing the cache directory each install a complete file).""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import os
 import struct
@@ -69,7 +70,8 @@ class IndexFile:
     """An open, verified index file. Lookups are thread-safe (`pread` on one descriptor)."""
 
     def __init__(self, fd: int, key: bytes) -> None:
-        self.fd = fd
+        """Takes `fd` over only if the file verifies (the caller closes it otherwise)."""
+        self.fd = -1
         self._key = key
         head = os.pread(fd, HEAD.size, 0)
         if len(head) != HEAD.size:
@@ -99,6 +101,7 @@ class IndexFile:
             raise Damaged("bad bucket table")
         if any(a > b for a, b in zip(self.fanout, self.fanout[1:], strict=False)):
             raise Damaged("bad bucket table")
+        self.fd = fd
 
     @classmethod
     def open(cls, path: Path, key: bytes) -> IndexFile:
@@ -114,7 +117,14 @@ class IndexFile:
             raise
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Idempotent; also when the last reference goes (a reload drops the old index)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit `os` may be gone
+            self.close()
 
     def _mac(self, what: bytes, data: bytes, size: int = MAC_SIZE) -> bytes:
         h = blake3.blake3(what + self.salt, key=self._key)
