@@ -169,17 +169,23 @@ class PackWriter:
             raise
         written = [BlobEntry(k, i, pack_id, o, n) for k, i, o, n in pack.entries]
         index = self._index()
-        for entry in written:
-            index.add(entry)
-        full: list[BlobEntry] = []
         with self._lock:
-            self._seen.difference_update((e.kind, e.blob_id) for e in written)  # indexed now
             self._unindexed += written
-            if len(self._unindexed) >= MAX_INDEX_ENTRIES:  # a whole index object's worth
-                full, self._unindexed = self._unindexed, []
             self.packs_written += 1
             self.pack_ids.add(pack_id)
             self.bytes_written += len(data)
+        for entry in written:
+            index.add(entry)
+        self._indexed(written)
+
+    def _indexed(self, written: list[BlobEntry]) -> None:
+        """The blobs of an uploaded pack are in the index now: out of the in-flight set; and
+        a whole index object's worth of them waiting is written at once."""
+        full: list[BlobEntry] = []
+        with self._lock:
+            self._seen.difference_update((e.kind, e.blob_id) for e in written)
+            if len(self._unindexed) >= MAX_INDEX_ENTRIES:
+                full, self._unindexed = self._unindexed, []
         self._write_index(full)
 
     def _poison(self, reason: str) -> None:
