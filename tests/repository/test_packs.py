@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import PASSPHRASE
 from vmkeep.errors import IntegrityError, RemoteError, RepositoryError, UsageError
 from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository.blob_index import INDEX_PREFIX
 from vmkeep.repository.packs import PACKS_PREFIX, read_trailer
 from vmkeep.repository.repository import Repository
 
@@ -135,7 +136,7 @@ def test_index_cache_is_rechecked(tmp_path: Path) -> None:
     assert reopen(repo).get_chunk(ids[0]) == datas[0]
     assert not cached.exists()  # merged into the on-disk index: the copy is dropped
     assert (cache / "blobindex").is_file()
-    for p in (tmp_path / "r" / "index").iterdir():
+    for p in (tmp_path / "r" / INDEX_PREFIX).iterdir():
         p.unlink()  # no index object on the remote: the on-disk index does not resurrect it
     with pytest.raises(IntegrityError, match="missing from the repository"):
         reopen(repo).get_chunk(ids[0])
