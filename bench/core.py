@@ -52,7 +52,7 @@ LABELS = {
 # "Format 3"): the same commands, only the init differs.
 VARIANTS = {
     "v2-256k": "--chunk-size 256K",  # format 2: one object per 256 KiB chunk
-    "v3": "--format 3",  # format 3: 4 MiB chunks of 128 KiB blocks in 16 MiB packs
+    "v3": "--format 3",  # format 3 as init makes it: 64 KiB blocks (128 KiB before)
     "v3-64k": "--format 3 --block-size 64K",  # the same with 64 KiB blocks
 }
 # Split on spaces first, then each word is formatted: paths may contain spaces.

@@ -75,7 +75,7 @@ def test_backup_and_restore_are_exact(
 
 def test_scattered_delta_stores_changed_blocks(cli: Cli, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    init3(cli, str(repo), "--encryption", "none")
+    init3(cli, str(repo), "--encryption", "none", "--block-size", "128K")
     vm = random_vm(tmp_path, "scatter", 64 * MiB, 7)
     disk = vm / "disk0.img"
     cli("backup", str(vm), "--remote", str(repo), "--json")

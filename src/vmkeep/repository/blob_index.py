@@ -1,18 +1,24 @@
 """The index of a format 3 repository (docs/FORMAT.md §13.6): where each blob lies.
 
-Index objects are immutable and content-named, so a reader keeps them in a local cache
-and fetches only the new ones; each is re-checked against its name and authenticated at
-every load. In memory the index is one dict per kind, blob ID → one int packing the pack
-number, offset and length (about 150 bytes per blob: docs/DATA-PATH.md has the cost at
-scale and the sharded index that would replace it)."""
+Index objects are immutable and content-named. A reader merges the ones it has not seen
+into a sorted, authenticated file under its cache directory (index_file.py) and looks blobs
+up there, one bucket read per lookup: memory does not follow the repository's size, and an
+open reads only the index objects added since the last one (docs/DATA-PATH.md "Blob index
+on disk"). Objects fetched but not merged yet (a backup's own, written at its flush) wait
+in a local object cache.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import struct
+import tempfile
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import blake3
 
@@ -20,11 +26,13 @@ from vmkeep.errors import IntegrityError, NotFoundError, RemoteError
 from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.remotes.base import Remote
 
-from .blobs import KIND_BLOCK, KIND_RECIPE, KINDS
+from .added_blobs import AddedBlobs
+from .blobs import KINDS
 from .cache_dir import cache_root, repository_cache
 from .compression import compress, decompress
 from .crypto import Sealer
 from .format import FLAG_ENCRYPTED, FLAG_ZSTD, HEADER_SIZE, ID_SIZE, OBJECT_VERSION, header
+from .index_file import KEY_SIZE, RECORD, Damaged, IndexFile, Merge, mac_key
 from .limits import get_bounded
 from .packs import BlobEntry
 
@@ -35,7 +43,6 @@ MAX_INDEX_DOC = 4 << 20  # 65,536 entries of 41 bytes plus pack records fit
 MAX_INDEX_OBJECT = MAX_INDEX_DOC + (MAX_INDEX_DOC >> 7) + 4096
 _PACK_RECORD = struct.Struct("<32sI")
 _ENTRY = struct.Struct("<B32sII")
-_BITS = 32
 
 
 def index_object_name(index_id: bytes) -> str:
@@ -67,7 +74,8 @@ def encode_index(sealer: Sealer, repo_id: str, entries: list[BlobEntry]) -> tupl
     return data, blake3.blake3(data).digest()
 
 
-def decode_index(sealer: Sealer, repo_id: str, index_id: bytes, data: bytes) -> list[BlobEntry]:
+def decode_index(sealer: Sealer, repo_id: str, index_id: bytes, data: bytes) -> bytes:
+    """The index object's document, authenticated and checked (check_index)."""
     what = f"index {index_id.hex()[:16]}"
     if blake3.blake3(data).digest() != index_id:
         raise IntegrityError(f"{what} is corrupt: content does not match its name")
@@ -78,72 +86,133 @@ def decode_index(sealer: Sealer, repo_id: str, index_id: bytes, data: bytes) -> 
     if head[5] != want:
         raise IntegrityError(f"{what} is corrupt: unexpected flags {head[5]:#x}")
     body = sealer.open(memoryview(data)[HEADER_SIZE:], head + repo_id.encode(), what)
-    return parse_index(decompress(body, what, MAX_INDEX_DOC), what)
+    return check_index(decompress(body, what, MAX_INDEX_DOC), what)
 
 
-def parse_index(doc: bytes, what: str) -> list[BlobEntry]:
-    entries: list[BlobEntry] = []
-    pos = 0
+def check_index(doc: bytes, what: str) -> bytes:
+    """`doc` if its pack records tile it, it lists at most MAX_INDEX_ENTRIES and every
+    kind is known (checked per pack record, at C speed: no object per entry)."""
+    pos = total = 0
     while pos < len(doc):
         if pos + _PACK_RECORD.size > len(doc):
             raise IntegrityError(f"{what} is corrupt: truncated pack record")
+        _, count = _PACK_RECORD.unpack_from(doc, pos)
+        pos += _PACK_RECORD.size
+        total += count
+        if pos + count * _ENTRY.size > len(doc) or total > MAX_INDEX_ENTRIES:
+            raise IntegrityError(f"{what} is corrupt: a pack record runs past the document")
+        unknown = set(doc[pos : pos + count * _ENTRY.size : _ENTRY.size]) - set(KINDS)
+        if unknown:
+            raise IntegrityError(f"{what} is corrupt: unknown blob kind {min(unknown)}")
+        pos += count * _ENTRY.size
+    return doc
+
+
+def iter_index(doc: bytes) -> Iterator[BlobEntry]:
+    """The entries of a document check_index accepted."""
+    pos = 0
+    while pos < len(doc):
         pack, count = _PACK_RECORD.unpack_from(doc, pos)
         pos += _PACK_RECORD.size
-        if pos + count * _ENTRY.size > len(doc) or len(entries) + count > MAX_INDEX_ENTRIES:
-            raise IntegrityError(f"{what} is corrupt: a pack record runs past the document")
-        for kind, blob_id, offset, length in _ENTRY.iter_unpack(
-            doc[pos : pos + count * _ENTRY.size]
-        ):
-            if kind not in KINDS:
-                raise IntegrityError(f"{what} is corrupt: unknown blob kind {kind}")
-            entries.append(BlobEntry(kind, blob_id, pack, offset, length))
-        pos += count * _ENTRY.size
-    return entries
+        end = pos + count * _ENTRY.size
+        for kind, blob_id, offset, length in _ENTRY.iter_unpack(doc[pos:end]):
+            yield BlobEntry(kind, blob_id, pack, offset, length)
+        pos = end
 
 
-@dataclass
+def parse_index(doc: bytes, what: str) -> list[BlobEntry]:
+    return list(iter_index(check_index(doc, what)))
+
+
 class BlobIndex:
-    """Blob ID → location, for both kinds; thread-safe for adds and lookups."""
+    """Blob ID → location, for both kinds; thread-safe for adds and lookups. The index
+    objects merged so far are looked up in the on-disk index (IndexFile); the blobs this
+    process adds, in AddedBlobs (memory, then a private run file)."""
 
-    packs: list[bytes] = field(default_factory=list)
-    _pack_numbers: dict[bytes, int] = field(default_factory=dict)
-    _maps: dict[int, dict[bytes, int]] = field(
-        default_factory=lambda: {KIND_BLOCK: {}, KIND_RECIPE: {}}
-    )
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(
+        self,
+        disk: IndexFile | None = None,
+        repair: Callable[[], IndexFile] | None = None,
+        spill: tuple[Path, bytes] | None = None,
+    ) -> None:
+        self._disk = disk
+        self._repair = repair
+        self._added = AddedBlobs(spill)
+        self._lock = threading.Lock()
 
     def add(self, entry: BlobEntry) -> None:
-        with self._lock:
-            number = self._pack_numbers.get(entry.pack)
-            if number is None:
-                number = self._pack_numbers[entry.pack] = len(self.packs)
-                self.packs.append(entry.pack)
-            packed = (number << (2 * _BITS)) | (entry.offset << _BITS) | entry.length
-            self._maps[entry.kind].setdefault(entry.blob_id, packed)
+        self._added.add(entry)
 
     def get(self, kind: int, blob_id: bytes) -> BlobEntry | None:
-        packed = self._maps[kind].get(blob_id)
-        if packed is None:
+        found = self._disk_get(kind, blob_id)
+        return found if found is not None else self._added.get(kind, blob_id)
+
+    def _disk_get(self, kind: int, blob_id: bytes, check_miss: bool = True) -> BlobEntry | None:
+        disk = self._disk
+        if disk is None:
             return None
-        mask = (1 << _BITS) - 1
-        pack = self.packs[packed >> (2 * _BITS)]
-        return BlobEntry(kind, blob_id, pack, (packed >> _BITS) & mask, packed & mask)
+        try:
+            found = disk.find(kind, blob_id, check_miss)
+        except (Damaged, OSError):
+            disk = self._repaired(disk)
+            try:
+                found = disk.find(kind, blob_id, check_miss)
+            except (Damaged, OSError) as exc:
+                raise IntegrityError(
+                    f"the local index cache fails right after its rebuild: {exc}"
+                ) from exc
+        if found is None:
+            return None
+        _, pack, offset, length = found
+        return BlobEntry(kind, blob_id, disk.packs[pack], offset, length)
+
+    def _repaired(self, damaged: IndexFile) -> IndexFile:
+        """A damaged cache file (edited or truncated while open) is rebuilt from the remote
+        index objects, once per damaged file."""
+        with self._lock:
+            if self._disk is damaged:
+                if self._repair is None:
+                    raise IntegrityError("the local index cache is damaged")
+                self._disk = self._repair()
+            assert self._disk is not None
+            return self._disk
 
     def __contains__(self, key: tuple[int, bytes]) -> bool:
-        return key[1] in self._maps[key[0]]
+        """A miss is not verified (IndexFile.find): it costs a duplicate at worst."""
+        kind, blob_id = key
+        if self._added.get(kind, blob_id, False) is not None:
+            return True
+        return self._disk_get(kind, blob_id, False) is not None
 
-    def ids(self, kind: int) -> Iterator[bytes]:
-        return iter(list(self._maps[kind]))
+    def _disk_entries(self) -> Iterator[BlobEntry]:
+        disk = self._disk
+        if disk is None:
+            return
+        last = b""
+        for record in disk.records():
+            blob_id, kind, _, pack, offset, length = RECORD.unpack(record)
+            if record[:KEY_SIZE] != last:
+                last = record[:KEY_SIZE]
+                yield BlobEntry(kind, blob_id, disk.packs[pack], offset, length)
 
-    def entries(self) -> Iterator[BlobEntry]:
-        for kind in KINDS:
-            for blob_id in list(self._maps[kind]):
-                entry = self.get(kind, blob_id)
-                assert entry is not None
+    def _added_only(self) -> Iterator[BlobEntry]:
+        for entry in self._added.entries():
+            if self._disk_get(entry.kind, entry.blob_id) is None:
                 yield entry
 
+    def ids(self, kind: int) -> Iterator[bytes]:
+        """Streamed from the disk (never all in memory), then the ones added here."""
+        for entry in self.entries():
+            if entry.kind == kind:
+                yield entry.blob_id
+
+    def entries(self) -> Iterator[BlobEntry]:
+        yield from self._disk_entries()
+        yield from self._added_only()
+
     def __len__(self) -> int:
-        return sum(len(m) for m in self._maps.values())
+        """Distinct blobs; reads the whole file (for tests and reports, not hot paths)."""
+        return sum(1 for _ in self.entries())
 
 
 @dataclass
@@ -154,13 +223,108 @@ class LoadedIndex:
 
 
 def load_index(remote: Remote, sealer: Sealer, repo_id: str) -> LoadedIndex:
-    """Every index object on the remote, from the local cache where possible."""
+    """Every index object on the remote, merged into the on-disk index: only the objects it
+    does not hold yet are read (from the local object cache where possible), and the ones
+    the remote no longer lists (a gc consolidated them) are dropped from it."""
     names = sorted(o.name for o in remote.list(INDEX_PREFIX) if index_id_of_name(o.name))
-    cache = IndexCache(repo_id)
+    listed = {i for i in map(index_id_of_name, names) if i is not None}
+    key = mac_key(sealer.key.to_bytes() if sealer.key is not None else None, repo_id)
+    problems: list[tuple[str, str]] = []
 
-    def read(name: str) -> list[BlobEntry] | str:
-        index_id = index_id_of_name(name)
-        assert index_id is not None
+    def build(use_old: bool) -> IndexFile:
+        problems.clear()
+        return merge_index(remote, sealer, repo_id, key, listed, use_old, problems)
+
+    disk = build(True)
+    merged = set(disk.sources)
+    good = [n for n in names if index_id_of_name(n) in merged]
+    spill = index_path(repo_id, private=True).with_name(
+        f"added-{os.getpid()}-{os.urandom(4).hex()}"
+    )
+    return LoadedIndex(BlobIndex(disk, lambda: build(False), (spill, key)), good, problems)
+
+
+def merge_index(
+    remote: Remote,
+    sealer: Sealer,
+    repo_id: str,
+    key: bytes,
+    listed: set[bytes],
+    use_old: bool,
+    problems: list[tuple[str, str]],
+) -> IndexFile:
+    """The on-disk index of exactly the `listed` index objects that verify: the cached file
+    if it verifies and is current, else a merge (or, unusable or `use_old` false, a build)."""
+    try:
+        path = index_path(repo_id)
+        return _merge_at(path, remote, sealer, repo_id, key, listed, use_old, problems)
+    except OSError:  # the cache directory is not writable: a private one for this process
+        path = index_path(repo_id, private=True)
+        return _merge_at(path, remote, sealer, repo_id, key, listed, use_old, problems)
+
+
+def _merge_at(
+    path: Path,
+    remote: Remote,
+    sealer: Sealer,
+    repo_id: str,
+    key: bytes,
+    listed: set[bytes],
+    use_old: bool,
+    problems: list[tuple[str, str]],
+) -> IndexFile:
+    old: IndexFile | None = None
+    if use_old:
+        try:
+            old = IndexFile.open(path, key)
+        except Damaged:
+            old = None
+    have = set(old.sources) if old is not None else set()
+    dropped = {n for n, s in enumerate(old.sources) if s not in listed} if old else set()
+    new = sorted(listed - have)
+    if old is not None and not new and not dropped:
+        return old
+    cache = IndexCache(repo_id)
+    merge = Merge(path, key, old, dropped)
+    try:
+        added = 0
+        fetched = fetch_index_objects(remote, sealer, repo_id, new, cache)
+        for index_id, result in zip(new, fetched, strict=True):
+            if isinstance(result, str):
+                if result != "gone":
+                    problems.append((index_object_name(index_id), result))
+                continue
+            merge.add_source(index_id, iter_index(result))
+            added += 1
+        if old is not None and not added and not dropped:
+            merge.abort()  # only objects that do not verify: the file stays as it is
+            return old
+        disk = merge.finish()
+    except Damaged as exc:
+        merge.abort()
+        if old is None:
+            raise IntegrityError(
+                f"the local index cache {path} fails as it is written: {exc}"
+            ) from exc
+        old.close()
+        return _merge_at(path, remote, sealer, repo_id, key, listed, False, problems)
+    except BaseException:
+        merge.abort()
+        raise
+    if old is not None:
+        old.close()
+    cache.keep(set())  # merged: the raw copies are no longer needed
+    return disk
+
+
+def fetch_index_objects(
+    remote: Remote, sealer: Sealer, repo_id: str, ids: list[bytes], cache: IndexCache
+) -> Iterator[bytes | str]:
+    """Each index object's checked document (2.7 MB at most, never an object per entry:
+    a cold build keeps few in flight), or why not ("gone": deleted since the listing)."""
+
+    def read(index_id: bytes) -> bytes | str:
+        name = index_object_name(index_id)
         cached = cache.get(index_id)
         try:
             if cached is not None:
@@ -170,27 +334,32 @@ def load_index(remote: Remote, sealer: Sealer, repo_id: str) -> LoadedIndex:
                     cache.drop(index_id)  # a damaged cache copy: the remote's decides
             what = f"index {index_id.hex()[:16]}"
             data = get_bounded(remote, name, MAX_INDEX_OBJECT, IntegrityError, what)
-            entries = decode_index(sealer, repo_id, index_id, data)
-            cache.put(index_id, data)
-            return entries
+            return decode_index(sealer, repo_id, index_id, data)
         except NotFoundError:
             return "gone"  # deleted by a gc since the listing: its blobs are indexed anew
         except (IntegrityError, RemoteError) as exc:
             return str(exc)
 
-    index = BlobIndex()
-    good: list[str] = []
-    problems: list[tuple[str, str]] = []
-    for name, result in zip(names, ordered_map(read, names, io_threads(remote.url)), strict=True):
-        if isinstance(result, str):
-            if result != "gone":
-                problems.append((name, result))
-            continue
-        good.append(name)
-        for entry in result:
-            index.add(entry)
-    cache.keep({index_id_of_name(n) for n in names})
-    return LoadedIndex(index, good, problems)
+    threads = io_threads(remote.url)
+    return ordered_map(read, ids, threads, threads)
+
+
+INDEX_FILE = "blobindex"
+_private: list[Path] = []
+
+
+def index_path(repo_id: str, private: bool = False) -> Path:
+    """The on-disk index's file: in the repository's cache directory, or with the cache off
+    (or not writable) in a private temporary directory removed at exit."""
+    root = None if private else cache_root()
+    if root is not None:
+        directory = repository_cache(root, repo_id)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return directory / INDEX_FILE
+    if not _private:
+        _private.append(Path(tempfile.mkdtemp(prefix="vmkeep-index-")))
+        atexit.register(shutil.rmtree, _private[0], True)
+    return _private[0] / blake3.blake3(repo_id.encode()).hexdigest()
 
 
 class IndexCache:

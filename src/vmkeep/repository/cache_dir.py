@@ -1,6 +1,7 @@
 """Where vmkeep keeps what it may cache about a repository on this machine: one directory
-per repository id (point summaries in `points`, format 3 index objects in `index/`), so that
-removing a repository's cache is removing one directory."""
+per repository id (point summaries in `points`, the format 3 blob index in `blobindex` and
+index objects waiting to be merged into it in `index/`), so that removing a repository's
+cache is removing one directory."""
 
 from __future__ import annotations
 

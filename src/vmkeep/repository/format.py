@@ -12,7 +12,7 @@ CONFIG_VERSION_SIZED = 2
 # 3 = blocks, recipes and packs (FORMAT.md §13): written only when asked (`init --format 3`).
 CONFIG_VERSION_PACKED = 3
 CONFIG_VERSIONS = (CONFIG_VERSION_FIXED, CONFIG_VERSION_SIZED, CONFIG_VERSION_PACKED)
-DEFAULT_BLOCK_SIZE = 128 * 1024
+DEFAULT_BLOCK_SIZE = 64 * 1024  # the dirty-bitmap granularity; the index is on disk (blob_index.py)
 
 # The version byte in chunk and manifest object headers (§4.2, §5.2). Their layout did not
 # change with config version 2, so it stays 1 whatever the chunk size.

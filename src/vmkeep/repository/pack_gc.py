@@ -79,7 +79,8 @@ def sweep_packs(
         report.packs_repacked = report.packs_repacked if dry_run else 0
         return report
     _check(lock)
-    writer = PackWriter(store.remote, store.sealer, store.repo_id, store.pack_size, BlobIndex)
+    copied = BlobIndex()  # the blobs repacked so far: a blob listed twice is copied once
+    writer = PackWriter(store.remote, store.sealer, store.repo_id, store.pack_size, lambda: copied)
     written = repack(store, writer, plan.repack, progress)
     kept = [e for entries in plan.keep.values() for e in entries]
     _check(lock)

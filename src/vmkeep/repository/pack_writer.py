@@ -1,7 +1,9 @@
 """The thread-safe packer of a format 3 repository: workers append encoded blobs to open
 packs; the worker that fills a pack uploads it, outside the lock; `flush` uploads the
 partial packs, then writes the index objects of everything uploaded since the last flush
-(packs durable before the index that names them, the index before any manifest)."""
+(packs durable before the index that names them, the index before any manifest). An index
+object is also written as soon as a whole one's worth of blobs is uploaded, so what waits
+for the flush (and what `_seen` holds: blobs not yet in uploaded packs) stays bounded."""
 
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class PackWriter:
         self.pack_size = pack_size
         self._index = index
         self._lock = threading.Lock()
+        self._index_lock = threading.Lock()
         self._open: dict[int, _OpenPack] = {}
         self._seen: set[tuple[int, bytes]] = set()
         self._unindexed: list[BlobEntry] = []
@@ -133,8 +136,18 @@ class PackWriter:
             self._upload(pack)
         with self._lock:
             entries, self._unindexed = self._unindexed, []
+        self._write_index(entries)
+
+    def _write_index(self, entries: list[BlobEntry]) -> None:
+        """Index objects of `entries`, whose packs are uploaded: made durable first. One
+        thread at a time (uploaders write them too): a remote's flush is a barrier, not
+        meant to run twice at once."""
         if not entries:
             return
+        with self._index_lock:
+            self._write_index_locked(entries)
+
+    def _write_index_locked(self, entries: list[BlobEntry]) -> None:
         try:
             self.remote.flush()  # the packs durable before the index that names them
             for start in range(0, len(entries), MAX_INDEX_ENTRIES):
@@ -142,7 +155,8 @@ class PackWriter:
                     self.sealer, self.repo_id, entries[start : start + MAX_INDEX_ENTRIES]
                 )
                 self.remote.put(index_object_name(index_id), data)
-                self.index_names.append(index_object_name(index_id))
+                with self._lock:
+                    self.index_names.append(index_object_name(index_id))
                 IndexCache(self.repo_id).put(index_id, data)  # the next open needs no GET
             self.remote.flush()
         except BaseException as exc:
@@ -167,6 +181,17 @@ class PackWriter:
             self.bytes_written += size
         for entry in written:
             index.add(entry)
+        self._indexed(written)
+
+    def _indexed(self, written: list[BlobEntry]) -> None:
+        """The blobs of an uploaded pack are in the index now: out of the in-flight set; and
+        a whole index object's worth of them waiting is written at once."""
+        full: list[BlobEntry] = []
+        with self._lock:
+            self._seen.difference_update((e.kind, e.blob_id) for e in written)
+            if len(self._unindexed) >= MAX_INDEX_ENTRIES:
+                full, self._unindexed = self._unindexed, []
+        self._write_index(full)
 
     def _poison(self, reason: str) -> None:
         with self._lock:

@@ -43,7 +43,7 @@ FormatOpt = typer.Option(
 BlockSizeOpt = typer.Option(
     None,
     "--block-size",
-    help="Format 3: block size, 64K up to the chunk size (default 128K, or the chunk size "
+    help="Format 3: block size, 64K up to the chunk size (default 64K, or the chunk size "
     "when smaller).",
 )
 PackSizeOpt = typer.Option("16M", "--pack-size", help="Format 3: pack size, 1M to 128M.")

@@ -1,0 +1,226 @@
+"""The format 3 blob index on local disk (repository/index_file.py, blob_index.py): lookups
+equal a plain dict's on random data (present, absent, duplicates), merges are incremental
+(only new index objects are read; a gc's consolidation drops the objects it replaced), and
+with the cache off the file lives in a private temporary directory."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PASSPHRASE
+from tests.repository.spy_remote import CountingRemote
+from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository import added_blobs, pack_writer
+from vmkeep.repository.blob_index import (
+    INDEX_FILE,
+    INDEX_PREFIX,
+    BlobIndex,
+    encode_index,
+    index_object_name,
+    load_index,
+)
+from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
+from vmkeep.repository.index_file import IndexFile, Merge, mac_key
+from vmkeep.repository.packs import BlobEntry
+from vmkeep.repository.repository import Repository
+
+KEY = mac_key(b"k" * 64, "repo")
+
+
+def random_entries(rng: random.Random, n: int, packs: list[bytes]) -> list[BlobEntry]:
+    return [
+        BlobEntry(
+            rng.choice((KIND_BLOCK, KIND_RECIPE)),
+            rng.randbytes(32),
+            rng.choice(packs),
+            rng.randrange(1 << 32),
+            rng.randrange(1, 1 << 20),
+        )
+        for _ in range(n)
+    ]
+
+
+def merged(path: Path, old: IndexFile | None, sources: list[list[BlobEntry]]) -> IndexFile:
+    merge = Merge(path, KEY, old, set())
+    for n, entries in enumerate(sources):
+        merge.add_source(bytes([len(old.sources) if old else 0, n]) * 16, entries)
+    return merge.finish()
+
+
+def test_lookups_equal_a_dict(tmp_path: Path) -> None:
+    """Three merges (8 bucket bits, then 9: a re-bucketing, then a bucket-wise merge), with
+    blobs repeated across sources: the first source that lists a blob wins, as the dict
+    index did."""
+    rng = random.Random(15)
+    packs = [rng.randbytes(32) for _ in range(40)]
+    batches = [random_entries(rng, 3000, packs) for _ in range(2)]
+    batches += [random_entries(rng, 20000, packs), random_entries(rng, 500, packs)]
+    batches[1] += [BlobEntry(e.kind, e.blob_id, packs[0], 7, 9) for e in batches[0][:200]]
+    batches[3] += [BlobEntry(e.kind, e.blob_id, packs[1], 5, 3) for e in batches[2][:200]]
+    path = tmp_path / "index"
+    disk = merged(path, None, batches[:2])
+    assert disk.bits == 8
+    disk = merged(path, disk, batches[2:3])
+    assert disk.bits == 9  # re-bucketed
+    disk = merged(path, disk, batches[3:])
+    assert disk.bits == 9  # bucket-wise merge
+    want: dict[tuple[int, bytes], BlobEntry] = {}
+    for e in (e for batch in batches for e in batch):
+        want.setdefault((e.kind, e.blob_id), e)
+    index = BlobIndex(IndexFile.open(path, KEY))
+    assert len(index) == len(want) == 26500
+    for (kind, blob_id), entry in want.items():
+        assert index.get(kind, blob_id) == entry
+    for e in random_entries(rng, 2000, packs):  # absent IDs, and present IDs of the other kind
+        assert index.get(e.kind, e.blob_id) is None
+        assert (e.kind, e.blob_id) not in index
+    for kind, blob_id in list(want)[:500]:
+        other = KIND_RECIPE if kind == KIND_BLOCK else KIND_BLOCK
+        assert (other, blob_id) in index or (other, blob_id) not in want
+    assert sorted(index.entries(), key=lambda e: (e.blob_id, e.kind)) == sorted(
+        want.values(), key=lambda e: (e.blob_id, e.kind)
+    )
+    assert set(index.ids(KIND_RECIPE)) == {b for k, b in want if k == KIND_RECIPE}
+
+
+def test_memory_part_adds_to_the_file(tmp_path: Path) -> None:
+    rng = random.Random(3)
+    packs = [rng.randbytes(32)]
+    on_disk, added = random_entries(rng, 100, packs), random_entries(rng, 50, packs)
+    index = BlobIndex(merged(tmp_path / "index", None, [on_disk]))
+    for e in added + on_disk[:10]:
+        index.add(e)
+    assert len(index) == 150
+    assert all(index.get(e.kind, e.blob_id) == e for e in on_disk + added)
+    assert sorted(e.blob_id for e in index.entries()) == sorted(e.blob_id for e in on_disk + added)
+
+
+def packed_repo(path: Path) -> Repository:
+    return Repository.init(
+        LocalRemote(str(path)), "aes-256-gcm", lambda: PASSPHRASE, format_version=3
+    )
+
+
+def put_index(repo: Repository, entries: list[BlobEntry]) -> str:
+    data, index_id = encode_index(repo.sealer, repo.config["id"], entries)
+    repo.remote.put(index_object_name(index_id), data)
+    return index_object_name(index_id)
+
+
+def test_incremental_merge_and_gc_consolidation(tmp_path: Path) -> None:
+    repo = packed_repo(tmp_path / "r")
+    rid, rng = repo.config["id"], random.Random(5)
+    packs = [rng.randbytes(32) for _ in range(4)]
+    first, second, third = (random_entries(rng, 2000, packs) for _ in range(3))
+    a, b = put_index(repo, first), put_index(repo, second)
+    spy = CountingRemote(LocalRemote(str(tmp_path / "r")))
+    loaded = load_index(spy, repo.sealer, rid)  # type: ignore[arg-type]
+    assert spy.calls[("get", "index")] == 2 and sorted(loaded.names) == sorted([a, b])
+    assert len(loaded.index) == 4000
+    spy.calls.clear()
+    again = load_index(spy, repo.sealer, rid)  # type: ignore[arg-type]
+    assert spy.calls[("get", "index")] == 0  # warm: nothing read, nothing merged
+    assert all(again.index.get(e.kind, e.blob_id) == e for e in first + second)
+    c = put_index(repo, third)
+    again = load_index(spy, repo.sealer, rid)  # type: ignore[arg-type]
+    assert spy.calls[("get", "index")] == 1  # only the new object
+    assert len(again.index) == 6000 and c in again.names
+    # A gc consolidates: the live half of `first` and all of `second` into one new object;
+    # a and b are deleted. The dropped half must disappear from the on-disk index.
+    live = first[:1000] + second
+    consolidated = put_index(repo, live)
+    for name in (a, b):
+        (tmp_path / "r" / name).unlink()
+    spy.calls.clear()
+    after = load_index(spy, repo.sealer, rid)  # type: ignore[arg-type]
+    assert spy.calls[("get", "index")] == 1
+    assert sorted(after.names) == sorted([c, consolidated])
+    assert len(after.index) == 5000
+    assert all(after.index.get(e.kind, e.blob_id) is None for e in first[1000:])
+    assert all(after.index.get(e.kind, e.blob_id) == e for e in live + third)
+    cache = Path(os.environ["VMKEEP_CACHE_DIR"], rid)
+    assert (cache / INDEX_FILE).is_file()
+    assert not list((cache / "index").glob("*")) if (cache / "index").is_dir() else True
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no leftovers
+
+
+def test_cache_off_uses_a_private_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMKEEP_CACHE_DIR", "off")
+    repo = packed_repo(tmp_path / "r")
+    rng = random.Random(8)
+    entries = random_entries(rng, 500, [rng.randbytes(32)])
+    put_index(repo, entries)
+    loaded = load_index(repo.remote, repo.sealer, repo.config["id"])
+    assert all(loaded.index.get(e.kind, e.blob_id) == e for e in entries)
+    disk = loaded.index._disk
+    assert disk is not None
+    where = Path(os.readlink(f"/proc/self/fd/{disk.fd}"))
+    assert (
+        where.parent.name.startswith("vmkeep-index-") and where.parent.stat().st_mode & 0o077 == 0
+    )
+    assert not (tmp_path / "vmkeep-cache").exists()
+    assert list((tmp_path / "r" / INDEX_PREFIX).iterdir())  # the remote is untouched
+
+
+def test_added_blobs_spill_to_a_run_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blobs a process adds go to a private run file every SPILL_AT: memory holds at
+    most SPILL_AT of them, and every one is still found (memory, run or the file)."""
+    monkeypatch.setattr(added_blobs, "SPILL_AT", 50)
+    rng = random.Random(9)
+    packs = [rng.randbytes(32) for _ in range(3)]
+    on_disk, added = random_entries(rng, 100, packs), random_entries(rng, 420, packs)
+    index = BlobIndex(merged(tmp_path / "index", None, [on_disk]), None, (tmp_path / "run", KEY))
+    for e in added:
+        index.add(e)
+        assert index._added._mem.count < 50
+        assert len(index._added._retired) <= 1  # older runs closed: their space is freed
+    assert (tmp_path / "run").is_file()
+    assert all(index.get(e.kind, e.blob_id) == e for e in on_disk + added)
+    assert all((e.kind, e.blob_id) in index for e in added)
+    assert (KIND_BLOCK, rng.randbytes(32)) not in index
+    assert sorted(e.blob_id for e in index.entries()) == sorted(e.blob_id for e in on_disk + added)
+
+
+def test_index_objects_are_written_before_the_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole index object's worth of uploaded blobs is indexed at once, not at the final
+    flush: what waits for the flush, and the writer's set of blobs in flight, stay bounded."""
+    monkeypatch.setattr(pack_writer, "MAX_INDEX_ENTRIES", 8)
+    repo = Repository.init(
+        LocalRemote(str(tmp_path / "r")),
+        "aes-256-gcm",
+        lambda: PASSPHRASE,
+        format_version=3,
+        pack_size=1 << 20,
+    )
+    data = random.Random(6).randbytes(4 << 20)  # 64 blocks of 64 KiB: 4 packs of 1 MiB
+    chunk_id = repo.chunk_id(data)
+    repo.put_chunk(chunk_id, data, 1)
+    assert repo.packed is not None
+    writer = repo.packed.writer
+    writer._drain()
+    assert len(list((tmp_path / "r" / INDEX_PREFIX).iterdir())) >= 2  # before any flush
+    assert len(writer._unindexed) < 8 and len(writer._seen) <= 16
+    repo.flush_chunks()
+    assert not writer._seen and not writer._unindexed
+    again = Repository.open(LocalRemote(str(tmp_path / "r")), lambda: PASSPHRASE)
+    assert again.get_chunk(chunk_id) == data
+
+
+def test_a_killed_merge_leaves_nothing_behind(tmp_path: Path) -> None:
+    """The temporary directory of a merge whose process is gone is removed by the next."""
+    dead = tmp_path / ".index.tmp-999999999-abcd"  # no such process
+    dead.mkdir()
+    (dead / "part-00").write_bytes(b"x" * 4096)
+    alive = tmp_path / f".index.tmp-{os.getppid()}-abcd"  # a live process's: left alone
+    alive.mkdir()
+    merged(tmp_path / "index", None, [random_entries(random.Random(1), 10, [bytes(32)])])
+    assert not dead.exists() and alive.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["index", alive.name])
