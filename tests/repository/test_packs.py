@@ -253,7 +253,7 @@ def test_blocks_of_a_random_chunk_are_judged_by_samples(tmp_path: Path) -> None:
     data[5 * block : 6 * block] = text
     data[9 * block : 10 * block] = masked
     chunk = bytes(data)
-    repo = packed_repo(tmp_path / "r")
+    repo = packed_repo(tmp_path / "r", block_size=block)
     chunk_id = repo.chunk_id(chunk)
     packed = repo.encode_chunk(chunk_id, chunk, 1)
     assert isinstance(packed, PackedChunk)
@@ -271,7 +271,7 @@ def test_blocks_of_a_random_chunk_are_judged_by_samples(tmp_path: Path) -> None:
     mostly_text = bytearray(text * 32)
     mostly_text[9 * block : 10 * block] = masked
     other = bytes(mostly_text)
-    fresh = packed_repo(tmp_path / "f")  # the first repository holds both blocks already
+    fresh = packed_repo(tmp_path / "f", block_size=block)  # holds both blocks already
     packed = fresh.encode_chunk(fresh.chunk_id(other), other, 1)
     assert isinstance(packed, PackedChunk)
     assert {len(b) < block // 2 for _, b in packed.blocks} == {True}
