@@ -172,8 +172,8 @@ def test_chunk_objects_hold_at_most_the_chunk_size(tmp_path: Path) -> None:
         repo.get_chunk(big_id)
 
 
-def test_default_repository_is_still_version_1(tmp_path: Path) -> None:
-    repo = Repository.init(LocalRemote(tmp_path / "repo"), "none", lambda: b"")
+def test_format_1_repository_config_is_unchanged(tmp_path: Path) -> None:
+    repo = Repository.init(LocalRemote(tmp_path / "repo"), "none", lambda: b"", format_version=1)
     config = json.loads((tmp_path / "repo" / "config").read_bytes())
     assert list(config) == [
         "format",
