@@ -22,10 +22,12 @@ def _points(cli: Cli, repo: Path) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_full_then_deltas_each_point_restores_exactly(
-    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path, fmt: str
+    cli: Cli, make_vm: Callable[..., Path], any_repo: Path, tmp_path: Path, fmt: str
 ) -> None:
+    """On repository formats 1 and 3 (any_repo)."""
     from vmkeep.connectors.files.demo import modify_demo_vm
 
+    repo_dir = any_repo
     if fmt == "qcow2" and not shutil.which("qemu-img"):
         pytest.skip("qemu-img missing (Debian qemu-utils): cannot check qcow2 content")
     vm = make_vm(fmt=fmt)
@@ -148,10 +150,12 @@ def test_dedup_across_vms(
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_in_place_restore_writes_only_what_differs(
-    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, fmt: str
+    cli: Cli, make_vm: Callable[..., Path], any_repo: Path, fmt: str
 ) -> None:
+    """On repository formats 1 and 3 (any_repo)."""
     from vmkeep.connectors.files.demo import modify_demo_vm
 
+    repo_dir = any_repo
     if fmt == "qcow2" and not shutil.which("qemu-img"):
         pytest.skip("qemu-img missing (Debian qemu-utils): cannot check qcow2 content")
     vm = make_vm(size=128 * 1024 * 1024, fmt=fmt)
