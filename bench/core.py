@@ -51,6 +51,7 @@ LABELS = {
 # Other repository formats of vmkeep, run side by side with `--variants` (docs/DATA-PATH.md,
 # "Format 3"): the same commands, only the init differs.
 VARIANTS = {
+    "v1": "--format 1",  # format 1: one object per 4 MiB chunk (init's default is format 3)
     "v2-256k": "--chunk-size 256K",  # format 2: one object per 256 KiB chunk
     "v3": "--format 3",  # format 3 as init makes it: 64 KiB blocks (128 KiB before)
     "v3-64k": "--format 3 --block-size 64K",  # the same with 64 KiB blocks

@@ -226,13 +226,15 @@ def benchmark(
 
 
 def init_options(label: str) -> list[str]:
-    """`vmkeep init` options of a repository variant: a chunk size (format 1/2, e.g. "256K"),
-    or "v3" / "v3-64K" for format 3 (packs) with its default or the given block size."""
+    """`vmkeep init` options of a repository variant: a chunk size (format 1 at 4M, else 2,
+    e.g. "256K"; explicit, as init's default is format 3), or "v3" / "v3-64K" for format 3
+    (packs) with its default or the given block size."""
     if label == "v3":
         return ["--format", "3"]
     if label.startswith("v3-"):
         return ["--format", "3", "--block-size", label[3:]]
-    return ["--chunk-size", label]
+    one = label.upper().removesuffix("IB") in ("4M", "4096K")
+    return ["--chunk-size", label, "--format", "1" if one else "2"]
 
 
 def variant_chunk_size(label: str) -> int:

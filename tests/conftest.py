@@ -26,11 +26,27 @@ def _isolated_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     yield
 
 
+# The unit fixtures below are format 1 (one object per chunk under chunks/) whatever the
+# default of `Repository.init` is: many unit tests look at, damage or count chunk objects.
+# Format 3 (packs) has its own tests (tests/repository/test_packs.py, tests/e2e/test_format3*).
+LAYOUT_FORMAT = 1
+
+
 @pytest.fixture(params=["aes-256-gcm", "none"])
 def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Repository:
-    return Repository.init(LocalRemote(tmp_path / "repo"), request.param, lambda: PASSPHRASE)
+    return Repository.init(
+        LocalRemote(tmp_path / "repo"),
+        request.param,
+        lambda: PASSPHRASE,
+        format_version=LAYOUT_FORMAT,
+    )
 
 
 @pytest.fixture
 def encrypted_repo(tmp_path: Path) -> Repository:
-    return Repository.init(LocalRemote(tmp_path / "repo"), "aes-256-gcm", lambda: PASSPHRASE)
+    return Repository.init(
+        LocalRemote(tmp_path / "repo"),
+        "aes-256-gcm",
+        lambda: PASSPHRASE,
+        format_version=LAYOUT_FORMAT,
+    )

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests.stored_data import BOTH_FORMATS
+
 VMKEEP = str(Path(sys.executable).with_name("vmkeep"))
 PASSPHRASE = "e2e passphrase"
 
@@ -111,4 +113,21 @@ def make_vm(tmp_path: Path) -> Callable[..., Path]:
 def repo_dir(tmp_path: Path, cli: Cli) -> Path:
     path = tmp_path / "repo"
     cli("init", str(path))
+    return path
+
+
+@pytest.fixture
+def chunk_repo(tmp_path: Path, cli: Cli) -> Path:
+    """A format 1 repository (one object per chunk under chunks/), whatever the default is:
+    for tests that find, count or damage chunk objects by their chunk ID."""
+    path = tmp_path / "repo"
+    cli("init", str(path), "--format", "1")
+    return path
+
+
+@pytest.fixture(params=BOTH_FORMATS)
+def any_repo(request: pytest.FixtureRequest, tmp_path: Path, cli: Cli) -> Path:
+    """A repository of format 1, then 3: behaviour that must hold for either layout."""
+    path = tmp_path / "repo"
+    cli("init", str(path), "--format", request.param)
     return path

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.stored_data import data_bytes
+
 from .conftest import Cli, disk_hashes, sha256, vm_disks
 
 
@@ -20,10 +22,12 @@ def _points(cli: Cli, repo: Path) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_full_then_deltas_each_point_restores_exactly(
-    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path, fmt: str
+    cli: Cli, make_vm: Callable[..., Path], any_repo: Path, tmp_path: Path, fmt: str
 ) -> None:
+    """On repository formats 1 and 3 (any_repo)."""
     from vmkeep.connectors.files.demo import modify_demo_vm
 
+    repo_dir = any_repo
     if fmt == "qcow2" and not shutil.which("qemu-img"):
         pytest.skip("qemu-img missing (Debian qemu-utils): cannot check qcow2 content")
     vm = make_vm(fmt=fmt)
@@ -125,8 +129,9 @@ def test_restored_raw_disk_stays_sparse(
 
 
 def test_dedup_across_vms(
-    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path
+    cli: Cli, make_vm: Callable[..., Path], any_repo: Path, tmp_path: Path
 ) -> None:
+    repo_dir = any_repo
     vm = make_vm("a")
     twin = tmp_path / "vms" / "b"
     shutil.copytree(vm, twin)
@@ -134,9 +139,9 @@ def test_dedup_across_vms(
     doc.update(name="b", uuid="00000000-0000-4000-8000-00000000000b")
     (twin / "vm.json").write_text(json.dumps(doc))
     first = cli("backup", str(vm), "--remote", str(repo_dir), "--json").json()
-    size_after_first = sum(p.stat().st_size for p in (repo_dir / "chunks").rglob("*"))
+    size_after_first = data_bytes(repo_dir)
     second = cli("backup", str(twin), "--remote", str(repo_dir), "--json").json()
-    size_after_second = sum(p.stat().st_size for p in (repo_dir / "chunks").rglob("*"))
+    size_after_second = data_bytes(repo_dir)
     assert first["bytes_written"] > 1024 * 1024
     data = first["bytes_chunks"] - first["bytes_zero"]
     assert second["bytes_written"] == 0 and second["bytes_chunks"] - second["bytes_zero"] == data
@@ -145,10 +150,12 @@ def test_dedup_across_vms(
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_in_place_restore_writes_only_what_differs(
-    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, fmt: str
+    cli: Cli, make_vm: Callable[..., Path], any_repo: Path, fmt: str
 ) -> None:
+    """On repository formats 1 and 3 (any_repo)."""
     from vmkeep.connectors.files.demo import modify_demo_vm
 
+    repo_dir = any_repo
     if fmt == "qcow2" and not shutil.which("qemu-img"):
         pytest.skip("qemu-img missing (Debian qemu-utils): cannot check qcow2 content")
     vm = make_vm(size=128 * 1024 * 1024, fmt=fmt)

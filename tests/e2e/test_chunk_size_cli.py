@@ -17,7 +17,7 @@ KiB, MiB = 1 << 10, 1 << 20
 
 @pytest.mark.parametrize(
     ("text", "size", "version"),
-    [("256K", 256 * KiB, 2), ("64KiB", 64 * KiB, 2), ("1M", MiB, 2), ("4MiB", 4 * MiB, 1)],
+    [("256K", 256 * KiB, 2), ("64KiB", 64 * KiB, 2), ("1M", MiB, 2), ("4MiB", 4 * MiB, 3)],
 )
 def test_init_chunk_size_spellings(
     cli: Cli, tmp_path: Path, text: str, size: int, version: int
@@ -32,7 +32,7 @@ def test_init_chunk_size_spellings(
 
 def test_init_default_and_bytes(cli: Cli, tmp_path: Path) -> None:
     cli("init", str(tmp_path / "a"), "--encryption", "none")
-    assert json.loads((tmp_path / "a" / "config").read_bytes())["version"] == 1
+    assert json.loads((tmp_path / "a" / "config").read_bytes())["version"] == 3  # packs
     cli("init", str(tmp_path / "b"), "--encryption", "none", "--chunk-size", "131072")
     assert json.loads((tmp_path / "b" / "config").read_bytes())["chunk_size"] == 131072
 

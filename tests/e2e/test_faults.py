@@ -174,8 +174,9 @@ def test_read_only_remote(
 
 
 def test_kill_9_at_random_instants(cli: Cli, tmp_path: Path) -> None:
+    """Chunk objects (format 1); format 3: test_format3.py's killed-between-packs test."""
     repo = tmp_path / "repo"
-    cli("init", str(repo))
+    cli("init", str(repo), "--format", "1")
     vm = random_vm(tmp_path, "victim", 96 << 20, 3)
     cli("backup", str(vm), "--remote", str(repo))
     rng = random.Random(1234)

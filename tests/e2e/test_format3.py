@@ -165,7 +165,7 @@ def test_migrate_a_format_1_repository(
     cli: Cli, make_vm: Callable[..., Path], tmp_path: Path
 ) -> None:
     source, target = tmp_path / "v1", tmp_path / "v3"
-    cli("init", str(source))
+    cli("init", str(source), "--format", "1")
     vm = make_vm("mig", 32 * MiB)
     expected = {}
     for seed in (0, 4):
@@ -174,7 +174,7 @@ def test_migrate_a_format_1_repository(
         point = cli("backup", str(vm), "--remote", str(source), "--json").json()["restore_point"]
         expected[point] = disk_hashes(vm)
     wrong = tmp_path / "wrong"
-    cli("init", str(wrong))
+    cli("init", str(wrong), "--format", "1")
     line = cli("migrate", str(source), str(wrong), ok=False).err.strip().splitlines()[-1]
     assert "format 3" in line and "--format 3 --chunk-size 4096K" in line
     cli("init", str(tmp_path / "small"), "--format", "3", "--chunk-size", "1M")

@@ -85,8 +85,9 @@ def test_default_scratch_is_the_temp_dir_and_is_cleaned(
 
 
 def test_chunk_corrupted_on_the_remote_fails_naming_the_disk(
-    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path
+    cli: Cli, make_vm: Callable[..., Path], chunk_repo: Path, tmp_path: Path
 ) -> None:
+    repo_dir = chunk_repo  # a chunk object found by its ID (format 1)
     point = backed_up(cli, make_vm, repo_dir)
     manifest = manifest_of(repo_dir, point)
     disks = {d.name: d for d in manifest.disks}

@@ -6,6 +6,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.stored_data import data_names, data_objects, repo_format
+
 from .conftest import Cli
 
 
@@ -14,10 +16,13 @@ def _chunk_files(repo: Path) -> set[str]:
 
 
 def test_verify_reports_corrupt_chunk_with_its_points(
-    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path
+    cli: Cli, make_vm: Callable[..., Path], any_repo: Path, tmp_path: Path
 ) -> None:
+    """Format 1: the damaged chunk object is named; format 3: a damaged pack (of the first
+    backup) is reported as the chunks whose blocks it held."""
     from vmkeep.connectors.files.demo import modify_demo_vm
 
+    repo_dir = any_repo
     vm = make_vm()
     p1 = cli("backup", str(vm), "--remote", str(repo_dir), "--json").json()["restore_point"]
     modify_demo_vm(vm, 3)
@@ -25,16 +30,17 @@ def test_verify_reports_corrupt_chunk_with_its_points(
         "restore_point"
     ]
     assert cli("verify", "--remote", str(repo_dir), "--json").json()["ok"] is True
-    # a chunk shared by both points (present since the first backup, not rewritten)
-    first_chunks = sorted((repo_dir / "chunks").rglob("*"), key=lambda p: p.stat().st_mtime)
-    victim = next(p for p in first_chunks if p.is_file())
+    # a chunk (or pack) shared by both points (present since the first backup, not rewritten)
+    victim = min(data_objects(repo_dir), key=lambda p: p.stat().st_mtime)
     blob = bytearray(victim.read_bytes())
     blob[len(blob) // 2] ^= 0x04
     victim.write_bytes(bytes(blob))
     run = cli("verify", "--remote", str(repo_dir), "--json", ok=False)
     assert run.code == 3
     report = json.loads(run.out)
-    assert [c["chunk_id"] for c in report["corrupt_chunks"]] == [victim.name]
+    if repo_format(repo_dir) == 1:
+        assert [c["chunk_id"] for c in report["corrupt_chunks"]] == [victim.name]
+    assert report["corrupt_chunks"] and all(c["points"] for c in report["corrupt_chunks"])
     assert set(report["corrupt_chunks"][0]["points"]) <= {p1, p2}
     assert report["corrupt_chunks"][0]["points"]
     bad_point = report["corrupt_chunks"][0]["points"][0]
@@ -60,12 +66,14 @@ def test_verify_reports_corrupt_manifest(
     listing = cli("list", "--remote", str(repo_dir), "--json").json()
     assert listing["restore_points"] == [] and listing["unreadable"][0]["point_id"] == point
     gc = cli("gc", "--remote", str(repo_dir), ok=False)  # never sweeps what it cannot read
-    assert "refuses" in gc.err and _chunk_files(repo_dir)
+    assert "refuses" in gc.err and data_names(repo_dir)
 
 
 def test_forget_then_gc_removes_exactly_the_unreferenced_chunks(
-    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path
+    cli: Cli, make_vm: Callable[..., Path], chunk_repo: Path, tmp_path: Path
 ) -> None:
+    """Chunk objects (format 1); format 3's pack sweep: tests/e2e/test_format3_gc.py."""
+    repo_dir = chunk_repo
     a, b = make_vm("a"), make_vm("b")
     pa = cli("backup", str(a), "--remote", str(repo_dir), "--json").json()["restore_point"]
     only_a = _chunk_files(repo_dir)

@@ -19,6 +19,8 @@ from tests.e2e.conftest import (  # noqa: F401
     VMKEEP,
     Cli,
     Run,
+    any_repo,
+    chunk_repo,
     cli,
     make_vm,
     repo_dir,

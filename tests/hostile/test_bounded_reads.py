@@ -35,8 +35,10 @@ def test_huge_config_is_refused(cli: Cli, repo_dir: Path) -> None:
 
 
 def test_huge_chunk_is_reported_corrupt(
-    cli: Cli, repo_dir: Path, make_vm: Any, tmp_path: Path
+    cli: Cli, chunk_repo: Path, make_vm: Any, tmp_path: Path
 ) -> None:
+    """A chunk object (format 1); format 3's huge index entries: tests/hostile/test_packs.py."""
+    repo_dir = chunk_repo
     point = _backup(cli, make_vm(), repo_dir)
     chunk = _one_chunk(repo_dir)
     sparse(chunk, HUGE)
@@ -60,7 +62,7 @@ def test_decompression_bomb_chunk_is_refused_before_decoding(
     """A chunk whose zstd frame claims 2 GiB: zstandard would allocate what the frame claims
     (max_output_size does not apply to frames that record their size)."""
     repo = tmp_path / "plain"
-    cli("init", str(repo), "--encryption", "none")
+    cli("init", str(repo), "--encryption", "none", "--format", "1")  # a chunk object's frame
     point = _backup(cli, make_vm(), repo)
     chunk = _one_chunk(repo)
     bomb = io.BytesIO()

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tests.stored_data import data_objects
+
 from .conftest import Cli, one_error_line
 
 EVIL = "web\x1b]0;pwned\x07\x1b[2J[/]\x9b31m\nfake line"
@@ -61,10 +63,10 @@ def test_json_errors_are_json_on_stdout(cli: Cli, tmp_path: Path) -> None:
     assert json.loads(usage.out)["exit_code"] == usage.code == 2
 
 
-def test_verify_json_stays_one_document(cli: Cli, repo_dir: Path, make_vm: Any) -> None:
-    cli("backup", str(make_vm()), "--remote", str(repo_dir))
-    chunk = sorted(p for p in (repo_dir / "chunks").rglob("*") if p.is_file())[0]
-    chunk.write_bytes(b"VMKC garbage")
+def test_verify_json_stays_one_document(cli: Cli, any_repo: Path, make_vm: Any) -> None:
+    cli("backup", str(make_vm()), "--remote", str(any_repo))
+    repo_dir = any_repo
+    data_objects(repo_dir)[0].write_bytes(b"VMKC garbage")  # a chunk object, or a pack
     run = cli("verify", "--remote", str(repo_dir), "--json", ok=False)
     assert run.code == 3 and json.loads(run.out)["ok"] is False
 

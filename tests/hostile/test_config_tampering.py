@@ -26,10 +26,11 @@ def refused(run: Run) -> str:
 
 
 def objects(repo: Path) -> dict[str, bytes]:
-    """Every chunk and manifest object, by name, with its bytes."""
+    """Every data and manifest object (chunks/, or format 3's packs/ and index/), by name,
+    with its bytes."""
     return {
         str(p.relative_to(repo)): p.read_bytes()
-        for prefix in ("chunks", "manifests")
+        for prefix in ("chunks", "packs", "index", "manifests")
         for p in sorted((repo / prefix).rglob("*"))
         if p.is_file()
     }

@@ -25,6 +25,12 @@ from .lease_helpers import (
 )
 
 
+@pytest.fixture
+def repo_dir(chunk_repo: Path) -> Path:
+    """Format 1: these tests count chunk objects (format 3: test_lease_loss_packs.py)."""
+    return chunk_repo
+
+
 def _chunk_files(repo: Path) -> set[str]:
     return {p.name for p in (repo / "chunks").rglob("*") if p.is_file()}
 
@@ -175,7 +181,7 @@ def _s3_repo(cli: Cli, server: SeaweedServer) -> tuple[str, str]:
     prefix = f"repo-{uuid.uuid4().hex[:8]}"
     cli.env.update(AWS_ACCESS_KEY_ID=server.access_key, AWS_SECRET_ACCESS_KEY=server.secret_key)
     url = f"s3://vmkeep/{prefix}?endpoint={server.endpoint}&region=us-east-1&path_style=1"
-    cli("init", url)
+    cli("init", url, "--format", "1")  # chunk objects are counted
     return url, prefix
 
 

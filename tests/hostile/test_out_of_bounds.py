@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.stored_data import data_objects, repo_format
+
 from .conftest import Cli, refused, tree, victim_file
 
 TIMEOUT = 60  # every refusal here is immediate; a hang shows as a subprocess timeout
@@ -31,7 +33,7 @@ def _points(cli: Cli, repo: Path) -> list[dict[str, object]]:
 
 
 def _chunk_bytes(repo: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted((repo / "chunks").rglob("*")) if p.is_file())
+    return b"".join(p.read_bytes() for p in data_objects(repo))
 
 
 @pytest.mark.parametrize("how", ["symlink", "symlinked-directory"])
@@ -129,16 +131,19 @@ def test_a_fifo_as_vm_json_does_not_hang_vm_list(
 
 
 def test_chunks_linked_into_another_repository_are_not_swept(
-    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path
+    cli: Cli, make_vm: Callable[..., Path], any_repo: Path, tmp_path: Path
 ) -> None:
-    """Repository B's chunks/ is a symlink to repository A's: gc of B (which has no points, so
-    every chunk it sees is garbage) must not delete A's chunks."""
+    """Repository B's chunks/ (format 3: packs/) is a symlink to repository A's: gc of B
+    (which has no points, so every object it sees is garbage) must not delete A's data."""
+    repo_dir = any_repo
+    fmt = str(repo_format(repo_dir))
+    data = "chunks" if fmt == "1" else "packs"
     cli("backup", str(make_vm()), "--remote", str(repo_dir))
     other = tmp_path / "other"
-    cli("init", str(other))
-    (other / "chunks").mkdir(exist_ok=True)
-    (other / "chunks").rmdir()
-    (other / "chunks").symlink_to(repo_dir / "chunks")
+    cli("init", str(other), "--format", fmt)
+    (other / data).mkdir(exist_ok=True)
+    (other / data).rmdir()
+    (other / data).symlink_to(repo_dir / data)
     before = tree(repo_dir)
     run = cli("gc", "--remote", str(other), ok=False, timeout=TIMEOUT)
     assert "symlink" in refused(run)
@@ -147,12 +152,14 @@ def test_chunks_linked_into_another_repository_are_not_swept(
 
 
 def test_a_fifo_as_chunk_is_a_corrupt_object_not_a_hang(
-    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path
+    cli: Cli, make_vm: Callable[..., Path], any_repo: Path, tmp_path: Path
 ) -> None:
+    """A chunk object (format 3: a pack) replaced by a FIFO."""
+    repo_dir = any_repo
     point = cli("backup", str(make_vm()), "--remote", str(repo_dir), "--json").json()[
         "restore_point"
     ]
-    chunk = next(p for p in sorted((repo_dir / "chunks").rglob("*")) if p.is_file())
+    chunk = data_objects(repo_dir)[0]
     chunk.unlink()
     os.mkfifo(chunk)
     began = time.monotonic()
@@ -160,7 +167,7 @@ def test_a_fifo_as_chunk_is_a_corrupt_object_not_a_hang(
     assert run.code == 3
     report = json.loads(run.out)
     bad = report["corrupt_chunks"] + report.get("missing_chunks", [])
-    assert chunk.name in json.dumps(bad)
+    assert bad and (repo_format(repo_dir) != 1 or chunk.name in json.dumps(bad))
     restore = cli(
         "restore", point, "--remote", str(repo_dir), "--to", str(tmp_path / "r"),
         ok=False, timeout=TIMEOUT,
@@ -194,8 +201,9 @@ def test_a_fresh_file_system_with_lost_found_is_accepted(cli: Cli, tmp_path: Pat
 
 
 def test_gc_purges_temporaries_only_where_the_layout_has_them(
-    cli: Cli, make_vm: Callable[..., Path], repo_dir: Path, tmp_path: Path
+    cli: Cli, make_vm: Callable[..., Path], chunk_repo: Path, tmp_path: Path
 ) -> None:
+    repo_dir = chunk_repo  # chunks/XX/ fan-out directories (format 1)
     victim, digest = victim_file(tmp_path)
     cli("backup", str(make_vm()), "--remote", str(repo_dir))
     fanout = next(p for p in sorted((repo_dir / "chunks").iterdir()) if p.is_dir())

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.e2e.conftest import VMKEEP
+from tests.stored_data import data_objects
 from vmkeep.connectors.files.demo import modify_demo_vm
 from vmkeep.connectors.files.leftovers import owner_record
 
@@ -139,7 +140,7 @@ def test_a_failed_in_place_restore_of_an_untouched_vm_leaves_no_mark(
     """A qcow2 in-place restore writes a copy, so when it fails the VM is what it was."""
     vm = make_vm(fmt="qcow2")
     point = cli("backup", str(vm), "--remote", str(repo_dir), "--json").json()["restore_point"]
-    for chunk in (p for p in (repo_dir / "chunks").rglob("*") if p.is_file()):
+    for chunk in data_objects(repo_dir):  # chunk objects, or packs
         chunk.write_bytes(b"corrupt")
     modify_demo_vm(vm, 2)  # so that some chunk must be fetched
     before = tree(vm)

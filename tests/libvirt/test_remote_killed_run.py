@@ -24,6 +24,7 @@ from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.ssh_transport import free_port, ssh_libvirt_uri
 from tests.libvirt.test_job_faults import run_records
 from tests.libvirt.test_live_remote_uri import HOST, listening, scratch_files
+from tests.stored_data import data_objects
 from vmkeep.connectors.libvirt import LibvirtConnector
 from vmkeep.connectors.libvirt.backup.workdir import remove_workdir, stale_workdirs
 from vmkeep.connectors.libvirt.connector import TcpExport
@@ -54,7 +55,8 @@ def backup_job(dom: object) -> bool:
 
 
 def stored_chunks(repo: Path) -> int:
-    return sum(1 for p in (repo / "chunks").rglob("*") if p.is_file())
+    """Chunk objects, or format 3 packs (being) written."""
+    return len(data_objects(repo))
 
 
 def kill_mid_job(

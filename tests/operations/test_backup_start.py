@@ -90,8 +90,10 @@ def test_backup_refuses_when_the_newest_point_disagrees_with_the_config(tmp_path
     """The check that replaced reading every manifest (FORMAT.md §5.2): the newest point is
     read even when the cache knows it, and an encrypted manifest in a repository whose config
     says unencrypted refuses the backup before any chunk is written."""
-    plain = Repository.init(LocalRemote(tmp_path / "plain"), "none", lambda: b"")
-    other = Repository.init(LocalRemote(tmp_path / "enc"), "aes-256-gcm", lambda: b"pw")
+    plain = Repository.init(LocalRemote(tmp_path / "plain"), "none", lambda: b"", format_version=1)
+    other = Repository.init(
+        LocalRemote(tmp_path / "enc"), "aes-256-gcm", lambda: b"pw", format_version=1
+    )
     newest = many_points(plain, 3)[-1]
     sealed = many_points(other, 1)[0]
     point_summaries(plain)  # the cache now vouches for all three

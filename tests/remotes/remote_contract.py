@@ -155,8 +155,9 @@ class RemoteContract:
         assert remote.get("locks/exclusive") == f"writer {wins.index(True)}".encode()
         assert [o.name for o in remote.list("locks/")] == ["locks/exclusive"]
 
+    @pytest.mark.parametrize("fmt", [1, 3])
     def test_repository_end_to_end(
-        self, remote: Remote, reopen: Reopen, stored: Stored, tmp_path: Path
+        self, remote: Remote, reopen: Reopen, stored: Stored, tmp_path: Path, fmt: int
     ) -> None:
         """Backup, restore through a second handle, verify, gc, verify again; the restored
         disk hashes like the original, and no stored byte holds the plaintext."""
@@ -169,7 +170,7 @@ class RemoteContract:
         from vmkeep.repository.repository import Repository
         from vmkeep.repository.verify import verify
 
-        repo = Repository.init(remote, "aes-256-gcm", lambda: b"pw")
+        repo = Repository.init(remote, "aes-256-gcm", lambda: b"pw", format_version=fmt)
         with pytest.raises(VmkeepError):
             Repository.init(reopen(), "aes-256-gcm", lambda: b"pw")  # never over another
         (tmp_path / "vms").mkdir()
@@ -189,7 +190,7 @@ class RemoteContract:
         objects = stored()
         names = set(objects)
         assert "config" in names
-        assert any(n.startswith("chunks/") for n in names)
+        assert any(n.startswith("chunks/" if fmt == 1 else "packs/") for n in names)
         assert any(n.startswith("manifests/") for n in names)
         assert {o.name for o in remote.list("")} == names  # nothing hidden, nothing extra
         marker = DEMO_MARKER.encode()

@@ -91,7 +91,8 @@ def disk_hash(vm_dir: Path) -> str:
 
 def make_repo(workdir: Path, seconds: int) -> Repository:
     remote = LocalRemote(workdir / "repo")
-    repo = Repository.init(remote, "aes-256-gcm", lambda: PASS)
+    # retention locks: formats 1/2 only (format 3 refuses them)
+    repo = Repository.init(remote, "aes-256-gcm", lambda: PASS, format_version=1)
     remote.set_lock_policy(LockPolicy(seconds=seconds))
     return repo
 

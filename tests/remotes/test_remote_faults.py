@@ -140,7 +140,7 @@ def test_s3_server_killed_mid_backup(s3: RestartableSeaweed, tmp_path: Path) -> 
     cli = s3_cli(s3, tmp_path)
     prefix = f"killed-{uuid.uuid4().hex[:8]}"
     url = s3_url(s3, BUCKET, prefix)
-    cli("init", url)
+    cli("init", url, "--format", "1")  # the kill waits for 8 chunk objects
     vm = random_vm(tmp_path, "big", BIG, 41)
     expected = disk_hashes(vm)
     client = s3.client()

@@ -176,7 +176,7 @@ def test_the_next_backup_trusts_its_parents_lock_claim_only_when_encrypted(
     (authenticated when encrypted) says until when all its chunks are locked."""
     prefix = unique(f"claim-{encryption[:4]}")
     first_process = remote_for(server, prefix)
-    repo = Repository.init(first_process, encryption, lambda: PASS)
+    repo = Repository.init(first_process, encryption, lambda: PASS, format_version=1)
     first_process.set_lock_policy(LockPolicy.from_days(7))
     (tmp_path / "vms").mkdir()
     vm = create_demo_vm(tmp_path / "vms", "claim", 32 * 1024 * 1024)
@@ -223,7 +223,7 @@ def test_backup_prune_gc_restore_with_a_short_lock(server: SeaweedServer, tmp_pa
     no object version is left behind."""
     prefix = unique("cycle")
     remote = remote_for(server, prefix)
-    repo = Repository.init(remote, "aes-256-gcm", lambda: PASS)
+    repo = Repository.init(remote, "aes-256-gcm", lambda: PASS, format_version=1)
     remote.set_lock_policy(LockPolicy(seconds=10))
     (tmp_path / "vms").mkdir()
     vm = create_demo_vm(tmp_path / "vms", "imm", 32 * 1024 * 1024)
@@ -266,7 +266,7 @@ def test_backup_prune_gc_restore_with_a_short_lock(server: SeaweedServer, tmp_pa
 def test_gc_keeps_locked_garbage_and_says_until_when(server: SeaweedServer) -> None:
     prefix = unique("gc")
     remote = remote_for(server, prefix)
-    repo = Repository.init(remote, "none", lambda: PASS)
+    repo = Repository.init(remote, "none", lambda: PASS, format_version=1)
     remote.set_lock_policy(LockPolicy.from_days(1))
     orphan = b"left by a backup that was killed before its manifest"
     repo.put_chunk(repo.chunk_id(orphan), orphan, 3)

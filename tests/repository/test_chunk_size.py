@@ -172,8 +172,8 @@ def test_chunk_objects_hold_at_most_the_chunk_size(tmp_path: Path) -> None:
         repo.get_chunk(big_id)
 
 
-def test_default_repository_is_still_version_1(tmp_path: Path) -> None:
-    repo = Repository.init(LocalRemote(tmp_path / "repo"), "none", lambda: b"")
+def test_format_1_repository_config_is_unchanged(tmp_path: Path) -> None:
+    repo = Repository.init(LocalRemote(tmp_path / "repo"), "none", lambda: b"", format_version=1)
     config = json.loads((tmp_path / "repo" / "config").read_bytes())
     assert list(config) == [
         "format",
@@ -289,3 +289,23 @@ def test_is_zero_at_every_chunk_size_allocates_nothing() -> None:
             tracemalloc.stop()
         assert peak < 1024, (size, peak)  # compared against the cached buffer, nothing new
     assert is_zero(bytes(12345)) and not is_zero(b"\0" * 12344 + b"\1")
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "locked", "version"),
+    [(DEFAULT_CHUNK_SIZE, False, 3), (256 * KiB, False, 2), (DEFAULT_CHUNK_SIZE, True, 1)],
+)
+def test_default_format_of_a_new_repository(
+    tmp_path: Path, chunk_size: int, locked: bool, version: int
+) -> None:
+    """Format 3 at the default chunk size; 2 for another chunk size; 1 for a remote given
+    retention locks (which format 3 refuses)."""
+    from vmkeep.remotes.object_lock import LockPolicy
+
+    remote = LocalRemote(tmp_path / "repo")
+    if locked:
+        remote.set_lock_policy(LockPolicy.from_days(1))
+    repo = Repository.init(remote, "none", lambda: b"", chunk_size)
+    config = json.loads((tmp_path / "repo" / "config").read_bytes())
+    assert config["version"] == version and (repo.packed is not None) == (version == 3)
+    assert Repository.open(LocalRemote(tmp_path / "repo"), lambda: b"").config == repo.config

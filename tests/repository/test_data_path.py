@@ -260,7 +260,8 @@ class RecordingWriter:
 def test_backup_and_restore_out_of_order_round_trip(tmp_path: Path) -> None:
     vm, image = make_vm(tmp_path)
     remote = JitteryRemote(tmp_path / "repo")
-    repo = Repository.init(remote, "aes-256-gcm", lambda: PASSPHRASE)
+    # format 1: one put per chunk object (the remote counts and reorders them)
+    repo = Repository.init(remote, "aes-256-gcm", lambda: PASSPHRASE, format_version=1)
     report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(workers=6), SilentProgress())
     assert report.stats.chunks == 9  # 4 random + 4 compressible + the tail; holes are not read
     assert report.stats.chunks_new == 9
@@ -280,7 +281,7 @@ def test_backup_and_restore_out_of_order_round_trip(tmp_path: Path) -> None:
 def test_failed_chunk_write_stops_the_backup_without_a_manifest(tmp_path: Path) -> None:
     vm, _ = make_vm(tmp_path, chunks=30)
     remote = JitteryRemote(tmp_path / "repo", fail_put_at=5)
-    repo = Repository.init(remote, "none", lambda: PASSPHRASE)
+    repo = Repository.init(remote, "none", lambda: PASSPHRASE, format_version=1)
     before = threading.active_count()
     with pytest.raises(RemoteError, match="remote went away"):
         backup_vm(repo, FilesConnector(), str(vm), BackupOptions(workers=4), SilentProgress())

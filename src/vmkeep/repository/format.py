@@ -5,11 +5,13 @@ manifest document's. Changing a layout bumps the version of what it changes, not
 from __future__ import annotations
 
 # config.version: 1 = 4 MiB chunks only (what every vmkeep reads); 2 = the same format with
-# any power-of-two chunk size from 64 KiB to 4 MiB. A repository with 4 MiB chunks is still
+# any power-of-two chunk size from 64 KiB to 4 MiB. Such a repository with 4 MiB chunks is
 # written as version 1, byte for byte as before, so older readers keep reading it.
 CONFIG_VERSION_FIXED = 1
 CONFIG_VERSION_SIZED = 2
-# 3 = blocks, recipes and packs (FORMAT.md §13): written only when asked (`init --format 3`).
+# 3 = blocks, recipes and packs (FORMAT.md §13): the default of `init` at 4 MiB chunks
+# (Repository.init, default_format); 1 or 2 when asked, at other chunk sizes, or with
+# retention locks.
 CONFIG_VERSION_PACKED = 3
 CONFIG_VERSIONS = (CONFIG_VERSION_FIXED, CONFIG_VERSION_SIZED, CONFIG_VERSION_PACKED)
 DEFAULT_BLOCK_SIZE = 64 * 1024  # the dirty-bitmap granularity; the index is on disk (blob_index.py)

@@ -101,15 +101,16 @@ class Repository:
         block_size: int | None = None,
         pack_size: int = DEFAULT_PACK_SIZE,
     ) -> Repository:
-        """A 4 MiB repository is written as config version 1, any other chunk size as 2;
-        `format_version` 3 (blocks in packs) only when asked for."""
+        """Without `format_version`: format 3 (blocks in packs) at the default 4 MiB chunk
+        size, format 2 at any other (as before format 3 was the default), and format 1 or 2
+        on a remote with retention locks (default_format)."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(
                 f"unknown encryption {encryption!r}: choose {' or '.join(ENCRYPTIONS)}"
             )
         if not valid_chunk_size(chunk_size):
             raise UsageError(f"chunk size {chunk_size} is not {CHUNK_SIZE_RULE}")
-        version = _format_version(format_version, chunk_size)
+        version = _format_version(format_version, chunk_size, remote)
         packed = version == CONFIG_VERSION_PACKED
         block_size = min(DEFAULT_BLOCK_SIZE, chunk_size) if block_size is None else block_size
         if packed:
@@ -390,9 +391,23 @@ def unique_prefix(ref: str, ids: list[str], what: str, where: str) -> str:
     raise UsageError(f"{what} {ref!r} is ambiguous: {len(matches)} match")
 
 
-def _format_version(asked: int | None, chunk_size: int) -> int:
-    if asked is None:
+def default_format(chunk_size: int, remote: Remote) -> int:
+    """The format of a new repository when none is asked for: 3 at the default chunk size;
+    an explicit other chunk size keeps format 2, and retention locks (which format 3 cannot
+    hold yet: packs are shared and repacked) get format 1 or 2 instead of a refusal."""
+    if chunk_size != DEFAULT_CHUNK_SIZE or locked(remote):
         return config_version(chunk_size)
+    return CONFIG_VERSION_PACKED
+
+
+def locked(remote: Remote) -> bool:
+    """Whether the remote was given a retention-lock policy (apply_lock_policy)."""
+    return getattr(remote, "lock_policy", None) is not None
+
+
+def _format_version(asked: int | None, chunk_size: int, remote: Remote) -> int:
+    if asked is None:
+        return default_format(chunk_size, remote)
     if asked not in FORMATS:
         raise UsageError(f"unknown repository format {asked}: choose 1, 2 or 3")
     if asked == CONFIG_VERSION_FIXED and chunk_size != DEFAULT_CHUNK_SIZE:
@@ -405,7 +420,7 @@ def _check_packed(remote: Remote, chunk_size: int, block_size: int, pack_size: i
         raise UsageError(f"block size {block_size} is not {BLOCK_SIZE_RULE}")
     if not valid_pack_size(pack_size):
         raise UsageError(f"pack size {pack_size} is not {PACK_SIZE_RULE}")
-    if getattr(remote, "lock_policy", None) is not None:
+    if locked(remote):
         raise UsageError(
             "format 3 cannot be combined with retention locks yet (packs are shared and "
             "repacked): use format 1 or 2 for an immutable repository"

@@ -37,8 +37,9 @@ JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
 FormatOpt = typer.Option(
     None,
     "--format",
-    help="Repository format: 1/2 (default; one object per chunk) or 3 (blocks in pack "
-    'objects: small deltas for scattered writes; docs/DATA-PATH.md "Format 3").',
+    help="Repository format: 3 (the default: blocks in pack objects, small deltas for "
+    'scattered writes; docs/DATA-PATH.md "Format 3") or 1/2 (one object per chunk; the '
+    "default for a --chunk-size other than 4M and for retention locks).",
 )
 BlockSizeOpt = typer.Option(
     None,
@@ -101,11 +102,12 @@ def init(
 def packed_options(
     format_version: int | None, block_size: str | None, pack_size: str
 ) -> dict[str, Any]:
-    """Repository.init's format arguments from the CLI's options."""
-    if format_version is None or format_version != 3:
+    """Repository.init's format arguments from the CLI's options (block and pack size for
+    format 3, asked for or the default; a --block-size asks for format 3)."""
+    if format_version is not None and format_version != 3:
         return {"format_version": format_version}
     return {
-        "format_version": 3,
+        "format_version": 3 if block_size is not None else format_version,
         "block_size": None if block_size is None else parse_size(block_size, "--block-size"),
         "pack_size": parse_size(pack_size, "--pack-size"),
     }
