@@ -42,3 +42,27 @@ def test_a_zero_block_off_the_grid_is_data() -> None:
     """4 KiB of zeros straddling two blocks is not a hole: both blocks hold data."""
     data = b"\x01" * 100 + bytes(SPARSE_BLOCK) + b"\x01" * (SPARSE_BLOCK - 100)
     assert list(data_runs(data)) == [(0, 2 * SPARSE_BLOCK)]
+
+
+# A block that is zero at the bytes data_runs samples first (0, middle, last) but holds data
+DECOY = bytes(100) + b"\x07" + bytes(SPARSE_BLOCK - 101)
+long_piece = st.one_of(
+    st.integers(1, 40 * SPARSE_BLOCK).map(bytes),  # zero runs past the 64 KiB stride
+    st.integers(1, 3).map(lambda n: DECOY * n),
+    st.binary(min_size=1, max_size=SPARSE_BLOCK).filter(lambda b: any(b)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(long_piece, max_size=10))
+def test_runs_with_long_zero_runs_and_decoys(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    assert list(data_runs(data)) == reference_runs(data)
+
+
+def test_decoy_blocks_are_data() -> None:
+    data = bytes(20 * SPARSE_BLOCK) + DECOY + bytes(SPARSE_BLOCK) + DECOY + b"\x01"
+    assert list(data_runs(data)) == [
+        (20 * SPARSE_BLOCK, 21 * SPARSE_BLOCK),
+        (22 * SPARSE_BLOCK, len(data)),
+    ]

@@ -29,6 +29,8 @@ from vmkeep.repository.repository import Repository
 
 SPARSE_BLOCK = 4096  # zero runs of this granularity become holes in the restored disk
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
+_ZERO_STRIDE = 16 * SPARSE_BLOCK
+_ZERO_RUN = bytes(_ZERO_STRIDE)
 
 
 @dataclass
@@ -44,21 +46,45 @@ class RestoreReport:
         return dict(self.__dict__, duration=round(self.duration, 3))
 
 
+def _zero_candidates(data: bytes, full: int) -> bytes:
+    """One byte per whole block of `data[:full]`: 0 when the block's first, middle and last
+    bytes are all zero (it may be a zero block), non-zero when it is surely data. Strided
+    slices and one integer OR: C speed, no loop over the blocks in Python."""
+    marks = 0
+    for at in (0, SPARSE_BLOCK // 2, SPARSE_BLOCK - 1):
+        marks |= int.from_bytes(data[at:full:SPARSE_BLOCK], "little")
+    return marks.to_bytes(full // SPARSE_BLOCK, "little")
+
+
 def data_runs(data: bytes) -> Iterator[tuple[int, int]]:
-    """(start, end) of the runs of `data` that are not all zeros, in SPARSE_BLOCK steps."""
-    if data and len(data) % SPARSE_BLOCK == 0 and _ZERO_BLOCK not in data:
-        yield 0, len(data)  # one C-speed scan found no zero block: one run
-        return
-    run_start = -1
-    view = memoryview(data)
-    for pos in range(0, len(data) + SPARSE_BLOCK, SPARSE_BLOCK):
-        block = view[pos : pos + SPARSE_BLOCK]
-        is_data = bool(block) and block != _ZERO_BLOCK[: len(block)]
-        if is_data and run_start < 0:
-            run_start = pos
-        elif not is_data and run_start >= 0:
-            yield run_start, min(pos, len(data))
-            run_start = -1
+    """(start, end) of the runs of `data` that are not all zeros, in SPARSE_BLOCK steps.
+
+    Python steps only through the blocks that may be zero (_zero_candidates), and over a zero
+    run in `startswith` strides of 64 KiB: a loop over every 4 KiB block cost 0.9 CPU-s of a
+    2 GiB restore (1.3 ms per 4 MiB chunk of binaries, which have zero bytes everywhere; a
+    `find` of a zero block in them was no faster)."""
+    size = len(data)
+    full = size - size % SPARSE_BLOCK  # end of the last whole block
+    end = full if data.endswith(_ZERO_BLOCK[: size - full]) else size  # a zero tail is a hole
+    marks = _zero_candidates(data, full)
+    start = 0  # start of the pending data run
+    k = marks.find(0)
+    while k >= 0:
+        first = k * SPARSE_BLOCK
+        if not data.startswith(_ZERO_BLOCK, first):
+            k = marks.find(0, k + 1)
+            continue
+        stop = first + SPARSE_BLOCK
+        while stop + _ZERO_STRIDE <= full and data.startswith(_ZERO_RUN, stop):
+            stop += _ZERO_STRIDE
+        while stop < full and data.startswith(_ZERO_BLOCK, stop):
+            stop += SPARSE_BLOCK
+        if first > start:
+            yield start, first
+        start = stop
+        k = marks.find(0, stop // SPARSE_BLOCK)
+    if end > start:
+        yield start, end
 
 
 def write_runs(writer: DiskWriter, offset: int, data: bytes, runs: list[tuple[int, int]]) -> int:
