@@ -22,6 +22,7 @@ import errno
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 
 from vmkeep.connectors.files.fileio import fs_type
 
@@ -59,25 +60,35 @@ def open_direct(path: str, flags: int, same_as: int | None = None) -> int | None
     return fd
 
 
-def aligned_copy(data: bytes | memoryview) -> memoryview:
-    """`data` copied into this thread's page-aligned buffer, zero-padded to a multiple of
-    ALIGN. Valid until the thread's next call."""
-    padded = -(-len(data) // ALIGN) * ALIGN
+Buffer = bytes | bytearray | memoryview
+
+
+def aligned_copy(data: Buffer | Sequence[Buffer]) -> memoryview:
+    """`data` (one buffer, or pieces that follow each other) copied into this thread's
+    page-aligned buffer, zero-padded to a multiple of ALIGN. Valid until the thread's next
+    call. Pieces are copied straight in: joining them first would copy every byte twice."""
+    parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+    length = sum(len(part) for part in parts)
+    padded = -(-length // ALIGN) * ALIGN
     buf: mmap.mmap | None = getattr(_local, "buffer", None)
     if buf is None or len(buf) < padded:
         if buf is not None:
             buf.close()
         buf = _local.buffer = mmap.mmap(-1, max(padded, ALIGN))
     view = memoryview(buf)[:padded]
-    view[: len(data)] = data
-    view[len(data) :] = bytes(padded - len(data))
+    pos = 0
+    for part in parts:
+        view[pos : pos + len(part)] = part
+        pos += len(part)
+    view[length:] = bytes(padded - length)
     return view
 
 
-def pwrite_direct(fd: int, data: bytes | memoryview, offset: int) -> int:
-    """Write `data` at `offset` (a multiple of ALIGN) through an O_DIRECT descriptor, padded
-    with zeros to a multiple of ALIGN; returns the number of bytes written (the padded length).
-    The caller truncates the padding where it must not stay."""
+def pwrite_direct(fd: int, data: Buffer | Sequence[Buffer], offset: int) -> int:
+    """Write `data` (one buffer or consecutive pieces) at `offset` (a multiple of ALIGN)
+    through an O_DIRECT descriptor, padded with zeros to a multiple of ALIGN; returns the
+    number of bytes written (the padded length). The caller truncates the padding where it
+    must not stay."""
     view = aligned_copy(data)
     try:
         done = 0

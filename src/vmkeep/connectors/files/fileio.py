@@ -191,6 +191,22 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         offset += n
 
 
+def pwritev_all(fd: int, parts: list[bytes | bytearray | memoryview], offset: int) -> None:
+    """Consecutive pieces written at `offset` with one pwritev (no join: a join would copy
+    every byte once more); whatever a short write leaves goes on piece by piece."""
+    if len(parts) == 1:
+        pwrite_all(fd, parts[0], offset)
+        return
+    done = os.pwritev(fd, parts, offset)
+    for part in parts:
+        if done >= len(part):
+            done -= len(part)
+        else:
+            pwrite_all(fd, memoryview(part)[done:], offset + done)
+            done = 0
+        offset += len(part)
+
+
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Have the kernel start writing a just-written range to disk, without waiting: the
     closing fsync then waits for the tail only instead of the whole image (measured on a
