@@ -99,6 +99,44 @@ def write_sparse(writer: DiskWriter, offset: int, data: bytes) -> int:
     return write_runs(writer, offset, data, list(data_runs(data)))
 
 
+Piece = tuple[int, list[bytes]]  # (offset in the chunk, consecutive parts written there)
+
+
+def sparse_pieces(parts: list[bytes]) -> list[Piece]:
+    """The data runs of a chunk given as consecutive parts (format 3: its blocks), each run
+    as the parts (or slices of them) it spans: zero runs stay holes, and parts are not
+    joined (a join copies the whole chunk once more)."""
+    pieces: list[Piece] = []
+    pos = end = 0  # where this part starts in the chunk; where the last piece ends
+    for part in parts:
+        for start, stop in data_runs(part):
+            piece = part if stop - start == len(part) else part[start:stop]
+            if pieces and end == pos + start:
+                pieces[-1][1].append(piece)
+            else:
+                pieces.append((pos + start, [piece]))
+            end = pos + stop
+        pos += len(part)
+    return pieces
+
+
+def write_pieces(writer: DiskWriter, offset: int, pieces: list[Piece]) -> int:
+    """Write each piece at `offset` + its offset: a writer with `write_parts` (the files
+    connector's raw and qcow2 writers) takes the parts as they are, any other writer one
+    joined buffer. Returns the bytes written."""
+    write_parts = getattr(writer, "write_parts", None)
+    written = 0
+    for start, parts in pieces:
+        if len(parts) == 1:
+            writer.write(offset + start, parts[0])
+        elif write_parts is not None:
+            write_parts(offset + start, parts)
+        else:
+            writer.write(offset + start, b"".join(parts))
+        written += sum(len(p) for p in parts)
+    return written
+
+
 def vm_config_from(manifest: Manifest, name: str | None, new_identity: bool) -> VmConfig:
     vm = manifest.vm
     return VmConfig(
@@ -125,12 +163,12 @@ class _Fetched:
 
 @dataclass
 class _Decoded:
-    """A decoded group: (index, plaintext, data runs) of each chunk to write, and the chunks
-    to zero."""
+    """A decoded group: (index, pieces to write) of each chunk to write, and the chunks to
+    zero."""
 
     covered: int
     restored: int
-    chunks: list[tuple[int, bytes, list[tuple[int, int]]]]
+    chunks: list[tuple[int, list[Piece]]]
     zero: list[int]
 
 
@@ -196,18 +234,18 @@ def restore_disk(
 
     def decode(got: _Fetched) -> _Decoded:
         """CPU: the group's chunks authenticated, decompressed, checked, cut into data runs."""
-        chunks = repo.decode_chunks(got.raw) if got.raw is not None else []
+        chunks = repo.decode_chunk_parts(got.raw) if got.raw is not None else []
         got.raw = None  # the raw bytes are not needed past their decode
         out = _Decoded(got.covered, got.restored, [], got.zero)
-        for i, data in zip(got.write, chunks, strict=True):
-            length = index.chunk_length(i)
-            if len(data) != length:  # would spill into the next chunk's range, or leave a gap
+        for i, parts in zip(got.write, chunks, strict=True):
+            length, got_length = index.chunk_length(i), sum(len(p) for p in parts)
+            if got_length != length:  # would spill into the next chunk's range, or leave a gap
                 raise IntegrityError(
-                    f"{label}: chunk {index.chunk_id(i).hex()[:16]} holds {len(data)} bytes, "
+                    f"{label}: chunk {index.chunk_id(i).hex()[:16]} holds {got_length} bytes, "
                     f"its place in the disk {length}"
                 )
-            runs = [(0, len(data))] if current is not None else list(data_runs(data))
-            out.chunks.append((i, data, runs))
+            # in place, zeros too must overwrite what the disk holds; a new disk keeps holes
+            out.chunks.append((i, [(0, parts)] if current is not None else sparse_pieces(parts)))
         return out
 
     def write(done: _Decoded) -> int:
@@ -216,8 +254,8 @@ def restore_disk(
         for i in done.zero:
             writer.zero(i * index.chunk_size, index.chunk_length(i))
             written += index.chunk_length(i)
-        for i, data, runs in done.chunks:
-            written += write_runs(writer, i * index.chunk_size, data, runs)
+        for i, pieces in done.chunks:
+            written += write_pieces(writer, i * index.chunk_size, pieces)
         return written
 
     stage = FetchDecode(

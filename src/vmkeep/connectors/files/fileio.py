@@ -10,7 +10,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vmkeep.errors import ConnectorError
@@ -191,7 +191,7 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         offset += n
 
 
-def pwritev_all(fd: int, parts: list[bytes | bytearray | memoryview], offset: int) -> None:
+def pwritev_all(fd: int, parts: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
     """Consecutive pieces written at `offset` with one pwritev (no join: a join would copy
     every byte once more); whatever a short write leaves goes on piece by piece."""
     if len(parts) == 1:

@@ -102,9 +102,26 @@ class Qcow2DiskWriter:
     def _check(self, offset: int, length: int) -> None:
         check_write(self.path, self._fd, self.size, offset, length)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write anywhere; partial clusters keep their other bytes (zeros if new)."""
         self._check(offset, len(data))
+        self._write_batch(self._plan(offset, data))
+
+    def write_parts(self, offset: int, parts: list[bytes]) -> None:
+        """Write consecutive parts at `offset`, as one write of their concatenation would
+        (new clusters of all parts land side by side: one write), without joining them."""
+        self._check(offset, sum(len(p) for p in parts))
+        batch: list[tuple[int, bytes | bytearray | memoryview]] = []
+        for part in parts:
+            batch += self._plan(offset, part)
+            offset += len(part)
+        self._write_batch(batch)
+
+    def _plan(
+        self, offset: int, data: bytes | memoryview
+    ) -> list[tuple[int, bytes | bytearray | memoryview]]:
+        """(host offset, bytes) of each cluster piece of a write, allocating new clusters in
+        order; zeros over a cluster that holds none are left out."""
         view = memoryview(data)
         batch: list[tuple[int, bytes | bytearray | memoryview]] = []
         pos, end = offset, offset + len(data)
@@ -126,7 +143,7 @@ class Qcow2DiskWriter:
                     batch.append((host, buf))
                 self._set_entry(cluster, host | OFLAG_COPIED)
             pos += n
-        self._write_batch(batch)
+        return batch
 
     def _write_batch(self, batch: list[tuple[int, bytes | bytearray | memoryview]]) -> None:
         """Write the pieces, those contiguous in the file with one call and no join (pwritev,

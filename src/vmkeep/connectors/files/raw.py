@@ -17,6 +17,7 @@ from vmkeep.connectors.files.fileio import (
     open_image,
     pread_full,
     pwrite_all,
+    pwritev_all,
     start_writeback,
     write_zeros,
 )
@@ -123,10 +124,25 @@ class RawDiskWriter:
         except OSError as exc:
             raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
 
-    def _write_direct(self, offset: int, data: bytes) -> bool:
+    def write_parts(self, offset: int, parts: list[bytes]) -> None:
+        """Write consecutive parts at `offset` without joining them first (one copy into
+        the O_DIRECT buffer, or one pwritev)."""
+        length = sum(len(p) for p in parts)
+        self._check(offset, length)
+        try:
+            if not self._write_direct(offset, parts, length):
+                pwritev_all(self._fd, parts, offset)
+                start_writeback(self._fd, offset, length)
+        except OSError as exc:
+            raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def _write_direct(
+        self, offset: int, data: bytes | list[bytes], length: int | None = None
+    ) -> bool:
         """False when this write must go through the page cache."""
         fd = self._direct_fd
-        if fd is None or offset % ALIGN or len(data) % ALIGN:
+        length = len(data) if length is None else length
+        if fd is None or offset % ALIGN or length % ALIGN:
             return False
         try:
             pwrite_direct(fd, data, offset)
