@@ -12,7 +12,13 @@ import os
 from array import array
 from pathlib import Path
 
-from vmkeep.connectors.files.direct_io import ALIGN, direct_io_suits, open_direct, pwrite_direct
+from vmkeep.connectors.files.direct_io import (
+    ALIGN,
+    DirectQueue,
+    direct_io_suits,
+    open_direct,
+    pwrite_direct,
+)
 from vmkeep.connectors.files.fileio import (
     check_write,
     open_image,
@@ -75,6 +81,7 @@ class Qcow2DiskWriter:
         # Data clusters are written with O_DIRECT where the file system suits (as raw
         # images are: direct_io.py); the tables and header at close go through the cache.
         self._direct_fd: int | None = None
+        self._queue: DirectQueue | None = None  # after a first direct write succeeded
         if direct_io_suits(str(self.path)):
             try:
                 self._direct_fd = open_direct(str(self.path), os.O_WRONLY, same_as=self._fd)
@@ -160,6 +167,7 @@ class Qcow2DiskWriter:
                     stop += len(batch[i][1])
                     i += 1
                 if not self._write_direct(start, stop - start, parts):
+                    self._drain()  # a buffered write must not race a direct one in flight
                     pwritev_all(self._fd, parts, start)
         except OSError as exc:
             raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
@@ -171,7 +179,11 @@ class Qcow2DiskWriter:
         fd = self._direct_fd
         if fd is None or start % ALIGN or length % ALIGN:
             return False
-        try:
+        if self._queue is not None and length <= self._queue.size:
+            self._queue.submit(parts, start, length)  # a later error surfaces on drain
+            return True
+        self._drain()
+        try:  # the first direct write is synchronous: a refusal (EINVAL) falls back at once
             pwrite_direct(fd, parts, start)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
@@ -179,12 +191,22 @@ class Qcow2DiskWriter:
             self._direct_fd = None  # a constraint beyond ALIGN: buffered from now on
             os.close(fd)
             return False
+        if self._queue is None:
+            self._queue = DirectQueue(fd)
         return True
+
+    def _drain(self) -> None:
+        if self._queue is not None:
+            self._queue.drain()
 
     def zero(self, offset: int, length: int) -> None:
         """Whole clusters get the zero flag (their space punched); partial ones get zeros."""
         length = max(0, min(length, self.size - offset))
         self._check(offset, length)
+        try:
+            self._drain()  # no direct write in flight under a hole being punched
+        except OSError as exc:
+            raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
         pos, end = offset, offset + length
         batch: list[tuple[int, bytes | bytearray | memoryview]] = []
         while pos < end:
@@ -207,11 +229,16 @@ class Qcow2DiskWriter:
         if self._fd < 0:
             return
         try:
+            self._drain()
             self._finish()
             os.fsync(self._fd)
         except OSError as exc:
             raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
         finally:
+            if self._queue is not None:
+                with contextlib.suppress(OSError):  # drained above, or the error is raised
+                    self._queue.close()
+                self._queue = None
             os.close(self._fd)
             self._fd = -1
             if self._direct_fd is not None:
