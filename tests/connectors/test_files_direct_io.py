@@ -142,11 +142,12 @@ def test_queued_direct_writes_land_in_the_order_given(tmp_path: Path) -> None:
     assert path.read_bytes()[: len(expected)].ljust(len(expected), b"\0") == bytes(expected)
 
 
+@pytest.mark.parametrize("kind", ["qcow2", "raw"])
 def test_a_failed_queued_write_fails_the_close(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    """A direct write that fails after being queued is not lost: the qcow2 writer's close
-    (before any restore commits) raises one ConnectorError naming the image."""
+    """A direct write that fails after being queued is not lost: the next write or the
+    writer's close (before any restore commits) raises one ConnectorError naming the image."""
     _need_direct_fs(tmp_path)
     real_pwrite = os.pwrite
     calls = []
@@ -159,9 +160,10 @@ def test_a_failed_queued_write_fails_the_close(
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    writer = Qcow2DiskWriter(tmp_path / "f.qcow2", 16 * MIB)
+    image = tmp_path / f"f.{kind}"
+    writer = (Qcow2DiskWriter if kind == "qcow2" else RawDiskWriter)(image, 16 * MIB)
     writer.write(0, os.urandom(4 * MIB))
-    with pytest.raises(ConnectorError, match=r"cannot write .*f\.qcow2: Input/output error"):
+    with pytest.raises(ConnectorError, match=rf"cannot \w+ .*f\.{kind}: Input/output error"):
         writer.write(4 * MIB, os.urandom(4 * MIB))
         writer.write(8 * MIB, os.urandom(4 * MIB))
         writer.close()
