@@ -142,6 +142,7 @@ def print_report(result: dict[str, Any]) -> None:
         ("clustered delta", "clustered", "time"),
         ("no-change delta", "no-change", "time"),
         ("restore latest", "restore", "time"),
+        ("restore CPU", "restore", "cpu"),
     ]
     print("| step | " + " | ".join(tools) + " |")
     print("|---" * (len(tools) + 1) + "|")

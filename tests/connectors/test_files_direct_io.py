@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from vmkeep.connectors.files import direct_io
+from vmkeep.connectors.files.qcow2_writer import Qcow2DiskWriter
 from vmkeep.connectors.files.raw import RawDiskWriter
+from vmkeep.errors import ConnectorError
 
 MIB = 1 << 20
 SIZE = 32 * MIB + 1000  # an odd tail: the last write cannot be direct
@@ -110,3 +113,59 @@ def test_aligned_copy_pads_with_zeros() -> None:
         assert bytes(second[10:]) == bytes(direct_io.ALIGN - 10)
     finally:
         second.release()
+
+
+def test_queued_direct_writes_land_in_the_order_given(tmp_path: Path) -> None:
+    """DirectQueue keeps writes in flight on two threads: one over bytes still in flight
+    waits for it, so the last write given wins, as with synchronous writes."""
+    _need_direct_fs(tmp_path)
+    path = tmp_path / "q.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    direct = direct_io.open_direct(str(path), os.O_WRONLY, same_as=fd)
+    assert direct is not None
+    expected = bytearray(8 * MIB)
+    queue = direct_io.DirectQueue(direct, depth=2, buffers=3, size=4 * MIB)
+    rng = random.Random(5)
+    try:
+        for _ in range(40):  # a long write, then a short one inside it: the short one
+            # would finish first if it did not wait
+            offset = rng.randrange(0, 4 * MIB, direct_io.ALIGN)
+            for length in (4 * MIB, direct_io.ALIGN):
+                at = offset + rng.randrange(0, 4 * MIB, direct_io.ALIGN) if length < MIB else offset
+                data = rng.randbytes(length)
+                queue.submit([data[: length // 2], data[length // 2 :]], at, length)
+                expected[at : at + length] = data
+    finally:
+        queue.close()
+        os.close(direct)
+        os.close(fd)
+    assert path.read_bytes()[: len(expected)].ljust(len(expected), b"\0") == bytes(expected)
+
+
+@pytest.mark.parametrize("kind", ["qcow2", "raw"])
+def test_a_failed_queued_write_fails_the_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A direct write that fails after being queued is not lost: the next write or the
+    writer's close (before any restore commits) raises one ConnectorError naming the image."""
+    _need_direct_fs(tmp_path)
+    real_pwrite = os.pwrite
+    calls = []
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        if os.O_DIRECT & _fd_flags(fd):
+            calls.append(offset)
+            if len(calls) > 1:  # the first (synchronous) one succeeds, queued ones fail
+                raise OSError(errno.EIO, "Input/output error")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    image = tmp_path / f"f.{kind}"
+    writer = (Qcow2DiskWriter if kind == "qcow2" else RawDiskWriter)(image, 16 * MIB)
+    writer.write(0, os.urandom(4 * MIB))
+    with pytest.raises(ConnectorError, match=rf"cannot \w+ .*f\.{kind}: Input/output error"):
+        writer.write(4 * MIB, os.urandom(4 * MIB))
+        writer.write(8 * MIB, os.urandom(4 * MIB))
+        writer.close()
+    writer.close()  # a second close after the failure does nothing
+    assert len(calls) >= 2

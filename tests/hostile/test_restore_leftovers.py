@@ -28,13 +28,13 @@ PAUSE_AFTER_FIRST_WRITE = """
 import os, sys, time
 from pathlib import Path
 import vmkeep.operations.restore as restore
-write_runs = restore.write_runs
-def pausing(writer, offset, data, runs):
-    written = write_runs(writer, offset, data, runs)
+write_pieces = restore.write_pieces
+def pausing(writer, offset, pieces):
+    written = write_pieces(writer, offset, pieces)
     Path(os.environ["READY_FILE"]).touch()
     time.sleep(600)
     return written
-restore.write_runs = pausing
+restore.write_pieces = pausing
 from vmkeep.interfaces.cli.app import main
 sys.argv = ["vmkeep", *sys.argv[1:]]
 main()

@@ -29,6 +29,8 @@ from vmkeep.repository.repository import Repository
 
 SPARSE_BLOCK = 4096  # zero runs of this granularity become holes in the restored disk
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
+_ZERO_STRIDE = 16 * SPARSE_BLOCK
+_ZERO_RUN = bytes(_ZERO_STRIDE)
 
 
 @dataclass
@@ -44,21 +46,45 @@ class RestoreReport:
         return dict(self.__dict__, duration=round(self.duration, 3))
 
 
+def _zero_candidates(data: bytes, full: int) -> bytes:
+    """One byte per whole block of `data[:full]`: 0 when the block's first, middle and last
+    bytes are all zero (it may be a zero block), non-zero when it is surely data. Strided
+    slices and one integer OR: C speed, no loop over the blocks in Python."""
+    marks = 0
+    for at in (0, SPARSE_BLOCK // 2, SPARSE_BLOCK - 1):
+        marks |= int.from_bytes(data[at:full:SPARSE_BLOCK], "little")
+    return marks.to_bytes(full // SPARSE_BLOCK, "little")
+
+
 def data_runs(data: bytes) -> Iterator[tuple[int, int]]:
-    """(start, end) of the runs of `data` that are not all zeros, in SPARSE_BLOCK steps."""
-    if data and len(data) % SPARSE_BLOCK == 0 and _ZERO_BLOCK not in data:
-        yield 0, len(data)  # one C-speed scan found no zero block: one run
-        return
-    run_start = -1
-    view = memoryview(data)
-    for pos in range(0, len(data) + SPARSE_BLOCK, SPARSE_BLOCK):
-        block = view[pos : pos + SPARSE_BLOCK]
-        is_data = bool(block) and block != _ZERO_BLOCK[: len(block)]
-        if is_data and run_start < 0:
-            run_start = pos
-        elif not is_data and run_start >= 0:
-            yield run_start, min(pos, len(data))
-            run_start = -1
+    """(start, end) of the runs of `data` that are not all zeros, in SPARSE_BLOCK steps.
+
+    Python steps only through the blocks that may be zero (_zero_candidates), and over a zero
+    run in `startswith` strides of 64 KiB: a loop over every 4 KiB block cost 0.9 CPU-s of a
+    2 GiB restore (1.3 ms per 4 MiB chunk of binaries, which have zero bytes everywhere; a
+    `find` of a zero block in them was no faster)."""
+    size = len(data)
+    full = size - size % SPARSE_BLOCK  # end of the last whole block
+    end = full if data.endswith(_ZERO_BLOCK[: size - full]) else size  # a zero tail is a hole
+    marks = _zero_candidates(data, full)
+    start = 0  # start of the pending data run
+    k = marks.find(0)
+    while k >= 0:
+        first = k * SPARSE_BLOCK
+        if not data.startswith(_ZERO_BLOCK, first):
+            k = marks.find(0, k + 1)
+            continue
+        stop = first + SPARSE_BLOCK
+        while stop + _ZERO_STRIDE <= full and data.startswith(_ZERO_RUN, stop):
+            stop += _ZERO_STRIDE
+        while stop < full and data.startswith(_ZERO_BLOCK, stop):
+            stop += SPARSE_BLOCK
+        if first > start:
+            yield start, first
+        start = stop
+        k = marks.find(0, stop // SPARSE_BLOCK)
+    if end > start:
+        yield start, end
 
 
 def write_runs(writer: DiskWriter, offset: int, data: bytes, runs: list[tuple[int, int]]) -> int:
@@ -71,6 +97,44 @@ def write_runs(writer: DiskWriter, offset: int, data: bytes, runs: list[tuple[in
 def write_sparse(writer: DiskWriter, offset: int, data: bytes) -> int:
     """Write the non-zero runs of `data`; zero runs stay holes. Returns bytes written."""
     return write_runs(writer, offset, data, list(data_runs(data)))
+
+
+Piece = tuple[int, list[bytes]]  # (offset in the chunk, consecutive parts written there)
+
+
+def sparse_pieces(parts: list[bytes]) -> list[Piece]:
+    """The data runs of a chunk given as consecutive parts (format 3: its blocks), each run
+    as the parts (or slices of them) it spans: zero runs stay holes, and parts are not
+    joined (a join copies the whole chunk once more)."""
+    pieces: list[Piece] = []
+    pos = end = 0  # where this part starts in the chunk; where the last piece ends
+    for part in parts:
+        for start, stop in data_runs(part):
+            piece = part if stop - start == len(part) else part[start:stop]
+            if pieces and end == pos + start:
+                pieces[-1][1].append(piece)
+            else:
+                pieces.append((pos + start, [piece]))
+            end = pos + stop
+        pos += len(part)
+    return pieces
+
+
+def write_pieces(writer: DiskWriter, offset: int, pieces: list[Piece]) -> int:
+    """Write each piece at `offset` + its offset: a writer with `write_parts` (the files
+    connector's raw and qcow2 writers) takes the parts as they are, any other writer one
+    joined buffer. Returns the bytes written."""
+    write_parts = getattr(writer, "write_parts", None)
+    written = 0
+    for start, parts in pieces:
+        if len(parts) == 1:
+            writer.write(offset + start, parts[0])
+        elif write_parts is not None:
+            write_parts(offset + start, parts)
+        else:
+            writer.write(offset + start, b"".join(parts))
+        written += sum(len(p) for p in parts)
+    return written
 
 
 def vm_config_from(manifest: Manifest, name: str | None, new_identity: bool) -> VmConfig:
@@ -99,12 +163,12 @@ class _Fetched:
 
 @dataclass
 class _Decoded:
-    """A decoded group: (index, plaintext, data runs) of each chunk to write, and the chunks
-    to zero."""
+    """A decoded group: (index, pieces to write) of each chunk to write, and the chunks to
+    zero."""
 
     covered: int
     restored: int
-    chunks: list[tuple[int, bytes, list[tuple[int, int]]]]
+    chunks: list[tuple[int, list[Piece]]]
     zero: list[int]
 
 
@@ -170,18 +234,18 @@ def restore_disk(
 
     def decode(got: _Fetched) -> _Decoded:
         """CPU: the group's chunks authenticated, decompressed, checked, cut into data runs."""
-        chunks = repo.decode_chunks(got.raw) if got.raw is not None else []
+        chunks = repo.decode_chunk_parts(got.raw) if got.raw is not None else []
         got.raw = None  # the raw bytes are not needed past their decode
         out = _Decoded(got.covered, got.restored, [], got.zero)
-        for i, data in zip(got.write, chunks, strict=True):
-            length = index.chunk_length(i)
-            if len(data) != length:  # would spill into the next chunk's range, or leave a gap
+        for i, parts in zip(got.write, chunks, strict=True):
+            length, got_length = index.chunk_length(i), sum(len(p) for p in parts)
+            if got_length != length:  # would spill into the next chunk's range, or leave a gap
                 raise IntegrityError(
-                    f"{label}: chunk {index.chunk_id(i).hex()[:16]} holds {len(data)} bytes, "
+                    f"{label}: chunk {index.chunk_id(i).hex()[:16]} holds {got_length} bytes, "
                     f"its place in the disk {length}"
                 )
-            runs = [(0, len(data))] if current is not None else list(data_runs(data))
-            out.chunks.append((i, data, runs))
+            # in place, zeros too must overwrite what the disk holds; a new disk keeps holes
+            out.chunks.append((i, [(0, parts)] if current is not None else sparse_pieces(parts)))
         return out
 
     def write(done: _Decoded) -> int:
@@ -190,8 +254,8 @@ def restore_disk(
         for i in done.zero:
             writer.zero(i * index.chunk_size, index.chunk_length(i))
             written += index.chunk_length(i)
-        for i, data, runs in done.chunks:
-            written += write_runs(writer, i * index.chunk_size, data, runs)
+        for i, pieces in done.chunks:
+            written += write_pieces(writer, i * index.chunk_size, pieces)
         return written
 
     stage = FetchDecode(

@@ -21,7 +21,7 @@ from .chunks import decode_chunk
 from .crypto import Sealer
 from .format import ZERO_ID, chunk_object_name
 from .limits import get_bounded, max_chunk_object
-from .packed_store import PackedStore, adjacent_runs, assemble_chunk
+from .packed_store import PackedStore, adjacent_runs, assemble_chunk, chunk_parts
 from .packs import BlobEntry
 
 GROUP_BYTES = 4 << 20  # format 3: plaintext of the consecutive chunks one fetch may cover
@@ -104,5 +104,16 @@ def decode_packed(store: PackedStore, fetched: FetchedChunks) -> list[bytes]:
     plain = {b: codec.decode(KIND_BLOCK, b, raw) for b, (_, raw) in fetched.blocks.items()}
     return [
         assemble_chunk(chunk_id, length, block_ids, plain, codec.block_size)
+        for chunk_id, (length, block_ids) in zip(fetched.chunk_ids, fetched.recipes, strict=True)
+    ]
+
+
+def decode_packed_parts(store: PackedStore, fetched: FetchedChunks) -> list[list[bytes]]:
+    """As decode_packed, each chunk left as its blocks in order (chunk_parts): a restore
+    writes them without joining 32 blocks into a 4 MiB copy first."""
+    codec = store.codec
+    plain = {b: codec.decode(KIND_BLOCK, b, raw) for b, (_, raw) in fetched.blocks.items()}
+    return [
+        chunk_parts(chunk_id, length, block_ids, plain, codec.block_size)
         for chunk_id, (length, block_ids) in zip(fetched.chunk_ids, fetched.recipes, strict=True)
     ]

@@ -299,19 +299,34 @@ def adjacent_runs(entries: list[BlobEntry], max_span: int = 0) -> list[list[Blob
     return runs
 
 
-def assemble_chunk(
+def chunk_parts(
     chunk_id: bytes, length: int, block_ids: list[bytes], plain: dict[bytes, bytes], step: int
-) -> bytes:
-    """A chunk's plaintext from its recipe and its decoded blocks (zero IDs are zeros); a
-    block of the wrong length is corrupt."""
+) -> list[bytes]:
+    """A chunk's plaintext as its blocks in order (zero IDs are zeros), from its recipe and
+    its decoded blocks; a block of the wrong length is corrupt. A restore writes the parts
+    as they are (pwritev, or one copy into an O_DIRECT buffer) instead of joining them."""
     parts: list[bytes] = []
+    zero = b""
     for k, block_id in enumerate(block_ids):
         want = min(step, length - k * step)
-        part = bytes(want) if block_id == ZERO_ID else plain[block_id]
+        if block_id == ZERO_ID:
+            if len(zero) != want:
+                zero = bytes(want)
+            part = zero
+        else:
+            part = plain[block_id]
         if len(part) != want:
             raise IntegrityError(
                 f"chunk {chunk_id.hex()[:16]} is corrupt: block {k} is {len(part)} bytes, "
                 f"not {want}"
             )
         parts.append(part)
+    return parts
+
+
+def assemble_chunk(
+    chunk_id: bytes, length: int, block_ids: list[bytes], plain: dict[bytes, bytes], step: int
+) -> bytes:
+    """A chunk's plaintext from its recipe and its decoded blocks (chunk_parts, joined)."""
+    parts = chunk_parts(chunk_id, length, block_ids, plain, step)
     return parts[0] if len(parts) == 1 else b"".join(parts)

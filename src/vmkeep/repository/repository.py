@@ -26,6 +26,7 @@ from .chunk_fetch import (
     FetchedChunks,
     decode_objects,
     decode_packed,
+    decode_packed_parts,
     fetch_objects,
     fetch_packed,
     group_size,
@@ -258,6 +259,13 @@ class Repository:
         if self.packed is not None:
             return decode_packed(self.packed, fetched)
         return decode_objects(self.sealer, fetched, self.chunk_size)
+
+    def decode_chunk_parts(self, fetched: FetchedChunks) -> list[list[bytes]]:
+        """As decode_chunks, each chunk as consecutive parts whose concatenation is its
+        plaintext (format 3: its blocks; versions 1 and 2: the chunk whole)."""
+        if self.packed is not None:
+            return decode_packed_parts(self.packed, fetched)
+        return [[data] for data in decode_objects(self.sealer, fetched, self.chunk_size)]
 
     # The two halves of put_chunk, for the backup pipeline that runs the CPU half (zstd,
     # AES-GCM) under a CPU gate and the I/O half (the remote's put) outside it.

@@ -18,10 +18,13 @@ there, and whenever the kernel refuses a direct open or write, writers use buffe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from vmkeep.connectors.files.fileio import fs_type
 
@@ -59,25 +62,35 @@ def open_direct(path: str, flags: int, same_as: int | None = None) -> int | None
     return fd
 
 
-def aligned_copy(data: bytes | memoryview) -> memoryview:
-    """`data` copied into this thread's page-aligned buffer, zero-padded to a multiple of
-    ALIGN. Valid until the thread's next call."""
-    padded = -(-len(data) // ALIGN) * ALIGN
+Buffer = bytes | bytearray | memoryview
+
+
+def aligned_copy(data: Buffer | Sequence[Buffer]) -> memoryview:
+    """`data` (one buffer, or pieces that follow each other) copied into this thread's
+    page-aligned buffer, zero-padded to a multiple of ALIGN. Valid until the thread's next
+    call. Pieces are copied straight in: joining them first would copy every byte twice."""
+    parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+    length = sum(len(part) for part in parts)
+    padded = -(-length // ALIGN) * ALIGN
     buf: mmap.mmap | None = getattr(_local, "buffer", None)
     if buf is None or len(buf) < padded:
         if buf is not None:
             buf.close()
         buf = _local.buffer = mmap.mmap(-1, max(padded, ALIGN))
     view = memoryview(buf)[:padded]
-    view[: len(data)] = data
-    view[len(data) :] = bytes(padded - len(data))
+    pos = 0
+    for part in parts:
+        view[pos : pos + len(part)] = part
+        pos += len(part)
+    view[length:] = bytes(padded - length)
     return view
 
 
-def pwrite_direct(fd: int, data: bytes | memoryview, offset: int) -> int:
-    """Write `data` at `offset` (a multiple of ALIGN) through an O_DIRECT descriptor, padded
-    with zeros to a multiple of ALIGN; returns the number of bytes written (the padded length).
-    The caller truncates the padding where it must not stay."""
+def pwrite_direct(fd: int, data: Buffer | Sequence[Buffer], offset: int) -> int:
+    """Write `data` (one buffer or consecutive pieces) at `offset` (a multiple of ALIGN)
+    through an O_DIRECT descriptor, padded with zeros to a multiple of ALIGN; returns the
+    number of bytes written (the padded length). The caller truncates the padding where it
+    must not stay."""
     view = aligned_copy(data)
     try:
         done = 0
@@ -89,3 +102,78 @@ def pwrite_direct(fd: int, data: bytes | memoryview, offset: int) -> int:
         return done
     finally:
         view.release()
+
+
+def _pwrite_exact(fd: int, view: memoryview, offset: int) -> None:
+    try:
+        done = 0
+        while done < len(view):
+            with view[done:] as rest:
+                n = os.pwrite(fd, rest, offset + done)
+            if n <= 0 or n % ALIGN:
+                raise OSError(errno.EIO, "short direct write")
+            done += n
+    finally:
+        view.release()
+
+
+class DirectQueue:
+    """Aligned direct writes kept in flight on `depth` threads, each from its own buffer, so
+    the device has more than one write to work on while the caller goes on. Why: with one
+    synchronous write at a time a restore's writing thread waited on the disk for 3.2 of its
+    3.4-3.7 s (2 GiB into a qcow2 image beside the repository's reads); two in flight cut the
+    restore by a fifth. A write waits for any write in flight over the same bytes (so writes
+    land in the order given) and for its buffer; `drain` waits for all and raises the first
+    error, which is how errors reach the caller (at the latest on close). Not thread-safe:
+    one caller at a time, as DiskWriter."""
+
+    def __init__(self, fd: int, depth: int = 2, buffers: int = 4, size: int = 4 << 20) -> None:
+        self.fd = fd
+        self.size = size
+        self._pool = ThreadPoolExecutor(depth, thread_name_prefix="vmkeep-direct")
+        self._buffers = [mmap.mmap(-1, size) for _ in range(buffers)]
+        self._busy: list[tuple[int, int, Future[None]] | None] = [None] * buffers
+        self._next = 0
+
+    def submit(self, parts: Sequence[Buffer], offset: int, length: int) -> None:
+        """Queue `parts` (`length` bytes, a multiple of ALIGN and at most `size`) at `offset`."""
+        for slot in self._busy:
+            if slot is not None and slot[0] < offset + length and offset < slot[1]:
+                slot[2].result()
+        k = self._next
+        self._next = (k + 1) % len(self._buffers)
+        slot = self._busy[k]
+        if slot is not None:
+            self._busy[k] = None
+            slot[2].result()
+        view = memoryview(self._buffers[k])[:length]
+        pos = 0
+        for part in parts:
+            view[pos : pos + len(part)] = part
+            pos += len(part)
+        job = self._pool.submit(_pwrite_exact, self.fd, view, offset)
+        self._busy[k] = (offset, offset + length, job)
+
+    def drain(self) -> None:
+        """Wait for every write in flight; the first error is raised after all are done."""
+        error: BaseException | None = None
+        for k, slot in enumerate(self._busy):
+            if slot is None:
+                continue
+            self._busy[k] = None
+            try:
+                slot[2].result()
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Drain (raising the first error), then free the threads and buffers."""
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+            for buf in self._buffers:
+                with contextlib.suppress(BufferError):  # a view still held: freed by the GC
+                    buf.close()

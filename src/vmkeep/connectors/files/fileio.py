@@ -10,7 +10,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vmkeep.errors import ConnectorError
@@ -189,6 +189,22 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def pwritev_all(fd: int, parts: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
+    """Consecutive pieces written at `offset` with one pwritev (no join: a join would copy
+    every byte once more); whatever a short write leaves goes on piece by piece."""
+    if len(parts) == 1:
+        pwrite_all(fd, parts[0], offset)
+        return
+    done = os.pwritev(fd, parts, offset)
+    for part in parts:
+        if done >= len(part):
+            done -= len(part)
+        else:
+            pwrite_all(fd, memoryview(part)[done:], offset + done)
+            done = 0
+        offset += len(part)
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:

@@ -21,13 +21,21 @@ class ImageFile:
         if self._fd < 0:
             return
         try:
+            self._before_finish()
             self._finish()
             os.fsync(self._fd)
         except OSError as exc:
             raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
         finally:
+            self._release()
             os.close(self._fd)
             self._fd = -1
 
+    def _before_finish(self) -> None:
+        """Writes still in flight land first (the qcow2 writer's direct-I/O queue)."""
+
     def _finish(self) -> None:
         raise NotImplementedError
+
+    def _release(self) -> None:
+        """Anything else the writer holds open, closed whatever happened."""

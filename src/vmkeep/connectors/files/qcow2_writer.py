@@ -7,11 +7,25 @@ known. Every cluster the file uses has refcount 1, so `qemu-img check` finds not
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from array import array
 from pathlib import Path
 
-from vmkeep.connectors.files.fileio import check_write, open_image, punch_hole, pwrite_all
+from vmkeep.connectors.files.direct_io import (
+    ALIGN,
+    DirectQueue,
+    direct_io_suits,
+    open_direct,
+    pwrite_direct,
+)
+from vmkeep.connectors.files.fileio import (
+    check_write,
+    open_image,
+    punch_hole,
+    pwrite_all,
+    pwritev_all,
+)
 from vmkeep.connectors.files.image_file import ImageFile
 from vmkeep.connectors.files.qcow2 import (
     HEADER_V2,
@@ -26,6 +40,7 @@ from vmkeep.connectors.files.qcow2 import (
 from vmkeep.errors import ConnectorError
 
 REFCOUNT_ORDER = 4  # 16-bit refcounts, qemu's default
+_MAX_PARTS = 1024  # IOV_MAX: pieces one pwritev may take
 
 
 class Qcow2DiskWriter(ImageFile):
@@ -64,6 +79,15 @@ class Qcow2DiskWriter(ImageFile):
         self._next = (1 + -(-l1_size * 8 // self._cs)) * self._cs  # first free cluster
         self._zero_bytes = bytes(self._cs)
         self._zero = memoryview(self._zero_bytes)
+        # Data clusters are written with O_DIRECT where the file system suits (as raw
+        # images are: direct_io.py); the tables and header at close go through the cache.
+        self._direct_fd: int | None = None
+        self._queue: DirectQueue | None = None  # after a first direct write succeeded
+        if direct_io_suits(str(self.path)):
+            try:
+                self._direct_fd = open_direct(str(self.path), os.O_WRONLY, same_as=self._fd)
+            except OSError:
+                self._direct_fd = None
 
     def _allocate(self) -> int:
         host = self._next
@@ -86,9 +110,26 @@ class Qcow2DiskWriter(ImageFile):
     def _check(self, offset: int, length: int) -> None:
         check_write(self.path, self._fd, self.size, offset, length)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write anywhere; partial clusters keep their other bytes (zeros if new)."""
         self._check(offset, len(data))
+        self._write_batch(self._plan(offset, data))
+
+    def write_parts(self, offset: int, parts: list[bytes]) -> None:
+        """Write consecutive parts at `offset`, as one write of their concatenation would
+        (new clusters of all parts land side by side: one write), without joining them."""
+        self._check(offset, sum(len(p) for p in parts))
+        batch: list[tuple[int, bytes | bytearray | memoryview]] = []
+        for part in parts:
+            batch += self._plan(offset, part)
+            offset += len(part)
+        self._write_batch(batch)
+
+    def _plan(
+        self, offset: int, data: bytes | memoryview
+    ) -> list[tuple[int, bytes | bytearray | memoryview]]:
+        """(host offset, bytes) of each cluster piece of a write, allocating new clusters in
+        order; zeros over a cluster that holds none are left out."""
         view = memoryview(data)
         batch: list[tuple[int, bytes | bytearray | memoryview]] = []
         pos, end = offset, offset + len(data)
@@ -100,7 +141,7 @@ class Qcow2DiskWriter(ImageFile):
             host = entry & OFFSET_MASK
             if host and not entry & OFLAG_ZERO:
                 batch.append((host + intra, piece))
-            elif piece.tobytes() != self._zero_bytes[:n]:  # zeros over a zero cluster: no-op
+            elif not self._zero_bytes.startswith(piece):  # zeros over a zero cluster: no-op
                 host = host or self._allocate()
                 if n == self._cs:
                     batch.append((host, piece))
@@ -110,10 +151,11 @@ class Qcow2DiskWriter(ImageFile):
                     batch.append((host, buf))
                 self._set_entry(cluster, host | OFLAG_COPIED)
             pos += n
-        self._write_batch(batch)
+        return batch
 
     def _write_batch(self, batch: list[tuple[int, bytes | bytearray | memoryview]]) -> None:
-        """pwrite the pieces, merging those that are contiguous in the file."""
+        """Write the pieces, those contiguous in the file with one call and no join (pwritev,
+        or one O_DIRECT write when the run is aligned)."""
         i = 0
         try:
             while i < len(batch):
@@ -121,18 +163,51 @@ class Qcow2DiskWriter(ImageFile):
                 parts = [first]
                 stop = start + len(first)
                 i += 1
-                while i < len(batch) and batch[i][0] == stop:
+                while i < len(batch) and batch[i][0] == stop and len(parts) < _MAX_PARTS:
                     parts.append(batch[i][1])
                     stop += len(batch[i][1])
                     i += 1
-                pwrite_all(self._fd, parts[0] if len(parts) == 1 else b"".join(parts), start)
+                if not self._write_direct(start, stop - start, parts):
+                    self._drain()  # a buffered write must not race a direct one in flight
+                    pwritev_all(self._fd, parts, start)
         except OSError as exc:
             raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def _write_direct(
+        self, start: int, length: int, parts: list[bytes | bytearray | memoryview]
+    ) -> bool:
+        """False when this run must go through the page cache (unaligned, or no O_DIRECT)."""
+        fd = self._direct_fd
+        if fd is None or start % ALIGN or length % ALIGN:
+            return False
+        if self._queue is not None and length <= self._queue.size:
+            self._queue.submit(parts, start, length)  # a later error surfaces on drain
+            return True
+        self._drain()
+        try:  # the first direct write is synchronous: a refusal (EINVAL) falls back at once
+            pwrite_direct(fd, parts, start)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._direct_fd = None  # a constraint beyond ALIGN: buffered from now on
+            os.close(fd)
+            return False
+        if self._queue is None:
+            self._queue = DirectQueue(fd)
+        return True
+
+    def _drain(self) -> None:
+        if self._queue is not None:
+            self._queue.drain()
 
     def zero(self, offset: int, length: int) -> None:
         """Whole clusters get the zero flag (their space punched); partial ones get zeros."""
         length = max(0, min(length, self.size - offset))
         self._check(offset, length)
+        try:
+            self._drain()  # no direct write in flight under a hole being punched
+        except OSError as exc:
+            raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
         pos, end = offset, offset + length
         batch: list[tuple[int, bytes | bytearray | memoryview]] = []
         while pos < end:
@@ -149,6 +224,18 @@ class Qcow2DiskWriter(ImageFile):
                     batch.append((host + intra, self._zero[:n]))
             pos += n
         self._write_batch(batch)
+
+    def _before_finish(self) -> None:
+        self._drain()
+
+    def _release(self) -> None:
+        if self._queue is not None:
+            with contextlib.suppress(OSError):  # drained before, or the error is raised
+                self._queue.close()
+            self._queue = None
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
 
     def _finish(self) -> None:
         """At close: its tables, refcounts and header."""

@@ -10,13 +10,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vmkeep.connectors.base import Extent
-from vmkeep.connectors.files.direct_io import ALIGN, direct_io_suits, open_direct, pwrite_direct
+from vmkeep.connectors.files.direct_io import (
+    ALIGN,
+    DirectQueue,
+    direct_io_suits,
+    open_direct,
+    pwrite_direct,
+)
 from vmkeep.connectors.files.fileio import (
     change_token,
     check_write,
     open_image,
     pread_full,
     pwrite_all,
+    pwritev_all,
     start_writeback,
     write_zeros,
 )
@@ -107,6 +114,7 @@ class RawDiskWriter:
             raise ConnectorError(f"cannot resize {self.path}: {exc.strerror}") from None
         # Aligned writes (all but a disk's odd tail) bypass the page cache: direct_io.py.
         self._direct_fd: int | None = None
+        self._queue: DirectQueue | None = None  # writes in flight, after a first one succeeded
         if direct_io_suits(str(self.path)):
             with contextlib.suppress(OSError):
                 self._direct_fd = open_direct(str(self.path), os.O_WRONLY, same_as=self._fd)
@@ -118,17 +126,39 @@ class RawDiskWriter:
         self._check(offset, len(data))
         try:
             if not self._write_direct(offset, data):
+                self._drain()  # a buffered write must not race a direct one in flight
                 pwrite_all(self._fd, data, offset)
                 start_writeback(self._fd, offset, len(data))
         except OSError as exc:
             raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
 
-    def _write_direct(self, offset: int, data: bytes) -> bool:
+    def write_parts(self, offset: int, parts: list[bytes]) -> None:
+        """Write consecutive parts at `offset` without joining them first (one copy into
+        the O_DIRECT buffer, or one pwritev)."""
+        length = sum(len(p) for p in parts)
+        self._check(offset, length)
+        try:
+            if not self._write_direct(offset, parts, length):
+                self._drain()
+                pwritev_all(self._fd, parts, offset)
+                start_writeback(self._fd, offset, length)
+        except OSError as exc:
+            raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def _write_direct(
+        self, offset: int, data: bytes | list[bytes], length: int | None = None
+    ) -> bool:
         """False when this write must go through the page cache."""
         fd = self._direct_fd
-        if fd is None or offset % ALIGN or len(data) % ALIGN:
+        length = len(data) if length is None else length
+        if fd is None or offset % ALIGN or length % ALIGN:
             return False
-        try:
+        parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+        if self._queue is not None and length <= self._queue.size:
+            self._queue.submit(parts, offset, length)  # a later error surfaces on drain
+            return True
+        self._drain()
+        try:  # the first direct write is synchronous: a refusal (EINVAL) falls back at once
             pwrite_direct(fd, data, offset)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
@@ -136,13 +166,20 @@ class RawDiskWriter:
             self._direct_fd = None  # a constraint beyond ALIGN: buffered from now on
             os.close(fd)
             return False
+        if self._queue is None:
+            self._queue = DirectQueue(fd)
         return True
+
+    def _drain(self) -> None:
+        if self._queue is not None:
+            self._queue.drain()
 
     def zero(self, offset: int, length: int) -> None:
         """Punch a hole (the range reads as zeros); writes zeros where punching is unsupported."""
         length = max(0, min(length, self.size - offset))
         self._check(offset, length)
         try:
+            self._drain()  # no direct write in flight under a hole being punched
             write_zeros(self._fd, offset, length)
         except OSError as exc:
             raise ConnectorError(f"cannot zero {self.path}: {exc.strerror}") from None
@@ -152,10 +189,15 @@ class RawDiskWriter:
         if self._fd < 0:
             return
         try:
+            self._drain()
             os.fsync(self._fd)
         except OSError as exc:
             raise ConnectorError(f"cannot flush {self.path}: {exc.strerror}") from None
         finally:
+            if self._queue is not None:
+                with contextlib.suppress(OSError):  # drained above, or the error is raised
+                    self._queue.close()
+                self._queue = None
             os.close(self._fd)
             self._fd = -1
             if self._direct_fd is not None:

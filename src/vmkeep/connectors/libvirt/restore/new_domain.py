@@ -81,6 +81,9 @@ class _VolumeWriter:
     def write(self, offset: int, data: bytes) -> None:
         self._writer.write(offset, data)
 
+    def write_parts(self, offset: int, parts: list[bytes]) -> None:
+        self._writer.write_parts(offset, parts)
+
     def zero(self, offset: int, length: int) -> None:
         self._writer.zero(offset, length)
 

@@ -78,6 +78,9 @@ class UploadingVolumeWriter:
     def write(self, offset: int, data: bytes) -> None:
         self._inner().write(offset, data)
 
+    def write_parts(self, offset: int, parts: list[bytes]) -> None:
+        self._inner().write_parts(offset, parts)
+
     def zero(self, offset: int, length: int) -> None:
         self._inner().zero(offset, length)
 
