@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from vmkeep.engine.remote_registry import RemoteRegistry
     from vmkeep.engine.state import StateDB
     from vmkeep.remotes.base import Remote
+    from vmkeep.remotes.object_lock import LockPolicy
     from vmkeep.repository.repository import Repository
 
 
@@ -60,6 +61,16 @@ class CliState:
         if entry is not None:
             self.registry.remember(entry.name, repo.known)
         return repo
+
+    def lock_policy(self, remote_ref: str | None, days_override: int | None) -> LockPolicy | None:
+        """The lock a backup to `remote_ref` gets (RemoteRegistry.lock_policy). A path or URL
+        is no named remote, so only --lock-days counts and the state database is not opened:
+        SQLAlchemy's import was ~0.2 CPU-s of every such backup (docs/RUN-OVERHEAD.md)."""
+        from vmkeep.engine.remote_registry import lock_for
+
+        if remote_ref is not None and is_location(remote_ref):
+            return lock_for(None, days_override)
+        return self.registry.lock_policy(remote_ref, days_override)
 
     def open_remote(self, remote_ref: str | None) -> Remote:
         """A path/URL as given, or a named remote with its remembered credentials

@@ -89,7 +89,7 @@ def backup(
 
     rate = parse_max_rate(max_rate)
     repo = state.open_repository(remote)
-    apply_lock_policy(repo.remote, state.registry.lock_policy(remote, lock_days))
+    apply_lock_policy(repo.remote, state.lock_policy(remote, lock_days))
     options = BackupOptions(
         mode=mode, schedule=schedule, compression_level=compression_level, max_rate=rate
     )
