@@ -145,6 +145,16 @@ class Repository:
         recorded about this repository (a named remote); a config that disagrees is refused
         before the passphrase is asked. An encrypted config's MAC is checked, or added once
         when it has none (a repository made before format revision 3)."""
+        config = cls.read_config(remote, known)
+        if config["encryption"] == "none":
+            return cls(remote, config, None)
+        key, _ = unwrap_key(config["keys"], passphrase(), config["id"])
+        return cls.with_key(remote, config, key)
+
+    @staticmethod
+    def read_config(remote: Remote, known: KnownRepository | None = None) -> dict[str, Any]:
+        """The first half of `open`: the config, parsed and checked against `known`; a plain
+        one is checked whole (an encrypted one's MAC needs the key: `with_key`)."""
         try:
             what = f"{remote.url}: repository config"
             raw = get_bounded(remote, CONFIG_NAME, MAX_CONFIG_BYTES, RepositoryError, what)
@@ -157,8 +167,11 @@ class Repository:
             check_known(known, config, remote.url)
         if config["encryption"] == "none":
             check_plain_config(config, remote.url)
-            return cls(remote, config, None)
-        key, _ = unwrap_key(config["keys"], passphrase(), config["id"])
+        return config
+
+    @classmethod
+    def with_key(cls, remote: Remote, config: dict[str, Any], key: RepositoryKey) -> Repository:
+        """The second half of `open` for an encrypted config: its MAC checked (or added)."""
         repo = cls(remote, config, key)
         if not check_config_mac(key, config, remote.url):
             repo._add_config_mac()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,17 +51,28 @@ class CliState:
     def open_repository(self, remote_ref: str | None) -> Repository:
         """A named remote's repository is checked against what was recorded when it was added
         (encryption, chunk size, id, MAC), and recorded at its first open if it was not."""
+        return self.begin_open_repository(remote_ref)()
+
+    def begin_open_repository(self, remote_ref: str | None) -> Callable[[], Repository]:
+        """`open_repository` in two steps: the config is read and the key derivation starts
+        in a thread (repository/opening.py); calling the result waits for it. A command does
+        its imports and connects in between."""
         # Imported at the first open, not at start-up: `--help` needs no crypto or zstd.
-        from vmkeep.repository.repository import Repository
+        from vmkeep.repository.opening import OpeningRepository
 
         if remote_ref is not None and is_location(remote_ref):
-            return Repository.open(self.open_remote(remote_ref), self.passphrase)
+            return OpeningRepository(self.open_remote(remote_ref), self.passphrase).result
         entry = self.registry.entry(remote_ref)
         known = entry.repository.known() if entry and entry.repository else None
-        repo = Repository.open(self.open_remote(remote_ref), self.passphrase, known)
-        if entry is not None:
-            self.registry.remember(entry.name, repo.known)
-        return repo
+        opening = OpeningRepository(self.open_remote(remote_ref), self.passphrase, known)
+
+        def opened() -> Repository:
+            repo = opening.result()
+            if entry is not None:
+                self.registry.remember(entry.name, repo.known)
+            return repo
+
+        return opened
 
     def lock_policy(self, remote_ref: str | None, days_override: int | None) -> LockPolicy | None:
         """The lock a backup to `remote_ref` gets (RemoteRegistry.lock_policy). A path or URL

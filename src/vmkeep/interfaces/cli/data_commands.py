@@ -83,17 +83,19 @@ def backup(
     json_out: bool = JsonOpt,
 ) -> None:
     """Back up a VM into a repository."""
-    # The data path is imported when it runs, not at every start-up of the CLI.
+    rate = parse_max_rate(max_rate)
+    # The key is derived in a thread while the data path and the connector are imported
+    # (imported when they run, not at every start-up of the CLI): docs/RUN-OVERHEAD.md.
+    opening = state.begin_open_repository(remote)
     from vmkeep.operations.backup import BackupOptions, backup_vm
     from vmkeep.remotes.object_lock import apply_lock_policy
 
-    rate = parse_max_rate(max_rate)
-    repo = state.open_repository(remote)
+    source = connector_for(connector, uri)
+    repo = opening()
     apply_lock_policy(repo.remote, state.lock_policy(remote, lock_days))
     options = BackupOptions(
         mode=mode, schedule=schedule, compression_level=compression_level, max_rate=rate
     )
-    source = connector_for(connector, uri)
     if keep_checkpoints != 1:
         keep_checkpoints_on(source, keep_checkpoints)
     if offline:
