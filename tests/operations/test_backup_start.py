@@ -15,6 +15,7 @@ import pytest
 
 from tests.repository.spy_remote import CountingRemote, many_points, spied
 from tests.repository.test_data_path import make_vm
+from vmkeep.connectors.base import VmConfig
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import RepositoryError
 from vmkeep.operations.backup import BackupOptions, BackupReport, backup_vm
@@ -103,3 +104,27 @@ def test_backup_refuses_when_the_newest_point_disagrees_with_the_config(tmp_path
     with pytest.raises(RepositoryError, match="config says unencrypted"):
         backup_vm(plain, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
     assert sorted(p.name for p in (tmp_path / "plain" / "chunks").rglob("*")) == chunks_before
+
+
+class CountingLookups(FilesConnector):
+    """The files connector, counting get_vm calls."""
+
+    lookups = 0
+
+    def get_vm(self, ref: str) -> VmConfig:
+        self.lookups += 1
+        return super().get_vm(ref)
+
+
+def test_backup_of_a_vm_config_read_before_does_not_look_it_up_again(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """The CLI reads the VM while the repository key is derived (docs/RUN-OVERHEAD.md) and
+    hands backup_vm the VmConfig: the point is that VM's, with no second lookup."""
+    vm, _ = make_vm(tmp_path)
+    source = CountingLookups()
+    config = source.get_vm(str(vm))
+    report = backup_vm(repo, source, config, BackupOptions(), SilentProgress())
+    assert source.lookups == 1
+    assert report.vm_uuid == config.uuid
+    assert repo.load_manifest(report.restore_point).vm["uuid"] == config.uuid

@@ -392,18 +392,20 @@ def store_disks(
 def backup_vm(
     repo: Repository,
     connector: BackupSource,
-    vm_ref: str,
+    vm_ref: str | VmConfig,
     options: BackupOptions,
     progress: Progress,
     connector_name: str = "files",
 ) -> BackupReport:
+    """`vm_ref`: a name or uuid, or the VmConfig the caller already read from `connector`
+    (the CLI reads it while the repository key is derived: docs/RUN-OVERHEAD.md)."""
     if options.mode not in MODES:
         raise UsageError(f"unknown mode {options.mode!r}: choose full or delta")
     if not 0 <= options.compression_level <= 22:
         raise UsageError("compression level must be between 0 (off) and 22")
     if options.max_rate is not None and options.max_rate < 1:
         raise UsageError(f"max rate must be a positive number of bytes/s, got {options.max_rate}")
-    vm = connector.get_vm(vm_ref)
+    vm = vm_ref if isinstance(vm_ref, VmConfig) else connector.get_vm(vm_ref)
     check_metadata(vm)
     began = time.monotonic()
     with vm_backup_lock(repo, vm) as lock:

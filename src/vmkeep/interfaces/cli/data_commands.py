@@ -91,8 +91,6 @@ def backup(
     from vmkeep.remotes.object_lock import apply_lock_policy
 
     source = connector_for(connector, uri)
-    repo = opening()
-    apply_lock_policy(repo.remote, state.lock_policy(remote, lock_days))
     options = BackupOptions(
         mode=mode, schedule=schedule, compression_level=compression_level, max_rate=rate
     )
@@ -102,7 +100,10 @@ def backup(
         offline_on(source, shutdown_timeout, force_off)
     if nbd_host is not None or nbd_tls or nbd_port != NBD_PORT or nbd_tls_certs:
         nbd_export_on(source, nbd_export(nbd_host, nbd_port, nbd_tls, nbd_tls_certs))
-    report = backup_vm(repo, source, vm, options, RichProgress(not json_out), connector)
+    vm_config = source.get_vm(vm)  # libvirt: connects and reads the domain meanwhile too
+    repo = opening()
+    apply_lock_policy(repo.remote, state.lock_policy(remote, lock_days))
+    report = backup_vm(repo, source, vm_config, options, RichProgress(not json_out), connector)
     if json_out:
         print_json(report.to_json())
         return
