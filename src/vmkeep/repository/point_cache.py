@@ -84,13 +84,16 @@ class PointCache:
 
     def save(self, points: list[PointSummary]) -> None:
         """Best effort: a cache that cannot be written (read-only home, full disk) only
-        costs the next command its reads."""
+        costs the next command its reads. Not fsynced: a copy a crash tore or lost fails its
+        seal and reads as empty (load), so the two fsyncs protected nothing and cost each
+        backup a journal commit (docs/RUN-OVERHEAD.md)."""
         doc: dict[str, Any] = dict(self.binding, points=[p.to_json() for p in points])
         body = json.dumps(doc, separators=(",", ":")).encode()
         try:
             _private_dir(self.root)
             _private_dir(self.path.parent)
-            replace_file(self.path, MAGIC + self._seal(body).encode() + b"\n" + body, 0o600)
+            sealed = MAGIC + self._seal(body).encode() + b"\n" + body
+            replace_file(self.path, sealed, 0o600, durable=False)
         except OSError:
             pass
 
