@@ -90,6 +90,7 @@ def backup(
     from vmkeep.operations.backup import BackupOptions, backup_vm
     from vmkeep.remotes.object_lock import apply_lock_policy
 
+    lock = state.lock_policy(remote, lock_days)
     source = connector_for(connector, uri)
     options = BackupOptions(
         mode=mode, schedule=schedule, compression_level=compression_level, max_rate=rate
@@ -102,7 +103,7 @@ def backup(
         nbd_export_on(source, nbd_export(nbd_host, nbd_port, nbd_tls, nbd_tls_certs))
     vm_config = source.get_vm(vm)  # libvirt: connects and reads the domain meanwhile too
     repo = opening()
-    apply_lock_policy(repo.remote, state.lock_policy(remote, lock_days))
+    apply_lock_policy(repo.remote, lock)
     report = backup_vm(repo, source, vm_config, options, RichProgress(not json_out), connector)
     if json_out:
         print_json(report.to_json())
