@@ -22,7 +22,7 @@ from vmkeep.operations.backup import BackupOptions, BackupReport, backup_vm
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.format import DEFAULT_CHUNK_SIZE, chunk_object_name
-from vmkeep.repository.point_cache import point_summaries
+from vmkeep.repository.point_cache import point_cache, point_summaries
 from vmkeep.repository.repository import Repository
 
 
@@ -128,3 +128,22 @@ def test_backup_of_a_vm_config_read_before_does_not_look_it_up_again(
     assert source.lookups == 1
     assert report.vm_uuid == config.uuid
     assert repo.load_manifest(report.restore_point).vm["uuid"] == config.uuid
+
+
+def test_the_next_backup_reads_the_previous_manifest_once(repo: Repository, tmp_path: Path) -> None:
+    """A backup adds its own point to the summary cache, so the next backup of the VM reads
+    that manifest once (as its previous point), not a second time to summarise it; a point
+    withdrawn since is still left out (the listing is authoritative)."""
+    vm, _ = make_vm(tmp_path)
+    first = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
+    view, spy = spied(repo)
+    second = backup_vm(
+        view, FilesConnector(), str(vm), BackupOptions(mode="delta"), SilentProgress()
+    )
+    assert spy.calls[("get", "manifests")] == 1
+    assert second.stats.chunks_new == 0
+    cached = point_cache(repo)
+    assert cached is not None and {first.restore_point, second.restore_point} <= set(cached.load())
+    repo.delete_manifest(second.restore_point)  # e.g. withdrawn after a gc overlap
+    points, _ = point_summaries(repo)
+    assert [p.id for p in points] == [first.restore_point]
