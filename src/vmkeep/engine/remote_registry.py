@@ -53,10 +53,7 @@ def lock_for(entry: RemoteEntry | None, days_override: int | None) -> LockPolicy
     """The lock of a backup to `entry` (None: a path or URL, no named remote): `--lock-days`
     wins (0 = none, in the remote's mode), else the remote's own setting."""
     if days_override is not None:
-        if days_override < 0:
-            raise UsageError("--lock-days must be 0 (no lock) or a positive number of days")
-        mode = entry.lock_mode if entry else "compliance"
-        return LockPolicy.from_days(days_override, mode) if days_override else None
+        return LockPolicy.for_run(days_override, entry.lock_mode if entry else "compliance")
     return entry.lock_policy() if entry else None
 
 

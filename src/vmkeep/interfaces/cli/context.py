@@ -76,12 +76,14 @@ class CliState:
 
     def lock_policy(self, remote_ref: str | None, days_override: int | None) -> LockPolicy | None:
         """The lock a backup to `remote_ref` gets (RemoteRegistry.lock_policy). A path or URL
-        is no named remote, so only --lock-days counts and the state database is not opened:
-        SQLAlchemy's import was ~0.2 CPU-s of every such backup (docs/RUN-OVERHEAD.md)."""
-        from vmkeep.engine.remote_registry import lock_for
-
+        is no named remote, so only --lock-days counts and neither the state database nor
+        the registry's pydantic models are loaded: SQLAlchemy's import was ~0.2 CPU-s of every
+        such backup, the models' first use (pydantic's plugin scan) ~0.012 s
+        (docs/RUN-OVERHEAD.md)."""
         if remote_ref is not None and is_location(remote_ref):
-            return lock_for(None, days_override)
+            from vmkeep.remotes.object_lock import LockPolicy
+
+            return None if days_override is None else LockPolicy.for_run(days_override)
         return self.registry.lock_policy(remote_ref, days_override)
 
     def open_remote(self, remote_ref: str | None) -> Remote:
