@@ -36,3 +36,12 @@ def test_files_package_names_resolve() -> None:
         assert "NoSuchName" in str(exc)
     else:
         raise AssertionError("an unknown name must raise AttributeError")
+
+
+def test_the_key_derivation_starts_before_the_data_path_is_imported() -> None:
+    """repository/opening.py reads the config and starts Argon2id with config_read.py alone;
+    repository.py and the chunk/pack modules are imported while the key is derived."""
+    loaded = loaded_after("import vmkeep.repository.opening")
+    assert "vmkeep.repository.config_read" in loaded
+    assert "vmkeep.repository.repository" not in loaded
+    assert "vmkeep.repository.packed_store" not in loaded

@@ -4,18 +4,22 @@ Argon2id (64 MiB, 3 passes) is ~0.2 CPU-s of every run and runs in C without the
 command can import its data path and connect to its hypervisor meanwhile instead of waiting
 (docs/RUN-OVERHEAD.md). Only the derivation runs in the thread: the config is read and the
 passphrase asked for (a prompt reads the terminal) before it starts, in the caller's thread,
-and the thread imports nothing."""
+and the thread imports nothing. The config is read by config_read.py, so the derivation
+starts before repository.py and the data path are imported."""
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmkeep.remotes.base import Remote
 
 from .config_auth import KnownRepository
+from .config_read import read_config
 from .crypto import RepositoryKey, unwrap_key
-from .repository import PassphraseSource, Repository
+
+if TYPE_CHECKING:
+    from .repository import PassphraseSource, Repository
 
 
 class OpeningRepository:
@@ -26,7 +30,7 @@ class OpeningRepository:
         self, remote: Remote, passphrase: PassphraseSource, known: KnownRepository | None = None
     ) -> None:
         self.remote = remote
-        self.config = Repository.read_config(remote, known)
+        self.config = read_config(remote, known)
         self._key: RepositoryKey | None = None
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -45,6 +49,8 @@ class OpeningRepository:
 
     def result(self) -> Repository:
         """The opened repository; a wrong passphrase or a malformed key entry raises here."""
+        from .repository import Repository  # imported while the key was being derived
+
         if self._thread is None:
             return Repository(self.remote, self.config, None)
         self._thread.join()
