@@ -11,7 +11,8 @@ allocated, half of that compressible) and copied for three guest-less domains (T
 vmkeep and restic, one for virtnbdbackup, one for virtnbdbackup -z, because virtnbdbackup
 refuses a domain that carries another tool's checkpoints. Every domain gets the same guest
 writes through the running VM's block layer (QEMU monitor, qemu-io), which the dirty bitmaps
-record. Steps, the page cache dropped before each timed one:
+record. vmkeep's package is byte-compiled first, as an installed one is (compile_vmkeep).
+Steps, the page cache dropped before each timed one:
 
 1. live full backup;
 2. delta after 1% of the disk rewritten in scattered blocks (--change-block, 64 KiB);
@@ -176,6 +177,20 @@ def data_bytes(image: Path) -> int:
     return sum(e["length"] for e in json.loads(out.stdout) if e["data"])
 
 
+def compile_vmkeep(say: Callable[[str], None]) -> None:
+    """Byte-compile the vmkeep package the measured commands import, as an installed package
+    is (pip and Debian's python3 packages compile at install; virtnbdbackup's modules are).
+    With PYTHONDONTWRITEBYTECODE set, as on these machines, every vmkeep step compiled its
+    ~130 modules from source again: ~0.1 CPU-s of each step (docs/RUN-OVERHEAD.md)."""
+    import compileall
+
+    import vmkeep
+
+    package = Path(vmkeep.__file__).parent
+    say(f"byte-compiling {package}")
+    compileall.compile_dir(package, quiet=1)
+
+
 def benchmark(
     work: Path,
     size: int,
@@ -189,6 +204,7 @@ def benchmark(
         raise RuntimeError("restic is not available: it is what this benchmark compares with")
     if shutil.which("virtnbdbackup") is None or shutil.which("virtnbdrestore") is None:
         raise RuntimeError("virtnbdbackup is not installed (apt-get install virtnbdbackup)")
+    compile_vmkeep(say)
     steps = Steps(say)
     r = Run3(work, chunk_sizes, steps)
     layout = prepare_images(r, size, seed, say)

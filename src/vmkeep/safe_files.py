@@ -11,29 +11,34 @@ from pathlib import Path
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Create `path`, which must not exist (not even as a symlink), with `data`, durably."""
+def write_new(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Create `path`, which must not exist (not even as a symlink), with `data`, durably
+    unless `durable` is false."""
     fd = os.open(path, _CREATE, mode)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def replace_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+def replace_file(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
     """Replace `path` atomically with `data`: a new temporary beside it, then a rename and an
-    fsync of the directory. The temporary is removed if anything fails."""
+    fsync of the directory. The temporary is removed if anything fails. `durable=False`: no
+    fsync, for a file whose reader detects and drops a torn or lost copy (a sealed cache):
+    after a crash it may be empty or truncated, but never another file's data."""
     tmp = path.with_name(f".{path.name}.tmp-{os.urandom(6).hex()}")
     try:
-        write_new(tmp, data, mode)
+        write_new(tmp, data, mode, durable)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path | str) -> None:

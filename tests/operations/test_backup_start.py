@@ -15,13 +15,14 @@ import pytest
 
 from tests.repository.spy_remote import CountingRemote, many_points, spied
 from tests.repository.test_data_path import make_vm
+from vmkeep.connectors.base import VmConfig
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import RepositoryError
 from vmkeep.operations.backup import BackupOptions, BackupReport, backup_vm
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.format import DEFAULT_CHUNK_SIZE, chunk_object_name
-from vmkeep.repository.point_cache import point_summaries
+from vmkeep.repository.point_cache import point_cache, point_summaries
 from vmkeep.repository.repository import Repository
 
 
@@ -105,3 +106,46 @@ def test_backup_refuses_when_the_newest_point_disagrees_with_the_config(tmp_path
     with pytest.raises(RepositoryError, match="config says unencrypted"):
         backup_vm(plain, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
     assert sorted(p.name for p in (tmp_path / "plain" / "chunks").rglob("*")) == chunks_before
+
+
+class CountingLookups(FilesConnector):
+    """The files connector, counting get_vm calls."""
+
+    lookups = 0
+
+    def get_vm(self, ref: str) -> VmConfig:
+        self.lookups += 1
+        return super().get_vm(ref)
+
+
+def test_backup_of_a_vm_config_read_before_does_not_look_it_up_again(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """The CLI reads the VM while the repository key is derived (docs/RUN-OVERHEAD.md) and
+    hands backup_vm the VmConfig: the point is that VM's, with no second lookup."""
+    vm, _ = make_vm(tmp_path)
+    source = CountingLookups()
+    config = source.get_vm(str(vm))
+    report = backup_vm(repo, source, config, BackupOptions(), SilentProgress())
+    assert source.lookups == 1
+    assert report.vm_uuid == config.uuid
+    assert repo.load_manifest(report.restore_point).vm["uuid"] == config.uuid
+
+
+def test_the_next_backup_reads_the_previous_manifest_once(repo: Repository, tmp_path: Path) -> None:
+    """A backup adds its own point to the summary cache, so the next backup of the VM reads
+    that manifest once (as its previous point), not a second time to summarise it; a point
+    withdrawn since is still left out (the listing is authoritative)."""
+    vm, _ = make_vm(tmp_path)
+    first = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
+    view, spy = spied(repo)
+    second = backup_vm(
+        view, FilesConnector(), str(vm), BackupOptions(mode="delta"), SilentProgress()
+    )
+    assert spy.calls[("get", "manifests")] == 1
+    assert second.stats.chunks_new == 0
+    cached = point_cache(repo)
+    assert cached is not None and {first.restore_point, second.restore_point} <= set(cached.load())
+    repo.delete_manifest(second.restore_point)  # e.g. withdrawn after a gc overlap
+    points, _ = point_summaries(repo)
+    assert [p.id for p in points] == [first.restore_point]

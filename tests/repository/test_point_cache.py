@@ -152,3 +152,22 @@ def test_an_unreadable_point_is_reported_not_cached(repo: Repository) -> None:
         points, problems = point_summaries(repo)
         assert [p.id for p in points] == sorted(m.id for m in good)
         assert [p.point_id for p in problems] == [bad.id]
+
+
+def test_saving_the_cache_makes_no_fsync(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sealed cache needs no durability (a torn or lost copy reads as empty and is rebuilt:
+    test_a_corrupt_cache_is_ignored_and_rebuilt), so its save costs a backup no journal
+    commit (docs/RUN-OVERHEAD.md). Counted with a spy around the real os.fsync."""
+    written = many_points(repo, 3)
+    synced: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    ids, reads = manifest_reads(repo)
+    assert reads == 3 and synced == []
+    assert set(PointCache(cache_file(repo).parent.parent, repo).load()) == set(ids)
+    assert sorted(m.id for m in written) == ids

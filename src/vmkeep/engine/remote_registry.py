@@ -49,6 +49,14 @@ class RemoteEntry(BaseModel):
         return LockPolicy.from_days(self.lock_days, self.lock_mode) if self.lock_days else None
 
 
+def lock_for(entry: RemoteEntry | None, days_override: int | None) -> LockPolicy | None:
+    """The lock of a backup to `entry` (None: a path or URL, no named remote): `--lock-days`
+    wins (0 = none, in the remote's mode), else the remote's own setting."""
+    if days_override is not None:
+        return LockPolicy.for_run(days_override, entry.lock_mode if entry else "compliance")
+    return entry.lock_policy() if entry else None
+
+
 class RemoteFile(BaseModel):
     remotes: list[RemoteEntry] = []
 
@@ -121,12 +129,7 @@ class RemoteRegistry:
             entry = entries[0]
         elif ref is not None:
             entry = next((e for e in entries if e.name == ref), None)
-        if days_override is not None:
-            if days_override < 0:
-                raise UsageError("--lock-days must be 0 (no lock) or a positive number of days")
-            mode = entry.lock_mode if entry else "compliance"
-            return LockPolicy.from_days(days_override, mode) if days_override else None
-        return entry.lock_policy() if entry else None
+        return lock_for(entry, days_override)
 
     def remove(self, name: str) -> None:
         entries = self.load()

@@ -52,6 +52,7 @@ from vmkeep.repository.index_runs import (
 from vmkeep.repository.limits import MANIFEST_BYTES_PER_ID, MAX_MANIFEST_DOC
 from vmkeep.repository.locks import RepositoryLock
 from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem, new_point_id
+from vmkeep.repository.point_cache import remember_point
 from vmkeep.repository.point_summary import PointSummary
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.retention_lock import lock_restore_point
@@ -324,18 +325,19 @@ def store_disks(
 def backup_vm(
     repo: Repository,
     connector: BackupSource,
-    vm_ref: str,
+    vm_ref: str | VmConfig,
     options: BackupOptions,
     progress: Progress,
     connector_name: str = "files",
 ) -> BackupReport:
+    """`vm_ref`: a name or uuid, or the VmConfig already read (docs/RUN-OVERHEAD.md)."""
     if options.mode not in MODES:
         raise UsageError(f"unknown mode {options.mode!r}: choose full or delta")
     if not 0 <= options.compression_level <= 22:
         raise UsageError("compression level must be between 0 (off) and 22")
     if options.max_rate is not None and options.max_rate < 1:
         raise UsageError(f"max rate must be a positive number of bytes/s, got {options.max_rate}")
-    vm = connector.get_vm(vm_ref)
+    vm = vm_ref if isinstance(vm_ref, VmConfig) else connector.get_vm(vm_ref)
     check_metadata(vm)
     began = time.monotonic()
     with vm_backup_lock(repo, vm) as lock:
@@ -384,6 +386,7 @@ def backup_vm(
             repo.save_manifest(manifest)
             confirm_after_manifest(repo, gc_mark, manifest)
             ok = True
+            remember_point(repo, manifest)  # the next run reads its manifest once
         finally:
             session.finish(ok)
         # finish() may add notes of its own (e.g. the --offline restart failed): report them.

@@ -44,6 +44,13 @@ class LockPolicy:
             raise UsageError("--lock-days must be a positive number of days")
         return cls(days * DAY, mode.lower())
 
+    @classmethod
+    def for_run(cls, days: int, mode: str = "compliance") -> LockPolicy | None:
+        """`--lock-days N` of one backup: N days in `mode`, 0 for no lock."""
+        if days < 0:
+            raise UsageError("--lock-days must be 0 (no lock) or a positive number of days")
+        return cls.from_days(days, mode) if days else None
+
     @property
     def margin(self) -> timedelta:
         """A quarter of the lock, at least a day (or the lock itself when shorter), at most

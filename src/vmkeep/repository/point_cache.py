@@ -31,6 +31,7 @@ from .cache_dir import cache_root, repository_cache
 from .point_summary import PointSummary
 
 if TYPE_CHECKING:
+    from .manifest import Manifest
     from .repository import ManifestProblem, Repository
 
 CACHE_FILE = "points"
@@ -84,13 +85,16 @@ class PointCache:
 
     def save(self, points: list[PointSummary]) -> None:
         """Best effort: a cache that cannot be written (read-only home, full disk) only
-        costs the next command its reads."""
+        costs the next command its reads. Not fsynced: a copy a crash tore or lost fails its
+        seal and reads as empty (load), so the two fsyncs protected nothing and cost each
+        backup a journal commit (docs/RUN-OVERHEAD.md)."""
         doc: dict[str, Any] = dict(self.binding, points=[p.to_json() for p in points])
         body = json.dumps(doc, separators=(",", ":")).encode()
         try:
             _private_dir(self.root)
             _private_dir(self.path.parent)
-            replace_file(self.path, MAGIC + self._seal(body).encode() + b"\n" + body, 0o600)
+            sealed = MAGIC + self._seal(body).encode() + b"\n" + body
+            replace_file(self.path, sealed, 0o600, durable=False)
         except OSError:
             pass
 
@@ -111,6 +115,19 @@ def _private_dir(path: Path) -> None:
 def point_cache(repo: Repository) -> PointCache | None:
     root = cache_root()
     return PointCache(root, repo) if root is not None else None
+
+
+def remember_point(repo: Repository, manifest: Manifest) -> None:
+    """Add the point a backup has just written to the cache, so that the next backup of the
+    VM finds it there and reads its manifest once (previous_point), not also to summarise
+    it (docs/RUN-OVERHEAD.md). Best effort, like every cache write: a point withdrawn later
+    is dropped by the next listing, a lost update only costs that read."""
+    cache = point_cache(repo)
+    if cache is None:
+        return
+    points = cache.load()
+    points[manifest.id] = PointSummary.of(manifest)
+    cache.save(sorted(points.values(), key=lambda p: p.id))
 
 
 def point_summaries(

@@ -36,40 +36,31 @@ from .config_auth import (
     MAC_KEY,
     KnownRepository,
     check_config_mac,
-    check_known,
-    check_plain_config,
     config_mac,
 )
+from .config_read import BLOCK_SIZE_RULE, ENCRYPTIONS, PACK_SIZE_RULE, read_config
+from .config_read import CHUNK_SIZE_RULE as CHUNK_SIZE_RULE  # re-exported: repo_commands
 from .crypto import RepositoryKey, Sealed, Sealer, unwrap_key, wrap_key
 from .format import (
     CHUNKS_PREFIX,
     CONFIG_NAME,
     CONFIG_VERSION_FIXED,
     CONFIG_VERSION_PACKED,
-    CONFIG_VERSION_SIZED,
-    CONFIG_VERSIONS,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CHUNK_SIZE,
     ID_SIZE,
     MANIFESTS_PREFIX,
-    MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
     chunk_object_name,
     config_version,
     manifest_object_name,
     valid_chunk_size,
 )
 from .gc_epoch import missing_chunks
-from .limits import MAX_CONFIG_BYTES, MAX_MANIFEST_OBJECT, get_bounded
+from .limits import MAX_MANIFEST_OBJECT, get_bounded
 from .manifest import Manifest, check_chunk_size, decode_manifest, encode_manifest
 from .packed_store import PackedChunk, PackedStore
 from .packs import DEFAULT_PACK_SIZE, valid_pack_size
 
-ENCRYPTIONS = ("aes-256-gcm", "none")
-MAX_KEYS = 64  # each entry costs an Argon2id run (64 MiB, ~0.2 s) when the passphrase is wrong
-CHUNK_SIZE_RULE = f"a power of two from {MIN_CHUNK_SIZE >> 10} KiB to {MAX_CHUNK_SIZE >> 20} MiB"
-BLOCK_SIZE_RULE = f"a power of two from {MIN_CHUNK_SIZE >> 10} KiB to the chunk size"
-PACK_SIZE_RULE = "a power of two from 1 MiB to 128 MiB"
 FORMATS = (1, 2, CONFIG_VERSION_PACKED)
 PassphraseSource = Callable[[], bytes]
 
@@ -147,20 +138,15 @@ class Repository:
         recorded about this repository (a named remote); a config that disagrees is refused
         before the passphrase is asked. An encrypted config's MAC is checked, or added once
         when it has none (a repository made before format revision 3)."""
-        try:
-            what = f"{remote.url}: repository config"
-            raw = get_bounded(remote, CONFIG_NAME, MAX_CONFIG_BYTES, RepositoryError, what)
-        except NotFoundError as exc:
-            raise RepositoryError(
-                f"no vmkeep repository at {remote.url} (run `vmkeep init`)"
-            ) from exc
-        config = parse_config(raw, remote.url)
-        if known is not None:
-            check_known(known, config, remote.url)
+        config = read_config(remote, known)
         if config["encryption"] == "none":
-            check_plain_config(config, remote.url)
             return cls(remote, config, None)
         key, _ = unwrap_key(config["keys"], passphrase(), config["id"])
+        return cls.with_key(remote, config, key)
+
+    @classmethod
+    def with_key(cls, remote: Remote, config: dict[str, Any], key: RepositoryKey) -> Repository:
+        """The second half of `open` for an encrypted config: its MAC checked (or added)."""
         repo = cls(remote, config, key)
         if not check_config_mac(key, config, remote.url):
             repo._add_config_mac()
@@ -447,59 +433,3 @@ def _refuse_foreign_directory(remote: Remote) -> None:
             f"{remote.url} is not empty (it holds {entry!r}) and is not a vmkeep repository: "
             "choose an empty or new directory"
         )
-
-
-def parse_config(raw: bytes, where: str) -> dict[str, Any]:
-    try:
-        config = json.loads(raw)
-        if not isinstance(config, dict) or config.get("format") != "vmkeep-repository":
-            raise ValueError("not a vmkeep repository config")
-    except (ValueError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:120]
-        raise RepositoryError(f"{where}: repository config is unreadable ({reason})") from None
-    version = config.get("version")
-    if type(version) is not int or version not in CONFIG_VERSIONS:
-        raise RepositoryError(
-            f"{where}: repository format version {_shown(version)} is not supported "
-            f"(this vmkeep reads versions {CONFIG_VERSION_FIXED}, {CONFIG_VERSION_SIZED} and "
-            f"{CONFIG_VERSION_PACKED})"
-        )
-    chunk_size = config.get("chunk_size")
-    if version == CONFIG_VERSION_FIXED and chunk_size != DEFAULT_CHUNK_SIZE:
-        raise RepositoryError(
-            f"{where}: repository config version 1 has chunk_size {_shown(chunk_size)}, "
-            f"version 1 allows only {DEFAULT_CHUNK_SIZE}"
-        )
-    if not valid_chunk_size(chunk_size):
-        raise RepositoryError(
-            f"{where}: repository config has chunk_size {_shown(chunk_size)}, not {CHUNK_SIZE_RULE}"
-        )
-    if version == CONFIG_VERSION_PACKED:
-        block, pack = config.get("block_size"), config.get("pack_size")
-        if not valid_chunk_size(block) or block > chunk_size:  # type: ignore[operator]
-            raise RepositoryError(
-                f"{where}: repository config has block_size {_shown(block)}, not {BLOCK_SIZE_RULE}"
-            )
-        if not valid_pack_size(pack):
-            raise RepositoryError(
-                f"{where}: repository config has pack_size {_shown(pack)}, not {PACK_SIZE_RULE}"
-            )
-    encryption = config.get("encryption")
-    if encryption not in ENCRYPTIONS:
-        raise RepositoryError(f"{where}: repository config has unsupported parameters")
-    if encryption != "none" and config.get("chunk_id") != "blake3-keyed":
-        raise RepositoryError(f"{where}: repository config has unsupported parameters")
-    keys, repo_id = config.get("keys"), config.get("id")
-    if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
-        raise RepositoryError(f"{where}: repository config is malformed (keys)")
-    if len(keys) > MAX_KEYS:
-        raise RepositoryError(f"{where}: repository config has more than {MAX_KEYS} keys")
-    if not isinstance(repo_id, str) or not 1 <= len(repo_id) <= 64:
-        raise RepositoryError(f"{where}: repository config is malformed (id)")
-    return config
-
-
-def _shown(value: object) -> str:
-    """A config value quoted for a one-line message, however long a hostile one is."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from vmkeep.engine.remote_registry import RemoteRegistry
     from vmkeep.engine.state import StateDB
     from vmkeep.remotes.base import Remote
+    from vmkeep.remotes.object_lock import LockPolicy
     from vmkeep.repository.repository import Repository
 
 
@@ -49,17 +51,40 @@ class CliState:
     def open_repository(self, remote_ref: str | None) -> Repository:
         """A named remote's repository is checked against what was recorded when it was added
         (encryption, chunk size, id, MAC), and recorded at its first open if it was not."""
+        return self.begin_open_repository(remote_ref)()
+
+    def begin_open_repository(self, remote_ref: str | None) -> Callable[[], Repository]:
+        """`open_repository` in two steps: the config is read and the key derivation starts
+        in a thread (repository/opening.py); calling the result waits for it. A command does
+        its imports and connects in between."""
         # Imported at the first open, not at start-up: `--help` needs no crypto or zstd.
-        from vmkeep.repository.repository import Repository
+        from vmkeep.repository.opening import OpeningRepository
 
         if remote_ref is not None and is_location(remote_ref):
-            return Repository.open(self.open_remote(remote_ref), self.passphrase)
+            return OpeningRepository(self.open_remote(remote_ref), self.passphrase).result
         entry = self.registry.entry(remote_ref)
         known = entry.repository.known() if entry and entry.repository else None
-        repo = Repository.open(self.open_remote(remote_ref), self.passphrase, known)
-        if entry is not None:
-            self.registry.remember(entry.name, repo.known)
-        return repo
+        opening = OpeningRepository(self.open_remote(remote_ref), self.passphrase, known)
+
+        def opened() -> Repository:
+            repo = opening.result()
+            if entry is not None:
+                self.registry.remember(entry.name, repo.known)
+            return repo
+
+        return opened
+
+    def lock_policy(self, remote_ref: str | None, days_override: int | None) -> LockPolicy | None:
+        """The lock a backup to `remote_ref` gets (RemoteRegistry.lock_policy). A path or URL
+        is no named remote, so only --lock-days counts and neither the state database nor
+        the registry's pydantic models are loaded: SQLAlchemy's import was ~0.2 CPU-s of every
+        such backup, the models' first use (pydantic's plugin scan) ~0.012 s
+        (docs/RUN-OVERHEAD.md)."""
+        if remote_ref is not None and is_location(remote_ref):
+            from vmkeep.remotes.object_lock import LockPolicy
+
+            return None if days_override is None else LockPolicy.for_run(days_override)
+        return self.registry.lock_policy(remote_ref, days_override)
 
     def open_remote(self, remote_ref: str | None) -> Remote:
         """A path/URL as given, or a named remote with its remembered credentials

@@ -83,24 +83,28 @@ def backup(
     json_out: bool = JsonOpt,
 ) -> None:
     """Back up a VM into a repository."""
-    # The data path is imported when it runs, not at every start-up of the CLI.
+    rate = parse_max_rate(max_rate)
+    # The key is derived in a thread while the data path and the connector are imported
+    # (imported when they run, not at every start-up of the CLI): docs/RUN-OVERHEAD.md.
+    opening = state.begin_open_repository(remote)
     from vmkeep.operations.backup import BackupOptions, backup_vm
     from vmkeep.remotes.object_lock import apply_lock_policy
 
-    rate = parse_max_rate(max_rate)
-    repo = state.open_repository(remote)
-    apply_lock_policy(repo.remote, state.registry.lock_policy(remote, lock_days))
+    lock = state.lock_policy(remote, lock_days)
+    source = connector_for(connector, uri)
     options = BackupOptions(
         mode=mode, schedule=schedule, compression_level=compression_level, max_rate=rate
     )
-    source = connector_for(connector, uri)
     if keep_checkpoints != 1:
         keep_checkpoints_on(source, keep_checkpoints)
     if offline:
         offline_on(source, shutdown_timeout, force_off)
     if nbd_host is not None or nbd_tls or nbd_port != NBD_PORT or nbd_tls_certs:
         nbd_export_on(source, nbd_export(nbd_host, nbd_port, nbd_tls, nbd_tls_certs))
-    report = backup_vm(repo, source, vm, options, RichProgress(not json_out), connector)
+    vm_config = source.get_vm(vm)  # libvirt: connects and reads the domain meanwhile too
+    repo = opening()
+    apply_lock_policy(repo.remote, lock)
+    report = backup_vm(repo, source, vm_config, options, RichProgress(not json_out), connector)
     if json_out:
         print_json(report.to_json())
         return

@@ -7,9 +7,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from xml.sax.saxutils import escape, quoteattr
 
 from vmkeep.connectors.libvirt.transport.nbd_reader import NbdServer
+from vmkeep.connectors.libvirt.xmltext import escape, quoteattr
 
 CHECKPOINT_DESCRIPTION = "vmkeep backup"
 

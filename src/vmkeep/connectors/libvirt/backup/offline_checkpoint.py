@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
-from xml.sax.saxutils import escape, quoteattr
 
 from vmkeep.connectors.libvirt.backup.jobxml import CHECKPOINT_DESCRIPTION, creation_time
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.connectors.libvirt.domxml import DomainDisk
 from vmkeep.connectors.libvirt.transport import qemu_img
 from vmkeep.connectors.libvirt.transport.qemu_img import QemuImg
+from vmkeep.connectors.libvirt.xmltext import escape, quoteattr
 from vmkeep.errors import ConnectorError
 
 

@@ -15,9 +15,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from xml.sax.saxutils import quoteattr
 
 from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
+from vmkeep.connectors.libvirt.xmltext import quoteattr
 from vmkeep.errors import ConnectorError
 
 NAMESPACE = "https://vmkeep.dev/xmlns/replica/1"

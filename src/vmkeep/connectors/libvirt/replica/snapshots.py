@@ -8,9 +8,9 @@ from __future__ import annotations
 import secrets
 from datetime import UTC, datetime
 from typing import Any
-from xml.sax.saxutils import escape
 
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
+from vmkeep.connectors.libvirt.xmltext import escape
 from vmkeep.errors import ConnectorError
 
 PREFIX = "vmkeep-repl-"

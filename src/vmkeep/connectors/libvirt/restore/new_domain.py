@@ -13,7 +13,6 @@ import secrets
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
 
 from vmkeep.connectors.base import DiskInfo, DiskWriter, VmConfig
 from vmkeep.connectors.files.qcow2_writer import Qcow2DiskWriter
@@ -22,6 +21,7 @@ from vmkeep.connectors.libvirt.bindings import error_code, libvirt, one_line
 from vmkeep.connectors.libvirt.connection import Connection
 from vmkeep.connectors.libvirt.domxml import DOMAIN_XML_KEY
 from vmkeep.connectors.libvirt.restore.volume_upload import UploadingVolumeWriter
+from vmkeep.connectors.libvirt.xmltext import escape
 from vmkeep.errors import ConnectorError, NameTakenError
 
 KEEP_MACS_KEY = "vmkeep.keep_macs"
