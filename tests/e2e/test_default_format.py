@@ -24,7 +24,7 @@ def test_init_without_format_stores_packs(
     repo = tmp_path / "repo"
     assert cli("init", str(repo), "--json").json()["format"] == 3
     made = config(repo)
-    assert (made["version"], made["block_size"], made["pack_size"]) == (3, 128 * KiB, 16 * MiB)
+    assert (made["version"], made["block_size"], made["pack_size"]) == (3, 64 * KiB, 16 * MiB)
     cli("backup", str(make_vm()), "--remote", str(repo))
     assert any((repo / "packs").rglob("*")) and any((repo / "index").iterdir())
     assert not (repo / "chunks").exists()

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from vmkeep.remotes.base import ObjectStat, Remote
+from vmkeep.remotes.base import ObjectStat, Remote, put_parts
 from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
 from vmkeep.repository.repository import Repository
 
@@ -31,6 +31,11 @@ class CountingRemote:
     def put(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
         self._count("put", name)
         self.inner.put(name, data, overwrite=overwrite)
+
+    def put_parts(self, name: str, parts: list[bytes]) -> None:
+        """A put in pieces (formats 1/2 chunk objects, packs) is a put like any other."""
+        self._count("put", name)
+        put_parts(self.inner, name, parts)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         self._count("get", name)
