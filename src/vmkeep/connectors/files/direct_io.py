@@ -177,3 +177,54 @@ class DirectQueue:
             for buf in self._buffers:
                 with contextlib.suppress(BufferError):  # a view still held: freed by the GC
                     buf.close()
+
+
+class DirectWrites:
+    """A disk writer's O_DIRECT side (raw and qcow2 writers): a second descriptor on its file
+    where the file system suits; the first write synchronous, so that a refusal (EINVAL: a
+    constraint beyond ALIGN) sends every later write through the page cache at once; then up
+    to a DirectQueue of writes in flight. The owner drains before any buffered write or hole
+    punch over the same file, so a write never races one in flight."""
+
+    def __init__(self, path: str, same_as: int) -> None:
+        self.fd: int | None = None
+        self._queue: DirectQueue | None = None
+        if direct_io_suits(path):
+            with contextlib.suppress(OSError):
+                self.fd = open_direct(path, os.O_WRONLY, same_as=same_as)
+
+    def write(self, parts: Sequence[Buffer], offset: int, length: int) -> bool:
+        """False when this write must go through the page cache (unaligned, or no O_DIRECT)."""
+        fd = self.fd
+        if fd is None or offset % ALIGN or length % ALIGN:
+            return False
+        if self._queue is not None and length <= self._queue.size:
+            self._queue.submit(parts, offset, length)  # a later error surfaces on drain
+            return True
+        self.drain()
+        try:
+            pwrite_direct(fd, parts, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.fd = None
+            os.close(fd)
+            return False
+        if self._queue is None:
+            self._queue = DirectQueue(fd)
+        return True
+
+    def drain(self) -> None:
+        if self._queue is not None:
+            self._queue.drain()
+
+    def close(self) -> None:
+        """The queue stopped (drain first: its error is raised there) and the descriptor
+        closed, whatever happened."""
+        if self._queue is not None:
+            with contextlib.suppress(OSError):
+                self._queue.close()
+            self._queue = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

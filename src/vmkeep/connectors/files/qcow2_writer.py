@@ -7,17 +7,12 @@ known. Every cluster the file uses has refcount 1, so `qemu-img check` finds not
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from array import array
 from pathlib import Path
 
 from vmkeep.connectors.files.direct_io import (
-    ALIGN,
-    DirectQueue,
-    direct_io_suits,
-    open_direct,
-    pwrite_direct,
+    DirectWrites,
 )
 from vmkeep.connectors.files.fileio import (
     check_write,
@@ -81,13 +76,7 @@ class Qcow2DiskWriter(ImageFile):
         self._zero = memoryview(self._zero_bytes)
         # Data clusters are written with O_DIRECT where the file system suits (as raw
         # images are: direct_io.py); the tables and header at close go through the cache.
-        self._direct_fd: int | None = None
-        self._queue: DirectQueue | None = None  # after a first direct write succeeded
-        if direct_io_suits(str(self.path)):
-            try:
-                self._direct_fd = open_direct(str(self.path), os.O_WRONLY, same_as=self._fd)
-            except OSError:
-                self._direct_fd = None
+        self._direct = DirectWrites(str(self.path), self._fd)
 
     def _allocate(self) -> int:
         host = self._next
@@ -176,29 +165,10 @@ class Qcow2DiskWriter(ImageFile):
     def _write_direct(
         self, start: int, length: int, parts: list[bytes | bytearray | memoryview]
     ) -> bool:
-        """False when this run must go through the page cache (unaligned, or no O_DIRECT)."""
-        fd = self._direct_fd
-        if fd is None or start % ALIGN or length % ALIGN:
-            return False
-        if self._queue is not None and length <= self._queue.size:
-            self._queue.submit(parts, start, length)  # a later error surfaces on drain
-            return True
-        self._drain()
-        try:  # the first direct write is synchronous: a refusal (EINVAL) falls back at once
-            pwrite_direct(fd, parts, start)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self._direct_fd = None  # a constraint beyond ALIGN: buffered from now on
-            os.close(fd)
-            return False
-        if self._queue is None:
-            self._queue = DirectQueue(fd)
-        return True
+        return self._direct.write(parts, start, length)
 
     def _drain(self) -> None:
-        if self._queue is not None:
-            self._queue.drain()
+        self._direct.drain()
 
     def zero(self, offset: int, length: int) -> None:
         """Whole clusters get the zero flag (their space punched); partial ones get zeros."""
@@ -229,13 +199,7 @@ class Qcow2DiskWriter(ImageFile):
         self._drain()
 
     def _release(self) -> None:
-        if self._queue is not None:
-            with contextlib.suppress(OSError):  # drained before, or the error is raised
-                self._queue.close()
-            self._queue = None
-        if self._direct_fd is not None:
-            os.close(self._direct_fd)
-            self._direct_fd = None
+        self._direct.close()
 
     def _finish(self) -> None:
         """At close: its tables, refcounts and header."""

@@ -3,7 +3,6 @@ read only allocated data and restores leave holes where the disk was never writt
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from collections.abc import Iterator
@@ -11,11 +10,7 @@ from pathlib import Path
 
 from vmkeep.connectors.base import Extent
 from vmkeep.connectors.files.direct_io import (
-    ALIGN,
-    DirectQueue,
-    direct_io_suits,
-    open_direct,
-    pwrite_direct,
+    DirectWrites,
 )
 from vmkeep.connectors.files.fileio import (
     change_token,
@@ -113,11 +108,7 @@ class RawDiskWriter:
             os.close(self._fd)
             raise ConnectorError(f"cannot resize {self.path}: {exc.strerror}") from None
         # Aligned writes (all but a disk's odd tail) bypass the page cache: direct_io.py.
-        self._direct_fd: int | None = None
-        self._queue: DirectQueue | None = None  # writes in flight, after a first one succeeded
-        if direct_io_suits(str(self.path)):
-            with contextlib.suppress(OSError):
-                self._direct_fd = open_direct(str(self.path), os.O_WRONLY, same_as=self._fd)
+        self._direct = DirectWrites(str(self.path), self._fd)
 
     def _check(self, offset: int, length: int) -> None:
         check_write(self.path, self._fd, self.size, offset, length)
@@ -145,34 +136,12 @@ class RawDiskWriter:
         except OSError as exc:
             raise ConnectorError(f"cannot write {self.path}: {exc.strerror}") from None
 
-    def _write_direct(
-        self, offset: int, data: bytes | list[bytes], length: int | None = None
-    ) -> bool:
-        """False when this write must go through the page cache."""
-        fd = self._direct_fd
-        length = len(data) if length is None else length
-        if fd is None or offset % ALIGN or length % ALIGN:
-            return False
+    def _write_direct(self, offset: int, data: bytes | list[bytes], length: int = -1) -> bool:
         parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
-        if self._queue is not None and length <= self._queue.size:
-            self._queue.submit(parts, offset, length)  # a later error surfaces on drain
-            return True
-        self._drain()
-        try:  # the first direct write is synchronous: a refusal (EINVAL) falls back at once
-            pwrite_direct(fd, data, offset)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self._direct_fd = None  # a constraint beyond ALIGN: buffered from now on
-            os.close(fd)
-            return False
-        if self._queue is None:
-            self._queue = DirectQueue(fd)
-        return True
+        return self._direct.write(parts, offset, len(data) if length < 0 else length)
 
     def _drain(self) -> None:
-        if self._queue is not None:
-            self._queue.drain()
+        self._direct.drain()
 
     def zero(self, offset: int, length: int) -> None:
         """Punch a hole (the range reads as zeros); writes zeros where punching is unsupported."""
@@ -194,12 +163,6 @@ class RawDiskWriter:
         except OSError as exc:
             raise ConnectorError(f"cannot flush {self.path}: {exc.strerror}") from None
         finally:
-            if self._queue is not None:
-                with contextlib.suppress(OSError):  # drained above, or the error is raised
-                    self._queue.close()
-                self._queue = None
+            self._direct.close()
             os.close(self._fd)
             self._fd = -1
-            if self._direct_fd is not None:
-                os.close(self._direct_fd)
-                self._direct_fd = None
