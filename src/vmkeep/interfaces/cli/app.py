@@ -20,6 +20,7 @@ from . import (
     files_commands,
     healthcheck_commands,
     job_commands,
+    key_commands,
     mirror_commands,
     plan_commands,
     remote_commands,
@@ -93,6 +94,7 @@ plan_commands.register(app)
 server_commands.register(app)
 files_commands.register(app)
 app.add_typer(remote_commands.remote_app, name="remote")
+app.add_typer(key_commands.key_app, name="key")
 app.add_typer(vm_commands.vm_app, name="vm")
 app.add_typer(schedule_commands.schedule_app, name="schedule")
 app.add_typer(config_commands.config_app, name="config")
