@@ -130,6 +130,18 @@ def remember_point(repo: Repository, manifest: Manifest) -> None:
     cache.save(sorted(points.values(), key=lambda p: p.id))
 
 
+def forget_points(repo: Repository, point_ids: list[str]) -> None:
+    """Drop points from the cache: verify found their manifests unreadable, so listings on
+    this machine must read them again (and show them unreadable), not trust the summary
+    made when they were good (a backup's own, or an earlier listing's)."""
+    cache = point_cache(repo)
+    if cache is None or not point_ids:
+        return
+    points = cache.load()
+    if any(i in points for i in point_ids):
+        cache.save(sorted((p for i, p in points.items() if i not in point_ids), key=lambda p: p.id))
+
+
 def point_summaries(
     repo: Repository, progress: Progress | None = None
 ) -> tuple[list[PointSummary], list[ManifestProblem]]:

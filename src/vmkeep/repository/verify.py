@@ -10,6 +10,7 @@ from vmkeep.parallel import ordered_map
 from vmkeep.progress import Progress
 
 from .manifest_stream import stream_manifests
+from .point_cache import forget_points
 from .repository import ManifestProblem, Repository
 
 
@@ -58,6 +59,7 @@ def verify(repo: Repository, point_ids: list[str] | None, progress: Progress) ->
         report.points_checked += 1
         for disk in item.disks:
             chunks.update(chunk_id for _, chunk_id in disk.entries())
+    forget_points(repo, [m.point_id for m in report.corrupt_manifests])
     if repo.packed is not None:  # format 3: index objects that do not verify hide blobs
         problems = repo.packed.reload().problems
         report.corrupt_index = [ManifestProblem(name, error) for name, error in problems]
