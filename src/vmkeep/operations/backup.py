@@ -52,7 +52,6 @@ from vmkeep.repository.index_runs import (
 from vmkeep.repository.limits import MANIFEST_BYTES_PER_ID, MAX_MANIFEST_DOC
 from vmkeep.repository.locks import RepositoryLock
 from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem, new_point_id
-from vmkeep.repository.point_cache import remember_point
 from vmkeep.repository.point_summary import PointSummary
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.retention_lock import lock_restore_point
@@ -386,7 +385,6 @@ def backup_vm(
             repo.save_manifest(manifest)
             confirm_after_manifest(repo, gc_mark, manifest)
             ok = True
-            remember_point(repo, manifest)  # the next run reads its manifest once
         finally:
             session.finish(ok)
         # finish() may add notes of its own (e.g. the --offline restart failed): report them.

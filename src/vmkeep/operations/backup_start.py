@@ -8,7 +8,7 @@ import contextlib
 
 from vmkeep.errors import IntegrityError, NotFoundError
 from vmkeep.repository.manifest import Manifest
-from vmkeep.repository.point_cache import point_summaries
+from vmkeep.repository.point_cache import summaries_keeping
 from vmkeep.repository.point_summary import PointSummary
 from vmkeep.repository.repository import Repository
 
@@ -21,13 +21,13 @@ def previous_point(repo: Repository, vm_uuid: str) -> tuple[list[PointSummary], 
     read too (when it is another; of the newest three): a manifest whose encryption or chunk
     size disagrees with the config refuses the repository before any chunk is written
     (docs/FORMAT.md §5.2)."""
-    points, _ = point_summaries(repo)
+    points, _, read = summaries_keeping(repo, None, vm_uuid)  # its new points: read once
     points.sort(key=lambda p: (p.created, p.id))
     mine = [p for p in points if p.vm_uuid == vm_uuid]
     previous = None
     for summary in reversed(mine):
         try:
-            previous = repo.load_manifest(summary.id)
+            previous = read.get(summary.id) or repo.load_manifest(summary.id)
             break
         except (IntegrityError, NotFoundError):
             continue  # corrupt since it was cached, or just deleted: the one before it

@@ -117,19 +117,6 @@ def point_cache(repo: Repository) -> PointCache | None:
     return PointCache(root, repo) if root is not None else None
 
 
-def remember_point(repo: Repository, manifest: Manifest) -> None:
-    """Add the point a backup has just written to the cache, so that the next backup of the
-    VM finds it there and reads its manifest once (previous_point), not also to summarise
-    it (docs/RUN-OVERHEAD.md). Best effort, like every cache write: a point withdrawn later
-    is dropped by the next listing, a lost update only costs that read."""
-    cache = point_cache(repo)
-    if cache is None:
-        return
-    points = cache.load()
-    points[manifest.id] = PointSummary.of(manifest)
-    cache.save(sorted(points.values(), key=lambda p: p.id))
-
-
 def forget_points(repo: Repository, point_ids: list[str]) -> None:
     """Drop points from the cache: verify found their manifests unreadable, so listings on
     this machine must read them again (and show them unreadable), not trust the summary
@@ -150,6 +137,15 @@ def point_summaries(
     soon as it is summarised, so memory follows the summaries, not the indexes). A point
     deleted between the listing and its read is left out. `progress` counts the manifests
     read (a cold cache: a few per second on S3 per thread)."""
+    points, problems, _ = summaries_keeping(repo, progress, None)
+    return points, problems
+
+
+def summaries_keeping(
+    repo: Repository, progress: Progress | None, keep_vm: str | None
+) -> tuple[list[PointSummary], list[ManifestProblem], dict[str, Manifest]]:
+    """point_summaries, and the manifests of VM `keep_vm` it had to read (a backup's start
+    needs its VM's newest one: read once, not once to summarise and again to use)."""
     from .repository import ManifestProblem
 
     sizes = repo.point_sizes()
@@ -161,19 +157,24 @@ def point_summaries(
     if missing:
         progress.start("reading restore points", len(missing))
 
-    def summarise(point_id: str) -> PointSummary | ManifestProblem | None:
+    def summarise(point_id: str) -> tuple[PointSummary, Manifest | None] | ManifestProblem | None:
         try:
-            return PointSummary.of(repo.load_manifest(point_id, sizes[point_id]))
+            manifest = repo.load_manifest(point_id, sizes[point_id])
         except NotFoundError:
             return None
         except IntegrityError as exc:
             return ManifestProblem(point_id, str(exc))
+        kept = manifest if keep_vm is not None and manifest.vm.get("uuid") == keep_vm else None
+        return PointSummary.of(manifest), kept
 
     fresh: dict[str, PointSummary] = {}
+    kept: dict[str, Manifest] = {}
     problems: list[ManifestProblem] = []
     for result in ordered_map(summarise, missing, io_threads(repo.remote.url)):
-        if isinstance(result, PointSummary):
-            fresh[result.id] = result
+        if isinstance(result, tuple):
+            fresh[result[0].id] = result[0]
+            if result[1] is not None:
+                kept[result[0].id] = result[1]
         elif result is not None:
             problems.append(result)
         progress.advance(1)
@@ -182,4 +183,4 @@ def point_summaries(
     points = [cached.get(i) or fresh[i] for i in ids if i in cached or i in fresh]
     if cache is not None and (fresh or len(cached) != len(points)):
         cache.save(points)
-    return points, problems
+    return points, problems, kept
