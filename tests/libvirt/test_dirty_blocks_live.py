@@ -37,7 +37,11 @@ def test_live_format3_delta_reads_only_dirty_blocks(
     tmp_path: Path,
 ) -> None:
     repo = Repository.init(
-        LocalRemote(tmp_path / "repo"), "aes-256-gcm", lambda: b"pw", format_version=3
+        LocalRemote(tmp_path / "repo"),
+        "aes-256-gcm",
+        lambda: b"pw",
+        format_version=3,
+        block_size=BLOCK,  # blocks of two dirty granules: the rounding out is what is tested
     )
     d = make_domain((32 * MiB,))
     d.guest_write("vda", 0, os.urandom(12 * MiB))  # chunks 0-2, all data

@@ -310,11 +310,15 @@ def test_backup_killed_inside_backup_begin_is_cleaned_up_after_libvirt_finished_
 DIE_AFTER_FIRST_VOLUME_WRITE = """
 import os, sys
 from vmkeep.connectors.libvirt.restore import new_domain as restore
-write = restore._VolumeWriter.write
+write, write_parts = restore._VolumeWriter.write, restore._VolumeWriter.write_parts
 def die(self, offset, data):  # the restore is killed with its volumes half-written
     write(self, offset, data)
     os._exit(9)
+def die_parts(self, offset, parts):  # format 3 chunks are written as their blocks
+    write_parts(self, offset, parts)
+    os._exit(9)
 restore._VolumeWriter.write = die
+restore._VolumeWriter.write_parts = die_parts
 from vmkeep.interfaces.cli.app import main
 sys.argv = ["vmkeep", *sys.argv[1:]]
 main()
