@@ -24,8 +24,11 @@ from vmkeep.repository.repository import Repository
 MiB = lv.MiB
 
 
-def new_repo(path: Path) -> Repository:
-    return Repository.init(LocalRemote(path), "aes-256-gcm", lambda: b"pw")
+def new_repo(path: Path, format_version: int | None = None) -> Repository:
+    """Format: the default (3) unless asked."""
+    return Repository.init(
+        LocalRemote(path), "aes-256-gcm", lambda: b"pw", format_version=format_version
+    )
 
 
 class FaultAfterFirstChunk(SilentProgress):

@@ -178,7 +178,9 @@ def test_put_parts_goes_through_an_overriding_put(tmp_path: Path) -> None:
 def test_a_sealed_object_is_written_once(tmp_path: Path) -> None:
     """store_chunk takes the pieces of the encoded chunk: a second write of the same object
     fails loudly instead of writing an empty object under the chunk's name."""
-    repo = Repository.init(LocalRemote(tmp_path / "r"), "aes-256-gcm", lambda: b"pw")
+    repo = Repository.init(
+        LocalRemote(tmp_path / "r"), "aes-256-gcm", lambda: b"pw", format_version=1
+    )
     data = os.urandom(MiB)
     chunk_id = repo.chunk_id(data)
     blob = repo.encode_chunk(chunk_id, data, 1)
