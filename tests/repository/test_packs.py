@@ -307,3 +307,26 @@ def test_packs_round_trip_on_s3(tmp_path: Path) -> None:
         assert sum(p.size for p in packs) == repo.packed.writer.bytes_written
     finally:
         server.stop()
+
+
+def test_a_long_lived_process_sees_points_written_since_it_loaded_the_index(
+    tmp_path: Path,
+) -> None:
+    """A process that loaded the index (a server between runs) reads a chunk another process
+    stored afterwards: a miss lists the index objects once and reads the new ones. A chunk
+    nobody stored stays missing, and a run of such misses costs one listing."""
+    repo = packed_repo(tmp_path / "r")
+    first = os.urandom(MiB)
+    first_id = repo.chunk_id(first)
+    repo.put_chunk(first_id, first, 1)
+    repo.flush_chunks()
+    assert repo.get_chunk(first_id) == first  # this process has loaded the index now
+    other = reopen(repo)  # another process
+    later = os.urandom(MiB)
+    later_id = other.chunk_id(later)
+    other.put_chunk(later_id, later, 1)
+    other.flush_chunks()
+    assert repo.get_chunk(later_id) == later
+    for _ in range(3):
+        with pytest.raises(IntegrityError, match="missing"):
+            repo.get_chunk(os.urandom(32))

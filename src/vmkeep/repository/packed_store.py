@@ -5,6 +5,7 @@ version 3; versions 1 and 2 keep their one-object-per-chunk code path untouched.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from vmkeep.errors import IntegrityError, NotFoundError
 from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.remotes.base import Remote
 
-from .blob_index import BlobIndex, LoadedIndex, load_index
+from .blob_index import INDEX_PREFIX, BlobIndex, LoadedIndex, index_id_of_name, load_index
 from .blobs import KIND_BLOCK, KIND_NAMES, KIND_RECIPE, BlobCodec
 from .compression import CHUNK_PROBE, looks_incompressible
 from .crypto import Sealed, Sealer
@@ -53,6 +54,8 @@ class PackedStore:
         self._writer: PackWriter | None = None
         self._local = threading.local()
         self._recipe_packs = RecipePacks(remote, self.pack_size)
+        self._grew_lock = threading.Lock()
+        self._grew_checked: float | None = None  # when a listing last showed nothing unread
 
     # -- index ----------------------------------------------------------------
 
@@ -64,6 +67,24 @@ class PackedStore:
 
     def index(self) -> BlobIndex:
         return self.loaded().index
+
+    def _index_grew(self) -> bool:
+        """After a miss: whether the remote lists index objects this process has not read
+        (another process backed up since it loaded the index: a long-lived process, such as
+        the server, must see those points), in which case the index is read again. A listing
+        that showed nothing new is trusted for a second, so a run of misses (a damaged
+        repository) costs one listing, not one per blob."""
+        with self._grew_lock:
+            if self._grew_checked is not None and time.monotonic() - self._grew_checked < 1:
+                return False
+            loaded = self.loaded()
+            known = set(loaded.names) | {name for name, _ in loaded.problems}
+            listed = {o.name for o in self.remote.list(INDEX_PREFIX) if index_id_of_name(o.name)}
+            if listed <= known:
+                self._grew_checked = time.monotonic()
+                return False
+            self.reload()
+            return True
 
     def reload(self) -> LoadedIndex:
         """Read the index again (after a gc may have rewritten it)."""
@@ -157,6 +178,8 @@ class PackedStore:
 
     def _entry(self, kind: int, blob_id: bytes, what: str) -> BlobEntry:
         entry = self.index().get(kind, blob_id)
+        if entry is None and self._index_grew():
+            entry = self.index().get(kind, blob_id)
         if entry is None:
             raise IntegrityError(f"{what} is missing from the repository")
         if not 0 < entry.length <= self.codec.max_encoded(kind):
