@@ -13,7 +13,7 @@ from pathlib import Path
 from vmkeep.errors import IntegrityError
 
 from .blobs import KIND_BLOCK, KIND_RECIPE, KINDS
-from .index_file import KEY_SIZE, RECORD, Damaged, IndexFile, Merge
+from .index_file import Damaged, IndexFile, Merge
 from .packs import BlobEntry
 
 SPILL_AT = 1 << 19  # ~75 MiB of dict entries; a run rewrite per 512 Ki blobs (32 GiB of blocks)
@@ -94,12 +94,6 @@ class AddedBlobs:
         return None if hit is None else BlobEntry(kind, blob_id, run.packs[hit[1]], *hit[2:])
 
     def entries(self) -> Iterator[BlobEntry]:
-        run = self._run
-        if run is not None:
-            last = b""
-            for record in run.records():
-                blob_id, kind, _, pack, offset, length = RECORD.unpack(record)
-                if record[:KEY_SIZE] != last:
-                    last = record[:KEY_SIZE]
-                    yield BlobEntry(kind, blob_id, run.packs[pack], offset, length)
+        if self._run is not None:
+            yield from self._run.entries()
         yield from self._mem.entries()

@@ -32,7 +32,7 @@ from .cache_dir import cache_root, repository_cache
 from .compression import compress, decompress
 from .crypto import Sealer
 from .format import FLAG_ENCRYPTED, FLAG_ZSTD, HEADER_SIZE, ID_SIZE, OBJECT_VERSION, header
-from .index_file import KEY_SIZE, RECORD, Damaged, IndexFile, Merge, mac_key
+from .index_file import Damaged, IndexFile, Merge, mac_key
 from .limits import get_bounded
 from .packs import BlobEntry
 
@@ -185,15 +185,8 @@ class BlobIndex:
         return self._disk_get(kind, blob_id, False) is not None
 
     def _disk_entries(self) -> Iterator[BlobEntry]:
-        disk = self._disk
-        if disk is None:
-            return
-        last = b""
-        for record in disk.records():
-            blob_id, kind, _, pack, offset, length = RECORD.unpack(record)
-            if record[:KEY_SIZE] != last:
-                last = record[:KEY_SIZE]
-                yield BlobEntry(kind, blob_id, disk.packs[pack], offset, length)
+        if self._disk is not None:
+            yield from self._disk.entries()
 
     def _added_only(self) -> Iterator[BlobEntry]:
         for entry in self._added.entries():

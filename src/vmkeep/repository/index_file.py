@@ -187,6 +187,16 @@ class IndexFile:
             raise Damaged("a record names no pack")
         return source, pack, offset, length
 
+    def entries(self) -> Iterator[BlobEntry]:
+        """Each blob once (the first of its records: a blob listed by several index objects
+        has one record per source), in record order."""
+        last = b""
+        for record in self.records():
+            blob_id, kind, _, pack, offset, length = RECORD.unpack(record)
+            if record[:KEY_SIZE] != last:
+                last = record[:KEY_SIZE]
+                yield BlobEntry(kind, blob_id, self.packs[pack], offset, length)
+
     def records(self) -> Iterator[bytes]:
         """Every record in order, one partition's worth of buckets read at a time."""
         step = max(1, (1 << self.bits) // PARTITIONS)
