@@ -165,7 +165,7 @@ class PackedStore:
 
     def get_chunk(self, chunk_id: bytes) -> bytes:
         length, block_ids = self.recipe_of(chunk_id)
-        plain = self._read_blocks(chunk_id, block_ids)
+        plain = self.read_blocks(chunk_id, block_ids)
         return assemble_chunk(chunk_id, length, block_ids, plain, self.codec.block_size)
 
     def recipe_of(self, chunk_id: bytes) -> tuple[int, list[bytes]]:
@@ -202,7 +202,7 @@ class PackedStore:
             )
         return raw
 
-    def _read_blocks(self, chunk_id: bytes, block_ids: list[bytes]) -> dict[bytes, bytes]:
+    def read_blocks(self, chunk_id: bytes, block_ids: list[bytes]) -> dict[bytes, bytes]:
         """Plaintext of every non-zero block. Blocks of one pack are one ranged GET when they
         are adjacent, or close enough that the span stays within two chunks (a chunk changed
         by a delta has its old blocks around the replaced ones: one GET instead of one per
