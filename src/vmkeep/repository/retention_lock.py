@@ -16,7 +16,6 @@ from vmkeep.errors import (
     IntegrityError,
     NotFoundError,
     ObjectLockedError,
-    UsageError,
     VmkeepError,
 )
 from vmkeep.remotes.base import Remote
@@ -27,6 +26,7 @@ from vmkeep.remotes.retention_records import MAX_RECORD_BYTES, RECORDS_PREFIX, d
 from .format import CONFIG_NAME, chunk_object_name, manifest_object_name
 from .limits import get_bounded
 from .manifest import Manifest
+from .packed_lock import protect_packed_point
 from .repository import Repository
 
 
@@ -41,22 +41,23 @@ def lock_restore_point(repo: Repository, manifest: Manifest) -> ProtectStats | N
     if not isinstance(remote, LockingRemote) or remote.lock_policy is None:
         return None
     policy = remote.lock_policy
-    if repo.packed is not None:
-        raise UsageError(
-            "retention locks are not supported by format 3 repositories (packs are shared and "
-            "repacked): remove the remote's lock or use a format 1 or 2 repository"
-        )
     until = policy.point_until(manifest.created)
     ids = manifest.referenced_ids()
     covered, parent_floor = parent_claim(repo, manifest, until)
-    names = [CONFIG_NAME, *sorted(chunk_object_name(c) for c in ids)]
-    stats = remote.protect_point(
-        manifest.id,
-        names,
-        [manifest_object_name(manifest.id)],
-        until,
-        {chunk_object_name(c) for c in ids & covered},
-    )
+    if repo.packed is not None:
+        # Format 3: the packs and index objects of the chunks the parent's claim does not
+        # cover (packed_lock.py); the covered ones count as assured.
+        stats = protect_packed_point(repo.packed, remote, manifest.id, ids - covered, until)
+        stats.assured += len(ids & covered)
+    else:
+        names = [CONFIG_NAME, *sorted(chunk_object_name(c) for c in ids)]
+        stats = remote.protect_point(
+            manifest.id,
+            names,
+            [manifest_object_name(manifest.id)],
+            until,
+            {chunk_object_name(c) for c in ids & covered},
+        )
     floor = stats.floor or until
     if stats.assured and parent_floor is not None:
         floor = min(floor, parent_floor)

