@@ -108,18 +108,20 @@ def test_s3_object_lock_end_to_end(
     assert probe["immutable"] is True and probe["ok"], probe["checks"]
 
 
+@pytest.mark.parametrize(("fmt", "orphan_dir"), [("1", "chunks"), ("3", "packs")])
 def test_s3_gc_keeps_locked_garbage(
-    cli: Cli, seaweed: SeaweedServer, make_vm: Callable[..., Path]
+    cli: Cli, seaweed: SeaweedServer, make_vm: Callable[..., Path], fmt: str, orphan_dir: str
 ) -> None:
-    """A backup killed after uploading its chunks leaves locked garbage: gc keeps it."""
+    """A backup killed after uploading its chunks (packs) leaves locked garbage: gc keeps
+    it, and everything else of the repository with it."""
     cli.env.update(
         AWS_ACCESS_KEY_ID=seaweed.access_key,
         AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
         AWS_EC2_METADATA_DISABLED="true",
     )
-    prefix = f"gc-{os.getpid()}"
+    prefix = f"gc{fmt}-{os.getpid()}"
     url = s3_url(seaweed, "imm-locked", prefix)
-    cli("remote", "add", "vault", url, "--format", "1", "--lock-days", "1")
+    cli("remote", "add", "vault", url, "--format", fmt, "--lock-days", "1")
     vm = make_vm(size=32 * 1024 * 1024)
     point = cli("backup", str(vm), "--json").json()["restore_point"]
     client = seaweed.client()
@@ -127,7 +129,7 @@ def test_s3_gc_keeps_locked_garbage(
     assert client.head_object(Bucket="imm-locked", Key=manifest)["ObjectLockMode"] == "COMPLIANCE"
     # What a backup killed between its uploads and its manifest leaves: a locked chunk that
     # no restore point references.
-    orphan = f"{prefix}/chunks/ff/" + "ff" * 32
+    orphan = f"{prefix}/{orphan_dir}/ff/" + "ff" * 32
     client.put_object(
         Bucket="imm-locked",
         Key=orphan,
@@ -141,6 +143,8 @@ def test_s3_gc_keeps_locked_garbage(
     gc_text = cli("gc")
     assert "1 unreferenced chunks still locked, kept" in gc_text.out + gc_text.err
     assert client.head_object(Bucket="imm-locked", Key=orphan)["ContentLength"] == 6
+    listed = client.list_objects_v2(Bucket="imm-locked", Prefix=f"{prefix}/")["Contents"]
+    assert sum(o["Key"].startswith(f"{prefix}/{orphan_dir}/") for o in listed) >= 2
 
 
 @pytest.fixture
