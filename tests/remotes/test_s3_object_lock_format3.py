@@ -228,3 +228,46 @@ def test_gc_leaves_locked_packs_then_frees_them(server: SeaweedServer, tmp_path:
     keys = {v["Key"] for v in page.get("Versions", [])}
     assert keys == {f"{prefix}/{n}" for n in objects(remote, "packs/")}  # no version left
     assert restored_hash(repo, second, tmp_path / "r2") == want
+
+
+def listed_packs(remote: S3Remote, repo: Repository) -> set[str]:
+    """Every pack some index object on the remote lists."""
+    store = repo.packed
+    assert store is not None
+    packs = set()
+    for name in objects(remote, "index/"):
+        index_id = index_id_of_name(name)
+        assert index_id is not None
+        doc = decode_index(store.sealer, store.repo_id, index_id, remote.get(name))
+        packs |= {f"packs/{e.pack.hex()[:2]}/{e.pack.hex()}" for e in iter_index(doc)}
+    return packs
+
+
+def test_gc_keeps_the_unlocked_packs_a_locked_index_object_lists(
+    server: SeaweedServer, tmp_path: Path
+) -> None:
+    """An index object locked longer than a pack it lists (or locked by hand): gc deletes
+    neither, so no lasting index entry ever names a deleted pack (a backup would reuse a
+    blob that is gone). Once the index object unlocks, gc frees both."""
+    prefix = unique("f3held")
+    remote = remote_for(server, prefix)
+    repo = Repository.init(remote, "none", lambda: PASS, pack_size=MiB)
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "held", 32 * MiB)
+    point = backup(repo, vm).restore_point  # no lock: packs and index unlocked
+    (index_name,) = objects(remote, "index/")
+    until = datetime.now(UTC) + timedelta(seconds=8)
+    server.client().put_object_retention(
+        Bucket=LOCKED,
+        Key=f"{prefix}/{index_name}",
+        Retention={"Mode": "COMPLIANCE", "RetainUntilDate": until},
+    )
+    packs = objects(remote, "packs/")
+    repo.delete_manifest(point)
+    report = collect_garbage(repo, SilentProgress())
+    assert report.packs is not None and report.packs.packs_locked == len(packs)
+    assert objects(remote, "packs/") == packs and index_name in objects(remote, "index/")
+    assert listed_packs(remote, repo) <= set(objects(remote, "packs/"))
+    time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()) + 1.5)
+    report = collect_garbage(repo, SilentProgress())
+    assert objects(remote, "packs/") == [] and objects(remote, "index/") == []
