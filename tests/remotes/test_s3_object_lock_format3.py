@@ -25,10 +25,12 @@ from vmkeep.connectors.files import FilesConnector
 from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
 from vmkeep.errors import ObjectLockedError
 from vmkeep.operations.backup import BackupOptions, BackupReport, backup_vm
+from vmkeep.operations.mirror import MirrorOptions, mirror
 from vmkeep.operations.prune import apply_prune
 from vmkeep.operations.restore import restore_vm
 from vmkeep.operations.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.progress import SilentProgress
+from vmkeep.remotes.local import LocalRemote
 from vmkeep.remotes.object_lock import LockPolicy
 from vmkeep.remotes.s3 import S3Remote
 from vmkeep.repository.blob_index import decode_index, index_id_of_name, iter_index
@@ -271,3 +273,29 @@ def test_gc_keeps_the_unlocked_packs_a_locked_index_object_lists(
     time.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()) + 1.5)
     report = collect_garbage(repo, SilentProgress())
     assert objects(remote, "packs/") == [] and objects(remote, "index/") == []
+
+
+def test_mirror_into_a_locked_format3_bucket_locks_what_it_copies(
+    server: SeaweedServer, tmp_path: Path
+) -> None:
+    """A mirror locks each copied point as a backup does: every pack and index object the
+    copy needs carries the point's date plus the margin, and it restores hash-equal."""
+    source = Repository.init(LocalRemote(tmp_path / "src"), "none", lambda: PASS)
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "mir", 32 * MiB)
+    want = disk_hash(vm)
+    point = backup(source, vm).restore_point
+    prefix = unique("f3mirror")
+    remote = remote_for(server, prefix)
+    target = Repository.init(remote, "aes-256-gcm", lambda: PASS, pack_size=MiB)
+    policy = LockPolicy.from_days(1)
+    remote.set_lock_policy(policy)
+    report = mirror(source, target, MirrorOptions(), SilentProgress())
+    assert not report.failed
+    lock = target.load_manifest(point).lock
+    assert lock is not None
+    floor = datetime.fromisoformat(lock["until"]) + policy.margin - timedelta(seconds=2)
+    data = [*objects(remote, "packs/"), *objects(remote, "index/")]
+    assert len(data) >= 3 and all(lock_end(server, prefix, n) >= floor for n in data)
+    fresh = Repository.open(remote_for(server, prefix), lambda: PASS)
+    assert restored_hash(fresh, point, tmp_path / "r") == want

@@ -192,7 +192,12 @@ class S3LockSupport:
         if not names:
             return {}
         if self._lock_enabled is None:
-            self._lock_enabled = self.bucket_lock_enabled()
+            try:
+                self._lock_enabled = self.bucket_lock_enabled()
+            except RemoteError:
+                # Keys without s3:GetBucketObjectLockConfiguration (not needed on an unlocked
+                # bucket): nothing is known locked, and the server's refusals say the rest.
+                self._lock_enabled = False
         if not self._lock_enabled:
             return {}
         ends = ordered_map(
