@@ -19,7 +19,7 @@ from vmkeep.errors import IntegrityError
 from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.remotes.object_lock import LockingRemote, ProtectStats
 
-from .blob_index import MAX_INDEX_ENTRIES, encode_index, index_object_name
+from .blob_index import MAX_INDEX_ENTRIES, IndexCache, encode_index, index_object_name
 from .blobs import KIND_BLOCK, KIND_RECIPE
 from .format import CONFIG_NAME, ZERO_ID, manifest_object_name
 from .packed_store import PackedStore
@@ -111,6 +111,7 @@ def write_cover_index(store: PackedStore, entries: list[BlobEntry]) -> list[str]
         name = index_object_name(index_id)
         if store.sealer.encrypted or store.remote.stat(name) is None:
             store.remote.put(name, data)
+            IndexCache(store.repo_id).put(index_id, data)  # the next open needs no GET
         names.append(name)
     if names:
         store.remote.flush()
