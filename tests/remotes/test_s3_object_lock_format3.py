@@ -299,3 +299,43 @@ def test_mirror_into_a_locked_format3_bucket_locks_what_it_copies(
     assert len(data) >= 3 and all(lock_end(server, prefix, n) >= floor for n in data)
     fresh = Repository.open(remote_for(server, prefix), lambda: PASS)
     assert restored_hash(fresh, point, tmp_path / "r") == want
+
+
+@pytest.mark.parametrize("encryption", ["aes-256-gcm", "none"])
+def test_a_delta_trusts_its_parents_claim_for_the_blocks_of_chunks_it_changed(
+    server: SeaweedServer, tmp_path: Path, encryption: str
+) -> None:
+    """A scattered delta changes a block or two in many chunks: the rest of each changed
+    chunk are its parent's blocks, which the parent's (authenticated) claim covers, so an
+    encrypted repository asks about no older pack and writes no cover index; an unencrypted
+    one asks about every older pack the point uses."""
+    prefix = unique(f"f3claim-{encryption[:4]}")
+    first_remote = remote_for(server, prefix)
+    repo = Repository.init(first_remote, encryption, lambda: PASS, pack_size=MiB)
+    first_remote.set_lock_policy(LockPolicy.from_days(7))
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "claim", 32 * MiB)
+    backup(repo, vm)
+    old_packs, old_index = objects(first_remote, "packs/"), objects(first_remote, "index/")
+
+    later = remote_for(server, prefix)
+    repo2 = Repository.open(later, lambda: PASS)
+    later.set_lock_policy(LockPolicy.from_days(7))
+    heads = count_calls(later, "HeadObject")
+    modify_demo_vm(vm, 6)
+    want = disk_hash(vm)
+    point = backup(repo2, vm, "delta").restore_point
+    asked = {k.split("/", 1)[1] for k in heads if "/packs/" in k}
+    new_index = [n for n in objects(later, "index/") if n not in old_index]
+    lock = repo2.load_manifest(point).lock
+    assert lock is not None
+    assert datetime.fromisoformat(lock["chunks_until"]) >= datetime.fromisoformat(lock["until"])
+    if encryption == "none":  # a forgeable parent vouches for nothing
+        assert asked and asked <= set(old_packs)
+    else:
+        assert asked == set()
+        store = repo2.packed
+        assert store is not None
+        assert set(new_index) == set(store.writer.index_names)  # no cover index needed
+    fresh = Repository.open(remote_for(server, prefix), lambda: PASS)
+    assert restored_hash(fresh, point, tmp_path / "r") == want

@@ -34,18 +34,20 @@ def protect_packed_point(
     point_id: str,
     chunk_ids: Iterable[bytes],
     until: datetime,
+    predecessors: dict[bytes, bytes] | None = None,
 ) -> ProtectStats:
     """Every pack holding a blob of `chunk_ids` and an index object describing each of those
     blobs locked at least until `until` (plus config). `chunk_ids` excludes what an earlier
-    point's claim covers. Memory: the set of pack names (one per 16 MiB of data) and one
-    index object's worth of entries, whatever the disk size."""
+    point's claim covers; `predecessors` maps a chunk to the covered chunk it replaced, whose
+    blocks the claim covers too. Memory: the set of pack names (one per 16 MiB of data), one
+    index object's worth of entries and the predecessor map (two IDs per changed chunk)."""
     store.flush()  # this run's packs and index objects are written: they are named below
     writer = store.writer
     own = set(writer.pack_ids)
     packs: set[bytes] = set(own)
     cover: list[str] = []
     pending: list[BlobEntry] = []
-    for entries in _entries_of(store, chunk_ids):
+    for entries in _entries_of(store, chunk_ids, predecessors or {}):
         for entry in entries:
             packs.add(entry.pack)
             if entry.pack not in own:
@@ -63,15 +65,22 @@ def protect_packed_point(
     return remote.protect_point(point_id, names, [manifest_object_name(point_id)], until)
 
 
-def _entries_of(store: PackedStore, chunk_ids: Iterable[bytes]) -> Iterator[list[BlobEntry]]:
+def _entries_of(
+    store: PackedStore, chunk_ids: Iterable[bytes], predecessors: dict[bytes, bytes]
+) -> Iterator[list[BlobEntry]]:
     """Per batch of chunks: the index entries of their recipes and blocks (each once per
-    batch). A blob the index lacks fails the backup: the point could not be restored."""
+    batch), but not the blocks of a chunk's covered predecessor. A blob the index lacks
+    fails the backup: the point could not be restored."""
     index = store.index()
 
     def entries(chunk_id: bytes) -> list[BlobEntry]:
         _, block_ids = store.recipe_of(chunk_id)
+        blocks = set(block_ids) - {ZERO_ID}
+        before = predecessors.get(chunk_id)
+        if before is not None:
+            blocks -= set(store.recipe_of(before)[1])
         found = [index.get(KIND_RECIPE, chunk_id)]
-        found += [index.get(KIND_BLOCK, b) for b in set(block_ids) - {ZERO_ID}]
+        found += [index.get(KIND_BLOCK, b) for b in blocks]
         if any(e is None for e in found):
             raise IntegrityError(f"chunk {chunk_id.hex()[:16]} is missing from the index")
         return [e for e in found if e is not None]

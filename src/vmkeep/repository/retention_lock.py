@@ -47,7 +47,8 @@ def lock_restore_point(repo: Repository, manifest: Manifest) -> ProtectStats | N
     if repo.packed is not None:
         # Format 3: the packs and index objects of the chunks the parent's claim does not
         # cover (packed_lock.py); the covered ones count as assured.
-        stats = protect_packed_point(repo.packed, remote, manifest.id, ids - covered, until)
+        before = predecessors(repo, manifest, covered) if covered else {}
+        stats = protect_packed_point(repo.packed, remote, manifest.id, ids - covered, until, before)
         stats.assured += len(ids & covered)
     else:
         names = [CONFIG_NAME, *sorted(chunk_object_name(c) for c in ids)]
@@ -88,6 +89,29 @@ def parent_claim(
     if floor is None or floor.tzinfo is None or floor < until:
         return set(), None
     return parent.referenced_ids(), floor
+
+
+def predecessors(repo: Repository, manifest: Manifest, covered: set[bytes]) -> dict[bytes, bytes]:
+    """Format 3: each chunk of `manifest` the parent's claim does not cover → the parent's
+    chunk at the same place of the same disk, when the claim covers that one. A chunk a
+    delta changed keeps most of its blocks; those are the parent's, locked by its claim."""
+    try:
+        parent = repo.load_manifest(str(manifest.parent))
+    except VmkeepError:
+        return {}
+    disks = {d.name: d for d in parent.disks if d.chunk_size == repo.chunk_size}
+    found: dict[bytes, bytes] = {}
+    for disk in manifest.disks:
+        old = disks.get(disk.name)
+        if old is None:
+            continue
+        for index, chunk_id in disk.entries():
+            if chunk_id in covered or index >= old.chunk_count:
+                continue
+            before = old.chunk_id(index)
+            if before in covered:
+                found.setdefault(chunk_id, before)
+    return found
 
 
 @dataclass
