@@ -121,6 +121,18 @@ def test_format3_point_locks_its_packs_and_index_and_survives_an_attacker(
         with pytest.raises(ClientError) as refused:
             client.delete_object(Bucket=LOCKED, Key=key, VersionId=version)
         assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    # An overwrite only adds a newer version: the locked one stays intact underneath, and
+    # deleting the attacker's version (docs/IMMUTABILITY.md, recovering) makes it current.
+    for name in (packs[-1], index[-1]):
+        key = f"{prefix}/{name}"
+        locked = client.head_object(Bucket=LOCKED, Key=key)["VersionId"]
+        original = client.get_object(Bucket=LOCKED, Key=key, VersionId=locked)["Body"].read()
+        bad = client.put_object(Bucket=LOCKED, Key=key, Body=b"ransom")["VersionId"]
+        assert bad != locked
+        body = client.get_object(Bucket=LOCKED, Key=key, VersionId=locked)["Body"].read()
+        assert body == original
+        client.delete_object(Bucket=LOCKED, Key=key, VersionId=bad)
+        assert client.get_object(Bucket=LOCKED, Key=key)["Body"].read() == original
     # ... and so are vmkeep's own forget (prune) and gc with the same keys.
     attacker = Repository.open(remote_for(server, prefix), lambda: PASS)
     with pytest.raises(ObjectLockedError):
