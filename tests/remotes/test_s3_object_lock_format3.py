@@ -327,8 +327,10 @@ def test_a_delta_trusts_its_parents_claim_for_the_blocks_of_chunks_it_changed(
     first_remote.set_lock_policy(LockPolicy.from_days(7))
     (tmp_path / "vms").mkdir()
     vm = create_demo_vm(tmp_path / "vms", "claim", 32 * MiB)
-    backup(repo, vm)
+    first = backup(repo, vm).restore_point
     old_packs, old_index = objects(first_remote, "packs/"), objects(first_remote, "index/")
+    first_lock = repo.load_manifest(first).lock
+    assert first_lock is not None
 
     later = remote_for(server, prefix)
     repo2 = Repository.open(later, lambda: PASS)
@@ -346,6 +348,9 @@ def test_a_delta_trusts_its_parents_claim_for_the_blocks_of_chunks_it_changed(
         assert asked and asked <= set(old_packs)
     else:
         assert asked == set()
+        # what the parent vouched for is locked until the parent's floor, not the child's
+        child = datetime.fromisoformat(lock["chunks_until"])
+        assert child <= datetime.fromisoformat(first_lock["chunks_until"])
         store = repo2.packed
         assert store is not None
         assert set(new_index) == set(store.writer.index_names)  # no cover index needed

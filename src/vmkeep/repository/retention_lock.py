@@ -46,10 +46,11 @@ def lock_restore_point(repo: Repository, manifest: Manifest) -> ProtectStats | N
     covered, parent_floor = parent_claim(repo, manifest, until)
     if repo.packed is not None:
         # Format 3: the packs and index objects of the chunks the parent's claim does not
-        # cover (packed_lock.py); the covered ones count as assured.
+        # cover (packed_lock.py).
         before = predecessors(repo, manifest, covered) if covered else {}
         stats = protect_packed_point(repo.packed, remote, manifest.id, ids - covered, until, before)
-        stats.assured += len(ids & covered)
+        # what the claim vouched for (chunks and predecessors' blocks) bounds the floor too
+        stats.assured += len(ids & covered) + len(before)
     else:
         names = [CONFIG_NAME, *sorted(chunk_object_name(c) for c in ids)]
         stats = remote.protect_point(
