@@ -230,6 +230,11 @@ def test_gc_leaves_locked_packs_then_frees_them(server: SeaweedServer, tmp_path:
     assert objects(remote, "packs/") == packs
     assert set(index) <= set(objects(remote, "index/"))  # locked: not even tried
     assert restored_hash(repo, second, tmp_path / "r1") == want
+    listed = objects(remote, "index/")
+    again = collect_garbage(repo, SilentProgress())  # nothing it may change: no rewrite
+    assert again.packs is not None and again.packs.packs_locked == report.packs.packs_locked
+    assert (again.packs.packs_written, again.packs.index_objects_replaced) == (0, 0)
+    assert objects(remote, "index/") == listed
 
     ends = [lock_end(server, prefix, n) for n in [*packs, *index]]
     time.sleep(max(0.0, (max(ends) - datetime.now(UTC)).total_seconds()) + 1.5)

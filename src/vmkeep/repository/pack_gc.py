@@ -36,6 +36,7 @@ class PackPlan:
     delete: list[bytes] = field(default_factory=list)  # no live blob, or unindexed
     sizes: dict[bytes, int] = field(default_factory=dict)
     dead_entries: int = 0
+    dead_packs: set[bytes] = field(default_factory=set)  # packs a dead index entry names
 
 
 @dataclass
@@ -79,7 +80,10 @@ def sweep_packs(
     )
     freed = sum(plan.sizes.get(p, 0) for p in [*plan.delete, *plan.repack])
     deletable = [n for n in loaded.names if n not in locks.index_names]
-    changed = plan.delete or plan.repack or plan.dead_entries or len(deletable) > 1
+    # Dead entries in packs a locked index object lists stay listed by it whatever gc writes:
+    # they alone are no reason to rewrite the index at every gc while the lock lasts.
+    dead = plan.dead_packs - locks.packs if locks.packs else plan.dead_entries
+    changed = plan.delete or plan.repack or dead or len(deletable) > 1
     if dry_run or not changed:
         report.bytes_freed = freed if dry_run else 0
         report.packs_deleted = report.packs_deleted if dry_run else 0
@@ -152,6 +156,7 @@ def plan_packs(store: PackedStore, index: BlobIndex, live: set[tuple[int, bytes]
             by_pack.setdefault(entry.pack, []).append(entry)
         else:
             plan.dead_entries += 1
+            plan.dead_packs.add(entry.pack)
     for pack_id, size in plan.sizes.items():
         entries = by_pack.get(pack_id, [])
         # The pack's header and trailer are not garbage: without them, a pack of a few small
