@@ -135,16 +135,12 @@ class PackedStore:
         """The recipe and those of `blocks` (block ID, plaintext) the repository lacks,
         encoded; zero blocks and repeats are skipped. A dirty-block delta hands only the
         blocks it read (operations/dirty_blocks.py)."""
-        writer = self.writer
-        encoded: list[tuple[bytes, Sealed]] = []
-        done: set[bytes] = set()
+        has = self.writer.has
+        todo: dict[bytes, bytes | memoryview] = {}
         for block_id, plain in blocks:
-            if block_id == ZERO_ID or block_id in done or writer.has(KIND_BLOCK, block_id):
-                continue
-            done.add(block_id)
-            encoded.append(
-                (block_id, self.codec.encode_parts(KIND_BLOCK, block_id, plain, level, probe))
-            )
+            if block_id != ZERO_ID and block_id not in todo and not has(KIND_BLOCK, block_id):
+                todo[block_id] = plain
+        encoded = self.codec.encode_many(KIND_BLOCK, todo.items(), level, probe)
         return PackedChunk(self.codec.encode(KIND_RECIPE, chunk_id, recipe, level), encoded)
 
     def store(self, chunk_id: bytes, packed: PackedChunk) -> None:
