@@ -16,7 +16,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +142,9 @@ class BlobIndex:
 
     def add(self, entry: BlobEntry) -> None:
         self._added.add(entry)
+
+    def add_many(self, entries: Iterable[BlobEntry]) -> None:
+        self._added.add_many(entries)
 
     def get(self, kind: int, blob_id: bytes) -> BlobEntry | None:
         found = self._disk_get(kind, blob_id)

@@ -179,8 +179,7 @@ class PackWriter:
             self.packs_written += 1
             self.pack_ids.add(pack_id)
             self.bytes_written += size
-        for entry in written:
-            index.add(entry)
+        index.add_many(written)
         self._indexed(written)
 
     def _indexed(self, written: list[BlobEntry]) -> None:
