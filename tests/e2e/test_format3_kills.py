@@ -224,12 +224,12 @@ def test_backup_and_gc_dying_mid_write_on_every_remote(
     first = cli("backup", str(vm), "--remote", remote, "--json").json()
     first_hashes = disk_hashes(vm)
     stored = census(cli, remote)
-    with open(vm / "disk0.img", "r+b") as f:  # 8 MiB of new data: 8 new packs to upload
-        f.seek(4 << 20)
-        f.write(os.urandom(8 << 20))
+    with open(vm / "disk0.img", "r+b") as f:  # 16 MiB of new data: 4 to 8 packs to upload
+        f.seek(4 << 20)  # (a pack closes past 1 MiB, after a whole chunk's blocks: up to 5 MiB)
+        f.write(os.urandom(16 << 20))
 
-    # 1. a backup cut mid-upload, after ~3 MiB of pack bodies went out
-    dies(cli, DIE_MID_BODY, "backup", str(vm), "--remote", remote, DIE_AFTER=str(3 << 20))
+    # 1. a backup cut mid-upload, after 12 MiB of pack bodies went out (3 packs in flight)
+    dies(cli, DIE_MID_BODY, "backup", str(vm), "--remote", remote, DIE_AFTER=str(12 << 20))
     assert points(cli, remote) == [first["restore_point"]]
     cut = census(cli, remote)  # every pack listed reads whole, blob by blob
     assert cut.packs > stored.packs and cut.index_objects == stored.index_objects
@@ -245,7 +245,7 @@ def test_backup_and_gc_dying_mid_write_on_every_remote(
     # 2. gc dying mid-sweep (an old index object and a pack deleted), holding its lock
     cli("forget", second["restore_point"], "--remote", remote)
     garbage = cli("gc", "--remote", remote, "--dry-run", "--json").json()["packs_deleted"]
-    assert garbage >= 8  # the second point's packs and the dead backup's
+    assert garbage >= 4  # the second point's packs and the dead backup's
     dies(cli, DIE_AT_STEP, "gc", "--remote", remote, DIE_STEP="gc-mid-pack-deletes")
     left = cli("gc", "--remote", remote, "--dry-run", "--json").json()["packs_deleted"]
     assert 0 < left < garbage
