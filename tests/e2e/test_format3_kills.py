@@ -22,7 +22,8 @@ from .test_remotes_cli import remote  # noqa: F401  (the S3 / Azure / SMB server
 
 MiB = 1 << 20
 
-# `python -c SCRIPT vmkeep-args...` with STEP (env) naming where the process dies (os._exit(9)).
+# `python -c SCRIPT vmkeep-args...` with DIE_STEP (env) naming where the process dies
+# (os._exit(9)), or stops (SIGSTOP) when DIE_FLAG names a file to create first.
 DIE_AT_STEP = """
 import os, sys
 step = os.environ["DIE_STEP"]
@@ -31,7 +32,13 @@ import vmkeep.repository.index_repair as repair
 import vmkeep.repository.index_file as index_file
 
 def die():
-    os._exit(9)
+    # os._exit(9), or with DIE_FLAG set: create that file, SIGSTOP, then go on
+    flag = os.environ.get("DIE_FLAG")
+    if not flag:
+        os._exit(9)
+    import signal
+    open(flag, "x").close()
+    os.kill(os.getpid(), signal.SIGSTOP)
 
 if step == "gc-before-index":  # repacked packs and their index written, the rest not
     gc.write_index = lambda *a, **k: die()
