@@ -66,6 +66,13 @@ if step == "repair-mid-deletes":
             die()
         return delete
     repair._delete = one
+if step == "index-loaded":  # its private index (the cache is off) built, then death
+    import vmkeep.repository.packed_store as packed_store
+    load = packed_store.load_index
+    def load_and_die(*a, **k):
+        load(*a, **k)
+        die()
+    packed_store.load_index = load_and_die
 if step == "index-cache-replace":  # the cache file written beside, not renamed over yet
     real = os.replace
     def replace(src, dst, *a, **k):
@@ -218,6 +225,24 @@ def test_index_cache_killed_before_its_rename(cli: Cli, repo: Repo, tmp_path: Pa
     assert not [p for p in installed.parent.iterdir() if ".tmp-" in p.name]
     assert installed.read_bytes() != old
     repo.check()
+
+
+def test_private_index_of_a_killed_process_is_removed(cli: Cli, repo: Repo, tmp_path: Path) -> None:
+    """With the cache off, each process builds the index in a private temporary directory
+    removed at exit; a killed process cannot remove its own (a full copy of the index: 50
+    bytes per blob), so the next process removes those whose process is gone."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    off = {"VMKEEP_CACHE_DIR": "off", "TMPDIR": str(tmp)}
+    dies(cli, DIE_AT_STEP, "verify", "--remote", repo.url, DIE_STEP="index-loaded", **off)
+    (left,) = tmp.iterdir()
+    assert sum(f.stat().st_size for f in left.iterdir()) > 8000  # the index of ~200 blobs
+    alive = tmp / "vmkeep-index-1-1-abcdefgh"  # pid 1 (init) with its start time: alive
+    alive.mkdir()
+    stat = Path("/proc/1/stat").read_text().rpartition(")")[2].split()
+    alive = alive.rename(tmp / f"vmkeep-index-1-{stat[19]}-abcdefgh")
+    assert cli("verify", "--remote", repo.url, "--json", env=off).json()["ok"]
+    assert list(tmp.iterdir()) == [alive]
 
 
 def test_backup_and_gc_dying_mid_write_on_every_remote(
