@@ -254,9 +254,8 @@ class Campaign:
 def kill_migrate(c: Campaign, source: str) -> str:
     """migrate into a fresh format 3 target, killed; the target then lists only copied
     points, verifies, a second migrate completes and a gc leaves no orphan."""
-    target = f"{c.url.rstrip('/')}-m{c.rng.getrandbits(32):08x}"
-    if "://" not in c.url:
-        target = str(Path(c.url).parent / Path(target).name)
+    name = f"m{c.rng.getrandbits(32):08x}"
+    target = c.url.replace("/repo?", f"/{name}?") if "://" in c.url else str(c.root / name)
     c.run("init", target, "--format", "3", "--pack-size", "1M")
     duration = c.durations.setdefault("migrate", 0.0)
     if not duration:

@@ -73,6 +73,13 @@ if step == "index-loaded":  # its private index (the cache is off) built, then d
         load(*a, **k)
         die()
     packed_store.load_index = load_and_die
+if step == "index-object-cached":  # a copy of its index object half-written in the cache
+    import vmkeep.repository.blob_index as blob_index
+    def put(self, index_id, data):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / f".tmp-{os.getpid()}-1").write_bytes(data[: len(data) // 2])
+        die()
+    blob_index.IndexCache.put = put
 if step == "index-cache-replace":  # the cache file written beside, not renamed over yet
     real = os.replace
     def replace(src, dst, *a, **k):
@@ -243,6 +250,29 @@ def test_private_index_of_a_killed_process_is_removed(cli: Cli, repo: Repo, tmp_
     alive = alive.rename(tmp / f"vmkeep-index-1-{stat[19]}-abcdefgh")
     assert cli("verify", "--remote", repo.url, "--json", env=off).json()["ok"]
     assert list(tmp.iterdir()) == [alive]
+
+
+def test_cached_index_object_of_a_killed_backup_is_removed(
+    cli: Cli, repo: Repo, tmp_path: Path
+) -> None:
+    """A backup killed while it copies its index object into the cache (temporary name,
+    then rename) leaves the temporary file: the next merge removes it, since its writer
+    is gone (before, only an index object the remote no longer lists was removed)."""
+    overwrite(repo.disk, 6 * MiB, MiB, 43)
+    dies(
+        cli,
+        DIE_AT_STEP,
+        "backup",
+        str(repo.vm),
+        "--remote",
+        repo.url,
+        DIE_STEP="index-object-cached",
+    )
+    (left,) = (tmp_path / "cache").rglob(".tmp-*")
+    assert points(cli, repo.url) == sorted(repo.expected)
+    repo.backup()  # merges the dead backup's index object, then tidies the cache
+    assert not left.exists()
+    repo.check()
 
 
 def test_backup_and_gc_dying_mid_write_on_every_remote(

@@ -388,5 +388,16 @@ class IndexCache:
             return
         wanted = {i.hex() for i in ids if i is not None}
         for path in self.dir.iterdir():
-            if path.name not in wanted and not path.name.startswith(".tmp-"):
+            if path.name.startswith(".tmp-"):  # a put's: kept while its process runs
+                if not _writer_alive(path.name):
+                    path.unlink(missing_ok=True)
+            elif path.name not in wanted:
                 path.unlink(missing_ok=True)
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    """Whether the process that names `.tmp-PID-THREAD` runs (one killed mid-put left it)."""
+    try:
+        return os.path.exists(f"/proc/{int(tmp_name.split('-')[1])}")
+    except (ValueError, IndexError):
+        return False
