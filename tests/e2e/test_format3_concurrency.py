@@ -146,3 +146,37 @@ def test_backup_during_a_paused_gc(cli: Cli, url: str, tmp_path: Path) -> None:
     assert Run(0, out, err).json()["packs_repacked"] > 0
     after = cli("backup", str(vm), "--remote", url, "--json").json()["restore_point"]
     settle(cli, url, tmp_path, {kept: hashes, after: hashes})
+
+
+def test_a_long_lived_process_backs_up_after_a_gc_elsewhere(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server keeps a repository open between runs, with the index it read. A gc run
+    by another process in between deletes packs that index still lists; the next backup
+    (its gc marker read after that gc ended: no overlap to see) must not deduplicate
+    against them, or its point names blobs that are gone."""
+    from vmkeep.connectors.files import FilesConnector
+    from vmkeep.operations.backup import BackupOptions, backup_vm
+    from vmkeep.progress import SilentProgress
+    from vmkeep.remotes.local import LocalRemote
+    from vmkeep.repository.repository import Repository
+
+    url = str(tmp_path / "repo")
+    init3(cli, url, "--pack-size", "1M")
+    vm = random_vm(tmp_path, "victim", 8 * MiB, 13)
+    hashes = disk_hashes(vm)
+    for name in ("VMKEEP_CACHE_DIR", "VMKEEP_PASSPHRASE"):
+        monkeypatch.setenv(name, cli.env[name])
+    repo = Repository.open(LocalRemote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+
+    def backup() -> str:
+        report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
+        return report.restore_point
+
+    first = backup()
+    cli("forget", first, "--remote", url)
+    assert cli("gc", "--remote", url, "--json").json()["packs_deleted"] > 0
+    assert census(cli, url).packs == 0  # every blob of that point is gone
+    second = backup()  # same process, same data
+    assert census(cli, url).packs > 0  # stored again, not deduplicated against the dead
+    settle(cli, url, tmp_path, {second: hashes})

@@ -341,6 +341,7 @@ def backup_vm(
     began = time.monotonic()
     with vm_backup_lock(repo, vm) as lock:
         gc_mark = read_gc_mark(repo.remote)  # before anything is listed (FORMAT.md §6)
+        repo.refresh_index()  # and before any lookup: never an index read before that
         started = datetime.now(UTC)
         history, previous = previous_point(repo, vm.uuid)
         tokens = {d.name: d.change_token for d in previous.disks} if previous else {}

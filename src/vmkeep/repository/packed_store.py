@@ -86,6 +86,15 @@ class PackedStore:
             self.reload()
             return True
 
+    def refresh(self) -> None:
+        """Read the index again if this process read it before (a long-lived process: the
+        server, a run of several VMs). A gc elsewhere may have deleted packs it lists, and a
+        backup's gc marker, read just before this, only tells of gcs after that read."""
+        with self._load_lock:
+            if self._loaded is None:
+                return
+        self.reload()
+
     def reload(self) -> LoadedIndex:
         """Read the index again (after a gc may have rewritten it)."""
         with self._load_lock:

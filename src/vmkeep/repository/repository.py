@@ -276,6 +276,12 @@ class Repository:
         if self.packed is not None:
             self.packed.flush()
 
+    def refresh_index(self) -> None:
+        """Format 3: right after a backup or mirror reads the gc marker, forget an index this
+        process read before it (FORMAT.md §13.7). Versions 1 and 2 stat each chunk."""
+        if self.packed is not None:
+            self.packed.refresh()
+
     def has_chunk(self, chunk_id: bytes) -> bool:
         """One lookup: a stat of the chunk object, or (format 3) the index."""
         if self.packed is not None:
