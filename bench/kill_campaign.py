@@ -41,6 +41,7 @@ class Failure(Exception):
 class Campaign:
     def __init__(self, root: Path, url: str, env: dict[str, str], seed: int, size: int) -> None:
         self.size = size  # MiB of disk
+        self.in_work = False
         self.root, self.url, self.rng = root, url, random.Random(seed)
         self.env = dict(
             os.environ,
@@ -192,6 +193,23 @@ class Campaign:
         bad = {k: v for k, v in counts.items() if k != "packs" and v}
         return json.dumps(bad) if bad else ""
 
+    def kill_instant(self, proc: subprocess.Popen[bytes], duration: float) -> float:
+        """Sleeps until the kill instant and returns it (seconds after the start): uniform
+        in [0, duration]; with --in-work (local remotes), uniform over the rest of the
+        duration once the process holds its lock, so the kill falls inside the work, not in
+        the interpreter's start-up."""
+        began = time.monotonic()
+        if self.in_work and "://" not in self.url:
+            locks = Path(self.url) / "locks"
+            while proc.poll() is None and not (locks.is_dir() and any(locks.iterdir())):
+                if time.monotonic() - began > 4 * duration + 5:
+                    break
+                time.sleep(0.005)
+        held = time.monotonic() - began
+        at = held + self.rng.uniform(0, max(0.05, duration - held))
+        time.sleep(max(0.0, at - (time.monotonic() - began)))
+        return at
+
     def holds_lock(self) -> bool:
         """Whether the dead process left its lock (local remotes; S3: not counted)."""
         locks = Path(self.url) / "locks"
@@ -235,11 +253,10 @@ class Campaign:
             self.after(self.check(may_lose, candidate))
             args, may_lose, candidate = self.prepare(command)
             duration = self.durations[command]
-        at = self.rng.uniform(0, duration)
         proc = subprocess.Popen(
             [VMKEEP, *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
-        time.sleep(at)
+        at = self.kill_instant(proc, duration)
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate()
         if b"Traceback" in err:
@@ -317,9 +334,17 @@ def s3_remote() -> Iterator[tuple[str, dict[str, str]]]:
 
 
 def campaign(
-    url: str, env: dict[str, str], root: Path, kills: int, commands: list[str], seed: int, size: int
+    url: str,
+    env: dict[str, str],
+    root: Path,
+    kills: int,
+    commands: list[str],
+    seed: int,
+    size: int,
+    in_work: bool = False,
 ) -> dict[str, Counter[str]]:
     c = Campaign(root, url, env, seed, size)
+    c.in_work = in_work
     c.make_vm()
     c.run("init", url, "--format", "3", "--pack-size", "1M")
     c.backup("full")
@@ -365,6 +390,7 @@ def main() -> None:
     parser.add_argument("--commands", default=",".join(COMMANDS))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--size-mib", type=int, default=16, help="the VM's disk")
+    parser.add_argument("--in-work", action="store_true", help="kill only once the lock is held")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     a = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="vmkeep-kills-"))
@@ -372,9 +398,11 @@ def main() -> None:
     try:
         if a.remote == "s3":
             with s3_remote() as (url, env):
-                results = campaign(url, env, root, a.kills, commands, a.seed, a.size_mib)
+                results = campaign(url, env, root, a.kills, commands, a.seed, a.size_mib, a.in_work)
         else:
-            results = campaign(str(root / "repo"), {}, root, a.kills, commands, a.seed, a.size_mib)
+            results = campaign(
+                str(root / "repo"), {}, root, a.kills, commands, a.seed, a.size_mib, a.in_work
+            )
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
