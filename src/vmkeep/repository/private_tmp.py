@@ -43,6 +43,21 @@ def start_time(pid: int) -> str:
         return ""
 
 
+def _alive(pid: int, started: str) -> bool:
+    """The process named runs; when its start time cannot be read (no /proc), any process
+    of that pid counts as alive."""
+    now = start_time(pid)
+    if now:
+        return now == started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def remove_dead(parent: Path) -> int:
     """Remove the directories of processes no longer running; returns how many. A name
     without a pid (an older version's) is left alone: nothing tells whether it is in use."""
@@ -53,7 +68,7 @@ def remove_dead(parent: Path) -> int:
         return 0
     for name in names:
         match = _NAME.fullmatch(name)
-        if match is None or start_time(int(match[1])) == match[2]:
+        if match is None or _alive(int(match[1]), match[2]):
             continue
         path = parent / name
         try:
