@@ -180,3 +180,46 @@ def test_a_long_lived_process_backs_up_after_a_gc_elsewhere(
     second = backup()  # same process, same data
     assert census(cli, url).packs > 0  # stored again, not deduplicated against the dead
     settle(cli, url, tmp_path, {second: hashes})
+
+
+def test_a_long_lived_process_backs_up_again_after_a_failed_upload(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack upload that fails poisons the packer, so that no manifest names a blob of a
+    pack that never arrived. In a process that keeps the repository open (the server) the
+    next backup, once the remote is back, must not stay refused, nor deduplicate against
+    blobs the failed run added but never indexed."""
+    import vmkeep.repository.pack_writer as pack_writer
+    from vmkeep.connectors.files import FilesConnector
+    from vmkeep.errors import RemoteError, VmkeepError
+    from vmkeep.operations.backup import BackupOptions, backup_vm
+    from vmkeep.progress import SilentProgress
+    from vmkeep.remotes.local import LocalRemote
+    from vmkeep.repository.repository import Repository
+
+    url = str(tmp_path / "repo")
+    init3(cli, url, "--pack-size", "1M")
+    vm = random_vm(tmp_path, "victim", 16 * MiB, 17)
+    hashes = disk_hashes(vm)
+    for name in ("VMKEEP_CACHE_DIR", "VMKEEP_PASSPHRASE"):
+        monkeypatch.setenv(name, cli.env[name])
+    repo = Repository.open(LocalRemote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+    put, calls = pack_writer.put_parts, [0]
+
+    def outage(remote: LocalRemote, name: str, parts: list[bytes]) -> None:
+        calls[0] += 1
+        if calls[0] == 2:  # the first pack arrives, its blobs are added; the second fails
+            raise RemoteError("the remote went away")
+        put(remote, name, parts)
+
+    monkeypatch.setattr(pack_writer, "put_parts", outage)
+
+    def backup() -> str:
+        report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
+        return report.restore_point
+
+    with pytest.raises(VmkeepError, match="went away"):
+        backup()
+    assert points(cli, url) == []
+    point = backup()  # the remote is back (only the second upload failed)
+    settle(cli, url, tmp_path, {point: hashes})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -275,6 +276,10 @@ class Repository:
         write before its checks and manifest). Versions 1 and 2: nothing to do."""
         if self.packed is not None:
             self.packed.flush()
+
+    def writing(self) -> AbstractContextManager[None]:
+        """Around one backup or mirror that stores chunks (format 3: PackedStore.writing)."""
+        return self.packed.writing() if self.packed is not None else nullcontext()
 
     def refresh_index(self) -> None:
         """Format 3: right after a backup or mirror reads the gc marker, forget an index this
