@@ -343,8 +343,9 @@ def backup_vm(
     vm = vm_ref if isinstance(vm_ref, VmConfig) else connector.get_vm(vm_ref)
     check_metadata(vm)
     began = time.monotonic()
-    with vm_backup_lock(repo, vm) as lock:
+    with vm_backup_lock(repo, vm) as lock, repo.writing():
         gc_mark = read_gc_mark(repo.remote)  # before anything is listed (FORMAT.md §6)
+        repo.refresh_index()  # and before any lookup: never an index read before that
         started = datetime.now(UTC)
         history, previous = previous_point(repo, vm.uuid)
         tokens = {d.name: d.change_token for d in previous.disks} if previous else {}

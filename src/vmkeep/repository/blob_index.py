@@ -10,11 +10,8 @@ in a local object cache.
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import struct
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ from .format import FLAG_ENCRYPTED, FLAG_ZSTD, HEADER_SIZE, ID_SIZE, OBJECT_VERS
 from .index_file import Damaged, IndexFile, Merge, mac_key
 from .limits import get_bounded
 from .packs import BlobEntry
+from .private_tmp import private_dir
 
 INDEX_PREFIX = "index/"
 INDEX_MAGIC = b"VMKI"
@@ -341,21 +339,18 @@ def fetch_index_objects(
 
 
 INDEX_FILE = "blobindex"
-_private: list[Path] = []
 
 
 def index_path(repo_id: str, private: bool = False) -> Path:
     """The on-disk index's file: in the repository's cache directory, or with the cache off
-    (or not writable) in a private temporary directory removed at exit."""
+    (or not writable) in a private temporary directory removed at exit (or, killed, by a
+    later process: private_tmp.py)."""
     root = None if private else cache_root()
     if root is not None:
         directory = repository_cache(root, repo_id)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         return directory / INDEX_FILE
-    if not _private:
-        _private.append(Path(tempfile.mkdtemp(prefix="vmkeep-index-")))
-        atexit.register(shutil.rmtree, _private[0], True)
-    return _private[0] / blake3.blake3(repo_id.encode()).hexdigest()
+    return private_dir() / blake3.blake3(repo_id.encode()).hexdigest()
 
 
 class IndexCache:
@@ -396,5 +391,16 @@ class IndexCache:
             return
         wanted = {i.hex() for i in ids if i is not None}
         for path in self.dir.iterdir():
-            if path.name not in wanted and not path.name.startswith(".tmp-"):
+            if path.name.startswith(".tmp-"):  # a put's: kept while its process runs
+                if not _writer_alive(path.name):
+                    path.unlink(missing_ok=True)
+            elif path.name not in wanted:
                 path.unlink(missing_ok=True)
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    """Whether the process that names `.tmp-PID-THREAD` runs (one killed mid-put left it)."""
+    try:
+        return os.path.exists(f"/proc/{int(tmp_name.split('-')[1])}")
+    except (ValueError, IndexError):
+        return False

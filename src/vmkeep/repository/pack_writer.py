@@ -192,6 +192,11 @@ class PackWriter:
                 full, self._unindexed = self._unindexed, []
         self._write_index(full)
 
+    @property
+    def failed(self) -> bool:
+        """An upload failed: this writer refuses everything from now on."""
+        return self._failed is not None
+
     def _poison(self, reason: str) -> None:
         with self._lock:
             self._failed = self._failed or reason

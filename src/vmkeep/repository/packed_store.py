@@ -8,6 +8,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ class PackedStore:
         self._loaded: LoadedIndex | None = None
         self._load_lock = threading.Lock()
         self._writer: PackWriter | None = None
+        self._users = 0  # runs inside writing()
         self._local = threading.local()
         self._recipe_packs = RecipePacks(remote, self.pack_size)
         self._grew_lock = threading.Lock()
@@ -85,6 +87,32 @@ class PackedStore:
                 return False
             self.reload()
             return True
+
+    def refresh(self) -> None:
+        """Read the index again if this process read it before (a long-lived process: the
+        server, a run of several VMs). A gc elsewhere may have deleted packs it lists, and a
+        backup's gc marker, read just before this, only tells of gcs after that read."""
+        with self._load_lock:
+            if self._loaded is None:
+                return
+        self.reload()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """One backup or mirror of this process storing blobs. A writer that a failed upload
+        poisoned is replaced once no run uses it any more (a long-lived process would refuse
+        every later backup), never under a run that may have blobs in the pack that failed;
+        the index is read again too, without the blobs that writer added but never indexed."""
+        with self._load_lock:
+            if self._users == 0 and self._writer is not None and self._writer.failed:
+                self._writer = None
+                self._loaded = None
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._load_lock:
+                self._users -= 1
 
     def reload(self) -> LoadedIndex:
         """Read the index again (after a gc may have rewritten it)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -274,6 +275,16 @@ class Repository:
         write before its checks and manifest). Versions 1 and 2: nothing to do."""
         if self.packed is not None:
             self.packed.flush()
+
+    def writing(self) -> AbstractContextManager[None]:
+        """Around one backup or mirror that stores chunks (format 3: PackedStore.writing)."""
+        return self.packed.writing() if self.packed is not None else nullcontext()
+
+    def refresh_index(self) -> None:
+        """Format 3: right after a backup or mirror reads the gc marker, forget an index this
+        process read before it (FORMAT.md §13.7). Versions 1 and 2 stat each chunk."""
+        if self.packed is not None:
+            self.packed.refresh()
 
     def has_chunk(self, chunk_id: bytes) -> bool:
         """One lookup: a stat of the chunk object, or (format 3) the index."""
