@@ -60,8 +60,11 @@ gc._delete = dying_delete
 if step == "repair-before-deletes":
     repair._delete = lambda remote: lambda name: die()
 if step == "repair-mid-deletes":
+    import threading
+    gate = threading.Lock()  # deletes run on several threads: only the first one deletes
     def one(remote):
         def delete(name):
+            gate.acquire()  # never released: the others wait here until the process dies
             remote.delete(name)
             die()
         return delete
