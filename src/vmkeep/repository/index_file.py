@@ -298,6 +298,27 @@ class Merge:
                 self.packs.append(e.pack)
             self.spill.add(RECORD.pack(e.blob_id, e.kind, source, pack, e.offset, e.length))
 
+    def add_file(self, other: IndexFile, keep: set[bytes]) -> None:
+        """Every record of `other` whose source is in `keep` (a delta folded into a base),
+        with its source and pack renumbered."""
+        sources: dict[int, int] = {}
+        for i, s in enumerate(other.sources):
+            if s in keep and s not in self.sources:
+                sources[i] = len(self.sources)
+                self.sources.append(s)
+        packs = []
+        for p in other.packs:
+            if p not in self._pack_numbers:
+                self._pack_numbers[p] = len(self.packs)
+                self.packs.append(p)
+            packs.append(self._pack_numbers[p])
+        for record in other.records():
+            blob_id, kind, source, pack, offset, length = RECORD.unpack(record)
+            if source in sources and pack < len(packs):
+                self.spill.add(
+                    RECORD.pack(blob_id, kind, sources[source], packs[pack], offset, length)
+                )
+
     def finish(self) -> IndexFile:
         try:
             return self._write()
