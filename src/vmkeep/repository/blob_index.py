@@ -34,6 +34,7 @@ from .crypto import Sealer
 from .format import FLAG_ENCRYPTED, FLAG_ZSTD, HEADER_SIZE, ID_SIZE, OBJECT_VERSION, header
 from .index_file import Damaged, IndexFile, Merge, mac_key
 from .index_tiers import (
+    DELTA_SPREAD,
     Tiers,
     delete_deltas,
     needs_fold,
@@ -370,7 +371,7 @@ def _add_delta(
     """The new index objects as one more delta file; all deltas folded into the base when
     the policy says so (index_tiers.needs_fold)."""
     delta_path = new_delta_path(path)
-    merge = Merge(delta_path, key, None, set())
+    merge = Merge(delta_path, key, None, set(), DELTA_SPREAD)
     try:
         if not _fill(merge, remote, sealer, repo_id, new, problems):
             merge.abort()  # only objects that do not verify: the files stay as they are

@@ -271,7 +271,17 @@ class Merge:
     """A new index file from an old one (or none) without the sources it drops, plus new
     entries; written beside `path` and renamed over it."""
 
-    def __init__(self, path: Path, key: bytes, old: IndexFile | None, dropped: set[int]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        key: bytes,
+        old: IndexFile | None,
+        dropped: set[int],
+        spread: int = 1,
+    ) -> None:
+        """`spread` > 1: that many times the buckets (a small delta file: a lookup that
+        misses finds its bucket empty in the table and reads nothing)."""
+        self.spread = spread
         self.path = path
         self.key = key
         self.old = old
@@ -335,7 +345,7 @@ class Merge:
     def _write(self) -> IndexFile:
         old = self.old
         count = (old.count if old is not None else 0) + self.spill.count
-        bits = bits_for(count)
+        bits = bits_for(count * self.spread)
         salt = os.urandom(16)
         out_path = self.tmp / "index"
         fd = os.open(out_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -22,6 +22,9 @@ from .packs import BlobEntry
 
 MAX_DELTAS = 4
 BASE_SHARE = 8
+# A delta has ~4 buckets per record (IndexFile's base: 1 per 64): most lookups that miss it
+# find an empty bucket in its table and read nothing, so 5 files cost about what 2 do.
+DELTA_SPREAD = 256
 
 
 def delta_pattern(base: Path) -> str:
