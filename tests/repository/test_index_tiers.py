@@ -142,3 +142,14 @@ def test_two_processes_merging_at_once(tmp_path: Path) -> None:
 def _check(repo: Repository, tmp_path: Path, entries: list[BlobEntry]) -> None:
     loaded, _ = load(repo, tmp_path)
     os._exit(0 if all_found(loaded, entries) else 1)
+
+
+def test_a_killed_delta_write_leaves_nothing_behind(tmp_path: Path) -> None:
+    """A delta's temporary directory from a process gone (killed midway) is removed."""
+    repo, entries, _ = seeded(tmp_path, 1)
+    stale = cache_dir(repo) / f".{INDEX_FILE}.d-0123456789abcdef.tmp-999999999-abcd"
+    stale.mkdir()
+    (stale / "part-00").write_bytes(b"x" * 100)
+    put_index(repo, random_entries(random.Random(2), 10, [bytes(32)]))
+    loaded, read = load(repo, tmp_path)
+    assert read == 1 and all_found(loaded, entries) and not stale.exists()

@@ -22,9 +22,12 @@ from .packs import BlobEntry
 
 MAX_DELTAS = 4
 BASE_SHARE = 8
-# A delta has ~4 buckets per record (IndexFile's base: 1 per 64): most lookups that miss it
-# find an empty bucket in its table and read nothing, so 5 files cost about what 2 do.
-DELTA_SPREAD = 256
+# A delta has ~1 record per bucket (a base: ~64): a lookup that misses it finds its bucket
+# empty in the table (no read) about a third of the time. More spread costs each backup's
+# open more (a MAC per bucket written, the table read): bench/index_scale.py, 4 M blobs,
+# 5 files: spread 1 126 k lookups per CPU-s, 64 153 k, 256 168 k (1 file: ~200 k); open
+# after a backup 0.10 s, 0.24 s, 0.73 s.
+DELTA_SPREAD = 64
 
 
 def delta_pattern(base: Path) -> str:
