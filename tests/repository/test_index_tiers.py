@@ -55,7 +55,7 @@ def seeded(tmp_path: Path, rounds: int) -> tuple[Repository, list[BlobEntry], li
     return repo, entries, names
 
 
-def test_deltas_then_fold_into_the_base(tmp_path: Path) -> None:
+def test_deltas_joined_then_folded_into_the_base(tmp_path: Path) -> None:
     repo, entries, _ = seeded(tmp_path, MAX_DELTAS)
     assert len(deltas(repo)) == MAX_DELTAS  # one small file per backup, the base untouched
     base = (cache_dir(repo) / INDEX_FILE).stat()
@@ -64,10 +64,20 @@ def test_deltas_then_fold_into_the_base(tmp_path: Path) -> None:
     rng = random.Random(3)
     more = random_entries(rng, 50, [rng.randbytes(32)])
     put_index(repo, more)
+    entries += more
     loaded, read = load(repo, tmp_path)
-    assert read == 1 and deltas(repo) == []  # one delta too many: all folded
+    # one delta too many, together 250 of the base's 2000 records (under 1/8): the deltas
+    # are joined into one, the base is not rewritten
+    assert read == 1 and len(deltas(repo)) == 1
+    assert (cache_dir(repo) / INDEX_FILE).stat().st_ino == base.st_ino
+    assert all_found(loaded, entries) and len(loaded.index) == len(entries)
+    big = random_entries(rng, 300, [rng.randbytes(32)])  # past 1/8 of the base: a fold
+    put_index(repo, big)
+    entries += big
+    loaded, read = load(repo, tmp_path)
+    assert read == 1 and deltas(repo) == []
     assert (cache_dir(repo) / INDEX_FILE).stat().st_ino != base.st_ino
-    assert all_found(loaded, entries + more) and len(loaded.index) == len(entries) + 50
+    assert all_found(loaded, entries) and len(loaded.index) == len(entries)
 
 
 def test_dropped_source_forces_a_rebuild(tmp_path: Path) -> None:

@@ -37,10 +37,10 @@ from .index_tiers import (
     DELTA_SPREAD,
     Tiers,
     delete_deltas,
-    needs_fold,
     new_delta_path,
     open_deltas,
     remove_stale_deltas,
+    tier_step,
 )
 from .limits import get_bounded
 from .packs import BlobEntry
@@ -368,8 +368,8 @@ def _add_delta(
     new: list[bytes],
     problems: list[tuple[str, str]],
 ) -> Tiers:
-    """The new index objects as one more delta file; all deltas folded into the base when
-    the policy says so (index_tiers.needs_fold)."""
+    """The new index objects as one more delta file; then the deltas joined into one, or
+    folded into the base, when the policy says so (index_tiers.tier_step)."""
     delta_path = new_delta_path(path)
     merge = Merge(delta_path, key, None, set(), DELTA_SPREAD)
     try:
@@ -381,16 +381,24 @@ def _add_delta(
         merge.abort()
         raise
     IndexCache(repo_id).keep(set())
-    if not needs_fold(base, [d for _, d in deltas]):
+    step = tier_step(base, [d for _, d in deltas])
+    if step == "keep":
         return Tiers([base, *(d for _, d in deltas)])
-    fold = Merge(path, key, base, set())
+    if step == "join":
+        joined = new_delta_path(path)
+        into = Merge(joined, key, None, set(), DELTA_SPREAD)
+    else:
+        into = Merge(path, key, base, set())
     try:
         for _, delta in deltas:
-            fold.add_file(delta, set(delta.sources))
-        disk = fold.finish()
+            into.add_file(delta, set(delta.sources))
+        disk = into.finish()
     except BaseException:
-        fold.abort()
+        into.abort()
         raise
+    if step == "join":
+        _retire(None, deltas)
+        return Tiers([base, disk])
     _retire(base, deltas)
     return Tiers([disk])
 

@@ -6,9 +6,12 @@ Each file is a complete, self-verifying IndexFile (own sources, packs, salt, MAC
 repository's cache directory: `blobindex` and `blobindex.d-<random>`. The open index is the
 union of the files that verify; a file that does not (damaged, truncated, foreign, a
 symlink) is deleted and its sources are read again from the remote. Deltas are folded into
-the base once they hold more than 1/BASE_SHARE of its records or there are more than
-MAX_DELTAS of them. Files are written beside and renamed into place; a delta deleted by
-another process's fold stays readable through the descriptor this process holds."""
+the base once they hold more than 1/BASE_SHARE of its records: the base is rewritten once
+per BASE_SHARE-th of its size added, so the bytes written per new record stay bounded
+whatever the repository's size. More than MAX_DELTAS deltas before that are joined into one
+delta (a rewrite of the deltas only: at most 1/BASE_SHARE of the base), which bounds the
+files a lookup probes. Files are written beside and renamed into place; a delta deleted by
+another process's fold or join stays readable through the descriptor this process holds."""
 
 from __future__ import annotations
 
@@ -61,12 +64,14 @@ def delete_deltas(base: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def needs_fold(base: IndexFile | None, deltas: list[IndexFile]) -> bool:
+def tier_step(base: IndexFile | None, deltas: list[IndexFile]) -> str:
+    """What the files need after a new delta: "keep", "join" (the deltas into one) or
+    "fold" (the deltas into the base)."""
     if not deltas:
-        return False
-    if base is None or len(deltas) > MAX_DELTAS:
-        return True
-    return int(sum(d.count for d in deltas)) * BASE_SHARE > int(base.count)
+        return "keep"
+    if base is None or int(sum(d.count for d in deltas)) * BASE_SHARE > int(base.count):
+        return "fold"
+    return "join" if len(deltas) > MAX_DELTAS else "keep"
 
 
 class Tiers:
