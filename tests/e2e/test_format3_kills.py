@@ -86,7 +86,7 @@ if step == "index-object-cached":  # a copy of its index object half-written in 
 if step == "index-cache-replace":  # the cache file written beside, not renamed over yet
     real = os.replace
     def replace(src, dst, *a, **k):
-        if str(dst).endswith("blobindex"):
+        if os.path.basename(str(dst)).startswith("blobindex"):  # the base or a delta
             die()
         return real(src, dst, *a, **k)
     index_file.os.replace = replace
@@ -221,23 +221,27 @@ def test_repair_index_dying_between_write_and_delete(cli: Cli, repo: Repo, step:
 
 
 def test_index_cache_killed_before_its_rename(cli: Cli, repo: Repo, tmp_path: Path) -> None:
-    """A process killed while it installs the merged local index (written beside, not yet
-    renamed over) leaves the old file, still valid but without the newest index objects,
-    and a temporary directory: the next command merges again and removes the leftover."""
+    """A process killed while it installs the merged local index (a delta or a new base,
+    written beside, not yet renamed into place) leaves the old files, still valid but
+    without the newest index objects, and a temporary directory: the next command merges
+    again and removes the leftover."""
     cli("verify", "--remote", repo.url)  # this machine's index file
     cache = tmp_path / "cache"
     (installed,) = cache.rglob("blobindex")
     old = installed.read_bytes()
     overwrite(repo.disk, 6 * MiB, MiB, 42)
-    new = repo.backup()  # its index object is new to the file...
-    os.utime(installed, (0, 0))
-    installed.write_bytes(old)  # ...as if this backup had run on another machine
+    new = repo.backup()  # its index object is new to the files...
+    for delta in installed.parent.glob("blobindex.d-*"):
+        delta.unlink()  # ...as if this backup had run on another machine
+    installed.write_bytes(old)
     dies(cli, DIE_AT_STEP, "verify", "--remote", repo.url, DIE_STEP="index-cache-replace")
     assert installed.read_bytes() == old
+    assert not list(installed.parent.glob("blobindex.d-*"))
     assert [p for p in installed.parent.iterdir() if ".tmp-" in p.name]
     assert restore_hashes(cli, tmp_path, repo.url, new) == repo.expected[new]
     assert not [p for p in installed.parent.iterdir() if ".tmp-" in p.name]
-    assert installed.read_bytes() != old
+    merged = list(installed.parent.glob("blobindex.d-*"))
+    assert merged or installed.read_bytes() != old  # the new object merged this time
     repo.check()
 
 
