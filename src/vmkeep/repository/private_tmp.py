@@ -16,6 +16,8 @@ import stat
 import tempfile
 from pathlib import Path
 
+from vmkeep.processes import start_time
+
 PREFIX = "vmkeep-index-"
 _NAME = re.compile(re.escape(PREFIX) + r"(\d{1,7})-(\d{1,20})-[A-Za-z0-9_]{8}")
 _mine: list[Path] = []
@@ -31,16 +33,6 @@ def private_dir() -> Path:
         _mine.append(Path(made))
         atexit.register(shutil.rmtree, made, True)
     return _mine[0]
-
-
-def start_time(pid: int) -> str:
-    """Start time of `pid` (/proc/PID/stat field 22); "" when it does not run."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read(4096).rsplit(b")", 1)[-1].split()
-        return fields[19].decode()
-    except (OSError, IndexError, UnicodeDecodeError):
-        return ""
 
 
 def _alive(pid: int, started: str) -> bool:
