@@ -193,6 +193,13 @@ class PackWriter:
         self._write_index(full)
 
     @property
+    def pending(self) -> bool:
+        """Blobs added and not yet in a durable index object: a run ended without its flush
+        (it failed); a later run must neither count on them nor index them."""
+        with self._lock:
+            return bool(self._open or self._unindexed or self._seen or self._inflight)
+
+    @property
     def failed(self) -> bool:
         """An upload failed: this writer refuses everything from now on."""
         return self._failed is not None

@@ -100,11 +100,14 @@ class PackedStore:
     @contextmanager
     def writing(self) -> Iterator[None]:
         """One backup or mirror of this process storing blobs. A writer that a failed upload
-        poisoned is replaced once no run uses it any more (a long-lived process would refuse
-        every later backup), never under a run that may have blobs in the pack that failed;
-        the index is read again too, without the blobs that writer added but never indexed."""
+        poisoned, or that a failed run left with blobs not yet indexed, is replaced once no
+        run uses it any more (a long-lived process would refuse every later backup, or index
+        blobs of packs a gc may have taken for a killed run's), never under a run that may
+        have blobs in it; the index is read again too, without the blobs that writer added
+        but never indexed."""
         with self._load_lock:
-            if self._users == 0 and self._writer is not None and self._writer.failed:
+            stale = self._writer is not None and (self._writer.failed or self._writer.pending)
+            if self._users == 0 and stale:
                 self._writer = None
                 self._loaded = None
             self._users += 1
