@@ -326,7 +326,17 @@ class Merge:
     """A new index file from an old one (or none) without the sources it drops, plus new
     entries; written beside `path` and renamed over it."""
 
-    def __init__(self, path: Path, key: bytes, old: IndexFile | None, dropped: set[int]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        key: bytes,
+        old: IndexFile | None,
+        dropped: set[int],
+        spread: int = 1,
+    ) -> None:
+        """`spread` > 1: that many times the buckets (a small delta file: a lookup that
+        misses finds its bucket empty in the table and reads nothing)."""
+        self.spread = spread
         self.path = path
         self.key = key
         self.old = old
@@ -353,6 +363,27 @@ class Merge:
                 self.packs.append(e.pack)
             self.spill.add(RECORD.pack(e.blob_id, e.kind, source, pack, e.offset, e.length))
 
+    def add_file(self, other: IndexFile, keep: set[bytes]) -> None:
+        """Every record of `other` whose source is in `keep` (a delta folded into a base),
+        with its source and pack renumbered."""
+        sources: dict[int, int] = {}
+        for i, s in enumerate(other.sources):
+            if s in keep and s not in self.sources:
+                sources[i] = len(self.sources)
+                self.sources.append(s)
+        packs = []
+        for p in other.packs:
+            if p not in self._pack_numbers:
+                self._pack_numbers[p] = len(self.packs)
+                self.packs.append(p)
+            packs.append(self._pack_numbers[p])
+        for record in other.records():
+            blob_id, kind, source, pack, offset, length = RECORD.unpack(record)
+            if source in sources and pack < len(packs):
+                self.spill.add(
+                    RECORD.pack(blob_id, kind, sources[source], packs[pack], offset, length)
+                )
+
     def finish(self) -> IndexFile:
         try:
             return self._write()
@@ -369,7 +400,7 @@ class Merge:
     def _write(self) -> IndexFile:
         old = self.old
         count = (old.count if old is not None else 0) + self.spill.count
-        bits = bits_for(count)
+        bits = bits_for(count * self.spread)
         salt = os.urandom(16)
         out_path = self.tmp / "index"
         fd = os.open(out_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
