@@ -210,3 +210,48 @@ def test_local_chattr_end_to_end(
         None,
     ]
     cli("forget", unlocked2)
+
+
+def test_jobs_and_mirror_lock_what_they_write(
+    cli: Cli, immutable_dir: Path, make_vm: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A remote's lock is kept by every writer, not only by `vmkeep backup`: a job's run (the
+    server's path) and a mirror into it lock their points; `mirror --lock-days 0` does not."""
+    cli("remote", "add", "vault", str(immutable_dir), "--lock-days", "1")
+    cli("remote", "add", "plain", str(tmp_path / "plain"))
+    vm = make_vm("web01", 32 << 20)
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        f"kind: backup\nname: nightly\nremotes: [vault]\n"
+        f"connector: {{type: files, root: {vm.parent}}}\nvms: [web01]\n"
+    )
+    cli("job", "apply", "-f", str(jobs))
+    assert cli("job", "run", "nightly", "--json", timeout=300).json()["state"] == "success"
+    (job_point,) = cli("list", "--remote", "vault", "--json").json()["restore_points"]
+    assert about_a_day_from_now(job_point["locked_until"])
+    applied = subprocess.run([HELPER, "apply", str(immutable_dir)], capture_output=True, text=True)
+    assert applied.returncode == 0, applied.stderr
+    assert is_immutable(immutable_dir / "manifests" / job_point["restore_point"])
+
+    modify_demo_vm(vm, 5)
+    cli("backup", str(vm), "--remote", "plain")
+    cli("mirror", "plain", "vault", "--json")
+    listed = cli("list", "--remote", "vault", "--json").json()["restore_points"]
+    copied = [p for p in listed if p["restore_point"] != job_point["restore_point"]]
+    assert len(copied) == 1 and about_a_day_from_now(copied[0]["locked_until"])
+
+    modify_demo_vm(vm, 6)
+    cli("backup", str(vm), "--remote", "plain")
+    cli("mirror", "plain", "vault", "--lock-days", "0")
+    listed = cli("list", "--remote", "vault", "--json").json()["restore_points"]
+    assert [p["locked_until"] is None for p in listed].count(True) == 1
+    out = cli(
+        "restore",
+        listed[-1]["restore_point"],
+        "--remote",
+        "vault",
+        "--to",
+        str(tmp_path / "r"),
+        "--json",
+    ).json()
+    assert disk_hashes(Path(out["location"])) == disk_hashes(vm)

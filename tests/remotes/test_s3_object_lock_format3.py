@@ -361,3 +361,35 @@ def test_a_delta_trusts_its_parents_claim_for_the_blocks_of_chunks_it_changed(
         assert set(new_index) == set(store.writer.index_names)  # no cover index needed
     fresh = Repository.open(remote_for(server, prefix), lambda: PASS)
     assert restored_hash(fresh, point, tmp_path / "r") == want
+
+
+def test_gc_in_a_locking_process_writes_nothing_locked(
+    server: SeaweedServer, tmp_path: Path
+) -> None:
+    """The server's process locks what its backups write (the remote's policy is set once,
+    at open): its gc must still write its repacked packs and consolidated index unlocked,
+    since gc keeps every pack a locked index object lists and would never free space again
+    until that lock ended."""
+    prefix = unique("f3gcpolicy")
+    remote = remote_for(server, prefix)
+    repo = Repository.init(remote, "aes-256-gcm", lambda: PASS, pack_size=MiB)
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "gcp", 32 * MiB)
+    first = backup(repo, vm).restore_point
+    modify_demo_vm(vm, 9)
+    want = disk_hash(vm)
+    second = backup(repo, vm, "delta").restore_point
+    repo.delete_manifest(first)
+    before = set(objects(remote, "packs/")) | set(objects(remote, "index/"))
+    policy = LockPolicy.from_days(1)
+    remote.set_lock_policy(policy)
+    report = collect_garbage(repo, SilentProgress())
+    assert report.packs is not None and report.packs.index_objects_replaced >= 1
+    written = (set(objects(remote, "packs/")) | set(objects(remote, "index/"))) - before
+    assert written  # gc wrote a consolidated index (and repacked packs, if any)
+    client = server.client()
+    for name in written:
+        head = client.head_object(Bucket=LOCKED, Key=f"{prefix}/{name}")
+        assert "ObjectLockRetainUntilDate" not in head, f"gc locked {name}"
+    assert remote.lock_policy == policy  # the process's later backups still lock theirs
+    assert restored_hash(repo, second, tmp_path / "r") == want

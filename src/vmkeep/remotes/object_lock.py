@@ -7,7 +7,8 @@ retention records, see `retention_records`). docs/IMMUTABILITY.md says what each
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -138,3 +139,21 @@ def apply_lock_policy(remote: object, policy: LockPolicy | None) -> None:
             f"{url} cannot keep objects immutable: use an S3 bucket with Object Lock or a "
             "local directory (docs/IMMUTABILITY.md)"
         )
+
+
+@contextmanager
+def locks_suspended(remote: object) -> Iterator[None]:
+    """What gc writes (repacked packs, the consolidated index) is never locked, even in a
+    process whose backups lock theirs (the server): a locked consolidated index lists every
+    pack, and gc keeps every pack a locked index object lists (FORMAT.md §13.8), so nothing
+    would be freed until its lock ended. Only under gc's exclusive repository lock, when no
+    backup of this process writes the remote."""
+    if not isinstance(remote, LockingRemote) or remote.lock_policy is None:
+        yield
+        return
+    policy = remote.lock_policy
+    remote.lock_policy = None
+    try:
+        yield
+    finally:
+        remote.lock_policy = policy

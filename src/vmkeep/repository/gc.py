@@ -16,6 +16,7 @@ from typing import Any
 from vmkeep.errors import ObjectLockedError, RepositoryError, VmkeepError
 from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.progress import Progress
+from vmkeep.remotes.object_lock import locks_suspended
 
 from .gc_epoch import new_epoch, write_gc_mark
 from .locks import RepositoryLock, remove_stale_locks
@@ -60,7 +61,8 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
             raise
         packs: PackSweep | None = None
         if repo.packed is not None:  # format 3: packs swept and repacked, not chunk objects
-            packs = sweep_packs(repo, referenced, progress, dry_run, lock)
+            with locks_suspended(repo.remote):
+                packs = sweep_packs(repo, referenced, progress, dry_run, lock)
             deleted, freed, refused = len(garbage), packs.bytes_freed, packs.refused
         else:
             deleted, freed, refused = sweep(repo, garbage, progress, dry_run, lock)

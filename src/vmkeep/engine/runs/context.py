@@ -80,6 +80,7 @@ class EngineContext:
     def _open(self, remote_name: str) -> Repository:
         from vmkeep.engine.state.credentials import stored_credentials
         from vmkeep.remotes.location import open_remote
+        from vmkeep.remotes.object_lock import apply_lock_policy
 
         entry = self.registry.entry(remote_name)
         if entry is None:
@@ -90,6 +91,9 @@ class EngineContext:
             lambda: self.passphrase_for(remote_name),
             known,
         )
+        # Every point this process writes to the remote carries its lock, as a CLI backup's
+        # does (gc suspends it for what it writes: object_lock.locks_suspended).
+        apply_lock_policy(repo.remote, entry.lock_policy())
         self.registry.remember(entry.name, repo.known)
         return repo
 

@@ -60,10 +60,17 @@ class TargetPassphrase(PassphraseSource):
 
 
 def open_pair(
-    source_ref: str, target_ref: str, source_file: Path | None, target_file: Path | None
+    source_ref: str,
+    target_ref: str,
+    source_file: Path | None,
+    target_file: Path | None,
+    lock_days: int | None = None,
 ) -> tuple[Repository, Repository]:
     """Both repositories, each with its own passphrase; the same location twice is refused
-    before any passphrase is asked."""
+    before any passphrase is asked. What is copied to the target is locked as a backup to it
+    would be: the target remote's lock, or `lock_days` (0: none)."""
+    from vmkeep.remotes.object_lock import apply_lock_policy
+
     if state.registry.resolve(source_ref) == state.registry.resolve(target_ref):
         raise UsageError(
             f"target {target_ref!r} is the source itself: refusing to mirror onto its own source"
@@ -71,6 +78,7 @@ def open_pair(
     source_pass = PassphraseSource(source_file) if source_file else state.passphrase
     source = CliState(source_pass, state.registry).open_repository(source_ref)
     target = CliState(TargetPassphrase(target_file), state.registry).open_repository(target_ref)
+    apply_lock_policy(target.remote, state.lock_policy(target_ref, lock_days))
     return source, target
 
 
@@ -102,6 +110,11 @@ def mirror_command(
     keep_yearly: int = typer.Option(0, help="... of each of the last N years."),
     timezone: str = typer.Option("UTC", help="Time zone of the retention's day boundaries."),
     compression_level: int = typer.Option(1, "--compression-level", help="zstd level, 0 = off."),
+    lock_days: int | None = typer.Option(
+        None,
+        "--lock-days",
+        help="Lock the copied points N days on the target (0: none); default: the target's.",
+    ),
     source_passphrase_file: Path | None = SourcePassphraseOpt,
     target_passphrase_file: Path | None = TargetPassphraseOpt,
     json_out: bool = JsonOpt,
@@ -128,7 +141,7 @@ def mirror_command(
     if mode not in ("full", "incremental"):
         raise UsageError(f"unknown --mode {mode!r}: choose full or incremental")
     source_repo, target_repo = open_pair(
-        source, target, source_passphrase_file, target_passphrase_file
+        source, target, source_passphrase_file, target_passphrase_file, lock_days
     )
     report = mirror(source_repo, target_repo, options, RichProgress(not json_out))
     if json_out:
