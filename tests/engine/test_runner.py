@@ -24,6 +24,7 @@ from vmkeep.errors import NotFoundError
 from vmkeep.operations.restore import restore_vm
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
+from vmkeep.remotes.object_lock import LockPolicy, locks_suspended
 from vmkeep.repository.repository import Repository
 
 PASS = b"runner passphrase"
@@ -299,3 +300,22 @@ def test_max_rate_paces_the_whole_run(ctx: EngineContext, vms: Path) -> None:
     assert 0.9 * total / rate <= elapsed <= total / rate + 5, (elapsed, total)
     for step in steps:  # each step's own seconds cannot beat the rate either
         assert step.stats["seconds"] >= 0.9 * step.stats["bytes_read"] / rate, step.stats
+
+
+def test_a_remote_lock_set_while_the_process_runs_applies_to_its_next_task(
+    ctx: EngineContext,
+) -> None:
+    """The server keeps its repositories open for its lifetime: `remote lock` must still
+    apply to its next task, and a task starting while gc writes must not lock gc's objects
+    (object_lock.locks_suspended) nor lose the new setting."""
+    nas = ctx.repository("nas")
+    assert nas.remote.lock_policy is None
+    ctx.registry.set_lock("nas", LockPolicy.from_days(1))
+    assert ctx.repository("nas") is nas
+    assert nas.remote.lock_policy == LockPolicy.from_days(1)
+    with locks_suspended(nas.remote):
+        ctx.registry.set_lock("nas", LockPolicy.from_days(2))
+        assert ctx.repository("nas").remote.lock_policy is None
+    assert nas.remote.lock_policy == LockPolicy.from_days(2)
+    ctx.registry.set_lock("nas", None)
+    assert ctx.repository("nas").remote.lock_policy is None

@@ -7,6 +7,7 @@ retention records, see `retention_records`). docs/IMMUTABILITY.md says what each
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,15 +131,32 @@ class LockingRemote(Protocol):
 
 
 def apply_lock_policy(remote: object, policy: LockPolicy | None) -> None:
-    """Turns locking on (or off) for what `remote` writes from now on."""
-    if isinstance(remote, LockingRemote):
-        remote.set_lock_policy(policy)
-    elif policy is not None:
-        url = getattr(remote, "url", "this remote")
-        raise UsageError(
-            f"{url} cannot keep objects immutable: use an S3 bucket with Object Lock or a "
-            "local directory (docs/IMMUTABILITY.md)"
-        )
+    """Turns locking on (or off) for what `remote` writes from now on. A long-lived process
+    (the server) calls it before each task, so that `remote lock` takes effect without a
+    restart; the same policy again costs nothing. While gc writes (locks_suspended), the
+    new policy waits for its end."""
+    if not isinstance(remote, LockingRemote):
+        if policy is not None:
+            url = getattr(remote, "url", "this remote")
+            raise UsageError(
+                f"{url} cannot keep objects immutable: use an S3 bucket with Object Lock or a "
+                "local directory (docs/IMMUTABILITY.md)"
+            )
+        return
+    with _suspended_guard:
+        effective = _suspended.get(id(remote), remote.lock_policy)
+    if effective == policy:
+        return
+    remote.set_lock_policy(policy)  # checks the remote can enforce it (S3: one request)
+    with _suspended_guard:
+        if id(remote) in _suspended:
+            _suspended[id(remote)] = policy
+            remote.lock_policy = None
+
+
+# Remotes whose gc is writing (by id), with the policy to put back when it ends.
+_suspended: dict[int, LockPolicy | None] = {}
+_suspended_guard = threading.Lock()
 
 
 @contextmanager
@@ -148,12 +166,14 @@ def locks_suspended(remote: object) -> Iterator[None]:
     pack, and gc keeps every pack a locked index object lists (FORMAT.md §13.8), so nothing
     would be freed until its lock ended. Only under gc's exclusive repository lock, when no
     backup of this process writes the remote."""
-    if not isinstance(remote, LockingRemote) or remote.lock_policy is None:
+    if not isinstance(remote, LockingRemote):
         yield
         return
-    policy = remote.lock_policy
-    remote.lock_policy = None
+    with _suspended_guard:
+        _suspended[id(remote)] = remote.lock_policy
+        remote.lock_policy = None
     try:
         yield
     finally:
-        remote.lock_policy = policy
+        with _suspended_guard:
+            remote.lock_policy = _suspended.pop(id(remote))

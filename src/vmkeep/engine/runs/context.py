@@ -64,9 +64,10 @@ class EngineContext:
         cached: the next task tries again (a remote may come back)."""
         with self._lock:
             repo = self._repos.get(remote_name)
-            if repo is not None:
-                return repo
             gate = self._opening.setdefault(remote_name, threading.Lock())
+        if repo is not None:
+            self._apply_lock(remote_name, repo)
+            return repo
         with gate:  # two VMs of a run wanting the same remote unwrap its key once
             with self._lock:
                 repo = self._repos.get(remote_name)
@@ -80,7 +81,6 @@ class EngineContext:
     def _open(self, remote_name: str) -> Repository:
         from vmkeep.engine.state.credentials import stored_credentials
         from vmkeep.remotes.location import open_remote
-        from vmkeep.remotes.object_lock import apply_lock_policy
 
         entry = self.registry.entry(remote_name)
         if entry is None:
@@ -91,11 +91,18 @@ class EngineContext:
             lambda: self.passphrase_for(remote_name),
             known,
         )
-        # Every point this process writes to the remote carries its lock, as a CLI backup's
-        # does (gc suspends it for what it writes: object_lock.locks_suspended).
-        apply_lock_policy(repo.remote, entry.lock_policy())
+        self._apply_lock(remote_name, repo)
         self.registry.remember(entry.name, repo.known)
         return repo
+
+    def _apply_lock(self, remote_name: str, repo: Repository) -> None:
+        """Every point this process writes carries the remote's lock as it is set now (a
+        `remote lock` applies to a running server's next task), as a CLI backup's does; gc
+        suspends it for what it writes (object_lock.locks_suspended)."""
+        from vmkeep.remotes.object_lock import apply_lock_policy
+
+        entry = self.registry.entry(remote_name)
+        apply_lock_policy(repo.remote, entry.lock_policy() if entry else None)
 
     def forget_repository(self, remote_name: str) -> None:
         """Drop a cached repository (after its remote failed, say)."""
