@@ -83,6 +83,9 @@ def backup(
     json_out: bool = JsonOpt,
 ) -> None:
     """Back up a VM into a repository."""
+    from vmkeep.trace import mark
+
+    mark("cli")
     rate = parse_max_rate(max_rate)
     # The key is derived in a thread while the data path and the connector are imported
     # (imported when they run, not at every start-up of the CLI): docs/RUN-OVERHEAD.md.
@@ -101,8 +104,11 @@ def backup(
         offline_on(source, shutdown_timeout, force_off)
     if nbd_host is not None or nbd_tls or nbd_port != NBD_PORT or nbd_tls_certs:
         nbd_export_on(source, nbd_export(nbd_host, nbd_port, nbd_tls, nbd_tls_certs))
+    mark("imported")
     vm_config = source.get_vm(vm)  # libvirt: connects and reads the domain meanwhile too
+    mark("got_vm")
     repo = opening()
+    mark("opened")
     apply_lock_policy(repo.remote, lock)
     report = backup_vm(repo, source, vm_config, options, RichProgress(not json_out), connector)
     if json_out:
@@ -204,9 +210,14 @@ def restore(
     json_out: bool = JsonOpt,
 ) -> None:
     """Restore a VM from a restore point, as a new VM (new uuid) or in place."""
+    from vmkeep.trace import mark
+
+    mark("cli")
     from vmkeep.operations.restore import restore_vm  # the data path: see backup
 
+    mark("imported")
     repo = state.open_repository(remote)
+    mark("opened")
     point = repo.resolve_point(point)  # a bad id fails before anything is created
     if instant:
         from .instant_commands import restore_instant
