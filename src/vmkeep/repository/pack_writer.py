@@ -171,6 +171,10 @@ class PackWriter:
             size = sum(len(p) for p in pieces)
             with span("pack.put"):
                 put_parts(self.remote, pack_object_name(pack_id), pieces)  # empties `pieces`
+                # Durable now, on this uploader thread: the flush before the index object
+                # (the end of a backup, after the last read) has only the last packs left
+                # (a local remote: one directory fsync per pack, ~75 at once otherwise).
+                self.remote.flush()
         except BaseException as exc:
             self._poison(f"a pack could not be stored ({exc})")
             raise
