@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
+from vmkeep.trace import mark
+
 OBJECT_STORE_THREADS = 8  # requests in flight to S3 or Azure (see io_threads)
 SMB_THREADS = 4  # and to an SMB server
 T = TypeVar("T")
@@ -70,9 +72,12 @@ class CpuGate:
         self._slots = threading.BoundedSemaphore(slots or cpu_count())
 
     def __enter__(self) -> None:
+        mark("gw")
         self._slots.acquire()
+        mark("gate+")
 
     def __exit__(self, *exc: object) -> None:
+        mark("gate-")
         self._slots.release()
 
 

@@ -55,6 +55,7 @@ from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem, ne
 from vmkeep.repository.point_summary import PointSummary
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.retention_lock import lock_restore_point
+from vmkeep.trace import mark, span
 
 from .backup_start import previous_point
 from .chunk_uploader import BackupStats, ChunkUploader
@@ -161,7 +162,8 @@ def backup_disk(
             return index, *blocks.store(uploader, index, spans, plan, throttle, label)
         if throttle is not None:
             throttle.acquire(got)
-        data = read_spans(reader, offset, want, spans, label)
+        with span("read"):
+            data = read_spans(reader, offset, want, spans, label)
         chunk_id, stats = uploader.store(data, got)
         return index, chunk_id, stats
 
@@ -343,26 +345,33 @@ def backup_vm(
     vm = vm_ref if isinstance(vm_ref, VmConfig) else connector.get_vm(vm_ref)
     check_metadata(vm)
     began = time.monotonic()
+    mark("backup_vm")
     with vm_backup_lock(repo, vm) as lock, repo.writing():
+        mark("locked")
         gc_mark = read_gc_mark(repo.remote)  # before anything is listed (FORMAT.md §6)
         repo.refresh_index()  # and before any lookup: never an index read before that
         started = datetime.now(UTC)
         history, previous = previous_point(repo, vm.uuid)
         tokens = {d.name: d.change_token for d in previous.disks} if previous else {}
-        session = connector.begin_backup(vm, tokens if options.mode == "delta" else {})
+        mark("previous")
+        with span("begin_backup"):
+            session = connector.begin_backup(vm, tokens if options.mode == "delta" else {})
         ok = False
         try:
             notes = list(session.notes)
             # One extent walk per disk (an NBD block-status round trip per extent for libvirt).
             chunk_size = repo.chunk_size
             data_flags = {n: chunks_with_data(r, chunk_size) for n, r in session.readers.items()}
+            mark("extents")
             check_capacity(repo, vm, list(data_flags.values()), history, chunk_size)
             check_index_size(vm, list(data_flags.values()))
             indexes, stats, disk_notes = store_disks(
                 repo, vm, session, previous, data_flags, options, progress
             )
             notes += disk_notes
+            mark("stored")
             session.confirm()
+            mark("confirmed")
             for note in notes:
                 progress.note(note)
             finished = datetime.now(UTC)
@@ -387,11 +396,14 @@ def backup_vm(
             _test_stop("stored")
             gc_mark = prove_chunks_kept(repo, lock, gc_mark, manifest)
             _test_stop("manifest")
+            mark("proved")
             repo.save_manifest(manifest)
+            mark("manifest")
             confirm_after_manifest(repo, gc_mark, manifest)
             ok = True
         finally:
-            session.finish(ok)
+            with span("finish"):
+                session.finish(ok)
         # finish() may add notes of its own (e.g. the --offline restart failed): report them.
         late = [note for note in session.notes if note not in notes]
         for note in late:
@@ -408,7 +420,8 @@ def prove_chunks_kept(
     (read before the chunks were listed) deleted a chunk the manifest references. Returns
     the gc marker this proof is relative to. Format 3: the packs and index are made
     durable first (what is checked must be what the manifest will name)."""
-    repo.flush_chunks()
+    with span("flush"):
+        repo.flush_chunks()
     lock.check()
     now = read_gc_mark(repo.remote)
     confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids(), repo.missing_chunks)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from vmkeep.parallel import CpuGate
 from vmkeep.repository.format import ZERO_ID, is_zero
 from vmkeep.repository.repository import Repository
+from vmkeep.trace import span
 
 
 @dataclass
@@ -70,7 +71,8 @@ class ChunkUploader:
             try:
                 with self.gate:
                     blob = self.repo.encode_chunk(chunk_id, data, self.level)
-                self.repo.store_chunk(chunk_id, blob)
+                with span("add"):
+                    self.repo.store_chunk(chunk_id, blob)
             except BaseException:
                 with self._lock:
                     self.known.discard(chunk_id)

@@ -26,6 +26,7 @@ from vmkeep.repository.format import ZERO_ID, is_zero
 from vmkeep.repository.index_runs import chunks_touched, covered_bytes, indexes, merge_ranges
 from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem
 from vmkeep.repository.repository import Repository
+from vmkeep.trace import mark, span
 
 SPARSE_BLOCK = 4096  # zero runs of this granularity become holes in the restored disk
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
@@ -229,11 +230,13 @@ def restore_disk(
                     continue
             (out.zero if chunk_id == ZERO_ID else out.write).append(i)
         if out.write:
-            out.raw = repo.fetch_chunks([index.chunk_id(i) for i in out.write])
+            with span("fetch"):
+                out.raw = repo.fetch_chunks([index.chunk_id(i) for i in out.write])
         return out
 
     def decode(got: _Fetched) -> _Decoded:
         """CPU: the group's chunks authenticated, decompressed, checked, cut into data runs."""
+        mark("decode+")
         chunks = repo.decode_chunk_parts(got.raw) if got.raw is not None else []
         got.raw = None  # the raw bytes are not needed past their decode
         out = _Decoded(got.covered, got.restored, [], got.zero)
@@ -246,6 +249,7 @@ def restore_disk(
                 )
             # in place, zeros too must overwrite what the disk holds; a new disk keeps holes
             out.chunks.append((i, [(0, parts)] if current is not None else sparse_pieces(parts)))
+        mark("decode-")
         return out
 
     def write(done: _Decoded) -> int:
@@ -270,7 +274,8 @@ def restore_disk(
     window = stage.fetchers + 2 * stage.decoders
     with closing(pipelined_map(stage, _groups(wanted, repo.fetch_group), window)) as results:
         for done in results:  # a failed write closes the pipeline at once, not at GC
-            written += write(done)  # here, so that the decoders never wait on the disk
+            with span("write"):
+                written += write(done)  # here, so that the decoders never wait on the disk
             restored += done.restored
             progress.advance(done.covered)
     progress.finish()
@@ -324,7 +329,9 @@ def restore_vm(
     force: bool = False,
 ) -> RestoreReport:
     began = time.monotonic()
+    mark("restore_vm")
     manifest = repo.load_manifest(repo.resolve_point(point_ref))
+    mark("manifest")
     drop_unreadable_metadata(manifest, progress)
     if in_place:
         existing = connector.get_vm(target)
@@ -349,17 +356,21 @@ def restore_vm(
             info = DiskInfo(index.name, index.size, index.format, dict(index.extra))
             current = connector.open_disk(existing, info) if existing else None
             writer = sink.open_disk(info)
+            mark("opened")
             try:
                 r, w = restore_disk(
                     repo, index, writer, current, progress, f"{manifest.vm_name}/{index.name}"
                 )
             finally:
+                mark("data")
                 writer.close()
+                mark("closed")
                 if current:
                     current.close()
             restored += r
             written += w
         sink.commit()
+        mark("committed")
     except BaseException:  # whatever went wrong, leave nothing half-written
         sink.abort()
         raise

@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime
@@ -104,6 +105,7 @@ class LocalRemote:
         self.root = Path(root).absolute()
         self.url = str(self.root)
         self._unsynced_dirs: set[Path] = set()  # directories whose new entries flush() syncs
+        self._flush_lock = threading.Lock()
         self.lock_policy: LockPolicy | None = None
 
     def _path(self, name: str) -> Path:
@@ -195,13 +197,17 @@ class LocalRemote:
             os.close(dfd)
 
     def flush(self) -> None:
-        """Directory fsyncs are batched here: one per directory, not one per object."""
-        while self._unsynced_dirs:
-            path = self._unsynced_dirs.pop()
-            try:
-                self._sync_dir(path)
-            except OSError as exc:
-                raise _os_error(exc, "syncing", path) from exc
+        """Directory fsyncs are batched here: one per directory, not one per object. One
+        flush at a time: a flush that found nothing left to pop must not return while
+        another thread's flush is still syncing a directory it popped (format 3's pack
+        uploaders flush after each pack while the index writer flushes before its index)."""
+        with self._flush_lock:
+            while self._unsynced_dirs:
+                path = self._unsynced_dirs.pop()
+                try:
+                    self._sync_dir(path)
+                except OSError as exc:
+                    raise _os_error(exc, "syncing", path) from exc
 
     @staticmethod
     def _sync_dir(path: Path) -> None:

@@ -83,6 +83,9 @@ def backup(
     json_out: bool = JsonOpt,
 ) -> None:
     """Back up a VM into a repository."""
+    from vmkeep.trace import mark
+
+    mark("cli")
     rate = parse_max_rate(max_rate)
     # The key is derived in a thread while the data path and the connector are imported
     # (imported when they run, not at every start-up of the CLI): docs/RUN-OVERHEAD.md.
@@ -101,8 +104,11 @@ def backup(
         offline_on(source, shutdown_timeout, force_off)
     if nbd_host is not None or nbd_tls or nbd_port != NBD_PORT or nbd_tls_certs:
         nbd_export_on(source, nbd_export(nbd_host, nbd_port, nbd_tls, nbd_tls_certs))
+    mark("imported")
     vm_config = source.get_vm(vm)  # libvirt: connects and reads the domain meanwhile too
+    mark("got_vm")
     repo = opening()
+    mark("opened")
     apply_lock_policy(repo.remote, lock)
     report = backup_vm(repo, source, vm_config, options, RichProgress(not json_out), connector)
     if json_out:
@@ -204,18 +210,26 @@ def restore(
     json_out: bool = JsonOpt,
 ) -> None:
     """Restore a VM from a restore point, as a new VM (new uuid) or in place."""
-    from vmkeep.operations.restore import restore_vm  # the data path: see backup
+    from vmkeep.trace import mark
 
-    repo = state.open_repository(remote)
+    mark("cli")
+    # As backup: the key is derived in a thread while the data path and the target's
+    # connector are imported (the files connector alone ~0.14 s; docs/DATA-PATH.md).
+    opening = state.begin_open_repository(remote)
+    from vmkeep.operations.restore import restore_vm
+
+    target_connector = None if instant else connector_for(connector, uri)
+    mark("imported")
+    repo = opening()
+    mark("opened")
     point = repo.resolve_point(point)  # a bad id fails before anything is created
-    if instant:
+    if target_connector is None:
         from .instant_commands import restore_instant
 
         if connector != "libvirt" or in_place:
             raise UsageError("--instant restores a new domain: it needs --connector libvirt")
         restore_instant(repo, point, to or "", name, uri, keep_macs, bandwidth, json_out)
         return
-    target_connector = connector_for(connector, uri)
     target = to or ""
     if connector == "libvirt":
         from vmkeep.connectors.libvirt import LibvirtConnector
