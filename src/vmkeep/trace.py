@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _PATH = os.environ.get("VMKEEP_TRACE", "")
+MAX_EVENTS = 1 << 20  # ~100 MiB: a trace is for a benchmark's run, not a 1 TiB disk's
 _events: list[tuple[float, str, str]] = []
 
 
 def mark(event: str) -> None:
-    if _PATH:
+    if _PATH and len(_events) < MAX_EVENTS:
         _events.append((time.time(), threading.current_thread().name, event))
 
 
