@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.hostile.lease_helpers import assert_clean_failure, start_stopped_backup
-from vmkeep.remotes.location import open_remote
 
-from .conftest import Cli, Run, disk_hashes
+from .conftest import Cli, Run, disk_hashes, open_as_cli, remote_as_cli
+from .dying import PYTHON
 from .format3_census import census
 from .test_faults import random_vm
 from .test_format3 import init3, restore_hashes
 from .test_format3_kills import DIE_AT_STEP, overwrite, points
-from .test_remote_kills import PYTHON
 from .test_remotes_cli import _s3
 
 MiB = 1 << 20
@@ -46,13 +45,7 @@ class Hidden:
     put back unchanged."""
 
     def __init__(self, cli: Cli, url: str) -> None:
-        saved = dict(os.environ)
-        os.environ.update({k: v for k, v in cli.env.items() if k.startswith("AWS_")})
-        try:
-            self.remote = open_remote(url)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        self.remote = remote_as_cli(cli, url)
         self.locks = {o.name: self.remote.get(o.name) for o in self.remote.list("locks/")}
         assert self.locks
         for name in self.locks:
@@ -148,9 +141,7 @@ def test_backup_during_a_paused_gc(cli: Cli, url: str, tmp_path: Path) -> None:
     settle(cli, url, tmp_path, {kept: hashes, after: hashes})
 
 
-def test_a_long_lived_process_backs_up_after_a_gc_elsewhere(
-    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_long_lived_process_backs_up_after_a_gc_elsewhere(cli: Cli, tmp_path: Path) -> None:
     """The server keeps a repository open between runs, with the index it read. A gc run
     by another process in between deletes packs that index still lists; the next backup
     (its gc marker read after that gc ended: no overlap to see) must not deduplicate
@@ -158,27 +149,23 @@ def test_a_long_lived_process_backs_up_after_a_gc_elsewhere(
     from vmkeep.connectors.files import FilesConnector
     from vmkeep.operations.backup import BackupOptions, backup_vm
     from vmkeep.progress import SilentProgress
-    from vmkeep.remotes.local import LocalRemote
-    from vmkeep.repository.repository import Repository
 
     url = str(tmp_path / "repo")
     init3(cli, url, "--pack-size", "1M")
     vm = random_vm(tmp_path, "victim", 8 * MiB, 13)
     hashes = disk_hashes(vm)
-    for name in ("VMKEEP_CACHE_DIR", "VMKEEP_PASSPHRASE"):
-        monkeypatch.setenv(name, cli.env[name])
-    repo = Repository.open(LocalRemote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+    with open_as_cli(cli, url) as repo:
 
-    def backup() -> str:
-        report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
-        return report.restore_point
+        def backup() -> str:
+            report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
+            return report.restore_point
 
-    first = backup()
-    cli("forget", first, "--remote", url)
-    assert cli("gc", "--remote", url, "--json").json()["packs_deleted"] > 0
-    assert census(cli, url).packs == 0  # every blob of that point is gone
-    second = backup()  # same process, same data
-    assert census(cli, url).packs > 0  # stored again, not deduplicated against the dead
+        first = backup()
+        cli("forget", first, "--remote", url)
+        assert cli("gc", "--remote", url, "--json").json()["packs_deleted"] > 0
+        assert census(cli, url).packs == 0  # every blob of that point is gone
+        second = backup()  # same process, same data
+        assert census(cli, url).packs > 0  # stored again, not deduplicated against the dead
     settle(cli, url, tmp_path, {second: hashes})
 
 
@@ -195,15 +182,11 @@ def test_a_long_lived_process_backs_up_again_after_a_failed_upload(
     from vmkeep.operations.backup import BackupOptions, backup_vm
     from vmkeep.progress import SilentProgress
     from vmkeep.remotes.local import LocalRemote
-    from vmkeep.repository.repository import Repository
 
     url = str(tmp_path / "repo")
     init3(cli, url, "--pack-size", "1M")
     vm = random_vm(tmp_path, "victim", 16 * MiB, 17)
     hashes = disk_hashes(vm)
-    for name in ("VMKEEP_CACHE_DIR", "VMKEEP_PASSPHRASE"):
-        monkeypatch.setenv(name, cli.env[name])
-    repo = Repository.open(LocalRemote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
     put, calls = pack_writer.put_parts, [0]
 
     def outage(remote: LocalRemote, name: str, parts: list[bytes]) -> None:
@@ -214,12 +197,14 @@ def test_a_long_lived_process_backs_up_again_after_a_failed_upload(
 
     monkeypatch.setattr(pack_writer, "put_parts", outage)
 
-    def backup() -> str:
-        report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
-        return report.restore_point
+    with open_as_cli(cli, url) as repo:
 
-    with pytest.raises(VmkeepError, match="went away"):
-        backup()
-    assert points(cli, url) == []
-    point = backup()  # the remote is back (only the second upload failed)
+        def backup() -> str:
+            report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
+            return report.restore_point
+
+        with pytest.raises(VmkeepError, match="went away"):
+            backup()
+        assert points(cli, url) == []
+        point = backup()  # the remote is back (only the second upload failed)
     settle(cli, url, tmp_path, {point: hashes})
