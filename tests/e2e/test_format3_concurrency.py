@@ -208,3 +208,44 @@ def test_a_long_lived_process_backs_up_again_after_a_failed_upload(
         assert points(cli, url) == []
         point = backup()  # the remote is back (only the second upload failed)
     settle(cli, url, tmp_path, {point: hashes})
+
+
+def test_a_long_lived_process_mirrors_after_a_gc_elsewhere(cli: Cli, tmp_path: Path) -> None:
+    """The mirror's side of the same rule (FORMAT.md §13.7): a process that mirrored into a
+    format 3 target keeps the target's index. Another process backs up into the target,
+    forgets the mirrored point and runs gc there, which deletes blobs that index lists. The
+    next mirror of this process copies the forgotten point again: it must upload the blobs
+    gc deleted, not count them as present, or the target's copy names blobs that are gone."""
+    from vmkeep.operations.mirror import COPIED, MirrorOptions, mirror
+    from vmkeep.progress import SilentProgress
+    from vmkeep.repository.packs import pack_id_of_name
+
+    source, target = str(tmp_path / "source"), str(tmp_path / "target")
+    init3(cli, source)
+    init3(cli, target, "--pack-size", "1M")
+    vm = random_vm(tmp_path, "victim", 8 * MiB, 19)  # two 4 MiB chunks
+    first = cli("backup", str(vm), "--remote", source, "--json").json()["restore_point"]
+    first_hashes = disk_hashes(vm)
+    with open_as_cli(cli, source) as src, open_as_cli(cli, target) as dst:
+
+        def copy() -> dict[str, int]:
+            """Point -> chunks uploaded, each point copied."""
+            report = mirror(src, dst, MirrorOptions(), SilentProgress())
+            assert [p.status for p in report.points] == [COPIED] * len(report.points)
+            return {p.point_id: p.chunks_uploaded for p in report.points}
+
+        assert copy() == {first: 2}
+        overwrite(vm / "disk0.img", 2 * MiB, MiB, 20)  # chunk 0 changes, chunk 1 does not
+        own = cli("backup", str(vm), "--remote", target, "--json").json()["restore_point"]
+        cli("forget", first, "--remote", target)
+        assert cli("gc", "--remote", target, "--json").json()["packs_deleted"] > 0
+        assert dst.packed is not None
+        listed = {pack_id_of_name(o.name) for o in dst.remote.list("packs/")}
+        assert {e.pack for e in dst.packed.index().entries()} - listed  # packs it knows: gone
+        second = cli("backup", str(vm), "--remote", source, "--json").json()["restore_point"]
+        uploaded = copy()
+    now = disk_hashes(vm)
+    settle(cli, target, tmp_path, {first: first_hashes, own: now, second: now})
+    # `first`'s chunk 0 (its recipe and 16 blocks) went with gc: uploaded again; `second` has
+    # the data of `own`, which the target holds (in an index object this process never read).
+    assert uploaded == {first: 1, second: 0}
