@@ -1,6 +1,6 @@
 """What the S3 Object Lock tests share (test_s3_object_lock.py, test_s3_object_lock_format3.py):
 a SeaweedFS server per test module with one bucket with Object Lock and one without, vmkeep
-remotes in it under prefixes unique to each test, a demo VM and the hash of its disk."""
+remotes in it under prefixes unique to each test, and the hash of a VM's disk."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from tests.remotes.s3_server import SeaweedServer, started_or_skip
-from vmkeep.connectors.files.demo import create_demo_vm
 from vmkeep.remotes.s3 import S3Remote
 
 LOCKED = "vmkeep-imm-lock"
@@ -39,9 +38,3 @@ def unique(name: str) -> str:
 def disk_hash(vm_dir: Path) -> str:
     disk = json.loads((vm_dir / "vm.json").read_text())["disks"][0]["file"]
     return hashlib.sha256((vm_dir / disk).read_bytes()).hexdigest()
-
-
-def demo_vm(tmp_path: Path, name: str) -> Path:
-    """A 32 MiB demo VM (the one VM of a test) under `tmp_path`/vms."""
-    (tmp_path / "vms").mkdir()
-    return Path(create_demo_vm(tmp_path / "vms", name, 32 << 20))

@@ -16,7 +16,6 @@ from tests.remotes.object_lock_setup import (
     LOCKED,
     PASS,
     PLAIN,
-    demo_vm,
     disk_hash,
     lock_server,
     remote_for,
@@ -24,7 +23,7 @@ from tests.remotes.object_lock_setup import (
 )
 from tests.remotes.s3_server import SeaweedServer
 from vmkeep.connectors.files import FilesConnector
-from vmkeep.connectors.files.demo import modify_demo_vm
+from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
 from vmkeep.errors import ObjectLockedError, UsageError
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.prune import apply_prune
@@ -151,7 +150,8 @@ def test_the_next_backup_trusts_its_parents_lock_claim_only_when_encrypted(
     first_process = remote_for(server, prefix)
     repo = Repository.init(first_process, encryption, lambda: PASS, format_version=1)
     first_process.set_lock_policy(LockPolicy.from_days(7))
-    vm = demo_vm(tmp_path, "claim")
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "claim", 32 * 1024 * 1024)
     first = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
     claim = repo.load_manifest(first.restore_point).lock
     assert claim is not None and claim["mode"] == "compliance"
@@ -197,7 +197,8 @@ def test_backup_prune_gc_restore_with_a_short_lock(server: SeaweedServer, tmp_pa
     remote = remote_for(server, prefix)
     repo = Repository.init(remote, "aes-256-gcm", lambda: PASS, format_version=1)
     remote.set_lock_policy(LockPolicy(seconds=10))
-    vm = demo_vm(tmp_path, "imm")
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "imm", 32 * 1024 * 1024)
     first_hash = disk_hash(vm)
     connector = FilesConnector()
     first = backup_vm(repo, connector, str(vm), BackupOptions(), SilentProgress())

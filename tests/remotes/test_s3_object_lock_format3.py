@@ -16,7 +16,6 @@ from botocore.exceptions import ClientError
 from tests.remotes.object_lock_setup import (
     LOCKED,
     PASS,
-    demo_vm,
     disk_hash,
     lock_server,
     remote_for,
@@ -24,7 +23,7 @@ from tests.remotes.object_lock_setup import (
 )
 from tests.remotes.s3_server import SeaweedServer
 from vmkeep.connectors.files import FilesConnector
-from vmkeep.connectors.files.demo import modify_demo_vm
+from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
 from vmkeep.errors import ObjectLockedError
 from vmkeep.operations.backup import BackupOptions, BackupReport, backup_vm
 from vmkeep.operations.mirror import MirrorOptions, mirror
@@ -90,7 +89,8 @@ def test_format3_point_locks_its_packs_and_index_and_survives_an_attacker(
     assert repo.config["version"] == 3  # a locked repository gets the default format now
     policy = LockPolicy.from_days(1)
     remote.set_lock_policy(policy)
-    vm = demo_vm(tmp_path, "f3")
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "f3", 32 * MiB)
     want = disk_hash(vm)
     point = backup(repo, vm).restore_point
     lock = repo.load_manifest(point).lock
@@ -150,7 +150,8 @@ def test_a_later_point_extends_the_packs_it_reuses_once_each(
     first_remote = remote_for(server, prefix)
     repo = Repository.init(first_remote, "none", lambda: PASS, pack_size=MiB)
     first_remote.set_lock_policy(LockPolicy(seconds=40))
-    vm = demo_vm(tmp_path, "ext")
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "ext", 32 * MiB)
     backup(repo, vm)
     old_packs, old_index = objects(first_remote, "packs/"), objects(first_remote, "index/")
 
@@ -197,7 +198,8 @@ def test_gc_leaves_locked_packs_then_frees_them(server: SeaweedServer, tmp_path:
     remote = remote_for(server, prefix)
     repo = Repository.init(remote, "aes-256-gcm", lambda: PASS, pack_size=MiB)
     remote.set_lock_policy(LockPolicy(seconds=10))
-    vm = demo_vm(tmp_path, "gc")
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "gc", 32 * MiB)
     first = backup(repo, vm).restore_point
     modify_demo_vm(vm, 9)
     want = disk_hash(vm)
@@ -260,7 +262,8 @@ def test_gc_keeps_the_unlocked_packs_a_locked_index_object_lists(
     prefix = unique("f3held")
     remote = remote_for(server, prefix)
     repo = Repository.init(remote, "none", lambda: PASS, pack_size=MiB)
-    vm = demo_vm(tmp_path, "held")
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "held", 32 * MiB)
     point = backup(repo, vm).restore_point  # no lock: packs and index unlocked
     (index_name,) = objects(remote, "index/")
     until = datetime.now(UTC) + timedelta(seconds=8)
@@ -286,7 +289,8 @@ def test_mirror_into_a_locked_format3_bucket_locks_what_it_copies(
     """A mirror locks each copied point as a backup does: every pack and index object the
     copy needs carries the point's date plus the margin, and it restores hash-equal."""
     source = Repository.init(LocalRemote(tmp_path / "src"), "none", lambda: PASS)
-    vm = demo_vm(tmp_path, "mir")
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "mir", 32 * MiB)
     want = disk_hash(vm)
     point = backup(source, vm).restore_point
     prefix = unique("f3mirror")
@@ -317,7 +321,8 @@ def test_a_delta_trusts_its_parents_claim_for_the_blocks_of_chunks_it_changed(
     first_remote = remote_for(server, prefix)
     repo = Repository.init(first_remote, encryption, lambda: PASS, pack_size=MiB)
     first_remote.set_lock_policy(LockPolicy.from_days(7))
-    vm = demo_vm(tmp_path, "claim")
+    (tmp_path / "vms").mkdir()
+    vm = create_demo_vm(tmp_path / "vms", "claim", 32 * MiB)
     first = backup(repo, vm).restore_point
     old_packs, old_index = objects(first_remote, "packs/"), objects(first_remote, "index/")
     first_lock = repo.load_manifest(first).lock
