@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.remotes.s3_server import REGION, SeaweedServer, weed_binary
+from tests.remotes.s3_server import SeaweedServer, weed_binary
 
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.connectors.files.demo import create_demo_vm
@@ -60,15 +60,7 @@ def scatter(vm: Path, writes: int, seed: int) -> None:
 
 
 def remote(server: SeaweedServer, prefix: str, days: int) -> tuple[S3Remote, Counter[str]]:
-    r = S3Remote(
-        BUCKET,
-        prefix,
-        endpoint=server.endpoint,
-        region=REGION,
-        path_style=True,
-        access_key=server.access_key,
-        secret_key=server.secret_key,
-    )
+    r = server.remote(BUCKET, prefix)
     if days:
         r.set_lock_policy(LockPolicy.from_days(days))
     counts: Counter[str] = Counter()

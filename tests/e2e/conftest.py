@@ -7,7 +7,8 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from typing import Any
 import pytest
 
 from tests.stored_data import BOTH_FORMATS
+from vmkeep.remotes.base import Remote
+from vmkeep.remotes.location import credential_variables, open_remote
+from vmkeep.repository.repository import Repository
 
 VMKEEP = str(Path(sys.executable).with_name("vmkeep"))
 PASSPHRASE = "e2e passphrase"
@@ -67,6 +71,38 @@ class Cli:
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
     return Cli(tmp_path)
+
+
+# What vmkeep reads from the environment: remote credentials, its directories, the passphrase.
+CLI_ENV_PREFIXES = ("AWS_", "AZURE_", "VMKEEP_")
+
+
+@contextmanager
+def cli_environment(cli: Cli) -> Iterator[None]:
+    """`cli`'s remote credentials, directories and passphrase in os.environ while the block
+    runs, for vmkeep code called in this process (remotes and the index cache read them
+    there); the environment as it was afterwards."""
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in cli.env.items() if k.startswith(CLI_ENV_PREFIXES)})
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextmanager
+def open_as_cli(cli: Cli, url: str) -> Iterator[Repository]:
+    """The repository at `url` opened in this process as `cli`'s commands open it, usable
+    while the block runs (inside cli_environment)."""
+    with cli_environment(cli):
+        yield Repository.open(open_remote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+
+
+def remote_as_cli(cli: Cli, url: str) -> Remote:
+    """The remote at `url` opened with `cli`'s credentials (given, not put in os.environ)."""
+    names = credential_variables(url)
+    return open_remote(url, {k: v for k, v in cli.env.items() if k in names})
 
 
 def sha256(path: Path) -> str:

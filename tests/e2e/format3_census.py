@@ -5,14 +5,11 @@ packs listed (after a complete gc, none may be missing and none left over)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from vmkeep.remotes.location import open_remote
 from vmkeep.repository.packs import pack_id_of_name, read_trailer
-from vmkeep.repository.repository import Repository
 
-from .conftest import Cli
+from .conftest import Cli, open_as_cli
 
 
 @dataclass
@@ -26,14 +23,8 @@ class Census:
 
 
 def census(cli: Cli, url: str) -> Census:
-    saved = dict(os.environ)
-    os.environ.update(
-        {k: v for k, v in cli.env.items() if k.startswith(("AWS_", "AZURE_", "VMKEEP_"))}
-    )
-    try:
-        remote = open_remote(url)
-        repo = Repository.open(remote, lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
-        store = repo.packed
+    with open_as_cli(cli, url) as repo:
+        remote, store = repo.remote, repo.packed
         assert store is not None
         listed = {}
         for obj in remote.list("packs/"):
@@ -57,6 +48,3 @@ def census(cli: Cli, url: str) -> Census:
             index_objects=len(list(remote.list("index/"))),
             other=sorted(o.name for o in remote.list("") if not o.name.startswith(known)),
         )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)

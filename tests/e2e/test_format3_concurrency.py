@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.hostile.lease_helpers import assert_clean_failure, start_stopped_backup
-from vmkeep.remotes.location import open_remote
 
-from .conftest import Cli, Run, disk_hashes
+from .conftest import Cli, Run, disk_hashes, open_as_cli, remote_as_cli
+from .dying import PYTHON
 from .format3_census import census
 from .test_faults import random_vm
 from .test_format3 import init3, restore_hashes
 from .test_format3_kills import DIE_AT_STEP, overwrite, points
-from .test_remote_kills import PYTHON
 from .test_remotes_cli import _s3
 
 MiB = 1 << 20
@@ -46,13 +45,7 @@ class Hidden:
     put back unchanged."""
 
     def __init__(self, cli: Cli, url: str) -> None:
-        saved = dict(os.environ)
-        os.environ.update({k: v for k, v in cli.env.items() if k.startswith("AWS_")})
-        try:
-            self.remote = open_remote(url)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        self.remote = remote_as_cli(cli, url)
         self.locks = {o.name: self.remote.get(o.name) for o in self.remote.list("locks/")}
         assert self.locks
         for name in self.locks:
@@ -148,9 +141,7 @@ def test_backup_during_a_paused_gc(cli: Cli, url: str, tmp_path: Path) -> None:
     settle(cli, url, tmp_path, {kept: hashes, after: hashes})
 
 
-def test_a_long_lived_process_backs_up_after_a_gc_elsewhere(
-    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_long_lived_process_backs_up_after_a_gc_elsewhere(cli: Cli, tmp_path: Path) -> None:
     """The server keeps a repository open between runs, with the index it read. A gc run
     by another process in between deletes packs that index still lists; the next backup
     (its gc marker read after that gc ended: no overlap to see) must not deduplicate
@@ -158,27 +149,23 @@ def test_a_long_lived_process_backs_up_after_a_gc_elsewhere(
     from vmkeep.connectors.files import FilesConnector
     from vmkeep.operations.backup import BackupOptions, backup_vm
     from vmkeep.progress import SilentProgress
-    from vmkeep.remotes.local import LocalRemote
-    from vmkeep.repository.repository import Repository
 
     url = str(tmp_path / "repo")
     init3(cli, url, "--pack-size", "1M")
     vm = random_vm(tmp_path, "victim", 8 * MiB, 13)
     hashes = disk_hashes(vm)
-    for name in ("VMKEEP_CACHE_DIR", "VMKEEP_PASSPHRASE"):
-        monkeypatch.setenv(name, cli.env[name])
-    repo = Repository.open(LocalRemote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+    with open_as_cli(cli, url) as repo:
 
-    def backup() -> str:
-        report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
-        return report.restore_point
+        def backup() -> str:
+            report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
+            return report.restore_point
 
-    first = backup()
-    cli("forget", first, "--remote", url)
-    assert cli("gc", "--remote", url, "--json").json()["packs_deleted"] > 0
-    assert census(cli, url).packs == 0  # every blob of that point is gone
-    second = backup()  # same process, same data
-    assert census(cli, url).packs > 0  # stored again, not deduplicated against the dead
+        first = backup()
+        cli("forget", first, "--remote", url)
+        assert cli("gc", "--remote", url, "--json").json()["packs_deleted"] > 0
+        assert census(cli, url).packs == 0  # every blob of that point is gone
+        second = backup()  # same process, same data
+        assert census(cli, url).packs > 0  # stored again, not deduplicated against the dead
     settle(cli, url, tmp_path, {second: hashes})
 
 
@@ -195,15 +182,11 @@ def test_a_long_lived_process_backs_up_again_after_a_failed_upload(
     from vmkeep.operations.backup import BackupOptions, backup_vm
     from vmkeep.progress import SilentProgress
     from vmkeep.remotes.local import LocalRemote
-    from vmkeep.repository.repository import Repository
 
     url = str(tmp_path / "repo")
     init3(cli, url, "--pack-size", "1M")
     vm = random_vm(tmp_path, "victim", 16 * MiB, 17)
     hashes = disk_hashes(vm)
-    for name in ("VMKEEP_CACHE_DIR", "VMKEEP_PASSPHRASE"):
-        monkeypatch.setenv(name, cli.env[name])
-    repo = Repository.open(LocalRemote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
     put, calls = pack_writer.put_parts, [0]
 
     def outage(remote: LocalRemote, name: str, parts: list[bytes]) -> None:
@@ -214,12 +197,55 @@ def test_a_long_lived_process_backs_up_again_after_a_failed_upload(
 
     monkeypatch.setattr(pack_writer, "put_parts", outage)
 
-    def backup() -> str:
-        report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
-        return report.restore_point
+    with open_as_cli(cli, url) as repo:
 
-    with pytest.raises(VmkeepError, match="went away"):
-        backup()
-    assert points(cli, url) == []
-    point = backup()  # the remote is back (only the second upload failed)
+        def backup() -> str:
+            report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
+            return report.restore_point
+
+        with pytest.raises(VmkeepError, match="went away"):
+            backup()
+        assert points(cli, url) == []
+        point = backup()  # the remote is back (only the second upload failed)
     settle(cli, url, tmp_path, {point: hashes})
+
+
+def test_a_long_lived_process_mirrors_after_a_gc_elsewhere(cli: Cli, tmp_path: Path) -> None:
+    """The mirror's side of the same rule (FORMAT.md §13.7): a process that mirrored into a
+    format 3 target keeps the target's index. Another process backs up into the target,
+    forgets the mirrored point and runs gc there, which deletes blobs that index lists. The
+    next mirror of this process copies the forgotten point again: it must upload the blobs
+    gc deleted, not count them as present, or the target's copy names blobs that are gone."""
+    from vmkeep.operations.mirror import COPIED, MirrorOptions, mirror
+    from vmkeep.progress import SilentProgress
+    from vmkeep.repository.packs import pack_id_of_name
+
+    source, target = str(tmp_path / "source"), str(tmp_path / "target")
+    init3(cli, source)
+    init3(cli, target, "--pack-size", "1M")
+    vm = random_vm(tmp_path, "victim", 8 * MiB, 19)  # two 4 MiB chunks
+    first = cli("backup", str(vm), "--remote", source, "--json").json()["restore_point"]
+    first_hashes = disk_hashes(vm)
+    with open_as_cli(cli, source) as src, open_as_cli(cli, target) as dst:
+
+        def copy() -> dict[str, int]:
+            """Point -> chunks uploaded, each point copied."""
+            report = mirror(src, dst, MirrorOptions(), SilentProgress())
+            assert [p.status for p in report.points] == [COPIED] * len(report.points)
+            return {p.point_id: p.chunks_uploaded for p in report.points}
+
+        assert copy() == {first: 2}
+        overwrite(vm / "disk0.img", 2 * MiB, MiB, 20)  # chunk 0 changes, chunk 1 does not
+        own = cli("backup", str(vm), "--remote", target, "--json").json()["restore_point"]
+        cli("forget", first, "--remote", target)
+        assert cli("gc", "--remote", target, "--json").json()["packs_deleted"] > 0
+        assert dst.packed is not None
+        listed = {pack_id_of_name(o.name) for o in dst.remote.list("packs/")}
+        assert {e.pack for e in dst.packed.index().entries()} - listed  # packs it knows: gone
+        second = cli("backup", str(vm), "--remote", source, "--json").json()["restore_point"]
+        uploaded = copy()
+    now = disk_hashes(vm)
+    settle(cli, target, tmp_path, {first: first_hashes, own: now, second: now})
+    # `first`'s chunk 0 (its recipe and 16 blocks) went with gc: uploaded again; `second` has
+    # the data of `own`, which the target holds (in an index object this process never read).
+    assert uploaded == {first: 1, second: 0}

