@@ -1,0 +1,83 @@
+"""gc's live set as an external sort (issue 15, "gc memory"): live blob keys (blob ID then
+kind, the order of the on-disk index's records, index_file.py) are buffered up to a fixed
+count, sorted and spilled to run files in a private directory under the repository's cache
+directory; `sorted_unique` merges the runs (k-way, as in any external sort) and drops
+duplicates. Memory follows the buffer, not the repository: a 1 TiB format 3 repository has
+~16 M live blocks, held as a Python set they took gigabytes. The directory is removed on
+`close`, also when the caller fails (use as a context manager)."""
+
+from __future__ import annotations
+
+import heapq
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+from .format import ID_SIZE
+
+KEY_SIZE = ID_SIZE + 1  # blob ID, kind byte: sorts like the index file's records
+BUFFER_KEYS = 1 << 20  # keys held before a spill: 33 B each in a list, ~60 MiB with overhead
+_READ = 1 << 16  # bytes read at a time from each run while merging
+
+
+def live_key(kind: int, blob_id: bytes) -> bytes:
+    return blob_id + bytes((kind,))
+
+
+class LiveKeys:
+    """Collects keys, then yields them once each in sorted order."""
+
+    def __init__(self, parent: Path, buffer_keys: int = BUFFER_KEYS) -> None:
+        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir = Path(tempfile.mkdtemp(prefix="gc-live-", dir=parent))  # mode 0700
+        self.buffer_keys = buffer_keys
+        self._buffer: list[bytes] = []
+        self.runs: list[Path] = []
+
+    def add(self, key: bytes) -> None:
+        if len(key) != KEY_SIZE:
+            raise ValueError("live key of the wrong size")
+        self._buffer.append(key)
+        if len(self._buffer) >= self.buffer_keys:
+            self._spill()
+
+    def _spill(self) -> None:
+        path = self.dir / f"run-{len(self.runs):06d}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(sorted(set(self._buffer))))
+        self.runs.append(path)
+        self._buffer = []
+
+    def sorted_unique(self) -> Iterator[bytes]:
+        """Every key added, once, in ascending order (the buffer is spilled first)."""
+        if self._buffer or not self.runs:
+            self._spill()
+        last = b""
+        for key in heapq.merge(*(_read_run(p) for p in self.runs)):
+            if key != last:
+                last = key
+                yield key
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self._buffer = []
+
+    def __enter__(self) -> LiveKeys:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _read_run(path: Path) -> Iterator[bytes]:
+    step = _READ - _READ % KEY_SIZE
+    with open(path, "rb") as f:
+        while data := f.read(step):
+            for at in range(0, len(data) - KEY_SIZE + 1, KEY_SIZE):
+                yield data[at : at + KEY_SIZE]
