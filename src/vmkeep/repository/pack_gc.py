@@ -122,13 +122,24 @@ def live_blobs(store: PackedStore, referenced: Iterable[bytes]) -> set[tuple[int
 def plan_packs(store: PackedStore, index: BlobIndex, live: set[tuple[int, bytes]]) -> PackPlan:
     """What happens to each pack: its live bytes against its size on the remote (dead blobs
     a former gc dropped from the index still take room in a kept pack)."""
-    plan = PackPlan()
+    sizes: dict[bytes, int] = {}
     for obj in store.remote.list(PACKS_PREFIX):
         pack_id = pack_id_of_name(obj.name)
         if pack_id is not None:
-            plan.sizes[pack_id] = obj.size
+            sizes[pack_id] = obj.size
+    return plan_from(sizes, index.entries(), live, store.pack_size)
+
+
+def plan_from(
+    sizes: dict[bytes, int],
+    entries: Iterable[BlobEntry],
+    live: set[tuple[int, bytes]],
+    pack_size: int,
+) -> PackPlan:
+    """plan_packs given the packs listed (the in-memory reference of live_set.stream_plan)."""
+    plan = PackPlan(sizes=sizes)
     by_pack: dict[bytes, list[BlobEntry]] = {}
-    for entry in index.entries():
+    for entry in entries:
         if (entry.kind, entry.blob_id) in live:
             by_pack.setdefault(entry.pack, []).append(entry)
         else:
@@ -144,7 +155,7 @@ def plan_packs(store: PackedStore, index: BlobIndex, live: set[tuple[int, bytes]
             plan.repack[pack_id] = entries
         else:
             plan.keep[pack_id] = entries
-    consolidate_small(plan, store.pack_size)
+    consolidate_small(plan, pack_size)
     return plan
 
 
