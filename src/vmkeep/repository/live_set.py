@@ -47,8 +47,10 @@ class LiveKeys:
     def _spill(self) -> None:
         path = self.dir / f"run-{len(self.runs):06d}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._buffer.sort()  # in place: no second copy (duplicates go at the merge)
         with os.fdopen(fd, "wb") as f:
-            f.write(b"".join(sorted(set(self._buffer))))
+            for at in range(0, len(self._buffer), 4096):
+                f.write(b"".join(self._buffer[at : at + 4096]))
         self.runs.append(path)
         self._buffer = []
 
