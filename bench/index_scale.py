@@ -1,7 +1,8 @@
 """Blob index benchmark: a format 3 repository whose index lists millions of blobs.
 
     .venv/bin/python bench/index_scale.py [--blobs 4000000] [--lookups 200000]
-                                          [--src DIR] [--workdir DIR] [--keep] [--json]
+                                          [--successive 5] [--src DIR] [--workdir DIR]
+                                          [--keep] [--json]
 
 An encrypted format 3 repository on a local directory gets `--blobs` synthetic index entries
 (random IDs, 65,536 per index object, as backups write them; the packs they name do not
@@ -11,6 +12,8 @@ os.wait4 (wall time, CPU time, peak RSS):
   open (cold)      load the index with an empty cache directory
   open (warm)      the same again (the cache as the cold open left it)
   open (+1 object) after one more index object of 65,536 blobs (a backup's)
+  open (successive) `--successive` times: one more index object, then an open (the cost of
+                   a run of backups: what a tiered index should keep proportional to them)
   lookups          the warm open, then `--lookups` membership tests, half of them present
   adds             the warm open, then `--adds` blobs added as a backup's packer adds them
   backup           `vmkeep backup` of a 256 MiB VM (random data) into the repository
@@ -111,11 +114,28 @@ def step(name: str, argv: list[str], env: dict[str, str], say: Any) -> dict[str,
     return result
 
 
+def successive(
+    repo: Repository, n: int, rng: random.Random, me: list[str], env: dict[str, str], say: Any
+) -> dict[str, Any]:
+    """`n` rounds of one new index object and an open: total and worst open time."""
+    opens = []
+    for k in range(n):
+        write_index(repo, MAX_INDEX_ENTRIES, [], rng)
+        opens.append(step(f"open after backup {k + 1} of {n}", [*me, "--lookups", "0"], env, say))
+    return {
+        "rounds": n,
+        "cpu_seconds": round(sum(o["cpu_seconds"] for o in opens), 2),
+        "open_seconds": round(sum(o.get("open_seconds", 0.0) for o in opens), 3),
+        "worst_open_seconds": max(o.get("open_seconds", 0.0) for o in opens),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--blobs", type=int, default=4_000_000)
     p.add_argument("--lookups", type=int, default=200_000)
     p.add_argument("--adds", type=int, default=1_500_000)
+    p.add_argument("--successive", type=int, default=5)
     p.add_argument("--src", type=Path, default=HERE.parent / "src")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/vmkeep-bench-index"))
     p.add_argument("--keep", action="store_true")
@@ -168,6 +188,8 @@ def measure(args: argparse.Namespace, work: Path, say: Any) -> dict[str, Any]:
     }
     write_index(repo, MAX_INDEX_ENTRIES, [], rng)
     steps["open_plus_one"] = step("open (+1 index object)", [*me, "--lookups", "0"], env, say)
+    if args.successive:
+        steps["open_successive"] = successive(repo, args.successive, rng, me, env, say)
     lookups = [*me, "--lookups", str(args.lookups)]
     steps["lookups"] = step(f"open + {args.lookups:,} lookups", lookups, env, say)
     adds = [*me, "--lookups", "0", "--adds", str(args.adds)]

@@ -40,6 +40,8 @@ DATA_PATH = (
     "argon2",
     "zstandard",
     "blake3",
+    "vmkeep.parallel",  # and the data path's thread pools (concurrent.futures, logging)
+    "concurrent.futures",
 )
 
 RUN_CLI = """

@@ -11,7 +11,6 @@ object, so memory stays below threads x 2 x 4 MiB whatever the disk size.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from collections import deque
@@ -19,30 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
-M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
-M_MMAP_THRESHOLD = -3
-M_ARENA_MAX = -8
-MALLOC_ARENAS = 2
 OBJECT_STORE_THREADS = 8  # requests in flight to S3 or Azure (see io_threads)
 SMB_THREADS = 4  # and to an SMB server
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def reuse_chunk_buffers() -> None:
-    """Ask glibc to keep freed 4 MiB buffers instead of unmapping them. By default every chunk
-    buffer is a fresh mmap whose pages the kernel must fault in and zero: measured here, that
-    doubled the CPU cost of reading and encrypting a chunk. Kept buffers live in per-thread
-    arenas, each holding its own high-water mark: with 8+ I/O threads that added ~100 MiB of
-    RSS, so the threads share two arenas (a few large allocations per chunk: no contention).
-    Process-wide; a no-op off glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024 * 1024)
-        libc.mallopt(M_TRIM_THRESHOLD, 512 * 1024 * 1024)
-        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-    except (OSError, AttributeError):
-        pass
 
 
 def cpu_count() -> int:

@@ -52,17 +52,19 @@ def test_explicit_choices_are_kept(cli: Cli, tmp_path: Path, args: list[str], ve
         assert made["block_size"] == 64 * KiB
 
 
-@pytest.mark.parametrize(("args", "version"), [([], 1), (["--chunk-size", "256K"], 2)])
-def test_retention_locks_choose_an_older_format(
+@pytest.mark.parametrize(("args", "version"), [([], 3), (["--chunk-size", "256K"], 2)])
+def test_retention_locks_keep_the_default_format(
     cli: Cli, make_vm: Callable[..., Path], tmp_path: Path, args: list[str], version: int
 ) -> None:
-    """Format 3 cannot hold retention locks: without --format the remote gets format 1 (or 2)
-    and says so, instead of being refused; its locked backups then work."""
+    """Format 3 holds retention locks (docs/IMMUTABILITY.md "Format 3"): a locked remote gets
+    the same default format as any other, and its locked backups work."""
     repo = tmp_path / "repo"
     run = cli("remote", "add", "vault", str(repo), *args, "--lock-days", "1")
     assert config(repo)["version"] == version
-    said = run.out + run.err
-    assert f"format {version}" in said
-    assert ("not the default 3" in said) == (version == 1)
+    assert f"format {version}" in run.out + run.err
     point = cli("backup", str(make_vm()), "--remote", "vault", "--json").json()["restore_point"]
     assert [p.name for p in (repo / "retention").iterdir()] == [point]  # its lock record
+    record = json.loads((repo / "retention" / point).read_text())
+    named = set(record["objects"])
+    want = {"config", "manifests", *(["packs", "index"] if version == 3 else ["chunks"])}
+    assert {n.split("/")[0] for n in named} == want

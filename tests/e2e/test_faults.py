@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -293,3 +294,23 @@ def test_backup_that_cannot_fit_fails_before_it_starts(
     run = cli("backup", str(vm), "--remote", str(tiny / "repo"), ok=False)
     assert "needs at least" in run.err and time.monotonic() - began < 10
     assert not [p for p in (tiny / "repo").rglob("*") if p.is_file() and p.name != "config"]
+
+
+def test_small_delta_fits_where_a_second_full_copy_would_not(
+    cli: Cli, tmp_path: Path, tmpfs: Callable[[str], Path]
+) -> None:
+    """A delta is not asked for the full's size: after a ~22 MiB full, 40 MiB of remote has less
+    than that left, but room for a 1 MiB change (the check used the oldest run's size)."""
+    repo = tmpfs("40m") / "repo"
+    cli("init", str(repo))
+    vm = random_vm(tmp_path, "tight", 32 << 20, 6)
+    full = cli("backup", str(vm), "--remote", str(repo), "--json").json()
+    (listed,) = cli("list", "--remote", str(repo), "--json").json()["restore_points"]
+    assert listed["restore_point"] == full["restore_point"]
+    assert shutil.disk_usage(repo).free < listed["new_bytes_written"]
+    with open(vm / "disk0.img", "r+b") as f:
+        f.seek(5 << 20)
+        f.write(os.urandom(1 << 20))
+    point = cli("backup", str(vm), "--remote", str(repo), "--json").json()
+    cli("restore", point["restore_point"], "--remote", str(repo), "--to", str(tmp_path / "back"))
+    assert disk_hashes(tmp_path / "back" / "tight") == disk_hashes(vm)

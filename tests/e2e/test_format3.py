@@ -120,21 +120,21 @@ def test_killed_between_packs_and_manifest_leaves_no_point(cli: Cli, tmp_path: P
     assert not [n for n in objects(repo) if n.startswith("packs/")]
 
 
-def test_format3_refuses_retention_locks(cli: Cli, tmp_path: Path) -> None:
-    run = cli(
-        "remote",
-        "add",
-        "locked",
-        str(tmp_path / "r"),
-        "--format",
-        "3",
-        "--lock-days",
-        "7",
-        ok=False,
-    )
-    (line,) = [x for x in run.err.splitlines() if x.strip()]
-    assert "format 3" in line and "retention locks" in line
-    assert not (tmp_path / "r" / "config").exists()
+def test_format3_accepts_retention_locks(
+    cli: Cli, make_vm: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`--format 3 --lock-days` makes a format 3 repository whose locked point's retention
+    record names every pack and index object it needs (docs/IMMUTABILITY.md "Format 3")."""
+    repo = tmp_path / "r"
+    cli("remote", "add", "locked", str(repo), "--format", "3", "--lock-days", "7")
+    assert json.loads((repo / "config").read_text())["version"] == 3
+    vm = make_vm("lockvm", 32 * MiB)
+    point = cli("backup", str(vm), "--remote", "locked", "--json").json()["restore_point"]
+    record = json.loads((repo / "retention" / point).read_text())
+    on_disk = {str(p.relative_to(repo)) for d in ("packs", "index") for p in (repo / d).rglob("*")}
+    on_disk = {n for n in on_disk if (repo / n).is_file()}
+    assert on_disk and on_disk <= set(record["objects"])
+    assert {"config", f"manifests/{point}"} <= set(record["objects"])
 
 
 def test_bad_format_option_is_one_line(cli: Cli, tmp_path: Path) -> None:

@@ -49,8 +49,14 @@ def about_a_day_from_now(text: str | None) -> bool:
     return timedelta(hours=23) < until - datetime.now(UTC) < timedelta(days=1, hours=7)
 
 
+@pytest.mark.parametrize(("fmt", "data"), [("1", "chunks/"), ("3", "packs/")])
 def test_s3_object_lock_end_to_end(
-    cli: Cli, seaweed: SeaweedServer, make_vm: Callable[..., Path], tmp_path: Path
+    cli: Cli,
+    seaweed: SeaweedServer,
+    make_vm: Callable[..., Path],
+    tmp_path: Path,
+    fmt: str,
+    data: str,
 ) -> None:
     cli.env.update(
         AWS_ACCESS_KEY_ID=seaweed.access_key,
@@ -61,8 +67,9 @@ def test_s3_object_lock_end_to_end(
         "remote", "add", "plain", s3_url(seaweed, "imm-plain", "r"), "--lock-days", "1", ok=False
     )
     assert "does not have Object Lock" in refused.err
-    prefix = f"e2e-{os.getpid()}"
-    cli("remote", "add", "vault", s3_url(seaweed, "imm-locked", prefix), "--lock-days", "1")
+    prefix = f"e2e{fmt}-{os.getpid()}"
+    url = s3_url(seaweed, "imm-locked", prefix)
+    cli("remote", "add", "vault", url, "--format", fmt, "--lock-days", "1")
     assert cli("remote", "list", "--json").json()[0]["lock_days"] == 1
     vm = make_vm(size=32 * 1024 * 1024)
     first = cli("backup", str(vm), "--json").json()
@@ -73,7 +80,7 @@ def test_s3_object_lock_end_to_end(
     client = seaweed.client()
     chunk_key = next(
         o["Key"]
-        for o in client.list_objects_v2(Bucket="imm-locked", Prefix=f"{prefix}/chunks/")["Contents"]
+        for o in client.list_objects_v2(Bucket="imm-locked", Prefix=f"{prefix}/{data}")["Contents"]
     )
     version = client.head_object(Bucket="imm-locked", Key=chunk_key)["VersionId"]
     with pytest.raises(ClientError) as denied:  # a thief with the keys, using the plain API
@@ -101,17 +108,20 @@ def test_s3_object_lock_end_to_end(
     assert probe["immutable"] is True and probe["ok"], probe["checks"]
 
 
+@pytest.mark.parametrize(("fmt", "orphan_dir"), [("1", "chunks"), ("3", "packs")])
 def test_s3_gc_keeps_locked_garbage(
-    cli: Cli, seaweed: SeaweedServer, make_vm: Callable[..., Path]
+    cli: Cli, seaweed: SeaweedServer, make_vm: Callable[..., Path], fmt: str, orphan_dir: str
 ) -> None:
-    """A backup killed after uploading its chunks leaves locked garbage: gc keeps it."""
+    """A backup killed after uploading its chunks (packs) leaves locked garbage: gc keeps
+    it, and everything else of the repository with it."""
     cli.env.update(
         AWS_ACCESS_KEY_ID=seaweed.access_key,
         AWS_SECRET_ACCESS_KEY=seaweed.secret_key,
         AWS_EC2_METADATA_DISABLED="true",
     )
-    prefix = f"gc-{os.getpid()}"
-    cli("remote", "add", "vault", s3_url(seaweed, "imm-locked", prefix), "--lock-days", "1")
+    prefix = f"gc{fmt}-{os.getpid()}"
+    url = s3_url(seaweed, "imm-locked", prefix)
+    cli("remote", "add", "vault", url, "--format", fmt, "--lock-days", "1")
     vm = make_vm(size=32 * 1024 * 1024)
     point = cli("backup", str(vm), "--json").json()["restore_point"]
     client = seaweed.client()
@@ -119,7 +129,7 @@ def test_s3_gc_keeps_locked_garbage(
     assert client.head_object(Bucket="imm-locked", Key=manifest)["ObjectLockMode"] == "COMPLIANCE"
     # What a backup killed between its uploads and its manifest leaves: a locked chunk that
     # no restore point references.
-    orphan = f"{prefix}/chunks/ff/" + "ff" * 32
+    orphan = f"{prefix}/{orphan_dir}/ff/" + "ff" * 32
     client.put_object(
         Bucket="imm-locked",
         Key=orphan,
@@ -133,6 +143,8 @@ def test_s3_gc_keeps_locked_garbage(
     gc_text = cli("gc")
     assert "1 unreferenced chunks still locked, kept" in gc_text.out + gc_text.err
     assert client.head_object(Bucket="imm-locked", Key=orphan)["ContentLength"] == 6
+    listed = client.list_objects_v2(Bucket="imm-locked", Prefix=f"{prefix}/")["Contents"]
+    assert sum(o["Key"].startswith(f"{prefix}/{orphan_dir}/") for o in listed) >= 2
 
 
 @pytest.fixture
@@ -168,6 +180,9 @@ def test_local_chattr_end_to_end(
     assert "objects immutable" in applied.stdout
     manifest = immutable_dir / "manifests" / first["restore_point"]
     assert is_immutable(manifest)
+    # format 3 (the default): the point's packs and index objects too
+    data = [p for d in ("packs", "index") for p in (immutable_dir / d).rglob("*") if p.is_file()]
+    assert len(data) >= 3 and all(is_immutable(p) for p in data)
     rm = subprocess.run(["rm", "-f", str(manifest)], capture_output=True, text=True)
     assert rm.returncode != 0 and manifest.exists()
 

@@ -19,7 +19,18 @@ from tests.hostile.conftest import PASSPHRASE_BYTES, Cli
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.blob_index import INDEX_FILE, encode_index, index_object_name
 from vmkeep.repository.blobs import KIND_BLOCK
-from vmkeep.repository.index_file import IndexFile, bucket_of, mac_key
+from vmkeep.repository.index_file import (
+    HEAD,
+    MAC_SIZE,
+    RECORD,
+    BucketCache,
+    Damaged,
+    IndexFile,
+    Merge,
+    bucket_of,
+    mac_key,
+)
+from vmkeep.repository.packs import BlobEntry
 from vmkeep.repository.repository import Repository
 
 MiB = 1 << 20
@@ -219,3 +230,58 @@ def test_a_replayed_older_file_does_not_resurrect_dropped_blobs(tmp_path: Path) 
     assert again.packed is not None
     assert not any(again.packed.writer.has(KIND_BLOCK, b) for b in block_ids(repo, gone))
     assert all(again.packed.writer.has(KIND_BLOCK, b) for b in block_ids(repo, kept))
+
+
+def bucket_span(disk: IndexFile, b: int) -> tuple[int, int]:
+    """Where bucket `b`'s records lie in the file: (offset, length)."""
+    first = disk.fanout[b]
+    size = (disk.fanout[b + 1] - first) * RECORD.size
+    return HEAD.size + first * RECORD.size + b * MAC_SIZE, size
+
+
+def test_the_bucket_cache_holds_only_verified_buckets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lookups keep the buckets they verified (repository/index_file.py, BucketCache): a
+    bucket damaged on disk is still refused when it is read, also right after an
+    unverified miss in it (a dedup test) read it; a verified bucket answers from memory;
+    the cache stays within its budget."""
+    rng = random.Random(7)
+    key = mac_key(b"k" * 64, "repo")
+    packs = [rng.randbytes(32) for _ in range(4)]
+    entries = [
+        BlobEntry(KIND_BLOCK, rng.randbytes(32), rng.choice(packs), n, 9) for n in range(3000)
+    ]
+    path = tmp_path / "index"
+    merge = Merge(path, key, None, set())
+    merge.add_source(rng.randbytes(32), entries)
+    merge.finish().close()
+    monkeypatch.setattr(BucketCache, "BUDGET", 3 * 1024)
+    disk = IndexFile.open(path, key)
+    by_bucket: dict[int, list[BlobEntry]] = {}
+    for e in entries:
+        by_bucket.setdefault(bucket_of(e.blob_id, disk.bits), []).append(e)
+    (a, [first, *_]), (c, in_c) = list(by_bucket.items())[:2]
+    assert disk.find(KIND_BLOCK, first.blob_id) is not None and len(disk._buckets) == 1
+    absent = next(i for i in iter(lambda: rng.randbytes(32), b"") if bucket_of(i, disk.bits) == c)
+    with open(path, "r+b") as f:  # one bit of each bucket's first record flipped, MACs left
+        for b in (a, c):
+            at, _ = bucket_span(disk, b)
+            f.seek(at + 40)
+            byte = f.read(1)[0]
+            f.seek(at + 40)
+            f.write(bytes([byte ^ 1]))
+    assert disk.find(KIND_BLOCK, first.blob_id) is not None  # verified before the edit
+    assert disk.find(KIND_BLOCK, absent, check_miss=False) is None  # unverified, not kept
+    assert len(disk._buckets) == 1
+    with pytest.raises(Damaged):
+        disk.find(KIND_BLOCK, absent)
+    with pytest.raises(Damaged):
+        disk.find(KIND_BLOCK, in_c[0].blob_id)
+    others = [e for b, es in by_bucket.items() if b not in (a, c) for e in es]
+    for e in others:
+        found = disk.find(KIND_BLOCK, e.blob_id)
+        assert found is not None and (disk.packs[found[1]], *found[2:]) == (e.pack, e.offset, 9)
+        assert disk._buckets.nbytes <= 3 * 1024
+    assert 0 < len(disk._buckets) < len(by_bucket) - 2
+    disk.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import os
 import pwd
 import secrets
@@ -169,6 +170,37 @@ def libvirtd_restartable() -> str | None:
     if os.geteuid() != 0 or not LIBVIRTD_PIDFILE.exists():
         return "libvirtd was not started by `libvirtd -d` here (no /run/libvirtd.pid or not root)"
     return None
+
+
+def run_markers() -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every vmkeep run directory under the scratch root with its owner marker. Tests look only
+    at their own runs' (by domain or volume name): another session's may exist meanwhile."""
+    from vmkeep.connectors.libvirt.backup.workdir import MARKER, NAME_RE
+
+    for path in SCRATCH_ROOT.iterdir():
+        if NAME_RE.fullmatch(path.name):
+            try:
+                yield path, json.loads((path / MARKER).read_text())
+            except (OSError, ValueError):
+                continue
+
+
+def run_records(uuid: str) -> dict[Path, dict[str, Any]]:
+    """The run directories (a remote run's owner records too) of domain `uuid`, with markers."""
+    return {path: owner for path, owner in run_markers() if owner.get("domain_uuid") == uuid}
+
+
+def run_dirs(uuid: str) -> list[Path]:
+    return list(run_records(uuid))
+
+
+def restore_run_dirs(volume_prefix: str) -> list[Path]:
+    """The run directories of restores that create volumes named `volume_prefix`..."""
+    return [
+        path
+        for path, owner in run_markers()
+        if any(vol[-1].startswith(volume_prefix) for vol in owner.get("volumes", []))
+    ]
 
 
 def cleanup_leftovers(conn: Any) -> list[str]:

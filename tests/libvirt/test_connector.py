@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,7 +27,6 @@ from vmkeep.errors import ConnectorError, NotFoundError
 
 MiB = lv.MiB
 CHUNK = 4 * MiB
-WORKDIR_RE = re.compile(r"vmkeep-[0-9a-f]{12}$")  # the connector's job dirs (not vmkeep-test-*)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -86,8 +84,9 @@ def ranges(extents: Iterator[Extent]) -> list[tuple[int, int]]:
     return [(e.offset, e.length) for e in extents]
 
 
-def job_dirs() -> list[Path]:
-    return [p for p in lv.SCRATCH_ROOT.iterdir() if WORKDIR_RE.match(p.name)]
+def job_dirs(d: lv.TestDomain) -> list[Path]:
+    """The connector's job directories of this test's domain (never another session's)."""
+    return lv.run_dirs(d.dom.UUIDString())
 
 
 def checkpoints(d: lv.TestDomain) -> list[str]:
@@ -99,7 +98,7 @@ def checkpoints(d: lv.TestDomain) -> list[str]:
 def assert_clean(d: lv.TestDomain) -> None:
     """No job, no job directory (socket, scratch), no scratch file in the storage pool."""
     assert not lv.job_active(d.dom)
-    assert job_dirs() == []
+    assert job_dirs(d) == []
     pool_files = {p.name for p in d.pool.path.iterdir()}
     assert all(p.endswith((".qcow2", ".raw")) for p in pool_files), pool_files
 
@@ -359,7 +358,7 @@ def test_vm_stopped_during_backup_leaves_nothing_behind(
     assert "\n" not in str(info.value)
     session.finish(ok=False)
     assert checkpoints(dom) == [t4]
-    assert job_dirs() == []
+    assert job_dirs(dom) == []
     for d in dom.disks:
         bitmaps = lv.qemu_img_info(d.path)["format-specific"]["data"].get("bitmaps", [])
         assert sorted(b["name"] for b in bitmaps) == [t4], d.target
@@ -388,7 +387,7 @@ def test_shut_off_domain_is_read_from_its_images(
     finally:
         session.finish(ok=True)
     assert not dom.dom.isActive()  # never started
-    assert job_dirs() == []
+    assert job_dirs(dom) == []
 
 
 def test_shut_off_domain_with_a_raw_disk(
@@ -453,7 +452,7 @@ def test_engine_full_and_delta_restore_byte_identical(
                 assert report.stats.bytes_chunks == 2 * DEFAULT_CHUNK_SIZE, report.notes
             points.append((report.restore_point, models))
         assert len(checkpoints(d)) == 1
-        assert job_dirs() == []
+        assert job_dirs(d) == []
         for i, (point, models) in enumerate(points):
             target = tmp_path / f"restore-{i}"
             target.mkdir()

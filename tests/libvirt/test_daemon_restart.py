@@ -40,7 +40,6 @@ from tests.libvirt.backup_points import (
     vmkeep_checkpoints,
 )
 from tests.libvirt.conftest import LibvirtEnv
-from tests.libvirt.test_job_faults import run_dirs
 from vmkeep.connectors.libvirt import LibvirtConnector
 from vmkeep.connectors.libvirt.backup.workdir import MARKER
 from vmkeep.connectors.libvirt.connection import Connection
@@ -170,7 +169,7 @@ def test_libvirtd_restarted_mid_backup(
     full = backup(repo, connector, d, "full", progress)
     assert progress.advanced == dirty_chunks(("vda", 0, 60 * MiB))
     reconnect(libvirt_env, d)
-    assert not lv.job_active(d.dom) and run_dirs(d.dom.UUIDString()) == []
+    assert not lv.job_active(d.dom) and lv.run_dirs(d.dom.UUIDString()) == []
     assert len(vmkeep_checkpoints(d)) == 1
     assert restored_hashes(repo, full.restore_point, tmp_path / "a") == models(d)
     d.guest_write("vda", 62 * MiB, 0x44, 4096)
@@ -223,7 +222,7 @@ def test_libvirtd_stopped_mid_backup_and_still_down_at_its_end(
         start_libvirtd()
     monkeypatch.undo()
     reconnect(libvirt_env, d)
-    (left,) = run_dirs(uuid)  # job still running: only libvirtd could end it
+    (left,) = lv.run_dirs(uuid)  # job still running: only libvirtd could end it
     assert lv.job_active(d.dom)
     assert json.loads((left / MARKER).read_text())["checkpoint"] is None  # saved: keep it
     assert point_ids(repo) == [point.restore_point]
@@ -231,7 +230,7 @@ def test_libvirtd_stopped_mid_backup_and_still_down_at_its_end(
 
     d.guest_write("vda", 20 * MiB, 0x19, 4096)
     delta = backup(repo, connector, d, "delta")
-    assert not left.exists() and run_dirs(uuid) == [] and not lv.job_active(d.dom)
+    assert not left.exists() and lv.run_dirs(uuid) == [] and not lv.job_active(d.dom)
     assert delta.stats.bytes_chunks == dirty_chunks(("vda", 20 * MiB, 4096)), delta.notes
     assert restored_hashes(repo, delta.restore_point, tmp_path / "b") == models(d)
     assert len(vmkeep_checkpoints(d)) == 1

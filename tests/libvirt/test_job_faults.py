@@ -31,29 +31,10 @@ from tests.libvirt.begin_kill import killed_inside_backup_begin
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.test_connector import read_image
 from vmkeep.connectors.libvirt import LibvirtConnector
-from vmkeep.connectors.libvirt.backup.workdir import MARKER, NAME_RE
+from vmkeep.connectors.libvirt.backup.workdir import MARKER
 from vmkeep.errors import ConnectorError
 
 MiB = lv.MiB
-
-
-def run_records(uuid: str) -> dict[Path, dict[str, object]]:
-    """The vmkeep run directories (a remote run's owner records too) whose owner marker names
-    the domain `uuid`, with that marker."""
-    found = {}
-    for p in lv.SCRATCH_ROOT.iterdir():
-        if NAME_RE.fullmatch(p.name):
-            try:
-                owner = json.loads((p / MARKER).read_text())
-            except (OSError, ValueError):
-                continue
-            if owner.get("domain_uuid") == uuid:
-                found[p] = owner
-    return found
-
-
-def run_dirs(uuid: str) -> list[Path]:
-    return list(run_records(uuid))
 
 
 def fill(d: lv.TestDomain, target: str, mib: int) -> None:
@@ -78,7 +59,7 @@ def backed_up_domain(
 
 def assert_nothing_left(d: lv.TestDomain, checkpoints_before: list[str]) -> None:
     assert not lv.job_active(d.dom)
-    assert run_dirs(d.dom.UUIDString()) == []
+    assert lv.run_dirs(d.dom.UUIDString()) == []
     assert vmkeep_checkpoints(d) == checkpoints_before
     assert all(p.suffix == ".qcow2" for p in d.pool.path.iterdir())  # no scratch in the pool
 
@@ -143,13 +124,13 @@ def test_killed_backup_is_cleaned_up_by_the_next_one(
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
-    while not (run_dirs(uuid) and lv.job_active(d.dom)):
+    while not (lv.run_dirs(uuid) and lv.job_active(d.dom)):
         assert proc.poll() is None, "the backup ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(10) == -signal.SIGKILL
-    (stale,) = run_dirs(uuid)
+    (stale,) = lv.run_dirs(uuid)
     killed_checkpoint = json.loads((stale / MARKER).read_text())["checkpoint"]
     assert lv.job_active(d.dom) and vmkeep_checkpoints(d) == [killed_checkpoint]
 
@@ -157,7 +138,7 @@ def test_killed_backup_is_cleaned_up_by_the_next_one(
     bystander = LibvirtConnector(lv.URI)
     session = bystander.begin_backup(bystander.get_vm(other.name), {})
     try:
-        (live_dir,) = run_dirs(other.dom.UUIDString())
+        (live_dir,) = lv.run_dirs(other.dom.UUIDString())
         done = cli("backup", d.name, *args).json()
         assert live_dir.exists() and lv.job_active(other.dom)
         assert lv.sha256(read_image(session.readers["vda"])) == lv.sha256(other.disks[0].model)
@@ -194,7 +175,7 @@ def test_killed_offline_backup_leaves_no_qemu_nbd(
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
-    while not (run_dirs(uuid) and list(run_dirs(uuid)[0].glob("*.sock"))):
+    while not (lv.run_dirs(uuid) and list(lv.run_dirs(uuid)[0].glob("*.sock"))):
         assert proc.poll() is None, "the backup ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.005)
@@ -204,12 +185,12 @@ def test_killed_offline_backup_leaves_no_qemu_nbd(
     # own start-up window (it then forgets it): the next backup stops any survivor first.
     again = cli("backup", d.name, "--mode", "delta", *args).json()
     assert _qemu_nbd_serving(d.disks[0].path) == []
-    assert run_dirs(uuid) == [] and len(vmkeep_checkpoints(d)) == 1
+    assert lv.run_dirs(uuid) == [] and len(vmkeep_checkpoints(d)) == 1
     assert again["bytes_chunks"] == 15 * 4 * MiB, again["notes"]  # offline delta since run 1
     d.start()  # the image is not locked by a leftover qemu-nbd
     d.guest_write("vda", 62 * MiB, 0x5A, 4096)
     done = cli("backup", d.name, "--mode", "delta", *args).json()
-    assert run_dirs(uuid) == [] and len(vmkeep_checkpoints(d)) == 1
+    assert lv.run_dirs(uuid) == [] and len(vmkeep_checkpoints(d)) == 1
     assert done["bytes_chunks"] == 4 * MiB, done["notes"]  # live delta on the offline checkpoint
     out = cli("restore", done["restore_point"], "--remote", str(repo), "--to", str(tmp_path / "r"))
     assert out.code == 0
@@ -260,7 +241,7 @@ def test_run_killed_after_its_restore_point_keeps_the_checkpoint_the_point_uses(
     assert died.returncode == 9, died.stderr[-2000:]
     listed = cli("list", "--remote", str(repo), "--json").json()["restore_points"]
     killed_point = max(p["restore_point"] for p in listed)
-    (stale,) = run_dirs(d.dom.UUIDString())
+    (stale,) = lv.run_dirs(d.dom.UUIDString())
     kept = json.loads((stale / MARKER).read_text())["checkpoint"]
     assert lv.job_active(d.dom) and kept in vmkeep_checkpoints(d)
 
@@ -359,7 +340,7 @@ def test_killed_restore_leaves_volumes_the_next_backup_deletes(
         assert [v for v in volumes if v.startswith(kept_name)]
         notes = " ".join(done["notes"])
         assert all(f"half-written volume {v}" in notes for v in leaked), notes
-        assert not [p for p in lv.SCRATCH_ROOT.iterdir() if NAME_RE.fullmatch(p.name)]
+        assert lv.restore_run_dirs(name) == [] and lv.run_dirs(d.dom.UUIDString()) == []
     finally:
         kept = libvirt_env.conn.lookupByName(kept_name)
         for vol in [v for v in pool.pool.listVolumes() if v.startswith(kept_name)]:

@@ -79,7 +79,8 @@ def test_delta_chain_across_stop_and_start(
     points.append((off2.restore_point, models(d)))
     (cp_off2,) = vmkeep_checkpoints(d)
     assert cp_off2 != cp_live and image_bitmaps(d) == {"vda": [cp_off2], "vdb": [cp_off2]}
-    assert not list(lv.SCRATCH_ROOT.glob("vmkeep-*/*.sock"))  # qemu-nbd sockets gone
+    sockets = [s for p in lv.run_dirs(d.dom.UUIDString()) for s in p.glob("*.sock")]
+    assert not sockets  # qemu-nbd sockets gone
 
     for i, (point, expected) in enumerate(points):
         assert restored_hashes(repo, point, tmp_path / f"r{i}") == expected, i

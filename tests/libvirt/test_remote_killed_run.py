@@ -22,7 +22,6 @@ from tests.libvirt import libvirt_env as lv
 from tests.libvirt.backup_points import image_bitmaps, vmkeep_checkpoints
 from tests.libvirt.conftest import LibvirtEnv
 from tests.libvirt.ssh_transport import free_port, ssh_libvirt_uri
-from tests.libvirt.test_job_faults import run_records
 from tests.libvirt.test_live_remote_uri import HOST, listening, scratch_files
 from tests.stored_data import data_objects
 from vmkeep.connectors.libvirt import LibvirtConnector
@@ -75,7 +74,7 @@ def kill_mid_job(
     deadline = time.monotonic() + 60
     chunks = stored_chunks(repo)
     while not (
-        any("export" in o for o in run_records(uuid).values())
+        any("export" in o for o in lv.run_records(uuid).values())
         and backup_job(d.dom)
         and stored_chunks(repo) > chunks
     ):
@@ -84,7 +83,7 @@ def kill_mid_job(
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(10) == -signal.SIGKILL
-    ((path, owner),) = run_records(uuid).items()
+    ((path, owner),) = lv.run_records(uuid).items()
     return path, owner
 
 
@@ -116,7 +115,7 @@ def test_killed_remote_backup_is_cleaned_up_by_the_next_one(
     bystander.nbd = TcpExport(HOST, free_port())
     session = bystander.begin_backup(bystander.get_vm(other.name), {})
     try:
-        (live_record,) = run_records(other.dom.UUIDString())
+        (live_record,) = lv.run_records(other.dom.UUIDString())
         stale, owner = kill_mid_job(cli, d, repo, args)
         killed = str(owner["checkpoint"])
         assert owner["uri"] == ssh_uri and owner["export"] == [HOST, port]
@@ -131,13 +130,13 @@ def test_killed_remote_backup_is_cleaned_up_by_the_next_one(
     finally:
         session.finish(ok=True)
         bystander.close()
-    assert run_records(other.dom.UUIDString()) == {}  # removed when that run ended normally
+    assert lv.run_records(other.dom.UUIDString()) == {}  # removed when that run ended normally
 
     (note,) = [n for n in done["notes"] if "killed vmkeep run" in n]
     assert f"domain {d.name}" in note and stale.name in note, note
     assert "backup job ended" in note and f"checkpoint {killed} deleted" in note, note
     assert "1 scratch file(s) removed by libvirt with the job" in note, note
-    assert not stale.exists() and run_records(d.dom.UUIDString()) == {}
+    assert not stale.exists() and lv.run_records(d.dom.UUIDString()) == {}
     assert not lv.job_active(d.dom) and not listening(port) and scratch_files(d) == []
     assert killed not in vmkeep_checkpoints(d) and len(vmkeep_checkpoints(d)) == 1
     assert done["mode"] == "full" and done["bytes_read"] >= 120 * MiB
@@ -220,7 +219,7 @@ def test_killed_run_is_cleaned_up_by_a_shut_off_backup_over_another_spelling_of_
     done = cli("backup", d.name, *args, "--uri", other_spelling).json()
     (note,) = [n for n in done["notes"] if "killed vmkeep run" in n]
     assert stale.name in note and f"checkpoint {killed} deleted" in note, note
-    assert not stale.exists() and run_records(d.dom.UUIDString()) == {}
+    assert not stale.exists() and lv.run_records(d.dom.UUIDString()) == {}
     (made,) = vmkeep_checkpoints(d)
     assert made != killed and image_bitmaps(d) == {"vda": [made]}
     assert any("qemu-nbd over ssh" in n for n in done["notes"]), done["notes"]

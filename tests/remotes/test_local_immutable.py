@@ -91,7 +91,7 @@ def disk_hash(vm_dir: Path) -> str:
 
 def make_repo(workdir: Path, seconds: int) -> Repository:
     remote = LocalRemote(workdir / "repo")
-    # retention locks: formats 1/2 only (format 3 refuses them)
+    # format 1: these tests name chunk objects (format 3: the last test)
     repo = Repository.init(remote, "aes-256-gcm", lambda: PASS, format_version=1)
     remote.set_lock_policy(LockPolicy(seconds=seconds))
     return repo
@@ -253,3 +253,52 @@ def test_the_helper_without_the_capability_fails_in_one_line(workdir: Path) -> N
         "error: setting the immutable attribute needs root (CAP_LINUX_IMMUTABLE)"
     )
     assert not is_immutable(root / record_name("20990101T000000Z-cap000"))
+
+
+def test_format3_packs_and_index_made_immutable_and_kept_by_gc(workdir: Path) -> None:
+    """Format 3 on an immutable directory: the record names the point's packs and index
+    objects, the helper makes them immutable (`rm` fails), and gc still frees the pack of a
+    forgotten unlocked point while it leaves every locked pack and index object in place."""
+    root = workdir / "repo"
+    remote = LocalRemote(root)
+    repo = Repository.init(remote, "none", lambda: PASS, pack_size=1 << 20)
+    remote.set_lock_policy(LockPolicy(seconds=3600))
+    vm = demo_vm(workdir)
+    first_hash = disk_hash(vm)
+    first = backup(repo, vm).restore_point
+    modify_demo_vm(vm, 3)
+    second_hash = disk_hash(vm)
+    second = backup(repo, vm, "delta").restore_point
+    data = {str(p.relative_to(root)) for d in ("packs", "index") for p in (root / d).rglob("*")}
+    data = {n for n in data if (root / n).is_file()}
+    for point in (first, second):
+        record = decode_record(point, (root / record_name(point)).read_bytes())
+        assert record is not None and "config" in record.objects
+    first_record = decode_record(first, (root / record_name(first)).read_bytes())
+    assert first_record is not None and set(first_record.objects) < data | {
+        "config",
+        manifest_object_name(first),
+    }
+    helper(root)
+    assert all(is_immutable(root / n) for n in data)
+    victim = root / sorted(n for n in data if n.startswith("packs/"))[0]
+    rm = subprocess.run(["rm", "-f", str(victim)], capture_output=True, text=True)
+    assert rm.returncode != 0 and victim.exists()
+
+    remote.set_lock_policy(None)  # a point without a lock: its pack is ordinary garbage later
+    modify_demo_vm(vm, 4)
+    third = backup(repo, vm, "delta").restore_point
+    free = {str(p.relative_to(root)) for p in (root / "packs").rglob("*") if p.is_file()}
+    free -= data
+    assert free
+    with pytest.raises(ObjectLockedError):
+        repo.delete_manifest(first)
+    repo.delete_manifest(third)
+    report = collect_garbage(repo, SilentProgress())
+    assert report.packs is not None and not report.packs.refused
+    left = {str(p.relative_to(root)) for d in ("packs", "index") for p in (root / d).rglob("*")}
+    assert data <= left and not free & left  # locked kept; the unlocked point's data pack gone
+    for point, want in ((first, first_hash), (second, second_hash)):
+        (workdir / point).mkdir()
+        out = restore_vm(repo, FilesConnector(), point, str(workdir / point), SilentProgress())
+        assert disk_hash(Path(out.location)) == want

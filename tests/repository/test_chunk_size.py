@@ -293,13 +293,13 @@ def test_is_zero_at_every_chunk_size_allocates_nothing() -> None:
 
 @pytest.mark.parametrize(
     ("chunk_size", "locked", "version"),
-    [(DEFAULT_CHUNK_SIZE, False, 3), (256 * KiB, False, 2), (DEFAULT_CHUNK_SIZE, True, 1)],
+    [(DEFAULT_CHUNK_SIZE, False, 3), (256 * KiB, False, 2), (DEFAULT_CHUNK_SIZE, True, 3)],
 )
 def test_default_format_of_a_new_repository(
     tmp_path: Path, chunk_size: int, locked: bool, version: int
 ) -> None:
-    """Format 3 at the default chunk size; 2 for another chunk size; 1 for a remote given
-    retention locks (which format 3 refuses)."""
+    """Format 3 at the default chunk size, retention locks or not; 2 for another chunk
+    size."""
     from vmkeep.remotes.object_lock import LockPolicy
 
     remote = LocalRemote(tmp_path / "repo")

@@ -160,7 +160,7 @@ def test_cache_off_uses_a_private_directory(
     assert all(loaded.index.get(e.kind, e.blob_id) == e for e in entries)
     disk = loaded.index._disk
     assert disk is not None
-    where = Path(os.readlink(f"/proc/self/fd/{disk.fd}"))
+    where = Path(os.readlink(f"/proc/self/fd/{disk.files[0].fd}"))
     assert (
         where.parent.name.startswith("vmkeep-index-") and where.parent.stat().st_mode & 0o077 == 0
     )

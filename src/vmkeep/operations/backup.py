@@ -194,12 +194,16 @@ def check_capacity(
     chunk_size: int,
 ) -> None:
     """Fail before reading when the remote obviously cannot take the backup: below a tenth of
-    the VM's allocated data on its first backup, or below the least any earlier run stored."""
+    the VM's allocated data on its first backup, or below the least any earlier run stored
+    that had a point before it. The oldest point stored everything it read, later runs only
+    what was new (deduplicated, whether full or delta): asking a delta for the oldest point's
+    size refused small deltas on a remote with room for them."""
     free = repo.remote.free_space()
     if free is None:
         return
     if history:
-        need = min(int(m.stats.get("bytes_written", 0)) for m in history)
+        later = [int(m.stats.get("bytes_written", 0)) for m in history[1:]]
+        need = min(later, default=0)
     else:
         need = sum(end - start for flags in data_flags for start, end in flags) * chunk_size // 10
     if free < need:
@@ -339,8 +343,9 @@ def backup_vm(
     vm = vm_ref if isinstance(vm_ref, VmConfig) else connector.get_vm(vm_ref)
     check_metadata(vm)
     began = time.monotonic()
-    with vm_backup_lock(repo, vm) as lock:
+    with vm_backup_lock(repo, vm) as lock, repo.writing():
         gc_mark = read_gc_mark(repo.remote)  # before anything is listed (FORMAT.md §6)
+        repo.refresh_index()  # and before any lookup: never an index read before that
         started = datetime.now(UTC)
         history, previous = previous_point(repo, vm.uuid)
         tokens = {d.name: d.change_token for d in previous.disks} if previous else {}

@@ -360,8 +360,9 @@ def _mirror_locked(
     """One VM's points under its shared lock on the target, as a backup of it would hold."""
     results: list[PointResult] = []
     try:
-        with vm_backup_lock(target, _vm_of(points[0])) as lock:
+        with vm_backup_lock(target, _vm_of(points[0])) as lock, target.writing():
             listed = read_gc_mark(target.remote)  # before the chunks are listed
+            target.refresh_index()
             known = {chunk_id for chunk_id, _ in target.list_chunks()}
             copier = PointCopier(source, target, options, mapping, known, progress)
             results = mirror_vm(copier, points, present, lock, listed)

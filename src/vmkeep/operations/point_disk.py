@@ -5,7 +5,10 @@ without restoring it. Reads map to chunks (the manifest's index); only the chunk
 touches are fetched, decoded chunks stay in a small LRU cache, and reads that move forward
 through the disk fetch the next chunks ahead, in parallel, so a sequential reader sees the
 remote's parallel throughput and not one round trip per chunk. Memory stays bounded: at
-most `cache_chunks + ahead + threads` chunks are held, whatever the disk size.
+most `cache_chunks + ahead + threads` chunks are held, whatever the disk size. On a format 3
+repository a small read (a file system's metadata, a small file) fetches only the 64 KiB
+blocks it touches (point_blocks.py), not the whole chunk, until a sequential run grows past
+BLOCK_RUN: from there on whole chunks are read ahead as above.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from vmkeep.repository.format import ZERO_ID
 from vmkeep.repository.manifest import DiskIndex, Manifest
 from vmkeep.repository.repository import Repository
 
+from .point_blocks import BlockReader
 from .pread_file import PreadFile
 
 DEFAULT_CACHE_CHUNKS = 16
 DEFAULT_AHEAD = 8
 SEQUENTIAL_SLACK = 64 * 1024
+BLOCK_RUN = 1024 * 1024  # format 3: reads fetch blocks only until a sequential run is longer
 
 
 @dataclass
@@ -38,6 +43,7 @@ class FetchStats:
 
     chunks: int = 0
     bytes: int = 0
+    blocks: int = 0  # format 3: blocks fetched on their own for small scattered reads
 
 
 class PointDisk:
@@ -66,7 +72,10 @@ class PointDisk:
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._pending: dict[int, Future[bytes]] = {}
         self._last_end = -1  # where the previous read ended
+        self._run = 0  # bytes of the sequential run the previous read ended
         self._zero = bytes(self.chunk_size)
+        store = repo.packed
+        self._blocks = BlockReader(store, index, self._count_blocks) if store else None
 
     def __enter__(self) -> PointDisk:
         return self
@@ -90,14 +99,41 @@ class PointDisk:
         if offset >= end:
             return b""
         first, last = offset // self.chunk_size, (end - 1) // self.chunk_size
+        sequential, run = self._sequential(offset, end)
+        if self._blocks is not None and run <= BLOCK_RUN:
+            blocks = self._read_blocks(offset, end, first, last)
+            if blocks is not None:
+                return blocks
         futures = [self._request(i) for i in range(first, last + 1)]
-        self._read_ahead(offset, end, last)
+        if sequential:
+            self._read_ahead(last)
         parts = []
         for i, future in zip(range(first, last + 1), futures, strict=True):
             data = future.result()
             base = i * self.chunk_size
             parts.append(data[max(offset - base, 0) : min(end - base, len(data))])
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_blocks(self, offset: int, end: int, first: int, last: int) -> bytes | None:
+        """A small read from the cached chunks and the blocks it touches; None when a chunk
+        it needs has missed blocks often (then the whole chunk is fetched and cached)."""
+        assert self._blocks is not None
+        parts = []
+        for i in range(first, last + 1):
+            base = i * self.chunk_size
+            start, stop = max(offset - base, 0), min(end - base, self.index.chunk_length(i))
+            with self._lock:
+                cached = self._cache.get(i)
+            part = cached[start:stop] if cached is not None else self._blocks.read(i, start, stop)
+            if part is None:
+                return None
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _count_blocks(self, blocks: int, size: int) -> None:
+        with self._lock:
+            self.stats.blocks += blocks
+            self.stats.bytes += size
 
     def file(self) -> PreadFile:
         """A file object with its own position over this disk (dissect, tar, shutil read it)."""
@@ -130,15 +166,20 @@ class PointDisk:
         with self._lock:
             self._pending.pop(i, None)
 
-    def _read_ahead(self, offset: int, end: int, last: int) -> None:
-        """A read that starts where the previous one ended (or re-reads a little of its end,
-        as aligned readers do) is sequential: fetch the next chunks before they are asked
-        for. Scattered small reads in one chunk (a file system's metadata) are not: they
-        would fetch chunks nobody asked for."""
+    def _sequential(self, offset: int, end: int) -> tuple[bool, int]:
+        """Whether the read is sequential, and the bytes of the sequential run it ends. A read
+        that starts where the previous one ended (or re-reads a little of its end, as aligned
+        readers do) is sequential. Scattered small reads (a file system's metadata) are not:
+        read-ahead would fetch chunks nobody asked for."""
         with self._lock:
             sequential = self._last_end - SEQUENTIAL_SLACK <= offset <= self._last_end
+            self._run = self._run + end - offset if sequential else end - offset
             self._last_end = end
-        if not sequential or not self._ahead:
+            return sequential, self._run
+
+    def _read_ahead(self, last: int) -> None:
+        """Fetch the chunks after a sequential read before they are asked for."""
+        if not self._ahead:
             return
         for i in range(last + 1, min(last + 1 + self._ahead, self.index.chunk_count)):
             with self._lock:

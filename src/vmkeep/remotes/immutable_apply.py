@@ -1,9 +1,9 @@
 """`vmkeep-immutable apply REPO` (run as root): retention records applied as the immutable
 attribute. It reads every retention record, computes each object's latest retention end, and
-walks chunks/, manifests/ and retention/, setting the attribute on objects whose end is in
-the future and clearing it on the others. It never follows a symlink and only touches regular
-files owned by the owner of the repository directory, so the (unprivileged) owner of the
-repository cannot make it lock or unlock files elsewhere."""
+walks chunks/, packs/, index/, manifests/ and retention/, setting the attribute on objects
+whose end is in the future and clearing it on the others. It never follows a symlink and
+only touches regular files owned by the owner of the repository directory, so the
+(unprivileged) owner of the repository cannot make it lock or unlock files elsewhere."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from .local import TEMP_PREFIX, LocalRemote
 from .local_immutable import read_records
 from .retention_records import lock_ends
 
-WALKED = ("chunks", "manifests", "retention")
+WALKED = ("chunks", "packs", "index", "manifests", "retention")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import re
 import stat
 import time
 from collections.abc import Collection, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from vmkeep.errors import (
@@ -448,6 +448,15 @@ class LocalRemote:
     def lock_ends(self) -> dict[str, datetime]:
         """Each object's retention end according to the records (for reports)."""
         return read_lock_ends(self)
+
+    def lock_ends_of(self, names: Sequence[str]) -> dict[str, datetime]:
+        """Which of `names` unexpired retention records name, until when (format 3's gc:
+        pack_gc_locks.py). A file still immutable after its records expired (the helper has
+        not run) is refused at its delete instead."""
+        if not names:
+            return {}
+        ends, now = read_lock_ends(self), datetime.now(UTC)
+        return {n: ends[n] for n in names if n in ends and ends[n] > now}
 
     def check_immutability(self) -> str | None:
         return probe_immutability(self, self.root)

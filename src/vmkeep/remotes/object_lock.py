@@ -15,9 +15,12 @@ from typing import Protocol, runtime_checkable
 from vmkeep.errors import UsageError
 
 MODES = ("compliance", "governance")
-# Locked: restore points, their data, and `config` (it holds the wrapped keys: deleting every
-# version of it would make all the locked data unreadable). Never `locks/`: they must go.
-LOCKED_PREFIXES = ("chunks/", "manifests/", "retention/")
+# Locked: restore points, their data (format 1/2 chunks; format 3 packs and index objects),
+# and `config` (it holds the wrapped keys: deleting every version of it would make all the
+# locked data unreadable). Never `locks/`: they must go.
+LOCKED_PREFIXES = ("chunks/", "packs/", "index/", "manifests/", "retention/")
+# Data objects, shared by later points: locked a margin longer than the point (LockPolicy).
+DATA_PREFIXES = ("chunks/", "packs/", "index/")
 LOCKED_NAMES = ("config",)
 MAX_MARGIN = timedelta(days=30)
 DAY = 86400
@@ -69,9 +72,10 @@ class LockPolicy:
         return started + timedelta(seconds=self.seconds)
 
     def object_until(self, name: str, now: datetime | None = None) -> datetime:
-        """Retain-until for an object written now: chunks get the margin on top."""
+        """Retain-until for an object written now: data objects (chunks, packs, index
+        objects) get the margin on top."""
         until = self.point_until(now or datetime.now(UTC))
-        return until + self.margin if name.startswith("chunks/") else until
+        return until + self.margin if name.startswith(DATA_PREFIXES) else until
 
     def describe(self) -> str:
         days = self.seconds / DAY

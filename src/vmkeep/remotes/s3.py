@@ -394,6 +394,10 @@ class S3Remote:
     def check_immutability(self) -> str | None:
         return self._locks.probe()
 
+    def lock_ends_of(self, names: Sequence[str]) -> dict[str, datetime]:
+        """Which of `names` are locked, until when (format 3's gc: pack_gc_locks.py)."""
+        return self._locks.lock_ends_of(names)
+
     def free_space(self) -> int | None:
         """S3 has no notion of free space (quotas, where they exist, are not exposed)."""
         return None

@@ -91,6 +91,7 @@ class S3LockSupport:
         self.bucket = remote.bucket
         self._known: dict[str, datetime] = {}
         self._mutex = threading.Lock()
+        self._lock_enabled: bool | None = None
 
     def remember(self, name: str, until: datetime) -> None:
         with self._mutex:
@@ -182,6 +183,27 @@ class S3LockSupport:
         )
         self.remember(name, target)
         return target, True
+
+    def lock_ends_of(self, names: Sequence[str]) -> dict[str, datetime]:
+        """The objects of `names` whose current version is locked, and until when: a HEAD
+        each, in parallel (gc asks about the few packs it would rewrite and the index
+        objects); nothing asked on a bucket without Object Lock. An object whose HEAD fails
+        counts as unlocked: its delete is then refused by the server, which gc handles."""
+        if not names:
+            return {}
+        if self._lock_enabled is None:
+            try:
+                self._lock_enabled = self.bucket_lock_enabled()
+            except RemoteError:
+                # Keys without s3:GetBucketObjectLockConfiguration (not needed on an unlocked
+                # bucket): nothing is known locked, and the server's refusals say the rest.
+                self._lock_enabled = False
+        if not self._lock_enabled:
+            return {}
+        ends = ordered_map(
+            lambda n: self._version_until(self.remote._key(n)), names, EXTEND_WORKERS
+        )
+        return {n: end for n, end in zip(names, ends, strict=True) if end is not None}
 
     # -- deletes of versions ------------------------------------------------------------------
 

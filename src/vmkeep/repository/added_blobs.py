@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from vmkeep.errors import IntegrityError
@@ -58,17 +58,22 @@ class AddedBlobs:
         self._lock = threading.Lock()
 
     def add(self, entry: BlobEntry) -> None:
+        self.add_many((entry,))
+
+    def add_many(self, entries: Iterable[BlobEntry]) -> None:
+        """One lock for a pack's blobs (an upload adds hundreds at once)."""
         with self._lock:
-            mem = self._mem
-            number = mem.pack_numbers.get(entry.pack)
-            if number is None:
-                number = mem.pack_numbers[entry.pack] = len(mem.packs)
-                mem.packs.append(entry.pack)
-            packed = (number << (2 * _BITS)) | (entry.offset << _BITS) | entry.length
-            if mem.maps[entry.kind].setdefault(entry.blob_id, packed) == packed:
-                mem.count += 1
-            if mem.count >= SPILL_AT and self._spill is not None:
-                self._spill_memory(*self._spill)
+            for entry in entries:
+                mem = self._mem
+                number = mem.pack_numbers.get(entry.pack)
+                if number is None:
+                    number = mem.pack_numbers[entry.pack] = len(mem.packs)
+                    mem.packs.append(entry.pack)
+                packed = (number << (2 * _BITS)) | (entry.offset << _BITS) | entry.length
+                if mem.maps[entry.kind].setdefault(entry.blob_id, packed) == packed:
+                    mem.count += 1
+                if mem.count >= SPILL_AT and self._spill is not None:
+                    self._spill_memory(*self._spill)
 
     def _spill_memory(self, path: Path, key: bytes) -> None:
         """The memory generation merged into the run file; the new run is installed before

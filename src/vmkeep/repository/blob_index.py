@@ -10,13 +10,10 @@ in a local object cache.
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import struct
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +30,18 @@ from .compression import compress, decompress
 from .crypto import Sealer
 from .format import FLAG_ENCRYPTED, FLAG_ZSTD, HEADER_SIZE, ID_SIZE, OBJECT_VERSION, header
 from .index_file import Damaged, IndexFile, Merge, mac_key
+from .index_tiers import (
+    DELTA_SPREAD,
+    Tiers,
+    delete_deltas,
+    new_delta_path,
+    open_deltas,
+    remove_stale_deltas,
+    tier_step,
+)
 from .limits import get_bounded
 from .packs import BlobEntry
+from .private_tmp import private_dir
 
 INDEX_PREFIX = "index/"
 INDEX_MAGIC = b"VMKI"
@@ -131,17 +138,20 @@ class BlobIndex:
 
     def __init__(
         self,
-        disk: IndexFile | None = None,
-        repair: Callable[[], IndexFile] | None = None,
+        disk: Tiers | IndexFile | None = None,
+        repair: Callable[[], Tiers] | None = None,
         spill: tuple[Path, bytes] | None = None,
     ) -> None:
-        self._disk = disk
+        self._disk = Tiers([disk]) if isinstance(disk, IndexFile) else disk
         self._repair = repair
         self._added = AddedBlobs(spill)
         self._lock = threading.Lock()
 
     def add(self, entry: BlobEntry) -> None:
         self._added.add(entry)
+
+    def add_many(self, entries: Iterable[BlobEntry]) -> None:
+        self._added.add_many(entries)
 
     def get(self, kind: int, blob_id: bytes) -> BlobEntry | None:
         found = self._disk_get(kind, blob_id)
@@ -163,10 +173,10 @@ class BlobIndex:
                 ) from exc
         if found is None:
             return None
-        _, pack, offset, length = found
-        return BlobEntry(kind, blob_id, disk.packs[pack], offset, length)
+        pack, offset, length = found
+        return BlobEntry(kind, blob_id, pack, offset, length)
 
-    def _repaired(self, damaged: IndexFile) -> IndexFile:
+    def _repaired(self, damaged: Tiers) -> Tiers:
         """A damaged cache file (edited or truncated while open) is rebuilt from the remote
         index objects, once per damaged file."""
         with self._lock:
@@ -224,7 +234,7 @@ def load_index(remote: Remote, sealer: Sealer, repo_id: str) -> LoadedIndex:
     key = mac_key(sealer.key.to_bytes() if sealer.key is not None else None, repo_id)
     problems: list[tuple[str, str]] = []
 
-    def build(use_old: bool) -> IndexFile:
+    def build(use_old: bool) -> Tiers:
         problems.clear()
         return merge_index(remote, sealer, repo_id, key, listed, use_old, problems)
 
@@ -245,7 +255,7 @@ def merge_index(
     listed: set[bytes],
     use_old: bool,
     problems: list[tuple[str, str]],
-) -> IndexFile:
+) -> Tiers:
     """The on-disk index of exactly the `listed` index objects that verify: the cached file
     if it verifies and is current, else a merge (or, unusable or `use_old` false, a build)."""
     try:
@@ -265,49 +275,143 @@ def _merge_at(
     listed: set[bytes],
     use_old: bool,
     problems: list[tuple[str, str]],
-) -> IndexFile:
-    old: IndexFile | None = None
+) -> Tiers:
+    """The base file plus deltas (index_tiers.py): new index objects become a delta; a
+    source no longer listed (gc) forces a rebuild of the base that takes the deltas in."""
+    remove_stale_deltas(path)
+    base: IndexFile | None = None
+    deltas: list[tuple[Path, IndexFile]] = []
     if use_old:
         try:
-            old = IndexFile.open(path, key)
+            base = IndexFile.open(path, key)
         except Damaged:
-            old = None
-    have = set(old.sources) if old is not None else set()
-    dropped = {n for n, s in enumerate(old.sources) if s not in listed} if old else set()
+            base = None
+        deltas = open_deltas(path, key)
+    else:
+        delete_deltas(path)
+    files = ([base] if base is not None else []) + [d for _, d in deltas]
+    have = {s for f in files for s in f.sources}
+    stale = any(s not in listed for s in have)
     new = sorted(listed - have)
-    if old is not None and not new and not dropped:
-        return old
-    cache = IndexCache(repo_id)
-    merge = Merge(path, key, old, dropped)
+    if files and not new and not stale:
+        return Tiers(files)
     try:
-        added = 0
-        fetched = fetch_index_objects(remote, sealer, repo_id, new, cache)
-        for index_id, result in zip(new, fetched, strict=True):
-            if isinstance(result, str):
-                if result != "gone":
-                    problems.append((index_object_name(index_id), result))
-                continue
-            merge.add_source(index_id, iter_index(result))
-            added += 1
-        if old is not None and not added and not dropped:
-            merge.abort()  # only objects that do not verify: the file stays as it is
-            return old
-        disk = merge.finish()
+        if base is None or stale:
+            return _rebuild(path, base, deltas, remote, sealer, repo_id, key, listed, problems)
+        return _add_delta(path, base, deltas, remote, sealer, repo_id, key, new, problems)
     except Damaged as exc:
-        merge.abort()
-        if old is None:
+        if not files:
             raise IntegrityError(
                 f"the local index cache {path} fails as it is written: {exc}"
             ) from exc
-        old.close()
+        for f in files:
+            f.close()
         return _merge_at(path, remote, sealer, repo_id, key, listed, False, problems)
+
+
+def _fill(
+    merge: Merge,
+    remote: Remote,
+    sealer: Sealer,
+    repo_id: str,
+    new: list[bytes],
+    problems: list[tuple[str, str]],
+) -> int:
+    """The `new` index objects added to `merge`; how many verified."""
+    added = 0
+    fetched = fetch_index_objects(remote, sealer, repo_id, new, IndexCache(repo_id))
+    for index_id, result in zip(new, fetched, strict=True):
+        if isinstance(result, str):
+            if result != "gone":
+                problems.append((index_object_name(index_id), result))
+            continue
+        merge.add_source(index_id, iter_index(result))
+        added += 1
+    return added
+
+
+def _rebuild(
+    path: Path,
+    base: IndexFile | None,
+    deltas: list[tuple[Path, IndexFile]],
+    remote: Remote,
+    sealer: Sealer,
+    repo_id: str,
+    key: bytes,
+    listed: set[bytes],
+    problems: list[tuple[str, str]],
+) -> Tiers:
+    """A new base: the old one without its unlisted sources, the deltas' listed ones and
+    the index objects no file holds; the deltas are then deleted."""
+    dropped = {n for n, s in enumerate(base.sources) if s not in listed} if base else set()
+    merge = Merge(path, key, base, dropped)
+    try:
+        for _, delta in deltas:
+            merge.add_file(delta, listed)
+        _fill(merge, remote, sealer, repo_id, sorted(listed - set(merge.sources)), problems)
+        disk = merge.finish()
     except BaseException:
         merge.abort()
         raise
-    if old is not None:
-        old.close()
-    cache.keep(set())  # merged: the raw copies are no longer needed
-    return disk
+    _retire(base, deltas)
+    IndexCache(repo_id).keep(set())  # merged: the raw copies are no longer needed
+    return Tiers([disk])
+
+
+def _add_delta(
+    path: Path,
+    base: IndexFile,
+    deltas: list[tuple[Path, IndexFile]],
+    remote: Remote,
+    sealer: Sealer,
+    repo_id: str,
+    key: bytes,
+    new: list[bytes],
+    problems: list[tuple[str, str]],
+) -> Tiers:
+    """The new index objects as one more delta file; then the deltas joined into one, or
+    folded into the base, when the policy says so (index_tiers.tier_step)."""
+    delta_path = new_delta_path(path)
+    merge = Merge(delta_path, key, None, set(), DELTA_SPREAD)
+    try:
+        if not _fill(merge, remote, sealer, repo_id, new, problems):
+            merge.abort()  # only objects that do not verify: the files stay as they are
+            return Tiers([base, *(d for _, d in deltas)])
+        deltas = [*deltas, (delta_path, merge.finish())]
+    except BaseException:
+        merge.abort()
+        raise
+    IndexCache(repo_id).keep(set())
+    step = tier_step(base, [d for _, d in deltas])
+    if step == "keep":
+        return Tiers([base, *(d for _, d in deltas)])
+    if step == "join":
+        joined = new_delta_path(path)
+        into = Merge(joined, key, None, set(), DELTA_SPREAD)
+    else:
+        into = Merge(path, key, base, set())
+    try:
+        for _, delta in deltas:
+            into.add_file(delta, set(delta.sources))
+        disk = into.finish()
+    except BaseException:
+        into.abort()
+        raise
+    if step == "join":
+        _retire(None, deltas)
+        return Tiers([base, disk])
+    _retire(base, deltas)
+    return Tiers([disk])
+
+
+def _retire(base: IndexFile | None, deltas: list[tuple[Path, IndexFile]]) -> None:
+    """After a new base is installed: the folded deltas deleted (another process that has
+    them open still reads them through its descriptors), the old files closed."""
+    for delta_path, delta in deltas:
+        delta_path.unlink(missing_ok=True)
+        delta.close()
+    if base is not None:
+        base.close()
 
 
 def fetch_index_objects(
@@ -338,21 +442,18 @@ def fetch_index_objects(
 
 
 INDEX_FILE = "blobindex"
-_private: list[Path] = []
 
 
 def index_path(repo_id: str, private: bool = False) -> Path:
     """The on-disk index's file: in the repository's cache directory, or with the cache off
-    (or not writable) in a private temporary directory removed at exit."""
+    (or not writable) in a private temporary directory removed at exit (or, killed, by a
+    later process: private_tmp.py)."""
     root = None if private else cache_root()
     if root is not None:
         directory = repository_cache(root, repo_id)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         return directory / INDEX_FILE
-    if not _private:
-        _private.append(Path(tempfile.mkdtemp(prefix="vmkeep-index-")))
-        atexit.register(shutil.rmtree, _private[0], True)
-    return _private[0] / blake3.blake3(repo_id.encode()).hexdigest()
+    return private_dir() / blake3.blake3(repo_id.encode()).hexdigest()
 
 
 class IndexCache:
@@ -393,5 +494,16 @@ class IndexCache:
             return
         wanted = {i.hex() for i in ids if i is not None}
         for path in self.dir.iterdir():
-            if path.name not in wanted and not path.name.startswith(".tmp-"):
+            if path.name.startswith(".tmp-"):  # a put's: kept while its process runs
+                if not _writer_alive(path.name):
+                    path.unlink(missing_ok=True)
+            elif path.name not in wanted:
                 path.unlink(missing_ok=True)
+
+
+def _writer_alive(tmp_name: str) -> bool:
+    """Whether the process that names `.tmp-PID-THREAD` runs (one killed mid-put left it)."""
+    try:
+        return os.path.exists(f"/proc/{int(tmp_name.split('-')[1])}")
+    except (ValueError, IndexError):
+        return False

@@ -12,6 +12,7 @@ are read with one ranged GET, bounded by the group's size."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 from vmkeep.errors import IntegrityError, NotFoundError
 from vmkeep.remotes.base import Remote
@@ -82,10 +83,8 @@ def fetch_packed(store: PackedStore, chunk_ids: list[bytes]) -> FetchedChunks:
     for chunk_id in chunk_ids:
         length, block_ids = store.recipe_of(chunk_id)
         out.recipes.append((length, block_ids))
-        for b in block_ids:
-            if b != ZERO_ID and b not in entries:
-                what = f"chunk {chunk_id.hex()[:16]}: block {b.hex()[:16]}"
-                entries[b] = store._entry(KIND_BLOCK, b, what)
+        new = [b for b in dict.fromkeys(block_ids) if b != ZERO_ID and b not in entries]
+        entries.update(store.block_entries(KIND_BLOCK, new, partial(_block_what, chunk_id)))
     wanted = sorted(entries.values(), key=lambda e: (e.pack, e.offset))
     for run in adjacent_runs(wanted, store.max_span):
         start = run[0].offset
@@ -97,11 +96,15 @@ def fetch_packed(store: PackedStore, chunk_ids: list[bytes]) -> FetchedChunks:
     return out
 
 
+def _block_what(chunk_id: bytes, block_id: bytes) -> str:
+    return f"chunk {chunk_id.hex()[:16]}: block {block_id.hex()[:16]}"
+
+
 def decode_packed(store: PackedStore, fetched: FetchedChunks) -> list[bytes]:
     """Each block authenticated and checked against its ID once, then the chunks put
     together (assemble_chunk, as PackedStore.get_chunk does)."""
     codec = store.codec
-    plain = {b: codec.decode(KIND_BLOCK, b, raw) for b, (_, raw) in fetched.blocks.items()}
+    plain = codec.decode_many(KIND_BLOCK, ((b, raw) for b, (_, raw) in fetched.blocks.items()))
     return [
         assemble_chunk(chunk_id, length, block_ids, plain, codec.block_size)
         for chunk_id, (length, block_ids) in zip(fetched.chunk_ids, fetched.recipes, strict=True)
@@ -112,7 +115,7 @@ def decode_packed_parts(store: PackedStore, fetched: FetchedChunks) -> list[list
     """As decode_packed, each chunk left as its blocks in order (chunk_parts): a restore
     writes them without joining 32 blocks into a 4 MiB copy first."""
     codec = store.codec
-    plain = {b: codec.decode(KIND_BLOCK, b, raw) for b, (_, raw) in fetched.blocks.items()}
+    plain = codec.decode_many(KIND_BLOCK, ((b, raw) for b, (_, raw) in fetched.blocks.items()))
     return [
         chunk_parts(chunk_id, length, block_ids, plain, codec.block_size)
         for chunk_id, (length, block_ids) in zip(fetched.chunk_ids, fetched.recipes, strict=True)

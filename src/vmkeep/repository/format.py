@@ -10,8 +10,7 @@ from __future__ import annotations
 CONFIG_VERSION_FIXED = 1
 CONFIG_VERSION_SIZED = 2
 # 3 = blocks, recipes and packs (FORMAT.md §13): the default of `init` at 4 MiB chunks
-# (Repository.init, default_format); 1 or 2 when asked, at other chunk sizes, or with
-# retention locks.
+# (Repository.init, default_format); 1 or 2 when asked or at other chunk sizes.
 CONFIG_VERSION_PACKED = 3
 CONFIG_VERSIONS = (CONFIG_VERSION_FIXED, CONFIG_VERSION_SIZED, CONFIG_VERSION_PACKED)
 DEFAULT_BLOCK_SIZE = 64 * 1024  # the dirty-bitmap granularity; the index is on disk (blob_index.py)

@@ -16,7 +16,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmkeep.errors import IntegrityError, NotFoundError, RemoteError, UsageError
+from vmkeep.errors import (
+    IntegrityError,
+    NotFoundError,
+    ObjectLockedError,
+    RemoteError,
+    UsageError,
+)
 from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.progress import Progress
 from vmkeep.remotes.base import Remote
@@ -184,6 +190,8 @@ def _delete(remote: Remote) -> Callable[[str], bool]:
             remote.delete(name)
         except NotFoundError:
             return False  # gone already: a repair interrupted after its deletes
+        except ObjectLockedError:
+            return False  # under a retention lock: stays, a duplicate of what was written
         return True
 
     return delete

@@ -30,6 +30,7 @@ from vmkeep.errors import (
     RepositoryError,
     VmkeepError,
 )
+from vmkeep.processes import start_time
 from vmkeep.remotes.base import Remote
 
 from .format import LOCKS_PREFIX
@@ -82,17 +83,7 @@ def _utc(timestamp: float) -> str:
 
 def _holder_alive(pid: int, pid_start: str) -> bool:
     """The pid runs and, when the lock says when its holder started, is that process."""
-    return _pid_alive(pid) and (not pid_start or _process_start(pid) in (pid_start, ""))
-
-
-def _process_start(pid: int) -> str:
-    """Start time of `pid` in clock ticks since boot (/proc/PID/stat field 22); "" if unknown."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read(4096).rsplit(b")", 1)[-1].split()
-        return fields[19].decode()
-    except (OSError, IndexError, UnicodeDecodeError):
-        return ""
+    return _pid_alive(pid) and (not pid_start or start_time(pid) in (pid_start, ""))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -150,7 +141,7 @@ class RepositoryLock:
             "scope": self.scope,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "pid_start": _process_start(os.getpid()),
+            "pid_start": start_time(os.getpid()),
             "operation": self.operation,
             "refreshed": began[1],
         }

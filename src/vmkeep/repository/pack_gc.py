@@ -19,6 +19,7 @@ from .blob_index import MAX_INDEX_ENTRIES, BlobIndex, encode_index, index_object
 from .blobs import KIND_BLOCK, KIND_RECIPE
 from .format import ZERO_ID
 from .locks import RepositoryLock
+from .pack_gc_locks import GcLocks, find_locks, packs_listed
 from .pack_writer import PackWriter
 from .packed_store import PackedStore, adjacent_runs
 from .packs import PACKS_PREFIX, BlobEntry, pack_id_of_name, pack_object_name, pack_overhead
@@ -35,6 +36,7 @@ class PackPlan:
     delete: list[bytes] = field(default_factory=list)  # no live blob, or unindexed
     sizes: dict[bytes, int] = field(default_factory=dict)
     dead_entries: int = 0
+    dead_packs: set[bytes] = field(default_factory=set)  # packs a dead index entry names
 
 
 @dataclass
@@ -44,6 +46,7 @@ class PackSweep:
     packs_written: int = 0
     index_objects_replaced: int = 0
     bytes_freed: int = 0
+    packs_locked: int = 0  # kept (not repacked or deleted) under a retention lock
     refused: list[ObjectLockedError] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -68,11 +71,19 @@ def sweep_packs(
         )
     live = live_blobs(store, referenced)
     plan = plan_packs(store, loaded.index, live)
+    locks = find_locks(store, loaded.names, list(plan.repack))  # retention locks
+    spared = spare_locked(plan, locks)
     report = PackSweep(
-        packs_deleted=len(plan.delete) + len(plan.repack), packs_repacked=len(plan.repack)
+        packs_deleted=len(plan.delete) + len(plan.repack),
+        packs_repacked=len(plan.repack),
+        packs_locked=spared,
     )
     freed = sum(plan.sizes.get(p, 0) for p in [*plan.delete, *plan.repack])
-    changed = plan.delete or plan.repack or plan.dead_entries or len(loaded.names) > 1
+    deletable = [n for n in loaded.names if n not in locks.index_names]
+    # Dead entries in packs a locked index object lists stay listed by it whatever gc writes:
+    # they alone are no reason to rewrite the index at every gc while the lock lasts.
+    dead = plan.dead_packs - locks.packs if locks.packs else plan.dead_entries
+    changed = plan.delete or plan.repack or dead or len(deletable) > 1
     if dry_run or not changed:
         report.bytes_freed = freed if dry_run else 0
         report.packs_deleted = report.packs_deleted if dry_run else 0
@@ -87,15 +98,27 @@ def sweep_packs(
     names = writer.index_names + write_index(store, kept)
     report.packs_written = writer.packs_written
     report.bytes_freed = freed - written
-    old = [n for n in loaded.names if n not in set(names)]
+    old = [n for n in deletable if n not in set(names)]
     report.index_objects_replaced = len(old)
     _delete(store, old, lock, report)
+    # An index object whose delete was refused (locked after all) keeps its packs, as above.
+    held = packs_listed(store, [e.name for e in report.refused if e.name in set(old)])
     # Never a pack just written (a pack is named by its trailer; a repacked pack lists fewer
     # blobs than the one it replaces, so the names differ, but a deletion must not rely on it).
-    gone = [p for p in [*plan.delete, *plan.repack] if p not in writer.pack_ids]
+    gone = [p for p in [*plan.delete, *plan.repack] if p not in writer.pack_ids and p not in held]
     _delete(store, [pack_object_name(p) for p in gone], lock, report)
     store.reload()
     return report
+
+
+def spare_locked(plan: PackPlan, locks: GcLocks) -> int:
+    """Packs under a retention lock (or listed by a locked index object) move from repack
+    and delete to keep: their dead blobs stay until the lock ends. Returns how many."""
+    spared = [p for p in [*plan.repack, *plan.delete] if locks.holds(p)]
+    for pack_id in spared:
+        plan.keep[pack_id] = plan.repack.pop(pack_id, [])
+    plan.delete = [p for p in plan.delete if not locks.holds(p)]
+    return len(spared)
 
 
 def live_blobs(store: PackedStore, referenced: Iterable[bytes]) -> set[tuple[int, bytes]]:
@@ -144,6 +167,7 @@ def plan_from(
             by_pack.setdefault(entry.pack, []).append(entry)
         else:
             plan.dead_entries += 1
+            plan.dead_packs.add(entry.pack)
     for pack_id, size in plan.sizes.items():
         entries = by_pack.get(pack_id, [])
         # The pack's header and trailer are not garbage: without them, a pack of a few small

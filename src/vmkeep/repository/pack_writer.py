@@ -179,8 +179,7 @@ class PackWriter:
             self.packs_written += 1
             self.pack_ids.add(pack_id)
             self.bytes_written += size
-        for entry in written:
-            index.add(entry)
+        index.add_many(written)
         self._indexed(written)
 
     def _indexed(self, written: list[BlobEntry]) -> None:
@@ -192,6 +191,18 @@ class PackWriter:
             if len(self._unindexed) >= MAX_INDEX_ENTRIES:
                 full, self._unindexed = self._unindexed, []
         self._write_index(full)
+
+    @property
+    def pending(self) -> bool:
+        """Blobs added and not yet in a durable index object: a run ended without its flush
+        (it failed); a later run must neither count on them nor index them."""
+        with self._lock:
+            return bool(self._open or self._unindexed or self._seen or self._inflight)
+
+    @property
+    def failed(self) -> bool:
+        """An upload failed: this writer refuses everything from now on."""
+        return self._failed is not None
 
     def _poison(self, reason: str) -> None:
         with self._lock:

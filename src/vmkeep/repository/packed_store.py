@@ -7,7 +7,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ class PackedStore:
         self._loaded: LoadedIndex | None = None
         self._load_lock = threading.Lock()
         self._writer: PackWriter | None = None
+        self._users = 0  # runs inside writing()
         self._local = threading.local()
         self._recipe_packs = RecipePacks(remote, self.pack_size)
         self._grew_lock = threading.Lock()
@@ -85,6 +87,35 @@ class PackedStore:
                 return False
             self.reload()
             return True
+
+    def refresh(self) -> None:
+        """Read the index again if this process read it before (a long-lived process: the
+        server, a run of several VMs). A gc elsewhere may have deleted packs it lists, and a
+        backup's gc marker, read just before this, only tells of gcs after that read."""
+        with self._load_lock:
+            if self._loaded is None:
+                return
+        self.reload()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """One backup or mirror of this process storing blobs. A writer that a failed upload
+        poisoned, or that a failed run left with blobs not yet indexed, is replaced once no
+        run uses it any more (a long-lived process would refuse every later backup, or index
+        blobs of packs a gc may have taken for a killed run's), never under a run that may
+        have blobs in it; the index is read again too, without the blobs that writer added
+        but never indexed."""
+        with self._load_lock:
+            stale = self._writer is not None and (self._writer.failed or self._writer.pending)
+            if self._users == 0 and stale:
+                self._writer = None
+                self._loaded = None
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._load_lock:
+                self._users -= 1
 
     def reload(self) -> LoadedIndex:
         """Read the index again (after a gc may have rewritten it)."""
@@ -135,16 +166,12 @@ class PackedStore:
         """The recipe and those of `blocks` (block ID, plaintext) the repository lacks,
         encoded; zero blocks and repeats are skipped. A dirty-block delta hands only the
         blocks it read (operations/dirty_blocks.py)."""
-        writer = self.writer
-        encoded: list[tuple[bytes, Sealed]] = []
-        done: set[bytes] = set()
+        has = self.writer.has
+        todo: dict[bytes, bytes | memoryview] = {}
         for block_id, plain in blocks:
-            if block_id == ZERO_ID or block_id in done or writer.has(KIND_BLOCK, block_id):
-                continue
-            done.add(block_id)
-            encoded.append(
-                (block_id, self.codec.encode_parts(KIND_BLOCK, block_id, plain, level, probe))
-            )
+            if block_id != ZERO_ID and block_id not in todo and not has(KIND_BLOCK, block_id):
+                todo[block_id] = plain
+        encoded = self.codec.encode_many(KIND_BLOCK, todo.items(), level, probe)
         return PackedChunk(self.codec.encode(KIND_RECIPE, chunk_id, recipe, level), encoded)
 
     def store(self, chunk_id: bytes, packed: PackedChunk) -> None:
@@ -165,7 +192,7 @@ class PackedStore:
 
     def get_chunk(self, chunk_id: bytes) -> bytes:
         length, block_ids = self.recipe_of(chunk_id)
-        plain = self._read_blocks(chunk_id, block_ids)
+        plain = self.read_blocks(chunk_id, block_ids)
         return assemble_chunk(chunk_id, length, block_ids, plain, self.codec.block_size)
 
     def recipe_of(self, chunk_id: bytes) -> tuple[int, list[bytes]]:
@@ -177,17 +204,31 @@ class PackedStore:
         return self.codec.parse_recipe(chunk_id, recipe)
 
     def _entry(self, kind: int, blob_id: bytes, what: str) -> BlobEntry:
-        entry = self.index().get(kind, blob_id)
-        if entry is None and self._index_grew():
-            entry = self.index().get(kind, blob_id)
-        if entry is None:
-            raise IntegrityError(f"{what} is missing from the repository")
-        if not 0 < entry.length <= self.codec.max_encoded(kind):
-            raise IntegrityError(
-                f"{what}: its index entry claims {entry.length} bytes, more than a "
-                f"{KIND_NAMES[kind]} can be: corrupt index; refusing to read it"
-            )
-        return entry
+        return self.block_entries(kind, (blob_id,), lambda _: what)[blob_id]
+
+    def block_entries(
+        self, kind: int, blob_ids: Iterable[bytes], what: Callable[[bytes], str]
+    ) -> dict[bytes, BlobEntry]:
+        """The index entry of each blob (IntegrityError naming `what(blob_id)` when one is
+        missing or claims more bytes than its kind can be). One loop per group, the message
+        built only for a blob that fails: a restore looks up every 64 KiB block."""
+        index = self.index()
+        largest = self.codec.max_encoded(kind)
+        out: dict[bytes, BlobEntry] = {}
+        for blob_id in blob_ids:
+            entry = index.get(kind, blob_id)
+            if entry is None and self._index_grew():
+                index = self.index()
+                entry = index.get(kind, blob_id)
+            if entry is None:
+                raise IntegrityError(f"{what(blob_id)} is missing from the repository")
+            if not 0 < entry.length <= largest:
+                raise IntegrityError(
+                    f"{what(blob_id)}: its index entry claims {entry.length} bytes, more than "
+                    f"a {KIND_NAMES[kind]} can be: corrupt index; refusing to read it"
+                )
+            out[blob_id] = entry
+        return out
 
     def fetch(self, pack: bytes, offset: int, length: int, first: BlobEntry) -> bytes:
         name = pack_object_name(pack)
@@ -202,26 +243,22 @@ class PackedStore:
             )
         return raw
 
-    def _read_blocks(self, chunk_id: bytes, block_ids: list[bytes]) -> dict[bytes, bytes]:
+    def read_blocks(self, chunk_id: bytes, block_ids: list[bytes]) -> dict[bytes, bytes]:
         """Plaintext of every non-zero block. Blocks of one pack are one ranged GET when they
         are adjacent, or close enough that the span stays within two chunks (a chunk changed
         by a delta has its old blocks around the replaced ones: one GET instead of one per
         piece, at the cost of reading the replaced blocks too)."""
-        wanted = sorted(
-            {
-                self._entry(KIND_BLOCK, b, f"chunk {chunk_id.hex()[:16]}: block {b.hex()[:16]}")
-                for b in set(block_ids) - {ZERO_ID}
-            },
-            key=lambda e: (e.pack, e.offset),
-        )
+        chunk = f"chunk {chunk_id.hex()[:16]}"
+        distinct = [b for b in dict.fromkeys(block_ids) if b != ZERO_ID]
+        found = self.block_entries(KIND_BLOCK, distinct, lambda b: f"{chunk}: block {b.hex()[:16]}")
+        wanted = sorted(found.values(), key=lambda e: (e.pack, e.offset))
         plain: dict[bytes, bytes] = {}
         for run in adjacent_runs(wanted, self.max_span):
             start = run[0].offset
             span = run[-1].offset + run[-1].length - start
             raw = memoryview(self.fetch(run[0].pack, start, span, run[0]))
-            for e in run:
-                blob = raw[e.offset - start : e.offset - start + e.length]
-                plain[e.blob_id] = self.codec.decode(KIND_BLOCK, e.blob_id, blob)
+            blobs = ((e.blob_id, raw[e.offset - start : e.offset - start + e.length]) for e in run)
+            plain.update(self.codec.decode_many(KIND_BLOCK, blobs))
         return plain
 
     def list_chunks(self) -> Iterator[tuple[bytes, int]]:

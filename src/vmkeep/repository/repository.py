@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -94,19 +95,18 @@ class Repository:
         pack_size: int = DEFAULT_PACK_SIZE,
     ) -> Repository:
         """Without `format_version`: format 3 (blocks in packs) at the default 4 MiB chunk
-        size, format 2 at any other (as before format 3 was the default), and format 1 or 2
-        on a remote with retention locks (default_format)."""
+        size, format 2 at any other (as before format 3 was the default): default_format."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(
                 f"unknown encryption {encryption!r}: choose {' or '.join(ENCRYPTIONS)}"
             )
         if not valid_chunk_size(chunk_size):
             raise UsageError(f"chunk size {chunk_size} is not {CHUNK_SIZE_RULE}")
-        version = _format_version(format_version, chunk_size, remote)
+        version = _format_version(format_version, chunk_size)
         packed = version == CONFIG_VERSION_PACKED
         block_size = min(DEFAULT_BLOCK_SIZE, chunk_size) if block_size is None else block_size
         if packed:
-            _check_packed(remote, chunk_size, block_size, pack_size)
+            _check_packed(chunk_size, block_size, pack_size)
         _refuse_foreign_directory(remote)
         repo_id = uuid.uuid4().hex
         key = RepositoryKey.generate() if encryption != "none" else None
@@ -276,6 +276,16 @@ class Repository:
         if self.packed is not None:
             self.packed.flush()
 
+    def writing(self) -> AbstractContextManager[None]:
+        """Around one backup or mirror that stores chunks (format 3: PackedStore.writing)."""
+        return self.packed.writing() if self.packed is not None else nullcontext()
+
+    def refresh_index(self) -> None:
+        """Format 3: right after a backup or mirror reads the gc marker, forget an index this
+        process read before it (FORMAT.md §13.7). Versions 1 and 2 stat each chunk."""
+        if self.packed is not None:
+            self.packed.refresh()
+
     def has_chunk(self, chunk_id: bytes) -> bool:
         """One lookup: a stat of the chunk object, or (format 3) the index."""
         if self.packed is not None:
@@ -385,23 +395,18 @@ def unique_prefix(ref: str, ids: list[str], what: str, where: str) -> str:
     raise UsageError(f"{what} {ref!r} is ambiguous: {len(matches)} match")
 
 
-def default_format(chunk_size: int, remote: Remote) -> int:
-    """The format of a new repository when none is asked for: 3 at the default chunk size;
-    an explicit other chunk size keeps format 2, and retention locks (which format 3 cannot
-    hold yet: packs are shared and repacked) get format 1 or 2 instead of a refusal."""
-    if chunk_size != DEFAULT_CHUNK_SIZE or locked(remote):
+def default_format(chunk_size: int) -> int:
+    """The format of a new repository when none is asked for: 3 at the default chunk size
+    (retention locks included: docs/IMMUTABILITY.md "Format 3"); an explicit other chunk size
+    keeps format 2."""
+    if chunk_size != DEFAULT_CHUNK_SIZE:
         return config_version(chunk_size)
     return CONFIG_VERSION_PACKED
 
 
-def locked(remote: Remote) -> bool:
-    """Whether the remote was given a retention-lock policy (apply_lock_policy)."""
-    return getattr(remote, "lock_policy", None) is not None
-
-
-def _format_version(asked: int | None, chunk_size: int, remote: Remote) -> int:
+def _format_version(asked: int | None, chunk_size: int) -> int:
     if asked is None:
-        return default_format(chunk_size, remote)
+        return default_format(chunk_size)
     if asked not in FORMATS:
         raise UsageError(f"unknown repository format {asked}: choose 1, 2 or 3")
     if asked == CONFIG_VERSION_FIXED and chunk_size != DEFAULT_CHUNK_SIZE:
@@ -409,16 +414,11 @@ def _format_version(asked: int | None, chunk_size: int, remote: Remote) -> int:
     return asked
 
 
-def _check_packed(remote: Remote, chunk_size: int, block_size: int, pack_size: int) -> None:
+def _check_packed(chunk_size: int, block_size: int, pack_size: int) -> None:
     if not valid_chunk_size(block_size) or block_size > chunk_size:
         raise UsageError(f"block size {block_size} is not {BLOCK_SIZE_RULE}")
     if not valid_pack_size(pack_size):
         raise UsageError(f"pack size {pack_size} is not {PACK_SIZE_RULE}")
-    if locked(remote):
-        raise UsageError(
-            "format 3 cannot be combined with retention locks yet (packs are shared and "
-            "repacked): use format 1 or 2 for an immutable repository"
-        )
 
 
 def _refuse_foreign_directory(remote: Remote) -> None:

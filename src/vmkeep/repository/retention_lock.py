@@ -16,7 +16,6 @@ from vmkeep.errors import (
     IntegrityError,
     NotFoundError,
     ObjectLockedError,
-    UsageError,
     VmkeepError,
 )
 from vmkeep.remotes.base import Remote
@@ -27,6 +26,7 @@ from vmkeep.remotes.retention_records import MAX_RECORD_BYTES, RECORDS_PREFIX, d
 from .format import CONFIG_NAME, chunk_object_name, manifest_object_name
 from .limits import get_bounded
 from .manifest import Manifest
+from .packed_lock import protect_packed_point
 from .repository import Repository
 
 
@@ -41,22 +41,25 @@ def lock_restore_point(repo: Repository, manifest: Manifest) -> ProtectStats | N
     if not isinstance(remote, LockingRemote) or remote.lock_policy is None:
         return None
     policy = remote.lock_policy
-    if repo.packed is not None:
-        raise UsageError(
-            "retention locks are not supported by format 3 repositories (packs are shared and "
-            "repacked): remove the remote's lock or use a format 1 or 2 repository"
-        )
     until = policy.point_until(manifest.created)
     ids = manifest.referenced_ids()
     covered, parent_floor = parent_claim(repo, manifest, until)
-    names = [CONFIG_NAME, *sorted(chunk_object_name(c) for c in ids)]
-    stats = remote.protect_point(
-        manifest.id,
-        names,
-        [manifest_object_name(manifest.id)],
-        until,
-        {chunk_object_name(c) for c in ids & covered},
-    )
+    if repo.packed is not None:
+        # Format 3: the packs and index objects of the chunks the parent's claim does not
+        # cover (packed_lock.py).
+        before = predecessors(repo, manifest, covered) if covered else {}
+        stats = protect_packed_point(repo.packed, remote, manifest.id, ids - covered, until, before)
+        # what the claim vouched for (chunks and predecessors' blocks) bounds the floor too
+        stats.assured += len(ids & covered) + len(before)
+    else:
+        names = [CONFIG_NAME, *sorted(chunk_object_name(c) for c in ids)]
+        stats = remote.protect_point(
+            manifest.id,
+            names,
+            [manifest_object_name(manifest.id)],
+            until,
+            {chunk_object_name(c) for c in ids & covered},
+        )
     floor = stats.floor or until
     if stats.assured and parent_floor is not None:
         floor = min(floor, parent_floor)
@@ -87,6 +90,29 @@ def parent_claim(
     if floor is None or floor.tzinfo is None or floor < until:
         return set(), None
     return parent.referenced_ids(), floor
+
+
+def predecessors(repo: Repository, manifest: Manifest, covered: set[bytes]) -> dict[bytes, bytes]:
+    """Format 3: each chunk of `manifest` the parent's claim does not cover → the parent's
+    chunk at the same place of the same disk, when the claim covers that one. A chunk a
+    delta changed keeps most of its blocks; those are the parent's, locked by its claim."""
+    try:
+        parent = repo.load_manifest(str(manifest.parent))
+    except VmkeepError:
+        return {}
+    disks = {d.name: d for d in parent.disks if d.chunk_size == repo.chunk_size}
+    found: dict[bytes, bytes] = {}
+    for disk in manifest.disks:
+        old = disks.get(disk.name)
+        if old is None:
+            continue
+        for index, chunk_id in disk.entries():
+            if chunk_id in covered or index >= old.chunk_count:
+                continue
+            before = old.chunk_id(index)
+            if before in covered:
+                found.setdefault(chunk_id, before)
+    return found
 
 
 @dataclass

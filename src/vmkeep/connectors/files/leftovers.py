@@ -25,6 +25,7 @@ from pathlib import Path
 from vmkeep.connectors.files.fileio import mkdir_unique
 from vmkeep.connectors.files.vmdir import INCOMPLETE, read_small_file
 from vmkeep.errors import ConnectorError
+from vmkeep.processes import start_time
 from vmkeep.safe_files import fsync_dir, write_new
 
 log = logging.getLogger(__name__)
@@ -41,21 +42,15 @@ def _boot_id() -> str:
         return ""
 
 
-def _start_time(pid: int) -> str | None:
-    """The start time of process `pid` (clock ticks since boot), None when there is none;
-    with the pid it names one process, whatever pid reuse happened since."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rpartition(")")[2].split()
-    return fields[19] if len(fields) > 19 else None
-
-
 def owner_record() -> dict[str, object]:
     """Who this process is, in a form another process can check for liveness."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "start": _start_time(pid)}
+    return {
+        "host": socket.gethostname(),
+        "boot": _boot_id(),
+        "pid": pid,
+        "start": start_time(pid) or None,
+    }
 
 
 def make_build_dir(target: Path, name: str) -> Path:
@@ -90,7 +85,7 @@ def _owner_dead(record: dict[str, object]) -> bool | None:
         return None
     if record.get("boot") != _boot_id():
         return True
-    return _start_time(pid) != start
+    return (start_time(pid) or None) != start
 
 
 def settle_leftovers(target: Path) -> list[str]:

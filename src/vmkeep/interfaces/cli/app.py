@@ -11,7 +11,7 @@ import typer
 from typer.core import TyperOption
 
 from vmkeep.errors import VmkeepError
-from vmkeep.parallel import reuse_chunk_buffers
+from vmkeep.malloc_tuning import reuse_chunk_buffers
 
 from . import (
     config_commands,

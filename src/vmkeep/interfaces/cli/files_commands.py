@@ -30,6 +30,7 @@ from .repo_commands import JsonOpt, RemoteOpt
 if TYPE_CHECKING:
     from vmkeep.operations.filerestore.model import FileSystem
     from vmkeep.operations.filerestore.session import PointFiles
+    from vmkeep.operations.point_disk import FetchStats
 
 files_app = typer.Typer(
     help="Browse and get files of a restore point, read in place (no restore, no root).",
@@ -190,6 +191,7 @@ def get(
         "skipped": result.skipped,
         "dirty": fs.info.dirty,
         "fetched_chunks": fetched.chunks,
+        "fetched_blocks": fetched.blocks,
         "fetched_bytes": fetched.bytes,
         "warnings": warnings,
     }
@@ -202,14 +204,19 @@ def get(
             console.print(f"[yellow]warning:[/] {shown(warning)}")
         (console if tar == "-" else stdout).print(
             f"got {result.files} files, {result.dirs} directories, {result.links} links "
-            f"({human_bytes(result.bytes)}); fetched {fetched.chunks} chunks "
-            f"({human_bytes(fetched.bytes)})",
+            f"({human_bytes(result.bytes)}); fetched {fetched_what(fetched)}",
             highlight=False,
         )
     if result.skipped:
         raise ImageError(
             f"{result.skipped} entries could not be read from the image (see warnings)"
         )
+
+
+def fetched_what(fetched: FetchStats) -> str:
+    """ "3 chunks and 12 blocks (14.0 MiB)": what file restore read from the repository."""
+    parts = [f"{fetched.chunks} chunks"] + ([f"{fetched.blocks} blocks"] if fetched.blocks else [])
+    return f"{' and '.join(parts)} ({human_bytes(fetched.bytes)})"
 
 
 def register(app: typer.Typer) -> None:

@@ -29,6 +29,14 @@ if TYPE_CHECKING:
     from vmkeep.repository.repository import Repository
 
 TARGET_ENV = "VMKEEP_TARGET_PASSPHRASE"
+SourcePassphraseOpt = typer.Option(
+    None, "--source-passphrase-file", help="The source's passphrase (else as every command)."
+)
+TargetPassphraseOpt = typer.Option(
+    None,
+    "--target-passphrase-file",
+    help=f"The target's passphrase (else {TARGET_ENV}, else VMKEEP_PASSPHRASE, else asked).",
+)
 
 
 class TargetPassphrase(PassphraseSource):
@@ -94,14 +102,8 @@ def mirror_command(
     keep_yearly: int = typer.Option(0, help="... of each of the last N years."),
     timezone: str = typer.Option("UTC", help="Time zone of the retention's day boundaries."),
     compression_level: int = typer.Option(1, "--compression-level", help="zstd level, 0 = off."),
-    source_passphrase_file: Path | None = typer.Option(
-        None, "--source-passphrase-file", help="The source's passphrase (else as every command)."
-    ),
-    target_passphrase_file: Path | None = typer.Option(
-        None,
-        "--target-passphrase-file",
-        help=f"The target's passphrase (else {TARGET_ENV}, else VMKEEP_PASSPHRASE, else asked).",
-    ),
+    source_passphrase_file: Path | None = SourcePassphraseOpt,
+    target_passphrase_file: Path | None = TargetPassphraseOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Copy restore points to another repository, re-encrypted with its key; chunks it
@@ -142,14 +144,8 @@ def migrate_command(
     target: str = typer.Argument(
         ..., help="A format 3 repository of the same chunk size (`vmkeep init --format 3`)."
     ),
-    source_passphrase_file: Path | None = typer.Option(
-        None, "--source-passphrase-file", help="The source's passphrase (else as every command)."
-    ),
-    target_passphrase_file: Path | None = typer.Option(
-        None,
-        "--target-passphrase-file",
-        help=f"The target's passphrase (else {TARGET_ENV}, else VMKEEP_PASSPHRASE, else asked).",
-    ),
+    source_passphrase_file: Path | None = SourcePassphraseOpt,
+    target_passphrase_file: Path | None = TargetPassphraseOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Copy every restore point of a repository into a format 3 (packs) repository: a full

@@ -69,7 +69,6 @@ def add(
     from vmkeep.remotes.local import LocalRemote
     from vmkeep.remotes.location import open_remote
     from vmkeep.remotes.object_lock import LockPolicy, apply_lock_policy
-    from vmkeep.repository.format import DEFAULT_CHUNK_SIZE
     from vmkeep.repository.repository import Repository
 
     size = parse_chunk_size(chunk_size)
@@ -97,11 +96,6 @@ def add(
             f"new repository created (encryption: {encryption}, "
             f"chunk size: {format_chunk_size(size)}, format {repo.config['version']})"
         )
-        if lock and format_version is None and size == DEFAULT_CHUNK_SIZE:
-            what += (
-                f"; note: format {repo.config['version']}, not the default 3, which cannot "
-                "hold retention locks yet"
-            )
     state.registry.add(name, location, lock, repo.known)
     passphrase = remember_passphrase and repo.encrypted
     what += remember_secrets(name, location, passphrase, remember_credentials)

@@ -269,6 +269,11 @@ def gc(
                 f"packs: {would} {report.packs.packs_deleted}, of which "
                 f"{report.packs.packs_repacked} repacked (live blobs copied into "
                 f"{report.packs.packs_written} new packs)"
+                + (
+                    f"; {report.packs.packs_locked} kept as they are under a retention lock"
+                    if report.packs.packs_locked
+                    else ""
+                )
             )
         if report.locked.count:
             console.print(

@@ -100,6 +100,7 @@ class PointFiles:
         for disk in self.disks.values():
             total.chunks += disk.stats.chunks
             total.bytes += disk.stats.bytes
+            total.blocks += disk.stats.blocks
         return total
 
     def volumes(self) -> list[VolumeInfo]:

@@ -1,0 +1,74 @@
+"""A process's private temporary directory for the format 3 index (the cache off or not
+writable: the whole index, 50 bytes a blob; always: the spill of the blobs it adds).
+
+It is removed at exit, but a killed process cannot do that: each leak is a full copy of the
+index. So the name carries the owner's pid and start time (clock ticks since boot, as lock
+objects do, docs/FORMAT.md §6), and a process creating its own first removes those of
+processes that are gone. Only directories of our uid, never through a symlink."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from vmkeep.processes import start_time
+
+PREFIX = "vmkeep-index-"
+_NAME = re.compile(re.escape(PREFIX) + r"(\d{1,7})-(\d{1,20})-[A-Za-z0-9_]{8}")
+_mine: list[Path] = []
+
+
+def private_dir() -> Path:
+    """This process's directory (mode 0700), created on first use."""
+    if not _mine:
+        parent = Path(tempfile.gettempdir())
+        remove_dead(parent)
+        me = os.getpid()
+        made = tempfile.mkdtemp(prefix=f"{PREFIX}{me}-{start_time(me) or 0}-", dir=parent)
+        _mine.append(Path(made))
+        atexit.register(shutil.rmtree, made, True)
+    return _mine[0]
+
+
+def _alive(pid: int, started: str) -> bool:
+    """The process named runs; when its start time cannot be read (no /proc), any process
+    of that pid counts as alive."""
+    now = start_time(pid)
+    if now:
+        return now == started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_dead(parent: Path) -> int:
+    """Remove the directories of processes no longer running; returns how many. A name
+    without a pid (an older version's) is left alone: nothing tells whether it is in use."""
+    removed = 0
+    try:
+        names = [e.name for e in os.scandir(parent) if e.name.startswith(PREFIX)]
+    except OSError:
+        return 0
+    for name in names:
+        match = _NAME.fullmatch(name)
+        if match is None or _alive(int(match[1]), match[2]):
+            continue
+        path = parent / name
+        try:
+            st = path.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            shutil.rmtree(path)
+            removed += 1
+        except OSError:
+            continue  # removed by another process meanwhile, or not ours to remove
+    return removed
