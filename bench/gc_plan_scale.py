@@ -163,7 +163,7 @@ def real_gc(root: Path, src: Path, label: str) -> str:
     )
 
 
-def main_real(counts: list[int], src: Path | None, work: Path) -> None:
+def main_real(counts: list[int], src: Path | None, work: Path, skip_mine: bool) -> None:
     here = Path(__file__).resolve().parent.parent / "src"
     print(f"{'blobs':>10} {'src':>6} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}")
     for n in counts:
@@ -180,7 +180,8 @@ def main_real(counts: list[int], src: Path | None, work: Path) -> None:
                     os._exit(0)
             os.waitpid(pid, 0)
             print(f"# built {n} blobs in {time.monotonic() - began:.0f} s", flush=True)
-        for label, path in [("branch", here), *([("other", src)] if src else [])]:
+        mine = [] if skip_mine else [("branch", here)]
+        for label, path in [*mine, *([("other", src)] if src else [])]:
             print(f"{n:>10} {label:>6} {real_gc(root, path, label)}", flush=True)
 
 
@@ -190,6 +191,7 @@ def main() -> None:
     ap.add_argument("--live", type=float, default=0.7)
     ap.add_argument("--real", help="blob counts: run the real gc on synthetic repositories")
     ap.add_argument("--src", type=Path, help="with --real: also run gc from this src/")
+    ap.add_argument("--only-src", action="store_true", help="with --real: not this checkout")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gc-scale")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -197,7 +199,8 @@ def main() -> None:
         run_one(args.one[0], int(args.one[1]), args.live)
         return
     if args.real:
-        main_real([int(b) for b in args.real.split(",")], args.src, args.workdir)
+        counts = [int(b) for b in args.real.split(",")]
+        main_real(counts, args.src, args.workdir, args.only_src)
         return
     print(f"{'blobs':>10} {'mode':>7} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}")
     for n in (int(b) for b in args.blobs.split(",")):

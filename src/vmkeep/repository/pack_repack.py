@@ -22,7 +22,7 @@ from .packs import BlobEntry
 
 # pack, offset (big-endian: records sort by pack then offset), kind, blob ID, length
 RECORD = struct.Struct(">32sIB32sI")
-SORT_BUFFER = 1 << 19  # records held before a spill: ~120 B each in a list, ~60 MiB
+SORT_BUFFER = 1 << 18  # records held before a spill: ~120 B each in a list, ~30 MiB
 _READ = RECORD.size * 1024
 
 
