@@ -93,7 +93,7 @@ def point_of(i: int, chunks: int) -> int:
     return 0 if i % 4 else 1 + (i // 4) % 3  # 1/4 live: repacked packs
 
 
-def build(root: Path, blobs: int) -> None:
+def build(root: Path, blobs: int, block_bytes: int = 16) -> None:
     """The synthetic repository at root/repo, its index cache at root/cache."""
     os.environ["VMKEEP_CACHE_DIR"] = str(root / "cache")
     repo = Repository.init(
@@ -105,7 +105,9 @@ def build(root: Path, blobs: int) -> None:
     chunks = blobs // (BLOCKS + 1)
     points: list[list[bytes]] = [[], [], [], []]
     for i in range(chunks):
-        plains = [struct.pack("<QQ", i, k) for k in range(BLOCKS)]
+        pad = os.urandom(max(0, block_bytes - 16) * BLOCKS)  # random: as large encoded
+        step = max(0, block_bytes - 16)
+        plains = [struct.pack("<QQ", i, k) + pad[k * step : (k + 1) * step] for k in range(BLOCKS)]
         ids = [store.sealer.chunk_id(p) for p in plains]
         recipe = codec.recipe(BLOCKS * codec.block_size, ids)
         chunk_id = codec.recipe_id(recipe)
@@ -163,11 +165,13 @@ def real_gc(root: Path, src: Path, label: str) -> str:
     )
 
 
-def main_real(counts: list[int], src: Path | None, work: Path, skip_mine: bool) -> None:
+def main_real(
+    counts: list[int], src: Path | None, work: Path, skip_mine: bool, block_bytes: int
+) -> None:
     here = Path(__file__).resolve().parent.parent / "src"
     print(f"{'blobs':>10} {'src':>6} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}")
     for n in counts:
-        root = work / f"gc-{n}"
+        root = work / (f"gc-{n}" if block_bytes == 16 else f"gc-{n}-{block_bytes}")
         if not (root / "repo" / "config").exists():
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
@@ -175,7 +179,7 @@ def main_real(counts: list[int], src: Path | None, work: Path, skip_mine: bool) 
             pid = os.fork()
             if pid == 0:
                 try:
-                    build(root, n)
+                    build(root, n, block_bytes)
                 finally:
                     os._exit(0)
             os.waitpid(pid, 0)
@@ -191,6 +195,7 @@ def main() -> None:
     ap.add_argument("--live", type=float, default=0.7)
     ap.add_argument("--real", help="blob counts: run the real gc on synthetic repositories")
     ap.add_argument("--src", type=Path, help="with --real: also run gc from this src/")
+    ap.add_argument("--block-bytes", type=int, default=16, help="with --real: block size")
     ap.add_argument("--only-src", action="store_true", help="with --real: not this checkout")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gc-scale")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -200,7 +205,7 @@ def main() -> None:
         return
     if args.real:
         counts = [int(b) for b in args.real.split(",")]
-        main_real(counts, args.src, args.workdir, args.only_src)
+        main_real(counts, args.src, args.workdir, args.only_src, args.block_bytes)
         return
     print(f"{'blobs':>10} {'mode':>7} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}")
     for n in (int(b) for b in args.blobs.split(",")):
