@@ -24,6 +24,7 @@ from .packs import BlobEntry
 RECORD = struct.Struct(">32sIB32sI")
 SORT_BUFFER = 1 << 18  # records held before a spill: ~120 B each in a list, ~30 MiB
 _READ = RECORD.size * 1024
+GROUP = 4096  # entries of one pack handled at a time
 
 
 def record(entry: BlobEntry) -> bytes:
@@ -35,13 +36,16 @@ def entry_of(data: bytes | memoryview) -> BlobEntry:
     return BlobEntry(kind, blob_id, pack, offset, length)
 
 
-def by_pack(records: Iterable[bytes]) -> Iterator[tuple[bytes, list[BlobEntry]]]:
-    """Sorted records as (pack ID, its live entries in offset order), one pack at a time."""
+def by_pack(
+    records: Iterable[bytes], limit: int = GROUP
+) -> Iterator[tuple[bytes, list[BlobEntry]]]:
+    """Sorted records as (pack ID, live entries in offset order): a pack's entries in
+    consecutive groups of at most `limit` (a pack of tiny blobs lists ~100,000)."""
     pack = b""
     group: list[BlobEntry] = []
     for data in records:
         entry = entry_of(data)
-        if entry.pack != pack:
+        if entry.pack != pack or len(group) >= limit:
             if group:
                 yield pack, group
             pack, group = entry.pack, []
@@ -97,12 +101,15 @@ def rewrite(
     index durable) and puts aside the `keep` packs' live entries; entries of other packs
     (deleted: unlisted on the remote) are dropped. Returns the bytes written."""
     progress.start("repack", len(repack))
+    last = b""
     for pack_id, entries in groups:
         if pack_id in repack:
             copy_pack(store, writer, pack_id, entries)
-            progress.advance(1)
+            if pack_id != last:
+                progress.advance(1)
         elif pack_id in keep:
             kept.add(entries)
+        last = pack_id
     writer.flush()
     progress.finish()
     return writer.bytes_written
@@ -111,7 +118,7 @@ def rewrite(
 def copy_pack(
     store: PackedStore, writer: PackWriter, pack_id: bytes, entries: list[BlobEntry]
 ) -> None:
-    """One pack's live blobs (in offset order), each authenticated on the way (never
+    """Live blobs of one pack (in offset order), each authenticated on the way (never
     re-encrypted: the AAD binds the blob, not its pack), one ranged GET per adjacent run."""
     if any(not 0 < e.length <= store.codec.max_encoded(e.kind) for e in entries):
         raise IntegrityError(f"pack {pack_id.hex()[:16]}: corrupt index entry (length)")
