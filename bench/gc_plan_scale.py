@@ -13,12 +13,13 @@ reports wall time, CPU time and peak RSS (os.wait4).
 `--real` measures the real `vmkeep gc` instead (this checkout's sources, and with `--src`
 another checkout's, e.g. main's from `git archive main src`). The repository is synthetic
 but real: an encrypted format 3 repository on a local directory whose chunks each have 64
-distinct 16-byte blocks (real blobs in real 16 MiB packs, each sealed, recipes naming them,
-so gc marks, repacks and authenticates as it would at scale without storing terabytes).
-Chunks are spread over restore points so that once the first point is gone (never saved)
-the first half of the packs keeps 3/4 of its blobs (kept, its index rewritten) and the
-second half 1/4 (repacked): about half of the blobs live. The index cache is built once;
-each gc runs on fresh copies of the repository and cache (wall, CPU, peak RSS).
+distinct blocks of `--block-bytes` (default 16; random past a 16-byte counter: real blobs in
+real 16 MiB packs, each sealed, recipes naming them, so gc marks, repacks and authenticates
+as it would at scale without storing terabytes). Chunks are spread over restore points so
+that once the first point is gone (never saved) the first half of the packs keeps 3/4 of its
+blobs (kept, its index rewritten) and the second half 1/4 (repacked): about half of the
+blobs live. The index cache is built once; each gc runs on fresh copies of the repository
+and cache (wall, CPU, peak RSS).
 """
 
 from __future__ import annotations
