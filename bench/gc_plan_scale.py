@@ -1,0 +1,227 @@
+"""gc planning memory: pack_gc.plan_from (a set of every live blob, every live entry per
+pack in memory, as gc does on main) against pack_plan.stream_plan (live keys external-sorted
+by live_set.LiveKeys, merge-joined with the index's sorted entries) over synthetic entries.
+
+    .venv/bin/python bench/gc_plan_scale.py [--blobs 1000000,4000000] [--live 0.7]
+
+No repository: the index entries and live keys are generated (IDs in key order, live keys
+added in a scattered order, as recipes name blocks); each mode runs as its own process and
+reports wall time, CPU time and peak RSS (os.wait4).
+
+    .venv/bin/python bench/gc_plan_scale.py --real 1000000,4000000 [--src OTHER/src]
+
+`--real` measures the real `vmkeep gc` instead (this checkout's sources, and with `--src`
+another checkout's, e.g. main's from `git archive main src`). The repository is synthetic
+but real: an encrypted format 3 repository on a local directory whose chunks each have 64
+distinct blocks of `--block-bytes` (default 16; random past a 16-byte counter: real blobs in
+real 16 MiB packs, each sealed, recipes naming them, so gc marks, repacks and authenticates
+as it would at scale without storing terabytes). Chunks are spread over restore points so
+that once the first point is gone (never saved) the first half of the packs keeps 3/4 of its
+blobs (kept, its index rewritten) and the second half 1/4 (repacked): about half of the
+blobs live. The index cache is built once; each gc runs on fresh copies of the repository
+and cache (wall, CPU, peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository.blobs import KIND_BLOCK
+from vmkeep.repository.live_set import LiveKeys, live_key
+from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
+from vmkeep.repository.pack_gc import plan_from
+from vmkeep.repository.pack_plan import stream_plan
+from vmkeep.repository.packs import BlobEntry
+from vmkeep.repository.repository import Repository
+
+PER_PACK = 256  # 64 KiB blocks in a 16 MiB pack
+LENGTH = 65_000
+
+
+def blob_id(i: int) -> bytes:
+    return (i * 7919).to_bytes(32, "big")  # ascending with i: the index's key order
+
+
+def entries(n: int) -> Iterator[BlobEntry]:
+    for i in range(n):
+        pack = (i // PER_PACK).to_bytes(32, "big")
+        yield BlobEntry(KIND_BLOCK, blob_id(i), pack, (i % PER_PACK) * LENGTH, LENGTH)
+
+
+def is_live(i: int, share: float) -> bool:
+    return (i // PER_PACK) % 10 < share * 10 and i % 3 != 0
+
+
+def run_one(mode: str, n: int, share: float) -> None:
+    sizes = {
+        p.to_bytes(32, "big"): PER_PACK * LENGTH for p in range((n + PER_PACK - 1) // PER_PACK)
+    }
+    order = (i * 1_000_003 % n for i in range(n))  # every i once, scattered
+    if mode == "memory":
+        live = {(KIND_BLOCK, blob_id(i)) for i in order if is_live(i, share)}
+        plan = plan_from(sizes, entries(n), live, 16 << 20)
+        counts = len(plan.keep), len(plan.repack), len(plan.delete)
+    else:
+        with LiveKeys(Path(tempfile.gettempdir())) as keys:
+            for i in order:
+                if is_live(i, share):
+                    keys.add(live_key(KIND_BLOCK, blob_id(i)))
+            got = stream_plan(sizes, entries(n), keys.sorted_unique(), 16 << 20)
+        counts = len(got.keep), len(got.repack), len(got.delete)
+    print(f"keep/repack/delete {counts}", file=sys.stderr)
+
+
+PASSPHRASE = "bench-passphrase-not-secret"
+BLOCKS = 64  # per chunk: a 4 MiB chunk of 64 KiB blocks
+
+
+def point_of(i: int, chunks: int) -> int:
+    """Which of 4 points references chunk i (point 0 is never saved: garbage)."""
+    if i < chunks // 2:
+        return i % 4  # 3/4 live: kept packs
+    return 0 if i % 4 else 1 + (i // 4) % 3  # 1/4 live: repacked packs
+
+
+def build(root: Path, blobs: int, block_bytes: int = 16) -> None:
+    """The synthetic repository at root/repo, its index cache at root/cache."""
+    os.environ["VMKEEP_CACHE_DIR"] = str(root / "cache")
+    repo = Repository.init(
+        LocalRemote(root / "repo"), "aes-256-gcm", lambda: PASSPHRASE.encode(), format_version=3
+    )
+    store = repo.packed
+    assert store is not None
+    codec = store.codec
+    chunks = blobs // (BLOCKS + 1)
+    points: list[list[bytes]] = [[], [], [], []]
+    for i in range(chunks):
+        pad = os.urandom(max(0, block_bytes - 16) * BLOCKS)  # random: as large encoded
+        step = max(0, block_bytes - 16)
+        plains = [struct.pack("<QQ", i, k) + pad[k * step : (k + 1) * step] for k in range(BLOCKS)]
+        ids = [store.sealer.chunk_id(p) for p in plains]
+        recipe = codec.recipe(BLOCKS * codec.block_size, ids)
+        chunk_id = codec.recipe_id(recipe)
+        store.store(chunk_id, store.pack_chunk(chunk_id, recipe, zip(ids, plains, strict=True), 0))
+        points[point_of(i, chunks)].append(chunk_id)
+    store.flush()
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+    for n, ids in enumerate(points[1:]):
+        at = when + timedelta(hours=n)
+        size = len(ids) * repo.chunk_size
+        repo.save_manifest(
+            Manifest(
+                id=new_point_id(at),
+                vm={"name": f"vm{n}", "uuid": f"uuid-{n}", "metadata": {}},
+                disks=[DiskIndex("disk0", size, "raw", b"".join(ids), chunk_size=repo.chunk_size)],
+                mode="full",
+                created=at,
+                finished=at + timedelta(seconds=1),
+                stats={"bytes_read": size, "bytes_new": 1, "bytes_written": 1},
+            )
+        )
+    store.reload()  # the index cache built: each gc starts warm
+
+
+def real_gc(root: Path, src: Path, label: str) -> str:
+    """One `vmkeep gc` from `src` on copies of root's repository and cache."""
+    run = root / f"run-{label}"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(root / "repo", run / "repo")
+    shutil.copytree(root / "cache", run / "cache")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(src),
+        VMKEEP_CACHE_DIR=str(run / "cache"),
+        VMKEEP_CONFIG_DIR=str(run / "config"),
+        VMKEEP_DATA_DIR=str(run / "data"),
+        VMKEEP_PASSPHRASE=PASSPHRASE,
+    )
+    code = "from vmkeep.interfaces.cli.app import main; import sys; sys.argv[0] = 'vmkeep'; main()"
+    argv = [sys.executable, "-c", code, "gc", "--remote", str(run / "repo"), "--json"]
+    start = time.monotonic()
+    with open(run / "out.json", "wb") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - start
+    cpu = usage.ru_utime + usage.ru_stime
+    err = proc.stderr.read().decode()[-300:] if proc.stderr else ""
+    if status != 0:
+        return f"exit {status}: {err}"
+    got = json.loads((run / "out.json").read_text())
+    shutil.rmtree(run, ignore_errors=True)
+    return (
+        f"{wall:7.1f} {cpu:7.1f} {usage.ru_maxrss / 1024:9.0f}  repacked {got['packs_repacked']}"
+        f" written {got['packs_written']} index objects replaced {got['index_objects_replaced']}"
+    )
+
+
+def main_real(
+    counts: list[int], src: Path | None, work: Path, skip_mine: bool, block_bytes: int
+) -> None:
+    here = Path(__file__).resolve().parent.parent / "src"
+    print(f"{'blobs':>10} {'src':>6} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}")
+    for n in counts:
+        root = work / (f"gc-{n}" if block_bytes == 16 else f"gc-{n}-{block_bytes}")
+        if not (root / "repo" / "config").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            began = time.monotonic()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    build(root, n, block_bytes)
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            print(f"# built {n} blobs in {time.monotonic() - began:.0f} s", flush=True)
+        mine = [] if skip_mine else [("branch", here)]
+        for label, path in [*mine, *([("other", src)] if src else [])]:
+            print(f"{n:>10} {label:>6} {real_gc(root, path, label)}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--blobs", default="1000000,4000000")
+    ap.add_argument("--live", type=float, default=0.7)
+    ap.add_argument("--real", help="blob counts: run the real gc on synthetic repositories")
+    ap.add_argument("--src", type=Path, help="with --real: also run gc from this src/")
+    ap.add_argument("--block-bytes", type=int, default=16, help="with --real: block size")
+    ap.add_argument("--only-src", action="store_true", help="with --real: not this checkout")
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gc-scale")
+    ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        run_one(args.one[0], int(args.one[1]), args.live)
+        return
+    if args.real:
+        counts = [int(b) for b in args.real.split(",")]
+        main_real(counts, args.src, args.workdir, args.only_src, args.block_bytes)
+        return
+    print(f"{'blobs':>10} {'mode':>7} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}")
+    for n in (int(b) for b in args.blobs.split(",")):
+        for mode in ("memory", "stream"):
+            start = time.monotonic()
+            pid = os.fork()
+            if pid == 0:
+                cmd = [sys.executable, __file__, "--one", mode, str(n), "--live", str(args.live)]
+                os.execv(sys.executable, cmd)
+            _, status, usage = os.wait4(pid, 0)
+            wall = time.monotonic() - start
+            cpu = usage.ru_utime + usage.ru_stime
+            ok = "" if status == 0 else f" (exit {status})"
+            print(f"{n:>10} {mode:>7} {wall:7.1f} {cpu:7.1f} {usage.ru_maxrss / 1024:9.0f}{ok}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""gc of format 3 in bounded memory (issue 15, "gc memory"): with sort buffers of a few keys
+forced (so that many sorted runs merge), the real gc deletes, repacks and keeps exactly the
+packs the in-memory plan (pack_gc.plan_from over a set of every live blob, what gc did
+before) names, every point restores hash-equal, and the run files are gone afterwards:
+after success, after a failure midway and, at the next gc, after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from vmkeep.progress import SilentProgress
+from vmkeep.remotes.location import open_remote
+from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
+from vmkeep.repository.format import ZERO_ID
+from vmkeep.repository.manifest_stream import referenced_chunks
+from vmkeep.repository.pack_gc import pack_sizes, plan_from
+from vmkeep.repository.packs import pack_id_of_name
+from vmkeep.repository.repository import Repository
+
+from .conftest import Cli
+from .test_format3 import restore_hashes
+from .test_format3_kills import MiB, Repo, overwrite
+from .test_remote_kills import PYTHON
+
+# `python -c SCRIPT vmkeep-args...`: gc's sort buffers forced small; every sort's run count
+# appended to $RUNS_LOG; with $FAIL_AT set, the copy of the 2nd repacked pack fails ("error")
+# or the process dies there ("kill").
+SMALL_BUFFERS = """
+import os, sys
+import vmkeep.repository.pack_gc as gc
+import vmkeep.repository.pack_repack as pack_repack
+from vmkeep.errors import RemoteError
+gc.LIVE_BUFFER, gc.SORT_BUFFER = 40, 60
+Base = gc.LiveKeys
+class Logged(Base):
+    def close(self):
+        with open(os.environ["RUNS_LOG"], "a") as f:
+            f.write(f"{len(self.runs)} {self.dir}\\n")
+        super().close()
+gc.LiveKeys = Logged
+fail_at = os.environ.get("FAIL_AT")
+copy = pack_repack.copy_pack
+copied = []
+def failing_copy(store, writer, pack_id, entries):
+    copied.append(pack_id)
+    if fail_at and len(copied) == 2:
+        if fail_at == "kill":
+            os._exit(9)
+        raise RemoteError("injected: the remote went away mid-repack")
+    copy(store, writer, pack_id, entries)
+pack_repack.copy_pack = failing_copy
+from vmkeep.interfaces.cli.app import main
+sys.argv = ["vmkeep", *sys.argv[1:]]
+main()
+"""
+
+
+def run_gc(cli: Cli, url: str, log: Path, fail_at: str = "") -> subprocess.CompletedProcess[str]:
+    env = dict(cli.env, RUNS_LOG=str(log), FAIL_AT=fail_at)
+    return subprocess.run(
+        [PYTHON, "-c", SMALL_BUFFERS, "gc", "--remote", url, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def in_memory_plan(cli: Cli, url: str) -> tuple[set[bytes], set[bytes], set[bytes]]:
+    """(delete, repack, keep) as gc decided before: a set of every live blob, plan_from."""
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in cli.env.items() if k.startswith("VMKEEP_")})
+    try:
+        repo = Repository.open(open_remote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+        store = repo.packed
+        assert store is not None
+        referenced, _, problems = referenced_chunks(repo, SilentProgress())
+        assert not problems
+        live = {(KIND_RECIPE, c) for c in referenced if c != ZERO_ID}
+        for chunk_id in referenced - {ZERO_ID}:
+            live.update((KIND_BLOCK, b) for b in store.recipe_of(chunk_id)[1] if b != ZERO_ID)
+        index = store.reload().index
+        plan = plan_from(pack_sizes(store), index.entries(), live, store.pack_size)
+        return set(plan.delete), set(plan.repack), set(plan.keep)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def packs_listed(url: str) -> set[bytes]:
+    return {p for o in open_remote(url).list("packs/") if (p := pack_id_of_name(o.name))}
+
+
+def run_dirs(cli: Cli) -> list[Path]:
+    return sorted(Path(cli.env["VMKEEP_CACHE_DIR"]).glob("*/gc/gc-live-*"))
+
+
+def build(cli: Cli, tmp_path: Path) -> Repo:
+    """test_format3_kills' repository (repacked and merged packs) plus whole dead packs: a
+    point's own 2 MiB of blocks, overwritten by the next point, then forgotten."""
+    repo = Repo(cli, str(tmp_path / "repo"), tmp_path).build()
+    overwrite(repo.disk, 0, 2 * MiB, 7)
+    doomed = repo.backup()
+    overwrite(repo.disk, 0, 2 * MiB, 8)
+    repo.backup()
+    cli("forget", doomed, "--remote", repo.url)
+    del repo.expected[doomed]
+    return repo
+
+
+def logged_runs(log: Path) -> list[int]:
+    return [int(line.split()[0]) for line in log.read_text().splitlines()]
+
+
+def test_streamed_gc_with_many_runs_equals_the_in_memory_plan(cli: Cli, tmp_path: Path) -> None:
+    repo = build(cli, tmp_path)
+    delete, repack, keep = in_memory_plan(cli, repo.url)
+    assert delete and len(repack) >= 3 and keep  # every fate is exercised
+    before = packs_listed(repo.url)
+    assert before == delete | repack | keep
+    log = tmp_path / "runs.log"
+    done = run_gc(cli, repo.url, log)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["packs_repacked"] == len(repack)
+    assert report["packs_deleted"] == len(delete) + len(repack)
+    assert report["packs_written"] >= 1
+    after = packs_listed(repo.url)
+    assert keep <= after and not (delete | repack) & after
+    assert len(after - before) == report["packs_written"]
+    assert min(logged_runs(log)) >= 3  # both sorts really merged several spilled runs
+    assert run_dirs(cli) == []
+    assert cli("verify", "--remote", repo.url, "--json").json()["ok"]
+    for point, hashes in repo.expected.items():
+        assert restore_hashes(cli, tmp_path / "r", repo.url, point) == hashes
+    again = cli("gc", "--remote", repo.url, "--json").json()
+    assert again["packs_deleted"] == 0 and again["packs_written"] == 0
+
+
+def test_run_files_are_removed_after_a_failure_and_after_a_kill(cli: Cli, tmp_path: Path) -> None:
+    repo = build(cli, tmp_path)
+    before = packs_listed(repo.url)
+    log = tmp_path / "runs.log"
+    killed = run_gc(cli, repo.url, log, "kill")
+    assert killed.returncode == 9, killed.stderr
+    left = run_dirs(cli)
+    assert len(left) == 1 and any(left[0].iterdir())  # a kill cannot clean up (the live
+    # keys were removed once read; the entries sorted by pack were left)
+    failed = run_gc(cli, repo.url, log, "error")
+    assert failed.returncode not in (0, 70) and "Traceback" not in failed.stderr
+    lines = failed.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:") and "mid-repack" in lines[-1]
+    assert run_dirs(cli) == []  # its own removed on the error, the killed one's at its start
+    assert packs_listed(repo.url) >= before  # neither run deleted anything
+    for point, hashes in repo.expected.items():
+        assert restore_hashes(cli, tmp_path / "r", repo.url, point) == hashes
+    done = run_gc(cli, repo.url, log)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["packs_repacked"] >= 3
+    assert run_dirs(cli) == []
+    for point, hashes in repo.expected.items():
+        assert restore_hashes(cli, tmp_path / "r2", repo.url, point) == hashes

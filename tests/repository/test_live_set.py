@@ -1,0 +1,41 @@
+"""gc's external sort of live keys: several spilled runs merge into the sorted set, and the
+run files are gone afterwards, also after an exception."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vmkeep.repository.live_set import KEY_SIZE, LiveKeys, live_key
+
+
+def test_million_keys_with_small_buffer_merge_to_the_sorted_set(tmp_path: Path) -> None:
+    rnd = os.urandom(KEY_SIZE * 400_000)
+    unique = [rnd[i : i + KEY_SIZE] for i in range(0, len(rnd), KEY_SIZE)]
+    keys = unique * 2 + unique[::2] + unique[1::3]  # 1.13 M keys, 400 k distinct
+    with LiveKeys(tmp_path, buffer_keys=100_000) as live:
+        for key in keys:
+            live.add(key)
+        assert len(live.runs) >= 10  # really an external sort, not one buffer
+        got = list(live.sorted_unique())
+        assert len(os.listdir(live.dir)) == len(live.runs)
+    assert got == sorted(set(unique))
+    assert os.listdir(tmp_path) == []  # run files and their directory removed
+
+
+def test_run_files_removed_after_an_exception(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), LiveKeys(tmp_path, buffer_keys=10) as live:
+        for n in range(100):
+            live.add(live_key(1, n.to_bytes(32, "big")))
+        assert len(live.runs) == 10
+        raise RuntimeError("gc failed mid-way")
+    assert os.listdir(tmp_path) == []
+
+
+def test_empty_set_and_private_directory(tmp_path: Path) -> None:
+    with LiveKeys(tmp_path) as live:
+        assert (live.dir.stat().st_mode & 0o777) == 0o700
+        assert list(live.sorted_unique()) == []
+    assert os.listdir(tmp_path) == []
