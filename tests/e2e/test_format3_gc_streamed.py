@@ -21,9 +21,9 @@ from vmkeep.repository.packs import pack_id_of_name
 from vmkeep.repository.repository import Repository
 
 from .conftest import Cli
+from .dying import PYTHON
 from .test_format3 import restore_hashes
 from .test_format3_kills import MiB, Repo, overwrite
-from .test_remote_kills import PYTHON
 
 # `python -c SCRIPT vmkeep-args...`: gc's sort buffers forced small; every sort's run count
 # appended to $RUNS_LOG; with $FAIL_AT set, the copy of the 2nd repacked pack fails ("error")
