@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import heapq
 import os
-import re
 import shutil
-import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +22,12 @@ from vmkeep.processes import start_time
 
 from .cache_dir import cache_root, repository_cache
 from .format import ID_SIZE
-from .private_tmp import private_dir
+from .private_tmp import private_dir, remove_dead
 
 KEY_SIZE = ID_SIZE + 1  # blob ID, kind byte: sorts like the index file's records
 BUFFER_KEYS = 1 << 20  # keys held before a spill: 33 B each in a list, ~60 MiB with overhead
 _READ = 1 << 16  # bytes read at a time from each run while merging
 PREFIX = "gc-live-"
-_NAME = re.compile(re.escape(PREFIX) + r"(\d{1,7})-(\d{1,20})-[A-Za-z0-9_]{8}")
 
 
 def live_key(kind: int, blob_id: bytes) -> bytes:
@@ -44,7 +41,7 @@ class LiveKeys:
         self, parent: Path, buffer_keys: int = BUFFER_KEYS, key_size: int = KEY_SIZE
     ) -> None:
         parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        remove_dead(parent)
+        remove_dead(parent, PREFIX)  # the run directories of killed gc processes
         me = os.getpid()
         prefix = f"{PREFIX}{me}-{start_time(me) or 0}-"
         self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))  # mode 0700
@@ -113,36 +110,3 @@ def spill_parent(repo_id: str) -> Path:
         except OSError:
             pass
     return private_dir()
-
-
-def remove_dead(parent: Path) -> None:
-    """The run directories of gc processes no longer running (killed: no `close`)."""
-    try:
-        names = [e.name for e in os.scandir(parent) if e.name.startswith(PREFIX)]
-    except OSError:
-        return
-    for name in names:
-        match = _NAME.fullmatch(name)
-        if match is None or _alive(int(match[1]), match[2]):
-            continue
-        path = parent / name
-        try:
-            st = path.lstat()
-            if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
-                shutil.rmtree(path)
-        except OSError:
-            continue
-
-
-def _alive(pid: int, started: str) -> bool:
-    """Whether `pid` still names the process started then (no /proc: any process of it)."""
-    now = start_time(pid)
-    if now:
-        return now == started
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True

@@ -16,10 +16,9 @@ import stat
 import tempfile
 from pathlib import Path
 
-from vmkeep.processes import start_time
+from vmkeep.processes import is_running, start_time
 
 PREFIX = "vmkeep-index-"
-_NAME = re.compile(re.escape(PREFIX) + r"(\d{1,7})-(\d{1,20})-[A-Za-z0-9_]{8}")
 _mine: list[Path] = []
 
 
@@ -35,32 +34,19 @@ def private_dir() -> Path:
     return _mine[0]
 
 
-def _alive(pid: int, started: str) -> bool:
-    """The process named runs; when its start time cannot be read (no /proc), any process
-    of that pid counts as alive."""
-    now = start_time(pid)
-    if now:
-        return now == started
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
-def remove_dead(parent: Path) -> int:
-    """Remove the directories of processes no longer running; returns how many. A name
-    without a pid (an older version's) is left alone: nothing tells whether it is in use."""
+def remove_dead(parent: Path, prefix: str = PREFIX) -> int:
+    """Remove the directories `prefix` + pid + start time of processes no longer running;
+    returns how many. A name without a pid (an older version's) is left alone: nothing tells
+    whether it is in use."""
     removed = 0
+    pattern = re.compile(re.escape(prefix) + r"(\d{1,7})-(\d{1,20})-[A-Za-z0-9_]{8}")
     try:
-        names = [e.name for e in os.scandir(parent) if e.name.startswith(PREFIX)]
+        names = [e.name for e in os.scandir(parent) if e.name.startswith(prefix)]
     except OSError:
         return 0
     for name in names:
-        match = _NAME.fullmatch(name)
-        if match is None or _alive(int(match[1]), match[2]):
+        match = pattern.fullmatch(name)
+        if match is None or is_running(int(match[1]), match[2]):
             continue
         path = parent / name
         try:
