@@ -7,9 +7,10 @@ import json
 import random
 import signal
 import subprocess
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from tests.vm_dirs import write_raw_vm_json
 
 from .conftest import VMKEEP, Cli, sha256
 
@@ -39,15 +40,7 @@ def sparse_vm(root: Path, size: int, data: list[tuple[int, int]], seed: int = 1)
         for offset, length in data:
             f.seek(offset)
             f.write(rng.randbytes(length))
-    doc = {
-        "name": vm.name,
-        "uuid": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-        "vcpus": 1,
-        "memory_mib": 64,
-        "metadata": {},
-        "disks": [{"name": "disk0", "file": "disk0.img", "format": "raw"}],
-    }
-    (vm / "vm.json").write_text(json.dumps(doc))
+    write_raw_vm_json(vm, vm.name, rng)
     return vm
 
 

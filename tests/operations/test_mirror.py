@@ -5,13 +5,12 @@ alone and never appears in the target, and the target's lock, retention and refu
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.vm_dirs import write_raw_vm_json
 from vmkeep.connectors.base import VmConfig
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import UsageError
@@ -50,15 +49,7 @@ def make_vm(root: Path, name: str) -> Path:
         f.write(rng.randbytes(MiB))
         f.seek(DISK_SIZE - 5000)
         f.write(rng.randbytes(5000))
-    doc = {
-        "name": name,
-        "uuid": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-        "vcpus": 1,
-        "memory_mib": 64,
-        "metadata": {},
-        "disks": [{"name": "disk0", "file": "disk0.img", "format": "raw"}],
-    }
-    (vm / "vm.json").write_text(json.dumps(doc))
+    write_raw_vm_json(vm, name, rng)
     return vm
 
 

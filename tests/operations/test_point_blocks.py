@@ -5,14 +5,13 @@ error, never wrong bytes."""
 
 from __future__ import annotations
 
-import json
 import random
-import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.stored_data import data_objects, flip_byte
+from tests.vm_dirs import write_raw_vm_json
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import IntegrityError
 from vmkeep.operations.backup import BackupOptions, backup_vm
@@ -36,15 +35,7 @@ def make_vm(root: Path) -> tuple[Path, bytes]:
     vm = root / "vm"
     vm.mkdir()
     (vm / "disk0.img").write_bytes(image)
-    doc = {
-        "name": "vm",
-        "uuid": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-        "vcpus": 1,
-        "memory_mib": 64,
-        "metadata": {},
-        "disks": [{"name": "disk0", "file": "disk0.img", "format": "raw"}],
-    }
-    (vm / "vm.json").write_text(json.dumps(doc))
+    write_raw_vm_json(vm, "vm", rng)
     return vm, bytes(image)
 
 

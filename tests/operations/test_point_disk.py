@@ -6,13 +6,12 @@ never wrong bytes."""
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.vm_dirs import write_raw_vm_json
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import IntegrityError
 from vmkeep.operations.backup import BackupOptions, backup_vm
@@ -41,15 +40,7 @@ def make_vm(root: Path) -> tuple[Path, bytes]:
         for start, end in ((0, 10 * CHUNK), (30 * CHUNK, 33 * CHUNK), (DISK_SIZE - 500, DISK_SIZE)):
             f.seek(start)
             f.write(image[start:end])
-    doc = {
-        "name": "vm",
-        "uuid": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-        "vcpus": 1,
-        "memory_mib": 64,
-        "metadata": {},
-        "disks": [{"name": "disk0", "file": "disk0.img", "format": "raw"}],
-    }
-    (vm / "vm.json").write_text(json.dumps(doc))
+    write_raw_vm_json(vm, "vm", rng)
     return vm, bytes(image)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import PASSPHRASE
+from tests.vm_dirs import write_raw_vm_json
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import IntegrityError, RepositoryError, UsageError
 from vmkeep.operations.backup import BackupOptions, backup_vm
@@ -50,18 +51,7 @@ def make_vm(root: Path, seed: int) -> Path:
             f.write(rng.randbytes(MiB))
         f.seek(DISK_SIZE - 20000)
         f.write(rng.randbytes(20000))
-    (vm / "vm.json").write_text(
-        json.dumps(
-            {
-                "name": "cs",
-                "uuid": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-                "vcpus": 1,
-                "memory_mib": 64,
-                "metadata": {},
-                "disks": [{"name": "disk0", "file": "disk0.img", "format": "raw"}],
-            }
-        )
-    )
+    write_raw_vm_json(vm, "cs", rng)
     return vm
 
 
