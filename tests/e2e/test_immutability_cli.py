@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
+from tests.immutable_files import immutable_vault
 from tests.remotes.s3_server import REGION, SeaweedServer, started_or_skip
 from vmkeep.connectors.files.demo import modify_demo_vm
-from vmkeep.remotes.file_attributes import is_immutable, set_immutable
+from vmkeep.remotes.file_attributes import is_immutable
 
 from .conftest import Cli, disk_hashes
 
@@ -141,20 +142,7 @@ def test_s3_gc_keeps_locked_garbage(
 
 @pytest.fixture
 def immutable_dir(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("the immutable attribute needs root (CAP_LINUX_IMMUTABLE)")
-    repo = tmp_path / "vault"
-    try:
-        yield repo
-    finally:  # always lift the attribute, or pytest could not remove its temp directory
-        for dirpath, _dirs, files in os.walk(repo):
-            for fn in files:
-                path = os.path.join(dirpath, fn)
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                try:
-                    set_immutable(fd, False)
-                finally:
-                    os.close(fd)
+    yield from immutable_vault(tmp_path)
 
 
 def test_local_chattr_end_to_end(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import disk_hashes
+from tests.immutable_files import immutable_vault
 from vmkeep.remotes.file_attributes import set_immutable
 
 from .conftest import Cli, one_error_line
@@ -20,19 +21,7 @@ from .conftest import Cli, one_error_line
 
 @pytest.fixture
 def vault(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("the immutable attribute needs root (CAP_LINUX_IMMUTABLE)")
-    repo = tmp_path / "vault"
-    try:
-        yield repo
-    finally:  # lift the attribute, or pytest could not remove its temp directory
-        for dirpath, _dirs, files in os.walk(repo):
-            for fn in files:
-                fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    set_immutable(fd, False)
-                finally:
-                    os.close(fd)
+    yield from immutable_vault(tmp_path)
 
 
 def test_a_planted_locked_index_object_stops_gc_but_not_restores(

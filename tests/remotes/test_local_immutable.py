@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.immutable_files import lift_all
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.connectors.files.demo import create_demo_vm, modify_demo_vm
 from vmkeep.errors import ObjectLockedError
@@ -39,20 +40,6 @@ from vmkeep.repository.repository import Repository
 
 HELPER = str(Path(sys.executable).with_name("vmkeep-immutable"))
 PASS = b"immutable local passphrase"
-
-
-def lift_all(root: Path) -> None:
-    """Test teardown: clear the attribute on every file under `root` (as root)."""
-    for dirpath, _dirs, files in os.walk(root):
-        for fn in files:
-            path = os.path.join(dirpath, fn)
-            if os.path.islink(path):
-                continue
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            try:
-                set_immutable(fd, False)
-            finally:
-                os.close(fd)
 
 
 @pytest.fixture
