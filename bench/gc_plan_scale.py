@@ -1,6 +1,7 @@
-"""gc planning memory: pack_gc.plan_from (a set of every live blob, every live entry per
-pack in memory, as gc does on main) against pack_plan.stream_plan (live keys external-sorted
-by live_set.LiveKeys, merge-joined with the index's sorted entries) over synthetic entries.
+"""gc planning memory: tests/repository/pack_plan_reference.plan_from (a set of every live
+blob, every live entry per pack in memory, as gc did before) against pack_plan.stream_plan
+(live keys external-sorted by live_set.LiveKeys, merge-joined with the index's sorted
+entries) over synthetic entries.
 
     .venv/bin/python bench/gc_plan_scale.py [--blobs 1000000,4000000] [--live 0.7]
 
@@ -37,11 +38,14 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the reference plan in tests/
+
+from tests.repository.pack_plan_reference import plan_from
+
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.blobs import KIND_BLOCK
 from vmkeep.repository.live_set import LiveKeys, live_key
 from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
-from vmkeep.repository.pack_gc import plan_from
 from vmkeep.repository.pack_plan import stream_plan
 from vmkeep.repository.packs import BlobEntry
 from vmkeep.repository.repository import Repository

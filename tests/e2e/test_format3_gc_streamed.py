@@ -1,6 +1,6 @@
 """gc of format 3 in bounded memory (issue 15, "gc memory"): with sort buffers of a few keys
 forced (so that many sorted runs merge), the real gc deletes, repacks and keeps exactly the
-packs the in-memory plan (pack_gc.plan_from over a set of every live blob, what gc did
+packs the in-memory plan (pack_plan_reference.plan_from over a set of every live blob, what gc did
 before) names, every point restores hash-equal, and the run files are gone afterwards:
 after success, after a failure midway and, at the next gc, after a kill."""
 
@@ -11,12 +11,13 @@ import os
 import subprocess
 from pathlib import Path
 
+from tests.repository.pack_plan_reference import plan_from
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.location import open_remote
 from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
 from vmkeep.repository.format import ZERO_ID
 from vmkeep.repository.manifest_stream import referenced_chunks
-from vmkeep.repository.pack_gc import pack_sizes, plan_from
+from vmkeep.repository.pack_gc import pack_sizes
 from vmkeep.repository.packs import pack_id_of_name
 from vmkeep.repository.repository import Repository
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.repository.pack_plan_reference import plan_from
 from vmkeep.errors import IntegrityError
 from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
 from vmkeep.repository.live_set import LiveKeys, live_key
-from vmkeep.repository.pack_gc import plan_from
 from vmkeep.repository.pack_plan import stream_plan
 from vmkeep.repository.packs import BlobEntry
 

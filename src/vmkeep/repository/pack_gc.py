@@ -22,24 +22,14 @@ from .format import ZERO_ID
 from .live_set import BUFFER_KEYS, LiveKeys, live_key, spill_parent
 from .locks import RepositoryLock
 from .pack_gc_locks import GcLocks, find_locks, packs_listed
-from .pack_plan import REPACK_BELOW, SMALL_PACK, CountPlan, stream_plan
+from .pack_plan import CountPlan, stream_plan
 from .pack_repack import RECORD, SORT_BUFFER, KeptEntries, Unindexed, by_pack, record, rewrite
 from .pack_writer import PackWriter
 from .packed_store import PackedStore
-from .packs import PACKS_PREFIX, BlobEntry, pack_id_of_name, pack_object_name, pack_overhead
+from .packs import PACKS_PREFIX, BlobEntry, pack_id_of_name, pack_object_name
 from .repository import Repository
 
 LIVE_BUFFER = BUFFER_KEYS // 2  # live keys held before a spill (~40 MiB; tests: a few)
-
-
-@dataclass
-class PackPlan:
-    keep: dict[bytes, list[BlobEntry]] = field(default_factory=dict)  # pack → live entries
-    repack: dict[bytes, list[BlobEntry]] = field(default_factory=dict)
-    delete: list[bytes] = field(default_factory=list)  # no live blob, or unindexed
-    sizes: dict[bytes, int] = field(default_factory=dict)
-    dead_entries: int = 0
-    dead_packs: set[bytes] = field(default_factory=set)  # packs a dead index entry names
 
 
 @dataclass
@@ -197,52 +187,6 @@ def pack_sizes(store: PackedStore) -> dict[bytes, int]:
         if pack_id is not None:
             sizes[pack_id] = obj.size
     return sizes
-
-
-def plan_from(
-    sizes: dict[bytes, int],
-    entries: Iterable[BlobEntry],
-    live: set[tuple[int, bytes]],
-    pack_size: int,
-) -> PackPlan:
-    """The in-memory plan gc used before pack_plan.stream_plan (every live entry held per
-    pack): kept as the reference the streaming plan is tested and benchmarked against."""
-    plan = PackPlan(sizes=sizes)
-    by_pack: dict[bytes, list[BlobEntry]] = {}
-    for entry in entries:
-        if (entry.kind, entry.blob_id) in live:
-            by_pack.setdefault(entry.pack, []).append(entry)
-        else:
-            plan.dead_entries += 1
-            plan.dead_packs.add(entry.pack)
-    for pack_id, size in plan.sizes.items():
-        entries = by_pack.get(pack_id, [])
-        # The pack's header and trailer are not garbage: without them, a pack of a few small
-        # blobs (a backup's last recipes) would be repacked by every gc, into its own copy.
-        live_bytes = sum(e.length for e in entries) + pack_overhead(len(entries))
-        if not entries:
-            plan.delete.append(pack_id)
-        elif live_bytes < size * REPACK_BELOW:
-            plan.repack[pack_id] = entries
-        else:
-            plan.keep[pack_id] = entries
-    consolidate_small(plan, pack_size)
-    return plan
-
-
-def consolidate_small(plan: PackPlan, pack_size: int) -> None:
-    """Small kept packs of one kind (each backup closes its last, partly filled packs) are
-    repacked together once there are two or more, so that the objects on the remote follow
-    the data stored, not the number of backups (restic's prune does the same). A lone small
-    pack stays: rewriting it would gain nothing."""
-    small: dict[int, list[bytes]] = {}
-    for pack_id, entries in plan.keep.items():
-        if plan.sizes[pack_id] < pack_size * SMALL_PACK:
-            small.setdefault(entries[0].kind, []).append(pack_id)
-    for packs in small.values():
-        if len(packs) >= 2:
-            for pack_id in packs:
-                plan.repack[pack_id] = plan.keep.pop(pack_id)
 
 
 def write_index(store: PackedStore, entries: Iterable[BlobEntry]) -> list[str]:

@@ -1,9 +1,10 @@
 """gc's pack plan by a merge join (issue 15, "gc memory"): the index's entries in key order
 (blob ID then kind, index_file.py) against the sorted live keys of live_set.LiveKeys, with
-only a few counters per pack. The decisions are pack_gc.plan_from's, same thresholds, same
-results (tests/repository/test_pack_plan.py checks it); the entries of the packs to repack
-or keep are not held here: the join hands each live one to `sink` (pack_repack.py sorts them
-by pack for the repack and the consolidated index)."""
+only a few counters per pack. The decisions are those of the in-memory plan gc made before,
+same thresholds, same results (tests/repository/pack_plan_reference.py is that plan, the
+oracle of tests/repository/test_pack_plan.py); the entries of the packs to repack or keep
+are not held here: the join hands each live one to `sink` (pack_repack.py sorts them by
+pack for the repack and the consolidated index)."""
 
 from __future__ import annotations
 
@@ -85,17 +86,24 @@ def stream_plan(
     pack_size: int,
     sink: Callable[[BlobEntry], None] | None = None,
 ) -> CountPlan:
-    """What happens to each listed pack (pack_gc.plan_from's rules on counters)."""
+    """What happens to each listed pack: its live bytes against its size on the remote (dead
+    blobs a former gc dropped from the index still take room in a kept pack)."""
     counts, dead_packs, dead = count_packs(entries, live, sink)
     plan = CountPlan(dead_entries=dead, dead_packs=dead_packs)
     for pack_id, size in sizes.items():
         count = counts.get(pack_id)
+        # The pack's header and trailer are not garbage: without them, a pack of a few small
+        # blobs (a backup's last recipes) would be repacked by every gc, into its own copy.
         if count is None:
             plan.delete.append(pack_id)
         elif count.live_bytes + pack_overhead(count.live_count) < size * REPACK_BELOW:
             plan.repack.append(pack_id)
         else:
             plan.keep.append(pack_id)
+    # Small kept packs of one kind (each backup closes its last, partly filled packs) are
+    # repacked together once there are two or more, so that the objects on the remote follow
+    # the data stored, not the number of backups (restic's prune does the same). A lone small
+    # pack stays: rewriting it would gain nothing.
     small: dict[int, list[bytes]] = {}
     for pack_id in plan.keep:
         if sizes[pack_id] < pack_size * SMALL_PACK:
