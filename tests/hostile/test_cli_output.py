@@ -78,3 +78,25 @@ def test_help_shows_flags_and_exit_codes(cli: Cli) -> None:
         out = cli(*command, "--help").out
         assert ("<bool>" not in out and "--json" in out) or command == ("remote", "add"), out
         assert "<bool>" not in out
+
+
+def _command_rows(help_text: str) -> list[str]:
+    """The lines of the Commands panel, between its top and bottom border."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Commands" in line and "╭" in line)
+    end = next(i for i in range(start + 1, len(lines)) if "╰" in lines[i])
+    return [line.strip("│ ") for line in lines[start + 1 : end]]
+
+
+def test_command_summaries_are_not_broken_at_source_line_ends(cli: Cli) -> None:
+    """Docstrings wrap at 95 columns; on a terminal wide enough, each command's summary is one
+    row (it was cut where the docstring's line ended, e.g. `mount`'s before MOUNTPOINT)."""
+    wide = {"COLUMNS": "400"}
+    for group in ((), ("files",), ("job",), ("config",)):
+        rows = _command_rows(cli(*group, "--help", env=wide).out)
+        assert len(rows) >= 2, rows
+        continued = [row for row in rows if row.startswith(" ") or not row.split()]
+        assert not continued, rows
+    top = _command_rows(cli("--help", env=wide).out)
+    mount = next(row for row in top if row.startswith("mount "))
+    assert "in MOUNTPOINT (FUSE)" in mount, mount

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -102,6 +103,21 @@ app.add_typer(job_commands.job_app, name="job")
 app.add_typer(run_commands.run_app, name="run")
 app.add_typer(report_target_commands.report_target_app, name="report-target")
 app.add_typer(repair_commands.repair_app, name="repair")
+
+
+def _one_line_summaries(group: typer.Typer) -> None:
+    """A command list shows each command's first docstring paragraph; typer (0.29) keeps its
+    source line breaks there in rich mode, so summaries wrapped mid-sentence: join them."""
+    for info in group.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if info.short_help is None and doc:
+            info.short_help = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _one_line_summaries(sub.typer_instance)
+
+
+_one_line_summaries(app)
 
 
 def _json_requested(argv: list[str]) -> bool:
