@@ -130,6 +130,17 @@ def test_groups_without_a_buffer_are_read_the_usual_way(
     assert CountingRemote.direct_reads == 0
 
 
+def test_direct_io_off_reads_the_usual_way(
+    backed_up: tuple[Path, str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo_dir, point, image = backed_up
+    monkeypatch.setenv("VMKEEP_DIRECT_IO", "0")
+    CountingRemote.direct_reads = 0
+    disk = _restore(repo_dir, point, tmp_path / "out")
+    assert hashlib.sha256(disk.read_bytes()).digest() == hashlib.sha256(image).digest()
+    assert CountingRemote.direct_reads == 0
+
+
 def test_a_corrupt_block_read_directly_is_refused(
     backed_up: tuple[Path, str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -149,3 +160,22 @@ def test_a_corrupt_block_read_directly_is_refused(
         _restore(repo_dir, point, tmp_path / "out")
     assert CountingRemote.direct_reads > 0
     assert list((tmp_path / "out").iterdir()) == []  # no VM left half-written
+
+
+def test_a_pack_cut_short_is_refused_not_read_past(
+    backed_up: tuple[Path, str, bytes], tmp_path: Path
+) -> None:
+    """A direct read of a truncated pack comes back short (its end is not aligned): the blob
+    it cut is a corrupt pack, not whatever the buffer held before."""
+    repo_dir, point, _ = backed_up
+    repo = Repository.open(LocalRemote(repo_dir), lambda: PASSPHRASE)
+    assert repo.packed is not None
+    index = repo.load_manifest(point).disks[0]
+    _, block_ids = repo.packed.recipe_of(index.chunk_id(2))
+    entry = repo.packed.block_entries(KIND_BLOCK, block_ids[-1:], str)[block_ids[-1]]
+    pack = repo_dir / pack_object_name(entry.pack)
+    pack.chmod(0o644)
+    os.truncate(pack, entry.offset + entry.length - 100)
+    with pytest.raises(IntegrityError, match="truncated"):
+        _restore(repo_dir, point, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []

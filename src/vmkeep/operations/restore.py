@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -290,8 +291,11 @@ def restore_disk(
 
 def read_buffers(repo: Repository, window: int) -> ReadBuffers | None:
     """One direct-read buffer per group in flight, for a format 3 repository on a local
-    remote (repository/read_buffers.py); None elsewhere (object stores, formats 1 and 2)."""
+    remote (repository/read_buffers.py); None elsewhere (object stores, formats 1 and 2),
+    and with VMKEEP_DIRECT_IO=0 (which turns direct writes off too)."""
     if repo.packed is None or not hasattr(repo.remote, "get_direct"):
+        return None
+    if os.environ.get("VMKEEP_DIRECT_IO", "1") == "0":
         return None
     return ReadBuffers(window, repo.packed.max_span + 8 * ALIGN)
 

@@ -100,13 +100,17 @@ def fetch_packed(
         entries.update(store.block_entries(KIND_BLOCK, new, partial(_block_what, chunk_id)))
     wanted = sorted(entries.values(), key=lambda e: (e.pack, e.offset))
     out.lease = buffers.lease() if buffers is not None and wanted else None
-    for run in adjacent_runs(wanted, store.max_span):
-        start = run[0].offset
-        span = run[-1].offset + run[-1].length - start
-        raw = memoryview(store.fetch_into(run[0].pack, start, span, run[0], out.lease))
-        out.nbytes += span
-        for e in run:
-            out.blocks[e.blob_id] = (e, raw[e.offset - start : e.offset - start + e.length])
+    try:
+        for run in adjacent_runs(wanted, store.max_span):
+            start = run[0].offset
+            span = run[-1].offset + run[-1].length - start
+            raw = memoryview(store.fetch_into(run[0].pack, start, span, run[0], out.lease))
+            out.nbytes += span
+            for e in run:
+                out.blocks[e.blob_id] = (e, raw[e.offset - start : e.offset - start + e.length])
+    except BaseException:
+        out.release()  # the buffer back to the pool: nobody will decode this group
+        raise
     return out
 
 
