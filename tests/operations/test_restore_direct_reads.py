@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 
 from tests.conftest import PASSPHRASE
 from vmkeep.connectors.files import FilesConnector
+from vmkeep.direct_io_fs import direct_io_suits
 from vmkeep.errors import IntegrityError
 from vmkeep.operations import restore as restore_mod
 from vmkeep.operations.backup import BackupOptions, backup_vm
@@ -179,3 +182,25 @@ def test_a_pack_cut_short_is_refused_not_read_past(
     with pytest.raises(IntegrityError, match="truncated"):
         _restore(repo_dir, point, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_only_file_systems_that_suit_direct_io_get_buffers(
+    backed_up: tuple[Path, str, bytes], tmp_path: Path
+) -> None:
+    """ext4/XFS/Btrfs get read buffers; tmpfs (and NFS, CIFS: as for direct writes) does
+    not, so its packs are read the usual way."""
+    repo_dir, _, _ = backed_up
+    if not direct_io_suits(str(repo_dir)):
+        pytest.skip(f"{repo_dir} is not on a file system that suits direct I/O")
+    repo = Repository.open(LocalRemote(repo_dir), lambda: PASSPHRASE)
+    assert restore_mod.read_buffers(repo, 8) is not None
+    shm = Path("/dev/shm")
+    if direct_io_suits(str(shm)) or not shm.is_dir():
+        pytest.skip("no tmpfs at /dev/shm")
+    copy = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        shutil.copytree(repo_dir, copy / "repo")
+        on_tmpfs = Repository.open(LocalRemote(copy / "repo"), lambda: PASSPHRASE)
+        assert restore_mod.read_buffers(on_tmpfs, 8) is None
+    finally:
+        shutil.rmtree(copy)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -18,6 +17,7 @@ from vmkeep.connectors.base import (
     VmConfig,
     VmSink,
 )
+from vmkeep.direct_io_fs import direct_io_suits
 from vmkeep.errors import IntegrityError, NameTakenError, UsageError
 from vmkeep.fetch_pipeline import FetchDecode, PipelineStats, pipelined_map
 from vmkeep.parallel import io_threads
@@ -291,11 +291,11 @@ def restore_disk(
 
 def read_buffers(repo: Repository, window: int) -> ReadBuffers | None:
     """One direct-read buffer per group in flight, for a format 3 repository on a local
-    remote (repository/read_buffers.py); None elsewhere (object stores, formats 1 and 2),
-    and with VMKEEP_DIRECT_IO=0 (which turns direct writes off too)."""
+    remote on a file system that suits direct I/O (direct_io_fs.py; not with
+    VMKEEP_DIRECT_IO=0); None elsewhere (object stores, formats 1 and 2, NFS, tmpfs)."""
     if repo.packed is None or not hasattr(repo.remote, "get_direct"):
         return None
-    if os.environ.get("VMKEEP_DIRECT_IO", "1") == "0":
+    if not direct_io_suits(repo.remote.url):
         return None
     return ReadBuffers(window, repo.packed.max_span + 8 * ALIGN)
 
