@@ -6,9 +6,13 @@ scan, writes) and by thread, beside the process's CPU and wall time. `--breakdow
 times each block's AES-GCM, zstd and BLAKE3 (per-call timers: the total grows by their
 cost, so compare stages of one mode only). Caches are dropped before each round (root).
 
-    python bench/restore_cpu.py REPO --to DIR [--rounds N] [--breakdown]
+    python bench/restore_cpu.py REPO --to DIR [--breakdown]
 
-The repository's passphrase comes from VMKEEP_PASSPHRASE.
+The repository's passphrase comes from VMKEEP_PASSPHRASE. The point of docs/DATA-PATH.md was
+made with: `bench/image.py`'s `build_image(path, 4 << 30, 7)`, `qemu-img convert -O qcow2`
+into a files-connector VM directory (vm.json naming the qcow2 disk), `vmkeep init REPO` and
+`vmkeep backup VMDIR --remote REPO --mode full`. For an A/B, run it alternately with
+PYTHONPATH pointing at each tree's src.
 """
 
 from __future__ import annotations
