@@ -17,6 +17,7 @@ from vmkeep.connectors.base import (
     VmConfig,
     VmSink,
 )
+from vmkeep.direct_io_fs import direct_io_suits
 from vmkeep.errors import IntegrityError, NameTakenError, UsageError
 from vmkeep.fetch_pipeline import FetchDecode, PipelineStats, pipelined_map
 from vmkeep.parallel import io_threads
@@ -25,6 +26,7 @@ from vmkeep.repository.chunk_fetch import FetchedChunks
 from vmkeep.repository.format import ZERO_ID, is_zero
 from vmkeep.repository.index_runs import chunks_touched, covered_bytes, indexes, merge_ranges
 from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem
+from vmkeep.repository.read_buffers import ALIGN, ReadBuffers
 from vmkeep.repository.repository import Repository
 from vmkeep.trace import mark, span
 
@@ -231,14 +233,18 @@ def restore_disk(
             (out.zero if chunk_id == ZERO_ID else out.write).append(i)
         if out.write:
             with span("fetch"):
-                out.raw = repo.fetch_chunks([index.chunk_id(i) for i in out.write])
+                out.raw = repo.fetch_chunks([index.chunk_id(i) for i in out.write], buffers)
         return out
 
     def decode(got: _Fetched) -> _Decoded:
         """CPU: the group's chunks authenticated, decompressed, checked, cut into data runs."""
         mark("decode+")
-        chunks = repo.decode_chunk_parts(got.raw) if got.raw is not None else []
-        got.raw = None  # the raw bytes are not needed past their decode
+        try:
+            chunks = repo.decode_chunk_parts(got.raw) if got.raw is not None else []
+        finally:
+            if got.raw is not None:  # the raw bytes are not needed past their decode
+                got.raw.release()
+            got.raw = None
         out = _Decoded(got.covered, got.restored, [], got.zero)
         for i, parts in zip(got.write, chunks, strict=True):
             length, got_length = index.chunk_length(i), sum(len(p) for p in parts)
@@ -272,6 +278,7 @@ def restore_disk(
     )
     restored = written = 0
     window = stage.fetchers + 2 * stage.decoders
+    buffers = read_buffers(repo, window)
     with closing(pipelined_map(stage, _groups(wanted, repo.fetch_group), window)) as results:
         for done in results:  # a failed write closes the pipeline at once, not at GC
             with span("write"):
@@ -280,6 +287,17 @@ def restore_disk(
             progress.advance(done.covered)
     progress.finish()
     return restored, written
+
+
+def read_buffers(repo: Repository, window: int) -> ReadBuffers | None:
+    """One direct-read buffer per group in flight, for a format 3 repository on a local
+    remote on a file system that suits direct I/O (direct_io_fs.py; not with
+    VMKEEP_DIRECT_IO=0); None elsewhere (object stores, formats 1 and 2, NFS, tmpfs)."""
+    if repo.packed is None or not hasattr(repo.remote, "get_direct"):
+        return None
+    if not direct_io_suits(repo.remote.url):
+        return None
+    return ReadBuffers(window, repo.packed.max_span + 8 * ALIGN)
 
 
 AUTO_NAME_TRIES = 20

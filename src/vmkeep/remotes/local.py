@@ -233,17 +233,48 @@ class LocalRemote:
         except OSError as exc:
             raise _os_error(exc, "reading", path) from exc
 
-    def _open_object(self, name: str) -> int:
+    def get_direct(self, name: str, offset: int, into: memoryview) -> memoryview | None:
+        """Bytes of object `name` from `offset` (a multiple of 4096) read with O_DIRECT into
+        `into` (page-aligned, a multiple of 4096 long), past the page cache: no cache fill
+        and no kernel copy for a pack a restore reads once (repository/read_buffers.py).
+        Returns the view of `into` read (shorter at the object's end), or None where the
+        file system refuses direct reads (the caller then uses `get`)."""
+        path = self._path(name)
+        try:
+            fd = self._open_object(name, os.O_DIRECT)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise NotFoundError(f"object {name} not found in {self.url}") from exc
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return None
+            raise _os_error(exc, "reading", path) from exc
+        try:
+            done = 0
+            while done < len(into):
+                n = os.preadv(fd, [into[done:]], offset + done)
+                if n <= 0:
+                    break
+                done += n
+            return into[:done]
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return None
+            raise _os_error(exc, "reading", path) from exc
+        finally:
+            os.close(fd)
+
+    def _open_object(self, name: str, flags: int = 0) -> int:
         """A read descriptor of object `name`, which must be a regular file inside the
         repository: a symlink, FIFO, socket or device is a corrupt object (stat'ed before it is
-        opened, and opened non-blocking, so it never hangs a reader)."""
+        opened, and opened non-blocking, so it never hangs a reader). `flags`: added to the
+        open's (O_DIRECT)."""
         dfd, leaf = self._open_parent(name)
         try:
             st = os.stat(leaf, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 raise FileNotFoundError(name)  # a directory is a name prefix, not an object
             self._check_regular(name, st.st_mode)
-            fd = os.open(leaf, _READ_FLAGS, dir_fd=dfd)
+            fd = os.open(leaf, _READ_FLAGS | flags, dir_fd=dfd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENXIO):  # swapped for a link or socket meanwhile
                 raise IntegrityError(f"object {name} in {self.url} is not a regular file") from None

@@ -24,6 +24,7 @@ from .format import ZERO_ID, chunk_object_name
 from .limits import get_bounded, max_chunk_object
 from .packed_store import PackedStore, adjacent_runs, assemble_chunk, chunk_parts
 from .packs import BlobEntry
+from .read_buffers import Lease, ReadBuffers
 
 GROUP_BYTES = 4 << 20  # format 3: plaintext of the consecutive chunks one fetch may cover
 
@@ -38,6 +39,15 @@ class FetchedChunks:
     recipes: list[tuple[int, list[bytes]]] = field(default_factory=list)
     blocks: dict[bytes, tuple[BlobEntry, memoryview]] = field(default_factory=dict)
     nbytes: int = 0
+    lease: Lease | None = None  # the buffer the blocks were read into, if any
+
+    def release(self) -> None:
+        """Drop the raw bytes and give a read buffer back (after the decode: its plaintext
+        never refers to them)."""
+        self.objects.clear()
+        self.blocks.clear()
+        if self.lease is not None:
+            self.lease.release()
 
 
 def group_size(store: PackedStore | None, chunk_size: int) -> int:
@@ -74,10 +84,13 @@ def decode_objects(sealer: Sealer, fetched: FetchedChunks, chunk_size: int) -> l
     ]
 
 
-def fetch_packed(store: PackedStore, chunk_ids: list[bytes]) -> FetchedChunks:
+def fetch_packed(
+    store: PackedStore, chunk_ids: list[bytes], buffers: ReadBuffers | None = None
+) -> FetchedChunks:
     """Format 3: the recipes (from the cached recipe packs; each authenticated and parsed,
     since it says which blocks to read), then every distinct non-zero block of the group,
-    adjacent ones of a pack in one ranged GET."""
+    adjacent ones of a pack in one ranged GET. With `buffers`, a local remote's packs are
+    read with O_DIRECT into one of them, given back by `release` after the decode."""
     out = FetchedChunks(list(chunk_ids))
     entries: dict[bytes, BlobEntry] = {}
     for chunk_id in chunk_ids:
@@ -86,13 +99,18 @@ def fetch_packed(store: PackedStore, chunk_ids: list[bytes]) -> FetchedChunks:
         new = [b for b in dict.fromkeys(block_ids) if b != ZERO_ID and b not in entries]
         entries.update(store.block_entries(KIND_BLOCK, new, partial(_block_what, chunk_id)))
     wanted = sorted(entries.values(), key=lambda e: (e.pack, e.offset))
-    for run in adjacent_runs(wanted, store.max_span):
-        start = run[0].offset
-        span = run[-1].offset + run[-1].length - start
-        raw = memoryview(store.fetch(run[0].pack, start, span, run[0]))
-        out.nbytes += span
-        for e in run:
-            out.blocks[e.blob_id] = (e, raw[e.offset - start : e.offset - start + e.length])
+    out.lease = buffers.lease() if buffers is not None and wanted else None
+    try:
+        for run in adjacent_runs(wanted, store.max_span):
+            start = run[0].offset
+            span = run[-1].offset + run[-1].length - start
+            raw = memoryview(store.fetch_into(run[0].pack, start, span, run[0], out.lease))
+            out.nbytes += span
+            for e in run:
+                out.blocks[e.blob_id] = (e, raw[e.offset - start : e.offset - start + e.length])
+    except BaseException:
+        out.release()  # the buffer back to the pool: nobody will decode this group
+        raise
     return out
 
 

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from vmkeep.errors import IntegrityError, NotFoundError
 from vmkeep.parallel import io_threads, ordered_map
@@ -24,6 +24,9 @@ from .format import ZERO_ID
 from .limits import get_bounded
 from .pack_writer import PackWriter
 from .packs import BlobEntry, pack_object_name
+from .read_buffers import Lease, aligned_span
+
+T = TypeVar("T", bound=bytes | memoryview)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class PackedStore:
         self._recipe_packs = RecipePacks(remote, self.pack_size)
         self._grew_lock = threading.Lock()
         self._grew_checked: float | None = None  # when a listing last showed nothing unread
+        self._direct = True  # until the remote refuses a direct read
 
     # -- index ----------------------------------------------------------------
 
@@ -231,10 +235,20 @@ class PackedStore:
         return out
 
     def fetch(self, pack: bytes, offset: int, length: int, first: BlobEntry) -> bytes:
-        name = pack_object_name(pack)
+        return self._checked(pack, length, first, lambda n: self.remote.get(n, offset, length))
+
+    def fetch_into(
+        self, pack: bytes, offset: int, length: int, first: BlobEntry, lease: Lease | None
+    ) -> bytes | memoryview:
+        """As `fetch`; with a `lease` and a local remote read with O_DIRECT into the lease's
+        buffer when it has room (read_buffers.py), else as bytes."""
+        return self._checked(pack, length, first, lambda n: self._read(n, offset, length, lease))
+
+    def _checked(self, pack: bytes, length: int, first: BlobEntry, read: Callable[[str], T]) -> T:
+        """`read(pack object name)`, a missing pack or one that ends early an IntegrityError."""
         what = f"{KIND_NAMES[first.kind]} {first.blob_id.hex()[:16]}"
         try:
-            raw = self.remote.get(name, offset, length)
+            raw = read(pack_object_name(pack))
         except NotFoundError as exc:
             raise IntegrityError(f"{what} is missing: its pack {pack.hex()[:16]} is gone") from exc
         if len(raw) != length:
@@ -242,6 +256,20 @@ class PackedStore:
                 f"{what} is corrupt: pack {pack.hex()[:16]} ends before the blob (truncated)"
             )
         return raw
+
+    def _read(self, name: str, offset: int, length: int, lease: Lease | None) -> bytes | memoryview:
+        get_direct: Callable[[str, int, memoryview], memoryview | None] | None = (
+            getattr(self.remote, "get_direct", None) if self._direct else None
+        )
+        if lease is not None and get_direct is not None:
+            start, span = aligned_span(offset, length)
+            into = lease.take(span)
+            if into is not None:
+                got = get_direct(name, start, into)
+                if got is not None:
+                    return got[offset - start : offset - start + length]
+                self._direct = False  # refused here (no O_DIRECT): not tried again
+        return self.remote.get(name, offset, length)
 
     def read_blocks(self, chunk_id: bytes, block_ids: list[bytes]) -> dict[bytes, bytes]:
         """Plaintext of every non-zero block. Blocks of one pack are one ranged GET when they

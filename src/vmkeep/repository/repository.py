@@ -61,6 +61,7 @@ from .limits import MAX_MANIFEST_OBJECT, get_bounded
 from .manifest import Manifest, check_chunk_size, decode_manifest, encode_manifest
 from .packed_store import PackedChunk, PackedStore
 from .packs import DEFAULT_PACK_SIZE, valid_pack_size
+from .read_buffers import ReadBuffers
 
 FORMATS = (1, 2, CONFIG_VERSION_PACKED)
 PassphraseSource = Callable[[], bytes]
@@ -234,10 +235,14 @@ class Repository:
         """How many consecutive chunks one `fetch_chunks` call should take."""
         return group_size(self.packed, self.chunk_size)
 
-    def fetch_chunks(self, chunk_ids: list[bytes]) -> FetchedChunks:
-        """The raw bytes of these chunks (I/O only; nothing in them is trusted yet)."""
+    def fetch_chunks(
+        self, chunk_ids: list[bytes], buffers: ReadBuffers | None = None
+    ) -> FetchedChunks:
+        """The raw bytes of these chunks (I/O only; nothing in them is trusted yet).
+        `buffers`: where a local remote's packs may be read directly (FetchedChunks.release
+        gives them back)."""
         if self.packed is not None:
-            return fetch_packed(self.packed, chunk_ids)
+            return fetch_packed(self.packed, chunk_ids, buffers)
         return fetch_objects(self.remote, chunk_ids, self.chunk_size)
 
     def decode_chunks(self, fetched: FetchedChunks) -> list[bytes]:

@@ -26,20 +26,11 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from vmkeep.connectors.files.fileio import fs_type
+from vmkeep.direct_io_fs import direct_io_suits
 
 ALIGN = 4096  # offsets, lengths and buffer addresses: a multiple of any logical block size
-_DIRECT_FS = {0xEF53, 0x58465342, 0x9123683E}  # ext2/3/4, XFS, Btrfs (statfs f_type)
 
 _local = threading.local()
-
-
-def direct_io_suits(path: str) -> bool:
-    """Whether direct writes are worth trying on the file system holding `path` (a file or
-    directory that exists). VMKEEP_DIRECT_IO=0 turns them off everywhere."""
-    if os.environ.get("VMKEEP_DIRECT_IO", "1") == "0" or not hasattr(os, "O_DIRECT"):
-        return False
-    return fs_type(path) in _DIRECT_FS
 
 
 def open_direct(path: str, flags: int, same_as: int | None = None) -> int | None:

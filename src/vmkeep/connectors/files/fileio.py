@@ -120,7 +120,7 @@ def _check_inside(real: str, name: str, within: Path) -> None:
 
 
 def _load_libc() -> ctypes.CDLL | None:
-    """libc, for the calls Python's os module lacks: fallocate with PUNCH_HOLE, statfs."""
+    """libc, for the call Python's os module lacks: fallocate with PUNCH_HOLE."""
     try:
         return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     except OSError:
@@ -128,7 +128,6 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _libc = _load_libc()
-_STATFS_SIZE = 120  # struct statfs on 64-bit Linux; f_type is its first field (a long)
 
 
 def _load_fallocate() -> Callable[..., int] | None:
@@ -143,17 +142,6 @@ def _load_fallocate() -> Callable[..., int] | None:
 
 
 _fallocate = _load_fallocate()
-
-
-def fs_type(path: str) -> int | None:
-    """statfs(2)'s f_type (the file system's magic number) of the one holding `path`; None
-    when it cannot be had."""
-    if _libc is None:
-        return None
-    buf = ctypes.create_string_buffer(_STATFS_SIZE)
-    if _libc.statfs(os.fsencode(path), buf) != 0:
-        return None
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
