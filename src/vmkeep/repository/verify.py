@@ -99,14 +99,15 @@ def in_pack_order(repo: Repository, chunks: set[bytes]) -> list[bytes]:
     if repo.packed is None:
         return list(chunks)
     index = repo.packed.index()
-    located: list[tuple[bytes, int, bytes]] = []
+    packs: dict[bytes, int] = {}  # a number per pack: not a 32-byte ID per chunk
+    located: list[tuple[int, int, bytes]] = []
     unindexed: list[bytes] = []
     for chunk_id in chunks:
         entry = index.get(KIND_RECIPE, chunk_id)
         if entry is None:
             unindexed.append(chunk_id)
         else:
-            located.append((entry.pack, entry.offset, chunk_id))
+            located.append((packs.setdefault(entry.pack, len(packs)), entry.offset, chunk_id))
     located.sort()
     return [chunk_id for _, _, chunk_id in located] + unindexed
 
