@@ -12,13 +12,17 @@ from typing import Any
 from core import Run, dir_bytes, drop_caches, last_line, run
 from image import GiB, MiB
 
-# (name, slower tool's step, vmkeep's step, target): vmkeep at least `target` times faster
+# (name, slower tool's step, vmkeep's step, target): vmkeep at least `target` times faster.
+# The targets are issue 15's, no others: full >= 1.0x virtnbdbackup, 1.5x -z, 4x restic;
+# scattered delta >= 1.0x virtnbdbackup (and stored <= 1.5x -z's: STORED_TARGET); clustered
+# and no-change deltas >= 1.5x virtnbdbackup; restore >= 1.5x virtnbdrestore, 2.5x restic.
+# Ratios without a target (None) are shown for information.
 SPEEDUPS = [
     ("full vs virtnbdbackup", "virtnbdbackup full", "full", 1.0),
     ("full vs virtnbdbackup -z", "virtnbdbackup -z full", "full", 1.5),
     ("full vs restic", "restic full", "full", 4.0),
     ("scattered delta vs virtnbdbackup", "virtnbdbackup scattered", "scattered", 1.0),
-    ("scattered delta vs restic", "restic scattered", "scattered", 20.0),
+    ("scattered delta vs restic", "restic scattered", "scattered", None),
     ("clustered delta vs virtnbdbackup", "virtnbdbackup clustered", "clustered", 1.5),
     ("clustered delta vs restic", "restic clustered", "clustered", None),
     ("no-change delta vs virtnbdbackup", "virtnbdbackup no-change", "no-change", 1.5),

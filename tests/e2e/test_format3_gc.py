@@ -49,14 +49,16 @@ def test_gc_removes_dead_blocks_and_repacks(cli: Cli, tmp_path: Path) -> None:
     assert gc["index_objects_replaced"] == 2  # one per backup, now one consolidated
     raw = pack_bytes(repo)
     assert not any(s in raw for s in old_samples)  # really gone from the remote
-    assert len(list((repo / "index").iterdir())) <= 2  # kept packs' and repacked packs' index
+    assert len(list((repo / "index").iterdir())) == 1  # kept and repacked blobs: one index
     assert cli("verify", "--remote", str(repo), "--json").json()["ok"]
     where = tmp_path / "restored"
     out = cli("restore", second, "--remote", str(repo), "--to", str(where), "--json").json()
     (restored,) = vm_disks(Path(out["location"])).values()
     assert sha256(restored) == expected
+    index = sorted((repo / "index").iterdir())
     again = cli("gc", "--remote", str(repo), "--json").json()
-    assert again["packs_deleted"] == 0 and again["packs_written"] == 0
+    assert again["packs_deleted"] == again["packs_written"] == again["packs_repacked"] == 0
+    assert again["index_objects_replaced"] == 0 and sorted((repo / "index").iterdir()) == index
 
 
 def small_packs(repo: Path) -> list[Path]:

@@ -134,10 +134,11 @@ def test_full_then_incremental_copies_only_what_the_target_lacks(
     before = chunk_objects(target)
     again = run(source, target)
     assert statuses(again) == dict.fromkeys(expected, PRESENT)
-    assert again.totals()["chunks_uploaded"] == 0 and again.totals()["bytes_read"] == 0
+    assert again.totals()["chunks_uploaded"] == again.totals()["bytes_fetched"] == 0
     assert chunk_objects(target) == before
 
     change(vms[0], 9, chunks=2)
+    sizes = dict(source.list_chunks())
     point, digest, new_chunks = backup(source, vms[0], "delta")
     assert new_chunks == 2
     third = run(source, target)
@@ -145,7 +146,9 @@ def test_full_then_incremental_copies_only_what_the_target_lacks(
     assert third.totals()["chunks_uploaded"] == new_chunks
     assert len(chunk_objects(target) - before) == new_chunks
     # Only the new chunks were read: the others' target IDs are known from earlier points.
-    assert third.totals()["bytes_read"] == new_chunks * CHUNK
+    assert third.totals()["bytes_plaintext"] == new_chunks * CHUNK
+    objects = sum(n for c, n in source.list_chunks() if c not in sizes)  # the new chunk objects
+    assert third.totals()["bytes_fetched"] == objects > 0
     assert restored_hash(target, point, tmp_path / "restore-new") == digest
 
 
@@ -273,11 +276,11 @@ def test_unencrypted_pair_reads_nothing_the_target_holds(tmp_path: Path) -> None
     before = chunk_objects(target)
     report = run(source, target)
     assert statuses(report) == {point: COPIED}
-    assert report.totals()["bytes_read"] == 0 and report.totals()["chunks_uploaded"] == 0
+    assert report.totals()["bytes_fetched"] == 0 and report.totals()["chunks_uploaded"] == 0
     assert chunk_objects(target) == before
     assert restored_hash(target, point, tmp_path / "restore") == digest
     strict = run(source, target, mode="full", verified_only=True)
-    assert strict.totals()["bytes_read"] > 0 and strict.totals()["chunks_uploaded"] == 0
+    assert strict.totals()["bytes_fetched"] > 0 and strict.totals()["chunks_uploaded"] == 0
 
 
 def test_full_mode_repairs_the_target_incremental_does_not(

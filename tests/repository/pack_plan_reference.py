@@ -56,12 +56,14 @@ def consolidate_small(plan: PackPlan, pack_size: int) -> None:
     """Small kept packs of one kind (each backup closes its last, partly filled packs) are
     repacked together once there are two or more, so that the objects on the remote follow
     the data stored, not the number of backups (restic's prune does the same). A lone small
-    pack stays: rewriting it would gain nothing."""
+    pack stays, unless packs of its kind are repacked anyway (their repack ends with a small
+    pack of that kind: the next gc would merge the two)."""
+    repacked = {entries[0].kind for entries in plan.repack.values()}
     small: dict[int, list[bytes]] = {}
     for pack_id, entries in plan.keep.items():
         if plan.sizes[pack_id] < pack_size * SMALL_PACK:
             small.setdefault(entries[0].kind, []).append(pack_id)
-    for packs in small.values():
-        if len(packs) >= 2:
+    for kind, packs in small.items():
+        if len(packs) >= 2 or kind in repacked:
             for pack_id in packs:
                 plan.repack[pack_id] = plan.keep.pop(pack_id)

@@ -14,7 +14,9 @@ from tests.repository.pack_plan_reference import plan_from
 from vmkeep.errors import IntegrityError
 from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
 from vmkeep.repository.live_set import LiveKeys, live_key
-from vmkeep.repository.pack_plan import stream_plan
+from vmkeep.repository.pack_gc import spare_locked
+from vmkeep.repository.pack_gc_locks import GcLocks
+from vmkeep.repository.pack_plan import CountPlan, stream_plan
 from vmkeep.repository.packs import BlobEntry
 
 PACK_SIZE = 16 << 20
@@ -69,3 +71,35 @@ def test_entries_out_of_order_stop_the_plan(tmp_path: Path) -> None:
     b = BlobEntry(KIND_BLOCK, b"\x01" * 32, b"p" * 32, 10, 10)
     with pytest.raises(IntegrityError, match="out of key order"):
         stream_plan({b"p" * 32: 100}, [a, b], iter([]), PACK_SIZE)
+
+
+def _small_packs_plan(kinds: list[int], live_share: list[float]) -> tuple[list[bytes], CountPlan]:
+    """One pack per entry of `kinds` (100 blobs of 1,000 bytes: small), `live_share` of each
+    pack's blobs live."""
+    sizes, entries, live = {}, [], []
+    packs = [bytes([k + 1]) * 32 for k in range(len(kinds))]
+    for n, (pack, kind, share) in enumerate(zip(packs, kinds, live_share, strict=True)):
+        sizes[pack] = 100 * 1000 + 4200
+        for k in range(100):
+            e = BlobEntry(kind, bytes([n, k]) + bytes(30), pack, 8 + k * 1000, 1000)
+            entries.append(e)
+            if k < share * 100:
+                live.append(live_key(kind, e.blob_id))
+    entries.sort(key=lambda e: live_key(e.kind, e.blob_id))
+    return packs, stream_plan(sizes, entries, iter(sorted(live)), PACK_SIZE)
+
+
+def test_a_lone_small_pack_joins_its_kinds_repack_but_is_never_copied_alone() -> None:
+    """A lone small pack is merged when its kind is repacked anyway (else the repack's last,
+    partly filled pack and it would be two small packs: the next gc would merge them), and
+    a small pack that retention locks leave alone in its kind's repack is kept, not copied
+    into a copy of itself at every gc."""
+    packs, plan = _small_packs_plan([KIND_BLOCK, KIND_BLOCK, KIND_RECIPE], [1.0, 0.2, 1.0])
+    assert plan.repack == [packs[1], packs[0]] and plan.keep == [packs[2]]
+    locks = GcLocks(packs={packs[1]})
+    assert spare_locked(plan, locks) == 1
+    assert plan.repack == [] and sorted(plan.keep) == sorted(packs)
+    packs, plan = _small_packs_plan([KIND_BLOCK, KIND_BLOCK, KIND_BLOCK], [1.0, 1.0, 1.0])
+    assert sorted(plan.repack) == sorted(packs)  # three small packs of a kind: merged
+    spare_locked(plan, GcLocks(packs={packs[0], packs[1]}))
+    assert plan.repack == [] and sorted(plan.keep) == sorted(packs)

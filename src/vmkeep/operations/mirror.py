@@ -24,6 +24,8 @@ from vmkeep.operations.prune import apply_prune
 from vmkeep.operations.retention import PointRef, PruneDecision, RetentionPolicy, prune_plan
 from vmkeep.parallel import io_threads, unordered_map
 from vmkeep.progress import Progress
+from vmkeep.repository.blobs import KIND_RECIPE
+from vmkeep.repository.chunk_fetch import FetchedChunks
 from vmkeep.repository.format import ID_SIZE, ZERO_ID
 from vmkeep.repository.gc_epoch import GcMark, read_gc_mark
 from vmkeep.repository.locks import RepositoryLock
@@ -55,7 +57,8 @@ class PointResult:
     chunks: int = 0  # distinct non-zero chunks of the point
     chunks_uploaded: int = 0
     chunks_present: int = 0  # already in the target: not uploaded
-    bytes_read: int = 0  # plaintext read from the source
+    bytes_fetched: int = 0  # stored bytes read from the source (objects, blocks, recipes)
+    bytes_plaintext: int = 0  # what those chunks decode to, zero blocks included
     bytes_uploaded: int = 0  # what the uploaded chunks take on the target
 
     def to_json(self) -> dict[str, Any]:
@@ -76,7 +79,13 @@ class MirrorReport:
         return [p for p in self.points if p.status == FAILED]
 
     def totals(self) -> dict[str, int]:
-        keys = ("chunks_uploaded", "chunks_present", "bytes_read", "bytes_uploaded")
+        keys = (
+            "chunks_uploaded",
+            "chunks_present",
+            "bytes_fetched",
+            "bytes_plaintext",
+            "bytes_uploaded",
+        )
         out = {k: sum(getattr(p, k) for p in self.points) for k in keys}
         for status in (COPIED, PRESENT, FAILED, RETENTION):
             out[status.replace("-", "_")] = sum(p.status == status for p in self.points)
@@ -190,15 +199,17 @@ class PointCopier:
         result.chunks_present = len(lengths) - len(to_read)
         self.progress.start(f"{manifest.vm_name}/{manifest.id}", sum(lengths[c] for c in to_read))
 
-        def work(chunk_id: bytes) -> tuple[bytes, bytes, BackupStats]:
-            data = self.source.get_chunk(chunk_id)  # checks its authentication and hash
+        def work(chunk_id: bytes) -> tuple[bytes, bytes, BackupStats, int]:
+            fetched = self.source.fetch_chunks([chunk_id])
+            (data,) = self.source.decode_chunks(fetched)  # checks its authentication and hash
             target_id, stats = self.uploader.store(data)
-            return chunk_id, target_id, stats
+            return chunk_id, target_id, stats, fetched_bytes(self.source, chunk_id, fetched)
 
         try:
-            for chunk_id, target_id, stats in unordered_map(work, to_read, self.threads):
+            for chunk_id, target_id, stats, fetched in unordered_map(work, to_read, self.threads):
                 self.mapping[chunk_id] = target_id
-                result.bytes_read += stats.bytes_read
+                result.bytes_fetched += fetched
+                result.bytes_plaintext += stats.bytes_read
                 result.bytes_uploaded += stats.bytes_written
                 result.chunks_uploaded += stats.chunks_new
                 result.chunks_present += 1 - stats.chunks_new
@@ -242,6 +253,16 @@ class PointCopier:
             assert target_id is not None  # copy_chunks learnt every one
             out += target_id
         return bytes(out)
+
+
+def fetched_bytes(source: Repository, chunk_id: bytes, fetched: FetchedChunks) -> int:
+    """What reading the chunk took from the source, in stored bytes: its object (formats 1
+    and 2), or its recipe and the block ranges read (format 3; zero blocks are not stored,
+    so a sparse chunk costs what its data takes, not its plaintext length)."""
+    if source.packed is None:
+        return fetched.nbytes
+    recipe = source.packed.index().get(KIND_RECIPE, chunk_id)
+    return fetched.nbytes + (recipe.length if recipe is not None else 0)
 
 
 def _vm_of(manifest: Manifest) -> VmConfig:

@@ -63,7 +63,7 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
         if repo.packed is not None:  # format 3: packs swept and repacked, not chunk objects
             with locks_suspended(repo.remote):
                 packs = sweep_packs(repo, referenced, progress, dry_run, lock)
-            deleted, freed, refused = len(garbage), packs.bytes_freed, packs.refused
+            deleted, freed, refused = packs.dead_chunks, packs.bytes_freed, packs.refused
         else:
             deleted, freed, refused = sweep(repo, garbage, progress, dry_run, lock)
         # No live writer exists while we hold the exclusive lock: every temp object is dead.
@@ -95,8 +95,10 @@ def _mark(
     repo: Repository, dry_run: bool, progress: Progress
 ) -> tuple[int, set[bytes], int, list[tuple[bytes, int]]]:
     """Stale locks removed, then the chunks every restore point references, the number of
-    points, and the other chunks. Manifests are read one at a time and dropped once marked:
-    memory follows the unique chunks (referenced and garbage), not points x disk size."""
+    points, and the other chunks (format 3: none listed, the pack sweep's merge join counts
+    the unreferenced recipes as it meets them). Manifests are read one at a time and dropped
+    once marked: memory follows the unique chunks (referenced and garbage), not points x
+    disk size."""
     stale = 0 if dry_run else remove_stale_locks(repo.remote)
     referenced, points, problems = referenced_chunks(repo, progress)
     if problems:
@@ -105,6 +107,8 @@ def _mark(
             f"({problems[0].error}); its chunks cannot be told apart from garbage. "
             "Run `vmkeep verify`, then delete the bad restore point with `vmkeep forget`"
         )
+    if repo.packed is not None:
+        return stale, referenced, points, []
     garbage = [(cid, size) for cid, size in repo.list_chunks() if cid not in referenced]
     return stale, referenced, points, garbage
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 from vmkeep.errors import IntegrityError, ObjectLockedError, RepositoryError
@@ -22,9 +22,17 @@ from .format import ZERO_ID
 from .live_set import BUFFER_KEYS, LiveKeys, live_key, spill_parent
 from .locks import RepositoryLock
 from .pack_gc_locks import GcLocks, find_locks, packs_listed
-from .pack_plan import CountPlan, stream_plan
-from .pack_repack import RECORD, SORT_BUFFER, KeptEntries, Unindexed, by_pack, record, rewrite
-from .pack_writer import PackWriter
+from .pack_plan import CountPlan, settle_small, stream_plan
+from .pack_repack import (
+    RECORD,
+    SORT_BUFFER,
+    KeptEntries,
+    RepackWriter,
+    Unindexed,
+    by_pack,
+    record,
+    rewrite,
+)
 from .packed_store import PackedStore
 from .packs import PACKS_PREFIX, BlobEntry, pack_id_of_name, pack_object_name
 from .repository import Repository
@@ -41,9 +49,10 @@ class PackSweep:
     bytes_freed: int = 0
     packs_locked: int = 0  # kept (not repacked or deleted) under a retention lock
     refused: list[ObjectLockedError] = field(default_factory=list)
+    dead_chunks: int = 0  # indexed recipes no point references: GcReport.chunks_deleted
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "refused"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("refused", "dead_chunks")}
 
 
 def sweep_packs(
@@ -97,31 +106,34 @@ def _sweep(
         packs_deleted=len(plan.delete) + len(plan.repack),
         packs_repacked=len(plan.repack),
         packs_locked=spared,
+        dead_chunks=plan.dead_recipes,
     )
     freed = sum(sizes.get(p, 0) for p in [*plan.delete, *plan.repack])
     deletable = [n for n in index_names if n not in locks.index_names]
     # Dead entries in packs a locked index object lists stay listed by it whatever gc writes:
     # they alone are no reason to rewrite the index at every gc while the lock lasts.
     dead = plan.dead_packs - locks.packs if locks.packs else plan.dead_entries
-    changed = plan.delete or plan.repack or dead or len(deletable) > 1
+    changed = plan.delete or plan.repack or dead or len(deletable) > fewest(plan.live_entries)
     if dry_run or not changed:
         report.bytes_freed = freed if dry_run else 0
         report.packs_deleted = report.packs_deleted if dry_run else 0
         report.packs_repacked = report.packs_repacked if dry_run else 0
         return report
     _check(lock)
-    unindexed = Unindexed()  # each blob reaches the writer once: nothing to deduplicate
-    writer = PackWriter(
-        store.remote, store.sealer, store.repo_id, store.pack_size, lambda: unindexed
-    )
     kept = KeptEntries(by_offset.dir / "kept")
+    copied = KeptEntries(by_offset.dir / "copied")
+    # Each blob reaches the writer once: it deduplicates against nothing (Unindexed).
+    writer = RepackWriter(store, Unindexed(), copied.add)
     try:
         groups = by_pack(by_offset.sorted_unique())
         written = rewrite(store, writer, groups, set(plan.repack), set(plan.keep), kept, progress)
         _check(lock)
-        names = writer.index_names + write_index(store, kept.entries())
+        # One consolidated index of the kept and the repacked blobs (the new packs are
+        # durable: RepackWriter), so that the next gc finds nothing to merge.
+        names = write_index(store, chain(kept.entries(), copied.entries()))
     finally:
         kept.close()
+        copied.close()
     report.packs_written = writer.packs_written
     report.bytes_freed = freed - written
     old = [n for n in deletable if n not in set(names)]
@@ -137,6 +149,12 @@ def _sweep(
     return report
 
 
+def fewest(live_entries: int) -> int:
+    """The fewest index objects that can list `live_entries` (at least one): more than that
+    is an index gc consolidates, this many (what gc writes) is one it leaves alone."""
+    return max(1, -(-live_entries // MAX_INDEX_ENTRIES))
+
+
 def spare_locked(plan: CountPlan, locks: GcLocks) -> int:
     """Packs under a retention lock (or listed by a locked index object) move from repack
     and delete to keep: their dead blobs stay until the lock ends. Returns how many."""
@@ -144,6 +162,7 @@ def spare_locked(plan: CountPlan, locks: GcLocks) -> int:
     plan.keep += spared
     plan.repack = [p for p in plan.repack if not locks.holds(p)]
     plan.delete = [p for p in plan.delete if not locks.holds(p)]
+    settle_small(plan)
     return len(spared)
 
 

@@ -9,7 +9,8 @@ flushed, the order of the in-memory gc (new packs and their index first)."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from vmkeep.errors import IntegrityError
@@ -55,14 +56,18 @@ def by_pack(
 
 
 class KeptEntries:
-    """The kept packs' live entries on disk, in the order added; read back once."""
+    """Index entries on disk (the kept packs' live entries, or the repacked blobs' new ones),
+    in the order added (from any thread); read back once."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = open(path, "xb")  # noqa: SIM115  (closed by entries())
+        self._lock = threading.Lock()
 
     def add(self, entries: list[BlobEntry]) -> None:
-        self._file.write(b"".join(map(record, entries)))
+        data = b"".join(map(record, entries))
+        with self._lock:
+            self._file.write(data)
 
     def entries(self) -> Iterator[BlobEntry]:
         self._file.close()
@@ -86,6 +91,26 @@ class Unindexed(BlobIndex):
 
     def __contains__(self, key: tuple[int, bytes]) -> bool:
         return False
+
+
+class RepackWriter(PackWriter):
+    """The repack's packer: its packs are uploaded and made durable as any writer's, but
+    their entries go to `sink` instead of index objects of their own, so that gc writes one
+    consolidated index of kept and repacked blobs. (Written on their own, the repacked
+    packs' index objects were merged with the consolidated ones only by the next gc: one gc
+    did not reach the fixed point.) Until that index is written the new packs are unindexed
+    garbage and the old index and packs are intact, so a crash loses nothing."""
+
+    def __init__(
+        self, store: PackedStore, index: BlobIndex, sink: Callable[[list[BlobEntry]], None]
+    ) -> None:
+        super().__init__(store.remote, store.sealer, store.repo_id, store.pack_size, lambda: index)
+        self._sink = sink
+
+    def _write_index(self, entries: list[BlobEntry]) -> None:
+        """Called with the entries of packs already uploaded and flushed (PackWriter)."""
+        if entries:
+            self._sink(entries)
 
 
 def rewrite(

@@ -9,6 +9,7 @@ from vmkeep.errors import IntegrityError, RemoteError
 from vmkeep.parallel import ordered_map
 from vmkeep.progress import Progress
 
+from .blobs import KIND_RECIPE
 from .manifest_stream import stream_manifests
 from .point_cache import forget_points
 from .repository import ManifestProblem, Repository
@@ -64,6 +65,8 @@ def verify(repo: Repository, point_ids: list[str] | None, progress: Progress) ->
         problems = repo.packed.reload().problems
         report.corrupt_index = [ManifestProblem(name, error) for name, error in problems]
     progress.start("verify", len(chunks))
+    order = in_pack_order(repo, chunks)
+    del chunks
 
     def check(chunk_id: bytes) -> tuple[bytes, int, str | None]:
         try:
@@ -72,7 +75,7 @@ def verify(repo: Repository, point_ids: list[str] | None, progress: Progress) ->
             return chunk_id, 0, str(exc)
 
     bad: dict[bytes, str] = {}
-    for chunk_id, size, error in ordered_map(check, chunks):
+    for chunk_id, size, error in ordered_map(check, order):
         report.chunks_checked += 1
         report.bytes_checked += size
         if error is not None:
@@ -85,6 +88,28 @@ def verify(repo: Repository, point_ids: list[str] | None, progress: Progress) ->
         for chunk_id, error in bad.items()
     ]
     return report
+
+
+def in_pack_order(repo: Repository, chunks: set[bytes]) -> list[bytes]:
+    """Format 3: the chunks in the order of their recipes' packs and offsets (those the index
+    lacks last, to be reported missing), as gc's mark reads them: recipe packs are read
+    whole and only the last two kept (RecipePacks), so in the set's (hash) order most
+    chunks read a whole recipe pack again. Their blocks, written in the same order, follow
+    pack after pack too. Other formats: as they come (one object per chunk)."""
+    if repo.packed is None:
+        return list(chunks)
+    index = repo.packed.index()
+    packs: dict[bytes, int] = {}  # a number per pack: not a 32-byte ID per chunk
+    located: list[tuple[int, int, bytes]] = []
+    unindexed: list[bytes] = []
+    for chunk_id in chunks:
+        entry = index.get(KIND_RECIPE, chunk_id)
+        if entry is None:
+            unindexed.append(chunk_id)
+        else:
+            located.append((packs.setdefault(entry.pack, len(packs)), entry.offset, chunk_id))
+    located.sort()
+    return [chunk_id for _, _, chunk_id in located] + unindexed
 
 
 def _users(

@@ -79,7 +79,10 @@ def _read_record(path: Path) -> dict[str, object] | None:
 
 def _owner_dead(record: dict[str, object]) -> bool | None:
     """True when the recorded process is gone, False when alive, None when it is on
-    another host (or the record is unusable) and cannot be told from here."""
+    another host (or the record is unusable) and cannot be told from here. Not
+    processes.is_running: the record also names a host and a boot, and without a readable
+    /proc/PID (gone, or hidden) the recorded start time decides, where is_running would
+    ask kill(pid, 0) (another answer for a hidden process or a record without a start)."""
     pid, start = record.get("pid"), record.get("start")
     if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
         return None

@@ -76,7 +76,7 @@ def mirror_target(
         return "failed"
     totals = report.totals()
     stats = {
-        "bytes_read": totals["bytes_read"],
+        "bytes_read": totals["bytes_fetched"],  # from the source, as stored
         "bytes_written": totals["bytes_uploaded"],
         "seconds": round(report.duration, 3),
         **totals,

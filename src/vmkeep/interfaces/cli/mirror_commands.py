@@ -201,7 +201,9 @@ def check_migration(source: Repository, target: Repository) -> None:
 def show_report(report: MirrorReport) -> None:
     from vmkeep.operations.mirror import FAILED
 
-    listing = table("restore point", "vm", "result", "uploaded", "present", "read", "reason")
+    listing = table(
+        "restore point", "vm", "result", "uploaded", "present", "fetched", "plaintext", "reason"
+    )
     for p in report.points:
         listing.add_row(
             p.point_id,
@@ -209,7 +211,8 @@ def show_report(report: MirrorReport) -> None:
             f"[red]{p.status}[/]" if p.status == FAILED else p.status,
             f"{p.chunks_uploaded} ({human_bytes(p.bytes_uploaded)})",
             str(p.chunks_present),
-            human_bytes(p.bytes_read),
+            human_bytes(p.bytes_fetched),
+            human_bytes(p.bytes_plaintext),
             shown(p.reason),
         )
     stdout.print(listing)
@@ -218,7 +221,9 @@ def show_report(report: MirrorReport) -> None:
         f"mirrored {t['copied']} point(s) to {shown(report.target)} ({t['present']} already "
         f"there, {t['failed']} failed"
         + (f", {t['skipped_retention']} left out by retention" if t["skipped_retention"] else "")
-        + f"): read {human_bytes(t['bytes_read'])}, uploaded {t['chunks_uploaded']} chunk(s) "
+        + f"): fetched {human_bytes(t['bytes_fetched'])} from the source "
+        f"({human_bytes(t['bytes_plaintext'])} of plaintext, zeros included), uploaded "
+        f"{t['chunks_uploaded']} chunk(s) "
         f"({human_bytes(t['bytes_uploaded'])}), {t['chunks_present']} already present, in "
         f"{report.duration:.1f} s"
         + (f"; pruned {len(report.pruned)} point(s) on the target" if report.pruned else ""),

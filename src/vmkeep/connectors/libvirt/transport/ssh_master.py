@@ -39,7 +39,9 @@ DEAD_AFTER = READY_TIMEOUT + 60  # a directory without socket may be a master st
 
 def remove_dead_dirs(root: str = "") -> list[str]:
     """Remove this user's control directories whose master is gone (a SIGKILLed vmkeep cannot
-    remove its own); the ones removed."""
+    remove its own); the ones removed. Not private_tmp.remove_dead: what tells a live
+    directory here is its ssh master answering on the socket (an ssh process, not the vmkeep
+    that made the directory, whose pid its name does not carry)."""
     root = root or short_tmp()
     removed = []
     with contextlib.suppress(OSError):
