@@ -103,7 +103,7 @@ class Stages:
 
 def install_stages() -> Stages:
     from vmkeep.operations import backup, chunk_uploader
-    from vmkeep.repository import blobs, pack_writer, packed_store
+    from vmkeep.repository import blobs, chunks, pack_writer, packed_store, repository
     from vmkeep.repository.crypto import Sealer
 
     stages = Stages()
@@ -112,6 +112,7 @@ def install_stages() -> Stages:
     stages.wrap(packed_store, "looks_incompressible", "chunk probe")
     stages.wrap(packed_store.PackedStore, "encode", "encode other")
     stages.wrap(pack_writer.PackWriter, "has", "lookup")
+    stages.wrap(pack_writer.PackWriter, "missing", "lookup")
     stages.wrap(blobs, "compress_if_smaller", "zstd + probes")
     stages.wrap(blobs.BlobCodec, "encode_many", "encode loop")
     stages.wrap(Sealer, "seal_parts", "aes-gcm")
@@ -119,6 +120,10 @@ def install_stages() -> Stages:
     stages.wrap(pack_writer.PackWriter, "_upload", "pack upload")
     stages.wrap(backup, "read_spans", "read")
     stages.wrap(chunk_uploader.ChunkUploader, "store", "uploader other")
+    # Formats 1 and 2: one object per chunk.
+    stages.wrap(Sealer, "chunk_id", "hash chunk (v1)")
+    stages.wrap(chunks, "compress_if_smaller", "zstd + probes")
+    stages.wrap(repository, "put_parts", "object put (v1)")
     return stages
 
 
@@ -158,11 +163,15 @@ def one_round(variant: str, workdir: Path, stages_on: bool) -> dict[str, Any]:
     }
 
 
-def core_round(variant: str, workdir: Path, stages_on: bool, chunks: int) -> dict[str, Any]:
+def core_round(
+    variant: str, workdir: Path, stages_on: bool, chunks: int, prefill: int
+) -> dict[str, Any]:
     """The write path alone, on one thread: `chunks` data chunks of the image read into
     memory first, then hashed, encoded, packed and uploaded as a backup's worker does
     (ChunkUploader.store), then flushed. No reads, threads or gate waits: far less noise
-    than a whole backup, for effects of a few per cent."""
+    than a whole backup, for effects of a few per cent. `prefill`: that many other chunks
+    of the image (after those) stored first and the repository opened again, so that the
+    dedup lookups of the measured chunks miss in a populated on-disk index."""
     os.environ["VMKEEP_CACHE_DIR"] = str(workdir / "cache")
     from vmkeep.operations.chunk_uploader import ChunkUploader
     from vmkeep.remotes.local import LocalRemote
@@ -176,16 +185,25 @@ def core_round(variant: str, workdir: Path, stages_on: bool, chunks: int) -> dic
         LocalRemote(str(repo_dir)), "aes-256-gcm", lambda: PASSPHRASE, **VARIANTS[variant]
     )
     size = repo.chunk_size
-    data = []
+    data: list[bytes] = []
     with open(workdir / "vm" / "disk0.img", "rb") as f:
         offset = 0
-        while len(data) < chunks:
+        while len(data) < chunks + prefill:
             piece = os.pread(f.fileno(), size, offset)
             if not piece:
                 break
             offset += size
             if piece.count(0) != len(piece):
                 data.append(piece)
+    if prefill:
+        with repo.writing():
+            first = ChunkUploader(repo, set(), 1)
+            for piece in data[chunks:]:
+                first.store(piece)
+            repo.flush_chunks()
+        repo = Repository.open(LocalRemote(str(repo_dir)), lambda: PASSPHRASE)
+        repo.has_chunk(bytes(32))  # the index is read before the clock starts
+        data = data[:chunks]
     uploader = ChunkUploader(repo, set(), 1)  # the default level (BackupOptions)
     before = resource.getrusage(resource.RUSAGE_SELF)
     began = time.monotonic()
@@ -210,7 +228,7 @@ def core_round(variant: str, workdir: Path, stages_on: bool, chunks: int) -> dic
 
 def child(args: argparse.Namespace) -> int:
     if args.core:
-        result = core_round(args.child, Path(args.workdir), args.stages, args.core)
+        result = core_round(args.child, Path(args.workdir), args.stages, args.core, args.prefill)
     else:
         result = one_round(args.child, Path(args.workdir), args.stages)
     print(json.dumps(result))
@@ -221,7 +239,7 @@ def run_child(src: Path, variant: str, args: argparse.Namespace) -> dict[str, An
     env = dict(os.environ, PYTHONPATH=str(src))
     argv = [sys.executable, __file__, "--child", variant, "--workdir", args.workdir]
     argv += ["--stages"] if args.stages else []
-    argv += ["--core", str(args.core)] if args.core else []
+    argv += ["--core", str(args.core), "--prefill", str(args.prefill)] if args.core else []
     out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -239,6 +257,7 @@ def main() -> int:
     parser.add_argument(
         "--core", type=int, default=0, help="N: only the write path, one thread, N chunks"
     )
+    parser.add_argument("--prefill", type=int, default=0, help="with --core: N chunks first")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
