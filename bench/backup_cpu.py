@@ -227,6 +227,9 @@ def core_round(
 
 
 def child(args: argparse.Namespace) -> int:
+    from vmkeep.malloc_tuning import reuse_chunk_buffers
+
+    reuse_chunk_buffers()  # as the CLI does (interfaces/cli/app.py)
     if args.core:
         result = core_round(args.child, Path(args.workdir), args.stages, args.core, args.prefill)
     else:
