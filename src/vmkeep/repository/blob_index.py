@@ -143,6 +143,10 @@ class BlobIndex:
         spill: tuple[Path, bytes] | None = None,
     ) -> None:
         self._disk = Tiers([disk]) if isinstance(disk, IndexFile) else disk
+        # A new repository's index files hold no record: a backup's dedup test of each new
+        # block then skips them (a repaired file is another object and is probed again).
+        empty = self._disk is not None and not any(f.count for f in self._disk.files)
+        self._empty_disk = self._disk if empty else None
         self._repair = repair
         self._added = AddedBlobs(spill)
         self._lock = threading.Lock()
@@ -192,6 +196,8 @@ class BlobIndex:
         kind, blob_id = key
         if self._added.get(kind, blob_id, False) is not None:
             return True
+        if self._disk is self._empty_disk:
+            return False
         return self._disk_get(kind, blob_id, False) is not None
 
     def _disk_entries(self) -> Iterator[BlobEntry]:

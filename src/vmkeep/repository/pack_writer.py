@@ -8,7 +8,7 @@ for the flush (and what `_seen` holds: blobs not yet in uploaded packs) stays bo
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -59,6 +59,9 @@ class PackWriter:
         self._index_lock = threading.Lock()
         self._open: dict[int, _OpenPack] = {}
         self._seen: set[tuple[int, bytes]] = set()
+        # Counts the packs whose blobs moved from `_seen` to the index: a lookup made while it
+        # stayed the same cannot have missed a blob that `_seen` does not hold (missing, add).
+        self.generation = 0
         self._unindexed: list[BlobEntry] = []
         self._failed: str | None = None
         self.packs_written = 0
@@ -76,17 +79,40 @@ class PackWriter:
     def has(self, kind: int, blob_id: bytes) -> bool:
         return (kind, blob_id) in self._seen or (kind, blob_id) in self._index()
 
-    def add(self, kind: int, blobs: Sequence[tuple[bytes, bytes | Sealed]]) -> int:
-        """Append the blobs the repository lacks, contiguously; returns the bytes added."""
+    def missing(self, kind: int, blob_ids: Iterable[bytes]) -> tuple[list[bytes], int]:
+        """The blobs of `blob_ids` neither indexed nor on their way into a pack, each once
+        and in order, and the generation they were looked up at (pass it to `add`). One
+        call per chunk: a backup asks for every 64 KiB block."""
+        generation = self.generation  # read first: a pack indexed after this changes it
+        seen = self._seen
+        indexed = self._index().__contains__
+        out: dict[bytes, None] = {}
+        for blob_id in blob_ids:
+            key = (kind, blob_id)
+            if blob_id not in out and key not in seen and not indexed(key):
+                out[blob_id] = None
+        return list(out), generation
+
+    def add(
+        self,
+        kind: int,
+        blobs: Sequence[tuple[bytes, bytes | Sealed]],
+        generation: int | None = None,
+    ) -> int:
+        """Append the blobs the repository lacks, contiguously; returns the bytes added.
+        `generation`: `missing` found these blobs unindexed at it; while no pack has been
+        indexed since, only the in-flight set is checked again (the index lookup, a bucket
+        read per block in a large repository, is not made twice, nor under the lock)."""
         added = 0
         full: _OpenPack | None = None
         with self._lock:
             self._check()
             index = self._index()
+            fresh = generation == self.generation
             pack = self._open.get(kind)
             for blob_id, data in blobs:
                 key = (kind, blob_id)
-                if key in self._seen or key in index:
+                if key in self._seen or (not fresh and key in index):
                     continue
                 self._seen.add(key)
                 if pack is None:
@@ -194,6 +220,7 @@ class PackWriter:
         full: list[BlobEntry] = []
         with self._lock:
             self._seen.difference_update((e.kind, e.blob_id) for e in written)
+            self.generation += 1  # with the removal: never a blob in neither (missing)
             if len(self._unindexed) >= MAX_INDEX_ENTRIES:
                 full, self._unindexed = self._unindexed, []
         self._write_index(full)

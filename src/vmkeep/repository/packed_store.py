@@ -32,10 +32,12 @@ T = TypeVar("T", bound=bytes | memoryview)
 @dataclass
 class PackedChunk:
     """A chunk encoded for the packer: its recipe blob and the blocks the repository lacked
-    when it was encoded. Its length is what it would add to the remote."""
+    when it was encoded (at the packer's `generation`). Its length is what it would add to
+    the remote."""
 
     recipe: bytes
     blocks: list[tuple[bytes, Sealed]]
+    generation: int | None = None
 
     def __len__(self) -> int:
         return len(self.recipe) + sum(len(b) for _, b in self.blocks)
@@ -170,18 +172,19 @@ class PackedStore:
         """The recipe and those of `blocks` (block ID, plaintext) the repository lacks,
         encoded; zero blocks and repeats are skipped. A dirty-block delta hands only the
         blocks it read (operations/dirty_blocks.py)."""
-        has = self.writer.has
         todo: dict[bytes, bytes | memoryview] = {}
         for block_id, plain in blocks:
-            if block_id != ZERO_ID and block_id not in todo and not has(KIND_BLOCK, block_id):
-                todo[block_id] = plain
-        encoded = self.codec.encode_many(KIND_BLOCK, todo.items(), level, probe)
-        return PackedChunk(self.codec.encode(KIND_RECIPE, chunk_id, recipe, level), encoded)
+            if block_id != ZERO_ID:
+                todo.setdefault(block_id, plain)
+        new, generation = self.writer.missing(KIND_BLOCK, todo)
+        encoded = self.codec.encode_many(KIND_BLOCK, ((b, todo[b]) for b in new), level, probe)
+        recipe_blob = self.codec.encode(KIND_RECIPE, chunk_id, recipe, level)
+        return PackedChunk(recipe_blob, encoded, generation)
 
     def store(self, chunk_id: bytes, packed: PackedChunk) -> None:
         writer = self.writer
         if packed.blocks:
-            writer.add(KIND_BLOCK, packed.blocks)
+            writer.add(KIND_BLOCK, packed.blocks, packed.generation)
         writer.add(KIND_RECIPE, [(chunk_id, packed.recipe)])
 
     def has_chunk(self, chunk_id: bytes) -> bool:
