@@ -7,6 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .early_open import start
+
+# First, before typer and rich are imported: a backup's or restore's key derivation runs
+# during the rest of the start-up (early_open.py; hence E402 for the imports below).
+start(sys.argv)
+
 import typer
 from typer.core import TyperOption
 
