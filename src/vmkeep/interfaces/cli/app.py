@@ -28,6 +28,7 @@ from . import (
     job_commands,
     key_commands,
     mirror_commands,
+    plain_params,
     plan_commands,
     remote_commands,
     repair_commands,
@@ -58,6 +59,7 @@ def _flags_take_no_value() -> None:
 
 
 _flags_take_no_value()
+plain_params.install()  # values needing no conversion skip typer's pydantic adapters
 
 app = typer.Typer(
     name="vmkeep",
