@@ -104,8 +104,9 @@ def test_help_imports_neither_remotes_nor_the_data_path(tmp_path: Path, args: tu
 
 
 def test_top_level_help_does_not_even_import_pydantic(tmp_path: Path) -> None:
-    """typer itself imports pydantic to run a command (its parameter adapters), but the list
-    of commands needs nothing beyond typer and rich."""
+    """typer imports pydantic for its parameter adapters, which the CLI builds only for a value
+    that needs converting (interfaces/cli/plain_params.py); the list of commands needs
+    nothing beyond typer and rich."""
     code, modules, _ = run_cli(tmp_path, "--help")
     assert code == 0
     assert loaded(modules, ("pydantic",)) == []
