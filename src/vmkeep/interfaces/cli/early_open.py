@@ -34,6 +34,7 @@ class _Started:
 
 
 _started: _Started | None = None
+_tried = False  # start() runs once per process, even if app.py is executed twice
 
 
 def is_location(ref: str) -> bool:
@@ -44,8 +45,9 @@ def is_location(ref: str) -> bool:
 def start(argv: list[str]) -> None:
     """Read the config and start the key derivation if argv asks for a data command on a
     path or URL remote with a passphrase that needs no prompt; otherwise do nothing."""
-    global _started
-    wanted = wanted_open(argv)
+    global _started, _tried
+    wanted = None if _tried else wanted_open(argv)
+    _tried = True
     if wanted is None:
         return
     remote_ref, file = wanted
