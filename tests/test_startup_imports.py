@@ -104,8 +104,9 @@ def test_help_imports_neither_remotes_nor_the_data_path(tmp_path: Path, args: tu
 
 
 def test_top_level_help_does_not_even_import_pydantic(tmp_path: Path) -> None:
-    """typer itself imports pydantic to run a command (its parameter adapters), but the list
-    of commands needs nothing beyond typer and rich."""
+    """typer imports pydantic for its parameter adapters, which the CLI builds only for a value
+    that needs converting (interfaces/cli/plain_params.py); the list of commands needs
+    nothing beyond typer and rich."""
     code, modules, _ = run_cli(tmp_path, "--help")
     assert code == 0
     assert loaded(modules, ("pydantic",)) == []
@@ -136,3 +137,30 @@ def test_defaults_repeated_in_the_cli_match_the_engine() -> None:
 
     assert server_commands.DEFAULT_GRACE_S == DEFAULT_GRACE_S
     assert healthcheck_commands.DEFAULT_TIMEOUT == DEFAULT_TIMEOUT
+
+
+def test_json_backup_and_restore_import_neither_rich_nor_typers_adapters(tmp_path: Path) -> None:
+    """`backup --json` and `restore --json` print nothing through rich (the console is made at
+    its first use: output.LazyConsole) and give typer only values that need no conversion
+    (plain_params.py); the restore is still the VM that was backed up."""
+    repo, vms = tmp_path / "repo", tmp_path / "vms"
+    env = dict(os.environ, VMKEEP_DATA_DIR=str(tmp_path / "setup-state"))
+    for step in (
+        ["init", "--encryption", "none", str(repo)],
+        ["vm", "create-demo", "--size", "32", str(vms)],
+    ):
+        subprocess.run([VMKEEP, *step], check=True, capture_output=True, env=env)
+    code, modules, out = run_cli(
+        tmp_path, "backup", "--remote", str(repo), str(vms / "demo"), "--json"
+    )
+    assert code == 0
+    assert loaded(modules, ("rich", "typer._adapters")) == []
+    point = json.loads(out)["restore_point"]
+    to = tmp_path / "restored"
+    code, modules, out = run_cli(
+        tmp_path, "restore", point, "--remote", str(repo), "--to", str(to), "--json"
+    )
+    assert code == 0
+    assert loaded(modules, ("rich", "typer._adapters")) == []
+    original = (vms / "demo" / "disk0.raw").read_bytes()
+    assert (to / "demo" / "disk0.raw").read_bytes() == original

@@ -13,6 +13,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from vmkeep.remotes.base import Remote
+from vmkeep.trace import span
 
 from .config_auth import KnownRepository
 from .config_read import read_config
@@ -43,7 +44,8 @@ class OpeningRepository:
 
     def _derive(self, config: dict[str, Any], secret: bytes) -> None:
         try:
-            self._key, _ = unwrap_key(config["keys"], secret, config["id"])
+            with span("kdf"):
+                self._key, _ = unwrap_key(config["keys"], secret, config["id"])
         except BaseException as exc:  # raised again in the caller's thread by result()
             self._error = exc
 

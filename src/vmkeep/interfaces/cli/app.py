@@ -8,6 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .early_open import start
+
+# First, before typer and rich are imported: a backup's or restore's key derivation runs
+# during the rest of the start-up (early_open.py; hence E402 for the imports below).
+start(sys.argv)
+
 import typer
 from typer.core import TyperOption
 
@@ -23,6 +29,7 @@ from . import (
     job_commands,
     key_commands,
     mirror_commands,
+    plain_params,
     plan_commands,
     remote_commands,
     repair_commands,
@@ -53,6 +60,7 @@ def _flags_take_no_value() -> None:
 
 
 _flags_take_no_value()
+plain_params.install()  # values needing no conversion skip typer's pydantic adapters
 
 app = typer.Typer(
     name="vmkeep",

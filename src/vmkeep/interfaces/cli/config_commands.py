@@ -10,7 +10,8 @@ import typer
 from vmkeep.errors import UsageError
 
 from .context import state
-from .output import PassphraseSource, console, print_json, shown, stdout, table
+from .output import console, print_json, shown, stdout, table
+from .passphrase import PassphraseSource
 from .repo_commands import JsonOpt
 
 config_app = typer.Typer(

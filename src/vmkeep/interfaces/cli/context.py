@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from vmkeep.errors import UsageError
 
-from .output import PassphraseSource
+from .early_open import is_location, take
+from .passphrase import PassphraseSource
 
 if TYPE_CHECKING:
     from vmkeep.connectors.base import Connector
@@ -61,6 +62,9 @@ class CliState:
         from vmkeep.repository.opening import OpeningRepository
 
         if remote_ref is not None and is_location(remote_ref):
+            early = take(remote_ref, self.passphrase.file)  # begun before typer: early_open.py
+            if early is not None:
+                return early
             return OpeningRepository(self.open_remote(remote_ref), self.passphrase).result
         entry = self.registry.entry(remote_ref)
         known = entry.repository.known() if entry and entry.repository else None
@@ -101,11 +105,6 @@ class CliState:
         from vmkeep.engine.state.credentials import stored_credentials
 
         return open_remote(location, stored_credentials(db, entry.name))
-
-
-def is_location(ref: str) -> bool:
-    """A path or URL, not a remote name (names have no '/': RemoteRegistry.resolve)."""
-    return "/" in ref or "://" in ref or ref.startswith(".")
 
 
 state = CliState()

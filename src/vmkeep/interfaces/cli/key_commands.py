@@ -44,7 +44,7 @@ def key_add(
     """Add a passphrase (e.g. a recovery key); the data is not rewritten."""
     from pathlib import Path
 
-    from .output import PassphraseSource
+    from .passphrase import PassphraseSource
 
     repo = state.open_repository(remote)
     key_id = repo.add_key(PassphraseSource(Path(new_passphrase_file))(), label)

@@ -13,7 +13,6 @@ from vmkeep.errors import UsageError
 
 from .context import CliState, state
 from .output import (
-    PassphraseSource,
     RichProgress,
     console,
     human_bytes,
@@ -22,6 +21,7 @@ from .output import (
     stdout,
     table,
 )
+from .passphrase import PassphraseSource
 from .repo_commands import JsonOpt
 
 if TYPE_CHECKING:

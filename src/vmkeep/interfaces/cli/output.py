@@ -2,66 +2,70 @@
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import re
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from rich.console import Console
-from rich.errors import MarkupError
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
-
-from vmkeep.errors import UsageError
 
 if TYPE_CHECKING:
     from rich.progress import Progress
+    from rich.table import Table
 
-# Control characters (C0 but tab and newline, DEL, C1): a VM name, disk name, metadata value
-# or error text from a remote or a VM directory could carry terminal escape sequences.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+    from .safe_console import SafeConsole
+
+# Control characters (C0, DEL, C1): a VM name, disk name, metadata value or error text from a
+# remote or a VM directory could carry terminal escape sequences (safe_console.py too).
 _CONTROL_OR_NEWLINE = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-def _visible(match: re.Match[str]) -> str:
+def visible(match: re.Match[str]) -> str:
+    """A matched control character as the text \\xNN."""
     return f"\\x{ord(match.group()):02x}"
 
 
 def plain(text: object) -> str:
     """`text` on one line, every control character shown as \\xNN (never sent raw)."""
-    return _CONTROL_OR_NEWLINE.sub(_visible, str(text))
+    return _CONTROL_OR_NEWLINE.sub(visible, str(text))
 
 
 def shown(text: object) -> str:
     """A value from a remote or a VM, safe inside rich markup: plain(), markup escaped."""
+    from rich.markup import escape
+
     return escape(plain(text))
 
 
-class SafeConsole(Console):
-    """Every string printed is stripped of raw control characters, and a string whose
-    markup does not parse (a `[/]` in a VM name) is printed as plain text instead of
-    failing: whatever a caller interpolates, nothing reaches the terminal raw."""
+class LazyConsole:
+    """A SafeConsole (safe_console.py) made at its first use: rich's import (~0.02 CPU-s) is
+    not paid by a command that prints nothing through it, such as `backup --json` or
+    `restore --json` (docs/DATA-PATH.md "Start-up of backup and restore")."""
 
-    def render_str(self, text: str, **kwargs: Any) -> Text:
-        text = _CONTROL.sub(_visible, text)
-        try:
-            return super().render_str(text, **kwargs)
-        except MarkupError:
-            return super().render_str(text, **dict(kwargs, markup=False))
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._real: SafeConsole | None = None
+
+    @property
+    def real(self) -> SafeConsole:
+        if self._real is None:
+            from .safe_console import SafeConsole
+
+            self._real = SafeConsole(**self._options)
+        return self._real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 # Output to a file or a pipe is for logs: a message stays one line however long (soft_wrap);
 # only tables are laid out, 160 columns wide when stdout is not a terminal.
-console = SafeConsole(stderr=True, soft_wrap=not sys.stderr.isatty())
-stdout = SafeConsole(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
+console = LazyConsole(stderr=True, soft_wrap=not sys.stderr.isatty())
+stdout = LazyConsole(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
 _json_printed = False
 
 
 def print_error(message: str) -> None:
+    from rich.text import Text
+
     console.print(Text.assemble(("error: ", "bold red"), plain(message)), soft_wrap=True)
 
 
@@ -90,6 +94,8 @@ def human_bytes(n: float | None) -> str:
 
 def table(*columns: str, title: str | None = None) -> Table:
     """A listing table; the first column (an ID to copy) never wraps or truncates."""
+    from rich.table import Table
+
     result = Table(title=title)
     for i, name in enumerate(columns):
         result.add_column(name, no_wrap=i == 0, overflow="fold" if i else "ignore")
@@ -140,7 +146,7 @@ class RichProgress:
         else:
             columns += [TextColumn("{task.completed}/{task.total}")]
         columns.append(TimeRemainingColumn())
-        self._bar = Progress(*columns, console=console, transient=False)
+        self._bar = Progress(*columns, console=console.real, transient=False)
         self._bar.start()
         self._task = self._bar.add_task(shown(description), total=total)
 
@@ -155,63 +161,3 @@ class RichProgress:
 
     def note(self, message: str) -> None:
         console.print(f"[yellow]note:[/] {shown(message)}")
-
-
-class PassphraseSource:
-    """The passphrase from a file, VMKEEP_PASSPHRASE, or a prompt — never from an argument."""
-
-    def __init__(self, file: Path | None) -> None:
-        self.file = file
-        self._cached: bytes | None = None
-
-    def __call__(self, confirm: bool = False) -> bytes:
-        if self._cached is None:
-            passphrase = self._read(confirm)
-            if not passphrase:  # whatever the source: the prompt always refused it
-                raise UsageError(f"empty passphrase (from {self.origin()}): refusing it")
-            self._cached = passphrase
-        return self._cached
-
-    def origin(self) -> str:
-        if self.file is not None:
-            return f"passphrase file {self.file}"
-        return "VMKEEP_PASSPHRASE" if "VMKEEP_PASSPHRASE" in os.environ else "the prompt"
-
-    def _read(self, confirm: bool) -> bytes:
-        if self.file is not None:
-            try:
-                return read_passphrase_file(self.file)
-            except OSError as exc:
-                raise UsageError(
-                    f"cannot read passphrase file {self.file}: {exc.strerror}"
-                ) from exc
-        env = os.environ.get("VMKEEP_PASSPHRASE")
-        if env is not None:
-            return os.fsencode(env)  # the bytes as given, even when not UTF-8
-        if sys.stdin is None or sys.stdin.closed or not sys.stdin.isatty():
-            raise UsageError(
-                "no passphrase: set VMKEEP_PASSPHRASE, use --passphrase-file, or run in a terminal"
-            )
-        try:
-            first = getpass.getpass("Repository passphrase: ")
-            if confirm and getpass.getpass("Repeat passphrase: ") != first:
-                raise UsageError("the passphrases do not match")
-        except EOFError:
-            raise UsageError("no passphrase: the terminal closed before one was entered") from None
-        return os.fsencode(first)
-
-
-MAX_PASSPHRASE_FILE = 4096  # a passphrase, not a key file: /dev/zero must not fill memory
-
-
-def read_passphrase_file(path: Path) -> bytes:
-    """At most MAX_PASSPHRASE_FILE bytes (one trailing newline dropped); a longer file is
-    refused rather than read whole."""
-    with path.open("rb") as f:
-        data = f.read(MAX_PASSPHRASE_FILE + 1)
-    if len(data) > MAX_PASSPHRASE_FILE:
-        raise UsageError(
-            f"passphrase file {path} is larger than {MAX_PASSPHRASE_FILE} bytes: "
-            "is it the right file?"
-        )
-    return data.rstrip(b"\r\n")
