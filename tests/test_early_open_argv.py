@@ -1,5 +1,5 @@
 """Which command lines get the key derivation's head start (interfaces/cli/early_open.py):
-only `backup` and `restore` with one path or URL --remote, never --help nor another command;
+only `backup` and `restore` with one local path --remote, never --help nor another command;
 what is taken must match the remote and passphrase file typer parsed."""
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from vmkeep.interfaces.cli.early_open import wanted_open
     [
         (["vmkeep", "backup", "vm", "--remote", "/r"], ("/r", None)),
         (["/venv/bin/vmkeep", "restore", "p", "-r", "./r", "--to", "/t"], ("./r", None)),
-        (["vmkeep", "backup", "--remote=s3://b/x", "vm"], ("s3://b/x", None)),
         (["x/cli/app.py", "backup", "vm", "--remote", "/r"], ("/r", None)),
         (["vmkeep", "--passphrase-file", "/p", "backup", "--remote", "/r"], ("/r", Path("/p"))),
         (["vmkeep", "--passphrase-file=/p", "restore", "--remote", "/r"], ("/r", Path("/p"))),
@@ -35,6 +34,8 @@ def test_data_commands_on_a_location_are_opened_early(
     [
         ["vmkeep", "list", "--remote", "/r"],  # not a data command
         ["vmkeep", "backup", "vm", "--remote", "here"],  # a remote name: the state database
+        ["vmkeep", "backup", "--remote=s3://b/x", "vm"],  # a request: after typer's checks
+        ["vmkeep", "restore", "p", "-r", "smb://h/s/r"],
         ["vmkeep", "backup", "vm"],  # the default remote
         ["vmkeep", "backup", "vm", "--remote", "/r", "--help"],
         ["vmkeep", "backup", "-r", "/a", "--remote", "/b"],  # which one typer keeps: not here

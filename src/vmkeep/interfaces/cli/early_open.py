@@ -3,7 +3,8 @@
 Argon2id (64 MiB, 3 passes) runs in C without the GIL for ~0.2 s; the CLI's own start-up
 (typer, its pydantic adapters, rich, the command modules) is ~0.15-0.5 s before a command
 runs. `app.py` calls `start(sys.argv)` first: when the command line is `backup` or `restore`
-with `--remote PATH|URL` and the passphrase comes from --passphrase-file or
+with `--remote PATH` (a local path: an object store's config read is a request,
+which must not delay or precede a usage error) and the passphrase comes from --passphrase-file or
 VMKEEP_PASSPHRASE, the config is read and the derivation begins at once
 (`OpeningRepository`); the command takes it with `take`. Only an exact match is taken
 (the remote as typer parsed it, the same passphrase file), so a misread command line costs
@@ -44,7 +45,7 @@ def is_location(ref: str) -> bool:
 
 def start(argv: list[str]) -> None:
     """Read the config and start the key derivation if argv asks for a data command on a
-    path or URL remote with a passphrase that needs no prompt; otherwise do nothing."""
+    local path remote with a passphrase that needs no prompt; otherwise do nothing."""
     global _started, _tried
     wanted = None if _tried else wanted_open(argv)
     _tried = True
@@ -96,8 +97,8 @@ def wanted_open(argv: list[str]) -> tuple[str, Path | None] | None:
     if "--help" in options:
         return None
     remotes = remote_values(options)
-    if len(remotes) != 1 or not is_location(remotes[0]):
-        return None
+    if len(remotes) != 1 or not is_location(remotes[0]) or "://" in remotes[0]:
+        return None  # a URL's config read is a request: not before typer checked the usage
     return remotes[0], file
 
 
