@@ -6,30 +6,21 @@ repository side does not import the files connector (~0.14 s of start-up)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
+
+from vmkeep.libc import LIBC
 
 _DIRECT_FS = {0xEF53, 0x58465342, 0x9123683E}  # ext2/3/4, XFS, Btrfs (statfs f_type)
 _STATFS_SIZE = 120  # struct statfs on 64-bit Linux; f_type is its first field (a long)
 
 
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    except OSError:
-        return None
-
-
-_libc = _load_libc()
-
-
 def fs_type(path: str) -> int | None:
     """statfs(2)'s f_type (the file system's magic number) of the one holding `path`; None
     when it cannot be had."""
-    if _libc is None:
+    if LIBC is None:
         return None
     buf = ctypes.create_string_buffer(_STATFS_SIZE)
-    if _libc.statfs(os.fsencode(path), buf) != 0:
+    if LIBC.statfs(os.fsencode(path), buf) != 0:
         return None
     return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 

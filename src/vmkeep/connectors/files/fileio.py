@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import secrets
@@ -14,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vmkeep.errors import ConnectorError
+from vmkeep.libc import LIBC
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -119,20 +119,9 @@ def _check_inside(real: str, name: str, within: Path) -> None:
         )
 
 
-def _load_libc() -> ctypes.CDLL | None:
-    """libc, for the call Python's os module lacks: fallocate with PUNCH_HOLE."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    except OSError:
-        return None
-
-
-_libc = _load_libc()
-
-
 def _load_fallocate() -> Callable[..., int] | None:
     """fallocate(2): Python's os module has no way to pass PUNCH_HOLE."""
-    func = getattr(_libc, "fallocate", None)
+    func = getattr(LIBC, "fallocate", None)
     if func is None:
         return None
     func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]

@@ -8,7 +8,6 @@ parent (PR_SET_PDEATHSIG), so a killed vmkeep leaves no server holding the image
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -17,21 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vmkeep.errors import ConnectorError
+from vmkeep.libc import LIBC
 
 START_TIMEOUT = 15.0
 PR_SET_PDEATHSIG = 1
 
 
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-# Loaded here, in the parent: a dlopen in the child between fork and exec can fail (another
-# thread may have held the loader's lock at fork time), and then the death signal was lost.
-_LIBC = _load_libc()
+# vmkeep.libc loads the C library in the parent: a dlopen in the child between fork and exec
+# can fail (another thread may have held the loader's lock at fork time), and then the death
+# signal was lost.
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -39,8 +32,8 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
     already (before the prctl), exit at once."""
 
     def preexec() -> None:
-        if _LIBC is not None:
-            _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if LIBC is not None:
+            LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
 
