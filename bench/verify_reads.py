@@ -5,7 +5,8 @@ object kind (a counting wrapper around the local remote), wall and CPU time.
         [--pack-mib 1]
 
 (a realistic layout: --points 4 --chunks 60 --chunk-kib 4096 --pack-mib 16, 64 KiB blocks
-in 4 MiB chunks)
+in 4 MiB chunks). `--remote URL` (e.g. an S3 URL, keys in the environment as for vmkeep)
+builds into and verifies that remote instead of a local directory.
 
 Each point is one flush of its own chunks (random data: a data pack and a recipe pack per
 point at 1 MiB packs) plus one chunk shared by all, the way successive backups leave
@@ -27,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.progress import SilentProgress
-from vmkeep.remotes.local import LocalRemote
+from vmkeep.remotes.base import Remote
+from vmkeep.remotes.location import open_remote
 from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.verify import verify
@@ -38,7 +40,7 @@ PASSPHRASE = b"bench verify reads"
 class ByteCounter:
     """Every call goes to the real remote; GETs are counted by top directory, with bytes."""
 
-    def __init__(self, inner: LocalRemote) -> None:
+    def __init__(self, inner: Remote) -> None:
         self.inner = inner
         self.url = inner.url
         self.pack_size = 1 << 20  # a longer read from offset 0 is get_bounded's (whole)
@@ -59,9 +61,9 @@ class ByteCounter:
         return getattr(self.inner, name)
 
 
-def build(root: Path, points: int, chunks: int, chunk_kib: int, pack_size: int) -> None:
+def build(remote: Remote, points: int, chunks: int, chunk_kib: int, pack_size: int) -> None:
     repo = Repository.init(
-        LocalRemote(str(root)),
+        remote,
         "aes-256-gcm",
         lambda: PASSPHRASE,
         format_version=3,
@@ -101,12 +103,13 @@ def main() -> None:
     ap.add_argument("--chunk-kib", type=int, default=512)
     ap.add_argument("--pack-mib", type=int, default=1)
     ap.add_argument("--repo", type=Path, help="reuse (or build once into) this directory")
+    ap.add_argument("--remote", help="reuse (or build once into) this remote URL")
     args = ap.parse_args()
-    root = args.repo or Path(tempfile.mkdtemp(prefix="verify-reads-")) / "repo"
-    if not (root / "config").exists():
-        build(root, args.points, args.chunks, args.chunk_kib, args.pack_mib << 20)
-    packs = sum(1 for p in (root / "packs").rglob("*") if p.is_file())
-    remote = ByteCounter(LocalRemote(str(root)))
+    root = args.remote or str(args.repo or Path(tempfile.mkdtemp(prefix="verify-reads-")) / "repo")
+    if open_remote(root).stat("config") is None:
+        build(open_remote(root), args.points, args.chunks, args.chunk_kib, args.pack_mib << 20)
+    packs = sum(1 for o in open_remote(root).list("packs/") if not o.name.endswith("/"))
+    remote = ByteCounter(open_remote(root))
     repo = Repository.open(remote, lambda: PASSPHRASE)  # type: ignore[arg-type]
     if repo.packed is not None:
         remote.pack_size = repo.packed.pack_size
