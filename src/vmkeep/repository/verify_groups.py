@@ -53,8 +53,8 @@ def check_grouped(
     it completes (not in order). Every check of get_chunk is made: each block's
     authentication and ID (BLAKE3), each recipe's, each chunk's length."""
     per_group = group_size(repo.packed, repo.chunk_size, GROUP_BYTES)
-    decoders = cpu_count()
-    window = window_of(per_group, repo.chunk_size, io_threads(repo.remote.url), decoders)
+    decoders, fetchers = cpu_count(), io_threads(repo.remote.url)
+    window = window_of(per_group, repo.chunk_size, fetchers, decoders)
 
     def fetch(chunk_ids: list[bytes]) -> _Group:
         try:
@@ -81,7 +81,7 @@ def check_grouped(
         fetch,
         decode,
         lambda group: group.fetched.nbytes if group.fetched is not None else 0,
-        max(1, window - decoders),
+        min(fetchers, window),  # all of the window fetching while the decoders wait
         decoders,
         stats,
     )
