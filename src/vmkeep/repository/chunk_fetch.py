@@ -50,10 +50,10 @@ class FetchedChunks:
             self.lease.release()
 
 
-def group_size(store: PackedStore | None, chunk_size: int) -> int:
+def group_size(store: PackedStore | None, chunk_size: int, group_bytes: int = GROUP_BYTES) -> int:
     """Consecutive chunks per fetch: one object per chunk in v1/v2; format 3 up to
-    GROUP_BYTES of plaintext, so small chunks share their GETs."""
-    return 1 if store is None else max(1, GROUP_BYTES // chunk_size)
+    `group_bytes` of plaintext, so small chunks share their GETs."""
+    return 1 if store is None else max(1, group_bytes // chunk_size)
 
 
 def fetch_objects(remote: Remote, chunk_ids: list[bytes], chunk_size: int) -> FetchedChunks:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from vmkeep.errors import IntegrityError, RemoteError
 from vmkeep.parallel import ordered_map
 from vmkeep.progress import Progress
 
@@ -13,6 +14,7 @@ from .blobs import KIND_RECIPE
 from .manifest_stream import stream_manifests
 from .point_cache import forget_points
 from .repository import ManifestProblem, Repository
+from .verify_groups import Checked, check_grouped, check_one
 
 
 @dataclass
@@ -68,26 +70,32 @@ def verify(repo: Repository, point_ids: list[str] | None, progress: Progress) ->
     order = in_pack_order(repo, chunks)
     del chunks
 
-    def check(chunk_id: bytes) -> tuple[bytes, int, str | None]:
-        try:
-            return chunk_id, len(repo.get_chunk(chunk_id)), None
-        except (IntegrityError, RemoteError) as exc:
-            return chunk_id, 0, str(exc)
-
     bad: dict[bytes, str] = {}
-    for chunk_id, size, error in ordered_map(check, order):
-        report.chunks_checked += 1
-        report.bytes_checked += size
-        if error is not None:
-            bad[chunk_id] = error
-        progress.advance(1)
+    for results in _checks(repo, order):
+        for chunk_id, size, error in results:
+            report.chunks_checked += 1
+            report.bytes_checked += size
+            if error is not None:
+                bad[chunk_id] = error
+        progress.advance(len(results))
     progress.finish()
     users = _users(repo, point_ids, set(bad)) if bad else {}
     report.corrupt_chunks = [
-        CorruptChunk(chunk_id.hex(), error, sorted(users.get(chunk_id, [])))
-        for chunk_id, error in bad.items()
+        CorruptChunk(chunk_id.hex(), bad[chunk_id], sorted(users.get(chunk_id, [])))
+        for chunk_id in order
+        if chunk_id in bad
     ]
     return report
+
+
+def _checks(repo: Repository, order: list[bytes]) -> Iterator[list[Checked]]:
+    """Format 3: groups of chunks, each group's blocks read with few ranged GETs
+    (verify_groups.py); formats 1 and 2: one chunk object at a time, as they come."""
+    if repo.packed is not None:
+        yield from check_grouped(repo, order)
+        return
+    for checked in ordered_map(partial(check_one, repo), order):
+        yield [checked]
 
 
 def in_pack_order(repo: Repository, chunks: set[bytes]) -> list[bytes]:
