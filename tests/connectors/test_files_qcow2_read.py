@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -161,12 +162,14 @@ def test_encrypted_image_is_refused(tmp_path: Path, fmt: str) -> None:
         options += ",encrypt.iter-time=10"
     cmd = [tool("qemu-img"), "create", "-q", "--object", "secret,id=sec0,data=password"]
     cmd += ["-f", "qcow2", "-o", options, str(image), "16M"]
-    # LUKS: qemu-img times its own PBKDF to pick an iteration count, and on a busy VM that
-    # sometimes fails with "Unable to get accurate CPU usage": try again then.
-    for _ in range(5):
+    # LUKS: qemu-img times its own PBKDF to pick an iteration count from its thread's CPU
+    # time, and on a busy VM that reads 0 at times ("Unable to get accurate CPU usage"; five
+    # back-to-back tries all failed once in CI): try again a moment later.
+    for attempt in range(20):
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode == 0 or "accurate CPU usage" not in proc.stderr:
             break
+        time.sleep(0.05 * (attempt + 1))
     assert proc.returncode == 0, proc.stderr
     with pytest.raises(ConnectorError, match="encrypted"):
         Qcow2Reader(image)

@@ -324,11 +324,11 @@ def test_failed_restore_leaves_no_volume_and_no_domain(
     calls = []
     real_fetch = source.repo.fetch_chunks  # the I/O half of every chunk read (restore pipeline)
 
-    def failing_fetch(chunk_ids: Any) -> Any:
+    def failing_fetch(chunk_ids: Any, *rest: Any) -> Any:  # rest: the read buffers
         calls.append(chunk_ids)
         if len(calls) > 1:
             raise ConnectorError("repository went away")
-        return real_fetch(chunk_ids)
+        return real_fetch(chunk_ids, *rest)
 
     monkeypatch.setattr(source.repo, "fetch_chunks", failing_fetch)
     name = lv.unique_name("failed")

@@ -1,31 +1,19 @@
-"""Rendering for the CLI: JSON, tables, progress bars, and the passphrase sources."""
+"""Rendering for the CLI: JSON, tables, progress bars (the passphrase sources are in
+passphrase.py, control characters in control_chars.py)."""
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from typing import TYPE_CHECKING, Any
+
+from .control_chars import plain as plain  # re-exported: the CLI's modules take it from here
 
 if TYPE_CHECKING:
     from rich.progress import Progress
     from rich.table import Table
 
     from .safe_console import SafeConsole
-
-# Control characters (C0, DEL, C1): a VM name, disk name, metadata value or error text from a
-# remote or a VM directory could carry terminal escape sequences (safe_console.py too).
-_CONTROL_OR_NEWLINE = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-def visible(match: re.Match[str]) -> str:
-    """A matched control character as the text \\xNN."""
-    return f"\\x{ord(match.group()):02x}"
-
-
-def plain(text: object) -> str:
-    """`text` on one line, every control character shown as \\xNN (never sent raw)."""
-    return _CONTROL_OR_NEWLINE.sub(visible, str(text))
 
 
 def shown(text: object) -> str:

@@ -3,18 +3,13 @@ only when something is printed (output.LazyConsole)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from rich.console import Console
 from rich.errors import MarkupError
 from rich.text import Text
 
-from .output import visible
-
-# Control characters (C0 but tab and newline, DEL, C1): a VM name, disk name, metadata value
-# or error text from a remote or a VM directory could carry terminal escape sequences.
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+from .control_chars import CONTROL, visible
 
 
 class SafeConsole(Console):
@@ -23,7 +18,7 @@ class SafeConsole(Console):
     failing: whatever a caller interpolates, nothing reaches the terminal raw."""
 
     def render_str(self, text: str, **kwargs: Any) -> Text:
-        text = _CONTROL.sub(visible, text)
+        text = CONTROL.sub(visible, text)
         try:
             return super().render_str(text, **kwargs)
         except MarkupError:
