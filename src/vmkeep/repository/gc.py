@@ -19,9 +19,10 @@ from vmkeep.progress import Progress
 from vmkeep.remotes.object_lock import locks_suspended
 
 from .gc_epoch import new_epoch, write_gc_mark
+from .live_set import LiveKeys
 from .locks import RepositoryLock, remove_stale_locks
-from .manifest_stream import referenced_chunks
-from .pack_gc import PackSweep, sweep_packs
+from .manifest_stream import feed_referenced
+from .pack_gc import PackSweep, referenced_sort, sweep_packs
 from .repository import Repository
 from .retention_lock import LockedObjects, fill_unlock_dates, remove_expired_records
 
@@ -46,12 +47,12 @@ class GcReport:
 
 
 def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False) -> GcReport:
-    with RepositoryLock(repo.remote, "exclusive", "gc") as lock:
+    with RepositoryLock(repo.remote, "exclusive", "gc") as lock, _referenced(repo) as sort:
         epoch = new_epoch()
         if not dry_run:  # before listing manifests: a backup that overlaps us must see it
             write_gc_mark(repo.remote, lock, epoch, "running")
         try:
-            stale, referenced, points, garbage = _mark(repo, dry_run, progress)
+            stale, referenced, points, garbage = _mark(repo, dry_run, progress, sort)
             lock.check()  # the marker and our listings were made under a lock still ours
         except VmkeepError:
             if not dry_run:  # nothing deleted: backups need not stat their chunks for us
@@ -60,12 +61,14 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
                     write_gc_mark(repo.remote, lock, epoch, "done")
             raise
         packs: PackSweep | None = None
-        if repo.packed is not None:  # format 3: packs swept and repacked, not chunk objects
+        if sort is not None:  # format 3: packs swept and repacked, not chunk objects
             with locks_suspended(repo.remote):
-                packs = sweep_packs(repo, referenced, progress, dry_run, lock)
+                packs = sweep_packs(repo, sort, progress, dry_run, lock)
             deleted, freed, refused = packs.dead_chunks, packs.bytes_freed, packs.refused
+            kept = packs.referenced
         else:
             deleted, freed, refused = sweep(repo, garbage, progress, dry_run, lock)
+            kept = len(referenced)
         # No live writer exists while we hold the exclusive lock: every temp object is dead.
         lock.check()
         partial = 0 if dry_run else repo.remote.purge_incomplete(older_than=0)
@@ -79,7 +82,7 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
         locked.add(error.until)
     return GcReport(
         points,
-        len(referenced),
+        kept,
         deleted,
         freed,
         partial,
@@ -91,23 +94,34 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
     )
 
 
+def _referenced(repo: Repository) -> contextlib.AbstractContextManager[LiveKeys | None]:
+    """Format 3: the external sort of the referenced chunk IDs (removed when gc ends);
+    formats 1 and 2 keep them in a set."""
+    if repo.packed is None:
+        return contextlib.nullcontext()
+    return referenced_sort(repo.packed)
+
+
 def _mark(
-    repo: Repository, dry_run: bool, progress: Progress
+    repo: Repository, dry_run: bool, progress: Progress, sort: LiveKeys | None
 ) -> tuple[int, set[bytes], int, list[tuple[bytes, int]]]:
     """Stale locks removed, then the chunks every restore point references, the number of
-    points, and the other chunks (format 3: none listed, the pack sweep's merge join counts
-    the unreferenced recipes as it meets them). Manifests are read one at a time and dropped
-    once marked: memory follows the unique chunks (referenced and garbage), not points x
-    disk size."""
+    points, and the other chunks (format 3: the referenced IDs go to `sort`, not the set,
+    and no chunk is listed: the pack sweep's merge join counts the unreferenced recipes as
+    it meets them). Manifests are read one at a time and dropped once marked: memory
+    follows the unique chunks (formats 1 and 2: referenced and garbage), not points x disk
+    size; format 3's follows a constant."""
     stale = 0 if dry_run else remove_stale_locks(repo.remote)
-    referenced, points, problems = referenced_chunks(repo, progress)
+    referenced: set[bytes] = set()
+    feed = referenced.update if sort is None else sort.add_many
+    points, problems = feed_referenced(repo, feed, progress)
     if problems:
         raise RepositoryError(
             f"gc refuses to run: restore point {problems[0].point_id} is unreadable "
             f"({problems[0].error}); its chunks cannot be told apart from garbage. "
             "Run `vmkeep verify`, then delete the bad restore point with `vmkeep forget`"
         )
-    if repo.packed is not None:
+    if sort is not None:
         return stale, referenced, points, []
     garbage = [(cid, size) for cid, size in repo.list_chunks() if cid not in referenced]
     return stale, referenced, points, garbage
