@@ -10,6 +10,7 @@ its own lock before every delete."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +19,9 @@ from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.progress import Progress
 from vmkeep.remotes.object_lock import locks_suspended
 
+from .chunk_gc import ChunkGarbage
 from .gc_epoch import new_epoch, write_gc_mark
-from .live_set import LiveKeys
+from .live_set import LiveKeys, spill_parent
 from .locks import RepositoryLock, remove_stale_locks
 from .manifest_stream import feed_referenced
 from .pack_gc import PackSweep, referenced_sort, sweep_packs
@@ -47,12 +49,16 @@ class GcReport:
 
 
 def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False) -> GcReport:
-    with RepositoryLock(repo.remote, "exclusive", "gc") as lock, _referenced(repo) as sort:
+    with (
+        RepositoryLock(repo.remote, "exclusive", "gc") as lock,
+        referenced_sort(str(repo.config["id"])) as sort,
+        ChunkGarbage(spill_parent(str(repo.config["id"])), sort) as garbage,
+    ):
         epoch = new_epoch()
         if not dry_run:  # before listing manifests: a backup that overlaps us must see it
             write_gc_mark(repo.remote, lock, epoch, "running")
         try:
-            stale, referenced, points, garbage = _mark(repo, dry_run, progress, sort)
+            stale, points = _mark(repo, dry_run, progress, sort, garbage)
             lock.check()  # the marker and our listings were made under a lock still ours
         except VmkeepError:
             if not dry_run:  # nothing deleted: backups need not stat their chunks for us
@@ -61,14 +67,14 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
                     write_gc_mark(repo.remote, lock, epoch, "done")
             raise
         packs: PackSweep | None = None
-        if sort is not None:  # format 3: packs swept and repacked, not chunk objects
+        if repo.packed is not None:  # format 3: packs swept and repacked, not chunk objects
             with locks_suspended(repo.remote):
                 packs = sweep_packs(repo, sort, progress, dry_run, lock)
             deleted, freed, refused = packs.dead_chunks, packs.bytes_freed, packs.refused
             kept = packs.referenced
         else:
             deleted, freed, refused = sweep(repo, garbage, progress, dry_run, lock)
-            kept = len(referenced)
+            kept = garbage.referenced
         # No live writer exists while we hold the exclusive lock: every temp object is dead.
         lock.check()
         partial = 0 if dry_run else repo.remote.purge_incomplete(older_than=0)
@@ -94,42 +100,30 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
     )
 
 
-def _referenced(repo: Repository) -> contextlib.AbstractContextManager[LiveKeys | None]:
-    """Format 3: the external sort of the referenced chunk IDs (removed when gc ends);
-    formats 1 and 2 keep them in a set."""
-    if repo.packed is None:
-        return contextlib.nullcontext()
-    return referenced_sort(repo.packed)
-
-
 def _mark(
-    repo: Repository, dry_run: bool, progress: Progress, sort: LiveKeys | None
-) -> tuple[int, set[bytes], int, list[tuple[bytes, int]]]:
-    """Stale locks removed, then the chunks every restore point references, the number of
-    points, and the other chunks (format 3: the referenced IDs go to `sort`, not the set,
-    and no chunk is listed: the pack sweep's merge join counts the unreferenced recipes as
-    it meets them). Manifests are read one at a time and dropped once marked: memory
-    follows the unique chunks (formats 1 and 2: referenced and garbage), not points x disk
-    size; format 3's follows a constant."""
+    repo: Repository, dry_run: bool, progress: Progress, sort: LiveKeys, garbage: ChunkGarbage
+) -> tuple[int, int]:
+    """Stale locks removed, then the chunks every restore point references into the
+    external sort `sort`, and the number of points; formats 1 and 2 then list the chunk
+    objects into `garbage` (format 3 lists none: the pack sweep's merge join counts the
+    unreferenced recipes as it meets them). Manifests are read one at a time and dropped
+    once marked: memory follows a constant, not the chunks or points x disk size."""
     stale = 0 if dry_run else remove_stale_locks(repo.remote)
-    referenced: set[bytes] = set()
-    feed = referenced.update if sort is None else sort.add_many
-    points, problems = feed_referenced(repo, feed, progress)
+    points, problems = feed_referenced(repo, sort.add_many, progress)
     if problems:
         raise RepositoryError(
             f"gc refuses to run: restore point {problems[0].point_id} is unreadable "
             f"({problems[0].error}); its chunks cannot be told apart from garbage. "
             "Run `vmkeep verify`, then delete the bad restore point with `vmkeep forget`"
         )
-    if sort is not None:
-        return stale, referenced, points, []
-    garbage = [(cid, size) for cid, size in repo.list_chunks() if cid not in referenced]
-    return stale, referenced, points, garbage
+    if repo.packed is None:
+        garbage.list(repo)
+    return stale, points
 
 
 def sweep(
     repo: Repository,
-    garbage: list[tuple[bytes, int]],
+    garbage: Sequence[tuple[bytes, int]] | ChunkGarbage,
     progress: Progress,
     dry_run: bool,
     lock: RepositoryLock | None = None,
@@ -138,21 +132,20 @@ def sweep(
     requests); a locked one is kept and reported, not a failure. Before each delete, `lock`
     is checked (a clock comparison): a gc paused past its lease stops deleting."""
 
-    def delete(item: tuple[bytes, int]) -> ObjectLockedError | None:
+    def delete(item: tuple[bytes, int]) -> tuple[int, ObjectLockedError | None]:
         try:
             if not dry_run:
                 if lock is not None:
                     lock.check(read_back=False)
                 repo.delete_chunk(item[0])
         except ObjectLockedError as exc:
-            return exc
-        return None
+            return item[1], exc
+        return item[1], None
 
     deleted = freed = 0
     refused: list[ObjectLockedError] = []
     progress.start("gc", len(garbage))
-    results = ordered_map(delete, garbage, io_threads(repo.remote.url))
-    for (_chunk_id, size), error in zip(garbage, results, strict=True):
+    for size, error in ordered_map(delete, garbage, io_threads(repo.remote.url)):
         if error is None:
             deleted += 1
             freed += size

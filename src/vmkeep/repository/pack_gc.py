@@ -60,10 +60,10 @@ class PackSweep:
         return {k: v for k, v in self.__dict__.items() if k not in hidden}
 
 
-def referenced_sort(store: PackedStore) -> LiveKeys:
+def referenced_sort(repo_id: str) -> LiveKeys:
     """The external sort that gc's mark feeds every referenced chunk ID into (repeats across
     points dropped in its buffer): a set of them took ~100 bytes each, 2.5 GB at 100 TiB."""
-    return LiveKeys(spill_parent(store.repo_id), REFERENCED_BUFFER, ID_SIZE, unique=True)
+    return LiveKeys(spill_parent(repo_id), REFERENCED_BUFFER, ID_SIZE, unique=True)
 
 
 def sweep_packs(
