@@ -14,7 +14,8 @@ reports wall time, CPU time and peak RSS (os.wait4).
 `--real` measures the real `vmkeep gc` instead (this checkout's sources, and with `--src`
 another checkout's, e.g. main's from `git archive main src`; `--dry-run` runs `gc
 --dry-run`). The repository is synthetic but real: an encrypted format 3 repository on a
-local directory whose chunks each have `--blocks` (default 64; 1 for many chunks and
+local directory (`--disk-chunks N`: a copy of it whose points are re-saved as points of at
+most N chunks) whose chunks each have `--blocks` (default 64; 1 for many chunks and
 recipes, the mark's load) distinct blocks of `--block-bytes` (default 16; random past a
 16-byte counter: real blobs in real 16 MiB packs, each sealed, recipes naming them, so gc
 marks, repacks and authenticates as it would at scale without storing terabytes). Chunks
@@ -138,6 +139,36 @@ def build(root: Path, blobs: int, block_bytes: int = 16, blocks: int = BLOCKS) -
     store.reload()  # the index cache built: each gc starts warm
 
 
+def resplit(base: Path, root: Path, disk_chunks: int) -> None:
+    """A copy of base's repository whose points are re-saved as points of at most
+    `disk_chunks` chunks each (a 100 GiB disk is 25,600 chunks of 4 MiB): the same blobs
+    and garbage, manifests of a realistic size, so that the manifests gc reads in flight
+    do not hide what grows with the number of chunks."""
+    shutil.copytree(base / "repo", root / "repo")
+    shutil.copytree(base / "cache", root / "cache")
+    os.environ["VMKEEP_CACHE_DIR"] = str(root / "cache")
+    repo = Repository.open(LocalRemote(root / "repo"), lambda: PASSPHRASE.encode())
+    for n, point_id in enumerate(sorted(repo.point_ids())):
+        ids = b"".join(c for _, c in repo.load_manifest(point_id).disks[0].entries())
+        repo.delete_manifest(point_id)
+        per = disk_chunks * 32
+        for k in range(0, len(ids), per):
+            at = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=n, seconds=k // per)
+            part = ids[k : k + per]
+            size = len(part) // 32 * repo.chunk_size
+            repo.save_manifest(
+                Manifest(
+                    id=new_point_id(at),
+                    vm={"name": f"vm{n}-{k // per}", "uuid": f"uuid-{n}-{k}", "metadata": {}},
+                    disks=[DiskIndex("disk0", size, "raw", part, chunk_size=repo.chunk_size)],
+                    mode="full",
+                    created=at,
+                    finished=at + timedelta(seconds=1),
+                    stats={"bytes_read": size, "bytes_new": 1, "bytes_written": 1},
+                )
+            )
+
+
 def real_gc(root: Path, src: Path, label: str, dry_run: bool = False) -> str:
     """One `vmkeep gc` from `src` on copies of root's repository and cache."""
     run = root / f"run-{label}"
@@ -176,12 +207,23 @@ def real_gc(root: Path, src: Path, label: str, dry_run: bool = False) -> str:
 def main_real(
     counts: list[int], src: Path | None, work: Path, skip_mine: bool, shape: tuple[int, int, bool]
 ) -> None:
-    block_bytes, blocks, dry_run = shape
+    block_bytes, blocks, dry_run, disk_chunks = shape
     here = Path(__file__).resolve().parent.parent / "src"
     print(f"{'blobs':>10} {'src':>6} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}")
     for n in counts:
         root = work / (f"gc-{n}" if block_bytes == 16 else f"gc-{n}-{block_bytes}")
         root = root if blocks == BLOCKS else root.with_name(f"{root.name}-x{blocks}")
+        if disk_chunks:
+            base, root = root, root.with_name(f"{root.name}-d{disk_chunks}")
+            if not (root / "repo" / "config").exists():
+                shutil.rmtree(root, ignore_errors=True)
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        resplit(base, root, disk_chunks)
+                    finally:
+                        os._exit(0)
+                os.waitpid(pid, 0)
         if not (root / "repo" / "config").exists():
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
@@ -208,6 +250,9 @@ def main() -> None:
     ap.add_argument("--block-bytes", type=int, default=16, help="with --real: block size")
     ap.add_argument("--blocks", type=int, default=BLOCKS, help="with --real: blocks a chunk")
     ap.add_argument("--dry-run", action="store_true", help="with --real: gc --dry-run")
+    ap.add_argument(
+        "--disk-chunks", type=int, default=0, help="with --real: re-save points this small"
+    )
     ap.add_argument("--only-src", action="store_true", help="with --real: not this checkout")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gc-scale")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -217,7 +262,7 @@ def main() -> None:
         return
     if args.real:
         counts = [int(b) for b in args.real.split(",")]
-        shape = (args.block_bytes, args.blocks, args.dry_run)
+        shape = (args.block_bytes, args.blocks, args.dry_run, args.disk_chunks)
         main_real(counts, args.src, args.workdir, args.only_src, shape)
         return
     print(f"{'blobs':>10} {'mode':>7} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}")
