@@ -12,15 +12,17 @@ reports wall time, CPU time and peak RSS (os.wait4).
     .venv/bin/python bench/gc_plan_scale.py --real 1000000,4000000 [--src OTHER/src]
 
 `--real` measures the real `vmkeep gc` instead (this checkout's sources, and with `--src`
-another checkout's, e.g. main's from `git archive main src`). The repository is synthetic
-but real: an encrypted format 3 repository on a local directory whose chunks each have 64
-distinct blocks of `--block-bytes` (default 16; random past a 16-byte counter: real blobs in
-real 16 MiB packs, each sealed, recipes naming them, so gc marks, repacks and authenticates
-as it would at scale without storing terabytes). Chunks are spread over restore points so
-that once the first point is gone (never saved) the first half of the packs keeps 3/4 of its
-blobs (kept, its index rewritten) and the second half 1/4 (repacked): about half of the
-blobs live. The index cache is built once; each gc runs on fresh copies of the repository
-and cache (wall, CPU, peak RSS).
+another checkout's, e.g. main's from `git archive main src`; `--dry-run` runs `gc
+--dry-run`). The repository is synthetic but real: an encrypted format 3 repository on a
+local directory (`--disk-chunks N`: a copy of it whose points are re-saved as points of at
+most N chunks) whose chunks each have `--blocks` (default 64; 1 for many chunks and
+recipes, the mark's load) distinct blocks of `--block-bytes` (default 16; random past a
+16-byte counter: real blobs in real 16 MiB packs, each sealed, recipes naming them, so gc
+marks, repacks and authenticates as it would at scale without storing terabytes). Chunks
+are spread over restore points so that once the first point is gone (never saved) the first
+half of the packs keeps 3/4 of its blobs (kept, its index rewritten) and the second half 1/4
+(repacked): about half of the blobs live. The index cache is built once; each gc runs on
+fresh copies of the repository and cache (wall, CPU, peak RSS).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def point_of(i: int, chunks: int) -> int:
     return 0 if i % 4 else 1 + (i // 4) % 3  # 1/4 live: repacked packs
 
 
-def build(root: Path, blobs: int, block_bytes: int = 16) -> None:
+def build(root: Path, blobs: int, block_bytes: int = 16, blocks: int = BLOCKS) -> None:
     """The synthetic repository at root/repo, its index cache at root/cache."""
     os.environ["VMKEEP_CACHE_DIR"] = str(root / "cache")
     repo = Repository.init(
@@ -107,14 +109,14 @@ def build(root: Path, blobs: int, block_bytes: int = 16) -> None:
     store = repo.packed
     assert store is not None
     codec = store.codec
-    chunks = blobs // (BLOCKS + 1)
+    chunks = blobs // (blocks + 1)
     points: list[list[bytes]] = [[], [], [], []]
     for i in range(chunks):
-        pad = os.urandom(max(0, block_bytes - 16) * BLOCKS)  # random: as large encoded
+        pad = os.urandom(max(0, block_bytes - 16) * blocks)  # random: as large encoded
         step = max(0, block_bytes - 16)
-        plains = [struct.pack("<QQ", i, k) + pad[k * step : (k + 1) * step] for k in range(BLOCKS)]
+        plains = [struct.pack("<QQ", i, k) + pad[k * step : (k + 1) * step] for k in range(blocks)]
         ids = [store.sealer.chunk_id(p) for p in plains]
-        recipe = codec.recipe(BLOCKS * codec.block_size, ids)
+        recipe = codec.recipe(blocks * codec.block_size, ids)
         chunk_id = codec.recipe_id(recipe)
         store.store(chunk_id, store.pack_chunk(chunk_id, recipe, zip(ids, plains, strict=True), 0))
         points[point_of(i, chunks)].append(chunk_id)
@@ -137,7 +139,37 @@ def build(root: Path, blobs: int, block_bytes: int = 16) -> None:
     store.reload()  # the index cache built: each gc starts warm
 
 
-def real_gc(root: Path, src: Path, label: str) -> str:
+def resplit(base: Path, root: Path, disk_chunks: int) -> None:
+    """A copy of base's repository whose points are re-saved as points of at most
+    `disk_chunks` chunks each (a 100 GiB disk is 25,600 chunks of 4 MiB): the same blobs
+    and garbage, manifests of a realistic size, so that the manifests gc reads in flight
+    do not hide what grows with the number of chunks."""
+    shutil.copytree(base / "repo", root / "repo")
+    shutil.copytree(base / "cache", root / "cache")
+    os.environ["VMKEEP_CACHE_DIR"] = str(root / "cache")
+    repo = Repository.open(LocalRemote(root / "repo"), lambda: PASSPHRASE.encode())
+    for n, point_id in enumerate(sorted(repo.point_ids())):
+        ids = b"".join(c for _, c in repo.load_manifest(point_id).disks[0].entries())
+        repo.delete_manifest(point_id)
+        per = disk_chunks * 32
+        for k in range(0, len(ids), per):
+            at = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=n, seconds=k // per)
+            part = ids[k : k + per]
+            size = len(part) // 32 * repo.chunk_size
+            repo.save_manifest(
+                Manifest(
+                    id=new_point_id(at),
+                    vm={"name": f"vm{n}-{k // per}", "uuid": f"uuid-{n}-{k}", "metadata": {}},
+                    disks=[DiskIndex("disk0", size, "raw", part, chunk_size=repo.chunk_size)],
+                    mode="full",
+                    created=at,
+                    finished=at + timedelta(seconds=1),
+                    stats={"bytes_read": size, "bytes_new": 1, "bytes_written": 1},
+                )
+            )
+
+
+def real_gc(root: Path, src: Path, label: str, dry_run: bool = False) -> str:
     """One `vmkeep gc` from `src` on copies of root's repository and cache."""
     run = root / f"run-{label}"
     shutil.rmtree(run, ignore_errors=True)
@@ -153,6 +185,7 @@ def real_gc(root: Path, src: Path, label: str) -> str:
     )
     code = "from vmkeep.interfaces.cli.app import main; import sys; sys.argv[0] = 'vmkeep'; main()"
     argv = [sys.executable, "-c", code, "gc", "--remote", str(run / "repo"), "--json"]
+    argv += ["--dry-run"] if dry_run else []
     start = time.monotonic()
     with open(run / "out.json", "wb") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.PIPE)
@@ -165,18 +198,32 @@ def real_gc(root: Path, src: Path, label: str) -> str:
     got = json.loads((run / "out.json").read_text())
     shutil.rmtree(run, ignore_errors=True)
     return (
-        f"{wall:7.1f} {cpu:7.1f} {usage.ru_maxrss / 1024:9.0f}  repacked {got['packs_repacked']}"
+        f"{wall:7.1f} {cpu:7.1f} {usage.ru_maxrss / 1024:9.0f}  chunks {got['chunks_kept']}"
+        f" dead {got['chunks_deleted']} repacked {got['packs_repacked']}"
         f" written {got['packs_written']} index objects replaced {got['index_objects_replaced']}"
     )
 
 
 def main_real(
-    counts: list[int], src: Path | None, work: Path, skip_mine: bool, block_bytes: int
+    counts: list[int], src: Path | None, work: Path, skip_mine: bool, shape: tuple[int, int, bool]
 ) -> None:
+    block_bytes, blocks, dry_run, disk_chunks = shape
     here = Path(__file__).resolve().parent.parent / "src"
     print(f"{'blobs':>10} {'src':>6} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}")
     for n in counts:
         root = work / (f"gc-{n}" if block_bytes == 16 else f"gc-{n}-{block_bytes}")
+        root = root if blocks == BLOCKS else root.with_name(f"{root.name}-x{blocks}")
+        if disk_chunks:
+            base, root = root, root.with_name(f"{root.name}-d{disk_chunks}")
+            if not (root / "repo" / "config").exists():
+                shutil.rmtree(root, ignore_errors=True)
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        resplit(base, root, disk_chunks)
+                    finally:
+                        os._exit(0)
+                os.waitpid(pid, 0)
         if not (root / "repo" / "config").exists():
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
@@ -184,14 +231,14 @@ def main_real(
             pid = os.fork()
             if pid == 0:
                 try:
-                    build(root, n, block_bytes)
+                    build(root, n, block_bytes, blocks)
                 finally:
                     os._exit(0)
             os.waitpid(pid, 0)
             print(f"# built {n} blobs in {time.monotonic() - began:.0f} s", flush=True)
         mine = [] if skip_mine else [("branch", here)]
         for label, path in [*mine, *([("other", src)] if src else [])]:
-            print(f"{n:>10} {label:>6} {real_gc(root, path, label)}", flush=True)
+            print(f"{n:>10} {label:>6} {real_gc(root, path, label, dry_run)}", flush=True)
 
 
 def main() -> None:
@@ -201,6 +248,11 @@ def main() -> None:
     ap.add_argument("--real", help="blob counts: run the real gc on synthetic repositories")
     ap.add_argument("--src", type=Path, help="with --real: also run gc from this src/")
     ap.add_argument("--block-bytes", type=int, default=16, help="with --real: block size")
+    ap.add_argument("--blocks", type=int, default=BLOCKS, help="with --real: blocks a chunk")
+    ap.add_argument("--dry-run", action="store_true", help="with --real: gc --dry-run")
+    ap.add_argument(
+        "--disk-chunks", type=int, default=0, help="with --real: re-save points this small"
+    )
     ap.add_argument("--only-src", action="store_true", help="with --real: not this checkout")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gc-scale")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -210,7 +262,8 @@ def main() -> None:
         return
     if args.real:
         counts = [int(b) for b in args.real.split(",")]
-        main_real(counts, args.src, args.workdir, args.only_src, args.block_bytes)
+        shape = (args.block_bytes, args.blocks, args.dry_run, args.disk_chunks)
+        main_real(counts, args.src, args.workdir, args.only_src, shape)
         return
     print(f"{'blobs':>10} {'mode':>7} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}")
     for n in (int(b) for b in args.blobs.split(",")):

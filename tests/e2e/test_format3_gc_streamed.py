@@ -34,12 +34,12 @@ import os, sys
 import vmkeep.repository.pack_gc as gc
 import vmkeep.repository.pack_repack as pack_repack
 from vmkeep.errors import RemoteError
-gc.LIVE_BUFFER, gc.SORT_BUFFER = 40, 60
+gc.LIVE_BUFFER, gc.SORT_BUFFER, gc.REFERENCED_BUFFER, gc.LOCATED_BUFFER = 40, 60, 2, 2
 Base = gc.LiveKeys
 class Logged(Base):
     def close(self):
         with open(os.environ["RUNS_LOG"], "a") as f:
-            f.write(f"{len(self.runs)} {self.dir}\\n")
+            f.write(f"{len(self.runs)} {self.key_size} {self.dir}\\n")
         super().close()
 gc.LiveKeys = Logged
 fail_at = os.environ.get("FAIL_AT")
@@ -115,6 +115,82 @@ def build(cli: Cli, tmp_path: Path) -> Repo:
 
 def logged_runs(log: Path) -> list[int]:
     return [int(line.split()[0]) for line in log.read_text().splitlines()]
+
+
+def runs_by_key_size(log: Path) -> dict[int, int]:
+    """The most runs a sort of each key size spilled (32: the referenced chunk IDs, 72: their
+    recipes' locations)."""
+    most: dict[int, int] = {}
+    for line in log.read_text().splitlines():
+        runs, size = (int(f) for f in line.split()[:2])
+        most[size] = max(runs, most.get(size, 0))
+    return most
+
+
+def indexed(cli: Cli, url: str) -> tuple[set[bytes], dict[tuple[int, bytes], bytes]]:
+    """The chunk IDs the points reference, and every indexed blob (kind, ID) with its pack,
+    read in this process from a fresh index."""
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in cli.env.items() if k.startswith("VMKEEP_")})
+    try:
+        repo = Repository.open(open_remote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+        store = repo.packed
+        assert store is not None
+        referenced, _, problems = referenced_chunks(repo, SilentProgress())
+        assert not problems
+        entries = store.reload().index.entries()
+        return referenced, {(e.kind, e.blob_id): e.pack for e in entries}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def live_blobs(cli: Cli, url: str, referenced: set[bytes]) -> set[tuple[int, bytes]]:
+    """Every recipe and block the referenced chunks need (the in-memory mark of before)."""
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in cli.env.items() if k.startswith("VMKEEP_")})
+    try:
+        repo = Repository.open(open_remote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+        store = repo.packed
+        assert store is not None
+        live = {(KIND_RECIPE, c) for c in referenced if c != ZERO_ID}
+        for chunk_id in referenced - {ZERO_ID}:
+            live.update((KIND_BLOCK, b) for b in store.recipe_of(chunk_id)[1] if b != ZERO_ID)
+        return live
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_spilled_referenced_ids_keep_every_referenced_blob(cli: Cli, tmp_path: Path) -> None:
+    """The mark's own sorts (referenced chunk IDs, their recipes' locations) spill several
+    runs; gc still keeps every blob a point needs, drops the dead ones from the index and
+    their dead packs from the remote, and counts what the set-based mark counted."""
+    repo = build(cli, tmp_path)
+    referenced, before = indexed(cli, repo.url)
+    live = live_blobs(cli, repo.url, referenced)
+    dead_recipes = {i for k, i in before if k == KIND_RECIPE} - referenced
+    assert dead_recipes and live <= set(before)
+    dead_packs = {p for b, p in before.items() if b not in live} - {
+        p for b, p in before.items() if b in live
+    }
+    assert dead_packs <= packs_listed(repo.url)
+    log = tmp_path / "runs.log"
+    done = run_gc(cli, repo.url, log)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["chunks_kept"] == len(referenced)
+    assert report["chunks_deleted"] == len(dead_recipes)
+    most = runs_by_key_size(log)
+    assert most[32] >= 3 and most[72] >= 2  # the mark's sorts really merged spilled runs
+    assert run_dirs(cli) == []
+    again, after = indexed(cli, repo.url)
+    assert again == referenced
+    assert set(after) == live  # every needed blob indexed, no dead one
+    listed = packs_listed(repo.url)
+    assert {after[b] for b in live} <= listed and not dead_packs & listed
+    for point, hashes in repo.expected.items():
+        assert restore_hashes(cli, tmp_path / "r", repo.url, point) == hashes
 
 
 def test_streamed_gc_with_many_runs_equals_the_in_memory_plan(cli: Cli, tmp_path: Path) -> None:

@@ -39,3 +39,20 @@ def test_empty_set_and_private_directory(tmp_path: Path) -> None:
         assert (live.dir.stat().st_mode & 0o777) == 0o700
         assert list(live.sorted_unique()) == []
     assert os.listdir(tmp_path) == []
+
+
+def test_unique_buffer_spills_each_repeated_key_once(tmp_path: Path) -> None:
+    """The referenced chunk IDs (gc's mark): points repeat most of them, the set buffer
+    writes each once per run, and the merge still yields each once, in order."""
+    ids = [os.urandom(32) for _ in range(1000)]
+    with LiveKeys(tmp_path, buffer_keys=300, key_size=32, unique=True) as refs:
+        for _point in range(20):  # 20 points sharing all their chunks: 20,000 adds
+            refs.add_many(ids[:250])
+        refs.add_many(ids)
+        got = list(refs.sorted_unique())
+        written = sum(p.stat().st_size for p in refs.runs) // 32
+    assert got == sorted(ids)
+    assert len(refs.runs) >= 3 and written < 1500  # not 21,000 keys on disk
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(ValueError), LiveKeys(tmp_path, key_size=32, unique=True) as refs:
+        refs.add(b"short")

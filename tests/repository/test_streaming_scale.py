@@ -6,12 +6,16 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from tests.repository.spy_remote import spied, tiny_point
 from vmkeep.operations.prune import apply_prune
 from vmkeep.operations.retention import PointRef, RetentionPolicy, prune_plan
 from vmkeep.progress import SilentProgress
+from vmkeep.repository import chunk_gc, pack_gc
 from vmkeep.repository.format import chunk_object_name
 from vmkeep.repository.gc import collect_garbage
+from vmkeep.repository.live_set import LiveKeys, spill_parent
 from vmkeep.repository.manifest import Manifest
 from vmkeep.repository.point_cache import point_summaries
 from vmkeep.repository.repository import Repository
@@ -80,3 +84,36 @@ def test_prune_deletes_in_parallel_exactly_what_the_plan_drops(repo: Repository)
     assert len(result.removed) == 31 and spy.calls[("delete", "manifests")] == 31
     assert set(repo.point_ids()) == newest
     assert [p.id for p in point_summaries(repo)[0]] == sorted(newest)
+
+
+def test_gc_with_spilled_sorts_deletes_exactly_the_garbage(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Formats 1 and 2: the referenced IDs and the listed chunk objects are external sorts
+    (buffers of a few keys here, so that several runs merge); the merge join deletes what
+    the set difference did, and the run files go away."""
+    runs: dict[int, int] = {}
+
+    class Counted(LiveKeys):
+        def close(self) -> None:
+            runs[self.key_size] = max(runs.get(self.key_size, 0), len(self.runs))
+            super().close()
+
+    monkeypatch.setattr(pack_gc, "LiveKeys", Counted)
+    monkeypatch.setattr(chunk_gc, "LiveKeys", Counted)
+    monkeypatch.setattr(pack_gc, "REFERENCED_BUFFER", 3)
+    monkeypatch.setattr(chunk_gc, "LISTED_BUFFER", 4)
+    points, shared, own = points_with_chunks(repo, 30)
+    garbage = [stored_chunk(repo, f"garbage {i}") for i in range(7)]
+    for m in points[:10]:
+        repo.delete_manifest(m.id)
+    dry = collect_garbage(repo, SilentProgress(), dry_run=True)
+    assert (dry.chunks_kept, dry.chunks_deleted) == (21, 17)
+    assert all(present(repo, c) for c in garbage + own)
+    report = collect_garbage(repo, SilentProgress())
+    assert report.points == 20 and report.chunks_kept == 21 and report.chunks_deleted == 17
+    assert report.bytes_freed > 0
+    assert not any(present(repo, c) for c in garbage + own[:10])
+    assert all(present(repo, c) for c in [shared, *own[10:]])
+    assert runs[32] >= 5 and runs[40] >= 10  # both sorts spilled several runs
+    assert not list(spill_parent(str(repo.config["id"])).glob("gc-live-*"))

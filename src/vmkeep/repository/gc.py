@@ -10,6 +10,7 @@ its own lock before every delete."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +19,12 @@ from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.progress import Progress
 from vmkeep.remotes.object_lock import locks_suspended
 
+from .chunk_gc import ChunkGarbage
 from .gc_epoch import new_epoch, write_gc_mark
+from .live_set import LiveKeys, spill_parent
 from .locks import RepositoryLock, remove_stale_locks
-from .manifest_stream import referenced_chunks
-from .pack_gc import PackSweep, sweep_packs
+from .manifest_stream import feed_referenced
+from .pack_gc import PackSweep, referenced_sort, sweep_packs
 from .repository import Repository
 from .retention_lock import LockedObjects, fill_unlock_dates, remove_expired_records
 
@@ -46,12 +49,16 @@ class GcReport:
 
 
 def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False) -> GcReport:
-    with RepositoryLock(repo.remote, "exclusive", "gc") as lock:
+    with (
+        RepositoryLock(repo.remote, "exclusive", "gc") as lock,
+        referenced_sort(str(repo.config["id"])) as sort,
+        ChunkGarbage(spill_parent(str(repo.config["id"])), sort) as garbage,
+    ):
         epoch = new_epoch()
         if not dry_run:  # before listing manifests: a backup that overlaps us must see it
             write_gc_mark(repo.remote, lock, epoch, "running")
         try:
-            stale, referenced, points, garbage = _mark(repo, dry_run, progress)
+            stale, points = _mark(repo, dry_run, progress, sort, garbage)
             lock.check()  # the marker and our listings were made under a lock still ours
         except VmkeepError:
             if not dry_run:  # nothing deleted: backups need not stat their chunks for us
@@ -62,10 +69,12 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
         packs: PackSweep | None = None
         if repo.packed is not None:  # format 3: packs swept and repacked, not chunk objects
             with locks_suspended(repo.remote):
-                packs = sweep_packs(repo, referenced, progress, dry_run, lock)
+                packs = sweep_packs(repo, sort, progress, dry_run, lock)
             deleted, freed, refused = packs.dead_chunks, packs.bytes_freed, packs.refused
+            kept = packs.referenced
         else:
             deleted, freed, refused = sweep(repo, garbage, progress, dry_run, lock)
+            kept = garbage.referenced
         # No live writer exists while we hold the exclusive lock: every temp object is dead.
         lock.check()
         partial = 0 if dry_run else repo.remote.purge_incomplete(older_than=0)
@@ -79,7 +88,7 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
         locked.add(error.until)
     return GcReport(
         points,
-        len(referenced),
+        kept,
         deleted,
         freed,
         partial,
@@ -92,30 +101,29 @@ def collect_garbage(repo: Repository, progress: Progress, dry_run: bool = False)
 
 
 def _mark(
-    repo: Repository, dry_run: bool, progress: Progress
-) -> tuple[int, set[bytes], int, list[tuple[bytes, int]]]:
-    """Stale locks removed, then the chunks every restore point references, the number of
-    points, and the other chunks (format 3: none listed, the pack sweep's merge join counts
-    the unreferenced recipes as it meets them). Manifests are read one at a time and dropped
-    once marked: memory follows the unique chunks (referenced and garbage), not points x
-    disk size."""
+    repo: Repository, dry_run: bool, progress: Progress, sort: LiveKeys, garbage: ChunkGarbage
+) -> tuple[int, int]:
+    """Stale locks removed, then the chunks every restore point references into the
+    external sort `sort`, and the number of points; formats 1 and 2 then list the chunk
+    objects into `garbage` (format 3 lists none: the pack sweep's merge join counts the
+    unreferenced recipes as it meets them). Manifests are read one at a time and dropped
+    once marked: memory follows a constant, not the chunks or points x disk size."""
     stale = 0 if dry_run else remove_stale_locks(repo.remote)
-    referenced, points, problems = referenced_chunks(repo, progress)
+    points, problems = feed_referenced(repo, sort.add_many, progress)
     if problems:
         raise RepositoryError(
             f"gc refuses to run: restore point {problems[0].point_id} is unreadable "
             f"({problems[0].error}); its chunks cannot be told apart from garbage. "
             "Run `vmkeep verify`, then delete the bad restore point with `vmkeep forget`"
         )
-    if repo.packed is not None:
-        return stale, referenced, points, []
-    garbage = [(cid, size) for cid, size in repo.list_chunks() if cid not in referenced]
-    return stale, referenced, points, garbage
+    if repo.packed is None:
+        garbage.list(repo)
+    return stale, points
 
 
 def sweep(
     repo: Repository,
-    garbage: list[tuple[bytes, int]],
+    garbage: Sequence[tuple[bytes, int]] | ChunkGarbage,
     progress: Progress,
     dry_run: bool,
     lock: RepositoryLock | None = None,
@@ -124,21 +132,20 @@ def sweep(
     requests); a locked one is kept and reported, not a failure. Before each delete, `lock`
     is checked (a clock comparison): a gc paused past its lease stops deleting."""
 
-    def delete(item: tuple[bytes, int]) -> ObjectLockedError | None:
+    def delete(item: tuple[bytes, int]) -> tuple[int, ObjectLockedError | None]:
         try:
             if not dry_run:
                 if lock is not None:
                     lock.check(read_back=False)
                 repo.delete_chunk(item[0])
         except ObjectLockedError as exc:
-            return exc
-        return None
+            return item[1], exc
+        return item[1], None
 
     deleted = freed = 0
     refused: list[ObjectLockedError] = []
     progress.start("gc", len(garbage))
-    results = ordered_map(delete, garbage, io_threads(repo.remote.url))
-    for (_chunk_id, size), error in zip(garbage, results, strict=True):
+    for size, error in ordered_map(delete, garbage, io_threads(repo.remote.url)):
         if error is None:
             deleted += 1
             freed += size

@@ -6,7 +6,9 @@ duplicates. Memory follows the buffer, not the repository: a 1 TiB format 3 repo
 ~16 M live blocks, held as a Python set they took gigabytes. The directory is removed on
 `close`, also when the caller fails (use as a context manager); a killed gc's directory
 (named after its pid and start time) is removed by the next one. The same sort, with
-`key_size` set, orders gc's live index entries by pack (pack_repack.py)."""
+`key_size` set, orders gc's live index entries by pack (pack_repack.py), and with `unique`
+(a set as buffer: keys repeated within a buffer, such as the chunks restore points share,
+are spilled once) the referenced chunk IDs (pack_gc.referenced_sort)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import heapq
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -38,7 +40,11 @@ class LiveKeys:
     """Collects keys, then yields them once each in sorted order."""
 
     def __init__(
-        self, parent: Path, buffer_keys: int = BUFFER_KEYS, key_size: int = KEY_SIZE
+        self,
+        parent: Path,
+        buffer_keys: int = BUFFER_KEYS,
+        key_size: int = KEY_SIZE,
+        unique: bool = False,
     ) -> None:
         parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         remove_dead(parent, PREFIX)  # the run directories of killed gc processes
@@ -48,16 +54,29 @@ class LiveKeys:
         self.buffer_keys = buffer_keys
         self.key_size = key_size
         self._buffer: list[bytes] = []
+        self._unique: set[bytes] | None = set() if unique else None
         self.runs: list[Path] = []
 
     def add(self, key: bytes) -> None:
         if len(key) != self.key_size:
             raise ValueError("sort key of the wrong size")
-        self._buffer.append(key)
-        if len(self._buffer) >= self.buffer_keys:
-            self._spill()
+        held = self._unique
+        if held is None:
+            self._buffer.append(key)
+            if len(self._buffer) >= self.buffer_keys:
+                self._spill()
+        else:
+            held.add(key)
+            if len(held) >= self.buffer_keys:
+                self._spill()
+
+    def add_many(self, keys: Iterable[bytes]) -> None:
+        for key in keys:
+            self.add(key)
 
     def _spill(self) -> None:
+        if self._unique is not None:
+            self._buffer, self._unique = list(self._unique), set()
         path = self.dir / f"run-{len(self.runs):06d}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._buffer.sort()  # in place: no second copy (duplicates go at the merge)
@@ -69,7 +88,7 @@ class LiveKeys:
 
     def sorted_unique(self) -> Iterator[bytes]:
         """Every key added, once, in ascending order (the buffer is spilled first)."""
-        if self._buffer or not self.runs:
+        if self._buffer or self._unique or not self.runs:
             self._spill()
         last = b""
         for key in heapq.merge(*(_read_run(p, self.key_size) for p in self.runs)):
@@ -80,6 +99,7 @@ class LiveKeys:
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
         self._buffer = []
+        self._unique = set() if self._unique is not None else None
 
     def __enter__(self) -> LiveKeys:
         return self

@@ -3,7 +3,7 @@ constant number of manifests in flight, never by the number of restore points.""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from vmkeep.errors import IntegrityError, NotFoundError
 from vmkeep.parallel import io_threads, ordered_map
@@ -52,6 +52,18 @@ def referenced_chunks(
     """The chunk IDs every readable restore point references (a set: bounded by the unique
     chunks, not points x disk size), how many points were read, and the unreadable ones."""
     referenced: set[bytes] = set()
+    points, problems = feed_referenced(repo, referenced.update, progress)
+    return referenced, points, problems
+
+
+def feed_referenced(
+    repo: Repository,
+    sink: Callable[[Iterable[bytes]], None],
+    progress: Progress | None = None,
+) -> tuple[int, list[ManifestProblem]]:
+    """Each readable restore point's chunk IDs (a disk at a time, repeats included) to
+    `sink` (gc's external sort, pack_gc.referenced_sort: memory bounded by a constant); how
+    many points were read, and the unreadable ones."""
     points = 0
     problems: list[ManifestProblem] = []
     for item in stream_manifests(repo, None, progress):
@@ -60,5 +72,5 @@ def referenced_chunks(
             continue
         points += 1
         for disk in item.disks:
-            referenced.update(chunk_id for _, chunk_id in disk.entries())
-    return referenced, points, problems
+            sink(chunk_id for _, chunk_id in disk.entries())
+    return points, problems

@@ -7,7 +7,7 @@ new packs, then their index and the consolidated index, then the old index objec
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import Any
@@ -18,7 +18,7 @@ from vmkeep.progress import Progress
 
 from .blob_index import MAX_INDEX_ENTRIES, encode_index, index_object_name
 from .blobs import KIND_BLOCK, KIND_RECIPE
-from .format import ZERO_ID
+from .format import ID_SIZE, ZERO_ID
 from .live_set import BUFFER_KEYS, LiveKeys, live_key, spill_parent
 from .locks import RepositoryLock
 from .pack_gc_locks import GcLocks, find_locks, packs_listed
@@ -38,6 +38,9 @@ from .packs import PACKS_PREFIX, BlobEntry, pack_id_of_name, pack_object_name
 from .repository import Repository
 
 LIVE_BUFFER = BUFFER_KEYS // 2  # live keys held before a spill (~40 MiB; tests: a few)
+REFERENCED_BUFFER = BUFFER_KEYS // 4  # distinct chunk IDs held in a set (~30 MiB)
+LOCATED_BUFFER = BUFFER_KEYS // 4  # (pack, offset, chunk) records (~30 MiB)
+LOCATED = 2 * ID_SIZE + 8  # pack ID, offset (big-endian: sorts as a number), chunk ID
 
 
 @dataclass
@@ -50,22 +53,31 @@ class PackSweep:
     packs_locked: int = 0  # kept (not repacked or deleted) under a retention lock
     refused: list[ObjectLockedError] = field(default_factory=list)
     dead_chunks: int = 0  # indexed recipes no point references: GcReport.chunks_deleted
+    referenced: int = 0  # distinct chunk IDs the points reference: GcReport.chunks_kept
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("refused", "dead_chunks")}
+        hidden = ("refused", "dead_chunks", "referenced")
+        return {k: v for k, v in self.__dict__.items() if k not in hidden}
+
+
+def referenced_sort(repo_id: str) -> LiveKeys:
+    """The external sort that gc's mark feeds every referenced chunk ID into (repeats across
+    points dropped in its buffer): a set of them took ~100 bytes each, 2.5 GB at 100 TiB."""
+    return LiveKeys(spill_parent(repo_id), REFERENCED_BUFFER, ID_SIZE, unique=True)
 
 
 def sweep_packs(
     repo: Repository,
-    referenced: set[bytes],
+    referenced: LiveKeys,
     progress: Progress,
     dry_run: bool,
     lock: RepositoryLock | None = None,
 ) -> PackSweep:
-    """Memory is bounded by a constant (plus the referenced chunk IDs and a few counters per
-    pack): live blob keys and live index entries are external-sorted under the cache
-    directory (live_set.py), the plan is a merge join (pack_plan.py), the repack and the
-    consolidated index one pass over the entries sorted by pack (pack_repack.py)."""
+    """Memory is bounded by a constant (plus a few counters per pack): the referenced chunk
+    IDs (`referenced`, filled by the mark: referenced_sort), their recipes' locations, live
+    blob keys and live index entries are external-sorted under the cache directory
+    (live_set.py), the plan is a merge join (pack_plan.py), the repack and the consolidated
+    index one pass over the entries sorted by pack (pack_repack.py)."""
     store = repo.packed
     assert store is not None
     loaded = store.reload()
@@ -80,14 +92,18 @@ def sweep_packs(
         LiveKeys(parent, LIVE_BUFFER) as live,
         LiveKeys(parent, SORT_BUFFER, RECORD.size) as by_offset,
     ):
-        mark_live(store, referenced, live)
+        with LiveKeys(parent, LOCATED_BUFFER, LOCATED) as located:
+            count = mark_live(store, referenced.sorted_unique(), live, located)
+            referenced.close()  # read: free the disk
         sink = None if dry_run else (lambda e: by_offset.add(record(e)))
         sizes = pack_sizes(store)
         plan = stream_plan(
             sizes, loaded.index.entries(), live.sorted_unique(), store.pack_size, sink
         )
         live.close()  # its runs are read: free the disk before the next sort spills
-        return _sweep(store, loaded.names, plan, sizes, by_offset, progress, dry_run, lock)
+        report = _sweep(store, loaded.names, plan, sizes, by_offset, progress, dry_run, lock)
+        report.referenced = count
+        return report
 
 
 def _sweep(
@@ -166,19 +182,30 @@ def spare_locked(plan: CountPlan, locks: GcLocks) -> int:
     return len(spared)
 
 
-def mark_live(store: PackedStore, referenced: Iterable[bytes], live: LiveKeys) -> None:
+def mark_live(
+    store: PackedStore, referenced: Iterator[bytes], live: LiveKeys, located: LiveKeys
+) -> int:
     """Every recipe the manifests reference and every block those recipes name, into the
-    external sort `live` (the referenced chunk IDs themselves stay in memory, and their
-    recipes' locations while they are sorted: one per 4 MiB, 64x fewer than blocks). A
-    recipe that is indexed but unreadable stops gc: its blocks could not be told from
-    garbage."""
+    external sort `live`; returns how many distinct chunk IDs `referenced` (sorted, each
+    once) yielded. Each recipe's location is looked up in the referenced IDs' order (the
+    on-disk index's key order: neighbouring lookups share buckets) and sorted by pack and
+    offset in `located`, so that the recipes are read pack after pack (RecipePacks keeps
+    the last 2 packs read whole: in hash order most recipes read a 16 MiB pack; 4 M blobs:
+    46 of 58 CPU-s). A chunk whose recipe is not indexed names no blob to keep; a recipe
+    that is indexed but unreadable stops gc: its blocks could not be told from garbage."""
     index = store.index()
-    found = (index.get(KIND_RECIPE, c) for c in referenced if c != ZERO_ID)
-    # In pack and offset order: RecipePacks keeps the last 2 packs read whole, so recipes in
-    # the set's (hash) order read a 16 MiB pack for most recipes (4 M blobs: 46 of 58 CPU-s).
-    located = sorted((e for e in found if e is not None), key=lambda e: (e.pack, e.offset))
-    recipes = [e.blob_id for e in located]
-    del located
+    count = 0
+    for chunk_id in referenced:
+        count += 1
+        entry = index.get(KIND_RECIPE, chunk_id) if chunk_id != ZERO_ID else None
+        if entry is not None:
+            located.add(entry.pack + entry.offset.to_bytes(8, "big") + chunk_id)
+
+    def recipes() -> Iterator[bytes]:
+        for place in located.sorted_unique():
+            chunk_id = place[-ID_SIZE:]
+            live.add(live_key(KIND_RECIPE, chunk_id))
+            yield chunk_id
 
     def blocks(chunk_id: bytes) -> list[bytes]:
         try:
@@ -189,12 +216,11 @@ def mark_live(store: PackedStore, referenced: Iterable[bytes], live: LiveKeys) -
                 "garbage. Run `vmkeep verify`, then `vmkeep forget` the restore points it names"
             ) from exc
 
-    for chunk_id in recipes:
-        live.add(live_key(KIND_RECIPE, chunk_id))
-    for ids in ordered_map(blocks, recipes, io_threads(store.remote.url)):
+    for ids in ordered_map(blocks, recipes(), io_threads(store.remote.url)):
         for block_id in ids:
             if block_id != ZERO_ID:
                 live.add(live_key(KIND_BLOCK, block_id))
+    return count
 
 
 def pack_sizes(store: PackedStore) -> dict[bytes, int]:
