@@ -7,7 +7,6 @@ after success, after a failure midway and, at the next gc, after a kill."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -18,10 +17,10 @@ from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
 from vmkeep.repository.format import ZERO_ID
 from vmkeep.repository.manifest_stream import referenced_chunks
 from vmkeep.repository.pack_gc import pack_sizes
+from vmkeep.repository.packed_store import PackedStore
 from vmkeep.repository.packs import pack_id_of_name
-from vmkeep.repository.repository import Repository
 
-from .conftest import Cli
+from .conftest import Cli, open_as_cli
 from .dying import PYTHON
 from .test_format3 import restore_hashes
 from .test_format3_kills import MiB, Repo, overwrite
@@ -73,23 +72,15 @@ def run_gc(cli: Cli, url: str, log: Path, fail_at: str = "") -> subprocess.Compl
 
 def in_memory_plan(cli: Cli, url: str) -> tuple[set[bytes], set[bytes], set[bytes]]:
     """(delete, repack, keep) as gc decided before: a set of every live blob, plan_from."""
-    saved = dict(os.environ)
-    os.environ.update({k: v for k, v in cli.env.items() if k.startswith("VMKEEP_")})
-    try:
-        repo = Repository.open(open_remote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+    with open_as_cli(cli, url) as repo:
         store = repo.packed
         assert store is not None
         referenced, _, problems = referenced_chunks(repo, SilentProgress())
         assert not problems
-        live = {(KIND_RECIPE, c) for c in referenced if c != ZERO_ID}
-        for chunk_id in referenced - {ZERO_ID}:
-            live.update((KIND_BLOCK, b) for b in store.recipe_of(chunk_id)[1] if b != ZERO_ID)
+        live = needed_by(store, referenced)
         index = store.reload().index
         plan = plan_from(pack_sizes(store), index.entries(), live, store.pack_size)
         return set(plan.delete), set(plan.repack), set(plan.keep)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def packs_listed(url: str) -> set[bytes]:
@@ -130,36 +121,27 @@ def runs_by_key_size(log: Path) -> dict[int, int]:
 def indexed(cli: Cli, url: str) -> tuple[set[bytes], dict[tuple[int, bytes], bytes]]:
     """The chunk IDs the points reference, and every indexed blob (kind, ID) with its pack,
     read in this process from a fresh index."""
-    saved = dict(os.environ)
-    os.environ.update({k: v for k, v in cli.env.items() if k.startswith("VMKEEP_")})
-    try:
-        repo = Repository.open(open_remote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+    with open_as_cli(cli, url) as repo:
         store = repo.packed
         assert store is not None
         referenced, _, problems = referenced_chunks(repo, SilentProgress())
         assert not problems
         entries = store.reload().index.entries()
         return referenced, {(e.kind, e.blob_id): e.pack for e in entries}
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+
+
+def needed_by(store: PackedStore, referenced: set[bytes]) -> set[tuple[int, bytes]]:
+    """Every recipe and block the referenced chunks need (the in-memory mark of before)."""
+    live = {(KIND_RECIPE, c) for c in referenced if c != ZERO_ID}
+    for chunk_id in referenced - {ZERO_ID}:
+        live.update((KIND_BLOCK, b) for b in store.recipe_of(chunk_id)[1] if b != ZERO_ID)
+    return live
 
 
 def live_blobs(cli: Cli, url: str, referenced: set[bytes]) -> set[tuple[int, bytes]]:
-    """Every recipe and block the referenced chunks need (the in-memory mark of before)."""
-    saved = dict(os.environ)
-    os.environ.update({k: v for k, v in cli.env.items() if k.startswith("VMKEEP_")})
-    try:
-        repo = Repository.open(open_remote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
-        store = repo.packed
-        assert store is not None
-        live = {(KIND_RECIPE, c) for c in referenced if c != ZERO_ID}
-        for chunk_id in referenced - {ZERO_ID}:
-            live.update((KIND_BLOCK, b) for b in store.recipe_of(chunk_id)[1] if b != ZERO_ID)
-        return live
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    with open_as_cli(cli, url) as repo:
+        assert repo.packed is not None
+        return needed_by(repo.packed, referenced)
 
 
 def test_spilled_referenced_ids_keep_every_referenced_blob(cli: Cli, tmp_path: Path) -> None:

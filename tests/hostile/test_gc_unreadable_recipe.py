@@ -5,28 +5,23 @@ files behind."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from tests.e2e.conftest import open_as_cli
 from tests.e2e.test_format3_gc_streamed import packs_listed, run_dirs
 from tests.e2e.test_format3_kills import Repo
 from vmkeep.progress import SilentProgress
-from vmkeep.remotes.location import open_remote
 from vmkeep.repository.blobs import KIND_RECIPE
 from vmkeep.repository.format import ZERO_ID
 from vmkeep.repository.manifest_stream import referenced_chunks
 from vmkeep.repository.packs import pack_object_name
-from vmkeep.repository.repository import Repository
 
 from .conftest import Cli, one_error_line
 
 
 def damage_a_referenced_recipe(cli: Cli, url: str) -> None:
     """Flips one byte in the middle of the sealed recipe of a chunk a point references."""
-    saved = dict(os.environ)
-    os.environ.update({k: v for k, v in cli.env.items() if k.startswith("VMKEEP_")})
-    try:
-        repo = Repository.open(open_remote(url), lambda: cli.env["VMKEEP_PASSPHRASE"].encode())
+    with open_as_cli(cli, url) as repo:
         store = repo.packed
         assert store is not None
         referenced, _, problems = referenced_chunks(repo, SilentProgress())
@@ -34,9 +29,6 @@ def damage_a_referenced_recipe(cli: Cli, url: str) -> None:
         index = store.reload().index
         entry = index.get(KIND_RECIPE, max(referenced - {ZERO_ID}))
         assert entry is not None
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     path = Path(url) / pack_object_name(entry.pack)
     data = bytearray(path.read_bytes())
     data[entry.offset + entry.length // 2] ^= 0x20
