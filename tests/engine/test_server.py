@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -344,8 +345,15 @@ def test_a_second_server_on_the_same_data_directory_is_refused(ctx: Ctx) -> None
     deadline = time.monotonic() + 5
     while server_pid(ctx.db.directory) is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    with pytest.raises(ServerError, match=r"already runs on data directory .*data"):
-        serve(lambda: ctx, stop=threading.Event(), run=FakeRun())
+    assert server_pid(ctx.db.directory) is not None, result
+    second_stop = threading.Event()  # set later: a second server that is not refused ends
+    timer = threading.Timer(5, second_stop.set)
+    timer.start()
+    try:
+        with pytest.raises(ServerError, match=r"already runs on data directory .*data"):
+            serve(lambda: ctx, stop=second_stop, run=FakeRun())
+    finally:
+        timer.cancel()
     stop.set()
     thread.join(10)
     assert result == {"code": 0}
@@ -387,3 +395,23 @@ def test_a_stored_schedule_that_no_longer_validates_is_logged_once_and_ignored(
             settle(server)
     assert caplog.text.count("schedule hourly: cron: '0 0 30 2 *' never fires") == 1
     assert run.calls == [("good", "schedule", "other")]
+
+
+def test_a_server_starting_while_its_lock_is_probed_still_starts(tmp_path: Path) -> None:
+    """`server_pid` (every `job run` asks it) holds a shared lock for an instant; a server
+    starting in that instant was refused as if another ran, and a test polling for its start
+    then hung on a second server that was not refused."""
+    from vmkeep.engine.serverlock import PID_FILE, ServerLock
+
+    (tmp_path / PID_FILE).write_text("")
+    probe = os.open(tmp_path / PID_FILE, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH)  # what server_pid does, held 0.1 s here
+    threading.Timer(0.1, os.close, (probe,)).start()
+    lock = ServerLock(tmp_path)
+    lock.acquire()
+    try:
+        assert server_pid(tmp_path) == os.getpid()
+        with pytest.raises(ServerError, match="already runs"):
+            ServerLock(tmp_path).acquire()  # a real server's lock stays refused
+    finally:
+        lock.release()

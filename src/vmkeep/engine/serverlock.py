@@ -8,11 +8,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from vmkeep.errors import ServerError
 
 PID_FILE = "server.pid"
+PROBE_WAIT_S = 0.5  # how long a refused lock is tried again (server_pid's probes take µs)
 
 
 def read_pid(path: Path) -> int | None:
@@ -32,9 +34,7 @@ class ServerLock:
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _exclusive(fd):
             os.close(fd)
             other = read_pid(self.path)
             who = f"pid {other}" if other else "another process"
@@ -51,6 +51,22 @@ class ServerLock:
                 os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = None
+
+
+def _exclusive(fd: int) -> bool:
+    """The exclusive lock, or False when a server holds it. `server_pid` takes a shared lock
+    for an instant to ask: a server starting at that instant would be refused as if another
+    ran (a test polling for its start hung on it), so a refusal is tried again for a while;
+    a server holds the lock for its lifetime and stays refused."""
+    deadline = time.monotonic() + PROBE_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
 
 def server_pid(directory: Path) -> int | None:
