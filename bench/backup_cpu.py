@@ -127,22 +127,28 @@ def install_stages() -> Stages:
     return stages
 
 
+def fresh_repository(workdir: Path, variant: str) -> Any:
+    """A new encrypted repository in workdir/repo, with an empty cache (the child's)."""
+    from vmkeep.remotes.local import LocalRemote
+    from vmkeep.repository.repository import Repository
+
+    shutil.rmtree(workdir / "repo", ignore_errors=True)
+    shutil.rmtree(workdir / "cache", ignore_errors=True)
+    return Repository.init(
+        LocalRemote(str(workdir / "repo")), "aes-256-gcm", lambda: PASSPHRASE, **VARIANTS[variant]
+    )
+
+
 def one_round(variant: str, workdir: Path, stages_on: bool) -> dict[str, Any]:
     """One backup in this process (the child of `main`)."""
     os.environ["VMKEEP_CACHE_DIR"] = str(workdir / "cache")
     from vmkeep.connectors.files.connector import FilesConnector
     from vmkeep.operations.backup import BackupOptions, backup_vm
     from vmkeep.progress import SilentProgress
-    from vmkeep.remotes.local import LocalRemote
-    from vmkeep.repository.repository import Repository
 
     stages = install_stages() if stages_on else None
     repo_dir = workdir / "repo"
-    shutil.rmtree(repo_dir, ignore_errors=True)
-    shutil.rmtree(workdir / "cache", ignore_errors=True)
-    repo = Repository.init(
-        LocalRemote(str(repo_dir)), "aes-256-gcm", lambda: PASSPHRASE, **VARIANTS[variant]
-    )
+    repo = fresh_repository(workdir, variant)
     before = resource.getrusage(resource.RUSAGE_SELF)
     began = time.monotonic()
     report = backup_vm(
@@ -179,11 +185,7 @@ def core_round(
 
     stages = install_stages() if stages_on else None
     repo_dir = workdir / "repo"
-    shutil.rmtree(repo_dir, ignore_errors=True)
-    shutil.rmtree(workdir / "cache", ignore_errors=True)
-    repo = Repository.init(
-        LocalRemote(str(repo_dir)), "aes-256-gcm", lambda: PASSPHRASE, **VARIANTS[variant]
-    )
+    repo = fresh_repository(workdir, variant)
     size = repo.chunk_size
     data: list[bytes] = []
     with open(workdir / "vm" / "disk0.img", "rb") as f:
