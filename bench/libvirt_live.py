@@ -20,7 +20,8 @@ Steps, the page cache dropped before each timed one:
 4. delta with no change (vmkeep and virtnbdbackup);
 5. restore of the latest point: vmkeep in one step, virtnbdrestore replays its chain of full
    and incrementals, restic restores its last snapshot; each compared with the disk it came
-   from (qemu-img compare).
+   from (qemu-img compare); restic's restore is timed once more with an fsync of what it
+   wrote (restic returns with it in the page cache, vmkeep with it on disk).
 
 vmkeep runs once per repository chunk size (`vmkeep init --chunk-size`; default: the 4 MiB
 default and 256 KiB), each into its own repository, one after the other on the same domain
@@ -130,7 +131,18 @@ class Run3:
         argv = ["restic", "-r", str(self.restic), "restore", "latest", "--target", str(to)]
         self.steps("restic restore", argv, self.env_r)
         same["restic"] = equal(to, image)
+        self.restic_restore_synced()
         return same
+
+    def restic_restore_synced(self) -> None:
+        """restic 0.14 returns with what it restored still in the page cache (no fsync);
+        vmkeep's restore returns with it on disk. Timed again with an fsync of every restored
+        file, for a ratio of the same work (shown beside the issue's, without a target)."""
+        to = self.work / "restored-restic-synced"
+        script = 'restic -r "$1" restore latest --target "$2" && find "$2" -type f -exec sync {} +'
+        argv = ["sh", "-c", script, "sh", str(self.restic), str(to)]
+        self.steps("restic restore + fsync", argv, self.env_r)
+        shutil.rmtree(to)
 
 
 def restored_file(directory: Path) -> Path:

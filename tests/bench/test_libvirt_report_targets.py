@@ -23,6 +23,7 @@ ISSUE_TARGETS = {
     "no-change delta vs virtnbdbackup": 1.5,
     "restore vs virtnbdrestore": 1.5,
     "restore vs restic": 2.5,
+    "restore vs restic + fsync": None,
     "scattered delta stored vs virtnbdbackup -z (lower is better)": 1.5,
 }
 
@@ -40,6 +41,7 @@ def test_ratios_carry_the_issue_targets_only(monkeypatch: pytest.MonkeyPatch) ->
         steps.runs[f"vmkeep v3 {step}"] = Run(t, t, 100.0, 0, "", "")
         for tool in libvirt_report.TOOLS:
             steps.runs[f"{tool} {step}"] = Run(3 * t, t, 100.0, 0, "", "")
+    steps.runs["restic restore + fsync"] = Run(6.0, 2.0, 100.0, 0, "", "")
     steps.stored = {"vmkeep v3 scattered": 30, "virtnbdbackup -z scattered": 29}
     got = {x["name"]: x for x in libvirt_report.ratios(steps, "v3")}
     assert {name: x["target"] for name, x in got.items()} == ISSUE_TARGETS
