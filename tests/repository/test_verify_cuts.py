@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from tests.repository.spy_remote import CountingRemote, tiny_point
 from tests.repository.test_packs import packed_repo, reopen, store
@@ -27,7 +28,7 @@ START = datetime(2026, 3, 1, tzinfo=UTC)
 
 class PackReads(CountingRemote):
     """Counts each pack's whole reads (get_bounded's: from 0, longer than a pack) and
-    ranged reads, by object name."""
+    ranged reads (O_DIRECT ones too), by object name."""
 
     def __init__(self, inner: object, pack_size: int) -> None:
         super().__init__(inner)  # type: ignore[arg-type]
@@ -41,6 +42,19 @@ class PackReads(CountingRemote):
             with self._lock:
                 (self.whole if whole else self.ranged)[name] += 1
         return super().get(name, offset, length)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = super().__getattr__(name)
+        if name == "get_direct":
+
+            def get_direct(name: str, offset: int, into: memoryview) -> memoryview | None:
+                with self._lock:
+                    self.ranged[name] += 1
+                got: memoryview | None = attr(name, offset, into)
+                return got
+
+            return get_direct
+        return attr
 
 
 def _points(tmp_path: Path, points: int, datas: int, size: int) -> tuple[Repository, list[bytes]]:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
+from vmkeep.direct_io_fs import direct_io_suits
 from vmkeep.errors import IntegrityError, RemoteError
 from vmkeep.fetch_pipeline import FetchDecode, PipelineStats, pipelined_map
 from vmkeep.parallel import cpu_count, io_threads
@@ -30,6 +31,7 @@ from .chunk_fetch import FetchedChunks, block_what, fetch_blocks
 from .format import ZERO_ID
 from .packed_store import PackedStore
 from .packs import BlobEntry
+from .read_buffers import ALIGN, ReadBuffers
 from .repository import Repository
 
 GROUP_BYTES = 16 << 20  # a group's aim: one data pack's worth (the pack size if smaller)
@@ -68,6 +70,19 @@ def window_bytes(aim: int, decoders: int) -> int:
     """Weight of the groups in flight: WINDOW_GROUPS groups (every decoder busy and one
     fetch ahead on a larger machine); a group weighs at most twice the aim."""
     return max(WINDOW_GROUPS, decoders + 1) * aim
+
+
+def direct_buffers(repo: Repository, aim: int, count: int) -> ReadBuffers | None:
+    """Buffers a local remote's packs are read into with O_DIRECT, as a restore reads them
+    (read_buffers.py: what is on the disk, not a cached copy; no page-cache fill, no copy
+    into a new object for bytes read once): one per group in flight, each as large as a
+    group can weigh (twice the aim, plus the alignment of its runs; a run that does not
+    fit is read the usual way). Its pages are touched only as far as the largest group
+    it held. None on object stores, file systems that do not suit direct I/O, or with
+    VMKEEP_DIRECT_IO=0."""
+    if not hasattr(repo.remote, "get_direct") or not direct_io_suits(repo.remote.url):
+        return None
+    return ReadBuffers(count, 2 * aim + 16 * ALIGN)
 
 
 def plan_groups(store: PackedStore, order: list[bytes]) -> Iterator[Group]:
@@ -127,13 +142,15 @@ def check_grouped(
     store = repo.packed
     assert store is not None
     decoders, fetchers = cpu_count(), io_threads(repo.remote.url)
-    window = window_bytes(group_aim(store), decoders)
+    aim = group_aim(store)
+    window = window_bytes(aim, decoders)
+    buffers = direct_buffers(repo, aim, window // aim)
 
     def fetch(group: Group) -> Group:
         if group.error is None:
             out = FetchedChunks(list(group.chunk_ids), recipes=group.recipes)
             try:
-                group.fetched = fetch_blocks(store, out, list(group.entries.values()))
+                group.fetched = fetch_blocks(store, out, list(group.entries.values()), buffers)
             except (IntegrityError, RemoteError):
                 group.fetched = None  # decode checks them one at a time
         return group
