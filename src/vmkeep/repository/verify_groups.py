@@ -66,10 +66,16 @@ def group_aim(store: PackedStore) -> int:
     return max(1, min(store.pack_size, GROUP_BYTES))
 
 
+def groups_in_flight(decoders: int) -> int:
+    """WINDOW_GROUPS, or every decoder busy and one fetch ahead on a larger machine."""
+    return max(WINDOW_GROUPS, decoders + 1)
+
+
 def window_bytes(aim: int, decoders: int) -> int:
-    """Weight of the groups in flight: WINDOW_GROUPS groups (every decoder busy and one
-    fetch ahead on a larger machine); a group weighs at most twice the aim."""
-    return max(WINDOW_GROUPS, decoders + 1) * aim
+    """Weight of the groups in flight: groups_in_flight groups of a pack's worth, and a
+    quarter more, since a pack closes once past its size (four 16 MiB packs of random data
+    weigh 64 MiB and a few KiB: without it only three would be in flight)."""
+    return groups_in_flight(decoders) * aim * 5 // 4
 
 
 def direct_buffers(repo: Repository, aim: int, count: int) -> ReadBuffers | None:
@@ -144,7 +150,7 @@ def check_grouped(
     decoders, fetchers = cpu_count(), io_threads(repo.remote.url)
     aim = group_aim(store)
     window = window_bytes(aim, decoders)
-    buffers = direct_buffers(repo, aim, window // aim)
+    buffers = direct_buffers(repo, aim, groups_in_flight(decoders))
 
     def fetch(group: Group) -> Group:
         if group.error is None:
@@ -176,7 +182,7 @@ def check_grouped(
         fetch,
         decode,
         lambda group: group.fetched.nbytes if group.fetched is not None else 0,
-        min(fetchers, WINDOW_GROUPS),  # all of the window fetching while the decoders wait
+        min(fetchers, groups_in_flight(decoders)),  # all of the window fetching at once
         decoders,
         stats,
     )
