@@ -12,15 +12,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.repository.spy_remote import CountingRemote, tiny_point
 from tests.repository.test_packs import packed_repo, reopen, store
-from vmkeep.fetch_pipeline import FetchDecode, pipelined_map
+from vmkeep.fetch_pipeline import FetchDecode, PipelineStats, pipelined_map
+from vmkeep.parallel import cpu_count
 from vmkeep.progress import SilentProgress
 from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
+from vmkeep.repository.chunk_fetch import FetchedChunks
 from vmkeep.repository.packs import pack_object_name
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.verify import in_pack_order, verify
-from vmkeep.repository.verify_groups import group_aim, plan_groups
+from vmkeep.repository.verify_groups import check_grouped, group_aim, plan_groups, window_bytes
 
 KiB, MiB = 1 << 10, 1 << 20
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -165,3 +169,28 @@ def test_weighted_window_bounds_the_weight_in_flight() -> None:
     got = list(pipelined_map(stage, weights, 8, lambda w: w))
     assert sorted(got) == sorted(weights)
     assert state["peak"] <= 8 and state["heavy"] == 9  # the 9 alone
+
+
+def test_memory_is_the_weighed_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """12 points of 5 chunks of 320 KiB (19 MiB): at most four groups of a pack's worth
+    (and a quarter) fetched and not yet decoded, whatever the repository's size. The
+    decoders are slowed (the real decode, 20 ms later) so that fetches run ahead of them as
+    far as the window lets them."""
+    repo, ids = _points(tmp_path, 12, 5, 5 * 64 * KiB)
+    assert repo.packed is not None
+    decode = repo.decode_chunk_parts
+
+    def slow(fetched: FetchedChunks) -> list[list[bytes]]:
+        time.sleep(0.02)
+        return decode(fetched)
+
+    monkeypatch.setattr(repo, "decode_chunk_parts", slow)
+    stats = PipelineStats()
+    order = in_pack_order(repo, ids)
+    checked = [r for results in check_grouped(repo, order, stats) for r in results]
+    assert sorted(c for c, _, _ in checked) == sorted(ids)
+    assert all(error is None for _, _, error in checked)
+    window = window_bytes(group_aim(repo.packed), cpu_count())
+    assert window == 4 * MiB * 5 // 4 < len(ids) * 5 * 64 * KiB // 3
+    assert stats.fetched_items == len(list(plan_groups(repo.packed, order)))
+    assert 2 * MiB < stats.peak_queued_bytes <= window
