@@ -18,6 +18,7 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Generic, TypeVar
 
 from vmkeep.parallel import cpu_count
@@ -115,27 +116,43 @@ class FetchDecode(Generic[T, F, R]):
 
 
 def pipelined_map(
-    stage: FetchDecode[T, F, R], items: Iterable[T], window: int
+    stage: FetchDecode[T, F, R],
+    items: Iterable[T],
+    window: int,
+    weight: Callable[[T], int] | None = None,
 ) -> Generator[R, None, None]:
     """Results of `stage` over `items` as they complete, at most `window` items in flight
-    (fetching, fetched or decoding). The first error stops the run: queued items are
-    cancelled, running ones finish, the error is raised. The stage is closed at the end."""
-    done: queue.Queue[Future[R]] = queue.Queue()
+    (fetching, fetched or decoding); with `weight`, at most `window` of their weights (an
+    item is taken from `items` once there is room and held until it fits; one heavier than
+    the window runs alone). The first error stops the run: queued items are cancelled,
+    running ones finish, the error is raised. The stage is closed at the end."""
+    done: queue.Queue[tuple[Future[R], int]] = queue.Queue()
     source = iter(items)
-    in_flight = 0
+    held: list[T] = []  # taken from `items`, waiting for room in the window
+    in_flight = load = 0
     try:
         while True:
-            while in_flight < window:
-                try:
-                    item = next(source)
-                except StopIteration:
+            while load < window:
+                if not held:
+                    try:
+                        held.append(next(source))
+                    except StopIteration:
+                        break
+                cost = 1 if weight is None else weight(held[0])
+                if in_flight and load + cost > window:
                     break
-                stage.submit(item).add_done_callback(done.put)
+                stage.submit(held.pop()).add_done_callback(partial(_arrived, done, cost))
                 in_flight += 1
+                load += cost
             if not in_flight:
                 return
-            finished = done.get()
+            finished, cost = done.get()
             in_flight -= 1
+            load -= cost
             yield finished.result()
     finally:
         stage.close()
+
+
+def _arrived(done: queue.Queue[tuple[Future[R], int]], cost: int, future: Future[R]) -> None:
+    done.put((future, cost))

@@ -62,7 +62,16 @@ class CountingRemote:
                 self.deleting -= 1
 
     def __getattr__(self, name: str) -> Any:  # flush, free_space, purge_incomplete, ...
-        return getattr(self.inner, name)
+        attr = getattr(self.inner, name)
+        if name == "get_direct":  # a local remote's O_DIRECT read is a get like any other
+
+            def get_direct(name: str, offset: int, into: memoryview) -> memoryview | None:
+                self._count("get", name)
+                got: memoryview | None = attr(name, offset, into)
+                return got
+
+            return get_direct
+        return attr
 
 
 def spied(repo: Repository) -> tuple[Repository, CountingRemote]:

@@ -14,27 +14,36 @@ import pytest
 from tests.repository.spy_remote import spied, tiny_point
 from tests.repository.test_packs import packed_repo, reopen, store
 from vmkeep.fetch_pipeline import PipelineStats
-from vmkeep.parallel import cpu_count, io_threads
+from vmkeep.parallel import cpu_count
 from vmkeep.progress import SilentProgress
 from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
 from vmkeep.repository.packs import BlobEntry, pack_object_name
 from vmkeep.repository.verify import in_pack_order, verify
-from vmkeep.repository.verify_groups import GROUP_BYTES, check_grouped, window_of
+from vmkeep.repository.verify_groups import (
+    check_grouped,
+    group_aim,
+    plan_groups,
+    window_bytes,
+)
 
 KiB, MiB = 1 << 10, 1 << 20
 START = datetime(2026, 3, 1, tzinfo=UTC)
-BLOCKS = 5  # 64 KiB blocks a chunk: 3 chunks fill a 1 MiB pack, so groups of 4 straddle packs
+BLOCKS = 5  # 64 KiB blocks a chunk: 4 chunks fill a 1 MiB pack (a pack closes past its size)
+A, B = 5, 9  # chunks of the two flushes: each ends with a pack of one chunk
 
 
 class Layout:
-    """Two flushes (a recipe pack and data packs each): point A of 6 chunks, point B of 10
-    plus A's first; the chunks in verify's order, cut into its groups."""
+    """Two flushes (a recipe pack and data packs each): point A of 5 chunks, point B of 9
+    plus A's first; the chunks in verify's order, cut into its groups. Whichever flush
+    comes first in that order, its last pack holds one chunk, too little for a group of its
+    own: that group also reads the next flush's first pack, and so mixes two data packs and
+    two recipe packs."""
 
     def __init__(self, tmp_path: Path) -> None:
         repo = packed_repo(tmp_path / "r", pack_size=MiB)
         rng = random.Random(11)
-        a = store(repo, [rng.randbytes(BLOCKS * 64 * KiB) for _ in range(6)])
-        b = store(repo, [rng.randbytes(BLOCKS * 64 * KiB) for _ in range(10)])
+        a = store(repo, [rng.randbytes(BLOCKS * 64 * KiB) for _ in range(A)])
+        b = store(repo, [rng.randbytes(BLOCKS * 64 * KiB) for _ in range(B)])
         self.points = {
             tiny_point(repo, 0, START, a).id: a,
             tiny_point(repo, 1, START + timedelta(hours=1), b + a[:1]).id: b + a[:1],
@@ -43,8 +52,7 @@ class Layout:
         assert self.repo.packed is not None
         self.store = self.repo.packed
         self.order = in_pack_order(self.repo, set(a + b))
-        n = GROUP_BYTES // self.repo.chunk_size
-        self.groups = [self.order[i : i + n] for i in range(0, len(self.order), n)]
+        self.groups = [g.chunk_ids for g in plan_groups(self.store, self.order)]
         self.root = Path(self.repo.remote.url)
 
     def blocks(self, chunk_id: bytes) -> list[BlobEntry]:
@@ -87,15 +95,26 @@ def layout(tmp_path: Path) -> Layout:
     return Layout(tmp_path)
 
 
-def test_groups_read_fewer_blocks_requests(layout: Layout) -> None:
+def test_groups_read_each_data_pack_once(layout: Layout) -> None:
+    """One ranged GET per data pack (5), where groups of 4 consecutive chunks (the grouping
+    before groups were cut at pack ends) read 6 or 7, as A or B comes first: one per chunk
+    before that (14)."""
+    data_packs = {e.pack for c in layout.order for e in layout.blocks(c)}
+    assert len(data_packs) == 5  # A: 4 + 1 chunks, B: 4 + 4 + 1
+    fours = [layout.order[i : i + 4] for i in range(0, len(layout.order), 4)]
+    assert sum(len({e.pack for c in g for e in layout.blocks(c)}) for g in fours) in (6, 7)
     view, spy = spied(layout.repo)
     report = verify(view, None, SilentProgress())
-    assert report.ok and report.chunks_checked == 16
-    assert report.bytes_checked == 16 * BLOCKS * 64 * KiB
-    # per group: one ranged GET per data pack its blocks lie in (one per chunk before: 16)
-    runs = sum(len({e.pack for c in g for e in layout.blocks(c)}) for g in layout.groups)
-    assert len(layout.groups) == 4 and runs < 16
-    assert spy.calls[("get", "packs")] == runs + 2  # + the two recipe packs, whole
+    assert report.ok and report.chunks_checked == A + B
+    assert report.bytes_checked == (A + B) * BLOCKS * 64 * KiB
+    assert spy.calls[("get", "packs")] == len(data_packs) + 2  # + the two recipe packs, whole
+    # each group reads the packs of its chunks and no other group reads them
+    assert [len(g) for g in layout.groups] in ([4, 5, 4, 1], [4, 4, 5, 1])
+    seen: set[bytes] = set()
+    for group in layout.groups:
+        packs = {e.pack for c in group for e in layout.blocks(c)}
+        assert not packs & seen
+        seen |= packs
 
 
 def test_corrupt_block_in_a_group(layout: Layout) -> None:
@@ -160,11 +179,12 @@ def test_truncated_pack_in_a_group(layout: Layout) -> None:
 def test_memory_is_the_window(layout: Layout) -> None:
     """At most `window` groups are fetched and not yet decoded, whatever the chunk count."""
     stats = PipelineStats()
-    per_group = GROUP_BYTES // layout.repo.chunk_size
     checked = [r for results in check_grouped(layout.repo, layout.order, stats) for r in results]
     assert sorted(c for c, _, _ in checked) == sorted(layout.order)
     assert all(error is None for _, _, error in checked)
-    window = window_of(per_group, layout.repo.chunk_size, io_threads("/x"), cpu_count())
+    aim = group_aim(layout.store)
+    assert aim == MiB  # the pack size: groups of a pack's worth
+    groups = list(plan_groups(layout.store, layout.order))
+    assert all(g.nbytes <= 2 * aim for g in groups)
     assert stats.fetched_items == len(layout.groups)
-    assert stats.peak_queued_items <= window
-    assert stats.peak_queued_bytes <= window * per_group * layout.repo.chunk_size
+    assert stats.peak_queued_bytes <= window_bytes(aim, cpu_count())

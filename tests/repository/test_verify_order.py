@@ -16,8 +16,7 @@ from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
 from vmkeep.repository.manifest import Manifest
 from vmkeep.repository.packs import pack_object_name
 from vmkeep.repository.repository import Repository
-from vmkeep.repository.verify import in_pack_order, verify
-from vmkeep.repository.verify_groups import GROUP_BYTES
+from vmkeep.repository.verify import verify
 
 KiB, MiB = 1 << 10, 1 << 20
 START = datetime(2026, 3, 1, tzinfo=UTC)
@@ -51,18 +50,16 @@ def test_each_recipe_pack_is_read_once(tmp_path: Path) -> None:
     view, spy = spied(repo)
     report = verify(view, None, SilentProgress())
     assert report.ok and report.chunks_checked == POINTS * CHUNKS
-    # one whole GET of each recipe pack (was ~2 a chunk), and one ranged GET of each group
-    # of 4 chunks (16 MiB of 4 MiB chunks) and data pack its blocks lie in (was 1 a chunk)
+    # one whole GET of each recipe pack (was ~2 a chunk), and one ranged GET of each data
+    # pack (24: 16 + 4 blocks a point; was 1 a chunk, then 60 with groups of 4 chunks)
     assert repo.packed is not None
-    order = in_pack_order(repo, {c for chunk_ids in ids for c in chunk_ids})
-    per_group = GROUP_BYTES // repo.chunk_size
-    assert per_group == 4
-    block_gets = sum(
-        len({_pack_of(repo, KIND_BLOCK, repo.packed.recipe_of(c)[1][0]) for c in group})
-        for group in (order[i : i + per_group] for i in range(0, len(order), per_group))
-    )
-    assert POINTS * CHUNKS // per_group <= block_gets < POINTS * CHUNKS // 3
-    assert spy.calls[("get", "packs")] == block_gets + POINTS
+    data_packs = {_pack_of(repo, KIND_BLOCK, repo.packed.recipe_of(c)[1][0]) for c in order_of(ids)}
+    assert len(data_packs) == 2 * POINTS
+    assert spy.calls[("get", "packs")] == len(data_packs) + POINTS
+
+
+def order_of(ids: list[list[bytes]]) -> list[bytes]:
+    return [c for chunk_ids in ids for c in chunk_ids]
 
 
 def test_verify_finds_a_corrupt_block_and_missing_packs(tmp_path: Path) -> None:

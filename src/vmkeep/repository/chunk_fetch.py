@@ -89,16 +89,27 @@ def fetch_packed(
 ) -> FetchedChunks:
     """Format 3: the recipes (from the cached recipe packs; each authenticated and parsed,
     since it says which blocks to read), then every distinct non-zero block of the group,
-    adjacent ones of a pack in one ranged GET. With `buffers`, a local remote's packs are
-    read with O_DIRECT into one of them, given back by `release` after the decode."""
+    adjacent ones of a pack in one ranged GET (fetch_blocks)."""
     out = FetchedChunks(list(chunk_ids))
     entries: dict[bytes, BlobEntry] = {}
     for chunk_id in chunk_ids:
         length, block_ids = store.recipe_of(chunk_id)
         out.recipes.append((length, block_ids))
         new = [b for b in dict.fromkeys(block_ids) if b != ZERO_ID and b not in entries]
-        entries.update(store.block_entries(KIND_BLOCK, new, partial(_block_what, chunk_id)))
-    wanted = sorted(entries.values(), key=lambda e: (e.pack, e.offset))
+        entries.update(store.block_entries(KIND_BLOCK, new, partial(block_what, chunk_id)))
+    return fetch_blocks(store, out, list(entries.values()), buffers)
+
+
+def fetch_blocks(
+    store: PackedStore,
+    out: FetchedChunks,
+    entries: list[BlobEntry],
+    buffers: ReadBuffers | None = None,
+) -> FetchedChunks:
+    """The blocks of `entries` into `out` (whose recipes name them), adjacent ones of a pack
+    in one ranged GET. With `buffers`, a local remote's packs are read with O_DIRECT into
+    one of them, given back by `release` after the decode."""
+    wanted = sorted(entries, key=lambda e: (e.pack, e.offset))
     out.lease = buffers.lease() if buffers is not None and wanted else None
     try:
         for run in adjacent_runs(wanted, store.max_span):
@@ -114,7 +125,8 @@ def fetch_packed(
     return out
 
 
-def _block_what(chunk_id: bytes, block_id: bytes) -> str:
+def block_what(chunk_id: bytes, block_id: bytes) -> str:
+    """How a block is named in errors: as get_chunk names it."""
     return f"chunk {chunk_id.hex()[:16]}: block {block_id.hex()[:16]}"
 
 

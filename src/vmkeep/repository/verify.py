@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -98,12 +98,14 @@ def _checks(repo: Repository, order: list[bytes]) -> Iterator[list[Checked]]:
         yield [checked]
 
 
-def in_pack_order(repo: Repository, chunks: set[bytes]) -> list[bytes]:
-    """Format 3: the chunks in the order of their recipes' packs and offsets (those the index
-    lacks last, to be reported missing), as gc's mark reads them: recipe packs are read
-    whole and only the last two kept (RecipePacks), so in the set's (hash) order most
-    chunks read a whole recipe pack again. Their blocks, written in the same order, follow
-    pack after pack too. Other formats: as they come (one object per chunk)."""
+def in_pack_order(repo: Repository, chunks: Iterable[bytes]) -> list[bytes]:
+    """Format 3: the chunks in the order of their recipes' packs (by pack ID, so the order,
+    and so verify's groups and GETs, is the same on every run whatever the order of
+    `chunks`) and offsets (those the index lacks last, to be reported missing), as gc's mark
+    reads them: recipe packs are read whole and only the last two kept (RecipePacks), so in
+    the set's (hash) order most chunks read a whole recipe pack again. Their blocks,
+    written in the same order, follow pack after pack too. Other formats: as they come
+    (one object per chunk)."""
     if repo.packed is None:
         return list(chunks)
     index = repo.packed.index()
@@ -116,8 +118,11 @@ def in_pack_order(repo: Repository, chunks: set[bytes]) -> list[bytes]:
             unindexed.append(chunk_id)
         else:
             located.append((packs.setdefault(entry.pack, len(packs)), entry.offset, chunk_id))
-    located.sort()
-    return [chunk_id for _, _, chunk_id in located] + unindexed
+    rank = [0] * len(packs)
+    for k, pack in enumerate(sorted(packs)):
+        rank[packs[pack]] = k
+    located.sort(key=lambda item: (rank[item[0]], item[1]))
+    return [chunk_id for _, _, chunk_id in located] + sorted(unindexed)
 
 
 def _users(
