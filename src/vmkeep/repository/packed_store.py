@@ -134,7 +134,12 @@ class PackedStore:
         with self._load_lock:
             if self._writer is None:
                 self._writer = PackWriter(
-                    self.remote, self.sealer, self.repo_id, self.pack_size, self.index
+                    self.remote,
+                    self.sealer,
+                    self.repo_id,
+                    self.pack_size,
+                    self.index,
+                    self.pack_size + self.max_span // 2,  # a pack and one chunk's blocks
                 )
             return self._writer
 
