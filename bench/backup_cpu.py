@@ -162,6 +162,7 @@ def one_round(variant: str, workdir: Path, stages_on: bool) -> dict[str, Any]:
         "wall": wall,
         "user": after.ru_utime - before.ru_utime,
         "sys": after.ru_stime - before.ru_stime,
+        "maxrss_mib": after.ru_maxrss / 1024,
         "written": report.stats.bytes_written,
         "stored": stored,
         "stages": dict(stages.cpu) if stages else {},
@@ -282,6 +283,7 @@ def main() -> int:
             print(
                 f"round {r + 1} {key}: {cpu:.2f} CPU-s (user {res['user']:.2f}, sys "
                 f"{res['sys']:.2f}), wall {res['wall']:.2f} s, written {res['written']}, "
+                f"peak RSS {res.get('maxrss_mib', 0):.0f} MiB, "
                 f"load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )

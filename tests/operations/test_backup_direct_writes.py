@@ -190,3 +190,24 @@ def test_many_workers_fill_buffers_concurrently_and_restore(vm_dir: Path, tmp_pa
     image = hashlib.sha256((vm_dir / "disk0.img").read_bytes()).hexdigest()
     assert _restored_hash(repo, point, tmp_path / "out") == image
     assert os.listdir(tmp_path / "repo" / "packs")
+
+
+def test_packs_without_a_free_buffer_are_assembled_as_pieces(
+    vm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No buffer free (here: none at all) while direct writes are on: the blobs, sealed late
+    for a buffer, are sealed as pieces instead; the packs are the buffered run's."""
+    _suits(tmp_path)
+    repo = Repository.init(
+        CountingRemote(tmp_path / "pieces"), "none", lambda: PASSPHRASE, pack_size=MiB
+    )
+    assert repo.packed is not None and repo.packed.writer.direct
+    repo.packed.writer._buffer_count = 0
+    options = BackupOptions(workers=1)
+    point = backup_vm(repo, FilesConnector(), str(vm_dir), options, SilentProgress()).restore_point
+    assert CountingRemote.direct == []
+    monkeypatch.setenv("VMKEEP_DIRECT_IO", "0")
+    _backup(tmp_path / "buffered", vm_dir)
+    assert _packs(tmp_path / "pieces") == _packs(tmp_path / "buffered")
+    image = hashlib.sha256((vm_dir / "disk0.img").read_bytes()).hexdigest()
+    assert _restored_hash(repo, point, tmp_path / "out") == image
