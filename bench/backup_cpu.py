@@ -103,7 +103,7 @@ class Stages:
 
 def install_stages() -> Stages:
     from vmkeep.operations import backup, chunk_uploader
-    from vmkeep.repository import blobs, chunks, pack_writer, packed_store, repository
+    from vmkeep.repository import blobs, chunks, crypto, pack_writer, packed_store, repository
     from vmkeep.repository.crypto import Sealer
 
     stages = Stages()
@@ -116,6 +116,7 @@ def install_stages() -> Stages:
     stages.wrap(blobs, "compress_if_smaller", "zstd + probes")
     stages.wrap(blobs.BlobCodec, "encode_many", "encode loop")
     stages.wrap(Sealer, "seal_parts", "aes-gcm")
+    stages.wrap(getattr(crypto, "DeferredSealed", None), "write_into", "aes-gcm")  # into a pack
     stages.wrap(pack_writer.PackWriter, "add", "packer add")
     stages.wrap(pack_writer.PackWriter, "_upload", "pack upload")
     stages.wrap(backup, "read_spans", "read")
