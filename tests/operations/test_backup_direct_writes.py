@@ -211,3 +211,24 @@ def test_packs_without_a_free_buffer_are_assembled_as_pieces(
     assert _packs(tmp_path / "pieces") == _packs(tmp_path / "buffered")
     image = hashlib.sha256((vm_dir / "disk0.img").read_bytes()).hexdigest()
     assert _restored_hash(repo, point, tmp_path / "out") == image
+
+
+def test_an_add_larger_than_a_buffer_goes_to_a_pack_of_pieces(
+    vm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Buffers of 3 MiB: the first chunk's ~2 MiB of blocks fit one, the 4 MiB of random
+    blocks of others do not (their packs are assembled as pieces): same packs as buffered."""
+    _suits(tmp_path)
+    repo = Repository.init(
+        CountingRemote(tmp_path / "mixed"), "none", lambda: PASSPHRASE, pack_size=MiB
+    )
+    assert repo.packed is not None
+    repo.packed.writer._buffer_size = 3 * MiB
+    options = BackupOptions(workers=1)
+    point = backup_vm(repo, FilesConnector(), str(vm_dir), options, SilentProgress()).restore_point
+    assert 1 <= len(CountingRemote.direct) < 3  # of the 3 block packs
+    monkeypatch.setenv("VMKEEP_DIRECT_IO", "0")
+    _backup(tmp_path / "buffered", vm_dir)
+    assert _packs(tmp_path / "mixed") == _packs(tmp_path / "buffered")
+    image = hashlib.sha256((vm_dir / "disk0.img").read_bytes()).hexdigest()
+    assert _restored_hash(repo, point, tmp_path / "out") == image

@@ -142,7 +142,8 @@ class PackWriter:
             index = self._index()
             fresh = generation == self.generation
             pack = self._open.get(kind)
-            if pack is not None and pack.view is not None and not self._fits(pack, blobs):
+            need = sum(len(d) for _, d in blobs)
+            if pack is not None and pack.view is not None and pack.size + need > len(pack.view):
                 ready += self._close(pack)  # they would not fit: the pack ends here
                 pack = None
             for blob_id, data in blobs:
@@ -151,7 +152,7 @@ class PackWriter:
                     continue
                 self._seen.add(key)
                 if pack is None:
-                    pack = self._open[kind] = self._new_pack(kind)
+                    pack = self._open[kind] = self._new_pack(kind, need)
                 length = len(data)
                 pack.entries.append((kind, blob_id, pack.size, length))
                 if pack.view is not None:
@@ -173,14 +174,12 @@ class PackWriter:
             self._submit(full)
         return added
 
-    @staticmethod
-    def _fits(pack: _OpenPack, blobs: Sequence[tuple[bytes, bytes | Sealed]]) -> bool:
-        return pack.view is None or pack.size + sum(len(d) for _, d in blobs) <= len(pack.view)
-
-    def _new_pack(self, kind: int) -> _OpenPack:
-        """An empty pack: in a buffer when block packs are written directly and one is free."""
+    def _new_pack(self, kind: int, need: int) -> _OpenPack:
+        """An empty pack: in a buffer when block packs are written directly, one is free and
+        `need` bytes of blobs fit in it after the header."""
         head = pack_header(self.sealer)
-        lease = self._lease() if self._direct and kind == KIND_BLOCK else None
+        direct = self._direct and kind == KIND_BLOCK and len(head) + need <= self._buffer_size
+        lease = self._lease() if direct else None
         view = lease.take(self._buffer_size) if lease is not None else None
         if lease is None or view is None:
             return _OpenPack(kind, [head], len(head))
