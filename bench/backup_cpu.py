@@ -103,7 +103,7 @@ class Stages:
 
 def install_stages() -> Stages:
     from vmkeep.operations import backup, chunk_uploader
-    from vmkeep.repository import blobs, chunks, pack_writer, packed_store, repository
+    from vmkeep.repository import blobs, chunks, crypto, pack_writer, packed_store, repository
     from vmkeep.repository.crypto import Sealer
 
     stages = Stages()
@@ -116,6 +116,7 @@ def install_stages() -> Stages:
     stages.wrap(blobs, "compress_if_smaller", "zstd + probes")
     stages.wrap(blobs.BlobCodec, "encode_many", "encode loop")
     stages.wrap(Sealer, "seal_parts", "aes-gcm")
+    stages.wrap(getattr(crypto, "DeferredSealed", None), "write_into", "aes-gcm")  # into a pack
     stages.wrap(pack_writer.PackWriter, "add", "packer add")
     stages.wrap(pack_writer.PackWriter, "_upload", "pack upload")
     stages.wrap(backup, "read_spans", "read")
@@ -162,6 +163,7 @@ def one_round(variant: str, workdir: Path, stages_on: bool) -> dict[str, Any]:
         "wall": wall,
         "user": after.ru_utime - before.ru_utime,
         "sys": after.ru_stime - before.ru_stime,
+        "maxrss_mib": after.ru_maxrss / 1024,
         "written": report.stats.bytes_written,
         "stored": stored,
         "stages": dict(stages.cpu) if stages else {},
@@ -282,6 +284,7 @@ def main() -> int:
             print(
                 f"round {r + 1} {key}: {cpu:.2f} CPU-s (user {res['user']:.2f}, sys "
                 f"{res['sys']:.2f}), wall {res['wall']:.2f} s, written {res['written']}, "
+                f"peak RSS {res.get('maxrss_mib', 0):.0f} MiB, "
                 f"load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )

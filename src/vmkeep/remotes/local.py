@@ -9,7 +9,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from vmkeep.errors import (
 from .base import ObjectStat
 from .file_attributes import UNSUPPORTED, get_flags, is_immutable
 from .local_immutable import probe_immutability, read_lock_ends
+from .local_writes import DirectRefused, drop_cached, write_all, write_direct
 from .object_lock import LockPolicy, ProtectStats
 from .retention_records import encode_record, record_name
 
@@ -36,7 +37,6 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_C
 _LAYOUT_DIRS = ("chunks", "manifests", "locks", "retention", "metadata", "packs", "index")
 _FANOUT_DIRS = ("chunks", "packs")  # objects under XX/ (format 3: packs, FORMAT.md §13.2)
 _FANOUT = re.compile(r"[0-9a-f]{2}")
-_IOV_MAX = 1024  # Linux's limit of buffers per writev
 
 
 def _os_error(exc: OSError, action: str, path: Path) -> RemoteError:
@@ -71,31 +71,6 @@ def _purge_dir(dfd: int, limit: float, where: Path) -> int:
         except OSError as exc:
             raise _os_error(exc, "deleting", where / fn) from exc
     return removed
-
-
-def _write_all(fd: int, parts: Sequence[bytes]) -> None:
-    """Every byte of `parts`, in order: one write for one part, writev for more (at most
-    IOV_MAX buffers a call), resumed after a short write."""
-    views = [memoryview(p) for p in parts if len(p)]
-    i = 0
-    while i < len(views):
-        batch = views[i : i + _IOV_MAX]
-        done = os.write(fd, batch[0]) if len(batch) == 1 else os.writev(fd, batch)
-        while i < len(views) and done >= len(views[i]):
-            done -= len(views[i])
-            i += 1
-        if done:
-            views[i] = views[i][done:]
-
-
-def _drop_cached(fd: int) -> None:
-    """Drop an object's pages from the page cache once they are on disk. A backup writes data
-    it will not read again soon, and on a hypervisor the cache belongs to the running guests;
-    freed pages are also reused by the next write, where fresh ones cost more (measured in a
-    VM: 4 MiB write + fsync took 13 ms of CPU with fresh pages, 1.4 ms with dropped ones).
-    Advisory: errors are ignored."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 class LocalRemote:
@@ -162,7 +137,30 @@ class LocalRemote:
             return
         self._put(name, parts, overwrite)
 
-    def _put(self, name: str, parts: Sequence[bytes], overwrite: bool) -> None:
+    def put_direct(self, name: str, head: memoryview, tail: Sequence[bytes]) -> bool:
+        """One object, `head` then `tail`, as `put_parts` writes it, but the whole pages of
+        `head` (page-aligned memory: a format 3 packer's buffer) written with O_DIRECT: no
+        page-cache fill, no kernel copy, no writeback of a pack that is not read again soon
+        (local_writes.py). Published as any object (fsync, then rename). False where the
+        file system refuses direct writes, or for a subclass that overrides `put`: nothing
+        was written, the caller writes the usual way."""
+        if type(self).put is not LocalRemote.put:
+            return False
+        try:
+            self._put(name, lambda fd: write_direct(fd, head, tail), True, os.O_DIRECT)
+        except DirectRefused:
+            return False
+        return True
+
+    def _put(
+        self,
+        name: str,
+        parts: Sequence[bytes | memoryview] | Callable[[int], None],
+        overwrite: bool,
+        flags: int = 0,
+    ) -> None:
+        """`parts` (or a function writing the temp file, opened with `flags` added) written
+        into a temp file, made durable, then renamed to `name`."""
         path = self._path(name)
         tmp = f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
         try:
@@ -172,11 +170,11 @@ class LocalRemote:
         except OSError as exc:
             raise _os_error(exc, "writing", path) from exc
         try:
-            fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dfd)
+            fd = os.open(tmp, _CREATE_FLAGS | flags, 0o600, dir_fd=dfd)
             try:
-                _write_all(fd, parts)
+                parts(fd) if callable(parts) else write_all(fd, parts)
                 os.fsync(fd)
-                _drop_cached(fd)
+                drop_cached(fd)
             finally:
                 os.close(fd)
             if overwrite:
@@ -189,9 +187,11 @@ class LocalRemote:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dfd)
             raise ObjectExistsError(f"object {name} already exists") from exc
-        except OSError as exc:
+        except (OSError, DirectRefused) as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dfd)
+            if isinstance(exc, DirectRefused) or (exc.errno == errno.EINVAL and flags):
+                raise DirectRefused from None  # O_DIRECT refused: nothing written
             raise _os_error(exc, "writing", path) from exc
         finally:
             os.close(dfd)

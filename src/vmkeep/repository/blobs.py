@@ -121,9 +121,12 @@ class BlobCodec:
         blobs: Iterable[tuple[bytes, bytes | memoryview]],
         level: int,
         probe: bool = False,
+        deferred: bool = False,
     ) -> list[tuple[bytes, Sealed]]:
         """Each blob encoded as `encode_parts` does, in one loop (a backup encodes a call per
-        64 KiB block: the headers are made once, not per block)."""
+        64 KiB block: the headers are made once, not per block). `deferred`: compressed
+        now, sealed where the packer writes it (crypto.DeferredSealed: a direct write's
+        buffer)."""
         sealer = self.sealer
         encrypted = sealer.encrypted
         flags = FLAG_ENCRYPTED if encrypted else 0
@@ -134,7 +137,9 @@ class BlobCodec:
                 compress_if_smaller(plain, level, probe) if level > 0 else (plain, False)
             )
             head = heads[compressed]
-            if encrypted:
+            if deferred:
+                out.append((blob_id, sealer.seal_deferred(head, payload, head + blob_id)))
+            elif encrypted:
                 out.append((blob_id, sealer.seal_parts(head, payload, head + blob_id)))
             else:
                 out.append((blob_id, Sealed((head, bytes(payload)))))

@@ -16,6 +16,8 @@ from vmkeep.errors import IntegrityError, RepositoryError, WrongPassphraseError
 
 from .format import NONCE_SIZE
 
+TAG_SIZE = 16  # AES-GCM's tag, after the ciphertext
+
 KEY_AAD_PREFIX = b"vmkeep-key-v1:"
 # Argon2id: 64 MiB, 3 passes, 2 lanes (about 0.2 s here).
 DEFAULT_TIME_COST = 3
@@ -167,6 +169,54 @@ class Sealed:
     def __bytes__(self) -> bytes:
         return b"".join(self.parts)
 
+    def write_into(self, view: memoryview) -> None:
+        """The object's bytes into `view` (len(self) long): a pack's buffer."""
+        at = 0
+        for piece in self.parts:
+            view[at : at + len(piece)] = piece
+            at += len(piece)
+
+
+class DeferredSealed(Sealed):
+    """A blob sealed where it is written (docs/DATA-PATH.md, "Direct pack writes"): into a
+    pack's page-aligned buffer by `write_into` (AES-GCM's encrypt_into: no ciphertext object
+    and no copy of it), else the first time its pieces are asked for. Holds the plaintext
+    until then, so it must be written while that is unchanged (within the store call)."""
+
+    __slots__ = ("_aad", "_aead", "_nonce", "_plain", "_prefix")
+
+    def __init__(
+        self, aead: AESGCM | None, head: bytes, plain: bytes | memoryview, aad: bytes
+    ) -> None:
+        self._aead = aead
+        self._nonce = os.urandom(NONCE_SIZE) if aead is not None else b""
+        self._prefix = head + self._nonce
+        self._plain: bytes | memoryview | None = plain
+        self._aad = aad
+        self._parts = None
+        self._length = len(self._prefix) + len(plain) + (TAG_SIZE if aead is not None else 0)
+
+    @property
+    def parts(self) -> list[bytes]:
+        plain = self._plain
+        if plain is not None:
+            aead = self._aead
+            body = aead.encrypt(self._nonce, plain, self._aad) if aead else bytes(plain)
+            self._parts, self._plain = [self._prefix, body], None
+        return super().parts
+
+    def write_into(self, view: memoryview) -> None:
+        plain = self._plain
+        if plain is None:
+            super().write_into(view)
+            return
+        n = len(self._prefix)
+        view[:n] = self._prefix
+        if self._aead is None:
+            view[n : self._length] = plain
+        else:
+            self._aead.encrypt_into(self._nonce, plain, self._aad, view[n : self._length])
+
 
 class Sealer:
     """Encrypts and authenticates objects, or (unencrypted repository) only checksums them."""
@@ -189,6 +239,10 @@ class Sealer:
         tag. Else: plaintext || BLAKE3(aad || plaintext). One join, so a 4 MiB body is copied
         once, not once per concatenation."""
         return bytes(self.seal_parts(head, plaintext, aad))
+
+    def seal_deferred(self, head: bytes, plaintext: bytes | memoryview, aad: bytes) -> Sealed:
+        """A blob (no checksum when unencrypted: its ID is its hash) sealed when written."""
+        return DeferredSealed(self._aead, head, plaintext, aad)
 
     def seal_parts(self, head: bytes, plaintext: bytes | memoryview, aad: bytes) -> Sealed:
         """`seal`'s object as pieces, so that a writer that takes pieces (a pack, or

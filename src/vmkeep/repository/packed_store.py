@@ -134,7 +134,12 @@ class PackedStore:
         with self._load_lock:
             if self._writer is None:
                 self._writer = PackWriter(
-                    self.remote, self.sealer, self.repo_id, self.pack_size, self.index
+                    self.remote,
+                    self.sealer,
+                    self.repo_id,
+                    self.pack_size,
+                    self.index,
+                    self.pack_size + self.max_span // 2,  # a pack and one chunk's blocks
                 )
             return self._writer
 
@@ -176,8 +181,10 @@ class PackedStore:
         for block_id, plain in blocks:
             if block_id != ZERO_ID:
                 todo.setdefault(block_id, plain)
-        new, generation = self.writer.missing(KIND_BLOCK, todo)
-        encoded = self.codec.encode_many(KIND_BLOCK, ((b, todo[b]) for b in new), level, probe)
+        writer = self.writer
+        new, generation = writer.missing(KIND_BLOCK, todo)
+        blobs = ((b, todo[b]) for b in new)
+        encoded = self.codec.encode_many(KIND_BLOCK, blobs, level, probe, writer.direct)
         recipe_blob = self.codec.encode(KIND_RECIPE, chunk_id, recipe, level)
         return PackedChunk(recipe_blob, encoded, generation)
 

@@ -7,7 +7,8 @@ either. Reading the 1.4 GiB of packs of the live benchmark's point after a cache
 "CPU of a format 3 restore"). Direct reads need an aligned address, offset and length, so
 each fetch takes one buffer (a lease) for its group and hands it back after the decode: the
 buffers are reused, never faulted in afresh. A lease is never waited for: with none free, or
-a group that does not fit, the fetch reads the usual way."""
+a group that does not fit, the fetch reads the usual way. A backup's packer leases them too,
+one per block pack it assembles for a direct write (pack_writer.py)."""
 
 from __future__ import annotations
 
