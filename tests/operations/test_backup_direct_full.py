@@ -4,7 +4,6 @@ and no partial pack left, every pack that is there whole. Needs root (mount)."""
 
 from __future__ import annotations
 
-import json
 import random
 import subprocess
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import PASSPHRASE, Cli
+from tests.vm_dirs import write_raw_vm_json
 from vmkeep.direct_io_fs import direct_io_suits
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.packs import read_trailer
@@ -45,15 +45,7 @@ def _vm(parent: Path) -> Path:
     vm = parent / "vm"
     vm.mkdir()
     (vm / "disk0.img").write_bytes(random.Random(7).randbytes(20 * MiB))
-    doc = {
-        "name": "full",
-        "uuid": "5d1c8e2a-0000-4000-8000-00000000d4d4",
-        "vcpus": 1,
-        "memory_mib": 64,
-        "disks": [{"name": "d0", "file": "disk0.img", "format": "raw"}],
-        "metadata": {},
-    }
-    (vm / "vm.json").write_text(json.dumps(doc))
+    write_raw_vm_json(vm, "full", random.Random(7))
     return vm
 
 

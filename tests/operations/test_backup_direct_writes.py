@@ -7,7 +7,6 @@ full file system: tests/operations/test_backup_direct_full.py.)"""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -19,6 +18,7 @@ from typing import ClassVar
 import pytest
 
 from tests.conftest import PASSPHRASE
+from tests.vm_dirs import write_raw_vm_json
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.direct_io_fs import direct_io_suits
 from vmkeep.operations.backup import BackupOptions, backup_vm
@@ -65,15 +65,7 @@ def _image() -> bytes:
 def vm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     vm = tmp_path_factory.mktemp("vm")
     (vm / "disk0.img").write_bytes(_image())
-    config = {
-        "name": "dwrite",
-        "uuid": "5d1c8e2a-0000-4000-8000-00000000d3d3",
-        "vcpus": 1,
-        "memory_mib": 64,
-        "disks": [{"name": "d0", "file": "disk0.img", "format": "raw"}],
-        "metadata": {},
-    }
-    (vm / "vm.json").write_text(json.dumps(config))
+    write_raw_vm_json(vm, "dwrite", random.Random(3))
     return vm
 
 
