@@ -84,14 +84,14 @@ def run_one(mode: str, n: int, share: float, per_pack: int = PER_PACK) -> None:
     order = (i * 1_000_003 % n for i in range(n))  # every i once, scattered
     if mode == "memory":
         live = {(KIND_BLOCK, blob_id(i)) for i in order if is_live(i, share, per_pack)}
-        plan = plan_from(sizes, entries(n, per_pack), live, 16 << 20)
+        plan = plan_from(sizes, entries(n, per_pack), live, per_pack * LENGTH)
         counts = len(plan.keep), len(plan.repack), len(plan.delete)
     else:
         with LiveKeys(Path(tempfile.gettempdir())) as keys:
             for i in order:
                 if is_live(i, share, per_pack):
                     keys.add(live_key(KIND_BLOCK, blob_id(i)))
-            got = stream_plan(sizes, entries(n, per_pack), keys.sorted_unique(), 16 << 20)
+            got = stream_plan(sizes, entries(n, per_pack), keys.sorted_unique(), per_pack * LENGTH)
         counts = len(got.keep), len(got.repack), len(got.delete)
     print(f"keep/repack/delete {counts}", file=sys.stderr)
 
