@@ -73,7 +73,8 @@ def entries(n: int, per_pack: int = PER_PACK) -> Iterator[BlobEntry]:
 
 
 def is_live(i: int, share: float, per_pack: int = PER_PACK) -> bool:
-    return (i // per_pack) % 10 < share * 10 and i % 3 != 0
+    fate = (i // per_pack) % 10  # packs past the live share: dead; odd: 2/3 live; even: 1/4
+    return fate < share * 10 and (i % 3 != 0 if fate % 2 else i % 4 == 0)
 
 
 def run_one(mode: str, n: int, share: float, per_pack: int = PER_PACK) -> None:
