@@ -1,7 +1,7 @@
 """gc planning memory: tests/repository/pack_plan_reference.plan_from (a set of every live
-blob, every live entry per pack in memory, as gc did before) against pack_plan.stream_plan
-(live keys external-sorted by live_set.LiveKeys, merge-joined with the index's sorted
-entries) over synthetic entries.
+blob, every live entry per pack and every pack's size in memory, as gc did before) against
+pack_plan.stream_plan (live keys, the pack listing and per-pack tallies external-sorted by
+live_set.LiveKeys, merge-joined with the index's sorted entries) over synthetic entries.
 
     .venv/bin/python bench/gc_plan_scale.py [--blobs 1000000,4000000] [--live 0.7] [--per-pack 256]
 
@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,7 +50,9 @@ from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.blobs import KIND_BLOCK
 from vmkeep.repository.live_set import LiveKeys, live_key
 from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
-from vmkeep.repository.pack_plan import stream_plan
+from vmkeep.repository.pack_gc import LISTED_BUFFER, LIVE_BUFFER
+from vmkeep.repository.pack_plan import DELETE, KEEP, LISTED, REPACK, listing, stream_plan
+from vmkeep.repository.pack_tally import TALLY, TALLY_BUFFER
 from vmkeep.repository.packs import BlobEntry
 from vmkeep.repository.repository import Repository
 
@@ -78,22 +81,29 @@ def is_live(i: int, share: float, per_pack: int = PER_PACK) -> bool:
 
 
 def run_one(mode: str, n: int, share: float, per_pack: int = PER_PACK) -> None:
-    sizes = {
-        pack_of(p * per_pack, per_pack): per_pack * LENGTH
-        for p in range((n + per_pack - 1) // per_pack)
-    }
+    packs = (pack_of(p * per_pack, per_pack) for p in range((n + per_pack - 1) // per_pack))
     order = (i * 1_000_003 % n for i in range(n))  # every i once, scattered
-    if mode == "memory":
+    if mode == "memory":  # what gc did before: a dict of every pack's size, a set of live keys
+        sizes = dict.fromkeys(packs, per_pack * LENGTH)
         live = {(KIND_BLOCK, blob_id(i)) for i in order if is_live(i, share, per_pack)}
         plan = plan_from(sizes, entries(n, per_pack), live, per_pack * LENGTH)
         counts = len(plan.keep), len(plan.repack), len(plan.delete)
-    else:
-        with LiveKeys(Path(tempfile.gettempdir())) as keys:
-            for i in order:
-                if is_live(i, share, per_pack):
-                    keys.add(live_key(KIND_BLOCK, blob_id(i)))
-            got = stream_plan(sizes, entries(n, per_pack), keys.sorted_unique(), per_pack * LENGTH)
-        counts = len(got.keep), len(got.repack), len(got.delete)
+    else:  # gc's: the listing, live keys and per-pack tallies external-sorted
+        parent = Path(tempfile.gettempdir())
+        with (
+            LiveKeys(parent, LIVE_BUFFER) as keys,
+            LiveKeys(parent, LISTED_BUFFER, LISTED.size) as listed,
+            LiveKeys(parent, TALLY_BUFFER, TALLY.size) as tallies,
+        ):
+            listed.add_many(listing(p, per_pack * LENGTH) for p in packs)
+            live = (i for i in order if is_live(i, share, per_pack))
+            keys.add_many(live_key(KIND_BLOCK, blob_id(i)) for i in live)
+            ids = keys.sorted_unique()
+            rows = listed.dir / "plan"
+            got = stream_plan(rows, listed, tallies, entries(n, per_pack), ids, per_pack * LENGTH)
+            got.apply_locks(lambda _: False)
+            fates = Counter(f.fate for f in got.fates())
+        counts = fates[KEEP], fates[REPACK], fates[DELETE]
     print(f"keep/repack/delete {counts}", file=sys.stderr)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 
 from vmkeep.errors import RepositoryError
 from vmkeep.remotes.base import Remote
@@ -21,6 +22,8 @@ from vmkeep.remotes.base import Remote
 from .blob_index import IndexCache, fetch_index_objects, index_id_of_name, iter_index
 from .packed_store import PackedStore
 from .packs import pack_id_of_name, pack_object_name
+
+ASK_AT_ONCE = 10_000  # candidate packs whose locks are asked about in one call
 
 
 @dataclass
@@ -47,11 +50,14 @@ def find_locks(
     index object and candidate pack on S3; nothing on a remote without locks."""
     locks = GcLocks(set(lock_ends_of(store.remote, index_names)))
     locks.packs = packs_listed(store, locks.index_names)
-    ask = [pack_object_name(p) for p in candidates if p not in locks.packs]
-    for name in lock_ends_of(store.remote, ask):
-        pack_id = pack_id_of_name(name)
-        if pack_id is not None:
-            locks.packs.add(pack_id)
+    if not callable(getattr(store.remote, "lock_ends_of", None)):
+        return locks  # a remote without locks: the candidates are not even read
+    names = (pack_object_name(p) for p in candidates if p not in locks.packs)
+    while ask := list(islice(names, ASK_AT_ONCE)):  # candidates stream from the plan file
+        for name in lock_ends_of(store.remote, ask):
+            pack_id = pack_id_of_name(name)
+            if pack_id is not None:
+                locks.packs.add(pack_id)
     return locks
 
 
