@@ -58,10 +58,12 @@ main()
 """
 
 
-def run_gc(cli: Cli, url: str, log: Path, fail_at: str = "") -> subprocess.CompletedProcess[str]:
+def run_gc(
+    cli: Cli, url: str, log: Path, fail_at: str = "", *args: str
+) -> subprocess.CompletedProcess[str]:
     env = dict(cli.env, RUNS_LOG=str(log), FAIL_AT=fail_at)
     return subprocess.run(
-        [PYTHON, "-c", SMALL_BUFFERS, "gc", "--remote", url, "--json"],
+        [PYTHON, "-c", SMALL_BUFFERS, "gc", "--remote", url, "--json", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -70,8 +72,9 @@ def run_gc(cli: Cli, url: str, log: Path, fail_at: str = "") -> subprocess.Compl
     )
 
 
-def in_memory_plan(cli: Cli, url: str) -> tuple[set[bytes], set[bytes], set[bytes]]:
-    """(delete, repack, keep) as gc decided before: a set of every live blob, plan_from."""
+def in_memory_plan(cli: Cli, url: str) -> tuple[set[bytes], set[bytes], set[bytes], int]:
+    """(delete, repack, keep, bytes of delete and repack) as gc decided before: a set of
+    every live blob, a dict of every pack, plan_from."""
     with open_as_cli(cli, url) as repo:
         store = repo.packed
         assert store is not None
@@ -81,7 +84,8 @@ def in_memory_plan(cli: Cli, url: str) -> tuple[set[bytes], set[bytes], set[byte
         index = store.reload().index
         sizes = {p: o.size for o in store.remote.list("packs/") if (p := pack_id_of_name(o.name))}
         plan = plan_from(sizes, index.entries(), live, store.pack_size)
-        return set(plan.delete), set(plan.repack), set(plan.keep)
+        freed = sum(sizes[p] for p in [*plan.delete, *plan.repack])
+        return set(plan.delete), set(plan.repack), set(plan.keep), freed
 
 
 def packs_listed(url: str) -> set[bytes]:
@@ -179,11 +183,20 @@ def test_spilled_referenced_ids_keep_every_referenced_blob(cli: Cli, tmp_path: P
 
 def test_streamed_gc_with_many_runs_equals_the_in_memory_plan(cli: Cli, tmp_path: Path) -> None:
     repo = build(cli, tmp_path)
-    delete, repack, keep = in_memory_plan(cli, repo.url)
+    delete, repack, keep, freed = in_memory_plan(cli, repo.url)
     assert delete and len(repack) >= 3 and keep  # every fate is exercised
     before = packs_listed(repo.url)
     assert before == delete | repack | keep
     log = tmp_path / "runs.log"
+    dry = run_gc(cli, repo.url, tmp_path / "dry.log", "", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    would = json.loads(dry.stdout)
+    assert (would["packs_deleted"], would["packs_repacked"], would["bytes_freed"]) == (
+        len(delete) + len(repack),
+        len(repack),
+        freed,
+    )
+    assert packs_listed(repo.url) == before and run_dirs(cli) == []
     done = run_gc(cli, repo.url, log)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
