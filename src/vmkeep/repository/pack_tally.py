@@ -18,7 +18,7 @@ from .live_set import BUFFER_KEYS, LiveKeys
 # pack, run (records of one pack merge in the order they were spilled), live bytes, live
 # count, dead count, kind of the first live entry met (NO_KIND: none)
 TALLY = struct.Struct(">32sIQQQB")
-TALLY_BUFFER = BUFFER_KEYS // 8  # packs held before a spill (~200 B each: ~25 MiB)
+TALLY_BUFFER = BUFFER_KEYS // 4  # packs held before a spill (~200 B each: ~50 MiB; 4 TiB)
 NO_KIND = 255  # live entries are recipes or blocks (the mark adds no other kind)
 LIVE_BYTES, LIVE_COUNT, DEAD, KIND = range(4)  # a held tally's fields
 
