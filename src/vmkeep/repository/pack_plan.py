@@ -185,7 +185,7 @@ def count_packs(
     plan.live_entries = count
 
 
-def by_pack(
+def outer_join(
     listed: Iterator[bytes], tallies: Iterator[Tally]
 ) -> Iterator[tuple[bytes, int | None, Tally | None]]:
     """(pack, size or None if unlisted, tally or None if the index names no live or dead
@@ -232,7 +232,7 @@ def write_plan(
 ) -> PackPlan:
     """Each pack's fate as a row of `plan.rows_path`, in pack order; the per-kind counts."""
     with open(plan.rows_path, "xb", buffering=1 << 16) as f:
-        for pack, size, tally in by_pack(listed, tallies):
+        for pack, size, tally in outer_join(listed, tallies):
             fate = first_fate(size, tally, pack_size)
             kind = tally.kind if tally is not None else 0
             if fate == REPACK:
