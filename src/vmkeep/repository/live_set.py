@@ -92,6 +92,12 @@ class LiveKeys:
         self._active.append(path)
         self._buffer = []
 
+    def flush(self) -> None:
+        """Spills what the buffer holds (its memory back before other work); a key added
+        later starts a new run."""
+        if self._buffer or self._unique:
+            self._spill()
+
     def sorted_unique(self) -> Iterator[bytes]:
         """Every key added, once, in ascending order (the buffer is spilled first)."""
         if self._buffer or self._unique or not self.runs:

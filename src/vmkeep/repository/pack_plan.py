@@ -256,6 +256,7 @@ def stream_plan(
     """The plan of the packs `listed` holds (LISTED records) against the index's `entries`
     and the sorted `live` keys, written to `rows`; `tally_sort` takes the per-pack tallies
     (TALLY records)."""
+    listed.flush()  # the listing's last run on disk, not in memory, while the join counts
     plan = PackPlan(rows)
     tallies = PackTallies(tally_sort)
     count_packs(plan, entries, live, tallies, sink)
