@@ -28,8 +28,8 @@ from .packs import BlobEntry, pack_overhead
 REPACK_BELOW = 0.5  # a pack whose live blobs are less than half of it is rewritten
 SMALL_PACK = 0.25  # below a quarter of the pack size, packs of one kind are merged
 
-# Fates. A row holds the first four (SMALL: kept, under SMALL_PACK); `PackPlan.fates`
-# resolves SMALL and SMALL_REPACK into KEEP or REPACK.
+# Fates. A row holds one of the first five (SMALL: kept, under SMALL_PACK; UNLISTED: named
+# by the index, not on the remote); `PackPlan.fates` resolves SMALL into KEEP or REPACK.
 DELETE, REPACK, KEEP, SMALL, UNLISTED, SMALL_REPACK = range(6)
 LISTED = struct.Struct(">32sQ")  # the pack listing's records: pack ID, size
 ROW = struct.Struct(">32sQBBB")  # pack, size, kind, fate, has dead entries
