@@ -101,7 +101,7 @@ def run_one(mode: str, n: int, share: float, per_pack: int = PER_PACK) -> None:
             ids = keys.sorted_unique()
             rows = listed.dir / "plan"
             got = stream_plan(rows, listed, tallies, entries(n, per_pack), ids, per_pack * LENGTH)
-            got.apply_locks(lambda _: False)
+            got.apply_locks(lambda: lambda _: False)
             fates = Counter(f.fate for f in got.fates())
         counts = fates[KEEP], fates[REPACK], fates[DELETE]
     print(f"keep/repack/delete {counts}", file=sys.stderr)

@@ -6,11 +6,13 @@ tests/e2e/test_format3_gc_streamed.py) and benchmarked (bench/gc_plan_scale.py) 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmkeep.repository.live_set import LiveKeys
+from vmkeep.repository.pack_gc_locks import GcLocks
 from vmkeep.repository.pack_plan import (
     DELETE,
     KEEP,
@@ -103,19 +105,24 @@ def streamed(
     live: Iterator[bytes],
     pack_size: int,
     buffers: tuple[int, int] = (1 << 16, 1 << 16),
-    holds: Callable[[bytes], bool] = lambda _: False,
+    locked: Iterable[bytes] = (),
 ) -> Streamed:
     """The streaming plan of `sizes` (the listing: (pack, size) in any order), the index's
     `entries` and the sorted `live` keys, with sort buffers of `buffers` (listing, tallies)
-    records; retention locks `holds`. Its run files are removed before it returns."""
+    records; the packs `locked` under a retention lock. Its run files are removed before it
+    returns."""
+    locks = GcLocks(parent)
+    for pack in locked:
+        locks.keep(pack)
     with (
         LiveKeys(parent, buffers[0], LISTED.size) as listed,
         LiveKeys(parent, buffers[1], TALLY.size) as tallies,
+        closing(locks),
     ):
         for pack, size in sizes:
             listed.add(listing(pack, size))
         plan = stream_plan(listed.dir / "plan", listed, tallies, entries, live, pack_size)
-        got = Streamed(plan, plan.apply_locks(holds))
+        got = Streamed(plan, plan.apply_locks(locks.holds))
         for fate in plan.fates():
             {DELETE: got.delete, REPACK: got.repack, KEEP: got.keep}.get(fate.fate, []).append(
                 fate.pack

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.repository.pack_plan_reference import PackPlan, Streamed, plan_from, streamed
 from vmkeep.errors import IntegrityError
+from vmkeep.repository import pack_gc_locks
 from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
 from vmkeep.repository.live_set import LiveKeys, live_key
 from vmkeep.repository.packs import BlobEntry
@@ -74,13 +76,14 @@ def test_stream_plan_equals_in_memory_plan_on_a_million_entries(tmp_path: Path) 
     assert got.delete and got.repack and got.keep  # every fate is exercised
 
 
-def test_many_packs_with_tiny_sort_buffers_give_the_in_memory_plan(tmp_path: Path) -> None:
+Many = tuple[dict[bytes, int], list[BlobEntry], set[tuple[int, bytes]], list[tuple[bytes, int]]]
+
+
+def _many_packs(rng: random.Random) -> Many:
     """30,000 packs of 1 to 12 blobs (small packs of two kinds, so merged; dead, repacked
-    and kept ones), listed in a scattered order, one of them twice (as under a second name),
-    and packs the index names that are not listed: with sort buffers of a few hundred packs
-    (the listing and the tallies each spill dozens of runs), each listed pack gets exactly
-    the fate of the in-memory plan, once."""
-    rng = random.Random(1915)
+    and kept ones), listed in a scattered order, one of them twice (as under a second
+    name), and packs the index names that are not listed. Returns the listed sizes, the
+    index's entries, the live blobs and the listing."""
     sizes: dict[bytes, int] = {}
     entries: list[BlobEntry] = []
     live: set[tuple[int, bytes]] = set()
@@ -97,17 +100,57 @@ def test_many_packs_with_tiny_sort_buffers_give_the_in_memory_plan(tmp_path: Pat
             if rng.random() < share:
                 live.add((e.kind, e.blob_id))
     entries.sort(key=lambda e: live_key(e.kind, e.blob_id))
-    keys = iter(sorted(live_key(k, b) for k, b in live))
-    reference = plan_from(dict(sizes), entries, live, 200_000)  # every pack small
     listing = list(sizes.items())
     rng.shuffle(listing)
     listing.append((listing[0][0], listing[0][1] + 1))  # listed twice: planned once
-    got = streamed(tmp_path, listing, entries, keys, 200_000, buffers=(300, 250))
+    return sizes, entries, live, listing
+
+
+def _keys(live: set[tuple[int, bytes]]) -> Iterator[bytes]:
+    return iter(sorted(live_key(k, b) for k, b in live))
+
+
+def test_many_packs_with_tiny_sort_buffers_give_the_in_memory_plan(tmp_path: Path) -> None:
+    """With sort buffers of a few hundred packs (the listing and the tallies each spill
+    dozens of runs), each listed pack gets exactly the fate of the in-memory plan, once."""
+    sizes, entries, live, listing = _many_packs(random.Random(1915))
+    reference = plan_from(dict(sizes), entries, live, 200_000)  # every pack small
+    got = streamed(tmp_path, listing, entries, _keys(live), 200_000, buffers=(300, 250))
     assert os.listdir(tmp_path) == []
     assert got.runs["listed"] >= 50 and got.runs["tallies"] >= 50
     same_plan(got, reference)
     assert len(got.delete) + len(got.repack) + len(got.keep) == len(sizes)
     assert got.delete and got.repack and got.keep
+
+
+def test_many_locked_packs_spilled_are_all_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention locks on every 5th pack (an external sort of a few dozen runs, as on an
+    immutable remote whose locked index objects list every pack): exactly those of them
+    the in-memory plan would repack or delete are kept instead, and no other."""
+    monkeypatch.setattr(pack_gc_locks, "HELD_BUFFER", 97)
+    runs: list[int] = []
+
+    class Counted(LiveKeys):
+        def close(self) -> None:
+            runs.append(len(self.runs))
+            super().close()
+
+    monkeypatch.setattr(pack_gc_locks, "LiveKeys", Counted)
+    sizes, entries, live, listing = _many_packs(random.Random(2015))
+    locked = set(list(sizes)[::5])
+    ref = plan_from(dict(sizes), entries, live, 200_000)
+    doomed = [p for p in [*ref.delete, *ref.repack] if p not in locked]
+    spared = [p for p in [*ref.delete, *ref.repack] if p in locked]
+    got = streamed(tmp_path, listing, entries, _keys(live), 200_000, locked=locked)
+    assert os.listdir(tmp_path) == []
+    assert sorted(got.delete) == sorted(p for p in ref.delete if p not in locked)
+    assert sorted(got.repack) == sorted(p for p in ref.repack if p not in locked)
+    assert sorted(got.keep) == sorted([*ref.keep, *spared])
+    assert got.total.spared == len(spared) > 1000
+    assert runs and min(runs) >= 30  # the locked packs really were an external sort
+    assert got.total.freed == sum(sizes[p] for p in doomed)
 
 
 def test_the_plan_files_are_removed_when_the_plan_fails(tmp_path: Path) -> None:
@@ -134,8 +177,7 @@ def _small_packs_plan(
                 live.append(live_key(kind, e.blob_id))
     entries.sort(key=lambda e: live_key(e.kind, e.blob_id))
     keys = iter(sorted(live))
-    holds = set(locked).__contains__
-    got = streamed(tmp_path, sizes.items(), entries, keys, PACK_SIZE, holds=holds)
+    got = streamed(tmp_path, sizes.items(), entries, keys, PACK_SIZE, locked=locked)
     return packs, got
 
 

@@ -7,6 +7,7 @@ new packs, then their index and the consolidated index, then the old index objec
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, islice
@@ -21,7 +22,7 @@ from .blobs import KIND_BLOCK, KIND_RECIPE
 from .format import ID_SIZE, ZERO_ID
 from .live_set import BUFFER_KEYS, LiveKeys, live_key, spill_parent
 from .locks import RepositoryLock
-from .pack_gc_locks import find_locks, packs_listed
+from .pack_gc_locks import GcLocks, find_locks, packs_listed
 from .pack_plan import DELETE, LISTED, REPACK, Fate, PackPlan, listing, stream_plan
 from .pack_repack import (
     RECORD,
@@ -124,7 +125,22 @@ def _sweep(
     dry_run: bool,
     lock: RepositoryLock | None,
 ) -> PackSweep:
-    locks = find_locks(store, index_names, plan.candidates())  # retention locks
+    parent = spill_parent(store.repo_id)
+    locks = find_locks(store, index_names, plan.candidates(), parent)  # retention locks
+    with contextlib.closing(locks):
+        return _sweep_plan(store, index_names, plan, locks, by_offset, progress, dry_run, lock)
+
+
+def _sweep_plan(
+    store: PackedStore,
+    index_names: list[str],
+    plan: PackPlan,
+    locks: GcLocks,
+    by_offset: LiveKeys,
+    progress: Progress,
+    dry_run: bool,
+    lock: RepositoryLock | None,
+) -> PackSweep:
     total = plan.apply_locks(locks.holds)
     report = PackSweep(
         packs_deleted=total.deleted,
@@ -135,7 +151,7 @@ def _sweep(
     deletable = [n for n in index_names if n not in locks.index_names]
     # Dead entries in packs a locked index object lists stay listed by it whatever gc writes:
     # they alone are no reason to rewrite the index at every gc while the lock lasts.
-    dead = total.dead_outside if locks.packs else plan.dead_entries
+    dead = total.dead_outside if locks.any else plan.dead_entries
     changed = total.deleted or dead or len(deletable) > fewest(plan.live_entries)
     if dry_run or not changed:
         report.bytes_freed = total.freed if dry_run else 0

@@ -67,7 +67,7 @@ class PackPlan:
     repacked_kinds: set[int] = field(default_factory=set)  # kinds of the packs to repack
     small_kept: list[int] = field(default_factory=lambda: [0] * KINDS)  # small packs kept
     alone: list[bool] = field(default_factory=lambda: [False] * KINDS)  # see apply_locks
-    holds: Callable[[bytes], bool] = lambda _: False  # retention locks
+    locks: Callable[[], Callable[[bytes], bool]] = lambda: lambda _: False  # GcLocks.holds
 
     def rows(self) -> Iterator[tuple[bytes, int, int, int, bool]]:
         with open(self.rows_path, "rb") as f:
@@ -87,10 +87,11 @@ class PackPlan:
             return fate
         return SMALL_REPACK if self.small_kept[kind] >= 2 or kind in self.repacked_kinds else KEEP
 
-    def _spared(self, pack: bytes, fate: int) -> int:
+    @staticmethod
+    def _spared(pack: bytes, fate: int, holds: Callable[[bytes], bool]) -> int:
         """A pack under a retention lock (or listed by a locked index object) moves from
         repack and delete to keep: its dead blobs stay until the lock ends."""
-        if fate in (DELETE, REPACK, SMALL_REPACK) and self.holds(pack):
+        if fate in (DELETE, REPACK, SMALL_REPACK) and holds(pack):
             return KEEP
         return fate
 
@@ -100,19 +101,21 @@ class PackPlan:
             if self.merged(fate, kind) in (REPACK, SMALL_REPACK):
                 yield pack
 
-    def apply_locks(self, holds: Callable[[bytes], bool]) -> Summary:
-        """Spares the packs `holds` names; then a small pack left alone in its kind's repack
-        would be copied into a copy of itself at every gc: it is kept instead (`alone`).
-        Returns the totals of the final fates (one pass: the alone small pack of a kind
-        is known once its kind's repacked packs are counted)."""
-        self.holds = holds
+    def apply_locks(self, locks: Callable[[], Callable[[bytes], bool]]) -> Summary:
+        """Spares the packs `locks()` holds (a predicate asked in pack order, made anew for
+        each pass); then a small pack left alone in its kind's repack would be copied into a
+        copy of itself at every gc: it is kept instead (`alone`). Returns the totals of the
+        final fates (one pass: the alone small pack of a kind is known once its kind's
+        repacked packs are counted)."""
+        self.locks = locks
+        holds = locks()
         total = Summary()
         repacks = [0] * KINDS
         small: list[int | None] = [None] * KINDS  # size of a kind's last small pack to repack
         for pack, size, kind, fate, dead in self.rows():
             total.dead_outside += dead and not holds(pack)
             merged = self.merged(fate, kind)
-            spared = self._spared(pack, merged)
+            spared = self._spared(pack, merged, holds)
             total.spared += spared != merged
             if spared in (REPACK, SMALL_REPACK):
                 repacks[kind] += 1
@@ -132,8 +135,9 @@ class PackPlan:
 
     def fates(self) -> Iterator[Fate]:
         """Each pack's final fate, in pack order."""
+        holds = self.locks()
         for pack, size, kind, fate, dead in self.rows():
-            final = self._spared(pack, self.merged(fate, kind))
+            final = self._spared(pack, self.merged(fate, kind), holds)
             if final == SMALL_REPACK:
                 final = KEEP if self.alone[kind] else REPACK
             yield Fate(pack, size, final, dead)
