@@ -1,13 +1,14 @@
 """gc planning memory: tests/repository/pack_plan_reference.plan_from (a set of every live
-blob, every live entry per pack in memory, as gc did before) against pack_plan.stream_plan
-(live keys external-sorted by live_set.LiveKeys, merge-joined with the index's sorted
-entries) over synthetic entries.
+blob, every live entry per pack and every pack's size in memory, as gc did before) against
+pack_plan.stream_plan (live keys, the pack listing and per-pack tallies external-sorted by
+live_set.LiveKeys, merge-joined with the index's sorted entries) over synthetic entries.
 
-    .venv/bin/python bench/gc_plan_scale.py [--blobs 1000000,4000000] [--live 0.7]
+    .venv/bin/python bench/gc_plan_scale.py [--blobs 1000000,4000000] [--live 0.7] [--per-pack 256]
 
 No repository: the index entries and live keys are generated (IDs in key order, live keys
 added in a scattered order, as recipes name blocks); each mode runs as its own process and
-reports wall time, CPU time and peak RSS (os.wait4).
+reports wall time, CPU time and peak RSS (os.wait4). `--per-pack 4` makes a pack per 4 blobs:
+the per-pack state shows at 100,000s of packs.
 
     .venv/bin/python bench/gc_plan_scale.py --real 1000000,4000000 [--src OTHER/src]
 
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,7 +50,9 @@ from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.blobs import KIND_BLOCK
 from vmkeep.repository.live_set import LiveKeys, live_key
 from vmkeep.repository.manifest import DiskIndex, Manifest, new_point_id
-from vmkeep.repository.pack_plan import stream_plan
+from vmkeep.repository.pack_gc import LISTED_BUFFER, LIVE_BUFFER
+from vmkeep.repository.pack_plan import DELETE, KEEP, LISTED, REPACK, listing, stream_plan
+from vmkeep.repository.pack_tally import TALLY, TALLY_BUFFER
 from vmkeep.repository.packs import BlobEntry
 from vmkeep.repository.repository import Repository
 
@@ -60,32 +64,46 @@ def blob_id(i: int) -> bytes:
     return (i * 7919).to_bytes(32, "big")  # ascending with i: the index's key order
 
 
-def entries(n: int) -> Iterator[BlobEntry]:
+def pack_of(i: int, per_pack: int) -> bytes:
+    """Pack IDs scattered (as hashes are), so that the index's key order visits them at random."""
+    return ((i // per_pack) * 0x9E3779B97F4A7C15 % (1 << 64)).to_bytes(32, "big")
+
+
+def entries(n: int, per_pack: int = PER_PACK) -> Iterator[BlobEntry]:
     for i in range(n):
-        pack = (i // PER_PACK).to_bytes(32, "big")
-        yield BlobEntry(KIND_BLOCK, blob_id(i), pack, (i % PER_PACK) * LENGTH, LENGTH)
+        pack = pack_of(i, per_pack)
+        yield BlobEntry(KIND_BLOCK, blob_id(i), pack, (i % per_pack) * LENGTH, LENGTH)
 
 
-def is_live(i: int, share: float) -> bool:
-    return (i // PER_PACK) % 10 < share * 10 and i % 3 != 0
+def is_live(i: int, share: float, per_pack: int = PER_PACK) -> bool:
+    fate = (i // per_pack) % 10  # packs past the live share: dead; odd: 2/3 live; even: 1/4
+    return fate < share * 10 and (i % 3 != 0 if fate % 2 else i % 4 == 0)
 
 
-def run_one(mode: str, n: int, share: float) -> None:
-    sizes = {
-        p.to_bytes(32, "big"): PER_PACK * LENGTH for p in range((n + PER_PACK - 1) // PER_PACK)
-    }
+def run_one(mode: str, n: int, share: float, per_pack: int = PER_PACK) -> None:
+    packs = (pack_of(p * per_pack, per_pack) for p in range((n + per_pack - 1) // per_pack))
     order = (i * 1_000_003 % n for i in range(n))  # every i once, scattered
-    if mode == "memory":
-        live = {(KIND_BLOCK, blob_id(i)) for i in order if is_live(i, share)}
-        plan = plan_from(sizes, entries(n), live, 16 << 20)
+    if mode == "memory":  # what gc did before: a dict of every pack's size, a set of live keys
+        sizes = dict.fromkeys(packs, per_pack * LENGTH)
+        live = {(KIND_BLOCK, blob_id(i)) for i in order if is_live(i, share, per_pack)}
+        plan = plan_from(sizes, entries(n, per_pack), live, per_pack * LENGTH)
         counts = len(plan.keep), len(plan.repack), len(plan.delete)
-    else:
-        with LiveKeys(Path(tempfile.gettempdir())) as keys:
-            for i in order:
-                if is_live(i, share):
-                    keys.add(live_key(KIND_BLOCK, blob_id(i)))
-            got = stream_plan(sizes, entries(n), keys.sorted_unique(), 16 << 20)
-        counts = len(got.keep), len(got.repack), len(got.delete)
+    else:  # gc's: the listing, live keys and per-pack tallies external-sorted
+        parent = Path(tempfile.gettempdir())
+        with (
+            LiveKeys(parent, LIVE_BUFFER) as keys,
+            LiveKeys(parent, LISTED_BUFFER, LISTED.size) as listed,
+            LiveKeys(parent, TALLY_BUFFER, TALLY.size) as tallies,
+        ):
+            listed.add_many(listing(p, per_pack * LENGTH) for p in packs)
+            live = (i for i in order if is_live(i, share, per_pack))
+            keys.add_many(live_key(KIND_BLOCK, blob_id(i)) for i in live)
+            ids = keys.sorted_unique()
+            rows = listed.dir / "plan"
+            got = stream_plan(rows, listed, tallies, entries(n, per_pack), ids, per_pack * LENGTH)
+            got.apply_locks(lambda: lambda _: False)
+            fates = Counter(f.fate for f in got.fates())
+        counts = fates[KEEP], fates[REPACK], fates[DELETE]
     print(f"keep/repack/delete {counts}", file=sys.stderr)
 
 
@@ -245,6 +263,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blobs", default="1000000,4000000")
     ap.add_argument("--live", type=float, default=0.7)
+    ap.add_argument("--per-pack", type=int, default=PER_PACK, help="blobs a synthetic pack")
+    ap.add_argument("--modes", default="memory,stream", help="which plans to run")
     ap.add_argument("--real", help="blob counts: run the real gc on synthetic repositories")
     ap.add_argument("--src", type=Path, help="with --real: also run gc from this src/")
     ap.add_argument("--block-bytes", type=int, default=16, help="with --real: block size")
@@ -258,7 +278,7 @@ def main() -> None:
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        run_one(args.one[0], int(args.one[1]), args.live)
+        run_one(args.one[0], int(args.one[1]), args.live, args.per_pack)
         return
     if args.real:
         counts = [int(b) for b in args.real.split(",")]
@@ -267,11 +287,12 @@ def main() -> None:
         return
     print(f"{'blobs':>10} {'mode':>7} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}")
     for n in (int(b) for b in args.blobs.split(",")):
-        for mode in ("memory", "stream"):
+        for mode in args.modes.split(","):
             start = time.monotonic()
             pid = os.fork()
             if pid == 0:
                 cmd = [sys.executable, __file__, "--one", mode, str(n), "--live", str(args.live)]
+                cmd += ["--per-pack", str(args.per_pack)]
                 os.execv(sys.executable, cmd)
             _, status, usage = os.wait4(pid, 0)
             wall = time.monotonic() - start

@@ -16,7 +16,6 @@ from vmkeep.remotes.location import open_remote
 from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
 from vmkeep.repository.format import ZERO_ID
 from vmkeep.repository.manifest_stream import referenced_chunks
-from vmkeep.repository.pack_gc import pack_sizes
 from vmkeep.repository.packed_store import PackedStore
 from vmkeep.repository.packs import pack_id_of_name
 
@@ -34,6 +33,7 @@ import vmkeep.repository.pack_gc as gc
 import vmkeep.repository.pack_repack as pack_repack
 from vmkeep.errors import RemoteError
 gc.LIVE_BUFFER, gc.SORT_BUFFER, gc.REFERENCED_BUFFER, gc.LOCATED_BUFFER = 40, 60, 2, 2
+gc.LISTED_BUFFER, gc.TALLY_BUFFER, gc.WRITTEN_BUFFER = 3, 2, 1
 Base = gc.LiveKeys
 class Logged(Base):
     def close(self):
@@ -58,10 +58,12 @@ main()
 """
 
 
-def run_gc(cli: Cli, url: str, log: Path, fail_at: str = "") -> subprocess.CompletedProcess[str]:
+def run_gc(
+    cli: Cli, url: str, log: Path, fail_at: str = "", *args: str
+) -> subprocess.CompletedProcess[str]:
     env = dict(cli.env, RUNS_LOG=str(log), FAIL_AT=fail_at)
     return subprocess.run(
-        [PYTHON, "-c", SMALL_BUFFERS, "gc", "--remote", url, "--json"],
+        [PYTHON, "-c", SMALL_BUFFERS, "gc", "--remote", url, "--json", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -70,8 +72,9 @@ def run_gc(cli: Cli, url: str, log: Path, fail_at: str = "") -> subprocess.Compl
     )
 
 
-def in_memory_plan(cli: Cli, url: str) -> tuple[set[bytes], set[bytes], set[bytes]]:
-    """(delete, repack, keep) as gc decided before: a set of every live blob, plan_from."""
+def in_memory_plan(cli: Cli, url: str) -> tuple[set[bytes], set[bytes], set[bytes], int]:
+    """(delete, repack, keep, bytes of delete and repack) as gc decided before: a set of
+    every live blob, a dict of every pack, plan_from."""
     with open_as_cli(cli, url) as repo:
         store = repo.packed
         assert store is not None
@@ -79,8 +82,10 @@ def in_memory_plan(cli: Cli, url: str) -> tuple[set[bytes], set[bytes], set[byte
         assert not problems
         live = needed_by(store, referenced)
         index = store.reload().index
-        plan = plan_from(pack_sizes(store), index.entries(), live, store.pack_size)
-        return set(plan.delete), set(plan.repack), set(plan.keep)
+        sizes = {p: o.size for o in store.remote.list("packs/") if (p := pack_id_of_name(o.name))}
+        plan = plan_from(sizes, index.entries(), live, store.pack_size)
+        freed = sum(sizes[p] for p in [*plan.delete, *plan.repack])
+        return set(plan.delete), set(plan.repack), set(plan.keep), freed
 
 
 def packs_listed(url: str) -> set[bytes]:
@@ -109,8 +114,9 @@ def logged_runs(log: Path) -> list[int]:
 
 
 def runs_by_key_size(log: Path) -> dict[int, int]:
-    """The most runs a sort of each key size spilled (32: the referenced chunk IDs, 72: their
-    recipes' locations)."""
+    """The most runs a sort of each key size spilled (32: the referenced chunk IDs and the
+    packs the repack wrote, 72: their recipes' locations, 33: live keys, 73: live entries by
+    pack, 40: the pack listing, 61: the per-pack tallies)."""
     most: dict[int, int] = {}
     for line in log.read_text().splitlines():
         runs, size = (int(f) for f in line.split()[:2])
@@ -177,11 +183,20 @@ def test_spilled_referenced_ids_keep_every_referenced_blob(cli: Cli, tmp_path: P
 
 def test_streamed_gc_with_many_runs_equals_the_in_memory_plan(cli: Cli, tmp_path: Path) -> None:
     repo = build(cli, tmp_path)
-    delete, repack, keep = in_memory_plan(cli, repo.url)
+    delete, repack, keep, freed = in_memory_plan(cli, repo.url)
     assert delete and len(repack) >= 3 and keep  # every fate is exercised
     before = packs_listed(repo.url)
     assert before == delete | repack | keep
     log = tmp_path / "runs.log"
+    dry = run_gc(cli, repo.url, tmp_path / "dry.log", "", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    would = json.loads(dry.stdout)
+    assert (would["packs_deleted"], would["packs_repacked"], would["bytes_freed"]) == (
+        len(delete) + len(repack),
+        len(repack),
+        freed,
+    )
+    assert packs_listed(repo.url) == before and run_dirs(cli) == []
     done = run_gc(cli, repo.url, log)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -191,7 +206,9 @@ def test_streamed_gc_with_many_runs_equals_the_in_memory_plan(cli: Cli, tmp_path
     after = packs_listed(repo.url)
     assert keep <= after and not (delete | repack) & after
     assert len(after - before) == report["packs_written"]
-    assert min(logged_runs(log)) >= 3  # both sorts really merged several spilled runs
+    assert min(logged_runs(log)) >= 2  # every sort really merged spilled runs
+    most = runs_by_key_size(log)
+    assert all(most[size] >= 3 for size in (32, 33, 40, 61, 72, 73)), most
     assert run_dirs(cli) == []
     assert cli("verify", "--remote", repo.url, "--json").json()["ok"]
     for point, hashes in repo.expected.items():
@@ -207,8 +224,10 @@ def test_run_files_are_removed_after_a_failure_and_after_a_kill(cli: Cli, tmp_pa
     killed = run_gc(cli, repo.url, log, "kill")
     assert killed.returncode == 9, killed.stderr
     left = run_dirs(cli)
-    assert len(left) == 1 and any(left[0].iterdir())  # a kill cannot clean up (the live
-    # keys were removed once read; the entries sorted by pack were left)
+    # A kill cannot clean up: the live keys, the listing and the tallies were removed once
+    # read; the entries sorted by pack with the plan's rows, and the repack's written packs
+    # were left.
+    assert len(left) == 2 and any((d / "plan").is_file() for d in left)
     failed = run_gc(cli, repo.url, log, "error")
     assert failed.returncode not in (0, 70) and "Traceback" not in failed.stderr
     lines = failed.stderr.strip().splitlines()

@@ -43,6 +43,7 @@ if step == "gc-before-index":  # repacked packs and their index written, the res
     gc.write_index = lambda *a, **k: die()
 deletes = gc._delete
 def dying_delete(store, names, lock, report):
+    names = list(names)  # the packs' names come as a stream from gc's plan file
     packs = bool(names) and names[0].startswith("packs/")
     if step == "gc-before-index-deletes" and not packs:
         die()

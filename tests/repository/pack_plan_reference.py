@@ -1,14 +1,31 @@
 """The in-memory pack plan gc made before the streaming one (pack_plan.stream_plan): every
-live entry held per pack, a set of every live blob. A test oracle only: the streaming plan's
-decisions are checked (tests/repository/test_pack_plan.py, tests/e2e/test_format3_gc_streamed.py)
-and benchmarked (bench/gc_plan_scale.py) against it."""
+live entry held per pack, a set of every live blob, a dict of every pack. A test oracle
+only: the streaming plan's decisions are checked (tests/repository/test_pack_plan.py,
+tests/e2e/test_format3_gc_streamed.py) and benchmarked (bench/gc_plan_scale.py) against it;
+`streamed` runs the streaming plan and lists its fates."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from vmkeep.repository.pack_plan import REPACK_BELOW, SMALL_PACK
+from vmkeep.repository.live_set import LiveKeys
+from vmkeep.repository.pack_gc_locks import GcLocks
+from vmkeep.repository.pack_plan import (
+    DELETE,
+    KEEP,
+    LISTED,
+    REPACK,
+    REPACK_BELOW,
+    SMALL_PACK,
+    Summary,
+    listing,
+    stream_plan,
+)
+from vmkeep.repository.pack_plan import PackPlan as StreamPlan
+from vmkeep.repository.pack_tally import TALLY
 from vmkeep.repository.packs import BlobEntry, pack_overhead
 
 
@@ -67,3 +84,48 @@ def consolidate_small(plan: PackPlan, pack_size: int) -> None:
         if len(packs) >= 2 or kind in repacked:
             for pack_id in packs:
                 plan.repack[pack_id] = plan.keep.pop(pack_id)
+
+
+@dataclass
+class Streamed:
+    """pack_plan.stream_plan's final fates as lists (pack order), for comparison."""
+
+    plan: StreamPlan
+    total: Summary
+    delete: list[bytes] = field(default_factory=list)
+    repack: list[bytes] = field(default_factory=list)
+    keep: list[bytes] = field(default_factory=list)
+    runs: dict[str, int] = field(default_factory=dict)  # runs each sort spilled
+
+
+def streamed(
+    parent: Path,
+    sizes: Iterable[tuple[bytes, int]],
+    entries: Iterable[BlobEntry],
+    live: Iterator[bytes],
+    pack_size: int,
+    buffers: tuple[int, int] = (1 << 16, 1 << 16),
+    locked: Iterable[bytes] = (),
+) -> Streamed:
+    """The streaming plan of `sizes` (the listing: (pack, size) in any order), the index's
+    `entries` and the sorted `live` keys, with sort buffers of `buffers` (listing, tallies)
+    records; the packs `locked` under a retention lock. Its run files are removed before it
+    returns."""
+    locks = GcLocks(parent)
+    for pack in locked:
+        locks.keep(pack)
+    with (
+        LiveKeys(parent, buffers[0], LISTED.size) as listed,
+        LiveKeys(parent, buffers[1], TALLY.size) as tallies,
+        closing(locks),
+    ):
+        for pack, size in sizes:
+            listed.add(listing(pack, size))
+        plan = stream_plan(listed.dir / "plan", listed, tallies, entries, live, pack_size)
+        got = Streamed(plan, plan.apply_locks(locks.holds))
+        for fate in plan.fates():
+            {DELETE: got.delete, REPACK: got.repack, KEEP: got.keep}.get(fate.fate, []).append(
+                fate.pack
+            )
+        got.runs = {"listed": len(listed.runs), "tallies": len(tallies.runs)}
+    return got

@@ -5,7 +5,8 @@ directory; `sorted_unique` merges the runs (k-way, as in any external sort) and 
 duplicates. Memory follows the buffer, not the repository: a 1 TiB format 3 repository has
 ~16 M live blocks, held as a Python set they took gigabytes. The directory is removed on
 `close`, also when the caller fails (use as a context manager); a killed gc's directory
-(named after its pid and start time) is removed by the next one. The same sort, with
+(named after its pid and start time) is removed by the next one. More than FAN_IN runs are
+merged in passes, so that the merge's read buffers stay bounded too. The same sort, with
 `key_size` set, orders gc's live index entries by pack (pack_repack.py), and with `unique`
 (a set as buffer: keys repeated within a buffer, such as the chunks restore points share,
 are spilled once) the referenced chunk IDs (pack_gc.referenced_sort)."""
@@ -17,6 +18,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from types import TracebackType
 
@@ -29,6 +31,7 @@ from .private_tmp import private_dir, remove_dead
 KEY_SIZE = ID_SIZE + 1  # blob ID, kind byte: sorts like the index file's records
 BUFFER_KEYS = 1 << 20  # keys held before a spill: 33 B each in a list, ~60 MiB with overhead
 _READ = 1 << 16  # bytes read at a time from each run while merging
+FAN_IN = 64  # runs merged at once (a read buffer each: 4 MiB); more are merged in passes
 PREFIX = "gc-live-"
 
 
@@ -55,7 +58,9 @@ class LiveKeys:
         self.key_size = key_size
         self._buffer: list[bytes] = []
         self._unique: set[bytes] | None = set() if unique else None
-        self.runs: list[Path] = []
+        self.runs: list[Path] = []  # every run spilled
+        self._active: list[Path] = []  # the runs left to merge (fewer after a pass)
+        self._passes = 0
 
     def add(self, key: bytes) -> None:
         if len(key) != self.key_size:
@@ -84,17 +89,48 @@ class LiveKeys:
             for at in range(0, len(self._buffer), 4096):
                 f.write(b"".join(self._buffer[at : at + 4096]))
         self.runs.append(path)
+        self._active.append(path)
         self._buffer = []
+
+    def flush(self) -> None:
+        """Spills what the buffer holds (its memory back before other work); a key added
+        later starts a new run."""
+        if self._buffer or self._unique:
+            self._spill()
 
     def sorted_unique(self) -> Iterator[bytes]:
         """Every key added, once, in ascending order (the buffer is spilled first)."""
         if self._buffer or self._unique or not self.runs:
             self._spill()
+        while len(self._active) > FAN_IN:
+            self._merge_pass()
+        yield from self._merged(self._active)
+
+    def _merged(self, runs: list[Path]) -> Iterator[bytes]:
         last = b""
-        for key in heapq.merge(*(_read_run(p, self.key_size) for p in self.runs)):
+        for key in heapq.merge(*(_read_run(p, self.key_size) for p in runs)):
             if key != last:
                 last = key
                 yield key
+
+    def _merge_pass(self) -> None:
+        """Merges the runs FAN_IN at a time into fewer, longer runs (each input removed once
+        merged): the final merge reads at most FAN_IN runs at once, whatever their number
+        (one read buffer each: 6,000 runs of a 100 TiB gc took 400 MiB)."""
+        self._passes += 1
+        merged = []
+        for at in range(0, len(self._active), FAN_IN):
+            group = self._active[at : at + FAN_IN]
+            path = self.dir / f"pass-{self._passes}-{at // FAN_IN:06d}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb", buffering=_READ) as f:
+                keys = self._merged(group)
+                while batch := b"".join(islice(keys, 4096)):
+                    f.write(batch)
+            for run in group:
+                run.unlink()
+            merged.append(path)
+        self._active = merged
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

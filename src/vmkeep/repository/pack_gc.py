@@ -7,6 +7,7 @@ new packs, then their index and the consolidated index, then the old index objec
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, islice
@@ -22,10 +23,11 @@ from .format import ID_SIZE, ZERO_ID
 from .live_set import BUFFER_KEYS, LiveKeys, live_key, spill_parent
 from .locks import RepositoryLock
 from .pack_gc_locks import GcLocks, find_locks, packs_listed
-from .pack_plan import CountPlan, settle_small, stream_plan
+from .pack_plan import DELETE, LISTED, REPACK, Fate, PackPlan, listing, stream_plan
 from .pack_repack import (
     RECORD,
     SORT_BUFFER,
+    FateCursor,
     KeptEntries,
     RepackWriter,
     Unindexed,
@@ -33,6 +35,7 @@ from .pack_repack import (
     record,
     rewrite,
 )
+from .pack_tally import TALLY, TALLY_BUFFER
 from .packed_store import PackedStore
 from .packs import PACKS_PREFIX, BlobEntry, pack_id_of_name, pack_object_name
 from .repository import Repository
@@ -41,6 +44,8 @@ LIVE_BUFFER = BUFFER_KEYS // 2  # live keys held before a spill (~40 MiB; tests:
 REFERENCED_BUFFER = BUFFER_KEYS // 4  # distinct chunk IDs held in a set (~30 MiB)
 LOCATED_BUFFER = BUFFER_KEYS // 4  # (pack, offset, chunk) records (~30 MiB)
 LOCATED = 2 * ID_SIZE + 8  # pack ID, offset (big-endian: sorts as a number), chunk ID
+LISTED_BUFFER = BUFFER_KEYS // 4  # (pack, size) records of the listing (~30 MiB)
+WRITTEN_BUFFER = BUFFER_KEYS // 16  # IDs of the packs the repack wrote, held in a set
 
 
 @dataclass
@@ -73,11 +78,12 @@ def sweep_packs(
     dry_run: bool,
     lock: RepositoryLock | None = None,
 ) -> PackSweep:
-    """Memory is bounded by a constant (plus a few counters per pack): the referenced chunk
-    IDs (`referenced`, filled by the mark: referenced_sort), their recipes' locations, live
-    blob keys and live index entries are external-sorted under the cache directory
-    (live_set.py), the plan is a merge join (pack_plan.py), the repack and the consolidated
-    index one pass over the entries sorted by pack (pack_repack.py)."""
+    """Memory is bounded by a constant: the referenced chunk IDs (`referenced`, filled by
+    the mark: referenced_sort), their recipes' locations, live blob keys, live index
+    entries, the pack listing and per-pack tallies are external-sorted under the cache
+    directory (live_set.py), the plan is two merge joins written to a file of one row per
+    pack (pack_plan.py), the repack and the consolidated index one pass over the entries
+    sorted by pack (pack_repack.py)."""
     store = repo.packed
     assert store is not None
     loaded = store.reload()
@@ -96,12 +102,16 @@ def sweep_packs(
             count = mark_live(store, referenced.sorted_unique(), live, located)
             referenced.close()  # read: free the disk
         sink = None if dry_run else (lambda e: by_offset.add(record(e)))
-        sizes = pack_sizes(store)
-        plan = stream_plan(
-            sizes, loaded.index.entries(), live.sorted_unique(), store.pack_size, sink
-        )
+        with (
+            LiveKeys(parent, LISTED_BUFFER, LISTED.size) as listed,
+            LiveKeys(parent, TALLY_BUFFER, TALLY.size) as tallies,
+        ):
+            list_packs(store, listed)
+            rows = by_offset.dir / "plan"  # lasts as long as the sweep's sort
+            entries, keys = loaded.index.entries(), live.sorted_unique()
+            plan = stream_plan(rows, listed, tallies, entries, keys, store.pack_size, sink)
         live.close()  # its runs are read: free the disk before the next sort spills
-        report = _sweep(store, loaded.names, plan, sizes, by_offset, progress, dry_run, lock)
+        report = _sweep(store, loaded.names, plan, by_offset, progress, dry_run, lock)
         report.referenced = count
         return report
 
@@ -109,77 +119,94 @@ def sweep_packs(
 def _sweep(
     store: PackedStore,
     index_names: list[str],
-    plan: CountPlan,
-    sizes: dict[bytes, int],
+    plan: PackPlan,
     by_offset: LiveKeys,
     progress: Progress,
     dry_run: bool,
     lock: RepositoryLock | None,
 ) -> PackSweep:
-    locks = find_locks(store, index_names, plan.repack)  # retention locks
-    spared = spare_locked(plan, locks)
+    parent = spill_parent(store.repo_id)
+    locks = find_locks(store, index_names, plan.candidates(), parent)  # retention locks
+    with contextlib.closing(locks):
+        return _sweep_plan(store, index_names, plan, locks, by_offset, progress, dry_run, lock)
+
+
+def _sweep_plan(
+    store: PackedStore,
+    index_names: list[str],
+    plan: PackPlan,
+    locks: GcLocks,
+    by_offset: LiveKeys,
+    progress: Progress,
+    dry_run: bool,
+    lock: RepositoryLock | None,
+) -> PackSweep:
+    total = plan.apply_locks(locks.holds)
     report = PackSweep(
-        packs_deleted=len(plan.delete) + len(plan.repack),
-        packs_repacked=len(plan.repack),
-        packs_locked=spared,
+        packs_deleted=total.deleted,
+        packs_repacked=total.repacked,
+        packs_locked=total.spared,
         dead_chunks=plan.dead_recipes,
     )
-    freed = sum(sizes.get(p, 0) for p in [*plan.delete, *plan.repack])
     deletable = [n for n in index_names if n not in locks.index_names]
     # Dead entries in packs a locked index object lists stay listed by it whatever gc writes:
     # they alone are no reason to rewrite the index at every gc while the lock lasts.
-    dead = plan.dead_packs - locks.packs if locks.packs else plan.dead_entries
-    changed = plan.delete or plan.repack or dead or len(deletable) > fewest(plan.live_entries)
+    dead = total.dead_outside if locks.any else plan.dead_entries
+    changed = total.deleted or dead or len(deletable) > fewest(plan.live_entries)
     if dry_run or not changed:
-        report.bytes_freed = freed if dry_run else 0
+        report.bytes_freed = total.freed if dry_run else 0
         report.packs_deleted = report.packs_deleted if dry_run else 0
         report.packs_repacked = report.packs_repacked if dry_run else 0
         return report
     _check(lock)
     kept = KeptEntries(by_offset.dir / "kept")
     copied = KeptEntries(by_offset.dir / "copied")
-    # Each blob reaches the writer once: it deduplicates against nothing (Unindexed).
-    writer = RepackWriter(store, Unindexed(), copied.add)
-    try:
-        groups = by_pack(by_offset.sorted_unique())
-        written = rewrite(store, writer, groups, set(plan.repack), set(plan.keep), kept, progress)
-        _check(lock)
-        # One consolidated index of the kept and the repacked blobs (the new packs are
-        # durable: RepackWriter), so that the next gc finds nothing to merge.
-        names = write_index(store, chain(kept.entries(), copied.entries()))
-    finally:
-        kept.close()
-        copied.close()
-    report.packs_written = writer.packs_written
-    report.bytes_freed = freed - written
-    old = [n for n in deletable if n not in set(names)]
-    report.index_objects_replaced = len(old)
-    _delete(store, old, lock, report)
-    # An index object whose delete was refused (locked after all) keeps its packs, as above.
-    held = packs_listed(store, [e.name for e in report.refused if e.name in set(old)])
-    # Never a pack just written (a pack is named by its trailer; a repacked pack lists fewer
-    # blobs than the one it replaces, so the names differ, but a deletion must not rely on it).
-    gone = [p for p in [*plan.delete, *plan.repack] if p not in writer.pack_ids and p not in held]
-    _delete(store, [pack_object_name(p) for p in gone], lock, report)
+    with LiveKeys(spill_parent(store.repo_id), WRITTEN_BUFFER, ID_SIZE, unique=True) as new:
+        # Each blob reaches the writer once: it deduplicates against nothing (Unindexed).
+        writer = RepackWriter(store, Unindexed(), copied.add, new.add)
+        try:
+            groups = by_pack(by_offset.sorted_unique())
+            fates = FateCursor(plan.fates())
+            written = rewrite(store, writer, groups, fates, total.repacked, kept, progress)
+            _check(lock)
+            # One consolidated index of the kept and the repacked blobs (the new packs are
+            # durable: RepackWriter), so that the next gc finds nothing to merge.
+            names = write_index(store, chain(kept.entries(), copied.entries()))
+        finally:
+            kept.close()
+            copied.close()
+        report.packs_written = writer.packs_written
+        report.bytes_freed = total.freed - written
+        old = [n for n in deletable if n not in set(names)]
+        report.index_objects_replaced = len(old)
+        _delete(store, old, lock, report)
+        # An index object whose delete was refused (locked after all) keeps its packs.
+        held = packs_listed(store, [e.name for e in report.refused if e.name in set(old)])
+        gone = doomed(plan.fates(), new.sorted_unique(), held)
+        _delete(store, (pack_object_name(p) for p in gone), lock, report)
     store.reload()
     return report
+
+
+def doomed(fates: Iterator[Fate], written: Iterator[bytes], held: set[bytes]) -> Iterator[bytes]:
+    """The packs to delete and the repacked ones, in pack order; never a pack just written
+    (`written`, sorted: a pack is named by its trailer; a repacked pack lists fewer blobs
+    than the one it replaces, so the names differ, but a deletion must not rely on it) nor
+    one a locked index object lists (`held`)."""
+    new = next(written, None)
+    for fate in fates:
+        if fate.fate not in (DELETE, REPACK):
+            continue
+        while new is not None and new < fate.pack:
+            new = next(written, None)
+        if fate.pack != new and fate.pack not in held:
+            yield fate.pack
 
 
 def fewest(live_entries: int) -> int:
     """The fewest index objects that can list `live_entries` (at least one): more than that
     is an index gc consolidates, this many (what gc writes) is one it leaves alone."""
     return max(1, -(-live_entries // MAX_INDEX_ENTRIES))
-
-
-def spare_locked(plan: CountPlan, locks: GcLocks) -> int:
-    """Packs under a retention lock (or listed by a locked index object) move from repack
-    and delete to keep: their dead blobs stay until the lock ends. Returns how many."""
-    spared = [p for p in [*plan.repack, *plan.delete] if locks.holds(p)]
-    plan.keep += spared
-    plan.repack = [p for p in plan.repack if not locks.holds(p)]
-    plan.delete = [p for p in plan.delete if not locks.holds(p)]
-    settle_small(plan)
-    return len(spared)
 
 
 def mark_live(
@@ -223,15 +250,13 @@ def mark_live(
     return count
 
 
-def pack_sizes(store: PackedStore) -> dict[bytes, int]:
-    """Every pack on the remote and its size (dead blobs a former gc dropped from the index
-    still take room in a kept pack)."""
-    sizes: dict[bytes, int] = {}
+def list_packs(store: PackedStore, listed: LiveKeys) -> None:
+    """Every pack on the remote and its size, into the external sort `listed` (dead blobs a
+    former gc dropped from the index still take room in a kept pack)."""
     for obj in store.remote.list(PACKS_PREFIX):
         pack_id = pack_id_of_name(obj.name)
         if pack_id is not None:
-            sizes[pack_id] = obj.size
-    return sizes
+            listed.add(listing(pack_id, obj.size))
 
 
 def write_index(store: PackedStore, entries: Iterable[BlobEntry]) -> list[str]:
@@ -248,7 +273,7 @@ def write_index(store: PackedStore, entries: Iterable[BlobEntry]) -> list[str]:
 
 
 def _delete(
-    store: PackedStore, names: list[str], lock: RepositoryLock | None, report: PackSweep
+    store: PackedStore, names: Iterable[str], lock: RepositoryLock | None, report: PackSweep
 ) -> None:
     def delete(name: str) -> ObjectLockedError | None:
         _check(lock)

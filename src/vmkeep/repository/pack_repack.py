@@ -17,6 +17,7 @@ from vmkeep.errors import IntegrityError
 from vmkeep.progress import Progress
 
 from .blob_index import BlobIndex
+from .pack_plan import KEEP, REPACK, UNLISTED, Fate
 from .pack_writer import PackWriter
 from .packed_store import PackedStore, adjacent_runs
 from .packs import BlobEntry
@@ -93,6 +94,22 @@ class Unindexed(BlobIndex):
         return False
 
 
+class FateCursor:
+    """A pack's final fate (pack_plan.PackPlan.fates), asked in ascending pack order, as the
+    records sorted by pack are met: one pass over the plan's rows, nothing held."""
+
+    def __init__(self, fates: Iterator[Fate]) -> None:
+        self._fates = fates
+        self._current = next(fates, None)
+
+    def __call__(self, pack: bytes) -> int:
+        while self._current is not None and self._current.pack < pack:
+            self._current = next(self._fates, None)
+        if self._current is not None and self._current.pack == pack:
+            return self._current.fate
+        return UNLISTED  # the index names no such pack: never met here (the join counts it)
+
+
 class RepackWriter(PackWriter):
     """The repack's packer: its packs are uploaded and made durable as any writer's, but
     their entries go to `sink` instead of index objects of their own, so that gc writes one
@@ -102,37 +119,54 @@ class RepackWriter(PackWriter):
     garbage and the old index and packs are intact, so a crash loses nothing."""
 
     def __init__(
-        self, store: PackedStore, index: BlobIndex, sink: Callable[[list[BlobEntry]], None]
+        self,
+        store: PackedStore,
+        index: BlobIndex,
+        sink: Callable[[list[BlobEntry]], None],
+        written: Callable[[bytes], None],
     ) -> None:
         super().__init__(store.remote, store.sealer, store.repo_id, store.pack_size, lambda: index)
         self._sink = sink
+        self._written = written
+        self._packs_lock = threading.Lock()
 
     def _write_index(self, entries: list[BlobEntry]) -> None:
-        """Called with the entries of packs already uploaded and flushed (PackWriter)."""
-        if entries:
-            self._sink(entries)
+        """Called with the entries of packs already uploaded and flushed (PackWriter), from
+        any uploader thread: the packs' IDs go to `written` (an external sort), out of
+        `pack_ids` (a set of every pack a gc writes would follow the garbage)."""
+        if not entries:
+            return
+        self._sink(entries)
+        packs = {e.pack for e in entries}
+        with self._packs_lock:
+            for pack in sorted(packs):
+                self._written(pack)
+        with self._lock:
+            self.pack_ids.difference_update(packs)
 
 
 def rewrite(
     store: PackedStore,
     writer: PackWriter,
     groups: Iterable[tuple[bytes, list[BlobEntry]]],
-    repack: set[bytes],
-    keep: set[bytes],
+    fate: Callable[[bytes], int],
+    repacked: int,
     kept: KeptEntries,
     progress: Progress,
 ) -> int:
-    """Copies the live blobs of the `repack` packs into new packs (flushed: packs and their
-    index durable) and puts aside the `keep` packs' live entries; entries of other packs
-    (deleted: unlisted on the remote) are dropped. Returns the bytes written."""
-    progress.start("repack", len(repack))
+    """Copies the live blobs of the packs whose `fate` (asked in pack order) is REPACK into
+    new packs (flushed: packs and their index durable) and puts aside the KEEP packs' live
+    entries; entries of other packs (deleted: unlisted on the remote) are dropped. `repacked`:
+    how many packs are repacked (progress). Returns the bytes written."""
+    progress.start("repack", repacked)
     last = b""
     for pack_id, entries in groups:
-        if pack_id in repack:
+        what = fate(pack_id)
+        if what == REPACK:
             copy_pack(store, writer, pack_id, entries)
             if pack_id != last:
                 progress.advance(1)
-        elif pack_id in keep:
+        elif what == KEEP:
             kept.add(entries)
         last = pack_id
     writer.flush()
