@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from vmkeep.private_tmp import OLD_PREFIX, PREFIX
+
 from .conftest import Cli, disk_hashes
 from .dying import dies
 from .format3_census import census
@@ -255,10 +257,11 @@ def test_private_index_of_a_killed_process_is_removed(cli: Cli, repo: Repo, tmp_
     dies(cli, DIE_AT_STEP, "verify", "--remote", repo.url, DIE_STEP="index-loaded", **off)
     (left,) = tmp.iterdir()
     assert sum(f.stat().st_size for f in left.iterdir()) > 8000  # the index of ~200 blobs
-    alive = tmp / "vmkeep-index-1-1-abcdefgh"  # pid 1 (init) with its start time: alive
+    alive = tmp / f"{PREFIX}1-1-abcdefgh"  # pid 1 (init) with its start time: alive
     alive.mkdir()
     stat = Path("/proc/1/stat").read_text().rpartition(")")[2].split()
-    alive = alive.rename(tmp / f"vmkeep-index-1-{stat[19]}-abcdefgh")
+    alive = alive.rename(tmp / f"{PREFIX}1-{stat[19]}-abcdefgh")
+    (tmp / f"{OLD_PREFIX}1-1-abcdefgh").mkdir()  # an older version's, of a process gone
     assert cli("verify", "--remote", repo.url, "--json", env=off).json()["ok"]
     assert list(tmp.iterdir()) == [alive]
 

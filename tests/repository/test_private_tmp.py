@@ -1,5 +1,5 @@
 """Private index directories of killed processes are removed by the next process, and
-nothing else is (repository/private_tmp.py)."""
+nothing else is (private_tmp.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from vmkeep.repository.private_tmp import PREFIX, remove_dead, start_time
+from vmkeep.private_tmp import PREFIX, remove_dead, start_time
 
 
 def test_only_directories_of_processes_gone_are_removed(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import blake3
 
 from vmkeep.errors import IntegrityError, NotFoundError, RemoteError
 from vmkeep.parallel import io_threads, ordered_map
+from vmkeep.private_tmp import private_dir
 from vmkeep.remotes.base import Remote
 
 from .added_blobs import AddedBlobs
@@ -41,7 +42,6 @@ from .index_tiers import (
 )
 from .limits import get_bounded
 from .packs import BlobEntry
-from .private_tmp import private_dir
 
 INDEX_PREFIX = "index/"
 INDEX_MAGIC = b"VMKI"

@@ -22,11 +22,11 @@ from itertools import islice
 from pathlib import Path
 from types import TracebackType
 
+from vmkeep.private_tmp import private_dir, remove_dead
 from vmkeep.processes import start_time
 
 from .cache_dir import cache_root, repository_cache
 from .format import ID_SIZE
-from .private_tmp import private_dir, remove_dead
 
 KEY_SIZE = ID_SIZE + 1  # blob ID, kind byte: sorts like the index file's records
 BUFFER_KEYS = 1 << 20  # keys held before a spill: 33 B each in a list, ~60 MiB with overhead

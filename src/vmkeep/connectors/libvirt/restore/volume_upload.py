@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 from vmkeep.connectors.files.qcow2_writer import Qcow2DiskWriter
 from vmkeep.connectors.libvirt.bindings import libvirt, one_line
 from vmkeep.errors import ConnectorError
+from vmkeep.private_tmp import private_dir
 
 SEND_BLOCK = 1 << 20  # bytes per stream message; libvirt caps a message at 256 KiB-16 MiB
 
@@ -59,7 +60,9 @@ class UploadingVolumeWriter:
         self._conn = conn
         self._vol = vol
         self._label = label
-        fd, self._path = tempfile.mkstemp(prefix="vmkeep-upload-", suffix=".qcow2")
+        # In the process's private directory: removed at exit, and by the next vmkeep
+        # process if this one is killed (the image can be as large as the disk).
+        fd, self._path = tempfile.mkstemp(prefix="upload-", suffix=".qcow2", dir=private_dir())
         os.close(fd)
         try:
             self._writer: Qcow2DiskWriter | None = Qcow2DiskWriter(

@@ -1,10 +1,12 @@
-"""A process's private temporary directory for the format 3 index (the cache off or not
-writable: the whole index, 50 bytes a blob; always: the spill of the blobs it adds).
+"""A process's private temporary directory, for what must not outlive the process: the
+format 3 index when the cache is off or not writable (the whole index, 50 bytes a blob), the
+spill of the blobs a backup adds, and the local image a restore over a remote libvirt URI
+builds before its upload (as large as the disk).
 
-It is removed at exit, but a killed process cannot do that: each leak is a full copy of the
-index. So the name carries the owner's pid and start time (clock ticks since boot, as lock
-objects do, docs/FORMAT.md §6), and a process creating its own first removes those of
-processes that are gone. Only directories of our uid, never through a symlink."""
+It is removed at exit, but a killed process cannot do that, and each leak can be GiB. So
+the name carries the owner's pid and start time (clock ticks since boot, as lock objects do,
+docs/FORMAT.md §6), and a process creating its own first removes those of processes that
+are gone. Only directories of our uid, never through a symlink."""
 
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from pathlib import Path
 
 from vmkeep.processes import is_running, start_time
 
-PREFIX = "vmkeep-index-"
+PREFIX = "vmkeep-private-"
+OLD_PREFIX = "vmkeep-index-"  # before it held more than the index
 _mine: list[Path] = []
 
 
@@ -27,6 +30,7 @@ def private_dir() -> Path:
     if not _mine:
         parent = Path(tempfile.gettempdir())
         remove_dead(parent)
+        remove_dead(parent, OLD_PREFIX)
         me = os.getpid()
         made = tempfile.mkdtemp(prefix=f"{PREFIX}{me}-{start_time(me) or 0}-", dir=parent)
         _mine.append(Path(made))
