@@ -115,6 +115,7 @@ class SeaweedServer:
         ports = dict(zip(names, free_ports(len(names)), strict=True))
         args = [
             weed,
+            f"-logdir={self.workdir}",  # glog's files, else one set per start in /tmp
             "mini",
             f"-dir={data}",
             "-ip=127.0.0.1",
