@@ -17,7 +17,7 @@ entries cannot be read is reported on its own while the groups are formed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -36,6 +36,8 @@ from .repository import Repository
 
 GROUP_BYTES = 16 << 20  # a group's aim: one data pack's worth (the pack size if smaller)
 WINDOW_GROUPS = 4  # groups of GROUP_BYTES in flight (fetching, fetched or decoding) at most
+LEAST_WEIGHT = 64 << 10  # what a group, and each chunk it could not read, weighs at least
+FAILED_MAX = 256  # chunks whose recipe could not be read, in one group at most (16 MiB)
 
 Checked = tuple[bytes, int, str | None]  # chunk ID, plaintext bytes, error or None
 
@@ -43,8 +45,10 @@ Checked = tuple[bytes, int, str | None]  # chunk ID, plaintext bytes, error or N
 @dataclass
 class Group:
     """Consecutive chunks of verify's order whose blocks are fetched together (their recipes
-    and block entries read while the group was formed), or one chunk whose recipe or entries
-    could not be read (`error`). `nbytes`: the larger of its plaintext and its blocks' bytes,
+    and block entries read while the group was formed), and those among them whose recipe or
+    entries could not be read (`failed`, with why: reported as they are, many in one group,
+    since a group a chunk cost ~0.5 ms each in the pipeline's hand-offs when a repository's
+    recipe packs are gone). `nbytes`: the larger of its plaintext and its blocks' bytes,
     what it weighs in the window."""
 
     chunk_ids: list[bytes] = field(default_factory=list)
@@ -53,7 +57,7 @@ class Group:
     packs: set[bytes] = field(default_factory=set)  # the data packs its entries lie in
     plain: int = 0
     encoded: int = 0
-    error: str | None = None
+    failed: list[tuple[bytes, str]] = field(default_factory=list)
     fetched: FetchedChunks | None = None  # None after fetch: the group's fetch failed
 
     @property
@@ -91,7 +95,7 @@ def direct_buffers(repo: Repository, aim: int, count: int) -> ReadBuffers | None
     return ReadBuffers(count, 2 * aim + 16 * ALIGN)
 
 
-def plan_groups(store: PackedStore, order: list[bytes]) -> Iterator[Group]:
+def plan_groups(store: PackedStore, order: Iterable[bytes]) -> Iterator[Group]:
     """The chunks of `order` in groups: a group is closed before a chunk whose blocks start
     a data pack it does not read yet once it weighs half the aim (a pack's tail and the
     next pack's head are not read by two GETs each), and before it would weigh more than
@@ -104,7 +108,10 @@ def plan_groups(store: PackedStore, order: list[bytes]) -> Iterator[Group]:
             distinct = [b for b in dict.fromkeys(block_ids) if b != ZERO_ID]
             found = store.block_entries(KIND_BLOCK, distinct, partial(block_what, chunk_id))
         except (IntegrityError, RemoteError) as exc:
-            yield Group([chunk_id], error=str(exc))
+            group.failed.append((chunk_id, str(exc)))
+            if len(group.failed) >= FAILED_MAX:
+                yield group
+                group = Group()
             continue
         if group.chunk_ids and _closes(group, found, length, aim):
             yield group
@@ -116,7 +123,7 @@ def plan_groups(store: PackedStore, order: list[bytes]) -> Iterator[Group]:
         group.packs.update(e.pack for e in new.values())
         group.plain += length
         group.encoded += sum(e.length for e in new.values())
-    if group.chunk_ids:
+    if group.chunk_ids or group.failed:
         yield group
 
 
@@ -140,7 +147,7 @@ def check_one(repo: Repository, chunk_id: bytes) -> Checked:
 
 
 def check_grouped(
-    repo: Repository, order: list[bytes], stats: PipelineStats | None = None
+    repo: Repository, order: Iterable[bytes], stats: PipelineStats | None = None
 ) -> Iterator[list[Checked]]:
     """The chunks of `order` checked in groups of consecutive ones (plan_groups); each
     group's results as it completes (not in order). Every check of get_chunk is made: each
@@ -153,7 +160,7 @@ def check_grouped(
     buffers = direct_buffers(repo, aim, groups_in_flight(decoders))
 
     def fetch(group: Group) -> Group:
-        if group.error is None:
+        if group.chunk_ids:
             out = FetchedChunks(list(group.chunk_ids), recipes=group.recipes)
             try:
                 group.fetched = fetch_blocks(store, out, list(group.entries.values()), buffers)
@@ -162,8 +169,10 @@ def check_grouped(
         return group
 
     def decode(group: Group) -> list[Checked]:
-        if group.error is not None:
-            return [(group.chunk_ids[0], 0, group.error)]
+        failed: list[Checked] = [(chunk_id, 0, error) for chunk_id, error in group.failed]
+        return failed + (_decoded(group) if group.chunk_ids else [])
+
+    def _decoded(group: Group) -> list[Checked]:
         if group.fetched is not None:
             try:
                 parts = repo.decode_chunk_parts(group.fetched)
@@ -186,4 +195,11 @@ def check_grouped(
         decoders,
         stats,
     )
-    yield from pipelined_map(stage, plan_groups(store, order), window, lambda g: g.nbytes)
+    yield from pipelined_map(stage, plan_groups(store, order), window, weight)
+
+
+def weight(group: Group) -> int:
+    """A group's weight in the window, at least LEAST_WEIGHT, and as much again for each chunk
+    whose recipe could not be read: those weigh nothing, and a window of weightless groups
+    took them all (every chunk of a repository whose recipe packs are gone, at once)."""
+    return max(group.nbytes, LEAST_WEIGHT) + LEAST_WEIGHT * len(group.failed)
