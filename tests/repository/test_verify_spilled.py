@@ -17,7 +17,7 @@ from tests.repository.spy_remote import tiny_point
 from tests.repository.test_packs import packed_repo, reopen, store
 from vmkeep.errors import NotFoundError
 from vmkeep.progress import SilentProgress
-from vmkeep.repository import pack_gc, verify_order
+from vmkeep.repository import pack_gc, verify_groups, verify_order
 from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
 from vmkeep.repository.live_set import LiveKeys, spill_parent
 from vmkeep.repository.manifest import Manifest
@@ -158,3 +158,16 @@ def test_run_files_removed_on_error_and_after_a_kill(tmp_path: Path) -> None:
         verify(repo, ["20260301T000000Z-doesnotexist"], SilentProgress())
     assert not dead.exists()
     assert not _runs_left(repo)
+
+
+def test_groups_of_at_most_chunks_max(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny chunks (a few bytes each) fill a pack's worth only by the million: a group also
+    closes at CHUNKS_MAX chunks, with the same report."""
+    repo, _, users, _ = _damaged(tmp_path)
+    whole = verify(repo, None, SilentProgress())
+    monkeypatch.setattr(verify_groups, "CHUNKS_MAX", 3)
+    assert repo.packed is not None
+    groups = list(verify_groups.plan_groups(repo.packed, in_pack_order(repo, users)))
+    assert max(len(g.chunk_ids) for g in groups) == 3
+    assert sum(len(g.chunk_ids) + len(g.failed) for g in groups) == len(users)
+    assert verify(reopen(repo), None, SilentProgress()).to_json() == whole.to_json()

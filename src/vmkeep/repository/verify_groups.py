@@ -7,13 +7,14 @@ Groups are cut where data packs end (plan_groups): the recipes are read first, i
 order on one thread, so each recipe pack is read once and each chunk's block entries are
 known before its group is formed; a group then takes the chunks whose blocks lie in the
 packs it already reads, and is closed before a chunk that starts another pack once it holds
-half a pack's worth. A backup writes a chunk's new blocks, and the next chunk's, back to
-back, so a verify reads each data pack with about one ranged GET, the same on every run.
+half a pack's worth, or once it holds CHUNKS_MAX chunks. A backup writes a chunk's new
+blocks, and the next chunk's, back to back, so a verify reads each data pack with about one
+ranged GET, the same on every run.
 
 A group that fails (a corrupt block, a missing or truncated pack) is checked again one
 chunk at a time (`Repository.get_chunk`, as verify did before), so the report names exactly
 the bad chunks and never a good one that shared their group; a chunk whose recipe or block
-entries cannot be read is reported on its own while the groups are formed."""
+entries cannot be read is set aside while the groups are formed and reported as it is."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ GROUP_BYTES = 16 << 20  # a group's aim: one data pack's worth (the pack size if
 WINDOW_GROUPS = 4  # groups of GROUP_BYTES in flight (fetching, fetched or decoding) at most
 LEAST_WEIGHT = 64 << 10  # what a group, and each chunk it could not read, weighs at least
 FAILED_MAX = 256  # chunks whose recipe could not be read, in one group at most (16 MiB)
+CHUNKS_MAX = 1024  # chunks in one group at most: tiny chunks would fill a pack's worth by
+CHUNK_WEIGHT = 16 << 10  # the million, and so weigh at least this each in the window
 
 Checked = tuple[bytes, int, str | None]  # chunk ID, plaintext bytes, error or None
 
@@ -131,7 +134,7 @@ def _closes(group: Group, found: dict[bytes, BlobEntry], length: int, aim: int) 
     """Whether `group` is closed before a chunk of `length` bytes with blocks `found`."""
     new = [e for b, e in found.items() if b not in group.entries]
     weight = max(group.plain + length, group.encoded + sum(e.length for e in new))
-    if weight > 2 * aim:
+    if weight > 2 * aim or len(group.chunk_ids) >= CHUNKS_MAX:
         return True
     if group.nbytes < aim // 2:
         return False
@@ -199,7 +202,9 @@ def check_grouped(
 
 
 def weight(group: Group) -> int:
-    """A group's weight in the window, at least LEAST_WEIGHT, and as much again for each chunk
-    whose recipe could not be read: those weigh nothing, and a window of weightless groups
-    took them all (every chunk of a repository whose recipe packs are gone, at once)."""
-    return max(group.nbytes, LEAST_WEIGHT) + LEAST_WEIGHT * len(group.failed)
+    """A group's weight in the window: its bytes, but at least LEAST_WEIGHT and CHUNK_WEIGHT a
+    chunk, and LEAST_WEIGHT more for each chunk whose recipe could not be read: those weigh
+    nothing, and a window of weightless groups took them all (every chunk of a repository
+    whose recipe packs are gone, at once; a million chunks of a few bytes in one group)."""
+    least = max(LEAST_WEIGHT, CHUNK_WEIGHT * len(group.chunk_ids))
+    return max(group.nbytes, least) + LEAST_WEIGHT * len(group.failed)
