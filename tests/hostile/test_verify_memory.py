@@ -6,6 +6,7 @@ only NAMED_MAX bad chunks (the lowest IDs) are named with their points, the rest
 
 from __future__ import annotations
 
+import json
 import random
 import tracemalloc
 from datetime import UTC, datetime, timedelta
@@ -13,10 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import cli_environment
 from tests.repository.spy_remote import tiny_point
 from tests.repository.test_packs import packed_repo, reopen
 from vmkeep.progress import SilentProgress
+from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository import manifest, pack_gc, repository, verify, verify_order
+from vmkeep.repository.repository import Repository
+
+from .conftest import PASSPHRASE, Cli
 
 POINTS, PER_POINT = 50, 2_000
 NAMED = 40
@@ -60,3 +66,29 @@ def test_all_chunks_missing_in_bounded_memory(
     assert not report.ok and report.to_json()["corrupt_chunks_unnamed"] == 99_960
     # a set of the 100,000 IDs alone is 10.7 MB (tracemalloc); measured here: 2.6 MB
     assert peak < 4 * MiB, f"peak {peak / MiB:.1f} MiB"
+
+
+def test_cli_names_ten_thousand_and_counts_the_rest(cli: Cli, repo_dir: Path) -> None:
+    """Two points over 10,050 chunks no pack holds (30 shared): exit 3, one error line with
+    the full count; the 10,000 lowest IDs named with their points, the other 50 counted."""
+    rng = random.Random(5)
+    ids = [rng.randbytes(32) for _ in range(10_050)]
+    with cli_environment(cli):
+        repo = Repository.open(LocalRemote(repo_dir), lambda: PASSPHRASE.encode())
+        start = datetime(2026, 3, 1, tzinfo=UTC)
+        first = tiny_point(repo, 0, start, ids[:5_030])
+        second = tiny_point(repo, 1, start + timedelta(hours=1), ids[5_000:])
+    run = cli("verify", "--remote", str(repo_dir), "--json", ok=False)
+    assert run.code == 3
+    doc = json.loads(run.out)
+    assert doc["chunks_checked"] == 10_050 and doc["corrupt_chunks_unnamed"] == 50
+    named = doc["corrupt_chunks"]
+    assert [c["chunk_id"] for c in named] == [c.hex() for c in sorted(ids)[:10_000]]
+    users = {c.hex(): [first.id] for c in ids[:5_000]} | {c.hex(): [second.id] for c in ids[5_030:]}
+    users |= {c.hex(): [first.id, second.id] for c in ids[5_000:5_030]}
+    assert all(c["points"] == users[c["chunk_id"]] for c in named)
+    text = cli("verify", "--remote", str(repo_dir), ok=False)  # the report is on stderr
+    lines = text.err.strip().splitlines()
+    assert text.code == 3 and len(lines) == 10_003
+    assert "50 more corrupt chunks" in lines[-3] and "checked 2 restore points" in lines[-2]
+    assert lines[-1].startswith("error: corruption found: 10050 chunks")
