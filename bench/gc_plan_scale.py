@@ -23,7 +23,8 @@ marks, repacks and authenticates as it would at scale without storing terabytes)
 are spread over restore points so that once the first point is gone (never saved) the first
 half of the packs keeps 3/4 of its blobs (kept, its index rewritten) and the second half 1/4
 (repacked): about half of the blobs live. The index cache is built once; each gc runs on
-fresh copies of the repository and cache (wall, CPU, peak RSS).
+fresh copies of the repository and cache (wall, CPU, peak RSS). `--verify` runs `vmkeep
+verify --json` instead (every chunk read and checked: its memory, docs/SCALE.md §4).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the reference plan in tests/
 
@@ -134,7 +136,9 @@ def build(root: Path, blobs: int, block_bytes: int = 16, blocks: int = BLOCKS) -
         step = max(0, block_bytes - 16)
         plains = [struct.pack("<QQ", i, k) + pad[k * step : (k + 1) * step] for k in range(blocks)]
         ids = [store.sealer.chunk_id(p) for p in plains]
-        recipe = codec.recipe(blocks * codec.block_size, ids)
+        # one block: its true length, so that the chunk also verifies (gc reads no data)
+        length = block_bytes if blocks == 1 else blocks * codec.block_size
+        recipe = codec.recipe(length, ids)
         chunk_id = codec.recipe_id(recipe)
         store.store(chunk_id, store.pack_chunk(chunk_id, recipe, zip(ids, plains, strict=True), 0))
         points[point_of(i, chunks)].append(chunk_id)
@@ -187,8 +191,8 @@ def resplit(base: Path, root: Path, disk_chunks: int) -> None:
             )
 
 
-def real_gc(root: Path, src: Path, label: str, dry_run: bool = False) -> str:
-    """One `vmkeep gc` from `src` on copies of root's repository and cache."""
+def real_gc(root: Path, src: Path, label: str, dry_run: bool = False, verify: bool = False) -> str:
+    """One `vmkeep gc` (or `verify`) from `src` on copies of root's repository and cache."""
     run = root / f"run-{label}"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(root / "repo", run / "repo")
@@ -202,7 +206,8 @@ def real_gc(root: Path, src: Path, label: str, dry_run: bool = False) -> str:
         VMKEEP_PASSPHRASE=PASSPHRASE,
     )
     code = "from vmkeep.interfaces.cli.app import main; import sys; sys.argv[0] = 'vmkeep'; main()"
-    argv = [sys.executable, "-c", code, "gc", "--remote", str(run / "repo"), "--json"]
+    command = "verify" if verify else "gc"
+    argv = [sys.executable, "-c", code, command, "--remote", str(run / "repo"), "--json"]
     argv += ["--dry-run"] if dry_run else []
     start = time.monotonic()
     with open(run / "out.json", "wb") as out:
@@ -215,6 +220,11 @@ def real_gc(root: Path, src: Path, label: str, dry_run: bool = False) -> str:
         return f"exit {status}: {err}"
     got = json.loads((run / "out.json").read_text())
     shutil.rmtree(run, ignore_errors=True)
+    if verify:
+        return (
+            f"{wall:7.1f} {cpu:7.1f} {usage.ru_maxrss / 1024:9.0f}  points {got['points_checked']}"
+            f" chunks {got['chunks_checked']} bytes {got['bytes_checked']} ok {got['ok']}"
+        )
     return (
         f"{wall:7.1f} {cpu:7.1f} {usage.ru_maxrss / 1024:9.0f}  chunks {got['chunks_kept']}"
         f" dead {got['chunks_deleted']} repacked {got['packs_repacked']}"
@@ -222,8 +232,35 @@ def real_gc(root: Path, src: Path, label: str, dry_run: bool = False) -> str:
     )
 
 
+def forked(fn: Any, *args: Any) -> None:
+    """fn(*args) in a child process (its memory is not the measured process's)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn(*args)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def built(root: Path, n: int, block_bytes: int, blocks: int) -> None:
+    """The synthetic repository of `n` blobs at root, built unless it is there."""
+    if (root / "repo" / "config").exists():
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    began = time.monotonic()
+    forked(build, root, n, block_bytes, blocks)
+    print(f"# built {n} blobs in {time.monotonic() - began:.0f} s", flush=True)
+
+
 def main_real(
-    counts: list[int], src: Path | None, work: Path, skip_mine: bool, shape: tuple[int, int, bool]
+    counts: list[int],
+    src: Path | None,
+    work: Path,
+    skip_mine: bool,
+    shape: tuple[int, int, bool, int],
+    verify: bool = False,
 ) -> None:
     block_bytes, blocks, dry_run, disk_chunks = shape
     here = Path(__file__).resolve().parent.parent / "src"
@@ -231,32 +268,17 @@ def main_real(
     for n in counts:
         root = work / (f"gc-{n}" if block_bytes == 16 else f"gc-{n}-{block_bytes}")
         root = root if blocks == BLOCKS else root.with_name(f"{root.name}-x{blocks}")
-        if disk_chunks:
+        if disk_chunks:  # the base repository first, then its re-saved copy
             base, root = root, root.with_name(f"{root.name}-d{disk_chunks}")
+            built(base, n, block_bytes, blocks)
             if not (root / "repo" / "config").exists():
                 shutil.rmtree(root, ignore_errors=True)
-                pid = os.fork()
-                if pid == 0:
-                    try:
-                        resplit(base, root, disk_chunks)
-                    finally:
-                        os._exit(0)
-                os.waitpid(pid, 0)
-        if not (root / "repo" / "config").exists():
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir(parents=True)
-            began = time.monotonic()
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    build(root, n, block_bytes, blocks)
-                finally:
-                    os._exit(0)
-            os.waitpid(pid, 0)
-            print(f"# built {n} blobs in {time.monotonic() - began:.0f} s", flush=True)
+                forked(resplit, base, root, disk_chunks)
+        else:
+            built(root, n, block_bytes, blocks)
         mine = [] if skip_mine else [("branch", here)]
         for label, path in [*mine, *([("other", src)] if src else [])]:
-            print(f"{n:>10} {label:>6} {real_gc(root, path, label, dry_run)}", flush=True)
+            print(f"{n:>10} {label:>6} {real_gc(root, path, label, dry_run, verify)}", flush=True)
 
 
 def main() -> None:
@@ -273,6 +295,7 @@ def main() -> None:
     ap.add_argument(
         "--disk-chunks", type=int, default=0, help="with --real: re-save points this small"
     )
+    ap.add_argument("--verify", action="store_true", help="with --real: vmkeep verify")
     ap.add_argument("--only-src", action="store_true", help="with --real: not this checkout")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "gc-scale")
     ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
@@ -283,7 +306,7 @@ def main() -> None:
     if args.real:
         counts = [int(b) for b in args.real.split(",")]
         shape = (args.block_bytes, args.blocks, args.dry_run, args.disk_chunks)
-        main_real(counts, args.src, args.workdir, args.only_src, shape)
+        main_real(counts, args.src, args.workdir, args.only_src, shape, args.verify)
         return
     print(f"{'blobs':>10} {'mode':>7} {'wall s':>7} {'cpu s':>7} {'peak MiB':>9}")
     for n in (int(b) for b in args.blobs.split(",")):

@@ -60,13 +60,15 @@ def feed_referenced(
     repo: Repository,
     sink: Callable[[Iterable[bytes]], None],
     progress: Progress | None = None,
+    point_ids: list[str] | None = None,
 ) -> tuple[int, list[ManifestProblem]]:
-    """Each readable restore point's chunk IDs (a disk at a time, repeats included) to
-    `sink` (gc's external sort, pack_gc.referenced_sort: memory bounded by a constant); how
-    many points were read, and the unreadable ones."""
+    """Each readable restore point's (of `point_ids`, default all) chunk IDs (a disk at a
+    time, repeats included) to `sink` (gc's and verify's external sort,
+    pack_gc.referenced_sort: memory bounded by a constant); how many points were read, and
+    the unreadable ones."""
     points = 0
     problems: list[ManifestProblem] = []
-    for item in stream_manifests(repo, None, progress):
+    for item in stream_manifests(repo, point_ids, progress):
         if isinstance(item, ManifestProblem):
             problems.append(item)
             continue

@@ -8,7 +8,7 @@ new packs, then their index and the consolidated index, then the old index objec
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import Any
@@ -220,13 +220,7 @@ def mark_live(
     the last 2 packs read whole: in hash order most recipes read a 16 MiB pack; 4 M blobs:
     46 of 58 CPU-s). A chunk whose recipe is not indexed names no blob to keep; a recipe
     that is indexed but unreadable stops gc: its blocks could not be told from garbage."""
-    index = store.index()
-    count = 0
-    for chunk_id in referenced:
-        count += 1
-        entry = index.get(KIND_RECIPE, chunk_id) if chunk_id != ZERO_ID else None
-        if entry is not None:
-            located.add(entry.pack + entry.offset.to_bytes(8, "big") + chunk_id)
+    count = locate_recipes(store, referenced, located)
 
     def recipes() -> Iterator[bytes]:
         for place in located.sorted_unique():
@@ -247,6 +241,29 @@ def mark_live(
         for block_id in ids:
             if block_id != ZERO_ID:
                 live.add(live_key(KIND_BLOCK, block_id))
+    return count
+
+
+def locate_recipes(
+    store: PackedStore,
+    referenced: Iterator[bytes],
+    located: LiveKeys,
+    unindexed: Callable[[bytes], None] | None = None,
+) -> int:
+    """Each chunk ID of `referenced` (sorted, each once) whose recipe the index lists, as a
+    (pack, offset, chunk ID) record into the external sort `located` (LOCATED bytes: sorted,
+    the recipes pack after pack); the others to `unindexed`. Looked up in key order, so
+    neighbouring lookups share the index's cached buckets (gc's mark and verify). Returns
+    how many IDs `referenced` yielded."""
+    index = store.index()
+    count = 0
+    for chunk_id in referenced:
+        count += 1
+        entry = index.get(KIND_RECIPE, chunk_id) if chunk_id != ZERO_ID else None
+        if entry is not None:
+            located.add(entry.pack + entry.offset.to_bytes(8, "big") + chunk_id)
+        elif unindexed is not None:
+            unindexed(chunk_id)
     return count
 
 

@@ -7,17 +7,18 @@ Groups are cut where data packs end (plan_groups): the recipes are read first, i
 order on one thread, so each recipe pack is read once and each chunk's block entries are
 known before its group is formed; a group then takes the chunks whose blocks lie in the
 packs it already reads, and is closed before a chunk that starts another pack once it holds
-half a pack's worth. A backup writes a chunk's new blocks, and the next chunk's, back to
-back, so a verify reads each data pack with about one ranged GET, the same on every run.
+half a pack's worth, or once it holds CHUNKS_MAX chunks. A backup writes a chunk's new
+blocks, and the next chunk's, back to back, so a verify reads each data pack with about one
+ranged GET, the same on every run.
 
 A group that fails (a corrupt block, a missing or truncated pack) is checked again one
 chunk at a time (`Repository.get_chunk`, as verify did before), so the report names exactly
 the bad chunks and never a good one that shared their group; a chunk whose recipe or block
-entries cannot be read is reported on its own while the groups are formed."""
+entries cannot be read is set aside while the groups are formed and reported as it is."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -36,6 +37,10 @@ from .repository import Repository
 
 GROUP_BYTES = 16 << 20  # a group's aim: one data pack's worth (the pack size if smaller)
 WINDOW_GROUPS = 4  # groups of GROUP_BYTES in flight (fetching, fetched or decoding) at most
+LEAST_WEIGHT = 64 << 10  # what a group, and each chunk it could not read, weighs at least
+FAILED_MAX = 256  # chunks whose recipe could not be read, in one group at most (16 MiB)
+CHUNKS_MAX = 1024  # chunks in one group at most: tiny chunks would fill a pack's worth by
+CHUNK_WEIGHT = 16 << 10  # the million, and so weigh at least this each in the window
 
 Checked = tuple[bytes, int, str | None]  # chunk ID, plaintext bytes, error or None
 
@@ -43,8 +48,10 @@ Checked = tuple[bytes, int, str | None]  # chunk ID, plaintext bytes, error or N
 @dataclass
 class Group:
     """Consecutive chunks of verify's order whose blocks are fetched together (their recipes
-    and block entries read while the group was formed), or one chunk whose recipe or entries
-    could not be read (`error`). `nbytes`: the larger of its plaintext and its blocks' bytes,
+    and block entries read while the group was formed), and those among them whose recipe or
+    entries could not be read (`failed`, with why: reported as they are, many in one group,
+    since a group a chunk cost ~0.5 ms each in the pipeline's hand-offs when a repository's
+    recipe packs are gone). `nbytes`: the larger of its plaintext and its blocks' bytes,
     what it weighs in the window."""
 
     chunk_ids: list[bytes] = field(default_factory=list)
@@ -53,7 +60,7 @@ class Group:
     packs: set[bytes] = field(default_factory=set)  # the data packs its entries lie in
     plain: int = 0
     encoded: int = 0
-    error: str | None = None
+    failed: list[tuple[bytes, str]] = field(default_factory=list)
     fetched: FetchedChunks | None = None  # None after fetch: the group's fetch failed
 
     @property
@@ -91,7 +98,7 @@ def direct_buffers(repo: Repository, aim: int, count: int) -> ReadBuffers | None
     return ReadBuffers(count, 2 * aim + 16 * ALIGN)
 
 
-def plan_groups(store: PackedStore, order: list[bytes]) -> Iterator[Group]:
+def plan_groups(store: PackedStore, order: Iterable[bytes]) -> Iterator[Group]:
     """The chunks of `order` in groups: a group is closed before a chunk whose blocks start
     a data pack it does not read yet once it weighs half the aim (a pack's tail and the
     next pack's head are not read by two GETs each), and before it would weigh more than
@@ -104,7 +111,10 @@ def plan_groups(store: PackedStore, order: list[bytes]) -> Iterator[Group]:
             distinct = [b for b in dict.fromkeys(block_ids) if b != ZERO_ID]
             found = store.block_entries(KIND_BLOCK, distinct, partial(block_what, chunk_id))
         except (IntegrityError, RemoteError) as exc:
-            yield Group([chunk_id], error=str(exc))
+            group.failed.append((chunk_id, str(exc)))
+            if len(group.failed) >= FAILED_MAX:
+                yield group
+                group = Group()
             continue
         if group.chunk_ids and _closes(group, found, length, aim):
             yield group
@@ -116,7 +126,7 @@ def plan_groups(store: PackedStore, order: list[bytes]) -> Iterator[Group]:
         group.packs.update(e.pack for e in new.values())
         group.plain += length
         group.encoded += sum(e.length for e in new.values())
-    if group.chunk_ids:
+    if group.chunk_ids or group.failed:
         yield group
 
 
@@ -124,7 +134,7 @@ def _closes(group: Group, found: dict[bytes, BlobEntry], length: int, aim: int) 
     """Whether `group` is closed before a chunk of `length` bytes with blocks `found`."""
     new = [e for b, e in found.items() if b not in group.entries]
     weight = max(group.plain + length, group.encoded + sum(e.length for e in new))
-    if weight > 2 * aim:
+    if weight > 2 * aim or len(group.chunk_ids) >= CHUNKS_MAX:
         return True
     if group.nbytes < aim // 2:
         return False
@@ -140,7 +150,7 @@ def check_one(repo: Repository, chunk_id: bytes) -> Checked:
 
 
 def check_grouped(
-    repo: Repository, order: list[bytes], stats: PipelineStats | None = None
+    repo: Repository, order: Iterable[bytes], stats: PipelineStats | None = None
 ) -> Iterator[list[Checked]]:
     """The chunks of `order` checked in groups of consecutive ones (plan_groups); each
     group's results as it completes (not in order). Every check of get_chunk is made: each
@@ -153,7 +163,7 @@ def check_grouped(
     buffers = direct_buffers(repo, aim, groups_in_flight(decoders))
 
     def fetch(group: Group) -> Group:
-        if group.error is None:
+        if group.chunk_ids:
             out = FetchedChunks(list(group.chunk_ids), recipes=group.recipes)
             try:
                 group.fetched = fetch_blocks(store, out, list(group.entries.values()), buffers)
@@ -162,8 +172,10 @@ def check_grouped(
         return group
 
     def decode(group: Group) -> list[Checked]:
-        if group.error is not None:
-            return [(group.chunk_ids[0], 0, group.error)]
+        failed: list[Checked] = [(chunk_id, 0, error) for chunk_id, error in group.failed]
+        return failed + (_decoded(group) if group.chunk_ids else [])
+
+    def _decoded(group: Group) -> list[Checked]:
         if group.fetched is not None:
             try:
                 parts = repo.decode_chunk_parts(group.fetched)
@@ -186,4 +198,13 @@ def check_grouped(
         decoders,
         stats,
     )
-    yield from pipelined_map(stage, plan_groups(store, order), window, lambda g: g.nbytes)
+    yield from pipelined_map(stage, plan_groups(store, order), window, weight)
+
+
+def weight(group: Group) -> int:
+    """A group's weight in the window: its bytes, but at least LEAST_WEIGHT and CHUNK_WEIGHT a
+    chunk, and LEAST_WEIGHT more for each chunk whose recipe could not be read: those weigh
+    nothing, and a window of weightless groups took them all (every chunk of a repository
+    whose recipe packs are gone, at once; a million chunks of a few bytes in one group)."""
+    least = max(LEAST_WEIGHT, CHUNK_WEIGHT * len(group.chunk_ids))
+    return max(group.nbytes, least) + LEAST_WEIGHT * len(group.failed)

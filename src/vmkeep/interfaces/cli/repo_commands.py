@@ -231,6 +231,11 @@ def verify_cmd(
             console.print(
                 f"[red]corrupt chunk[/] {c.chunk_id[:16]}: {c.error}; affects {', '.join(c.points)}"
             )
+        if report.corrupt_chunks_unnamed:
+            console.print(
+                f"[red]{report.corrupt_chunks_unnamed} more corrupt chunks[/] (not listed: only "
+                f"the {len(report.corrupt_chunks)} with the lowest IDs are named)"
+            )
         console.print(
             f"checked {report.points_checked} restore points, {report.chunks_checked} "
             f"chunks ({human_bytes(report.bytes_checked)}): "
@@ -238,7 +243,7 @@ def verify_cmd(
         )
     if not report.ok:
         print_error(
-            f"corruption found: {len(report.corrupt_chunks)} chunks, "
+            f"corruption found: {report.corrupt_chunk_count} chunks, "
             f"{len(report.corrupt_manifests)} restore points unreadable"
             + (f", {len(report.corrupt_index)} index objects" if report.corrupt_index else "")
         )
