@@ -162,9 +162,7 @@ def test_cache_off_uses_a_private_directory(
     disk = loaded.index._disk
     assert disk is not None
     where = Path(os.readlink(f"/proc/self/fd/{disk.files[0].fd}"))
-    assert (
-        where.parent.name.startswith(PREFIX) and where.parent.stat().st_mode & 0o077 == 0
-    )
+    assert where.parent.name.startswith(PREFIX) and where.parent.stat().st_mode & 0o077 == 0
     assert not (tmp_path / "vmkeep-cache").exists()
     assert list((tmp_path / "r" / INDEX_PREFIX).iterdir())  # the remote is untouched
 
