@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import tracemalloc
+import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -180,3 +181,34 @@ def test_streamed_reading_holds_at_most_the_budget_of_big_manifests(
     assert got == sorted(written)  # every point, in id order
     assert spy.most["big"] == 2  # the budget: two big ones, never the io_threads (4) of them
     assert spy.most["all"] >= 3  # tiny ones still overlap with them
+
+
+def test_a_manifest_let_go_is_not_held_while_the_next_big_one_is_read(
+    encrypted_repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Points over the budget go one at a time, and the one the consumer let go of is freed
+    before the next is fetched: ~2.7x one ID table in flight, not that plus the last one."""
+    repo = encrypted_repo
+    start = datetime.now(UTC)
+    for k in range(4):
+        ids = [(0, os.urandom(32 * 5000))]
+        disk = DiskIndex("vda", 5000 * repo.chunk_size, "raw", ids, chunk_size=repo.chunk_size)
+        repo.save_manifest(_manifest([disk], start + timedelta(seconds=k)))
+    monkeypatch.setattr(manifest_stream, "BYTES_IN_FLIGHT", 1000)  # under one object
+    refs: list[weakref.ref[Manifest]] = []
+    alive_at_get: list[bool] = []
+    spy = _SlowGets(repo.remote, 0)
+    inner_get = spy.get
+
+    def get(name: str, offset: int = 0, length: int | None = None) -> bytes:
+        alive_at_get.append(any(r() is not None for r in refs))
+        return inner_get(name, offset, length)
+
+    spy.get = get  # type: ignore[method-assign]
+    seen = Repository(spy, repo.config, repo.key)  # type: ignore[arg-type]
+    for item in manifest_stream.stream_manifests(seen):
+        assert isinstance(item, Manifest)
+        refs.append(weakref.ref(item))
+        del item
+    assert len(refs) == 4 and spy.most["big"] == 1
+    assert alive_at_get == [False] * 4

@@ -55,6 +55,7 @@ def stream_manifests(
         progress.advance(1)
         if item is not None:
             yield item
+        del item  # see feed_referenced
     progress.finish()
 
 
@@ -74,17 +75,22 @@ def weighted_map(
         for item in items:
             cost = weight(item)
             while pending and (len(pending) >= threads or load + cost > budget):
-                future, done_cost = pending.popleft()
-                load -= done_cost
-                yield future.result()
+                load -= pending[0][1]
+                yield _taken(pending)
             pending.append((pool.submit(fn, item), cost))
             load += cost
         while pending:
-            yield pending.popleft()[0].result()
+            yield _taken(pending)
     finally:
         for future, _ in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _taken(pending: deque[tuple[Future[R], int]]) -> R:
+    """The first result, taken out of `pending` with no name left bound to it or its future:
+    once the consumer lets go of a manifest, nothing here holds it while the next are read."""
+    return pending.popleft()[0].result()
 
 
 def referenced_chunks(
@@ -110,8 +116,13 @@ def feed_referenced(
     for item in stream_manifests(repo, None, progress):
         if isinstance(item, ManifestProblem):
             problems.append(item)
-            continue
-        points += 1
-        for disk in item.disks:
-            sink(chunk_id for _, chunk_id in disk.entries())
+        else:
+            points += 1
+            _feed_disks(item, sink)
+        del item  # not held while the next one is read and decoded (~2.7x its IDs)
     return points, problems
+
+
+def _feed_disks(manifest: Manifest, sink: Callable[[Iterable[bytes]], None]) -> None:
+    for disk in manifest.disks:
+        sink(chunk_id for _, chunk_id in disk.entries())
