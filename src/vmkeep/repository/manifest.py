@@ -34,7 +34,7 @@ from .format import (
 )
 from .index_runs import Range, Run, RunLookup, check_runs, split_zero_stretches
 from .limits import MAX_MANIFEST_DOC
-from .manifest_body import DiskParts, compressed_body, document_text, ids_of
+from .manifest_body import DiskParts, compressed_body, ids_of, parse_document
 
 # Bounds of a VM's connector metadata (§5.3): deeper or larger cannot be read back by every
 # JSON parser and pydantic (a point would back up and then fail to restore).
@@ -350,13 +350,10 @@ def decode_manifest(sealer: Sealer, point_id: str, blob: bytes, chunk_size: int)
         memoryview(blob)[HEADER_SIZE:], head + manifest_object_name(point_id).encode(), what
     )
     del blob  # freed here when the caller passed it without keeping it (load_manifest)
-    body = decompress(packed, what, MAX_MANIFEST_DOC)
+    body = [decompress(packed, what, MAX_MANIFEST_DOC)]
     del packed
     try:
-        text = document_text(body)
-        del body
-        doc = json.loads(text)
-        del text
+        doc = parse_document(body)  # takes the text out of `body`: freed once parsed
         manifest = Manifest.from_json(doc)
     except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
         raise IntegrityError(f"{what} is malformed: {str(exc)[:200]}") from exc
