@@ -107,8 +107,9 @@ def _transient_peak(fn: Any, *args: Any) -> int:
     return peak
 
 
-def test_encode_and_decode_of_a_2_tib_disk_stay_within_three_id_tables() -> None:
-    """512 Ki chunks (16 MiB of IDs): the whole-document code took 4.7 tables each way."""
+def test_encode_and_decode_of_a_2_tib_disk_stay_within_a_few_id_tables() -> None:
+    """512 Ki chunks (16 MiB of IDs): the whole-document code took 4.7 tables each way, a
+    decode that made str of the IDs' text 2.7; now 2.1 and 2.3."""
     chunks = 512 << 10
     table = chunks * 32
     sealer = Sealer(RepositoryKey.generate())
@@ -118,7 +119,7 @@ def test_encode_and_decode_of_a_2_tib_disk_stay_within_three_id_tables() -> None
     blob = encode_manifest(sealer, m)
     decode_peak = _transient_peak(decode_manifest, sealer, m.id, blob, DEFAULT_CHUNK_SIZE)
     assert encode_peak < 2.5 * table, encode_peak / table
-    assert decode_peak < 3.0 * table, decode_peak / table
+    assert decode_peak < 2.55 * table, decode_peak / table
     assert decode_manifest(sealer, m.id, blob, DEFAULT_CHUNK_SIZE).disks[0].runs == [(0, ids)]
 
 

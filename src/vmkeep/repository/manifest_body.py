@@ -7,7 +7,8 @@ JSON parts by json.dumps, the runs and the base64 text in bounded pieces, straig
 streaming zstd compressor that is told the body's length first (so the frame records its
 content size, as the one-shot compressor's did, and a decoder never has to guess). The text
 is byte for byte what json.dumps of the whole document gives (docs/DATA-PATH.md, "Manifest
-memory"). Reading frees each copy as soon as the next exists.
+memory"). Reading (parse_document) never makes str of the IDs' text: the disks' base64
+strings are cut out of the decompressed bytes before json.loads and decoded in place.
 """
 
 from __future__ import annotations

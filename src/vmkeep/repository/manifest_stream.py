@@ -15,7 +15,7 @@ from vmkeep.progress import Progress, SilentProgress
 from .manifest import Manifest
 from .repository import ManifestProblem, Repository
 
-# Manifest objects being read at once, by their listed sizes: decoding one takes ~2.7x its
+# Manifest objects being read at once, by their listed sizes: decoding one takes ~2.3x its
 # object in transient copies (docs/DATA-PATH.md, "Manifest memory"), so points of huge disks
 # are read nearly one at a time while small ones still overlap their round trips.
 BYTES_IN_FLIGHT = 64 << 20
@@ -119,7 +119,7 @@ def feed_referenced(
         else:
             points += 1
             _feed_disks(item, sink)
-        del item  # not held while the next one is read and decoded (~2.7x its IDs)
+        del item  # not held while the next one is read and decoded (~2.3x its IDs)
     return points, problems
 
 
