@@ -13,7 +13,7 @@ from typing import Any
 
 from vmkeep.errors import IntegrityError, RepositoryError
 
-from .compression import compress, decompress
+from .compression import decompress
 from .crypto import Sealer
 from .format import (
     DEFAULT_CHUNK_SIZE,
@@ -34,6 +34,7 @@ from .format import (
 )
 from .index_runs import Range, Run, RunLookup, check_runs, split_zero_stretches
 from .limits import MAX_MANIFEST_DOC
+from .manifest_body import DiskParts, compressed_body, ids_of, parse_document
 
 # Bounds of a VM's connector metadata (§5.3): deeper or larger cannot be read back by every
 # JSON parser and pydantic (a point would back up and then fail to restore).
@@ -196,7 +197,8 @@ class Manifest:
             ids |= disk.stored_ids()
         return ids
 
-    def to_json(self) -> dict[str, Any]:
+    def head_json(self) -> dict[str, Any]:
+        """The document without its disks."""
         optional = {"lock": self.lock} if self.lock else {}
         return {
             "version": MANIFEST_DOC_VERSION,
@@ -211,7 +213,12 @@ class Manifest:
             "tags": self.tags,
             "stats": self.stats,
             **optional,
-            "disks": [
+        }
+
+    def disk_parts(self) -> list[DiskParts]:
+        """Each disk's small fields and its runs (manifest_body.py writes runs and IDs)."""
+        return [
+            (
                 {
                     "name": d.name,
                     "size": d.size,
@@ -219,12 +226,23 @@ class Manifest:
                     "extra": d.extra,
                     "change_token": d.change_token,
                     "chunk_size": d.chunk_size,
-                    "runs": [[first, len(ids) // ID_SIZE] for first, ids in d.runs],
-                    "chunks": base64.b64encode(b"".join(ids for _, ids in d.runs)).decode(),
-                }
-                for d in self.disks
-            ],
-        }
+                },
+                d.runs,
+            )
+            for d in self.disks
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        """The whole document at once (tests compare encode_manifest's text with it)."""
+        disks = [
+            dict(
+                fields,
+                runs=[[first, len(ids) // ID_SIZE] for first, ids in runs],
+                chunks=base64.b64encode(b"".join(ids for _, ids in runs)).decode(),
+            )
+            for fields, runs in self.disk_parts()
+        ]
+        return dict(self.head_json(), disks=disks)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Manifest:
@@ -268,7 +286,7 @@ def disk_from_json(d: object, version: int) -> DiskIndex:
     """Version 1: `chunks` is every entry of the disk; version 2: the entries of `runs`."""
     if not isinstance(d, dict) or not isinstance(d.get("extra") or {}, dict):
         raise ValueError("a disk is not an object")
-    ids = base64.b64decode(d["chunks"], validate=True)
+    ids = ids_of(d)  # the base64 text is dropped from `d` as soon as it is decoded
     size = d["size"]
     chunk_size = d["chunk_size"]
     if not valid_chunk_size(chunk_size):
@@ -306,16 +324,16 @@ def disk_from_json(d: object, version: int) -> DiskIndex:
 
 
 def encode_manifest(sealer: Sealer, manifest: Manifest) -> bytes:
-    body = json.dumps(manifest.to_json(), separators=(",", ":")).encode()
-    if len(body) > MAX_MANIFEST_DOC:  # it could never be read back: refuse to write it
-        raise RepositoryError(
-            f"restore point {manifest.id}: its index takes {len(body)} bytes, more than the "
-            f"{MAX_MANIFEST_DOC} a manifest may hold; use a repository with larger chunks"
-        )
-    packed = compress(body, 3)  # always zstd: the index of IDs is what makes manifests big
+    """Transient memory ~2x the ID table (the compressed body, then the sealed object):
+    manifest_body.py writes the document in pieces."""
+    what = f"restore point {manifest.id}"
+    packed = compressed_body(what, manifest.head_json(), manifest.disk_parts())
     flags = FLAG_ZSTD | (FLAG_ENCRYPTED if sealer.encrypted else 0)
     head = header(MANIFEST_MAGIC, flags)
-    return sealer.seal(head, packed, head + manifest_object_name(manifest.id).encode())
+    aad = head + manifest_object_name(manifest.id).encode()
+    sealed = sealer.seal_parts(head, memoryview(packed), aad)
+    del packed  # before the pieces are joined
+    return bytes(sealed)
 
 
 def decode_manifest(sealer: Sealer, point_id: str, blob: bytes, chunk_size: int) -> Manifest:
@@ -328,9 +346,15 @@ def decode_manifest(sealer: Sealer, point_id: str, blob: bytes, chunk_size: int)
     check_encryption_flag(head[5], sealer.encrypted, point_id)
     if head[5] != FLAG_ZSTD | (FLAG_ENCRYPTED if sealer.encrypted else 0):
         raise IntegrityError(f"{what} is corrupt: unexpected flags {head[5]:#x}")
-    packed = sealer.open(blob[HEADER_SIZE:], head + manifest_object_name(point_id).encode(), what)
+    packed = sealer.open(
+        memoryview(blob)[HEADER_SIZE:], head + manifest_object_name(point_id).encode(), what
+    )
+    del blob  # freed here when the caller passed it without keeping it (load_manifest)
+    body = [decompress(packed, what, MAX_MANIFEST_DOC)]
+    del packed
     try:
-        manifest = Manifest.from_json(json.loads(decompress(packed, what, MAX_MANIFEST_DOC)))
+        doc = parse_document(body)  # takes the text out of `body`: freed once parsed
+        manifest = Manifest.from_json(doc)
     except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
         raise IntegrityError(f"{what} is malformed: {str(exc)[:200]}") from exc
     except RecursionError:

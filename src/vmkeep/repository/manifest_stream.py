@@ -3,14 +3,24 @@ constant number of manifests in flight, never by the number of restore points.""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 from vmkeep.errors import IntegrityError, NotFoundError
-from vmkeep.parallel import io_threads, ordered_map
+from vmkeep.parallel import io_threads
 from vmkeep.progress import Progress, SilentProgress
 
 from .manifest import Manifest
 from .repository import ManifestProblem, Repository
+
+# Manifest objects being read at once, by their listed sizes: decoding one takes ~2.3x its
+# object in transient copies (docs/DATA-PATH.md, "Manifest memory"), so points of huge disks
+# are read nearly one at a time while small ones still overlap their round trips.
+BYTES_IN_FLIGHT = 64 << 20
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def stream_manifests(
@@ -19,11 +29,10 @@ def stream_manifests(
     """Each listed restore point's manifest (or each of `point_ids`), or why it is unreadable,
     in id order; a listed point deleted since the listing is skipped (its chunks are no
     longer needed by anyone), a point asked for that does not exist is a NotFoundError. At most
-    `io_threads` manifests are held at once (a decoded manifest of a 100 GiB disk is ~0.8
-    MiB at 4 MiB chunks, ~50 MiB at 64 KiB), however many points there are."""
-    sizes: dict[str, int] = {}
-    if point_ids is None:
-        sizes = repo.point_sizes()
+    `io_threads` manifests and BYTES_IN_FLIGHT of their listed sizes are being read at once
+    (but always one; a point not listed counts as the whole budget), however many points
+    there are."""
+    sizes = repo.point_sizes()
     ids = sorted(sizes) if point_ids is None else point_ids
     threads = io_threads(repo.remote.url)
     progress = progress or SilentProgress()
@@ -39,11 +48,49 @@ def stream_manifests(
         except IntegrityError as exc:
             return ManifestProblem(point_id, str(exc))
 
-    for item in ordered_map(load, ids, threads, window=threads):
+    def weight(point_id: str) -> int:
+        return sizes.get(point_id, BYTES_IN_FLIGHT)
+
+    for item in weighted_map(load, ids, threads, weight, BYTES_IN_FLIGHT):
         progress.advance(1)
         if item is not None:
             yield item
+        del item  # see feed_referenced
     progress.finish()
+
+
+def weighted_map(
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    threads: int,
+    weight: Callable[[T], int],
+    budget: int,
+) -> Iterator[R]:
+    """fn over items on `threads` threads, results in the order of `items`; at most `threads`
+    items and `budget` of their weights in flight, but always one (however heavy)."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="vmkeep")
+    pending: deque[tuple[Future[R], int]] = deque()
+    load = 0
+    try:
+        for item in items:
+            cost = weight(item)
+            while pending and (len(pending) >= threads or load + cost > budget):
+                load -= pending[0][1]
+                yield _taken(pending)
+            pending.append((pool.submit(fn, item), cost))
+            load += cost
+        while pending:
+            yield _taken(pending)
+    finally:
+        for future, _ in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _taken(pending: deque[tuple[Future[R], int]]) -> R:
+    """The first result, taken out of `pending` with no name left bound to it or its future:
+    once the consumer lets go of a manifest, nothing here holds it while the next are read."""
+    return pending.popleft()[0].result()
 
 
 def referenced_chunks(
@@ -71,8 +118,13 @@ def feed_referenced(
     for item in stream_manifests(repo, point_ids, progress):
         if isinstance(item, ManifestProblem):
             problems.append(item)
-            continue
-        points += 1
-        for disk in item.disks:
-            sink(chunk_id for _, chunk_id in disk.entries())
+        else:
+            points += 1
+            _feed_disks(item, sink)
+        del item  # not held while the next one is read and decoded (~2.3x its IDs)
     return points, problems
+
+
+def _feed_disks(manifest: Manifest, sink: Callable[[Iterable[bytes]], None]) -> None:
+    for disk in manifest.disks:
+        sink(chunk_id for _, chunk_id in disk.entries())

@@ -347,18 +347,22 @@ class Repository:
         what = f"manifest {point_id}"
         if listed_size is not None and listed_size > MAX_MANIFEST_OBJECT:
             raise IntegrityError(f"{what} is larger than the format allows: refusing to read it")
-        try:
-            blob = get_bounded(
-                self.remote,
-                manifest_object_name(point_id),
-                MAX_MANIFEST_OBJECT,
-                IntegrityError,
-                what,
-                stat_first=listed_size is None,
+        try:  # the object is passed on, not kept: decode_manifest frees it once opened
+            return decode_manifest(
+                self.sealer,
+                point_id,
+                get_bounded(
+                    self.remote,
+                    manifest_object_name(point_id),
+                    MAX_MANIFEST_OBJECT,
+                    IntegrityError,
+                    what,
+                    stat_first=listed_size is None,
+                ),
+                self.chunk_size,
             )
         except NotFoundError as exc:
             raise NotFoundError(f"no restore point {point_id}") from exc
-        return decode_manifest(self.sealer, point_id, blob, self.chunk_size)
 
     def load_manifests(self) -> tuple[list[Manifest], list[ManifestProblem]]:
         """Every restore point that verifies, and the ones that do not (corrupt, unreadable).
