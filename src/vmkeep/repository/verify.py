@@ -142,11 +142,14 @@ def in_pack_order(repo: Repository, chunks: Iterable[bytes]) -> list[bytes]:
 def _users(
     repo: Repository, point_ids: list[str] | None, bad: set[bytes]
 ) -> dict[bytes, list[str]]:
-    """The points (of `point_ids`, default all) that reference each of the `bad` chunks."""
+    """The points (of `point_ids`, default all) that reference each of the `bad` chunks.
+    No set of a manifest's IDs is made (a fully allocated 14 TiB disk: ~360 MiB of them)."""
     users: dict[bytes, list[str]] = {}
     for item in stream_manifests(repo, point_ids):
         if isinstance(item, ManifestProblem):
             continue
-        for chunk_id in item.referenced_ids() & bad:
+        ids = (chunk_id for disk in item.disks for _, chunk_id in disk.entries())
+        for chunk_id in {chunk_id for chunk_id in ids if chunk_id in bad}:
             users.setdefault(chunk_id, []).append(item.id)
+        del item  # not held while the next one is read (manifest_stream.feed_referenced)
     return users
