@@ -111,22 +111,34 @@ def unordered_map(
 
 
 def ordered_map(
-    fn: Callable[[T], R], items: Iterable[T], workers: int | None = None, window: int | None = None
+    fn: Callable[[T], R],
+    items: Iterable[T],
+    workers: int | None = None,
+    window: int | None = None,
+    weight: Callable[[T], int] | None = None,
+    budget: int = 0,
 ) -> Iterator[R]:
     """fn over items on `workers` threads; results in the order of `items`, at most `window`
-    in flight (completed results wait for the slowest one ahead of them)."""
+    in flight (completed results wait for the slowest one ahead of them); with `weight`, also
+    at most `budget` of the items' weights, but always one however heavy. A result yielded is
+    no longer referenced here: once the caller lets go of it, it is freed while the next are
+    computed (manifest_stream reads manifests of GiB this way)."""
     workers = workers or default_workers()
     window = window or workers * 2
     pool = ThreadPoolExecutor(workers, thread_name_prefix="vmkeep")
-    pending: deque[Future[R]] = deque()
+    pending: deque[tuple[Future[R], int]] = deque()
+    load = 0
     try:
         for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= window:
-                yield pending.popleft().result()
+            cost = weight(item) if weight is not None else 0
+            while pending and (len(pending) >= window or load + cost > budget):
+                load -= pending[0][1]
+                yield pending.popleft()[0].result()
+            pending.append((pool.submit(fn, item), cost))
+            load += cost
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()
     finally:
-        for fut in pending:
+        for fut, _ in pending:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)

@@ -3,13 +3,10 @@ constant number of manifests in flight, never by the number of restore points.""
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
 
 from vmkeep.errors import IntegrityError, NotFoundError
-from vmkeep.parallel import io_threads
+from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.progress import Progress, SilentProgress
 
 from .manifest import Manifest
@@ -19,8 +16,6 @@ from .repository import ManifestProblem, Repository
 # object in transient copies (docs/DATA-PATH.md, "Manifest memory"), so points of huge disks
 # are read nearly one at a time while small ones still overlap their round trips.
 BYTES_IN_FLIGHT = 64 << 20
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 def stream_manifests(
@@ -51,46 +46,12 @@ def stream_manifests(
     def weight(point_id: str) -> int:
         return sizes.get(point_id, BYTES_IN_FLIGHT)
 
-    for item in weighted_map(load, ids, threads, weight, BYTES_IN_FLIGHT):
+    for item in ordered_map(load, ids, threads, threads, weight, BYTES_IN_FLIGHT):
         progress.advance(1)
         if item is not None:
             yield item
         del item  # see feed_referenced
     progress.finish()
-
-
-def weighted_map(
-    fn: Callable[[T], R],
-    items: Iterable[T],
-    threads: int,
-    weight: Callable[[T], int],
-    budget: int,
-) -> Iterator[R]:
-    """fn over items on `threads` threads, results in the order of `items`; at most `threads`
-    items and `budget` of their weights in flight, but always one (however heavy)."""
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="vmkeep")
-    pending: deque[tuple[Future[R], int]] = deque()
-    load = 0
-    try:
-        for item in items:
-            cost = weight(item)
-            while pending and (len(pending) >= threads or load + cost > budget):
-                load -= pending[0][1]
-                yield _taken(pending)
-            pending.append((pool.submit(fn, item), cost))
-            load += cost
-        while pending:
-            yield _taken(pending)
-    finally:
-        for future, _ in pending:
-            future.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _taken(pending: deque[tuple[Future[R], int]]) -> R:
-    """The first result, taken out of `pending` with no name left bound to it or its future:
-    once the consumer lets go of a manifest, nothing here holds it while the next are read."""
-    return pending.popleft()[0].result()
 
 
 def referenced_chunks(
