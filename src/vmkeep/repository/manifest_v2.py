@@ -105,7 +105,7 @@ def load_object(
         return decode_manifest(sealer, point_id, blob, chunk_size)
     head = remote.get(name, 0, HEADER_SIZE)
     if head[4:5] == bytes((TABLE_OBJECT_VERSION,)):
-        return decode_object(sealer, point_id, size, _ranged(remote, name), chunk_size)
+        return decode_object(sealer, point_id, size, _ranged(remote, name), chunk_size, head)
     if size > MAX_MANIFEST_OBJECT or head[4:5] != bytes((OBJECT_VERSION,)):
         check_header(sealer, point_id, head, (OBJECT_VERSION,))  # says what is wrong
         raise IntegrityError(f"{what} is larger than the format allows: refusing to read it")
@@ -128,14 +128,20 @@ def _ranged(remote: Remote, name: str) -> ReadRange:
 
 
 def decode_object(
-    sealer: Sealer, point_id: str, size: int, read: ReadRange, chunk_size: int
+    sealer: Sealer,
+    point_id: str,
+    size: int,
+    read: ReadRange,
+    chunk_size: int,
+    head: bytes | None = None,
 ) -> Manifest:
-    """A version 2 object of `size` bytes read through `read`: header, tail and head now,
-    the pieces when its tables are walked."""
+    """A version 2 object of `size` bytes read through `read`: header (unless given), tail
+    and head now, the pieces when its tables are walked."""
     what = f"manifest {point_id}"
     if size < HEADER_SIZE + TAIL.size:
         raise IntegrityError(f"{what} is corrupt: cut short")
-    header = check_header(sealer, point_id, read(0, HEADER_SIZE), (TABLE_OBJECT_VERSION,))
+    first = read(0, HEADER_SIZE) if head is None else head
+    header = check_header(sealer, point_id, first, (TABLE_OBJECT_VERSION,))
     tail = read(size - TAIL.size, TAIL.size)
     if len(tail) != TAIL.size:
         raise IntegrityError(f"{what} is corrupt: cut short")
