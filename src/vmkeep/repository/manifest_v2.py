@@ -98,8 +98,11 @@ def load_object(
         if st is None:
             raise NotFoundError(f"no object {name}")
         size = st.size
+    # Reads ask for the listed size (+1, to see a longer object), not the bound: a bounded
+    # read allocates what it asks for. Manifests are never rewritten, so a longer object
+    # than listed is a corrupt one.
     if size <= WHOLE_READ:
-        blob = get_bounded(remote, name, WHOLE_READ, IntegrityError, what)
+        blob = get_bounded(remote, name, size, IntegrityError, what)
         if blob[4:5] == bytes((TABLE_OBJECT_VERSION,)):
             return decode_object(sealer, point_id, len(blob), _slicer(blob), chunk_size)
         return decode_manifest(sealer, point_id, blob, chunk_size)
@@ -109,7 +112,7 @@ def load_object(
     if size > MAX_MANIFEST_OBJECT or head[4:5] != bytes((OBJECT_VERSION,)):
         check_header(sealer, point_id, head, (OBJECT_VERSION,))  # says what is wrong
         raise IntegrityError(f"{what} is larger than the format allows: refusing to read it")
-    blob = get_bounded(remote, name, MAX_MANIFEST_OBJECT, IntegrityError, what)
+    blob = get_bounded(remote, name, size, IntegrityError, what)
     return decode_manifest(sealer, point_id, blob, chunk_size)
 
 

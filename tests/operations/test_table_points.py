@@ -1,0 +1,168 @@
+"""Points with a disk kept in a version 2 manifest object (docs/FORMAT.md §5.5), through the
+real operations of a files-connector VM in a format 3 repository, with the table threshold
+and piece size lowered so that a 2.5 MiB disk of 64 KiB chunks makes tables of ~9 pieces:
+backup full and delta write version 2 objects, restore is hash-equal, verify is clean; a
+flipped byte in a piece makes verify report the point and restore and gc refuse; gc after a
+forget keeps every chunk of the table point and deletes the forgotten one's; mirror and list
+work."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.repository.table_points import (
+    CHUNK,
+    flip,
+    object_path,
+    packed_repo,
+    small_tables,
+)
+from tests.vm_dirs import write_raw_vm_json
+from vmkeep.connectors.files import FilesConnector
+from vmkeep.errors import IntegrityError, RepositoryError
+from vmkeep.operations.backup import BackupOptions, backup_vm
+from vmkeep.operations.mirror import COPIED, MirrorOptions, mirror
+from vmkeep.operations.restore import restore_vm
+from vmkeep.progress import SilentProgress
+from vmkeep.repository.gc import collect_garbage
+from vmkeep.repository.manifest_table import TableReader
+from vmkeep.repository.point_cache import point_summaries
+from vmkeep.repository.repository import Repository
+from vmkeep.repository.verify import verify
+
+SIZE = 40 * CHUNK + 1000  # a short last chunk
+HOLE = range(10, 15)  # chunks left as a hole: the table has two runs
+
+
+@pytest.fixture(autouse=True)
+def _small(monkeypatch: pytest.MonkeyPatch) -> None:
+    small_tables(monkeypatch)
+
+
+def make_vm(root: Path) -> Path:
+    vm = root / "big"
+    vm.mkdir(parents=True)
+    rng = random.Random(1)
+    with open(vm / "disk0.img", "wb") as f:
+        f.truncate(SIZE)
+        for k in range(41):
+            if k not in HOLE:
+                f.seek(k * CHUNK)
+                f.write(rng.randbytes(min(CHUNK, SIZE - k * CHUNK)))
+    write_raw_vm_json(vm, "big", rng)
+    return vm
+
+
+def change(vm: Path, chunks: list[int], seed: int) -> None:
+    rng = random.Random(seed)
+    with open(vm / "disk0.img", "r+b") as f:
+        for k in chunks:
+            f.seek(k * CHUNK)
+            f.write(rng.randbytes(CHUNK))
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def backup(repo: Repository, vm: Path, mode: str) -> str:
+    report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(mode=mode), SilentProgress())
+    return report.restore_point
+
+
+def restored(repo: Repository, point: str, where: Path) -> str:
+    where.mkdir(parents=True)
+    report = restore_vm(repo, FilesConnector(where), point, str(where), SilentProgress())
+    return sha(Path(report.location) / "disk0.img")
+
+
+def is_table_point(repo: Repository, root: Path, point: str) -> bool:
+    if object_path(root, point).read_bytes()[4] != 2:
+        return False
+    table = repo.load_manifest(point).disks[0].table
+    return isinstance(table, TableReader) and len(table.pieces) >= 8
+
+
+def ids_of(repo: Repository, point: str) -> set[bytes]:
+    return repo.load_manifest(point).referenced_ids()
+
+
+@pytest.mark.parametrize("encryption", ["none", "aes-256-gcm"])
+def test_backup_restore_verify_gc_of_table_points(tmp_path: Path, encryption: str) -> None:
+    root = tmp_path / "r"
+    repo = packed_repo(root, encryption)
+    vm = make_vm(tmp_path / "vms")
+    first, first_sha = backup(repo, vm, "full"), sha(vm / "disk0.img")
+    change(vm, [0, 3, 12, 39], seed=2)  # 12 fills part of the hole
+    second, second_sha = backup(repo, vm, "delta"), sha(vm / "disk0.img")
+    assert first_sha != second_sha
+    assert is_table_point(repo, root, first) and is_table_point(repo, root, second)
+    assert len(ids_of(repo, first)) == 41 - len(HOLE)
+    assert restored(repo, first, tmp_path / "o1") == first_sha
+    assert restored(repo, second, tmp_path / "o2") == second_sha
+    report = verify(repo, None, SilentProgress())
+    assert report.ok and report.points_checked == 2
+    assert report.chunks_checked == len(ids_of(repo, first) | ids_of(repo, second))
+    (summary_1, summary_2), problems = point_summaries(repo)  # the tables walked
+    assert not problems
+    assert summary_1.data_bytes == 35 * CHUNK + 1000  # 36 chunks, the last of 1000 bytes
+    assert summary_2.data_bytes == 36 * CHUNK + 1000  # chunk 12 filled
+
+    gone = ids_of(repo, first) - ids_of(repo, second)
+    assert len(gone) == 3  # chunks 0, 3, 39 as they were
+    repo.delete_manifest(first)
+    collect_garbage(repo, SilentProgress())
+    repo.packed.reload()  # type: ignore[union-attr]
+    assert not any(repo.has_chunk(c) for c in gone)
+    assert all(repo.has_chunk(c) for c in ids_of(repo, second))
+    assert restored(repo, second, tmp_path / "o3") == second_sha
+
+
+def test_a_second_full_finds_every_chunk_without_the_previous_ids(tmp_path: Path) -> None:
+    """The previous point has a table: its IDs are not made a set; the index answers."""
+    repo = packed_repo(tmp_path / "r")
+    vm = make_vm(tmp_path / "vms")
+    backup(repo, vm, "full")
+    again = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
+    assert again.stats.chunks == 36 and again.stats.chunks_new == 0  # the hole is not read
+    assert again.stats.bytes_written == 0
+
+
+def test_a_bad_piece_makes_the_point_bad(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    repo = packed_repo(root, "aes-256-gcm")
+    vm = make_vm(tmp_path / "vms")
+    good, good_sha = backup(repo, vm, "full"), sha(vm / "disk0.img")
+    change(vm, [5], seed=3)
+    bad = backup(repo, vm, "delta")
+    table = repo.load_manifest(bad).disks[0].table
+    assert isinstance(table, TableReader)
+    flip(object_path(root, bad), table.pieces[3].offset + 30)
+    report = verify(repo, None, SilentProgress())
+    assert not report.ok and report.points_checked == 1
+    assert [p.point_id for p in report.corrupt_manifests] == [bad]
+    assert "piece 3" in report.corrupt_manifests[0].error
+    with pytest.raises(IntegrityError, match="piece 3 is corrupt"):
+        restored(repo, bad, tmp_path / "o1")
+    with pytest.raises(RepositoryError, match=f"gc refuses to run: restore point {bad}"):
+        collect_garbage(repo, SilentProgress())
+    assert restored(repo, good, tmp_path / "o2") == good_sha
+    points, problems = point_summaries(repo)
+    assert [p.id for p in points] == [good] and [p.point_id for p in problems] == [bad]
+
+
+def test_mirror_and_list_of_a_table_point(tmp_path: Path) -> None:
+    source, target = packed_repo(tmp_path / "s"), packed_repo(tmp_path / "t", "aes-256-gcm")
+    vm = make_vm(tmp_path / "vms")
+    point, want = backup(source, vm, "full"), sha(vm / "disk0.img")
+    report = mirror(source, target, MirrorOptions(), SilentProgress())
+    assert [p.status for p in report.points] == [COPIED]
+    copy = point  # the same point id in the target
+    assert is_table_point(target, tmp_path / "t", copy)
+    assert restored(target, copy, tmp_path / "o") == want
+    (summary,), problems = point_summaries(target)
+    assert not problems and summary.id == copy and summary.disks[0].size == SIZE
