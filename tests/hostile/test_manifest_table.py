@@ -6,12 +6,14 @@ table read as good with IDs it did not have."""
 
 from __future__ import annotations
 
+import random
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.conftest import cli_environment, sha256
 from tests.repository.table_points import (
     CHUNK,
     Forged,
@@ -23,11 +25,17 @@ from tests.repository.table_points import (
     small_tables,
     synthetic_point,
 )
+from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import IntegrityError, VmkeepError
+from vmkeep.operations.backup import BackupOptions, backup_vm
+from vmkeep.progress import SilentProgress
+from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.format import HEADER_SIZE, ID_SIZE
 from vmkeep.repository.manifest import Manifest
-from vmkeep.repository.manifest_table import TAIL
+from vmkeep.repository.manifest_table import TAIL, TableReader
 from vmkeep.repository.repository import Repository
+
+from .conftest import PASSPHRASE, Cli
 
 DENSE = [(0, 16)]  # 4 pieces of 4 IDs, all the same length
 
@@ -224,3 +232,40 @@ def test_a_head_moved_by_its_length(tmp_path: Path) -> None:
     path.write_bytes(data[: -TAIL.size] + TAIL.pack(length + 1))
     with pytest.raises(IntegrityError, match="authentication failed"):
         repo.load_manifest(point.id)
+
+
+def test_the_cli_on_a_table_point_with_a_bad_piece(
+    cli: Cli, repo_dir: Path, make_vm: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A real backup of a 64 MiB VM (16 chunks of 4 MiB: a table of 4 pieces), made in
+    process with the threshold lowered, read by the real CLI: list, verify and restore work;
+    with a byte of a piece flipped, verify and restore end in one `error:` line (exit 3,
+    never 70) and list shows the point unreadable."""
+    vm = make_vm("big")
+    rng = random.Random(9)
+    with open(vm / "disk0.raw", "r+b") as f:
+        for _ in range(16):  # every chunk of data, so that all 16 are stored
+            f.write(rng.randbytes(4 << 20))
+    with cli_environment(cli):
+        repo = Repository.open(LocalRemote(repo_dir), lambda: PASSPHRASE.encode())
+        report = backup_vm(repo, FilesConnector(), str(vm), BackupOptions(), SilentProgress())
+        point = report.restore_point
+        table = repo.load_manifest(point).disks[0].table
+    assert isinstance(table, TableReader) and len(table.pieces) == 4
+    assert object_path(repo_dir, point).read_bytes()[4] == 2
+    listed = cli("list", "--remote", str(repo_dir), "--json").json()
+    assert [p["restore_point"] for p in listed["restore_points"]] == [point]
+    cli("verify", "--remote", str(repo_dir))
+    out = tmp_path / "out"
+    cli("restore", point, "--remote", str(repo_dir), "--to", str(out))
+    assert sha256(next(out.rglob("disk0.raw"))) == sha256(vm / "disk0.raw")
+
+    flip(object_path(repo_dir, point), table.pieces[2].offset + 40)
+    run = cli("verify", "--remote", str(repo_dir), ok=False)
+    assert run.code == 3 and "piece 2 is corrupt" in run.err
+    run = cli("restore", point, "--remote", str(repo_dir), "--to", str(tmp_path / "o2"), ok=False)
+    assert run.code == 3 and len(run.err.strip().splitlines()) == 1
+    assert "piece 2 is corrupt: authentication failed" in run.err
+    listed = cli("list", "--remote", str(repo_dir), "--json").json()
+    assert listed["restore_points"] == []
+    assert [p["point_id"] for p in listed["unreadable"]] == [point]

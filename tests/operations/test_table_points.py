@@ -28,6 +28,9 @@ from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.operations.mirror import COPIED, MirrorOptions, mirror
 from vmkeep.operations.restore import restore_vm
 from vmkeep.progress import SilentProgress
+from vmkeep.remotes.local import LocalRemote
+from vmkeep.remotes.object_lock import LockPolicy
+from vmkeep.remotes.retention_records import decode_record, record_name
 from vmkeep.repository.gc import collect_garbage
 from vmkeep.repository.manifest_table import TableReader
 from vmkeep.repository.point_cache import point_summaries
@@ -153,6 +156,27 @@ def test_a_bad_piece_makes_the_point_bad(tmp_path: Path) -> None:
     assert restored(repo, good, tmp_path / "o2") == good_sha
     points, problems = point_summaries(repo)
     assert [p.id for p in points] == [good] and [p.point_id for p in problems] == [bad]
+
+
+def test_a_locked_table_point(tmp_path: Path) -> None:
+    """Retention locks (local records): each table point's record names every pack it
+    needs; the delta's parent claim is read from a table point (sets of IDs, as before)."""
+    root = tmp_path / "r"
+    repo = packed_repo(root, "aes-256-gcm")
+    assert isinstance(repo.remote, LocalRemote)
+    repo.remote.set_lock_policy(LockPolicy(seconds=3600))
+    vm = make_vm(tmp_path / "vms")
+    first = backup(repo, vm, "full")
+    packs = {str(p.relative_to(root)) for p in (root / "packs").rglob("*") if p.is_file()}
+    change(vm, [1, 2], seed=4)
+    second, want = backup(repo, vm, "delta"), sha(vm / "disk0.img")
+    for point in (first, second):
+        assert is_table_point(repo, root, point) and repo.load_manifest(point).lock
+        record = decode_record(point, (root / record_name(point)).read_bytes())
+        assert record is not None
+        if point == first:
+            assert packs and packs <= set(record.objects)  # every pack then was the full's
+    assert restored(repo, second, tmp_path / "o") == want
 
 
 def test_mirror_and_list_of_a_table_point(tmp_path: Path) -> None:
