@@ -16,15 +16,17 @@ import pytest
 
 from tests.repository.table_points import (
     CHUNK,
+    THRESHOLD,
     flip,
     object_path,
     packed_repo,
     small_tables,
 )
 from tests.vm_dirs import write_raw_vm_json
+from vmkeep.connectors.base import VmConfig
 from vmkeep.connectors.files import FilesConnector
-from vmkeep.errors import IntegrityError, RepositoryError
-from vmkeep.operations.backup import BackupOptions, backup_vm
+from vmkeep.errors import IntegrityError, RepositoryError, UsageError
+from vmkeep.operations.backup import BackupOptions, backup_vm, check_index_size
 from vmkeep.operations.mirror import COPIED, MirrorOptions, mirror
 from vmkeep.operations.restore import restore_vm
 from vmkeep.progress import SilentProgress
@@ -32,6 +34,7 @@ from vmkeep.remotes.local import LocalRemote
 from vmkeep.remotes.object_lock import LockPolicy
 from vmkeep.remotes.retention_records import decode_record, record_name
 from vmkeep.repository.gc import collect_garbage
+from vmkeep.repository.limits import MANIFEST_BYTES_PER_ID, MAX_MANIFEST_DOC
 from vmkeep.repository.manifest_table import TableReader
 from vmkeep.repository.point_cache import point_summaries
 from vmkeep.repository.repository import Repository
@@ -190,3 +193,16 @@ def test_mirror_and_list_of_a_table_point(tmp_path: Path) -> None:
     assert restored(target, copy, tmp_path / "o") == want
     (summary,), problems = point_summaries(target)
     assert not problems and summary.id == copy and summary.disks[0].size == SIZE
+
+
+def test_format_3_counts_only_inline_disks_against_the_document_bound() -> None:
+    """A disk over the threshold goes to a table: no document bound for it in format 3;
+    formats 1 and 2 (and format 3's inline disks) keep refusing before reading."""
+    vm = VmConfig(name="huge", uuid="u", vcpus=1, memory=1, disks=[], metadata={})
+    too_many = MAX_MANIFEST_DOC // MANIFEST_BYTES_PER_ID + 1
+    check_index_size(vm, [[(0, too_many)]], packed=True)
+    with pytest.raises(UsageError, match="more than one restore point's index may hold"):
+        check_index_size(vm, [[(0, too_many)]], packed=False)
+    inline = [[(0, THRESHOLD)] for _ in range(too_many // THRESHOLD + 1)]
+    with pytest.raises(UsageError):
+        check_index_size(vm, inline, packed=True)
