@@ -30,7 +30,7 @@ from vmkeep.errors import IntegrityError, VmkeepError
 from vmkeep.operations.backup import BackupOptions, backup_vm
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
-from vmkeep.repository.format import HEADER_SIZE, ID_SIZE
+from vmkeep.repository.format import HEADER_SIZE, ID_SIZE, manifest_object_name
 from vmkeep.repository.manifest import Manifest
 from vmkeep.repository.manifest_table import TAIL, TableReader
 from vmkeep.repository.repository import Repository
@@ -269,3 +269,15 @@ def test_the_cli_on_a_table_point_with_a_bad_piece(
     listed = cli("list", "--remote", str(repo_dir), "--json").json()
     assert listed["restore_points"] == []
     assert [p["point_id"] for p in listed["unreadable"]] == [point]
+
+
+def test_a_version_2_object_in_a_format_2_repository(tmp_path: Path) -> None:
+    """Formats 1 and 2 never hold version 2 objects: one put there is refused (bad header)."""
+    source = packed_repo(tmp_path / "r3")
+    point = _point(source, 8)
+    other = Repository.init(LocalRemote(tmp_path / "r2"), "none", lambda: b"x", chunk_size=CHUNK)
+    other.remote.put(
+        manifest_object_name(point.id), object_path(tmp_path / "r3", point.id).read_bytes()
+    )
+    with pytest.raises(IntegrityError, match="bad header"):
+        other.load_manifest(point.id)
