@@ -35,6 +35,7 @@ from vmkeep.remotes.object_lock import LockPolicy
 from vmkeep.remotes.retention_records import decode_record, record_name
 from vmkeep.repository.gc import collect_garbage
 from vmkeep.repository.limits import MANIFEST_BYTES_PER_ID, MAX_MANIFEST_DOC
+from vmkeep.repository.manifest import DiskIndex, Manifest
 from vmkeep.repository.manifest_table import TableReader
 from vmkeep.repository.point_cache import point_summaries
 from vmkeep.repository.repository import Repository
@@ -206,3 +207,36 @@ def test_format_3_counts_only_inline_disks_against_the_document_bound() -> None:
     inline = [[(0, THRESHOLD)] for _ in range(too_many // THRESHOLD + 1)]
     with pytest.raises(UsageError):
         check_index_size(vm, inline, packed=True)
+
+
+def test_no_command_but_mirror_and_locks_materialises_a_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Backup full and delta, restore, verify, listing and gc of table points never hold a
+    table whole: DiskIndex.runs (materialising) and Manifest.referenced_ids (a set) fail on
+    table points while they run."""
+    root = tmp_path / "r"
+    repo = packed_repo(root, "aes-256-gcm")
+    vm = make_vm(tmp_path / "vms")
+    runs, referenced = DiskIndex.runs, Manifest.referenced_ids
+
+    def guarded_runs(self: DiskIndex) -> object:
+        assert self.table is None, "a table materialised"
+        return runs.fget(self)  # type: ignore[attr-defined]
+
+    def guarded_ids(self: Manifest) -> set[bytes]:
+        assert not self.has_table(), "a table point's IDs made a set"
+        return referenced(self)
+
+    monkeypatch.setattr(DiskIndex, "runs", property(guarded_runs))
+    monkeypatch.setattr(Manifest, "referenced_ids", guarded_ids)
+    first = backup(repo, vm, "full")
+    change(vm, [7, 30], seed=5)
+    second, want = backup(repo, vm, "delta"), sha(vm / "disk0.img")
+    assert is_table_point(repo, root, first) and is_table_point(repo, root, second)
+    assert restored(repo, second, tmp_path / "o") == want
+    assert verify(repo, None, SilentProgress()).ok
+    assert len(point_summaries(repo)[0]) == 2
+    repo.delete_manifest(first)
+    collect_garbage(repo, SilentProgress())
+    assert restored(repo, second, tmp_path / "o2") == want
