@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from vmkeep.errors import (
     IntegrityError,
@@ -137,13 +138,13 @@ class LocalRemote:
             return
         self._put(name, parts, overwrite)
 
-    def put_file(self, name: str, fd: int, size: int) -> bool:
-        """The first `size` bytes of the file `fd` as a new object (create-if-absent),
-        copied by the kernel (a version 2 manifest, never held in memory). False for a
-        subclass that overrides `put` (it gets the bytes through its `put`)."""
+    def put_file(self, name: str, file: BinaryIO, size: int) -> bool:
+        """The first `size` bytes of `file` as a new object (create-if-absent), copied by the
+        kernel (a version 2 manifest, never held in memory). False for a subclass that
+        overrides `put` (it gets the bytes through its `put`)."""
         if type(self).put is not LocalRemote.put:
             return False
-        self._put(name, lambda out: copy_file(fd, out, size), False)
+        self._put(name, lambda out: copy_file(file.fileno(), out, size), False)
         return True
 
     def put_direct(self, name: str, head: memoryview, tail: Sequence[bytes]) -> bool:
