@@ -27,7 +27,9 @@ from vmkeep.connectors.base import VmConfig
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import IntegrityError, RepositoryError, UsageError
 from vmkeep.operations.backup import BackupOptions, backup_vm, check_index_size
+from vmkeep.operations.export import export_disk
 from vmkeep.operations.mirror import COPIED, MirrorOptions, mirror
+from vmkeep.operations.point_disk import open_point_disk
 from vmkeep.operations.restore import restore_vm
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
@@ -240,3 +242,24 @@ def test_no_command_but_mirror_and_locks_materialises_a_table(
     repo.delete_manifest(first)
     collect_garbage(repo, SilentProgress())
     assert restored(repo, second, tmp_path / "o2") == want
+
+
+def test_export_and_point_disk_reads_of_a_table_point(tmp_path: Path) -> None:
+    """Export (the restore's path) and PointDisk (mount, NBD, file restore: chunk IDs by
+    index through the piece cache, extents from the table) give the disk's bytes."""
+    root = tmp_path / "r"
+    repo = packed_repo(root)
+    vm = make_vm(tmp_path / "vms")
+    point, disk = backup(repo, vm, "full"), (vm / "disk0.img").read_bytes()
+    out = tmp_path / "export.raw"
+    export_disk(repo, point, "disk0", "raw", out, SilentProgress())
+    assert out.read_bytes() == disk
+    with open_point_disk(repo, point, "disk0") as reader:
+        assert isinstance(reader.index.table, TableReader)
+        rng = random.Random(7)
+        for _ in range(40):
+            offset = rng.randrange(SIZE)
+            length = rng.randrange(1, 3 * CHUNK)
+            assert reader.pread(offset, length) == disk[offset : offset + length]
+        data = [(e.offset, e.length) for e in reader.extents() if e.data]
+    assert data == [(0, 10 * CHUNK), (15 * CHUNK, SIZE - 15 * CHUNK)]
