@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,8 +35,9 @@ from vmkeep.operations.point_disk import open_point_disk
 from vmkeep.operations.restore import restore_vm
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
-from vmkeep.remotes.object_lock import LockPolicy
+from vmkeep.remotes.object_lock import LockPolicy, ProtectStats
 from vmkeep.remotes.retention_records import decode_record, record_name
+from vmkeep.repository import table_lock
 from vmkeep.repository.gc import collect_garbage
 from vmkeep.repository.limits import MANIFEST_BYTES_PER_ID, MAX_MANIFEST_DOC
 from vmkeep.repository.manifest import DiskIndex, Manifest
@@ -164,25 +167,57 @@ def test_a_bad_piece_makes_the_point_bad(tmp_path: Path) -> None:
     assert [p.id for p in points] == [good] and [p.point_id for p in problems] == [bad]
 
 
-def test_a_locked_table_point(tmp_path: Path) -> None:
-    """Retention locks (local records): each table point's record names every pack it
-    needs; the delta's parent claim is read from a table point (sets of IDs, as before)."""
+def test_a_locked_table_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention locks (local records) without a set of a table point's IDs: the full's
+    record names every pack; the delta's own packs are in its record, and together the
+    records name every pack both points use. A parent's claim (an S3 lock; local records
+    make none) covers the chunks kept at their place, and a changed chunk's predecessor is
+    the parent's chunk at its place."""
     root = tmp_path / "r"
     repo = packed_repo(root, "aes-256-gcm")
     assert isinstance(repo.remote, LocalRemote)
     repo.remote.set_lock_policy(LockPolicy(seconds=3600))
+    referenced = Manifest.referenced_ids
+
+    def guarded_ids(self: Manifest) -> set[bytes]:
+        assert not self.has_table(), "a table point's IDs made a set"
+        return referenced(self)
+
+    monkeypatch.setattr(Manifest, "referenced_ids", guarded_ids)
     vm = make_vm(tmp_path / "vms")
     first = backup(repo, vm, "full")
     packs = {str(p.relative_to(root)) for p in (root / "packs").rglob("*") if p.is_file()}
     change(vm, [1, 2], seed=4)
     second, want = backup(repo, vm, "delta"), sha(vm / "disk0.img")
+    every = {str(p.relative_to(root)) for p in (root / "packs").rglob("*") if p.is_file()}
+    records = []
     for point in (first, second):
         assert is_table_point(repo, root, point) and repo.load_manifest(point).lock
         record = decode_record(point, (root / record_name(point)).read_bytes())
         assert record is not None
-        if point == first:
-            assert packs and packs <= set(record.objects)  # every pack then was the full's
+        records.append(set(record.objects))
+    assert packs and packs <= records[0]  # every pack then was the full's
+    assert every - packs and every - packs <= records[1]  # the delta's own packs
+    assert every <= records[0] | records[1]
     assert restored(repo, second, tmp_path / "o") == want
+
+    parent, child = repo.load_manifest(first), repo.load_manifest(second)
+    seen: dict[str, Any] = {}
+
+    def spy(*args: Any) -> ProtectStats:
+        seen["ids"] = list(args[3])  # walks the child's table, filling the predecessors
+        seen["before"] = dict(args[5])
+        return ProtectStats()
+
+    monkeypatch.setattr(table_lock, "protect_packed_point", spy)
+    until = datetime.now(UTC)
+    stats = table_lock.protect_table_point(repo.packed, repo.remote, child, parent, until)  # type: ignore[arg-type]
+    new, old = child.disks[0], parent.disks[0]
+    assert stats.assured == 36 - 2
+    assert seen["ids"] == [new.chunk_id(1), new.chunk_id(2)]
+    assert seen["before"] == {new.chunk_id(i): old.chunk_id(i) for i in (1, 2)}
+    table_lock.protect_table_point(repo.packed, repo.remote, child, None, until)  # type: ignore[arg-type]
+    assert len(seen["ids"]) == 36 and seen["before"] == {}  # no claim: every chunk
 
 
 def test_mirror_and_list_of_a_table_point(tmp_path: Path) -> None:
