@@ -73,8 +73,9 @@ def put_parts(remote: Remote, name: str, parts: list[bytes]) -> None:
 def put_file(remote: Remote, name: str, file: BinaryIO, size: int) -> None:
     """Store the first `size` bytes of `file` (exactly its length) as a new object
     (create-if-absent). A remote with a `put_file` of its own takes it from the file
-    (LocalRemote: a copy in the kernel; S3: a streamed PUT); the others, and those whose
-    `put_file` declines, get its bytes (held once while they send)."""
+    (LocalRemote: a copy in the kernel; S3: a streamed PUT; SMB: each WRITE read from it;
+    Azure: staged blocks); the others, and those whose `put_file` declines, get its bytes
+    (held once while they send)."""
     put = getattr(remote, "put_file", None)
     if callable(put) and put(name, file, size):
         return
