@@ -52,9 +52,11 @@ from vmkeep.repository.index_runs import (
 from vmkeep.repository.limits import MANIFEST_BYTES_PER_ID, MAX_MANIFEST_DOC
 from vmkeep.repository.locks import RepositoryLock
 from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem, new_point_id
+from vmkeep.repository.manifest_table import TABLE_INLINE_MAX_IDS
 from vmkeep.repository.point_summary import PointSummary
 from vmkeep.repository.repository import Repository
 from vmkeep.repository.retention_lock import lock_restore_point
+from vmkeep.repository.table_builder import FileTable, file_table
 from vmkeep.trace import mark, span
 
 from .backup_start import previous_point
@@ -126,7 +128,7 @@ def backup_disk(
     chunk_size: int,
     base: DiskIndex | None = None,
     throttle: Throttle | None = None,
-) -> tuple[list[Run], BackupStats]:
+) -> tuple[list[Run] | FileTable, BackupStats]:
     """Store one disk. With a `base` (the previous index, which the reader's dirty extents
     are relative to) only dirty chunks are read; the others keep their previous IDs.
     `flags` are the reader's chunks_with_data, computed once per backup. Chunks complete in
@@ -135,18 +137,18 @@ def backup_disk(
     Inside a chunk only its data extents are read, the rest is zero-filled (chunk_extents.py).
     A `throttle` paces the reads: a worker takes the tokens of the bytes it will read first."""
     size = reader.size
+    store = uploader.repo.packed
     if base is None:
         to_read = flags
-        ids = IndexBuilder(flags)  # all ZERO_ID until filled in
+        ids = index_builder(flags, store is not None)  # all ZERO_ID until filled in
     else:
         dirty = chunk_ranges(size, reader.dirty_extents(), chunk_size)
         to_read = intersect(dirty, flags)
-        ids = IndexBuilder(merge_ranges(base.run_ranges() + to_read))
-        for first, run in base.runs:
+        ids = index_builder(merge_ranges(base.run_ranges() + to_read), store is not None)
+        for first, run in base.iter_runs():  # a table's a piece at a time
             ids.put_run(first, run)
         ids.clear(dirty)  # dirty and now a hole: discarded; dirty with data: read below
     progress.start(label, covered_bytes(to_read, size, chunk_size))
-    store = uploader.repo.packed
     blocks = None
     if base is not None and store is not None:  # format 3 delta: dirty chunks by blocks
         blocks = DirtyBlocks(store, reader, base, chunk_size, label)
@@ -188,6 +190,14 @@ def backup_disk(
     return ids.runs(), total
 
 
+def index_builder(ranges: list[Range], packed: bool) -> IndexBuilder | FileTable:
+    """In memory, or (format 3, more entries than a manifest keeps inline) in a file: the
+    table of a huge disk is never held (docs/FORMAT.md §5.5)."""
+    if packed and sum(stop - start for start, stop in ranges) > TABLE_INLINE_MAX_IDS:
+        return file_table(ranges)
+    return IndexBuilder(ranges)
+
+
 def check_capacity(
     repo: Repository,
     vm: VmConfig,
@@ -215,10 +225,12 @@ def check_capacity(
         )
 
 
-def check_index_size(vm: VmConfig, data_flags: list[list[Range]]) -> None:
+def check_index_size(vm: VmConfig, data_flags: list[list[Range]], packed: bool = False) -> None:
     """Refuse before reading a backup whose manifest could not hold its index (FORMAT.md
-    §1.1): better no restore point than one that can never be read back."""
-    entries = sum(end - start for flags in data_flags for start, end in flags)
+    §1.1): better no restore point than one that can never be read back. Format 3 keeps
+    the disks of more than TABLE_INLINE_MAX_IDS entries outside the document (§5.5)."""
+    counts = [sum(end - start for start, end in flags) for flags in data_flags]
+    entries = sum(n for n in counts if not packed or n <= TABLE_INLINE_MAX_IDS)
     if entries * MANIFEST_BYTES_PER_ID > MAX_MANIFEST_DOC:
         raise UsageError(
             f"{vm.name} has {entries} chunks of data, more than one restore point's index "
@@ -292,8 +304,14 @@ def store_disks(
     Deduplication starts from the previous point's chunks; any other chunk is looked up with
     one stat before it is stored, so the cost follows the changed data, not the repository
     (no listing of every chunk object)."""
-    known = previous.referenced_ids() if previous is not None else set()
-    uploader = ChunkUploader(repo, known, options.compression_level, ask=True)
+    big = repo.packed is not None and (
+        (previous is not None and previous.has_table()) or _has_big_disk(data_flags)
+    )
+    # A point with a huge disk: its IDs are never a set (~100 bytes an ID); every chunk is
+    # looked up in the format 3 index instead (ask), which also knows what this backup has
+    # stored, so the uploader forgets each chunk once stored (docs/FORMAT.md §5.5).
+    known = previous.referenced_ids() if previous is not None and not big else set()
+    uploader = ChunkUploader(repo, known, options.compression_level, ask=True, forget=big)
     threads = options.workers or io_threads(repo.remote.url)
     limiter = options.limiter or (RateLimiter(options.max_rate) if options.max_rate else None)
     throttle = limiter.throttle() if limiter else None
@@ -325,6 +343,19 @@ def store_disks(
             )
         )
     return indexes, stats, notes
+
+
+def _has_big_disk(data_flags: dict[str, list[Range]]) -> bool:
+    return any(
+        sum(stop - start for start, stop in flags) > TABLE_INLINE_MAX_IDS
+        for flags in data_flags.values()
+    )
+
+
+def referenced(manifest: Manifest) -> Iterable[bytes]:
+    """The chunks a gc check must find: a set, or for a point with a huge disk its IDs
+    walked a piece at a time (repeats included), only when a gc overlapped."""
+    return manifest.iter_ids() if manifest.has_table() else manifest.referenced_ids()
 
 
 def backup_vm(
@@ -364,7 +395,7 @@ def backup_vm(
             data_flags = {n: chunks_with_data(r, chunk_size) for n, r in session.readers.items()}
             mark("extents")
             check_capacity(repo, vm, list(data_flags.values()), history, chunk_size)
-            check_index_size(vm, list(data_flags.values()))
+            check_index_size(vm, list(data_flags.values()), repo.packed is not None)
             indexes, stats, disk_notes = store_disks(
                 repo, vm, session, previous, data_flags, options, progress
             )
@@ -424,7 +455,7 @@ def prove_chunks_kept(
         repo.flush_chunks()
     lock.check()
     now = read_gc_mark(repo.remote)
-    confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids(), repo.missing_chunks)
+    confirm_no_sweep(repo.remote, seen, now, referenced(manifest), repo.missing_chunks)
     return now
 
 
@@ -434,7 +465,7 @@ def confirm_after_manifest(repo: Repository, seen: GcMark | None, manifest: Mani
     is confirmed present and that gc is over, the restore point is withdrawn."""
     now = read_gc_mark(repo.remote)
     try:
-        confirm_no_sweep(repo.remote, seen, now, manifest.referenced_ids(), repo.missing_chunks)
+        confirm_no_sweep(repo.remote, seen, now, referenced(manifest), repo.missing_chunks)
     except GcOverlapError:
         try:
             repo.delete_manifest(manifest.id)

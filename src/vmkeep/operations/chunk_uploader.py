@@ -41,6 +41,7 @@ class ChunkUploader:
         level: int,
         gate: CpuGate | None = None,
         ask: bool = False,
+        forget: bool = False,
     ) -> None:
         self.repo = repo
         self.known = known
@@ -49,6 +50,9 @@ class ChunkUploader:
         # ask: `known` is not every chunk of the repository (the previous point's only), so
         # a chunk outside it is looked up (one stat) before it is stored: the PBS way.
         self.ask = ask
+        # forget (with ask, format 3): a chunk leaves `known` once stored, since the index
+        # lookup then finds it; `known` holds only the chunks in flight (a huge disk's).
+        self.forget = forget and ask
         self._lock = threading.Lock()
 
     def store(self, data: bytes, read: int | None = None) -> tuple[bytes, BackupStats]:
@@ -65,6 +69,7 @@ class ChunkUploader:
         with self._lock:
             new = chunk_id not in self.known
             self.known.add(chunk_id)  # a twin in flight is stored by the first thread only
+        added = new
         if new and self.ask:
             new = not self._held(chunk_id)
         if new:
@@ -80,15 +85,26 @@ class ChunkUploader:
             stats.bytes_written = len(blob)
             stats.bytes_new = len(data)
             stats.chunks_new = 1
+        if added:
+            self.done(chunk_id)
         return chunk_id, stats
 
     def claim(self, chunk_id: bytes) -> bool:
         """True when the caller is to store `chunk_id` (as store() decides); on failure it
-        must release() it."""
+        must release() it, once stored call done()."""
         with self._lock:
             new = chunk_id not in self.known
             self.known.add(chunk_id)
-        return not self._held(chunk_id) if new and self.ask else new
+        if new and self.ask and self._held(chunk_id):
+            self.done(chunk_id)
+            return False
+        return new
+
+    def done(self, chunk_id: bytes) -> None:
+        """`chunk_id` is stored (or was held): with `forget`, the index answers for it now."""
+        if self.forget:
+            with self._lock:
+                self.known.discard(chunk_id)
 
     def release(self, chunk_id: bytes) -> None:
         with self._lock:

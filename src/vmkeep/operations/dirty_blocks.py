@@ -259,6 +259,7 @@ class DirtyBlocks:
             except BaseException:
                 uploader.release(chunk_id)
                 raise
+            uploader.done(chunk_id)
             stats.bytes_written, stats.bytes_new, stats.chunks_new = len(packed), length, 1
         return chunk_id, stats
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from vmkeep.errors import (
     IntegrityError,
@@ -26,7 +27,7 @@ from vmkeep.errors import (
 from .base import ObjectStat
 from .file_attributes import UNSUPPORTED, get_flags, is_immutable
 from .local_immutable import probe_immutability, read_lock_ends
-from .local_writes import DirectRefused, drop_cached, write_all, write_direct
+from .local_writes import DirectRefused, copy_file, drop_cached, write_all, write_direct
 from .object_lock import LockPolicy, ProtectStats
 from .retention_records import encode_record, record_name
 
@@ -136,6 +137,15 @@ class LocalRemote:
             self.put(name, b"".join(parts), overwrite=overwrite)
             return
         self._put(name, parts, overwrite)
+
+    def put_file(self, name: str, file: BinaryIO, size: int) -> bool:
+        """The first `size` bytes of `file` as a new object (create-if-absent), copied by the
+        kernel (a version 2 manifest, never held in memory). False for a subclass that
+        overrides `put` (it gets the bytes through its `put`)."""
+        if type(self).put is not LocalRemote.put:
+            return False
+        self._put(name, lambda out: copy_file(file.fileno(), out, size), False)
+        return True
 
     def put_direct(self, name: str, head: memoryview, tail: Sequence[bytes]) -> bool:
         """One object, `head` then `tail`, as `put_parts` writes it, but the whole pages of

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import closing
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from urllib.parse import urlencode
 
 import boto3
@@ -37,6 +37,7 @@ from vmkeep.errors import (
 from .base import ObjectStat
 from .object_lock import LockPolicy, ProtectStats, is_locked_name
 from .s3_errors import error_code, http_status, is_transient, one_line, s3_error
+from .s3_file_put import put_file
 from .s3_listing import listed_entries, register_fast_listing
 from .s3_lock import S3LockSupport
 
@@ -232,7 +233,35 @@ class S3Remote:
         except BotoCoreError as exc:
             raise self._error(exc, "writing", name) from exc
 
-    def _put(self, key: str, data: bytes, if_none_match: str | None) -> None:
+    # What s3_file_put.py (a create-if-absent PUT streamed from a file) needs of this class.
+
+    def put_file(self, name: str, file: BinaryIO, size: int) -> bool:
+        return put_file(self, name, file, size)
+
+    @property
+    def conditional_puts(self) -> bool:
+        return self._conditional_put
+
+    def key_of(self, name: str) -> str:
+        return self._key(name)
+
+    def put_body(self, key: str, body: BinaryIO, if_none_match: str | None) -> None:
+        self._put(key, body, if_none_match)
+
+    def retry(self, fn: Callable[[], T]) -> T:
+        return self._retry(fn)
+
+    def error_of(self, exc: Exception, action: str, name: str) -> RemoteError:
+        return self._error(exc, action, name)
+
+    def etag_of(self, key: str) -> str | None:
+        try:
+            head = self._retry(lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        except (ClientError, BotoCoreError):
+            return None
+        return str(head.get("ETag", "")).strip('"')
+
+    def _put(self, key: str, data: bytes | BinaryIO, if_none_match: str | None) -> None:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data}
         if if_none_match is not None:
             args["IfNoneMatch"] = if_none_match

@@ -6,7 +6,7 @@ import base64
 import binascii
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +35,10 @@ from .format import (
 from .index_runs import Range, Run, RunLookup, check_runs, split_zero_stretches
 from .limits import MAX_MANIFEST_DOC
 from .manifest_body import DiskParts, compressed_body, ids_of, parse_document
+from .manifest_table import TABLE_INLINE_MAX_IDS, IdTable
+
+# Makes a version 2 object's disk table: (disk position, its `table` object, chunk count).
+TableFactory = Callable[[int, object, int], IdTable]
 
 # Bounds of a VM's connector metadata (§5.3): deeper or larger cannot be read back by every
 # JSON parser and pydantic (a point would back up and then fail to restore).
@@ -110,14 +114,16 @@ def new_point_id(when: datetime) -> str:
 class DiskIndex:
     """One disk of a restore point: its chunk IDs as sparse runs (index_runs.py); entries
     outside the runs are the zero ID. `chunks` may also be a dense concatenation of IDs (as
-    in version 1 manifests), which is turned into runs."""
+    in version 1 manifests), which is turned into runs, or a table kept outside memory (a
+    version 2 object's pieces, a backup's file: FORMAT.md §5.5), which entries(),
+    iter_runs(), run_ranges() and chunk_id() read a piece at a time."""
 
     def __init__(
         self,
         name: str,
         size: int,
         format: str,
-        chunks: bytes | list[Run],
+        chunks: bytes | list[Run] | IdTable,
         extra: dict[str, Any] | None = None,
         change_token: str | None = None,  # connector's proof the disk did not change
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -131,19 +137,46 @@ class DiskIndex:
         # load an index whose chunk size is not its own, so offsets are never computed with
         # another.
         self.chunk_size = chunk_size
+        self.table: IdTable | None = None
+        self._runs: list[Run] = []
         if isinstance(chunks, bytes):
             if len(chunks) != self.chunk_count * ID_SIZE:
                 raise ValueError("chunk index does not match the disk size")
             chunks = split_zero_stretches(0, chunks)
-        self.runs = chunks
-        check_runs(self.runs, self.chunk_count)
-        self._lookup = RunLookup(self.runs)
+        if isinstance(chunks, list):
+            self._runs = chunks
+            check_runs(self._runs, self.chunk_count)
+        else:
+            self.table = chunks
+        self._lookup = RunLookup(self._runs)
+
+    @property
+    def runs(self) -> list[Run]:
+        """Every run in memory: for a table, materialised at each call (the whole table:
+        callers that may meet big disks use iter_runs or entries instead)."""
+        return self._runs if self.table is None else list(self.table.iter_runs())
+
+    def iter_runs(self) -> Iterator[Run]:
+        """The runs in disk order; a table's a piece at a time."""
+        return iter(self._runs) if self.table is None else self.table.iter_runs()
+
+    def stored_count(self) -> int:
+        """Stored IDs (a backup's file table: an upper bound, its ranges' entries)."""
+        if self.table is not None:
+            return self.table.stored
+        return sum(len(ids) for _, ids in self._runs) // ID_SIZE
+
+    def needs_table(self) -> bool:
+        """Written outside the JSON in a version 2 object (format 3 only)."""
+        return self.table is not None or self.stored_count() > TABLE_INLINE_MAX_IDS
 
     @property
     def chunk_count(self) -> int:
         return chunk_count(self.size, self.chunk_size)
 
     def chunk_id(self, index: int) -> bytes:
+        if self.table is not None:
+            return self.table.chunk_id(index) if 0 <= index < self.chunk_count else ZERO_ID
         return self._lookup.get(index)
 
     def chunk_length(self, index: int) -> int:
@@ -151,11 +184,19 @@ class DiskIndex:
         return chunk_length(index, self.size, self.chunk_size)
 
     def run_ranges(self) -> list[Range]:
-        return [(first, first + len(ids) // ID_SIZE) for first, ids in self.runs]
+        """A table's adjacent records joined (a fully allocated disk is one range)."""
+        ranges: list[Range] = []
+        for first, ids in self.iter_runs():
+            stop = first + len(ids) // ID_SIZE
+            if ranges and ranges[-1][1] == first and self.table is not None:
+                ranges[-1] = (ranges[-1][0], stop)
+            else:
+                ranges.append((first, stop))
+        return ranges
 
     def entries(self) -> Iterator[tuple[int, bytes]]:
         """(index, ID) of every chunk that is not all zeros, in disk order."""
-        for first, ids in self.runs:
+        for first, ids in self.iter_runs():
             for k in range(len(ids) // ID_SIZE):
                 chunk_id = ids[k * ID_SIZE : (k + 1) * ID_SIZE]
                 if chunk_id != ZERO_ID:
@@ -197,6 +238,16 @@ class Manifest:
             ids |= disk.stored_ids()
         return ids
 
+    def iter_ids(self) -> Iterator[bytes]:
+        """Every stored chunk ID of every disk, repeats included, a piece at a time."""
+        for disk in self.disks:
+            for _, chunk_id in disk.entries():
+                yield chunk_id
+
+    def has_table(self) -> bool:
+        """A disk big enough to be written outside the JSON (FORMAT.md §5.5)."""
+        return any(d.needs_table() for d in self.disks)
+
     def head_json(self) -> dict[str, Any]:
         """The document without its disks."""
         optional = {"lock": self.lock} if self.lock else {}
@@ -217,39 +268,29 @@ class Manifest:
 
     def disk_parts(self) -> list[DiskParts]:
         """Each disk's small fields and its runs (manifest_body.py writes runs and IDs)."""
-        return [
-            (
-                {
-                    "name": d.name,
-                    "size": d.size,
-                    "format": d.format,
-                    "extra": d.extra,
-                    "change_token": d.change_token,
-                    "chunk_size": d.chunk_size,
-                },
-                d.runs,
-            )
-            for d in self.disks
-        ]
+        return [(disk_fields(d), d.runs) for d in self.disks]
 
     def to_json(self) -> dict[str, Any]:
         """The whole document at once (tests compare encode_manifest's text with it)."""
         disks = [
             dict(
-                fields,
-                runs=[[first, len(ids) // ID_SIZE] for first, ids in runs],
-                chunks=base64.b64encode(b"".join(ids for _, ids in runs)).decode(),
+                disk_fields(d),
+                runs=[[first, len(ids) // ID_SIZE] for first, ids in d.runs],
+                chunks=base64.b64encode(b"".join(ids for _, ids in d.runs)).decode(),
             )
-            for fields, runs in self.disk_parts()
+            for d in self.disks
         ]
         return dict(self.head_json(), disks=disks)
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Manifest:
+    def from_json(cls, doc: dict[str, Any], tables: TableFactory | None = None) -> Manifest:
+        """`tables`: a version 2 object's (its disks may carry a `table`)."""
         version = doc.get("version")
         if type(version) is not int or version not in MANIFEST_DOC_VERSIONS:
             raise ValueError(f"unknown manifest document version {str(version)[:24]!r}")
-        disks = [disk_from_json(d, version) for d in doc["disks"]]
+        if not isinstance(doc["disks"], list):
+            raise ValueError("disks are not a list")
+        disks = [disk_from_json(d, version, k, tables) for k, d in enumerate(doc["disks"])]
         return cls(
             id=str(doc["id"]),
             vm=_vm_record(doc["vm"]),
@@ -282,17 +323,29 @@ def _token(value: object) -> str | None:
     return value
 
 
-def disk_from_json(d: object, version: int) -> DiskIndex:
-    """Version 1: `chunks` is every entry of the disk; version 2: the entries of `runs`."""
+def disk_fields(d: DiskIndex) -> dict[str, Any]:
+    """A disk's fields of the document but its index."""
+    return {
+        "name": d.name,
+        "size": d.size,
+        "format": d.format,
+        "extra": d.extra,
+        "change_token": d.change_token,
+        "chunk_size": d.chunk_size,
+    }
+
+
+def disk_from_json(
+    d: object, version: int, number: int = 0, tables: TableFactory | None = None
+) -> DiskIndex:
+    """Version 1: `chunks` is every entry of the disk; version 2: the entries of `runs`, or
+    (a version 2 object only) a `table` of pieces."""
     if not isinstance(d, dict) or not isinstance(d.get("extra") or {}, dict):
         raise ValueError("a disk is not an object")
+    if "table" in d:
+        return _table_disk(d, number, tables)
     ids = ids_of(d)  # the base64 text is dropped from `d` as soon as it is decoded
-    size = d["size"]
-    chunk_size = d["chunk_size"]
-    if not valid_chunk_size(chunk_size):
-        raise ValueError(f"unsupported chunk_size {str(chunk_size)[:24]!r}")
-    if type(size) is not int or size < 0:
-        raise ValueError("disk size is not a non-negative integer")
+    size, chunk_size = _disk_size(d)
     count = chunk_count(size, chunk_size)
     chunks: bytes | list[Run]
     if version == 1:
@@ -323,6 +376,31 @@ def disk_from_json(d: object, version: int) -> DiskIndex:
     )
 
 
+def _table_disk(d: dict[str, Any], number: int, tables: TableFactory | None) -> DiskIndex:
+    if tables is None or "runs" in d or "chunks" in d:
+        raise ValueError("a disk has a table outside a version 2 object, or runs besides it")
+    size, chunk_size = _disk_size(d)
+    table = tables(number, d["table"], chunk_count(size, chunk_size))
+    return DiskIndex(
+        str(d["name"]),
+        size,
+        str(d["format"]),
+        table,
+        dict(d.get("extra") or {}),
+        _token(d.get("change_token")),
+        chunk_size,
+    )
+
+
+def _disk_size(d: dict[str, Any]) -> tuple[int, int]:
+    size, chunk_size = d["size"], d["chunk_size"]
+    if not valid_chunk_size(chunk_size):
+        raise ValueError(f"unsupported chunk_size {str(chunk_size)[:24]!r}")
+    if type(size) is not int or size < 0:
+        raise ValueError("disk size is not a non-negative integer")
+    return size, chunk_size
+
+
 def encode_manifest(sealer: Sealer, manifest: Manifest) -> bytes:
     """Transient memory ~2x the ID table (the compressed body, then the sealed object):
     manifest_body.py writes the document in pieces."""
@@ -339,22 +417,41 @@ def encode_manifest(sealer: Sealer, manifest: Manifest) -> bytes:
 def decode_manifest(sealer: Sealer, point_id: str, blob: bytes, chunk_size: int) -> Manifest:
     """`chunk_size` is the repository's: an index cut otherwise is refused, since every
     offset computed from it would be wrong."""
+    head = check_header(sealer, point_id, blob[:HEADER_SIZE], (OBJECT_VERSION,))
+    sealed: list[bytes | memoryview] = [memoryview(blob)[HEADER_SIZE:]]
+    del blob  # freed once opened when the caller passed it without keeping it (load_manifest)
+    return open_document(sealer, point_id, head, sealed, chunk_size)
+
+
+def check_header(sealer: Sealer, point_id: str, head: bytes, versions: tuple[int, ...]) -> bytes:
+    """`head`, a manifest object's header of one of `versions`, or IntegrityError."""
     what = f"manifest {point_id}"
-    head = blob[:HEADER_SIZE]
-    if len(head) < HEADER_SIZE or head[:4] != MANIFEST_MAGIC or head[4] != OBJECT_VERSION:
+    if len(head) < HEADER_SIZE or head[:4] != MANIFEST_MAGIC or head[4] not in versions:
         raise IntegrityError(f"{what} is corrupt: bad header")
     check_encryption_flag(head[5], sealer.encrypted, point_id)
     if head[5] != FLAG_ZSTD | (FLAG_ENCRYPTED if sealer.encrypted else 0):
         raise IntegrityError(f"{what} is corrupt: unexpected flags {head[5]:#x}")
-    packed = sealer.open(
-        memoryview(blob)[HEADER_SIZE:], head + manifest_object_name(point_id).encode(), what
-    )
-    del blob  # freed here when the caller passed it without keeping it (load_manifest)
+    return bytes(head)
+
+
+def open_document(
+    sealer: Sealer,
+    point_id: str,
+    head: bytes,
+    sealed: list[bytes | memoryview],
+    chunk_size: int,
+    tables: TableFactory | None = None,
+) -> Manifest:
+    """The manifest of a sealed, compressed document (the one item of `sealed`, taken out so
+    that it is freed once opened: a version 1 object's body, a version 2 object's head);
+    `tables` makes a version 2 object's disk tables."""
+    what = f"manifest {point_id}"
+    packed = sealer.open(sealed.pop(), head + manifest_object_name(point_id).encode(), what)
     body = [decompress(packed, what, MAX_MANIFEST_DOC)]
     del packed
     try:
         doc = parse_document(body)  # takes the text out of `body`: freed once parsed
-        manifest = Manifest.from_json(doc)
+        manifest = Manifest.from_json(doc, tables)
     except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
         raise IntegrityError(f"{what} is malformed: {str(exc)[:200]}") from exc
     except RecursionError:

@@ -38,7 +38,9 @@ LEVEL = 3  # zstd level of every manifest (the index of IDs is what makes them b
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 BIG_STRING = 4096
 
-DiskParts = tuple[dict[str, Any], list[Run]]  # a disk's small fields, its runs
+# A disk's small fields, its runs; None: no runs nor chunks (a version 2 object's table disk,
+# whose fields carry its `table`).
+DiskParts = tuple[dict[str, Any], list[Run] | None]
 
 
 def _dumps(value: object) -> str:
@@ -90,6 +92,9 @@ def body_length(head: dict[str, Any], disks: list[DiskParts]) -> int:
     """Bytes of the document's text (ASCII: json.dumps escapes everything else)."""
     total = len(_dumps(head)) + len(',"disks":[]') + max(0, len(disks) - 1)
     for fields, runs in disks:
+        if runs is None:
+            total += len(_dumps(fields))
+            continue
         total += len(_disk_prefix(fields)) + sum(len(t) for t in _runs_text(runs))
         total += len(',"chunks":""}') + _b64_length(sum(len(ids) for _, ids in runs))
     return total
@@ -133,6 +138,9 @@ def compressed_body(what: str, head: dict[str, Any], disks: list[DiskParts]) -> 
     sink = _Compressing(size)
     sink.write(_dumps(head)[:-1].encode() + b',"disks":[')
     for k, (fields, runs) in enumerate(disks):
+        if runs is None:
+            sink.write((("," if k else "") + _dumps(fields)).encode())
+            continue
         sink.write((("," if k else "") + _disk_prefix(fields)).encode())
         for text in _runs_text(runs):
             sink.write(text.encode())

@@ -80,8 +80,11 @@ def feed_referenced(
         if isinstance(item, ManifestProblem):
             problems.append(item)
         else:
-            points += 1
-            _feed_disks(item, sink)
+            try:
+                _feed_disks(item, sink)
+                points += 1
+            except IntegrityError as exc:  # a table piece (FORMAT.md §5.5): unreadable point
+                problems.append(ManifestProblem(item.id, str(exc)))
         del item  # not held while the next one is read and decoded (~2.3x its IDs)
     return points, problems
 

@@ -47,7 +47,8 @@ def protect_packed_point(
     packs: set[bytes] = set(own)
     cover: list[str] = []
     pending: list[BlobEntry] = []
-    for entries in _entries_of(store, chunk_ids, predecessors or {}):
+    later = {} if predecessors is None else predecessors  # may fill while chunk_ids is walked
+    for entries in _entries_of(store, chunk_ids, later):
         for entry in entries:
             packs.add(entry.pack)
             if entry.pack not in own:

@@ -160,12 +160,13 @@ def summaries_keeping(
     def summarise(point_id: str) -> tuple[PointSummary, Manifest | None] | ManifestProblem | None:
         try:
             manifest = repo.load_manifest(point_id, sizes[point_id])
+            summary = PointSummary.of(manifest)  # walks a version 2 object's tables
         except NotFoundError:
             return None
         except IntegrityError as exc:
             return ManifestProblem(point_id, str(exc))
         kept = manifest if keep_vm is not None and manifest.vm.get("uuid") == keep_vm else None
-        return PointSummary.of(manifest), kept
+        return summary, kept
 
     fresh: dict[str, PointSummary] = {}
     kept: dict[str, Manifest] = {}

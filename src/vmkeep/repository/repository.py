@@ -59,6 +59,7 @@ from .format import (
 from .gc_epoch import missing_chunks
 from .limits import MAX_MANIFEST_OBJECT, get_bounded
 from .manifest import Manifest, check_chunk_size, decode_manifest, encode_manifest
+from .manifest_v2 import load_object, save_object
 from .packed_store import PackedChunk, PackedStore
 from .packs import DEFAULT_PACK_SIZE, valid_pack_size
 from .read_buffers import ReadBuffers
@@ -334,6 +335,12 @@ class Repository:
     def save_manifest(self, manifest: Manifest) -> None:
         """The last write of a backup: from here on the restore point exists."""
         check_chunk_size(manifest, self.chunk_size, f"refusing to save restore point {manifest.id}")
+        if self.packed is not None and manifest.has_table():  # FORMAT.md §5.5
+            self.flush_chunks()
+            self.remote.flush()
+            save_object(self.remote, self.sealer, manifest)
+            self.remote.flush()
+            return
         blob = encode_manifest(self.sealer, manifest)
         self.flush_chunks()  # format 3: packs, then the index
         self.remote.flush()  # every chunk durable before the manifest that references it
@@ -345,6 +352,11 @@ class Repository:
         stands for the stat that otherwise refuses an oversized object before reading it.
         Either way the read itself is bounded (a ranged get), whatever the remote claims."""
         what = f"manifest {point_id}"
+        if self.packed is not None:  # object versions 1 and 2 (FORMAT.md §5.5)
+            try:
+                return load_object(self.remote, self.sealer, point_id, listed_size, self.chunk_size)
+            except NotFoundError as exc:
+                raise NotFoundError(f"no restore point {point_id}") from exc
         if listed_size is not None and listed_size > MAX_MANIFEST_OBJECT:
             raise IntegrityError(f"{what} is larger than the format allows: refusing to read it")
         try:  # the object is passed on, not kept: decode_manifest frees it once opened

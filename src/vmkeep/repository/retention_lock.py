@@ -28,6 +28,7 @@ from .limits import get_bounded
 from .manifest import Manifest
 from .packed_lock import protect_packed_point
 from .repository import Repository
+from .table_lock import protect_table_point
 
 
 def lock_restore_point(repo: Repository, manifest: Manifest) -> ProtectStats | None:
@@ -42,6 +43,10 @@ def lock_restore_point(repo: Repository, manifest: Manifest) -> ProtectStats | N
         return None
     policy = remote.lock_policy
     until = policy.point_until(manifest.created)
+    if repo.packed is not None and manifest.has_table():  # no set of its IDs: table_lock.py
+        parent, parent_floor = claiming_parent(repo, manifest, until)
+        stats = protect_table_point(repo.packed, remote, manifest, parent, until)
+        return _record_lock(manifest, policy.mode, until, stats, parent_floor)
     ids = manifest.referenced_ids()
     covered, parent_floor = parent_claim(repo, manifest, until)
     if repo.packed is not None:
@@ -60,11 +65,22 @@ def lock_restore_point(repo: Repository, manifest: Manifest) -> ProtectStats | N
             until,
             {chunk_object_name(c) for c in ids & covered},
         )
+    return _record_lock(manifest, policy.mode, until, stats, parent_floor)
+
+
+def _record_lock(
+    manifest: Manifest,
+    mode: str,
+    until: datetime,
+    stats: ProtectStats,
+    parent_floor: datetime | None,
+) -> ProtectStats:
+    """`manifest.lock`: the point's end and the floor of its objects' locks."""
     floor = stats.floor or until
     if stats.assured and parent_floor is not None:
         floor = min(floor, parent_floor)
     manifest.lock = {
-        "mode": policy.mode,
+        "mode": mode,
         "until": until.astimezone(UTC).isoformat(),
         "chunks_until": floor.astimezone(UTC).isoformat(),
     }
@@ -76,20 +92,29 @@ def parent_claim(
 ) -> tuple[set[bytes], datetime | None]:
     """The chunks of the VM's previous point, when its manifest says they are all locked past
     `until`. Trusted only in encrypted repositories, where a manifest cannot be forged."""
+    parent, floor = claiming_parent(repo, manifest, until)
+    return (set(), None) if parent is None else (parent.referenced_ids(), floor)
+
+
+def claiming_parent(
+    repo: Repository, manifest: Manifest, until: datetime
+) -> tuple[Manifest | None, datetime | None]:
+    """The VM's previous point and its claim, when it says its chunks are locked past
+    `until` (parent_claim)."""
     if not repo.encrypted or not manifest.parent:
-        return set(), None
+        return None, None
     try:
         parent = repo.load_manifest(manifest.parent)
     except VmkeepError:
-        return set(), None  # unreadable or gone: check every chunk instead
+        return None, None  # unreadable or gone: check every chunk instead
     claim = (parent.lock or {}).get("chunks_until")
     try:
         floor = datetime.fromisoformat(str(claim)) if claim else None
     except ValueError:
-        return set(), None
+        return None, None
     if floor is None or floor.tzinfo is None or floor < until:
-        return set(), None
-    return parent.referenced_ids(), floor
+        return None, None
+    return parent, floor
 
 
 def predecessors(repo: Repository, manifest: Manifest, covered: set[bytes]) -> dict[bytes, bytes]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from vmkeep.errors import IntegrityError
 from vmkeep.parallel import ordered_map
 from vmkeep.progress import Progress
 
@@ -149,7 +150,11 @@ def _users(
         if isinstance(item, ManifestProblem):
             continue
         ids = (chunk_id for disk in item.disks for _, chunk_id in disk.entries())
-        for chunk_id in {chunk_id for chunk_id in ids if chunk_id in bad}:
+        try:
+            used = {chunk_id for chunk_id in ids if chunk_id in bad}
+        except IntegrityError:  # a table piece gone bad since: reported by the first pass
+            continue
+        for chunk_id in used:
             users.setdefault(chunk_id, []).append(item.id)
         del item  # not held while the next one is read (manifest_stream.feed_referenced)
     return users

@@ -34,6 +34,9 @@ from .connection import Conn
 from .errors import RECONNECT, check, fail, has_status, missing
 
 TEMP_PREFIX = ".tmp-"
+# An object's bytes to write: all of them, or (a version 2 manifest streamed from its file)
+# its size and a function reading (offset, length) of it.
+Body = bytes | tuple[int, Callable[[int, int], bytes]]
 # Answers to a hard link from a server or file system without them: fall back to a rename.
 LINK_UNSUPPORTED = {
     NtStatus.STATUS_NOT_SUPPORTED,
@@ -128,7 +131,7 @@ class ShareFiles:
         self,
         path: str,
         name: str,
-        data: bytes,
+        data: Body,
         overwrite: bool,
         state: dict[str, bool],
     ) -> None:
@@ -143,11 +146,12 @@ class ShareFiles:
         else:
             self._link(fid, tmp, path, name, state)
 
-    def _write_temp(self, tmp: str, path: str, data: bytes) -> bytes:
+    def _write_temp(self, tmp: str, path: str, data: Body) -> bytes:
         """[CREATE temp + WRITE] in one round trip, more WRITEs, FLUSH (the server fsyncs);
-        returns the temp file's open handle."""
-        view = memoryview(data)
-        first = self.conn.span(len(view), self.conn.max_write, spare=1)
+        returns the temp file's open handle. A body read from a file is read a WRITE at a
+        time."""
+        size, piece = _pieces(data)
+        first = self.conn.span(size, self.conn.max_write, spare=1)
         create = m.create(
             tmp,
             FilePipePrinterAccessMask.FILE_WRITE_DATA
@@ -156,13 +160,13 @@ class ShareFiles:
             CreateDisposition.FILE_CREATE,
         )
         parent = tmp.rpartition("\\")[0]
-        res = self._making_parents([create, m.write(m.RELATED_FID, 0, bytes(view[:first]))], parent)
+        res = self._making_parents([create, m.write(m.RELATED_FID, 0, piece(0, first))], parent)
         fid = m.parse_create(self._check(res[0], "writing", path)).file_id
         try:
             written = m.written(self._check(res[1], "writing", path))
-            while written < len(view):
-                n = self.conn.span(len(view) - written, self.conn.max_write)
-                body = self.conn.call(m.write(fid, written, bytes(view[written : written + n])))
+            while written < size:
+                n = self.conn.span(size - written, self.conn.max_write)
+                body = self.conn.call(m.write(fid, written, piece(written, n)))
                 written += m.written(body)
             self.conn.call(m.flush(fid))
         except SMBResponseException as exc:
@@ -332,3 +336,10 @@ class ShareFiles:
         if isinstance(res[1], SMBResponseException):
             return None
         return m.parse_fs_full_size(res[1])
+
+
+def _pieces(data: Body) -> tuple[int, Callable[[int, int], bytes]]:
+    if isinstance(data, tuple):
+        return data
+    view = memoryview(data)
+    return len(view), lambda at, n: bytes(view[at : at + n])

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from vmkeep.errors import NotFoundError, ObjectExistsError, RemoteError, UsageError
 
 from ..base import ObjectStat
-from .files import TEMP_PREFIX, ShareFiles, join
+from .files import TEMP_PREFIX, Body, ShareFiles, join
 from .messages import DirEntry
 from .pool import Pool
 from .target import DEFAULT_PORT, Target
@@ -119,6 +120,39 @@ class SmbRemote:
         """Temp file, FLUSH (the server fsyncs), then rename (or, without `overwrite`, hard
         link): readers never see a partial object, and an existing name is refused
         atomically."""
+        self._put(
+            name,
+            data,
+            overwrite,
+            lambda files, path: self._read(files, path, name, 0, None) == data,
+        )
+
+    def put_file(self, name: str, file: BinaryIO, size: int) -> bool:
+        """As put(overwrite=False), the body streamed from `file` (a version 2 manifest,
+        docs/FORMAT.md §5.5, never held in memory): each WRITE's bytes read from it."""
+        fd = file.fileno()
+
+        def piece(offset: int, length: int) -> bytes:
+            return os.pread(fd, length, offset)
+
+        def same(files: ShareFiles, path: str) -> bool:
+            step = 4 << 20
+            for at in range(0, size, step):
+                n = min(step, size - at)
+                if self._read(files, path, name, at, n) != piece(at, n):
+                    return False
+            return self._read(files, path, name, size, 1) == b""
+
+        self._put(name, (size, piece), False, same)
+        return True
+
+    def _put(
+        self,
+        name: str,
+        data: Body,
+        overwrite: bool,
+        same: Callable[[ShareFiles, str], bool],
+    ) -> None:
         path = self._path(name)
         state = {"sent": False}  # a rename or link whose answer was lost may have happened
 
@@ -129,7 +163,7 @@ class SmbRemote:
                 files.write(path, name, data, overwrite, state)
             except ObjectExistsError:
                 # Our own earlier attempt may have succeeded before the connection broke.
-                if maybe_done and self._read(files, path, name, 0, None) == data:
+                if maybe_done and same(files, path):
                     return
                 raise
             finally:

@@ -1,0 +1,26 @@
+"""Smoke test of bench/manifest_table.py at small sizes: every step of version 1 and 2 runs
+and reports its peak RSS, version 2's object is written, and the repository is removed."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "manifest_table.py"
+
+
+def test_every_step_reports() -> None:
+    before = set(Path(tempfile.gettempdir()).glob("vmkeep-mtable-*"))
+    argv = [sys.executable, str(BENCH), "--ids", "4Ki,96Ki", "--old", "96Ki", "--mark"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+    out = done.stdout
+    assert len(out.splitlines()) == 9, out
+    for version, steps in ((1, 1), (2, 2)):
+        for step in ("write", "read", "mark"):
+            found = re.findall(rf"version {version}: {step}: peak RSS \d+ MiB", out)
+            assert len(found) == steps, out
+    assert re.search(r"3 MiB of IDs, 0 TiB, version 2: write: .* object 3 MiB", out)
+    assert set(Path(tempfile.gettempdir()).glob("vmkeep-mtable-*")) == before
