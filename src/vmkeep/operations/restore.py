@@ -20,7 +20,7 @@ from vmkeep.connectors.base import (
 from vmkeep.direct_io_fs import direct_io_suits
 from vmkeep.errors import IntegrityError, NameTakenError, UsageError
 from vmkeep.fetch_pipeline import FetchDecode, PipelineStats, pipelined_map
-from vmkeep.parallel import io_threads
+from vmkeep.parallel import cpu_count, io_threads
 from vmkeep.progress import Progress
 from vmkeep.repository.chunk_fetch import FetchedChunks
 from vmkeep.repository.format import ZERO_ID, is_zero
@@ -29,6 +29,9 @@ from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem
 from vmkeep.repository.read_buffers import ALIGN, ReadBuffers
 from vmkeep.repository.repository import Repository
 from vmkeep.trace import mark, span
+
+from . import restore_groups
+from .restore_groups import PackGroup
 
 SPARSE_BLOCK = 4096  # zero runs of this granularity become holes in the restored disk
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
@@ -217,8 +220,8 @@ def restore_disk(
         total = covered_bytes(ranges, index.size, index.chunk_size)
     progress.start(label, total)
 
-    def fetch(group: list[int]) -> _Fetched:
-        """I/O: what the current disk already holds (in place), then the chunks' raw bytes."""
+    def sort(group: list[int]) -> _Fetched:
+        """I/O: which chunks to write and to zero (in place: those the disk does not hold)."""
         out = _Fetched([], [], 0, 0, None)
         for i in group:
             chunk_id, length = index.chunk_id(i), index.chunk_length(i)
@@ -231,9 +234,24 @@ def restore_disk(
                 if same:
                     continue
             (out.zero if chunk_id == ZERO_ID else out.write).append(i)
+        return out
+
+    def fetch(group: list[int]) -> _Fetched:
+        """I/O: what the current disk already holds (in place), then the chunks' raw bytes."""
+        out = sort(group)
         if out.write:
             with span("fetch"):
                 out.raw = repo.fetch_chunks([index.chunk_id(i) for i in out.write], buffers)
+        return out
+
+    def fetch_packs(group: PackGroup) -> _Fetched:
+        """As `fetch`, for a group of a pack's worth planned ahead (restore_groups.py)."""
+        assert repo.packed is not None
+        out = sort(group.indexes)
+        if out.write:
+            with span("fetch"):
+                ids = [index.chunk_id(i) for i in out.write]
+                out.raw = restore_groups.fetch_group(repo.packed, group, ids)
         return out
 
     def decode(got: _Fetched) -> _Decoded:
@@ -268,18 +286,29 @@ def restore_disk(
             written += write_pieces(writer, i * index.chunk_size, pieces)
         return written
 
-    stage = FetchDecode(
-        fetch,
-        decode,
-        lambda got: got.raw.nbytes if got.raw is not None else 0,
-        threads or io_threads(repo.remote.url),
-        decoders,
-        stats,
-    )
+    def size(got: _Fetched) -> int:
+        return got.raw.nbytes if got.raw is not None else 0
+
     restored = written = 0
-    window = stage.fetchers + 2 * stage.decoders
-    buffers = read_buffers(repo, window)
-    with closing(pipelined_map(stage, _groups(wanted, repo.fetch_group), window)) as results:
+    buffers: ReadBuffers | None = None
+    results: Iterator[_Decoded]
+    if restore_groups.suits(repo):
+        assert repo.packed is not None
+        cores = decoders or cpu_count()
+        packs = FetchDecode(
+            fetch_packs, decode, size, restore_groups.groups_in_flight(cores), cores, stats
+        )
+        groups = restore_groups.plan(repo.packed, index, wanted)
+        window = restore_groups.window_bytes(cores)
+        results = pipelined_map(packs, groups, window, restore_groups.weight)
+    else:
+        stage = FetchDecode(
+            fetch, decode, size, threads or io_threads(repo.remote.url), decoders, stats
+        )
+        window = stage.fetchers + 2 * stage.decoders
+        buffers = read_buffers(repo, window)
+        results = pipelined_map(stage, _groups(wanted, repo.fetch_group), window)
+    with closing(results):
         for done in results:  # a failed write closes the pipeline at once, not at GC
             with span("write"):
                 written += write(done)  # here, so that the decoders never wait on the disk

@@ -1,0 +1,167 @@
+"""A format 3 restore from an object store reads in groups of a pack's worth
+(operations/restore_groups.py): each data pack with one ranged GET even when a backup's
+workers interleaved neighbouring chunks in the packs, the bytes in flight within the
+window, byte-equal results; a pack gone mid-restore is one error and nothing restored.
+Real SeaweedFS and Azurite (the fixtures of test_restore_pipeline.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import PASSPHRASE
+from tests.operations.test_restore_pipeline import (  # noqa: F401 (fixtures)
+    _backed_up,
+    _remote,
+    azurite,
+    seaweed,
+)
+from tests.repository.test_packs import store
+from vmkeep.connectors.files import FilesConnector
+from vmkeep.errors import IntegrityError
+from vmkeep.fetch_pipeline import PipelineStats
+from vmkeep.operations import restore_groups
+from vmkeep.operations.restore import restore_disk, restore_vm
+from vmkeep.parallel import cpu_count
+from vmkeep.progress import SilentProgress
+from vmkeep.remotes.base import Remote
+from vmkeep.repository.blobs import KIND_BLOCK
+from vmkeep.repository.format import ZERO_ID
+from vmkeep.repository.manifest import DiskIndex
+from vmkeep.repository.packs import PACKS_PREFIX, pack_object_name
+from vmkeep.repository.repository import Repository
+
+KiB, MiB = 1 << 10, 1 << 20
+CHUNK = 256 * KiB
+CHUNKS = 40  # 10 MiB of disk: 7 data packs of 1 MiB
+
+
+class RangeLog:
+    """A real remote with its pack GETs recorded (name, offset, bytes)."""
+
+    def __init__(self, inner: Remote) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.gets: list[tuple[str, int, int]] = []
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = self.inner.get(name, offset, length)
+        if name.startswith(PACKS_PREFIX):
+            with self._lock:
+                self.gets.append((name, offset, len(data)))
+        return data
+
+
+class Memory:
+    """A disk writer into a bytearray (any order, as DiskWriter allows)."""
+
+    def __init__(self, size: int) -> None:
+        self.out = bytearray(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.out[offset : offset + len(data)] = data
+
+    def zero(self, offset: int, length: int) -> None:
+        self.out[offset : offset + length] = bytes(length)
+
+    def close(self) -> None:
+        pass
+
+
+def _shuffled_point(remote: Remote) -> tuple[Repository, DiskIndex, bytes]:
+    """CHUNKS chunks (random ones, compressible ones, holes) stored in a shuffled order, as
+    a backup's parallel workers interleave them in the packs; the disk in index order."""
+    rng = random.Random(7)
+    datas: list[bytes | None] = []
+    for k in range(CHUNKS):
+        if k % 10 == 9:
+            datas.append(None)  # a hole
+        elif k % 4 == 3:
+            datas.append(((b"text %d " % k) * CHUNK)[:CHUNK])
+        else:
+            datas.append(rng.randbytes(CHUNK))
+    repo = Repository.init(
+        remote,
+        "aes-256-gcm",
+        lambda: PASSPHRASE,
+        chunk_size=CHUNK,
+        format_version=3,
+        block_size=64 * KiB,
+        pack_size=MiB,
+    )
+    order = [k for k, d in enumerate(datas) if d is not None]
+    rng.shuffle(order)
+    ids = dict(zip(order, store(repo, [datas[k] for k in order]), strict=True))  # type: ignore[misc]
+    chunk_ids = b"".join(ids.get(k, ZERO_ID) for k in range(CHUNKS))
+    index = DiskIndex("d0", CHUNKS * CHUNK, "raw", chunk_ids, chunk_size=CHUNK)
+    image = b"".join(d if d is not None else bytes(CHUNK) for d in datas)
+    return repo, index, image
+
+
+def _data_packs(repo: Repository, index: DiskIndex) -> set[str]:
+    assert repo.packed is not None
+    blocks = repo.packed.index()
+    names = set()
+    for _, chunk_id in index.entries():
+        for block_id in repo.packed.recipe_of(chunk_id)[1]:
+            entry = blocks.get(KIND_BLOCK, block_id)
+            if entry is not None:
+                names.add(pack_object_name(entry.pack))
+    return names
+
+
+@pytest.mark.parametrize("kind", ["s3", "azure"])
+def test_each_data_pack_is_read_with_one_get_within_the_window(
+    kind: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Groups of 1 MiB (monkeypatched: several groups over 7 packs): in disk order the
+    shuffled chunks sent most groups to most packs (a pack read by several GETs, as the
+    restore's chunk groups did); sorted by where their blocks begin, one GET per pack."""
+    monkeypatch.setattr(restore_groups, "GROUP_BYTES", MiB)
+    written, index, image = _shuffled_point(_remote(kind, request, monkeypatch))
+    spy = RangeLog(written.remote)
+    repo = Repository.open(spy, lambda: PASSPHRASE)  # type: ignore[arg-type]
+    assert restore_groups.suits(repo)
+    packs = _data_packs(repo, index)
+    spy.gets.clear()
+    disk, stats = Memory(len(image)), PipelineStats()
+    restore_disk(repo, index, disk, None, SilentProgress(), "d0", stats=stats)  # type: ignore[arg-type]
+    assert hashlib.sha256(disk.out).digest() == hashlib.sha256(image).digest()
+    reads = Counter(name for name, _, _ in spy.gets if name in packs)
+    assert len(packs) >= 6
+    assert reads == Counter({name: 1 for name in packs})  # every data pack, one GET each
+    assert stats.fetched_items >= 4  # several groups, each cut at a pack's end
+    window = restore_groups.window_bytes(cpu_count())
+    assert 0 < stats.peak_queued_bytes <= window < len(image)
+    assert stats.queued_bytes == 0
+
+
+@pytest.mark.parametrize("kind", ["s3", "azure"])
+def test_a_pack_gone_mid_restore_is_one_error_and_nothing_restored(
+    kind: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    repo, remote, point, _ = _backed_up(kind, 3, tmp_path, request, monkeypatch)
+    index = repo.load_manifest(point).disks[0]
+    victim = sorted(_data_packs(repo, index))[-1]
+    remote.delete(victim)
+    where = tmp_path / "out"
+    where.mkdir()
+    with pytest.raises(IntegrityError, match="is gone"):
+        restore_vm(repo, FilesConnector(where), point, str(where), SilentProgress())
+    assert list(where.iterdir()) == []  # no VM directory left behind
