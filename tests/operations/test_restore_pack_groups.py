@@ -10,6 +10,7 @@ import hashlib
 import random
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,16 @@ from tests.operations.test_restore_pipeline import (  # noqa: F401 (fixtures)
     seaweed,
 )
 from tests.repository.test_packs import store
+from vmkeep.connectors.base import Extent
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import IntegrityError
 from vmkeep.fetch_pipeline import PipelineStats
-from vmkeep.operations import restore_groups
+from vmkeep.operations import restore_groups, restore_parts
 from vmkeep.operations.restore import restore_disk, restore_vm
 from vmkeep.parallel import cpu_count
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.base import Remote
+from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.blobs import KIND_BLOCK
 from vmkeep.repository.format import ZERO_ID
 from vmkeep.repository.manifest import DiskIndex
@@ -165,3 +168,59 @@ def test_a_pack_gone_mid_restore_is_one_error_and_nothing_restored(
     with pytest.raises(IntegrityError, match="is gone"):
         restore_vm(repo, FilesConnector(where), point, str(where), SilentProgress())
     assert list(where.iterdir()) == []  # no VM directory left behind
+
+
+def test_parts_weigh_what_their_group_holds(tmp_path: Path) -> None:
+    """A group is decoded in parts of a chunk that share its one GET: the first part weighs
+    the group's encoded bytes (all of them arrive with its fetch and stay until the last
+    part's decode), every part at least its plaintext; the parts cover the group once."""
+    repo, index, _ = _shuffled_point(LocalRemote(str(tmp_path / "r")))
+    assert repo.packed is not None
+    groups = list(restore_groups.plan(repo.packed, index, (i for i, _ in index.entries())))
+    cut = list(restore_parts.parts(repo.packed, index, groups))
+    assert len(cut) > len(groups)  # several parts a group: decoded on both cores
+    for group in groups:
+        mine = [p for p in cut if p.group is group]
+        assert [i for p in mine for i in p.indexes] == group.indexes
+        assert mine[0].first and not any(p.first for p in mine[1:])
+        assert restore_parts.weight(mine[0]) >= group.encoded
+        assert all(restore_parts.weight(p) >= p.plain > 0 for p in mine)
+        assert all(p.plain <= restore_parts.PART_BYTES for p in mine)
+        assert sum(restore_parts.weight(p) for p in mine) >= max(group.encoded, group.plain)
+
+
+class Current:
+    """The disk an in-place restore overwrites: a bytes image read as one data extent."""
+
+    def __init__(self, image: bytes) -> None:
+        self.image = image
+
+    def extents(self) -> Iterator[Extent]:
+        yield Extent(0, len(self.image))
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.image[offset : offset + length]
+
+
+def test_in_place_fetches_only_the_packs_of_chunks_that_differ(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In place, a group is fetched whole or not at all only after the disk was read: the
+    chunks the disk already holds cost no GET; the others, and holes over data, are
+    rewritten; the result is the point's disk."""
+    monkeypatch.setattr(restore_groups, "GROUP_BYTES", MiB)
+    written, index, image = _shuffled_point(_remote("s3", request, monkeypatch))
+    spy = RangeLog(written.remote)
+    repo = Repository.open(spy, lambda: PASSPHRASE)  # type: ignore[arg-type]
+    now = bytearray(image)
+    changed = [0, 9]  # a data chunk, and the hole (chunk 9) filled on the disk
+    for k in changed:
+        now[k * CHUNK : k * CHUNK + 100] = b"x" * 100
+    packs = _data_packs(repo, index)
+    spy.gets.clear()
+    disk = Memory(len(image))
+    disk.out[:] = now
+    restore_disk(repo, index, disk, Current(bytes(now)), SilentProgress(), "d0")  # type: ignore[arg-type]
+    assert disk.out == image
+    read = {name for name, _, _ in spy.gets if name in packs}
+    assert len(read) == 1  # only the pack of chunk 0

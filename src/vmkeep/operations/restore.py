@@ -30,8 +30,9 @@ from vmkeep.repository.read_buffers import ALIGN, ReadBuffers
 from vmkeep.repository.repository import Repository
 from vmkeep.trace import mark, span
 
-from . import restore_groups
+from . import restore_groups, restore_parts
 from .restore_groups import PackGroup
+from .restore_parts import Part, parts_in_flight
 
 SPARSE_BLOCK = 4096  # zero runs of this granularity become holes in the restored disk
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
@@ -286,13 +287,29 @@ def restore_disk(
             written += write_pieces(writer, i * index.chunk_size, pieces)
         return written
 
+    def fetch_part(part: Part) -> _Fetched:
+        """As `fetch`, for a part of a group whose GET its parts share (restore_parts.py)."""
+        out = sort(part.indexes)
+        if out.write:
+            with span("fetch"):
+                out.raw = part.fetch([index.chunk_id(i) for i in out.write])
+        return out
+
     def size(got: _Fetched) -> int:
         return got.raw.nbytes if got.raw is not None else 0
 
     restored = written = 0
     buffers: ReadBuffers | None = None
     results: Iterator[_Decoded]
-    if restore_groups.suits(repo):
+    if restore_groups.suits(repo) and current is None:
+        assert repo.packed is not None
+        cores = decoders or cpu_count()
+        window = restore_groups.window_bytes(cores)
+        stage_parts = FetchDecode(fetch_part, decode, size, parts_in_flight(window), cores, stats)
+        groups = restore_groups.plan(repo.packed, index, wanted)
+        items = restore_parts.parts(repo.packed, index, groups)
+        results = pipelined_map(stage_parts, items, window, restore_parts.weight)
+    elif restore_groups.suits(repo):  # in place: whole groups, only what the disk lacks
         assert repo.packed is not None
         cores = decoders or cpu_count()
         packs = FetchDecode(

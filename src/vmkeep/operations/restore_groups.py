@@ -16,10 +16,12 @@ does not read yet once it holds half of GROUP_BYTES, and before it would weigh m
 twice that. Each group's blocks are then read with about one ranged GET per pack; the
 restore writes chunks in the order they come (every DiskWriter allows that).
 
-Memory: the pipeline's window is weighed in bytes (a group weighs the larger of its
-plaintext and its encoded blocks): at most `groups_in_flight` groups of GROUP_BYTES and a
-quarter, plus a window's recipes and block entries. A local remote keeps the chunk-sized
-groups and direct reads of restore.py (its reads cost no round trip)."""
+Memory: the pipeline's window is weighed in bytes, at most `groups_in_flight` groups of
+GROUP_BYTES and a quarter, plus a window's recipes and block entries. A new disk's restore
+decodes each group in parts of a chunk that share its GET (restore_parts.py); an in-place
+one decodes it whole (a group weighs the larger of its plaintext and its encoded blocks).
+A local remote keeps the chunk-sized groups and direct reads of restore.py (its reads cost
+no round trip)."""
 
 from __future__ import annotations
 
