@@ -209,7 +209,9 @@ def restore_disk(
     `decoders` (one per core) authenticate, decompress and check what arrived, and this
     thread writes the decoded chunks in whatever order they come (DiskWriter allows any
     order), so no decoder waits on the disk. Memory: at most a window of groups, fetched or
-    decoded, whatever the disk size."""
+    decoded, whatever the disk size. A format 3 repository on an object store is read in
+    groups of a pack's worth instead (restore_groups.py, restore_parts.py), its fetch
+    threads following the window rather than `threads`."""
     if current is None:  # a new disk starts as holes: only the chunks with data
         wanted: Iterable[int] = (i for i, _ in index.entries())
         total = index.nonzero_bytes()
