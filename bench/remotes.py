@@ -37,7 +37,10 @@ busy, a tool's speed is inverse to the CPU it costs per byte, so this is about t
 "stored / raw" can reach here. vmkeep spends CPU that raw PUTs and GETs do not (reading the
 disk, BLAKE3, zstd, AES-GCM, writing the restored disk, start-up); measured 2026-11-24 the
 ceiling was ~0.4-0.55 for backups and ~0.25-0.3 for restores on S3 and Azure, so the 80% target
-is out of reach on a 2-core loopback setup whatever the pipeline (docs/DATA-PATH.md).
+is out of reach on a 2-core loopback setup whatever the pipeline (docs/DATA-PATH.md). On
+2026-12-07, format 3 restores read in pack groups: ~0.37 on S3 and ~0.55 on Azure (Azurite's
+CPU per restore about halved); decoding alone costs what a raw GET costs per byte
+(DATA-PATH.md, "Restore from object stores").
 
 restic 0.14 cannot be pointed at an Azure endpoint (AZURE_ENDPOINT_SUFFIX came in a later
 release), but its Azure SDK treats the account name `devstoreaccount1` as the storage emulator

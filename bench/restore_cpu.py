@@ -8,6 +8,8 @@ cost, so compare stages of one mode only). Caches are dropped before each round 
 
     python bench/restore_cpu.py REPO --to DIR [--breakdown]
 
+REPO may be an object store's location (credentials from the environment, as for vmkeep).
+
 The repository's passphrase comes from VMKEEP_PASSPHRASE. The point of docs/DATA-PATH.md was
 made with: `bench/image.py`'s `build_image(path, 4 << 30, 7)`, `qemu-img convert -O qcow2`
 into a files-connector VM directory (vm.json naming the qcow2 disk), `vmkeep init REPO` and
@@ -31,6 +33,7 @@ from typing import Any
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.malloc_tuning import reuse_chunk_buffers
 from vmkeep.operations import restore as restore_mod
+from vmkeep.operations import restore_parts
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.remotes.location import open_remote
@@ -73,6 +76,9 @@ def patch(clock: Clock, breakdown: bool) -> None:
     """Timers around each stage's function (and, with `breakdown`, each block's primitives)."""
     repo_cls = Repository
     repo_cls.fetch_chunks = clock.wrap("fetch", repo_cls.fetch_chunks)  # type: ignore[method-assign]
+    # object stores, format 3: a pack group's GET, made by its first part (restore_parts.py)
+    shared = restore_parts.SharedFetch
+    shared.get = clock.wrap("fetch packs", shared.get)  # type: ignore[method-assign]
     repo_cls.decode_chunk_parts = clock.wrap("decode", repo_cls.decode_chunk_parts)  # type: ignore[method-assign]
     restore_mod.sparse_pieces = clock.wrap("zero scan", restore_mod.sparse_pieces)
     restore_mod.write_pieces = clock.wrap("write", restore_mod.write_pieces)

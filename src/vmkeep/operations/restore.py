@@ -20,7 +20,7 @@ from vmkeep.connectors.base import (
 from vmkeep.direct_io_fs import direct_io_suits
 from vmkeep.errors import IntegrityError, NameTakenError, UsageError
 from vmkeep.fetch_pipeline import FetchDecode, PipelineStats, pipelined_map
-from vmkeep.parallel import io_threads
+from vmkeep.parallel import cpu_count, io_threads
 from vmkeep.progress import Progress
 from vmkeep.repository.chunk_fetch import FetchedChunks
 from vmkeep.repository.format import ZERO_ID, is_zero
@@ -29,6 +29,10 @@ from vmkeep.repository.manifest import DiskIndex, Manifest, metadata_problem
 from vmkeep.repository.read_buffers import ALIGN, ReadBuffers
 from vmkeep.repository.repository import Repository
 from vmkeep.trace import mark, span
+
+from . import restore_groups, restore_parts
+from .restore_groups import PackGroup
+from .restore_parts import Part, parts_in_flight
 
 SPARSE_BLOCK = 4096  # zero runs of this granularity become holes in the restored disk
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
@@ -205,7 +209,9 @@ def restore_disk(
     `decoders` (one per core) authenticate, decompress and check what arrived, and this
     thread writes the decoded chunks in whatever order they come (DiskWriter allows any
     order), so no decoder waits on the disk. Memory: at most a window of groups, fetched or
-    decoded, whatever the disk size."""
+    decoded, whatever the disk size. A format 3 repository on an object store is read in
+    groups of a pack's worth instead (restore_groups.py, restore_parts.py), its fetch
+    threads following the window rather than `threads`."""
     if current is None:  # a new disk starts as holes: only the chunks with data
         wanted: Iterable[int] = (i for i, _ in index.entries())
         total = index.nonzero_bytes()
@@ -217,8 +223,8 @@ def restore_disk(
         total = covered_bytes(ranges, index.size, index.chunk_size)
     progress.start(label, total)
 
-    def fetch(group: list[int]) -> _Fetched:
-        """I/O: what the current disk already holds (in place), then the chunks' raw bytes."""
+    def sort(group: list[int]) -> _Fetched:
+        """I/O: which chunks to write and to zero (in place: those the disk does not hold)."""
         out = _Fetched([], [], 0, 0, None)
         for i in group:
             chunk_id, length = index.chunk_id(i), index.chunk_length(i)
@@ -231,9 +237,24 @@ def restore_disk(
                 if same:
                     continue
             (out.zero if chunk_id == ZERO_ID else out.write).append(i)
+        return out
+
+    def fetch(group: list[int]) -> _Fetched:
+        """I/O: what the current disk already holds (in place), then the chunks' raw bytes."""
+        out = sort(group)
         if out.write:
             with span("fetch"):
                 out.raw = repo.fetch_chunks([index.chunk_id(i) for i in out.write], buffers)
+        return out
+
+    def fetch_packs(group: PackGroup) -> _Fetched:
+        """As `fetch`, for a group of a pack's worth planned ahead (restore_groups.py)."""
+        assert repo.packed is not None
+        out = sort(group.indexes)
+        if out.write:
+            with span("fetch"):
+                ids = [index.chunk_id(i) for i in out.write]
+                out.raw = restore_groups.fetch_group(repo.packed, group, ids)
         return out
 
     def decode(got: _Fetched) -> _Decoded:
@@ -268,18 +289,45 @@ def restore_disk(
             written += write_pieces(writer, i * index.chunk_size, pieces)
         return written
 
-    stage = FetchDecode(
-        fetch,
-        decode,
-        lambda got: got.raw.nbytes if got.raw is not None else 0,
-        threads or io_threads(repo.remote.url),
-        decoders,
-        stats,
-    )
+    def fetch_part(part: Part) -> _Fetched:
+        """As `fetch`, for a part of a group whose GET its parts share (restore_parts.py)."""
+        out = sort(part.indexes)
+        if out.write:
+            with span("fetch"):
+                out.raw = part.fetch([index.chunk_id(i) for i in out.write])
+        return out
+
+    def size(got: _Fetched) -> int:
+        return got.raw.nbytes if got.raw is not None else 0
+
     restored = written = 0
-    window = stage.fetchers + 2 * stage.decoders
-    buffers = read_buffers(repo, window)
-    with closing(pipelined_map(stage, _groups(wanted, repo.fetch_group), window)) as results:
+    buffers: ReadBuffers | None = None
+    results: Iterator[_Decoded]
+    if restore_groups.suits(repo) and current is None:
+        assert repo.packed is not None
+        cores = decoders or cpu_count()
+        window = restore_groups.window_bytes(cores)
+        stage_parts = FetchDecode(fetch_part, decode, size, parts_in_flight(window), cores, stats)
+        groups = restore_groups.plan(repo.packed, index, wanted)
+        items = restore_parts.parts(repo.packed, index, groups)
+        results = pipelined_map(stage_parts, items, window, restore_parts.weight)
+    elif restore_groups.suits(repo):  # in place: whole groups, only what the disk lacks
+        assert repo.packed is not None
+        cores = decoders or cpu_count()
+        packs = FetchDecode(
+            fetch_packs, decode, size, restore_groups.groups_in_flight(cores), cores, stats
+        )
+        groups = restore_groups.plan(repo.packed, index, wanted)
+        window = restore_groups.window_bytes(cores)
+        results = pipelined_map(packs, groups, window, restore_groups.weight)
+    else:
+        stage = FetchDecode(
+            fetch, decode, size, threads or io_threads(repo.remote.url), decoders, stats
+        )
+        window = stage.fetchers + 2 * stage.decoders
+        buffers = read_buffers(repo, window)
+        results = pipelined_map(stage, _groups(wanted, repo.fetch_group), window)
+    with closing(results):
         for done in results:  # a failed write closes the pipeline at once, not at GC
             with span("write"):
                 written += write(done)  # here, so that the decoders never wait on the disk

@@ -29,7 +29,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import ContainerClient, ExponentialRetry
+from azure.storage.blob import ContainerClient, ExponentialRetry, StorageStreamDownloader
 
 from vmkeep.errors import NotFoundError, ObjectExistsError, RemoteError, UsageError
 
@@ -105,6 +105,28 @@ def _code(exc: AzureError) -> str:
 
 def _status(exc: AzureError) -> int:
     return int(getattr(exc, "status_code", None) or 0)
+
+
+class _Pieces:
+    """A writable stream that keeps the bytes objects written to it, for `readinto`."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.pieces.append(data)
+        return len(data)
+
+
+def _body(download: StorageStreamDownloader[bytes]) -> bytes:
+    """The downloaded bytes without the copies of `readall`: a download of up to
+    max_single_get_size arrives as one bytes object, which `readall` copies into a BytesIO and
+    out again, and `readinto` hands over as it is (measured on Azurite, 16 MiB ranges on 4
+    threads: 10-14 against 8 ms of client CPU per GET; docs/DATA-PATH.md "Restore from object
+    stores")."""
+    out = _Pieces()
+    download.readinto(out)  # type: ignore[arg-type]
+    return out.pieces[0] if len(out.pieces) == 1 else b"".join(out.pieces)
 
 
 class AzureRemote:
@@ -308,10 +330,12 @@ class AzureRemote:
                     raise NotFoundError(f"object {name} not found in {self.url}")
                 return b""
             if offset == 0 and length is None:
-                return self._client.download_blob(blob, max_concurrency=1).readall()
-            return self._client.download_blob(
-                blob, offset=offset, length=length, max_concurrency=1
-            ).readall()
+                download = self._client.download_blob(blob, max_concurrency=1)
+            else:
+                download = self._client.download_blob(
+                    blob, offset=offset, length=length, max_concurrency=1
+                )
+            return _body(download)
         except ResourceNotFoundError as exc:
             if _code(exc) == "BlobNotFound" or not _code(exc):
                 raise NotFoundError(f"object {name} not found in {self.url}") from exc
