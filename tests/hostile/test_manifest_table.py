@@ -240,7 +240,8 @@ def test_the_cli_on_a_table_point_with_a_bad_piece(
     """A real backup of a 64 MiB VM (16 chunks of 4 MiB: a table of 4 pieces), made in
     process with the threshold lowered, read by the real CLI: list, verify and restore work;
     with a byte of a piece flipped, verify and restore end in one `error:` line (exit 3,
-    never 70) and list shows the point unreadable."""
+    never 70); list reads heads only (the table's `data_bytes`: FORMAT.md §5.5), so it still
+    shows the point, as it shows a point whose chunks a fault deleted: verify is the check."""
     vm = make_vm("big")
     rng = random.Random(9)
     with open(vm / "disk0.raw", "r+b") as f:
@@ -267,8 +268,8 @@ def test_the_cli_on_a_table_point_with_a_bad_piece(
     assert run.code == 3 and len(run.err.strip().splitlines()) == 1
     assert "piece 2 is corrupt: authentication failed" in run.err
     listed = cli("list", "--remote", str(repo_dir), "--json").json()
-    assert listed["restore_points"] == []
-    assert [p["point_id"] for p in listed["unreadable"]] == [point]
+    assert [p["restore_point"] for p in listed["restore_points"]] == [point]
+    assert not listed.get("unreadable")
 
 
 def test_a_version_2_object_in_a_format_2_repository(tmp_path: Path) -> None:
@@ -281,3 +282,23 @@ def test_a_version_2_object_in_a_format_2_repository(tmp_path: Path) -> None:
     )
     with pytest.raises(IntegrityError, match="bad header"):
         other.load_manifest(point.id)
+
+
+@pytest.mark.parametrize("value", ["absent", 40 * CHUNK + 1, -1, "1024", 2**70, 1.5, None])
+def test_a_forged_or_missing_data_bytes_is_counted_by_a_walk(tmp_path: Path, value: object) -> None:
+    """The head's optional `data_bytes` (listings, a restore's progress) outside [0, disk
+    size], not an integer, or absent (an older writer's object): the table is walked for it,
+    and the point reads as before."""
+
+    def change(f: Forged) -> None:
+        assert f.table(0)["data_bytes"] == 16 * CHUNK  # what the writer counted
+        if value == "absent":
+            del f.table(0)["data_bytes"]
+        else:
+            f.table(0)["data_bytes"] = value
+        f.write()
+
+    repo, point_id = _forge(tmp_path, change)
+    disk = repo.load_manifest(point_id).disks[0]
+    assert isinstance(disk.table, TableReader) and disk.table.data_bytes is None
+    assert disk.nonzero_bytes() == 16 * CHUNK

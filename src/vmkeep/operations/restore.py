@@ -206,9 +206,10 @@ def restore_disk(
     thread writes the decoded chunks in whatever order they come (DiskWriter allows any
     order), so no decoder waits on the disk. Memory: at most a window of groups, fetched or
     decoded, whatever the disk size."""
+    walked: dict[int, bytes] = {}  # IDs the walk read, until their group is fetched
     if current is None:  # a new disk starts as holes: only the chunks with data
-        wanted: Iterable[int] = (i for i, _ in index.entries())
-        total = index.nonzero_bytes()
+        wanted: Iterable[int] = _walk(index, walked)
+        total = index.nonzero_bytes()  # a table's from its head (FORMAT.md §5.5): no walk
     else:  # in place: also every chunk the current disk has data in (it may need zeroing)
         spans = ((e.offset, e.length) for e in current.extents() if e.data)
         data = chunks_touched(spans, index.size, index.chunk_size)
@@ -220,8 +221,9 @@ def restore_disk(
     def fetch(group: list[int]) -> _Fetched:
         """I/O: what the current disk already holds (in place), then the chunks' raw bytes."""
         out = _Fetched([], [], 0, 0, None)
+        ids: list[bytes] = []
         for i in group:
-            chunk_id, length = index.chunk_id(i), index.chunk_length(i)
+            chunk_id, length = walked.pop(i, None) or index.chunk_id(i), index.chunk_length(i)
             out.covered += length
             out.restored += length if chunk_id != ZERO_ID else 0
             if current is not None:
@@ -230,10 +232,14 @@ def restore_disk(
                 del now
                 if same:
                     continue
-            (out.zero if chunk_id == ZERO_ID else out.write).append(i)
+            if chunk_id == ZERO_ID:
+                out.zero.append(i)
+            else:
+                out.write.append(i)
+                ids.append(chunk_id)
         if out.write:
             with span("fetch"):
-                out.raw = repo.fetch_chunks([index.chunk_id(i) for i in out.write], buffers)
+                out.raw = repo.fetch_chunks(ids, buffers)
         return out
 
     def decode(got: _Fetched) -> _Decoded:
@@ -287,6 +293,14 @@ def restore_disk(
             progress.advance(done.covered)
     progress.finish()
     return restored, written
+
+
+def _walk(index: DiskIndex, walked: dict[int, bytes]) -> Iterator[int]:
+    """The indexes of the chunks with data, their IDs left in `walked` for the fetch: a
+    table is walked once (chunk_id by index would read each piece again)."""
+    for i, chunk_id in index.entries():
+        walked[i] = chunk_id
+        yield i
 
 
 def read_buffers(repo: Repository, window: int) -> ReadBuffers | None:

@@ -37,6 +37,7 @@ class FileTable:
             self._bases.append(total)
             total += stop - start
         self.stored = total
+        self.data_bytes: int | None = None  # not counted while building
 
     def close(self) -> None:
         self._file.close()
