@@ -21,12 +21,14 @@ from tests.operations.test_table_points import (
     sha,
 )
 from tests.repository.table_points import CHUNK, object_path, packed_repo, small_tables
+from vmkeep.interfaces.cli.mirror_commands import check_migration
 from vmkeep.operations import mirror_table
 from vmkeep.operations.mirror import COPIED, FAILED, MirrorOptions, mirror
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.manifest import DiskIndex, Manifest
 from vmkeep.repository.repository import Repository
+from vmkeep.repository.table_builder import FileTable
 from vmkeep.repository.verify import verify
 
 STORED = 36  # non-zero chunks of make_vm's disk (41 less a hole of 5)
@@ -159,3 +161,32 @@ def test_into_a_format_2_target_a_table_too_big_for_its_document_is_refused(
         (tmp_path / "t" / "manifests").rglob("*")
     )
     assert not any(target.list_chunks())
+
+
+def test_migrate_of_a_format_2_point_over_the_threshold_writes_a_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vmkeep migrate` (check_migration, then a full mirror): a format 2 point whose disk
+    has more IDs than a format 3 point keeps inline becomes a version 2 object there, its
+    IDs built in a file table, and restores hash-equal."""
+    source = format_2_repo(tmp_path / "s")
+    target = packed_repo(tmp_path / "t", "aes-256-gcm")
+    vm = make_vm(tmp_path / "vms")
+    point, want = backup(source, vm, "full"), sha(vm / "disk0.img")
+    assert object_path(tmp_path / "s", point).read_bytes()[4] == 1  # inline, 36 IDs > 8
+    check_migration(source, target)
+    built = []
+    file_table = mirror_table.file_table
+
+    def spy(ranges: list[tuple[int, int]]) -> FileTable:
+        built.append(ranges)
+        return file_table(ranges)
+
+    monkeypatch.setattr(mirror_table, "file_table", spy)
+    guard_tables(monkeypatch)
+    (result,) = mirror(source, target, MirrorOptions(mode="full"), SilentProgress()).points
+    assert result.status == COPIED and result.chunks_uploaded == STORED
+    assert built == [[(0, 10), (15, 41)]]  # the source's runs: the hole left out
+    assert is_table_point(target, tmp_path / "t", point)
+    assert restored(target, point, tmp_path / "o") == want
+    assert verify(target, None, SilentProgress()).ok

@@ -155,11 +155,12 @@ def close_tables(manifest: Manifest) -> None:
 
 
 def translated_disk(disk: DiskIndex, table: FileTable, packed_target: bool, size: int) -> DiskIndex:
-    """The copy's disk: the file table itself when the source kept a table and the target
-    is format 3 (written as a version 2 object from it); otherwise its runs, in memory (an
-    inline disk's are bounded; a format 1/2 target's were bounded by check_fits)."""
+    """The copy's disk: the file table itself when the target is format 3 and the disk is
+    over the threshold (written as a version 2 object from it: a table, or a format 1/2
+    source's big inline disk, as `migrate` meets); otherwise its runs, in memory (an inline
+    disk's are bounded; a format 1/2 target's were bounded by check_fits)."""
     chunks: FileTable | list[tuple[int, bytes]]
-    if disk.table is not None and packed_target:
+    if packed_target and disk.needs_table():
         chunks = table
     else:
         chunks = list(table.iter_runs())
