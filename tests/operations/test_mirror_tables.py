@@ -84,8 +84,17 @@ def test_mirror_of_table_points_in_bounded_memory(
 
     change(vm, [5], seed=3)
     later, later_sha = backup(source, vm, "delta"), sha(vm / "disk0.img")
+    lookups = []
+    has_chunk = Repository.has_chunk
+
+    def counted(self: Repository, chunk_id: bytes) -> bool:
+        lookups.append(chunk_id)
+        return has_chunk(self, chunk_id)
+
+    monkeypatch.setattr(Repository, "has_chunk", counted)
     (third,) = mirror(source, target, MirrorOptions(), SilentProgress()).points[2:]
     assert third.status == COPIED and third.bytes_plaintext == CHUNK
+    assert len(lookups) == 1  # the changed chunk: the twin's others are trusted (incremental)
     assert (third.chunks_uploaded, third.chunks_present) == (1, STORED)
 
     for point, want in ((full, full_sha), (delta, delta_sha), (later, later_sha)):

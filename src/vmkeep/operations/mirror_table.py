@@ -44,6 +44,7 @@ class PointResult(Protocol):
 
 class Options(Protocol):
     verified_only: bool
+    mode: str
 
 
 class PointCopier(Protocol):
@@ -203,25 +204,33 @@ class DiskCopy:
         if batch:
             self.batch(batch)
 
-    def known(self, index: int, chunk_id: bytes) -> bytes | None:
-        """The chunk's target ID when known without reading it."""
-        if self.copier.options.verified_only:
-            return None
+    def known(self, index: int, chunk_id: bytes) -> tuple[bytes | None, bool]:
+        """The chunk's target ID when known without reading it, and whether the target is
+        taken to hold it without a lookup: an incremental mirror trusts the twin's copy in
+        the target to have its chunks, as a delta backup trusts its base (gc keeps what a
+        manifest references; a gc overlapping is caught by prove_chunks_kept; a chunk lost
+        outside vmkeep is what verify finds and `--mode full` repairs)."""
+        options = self.copier.options
+        if options.verified_only:
+            return None, False
         if self.twin is not None:
             found = self.twin.target_id(index, chunk_id)
             if found is not None:
-                return found
-        return self.copier.cache.get(chunk_id) or self.copier.target_id(chunk_id)
+                return found, options.mode == "incremental"
+        return self.copier.cache.get(chunk_id) or self.copier.target_id(chunk_id), False
 
     def batch(self, batch: list[tuple[int, bytes]]) -> None:
         copier, result, progress = self.copier, self.result, self.copier.progress
         reads: dict[bytes, list[int]] = {}
         held: set[bytes] = set()  # target IDs this batch found in the target
+        placed: dict[int, bytes] = {}
         for index, chunk_id in batch:
-            target_id = self.known(index, chunk_id)
-            if target_id is not None and (target_id in held or copier.present(target_id)):
+            target_id, trusted = self.known(index, chunk_id)
+            if target_id is not None and (
+                trusted or target_id in held or copier.present(target_id)
+            ):
                 held.add(target_id)
-                self.table.set(index, target_id)
+                placed[index] = target_id
                 result.chunks += 1
                 result.chunks_present += 1
                 progress.advance(self.disk.chunk_length(index))
@@ -232,7 +241,7 @@ class DiskCopy:
             copier.cache.put(chunk_id, target_id)
             places = reads[chunk_id]
             for index in places:
-                self.table.set(index, target_id)
+                placed[index] = target_id
             result.chunks += len(places)
             result.bytes_fetched += fetched
             result.bytes_plaintext += stats.bytes_read
@@ -240,6 +249,7 @@ class DiskCopy:
             result.chunks_uploaded += stats.chunks_new
             result.chunks_present += len(places) - stats.chunks_new
             progress.advance(sum(self.disk.chunk_length(i) for i in places))
+        self.table.set_many(sorted(placed.items()))
 
 
 def copy_table_point(
