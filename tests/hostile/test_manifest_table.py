@@ -34,6 +34,7 @@ from vmkeep.repository.format import HEADER_SIZE, ID_SIZE, manifest_object_name
 from vmkeep.repository.manifest import Manifest
 from vmkeep.repository.manifest_table import TAIL, TableReader
 from vmkeep.repository.repository import Repository
+from vmkeep.repository.verify import verify
 
 from .conftest import PASSPHRASE, Cli
 
@@ -302,3 +303,19 @@ def test_a_forged_or_missing_data_bytes_is_counted_by_a_walk(tmp_path: Path, val
     disk = repo.load_manifest(point_id).disks[0]
     assert isinstance(disk.table, TableReader) and disk.table.data_bytes is None
     assert disk.nonzero_bytes() == 16 * CHUNK
+
+
+def test_a_data_bytes_that_disagrees_with_the_table_is_found_by_verify(tmp_path: Path) -> None:
+    """Within bounds but not the table's: a listing shows it (heads only), verify (which
+    walks every piece) reports the point corrupt, so gc refuses until it is dealt with."""
+
+    def change(f: Forged) -> None:
+        f.table(0)["data_bytes"] = 15 * CHUNK
+        f.write()
+
+    repo, point_id = _forge(tmp_path, change)
+    assert repo.load_manifest(point_id).disks[0].nonzero_bytes() == 15 * CHUNK
+    report = verify(repo, None, SilentProgress())
+    assert not report.ok and [p.point_id for p in report.corrupt_manifests] == [point_id]
+    error = report.corrupt_manifests[0].error
+    assert f"{16 * CHUNK} bytes of data, its head says {15 * CHUNK}" in error and "\n" not in error
