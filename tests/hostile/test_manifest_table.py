@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import cli_environment, sha256
+from tests.operations.test_table_points import backup as table_backup
+from tests.operations.test_table_points import change as table_change
+from tests.operations.test_table_points import make_vm as table_vm
 from tests.repository.table_points import (
     CHUNK,
     Forged,
@@ -28,6 +31,7 @@ from tests.repository.table_points import (
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import IntegrityError, VmkeepError
 from vmkeep.operations.backup import BackupOptions, backup_vm
+from vmkeep.operations.mirror import COPIED, FAILED, MirrorOptions, mirror
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.format import HEADER_SIZE, ID_SIZE, manifest_object_name
@@ -319,3 +323,24 @@ def test_a_data_bytes_that_disagrees_with_the_table_is_found_by_verify(tmp_path:
     assert not report.ok and [p.point_id for p in report.corrupt_manifests] == [point_id]
     error = report.corrupt_manifests[0].error
     assert f"{16 * CHUNK} bytes of data, its head says {15 * CHUNK}" in error and "\n" not in error
+
+
+def test_a_mirror_of_a_point_with_a_bad_piece_fails_it_alone(tmp_path: Path) -> None:
+    """A flipped byte in a piece of a source delta: the mirror fails that point with one line
+    naming the piece, the target gets no manifest of it; the full before it is copied."""
+    source = packed_repo(tmp_path / "s", "aes-256-gcm")
+    target = packed_repo(tmp_path / "t", "aes-256-gcm")
+    vm = table_vm(tmp_path / "vms")
+    good = table_backup(source, vm, "full")
+    table_change(vm, [3], seed=4)
+    bad = table_backup(source, vm, "delta")
+    table = source.load_manifest(bad).disks[0].table
+    assert isinstance(table, TableReader)
+    flip(object_path(tmp_path / "s", bad), table.pieces[1].offset + 20)
+    report = mirror(source, target, MirrorOptions(), SilentProgress())
+    results = {p.point_id: p for p in report.points}
+    assert results[good].status == COPIED
+    assert results[bad].status == FAILED and "\n" not in results[bad].reason
+    assert "piece 1 is corrupt" in results[bad].reason
+    assert not object_path(tmp_path / "t", bad).exists()
+    assert object_path(tmp_path / "t", good).exists()
