@@ -21,7 +21,7 @@ from vmkeep.connectors.base import VmConfig
 from vmkeep.errors import UsageError, VmkeepError
 from vmkeep.operations.backup import confirm_after_manifest, prove_chunks_kept, vm_backup_lock
 from vmkeep.operations.chunk_uploader import BackupStats, ChunkUploader
-from vmkeep.operations.mirror_table import IdCache, close_tables, copy_table_point
+from vmkeep.operations.mirror_table import IdCache, close_tables, copy_table_point, twin_ids
 from vmkeep.operations.prune import apply_prune
 from vmkeep.operations.retention import PointRef, PruneDecision, RetentionPolicy, prune_plan
 from vmkeep.parallel import io_threads, unordered_map
@@ -131,31 +131,6 @@ def selected(manifest: Manifest, patterns: list[str], tags: Sequence[str] = ()) 
     return any(fnmatch.fnmatchcase(manifest.vm_name, p) or p == manifest.vm_uuid for p in patterns)
 
 
-def id_translation(source: list[Manifest], target: list[Manifest]) -> dict[bytes, bytes]:
-    """Source chunk ID -> target chunk ID, learnt from the points both repositories hold
-    (a point mirrored earlier: both indexes are authenticated by their own keys and name the
-    same plaintext at each position). Saves reading a chunk only to learn its target ID.
-    Disks kept in tables are left out (mirror_table.py pairs them by place instead)."""
-    theirs = {m.id: m for m in target}
-    mapping: dict[bytes, bytes] = {}
-    for mine in source:
-        other = theirs.get(mine.id)
-        if other is None or other.vm_uuid != mine.vm_uuid:
-            continue
-        disks = {d.name: d for d in other.disks}
-        for disk in mine.disks:
-            twin = disks.get(disk.name)
-            if twin is None or twin.size != disk.size or twin.chunk_size != disk.chunk_size:
-                continue
-            if disk.table is not None or twin.table is not None:
-                continue  # a table's map would be unbounded: mirror_table.Twin, by place
-            for index, chunk_id in disk.entries():
-                target_id = twin.chunk_id(index)
-                if target_id != ZERO_ID:
-                    mapping[chunk_id] = target_id
-    return mapping
-
-
 class PointCopier:
     """Copies the chunks of restore points into the target and rewrites their indexes; one
     per VM, under that VM's lock, so `known` (the target's chunks) is listed once. A format
@@ -166,14 +141,13 @@ class PointCopier:
         source: Repository,
         target: Repository,
         options: MirrorOptions,
-        mapping: dict[bytes, bytes],
         known: set[bytes] | None,
         progress: Progress,
     ) -> None:
         self.source = source
         self.target = target
         self.options = options
-        self.mapping = mapping
+        self.mapping: dict[bytes, bytes] = {}  # the point being copied: its twin's IDs
         self.known = known
         self.uploader = ChunkUploader(
             target,
@@ -192,13 +166,8 @@ class PointCopier:
 
     def target_id(self, chunk_id: bytes) -> bytes | None:
         """The chunk's ID in the target when known without reading it."""
-        return self.mapping.get(chunk_id) or (chunk_id if self.same_ids else None)
-
-    def needs_read(self, chunk_id: bytes) -> bool:
-        if self.options.verified_only:
-            return True
-        target_id = self.target_id(chunk_id)
-        return target_id is None or not self.present(target_id)
+        found = self.mapping.get(chunk_id) or self.cache.get(chunk_id)
+        return found or (chunk_id if self.same_ids else None)
 
     def present(self, target_id: bytes) -> bool:
         """The target holds the chunk: its listing, or (format 3) its index."""
@@ -213,21 +182,35 @@ class PointCopier:
         target_id, stats = self.uploader.store(data)
         return chunk_id, target_id, stats, fetched_bytes(self.source, chunk_id, fetched)
 
-    def copy_chunks(self, manifest: Manifest, result: PointResult) -> None:
+    def copy_chunks(
+        self,
+        manifest: Manifest,
+        result: PointResult,
+        pair: tuple[Manifest, Manifest] | None = None,
+    ) -> None:
         """Every chunk of `manifest` present in the target, `mapping` filled for each; the
-        first unreadable source chunk (corrupt, or deleted by a gc) raises."""
+        first unreadable source chunk (corrupt, or deleted by a gc) raises. `pair`: the
+        twin point (twin_of), whose IDs by place are known without reading."""
+        self.mapping = twin_ids(pair, manifest)
         lengths: dict[bytes, int] = {}
         for disk in manifest.disks:
             for index, chunk_id in disk.entries():
                 lengths.setdefault(chunk_id, disk.chunk_length(index))
         result.chunks = len(lengths)
-        to_read = [c for c in lengths if self.needs_read(c)]
+        to_read = []
+        for chunk_id in lengths:
+            found = None if self.options.verified_only else self.target_id(chunk_id)
+            if found is None or not self.present(found):
+                to_read.append(chunk_id)
+            else:  # kept: the cache may drop it before translated() asks
+                self.mapping[chunk_id] = found
         result.chunks_present = len(lengths) - len(to_read)
         self.progress.start(f"{manifest.vm_name}/{manifest.id}", sum(lengths[c] for c in to_read))
         work = self.read_and_store
         try:
             for chunk_id, target_id, stats, fetched in unordered_map(work, to_read, self.threads):
                 self.mapping[chunk_id] = target_id
+                self.cache.put(chunk_id, target_id)
                 result.bytes_fetched += fetched
                 result.bytes_plaintext += stats.bytes_read
                 result.bytes_uploaded += stats.bytes_written
@@ -312,7 +295,7 @@ def mirror_vm(
             if manifest.has_table():  # in bounded memory, into file tables
                 copy = copy_table_point(copier, manifest, result, twin_of(manifest, pairs))
             else:
-                copier.copy_chunks(manifest, result)
+                copier.copy_chunks(manifest, result, twin_of(manifest, pairs))
             if manifest.id in present:
                 result.status = PRESENT  # manifests are write-once: chunks repaired only
                 continue
@@ -322,8 +305,7 @@ def mirror_vm(
             seen = prove_chunks_kept(copier.target, lock, listed, copy)
             copier.target.save_manifest(copy)
             confirm_after_manifest(copier.target, seen, copy)
-            if manifest.has_table():
-                remember_pair(copier.target, manifest, pairs)
+            remember_pair(copier.target, manifest, copy, pairs)
         except VmkeepError as exc:
             result.status, result.reason = FAILED, exc.message
             copier.progress.note(f"restore point {manifest.id} ({manifest.vm_name}): {exc}")
@@ -360,9 +342,13 @@ def twin_of(manifest: Manifest, pairs: Pairs) -> tuple[Manifest, Manifest] | Non
     return max(earlier, key=lambda pair: (pair[0].created, pair[0].id), default=None)
 
 
-def remember_pair(target: Repository, manifest: Manifest, pairs: Pairs) -> None:
-    """The copy just saved, read back (its head: tables are read when walked) as the next
-    points' twin; not readable now: the next points go without it."""
+def remember_pair(target: Repository, manifest: Manifest, copy: Manifest, pairs: Pairs) -> None:
+    """The copy just saved as the next points' twin: itself when its IDs are in memory, else
+    read back (its head: tables are read when walked; its file tables are dropped); not
+    readable now: the next points go without it."""
+    if not copy.has_table():
+        pairs[manifest.id] = (manifest, copy)
+        return
     with contextlib.suppress(VmkeepError):
         pairs[manifest.id] = (manifest, target.load_manifest(manifest.id))
 
@@ -423,12 +409,9 @@ def mirror(
             report.points.append(PointResult(m.id, m.vm_name, PRESENT))
         else:
             wanted.append(m)
-    mapping = id_translation(mine, theirs)
     pairs = common_points(mine, theirs)
     for points in _group_by_vm(wanted).values():
-        report.points += _mirror_locked(
-            source, target, options, (mapping, pairs), points, present, progress
-        )
+        report.points += _mirror_locked(source, target, options, pairs, points, present, progress)
     if options.retention is not None:
         copied = {p.point_id for p in report.points if p.status == COPIED}
         held = targets_own + [m for m in chosen if m.id in copied]
@@ -444,14 +427,13 @@ def _mirror_locked(
     source: Repository,
     target: Repository,
     options: MirrorOptions,
-    known_ids: tuple[dict[bytes, bytes], Pairs],
+    pairs: Pairs,
     points: list[Manifest],
     present: set[str],
     progress: Progress,
 ) -> list[PointResult]:
     """One VM's points under its shared lock on the target, as a backup of it would hold.
-    `known_ids`: id_translation's map, and the points both repositories hold."""
-    mapping, pairs = known_ids
+    `pairs`: the points both repositories hold (the twins of those copied)."""
     results: list[PointResult] = []
     try:
         with vm_backup_lock(target, _vm_of(points[0])) as lock, target.writing():
@@ -461,7 +443,7 @@ def _mirror_locked(
             known = None
             if target.packed is None:
                 known = {chunk_id for chunk_id, _ in target.list_chunks()}
-            copier = PointCopier(source, target, options, mapping, known, progress)
+            copier = PointCopier(source, target, options, known, progress)
             results = mirror_vm(copier, points, present, lock, listed, pairs)
     except VmkeepError as exc:  # the lock (another backup or mirror of the VM), the listing
         progress.note(f"VM {points[0].vm_name}: {exc}")

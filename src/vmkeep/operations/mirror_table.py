@@ -120,6 +120,22 @@ def twin_disks(pair: tuple[Manifest, Manifest] | None, manifest: Manifest) -> di
     return twins
 
 
+def twin_ids(pair: tuple[Manifest, Manifest] | None, manifest: Manifest) -> dict[bytes, bytes]:
+    """Source -> target IDs of an inline point's chunks that its twin has at their place
+    (bounded by the point's own index, which is in memory anyway)."""
+    mapping: dict[bytes, bytes] = {}
+    twins = twin_disks(pair, manifest)
+    for disk in manifest.disks:
+        twin = twins.get(disk.name)
+        if twin is None:
+            continue
+        for index, chunk_id in disk.entries():
+            found = twin.target_id(index, chunk_id)
+            if found is not None:
+                mapping[chunk_id] = found
+    return mapping
+
+
 def check_fits(manifest: Manifest, packed_target: bool) -> None:
     """A target of format 1 or 2 keeps every ID in its document (at most MAX_MANIFEST_DOC):
     refuse, before any chunk is copied, a point whose IDs cannot fit there."""
