@@ -2,6 +2,7 @@
 object version 2 (docs/FORMAT.md §5.5) against version 1, each step in a fresh process.
 
     python bench/manifest_table.py [--ids 2Mi,8Mi,24Mi] [--old 2Mi] [--mark]
+        [--mirror] [--mirror-src DIR]
 
 N IDs at 4 MiB chunks is a disk of N x 4 MiB (2 Mi = 8 TiB, 8 Mi = 32 TiB, 24 Mi = 96 TiB).
 Steps, in an unencrypted format 3 repository under /tmp (removed after; unencrypted so that
@@ -12,6 +13,13 @@ no Argon2 shows in the RSS; the sealing is per piece either way):
 - read: load_manifest and a walk of every ID (entries(), as restore, gc and verify do);
 - mark (--mark): gc's mark and verify's first step: every ID into the external sort
   (pack_gc.referenced_sort), then read back sorted (its buffers are a constant ~100 MiB).
+- mirror (--mirror, version 2 points only): `vmkeep mirror` of the point into a second
+  unencrypted format 3 repository that already holds every chunk (fake recipes indexed
+  there beforehand, in an unmeasured step: the IDs are fake, so nothing can be read): what
+  is measured is the mirror's own bookkeeping (the walk, the target's lookups, the copy's
+  table and its version 2 object), not the chunks' transfer. `--mirror-src DIR` runs this
+  step with another tree's vmkeep (e.g. /work/main/src: the mirror before its tables were
+  streamed), for a before/after.
 
 `--old` lists the sizes also measured with version 1 (which refuses more than ~6 Mi IDs:
 the 256 MiB document bound). Prints the peak RSS of each step, the process's RSS after
@@ -95,14 +103,54 @@ def _mark(path: str) -> dict[str, float]:
     return _done(before, began, cpu, ids=count)
 
 
+def _fill(path: str, target: str) -> dict[str, float]:
+    """Index a fake recipe in `target` for every ID of the point (not measured)."""
+    from vmkeep.repository.blobs import KIND_RECIPE
+
+    repo = Repository.open(LocalRemote(path), lambda: b"")
+    (point_id,) = repo.point_ids()
+    dest = Repository.open(LocalRemote(target), lambda: b"")
+    assert dest.packed is not None
+    before, began, cpu = _rss(), time.monotonic(), _cpu()
+    with dest.writing():
+        writer, batch = dest.packed.writer, []
+        for disk in repo.load_manifest(point_id).disks:
+            for _, chunk_id in disk.entries():
+                batch.append((chunk_id, b"fake recipe"))
+                if len(batch) == WINDOW:
+                    writer.add(KIND_RECIPE, batch)
+                    batch = []
+        writer.add(KIND_RECIPE, batch)
+        dest.flush_chunks()
+    return _done(before, began, cpu)
+
+
+def _mirror(path: str, target: str) -> dict[str, float]:
+    from vmkeep.operations.mirror import MirrorOptions, mirror
+    from vmkeep.progress import SilentProgress
+
+    repo = Repository.open(LocalRemote(path), lambda: b"")
+    dest = Repository.open(LocalRemote(target), lambda: b"")
+    # The target's index read first (a backup into it pays the same): its share of the peak.
+    dest.has_chunk(bytes(32))
+    index_rss, index_cpu = _rss(), _cpu()
+    before, began, cpu = _rss(), time.monotonic(), _cpu()
+    report = mirror(repo, dest, MirrorOptions(mode="full"), SilentProgress())
+    (result,) = report.points
+    assert result.status == "copied" and result.chunks_uploaded == 0, result
+    size = sum(e.stat().st_size for e in os.scandir(os.path.join(target, "manifests")))
+    return _done(before, began, cpu, size=size / MIB, index=index_rss, index_cpu=index_cpu)
+
+
 def _done(before: float, began: float, cpu: float, **more: float) -> dict[str, float]:
     wall, used = time.monotonic() - began, _cpu() - cpu
     return {"before": before, "rss": _rss(), "wall": wall, "cpu": used, **more}
 
 
-def _child(step: str, *args: str) -> dict[str, float]:
+def _child(step: str, *args: str, src: str | None = None) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--one", step, *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600)
+    env = dict(os.environ, PYTHONPATH=src) if src else None
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600, env=env)
     return dict(json.loads(out.stdout))
 
 
@@ -111,7 +159,7 @@ def _count(text: str) -> int:
     return int(text[:-2]) * units[text[-2:]] if text[-2:] in units else int(text)
 
 
-def _case(ids: int, old: bool, mark: bool) -> None:
+def _case(ids: int, old: bool, mark: bool, mirror: list[str | None]) -> None:
     root = tempfile.mkdtemp(prefix="vmkeep-mtable-")
     try:
         repo = os.path.join(root, "repo")
@@ -121,15 +169,29 @@ def _case(ids: int, old: bool, mark: bool) -> None:
         )
         steps = [("write", ["1" if old else "0"]), ("read", [])] + ([("mark", [])] if mark else [])
         for step, extra in steps:
-            got = _child(step, repo, str(ids), *extra)
-            size = f", object {got['size']:.0f} MiB" if "size" in got else ""
-            print(
-                f"{label}: {step}: peak RSS {got['rss']:.0f} MiB (after imports "
-                f"{got['before']:.0f}), {got['wall']:.1f} s, {got['cpu']:.1f} CPU-s{size}",
-                flush=True,
-            )
+            _report(label, step, _child(step, repo, str(ids), *extra))
+        for n, src in enumerate([] if old else mirror):
+            target = os.path.join(root, f"target{n}")
+            Repository.init(LocalRemote(target), "none", lambda: b"", format_version=3)
+            _child("fill", repo, str(ids), target)
+            step = "mirror" + (f" ({src})" if src else "")
+            _report(label, step, _child("mirror", repo, str(ids), target, src=src))
+            shutil.rmtree(target)
     finally:
         shutil.rmtree(root)
+
+
+def _report(label: str, step: str, got: dict[str, float]) -> None:
+    size = f", object {got['size']:.0f} MiB" if "size" in got else ""
+    before = f"after imports {got['before']:.0f}"
+    if "index" in got:
+        before = f"after opening and reading the target's index {got['index']:.0f}"
+        size += f" (imports, open and index before it: {got['index_cpu']:.1f} CPU-s)"
+    print(
+        f"{label}: {step}: peak RSS {got['rss']:.0f} MiB ({before}), "
+        f"{got['wall']:.1f} s, {got['cpu']:.1f} CPU-s{size}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -137,21 +199,26 @@ def main() -> None:
     parser.add_argument("--ids", default="2Mi,8Mi,24Mi")
     parser.add_argument("--old", default="2Mi", help="sizes also measured with version 1")
     parser.add_argument("--mark", action="store_true", help="also gc's mark (external sort)")
+    parser.add_argument("--mirror", action="store_true", help="also a mirror of the point")
+    parser.add_argument("--mirror-src", help="also the mirror step with this tree's vmkeep")
     parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         step, path, ids, *more = args.one
         if step == "write":
             print(json.dumps(_write(path, int(ids), more == ["1"])))
+        elif step in ("fill", "mirror"):
+            print(json.dumps((_fill if step == "fill" else _mirror)(path, more[0])))
         else:
             print(json.dumps(_read(path) if step == "read" else _mark(path)))
         return
     old = {_count(t) for t in args.old.split(",") if t}
+    mirror = ([args.mirror_src] if args.mirror_src else []) + ([None] if args.mirror else [])
     for text in args.ids.split(","):
         ids = _count(text)
         if ids in old:
-            _case(ids, True, args.mark)
-        _case(ids, False, args.mark)
+            _case(ids, True, args.mark, [])
+        _case(ids, False, args.mark, mirror)
 
 
 if __name__ == "__main__":

@@ -24,3 +24,14 @@ def test_every_step_reports() -> None:
             assert len(found) == steps, out
     assert re.search(r"3 MiB of IDs, 0 TiB, version 2: write: .* object 3 MiB", out)
     assert set(Path(tempfile.gettempdir()).glob("vmkeep-mtable-*")) == before
+
+
+def test_the_mirror_step_reports() -> None:
+    """--mirror: a 96 Ki-ID point mirrored into a target that holds its (fake) chunks."""
+    before = set(Path(tempfile.gettempdir()).glob("vmkeep-mtable-*"))
+    argv = [sys.executable, str(BENCH), "--ids", "96Ki", "--old", "", "--mirror"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+    out = done.stdout
+    assert len(out.splitlines()) == 3, out
+    assert re.search(r"version 2: mirror: peak RSS \d+ MiB \(after opening .* object 3 MiB", out)
+    assert set(Path(tempfile.gettempdir()).glob("vmkeep-mtable-*")) == before

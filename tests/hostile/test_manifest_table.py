@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import cli_environment, sha256
+from tests.operations.test_table_points import backup as table_backup
+from tests.operations.test_table_points import change as table_change
+from tests.operations.test_table_points import make_vm as table_vm
 from tests.repository.table_points import (
     CHUNK,
     Forged,
@@ -28,12 +31,14 @@ from tests.repository.table_points import (
 from vmkeep.connectors.files import FilesConnector
 from vmkeep.errors import IntegrityError, VmkeepError
 from vmkeep.operations.backup import BackupOptions, backup_vm
+from vmkeep.operations.mirror import COPIED, FAILED, MirrorOptions, mirror
 from vmkeep.progress import SilentProgress
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.format import HEADER_SIZE, ID_SIZE, manifest_object_name
 from vmkeep.repository.manifest import Manifest
 from vmkeep.repository.manifest_table import TAIL, TableReader
 from vmkeep.repository.repository import Repository
+from vmkeep.repository.verify import verify
 
 from .conftest import PASSPHRASE, Cli
 
@@ -240,7 +245,8 @@ def test_the_cli_on_a_table_point_with_a_bad_piece(
     """A real backup of a 64 MiB VM (16 chunks of 4 MiB: a table of 4 pieces), made in
     process with the threshold lowered, read by the real CLI: list, verify and restore work;
     with a byte of a piece flipped, verify and restore end in one `error:` line (exit 3,
-    never 70) and list shows the point unreadable."""
+    never 70); list reads heads only (the table's `data_bytes`: FORMAT.md §5.5), so it still
+    shows the point, as it shows a point whose chunks a fault deleted: verify is the check."""
     vm = make_vm("big")
     rng = random.Random(9)
     with open(vm / "disk0.raw", "r+b") as f:
@@ -267,8 +273,8 @@ def test_the_cli_on_a_table_point_with_a_bad_piece(
     assert run.code == 3 and len(run.err.strip().splitlines()) == 1
     assert "piece 2 is corrupt: authentication failed" in run.err
     listed = cli("list", "--remote", str(repo_dir), "--json").json()
-    assert listed["restore_points"] == []
-    assert [p["point_id"] for p in listed["unreadable"]] == [point]
+    assert [p["restore_point"] for p in listed["restore_points"]] == [point]
+    assert not listed.get("unreadable")
 
 
 def test_a_version_2_object_in_a_format_2_repository(tmp_path: Path) -> None:
@@ -281,3 +287,60 @@ def test_a_version_2_object_in_a_format_2_repository(tmp_path: Path) -> None:
     )
     with pytest.raises(IntegrityError, match="bad header"):
         other.load_manifest(point.id)
+
+
+@pytest.mark.parametrize("value", ["absent", 40 * CHUNK + 1, -1, "1024", 2**70, 1.5, None])
+def test_a_forged_or_missing_data_bytes_is_counted_by_a_walk(tmp_path: Path, value: object) -> None:
+    """The head's optional `data_bytes` (listings, a restore's progress) outside [0, disk
+    size], not an integer, or absent (an older writer's object): the table is walked for it,
+    and the point reads as before."""
+
+    def change(f: Forged) -> None:
+        assert f.table(0)["data_bytes"] == 16 * CHUNK  # what the writer counted
+        if value == "absent":
+            del f.table(0)["data_bytes"]
+        else:
+            f.table(0)["data_bytes"] = value
+        f.write()
+
+    repo, point_id = _forge(tmp_path, change)
+    disk = repo.load_manifest(point_id).disks[0]
+    assert isinstance(disk.table, TableReader) and disk.table.data_bytes is None
+    assert disk.nonzero_bytes() == 16 * CHUNK
+
+
+def test_a_data_bytes_that_disagrees_with_the_table_is_found_by_verify(tmp_path: Path) -> None:
+    """Within bounds but not the table's: a listing shows it (heads only), verify (which
+    walks every piece) reports the point corrupt, so gc refuses until it is dealt with."""
+
+    def change(f: Forged) -> None:
+        f.table(0)["data_bytes"] = 15 * CHUNK
+        f.write()
+
+    repo, point_id = _forge(tmp_path, change)
+    assert repo.load_manifest(point_id).disks[0].nonzero_bytes() == 15 * CHUNK
+    report = verify(repo, None, SilentProgress())
+    assert not report.ok and [p.point_id for p in report.corrupt_manifests] == [point_id]
+    error = report.corrupt_manifests[0].error
+    assert f"{16 * CHUNK} bytes of data, its head says {15 * CHUNK}" in error and "\n" not in error
+
+
+def test_a_mirror_of_a_point_with_a_bad_piece_fails_it_alone(tmp_path: Path) -> None:
+    """A flipped byte in a piece of a source delta: the mirror fails that point with one line
+    naming the piece, the target gets no manifest of it; the full before it is copied."""
+    source = packed_repo(tmp_path / "s", "aes-256-gcm")
+    target = packed_repo(tmp_path / "t", "aes-256-gcm")
+    vm = table_vm(tmp_path / "vms")
+    good = table_backup(source, vm, "full")
+    table_change(vm, [3], seed=4)
+    bad = table_backup(source, vm, "delta")
+    table = source.load_manifest(bad).disks[0].table
+    assert isinstance(table, TableReader)
+    flip(object_path(tmp_path / "s", bad), table.pieces[1].offset + 20)
+    report = mirror(source, target, MirrorOptions(), SilentProgress())
+    results = {p.point_id: p for p in report.points}
+    assert results[good].status == COPIED
+    assert results[bad].status == FAILED and "\n" not in results[bad].reason
+    assert "piece 1 is corrupt" in results[bad].reason
+    assert not object_path(tmp_path / "t", bad).exists()
+    assert object_path(tmp_path / "t", good).exists()

@@ -144,7 +144,7 @@ def backup_disk(
     else:
         dirty = chunk_ranges(size, reader.dirty_extents(), chunk_size)
         to_read = intersect(dirty, flags)
-        ids = index_builder(merge_ranges(base.run_ranges() + to_read), store is not None)
+        ids = index_builder(delta_ranges(base, to_read, store is not None), store is not None)
         for first, run in base.iter_runs():  # a table's a piece at a time
             ids.put_run(first, run)
         ids.clear(dirty)  # dirty and now a hole: discarded; dirty with data: read below
@@ -188,6 +188,16 @@ def backup_disk(
     if blocks is not None and blocks.note(label):
         progress.note(blocks.note(label))
     return ids.runs(), total
+
+
+def delta_ranges(base: DiskIndex, to_read: list[Range], packed: bool) -> list[Range]:
+    """Where a delta's IDs may lie: the base's runs and the chunks to read; for a base kept
+    in a table (format 3), the whole disk in a sparse file table: listing the base's runs
+    first would be one more walk of its table (one GET a piece on a remote) before the walk
+    that copies them in."""
+    if packed and base.table is not None:
+        return [(0, base.chunk_count)]
+    return merge_ranges(base.run_ranges() + to_read)
 
 
 def index_builder(ranges: list[Range], packed: bool) -> IndexBuilder | FileTable:

@@ -10,6 +10,7 @@ epoch proof of operations/backup.py): a mirror is a backup whose reader is the s
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import time
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,7 @@ from vmkeep.connectors.base import VmConfig
 from vmkeep.errors import UsageError, VmkeepError
 from vmkeep.operations.backup import confirm_after_manifest, prove_chunks_kept, vm_backup_lock
 from vmkeep.operations.chunk_uploader import BackupStats, ChunkUploader
+from vmkeep.operations.mirror_table import IdCache, close_tables, copy_table_point, twin_ids
 from vmkeep.operations.prune import apply_prune
 from vmkeep.operations.retention import PointRef, PruneDecision, RetentionPolicy, prune_plan
 from vmkeep.parallel import io_threads, unordered_map
@@ -129,47 +131,32 @@ def selected(manifest: Manifest, patterns: list[str], tags: Sequence[str] = ()) 
     return any(fnmatch.fnmatchcase(manifest.vm_name, p) or p == manifest.vm_uuid for p in patterns)
 
 
-def id_translation(source: list[Manifest], target: list[Manifest]) -> dict[bytes, bytes]:
-    """Source chunk ID -> target chunk ID, learnt from the points both repositories hold
-    (a point mirrored earlier: both indexes are authenticated by their own keys and name the
-    same plaintext at each position). Saves reading a chunk only to learn its target ID."""
-    theirs = {m.id: m for m in target}
-    mapping: dict[bytes, bytes] = {}
-    for mine in source:
-        other = theirs.get(mine.id)
-        if other is None or other.vm_uuid != mine.vm_uuid:
-            continue
-        disks = {d.name: d for d in other.disks}
-        for disk in mine.disks:
-            twin = disks.get(disk.name)
-            if twin is None or twin.size != disk.size or twin.chunk_size != disk.chunk_size:
-                continue
-            for index, chunk_id in disk.entries():
-                target_id = twin.chunk_id(index)
-                if target_id != ZERO_ID:
-                    mapping[chunk_id] = target_id
-    return mapping
-
-
 class PointCopier:
     """Copies the chunks of restore points into the target and rewrites their indexes; one
-    per VM, under that VM's lock, so `known` (the target's chunks) is listed once."""
+    per VM, under that VM's lock, so `known` (the target's chunks) is listed once. A format
+    3 target has no `known` (None): its index answers, as for a backup of a huge disk."""
 
     def __init__(
         self,
         source: Repository,
         target: Repository,
         options: MirrorOptions,
-        mapping: dict[bytes, bytes],
-        known: set[bytes],
+        known: set[bytes] | None,
         progress: Progress,
     ) -> None:
         self.source = source
         self.target = target
         self.options = options
-        self.mapping = mapping
+        self.mapping: dict[bytes, bytes] = {}  # the point being copied: its twin's IDs
         self.known = known
-        self.uploader = ChunkUploader(target, known, options.compression_level)
+        self.uploader = ChunkUploader(
+            target,
+            set() if known is None else known,
+            options.compression_level,
+            ask=known is None,
+            forget=known is None,
+        )
+        self.cache = IdCache()  # table points' IDs learnt (bounded: mirror_table.py)
         self.progress = progress
         # Unkeyed BLAKE3 on both sides: one plaintext has one ID in both repositories.
         self.same_ids = not source.encrypted and not target.encrypted
@@ -179,35 +166,51 @@ class PointCopier:
 
     def target_id(self, chunk_id: bytes) -> bytes | None:
         """The chunk's ID in the target when known without reading it."""
-        return self.mapping.get(chunk_id) or (chunk_id if self.same_ids else None)
+        found = self.mapping.get(chunk_id) or self.cache.get(chunk_id)
+        return found or (chunk_id if self.same_ids else None)
 
-    def needs_read(self, chunk_id: bytes) -> bool:
-        if self.options.verified_only:
-            return True
-        target_id = self.target_id(chunk_id)
-        return target_id is None or target_id not in self.known
+    def present(self, target_id: bytes) -> bool:
+        """The target holds the chunk: its listing, or (format 3) its index."""
+        if self.known is None:
+            return self.target.has_chunk(target_id)
+        return target_id in self.known
 
-    def copy_chunks(self, manifest: Manifest, result: PointResult) -> None:
+    def read_and_store(self, chunk_id: bytes) -> tuple[bytes, bytes, BackupStats, int]:
+        """Read (and so verify) a source chunk, store it in the target unless held there."""
+        fetched = self.source.fetch_chunks([chunk_id])
+        (data,) = self.source.decode_chunks(fetched)  # checks its authentication and hash
+        target_id, stats = self.uploader.store(data)
+        return chunk_id, target_id, stats, fetched_bytes(self.source, chunk_id, fetched)
+
+    def copy_chunks(
+        self,
+        manifest: Manifest,
+        result: PointResult,
+        pair: tuple[Manifest, Manifest] | None = None,
+    ) -> None:
         """Every chunk of `manifest` present in the target, `mapping` filled for each; the
-        first unreadable source chunk (corrupt, or deleted by a gc) raises."""
+        first unreadable source chunk (corrupt, or deleted by a gc) raises. `pair`: the
+        twin point (twin_of), whose IDs by place are known without reading."""
+        self.mapping = twin_ids(pair, manifest)
         lengths: dict[bytes, int] = {}
         for disk in manifest.disks:
             for index, chunk_id in disk.entries():
                 lengths.setdefault(chunk_id, disk.chunk_length(index))
         result.chunks = len(lengths)
-        to_read = [c for c in lengths if self.needs_read(c)]
+        to_read = []
+        for chunk_id in lengths:
+            found = None if self.options.verified_only else self.target_id(chunk_id)
+            if found is None or not self.present(found):
+                to_read.append(chunk_id)
+            else:  # kept: the cache may drop it before translated() asks
+                self.mapping[chunk_id] = found
         result.chunks_present = len(lengths) - len(to_read)
         self.progress.start(f"{manifest.vm_name}/{manifest.id}", sum(lengths[c] for c in to_read))
-
-        def work(chunk_id: bytes) -> tuple[bytes, bytes, BackupStats, int]:
-            fetched = self.source.fetch_chunks([chunk_id])
-            (data,) = self.source.decode_chunks(fetched)  # checks its authentication and hash
-            target_id, stats = self.uploader.store(data)
-            return chunk_id, target_id, stats, fetched_bytes(self.source, chunk_id, fetched)
-
+        work = self.read_and_store
         try:
             for chunk_id, target_id, stats, fetched in unordered_map(work, to_read, self.threads):
                 self.mapping[chunk_id] = target_id
+                self.cache.put(chunk_id, target_id)
                 result.bytes_fetched += fetched
                 result.bytes_plaintext += stats.bytes_read
                 result.bytes_uploaded += stats.bytes_written
@@ -276,27 +279,78 @@ def mirror_vm(
     present: set[str],
     lock: RepositoryLock,
     listed: GcMark | None,
+    pairs: Pairs | None = None,
 ) -> list[PointResult]:
     """One VM's points, oldest first; a failure is recorded and the next point goes on.
-    `listed`: the target's gc marker read before its chunks were listed (FORMAT.md §6)."""
+    `listed`: the target's gc marker read before its chunks were listed (FORMAT.md §6).
+    `pairs`: the points both repositories hold (source, target), by ID: a table point is
+    copied by place against one of them (mirror_table.py), and joins them once copied."""
+    pairs = {} if pairs is None else pairs
     results: list[PointResult] = []
     for manifest in points:
         result = PointResult(manifest.id, manifest.vm_name, COPIED)
         results.append(result)
+        copy: Manifest | None = None
         try:
-            copier.copy_chunks(manifest, result)
+            if manifest.has_table():  # in bounded memory, into file tables
+                copy = copy_table_point(copier, manifest, result, twin_of(manifest, pairs))
+            else:
+                copier.copy_chunks(manifest, result, twin_of(manifest, pairs))
             if manifest.id in present:
                 result.status = PRESENT  # manifests are write-once: chunks repaired only
                 continue
-            copy = copier.translated(manifest)
+            if copy is None:
+                copy = copier.translated(manifest)
             lock_restore_point(copier.target, copy)
             seen = prove_chunks_kept(copier.target, lock, listed, copy)
             copier.target.save_manifest(copy)
             confirm_after_manifest(copier.target, seen, copy)
+            remember_pair(copier.target, manifest, copy, pairs)
         except VmkeepError as exc:
             result.status, result.reason = FAILED, exc.message
             copier.progress.note(f"restore point {manifest.id} ({manifest.vm_name}): {exc}")
+        finally:
+            if copy is not None:
+                close_tables(copy)
     return results
+
+
+Pairs = dict[str, tuple[Manifest, Manifest]]
+
+
+def common_points(source: list[Manifest], target: list[Manifest]) -> Pairs:
+    """The points of one VM both repositories hold, by ID: (source's, target's)."""
+    theirs = {m.id: m for m in target}
+    return {
+        m.id: (m, theirs[m.id])
+        for m in source
+        if m.id in theirs and theirs[m.id].vm_uuid == m.vm_uuid
+    }
+
+
+def twin_of(manifest: Manifest, pairs: Pairs) -> tuple[Manifest, Manifest] | None:
+    """The point to compare `manifest` with by place: itself when the target has it, its
+    parent, else the VM's latest one before it (the most chunks in common)."""
+    for point_id in (manifest.id, manifest.parent):
+        if point_id is not None and point_id in pairs:
+            return pairs[point_id]
+    earlier = [
+        pair
+        for pair in pairs.values()
+        if pair[0].vm_uuid == manifest.vm_uuid and pair[0].created <= manifest.created
+    ]
+    return max(earlier, key=lambda pair: (pair[0].created, pair[0].id), default=None)
+
+
+def remember_pair(target: Repository, manifest: Manifest, copy: Manifest, pairs: Pairs) -> None:
+    """The copy just saved as the next points' twin: itself when its IDs are in memory, else
+    read back (its head: tables are read when walked; its file tables are dropped); not
+    readable now: the next points go without it."""
+    if not copy.has_table():
+        pairs[manifest.id] = (manifest, copy)
+        return
+    with contextlib.suppress(VmkeepError):
+        pairs[manifest.id] = (manifest, target.load_manifest(manifest.id))
 
 
 def _group_by_vm(points: Iterable[Manifest]) -> dict[str, list[Manifest]]:
@@ -355,9 +409,9 @@ def mirror(
             report.points.append(PointResult(m.id, m.vm_name, PRESENT))
         else:
             wanted.append(m)
-    mapping = id_translation(mine, theirs)
+    pairs = common_points(mine, theirs)
     for points in _group_by_vm(wanted).values():
-        report.points += _mirror_locked(source, target, options, mapping, points, present, progress)
+        report.points += _mirror_locked(source, target, options, pairs, points, present, progress)
     if options.retention is not None:
         copied = {p.point_id for p in report.points if p.status == COPIED}
         held = targets_own + [m for m in chosen if m.id in copied]
@@ -373,20 +427,24 @@ def _mirror_locked(
     source: Repository,
     target: Repository,
     options: MirrorOptions,
-    mapping: dict[bytes, bytes],
+    pairs: Pairs,
     points: list[Manifest],
     present: set[str],
     progress: Progress,
 ) -> list[PointResult]:
-    """One VM's points under its shared lock on the target, as a backup of it would hold."""
+    """One VM's points under its shared lock on the target, as a backup of it would hold.
+    `pairs`: the points both repositories hold (the twins of those copied)."""
     results: list[PointResult] = []
     try:
         with vm_backup_lock(target, _vm_of(points[0])) as lock, target.writing():
             listed = read_gc_mark(target.remote)  # before the chunks are listed
             target.refresh_index()
-            known = {chunk_id for chunk_id, _ in target.list_chunks()}
-            copier = PointCopier(source, target, options, mapping, known, progress)
-            results = mirror_vm(copier, points, present, lock, listed)
+            # Format 3: no set of every chunk of the target (its index answers).
+            known = None
+            if target.packed is None:
+                known = {chunk_id for chunk_id, _ in target.list_chunks()}
+            copier = PointCopier(source, target, options, known, progress)
+            results = mirror_vm(copier, points, present, lock, listed, pairs)
     except VmkeepError as exc:  # the lock (another backup or mirror of the VM), the listing
         progress.note(f"VM {points[0].vm_name}: {exc}")
         done = {r.point_id for r in results}

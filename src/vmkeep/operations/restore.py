@@ -212,9 +212,10 @@ def restore_disk(
     decoded, whatever the disk size. A format 3 repository on an object store is read in
     groups of a pack's worth instead (restore_groups.py, restore_parts.py), its fetch
     threads following the window rather than `threads`."""
+    walked: dict[int, bytes] = {}  # IDs the walk read, until their group is sorted
     if current is None:  # a new disk starts as holes: only the chunks with data
-        wanted: Iterable[int] = (i for i, _ in index.entries())
-        total = index.nonzero_bytes()
+        wanted: Iterable[int] = _walk(index, walked)
+        total = index.nonzero_bytes()  # a table's from its head (FORMAT.md §5.5): no walk
     else:  # in place: also every chunk the current disk has data in (it may need zeroing)
         spans = ((e.offset, e.length) for e in current.extents() if e.data)
         data = chunks_touched(spans, index.size, index.chunk_size)
@@ -223,11 +224,13 @@ def restore_disk(
         total = covered_bytes(ranges, index.size, index.chunk_size)
     progress.start(label, total)
 
-    def sort(group: list[int]) -> _Fetched:
-        """I/O: which chunks to write and to zero (in place: those the disk does not hold)."""
+    def sort(group: list[int]) -> tuple[_Fetched, list[bytes]]:
+        """I/O: which chunks to write and to zero (in place: those the disk does not hold),
+        and the IDs of those to write."""
         out = _Fetched([], [], 0, 0, None)
+        ids: list[bytes] = []
         for i in group:
-            chunk_id, length = index.chunk_id(i), index.chunk_length(i)
+            chunk_id, length = walked.pop(i, None) or index.chunk_id(i), index.chunk_length(i)
             out.covered += length
             out.restored += length if chunk_id != ZERO_ID else 0
             if current is not None:
@@ -236,24 +239,27 @@ def restore_disk(
                 del now
                 if same:
                     continue
-            (out.zero if chunk_id == ZERO_ID else out.write).append(i)
-        return out
+            if chunk_id == ZERO_ID:
+                out.zero.append(i)
+            else:
+                out.write.append(i)
+                ids.append(chunk_id)
+        return out, ids
 
     def fetch(group: list[int]) -> _Fetched:
         """I/O: what the current disk already holds (in place), then the chunks' raw bytes."""
-        out = sort(group)
+        out, ids = sort(group)
         if out.write:
             with span("fetch"):
-                out.raw = repo.fetch_chunks([index.chunk_id(i) for i in out.write], buffers)
+                out.raw = repo.fetch_chunks(ids, buffers)
         return out
 
     def fetch_packs(group: PackGroup) -> _Fetched:
         """As `fetch`, for a group of a pack's worth planned ahead (restore_groups.py)."""
         assert repo.packed is not None
-        out = sort(group.indexes)
+        out, ids = sort(group.indexes)
         if out.write:
             with span("fetch"):
-                ids = [index.chunk_id(i) for i in out.write]
                 out.raw = restore_groups.fetch_group(repo.packed, group, ids)
         return out
 
@@ -291,10 +297,10 @@ def restore_disk(
 
     def fetch_part(part: Part) -> _Fetched:
         """As `fetch`, for a part of a group whose GET its parts share (restore_parts.py)."""
-        out = sort(part.indexes)
+        out, ids = sort(part.indexes)
         if out.write:
             with span("fetch"):
-                out.raw = part.fetch([index.chunk_id(i) for i in out.write])
+                out.raw = part.fetch(ids)
         return out
 
     def size(got: _Fetched) -> int:
@@ -335,6 +341,14 @@ def restore_disk(
             progress.advance(done.covered)
     progress.finish()
     return restored, written
+
+
+def _walk(index: DiskIndex, walked: dict[int, bytes]) -> Iterator[int]:
+    """The indexes of the chunks with data, their IDs left in `walked` for the fetch: a
+    table is walked once (chunk_id by index would read each piece again)."""
+    for i, chunk_id in index.entries():
+        walked[i] = chunk_id
+        yield i
 
 
 def read_buffers(repo: Repository, window: int) -> ReadBuffers | None:

@@ -206,6 +206,11 @@ class DiskIndex:
         return {chunk_id for _, chunk_id in self.entries()}
 
     def nonzero_bytes(self) -> int:
+        """Bytes of the chunks that are not all zeros: a table's from its head when written
+        there (FORMAT.md §5.5), else counted by a walk."""
+        known = self.table.data_bytes if self.table is not None else None
+        if known is not None and known <= self.size:
+            return known
         return sum(self.chunk_length(i) for i, _ in self.entries())
 
 

@@ -9,7 +9,7 @@ from vmkeep.errors import IntegrityError, NotFoundError
 from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.progress import Progress, SilentProgress
 
-from .manifest import Manifest
+from .manifest import DiskIndex, Manifest
 from .repository import ManifestProblem, Repository
 
 # Manifest objects being read at once, by their listed sizes: decoding one takes ~2.3x its
@@ -90,5 +90,25 @@ def feed_referenced(
 
 
 def _feed_disks(manifest: Manifest, sink: Callable[[Iterable[bytes]], None]) -> None:
-    for disk in manifest.disks:
-        sink(chunk_id for _, chunk_id in disk.entries())
+    for number, disk in enumerate(manifest.disks):
+        claimed = disk.table.data_bytes if disk.table is not None else None
+        if claimed is None:
+            sink(chunk_id for _, chunk_id in disk.entries())
+            continue
+        walked = [0, -1]  # non-zero chunks, the last one's index
+
+        def ids(disk: DiskIndex = disk, walked: list[int] = walked) -> Iterator[bytes]:
+            for index, chunk_id in disk.entries():
+                walked[0] += 1
+                walked[1] = index
+                yield chunk_id
+
+        sink(ids())
+        counted = walked[0] * disk.chunk_size
+        if walked[1] == disk.chunk_count - 1:
+            counted -= disk.chunk_size - disk.chunk_length(walked[1])  # the short last chunk
+        if counted != claimed:  # the head's summary (FORMAT.md §5.5) disagrees with its table
+            raise IntegrityError(
+                f"manifest {manifest.id} is corrupt: disk {number}'s table holds {counted} "
+                f"bytes of data, its head says {claimed}"
+            )

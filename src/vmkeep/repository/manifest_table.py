@@ -166,6 +166,7 @@ class IdTable(Protocol):
     backup's table being built in a file (table_builder.FileTable)."""
 
     stored: int  # stored IDs (FileTable: the entries of its ranges, an upper bound)
+    data_bytes: int | None  # bytes of its non-zero chunks when the head says (else None)
 
     def iter_runs(self) -> Iterator[Run]: ...
 
@@ -196,6 +197,7 @@ class TableReader:
         self._point = point_id
         self._disk = disk
         self.stored, self.pieces = directory
+        self.data_bytes: int | None = None  # the head's `data_bytes`, set by the decoder
         self._firsts = [p.first for p in self.pieces]
         self._chunk_count = chunk_count
         self._cache: list[tuple[int, RunLookup]] = []
@@ -232,3 +234,38 @@ class TableReader:
         with self._lock:
             self._cache = [(number, lookup), *self._cache][:PIECES_CACHED]
         return lookup.get(index)
+
+
+class DataBytes:
+    """Counts the bytes of a disk's non-zero chunks while its runs are written, for the
+    table's optional `data_bytes` (FORMAT.md §5.5): listings and a restore's progress total
+    then need no walk of the table."""
+
+    def __init__(self, size: int, chunk_size: int) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.total = 0
+
+    def walk(self, runs: Iterable[Run]) -> Iterator[Run]:
+        for first, ids in runs:
+            self.total += self.run_bytes(first, ids)
+            yield first, ids
+
+    def run_bytes(self, first: int, ids: bytes) -> int:
+        count = nonzero = len(ids) // ID_SIZE
+        if ZERO_ID in ids:  # rare: short stretches of zero IDs kept inside a run
+            nonzero -= sum(ids[k * ID_SIZE : (k + 1) * ID_SIZE] == ZERO_ID for k in range(count))
+        total = nonzero * self.chunk_size
+        end = (first + count) * self.chunk_size
+        if end > self.size and ids[-ID_SIZE:] != ZERO_ID:
+            total -= end - self.size  # the short last chunk
+        return total
+
+
+def parse_data_bytes(table: object, size: int) -> int | None:
+    """The table's optional `data_bytes` when present and within the disk, else None (an
+    older writer's object: the table is walked to count them)."""
+    value = table.get("data_bytes") if isinstance(table, dict) else None
+    if type(value) is not int or not 0 <= value <= size:
+        return None
+    return value

@@ -34,10 +34,12 @@ from .manifest_body import DiskParts, compressed_body
 from .manifest_table import (
     TABLE_OBJECT_VERSION,
     TAIL,
+    DataBytes,
     IdTable,
     ReadRange,
     TableReader,
     TableWriter,
+    parse_data_bytes,
     parse_directory,
 )
 
@@ -60,7 +62,9 @@ def write_object(sealer: Sealer, manifest: Manifest, out: BinaryIO) -> int:
     parts: list[DiskParts] = []
     for number, disk in enumerate(manifest.disks):
         if disk.needs_table():
-            table = writer.write_disk(number, disk.iter_runs())
+            data = DataBytes(disk.size, disk.chunk_size)
+            table = writer.write_disk(number, data.walk(disk.iter_runs()))
+            table["data_bytes"] = data.total  # optional (FORMAT.md §5.5): listings need no walk
             parts.append((dict(disk_fields(disk), table=table), None))
         else:
             parts.append((disk_fields(disk), disk.runs))
@@ -159,6 +163,8 @@ def decode_object(
     def tables(disk: int, table: object, count: int) -> IdTable:
         where = f"{what}: disk {disk}"
         directory = parse_directory(table, count, (HEADER_SIZE, start), where)
-        return TableReader(read, sealer, header, point_id, disk, directory, count)
+        reader = TableReader(read, sealer, header, point_id, disk, directory, count)
+        reader.data_bytes = parse_data_bytes(table, count * chunk_size)
+        return reader
 
     return open_document(sealer, point_id, header, [sealed], chunk_size, tables)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from vmkeep.errors import IntegrityError, NotFoundError
-from vmkeep.parallel import io_threads, ordered_map
 from vmkeep.remotes.base import Remote
 
 from .blob_index import INDEX_PREFIX, BlobIndex, LoadedIndex, index_id_of_name, load_index
@@ -23,6 +22,7 @@ from .crypto import Sealed, Sealer
 from .format import ZERO_ID
 from .limits import get_bounded
 from .pack_writer import PackWriter
+from .packed_missing import missing_packed
 from .packs import BlobEntry, pack_object_name
 from .read_buffers import Lease, aligned_span
 
@@ -308,34 +308,9 @@ class PackedStore:
 
     def missing_chunks(self, chunk_ids: Iterable[bytes]) -> list[bytes]:
         """After a gc may have overlapped: flush, re-read the index, and return the chunks
-        whose recipe or any block is no longer indexed in a pack that exists."""
-        self.flush()
-        self.reload()
-        ids = list(chunk_ids)
-
-        def packs_of(chunk_id: bytes) -> set[bytes] | None:
-            try:
-                _, blocks = self.recipe_of(chunk_id)
-            except IntegrityError:
-                return None
-            index = self.index()
-            recipe = index.get(KIND_RECIPE, chunk_id)
-            entries = [index.get(KIND_BLOCK, b) for b in set(blocks) - {ZERO_ID}]
-            if recipe is None or any(e is None for e in entries):
-                return None
-            return {recipe.pack} | {e.pack for e in entries if e is not None}
-
-        threads = io_threads(self.remote.url)
-        needs = dict(zip(ids, ordered_map(packs_of, ids, threads), strict=True))
-        packs = sorted({p for s in needs.values() if s for p in s})
-        exists = dict(
-            zip(
-                packs,
-                ordered_map(lambda p: self.remote.stat(pack_object_name(p)) is not None, packs),
-                strict=True,
-            )
-        )
-        return [c for c, s in needs.items() if s is None or not all(exists[p] for p in s)]
+        whose recipe or any block is no longer indexed in a pack that exists (in batches:
+        packed_missing.py)."""
+        return missing_packed(self, chunk_ids)
 
 
 class RecipePacks:

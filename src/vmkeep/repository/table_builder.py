@@ -37,6 +37,7 @@ class FileTable:
             self._bases.append(total)
             total += stop - start
         self.stored = total
+        self.data_bytes: int | None = None  # not counted while building
 
     def close(self) -> None:
         self._file.close()
@@ -70,6 +71,23 @@ class FileTable:
         if position is None:
             raise IndexError(f"chunk {index} is outside the index's ranges")
         os.pwrite(self._fd, chunk_id, position * ID_SIZE)
+
+    def set_many(self, entries: list[tuple[int, bytes]]) -> None:
+        """set() of (index, ID) pairs in increasing index order, one pwrite per stretch of
+        consecutive places (a mirror places a batch of IDs at once)."""
+        start, buf = -1, bytearray()
+        for index, chunk_id in entries:
+            position = self._position(index)
+            if position is None:
+                raise IndexError(f"chunk {index} is outside the index's ranges")
+            if buf and position != start + len(buf) // ID_SIZE:
+                os.pwrite(self._fd, buf, start * ID_SIZE)
+                buf = bytearray()
+            if not buf:
+                start = position
+            buf += chunk_id
+        if buf:
+            os.pwrite(self._fd, buf, start * ID_SIZE)
 
     def put_run(self, first: int, ids: bytes) -> None:
         """Copy a run in (it must lie inside one range: the ranges were made to cover it)."""
