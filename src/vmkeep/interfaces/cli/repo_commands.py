@@ -38,8 +38,8 @@ FormatOpt = typer.Option(
     None,
     "--format",
     help="Repository format: 3 (the default: blocks in pack objects, small deltas for "
-    'scattered writes; docs/DATA-PATH.md "Format 3") or 1/2 (one object per chunk; the '
-    "default for a --chunk-size other than 4M and for retention locks).",
+    'scattered writes; docs/DATA-PATH.md "Format 3", retention locks included) or 1/2 (one '
+    "object per chunk; 2 is the default for a --chunk-size other than 4M).",
 )
 BlockSizeOpt = typer.Option(
     None,
