@@ -37,7 +37,7 @@ from vmkeep.errors import (
 from .base import ObjectStat
 from .object_lock import LockPolicy, ProtectStats, is_locked_name
 from .s3_errors import error_code, http_status, is_transient, one_line, s3_error
-from .s3_file_put import put_file
+from .s3_file_put import put_file, put_if_absent
 from .s3_listing import listed_entries, register_fast_listing
 from .s3_lock import S3LockSupport
 
@@ -206,32 +206,16 @@ class S3Remote:
                 raise ObjectExistsError(f"object {name} already exists")
             self._run("writing", name, lambda: self._put(key, data, None))
             return
-        failed_once = False
-
-        def attempt() -> None:
-            nonlocal failed_once
-            try:
-                self._put(key, data, "*")
-            except (ClientError, BotoCoreError) as exc:
-                failed_once = failed_once or is_transient(exc)
-                raise
-
-        try:
-            self._retry(attempt)
-        except ClientError as exc:
-            code, status = error_code(exc), http_status(exc)
-            if code == "PreconditionFailed" or status == 412:
-                if failed_once and self._holds(key, data):
-                    return  # our own earlier attempt landed before its answer was lost
-                raise ObjectExistsError(f"object {name} already exists") from exc
-            if code == "NotImplemented" or status == 501:
-                with self._lock:
-                    self._conditional_put = False  # the server cannot: check, then write
-                self.put(name, data, overwrite=False)
-                return
-            raise self._error(exc, "writing", name) from exc
-        except BotoCoreError as exc:
-            raise self._error(exc, "writing", name) from exc
+        stored = put_if_absent(
+            self,
+            name,
+            lambda: self._put(key, data, "*"),
+            lambda: self.etag_of(key) == hashlib.md5(data, usedforsecurity=False).hexdigest(),
+        )
+        if not stored:
+            with self._lock:
+                self._conditional_put = False  # the server cannot: check, then write
+            self.put(name, data, overwrite=False)
 
     # What s3_file_put.py (a create-if-absent PUT streamed from a file) needs of this class.
 
@@ -273,15 +257,6 @@ class S3Remote:
             args["ObjectLockRetainUntilDate"] = until
             self._locks.remember(name, until)
         self._client.put_object(**args)
-
-    def _holds(self, key: str, data: bytes) -> bool:
-        """Whether the object's ETag is the MD5 of `data` (true for single-part plain PUTs)."""
-        try:
-            head = self._retry(lambda: self._client.head_object(Bucket=self.bucket, Key=key))
-        except (ClientError, BotoCoreError):
-            return False
-        etag = str(head.get("ETag", "")).strip('"')
-        return etag == hashlib.md5(data, usedforsecurity=False).hexdigest()
 
     def flush(self) -> None:
         """A PutObject is durable when it returns: nothing to do."""

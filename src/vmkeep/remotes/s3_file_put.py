@@ -44,13 +44,27 @@ def put_file(remote: FilePutter, name: str, file: BinaryIO, size: int) -> bool:
     if not remote.conditional_puts or size > MAX_SINGLE_PUT:
         return False
     key = remote.key_of(name)
+
+    def send() -> None:
+        file.seek(0)
+        remote.put_body(key, file, "*")
+
+    return put_if_absent(remote, name, send, lambda: remote.etag_of(key) == _md5(file))
+
+
+def put_if_absent(
+    remote: FilePutter, name: str, send: Callable[[], None], landed: Callable[[], bool]
+) -> bool:
+    """One create-if-absent PUT (`send`, retried on transient errors): True when stored,
+    False when the server cannot write conditionally (501; the caller checks, then writes).
+    A refusal after a failed attempt is ours when `landed` says the object holds our bytes
+    (an earlier attempt stored it and its answer was lost); else ObjectExistsError."""
     failed_once = False
 
     def attempt() -> None:
         nonlocal failed_once
-        file.seek(0)
         try:
-            remote.put_body(key, file, "*")
+            send()
         except (ClientError, BotoCoreError) as exc:
             failed_once = failed_once or is_transient(exc)
             raise
@@ -60,11 +74,11 @@ def put_file(remote: FilePutter, name: str, file: BinaryIO, size: int) -> bool:
     except ClientError as exc:
         code, status = error_code(exc), http_status(exc)
         if code == "PreconditionFailed" or status == 412:
-            if failed_once and remote.etag_of(key) == _md5(file):
+            if failed_once and landed():
                 return True  # our own earlier attempt landed before its answer was lost
             raise ObjectExistsError(f"object {name} already exists") from exc
         if code == "NotImplemented" or status == 501:
-            return False  # put() learns the same and checks, then writes
+            return False
         raise remote.error_of(exc, "writing", name) from exc
     except BotoCoreError as exc:
         raise remote.error_of(exc, "writing", name) from exc
