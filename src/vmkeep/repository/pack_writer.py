@@ -1,5 +1,6 @@
 """The thread-safe packer of a format 3 repository: workers append encoded blobs to open
-packs; the worker that fills a pack uploads it, outside the lock; `flush` uploads the
+packs; the worker that fills a pack hands it to the uploader threads, and while as many
+packs as they can take and one more wait to be stored, every add waits; `flush` uploads the
 partial packs, then writes the index objects of everything uploaded since the last flush
 (packs durable before the index that names them, the index before any manifest). An index
 object is also written as soon as a whole one's worth of blobs is uploaded, so what waits
@@ -48,9 +49,10 @@ class _OpenPack:
 
 
 class PackWriter:
-    """Memory: one open pack per kind plus the packs being uploaded (at most one per worker
-    thread), each about `pack_size`. A failed upload poisons the writer: every later add or
-    flush raises, so no manifest can name a blob whose pack never arrived."""
+    """Memory: one open pack per kind plus at most `uploaders` + 1 closed ones, each about
+    `pack_size`, whatever the number of threads that add. A failed upload poisons the
+    writer: every later add or flush raises, so no manifest can name a blob whose pack never
+    arrived."""
 
     def __init__(
         self,
@@ -82,16 +84,19 @@ class PackWriter:
         self.index_names: list[str] = []  # every index object this writer wrote
         self.pack_ids: set[bytes] = set()  # every pack this writer wrote
         # Full packs upload on threads of their own, so the workers go on reading and
-        # encoding (I/O no longer comes in bursts of a pack); at most `uploaders` packs are in
-        # flight and one more waits, so memory stays bounded.
+        # encoding (I/O no longer comes in bursts of a pack). At most `uploaders` packs are
+        # in flight and one more waits; while that many are queued, every add waits (not the
+        # worker that closed a pack holding it: with 8 workers each could hold one, 12 packs
+        # of 16 MiB in memory), so memory stays bounded whatever the worker count.
         self.uploaders = max(2, io_threads(remote.url) // 2)
-        self._slots = threading.Semaphore(self.uploaders + 1)
+        self._queued = 0  # packs closed and not yet stored (or dropped)
+        self._room = threading.Condition(self._lock)
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: list[Future[None]] = []
         # Direct writes (a local remote on ext4, XFS or Btrfs): block packs are assembled in
-        # page-aligned buffers, reused: one open, one closed (its worker waits for a slot),
-        # the slots'; with none free, a pack is assembled as pieces (never waits; with one
-        # buffer less, 2 to 4 of a 2 GiB backup's 43 packs were). Off once the remote refuses.
+        # page-aligned buffers, reused: one open, the closed ones (at most uploaders + 1) and
+        # a spare; with none free, a pack is assembled as pieces (never waits; with one buffer
+        # less, 2 to 4 of a 2 GiB backup's 43 packs once were). Off once the remote refuses.
         self._buffer_size = buffer_size
         self._buffer_count = self.uploaders + 3
         self._direct = (
@@ -138,6 +143,8 @@ class PackWriter:
         ready: list[_OpenPack] = []
         copies: list[tuple[int, bytes | Sealed]] = []
         with self._lock:
+            while self._queued > self.uploaders and self._failed is None:
+                self._room.wait()  # backpressure: the uploads are behind
             self._check()
             index = self._index()
             fresh = generation == self.generation
@@ -197,6 +204,7 @@ class PackWriter:
         if self._open.get(pack.kind) is pack:
             del self._open[pack.kind]
         pack.closed = True
+        self._queued += 1  # counted from here: held in memory until stored
         return [pack] if pack.copying == 0 else []
 
     def _copy_in(
@@ -226,18 +234,20 @@ class PackWriter:
     def _submit(self, pack: _OpenPack) -> None:
         if self._failed is not None:
             self._release(pack)  # an assembly failed: nothing to upload
+            self._gone()
             return
-        self._slots.acquire()  # backpressure: a worker waits while too many packs are in flight
-        try:
-            with self._lock:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self.uploaders, "vmkeep-pack")
-                future = self._pool.submit(self._upload, pack)
-                self._inflight.append(future)
-        except BaseException:
-            self._slots.release()
-            raise
-        future.add_done_callback(lambda _: self._slots.release())
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.uploaders, "vmkeep-pack")
+            future = self._pool.submit(self._upload, pack)
+            self._inflight.append(future)
+        future.add_done_callback(lambda _: self._gone())
+
+    def _gone(self) -> None:
+        """A closed pack stored, or dropped (the writer is poisoned then): adds may go on."""
+        with self._lock:
+            self._queued -= 1
+            self._room.notify_all()
 
     def _drain(self) -> None:
         """Wait for every pack in flight; the first failure raises."""
@@ -372,6 +382,7 @@ class PackWriter:
     def _poison(self, reason: str) -> None:
         with self._lock:
             self._failed = self._failed or reason
+            self._room.notify_all()  # adds waiting for room: they raise now
 
     def _check(self) -> None:
         if self._failed is not None:

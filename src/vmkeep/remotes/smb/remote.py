@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, TypeVar
 
 from vmkeep.errors import NotFoundError, ObjectExistsError, RemoteError, UsageError
 
 from ..base import ObjectStat
+from ..parts_reader import PartsReader
 from .files import TEMP_PREFIX, Body, ShareFiles, join
 from .messages import DirEntry
 from .pool import Pool
@@ -135,6 +136,22 @@ class SmbRemote:
         def piece(offset: int, length: int) -> bytes:
             return os.pread(fd, length, offset)
 
+        self._put(name, (size, piece), False, self._holds(name, size, piece))
+        return True
+
+    def put_parts(self, name: str, parts: Sequence[bytes | memoryview]) -> None:
+        """An object made of `parts` (a data pack), each WRITE's bytes taken from them: they
+        are never joined into one buffer."""
+        body = PartsReader(parts)
+        size = len(body)
+        self._put(name, (size, body.read_at), True, self._holds(name, size, body.read_at))
+
+    def _holds(
+        self, name: str, size: int, piece: Callable[[int, int], bytes]
+    ) -> Callable[[ShareFiles, str], bool]:
+        """Whether the object at a path holds exactly `size` bytes as `piece` gives them,
+        compared 4 MiB at a time."""
+
         def same(files: ShareFiles, path: str) -> bool:
             step = 4 << 20
             for at in range(0, size, step):
@@ -143,8 +160,7 @@ class SmbRemote:
                     return False
             return self._read(files, path, name, size, 1) == b""
 
-        self._put(name, (size, piece), False, same)
-        return True
+        return same
 
     def _put(
         self,

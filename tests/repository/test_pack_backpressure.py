@@ -1,0 +1,151 @@
+"""A format 3 packer holds a bounded number of packs whatever the number of threads adding to
+it: while the uploads are behind, every add waits, instead of each thread that closed a pack
+waiting with it (a backup's 8 workers then held 8 packs more: a full backup to S3 peaked at
+410-430 MiB; tests/hostile/test_bounded_memory_remotes.py measures the real CLI)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import PASSPHRASE
+from tests.repository.test_packs import packed_repo
+from vmkeep.errors import RepositoryError
+from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository.repository import Repository
+
+MiB = 1 << 20
+PACK = MiB
+CHUNK = 256 << 10  # random: 4 chunks fill a pack, as a backup's ~4 fill one of 16 MiB
+THREADS = 6
+CHUNKS_EACH = 12
+
+
+class StalledRemote(LocalRemote):
+    """A local remote whose pack writes wait until `go` is set (a slow server), counting the
+    writes that started; `fail` makes them fail once let go."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.go = threading.Event()
+        self.fail = False
+        self.started = 0
+        self._count = threading.Lock()
+
+    def _stall(self) -> None:
+        with self._count:
+            self.started += 1
+        assert self.go.wait(30)
+        if self.fail:
+            raise OSError("the server went away")
+
+    def put_parts(self, name: str, parts: Sequence[bytes], *, overwrite: bool = True) -> None:
+        if name.startswith("packs/"):
+            self._stall()
+        super().put_parts(name, parts, overwrite=overwrite)
+
+    def put_direct(self, name: str, head: memoryview, tail: Sequence[bytes]) -> bool:
+        self._stall()
+        return super().put_direct(name, head, tail)
+
+
+def _stalled_repo(tmp_path: Path) -> tuple[Repository, StalledRemote]:
+    packed_repo(tmp_path / "r", pack_size=PACK)
+    remote = StalledRemote(str(tmp_path / "r"))
+    return Repository.open(remote, lambda: PASSPHRASE), remote
+
+
+def _adders(
+    repo: Repository, datas: list[list[bytes]], errors: list[BaseException]
+) -> list[threading.Thread]:
+    def add(mine: list[bytes]) -> None:
+        try:
+            for data in mine:
+                repo.put_chunk(repo.chunk_id(data), data, 1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(d,)) for d in datas]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _counted(repo: Repository) -> list[int]:
+    """The bytes of blobs handed to `repo`'s packer so far (one number, updated), counted as
+    an add begins: an add may wait, holding them."""
+    assert repo.packed is not None
+    writer = repo.packed.writer
+    real_add = writer.add
+    total = [0]
+
+    def add(kind: int, blobs: Sequence[tuple[bytes, Any]], *args: Any) -> int:
+        total[0] += sum(len(data) for _, data in blobs)
+        return real_add(kind, blobs, *args)
+
+    writer.add = add  # type: ignore[method-assign]
+    return total
+
+
+def _settled(remote: StalledRemote, held: list[int]) -> None:
+    """Wait until the threads have done all they can while the uploads are stalled."""
+    last = (-1, -1)
+    for _ in range(100):
+        now = (remote.started, held[0])
+        if now == last:
+            return
+        last = now
+        time.sleep(0.3)
+
+
+def test_threads_wait_while_the_uploads_are_behind(tmp_path: Path) -> None:
+    repo, remote = _stalled_repo(tmp_path)
+    assert repo.packed is not None
+    uploaders = repo.packed.writer.uploaders
+    held = _counted(repo)
+    rng = random.Random(5)
+    datas = [[rng.randbytes(CHUNK) for _ in range(CHUNKS_EACH)] for _ in range(THREADS)]
+    errors: list[BaseException] = []
+    threads = _adders(repo, datas, errors)
+    _settled(remote, held)
+    # The uploaders are busy, one pack more waits for them, one is open, and each thread holds
+    # at most the chunk it was adding: without the wait every thread would hold a closed pack
+    # of its own as well (9-10 MiB here).
+    assert remote.started == uploaders
+    bound = (uploaders + 2) * PACK + THREADS * CHUNK
+    assert (uploaders + 1) * PACK <= held[0] <= bound, (held[0] / MiB, uploaders)
+    assert all(t.is_alive() for t in threads)
+    remote.go.set()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    repo.flush_chunks()
+    again = Repository.open(LocalRemote(str(tmp_path / "r")), lambda: PASSPHRASE)
+    for data in (d for mine in datas for d in mine):
+        assert again.get_chunk(again.chunk_id(data)) == data
+
+
+def test_waiting_threads_fail_when_an_upload_fails(tmp_path: Path) -> None:
+    repo, remote = _stalled_repo(tmp_path)
+    assert repo.packed is not None
+    rng = random.Random(6)
+    datas = [[rng.randbytes(CHUNK) for _ in range(CHUNKS_EACH)] for _ in range(THREADS)]
+    errors: list[BaseException] = []
+    held = _counted(repo)
+    threads = _adders(repo, datas, errors)
+    _settled(remote, held)
+    remote.fail = True
+    remote.go.set()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)  # none left waiting for room
+    assert len(errors) == THREADS
+    assert all(isinstance(e, (RepositoryError, OSError)) for e in errors), errors
+    with pytest.raises(OSError, match="went away"):  # the flush raises the upload's failure
+        repo.flush_chunks()
