@@ -31,6 +31,9 @@ Ratios, each with its own basis:
     interpreter start-up, SDK client set-up and key derivation, which raw excludes too.
 Targets (issue 4): >= 80% of raw, and a speedup restic seconds / vmkeep seconds >= 1.
 
+Each vmkeep and restic step's peak RSS (the client's, from os.wait4) is printed beside its
+CPU: issue 15 wants < 300 MiB whatever the disk size.
+
 Evidence rows ("info", no target): the CPU ceiling, raw's CPU seconds (client + server) per MB
 over vmkeep's per stored MB. Client and server share this machine's 2 cores; when those are
 busy, a tool's speed is inverse to the CPU it costs per byte, so this is about the most
@@ -644,7 +647,7 @@ def remote_rows(r: dict[str, Any], size: int) -> tuple[list[dict[str, Any]], lis
         seconds: float | None,
         nbytes: int | None,
         basis: str,
-        cpu: tuple[float | None, float | None] = (None, None),
+        cpu: tuple[float | None, float | None, float | None] = (None, None, None),
     ) -> float | None:
         mbps = nbytes / 1e6 / seconds if seconds and nbytes is not None else None
         rows.append(
@@ -655,13 +658,19 @@ def remote_rows(r: dict[str, Any], size: int) -> tuple[list[dict[str, Any]], lis
                 "basis": basis,
                 "client_cpu_seconds": cpu[0],
                 "server_cpu_seconds": cpu[1],
+                "peak_rss_mib": cpu[2],
             }
         )
         return mbps
 
-    def cpu(tool: dict[str, Any], step: str) -> tuple[float | None, float | None]:
+    def cpu(tool: dict[str, Any], step: str) -> tuple[float | None, float | None, float | None]:
+        """The step's client and server CPU seconds and the client's peak RSS."""
         numbers = tool.get("steps", {}).get(step, {})
-        return numbers.get("cpu_seconds"), numbers.get("server_cpu_seconds")
+        return (
+            numbers.get("cpu_seconds"),
+            numbers.get("server_cpu_seconds"),
+            numbers.get("peak_rss_mib"),
+        )
 
     back = vk.get("steps", {}).get("backup", {}).get("seconds")
     rest = vk.get("steps", {}).get("restore", {}).get("seconds")
@@ -687,14 +696,14 @@ def remote_rows(r: dict[str, Any], size: int) -> tuple[list[dict[str, Any]], lis
         raw.get("write_seconds"),
         n,
         objects,
-        (raw.get("write_cpu_seconds"), raw.get("write_server_cpu_seconds")),
+        (raw.get("write_cpu_seconds"), raw.get("write_server_cpu_seconds"), None),
     )
     raw_r = add(
         "raw SDK read",
         raw.get("read_seconds"),
         n,
         objects,
-        (raw.get("read_cpu_seconds"), raw.get("read_server_cpu_seconds")),
+        (raw.get("read_cpu_seconds"), raw.get("read_server_cpu_seconds"), None),
     )
     rs_b = rs.get("steps", {}).get("backup", {}).get("seconds")
     rs_r = rs.get("steps", {}).get("restore", {}).get("seconds")
@@ -765,7 +774,8 @@ def print_report(result: dict[str, Any]) -> None:
             console.print(f"[yellow]{kind}: unavailable: {r['reason']}[/]")
             continue
         table = Table(title=f"{kind}: {r['server']}")
-        for col in ("measure", "seconds", "MB/s", "basis of MB/s", "client CPU s", "server CPU s"):
+        columns = ("measure", "seconds", "MB/s", "basis of MB/s", "client CPU s", "server CPU s")
+        for col in (*columns, "peak RSS MiB"):
             table.add_column(
                 col, justify="left" if col in ("measure", "basis of MB/s") else "right"
             )
@@ -777,6 +787,7 @@ def print_report(result: dict[str, Any]) -> None:
                 row["basis"],
                 fmt(row["client_cpu_seconds"], 1) if row["measure"] else "",
                 fmt(row["server_cpu_seconds"], 1) if row["measure"] else "",
+                fmt(row.get("peak_rss_mib"), 0) if row["measure"] else "",
             )
         console.print(table)
         table = Table(title=f"{kind}: vmkeep against raw and restic")

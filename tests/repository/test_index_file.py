@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from vmkeep.repository.blob_index import (
 )
 from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
 from vmkeep.repository.index_file import IndexFile, Merge, mac_key
+from vmkeep.repository.index_tiers import MAX_DELTAS
 from vmkeep.repository.packs import BlobEntry
 from vmkeep.repository.repository import Repository
 
@@ -167,23 +169,85 @@ def test_cache_off_uses_a_private_directory(
     assert list((tmp_path / "r" / INDEX_PREFIX).iterdir())  # the remote is untouched
 
 
-def test_added_blobs_spill_to_a_run_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The blobs a process adds go to a private run file every SPILL_AT: memory holds at
-    most SPILL_AT of them, and every one is still found (memory, run or the file)."""
+def test_added_blobs_spill_to_tiered_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blobs a process adds go to private files every SPILL_AT: memory holds fewer than
+    SPILL_AT of them, the files are tiered (a base and at most MAX_DELTAS deltas on disk, the
+    replaced ones unlinked and closed a spill later), each record is rewritten a bounded
+    number of times (one file merged at every spill: ~N/SPILL_AT / 2 times), and every blob
+    is still found."""
     monkeypatch.setattr(added_blobs, "SPILL_AT", 50)
+    written = [0]
+    real_finish = Merge.finish
+
+    def finish(self: Merge) -> IndexFile:
+        made = real_finish(self)
+        written[0] += made.count
+        return made
+
+    monkeypatch.setattr(Merge, "finish", finish)
     rng = random.Random(9)
     packs = [rng.randbytes(32) for _ in range(3)]
-    on_disk, added = random_entries(rng, 100, packs), random_entries(rng, 420, packs)
-    index = BlobIndex(merged(tmp_path / "index", None, [on_disk]), None, (tmp_path / "run", KEY))
-    for e in added:
+    on_disk, added = random_entries(rng, 100, packs), random_entries(rng, 5000, packs)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    index = BlobIndex(merged(tmp_path / "index", None, [on_disk]), None, (spill / "run", KEY))
+    written[0] = 0
+    for k, e in enumerate(added):
         index.add(e)
         assert index._added._mem.count < 50
-        assert len(index._added._retired) <= 1  # older runs closed: their space is freed
-    assert (tmp_path / "run").is_file()
+        if k % 97 == 0:
+            files = sorted(p.name for p in spill.iterdir())
+            assert len(files) <= MAX_DELTAS + 1, files
+            assert files == sorted(p.name for p, _ in index._added._files)
+            assert len(index._added._retired) <= MAX_DELTAS + 2
+            assert all(f.fd >= 0 for _, f in index._added._files)
+    assert (spill / "run").is_file()  # the base
+    assert written[0] <= 14 * len(added), written[0] / len(added)
     assert all(index.get(e.kind, e.blob_id) == e for e in on_disk + added)
     assert all((e.kind, e.blob_id) in index for e in added)
     assert (KIND_BLOCK, rng.randbytes(32)) not in index
     assert sorted(e.blob_id for e in index.entries()) == sorted(e.blob_id for e in on_disk + added)
+
+
+def test_added_blobs_found_while_other_threads_spill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread that fills the memory writes it out of the lock while others add and look
+    up: every blob whose add returned is found by every thread, before, during and after."""
+    monkeypatch.setattr(added_blobs, "SPILL_AT", 64)
+    rng = random.Random(11)
+    packs = [rng.randbytes(32) for _ in range(3)]
+    batches = [random_entries(rng, 1500, packs) for _ in range(4)]
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    added = added_blobs.AddedBlobs((spill / "run", KEY))
+    done: list[BlobEntry] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def adder(batch: list[BlobEntry]) -> None:
+        for k in range(0, len(batch), 7):
+            added.add_many(batch[k : k + 7])
+            done.extend(batch[k : k + 7])
+
+    def checker() -> None:
+        while not stop.is_set():
+            for e in list(done[-200:]):
+                if added.get(e.kind, e.blob_id, False) != e:
+                    failures.append(e.blob_id.hex())
+
+    threads = [threading.Thread(target=adder, args=(b,)) for b in batches]
+    check = threading.Thread(target=checker)
+    check.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stop.set()
+    check.join(60)
+    assert not failures
+    assert all(added.get(e.kind, e.blob_id) == e for b in batches for e in b)
+    assert len(added._files) >= 1 and added._view[1] is None
 
 
 def test_index_objects_are_written_before_the_flush(

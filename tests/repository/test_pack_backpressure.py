@@ -125,6 +125,12 @@ def test_threads_wait_while_the_uploads_are_behind(tmp_path: Path) -> None:
     for t in threads:
         t.join(60)
     assert not errors
+    writer = repo.packed.writer
+    for _ in range(100):  # the last uploads finishing
+        if not writer._queued:
+            break
+        time.sleep(0.1)
+    assert writer._inflight == set()  # stored packs' futures are not kept until the flush
     repo.flush_chunks()
     again = Repository.open(LocalRemote(str(tmp_path / "r")), lambda: PASSPHRASE)
     for data in (d for mine in datas for d in mine):

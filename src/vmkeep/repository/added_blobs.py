@@ -1,7 +1,13 @@
 """The blobs one process adds to a format 3 repository (its own packs, not yet in the
 on-disk index: their index objects are merged at the next open). Kept in memory up to
-SPILL_AT blobs, then merged into a private sorted run file of the index file's format, so
-the first backup of a huge disk does not hold an entry per new block in memory."""
+SPILL_AT blobs, then written to a private sorted file of the index file's format; those
+files are tiered as the on-disk index is (index_tiers.py): a base and a few deltas, joined
+when there are more than MAX_DELTAS, folded into the base once they hold 1/BASE_SHARE of
+it. So memory does not follow the backup's size (one dict entry per new block up to 8 GiB of
+them, ~19 MiB), each record is rewritten a number of times that grows with the logarithm of
+the backup's size (a single file merged at every spill was rewritten whole each time:
+quadratic), and a lookup probes at most MAX_DELTAS + 2 files, most deltas' misses without a
+read (their tables are spread)."""
 
 from __future__ import annotations
 
@@ -14,9 +20,14 @@ from vmkeep.errors import IntegrityError
 
 from .blobs import KIND_BLOCK, KIND_RECIPE, KINDS
 from .index_file import Damaged, IndexFile, Merge
+from .index_tiers import DELTA_SPREAD, Tiers, new_delta_path, tier_step
 from .packs import BlobEntry
 
-SPILL_AT = 1 << 19  # ~75 MiB of dict entries; a run rewrite per 512 Ki blobs (32 GiB of blocks)
+# ~140 bytes of dict entry per blob: 128 Ki blobs (8 GiB of new 64 KiB blocks) is ~19 MiB.
+# 512 Ki (~75 MiB) took a local full backup of 32 GiB of data to 300 MiB peak RSS. Smaller
+# costs CPU: each record is written ~1 + 4-16 times over (the tiers' merges, ~1.2 us a
+# record), which a backup of less than 8 GiB of new blocks never pays (docs/DATA-PATH.md).
+SPILL_AT = 1 << 17
 _BITS = 32
 
 
@@ -48,13 +59,18 @@ class _Memory:
 
 class AddedBlobs:
     """Thread-safe adds and lookups; `spill` (a path in a private directory, and the MAC key)
-    enables the run file."""
+    enables the files. A full memory generation is frozen and written by the thread that
+    filled it, outside the lock, while the others go on adding to a new one (a fold holds
+    the lock for no one: measured, a fold under the lock stalled the uploads)."""
 
     def __init__(self, spill: tuple[Path, bytes] | None = None) -> None:
         self._spill = spill
         self._mem = _Memory()
-        self._run: IndexFile | None = None
-        self._retired: list[IndexFile] = []  # the run before: a lookup may still read it
+        self._files: list[tuple[Path, IndexFile]] = []  # the base (if any) first, then deltas
+        # What a lookup reads, swapped as one: every blob is in the memory, the frozen memory
+        # being written, or the files.
+        self._view: tuple[_Memory, _Memory | None, Tiers] = (self._mem, None, Tiers([]))
+        self._retired: list[IndexFile] = []  # replaced a spill ago: a lookup may still read
         self._lock = threading.Lock()
 
     def add(self, entry: BlobEntry) -> None:
@@ -62,9 +78,10 @@ class AddedBlobs:
 
     def add_many(self, entries: Iterable[BlobEntry]) -> None:
         """One lock for a pack's blobs (an upload adds hundreds at once)."""
+        frozen, spill = None, self._spill
         with self._lock:
+            mem = self._mem
             for entry in entries:
-                mem = self._mem
                 number = mem.pack_numbers.get(entry.pack)
                 if number is None:
                     number = mem.pack_numbers[entry.pack] = len(mem.packs)
@@ -72,33 +89,70 @@ class AddedBlobs:
                 packed = (number << (2 * _BITS)) | (entry.offset << _BITS) | entry.length
                 if mem.maps[entry.kind].setdefault(entry.blob_id, packed) == packed:
                     mem.count += 1
-                if mem.count >= SPILL_AT and self._spill is not None:
-                    self._spill_memory(*self._spill)
+            _, writing, tiers = self._view
+            if mem.count >= SPILL_AT and spill is not None and writing is None:
+                frozen, self._mem = mem, _Memory()
+                self._view = (self._mem, frozen, tiers)
+        if frozen is not None and spill is not None:
+            self._write(frozen, *spill)
 
-    def _spill_memory(self, path: Path, key: bytes) -> None:
-        """The memory generation merged into the run file; the new run is installed before
-        the memory is emptied, so a lookup sees every blob in one or the other."""
-        merge = Merge(path, key, self._run, set())
-        merge.add_source(os.urandom(32), self._mem.entries())
-        run = merge.finish()
-        for old in self._retired:  # replaced a spill ago (minutes): no lookup still reads it
-            old.close()  # and its unlinked file's space is freed
-        self._retired = [self._run] if self._run is not None else []
-        self._run = run
-        self._mem = _Memory()
+    def _write(self, frozen: _Memory, path: Path, key: bytes) -> None:
+        """The frozen generation written as a new delta (the first: as the base), then the
+        files tiered; the new view is installed once they are written, so a lookup sees every
+        blob in one or the other. Replaced files are unlinked now, closed at the next spill."""
+        first = not self._files  # written as the base at once (no fold of a lone delta)
+        new_path = path if first else new_delta_path(path)
+        merge = Merge(new_path, key, None, set(), 1 if first else DELTA_SPREAD)
+        merge.add_source(os.urandom(32), frozen.entries())
+        written = [*self._files, (new_path, merge.finish())]
+        has_base = written[0][0] == path
+        base = written[0][1] if has_base else None
+        deltas = written[1:] if has_base else written
+        step = tier_step(base, [f for _, f in deltas])
+        files = written
+        if step == "fold":  # the deltas into the base
+            files = [(path, _merged(path, key, base, [f for _, f in deltas], 1))]
+        elif step == "join":
+            joined = new_delta_path(path)
+            one = (joined, _merged(joined, key, None, [f for _, f in deltas], DELTA_SPREAD))
+            files = [*written[: int(has_base)], one]
+        gone = [(p, f) for p, f in written if (p, f) not in files]
+        for p, _ in gone:
+            if p != path:  # a folded base was replaced by the rename
+                p.unlink(missing_ok=True)
+        with self._lock:
+            for old in self._retired:  # replaced a spill ago: no lookup still reads it
+                old.close()  # and its unlinked file's space is freed
+            self._retired = [f for _, f in gone]
+            self._files = files
+            self._view = (self._mem, None, Tiers([f for _, f in files]))
 
     def get(self, kind: int, blob_id: bytes, check_miss: bool = True) -> BlobEntry | None:
-        found = self._mem.get(kind, blob_id)
-        run = self._run
-        if found is not None or run is None:
+        mem, frozen, tiers = self._view
+        found = mem.get(kind, blob_id)
+        if found is None and frozen is not None:
+            found = frozen.get(kind, blob_id)
+        if found is not None or not tiers.files:
             return found
         try:
-            hit = run.find(kind, blob_id, check_miss)
+            hit = tiers.find(kind, blob_id, check_miss)
         except (Damaged, OSError) as exc:
             raise IntegrityError(f"this process's index of new blobs is damaged: {exc}") from exc
-        return None if hit is None else BlobEntry(kind, blob_id, run.packs[hit[1]], *hit[2:])
+        return None if hit is None else BlobEntry(kind, blob_id, *hit)
 
     def entries(self) -> Iterator[BlobEntry]:
-        if self._run is not None:
-            yield from self._run.entries()
-        yield from self._mem.entries()
+        mem, frozen, tiers = self._view
+        yield from tiers.entries()
+        if frozen is not None:
+            yield from frozen.entries()
+        yield from mem.entries()
+
+
+def _merged(
+    path: Path, key: bytes, base: IndexFile | None, files: list[IndexFile], spread: int
+) -> IndexFile:
+    """A file at `path` with the records of `base` and of `files` (renamed over `path`)."""
+    merge = Merge(path, key, base, set(), spread)
+    for f in files:
+        merge.add_file(f, set(f.sources))
+    return merge.finish()

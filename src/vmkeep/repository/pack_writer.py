@@ -92,7 +92,7 @@ class PackWriter:
         self._queued = 0  # packs closed and not yet stored (or dropped)
         self._room = threading.Condition(self._lock)
         self._pool: ThreadPoolExecutor | None = None
-        self._inflight: list[Future[None]] = []
+        self._inflight: set[Future[None]] = set()
         # Direct writes (a local remote on ext4, XFS or Btrfs): block packs are assembled in
         # page-aligned buffers, reused: one open, the closed ones (at most uploaders + 1) and
         # a spare; with none free, a pack is assembled as pieces (never waits; with one buffer
@@ -240,19 +240,23 @@ class PackWriter:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.uploaders, "vmkeep-pack")
             future = self._pool.submit(self._upload, pack)
-            self._inflight.append(future)
-        future.add_done_callback(lambda _: self._gone())
+            self._inflight.add(future)
+        future.add_done_callback(self._gone)
 
-    def _gone(self) -> None:
-        """A closed pack stored, or dropped (the writer is poisoned then): adds may go on."""
+    def _gone(self, upload: Future[None] | None = None) -> None:
+        """A closed pack stored, or dropped (the writer is poisoned then): adds may go on. A
+        stored pack's future is forgotten (a backup of 1 TiB uploads ~64 Ki packs); a failed
+        one stays for the flush to raise."""
         with self._lock:
             self._queued -= 1
             self._room.notify_all()
+            if upload is not None and upload.exception() is None:
+                self._inflight.discard(upload)  # gone already when a flush took them
 
     def _drain(self) -> None:
         """Wait for every pack in flight; the first failure raises."""
         with self._lock:
-            futures, self._inflight = self._inflight, []
+            futures, self._inflight = self._inflight, set()
         wait(futures)
         for future in futures:
             future.result()
