@@ -253,8 +253,9 @@ def test_added_blobs_found_while_other_threads_spill(
 def test_index_objects_are_written_before_the_flush(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A whole index object's worth of uploaded blobs is indexed at once, not at the final
-    flush: what waits for the flush, and the writer's set of blobs in flight, stay bounded."""
+    """INDEX_EVERY uploaded blobs are indexed at once, not at the final flush: what waits
+    for the flush, and the writer's set of blobs in flight, stay bounded."""
+    monkeypatch.setattr(pack_writer, "INDEX_EVERY", 8)
     monkeypatch.setattr(pack_writer, "MAX_INDEX_ENTRIES", 8)
     repo = Repository.init(
         LocalRemote(str(tmp_path / "r")),

@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import PASSPHRASE
 from tests.repository.test_packs import packed_repo
 from vmkeep.errors import RepositoryError
+from vmkeep.malloc_tuning import give_back_free_memory
 from vmkeep.remotes.local import LocalRemote
 from vmkeep.repository.repository import Repository
 
@@ -155,3 +156,12 @@ def test_waiting_threads_fail_when_an_upload_fails(tmp_path: Path) -> None:
     assert all(isinstance(e, (RepositoryError, OSError)) for e in errors), errors
     with pytest.raises(OSError, match="went away"):  # the flush raises the upload's failure
         repo.flush_chunks()
+
+
+def test_free_heap_memory_is_given_back_past_the_limit() -> None:
+    """malloc_tuning.give_back_free_memory trims only past its limit (a trim at every pack
+    cost seconds of system time)."""
+    assert not give_back_free_memory(1 << 40)  # far above this process: nothing done
+    held = [bytearray(1 << 20) for _ in range(64)]  # 64 MiB in the heap, then freed
+    del held
+    assert give_back_free_memory(1 << 20)  # this process is above 1 MiB: trimmed

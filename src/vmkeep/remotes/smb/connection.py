@@ -31,10 +31,10 @@ logging.getLogger("smbprotocol").addHandler(logging.NullHandler())
 _CREDIT_BYTES = 65536  # one SMB credit pays for 64 KiB of payload
 _WANTED_CREDITS = 512  # enough for several 8 MiB requests in flight on one connection
 
-# A WRITE's bytes are copied ~3 times by smbprotocol (message, transport, signing) while it
-# is in flight: Samba's 8 MiB WRITEs held ~48 MiB for two pack uploads. 4 MiB halves it;
-# a pack still takes 4 WRITEs (Windows itself writes 1 MiB at a time).
-MAX_WRITE = 4 << 20
+# A WRITE's or READ's bytes are copied ~3 times by smbprotocol (message, transport,
+# signing) while in flight: Samba's 8 MiB WRITEs held ~48 MiB for two pack uploads. 4 MiB
+# halves it; a pack still takes 4 of them (Windows itself moves 1 MiB at a time).
+MAX_WRITE = MAX_READ = 4 << 20
 
 
 class Conn:
@@ -97,7 +97,7 @@ class Conn:
         self.tree.connect()
         self.sid = self.session.session_id
         self.tid = self.tree.tree_connect_id
-        self.max_read = int(self.connection.max_read_size)
+        self.max_read = min(int(self.connection.max_read_size), MAX_READ)
         self.max_write = min(int(self.connection.max_write_size), MAX_WRITE)
         if self.connection.supports_multi_credit:
             self._ask_credits()
