@@ -1,5 +1,5 @@
-"""PartsReader (remotes/parts_reader.py): an object's pieces read as one stream, as an SDK
-reads a PUT's body (from the start, again for each retry, or once to checksum it first)."""
+"""remotes/parts_reader.py: an object's pieces read at any offset, and as one stream, as an
+SDK reads a PUT's body (from the start, again for each retry, or once to checksum it)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from botocore.exceptions import ConnectionClosedError
 
 from tests.remotes.test_s3 import prefix, remote, server  # noqa: F401 (fixtures)
 from vmkeep.remotes.base import put_parts
-from vmkeep.remotes.parts_reader import PartsReader
+from vmkeep.remotes.parts_reader import Parts, parts_file
 from vmkeep.remotes.s3 import S3Remote
 
 
@@ -31,15 +31,16 @@ def _parts(seed: int) -> list[bytes | memoryview]:
 def test_reads_equal_the_joined_parts(seed: int) -> None:
     parts = _parts(seed)
     whole = b"".join(parts)
-    reader = PartsReader(parts)
-    assert len(reader) == len(whole)
+    reader = parts_file(parts)
+    source = Parts(parts)
+    assert source.size == len(whole)
     assert reader.read() == whole
     assert reader.read(10) == b""  # at the end
     rng = random.Random(seed)
     for _ in range(20):
         at = rng.randrange(0, len(whole) + 5)
         n = rng.randrange(0, 9000)
-        assert reader.read_at(at, n) == whole[at : at + n]
+        assert source.pread(at, n) == whole[at : at + n]
         reader.seek(at)
         assert reader.read(n) == whole[at : at + n]
         assert reader.tell() == min(at + n, max(at, len(whole)))
@@ -50,7 +51,7 @@ def test_reads_equal_the_joined_parts(seed: int) -> None:
 
 def test_reading_in_small_pieces_as_http_client_does() -> None:
     parts = [os.urandom(10000), b"", memoryview(os.urandom(5000)), os.urandom(1)]
-    reader = PartsReader(parts)
+    reader = parts_file(parts)
     got = bytearray()
     while block := reader.read(8192):
         got += block
@@ -60,7 +61,7 @@ def test_reading_in_small_pieces_as_http_client_does() -> None:
 
 
 def test_bad_seeks() -> None:
-    reader = PartsReader([b"abc"])
+    reader = parts_file([b"abc"])
     with pytest.raises(ValueError):
         reader.seek(-1)
     assert reader.seek(10) == 10 and reader.read() == b""

@@ -23,13 +23,13 @@ from vmkeep.connectors.base import Extent
 from vmkeep.errors import IntegrityError, NotFoundError
 from vmkeep.fetch_pipeline import FetchDecode
 from vmkeep.parallel import io_threads
+from vmkeep.pread_file import PreadFile
 from vmkeep.repository.chunk_fetch import FetchedChunks
 from vmkeep.repository.format import ZERO_ID
 from vmkeep.repository.manifest import DiskIndex, Manifest
 from vmkeep.repository.repository import Repository
 
 from .point_blocks import BlockReader
-from .pread_file import PreadFile
 
 DEFAULT_CACHE_CHUNKS = 16
 DEFAULT_AHEAD = 8

@@ -1,26 +1,23 @@
-"""A read-only, seekable stream over an object's pieces, so an SDK can send an object made
-of many buffers (a data pack: its header, then each blob's sealed pieces) without them being
-joined into one: a join holds the object twice while it copies, and a 16 MiB block of the
-allocator's heap per pack in flight fragments it (measured: a format 3 backup to S3 peaked
-20-40 MiB higher with joined packs). S3 sends it as the body of its PUT; SMB takes each
-WRITE's bytes from it."""
+"""An object's pieces read as one stream, so an SDK can send an object made of many buffers
+(a data pack: its header, then each blob's sealed pieces) without them being joined into
+one: a join holds the object twice while it copies, and a 16 MiB block of the allocator's
+heap per pack in flight fragments it (measured: a format 3 backup to S3 peaked 20-40 MiB
+higher with joined packs). S3 sends it as the body of its PUT (PreadFile gives it the
+position an SDK seeks, to retry or to checksum first); SMB takes each WRITE's bytes from
+`pread`."""
 
 from __future__ import annotations
 
 import bisect
-import io
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from typing_extensions import Buffer
+from vmkeep.pread_file import PreadFile
 
 Part = bytes | bytearray | memoryview
 
 
-class PartsReader(io.RawIOBase):
-    """The concatenation of `parts`, read from where the position is; `seek` goes anywhere
-    (an SDK rewinds the body to retry, or reads it once to checksum it first)."""
+class Parts:
+    """The concatenation of `parts`, read at any offset (pread_file.Preadable)."""
 
     def __init__(self, parts: Sequence[Part]) -> None:
         self._parts = [memoryview(p).cast("B") for p in parts]
@@ -30,38 +27,13 @@ class PartsReader(io.RawIOBase):
             self._starts.append(total)
             total += len(part)
         self._size = total
-        self._pos = 0
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
         return self._size
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
-
-    def readinto(self, buffer: Buffer) -> int:
-        out = memoryview(buffer).cast("B")
-        done = 0
-        for piece in self._views(self._pos, len(out)):
-            out[done : done + len(piece)] = piece
-            done += len(piece)
-        self._pos += done
-        return done
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        """`length` bytes from `offset` (fewer at the end), copied once; the position stays."""
+    def pread(self, offset: int, length: int) -> bytes:
+        """`length` bytes from `offset` (fewer at the end), copied once."""
         return b"".join(self._views(offset, length))
 
     def _views(self, offset: int, length: int) -> Iterator[memoryview]:
@@ -76,3 +48,8 @@ class PartsReader(io.RawIOBase):
                 yield part[inside : inside + n]
                 offset += n
             k += 1
+
+
+def parts_file(parts: Sequence[Part]) -> PreadFile:
+    """`parts` as a read-only file object with a position (an SDK's request body)."""
+    return PreadFile(Parts(parts))

@@ -33,10 +33,11 @@ from vmkeep.errors import (
     RemoteError,
     UsageError,
 )
+from vmkeep.pread_file import PreadFile
 
 from .base import ObjectStat
 from .object_lock import LockPolicy, ProtectStats, is_locked_name
-from .parts_reader import PartsReader
+from .parts_reader import parts_file
 from .s3_errors import error_code, http_status, is_transient, one_line, s3_error
 from .s3_file_put import put_file, put_if_absent
 from .s3_listing import listed_entries, register_fast_listing
@@ -221,7 +222,7 @@ class S3Remote:
     def put_parts(self, name: str, parts: Sequence[bytes | memoryview]) -> None:
         """An object made of `parts` (a data pack), sent from them as they are: no join."""
         key = self._key(name)
-        self._run("writing", name, lambda: self._put(key, PartsReader(parts), None))
+        self._run("writing", name, lambda: self._put(key, parts_file(parts), None))
 
     # What s3_file_put.py (a create-if-absent PUT streamed from a file) needs of this class.
 
@@ -251,9 +252,7 @@ class S3Remote:
             return None
         return str(head.get("ETag", "")).strip('"')
 
-    def _put(
-        self, key: str, data: bytes | BinaryIO | PartsReader, if_none_match: str | None
-    ) -> None:
+    def _put(self, key: str, data: bytes | BinaryIO | PreadFile, if_none_match: str | None) -> None:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": data}
         if if_none_match is not None:
             args["IfNoneMatch"] = if_none_match

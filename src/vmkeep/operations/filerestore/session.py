@@ -9,7 +9,7 @@ from typing import Any
 
 from vmkeep.errors import ImageError, UsageError
 from vmkeep.operations.point_disk import FetchStats, PointDisk
-from vmkeep.operations.pread_file import PreadFile
+from vmkeep.pread_file import PreadFile
 from vmkeep.repository.manifest import Manifest
 from vmkeep.repository.repository import Repository
 

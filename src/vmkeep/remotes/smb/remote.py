@@ -11,7 +11,7 @@ from typing import BinaryIO, TypeVar
 from vmkeep.errors import NotFoundError, ObjectExistsError, RemoteError, UsageError
 
 from ..base import ObjectStat
-from ..parts_reader import PartsReader
+from ..parts_reader import Parts
 from .files import TEMP_PREFIX, Body, ShareFiles, join
 from .messages import DirEntry
 from .pool import Pool
@@ -142,9 +142,8 @@ class SmbRemote:
     def put_parts(self, name: str, parts: Sequence[bytes | memoryview]) -> None:
         """An object made of `parts` (a data pack), each WRITE's bytes taken from them: they
         are never joined into one buffer."""
-        body = PartsReader(parts)
-        size = len(body)
-        self._put(name, (size, body.read_at), True, self._holds(name, size, body.read_at))
+        body = Parts(parts)
+        self._put(name, (body.size, body.pread), True, self._holds(name, body.size, body.pread))
 
     def _holds(
         self, name: str, size: int, piece: Callable[[int, int], bytes]

@@ -16,7 +16,7 @@ from dissect.extfs.c_ext import c_ext
 from dissect.util.stream import RunlistStream
 
 from vmkeep.errors import ImageError, VmkeepError
-from vmkeep.operations.pread_file import PreadFile
+from vmkeep.pread_file import PreadFile
 
 from ..model import Entry, FsInfo
 from .ext_journal import Replay, ReplayedVolume, plan

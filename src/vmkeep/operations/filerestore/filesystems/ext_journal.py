@@ -142,7 +142,7 @@ def _read(journal: BinaryIO, layout: _Layout, pos: int) -> bytes:
 
 class ReplayedVolume:
     """The volume with the journal's committed blocks laid over it, read-only (a Preadable:
-    operations/pread_file.py gives it a position)."""
+    vmkeep/pread_file.py gives it a position)."""
 
     def __init__(self, base: BinaryIO, journal: BinaryIO, replay: Replay, block_size: int) -> None:
         self.base, self.journal, self.replay = base, journal, replay

@@ -17,7 +17,7 @@ from dissect.volume.lvm.metadata import VolumeGroup
 from dissect.volume.lvm.physical import LVM2Device
 
 from vmkeep.errors import ImageError, UnsupportedImageError
-from vmkeep.operations.pread_file import PreadFile
+from vmkeep.pread_file import PreadFile
 
 from ..filesystems.nodefs import reraise_ours
 from .source import Mapped, Segment, Slice, Source

@@ -1,6 +1,6 @@
 """Random-access byte sources: a restore point's disk, a slice of one (a partition), a logical
 volume mapped over slices of several (LVM, with real stripe interleaving). Every view is
-read-only and bounded by its size; operations/pread_file.py makes any of them a positioned file
+read-only and bounded by its size; vmkeep/pread_file.py makes any of them a positioned file
 object for dissect and for the file system adapters."""
 
 from __future__ import annotations
