@@ -30,6 +30,7 @@ if [[ $set_name == test ]]; then
     packages+=(qemu-utils fdisk restic borgbackup git samba virtnbdbackup)
     # file restore tests build real file systems (issue 16); mount needs FUSE 3
     packages+=(xfsprogs btrfs-progs ntfs-3g exfatprogs dosfstools mtools lvm2 fuse3)
+    packages+=(thin-provisioning-tools)  # thin_restore: LVM thin pools of the thin tests
     command -v npm >/dev/null || packages+=(nodejs npm)  # Azurite, the Azure Blob emulator
 fi
 missing=()
