@@ -10,12 +10,9 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.e2e.test_remotes_cli import SERVERS
+from tests.e2e.test_remotes_cli import remote  # noqa: F401 (the fixture: each server kind)
 
 from .conftest import Cli, measured, sha256
 
@@ -39,17 +36,10 @@ def _image(path: Path) -> None:
             f.write(data)
 
 
-@pytest.fixture(params=sorted(SERVERS))
-def remote(request: pytest.FixtureRequest, cli: Cli) -> Iterator[str]:
-    servers = SERVERS[request.param]()
-    url, env = next(servers)
-    cli.env.update(env)
-    yield url
-    next(servers, None)
-
-
 def test_backup_and_restore_on_a_server_stay_bounded(
-    cli: Cli, remote: str, tmp_path: Path, make_vm: Callable[..., Path]
+    cli: Cli,
+    remote: str,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     vm = tmp_path / "vm"
     vm.mkdir()
