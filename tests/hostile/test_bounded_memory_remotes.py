@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
+import random
 from pathlib import Path
 
 from tests.e2e.test_remotes_cli import remote  # noqa: F401 (the fixture: each server kind)
+from tests.vm_dirs import write_raw_vm_json
 
 from .conftest import Cli, measured, sha256
 
@@ -44,14 +45,7 @@ def test_backup_and_restore_on_a_server_stay_bounded(
     vm = tmp_path / "vm"
     vm.mkdir()
     _image(vm / "disk0.img")
-    doc = {
-        "name": "big",
-        "uuid": str(uuid.uuid4()),
-        "vcpus": 1,
-        "memory_mib": 512,
-        "disks": [{"name": "disk0", "file": "disk0.img", "format": "raw"}],
-    }
-    (vm / "vm.json").write_text(json.dumps(doc))
+    write_raw_vm_json(vm, "big", random.Random(15))
     cli("init", remote, "--format", "3")
     m = measured(cli, "backup", str(vm), "--remote", remote, "--json", timeout=600)
     assert m.run.code == 0, m.run.err

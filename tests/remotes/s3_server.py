@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionClosedError
 
 from vmkeep.remotes.s3 import S3Remote
 
@@ -31,6 +31,20 @@ if TYPE_CHECKING:
 
 START_TIMEOUT = 20.0
 REGION = "us-east-1"
+
+
+def lose_first_put_answer(remote: S3Remote) -> list[int]:
+    """The first PutObject lands on the server but its answer is lost (the connection
+    closes after the call): the remote's retry must cope. Returns the attempt counter."""
+    attempts = [0]
+
+    def lose_answer(**_: object) -> None:
+        attempts[0] += 1
+        if attempts[0] == 1:
+            raise ConnectionClosedError(endpoint_url=remote.endpoint or "")
+
+    remote._client.meta.events.register("after-call.s3.PutObject", lose_answer)
+    return attempts
 
 
 def weed_binary() -> str | None:

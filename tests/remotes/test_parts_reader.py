@@ -6,11 +6,10 @@ from __future__ import annotations
 import io
 import os
 import random
-from typing import Any
 
 import pytest
-from botocore.exceptions import ConnectionClosedError
 
+from tests.remotes.s3_server import lose_first_put_answer
 from tests.remotes.test_s3 import prefix, remote, server  # noqa: F401 (fixtures)
 from vmkeep.remotes.base import put_parts
 from vmkeep.remotes.parts_reader import Parts, parts_file
@@ -73,16 +72,9 @@ def test_a_pack_put_to_s3_whose_answer_was_lost_is_sent_whole_again(
 ) -> None:
     """S3Remote.put_parts: the retry after a lost answer sends the body from its start (a
     retry that went on from where the first attempt stopped would store a cut object)."""
-    state = {"n": 0}
-
-    def lose_answer(**_: Any) -> None:
-        state["n"] += 1
-        if state["n"] == 1:
-            raise ConnectionClosedError(endpoint_url=remote.endpoint or "")
-
-    remote._client.meta.events.register("after-call.s3.PutObject", lose_answer)
+    attempts = lose_first_put_answer(remote)
     parts: list[bytes] = [os.urandom(3 << 20), b"", os.urandom(12345)]
     whole = b"".join(parts)
     put_parts(remote, "packs/ab/cd", parts)
-    assert state["n"] == 2
+    assert attempts[0] == 2
     assert remote.get("packs/ab/cd") == whole

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 from botocore.awsrequest import AWSResponse
-from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+from botocore.exceptions import EndpointConnectionError
 
-from tests.remotes.s3_server import REGION, SeaweedServer, weed_binary
+from tests.remotes.s3_server import REGION, SeaweedServer, lose_first_put_answer, weed_binary
 from vmkeep.errors import ObjectExistsError, RemoteError, UsageError
 from vmkeep.remotes.s3 import S3Remote
 from vmkeep.remotes.s3_url import open_s3
@@ -217,16 +217,9 @@ def test_throttling_and_resets_are_retried(remote: S3Remote) -> None:
 
 def test_lost_answer_of_a_conditional_put_is_not_a_conflict(remote: S3Remote) -> None:
     """The PUT landed but its answer was lost: the retry's 412 is our own object."""
-    state = {"n": 0}
-
-    def lose_answer(**_: Any) -> None:
-        state["n"] += 1
-        if state["n"] == 1:
-            raise ConnectionClosedError(endpoint_url=remote.endpoint or "")
-
-    remote._client.meta.events.register("after-call.s3.PutObject", lose_answer)
+    attempts = lose_first_put_answer(remote)
     remote.put("manifests/m", b"mine", overwrite=False)
-    assert state["n"] == 2
+    assert attempts[0] == 2
     with pytest.raises(ObjectExistsError):
         remote.put("manifests/m", b"someone else's", overwrite=False)
 

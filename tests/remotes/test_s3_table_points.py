@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from botocore.exceptions import ConnectionClosedError
 
+from tests.remotes.s3_server import lose_first_put_answer
 from tests.remotes.test_s3 import prefix, remote, server  # noqa: F401 (fixtures)
 from tests.repository.table_points import CHUNK, random_runs, small_tables, synthetic_point
 from vmkeep.errors import ObjectExistsError
@@ -68,19 +68,12 @@ def test_lost_answer_of_a_streamed_put_is_not_a_conflict(
     """The streamed PUT landed but its answer was lost: the retry's 412 is ours (the ETag is
     the file's MD5), the body is sent whole again from the file's start; another file under
     the same name is a conflict."""
-    state = {"n": 0}
-
-    def lose_answer(**_: Any) -> None:
-        state["n"] += 1
-        if state["n"] == 1:
-            raise ConnectionClosedError(endpoint_url=remote.endpoint or "")
-
-    remote._client.meta.events.register("after-call.s3.PutObject", lose_answer)
+    attempts = lose_first_put_answer(remote)
     body = os.urandom(3 << 20)
     (tmp_path / "m").write_bytes(body)
     with open(tmp_path / "m", "rb") as f:
         put_file(remote, "manifests/m", f, len(body))
-    assert state["n"] == 2 and remote.get("manifests/m") == body
+    assert attempts[0] == 2 and remote.get("manifests/m") == body
     (tmp_path / "n").write_bytes(b"someone else's")
     with open(tmp_path / "n", "rb") as f, pytest.raises(ObjectExistsError):
         put_file(remote, "manifests/m", f, 14)

@@ -26,7 +26,7 @@ from vmkeep.repository.blob_index import (
     load_index,
 )
 from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
-from vmkeep.repository.index_file import IndexFile, Merge, mac_key
+from vmkeep.repository.index_file import HEAD, RECORD, Damaged, IndexFile, Merge, mac_key
 from vmkeep.repository.index_tiers import MAX_DELTAS
 from vmkeep.repository.packs import BlobEntry
 from vmkeep.repository.repository import Repository
@@ -100,6 +100,57 @@ def test_memory_part_adds_to_the_file(tmp_path: Path) -> None:
     assert len(index) == 150
     assert all(index.get(e.kind, e.blob_id) == e for e in on_disk + added)
     assert sorted(e.blob_id for e in index.entries()) == sorted(e.blob_id for e in on_disk + added)
+
+
+@pytest.mark.parametrize("spread", [1, 64])
+def test_records_at_bucket_edges_and_empty_buckets(tmp_path: Path, spread: int) -> None:
+    """IDs on the first and last ID of buckets (and of the whole range) land in their own
+    bucket (boundaries are found by bisection, not record by record); an empty bucket's room
+    holds zeros, not a MAC: its emptiness is the bucket table's, under the header's MAC, so
+    an edit of that room changes nothing read, while an edit of a full bucket does."""
+    rng = random.Random(8)
+    bits = 8 if spread == 1 else 14
+    edges = [b"\x00" * 4, b"\xff" * 4]
+    for b in rng.sample(range(1, 1 << bits), 200):
+        first = (b << (32 - bits)).to_bytes(4, "big")
+        last = (((b + 1) << (32 - bits)) - 1).to_bytes(4, "big")
+        edges += [first, last]
+    entries = [BlobEntry(KIND_BLOCK, e + rng.randbytes(28), b"p" * 32, 1, 2) for e in edges]
+    if spread > 1:  # 12,800 records: 2^14 buckets, about half of them empty
+        entries += random_entries(rng, 200 * 64 - len(entries), [b"q" * 32])
+    merge = Merge(tmp_path / "index", KEY, None, set(), spread)
+    merge.add_source(b"s" * 32, entries)
+    disk = merge.finish()
+    assert disk.bits == bits
+    for e in entries:
+        want = (0, 0 if e.pack == b"p" * 32 else 1, e.offset, e.length)
+        assert disk.find(e.kind, e.blob_id) == want
+    starts = list(disk.fanout)
+    for b in range(1 << bits):
+        ids = disk.read_buckets(b, b + 1)
+        assert all(
+            int.from_bytes(ids[i : i + 4], "big") >> (32 - bits) == b
+            for i in range(0, len(ids), RECORD.size)
+        )
+    empty = [b for b in range(1 << bits) if starts[b] == starts[b + 1]]
+    full = [b for b in range(1 << bits) if starts[b] != starts[b + 1]]
+    assert empty and full  # both kinds are checked below
+    raw = bytearray((tmp_path / "index").read_bytes())
+
+    def room(b: int) -> int:  # where bucket b's MAC (or its zeros) lies
+        return HEAD.size + starts[b + 1] * RECORD.size + b * 16
+
+    assert all(raw[room(b) : room(b) + 16] == bytes(16) for b in empty)
+    for b in empty:
+        raw[room(b)] = 0xAA
+    (tmp_path / "edited").write_bytes(raw)
+    edited = IndexFile.open(tmp_path / "edited", KEY)
+    assert all(edited.find(e.kind, e.blob_id) is not None for e in entries)
+    assert len(list(edited.records())) == len(entries)
+    raw[room(full[0]) - 1] ^= 1  # the last byte of a full bucket's last record
+    (tmp_path / "edited").write_bytes(raw)
+    with pytest.raises(Damaged):
+        list(IndexFile.open(tmp_path / "edited", KEY).records())
 
 
 def packed_repo(path: Path) -> Repository:

@@ -6,8 +6,10 @@ when there are more than MAX_DELTAS, folded into the base once they hold 1/BASE_
 it. So memory does not follow the backup's size (one dict entry per new block up to 8 GiB of
 them, ~19 MiB), each record is rewritten a number of times that grows with the logarithm of
 the backup's size (a single file merged at every spill was rewritten whole each time:
-quadratic), and a lookup probes at most MAX_DELTAS + 2 files, most deltas' misses without a
-read (their tables are spread)."""
+quadratic), and a lookup probes at most MAX_DELTAS + 2 files, a bucket read in each. Unlike
+the repository's deltas these files are not spread over more buckets: here a delta holds 128
+Ki blobs or more, and spreading it cost a MAC per record written while the lookups it was
+meant to spare measured the same (docs/DATA-PATH.md, "Memory of a backup")."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from vmkeep.errors import IntegrityError
 
 from .blobs import KIND_BLOCK, KIND_RECIPE, KINDS
 from .index_file import Damaged, IndexFile, Merge
-from .index_tiers import DELTA_SPREAD, Tiers, new_delta_path, tier_step
+from .index_tiers import Tiers, new_delta_path, tier_step
 from .packs import BlobEntry
 
 # ~140 bytes of dict entry per blob: 128 Ki blobs (8 GiB of new 64 KiB blocks) is ~19 MiB.
@@ -102,7 +104,7 @@ class AddedBlobs:
         blob in one or the other. Replaced files are unlinked now, closed at the next spill."""
         first = not self._files  # written as the base at once (no fold of a lone delta)
         new_path = path if first else new_delta_path(path)
-        merge = Merge(new_path, key, None, set(), 1 if first else DELTA_SPREAD)
+        merge = Merge(new_path, key, None, set())
         merge.add_source(os.urandom(32), frozen.entries())
         written = [*self._files, (new_path, merge.finish())]
         has_base = written[0][0] == path
@@ -111,10 +113,10 @@ class AddedBlobs:
         step = tier_step(base, [f for _, f in deltas])
         files = written
         if step == "fold":  # the deltas into the base
-            files = [(path, _merged(path, key, base, [f for _, f in deltas], 1))]
+            files = [(path, _merged(path, key, base, [f for _, f in deltas]))]
         elif step == "join":
             joined = new_delta_path(path)
-            one = (joined, _merged(joined, key, None, [f for _, f in deltas], DELTA_SPREAD))
+            one = (joined, _merged(joined, key, None, [f for _, f in deltas]))
             files = [*written[: int(has_base)], one]
         gone = [(p, f) for p, f in written if (p, f) not in files]
         for p, _ in gone:
@@ -148,11 +150,9 @@ class AddedBlobs:
         yield from mem.entries()
 
 
-def _merged(
-    path: Path, key: bytes, base: IndexFile | None, files: list[IndexFile], spread: int
-) -> IndexFile:
+def _merged(path: Path, key: bytes, base: IndexFile | None, files: list[IndexFile]) -> IndexFile:
     """A file at `path` with the records of `base` and of `files` (renamed over `path`)."""
-    merge = Merge(path, key, base, set(), spread)
+    merge = Merge(path, key, base, set())
     for f in files:
         merge.add_file(f, set(f.sources))
     return merge.finish()

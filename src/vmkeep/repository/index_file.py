@@ -26,6 +26,7 @@ import struct
 import threading
 import time
 from array import array
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -47,6 +48,8 @@ PER_BUCKET = 64  # records a bucket holds on average
 PARTITIONS = 256  # a merge sorts one ID-prefix byte's records at a time
 _MAC_CONTEXT = "vmkeep 2026-12 blob index cache MAC v1"
 _KIND_BYTES = [bytes((k,)) for k in range(256)]
+_NO_MAC = bytes(MAC_SIZE)
+_AFTER_ALL = b"\xff" * (RECORD.size + 1)
 
 
 class Damaged(Exception):
@@ -150,12 +153,14 @@ class IndexFile:
             raise Damaged("truncated")
         out = bytearray()
         pos = 0
+        fanout = self.fanout
         for b in range(first, stop):
-            n = (self.fanout[b + 1] - self.fanout[b]) * RECORD.size
-            records, mac = raw[pos : pos + n], raw[pos + n : pos + n + MAC_SIZE]
-            if not hmac.compare_digest(mac, self._bucket_mac(b, records)):
-                raise Damaged(f"bucket {b} does not verify")
-            out += records
+            n = (fanout[b + 1] - fanout[b]) * RECORD.size
+            if n:  # an empty bucket's room holds no MAC: the table says it is empty
+                records, mac = raw[pos : pos + n], raw[pos + n : pos + n + MAC_SIZE]
+                if not hmac.compare_digest(mac, self._bucket_mac(b, records)):
+                    raise Damaged(f"bucket {b} does not verify")
+                out += records
             pos += n + MAC_SIZE
         return bytes(out)
 
@@ -412,7 +417,7 @@ class Merge:
                 if old is not None and old.bits == bits and self.remap is None:
                     self._merge_buckets(writer, p * per, per, new)
                 else:
-                    writer.write_sorted(p * per, per, self._old_records(p) + new)
+                    writer.write_sorted(self._old_records(p) + new)
             writer.finish(self.sources, self.packs)
             os.replace(out_path, self.path)
             return IndexFile(fd, self.key)
@@ -448,9 +453,7 @@ class Merge:
             n = (old.fanout[b + 1] - old.fanout[b]) * RECORD.size
             bucket = data[base : base + n]
             base += n
-            end = pos
-            while end < len(new) and bucket_of(new[end], writer.bits) == b:
-                end += 1
+            end = bisect_left(new, writer.bucket_end(b), pos)
             if end - pos > 4:
                 split = [bucket[i : i + RECORD.size] for i in range(0, n, RECORD.size)]
                 bucket = b"".join(sorted(split + new[pos:end]))
@@ -494,7 +497,10 @@ class _BucketWriter:
         return h.digest(size)
 
     def bucket(self, b: int, records: bytes) -> None:
-        assert len(self.fanout) == b + 1
+        """Bucket `b`'s records (in order; the buckets skipped since the last are empty)."""
+        self._empty_until(b)
+        if not records:
+            return
         self.count += len(records) // RECORD.size
         self.fanout.append(self.count)
         self._buf += records
@@ -502,15 +508,33 @@ class _BucketWriter:
         if len(self._buf) >= 4 << 20:
             self._flush()
 
-    def write_sorted(self, first: int, per: int, records: list[bytes]) -> None:
+    def _empty_until(self, b: int) -> None:
+        """The empty buckets before `b`, at once: zeros instead of a MAC (the table, under
+        the header's MAC, says they are empty, and nothing reads their room). Most buckets
+        of a spread delta are empty; a MAC each was most of the cost of writing one."""
+        gap = b + 1 - len(self.fanout)
+        assert gap >= 0
+        if gap:
+            self.fanout.extend(array("Q", [self.count]) * gap)
+            self._buf += _NO_MAC * gap
+
+    def write_sorted(self, records: list[bytes]) -> None:
+        """Records of buckets after those written so far, in any order."""
         records.sort()
         pos = 0
-        for b in range(first, first + per):
-            end = pos
-            while end < len(records) and bucket_of(records[end], self.bits) == b:
-                end += 1
+        while pos < len(records):
+            b = bucket_of(records[pos], self.bits)
+            end = bisect_left(records, self.bucket_end(b), pos)
             self.bucket(b, b"".join(records[pos:end]))
             pos = end
+
+    def bucket_end(self, b: int) -> bytes:
+        """A key above every record of bucket `b` and below those of the next (records
+        compare as bytes: a 4-byte prefix sorts before every record that starts with it)."""
+        after = b + 1
+        if after >> self.bits:
+            return _AFTER_ALL
+        return (after << (32 - self.bits)).to_bytes(4, "big")
 
     def _flush(self) -> None:
         with memoryview(self._buf) as whole:
@@ -523,6 +547,7 @@ class _BucketWriter:
         self._buf.clear()
 
     def finish(self, sources: list[bytes], packs: list[bytes]) -> None:
+        self._empty_until(1 << self.bits)
         fanout = array("Q", self.fanout)
         if struct.pack("=H", 1) != struct.pack("<H", 1):
             fanout.byteswap()
