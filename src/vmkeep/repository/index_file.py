@@ -29,7 +29,9 @@ from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from itertools import pairwise
 from pathlib import Path
+from typing import Union
 
 import blake3
 
@@ -49,6 +51,8 @@ PARTITIONS = 256  # a merge sorts one ID-prefix byte's records at a time
 _MAC_CONTEXT = "vmkeep 2026-12 blob index cache MAC v1"
 _KIND_BYTES = [bytes((k,)) for k in range(256)]
 _NO_MAC = bytes(MAC_SIZE)
+Piece = Union[bytes, bytearray, memoryview, "array[int]"]
+_BIG_ENDIAN = struct.pack("=H", 1) != struct.pack("<H", 1)
 _AFTER_ALL = b"\xff" * (RECORD.size + 1)
 
 
@@ -91,21 +95,28 @@ class IndexFile:
         tables = (nsources + npacks) * ID_SIZE + (buckets + 1) * 8
         if size != self.data_end + tables + HEAD_MAC:
             raise Damaged("wrong size")
-        raw = os.pread(fd, tables + HEAD_MAC, self.data_end)
-        body, mac = raw[:tables], raw[tables:]
-        if not hmac.compare_digest(mac, self._mac(b"head", head + body, HEAD_MAC)):
+        # The tables are read in place (the bucket table of a large file is 8 MiB: read
+        # into its array, not copied through three temporary buffers).
+        ids = os.pread(fd, (nsources + npacks) * ID_SIZE, self.data_end)
+        self.fanout = array("Q", [0]) * (buckets + 1)
+        at = self.data_end + len(ids)
+        if (
+            len(ids) != (nsources + npacks) * ID_SIZE
+            or os.preadv(fd, [self.fanout], at) != (buckets + 1) * 8
+        ):
+            raise Damaged("short tables")
+        mac = os.pread(fd, HEAD_MAC, at + (buckets + 1) * 8)
+        table_mac = _mac(key, b"head" + self.salt, (head, ids, self.fanout), HEAD_MAC)
+        if not hmac.compare_digest(mac, table_mac):
             raise Damaged("header does not verify")
         cut = nsources * ID_SIZE
-        self.sources = [body[i : i + ID_SIZE] for i in range(0, cut, ID_SIZE)]
-        end = cut + npacks * ID_SIZE
-        self.packs = [body[i : i + ID_SIZE] for i in range(cut, end, ID_SIZE)]
-        self.fanout = array("Q")
-        self.fanout.frombytes(body[end:])
-        if struct.pack("=H", 1) != struct.pack("<H", 1):
+        self.sources = [ids[i : i + ID_SIZE] for i in range(0, cut, ID_SIZE)]
+        self.packs = [ids[i : i + ID_SIZE] for i in range(cut, len(ids), ID_SIZE)]
+        if _BIG_ENDIAN:
             self.fanout.byteswap()  # stored little-endian
         if self.fanout[0] != 0 or self.fanout[-1] != self.count:
             raise Damaged("bad bucket table")
-        if any(a > b for a, b in zip(self.fanout, self.fanout[1:], strict=False)):
+        if any(a > b for a, b in pairwise(self.fanout)):
             raise Damaged("bad bucket table")
         self.fd = fd
         self._buckets = BucketCache()
@@ -133,15 +144,8 @@ class IndexFile:
         with contextlib.suppress(Exception):  # at interpreter exit `os` may be gone
             self.close()
 
-    def _mac(self, what: bytes, data: bytes, size: int = MAC_SIZE) -> bytes:
-        h = blake3.blake3(what + self.salt, key=self._key)
-        h.update(data)
-        return h.digest(size)
-
     def _bucket_mac(self, bucket: int, records: bytes | memoryview) -> bytes:
-        h = blake3.blake3(bucket.to_bytes(4, "big") + self.salt, key=self._key)
-        h.update(records)
-        return h.digest(MAC_SIZE)
+        return _mac(self._key, bucket.to_bytes(4, "big") + self.salt, (records,))
 
     def read_buckets(self, first: int, stop: int) -> bytes:
         """Records of buckets [first, stop), each bucket verified; no MACs in the result."""
@@ -491,11 +495,6 @@ class _BucketWriter:
         self._buf = bytearray()
         self._pos = HEAD.size
 
-    def _mac(self, what: bytes, data: bytes, size: int = MAC_SIZE) -> bytes:
-        h = blake3.blake3(what + self.salt, key=self.key)
-        h.update(data)
-        return h.digest(size)
-
     def bucket(self, b: int, records: bytes) -> None:
         """Bucket `b`'s records (in order; the buckets skipped since the last are empty)."""
         self._empty_until(b)
@@ -504,7 +503,7 @@ class _BucketWriter:
         self.count += len(records) // RECORD.size
         self.fanout.append(self.count)
         self._buf += records
-        self._buf += self._mac(b.to_bytes(4, "big"), records)
+        self._buf += _mac(self.key, b.to_bytes(4, "big") + self.salt, (records,))
         if len(self._buf) >= 4 << 20:
             self._flush()
 
@@ -537,22 +536,36 @@ class _BucketWriter:
         return (after << (32 - self.bits)).to_bytes(4, "big")
 
     def _flush(self) -> None:
-        with memoryview(self._buf) as whole:
-            view = whole
+        self._write(self._buf)
+        self._buf.clear()
+
+    def _write(self, data: Piece) -> None:
+        with memoryview(data) as whole, whole.cast("B") as view:
             while view:
                 written = os.pwrite(self.fd, view, self._pos)
                 self._pos += written
                 view = view[written:]
-            view.release()
-        self._buf.clear()
 
     def finish(self, sources: list[bytes], packs: list[bytes]) -> None:
+        """The tables after the buckets, the header MAC, then the header (the bucket table
+        is written from its array: no copy of up to 8 MiB)."""
         self._empty_until(1 << self.bits)
-        fanout = array("Q", self.fanout)
-        if struct.pack("=H", 1) != struct.pack("<H", 1):
-            fanout.byteswap()
+        if _BIG_ENDIAN:
+            self.fanout.byteswap()  # stored little-endian; no longer used here
         head = HEAD.pack(MAGIC, self.bits, self.count, len(sources), len(packs), self.salt)
-        body = b"".join(sources) + b"".join(packs) + fanout.tobytes()
-        self._buf += body + self._mac(b"head", head + body, HEAD_MAC)
+        ids = b"".join(sources) + b"".join(packs)
+        mac = _mac(self.key, b"head" + self.salt, (head, ids, self.fanout), HEAD_MAC)
+        self._buf += ids
+        self._flush()
+        self._write(self.fanout)
+        self._buf += mac
         self._flush()
         os.pwrite(self.fd, head, 0)
+
+
+def _mac(key: bytes, context: bytes, pieces: tuple[Piece, ...], size: int = MAC_SIZE) -> bytes:
+    h = blake3.blake3(context, key=key)
+    for piece in pieces:
+        with memoryview(piece) as view, view.cast("B") as octets:
+            h.update(octets)
+    return h.digest(size)
