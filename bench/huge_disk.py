@@ -9,8 +9,9 @@ zeros. So the blob index, the blobs the backup adds, the pack writer and the man
 table see as many distinct blocks as a disk full of real data would give them, while zstd has
 little to do and nothing of the image is on disk (its bytes are made on each read). The real
 CLI backs it up into a new encrypted format 3 repository on a local directory; the peak RSS is
-the process's, from wait4. The repository takes ~7% of the size (the blocks compress to a few
-dozen bytes each; the index ~49 bytes a block).
+the process's, from wait4. The repository takes ~0.3% of the size (2.7 GiB for 1 TiB: a block
+compresses to a few dozen bytes, and its index entries and the local index cache add as much),
+and a 1 TiB backup ran ~15 minutes on 2 cores.
 
 `--restore` restores the point into the workdir and compares 512 blocks at random offsets and
 the file's size with the generator (a restore writes only the first 4 KiB page of each block:

@@ -7,11 +7,13 @@ port it would open is given explicitly (each on a free port) so that parallel ru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -79,6 +81,7 @@ class SeaweedServer:
         self.secret_key = os.urandom(20).hex()
         self.reader_key = "READER" + os.urandom(6).hex().upper()  # may read and list only
         self.proc: subprocess.Popen[bytes] | None = None
+        self._ports: list[int] = []
         self.endpoint = ""
         self.log_path = workdir / "weed.log"
         self.lock_buckets: tuple[str, ...] = ()  # created with Object Lock
@@ -127,6 +130,7 @@ class SeaweedServer:
             "admin.port.grpc",
         ]
         ports = dict(zip(names, free_ports(len(names)), strict=True))
+        self._ports = list(ports.values())
         args = [
             weed,
             f"-logdir={self.workdir}",  # glog's files, else one set per start in /tmp
@@ -231,14 +235,24 @@ class SeaweedServer:
     def stop(self) -> None:
         """SIGTERM, then SIGKILL: weed's graceful shutdown takes ~14 s, its data is throw-away."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        """`weed mini` binds its gRPC and S3 Unix sockets at /tmp/seaweedfs-NAME-PORT.sock
+        (a fixed place, not $TMPDIR) and leaves them: those of this server's ports go."""
+        for port in self._ports:
+            for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                with contextlib.suppress(OSError):
+                    if stat.S_ISSOCK(path.lstat().st_mode):
+                        path.unlink()
+        self._ports = []
 
 
 @contextmanager
