@@ -195,3 +195,30 @@ def test_a_pack_of_tiny_blobs_ends_at_its_blob_limit(
     assert max(counts) <= 256 + 64 and len([c for c in counts if c]) >= 4
     again = reopen(repo)
     assert all(again.get_chunk(c) == d for c, d in zip(ids, datas, strict=True))
+
+
+def test_a_run_starting_while_blobs_are_added_does_not_deadlock(tmp_path: Path) -> None:
+    """PackedStore.writing (a run starting) read its writer's state holding the store's lock,
+    while an add holds the writer's lock and takes the store's (for the index): a job that
+    started one VM's backup while another VM's blobs were added hung for good (CI, the jobs
+    benchmark, 2026-12-07). Here an add is frozen holding the writer's lock as a run starts:
+    the add must still reach the index."""
+    repo = packed_repo(tmp_path / "r")
+    store = repo.packed
+    assert store is not None
+    writer = store.writer
+    started = threading.Event()
+
+    def run_starts() -> None:
+        with store.writing():
+            started.set()
+
+    reached: list[object] = []
+    with writer._lock:  # an add in progress
+        threading.Thread(target=run_starts, daemon=True).start()
+        time.sleep(0.3)  # the run is inside writing(), waiting for the writer's lock
+        add = threading.Thread(target=lambda: reached.append(store.index()), daemon=True)
+        add.start()
+        add.join(5)
+        assert reached, "the add cannot reach the index: the starting run holds the store's lock"
+    assert started.wait(5)

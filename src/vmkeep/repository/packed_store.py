@@ -111,10 +111,15 @@ class PackedStore:
         blobs of packs a gc may have taken for a killed run's), never under a run that may
         have blobs in it; the index is read again too, without the blobs that writer added
         but never indexed."""
+        # The writer's state is read without holding `_load_lock`: an add holds the writer's
+        # lock and takes `_load_lock` (for the index), so taking them in the other order
+        # deadlocked a job that started one VM's backup while another's blobs were added.
         with self._load_lock:
-            stale = self._writer is not None and (self._writer.failed or self._writer.pending)
-            if self._users == 0 and stale:
-                self._writer = None
+            writer = self._writer if self._users == 0 else None
+        stale = writer is not None and (writer.failed or writer.pending)
+        with self._load_lock:
+            if stale and self._users == 0 and self._writer is writer:
+                self._writer = None  # no run has used it since: none can have blobs in it
                 self._loaded = None
             self._users += 1
         try:
