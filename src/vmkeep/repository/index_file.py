@@ -82,7 +82,6 @@ class IndexFile:
         """Takes `fd` over only if the file verifies (the caller closes it otherwise)."""
         self.fd = -1
         self._key = key
-        self._buckets = BucketCache()
         head = os.pread(fd, HEAD.size, 0)
         if len(head) != HEAD.size:
             raise Damaged("short header")
@@ -106,8 +105,7 @@ class IndexFile:
         ):
             raise Damaged("short tables")
         mac = os.pread(fd, HEAD_MAC, at + (buckets + 1) * 8)
-        table_mac = _mac(key, b"head" + self.salt, (head, ids, self.fanout), HEAD_MAC)
-        if not hmac.compare_digest(mac, table_mac):
+        if not hmac.compare_digest(mac, _head_mac(key, self.salt, head, ids, self.fanout)):
             raise Damaged("header does not verify")
         cut = nsources * ID_SIZE
         self.sources = [ids[i : i + ID_SIZE] for i in range(0, cut, ID_SIZE)]
@@ -144,9 +142,6 @@ class IndexFile:
         with contextlib.suppress(Exception):  # at interpreter exit `os` may be gone
             self.close()
 
-    def _bucket_mac(self, bucket: int, records: bytes | memoryview) -> bytes:
-        return _mac(self._key, bucket.to_bytes(4, "big") + self.salt, (records,))
-
     def read_buckets(self, first: int, stop: int) -> bytes:
         """Records of buckets [first, stop), each bucket verified; no MACs in the result."""
         lo, hi = self.fanout[first], self.fanout[stop]
@@ -162,7 +157,7 @@ class IndexFile:
             n = (fanout[b + 1] - fanout[b]) * RECORD.size
             if n:  # an empty bucket's room holds no MAC: the table says it is empty
                 records, mac = raw[pos : pos + n], raw[pos + n : pos + n + MAC_SIZE]
-                if not hmac.compare_digest(mac, self._bucket_mac(b, records)):
+                if not hmac.compare_digest(mac, _bucket_mac(self._key, self.salt, b, records)):
                     raise Damaged(f"bucket {b} does not verify")
                 out += records
             pos += n + MAC_SIZE
@@ -193,7 +188,7 @@ class IndexFile:
             at = data.find(key, at + 1, size)
         hit = at >= 0
         if not verified and (hit or check_miss):
-            mac = self._bucket_mac(b, memoryview(data)[:size])
+            mac = _bucket_mac(self._key, self.salt, b, memoryview(data)[:size])
             if not hmac.compare_digest(data[size:], mac):
                 raise Damaged(f"bucket {b} does not verify")
             self._buckets.put(b, data)
@@ -503,7 +498,7 @@ class _BucketWriter:
         self.count += len(records) // RECORD.size
         self.fanout.append(self.count)
         self._buf += records
-        self._buf += _mac(self.key, b.to_bytes(4, "big") + self.salt, (records,))
+        self._buf += _bucket_mac(self.key, self.salt, b, records)
         if len(self._buf) >= 4 << 20:
             self._flush()
 
@@ -554,13 +549,24 @@ class _BucketWriter:
             self.fanout.byteswap()  # stored little-endian; no longer used here
         head = HEAD.pack(MAGIC, self.bits, self.count, len(sources), len(packs), self.salt)
         ids = b"".join(sources) + b"".join(packs)
-        mac = _mac(self.key, b"head" + self.salt, (head, ids, self.fanout), HEAD_MAC)
+        mac = _head_mac(self.key, self.salt, head, ids, self.fanout)
         self._buf += ids
         self._flush()
         self._write(self.fanout)
         self._buf += mac
         self._flush()
         os.pwrite(self.fd, head, 0)
+
+
+def _bucket_mac(key: bytes, salt: bytes, bucket: int, records: Piece) -> bytes:
+    """A bucket's MAC, bound to its number and the file's salt (the reader and the writer
+    both call this one function, so they agree by construction)."""
+    return _mac(key, bucket.to_bytes(4, "big") + salt, (records,))
+
+
+def _head_mac(key: bytes, salt: bytes, head: bytes, ids: bytes, fanout: array[int]) -> bytes:
+    """The MAC over the header and the tables (its bucket table as stored: little-endian)."""
+    return _mac(key, b"head" + salt, (head, ids, fanout), HEAD_MAC)
 
 
 def _mac(key: bytes, context: bytes, pieces: tuple[Piece, ...], size: int = MAC_SIZE) -> bytes:
