@@ -30,7 +30,7 @@ import os, sys
 step = os.environ["DIE_STEP"]
 import vmkeep.repository.pack_gc as gc
 import vmkeep.repository.index_repair as repair
-import vmkeep.repository.index_file as index_file
+import vmkeep.repository.index_merge as index_merge
 
 def die():
     # os._exit(9), or with DIE_FLAG set: create that file, SIGSTOP, then go on
@@ -91,7 +91,7 @@ if step == "index-cache-replace":  # the cache file written beside, not renamed 
         if os.path.basename(str(dst)).startswith("blobindex"):  # the base or a delta
             die()
         return real(src, dst, *a, **k)
-    index_file.os.replace = replace
+    index_merge.os.replace = replace
 
 from vmkeep.interfaces.cli.app import main
 sys.argv = ["vmkeep", *sys.argv[1:]]

@@ -26,10 +26,10 @@ from vmkeep.repository.index_file import (
     BucketCache,
     Damaged,
     IndexFile,
-    Merge,
     bucket_of,
     mac_key,
 )
+from vmkeep.repository.index_merge import Merge
 from vmkeep.repository.packs import BlobEntry
 from vmkeep.repository.repository import Repository
 

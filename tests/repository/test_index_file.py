@@ -26,7 +26,8 @@ from vmkeep.repository.blob_index import (
     load_index,
 )
 from vmkeep.repository.blobs import KIND_BLOCK, KIND_RECIPE
-from vmkeep.repository.index_file import HEAD, RECORD, Damaged, IndexFile, Merge, mac_key
+from vmkeep.repository.index_file import HEAD, RECORD, Damaged, IndexFile, mac_key
+from vmkeep.repository.index_merge import Merge
 from vmkeep.repository.index_tiers import MAX_DELTAS
 from vmkeep.repository.packs import BlobEntry
 from vmkeep.repository.repository import Repository

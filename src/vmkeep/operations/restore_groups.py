@@ -112,11 +112,10 @@ def _located(store: PackedStore, index: DiskIndex, batch: list[int]) -> list[Loc
     pack and offset of its first block; zero chunks first). A backup's workers append
     chunks to the open pack in the order they finish, so neighbouring chunks interleave in
     the packs: in disk order, consecutive groups read parts of the same packs again."""
-    ids = {index.chunk_id(i) for i in batch} - {ZERO_ID}
-    recipes = fetch_recipes(store, ids)
+    chunk_ids = {i: index.chunk_id(i) for i in batch}
+    recipes = fetch_recipes(store, set(chunk_ids.values()) - {ZERO_ID})
     out: list[Located] = []
-    for i in batch:
-        chunk_id = index.chunk_id(i)
+    for i, chunk_id in chunk_ids.items():
         if chunk_id == ZERO_ID:
             out.append(((b"", 0), i, chunk_id, None, {}))
             continue

@@ -21,7 +21,8 @@ from pathlib import Path
 from vmkeep.errors import IntegrityError
 
 from .blobs import KIND_BLOCK, KIND_RECIPE, KINDS
-from .index_file import Damaged, IndexFile, Merge
+from .index_file import Damaged, IndexFile
+from .index_merge import Merge
 from .index_tiers import Tiers, new_delta_path, tier_step
 from .packs import BlobEntry
 

@@ -30,7 +30,8 @@ from .cache_dir import cache_root, repository_cache
 from .compression import compress, decompress
 from .crypto import Sealer
 from .format import FLAG_ENCRYPTED, FLAG_ZSTD, HEADER_SIZE, ID_SIZE, OBJECT_VERSION, header
-from .index_file import Damaged, IndexFile, Merge, mac_key
+from .index_file import Damaged, IndexFile, mac_key
+from .index_merge import Merge
 from .index_tiers import (
     DELTA_SPREAD,
     Tiers,

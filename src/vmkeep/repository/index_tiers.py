@@ -20,7 +20,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .index_file import Damaged, IndexFile, _remove_stale
+from .index_file import Damaged, IndexFile
+from .index_merge import remove_stale
 from .packs import BlobEntry
 
 MAX_DELTAS = 4
@@ -43,7 +44,7 @@ def new_delta_path(base: Path) -> Path:
 
 def remove_stale_deltas(base: Path) -> None:
     """Temporary directories of delta writes killed midway (named after their delta)."""
-    _remove_stale(base.with_name(delta_pattern(base)))
+    remove_stale(base.with_name(delta_pattern(base)))
 
 
 def open_deltas(base: Path, key: bytes) -> list[tuple[Path, IndexFile]]:
