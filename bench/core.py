@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import io_floor
 from image import GiB, MiB, allocated_bytes, apply_change, build_image, plan_change, sha256_file
 from image import touched_chunks as count_touched
 
@@ -275,8 +276,32 @@ def step(tool: Tool, name: str, say: Callable[[str], None]) -> None:
     say(f"{tool.name} {name}: {result.seconds:.2f} s, peak RSS {result.rss_mib:.0f} MiB")
 
 
-def ratios(tools: dict[str, Tool]) -> list[dict[str, Any]]:
-    """vmkeep against each peer; some rows carry a target and a PASS/MISS verdict."""
+def disk_floors(vmkeep: Tool, image: Path, work: Path) -> dict[str, dict[str, Any]]:
+    """bench/io_floor.py under vmkeep's full backup (read the image's data, write what the
+    full stored; the image as changed: the same extents) and its restore (read the
+    repository, write the restored image's data). Measured after every tool has run."""
+    restored = vmkeep.restored_image(image.name)
+    repo = Path(vmkeep.words["repo"])
+    steps = {
+        "first": ([image], vmkeep.repo_bytes["first"]),
+        "restore": ([repo], allocated_bytes(str(restored))),
+    }
+    return {  # the faster of two runs: a floor is the least the disk takes
+        name: min((in_helper(io_floor.floor, read, write, work) for _ in range(2)), key=_seconds)
+        for name, (read, write) in steps.items()
+    }
+
+
+def _seconds(floor: dict[str, Any]) -> float:
+    return float(floor["seconds"])
+
+
+def ratios(
+    tools: dict[str, Tool], floors: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """vmkeep against each peer; some rows carry a target and a PASS/MISS verdict. `floors`:
+    the disk's time under vmkeep's steps (disk_floors), for how far each is from the disk
+    and the most a ratio against restic could be on this machine."""
 
     def seconds(tool: str, name: str) -> float | None:
         t = tools[tool]
@@ -332,6 +357,12 @@ def ratios(tools: dict[str, Tool]) -> list[dict[str, Any]]:
         ]
         ok = not tools[variant].reason and not tools["restic"].reason and growth[1] > 0
         add(f"{variant} delta stored / restic's", growth[0] / growth[1] if ok else None)
+    for name, label in (("first", "full backup"), ("restore", "restore")):
+        under = (floors or {}).get(name, {}).get("seconds")
+        mine, theirs = seconds("vmkeep", name), seconds("restic", name)
+        add(f"vmkeep {label} / its disk floor", mine / under if mine and under else None)
+        best = theirs / under if theirs and under else None
+        add(f"{label} speedup vs restic the disk allows at most", best)
     vk = tools["vmkeep"]
     rss = None if vk.reason or not vk.runs else max(r.rss_mib for r in vk.runs.values())
     add("vmkeep peak RSS (MiB)", rss, "< 300", rss is not None and rss < 300)
@@ -374,6 +405,12 @@ def print_report(result: dict[str, Any]) -> None:
         table.add_row(r["ratio"], fmt(r["value"]), r["target"], verdict)
     console.print(table)
 
+    for name, f in result["disk_floor"].items():
+        console.print(
+            f"disk floor under vmkeep's {LABELS[name]}: {f['read_bytes'] / MiB:.0f} MiB read and "
+            f"{f['write_bytes'] / MiB:.0f} MiB written (O_DIRECT, fsync) together in "
+            f"{f['seconds']:.2f} s"
+        )
     for name, t in result["tools"].items():
         if t["reason"]:
             console.print(f"[yellow]{name} {t['status']}: {t['reason']}[/]")
@@ -473,6 +510,11 @@ def benchmark(
             except (OSError, ValueError, KeyError, IndexError) as exc:
                 t.reason = f"cannot find the restored image: {exc}"
 
+    floors: dict[str, dict[str, Any]] = {}
+    if not tools["vmkeep"].reason:
+        say("measuring the disk's floor under vmkeep's full backup and restore (io_floor.py)")
+        floors = disk_floors(tools["vmkeep"], image, work)
+
     rows = [{"step": "read", "tool": "cat", **cat.summary(size), "repo_bytes": None}]
     for name in STEPS:
         for t in tools.values():
@@ -520,7 +562,8 @@ def benchmark(
         "page_cache_dropped": why is None,
         "rows": rows,
         "tools": tool_json,
-        "ratios": ratios(tools),
+        "disk_floor": floors,
+        "ratios": ratios(tools, floors),
         "notes": notes,
         "ok": ok,
     }

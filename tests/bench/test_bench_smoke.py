@@ -53,6 +53,22 @@ def test_vmkeep_round_trip(result: dict[str, Any]) -> None:
     assert set(tool["steps"]) == {"init", "first", "second", "restore"}
 
 
+def test_disk_floors_read_and_write_what_the_steps_do(result: dict[str, Any]) -> None:
+    """bench/io_floor.py under vmkeep's full backup and restore: the image's data and the
+    repository read, what the full stored and the restored data written."""
+    tool, floors = result["tools"]["vmkeep"], result["disk_floor"]
+    assert tool["status"] == "ok", tool["reason"]
+    allocated = result["image"]["allocated"]
+    first, restore = floors["first"], floors["restore"]
+    assert first["read_bytes"] == pytest.approx(allocated, rel=0.05)
+    assert first["write_bytes"] == tool["repo_bytes"]["first"]
+    assert restore["read_bytes"] >= tool["repo_bytes"]["second"] * 0.9
+    assert restore["write_bytes"] == pytest.approx(allocated, rel=0.1)
+    assert first["seconds"] > 0 and restore["seconds"] > 0
+    rows = {r["ratio"]: r["value"] for r in result["ratios"]}
+    assert rows["vmkeep restore / its disk floor"] > 0
+
+
 def test_vmkeep_delta_stores_only_changed_chunks(result: dict[str, Any]) -> None:
     tool = result["tools"]["vmkeep"]
     assert tool["status"] == "ok", tool["reason"]
