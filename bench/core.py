@@ -282,18 +282,10 @@ def disk_floors(vmkeep: Tool, image: Path, work: Path) -> dict[str, dict[str, An
     repository, write the restored image's data). Measured after every tool has run."""
     restored = vmkeep.restored_image(image.name)
     repo = Path(vmkeep.words["repo"])
-    steps = {
-        "first": ([image], vmkeep.repo_bytes["first"]),
-        "restore": ([repo], allocated_bytes(str(restored))),
+    return {
+        "first": in_helper(io_floor.least, [image], vmkeep.repo_bytes["first"], work),
+        "restore": in_helper(io_floor.least, [repo], allocated_bytes(str(restored)), work),
     }
-    return {  # the faster of two runs: a floor is the least the disk takes
-        name: min((in_helper(io_floor.floor, read, write, work) for _ in range(2)), key=_seconds)
-        for name, (read, write) in steps.items()
-    }
-
-
-def _seconds(floor: dict[str, Any]) -> float:
-    return float(floor["seconds"])
 
 
 def ratios(

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 BLOCK = 4 << 20
 READERS = 4
@@ -125,7 +126,7 @@ def drop_caches() -> bool:
         return False
 
 
-def floor(read: list[Path], write: int, workdir: Path) -> dict[str, float | int | bool]:
+def floor(read: list[Path], write: int, workdir: Path) -> dict[str, Any]:
     """Reads and writes together (module docstring); the written file is removed."""
     files = files_under(read)
     target = workdir / f".io-floor-{os.getpid()}"
@@ -148,13 +149,19 @@ def floor(read: list[Path], write: int, workdir: Path) -> dict[str, float | int 
     }
 
 
+def least(read: list[Path], write: int, workdir: Path, runs: int = 2) -> dict[str, Any]:
+    """The fastest of `runs` floors: a floor is the least the disk takes."""
+    return min((floor(read, write, workdir) for _ in range(runs)), key=lambda f: f["seconds"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--read", type=Path, action="append", default=[], help="file or dir")
     parser.add_argument("--write-bytes", type=int, default=0)
     parser.add_argument("--dir", type=Path, default=Path("."), help="where to write")
+    parser.add_argument("--runs", type=int, default=2, help="the fastest of this many")
     args = parser.parse_args()
-    print(json.dumps(floor(args.read, args.write_bytes, args.dir)))
+    print(json.dumps(least(args.read, args.write_bytes, args.dir, args.runs)))
 
 
 if __name__ == "__main__":

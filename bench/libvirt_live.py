@@ -47,8 +47,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import io_floor
 from core import PASSPHRASE, dir_bytes, ensure_peers, in_helper, run_in_workdir, speaker
-from image import GiB, MiB, build_image, plan_change
+from image import GiB, MiB, allocated_bytes, build_image, plan_change
 from libvirt_domains import guest_writes, running_domain
 from libvirt_report import Steps, print_report, report
 from vmkeep.errors import UsageError
@@ -121,6 +122,8 @@ class Run3:
             to = self.work / f"restored-{label}"
             self.steps(f"vmkeep {label} restore", [self.vmkeep, "restore", point, "--remote",
                        str(repo), "--to", str(to), "--json"], self.env_v)  # fmt: skip
+            written = allocated_bytes(str(restored_file(to)))
+            self.steps.floors[label] = in_helper(io_floor.least, [repo], written, self.work)
             same[f"vmkeep {label}"] = equal(to, image)
         to = self.work / "restored-vnb"
         argv = ["virtnbdrestore", "-i", str(self.vnb["virtnbdbackup"]), "-o", str(to), "-n",

@@ -42,6 +42,7 @@ class Steps:
         self.runs: dict[str, Run] = {}
         self.outputs: dict[str, Any] = {}
         self.stored: dict[str, int] = {}
+        self.floors: dict[str, dict[str, Any]] = {}  # vmkeep's restores' (bench/io_floor.py)
         self._sizes: dict[Path, int] = {}
 
     def __call__(
@@ -73,6 +74,14 @@ def ratios(steps: Steps, label: str) -> list[dict[str, Any]]:
         value = t[peer] / t[f"vmkeep {label} {step}"]
         met = None if target is None else value >= target
         out.append({"name": name, "value": round(value, 2), "target": target, "met": met})
+    under = steps.floors.get(label, {}).get("seconds")
+    if under:  # how far the restore is from the disk, and the most any tool could be faster
+        mine = t[f"vmkeep {label} restore"]
+        out.append({"name": "restore / its disk floor", "value": round(mine / under, 2),
+                    "target": None, "met": None})  # fmt: skip
+        best = t["restic restore"] / under
+        out.append({"name": "restore vs restic the disk allows at most",
+                    "value": round(best, 2), "target": None, "met": None})  # fmt: skip
     stored = steps.stored[f"vmkeep {label} scattered"] / steps.stored["virtnbdbackup -z scattered"]
     out.append({"name": "scattered delta stored vs virtnbdbackup -z (lower is better)",
                 "value": round(stored, 2), "target": STORED_TARGET,

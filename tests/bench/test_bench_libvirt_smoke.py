@@ -70,7 +70,8 @@ def test_every_restore_equals_its_disk_and_every_step_is_timed(result: dict[str,
     for label in ("4M", "256K"):
         names = {x["name"] for x in result["vmkeep"][label]["ratios"]}
         assert {"full vs virtnbdbackup", "full vs virtnbdbackup -z", "full vs restic",
-                "restore vs virtnbdrestore"} <= names  # fmt: skip
+                "restore vs virtnbdrestore", "restore / its disk floor",
+                "restore vs restic the disk allows at most"} <= names  # fmt: skip
         assert all(x["value"] > 0 for x in result["vmkeep"][label]["ratios"])
 
 
