@@ -278,13 +278,17 @@ def step(tool: Tool, name: str, say: Callable[[str], None]) -> None:
 
 def disk_floors(vmkeep: Tool, image: Path, work: Path) -> dict[str, dict[str, Any]]:
     """bench/io_floor.py under vmkeep's full backup (read the image's data, write what the
-    full stored; the image as changed: the same extents) and its restore (read the
-    repository, write the restored image's data). Measured after every tool has run."""
+    full stored; the image as changed: the same extents) and its restore (read a full's
+    worth of the repository, write the restored image's data). Measured after every tool
+    has run."""
     restored = vmkeep.restored_image(image.name)
     repo = Path(vmkeep.words["repo"])
+    full = vmkeep.repo_bytes["first"]
     return {
-        "first": in_helper(io_floor.least, [image], vmkeep.repo_bytes["first"], work),
-        "restore": in_helper(io_floor.least, [repo], allocated_bytes(str(restored)), work),
+        "first": in_helper(io_floor.least, [image], full, work),
+        "restore": in_helper(  # the latest point's data: about what the full stored
+            io_floor.least, [repo], allocated_bytes(str(restored)), work, full
+        ),
     }
 
 

@@ -6,7 +6,8 @@ the disk and the most a speed ratio against a peer could be here.
     .venv/bin/python bench/io_floor.py --read PATH [--read PATH ...] --write-bytes N --dir DIR
 
 Reads: every data extent (SEEK_DATA/SEEK_HOLE: holes cost a tool nothing either) of the
-files given or found under the directories given, with O_DIRECT, four threads. Writes:
+files given or found under the directories given (only the first ones that hold
+--read-limit bytes, when given), with O_DIRECT, four threads. Writes:
 N bytes of random data into a new file under DIR with O_DIRECT, then fsync (a restore and a
 backup both make their writes durable). Both start together after the page cache is dropped;
 the floor is the time until both are done. O_DIRECT is dropped (buffered, then fsync) where
@@ -126,9 +127,27 @@ def drop_caches() -> bool:
         return False
 
 
-def floor(read: list[Path], write: int, workdir: Path) -> dict[str, Any]:
-    """Reads and writes together (module docstring); the written file is removed."""
-    files = files_under(read)
+def first_files(files: list[Path], limit: int | None) -> list[Path]:
+    """The first files that together hold `limit` bytes (all with None)."""
+    if limit is None:
+        return files
+    out: list[Path] = []
+    total = 0
+    for f in files:
+        if total >= limit:
+            break
+        out.append(f)
+        total += f.stat().st_size
+    return out
+
+
+def floor(
+    read: list[Path], write: int, workdir: Path, read_limit: int | None = None
+) -> dict[str, Any]:
+    """Reads and writes together (module docstring); the written file is removed.
+    `read_limit`: read only the first files that hold that many bytes (a restore of the
+    latest point reads about a full's worth of a repository that also holds older data)."""
+    files = first_files(files_under(read), read_limit)
     target = workdir / f".io-floor-{os.getpid()}"
     dropped = drop_caches()
     began = time.perf_counter()
@@ -149,9 +168,12 @@ def floor(read: list[Path], write: int, workdir: Path) -> dict[str, Any]:
     }
 
 
-def least(read: list[Path], write: int, workdir: Path, runs: int = 2) -> dict[str, Any]:
+def least(
+    read: list[Path], write: int, workdir: Path, read_limit: int | None = None, runs: int = 2
+) -> dict[str, Any]:
     """The fastest of `runs` floors: a floor is the least the disk takes."""
-    return min((floor(read, write, workdir) for _ in range(runs)), key=lambda f: f["seconds"])
+    floors = (floor(read, write, workdir, read_limit) for _ in range(runs))
+    return min(floors, key=lambda f: f["seconds"])
 
 
 def main() -> None:
@@ -159,9 +181,11 @@ def main() -> None:
     parser.add_argument("--read", type=Path, action="append", default=[], help="file or dir")
     parser.add_argument("--write-bytes", type=int, default=0)
     parser.add_argument("--dir", type=Path, default=Path("."), help="where to write")
+    parser.add_argument("--read-limit", type=int, help="read only this many bytes' files")
     parser.add_argument("--runs", type=int, default=2, help="the fastest of this many")
     args = parser.parse_args()
-    print(json.dumps(least(args.read, args.write_bytes, args.dir, args.runs)))
+    found = least(args.read, args.write_bytes, args.dir, args.read_limit, args.runs)
+    print(json.dumps(found))
 
 
 if __name__ == "__main__":

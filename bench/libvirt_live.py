@@ -123,7 +123,9 @@ class Run3:
             self.steps(f"vmkeep {label} restore", [self.vmkeep, "restore", point, "--remote",
                        str(repo), "--to", str(to), "--json"], self.env_v)  # fmt: skip
             written = allocated_bytes(str(restored_file(to)))
-            self.steps.floors[label] = in_helper(io_floor.least, [repo], written, self.work)
+            full = self.steps.stored[f"vmkeep {label} full"]  # what the latest point reads, about
+            floor = in_helper(io_floor.least, [repo], written, self.work, full)
+            self.steps.floors[label] = floor
             same[f"vmkeep {label}"] = equal(to, image)
         to = self.work / "restored-vnb"
         argv = ["virtnbdrestore", "-i", str(self.vnb["virtnbdbackup"]), "-o", str(to), "-n",

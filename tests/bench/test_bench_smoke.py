@@ -54,15 +54,15 @@ def test_vmkeep_round_trip(result: dict[str, Any]) -> None:
 
 
 def test_disk_floors_read_and_write_what_the_steps_do(result: dict[str, Any]) -> None:
-    """bench/io_floor.py under vmkeep's full backup and restore: the image's data and the
-    repository read, what the full stored and the restored data written."""
+    """bench/io_floor.py under vmkeep's full backup and restore: the image's data and a
+    full's worth of the repository read, what the full stored and the restored data written."""
     tool, floors = result["tools"]["vmkeep"], result["disk_floor"]
     assert tool["status"] == "ok", tool["reason"]
     allocated = result["image"]["allocated"]
     first, restore = floors["first"], floors["restore"]
     assert first["read_bytes"] == pytest.approx(allocated, rel=0.05)
     assert first["write_bytes"] == tool["repo_bytes"]["first"]
-    assert restore["read_bytes"] >= tool["repo_bytes"]["second"] * 0.9
+    assert restore["read_bytes"] >= tool["repo_bytes"]["first"] * 0.9  # a full's worth
     assert restore["write_bytes"] == pytest.approx(allocated, rel=0.1)
     assert first["seconds"] > 0 and restore["seconds"] > 0
     rows = {r["ratio"]: r["value"] for r in result["ratios"]}
