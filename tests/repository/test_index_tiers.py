@@ -14,7 +14,9 @@ import pytest
 from tests.repository.spy_remote import CountingRemote
 from tests.repository.test_index_file import packed_repo, put_index, random_entries
 from vmkeep.remotes.local import LocalRemote
+from vmkeep.repository import index_merge
 from vmkeep.repository.blob_index import INDEX_FILE, LoadedIndex, load_index
+from vmkeep.repository.index_file import RECORD
 from vmkeep.repository.index_tiers import MAX_DELTAS
 from vmkeep.repository.packs import BlobEntry
 from vmkeep.repository.repository import Repository
@@ -53,6 +55,33 @@ def seeded(tmp_path: Path, rounds: int) -> tuple[Repository, list[BlobEntry], li
         loaded, read = load(repo, tmp_path)
         assert read == 1 and all_found(loaded, entries)
     return repo, entries, names
+
+
+def test_an_empty_base_takes_the_first_backup_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new repository's first backup: its index objects go straight into the empty base,
+    each record written once (a delta that the policy folds at once wrote each twice, and
+    its spread buckets cost a MAC each: the first restore after a full waited 0.4 s, now
+    0.1 s for 32,000 blobs; docs/DATA-PATH.md)."""
+    repo, rng = packed_repo(tmp_path / "r"), random.Random(5)
+    load(repo, tmp_path)  # a new repository's first open: an empty base
+    assert (cache_dir(repo) / INDEX_FILE).is_file()
+    entries = random_entries(rng, 3000, [rng.randbytes(32) for _ in range(4)])
+    put_index(repo, entries[:1500])
+    put_index(repo, entries[1500:])
+    written: list[int] = []
+    real = index_merge.BucketWriter.bucket
+
+    def counting(self: index_merge.BucketWriter, b: int, records: bytes) -> None:
+        written.append(len(records) // RECORD.size)
+        real(self, b, records)
+
+    monkeypatch.setattr(index_merge.BucketWriter, "bucket", counting)
+    loaded, read = load(repo, tmp_path)
+    assert read == 2 and deltas(repo) == []
+    assert sum(written) == len(entries)
+    assert all_found(loaded, entries) and len(loaded.index) == len(entries)
 
 
 def test_deltas_joined_then_folded_into_the_base(tmp_path: Path) -> None:

@@ -303,7 +303,9 @@ def _merge_at(
     if files and not new and not stale:
         return Tiers(files)
     try:
-        if base is None or stale:
+        # An empty base (a new repository's first backup) would fold the new delta into it
+        # at once: written straight into the base instead, each record written once.
+        if base is None or stale or base.count == 0:
             return _rebuild(path, base, deltas, remote, sealer, repo_id, key, listed, problems)
         return _add_delta(path, base, deltas, remote, sealer, repo_id, key, new, problems)
     except Damaged as exc:
