@@ -582,7 +582,13 @@ def run_in_workdir(
     say: Callable[[str], None],
 ) -> int:
     """The tail every bench shares: measure, always remove the workdir (unless --keep), print
-    the result as JSON or as the bench's table; exit 1 when a check in it failed."""
+    the result as JSON or as the bench's table; exit 1 when a check in it failed. Every
+    step's temporary files go to the workdir's `tmp/` (TMPDIR): peers leave theirs behind
+    (virtnbdrestore's qemu-img and qemu-nbd logs, one pair per restore), the workdir goes."""
+    tmp = work / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(tmp)
+    tempfile.tempdir = None  # tempfile caches the directory it chose first
     try:
         result = measure()
     except (RuntimeError, subprocess.CalledProcessError) as exc:

@@ -41,6 +41,23 @@ def restore_hashes(
     return disk_hashes(Path(out["location"]))
 
 
+def test_restore_reports_what_it_read_from_the_repository(
+    cli: Cli, make_vm: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`bytes_fetched`: the stored bytes a restore read (what an object store bills as
+    egress), about what the full stored and never more than the packs hold."""
+    repo = tmp_path / "repo"
+    init3(cli, str(repo))
+    vm = make_vm("web01", 32 * MiB, "raw")
+    full = cli("backup", str(vm), "--remote", str(repo), "--json").json()
+    point = full["restore_point"]
+    out = cli("restore", point, "--remote", str(repo), "--to", str(tmp_path / "a"), "--json")
+    packs = sum(p.stat().st_size for p in (repo / "packs").rglob("*") if p.is_file())
+    assert 0.9 * full["bytes_written"] <= out.json()["bytes_fetched"] <= packs
+    said = cli("restore", point, "--remote", str(repo), "--to", str(tmp_path / "b"))
+    assert "read from the repository" in said.out + said.err
+
+
 def scatter(disk: Path, count: int, seed: int) -> None:
     """`count` writes of 64 KiB at random 4 KiB-aligned offsets (the benchmark's change)."""
     rng = random.Random(seed)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from vmkeep.engine.state import Ledger, RunView, StateDB
+from vmkeep.remotes.local import TEMP_PREFIX
 
 from .conftest import VMKEEP, Cli, disk_hashes
 
@@ -49,11 +50,16 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = 90) -> obj
 
 
 def lock_pids(repo: Path) -> list[int]:
+    """The pids of the locks in `repo`. A `.tmp-` file is not a lock (no listing shows it:
+    remotes/local.py): a server killed while it refreshed its lock can leave the temporary
+    copy, whole, before its rename; a gc's purge removes it later."""
     locks = repo / "locks"
     if not locks.is_dir():
         return []
     pids = []
     for path in locks.iterdir():
+        if path.name.startswith(TEMP_PREFIX):
+            continue
         try:
             pids.append(int(json.loads(path.read_text())["pid"]))
         except (OSError, ValueError, KeyError):

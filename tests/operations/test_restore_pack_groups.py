@@ -221,10 +221,16 @@ def test_in_place_fetches_only_the_packs_of_chunks_that_differ(
     spy.gets.clear()
     disk = Memory(len(image))
     disk.out[:] = now
-    restore_disk(repo, index, disk, Current(bytes(now)), SilentProgress(), "d0")  # type: ignore[arg-type]
+    got = restore_disk(repo, index, disk, Current(bytes(now)), SilentProgress(), "d0")  # type: ignore[arg-type]
     assert disk.out == image
     read = {name for name, _, _ in spy.gets if name in packs}
     assert len(read) == 1  # only the pack of chunk 0
+    ranges = sum(length for name, _, length in spy.gets if name in packs)
+    assert 0 < got.fetched <= ranges  # the stored bytes of chunk 0's blocks, within its GET
+    spy.gets.clear()  # the disk now equals the point: nothing to fetch
+    again = restore_disk(repo, index, disk, Current(bytes(disk.out)), SilentProgress(), "d0")  # type: ignore[arg-type]
+    assert again.fetched == 0 and again.written == 0 and disk.out == image
+    assert not [name for name, _, _ in spy.gets if name in packs]
 
 
 def test_a_delta_point_reads_the_packs_of_both_backups_once(

@@ -268,12 +268,14 @@ def test_backup_and_restore_out_of_order_round_trip(tmp_path: Path) -> None:
     assert remote.puts == 9
     manifest = repo.load_manifest(report.restore_point)
     writer = RecordingWriter(len(image))
-    restored, written = restore_disk(
+    restored, written, fetched = restore_disk(
         repo, manifest.disks[0], writer, None, SilentProgress(), "d0", threads=6
     )
     assert hashlib.sha256(writer.image).digest() == hashlib.sha256(image).digest()
     assert restored == len(image) - 4 * DEFAULT_CHUNK_SIZE
     assert written == restored  # holes stay holes: nothing written for zero chunks
+    objects = [p for p in (tmp_path / "repo" / "chunks").rglob("*") if p.is_file()]
+    assert len(objects) == 9 and fetched == sum(p.stat().st_size for p in objects)
     assert not writer.overlapped
     assert writer.offsets != sorted(writer.offsets)  # chunks really arrived out of order
 

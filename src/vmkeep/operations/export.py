@@ -56,7 +56,9 @@ def export_disk(
     writer = _writer(fmt, partial, index.size, output.parent)
     try:
         try:
-            _, written = restore_disk(repo, index, writer, None, progress, f"export {disk_name}")
+            written = restore_disk(
+                repo, index, writer, None, progress, f"export {disk_name}"
+            ).written
         finally:
             writer.close()
         try:

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from vmkeep.connectors.base import (
     Connector,
@@ -48,6 +48,10 @@ class RestoreReport:
     bytes_restored: int  # logical bytes of non-zero chunks in the restore point
     bytes_written: int  # bytes actually written to the target
     duration: float
+    # stored bytes read from the repository (chunk objects, or the block ranges of packs):
+    # what a restore from an object store downloads, 0 for an in-place restore of an
+    # unchanged disk
+    bytes_fetched: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__, duration=round(self.duration, 3))
@@ -170,13 +174,23 @@ class _Fetched:
 
 @dataclass
 class _Decoded:
-    """A decoded group: (index, pieces to write) of each chunk to write, and the chunks to
-    zero."""
+    """A decoded group: (index, pieces to write) of each chunk to write, the chunks to zero,
+    and the stored bytes fetched for it."""
 
     covered: int
     restored: int
     chunks: list[tuple[int, list[Piece]]]
     zero: list[int]
+    fetched: int
+
+
+class DiskTotals(NamedTuple):
+    """What restore_disk did: the disk's non-zero bytes, the bytes written to the target,
+    the stored bytes read from the repository."""
+
+    restored: int
+    written: int
+    fetched: int
 
 
 def _groups(wanted: Iterable[int], size: int) -> Iterator[list[int]]:
@@ -202,7 +216,7 @@ def restore_disk(
     threads: int | None = None,
     decoders: int | None = None,
     stats: PipelineStats | None = None,
-) -> tuple[int, int]:
+) -> DiskTotals:
     """Write one disk. With `current` (in-place), chunks that already match are skipped.
 
     A pipeline (vmkeep.fetch_pipeline): `threads` fetchers keep GETs in flight while
@@ -266,13 +280,14 @@ def restore_disk(
     def decode(got: _Fetched) -> _Decoded:
         """CPU: the group's chunks authenticated, decompressed, checked, cut into data runs."""
         mark("decode+")
+        fetched = got.raw.nbytes if got.raw is not None else 0
         try:
             chunks = repo.decode_chunk_parts(got.raw) if got.raw is not None else []
         finally:
             if got.raw is not None:  # the raw bytes are not needed past their decode
                 got.raw.release()
             got.raw = None
-        out = _Decoded(got.covered, got.restored, [], got.zero)
+        out = _Decoded(got.covered, got.restored, [], got.zero, fetched)
         for i, parts in zip(got.write, chunks, strict=True):
             length, got_length = index.chunk_length(i), sum(len(p) for p in parts)
             if got_length != length:  # would spill into the next chunk's range, or leave a gap
@@ -306,7 +321,7 @@ def restore_disk(
     def size(got: _Fetched) -> int:
         return got.raw.nbytes if got.raw is not None else 0
 
-    restored = written = 0
+    restored = written = fetched = 0
     buffers: ReadBuffers | None = None
     results: Iterator[_Decoded]
     if restore_groups.suits(repo) and current is None:
@@ -338,9 +353,10 @@ def restore_disk(
             with span("write"):
                 written += write(done)  # here, so that the decoders never wait on the disk
             restored += done.restored
+            fetched += done.fetched
             progress.advance(done.covered)
     progress.finish()
-    return restored, written
+    return DiskTotals(restored, written, fetched)
 
 
 def _walk(index: DiskIndex, walked: dict[int, bytes]) -> Iterator[int]:
@@ -430,7 +446,7 @@ def restore_vm(
     else:
         existing = None
         sink, name = create_new_vm(connector, manifest, name, target)
-    restored = written = 0
+    restored = written = fetched = 0
     try:
         for index in manifest.disks:
             info = DiskInfo(index.name, index.size, index.format, dict(index.extra))
@@ -438,7 +454,7 @@ def restore_vm(
             writer = sink.open_disk(info)
             mark("opened")
             try:
-                r, w = restore_disk(
+                disk = restore_disk(
                     repo, index, writer, current, progress, f"{manifest.vm_name}/{index.name}"
                 )
             finally:
@@ -447,8 +463,9 @@ def restore_vm(
                 mark("closed")
                 if current:
                     current.close()
-            restored += r
-            written += w
+            restored += disk.restored
+            written += disk.written
+            fetched += disk.fetched
         sink.commit()
         mark("committed")
     except BaseException:  # whatever went wrong, leave nothing half-written
@@ -461,4 +478,5 @@ def restore_vm(
         restored,
         written,
         time.monotonic() - began,
+        fetched,
     )

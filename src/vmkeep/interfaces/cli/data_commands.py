@@ -266,7 +266,8 @@ def restore(
         return
     console.print(
         f"restored {report.restore_point} to {report.location}: "
-        f"{human_bytes(report.bytes_written)} written in {report.duration:.1f} s",
+        f"{human_bytes(report.bytes_written)} written in {report.duration:.1f} s, "
+        f"{human_bytes(report.bytes_fetched)} read from the repository",
         highlight=False,
     )
 
