@@ -15,7 +15,13 @@ import pytest
 
 from vmkeep.connectors.base import DiskInfo
 from vmkeep.connectors.files import FilesConnector
-from vmkeep.operations.healthcheck import read_back
+from vmkeep.operations import healthcheck
+from vmkeep.operations.healthcheck import (
+    clean_stale_scratch,
+    make_scratch,
+    read_back,
+    remove_scratch,
+)
 from vmkeep.operations.healthcheck_model import HealthResult
 from vmkeep.operations.restore import restore_vm
 from vmkeep.progress import SilentProgress
@@ -171,6 +177,36 @@ def test_a_killed_checks_scratch_is_removed_a_running_ones_is_not(
     assert result["ok"] is True
     assert any("vmkeep-hc-killed" in n for n in result["notes"]), result["notes"]
     assert sorted(p.name for p in scratch.iterdir()) == ["vmkeep-hc-running"]
+
+
+def test_a_check_starting_beside_another_never_removes_its_scratch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two checks at once (a job checks its VMs in parallel): the second one's clean-up runs
+    at the worst moment of the first one's start, between the lock file's creation and its
+    flock. The first one's directory must stay (the lock file appears already locked); with a
+    lock file created first and flocked after, the clean-up removed it and the check failed
+    with "restore target ... is not a directory" (seen in CI under load)."""
+    real_flock = fcntl.flock
+    starting = True
+
+    def flock_after_a_cleanup(fd: object, op: int) -> None:
+        nonlocal starting
+        if starting:  # the first call is make_scratch's own: another check cleans up now
+            starting = False
+            clean_stale_scratch(tmp_path)
+        real_flock(fd, op)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(healthcheck.fcntl, "flock", flock_after_a_cleanup)
+    workdir, lock = make_scratch(tmp_path)
+    try:
+        assert workdir.is_dir() and (workdir / ".lock").is_file()
+        monkeypatch.setattr(healthcheck.fcntl, "flock", real_flock)
+        assert clean_stale_scratch(tmp_path) == []  # held: a check in progress
+        assert workdir.is_dir()
+    finally:
+        remove_scratch(workdir, lock)
+    assert not workdir.exists()
 
 
 def test_bad_input_is_one_line(

@@ -200,8 +200,14 @@ def make_scratch(parent: Path) -> tuple[Path, TextIO]:
         workdir = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
     except OSError as exc:
         raise UsageError(f"cannot create a scratch directory in {parent}: {exc.strerror}") from None
-    lock = (workdir / LOCK_NAME).open("w")
+    # The lock file appears under its name already locked (flocked under another name, then
+    # renamed): a check starting beside this one (a job checks VMs in parallel) that found
+    # it between its creation and its flock took the directory for a killed check's and
+    # removed it ("restore target ... is not a directory").
+    unnamed = workdir / f"{LOCK_NAME}.new"
+    lock = unnamed.open("w")
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    unnamed.rename(workdir / LOCK_NAME)
     return workdir, lock
 
 
