@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import io_floor
 from image import GiB, MiB, allocated_bytes, apply_change, build_image, plan_change, sha256_file
 from image import touched_chunks as count_touched
+from io_floor import drop_caches
 
 T = TypeVar("T")
 
@@ -135,17 +136,6 @@ def in_helper(fn: Callable[..., T], *args: Any) -> T:
 def last_line(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[-1] if lines else "(no output)"
-
-
-def drop_caches() -> str | None:
-    """Drop the page cache; returns why it could not, or None."""
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return None
-    except OSError as exc:
-        return f"cannot drop the page cache ({exc.strerror}): timings are warm-cache"
 
 
 def dir_bytes(path: Path) -> int:

@@ -117,14 +117,16 @@ def write_bytes(path: Path, total: int) -> int:
     return done
 
 
-def drop_caches() -> bool:
+def drop_caches() -> str | None:
+    """Drop the page cache; returns why it could not, or None (every bench uses this one,
+    through bench/core.py)."""
     try:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-        return True
-    except OSError:
-        return False
+        return None
+    except OSError as exc:
+        return f"cannot drop the page cache ({exc.strerror}): timings are warm-cache"
 
 
 def first_files(files: list[Path], limit: int | None) -> list[Path]:
@@ -149,7 +151,7 @@ def floor(
     latest point reads about a full's worth of a repository that also holds older data)."""
     files = first_files(files_under(read), read_limit)
     target = workdir / f".io-floor-{os.getpid()}"
-    dropped = drop_caches()
+    dropped = drop_caches() is None
     began = time.perf_counter()
     written = [0]
     writer = threading.Thread(target=lambda: written.__setitem__(0, write_bytes(target, write)))

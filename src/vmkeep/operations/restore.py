@@ -280,7 +280,7 @@ def restore_disk(
     def decode(got: _Fetched) -> _Decoded:
         """CPU: the group's chunks authenticated, decompressed, checked, cut into data runs."""
         mark("decode+")
-        fetched = got.raw.nbytes if got.raw is not None else 0
+        fetched = size(got)  # what the fetch read, before the raw bytes go
         try:
             chunks = repo.decode_chunk_parts(got.raw) if got.raw is not None else []
         finally:
